@@ -1,0 +1,30 @@
+# Two commands: `make demo` (set up, then pretrain + evaluate on generated data) and `make test`.
+# Both create .venv on first use. Without a GPU the CPU build paths are used (DALI's CPU backend).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# DALI build: cuda13 (default; also the CPU-only choice) or cuda12 for CUDA 12 drivers.
+DALI_EXTRA ?= cuda13
+
+.PHONY: demo test lint cifar10 clean-demo
+
+$(BIN)/activate:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -q -e ".[$(DALI_EXTRA),test]"
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/python -m pipeline.shards write synthetic "data/demo/train/train-%06d.tar" --per-class 300 --seed 0 --quiet
+	$(BIN)/python -m pipeline.shards write synthetic "data/demo/val/val-%06d.tar" --per-class 100 --seed 1 --quiet
+	$(BIN)/python train.py --config configs/demo.yaml
+	$(BIN)/python evaluate.py --checkpoint runs/demo --train-shards data/demo/train --val-shards data/demo/val --protocol all --compare-random-init --json runs/demo/eval.json
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q tests
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .

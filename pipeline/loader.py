@@ -1,0 +1,243 @@
+"""DALI loaders over WebDataset shards, yielding torch tensors on the training device.
+
+``PretrainLoader`` yields ``(view1, view2)``: two independent SimCLR views of each image.
+``EvalLoader`` yields ``(images, labels)``: resize + centre crop, for feature extraction.
+
+Both read with DALI's webdataset reader, sharded by rank (``shard_id``/``num_shards``, e.g. from
+Accelerate's ``process_index``/``num_processes``), and decode on the GPU ("mixed") or the CPU by one
+argument, ``device``. Images come out channels-last: an NCHW tensor whose memory is NHWC.
+
+Epoch semantics (per global run, every rank together):
+- ``PretrainLoader``: each epoch, the samples are split into ``num_shards`` contiguous parts of the
+  shuffled shard order; every rank takes ``steps_per_epoch = min part // batch_size`` batches. Every
+  sample is seen at most once per epoch; the few samples of each part beyond the last full batch are
+  dropped *for that epoch only* (the shard order is reshuffled and the parts rotate, so different
+  samples are dropped each epoch). All ranks take the same number of steps, as DDP requires.
+- ``EvalLoader``: every sample exactly once per epoch across ranks; a rank's last batch may be partial
+  (padding is removed), and ranks may differ by one sample.
+Shuffling: the shard order is reshuffled every epoch from ``seed`` (identically on every rank), and
+samples are shuffled within a buffer of ``shuffle_buffer`` samples (DALI's reader shuffles locally,
+which is why the shard writer shuffles the sample order once when writing).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+from pathlib import Path
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, decode, eval_view, simclr_view
+from .shards import ShardError, read_index, shard_paths
+
+READER = "reader"
+IMAGE_EXTENSIONS = "jpg;jpeg;png;webp"
+_DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
+
+
+def default_num_threads(num_local_processes: int = 1) -> int:
+    """DALI CPU threads per process: this process's share of the cores it may run on."""
+    return max(1, len(os.sched_getaffinity(0)) // max(1, num_local_processes))
+
+
+def _reader(shards: list[Path], ext: list[str], shard_id: int, num_shards: int, shuffle: bool, seed: int, shuffle_buffer: int):
+    return fn.readers.webdataset(
+        paths=[str(p) for p in shards],
+        index_paths=[str(p.with_suffix(".idx")) for p in shards],
+        ext=ext,
+        missing_component_behavior="error",
+        name=READER,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=True,  # every part padded to whole batches: exact epochs, equal step counts per rank
+        random_shuffle=shuffle,
+        initial_fill=shuffle_buffer,
+        shuffle_after_epoch=shuffle,
+        # the same on every rank: one global shard order per epoch
+        **({"shuffle_after_epoch_seed": seed} if shuffle else {}),
+    )
+
+
+@pipeline_def(enable_conditionals=True)
+def _pretrain_pipeline(shards, augment, device, shard_id, num_shards, shuffle_seed, shuffle_buffer, dtype):
+    jpegs = _reader(shards, [IMAGE_EXTENSIONS], shard_id, num_shards, True, shuffle_seed, shuffle_buffer)
+    images = decode(jpegs, device)
+    return simclr_view(images, augment, dtype), simclr_view(images, augment, dtype)
+
+
+@pipeline_def
+def _eval_pipeline(shards, size, resize_size, mean, std, device, shard_id, num_shards, dtype):
+    jpegs, labels = _reader(shards, [IMAGE_EXTENSIONS, "cls"], shard_id, num_shards, False, 0, 1)
+    images = eval_view(decode(jpegs, device), size, resize_size, mean, std, dtype)
+    # Labels are ASCII digits of varying length: pad with zero bytes to a dense (batch, width) tensor.
+    return images, fn.pad(labels, fill_value=0), fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
+
+
+def _channels_last(nhwc: torch.Tensor) -> torch.Tensor:
+    """A contiguous NHWC tensor viewed as NCHW: exactly torch's channels_last layout, no copy."""
+    return nhwc.permute(0, 3, 1, 2)
+
+
+def _source_names(padded: torch.Tensor) -> list[str]:
+    return [bytes(row[row != 0].tolist()).decode(errors="replace") for row in padded.cpu()]
+
+
+def describe_source(source_info: str) -> str:
+    """DALI's ``shard.tar:offset:member`` -> ``shard shard.tar key KEY``."""
+    match = re.fullmatch(r"(.*):(\d+):(.*)", source_info)
+    if not match:
+        return source_info
+    shard, _, member = match.groups()
+    return f"shard {shard} key {member.split('.', 1)[0]}"
+
+
+def decode_labels(padded: torch.Tensor, source_info: torch.Tensor | None = None) -> torch.Tensor:
+    """WebDataset ``.cls`` bytes (ASCII digits, zero-padded to a (B, W) uint8 tensor) -> int64 labels (B,).
+
+    Surrounding whitespace is ignored; anything else that is not a digit raises, naming shard and key."""
+    data = padded.to(torch.int64)
+    whitespace = (data == 0) | (data == 32) | (data == 10) | (data == 13) | (data == 9)
+    is_digit = (data >= 48) & (data <= 57)
+    bad = ~(whitespace | is_digit).all(1) | ~is_digit.any(1)
+    if bad.any():
+        row = int(bad.nonzero()[0])
+        where = describe_source(_source_names(source_info[row : row + 1])[0]) if source_info is not None else f"batch row {row}"
+        text = bytes(padded[row][padded[row] != 0].tolist())
+        raise ShardError(f"{where}: label {text!r} is not a non-negative integer")
+    labels = torch.zeros(data.shape[0], dtype=torch.int64)
+    for column in range(data.shape[1]):
+        digit = is_digit[:, column]
+        labels = torch.where(digit, labels * 10 + (data[:, column] - 48), labels)
+    return labels
+
+
+class _DaliLoader:
+    """Shared plumbing: shard checks, pipeline construction, error translation, checkpoint state."""
+
+    output_names: list[str]
+    last_batch_policy: LastBatchPolicy
+
+    def __init__(self, shards, batch_size: int, device: str, device_id: int | None, shard_id: int, num_shards: int,
+                 num_threads: int | None, prefetch: int, seed: int):
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
+        if device == "gpu" and device_id is None:
+            device_id = torch.cuda.current_device()
+        if not 0 <= shard_id < num_shards:
+            raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
+        self.shards = shard_paths(shards)
+        self.indexes = [read_index(tar) for tar in self.shards]
+        self.num_samples = sum(index.num_samples for index in self.indexes)
+        if self.num_samples < num_shards:
+            raise ShardError(f"{self.num_samples} samples cannot be split over {num_shards} ranks")
+        self.batch_size, self.device, self.device_id = batch_size, device, device_id
+        self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
+        self.num_threads = num_threads or default_num_threads()
+        self.prefetch = prefetch
+        self.torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
+        self._iterator = self._make_iterator(checkpoint=None)
+
+    def _pipeline(self, **kwargs):
+        raise NotImplementedError
+
+    def _make_iterator(self, checkpoint: str | None) -> DALIGenericIterator:
+        pipe = self._pipeline(
+            batch_size=self.batch_size,
+            num_threads=self.num_threads,
+            device_id=self.device_id if self.device == "gpu" else None,
+            seed=self.seed * 1009 + self.shard_id,  # distinct augmentation streams per rank
+            prefetch_queue_depth=self.prefetch,
+            enable_checkpointing=True,
+            checkpoint=checkpoint,
+        )
+        try:
+            return DALIGenericIterator([pipe], self.output_names, reader_name=READER, last_batch_policy=self.last_batch_policy, auto_reset=True)
+        except RuntimeError as error:
+            raise self._translate(error) from None
+
+    def _translate(self, error: Exception) -> Exception:
+        """DALI's errors carry the reader's ``shard:offset:member``; restate them naming shard and key."""
+        text = str(error)
+        match = re.search(r"([^\s\"']+\.tar):(\d+):([^\s\"']+)", text)
+        if match:
+            where = describe_source(match.group(0))
+            first_line = next((line for line in text.splitlines() if line.strip()), text)
+            return ShardError(f"{where}: DALI could not read this sample: {first_line.strip()}")
+        for tar in self.shards:
+            if str(tar) in text:
+                return ShardError(f"shard {tar}: {text.strip().splitlines()[0]}")
+        return error
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def _batches(self):
+        try:
+            for batch in self._iterator:
+                yield batch[0]
+        except RuntimeError as error:
+            raise self._translate(error) from None
+
+    def state_dict(self) -> dict:
+        """Reader position and augmentation RNG state: restoring continues with exactly the next batch."""
+        checkpoint = self._iterator.checkpoints()[0]  # DALI's serialised protobuf: bytes, base64 for JSON
+        checkpoint = base64.b64encode(checkpoint if isinstance(checkpoint, bytes) else checkpoint.encode()).decode()
+        return {"dali_checkpoint": checkpoint, "shard_id": self.shard_id, "num_shards": self.num_shards}
+
+    def load_state_dict(self, state: dict) -> None:
+        if (state["shard_id"], state["num_shards"]) != (self.shard_id, self.num_shards):
+            raise ValueError(f"loader state is for rank {state['shard_id']} of {state['num_shards']}, this loader is rank {self.shard_id} of {self.num_shards}")
+        del self._iterator
+        self._iterator = self._make_iterator(checkpoint=base64.b64decode(state["dali_checkpoint"]))
+
+
+class PretrainLoader(_DaliLoader):
+    """Two SimCLR views per image: iterating gives one epoch of ``(view1, view2)`` float tensors
+    (N, 3, S, S), channels-last, on the device (``len()`` is the number of steps per epoch)."""
+
+    output_names = ["view1", "view2"]
+    last_batch_policy = LastBatchPolicy.DROP
+
+    def __init__(self, shards, batch_size: int, augment: AugmentConfig = AugmentConfig(), *, device: str = "cpu", device_id: int | None = None,
+                 shard_id: int = 0, num_shards: int = 1, seed: int = 0, num_threads: int | None = None, prefetch: int = 2,
+                 shuffle_buffer: int = 4096, dtype: torch.dtype = torch.float32):
+        self.augment, self.shuffle_buffer, self.dtype = augment, shuffle_buffer, dtype
+        super().__init__(shards, batch_size, device, device_id, shard_id, num_shards, num_threads, prefetch, seed)
+        if len(self) == 0:
+            raise ShardError(f"{self.num_samples} samples over {num_shards} rank(s) do not fill one batch of {batch_size} per rank")
+
+    def _pipeline(self, **kwargs):
+        return _pretrain_pipeline(self.shards, self.augment, self.device, self.shard_id, self.num_shards, self.seed,
+                                  self.shuffle_buffer, _DALI_DTYPES[self.dtype], **kwargs)
+
+    def __iter__(self):
+        for batch in self._batches():
+            yield _channels_last(batch["view1"]), _channels_last(batch["view2"])
+
+
+class EvalLoader(_DaliLoader):
+    """Deterministic evaluation view + label: iterating gives one epoch of ``(images, labels)``, every
+    sample exactly once across ranks (``len()`` is the number of batches per rank)."""
+
+    output_names = ["images", "labels", "source"]
+    last_batch_policy = LastBatchPolicy.PARTIAL
+
+    def __init__(self, shards, batch_size: int, size: int, *, resize_size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                 device: str = "cpu", device_id: int | None = None, shard_id: int = 0, num_shards: int = 1,
+                 num_threads: int | None = None, prefetch: int = 2, dtype: torch.dtype = torch.float32):
+        self.size, self.resize_size, self.mean, self.std, self.dtype = size, resize_size, mean, std, dtype
+        super().__init__(shards, batch_size, device, device_id, shard_id, num_shards, num_threads, prefetch, seed=0)
+
+    def _pipeline(self, **kwargs):
+        return _eval_pipeline(self.shards, self.size, self.resize_size, self.mean, self.std, self.device, self.shard_id,
+                              self.num_shards, _DALI_DTYPES[self.dtype], **kwargs)
+
+    def __iter__(self):
+        for batch in self._batches():
+            labels = decode_labels(batch["labels"].cpu(), batch["source"])
+            yield _channels_last(batch["images"]), labels.to(self.torch_device, non_blocking=True)
