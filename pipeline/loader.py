@@ -8,16 +8,16 @@ Accelerate's ``process_index``/``num_processes``), and decode on the GPU ("mixed
 argument, ``device``. Images come out channels-last: an NCHW tensor whose memory is NHWC.
 
 Epoch semantics (per global run, every rank together):
-- ``PretrainLoader``: each epoch, the samples are split into ``num_shards`` contiguous parts of the
-  shuffled shard order; every rank takes ``steps_per_epoch = min part // batch_size`` batches. Every
-  sample is seen at most once per epoch; the few samples of each part beyond the last full batch are
-  dropped *for that epoch only* (the shard order is reshuffled and the parts rotate, so different
-  samples are dropped each epoch). All ranks take the same number of steps, as DDP requires.
+- ``PretrainLoader``: each epoch, the shard order is reshuffled and the samples split into
+  ``num_shards`` contiguous parts; every rank takes ``steps_per_epoch = min part // batch_size``
+  batches. Every sample is seen at most once per epoch; the few samples of each part beyond the last
+  full batch are dropped *for that epoch only* (the order changes every epoch, so different samples
+  are dropped). All ranks take the same number of steps, as DDP requires.
 - ``EvalLoader``: every sample exactly once per epoch across ranks; a rank's last batch may be partial
   (padding is removed), and ranks may differ by one sample.
-Shuffling: the shard order is reshuffled every epoch from ``seed`` (identically on every rank), and
-samples are shuffled within a buffer of ``shuffle_buffer`` samples (DALI's reader shuffles locally,
-which is why the shard writer shuffles the sample order once when writing).
+Shuffling: the shard order is reshuffled every epoch from ``(seed, epoch)`` (identically on every
+rank), and samples are shuffled within a buffer of ``shuffle_buffer`` samples (DALI's reader shuffles
+locally, which is why the shard writer shuffles the sample order once when writing).
 """
 
 from __future__ import annotations
@@ -27,13 +27,14 @@ import os
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, decode, eval_view, simclr_view
-from .shards import ShardError, read_index, shard_paths
+from .shards import ShardError, brace_notation, read_index, sample_key, shard_paths, verify_shards
 
 READER = "reader"
 IMAGE_EXTENSIONS = "jpg;jpeg;png;webp"
@@ -45,7 +46,7 @@ def default_num_threads(num_local_processes: int = 1) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, num_local_processes))
 
 
-def _reader(shards: list[Path], ext: list[str], shard_id: int, num_shards: int, shuffle: bool, seed: int, shuffle_buffer: int):
+def _reader(shards: list[Path], ext: list[str], shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int):
     return fn.readers.webdataset(
         paths=[str(p) for p in shards],
         index_paths=[str(p.with_suffix(".idx")) for p in shards],
@@ -57,22 +58,19 @@ def _reader(shards: list[Path], ext: list[str], shard_id: int, num_shards: int, 
         pad_last_batch=True,  # every part padded to whole batches: exact epochs, equal step counts per rank
         random_shuffle=shuffle,
         initial_fill=shuffle_buffer,
-        shuffle_after_epoch=shuffle,
-        # the same on every rank: one global shard order per epoch
-        **({"shuffle_after_epoch_seed": seed} if shuffle else {}),
     )
 
 
 @pipeline_def(enable_conditionals=True)
-def _pretrain_pipeline(shards, augment, device, shard_id, num_shards, shuffle_seed, shuffle_buffer, dtype):
-    jpegs = _reader(shards, [IMAGE_EXTENSIONS], shard_id, num_shards, True, shuffle_seed, shuffle_buffer)
+def _pretrain_pipeline(shards, augment, device, shard_id, num_shards, shuffle_buffer, dtype):
+    jpegs = _reader(shards, [IMAGE_EXTENSIONS], shard_id, num_shards, True, shuffle_buffer)
     images = decode(jpegs, device)
     return simclr_view(images, augment, dtype), simclr_view(images, augment, dtype)
 
 
 @pipeline_def
 def _eval_pipeline(shards, size, resize_size, mean, std, device, shard_id, num_shards, dtype):
-    jpegs, labels = _reader(shards, [IMAGE_EXTENSIONS, "cls"], shard_id, num_shards, False, 0, 1)
+    jpegs, labels = _reader(shards, [IMAGE_EXTENSIONS, "cls"], shard_id, num_shards, False, 1)
     images = eval_view(decode(jpegs, device), size, resize_size, mean, std, dtype)
     # Labels are ASCII digits of varying length: pad with zero bytes to a dense (batch, width) tensor.
     return images, fn.pad(labels, fill_value=0), fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
@@ -117,10 +115,14 @@ def decode_labels(padded: torch.Tensor, source_info: torch.Tensor | None = None)
 
 
 class _DaliLoader:
-    """Shared plumbing: shard checks, pipeline construction, error translation, checkpoint state."""
+    """Shared plumbing: shard checks, pipeline construction, epochs, error translation, checkpoint state."""
 
     output_names: list[str]
     last_batch_policy: LastBatchPolicy
+    # A shuffling loader builds a fresh pipeline per epoch: DALI's reader carries its shuffle buffer
+    # (and the padding of the last batch) across epoch boundaries, so only a reader's first epoch holds
+    # every sample exactly once. The shard order and seeds come from (seed, epoch): reproducible.
+    shuffle: bool = False
 
     def __init__(self, shards, batch_size: int, device: str, device_id: int | None, shard_id: int, num_shards: int,
                  num_threads: int | None, prefetch: int, seed: int):
@@ -135,65 +137,101 @@ class _DaliLoader:
         self.num_samples = sum(index.num_samples for index in self.indexes)
         if self.num_samples < num_shards:
             raise ShardError(f"{self.num_samples} samples cannot be split over {num_shards} ranks")
+        smallest_part = self.num_samples // num_shards  # DALI's split: parts differ by at most one sample
+        if smallest_part < batch_size:
+            if self.last_batch_policy == LastBatchPolicy.DROP:
+                raise ShardError(f"{self.num_samples} samples over {num_shards} rank(s) do not fill one batch of {batch_size} per rank")
+            batch_size = smallest_part  # evaluation: smaller batches change nothing but speed
         self.batch_size, self.device, self.device_id = batch_size, device, device_id
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
         self.num_threads = num_threads or default_num_threads()
         self.prefetch = prefetch
         self.torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
-        self._iterator = self._make_iterator(checkpoint=None)
+        self.epoch = 0
+        self._iterator = self._make_iterator(self.epoch, checkpoint=None)
 
-    def _pipeline(self, **kwargs):
+    def _pipeline(self, shards: list[Path], **kwargs):
         raise NotImplementedError
 
-    def _make_iterator(self, checkpoint: str | None) -> DALIGenericIterator:
-        pipe = self._pipeline(
-            batch_size=self.batch_size,
-            num_threads=self.num_threads,
-            device_id=self.device_id if self.device == "gpu" else None,
-            seed=self.seed * 1009 + self.shard_id,  # distinct augmentation streams per rank
-            prefetch_queue_depth=self.prefetch,
-            enable_checkpointing=True,
-            checkpoint=checkpoint,
-        )
+    def _epoch_shards(self, epoch: int) -> list[Path]:
+        """The shard order of ``epoch``: reshuffled per epoch when shuffling, identical on every rank."""
+        if not self.shuffle:
+            return self.shards
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
+        return [self.shards[i] for i in order]
+
+    def _make_iterator(self, epoch: int, checkpoint: bytes | None) -> DALIGenericIterator:
+        # Distinct random streams per (seed, epoch, rank): shuffle buffer and augmentations.
+        seed = int(np.random.SeedSequence([self.seed, epoch, self.shard_id]).generate_state(1)[0] % 2**31)
         try:
-            return DALIGenericIterator([pipe], self.output_names, reader_name=READER, last_batch_policy=self.last_batch_policy, auto_reset=True)
+            pipe = self._pipeline(
+                self._epoch_shards(epoch),
+                batch_size=self.batch_size,
+                num_threads=self.num_threads,
+                device_id=self.device_id if self.device == "gpu" else None,
+                seed=seed,
+                prefetch_queue_depth=self.prefetch,
+                enable_checkpointing=True,
+                checkpoint=checkpoint,
+            )
+            return DALIGenericIterator([pipe], self.output_names, reader_name=READER, last_batch_policy=self.last_batch_policy,
+                                       auto_reset=not self.shuffle)
         except RuntimeError as error:
             raise self._translate(error) from None
 
     def _translate(self, error: Exception) -> Exception:
-        """DALI's errors carry the reader's ``shard:offset:member``; restate them naming shard and key."""
+        """Restate DALI's errors naming the shard and key at fault (DALI names the index line of a
+        sample that lacks a component, and nothing for an image that fails to decode)."""
         text = str(error)
-        match = re.search(r"([^\s\"']+\.tar):(\d+):([^\s\"']+)", text)
-        if match:
-            where = describe_source(match.group(0))
-            first_line = next((line for line in text.splitlines() if line.strip()), text)
-            return ShardError(f"{where}: DALI could not read this sample: {first_line.strip()}")
+        reason = text.split("encountered:", 1)[-1].strip().splitlines()[0] if "encountered:" in text else text.strip().splitlines()[0]
+        underfull = re.search(r'index file at "([^"]+\.idx)" line (\d+)', text)
+        if underfull:
+            idx, line = Path(underfull.group(1)), int(underfull.group(2))
+            tar = next((t for t in self.shards if t.with_suffix(".idx") == idx), idx.with_suffix(".tar"))
+            sample = read_index(tar).samples[line - 1]  # DALI counts the header as line 0
+            key = sample_key(next(iter(sample.values()))[2])
+            return ShardError(f"shard {tar} key {key}: sample lacks a component this loader needs "
+                              f"(image: {IMAGE_EXTENSIONS.replace(';', '/')}{', label: cls' if 'labels' in self.output_names else ''}); "
+                              f"it has {sorted(sample)}")
+        if "decoders.image" in text or "nvImageCodec" in text:
+            _, problems = verify_shards(self.shards, require_labels=False, progress=False)
+            if problems:
+                listed = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+                return ShardError(f"an image failed to decode ({reason}): {listed}")
+            return ShardError(f"an image failed to decode ({reason}) but every image in {brace_notation(self.shards)} decodes "
+                              "when read directly: an index may be stale; rebuild with `python -m pipeline.shards index`")
         for tar in self.shards:
             if str(tar) in text:
-                return ShardError(f"shard {tar}: {text.strip().splitlines()[0]}")
+                return ShardError(f"shard {tar}: {reason}")
         return error
 
     def __len__(self) -> int:
         return len(self._iterator)
 
     def _batches(self):
+        """One epoch of DALI output dicts; then the loader moves to the next epoch."""
         try:
             for batch in self._iterator:
                 yield batch[0]
         except RuntimeError as error:
             raise self._translate(error) from None
+        self.epoch += 1
+        if self.shuffle:  # build the next epoch's pipeline now, so its prefetch overlaps our caller's work
+            del self._iterator
+            self._iterator = self._make_iterator(self.epoch, checkpoint=None)
 
     def state_dict(self) -> dict:
-        """Reader position and augmentation RNG state: restoring continues with exactly the next batch."""
+        """Epoch, reader position and augmentation RNG state: restoring continues with exactly the next batch."""
         checkpoint = self._iterator.checkpoints()[0]  # DALI's serialised protobuf: bytes, base64 for JSON
         checkpoint = base64.b64encode(checkpoint if isinstance(checkpoint, bytes) else checkpoint.encode()).decode()
-        return {"dali_checkpoint": checkpoint, "shard_id": self.shard_id, "num_shards": self.num_shards}
+        return {"epoch": self.epoch, "dali_checkpoint": checkpoint, "shard_id": self.shard_id, "num_shards": self.num_shards}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["shard_id"], state["num_shards"]) != (self.shard_id, self.num_shards):
             raise ValueError(f"loader state is for rank {state['shard_id']} of {state['num_shards']}, this loader is rank {self.shard_id} of {self.num_shards}")
         del self._iterator
-        self._iterator = self._make_iterator(checkpoint=base64.b64decode(state["dali_checkpoint"]))
+        self.epoch = state["epoch"]
+        self._iterator = self._make_iterator(self.epoch, checkpoint=base64.b64decode(state["dali_checkpoint"]))
 
 
 class PretrainLoader(_DaliLoader):
@@ -202,18 +240,17 @@ class PretrainLoader(_DaliLoader):
 
     output_names = ["view1", "view2"]
     last_batch_policy = LastBatchPolicy.DROP
+    shuffle = True
 
     def __init__(self, shards, batch_size: int, augment: AugmentConfig = AugmentConfig(), *, device: str = "cpu", device_id: int | None = None,
                  shard_id: int = 0, num_shards: int = 1, seed: int = 0, num_threads: int | None = None, prefetch: int = 2,
                  shuffle_buffer: int = 4096, dtype: torch.dtype = torch.float32):
         self.augment, self.shuffle_buffer, self.dtype = augment, shuffle_buffer, dtype
         super().__init__(shards, batch_size, device, device_id, shard_id, num_shards, num_threads, prefetch, seed)
-        if len(self) == 0:
-            raise ShardError(f"{self.num_samples} samples over {num_shards} rank(s) do not fill one batch of {batch_size} per rank")
 
-    def _pipeline(self, **kwargs):
-        return _pretrain_pipeline(self.shards, self.augment, self.device, self.shard_id, self.num_shards, self.seed,
-                                  self.shuffle_buffer, _DALI_DTYPES[self.dtype], **kwargs)
+    def _pipeline(self, shards, **kwargs):
+        return _pretrain_pipeline(shards, self.augment, self.device, self.shard_id, self.num_shards, self.shuffle_buffer,
+                                  _DALI_DTYPES[self.dtype], **kwargs)
 
     def __iter__(self):
         for batch in self._batches():
@@ -233,8 +270,8 @@ class EvalLoader(_DaliLoader):
         self.size, self.resize_size, self.mean, self.std, self.dtype = size, resize_size, mean, std, dtype
         super().__init__(shards, batch_size, device, device_id, shard_id, num_shards, num_threads, prefetch, seed=0)
 
-    def _pipeline(self, **kwargs):
-        return _eval_pipeline(self.shards, self.size, self.resize_size, self.mean, self.std, self.device, self.shard_id,
+    def _pipeline(self, shards, **kwargs):
+        return _eval_pipeline(shards, self.size, self.resize_size, self.mean, self.std, self.device, self.shard_id,
                               self.num_shards, _DALI_DTYPES[self.dtype], **kwargs)
 
     def __iter__(self):

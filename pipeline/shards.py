@@ -32,7 +32,7 @@ from pathlib import Path
 import braceexpand
 import numpy as np
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -122,9 +122,11 @@ def build_index(tar: Path) -> list[list[tuple[str, int, int, str]]]:
     """
     samples: list[list[tuple[str, int, int, str]]] = []
     last_key = None
+    archive_end = 0
     try:
         with tarfile.open(tar, "r:") as archive:
             for member in archive:
+                archive_end = member.offset_data + -(-member.size // 512) * 512
                 if not member.isfile():
                     continue
                 name = member.name
@@ -144,10 +146,13 @@ def build_index(tar: Path) -> list[list[tuple[str, int, int, str]]]:
         raise ShardError(f"shard {tar} is not a readable tar ({error}); it may be truncated or corrupt") from None
     if not samples:
         raise ShardError(f"shard {tar} holds no samples")
-    size = tar.stat().st_size
-    ext, offset, length, name = samples[-1][-1]  # tarfile may stop quietly inside a truncated member
-    if offset + length > size:
-        raise ShardError(f"shard {tar} is truncated: member {name} ends at byte {offset + length} > file size {size}")
+    # tarfile stops quietly at a truncated header or member, so check the end ourselves: the data of
+    # the last member must fit, followed by the two zero blocks that end every complete tar.
+    with open(tar, "rb") as handle:
+        handle.seek(archive_end)
+        marker = handle.read(1024)
+    if len(marker) < 1024 or marker.count(0) != 1024:
+        raise ShardError(f"shard {tar} is truncated or damaged: no end-of-archive marker after its last member (byte {archive_end})")
     return samples
 
 
@@ -238,13 +243,20 @@ def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
 
 def check_image(data: bytes) -> tuple[bool, str]:
     """Decode fully (at 1/8 scale through JPEG DCT scaling, which still reads every byte) -> (ok, reason)."""
+    if not data:
+        return False, "empty file"
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
         return True, ""
-    except Exception as error:  # PIL raises many types for bad data
-        return False, f"{type(error).__name__}: {error}"
+    except UnidentifiedImageError:
+        return False, "not a decodable image (unknown format, or truncated before the image header ends)"
+    except Exception as error:  # PIL raises OSError/SyntaxError/ValueError... for bad data
+        text = str(error)
+        if "truncated" in text:
+            return False, f"truncated image data ({text})"
+        return False, f"corrupt image ({type(error).__name__}: {text})"
 
 
 def _load_and_check(path: str) -> tuple[bytes, bool, str]:
@@ -405,7 +417,9 @@ def write_shards(
         os.replace(name + ".tmp", name)
         written.append(Path(name))
 
-    writer = wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_bytes, verbose=0, opener=lambda name: open(name + ".tmp", "wb"), post=finished)
+    # A fixed mtime makes shards byte-for-byte reproducible from the same inputs and seed.
+    writer = wds.ShardWriter(pattern, maxcount=max_count, maxsize=max_bytes, verbose=0, opener=lambda name: open(name + ".tmp", "wb"),
+                             post=finished, mtime=0.0)
     try:
         for sample in tqdm(samples, total=total, desc=f"writing {Path(pattern).name}", unit="img", disable=not progress):
             if not sample.key:

@@ -1,0 +1,196 @@
+"""DALI loaders on the CPU backend: views, labels, epoch semantics across simulated ranks, seeding,
+exact resume, and bad input named by shard and key."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from conftest import make_shards, random_images
+
+from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
+from pipeline.loader import EvalLoader, PretrainLoader
+from pipeline.shards import Sample, ShardError, encode_jpeg, write_index, write_shards
+
+CIFAR = AugmentConfig.cifar()
+
+
+def test_pretrain_views_shape_dtype_and_differ(small_shards):
+    directory, _ = small_shards
+    loader = PretrainLoader(directory, 8, CIFAR, seed=1)
+    assert len(loader) == 103 // 8
+    view1, view2 = next(iter(loader))
+    for view in (view1, view2):
+        assert view.shape == (8, 3, 32, 32) and view.dtype == torch.float32
+        assert view.is_contiguous(memory_format=torch.channels_last)
+        assert torch.isfinite(view).all()
+    assert (view1 - view2).abs().mean() > 0.05  # independent augmentations of the same images
+
+
+def test_eval_labels_decode_multi_digit(small_shards):
+    directory, labels = small_shards  # labels i % 12: 10 and 11 occur
+    seen = []
+    for images, batch_labels in EvalLoader(directory, 16, 32, resize_size=32):
+        assert images.shape[1:] == (3, 32, 32) and batch_labels.dtype == torch.int64
+        seen += batch_labels.tolist()
+    assert sorted(seen) == sorted(labels.tolist())
+    assert max(seen) == 11
+
+
+@pytest.fixture(scope="module")
+def identity_shards(tmp_path_factory):
+    """Solid-colour images whose colour encodes the sample id (survives crop, flip, resize, JPEG), label = id."""
+    count = 97
+    directory = tmp_path_factory.mktemp("ids")
+    ids = np.arange(count)
+    colours = np.stack([20 + 20 * (ids % 10), 20 + 20 * (ids // 10), np.full(count, 128)], 1).astype(np.uint8)
+    images = np.broadcast_to(colours[:, None, None, :], (count, 24, 24, 3)).copy()
+    samples = (Sample(f"{i:08d}", encode_jpeg(image, 100), int(i), "ids") for i, image in enumerate(images))
+    write_shards(samples, str(directory / "id-%06d.tar"), [str(i) for i in ids], count, max_count=25, progress=False)
+    return directory, count
+
+
+def decode_ids(view: torch.Tensor) -> list[int]:
+    """Sample ids from (plain, un-jittered) views of the identity images."""
+    mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+    rgb = (view.mean((2, 3)) * std + mean) * 255
+    return (((rgb[:, 0] - 20) / 20).round() + 10 * ((rgb[:, 1] - 20) / 20).round()).long().tolist()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_eval_every_sample_exactly_once_across_ranks(identity_shards, world):
+    directory, count = identity_shards
+    for epoch in range(2):
+        seen = collections.Counter()
+        for rank in range(world):
+            loader = EvalLoader(directory, 8, 24, resize_size=24, shard_id=rank, num_shards=world)
+            for _ in range(epoch + 1):  # the second pass checks that a loader's next epoch is whole again
+                seen_this = [label for _, labels in loader for label in labels.tolist()]
+            seen.update(seen_this)
+        assert seen == collections.Counter(range(count))
+
+
+def test_pretrain_epochs_see_each_sample_at_most_once_with_equal_steps(identity_shards):
+    directory, count = identity_shards
+    plain = AugmentConfig(size=16, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
+    world, batch = 2, 8
+    loaders = [PretrainLoader(directory, batch, plain, shard_id=rank, num_shards=world, seed=5, shuffle_buffer=64) for rank in range(world)]
+    assert len({len(loader) for loader in loaders}) == 1  # DDP: every rank takes the same number of steps
+    steps = len(loaders[0])
+    assert steps == (count // world) // batch
+    epochs_seen = []
+    for _ in range(3):
+        seen = collections.Counter()
+        for loader in loaders:
+            batches = list(loader)
+            assert len(batches) == steps
+            for view1, view2 in batches:
+                ids = decode_ids(view1)
+                assert ids == decode_ids(view2)  # the two views are of the same images
+                seen.update(ids)
+        assert max(seen.values()) == 1 and set(seen) <= set(range(count))
+        assert sum(seen.values()) == world * steps * batch  # only the remainder beyond full batches is dropped
+        epochs_seen.append(set(seen))
+    assert len({frozenset(s) for s in epochs_seen}) > 1 or len(epochs_seen[0]) == count  # reshuffled between epochs
+
+
+def test_same_seed_same_views_other_seed_differs(small_shards):
+    directory, _ = small_shards
+    first = [next(iter(PretrainLoader(directory, 8, CIFAR, seed=s)))[0] for s in (3, 3, 4)]
+    assert torch.equal(first[0], first[1])
+    assert not torch.equal(first[0], first[2])
+
+
+def test_exact_resume_mid_epoch(small_shards):
+    directory, _ = small_shards
+    reference = []
+    loader = PretrainLoader(directory, 8, CIFAR, seed=2)
+    for _ in range(2):
+        reference += [v1 for v1, _ in loader]
+    loader = PretrainLoader(directory, 8, CIFAR, seed=2)
+    resumed = []
+    for view1, _ in loader:
+        resumed.append(view1)
+        if len(resumed) == 5:
+            state = loader.state_dict()
+            break
+    restored = PretrainLoader(directory, 8, CIFAR, seed=2)
+    restored.load_state_dict(state)
+    resumed += [v1 for v1, _ in restored]  # the rest of epoch 1
+    resumed += [v1 for v1, _ in restored]  # epoch 2
+    assert len(resumed) == len(reference)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, reference))
+
+
+# ------------------------------------------------------------------ bad input names shard and key
+
+
+def write_raw(directory, samples):
+    directory.mkdir(parents=True, exist_ok=True)
+    tar = directory / "raw-000000.tar"
+    with wds.TarWriter(str(tar)) as writer:
+        for sample in samples:
+            writer.write(sample)
+    write_index(tar)
+    return tar
+
+
+def test_corrupt_jpeg_named(tmp_path):
+    images = random_images(12, 32)
+    samples = [{"__key__": f"k{i:03d}", "jpg": encode_jpeg(im), "cls": b"1"} for i, im in enumerate(images)]
+    samples[7]["jpg"] = samples[7]["jpg"][: len(samples[7]["jpg"]) // 2]
+    tar = write_raw(tmp_path, samples)
+    with pytest.raises(ShardError) as error:
+        for _ in PretrainLoader(tmp_path, 4, CIFAR):
+            pass
+    assert str(tar) in str(error.value) and "key k007" in str(error.value)
+
+
+def test_missing_label_named(tmp_path):
+    images = random_images(12, 32)
+    samples = [{"__key__": f"k{i:03d}", "jpg": encode_jpeg(im), **({"cls": b"3"} if i != 5 else {})} for i, im in enumerate(images)]
+    tar = write_raw(tmp_path, samples)
+    with pytest.raises(ShardError) as error:
+        for _ in EvalLoader(tmp_path, 4, 32):
+            pass
+    assert str(tar) in str(error.value) and "key k005" in str(error.value) and "cls" in str(error.value)
+
+
+def test_bad_label_text_named(tmp_path):
+    images = random_images(6, 32)
+    samples = [{"__key__": f"k{i:03d}", "jpg": encode_jpeg(im), "cls": b"x7" if i == 2 else b"12"} for i, im in enumerate(images)]
+    tar = write_raw(tmp_path, samples)
+    with pytest.raises(ShardError) as error:
+        for _ in EvalLoader(tmp_path, 3, 32):
+            pass
+    assert str(tar) in str(error.value) and "key k002" in str(error.value)
+
+
+def test_truncated_empty_missing_shards(tmp_path, small_shards):
+    directory, _ = small_shards
+    data = (directory / "part-000001.tar").read_bytes()
+    (tmp_path / "t").mkdir()
+    truncated = tmp_path / "t" / "part-000001.tar"
+    truncated.write_bytes(data[: len(data) // 3])
+    truncated.with_suffix(".idx").write_bytes((directory / "part-000001.idx").read_bytes())
+    with pytest.raises(ShardError, match="part-000001.tar is truncated"):
+        PretrainLoader(tmp_path / "t", 4, CIFAR)
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "x-000000.tar").write_bytes(b"")
+    with pytest.raises(ShardError, match="x-000000.tar is empty"):
+        EvalLoader(tmp_path / "e", 4, 32)
+    with pytest.raises(ShardError, match="does not exist"):
+        PretrainLoader(tmp_path / "nowhere-{000..003}.tar", 4, CIFAR)
+    (tmp_path / "n").mkdir()
+    (tmp_path / "n" / "part-000000.tar").write_bytes((directory / "part-000000.tar").read_bytes())
+    with pytest.raises(ShardError, match="has no index"):
+        PretrainLoader(tmp_path / "n", 4, CIFAR)
+
+
+def test_batch_larger_than_data_is_an_error(tmp_path):
+    directory, _ = make_shards(tmp_path, 10)
+    with pytest.raises(ShardError, match="do not fill one batch"):
+        PretrainLoader(directory, 8, CIFAR, num_shards=2)
