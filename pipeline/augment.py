@@ -83,12 +83,13 @@ def color_jitter(images, cfg: AugmentConfig):
     """The official SimCLR ``color_jitter_rand``: brightness, contrast, saturation and hue with random
     factors, applied in a random order per image, each saturating to the valid range."""
     s = cfg.jitter_strength
-    factors = {
-        "brightness": _uniform(max(0.0, 1.0 - cfg.brightness * s), 1.0 + cfg.brightness * s),
-        "contrast": _uniform(max(0.0, 1.0 - cfg.contrast * s), 1.0 + cfg.contrast * s),
-        "saturation": _uniform(max(0.0, 1.0 - cfg.saturation * s), 1.0 + cfg.saturation * s),
-        "hue": _uniform(-cfg.hue * s * 360.0, cfg.hue * s * 360.0),  # degrees of the colour wheel
+    ranges = {
+        "brightness": (max(0.0, 1.0 - cfg.brightness * s), 1.0 + cfg.brightness * s),
+        "contrast": (max(0.0, 1.0 - cfg.contrast * s), 1.0 + cfg.contrast * s),
+        "saturation": (max(0.0, 1.0 - cfg.saturation * s), 1.0 + cfg.saturation * s),
+        "hue": (-cfg.hue * s * 360.0, cfg.hue * s * 360.0),  # degrees of the colour wheel
     }
+    factors = {name: _uniform(lo, hi) for name, (lo, hi) in ranges.items() if hi > lo}  # a zero range is no operation
 
     def apply(name, x):
         if name == "brightness":  # multiplicative, as the official code's default (and torchvision)

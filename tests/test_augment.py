@@ -1,0 +1,195 @@
+"""Statistical tests of the SimCLR view against its definition (pipeline/augment.py, CPU backend).
+
+Each test feeds images built for it through the product's own ``simclr_view`` and measures one
+property over many samples: crop area and aspect distributions, flip / jitter / grayscale / blur
+rates, jitter factor ranges. Tolerances are ~4 standard errors, so a wrong parameter (p=0.5 instead
+of 0.8, crop area from 0.2 instead of 0.08, ...) fails."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from nvidia.dali import fn, pipeline_def, types
+
+from pipeline.augment import AugmentConfig, eval_view, simclr_view
+
+IDENTITY_NORM = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))  # outputs in 0..255 units
+PLAIN = dict(jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, flip_prob=0.0, **IDENTITY_NORM)
+BATCH = 250
+
+
+def run_views(image: np.ndarray, cfg: AugmentConfig, count: int, seed: int = 0) -> np.ndarray:
+    """``count`` independent views of ``image`` (H, W, 3 uint8) -> float array (count, S, S, 3)."""
+
+    @pipeline_def(batch_size=BATCH, num_threads=2, device_id=None, seed=seed, enable_conditionals=True, prefetch_queue_depth=1)
+    def views():
+        images = fn.external_source(source=lambda: [image] * BATCH, batch=True, layout="HWC", dtype=types.UINT8)
+        return simclr_view(images, cfg)
+
+    pipe = views()
+    out = []
+    while sum(len(o) for o in out) < count:
+        (batch,) = pipe.run()
+        out.append(np.stack([np.asarray(batch[i]) for i in range(len(batch))]))
+    return np.concatenate(out)[:count]
+
+
+def ks_statistic(samples: np.ndarray, reference: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov distance."""
+    grid = np.sort(np.concatenate([samples, reference]))
+    cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)
+    return float(np.abs(cdf(samples) - cdf(reference)).max())
+
+
+def reference_crops(count, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3), side=256, attempts=100, seed=0):
+    """The paper's crop sampler: area ~ U(area) x image area, log-uniform aspect, retry until it fits,
+    else a centre crop. Returns (area fractions, aspects)."""
+    rng = np.random.default_rng(seed)
+    areas, aspects = [], []
+    for _ in range(count):
+        for _ in range(attempts):
+            a = rng.uniform(*area) * side * side
+            r = np.exp(rng.uniform(np.log(aspect[0]), np.log(aspect[1])))
+            w, h = np.sqrt(a * r), np.sqrt(a / r)
+            if w <= side and h <= side:
+                break
+        else:
+            w = h = side
+        areas.append(w * h / side**2)
+        aspects.append(w / h)
+    return np.array(areas), np.array(aspects)
+
+
+COORDINATES = np.stack([*np.meshgrid(np.arange(256), np.arange(256)), np.full((256, 256), 128)], -1).astype(np.uint8)  # R=x, G=y
+
+
+def measure_crops(views: np.ndarray, size: int):
+    """Crop window (x0, width, height, flipped) from views of COORDINATES: R encodes x, G encodes y."""
+    inner = size - 3  # columns/rows 1 and size-2: away from the resampling filter's edge effects
+    left, right = views[:, size // 2, 1, 0], views[:, size // 2, size - 2, 0]
+    top, bottom = views[:, 1, size // 2, 1], views[:, size - 2, size // 2, 1]
+    width = np.abs(right - left) * size / inner
+    height = (bottom - top) * size / inner
+    return width, height, right < left
+
+
+@pytest.fixture(scope="module")
+def crop_views():
+    return run_views(COORDINATES, AugmentConfig(size=64, flip_prob=0.5, **{k: v for k, v in PLAIN.items() if k != "flip_prob"}), 2000, seed=1)
+
+
+def test_crop_area_and_aspect_follow_the_paper(crop_views):
+    width, height, _ = measure_crops(crop_views, 64)
+    areas, aspects = width * height / 256**2, width / height
+    ref_areas, ref_aspects = reference_crops(20000)
+    assert ks_statistic(areas, ref_areas) < 0.06
+    assert ks_statistic(np.log(aspects), np.log(ref_aspects)) < 0.06
+    assert 0.06 < areas.min() < 0.12 and areas.max() > 0.9
+    # a wrong range would be caught: crops from area 0.2 are clearly another distribution
+    wrong_areas, _ = reference_crops(20000, area=(0.2, 1.0))
+    assert ks_statistic(areas, wrong_areas) > 0.1
+
+
+def test_flip_rate(crop_views):
+    _, _, flipped = measure_crops(crop_views, 64)
+    assert abs(flipped.mean() - 0.5) < 0.045
+
+
+def two_tone(left, right, size=32):
+    image = np.empty((size, size, 3), np.uint8)
+    image[:, : size // 2], image[:, size // 2 :] = left, right
+    return image
+
+
+FULL_FRAME = dict(size=32, crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0))  # the view is the whole image
+
+
+@pytest.mark.parametrize("prob", [0.8, 0.3])
+def test_jitter_probability(prob):
+    image = two_tone((200, 60, 90), (40, 150, 220))
+    cfg = AugmentConfig(**FULL_FRAME, **{**PLAIN, "jitter_prob": prob})
+    views = run_views(image, cfg, 1500, seed=2)
+    changed = np.abs(views - image).reshape(len(views), -1).max(1) > 3
+    assert abs(changed.mean() - prob) < 0.05
+
+
+def uniform_ks(values, lo, hi):
+    return ks_statistic(values, np.random.default_rng(0).uniform(lo, hi, 50000))
+
+
+def only(op: str, strength: float = 1.0) -> AugmentConfig:
+    ranges = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
+    ranges[op] = AugmentConfig.__dataclass_fields__[op].default
+    return AugmentConfig(**FULL_FRAME, **{**PLAIN, "jitter_prob": 1.0}, jitter_strength=strength, **ranges)
+
+
+def test_brightness_range():
+    views = run_views(np.full((32, 32, 3), 100, np.uint8), only("brightness"), 1000, seed=3)
+    factors = views[:, 5, 5, 0] / 100
+    assert uniform_ks(factors, 0.2, 1.8) < 0.07  # [1 - 0.8 s, 1 + 0.8 s], s = 1
+
+
+def test_contrast_range_pivots_on_the_mean():
+    views = run_views(two_tone(60, 140), only("contrast", 0.5), 1000, seed=4)  # CIFAR strength 0.5
+    low, high = views[:, 5, 5, 0], views[:, 5, 25, 0]
+    assert np.allclose((low + high) / 2, 100, atol=1.0)  # the mean stays
+    assert uniform_ks((high - low) / 80, 0.6, 1.4) < 0.07
+
+
+def test_saturation_range():
+    colour = np.array([150, 100, 50], np.float64)
+    luma = colour @ [0.299, 0.587, 0.114]
+    views = run_views(np.broadcast_to(colour.astype(np.uint8), (32, 32, 3)).copy(), only("saturation"), 1000, seed=5)
+    factors = (views[:, 5, 5, 0] - luma) / (colour[0] - luma)
+    assert uniform_ks(factors, 0.2, 1.8) < 0.07
+
+
+def test_hue_range():
+    to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+    colour = np.array([180, 90, 60], np.float64)
+    views = run_views(np.broadcast_to(colour.astype(np.uint8), (32, 32, 3)).copy(), only("hue"), 1000, seed=6)
+    angle = lambda rgb: np.degrees(np.arctan2(*(rgb @ to_yiq.T)[..., [2, 1]].T))
+    shift = (angle(views[:, 5, 5]) - angle(colour) + 180) % 360 - 180
+    assert uniform_ks(np.abs(shift), 0, 72) < 0.08  # +-0.2 s of the colour wheel, s = 1
+
+
+def test_grayscale_rate_and_luma():
+    image = np.broadcast_to(np.array([200, 50, 100], np.uint8), (32, 32, 3)).copy()
+    views = run_views(image, AugmentConfig(**FULL_FRAME, **{**PLAIN, "gray_prob": 0.2}), 2000, seed=7)
+    gray = np.ptp(views[:, 5, 5], axis=1) < 2
+    assert abs(gray.mean() - 0.2) < 0.04
+    assert np.allclose(views[gray][:, 5, 5, 0], 0.299 * 200 + 0.587 * 50 + 0.114 * 100, atol=2)
+
+
+def test_blur_rate_and_window():
+    assert AugmentConfig(size=224).blur_window == 23 and AugmentConfig(size=32).blur_window == 3
+    checker = (np.indices((64, 64)).sum(0) % 2 * 200 + 28).astype(np.uint8)[..., None].repeat(3, -1)
+    cfg = AugmentConfig(**{**FULL_FRAME, "size": 64}, **{**PLAIN, "blur_prob": 0.5})
+    views = run_views(checker, cfg, 1500, seed=8)
+    contrast = np.abs(np.diff(views[:, 20:44, 20:44, 0], axis=1)).mean((1, 2)) / 200
+    blurred = contrast < 0.97
+    # sigma ~ U[0.1, 2]: below ~0.35 a Gaussian leaves a 1-pixel checkerboard almost untouched, so the
+    # visibly blurred share is 0.5 * P(sigma > 0.35) ~= 0.43.
+    assert 0.37 < blurred.mean() < 0.49
+    assert contrast.min() < 0.05  # the strongest blurs (sigma ~ 2) flatten it
+
+
+def test_views_of_one_image_differ_and_seed_determines_them():
+    image = two_tone((200, 60, 90), (40, 150, 220), size=64)
+    cfg = AugmentConfig(size=32)
+    a, b = run_views(image, cfg, 20, seed=11), run_views(image, cfg, 20, seed=11)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, run_views(image, cfg, 20, seed=12))
+    assert np.abs(a[0] - a[1]).mean() > 0.05
+
+
+def test_eval_view_is_deterministic_centre_crop():
+    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+    def views():
+        images = fn.external_source(source=lambda: [COORDINATES] * 2, batch=True, layout="HWC", dtype=types.UINT8)
+        return eval_view(images, 64, resize_size=64, **IDENTITY_NORM)
+
+    (out,) = views().run()
+    first, second = np.asarray(out[0]), np.asarray(out[1])
+    assert np.array_equal(first, second) and first.shape == (64, 64, 3)
+    assert abs(first[32, 32, 0] - 128) < 3 and abs(first[32, 32, 1] - 128) < 3  # centred
