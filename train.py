@@ -20,18 +20,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from timm.optim import create_optimizer_v2
-from timm.scheduler import CosineLRScheduler
 from tqdm import tqdm
 
-from model.ntxent import nt_xent, positive_pair_accuracy
-from model.simclr import SimCLR
+from model.ntxent import positive_pair_accuracy
 from pipeline.augment import AugmentConfig
 from pipeline.loader import EvalLoader, PretrainLoader, default_num_threads
 from pipeline.shards import ShardError
+from trainer.build import build_model, build_optimizer, build_scheduler, simclr_loss
 from trainer.checkpoint import export_backbone, load_checkpoint, resolve_resume, save_checkpoint
 from trainer.config import ConfigError, TrainConfig, parse_args
-from trainer.global_bn import convert_to_global_bn
 from trainer.meters import StepTimer
 
 
@@ -60,6 +57,7 @@ def build_augment(cfg: TrainConfig) -> AugmentConfig:
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv, __doc__)
+        cfg.validate(int(os.environ.get("WORLD_SIZE", 1)))  # before any accelerator or GPU work
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
@@ -73,7 +71,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- data: shards and config are checked here, before any GPU work
     try:
-        cfg.validate(world)
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by accelerate launch / torchrun
         loader = PretrainLoader(cfg.train_shards, cfg.batch_size // world, build_augment(cfg), device=data_device,
                                 device_id=accelerator.device.index if data_device == "gpu" else None, shard_id=rank, num_shards=world,
@@ -87,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             eval_loaders = [EvalLoader(shards, 256, eval_size, resize_size=eval_resize, device=data_device, shard_id=rank, num_shards=world,
                                        device_id=accelerator.device.index if data_device == "gpu" else None)
                             for shards in (cfg.eval_train_shards, cfg.eval_val_shards)]
-    except (ConfigError, ShardError) as error:
+    except ShardError as error:
         accelerator.print(f"error: {error}")
         return 2
     steps_per_epoch = len(loader)
@@ -96,15 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     eval_interval = max(1, round(cfg.eval_every_epochs * steps_per_epoch))
 
-    # ---- model, optimiser (timm's LARS: no weight decay or adaptation for biases and norms), schedule
-    model = SimCLR(cfg.backbone, cfg.proj_hidden or None, cfg.proj_dim, cifar_stem=cfg.cifar_stem, **cfg.timm_kwargs)
-    if world > 1 and cfg.sync_bn:
-        model = convert_to_global_bn(model, accelerator.device.type)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model, cfg.optimizer, lr=cfg.scaled_lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, total_steps - warmup_steps), warmup_t=warmup_steps,
-                                  warmup_prefix=True, warmup_lr_init=0.0, lr_min=0.0, t_in_epochs=False)
+    # ---- model (global BN), optimiser (timm's LARS: no decay or adaptation for biases and norms), schedule
+    model = build_model(cfg, accelerator.device.type, world)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, total_steps, warmup_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     backbone = accelerator.unwrap_model(model).backbone
@@ -153,15 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         timer.start_wait()
         try:
             view1, view2 = next(batches)
-        except StopIteration:  # end of epoch: the loader rewinds itself
-            timer.pause()
+        except StopIteration:  # end of epoch: the loader moves to the next one
             batches = iter(loader)
             continue
         timer.end_wait()
         with accelerator.autocast():
-            _, z = forward(torch.cat([view1, view2]))
-            z1, z2 = z.float().chunk(2)
-            loss = nt_xent(z1, z2, cfg.temperature, backend=cfg.loss_backend)
+            loss, z1, z2 = simclr_loss(forward, view1, view2, cfg)
         accelerator.backward(loss)
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -169,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         scheduler.step_update(step)
+        timer.end_step()
         first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
 
         at_log = step % cfg.log_every == 0 or step == last_step
@@ -192,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
                 progress.set_postfix(loss=f"{meters['loss']:.4f}", img_s=f"{meters['images_per_s']:.0f}",
                                      wait=f"{meters['data_wait_fraction']:.0%}", lr=f"{meters['lr']:.3g}")
             progress.update(step - progress.n)
-            timer.pause()
             if at_eval:
                 evaluate()
             if at_checkpoint or stop:

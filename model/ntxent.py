@@ -53,42 +53,54 @@ def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def _scores(rows: torch.Tensor, columns: torch.Tensor, start: int, stop: int, row_offset: int, inv_temp: float):
+def _scores(rows: torch.Tensor, columns: torch.Tensor, start: int, stop: int, row_offset: int, inv_temp: float,
+            out: torch.Tensor) -> torch.Tensor:
     """Logits (accumulation dtype) of rows[start:stop] against all columns, shifted by the bound 1/tau
-    so that every exp is <= 1 (unit-norm rows: s_ij <= 1), with the diagonal at -inf."""
-    scores = (rows[start:stop] @ columns.T).to(accumulation_dtype(rows))
-    scores = scores.mul_(inv_temp).sub_(inv_temp)
+    so that every exp is <= 1 (unit-norm rows: s_ij <= 1), with the diagonal at -inf. Written into
+    ``out[:stop - start]``, a tile reused by every chunk (a fresh tile per chunk costs page faults)."""
+    scores = out[: stop - start]
+    # scale and shift inside the GEMM (beta * shift + alpha * rows @ columns.T): no extra pass
+    shift = torch.full((1,), -inv_temp, dtype=out.dtype, device=rows.device)
+    torch.addmm(shift, rows[start:stop], columns.T, alpha=inv_temp, out=scores)
     local = torch.arange(stop - start, device=rows.device)
     scores[local, row_offset + start + local] = float("-inf")
     return scores
 
 
 class _chunked:
-    """Row chunks of bounded memory: O(chunk x columns) extra, whatever the batch."""
+    """Row chunks of bounded memory: O(chunk x columns) extra, whatever the batch (two chunk x columns
+    tiles, CHUNK_BYTES together in float32, allocated once per call and reused by every chunk)."""
 
     @staticmethod
     def row_lse(rows, columns, row_offset: int, inv_temp: float) -> torch.Tensor:
-        lse = torch.empty(rows.shape[0], dtype=accumulation_dtype(rows), device=rows.device)
-        chunk = _chunk_rows(columns.shape[0])
+        dtype = accumulation_dtype(rows)
+        rows, columns = rows.to(dtype), columns.to(dtype)  # 16-bit inputs: scores in float32, not rounded to 16 bits
+        lse = torch.empty(rows.shape[0], dtype=dtype, device=rows.device)
+        chunk = max(1, min(rows.shape[0], _chunk_rows(columns.shape[0])))
+        tile = torch.empty((chunk, columns.shape[0]), dtype=dtype, device=rows.device)
         for start in range(0, rows.shape[0], chunk):
             stop = min(start + chunk, rows.shape[0])
-            lse[start:stop] = _scores(rows, columns, start, stop, row_offset, inv_temp).exp_().sum(1).log_().add_(inv_temp)
-        return lse
+            torch.sum(_scores(rows, columns, start, stop, row_offset, inv_temp, tile).exp_(), 1, out=lse[start:stop])
+        return lse.log_().add_(inv_temp)
 
     @staticmethod
     def row_grad(rows, columns, lse_rows, lse_columns, positives, row_offset: int, inv_temp: float) -> torch.Tensor:
         """sum_j (p_kj + p_jk) c_j over columns j other than k itself and its positive, per row k."""
         grad = torch.empty(rows.shape, dtype=accumulation_dtype(rows), device=rows.device)
-        columns_acc = columns.to(grad.dtype)
+        rows, columns = rows.to(grad.dtype), columns.to(grad.dtype)
         # p_kj = E_kj a_k and p_jk = E_kj b_j, with E = exp(s/tau - 1/tau): one exp per pair.
+        a = torch.exp(inv_temp - lse_rows)
         b = torch.exp(inv_temp - lse_columns)
-        chunk = _chunk_rows(columns.shape[0])
+        chunk = max(1, min(rows.shape[0], _chunk_rows(columns.shape[0])))
+        tile = torch.empty((chunk, columns.shape[0]), dtype=grad.dtype, device=rows.device)
+        weights_tile = torch.empty_like(tile)
         for start in range(0, rows.shape[0], chunk):
             stop = min(start + chunk, rows.shape[0])
-            weights = _scores(rows, columns, start, stop, row_offset, inv_temp).exp_()
-            weights[torch.arange(stop - start, device=rows.device), positives[start:stop]] = 0.0
-            weights.mul_(torch.exp(inv_temp - lse_rows[start:stop])[:, None] + b[None, :])
-            grad[start:stop] = weights @ columns_acc
+            scores = _scores(rows, columns, start, stop, row_offset, inv_temp, tile).exp_()
+            scores[torch.arange(stop - start, device=rows.device), positives[start:stop]] = 0.0
+            # weights E_kj (a_k + b_j), built in the second tile (no temporary)
+            weights = torch.add(a[start:stop, None], b[None, :], out=weights_tile[: stop - start]).mul_(scores)
+            torch.mm(weights, columns, out=grad[start:stop])
         return grad
 
 

@@ -148,6 +148,7 @@ class _DaliLoader:
         self.prefetch = prefetch
         self.torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
         self.epoch = 0
+        self._position = 0  # batches of this epoch handed out
         self._iterator = self._make_iterator(self.epoch, checkpoint=None)
 
     def _pipeline(self, shards: list[Path], **kwargs):
@@ -212,26 +213,33 @@ class _DaliLoader:
         """One epoch of DALI output dicts; then the loader moves to the next epoch."""
         try:
             for batch in self._iterator:
+                self._position += 1
                 yield batch[0]
         except RuntimeError as error:
             raise self._translate(error) from None
         self.epoch += 1
+        self._position = 0
         if self.shuffle:  # build the next epoch's pipeline now, so its prefetch overlaps our caller's work
             del self._iterator
             self._iterator = self._make_iterator(self.epoch, checkpoint=None)
 
     def state_dict(self) -> dict:
         """Epoch, reader position and augmentation RNG state: restoring continues with exactly the next batch."""
+        state = {"shard_id": self.shard_id, "num_shards": self.num_shards}
+        if self.shuffle and self._position >= len(self):
+            # The epoch is used up; its pipeline would resume into a second pass of the same order.
+            return {**state, "epoch": self.epoch + 1, "dali_checkpoint": None}
         checkpoint = self._iterator.checkpoints()[0]  # DALI's serialised protobuf: bytes, base64 for JSON
         checkpoint = base64.b64encode(checkpoint if isinstance(checkpoint, bytes) else checkpoint.encode()).decode()
-        return {"epoch": self.epoch, "dali_checkpoint": checkpoint, "shard_id": self.shard_id, "num_shards": self.num_shards}
+        return {**state, "epoch": self.epoch, "position": self._position, "dali_checkpoint": checkpoint}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["shard_id"], state["num_shards"]) != (self.shard_id, self.num_shards):
             raise ValueError(f"loader state is for rank {state['shard_id']} of {state['num_shards']}, this loader is rank {self.shard_id} of {self.num_shards}")
         del self._iterator
-        self.epoch = state["epoch"]
-        self._iterator = self._make_iterator(self.epoch, checkpoint=base64.b64decode(state["dali_checkpoint"]))
+        self.epoch, self._position = state["epoch"], state.get("position", 0)
+        checkpoint = state["dali_checkpoint"]
+        self._iterator = self._make_iterator(self.epoch, checkpoint=base64.b64decode(checkpoint) if checkpoint else None)
 
 
 class PretrainLoader(_DaliLoader):

@@ -104,7 +104,8 @@ def test_same_seed_same_views_other_seed_differs(small_shards):
     assert not torch.equal(first[0], first[2])
 
 
-def test_exact_resume_mid_epoch(small_shards):
+@pytest.mark.parametrize("stop", [5, 12])  # mid-epoch, and the epoch's last batch (12 per epoch)
+def test_exact_resume(small_shards, stop):
     directory, _ = small_shards
     reference = []
     loader = PretrainLoader(directory, 8, CIFAR, seed=2)
@@ -114,13 +115,13 @@ def test_exact_resume_mid_epoch(small_shards):
     resumed = []
     for view1, _ in loader:
         resumed.append(view1)
-        if len(resumed) == 5:
+        if len(resumed) == stop:
             state = loader.state_dict()
             break
     restored = PretrainLoader(directory, 8, CIFAR, seed=2)
     restored.load_state_dict(state)
-    resumed += [v1 for v1, _ in restored]  # the rest of epoch 1
-    resumed += [v1 for v1, _ in restored]  # epoch 2
+    while len(resumed) < len(reference):
+        resumed += [v1 for v1, _ in restored]
     assert len(resumed) == len(reference)
     assert all(torch.equal(a, b) for a, b in zip(resumed, reference))
 

@@ -13,6 +13,18 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+_GROUP = None
+
+
+def _statistics_group():
+    """A process group of its own for the statistics all-reduces. They run inside the backward pass,
+    overlapping DDP's asynchronous gradient all-reduces; sharing one gloo group, the two streams of
+    collectives hung intermittently in our 2-process tests. Separate groups keep each stream ordered."""
+    global _GROUP
+    if _GROUP is None:
+        _GROUP = dist.new_group(backend=dist.get_backend())
+    return _GROUP
+
 
 class GlobalBatchNorm(_BatchNorm):
     """Batch norm over all processes' samples for any input rank >= 2 (B, C, ...)."""
@@ -28,7 +40,7 @@ class GlobalBatchNorm(_BatchNorm):
         dims = [0, *range(2, input.dim())]
         x = input.float()
         count = torch.full((1,), x.numel() / channels, dtype=torch.float32, device=x.device)
-        totals = dist_fn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        totals = dist_fn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]), group=_statistics_group())
         n = totals[-1]
         mean = totals[:channels] / n
         var = (totals[channels : 2 * channels] / n - mean * mean).clamp_min(0)

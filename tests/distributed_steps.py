@@ -1,0 +1,40 @@
+"""A few SimCLR training steps on a fixed global batch, in 1 process or under torchrun (gloo), with the
+product's own builders (model with global BN, LARS, schedule, loss). Saves the final state dict.
+
+    python tests/distributed_steps.py OUT.pt
+    torchrun --nproc_per_node 2 tests/distributed_steps.py OUT.pt
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from trainer.build import build_model, build_optimizer, build_scheduler, simclr_loss  # noqa: E402
+from trainer.config import TrainConfig  # noqa: E402
+
+GLOBAL_BATCH, STEPS = 8, 3
+
+accelerator = Accelerator(cpu=True)
+cfg = TrainConfig(train_shards="unused", backbone="resnet18", cifar_stem=True, timm_kwargs={"channels": [8, 16, 32, 64]},
+                  proj_hidden=32, proj_dim=16, batch_size=GLOBAL_BATCH, lr=0.5, temperature=0.2, precision="no", sync_bn=True)
+world, rank = accelerator.num_processes, accelerator.process_index
+torch.manual_seed(0)
+model = build_model(cfg, "cpu", world)
+optimizer = build_optimizer(model, cfg)
+scheduler = build_scheduler(optimizer, total_steps=10, warmup_steps=2)
+model, optimizer = accelerator.prepare(model, optimizer)
+inputs = torch.Generator().manual_seed(1)
+local = GLOBAL_BATCH // world
+for step in range(STEPS):
+    view1, view2 = (torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=inputs) for _ in range(2))
+    view1, view2 = view1[rank * local : (rank + 1) * local], view2[rank * local : (rank + 1) * local]
+    loss, _, _ = simclr_loss(model, view1.contiguous(memory_format=torch.channels_last), view2.contiguous(memory_format=torch.channels_last), cfg)
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step_update(step + 1)
+if accelerator.is_main_process:
+    torch.save(accelerator.unwrap_model(model).state_dict(), sys.argv[1])

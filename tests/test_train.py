@@ -1,0 +1,182 @@
+"""train.py end to end on the CPU: a tiny run + evaluation, exact resume, preemption, non-finite loss,
+bad configuration, and 2 gloo processes matching 1 process on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, make_shards
+from safetensors.torch import load_file
+
+import evaluate
+import train
+from trainer.config import ConfigError, TrainConfig, load_config
+
+TINY = {
+    "image_size": 32, "augment": "cifar", "backbone": "resnet18", "cifar_stem": True,
+    "timm_kwargs": {"channels": [8, 16, 32, 64]}, "proj_hidden": 32, "proj_dim": 16, "batch_size": 16,
+    "epochs": 3, "warmup_epochs": 1, "lr": 0.5, "temperature": 0.2, "precision": "no", "tracker": "none",
+    "log_every": 1, "checkpoint_every": 0, "data_threads": 1,
+}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    directory, _ = make_shards(tmp_path_factory.mktemp("train"), 70, num_classes=12, per_shard=30)
+    return directory
+
+
+def write_config(path, shards, **overrides):
+    config = {**TINY, "train_shards": str(shards), **overrides}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def flags(**values):
+    return [f"--{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in values.items()]
+
+
+def run_train(tmp_path, shards, name, **overrides):
+    config = write_config(tmp_path / f"{name}.yaml", shards, output_dir=str(tmp_path / name))
+    return train.main(["--config", str(config), *flags(**overrides)])
+
+
+def test_tiny_run_trains_exports_and_evaluates(tmp_path, shards, capsys):
+    assert run_train(tmp_path, shards, "run", max_steps=5) == 0
+    out = tmp_path / "run"
+    meta = json.loads((out / "backbone.json").read_text())
+    assert meta["model_name"] == "resnet18" and meta["num_features"] == 64
+    state = load_file(str(out / "backbone.safetensors"))
+    assert "conv1.weight" in state and state["conv1.weight"].shape[-1] == 3  # the CIFAR stem
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["steps"] == 5 and summary["mean_images_per_s"] > 0 and 0 <= summary["data_wait_fraction"] <= 1
+    assert (out / "checkpoints").is_dir() and len(list((out / "checkpoints").iterdir())) == 1  # the final one
+    report = tmp_path / "eval.json"
+    assert evaluate.main(["--checkpoint", str(out), "--train-shards", str(shards), "--val-shards", str(shards),
+                          "--protocol", "knn", "--json", str(report), "--compare-random-init"]) == 0
+    results = json.loads(report.read_text())["results"]
+    assert len(results) == 2 and all(0 <= r["metrics"]["knn_top1"] <= 100 for r in results)
+
+
+def test_export_loads_with_timm(tmp_path, shards):
+    import timm
+
+    assert run_train(tmp_path, shards, "plain", max_steps=2, cifar_stem=False, timm_kwargs={}) == 0
+    weights = tmp_path / "plain" / "backbone.safetensors"
+    model = timm.create_model("resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), num_classes=0)
+    trained = load_file(str(weights))
+    assert torch.equal(model.state_dict()["layer4.1.conv2.weight"], trained["layer4.1.conv2.weight"])
+
+
+def test_resume_is_exact_mid_epoch_and_at_epoch_end(tmp_path, shards):
+    """70 samples / batch 16 = 4 steps per epoch: stop at step 3 (mid-epoch), resume and stop at 4
+    (the epoch's end), resume to step 7: the parameters equal an uninterrupted 7-step run exactly."""
+    assert run_train(tmp_path, shards, "straight", max_steps=7) == 0
+    assert run_train(tmp_path, shards, "resumed", max_steps=3) == 0
+    assert run_train(tmp_path, shards, "resumed", max_steps=4, resume="auto") == 0
+    assert run_train(tmp_path, shards, "resumed", max_steps=7, resume="auto") == 0
+    straight = load_file(str(tmp_path / "straight" / "backbone.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "backbone.safetensors"))
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_sigterm_checkpoints_and_resume_matches(tmp_path, shards):
+    """Preemption: SIGTERM mid-run writes a checkpoint and exits 0; resuming gives exactly the
+    parameters of an uninterrupted run."""
+    total = 60  # 15 epochs of 4 steps
+    assert run_train(tmp_path, shards, "reference", max_steps=total, epochs=15) == 0
+    config = write_config(tmp_path / "killed.yaml", shards, output_dir=str(tmp_path / "killed"), max_steps=total, epochs=15)
+    process = subprocess.Popen([sys.executable, "train.py", "--config", str(config)], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in process.stdout:  # wait until the loop has started, then preempt a few steps in
+        lines.append(line)
+        if "steps/epoch" in line:
+            break
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    output = "".join(lines) + process.communicate(timeout=120)[0]
+    assert process.returncode == 0, output
+    assert "preempted: checkpoint" in output and "resume with --resume auto" in output, output
+    assert not (tmp_path / "killed" / "backbone.safetensors").exists()  # it stopped early
+    assert run_train(tmp_path, shards, "killed", max_steps=total, epochs=15, resume="auto") == 0
+    reference = load_file(str(tmp_path / "reference" / "backbone.safetensors"))
+    resumed = load_file(str(tmp_path / "killed" / "backbone.safetensors"))
+    assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path, shards, capsys):
+    status = run_train(tmp_path, shards, "nan", max_steps=6, optimizer="sgd", lr=1e30, lr_scaling="none", warmup_epochs=0,
+                       checkpoint_every=1)
+    assert status == 3
+    output = capsys.readouterr().out
+    assert "non-finite loss at step" in output
+    bad_step = int(output.split("non-finite loss at step")[1].split(";")[0])
+    checkpoints = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert checkpoints and all(int(name.split("_")[1]) < bad_step for name in checkpoints)  # only good ones kept
+    assert not (tmp_path / "nan" / "backbone.safetensors").exists()
+
+
+@pytest.mark.parametrize("override,field", [
+    ({"batch_size": "sixteen"}, "batch_size"),
+    ({"precision": "fp8"}, "precision"),
+    ({"temperature": "0.001"}, "temperature"),
+    ({"warmup_epochs": "5"}, "warmup_epochs"),
+    ({"train_shards": "/nowhere/x-{000..003}.tar"}, "does not exist"),
+    ({"cifar_stem": "maybe"}, "cifar_stem"),
+])
+def test_bad_config_values_are_named(tmp_path, shards, capsys, override, field):
+    assert run_train(tmp_path, shards, "bad", **override) == 2
+    captured = capsys.readouterr()
+    assert field in captured.err + captured.out
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path, shards):
+    config = write_config(tmp_path / "c.yaml", shards, learning_rat=0.1)
+    with pytest.raises(ConfigError, match="learning_rat.*c.yaml"):
+        load_config(config)
+    assert train.main(["--config", str(config)]) == 2
+
+
+def test_batch_must_divide_over_processes():
+    with pytest.raises(ConfigError, match="batch_size 30 is not divisible by the number of processes \\(4\\)"):
+        TrainConfig(train_shards="x", batch_size=30).validate(world_size=4)
+
+
+def test_two_processes_match_one_process(tmp_path):
+    """Global BN + gathered NT-Xent + DDP averaging: 2 gloo ranks holding half the batch each end with
+    the parameters of 1 process on the whole batch."""
+    script = ROOT / "tests" / "distributed_steps.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=ROOT, check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                    str(tmp_path / "two.pt")], cwd=ROOT, check=True, env=env, timeout=300, capture_output=True)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.keys() == two.keys()
+    for key in one:
+        if one[key].is_floating_point():
+            assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-5), key
+    assert any(not torch.equal(one[k], torch.zeros_like(one[k])) for k in one if "running_mean" in k)
+
+
+def test_two_process_training_run_with_the_real_loader(tmp_path, shards):
+    """torchrun + Accelerate(cpu) + DALI loaders sharded by rank + per-rank loader checkpoints + resume."""
+    config = write_config(tmp_path / "ddp.yaml", shards, output_dir=str(tmp_path / "ddp"), max_steps=2)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--config", str(config)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "2 process(es)" in result.stdout
+    state = json.loads(next((tmp_path / "ddp" / "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    assert state["step"] == 2 and [s["shard_id"] for s in state["loaders"]] == [0, 1]
+    result = subprocess.run(command + ["--resume", "auto", "--max_steps", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "resumed from" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
