@@ -1,0 +1,38 @@
+"""Throughput and memory benchmarks; results go to bench/results/<name>_<device>.json (+ plots).
+
+    python bench.py pipeline   # DALI loader vs torchvision DataLoader, two SimCLR views (224 px and 32 px)
+    python bench.py loss       # NT-Xent forward+backward: reference, torch.compile, chunked, fused kernel
+    python bench.py train      # training steps/s: synthetic input vs DALI vs torchvision-fed (issue 5)
+
+Each prints a summary and records device, versions, command and date beside the numbers.
+`python bench.py NAME --help` lists a benchmark's options.
+"""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "pipeline": "benchmarks.pipeline",
+    "loss": "benchmarks.loss",
+    "train": "benchmarks.train",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"unknown benchmark {name!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    import importlib
+
+    importlib.import_module(COMMANDS[name]).main(rest)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

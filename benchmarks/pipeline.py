@@ -1,0 +1,213 @@
+"""`bench.py pipeline`: images/s of two SimCLR views, the project's DALI loader against a torchvision
+pipeline fed by a torch DataLoader, on the same machine, the same shards, in one run.
+
+Presets:
+- ``imagenet224``: the 1,000 full-size ImageNet JPEGs of ../shared/data/imagenet-sample (sides 68 to
+  2,400 px), repeated 5 times so an epoch is long enough, 224 px views, the paper's ImageNet settings;
+- ``cifar32``: CIFAR-10's 50,000 training JPEGs (../shared/data/cifar10/train), 32 px, the CIFAR preset.
+Without ../shared/data a preset falls back to generated images, and says so in the result.
+
+Both sides get the same cores: DALI ``num_threads`` = cores, DataLoader ``num_workers`` = cores; the
+same augmentation parameters (crop area [0.08, 1] and aspect [3/4, 4/3], bicubic; flip 0.5; colour
+jitter p=0.8 with strength s; grayscale p=0.2; blur p=0.5, sigma [0.1, 2], 23 taps at 224 px;
+normalisation); the same shard files (torchvision reads them with the ``webdataset`` library). The
+clock runs after a warm-up, over whole batches delivered as torch tensors on the training device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import ROOT, device_tag, write_result
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+CACHE = ROOT / "data" / "bench"
+PRESETS = {
+    "imagenet224": {"size": 224, "cifar": False, "batch_size": 64},
+    "cifar32": {"size": 32, "cifar": True, "batch_size": 256},
+}
+
+
+# ------------------------------------------------------------------ data
+
+
+def imagenet_shards(repeats: int = 5) -> tuple[Path, str]:
+    """The ImageNet sample as shards (written once, cached under data/bench/)."""
+    from pipeline.shards import Sample, write_shards
+
+    out = CACHE / f"imagenet-sample-x{repeats}"
+    if (out / "classes.json").exists():
+        return out, f"../shared/data/imagenet-sample x{repeats}"
+    source = SHARED_DATA / "imagenet-sample"
+    if source.is_dir():
+        files = sorted(source.glob("*.JPEG"))
+        description = f"../shared/data/imagenet-sample ({len(files)} full-size JPEGs) x{repeats}"
+        samples = (Sample(f"{r:02d}{i:06d}", path.read_bytes(), i, str(path)) for r in range(repeats) for i, path in enumerate(files))
+        classes = [path.stem.split("_", 1)[0] for path in files]
+        write_shards(samples, str(out / "train-%06d.tar"), classes, len(files) * repeats, max_count=1000)
+        return out, description
+    return synthetic_shards(out, 5000, 500, "generated 500x375 images (../shared/data absent)")
+
+
+def cifar_shards() -> tuple[Path, str]:
+    from pipeline.shards import folder_samples, write_shards
+
+    out = CACHE / "cifar10-train"
+    if (out / "classes.json").exists():
+        return out, "../shared/data/cifar10/train (50,000 32x32 JPEGs)"
+    source = SHARED_DATA / "cifar10" / "train"
+    if source.is_dir():
+        classes, total, samples, problems = folder_samples(source)
+        write_shards(samples, str(out / "train-%06d.tar"), classes, total, skipped=problems)
+        return out, "../shared/data/cifar10/train (50,000 32x32 JPEGs)"
+    return synthetic_shards(out, 20000, 32, "generated 32x32 images (../shared/data absent)")
+
+
+def synthetic_shards(out: Path, count: int, side: int, description: str) -> tuple[Path, str]:
+    from pipeline.shards import array_samples, write_shards
+
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 256, (count, 8, 8, 3)).astype(np.uint8)
+    images = np.stack([np.asarray(torch.nn.functional.interpolate(torch.from_numpy(c).permute(2, 0, 1)[None].float(), size=(side * 3 // 4, side),
+                                                                  mode="bilinear")[0].permute(1, 2, 0).byte()) for c in coarse])
+    write_shards(array_samples(images, np.arange(count) % 10), str(out / "train-%06d.tar"), [str(i) for i in range(10)], count, max_count=2000)
+    return out, description
+
+
+# ------------------------------------------------------------------ the two pipelines
+
+
+def augment_config(preset: dict):
+    from pipeline.augment import AugmentConfig
+
+    return AugmentConfig.cifar(size=preset["size"]) if preset["cifar"] else AugmentConfig(size=preset["size"])
+
+
+def run_dali(shards: Path, preset: dict, threads: int, device: str, seconds: float) -> dict:
+    from pipeline.loader import PretrainLoader
+
+    on_gpu = device == "cuda"
+    loader = PretrainLoader(shards, preset["batch_size"], augment_config(preset), device="gpu" if on_gpu else "cpu",
+                            num_threads=threads, dtype=torch.float16 if on_gpu else torch.float32)
+    return _timed(loader, seconds, on_gpu, restart=lambda: loader)
+
+
+def torchvision_transform(preset: dict):
+    import torchvision.transforms as T
+
+    cfg = augment_config(preset)
+    s = cfg.jitter_strength
+    steps = [
+        T.RandomResizedCrop(cfg.size, scale=cfg.crop_area, ratio=cfg.crop_aspect, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(cfg.flip_prob),
+        T.RandomApply([T.ColorJitter(cfg.brightness * s, cfg.contrast * s, cfg.saturation * s, cfg.hue * s)], p=cfg.jitter_prob),
+        T.RandomGrayscale(cfg.gray_prob),
+    ]
+    if cfg.blur_prob > 0:
+        steps.append(T.RandomApply([T.GaussianBlur(cfg.blur_window, sigma=cfg.blur_sigma)], p=cfg.blur_prob))
+    steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    return T.Compose(steps)
+
+
+class _TwoViews:
+    def __init__(self, transform):
+        self.transform = transform
+
+    def __call__(self, sample):
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        return self.transform(image), self.transform(image)
+
+
+def run_torchvision(shards: Path, preset: dict, workers: int, device: str, seconds: float) -> dict:
+    import webdataset as wds
+
+    urls = [str(p) for p in sorted(shards.glob("*.tar"))]
+    dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node)
+               .shuffle(1000).map(_TwoViews(torchvision_transform(preset))))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=preset["batch_size"], num_workers=workers, pin_memory=device == "cuda",
+                                         prefetch_factor=4, persistent_workers=True)
+    on_gpu = device == "cuda"
+
+    def to_device(batches):
+        for view1, view2 in batches:
+            if on_gpu:
+                yield view1.cuda(non_blocking=True).half(), view2.cuda(non_blocking=True).half()
+            else:
+                yield view1, view2
+
+    return _timed(to_device(iter(loader)), seconds, on_gpu, restart=None)
+
+
+def _timed(batches, seconds: float, on_gpu: bool, restart) -> dict:
+    """Images/s over whole batches after a warm-up of 5 batches; ``restart`` gives the next epoch's iterable."""
+    iterator = iter(batches)
+
+    def next_batch():
+        nonlocal iterator
+        try:
+            return next(iterator)
+        except StopIteration:
+            iterator = iter(restart())
+            return next(iterator)
+
+    for _ in range(5):
+        next_batch()
+    if on_gpu:
+        torch.cuda.synchronize()
+    images, batch_times = 0, []
+    start = last = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        view1, _ = next_batch()
+        if on_gpu:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        batch_times.append(now - last)
+        last = now
+        images += view1.shape[0]
+    elapsed = time.perf_counter() - start
+    return {"images_per_s": images / elapsed, "views_per_s": 2 * images / elapsed, "images": images, "seconds": round(elapsed, 2),
+            "median_batch_ms": round(1000 * statistics.median(batch_times), 2)}
+
+
+# ------------------------------------------------------------------ command line
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="bench.py pipeline", description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--seconds", type=float, default=30.0, help="measured time per pipeline and preset (after warm-up)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)), help="DALI threads = DataLoader workers")
+    parser.add_argument("--json", default=None, help="default bench/results/pipeline_<device>.json")
+    args = parser.parse_args(argv)
+    results = {}
+    for name in args.presets:
+        preset = PRESETS[name]
+        shards, description = imagenet_shards() if name == "imagenet224" else cifar_shards()
+        print(f"[{name}] data: {description}")
+        dali = run_dali(shards, preset, args.cores, args.device, args.seconds)
+        print(f"[{name}] DALI:        {dali['images_per_s']:8.1f} images/s ({dali['views_per_s']:.0f} views/s)")
+        tv = run_torchvision(shards, preset, args.cores, args.device, args.seconds)
+        print(f"[{name}] torchvision: {tv['images_per_s']:8.1f} images/s ({tv['views_per_s']:.0f} views/s)")
+        speedup = dali["images_per_s"] / tv["images_per_s"]
+        print(f"[{name}] DALI / torchvision = {speedup:.2f}x")
+        results[name] = {"data": description, "image_size": preset["size"], "batch_size": preset["batch_size"],
+                         "dali": dali, "torchvision": tv, "speedup": round(speedup, 3),
+                         "dali_threads": args.cores, "dataloader_workers": args.cores}
+    path = write_result("pipeline", {"device": args.device, "seconds_per_measurement": args.seconds, "results": results}, args.json)
+    print(f"wrote {path}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
