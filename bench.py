@@ -2,7 +2,8 @@
 
     python bench.py pipeline   # DALI loader vs torchvision DataLoader, two SimCLR views (224 px and 32 px)
     python bench.py loss       # NT-Xent forward+backward: reference, torch.compile, chunked, fused kernel
-    python bench.py train      # training steps/s: synthetic input vs DALI vs torchvision-fed (issue 5)
+    python bench.py train      # training throughput: synthetic input vs DALI vs torchvision-fed, same model
+    python bench.py cifar10    # the CIFAR-10 recipe end to end: accuracy against wall-clock, DALI vs torchvision-fed
 
 Each prints a summary and records device, versions, command and date beside the numbers.
 `python bench.py NAME --help` lists a benchmark's options.
@@ -16,6 +17,7 @@ COMMANDS = {
     "pipeline": "benchmarks.pipeline",
     "loss": "benchmarks.loss",
     "train": "benchmarks.train",
+    "cifar10": "benchmarks.cifar10",
 }
 
 

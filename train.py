@@ -26,6 +26,7 @@ from model.ntxent import positive_pair_accuracy
 from pipeline.augment import AugmentConfig
 from pipeline.loader import EvalLoader, PretrainLoader, default_num_threads
 from pipeline.shards import ShardError
+from pipeline.torchvision_baseline import TorchvisionPretrainLoader
 from trainer.build import build_model, build_optimizer, build_scheduler, simclr_loss
 from trainer.checkpoint import export_backbone, load_checkpoint, resolve_resume, save_checkpoint
 from trainer.config import ConfigError, TrainConfig, parse_args
@@ -72,11 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     # ---- data: shards and config are checked here, before any GPU work
     try:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by accelerate launch / torchrun
-        loader = PretrainLoader(cfg.train_shards, cfg.batch_size // world, build_augment(cfg), device=data_device,
-                                device_id=accelerator.device.index if data_device == "gpu" else None, shard_id=rank, num_shards=world,
-                                seed=cfg.seed, num_threads=cfg.data_threads or default_num_threads(local_processes),
-                                prefetch=cfg.prefetch, shuffle_buffer=cfg.shuffle_buffer,
-                                dtype=torch.float16 if data_device == "gpu" else torch.float32)
+        if cfg.data_loader == "dali":
+            loader = PretrainLoader(cfg.train_shards, cfg.batch_size // world, build_augment(cfg), device=data_device,
+                                    device_id=accelerator.device.index if data_device == "gpu" else None, shard_id=rank, num_shards=world,
+                                    seed=cfg.seed, num_threads=cfg.data_threads or default_num_threads(local_processes),
+                                    prefetch=cfg.prefetch, shuffle_buffer=cfg.shuffle_buffer,
+                                    dtype=torch.float16 if data_device == "gpu" else torch.float32)
+        else:
+            loader = TorchvisionPretrainLoader(cfg.train_shards, cfg.batch_size // world, build_augment(cfg), device=str(accelerator.device),
+                                               shard_id=rank, num_shards=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                                               num_workers=cfg.data_threads or default_num_threads(local_processes))
         eval_loaders = None
         if cfg.eval_every_epochs:
             eval_size = cfg.eval_size or cfg.image_size

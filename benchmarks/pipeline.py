@@ -17,7 +17,6 @@ clock runs after a warm-up, over whole batches delivered as torch tensors on the
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import ROOT, device_tag, write_result
+from .common import ROOT, write_result
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CACHE = ROOT / "data" / "bench"
@@ -100,52 +99,11 @@ def run_dali(shards: Path, preset: dict, threads: int, device: str, seconds: flo
     return _timed(loader, seconds, on_gpu, restart=lambda: loader)
 
 
-def torchvision_transform(preset: dict):
-    import torchvision.transforms as T
-
-    cfg = augment_config(preset)
-    s = cfg.jitter_strength
-    steps = [
-        T.RandomResizedCrop(cfg.size, scale=cfg.crop_area, ratio=cfg.crop_aspect, interpolation=T.InterpolationMode.BICUBIC),
-        T.RandomHorizontalFlip(cfg.flip_prob),
-        T.RandomApply([T.ColorJitter(cfg.brightness * s, cfg.contrast * s, cfg.saturation * s, cfg.hue * s)], p=cfg.jitter_prob),
-        T.RandomGrayscale(cfg.gray_prob),
-    ]
-    if cfg.blur_prob > 0:
-        steps.append(T.RandomApply([T.GaussianBlur(cfg.blur_window, sigma=cfg.blur_sigma)], p=cfg.blur_prob))
-    steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
-    return T.Compose(steps)
-
-
-class _TwoViews:
-    def __init__(self, transform):
-        self.transform = transform
-
-    def __call__(self, sample):
-        from PIL import Image
-
-        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-        return self.transform(image), self.transform(image)
-
-
 def run_torchvision(shards: Path, preset: dict, workers: int, device: str, seconds: float) -> dict:
-    import webdataset as wds
+    from pipeline.torchvision_baseline import TorchvisionPretrainLoader
 
-    urls = [str(p) for p in sorted(shards.glob("*.tar"))]
-    dataset = (wds.WebDataset(urls, resampled=True, shardshuffle=False, nodesplitter=wds.split_by_node)
-               .shuffle(1000).map(_TwoViews(torchvision_transform(preset))))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=preset["batch_size"], num_workers=workers, pin_memory=device == "cuda",
-                                         prefetch_factor=4, persistent_workers=True)
-    on_gpu = device == "cuda"
-
-    def to_device(batches):
-        for view1, view2 in batches:
-            if on_gpu:
-                yield view1.cuda(non_blocking=True).half(), view2.cuda(non_blocking=True).half()
-            else:
-                yield view1, view2
-
-    return _timed(to_device(iter(loader)), seconds, on_gpu, restart=None)
+    loader = TorchvisionPretrainLoader(shards, preset["batch_size"], augment_config(preset), device=device, num_workers=workers)
+    return _timed(loader, seconds, device == "cuda", restart=lambda: loader)
 
 
 def _timed(batches, seconds: float, on_gpu: bool, restart) -> dict:

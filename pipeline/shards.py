@@ -348,9 +348,9 @@ SHAPES = ("disc", "square", "triangle", "ring", "plus", "diamond", "cross", "hal
 
 def synthetic_images(num_classes: int = 10, per_class: int = 200, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A procedurally generated labeled image set for the demo (no download): class c is the shape
-    ``SHAPES[c % 10]`` at a random position, size and small rotation, in a random colour with a random
-    stripe texture, over a random noisy background. Colour and texture are independent of the class,
-    so only shape identifies it -- what SimCLR's augmentations leave intact."""
+    ``SHAPES[c]`` at a random position, size and small rotation, in a random colour over a background
+    of another random colour, both with a little noise. Colour is independent of the class, so only
+    shape identifies it -- what SimCLR's augmentations leave intact."""
     if not 1 <= num_classes <= len(SHAPES):
         raise ShardError(f"synthetic data has {len(SHAPES)} shape classes; asked for {num_classes}")
     rng = np.random.default_rng(seed)
@@ -362,7 +362,7 @@ def synthetic_images(num_classes: int = 10, per_class: int = 200, size: int = 32
         angle = rng.uniform(-0.3, 0.3)
         y, x = grid[0] - rng.uniform(0.38, 0.62), grid[1] - rng.uniform(0.38, 0.62)
         x, y = np.cos(angle) * x - np.sin(angle) * y, np.sin(angle) * x + np.cos(angle) * y
-        r = rng.uniform(0.24, 0.34)
+        r = rng.uniform(0.28, 0.4)
         radius = np.hypot(x, y)
         mask = {
             "disc": radius < r,
@@ -376,9 +376,8 @@ def synthetic_images(num_classes: int = 10, per_class: int = 200, size: int = 32
             "bar": (abs(x) < r) & (abs(y) < 0.3 * r),
             "two-dots": (np.hypot(x - 0.55 * r, y) < 0.4 * r) | (np.hypot(x + 0.55 * r, y) < 0.4 * r),
         }[SHAPES[label]]
-        stripes = 0.75 + 0.25 * np.sign(np.sin(rng.uniform(8, 20) * (x * np.cos(angle * 5) + y) + rng.uniform(0, 6.3)))
-        foreground = rng.uniform(0.2, 1.0, 3) * stripes[..., None]
-        background = rng.uniform(0.0, 1.0, 3) * rng.uniform(0.3, 1.0) + rng.normal(0, 0.06, (size, size, 3))
+        foreground = rng.uniform(0.0, 1.0, 3) + rng.normal(0, 0.04, (size, size, 3))
+        background = rng.uniform(0.0, 1.0, 3) + rng.normal(0, 0.04, (size, size, 3))
         images[index] = np.clip(np.where(mask[..., None], foreground, background) * 255, 0, 255).astype(np.uint8)
     return images, labels
 

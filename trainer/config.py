@@ -33,6 +33,7 @@ class TrainConfig:
     data_threads: int = 0  # DALI CPU threads per process; 0 = this process's share of the cores
     prefetch: int = 2  # DALI prefetch queue depth (batches)
     data_device: str = "auto"  # where DALI decodes and augments: auto (gpu when training on CUDA) | gpu | cpu
+    data_loader: str = "dali"  # dali | torchvision (the baseline, for time-to-accuracy comparisons; resume not exact)
     # --- model
     backbone: str = "resnet50"  # any timm model name
     cifar_stem: bool = False  # 3x3 stride-1 stem, no max-pool (ResNet family; CIFAR recipe)
@@ -78,6 +79,7 @@ class TrainConfig:
         "lr_scaling": ("linear", "sqrt", "none"),
         "precision": ("no", "bf16", "fp16"),
         "data_device": ("auto", "gpu", "cpu"),
+        "data_loader": ("dali", "torchvision"),
         "loss_backend": ("auto", "triton", "chunked"),
         "tracker": ("tensorboard", "wandb", "none"),
     }

@@ -1,0 +1,118 @@
+"""`bench.py cifar10`: the CIFAR-10 recipe end to end with an accuracy-versus-time curve.
+
+1. Shards, written once: from ../shared/data/cifar10/{train,test} (32x32 JPEG class folders) if present,
+   else from the official python tarball given with ``--tarball`` (cifar-10-python.tar.gz).
+2. Pretraining with a preset (default configs/cifar10_cpu.yaml on a CPU, configs/cifar10.yaml on a GPU),
+   through train.py itself, evaluating kNN (k=200) and a fast linear probe on the official test split
+   every ``eval_every_epochs`` (and at step 0: the same backbone at random initialisation).
+3. The same run fed by the torchvision DataLoader baseline (``--data_loader torchvision``), unless
+   ``--no-baseline``: the pipeline's effect on time-to-accuracy.
+4. bench/results/cifar10_<device>.json (both curves, device, versions, command, date) and a plot of
+   accuracy against training wall-clock and epochs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .common import RESULTS, ROOT, device_tag, write_result
+
+SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
+
+
+def write_shards(out: Path, tarball: str | None) -> str:
+    """Train/test shards under ``out`` (skipped when already there); returns a description of the source."""
+    if (out / "train" / "classes.json").exists() and (out / "test" / "classes.json").exists():
+        return f"existing shards in {out}"
+    for split in ("train", "test"):
+        if SHARED_CIFAR.is_dir():
+            command = ["write", "folder", str(SHARED_CIFAR / split), str(out / split / f"{split}-%06d.tar")]
+        elif tarball:
+            command = ["write", "cifar", tarball, str(out / split / f"{split}-%06d.tar"), "--split", split]
+        else:
+            raise SystemExit("no CIFAR-10 source: ../shared/data/cifar10 is absent; download cifar-10-python.tar.gz "
+                             "(https://www.cs.toronto.edu/~kriz/cifar.html) and pass --tarball PATH")
+        subprocess.run([sys.executable, "-m", "pipeline.shards", *command, "--max-count", "10000"], cwd=ROOT, check=True)
+    return ("../shared/data/cifar10 (CIFAR-10 re-encoded as 32x32 JPEG, see its README)" if SHARED_CIFAR.is_dir()
+            else f"official python tarball {tarball}")
+
+
+def pretrain(config: Path, shards: Path, output_dir: Path, extra: list[str]) -> dict:
+    curve = output_dir / "eval_curve.json"
+    command = [sys.executable, "train.py", "--config", str(config), "--train_shards", str(shards / "train"),
+               "--eval_train_shards", str(shards / "train"), "--eval_val_shards", str(shards / "test"),
+               "--output_dir", str(output_dir), "--eval_json", str(curve), *extra]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, cwd=ROOT, check=True)
+    return {"command": " ".join(command[1:]), **json.loads(curve.read_text())}
+
+
+def plot(curves: dict, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label, run in curves.items():
+        history = run["history"]
+        minutes = [h["train_seconds"] / 60 for h in history]
+        epochs = [h["epoch"] for h in history]
+        for axis, x in zip(axes, (minutes, epochs)):
+            axis.plot(x, [h["knn_top1"] for h in history], marker="o", label=f"{label}: kNN top-1")
+            axis.plot(x, [h["linear_top1"] for h in history], marker=".", linestyle="--", label=f"{label}: linear top-1")
+    axes[0].set_xlabel("training wall-clock (minutes, evaluation excluded)")
+    axes[1].set_xlabel("epochs")
+    for axis in axes:
+        axis.set_ylabel("CIFAR-10 test accuracy (%)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    on_gpu = torch.cuda.is_available()
+    parser = argparse.ArgumentParser(prog="bench.py cifar10", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(ROOT / "configs" / ("cifar10.yaml" if on_gpu else "cifar10_cpu.yaml")))
+    parser.add_argument("--shards", default=str(ROOT / "data" / "cifar10"))
+    parser.add_argument("--tarball", default=None, help="cifar-10-python.tar.gz, when ../shared/data/cifar10 is absent")
+    parser.add_argument("--output", default=str(ROOT / "runs" / f"cifar10_{device_tag()}"))
+    parser.add_argument("--no-baseline", action="store_true", help="skip the torchvision-fed run")
+    parser.add_argument("--train-args", default="", help="extra train.py flags for both runs, e.g. '--epochs 2'")
+    args = parser.parse_args(argv)
+    shards, output = Path(args.shards), Path(args.output)
+    source = write_shards(shards, args.tarball)
+    extra = args.train_args.split()
+    curves = {"DALI": pretrain(Path(args.config), shards, output / "dali", extra)}
+    if not args.no_baseline:
+        curves["torchvision DataLoader"] = pretrain(Path(args.config), shards, output / "torchvision", [*extra, "--data_loader", "torchvision"])
+    config = curves["DALI"]["config"]
+    title = (f"SimCLR {config['backbone']} {json.dumps(config['timm_kwargs']) if config['timm_kwargs'] else ''} on CIFAR-10, "
+             f"batch {config['batch_size']}, {device_tag()}")
+    plot_path = RESULTS / f"cifar10_{device_tag()}.png"
+    plot(curves, plot_path, title)
+    summary = {}
+    for label, run in curves.items():
+        history = run["history"]
+        summary[label] = {"random_init_knn_top1": history[0]["knn_top1"], "final_knn_top1": history[-1]["knn_top1"],
+                          "final_linear_top1": history[-1]["linear_top1"], "train_minutes": round(history[-1]["train_seconds"] / 60, 1),
+                          "epochs": round(history[-1]["epoch"], 2)}
+        print(f"{label}: kNN {summary[label]['random_init_knn_top1']:.1f}% (random init) -> {summary[label]['final_knn_top1']:.1f}% "
+              f"after {summary[label]['train_minutes']} min / {summary[label]['epochs']} epochs; linear {summary[label]['final_linear_top1']:.1f}%")
+    path = write_result("cifar10", {"data": source, "config_file": args.config, "summary": summary, "curves": curves,
+                                    "plot": str(plot_path.relative_to(ROOT))})
+    print(f"wrote {path} and {plot_path}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
