@@ -66,6 +66,18 @@ def test_tiny_run_trains_exports_and_evaluates(tmp_path, shards, capsys):
     assert len(results) == 2 and all(0 <= r["metrics"]["knn_top1"] <= 100 for r in results)
 
 
+def test_tensorboard_meters_are_logged(tmp_path, shards):
+    assert run_train(tmp_path, shards, "tb", max_steps=2, tracker="tensorboard") == 0
+    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"loss", "lr", "images_per_s", "data_wait_fraction", "pos_acc"} <= tags
+
+
 def test_export_loads_with_timm(tmp_path, shards):
     import timm
 
