@@ -254,7 +254,7 @@ def check_image(data: bytes) -> tuple[bool, str]:
         return False, "not a decodable image (unknown format, or truncated before the image header ends)"
     except Exception as error:  # PIL raises OSError/SyntaxError/ValueError... for bad data
         text = str(error)
-        if "truncated" in text:
+        if "truncated" in text.lower():
             return False, f"truncated image data ({text})"
         return False, f"corrupt image ({type(error).__name__}: {text})"
 

@@ -218,3 +218,28 @@ def test_real_cifar_folder_subset(tmp_path):
     classes = json.loads((tmp_path / "classes.json").read_text())["classes"]
     assert classes == sorted(p.name for p in source.iterdir())
     assert sorted(label for label, _ in read_back(tmp_path)) == sorted(list(range(10)) * 3)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10").is_dir(), reason="needs ../shared/data/cifar10 (real CIFAR-10 JPEGs)")
+def test_real_cifar_bad_inputs_named_then_skipped(tmp_path):
+    """A copy of real CIFAR-10 folders with a JPEG truncated on disk, an empty class folder and a
+    non-image file: the writer names each (stop), or skips and counts them (skip)."""
+    source = SHARED_DATA / "cifar10" / "test"
+    tree = tmp_path / "tree"
+    for folder in sorted(source.iterdir())[:3]:
+        (tree / folder.name).mkdir(parents=True)
+        for image in sorted(folder.iterdir())[:4]:
+            (tree / folder.name / image.name).write_bytes(image.read_bytes())
+    victim = sorted((tree / "automobile").iterdir())[1]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    (tree / "zebra").mkdir()
+    (tree / "bird" / "README.txt").write_text("not an image")
+    out = str(tmp_path / "out" / "s-%06d.tar")
+    assert main(["write", "folder", str(tree), out, "--quiet", "--workers", "1"]) == 2  # stops, naming the first problem
+    assert main(["write", "folder", str(tree), out, "--quiet", "--workers", "1", "--on-error", "skip"]) == 0
+    classes, total, samples, problems = folder_samples(tree, workers=1)
+    report = write_shards(samples, str(tmp_path / "out2" / "s-%06d.tar"), classes, total, on_error="skip", skipped=problems, progress=False)
+    named = {source.rsplit("/", 1)[-1]: reason for source, reason in report.skipped}
+    assert set(named) == {victim.name, "zebra", "README.txt"}
+    assert "truncated" in named[victim.name] and "no images" in named["zebra"] and "not an image" in named["README.txt"]
+    assert report.written == 11
