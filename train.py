@@ -178,7 +178,12 @@ def main(argv: list[str] | None = None) -> int:
                                   f"{cfg.output_dir}/checkpoints is intact; lower lr or use precision=no to investigate.")
                 status = 3
                 break
-            stop = int(accelerator.reduce(torch.tensor(int(preempted.requested), device=accelerator.device), "max"))
+            flags = torch.tensor([int(preempted.requested), int(bool(cfg.max_train_minutes) and train_seconds >= 60 * cfg.max_train_minutes)],
+                                 device=accelerator.device)
+            stop, out_of_time = accelerator.reduce(flags, "max").tolist()
+            if out_of_time and step < last_step:  # the time budget ends the run here, as if this were the last step
+                accelerator.print(f"time budget of {cfg.max_train_minutes:g} training minutes reached at step {step}")
+                last_step, at_log, at_eval, at_checkpoint = step, True, bool(eval_loaders), True
             if at_log:
                 meters = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": optimizer.param_groups[0]["lr"],
                           "pos_acc": positive_pair_accuracy(z1, z2).item(), "epoch": step / steps_per_epoch, **timer.window()}

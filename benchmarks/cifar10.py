@@ -5,8 +5,9 @@
 2. Pretraining with a preset (default configs/cifar10_cpu.yaml on a CPU, configs/cifar10.yaml on a GPU),
    through train.py itself, evaluating kNN (k=200) and a fast linear probe on the official test split
    every ``eval_every_epochs`` (and at step 0: the same backbone at random initialisation).
-3. The same run fed by the torchvision DataLoader baseline (``--data_loader torchvision``), unless
-   ``--no-baseline``: the pipeline's effect on time-to-accuracy.
+3. The same run fed by the torchvision DataLoader baseline (``--data_loader torchvision``) for the same
+   training wall-clock (``--max_train_minutes``), unless ``--no-baseline``: the pipeline's effect on
+   time-to-accuracy.
 4. bench/results/cifar10_<device>.json (both curves, device, versions, command, date) and a plot of
    accuracy against training wall-clock and epochs.
 """
@@ -43,14 +44,19 @@ def write_shards(out: Path, tarball: str | None) -> str:
             else f"official python tarball {tarball}")
 
 
-def pretrain(config: Path, shards: Path, output_dir: Path, extra: list[str]) -> dict:
-    curve = output_dir / "eval_curve.json"
-    command = [sys.executable, "train.py", "--config", str(config), "--train_shards", str(shards / "train"),
-               "--eval_train_shards", str(shards / "train"), "--eval_val_shards", str(shards / "test"),
-               "--output_dir", str(output_dir), "--eval_json", str(curve), *extra]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, cwd=ROOT, check=True)
-    return {"command": " ".join(command[1:]), **json.loads(curve.read_text())}
+def train_command(config: Path, shards: Path, output_dir: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "train.py", "--config", str(config), "--train_shards", str(shards / "train"),
+            "--eval_train_shards", str(shards / "train"), "--eval_val_shards", str(shards / "test"),
+            "--output_dir", str(output_dir), "--eval_json", str(output_dir / "eval_curve.json"), *extra]
+
+
+def pretrain(config: Path, shards: Path, output_dir: Path, extra: list[str], run: bool = True) -> dict:
+    """Run train.py (``run=False``: read the curve an earlier identical run left) -> {command, config, history}."""
+    command = train_command(config, shards, output_dir, extra)
+    if run:
+        print("$", " ".join(command), flush=True)
+        subprocess.run(command, cwd=ROOT, check=True)
+    return {"command": " ".join(command[1:]), **json.loads((output_dir / "eval_curve.json").read_text())}
 
 
 def plot(curves: dict, path: Path, title: str) -> None:
@@ -88,13 +94,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", default=str(ROOT / "runs" / f"cifar10_{device_tag()}"))
     parser.add_argument("--no-baseline", action="store_true", help="skip the torchvision-fed run")
     parser.add_argument("--train-args", default="", help="extra train.py flags for both runs, e.g. '--epochs 2'")
+    parser.add_argument("--baseline-only", action="store_true", help="reuse the DALI run's curve in OUTPUT/dali, run the baseline only")
     args = parser.parse_args(argv)
     shards, output = Path(args.shards), Path(args.output)
     source = write_shards(shards, args.tarball)
     extra = args.train_args.split()
-    curves = {"DALI": pretrain(Path(args.config), shards, output / "dali", extra)}
-    if not args.no_baseline:
-        curves["torchvision DataLoader"] = pretrain(Path(args.config), shards, output / "torchvision", [*extra, "--data_loader", "torchvision"])
+    curves = {"DALI": pretrain(Path(args.config), shards, output / "dali", extra, run=not args.baseline_only)}
+    if not args.no_baseline:  # the same training time as the DALI run (its schedule, cut where that time runs out)
+        budget = curves["DALI"]["history"][-1]["train_seconds"] / 60
+        curves["torchvision DataLoader"] = pretrain(Path(args.config), shards, output / "torchvision",
+                                                    [*extra, "--data_loader", "torchvision", "--max_train_minutes", f"{budget:.2f}"])
     config = curves["DALI"]["config"]
     title = (f"SimCLR {config['backbone']} {json.dumps(config['timm_kwargs']) if config['timm_kwargs'] else ''} on CIFAR-10, "
              f"batch {config['batch_size']}, {device_tag()}")

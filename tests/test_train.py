@@ -66,6 +66,17 @@ def test_tiny_run_trains_exports_and_evaluates(tmp_path, shards, capsys):
     assert len(results) == 2 and all(0 <= r["metrics"]["knn_top1"] <= 100 for r in results)
 
 
+def test_time_budget_ends_the_run_with_a_final_eval_checkpoint_and_export(tmp_path, shards, capsys):
+    curve = tmp_path / "curve.json"
+    assert run_train(tmp_path, shards, "budget", max_steps=50, max_train_minutes=1e-6, eval_every_epochs=10,
+                     eval_train_shards=str(shards), eval_val_shards=str(shards), eval_json=str(curve)) == 0
+    assert "time budget" in capsys.readouterr().out
+    out = tmp_path / "budget"
+    assert json.loads((out / "train_summary.json").read_text())["steps"] == 1  # checked every log_every (= 1) steps
+    assert [h["step"] for h in json.loads(curve.read_text())["history"]] == [0, 1]  # random init, then the budget's end
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"] and (out / "backbone.safetensors").exists()
+
+
 def test_tensorboard_meters_are_logged(tmp_path, shards):
     assert run_train(tmp_path, shards, "tb", max_steps=2, tracker="tensorboard") == 0
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))

@@ -44,6 +44,7 @@ class TrainConfig:
     batch_size: int = 4096  # global batch (all processes together)
     epochs: float = 100
     max_steps: int = 0  # stop after this many steps (0 = run all epochs); the schedule still spans all epochs
+    max_train_minutes: float = 0  # stop once this much training wall-clock has passed (0 = off; evaluation excluded); schedule as above
     optimizer: str = "lars"  # any timm optimiser name (lars, sgd, adamw, ...)
     lr: float = 0.3  # base learning rate, scaled by lr_scaling
     lr_scaling: str = "linear"  # linear: lr * batch/256 | sqrt: lr * sqrt(batch) | none
@@ -98,7 +99,7 @@ class TrainConfig:
         for name in ["epochs", "lr", "temperature"]:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        non_negative = ["warmup_epochs", "weight_decay", "momentum", "grad_clip", "max_steps", "checkpoint_every", "eval_every_epochs",
+        non_negative = ["warmup_epochs", "weight_decay", "momentum", "grad_clip", "max_steps", "max_train_minutes", "checkpoint_every", "eval_every_epochs",
                         "data_threads", "proj_hidden"]
         for name in non_negative:
             if getattr(self, name) < 0:
