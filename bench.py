@@ -2,6 +2,7 @@
 
     python bench.py pipeline   # DALI loader vs torchvision DataLoader, two SimCLR views (224 px and 32 px)
     python bench.py loss       # NT-Xent forward+backward: reference, torch.compile, chunked, fused kernel
+    python bench.py model      # the model alone on synthetic device-resident input (train's upper bound)
     python bench.py train      # training throughput: synthetic input vs DALI vs torchvision-fed, same model
     python bench.py cifar10    # the CIFAR-10 recipe end to end: accuracy against wall-clock, DALI vs torchvision-fed
 
@@ -16,6 +17,7 @@ import sys
 COMMANDS = {
     "pipeline": "benchmarks.pipeline",
     "loss": "benchmarks.loss",
+    "model": "benchmarks.train:model_main",
     "train": "benchmarks.train",
     "cifar10": "benchmarks.cifar10",
 }
@@ -32,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import importlib
 
-    importlib.import_module(COMMANDS[name]).main(rest)
+    module, _, function = COMMANDS[name].partition(":")
+    getattr(importlib.import_module(module), function or "main")(rest)
     return 0
 
 

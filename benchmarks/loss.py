@@ -326,7 +326,7 @@ def main(argv=None) -> list[dict]:
     import torch
 
     parser = argparse.ArgumentParser(prog="bench.py loss", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 16384, 65536, 131072], help="values of 2N")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096, 8192, 32768, 65536, 131072], help="values of 2N")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeats", type=int, default=5)

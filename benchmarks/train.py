@@ -105,8 +105,8 @@ def torchvision_batches(shards, cfg, device, workers):
         yield from loader
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="bench.py train", description=__doc__.splitlines()[0])
+def main(argv=None, result_name: str = "train") -> dict:
+    parser = argparse.ArgumentParser(prog=f"bench.py {result_name}", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="imagenet" if torch.cuda.is_available() else "cifar")
     parser.add_argument("--batch-size", "--batch_size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="measured steps per feed (default 50 on a GPU, 20 on the CPU)")
@@ -138,9 +138,14 @@ def main(argv=None) -> dict:
         print(f"pipeline efficiency (dali / synthetic): {payload['pipeline_efficiency']:.3f}")
     if "torchvision" in results and "dali" in results:
         payload["dali_over_torchvision"] = results["dali"]["images_per_s"] / results["torchvision"]["images_per_s"]
-    path = write_result(f"train_{args.preset}", payload, args.json)
+    path = write_result(f"{result_name}_{args.preset}", payload, args.json)
     print(f"wrote {path}")
     return payload
+
+
+def model_main(argv=None) -> dict:
+    """`bench.py model`: the model alone (synthetic device-resident input), the upper bound of `bench.py train`."""
+    return main(["--feeds", "synthetic", *(argv or [])], result_name="model")
 
 
 if __name__ == "__main__":
