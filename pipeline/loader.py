@@ -2,13 +2,19 @@
 
 ``PretrainLoader`` yields ``(view1, view2)``: two independent SimCLR views of each image.
 ``EvalLoader`` yields ``(images, labels)``: resize + centre crop, for feature extraction.
+``LabelledTrainLoader`` yields ``(images, labels)``: one augmented view (by default random resized crop +
+flip, the paper's linear-evaluation and fine-tuning augmentation), shuffled, for training classifiers.
+
+Every loader can read a subset of the samples (``keys``): DALI's reader follows the index beside each
+tar, so the loader writes filtered copies of the indexes to a temporary directory and points DALI at
+them; no image data is copied.
 
 Both read with DALI's webdataset reader, sharded by rank (``shard_id``/``num_shards``, e.g. from
 Accelerate's ``process_index``/``num_processes``), and decode on the GPU ("mixed") or the CPU by one
 argument, ``device``. Images come out channels-last: an NCHW tensor whose memory is NHWC.
 
 Epoch semantics (per global run, every rank together):
-- ``PretrainLoader``: each epoch, the shard order is reshuffled and the samples split into
+- ``PretrainLoader`` and ``LabelledTrainLoader``: each epoch, the shard order is reshuffled and the samples split into
   ``num_shards`` contiguous parts; every rank takes ``steps_per_epoch = min part // batch_size``
   batches. Every sample is seen at most once per epoch; the few samples of each part beyond the last
   full batch are dropped *for that epoch only* (the order changes every epoch, so different samples
@@ -25,6 +31,8 @@ from __future__ import annotations
 import base64
 import os
 import re
+import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +42,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, decode, eval_view, simclr_view
-from .shards import ShardError, brace_notation, read_index, sample_key, shard_paths, verify_shards
+from .shards import INDEX_VERSION, ShardError, ShardIndex, brace_notation, index_path, read_index, sample_key, shard_paths, verify_shards
 
 READER = "reader"
 IMAGE_EXTENSIONS = "jpg;jpeg;png;webp"
@@ -46,10 +54,10 @@ def default_num_threads(num_local_processes: int = 1) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, num_local_processes))
 
 
-def _reader(shards: list[Path], ext: list[str], shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int):
+def _reader(shards: list[Path], index_paths: list[Path], ext: list[str], shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int):
     return fn.readers.webdataset(
         paths=[str(p) for p in shards],
-        index_paths=[str(p.with_suffix(".idx")) for p in shards],
+        index_paths=[str(p) for p in index_paths],
         ext=ext,
         missing_component_behavior="error",
         name=READER,
@@ -62,17 +70,24 @@ def _reader(shards: list[Path], ext: list[str], shard_id: int, num_shards: int, 
 
 
 @pipeline_def(enable_conditionals=True)
-def _pretrain_pipeline(shards, augment, device, shard_id, num_shards, shuffle_buffer, dtype):
-    jpegs = _reader(shards, [IMAGE_EXTENSIONS], shard_id, num_shards, True, shuffle_buffer)
+def _pretrain_pipeline(shards, index_paths, augment, device, shard_id, num_shards, shuffle_buffer, dtype):
+    jpegs = _reader(shards, index_paths, [IMAGE_EXTENSIONS], shard_id, num_shards, True, shuffle_buffer)
     images = decode(jpegs, device)
     return simclr_view(images, augment, dtype), simclr_view(images, augment, dtype)
 
 
 @pipeline_def
-def _eval_pipeline(shards, size, resize_size, mean, std, device, shard_id, num_shards, dtype):
-    jpegs, labels = _reader(shards, [IMAGE_EXTENSIONS, "cls"], shard_id, num_shards, False, 1)
+def _eval_pipeline(shards, index_paths, size, resize_size, mean, std, device, shard_id, num_shards, dtype):
+    jpegs, labels = _reader(shards, index_paths, [IMAGE_EXTENSIONS, "cls"], shard_id, num_shards, False, 1)
     images = eval_view(decode(jpegs, device), size, resize_size, mean, std, dtype)
     # Labels are ASCII digits of varying length: pad with zero bytes to a dense (batch, width) tensor.
+    return images, fn.pad(labels, fill_value=0), fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
+
+
+@pipeline_def(enable_conditionals=True)
+def _labelled_train_pipeline(shards, index_paths, augment, device, shard_id, num_shards, shuffle_buffer, dtype):
+    jpegs, labels = _reader(shards, index_paths, [IMAGE_EXTENSIONS, "cls"], shard_id, num_shards, True, shuffle_buffer)
+    images = simclr_view(decode(jpegs, device), augment, dtype)  # one view; the config decides which operators run
     return images, fn.pad(labels, fill_value=0), fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
 
 
@@ -114,8 +129,30 @@ def decode_labels(padded: torch.Tensor, source_info: torch.Tensor | None = None)
     return labels
 
 
+def _subset_index(index: ShardIndex, keys: Collection[str]) -> ShardIndex:
+    """The samples of ``index`` whose keys are in ``keys``, in shard order."""
+    return ShardIndex(index.tar, [s for s in index.samples if sample_key(next(iter(s.values()))[2]) in keys])
+
+
+def _write_index(path: Path, index: ShardIndex) -> None:
+    """DALI's index format (as ``pipeline.shards.write_index``) for the samples of ``index``."""
+    lines = [f"{INDEX_VERSION} {index.num_samples}"]
+    lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, (offset, size, name) in sample.items()) for sample in index.samples]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def check_labels(indexes: list[ShardIndex]) -> None:
+    """Every sample has a ``.cls`` label; else a ``ShardError`` naming the shard and a key without one."""
+    for index in indexes:
+        unlabelled = [s for s in index.samples if "cls" not in s]
+        if unlabelled:
+            key = sample_key(next(iter(unlabelled[0].values()))[2])
+            raise ShardError(f"shard {index.tar}: {len(unlabelled)} of {index.num_samples} samples have no label (.cls), "
+                             f"e.g. key {key} (it has {sorted(unlabelled[0])}); this loader needs labelled shards")
+
+
 class _DaliLoader:
-    """Shared plumbing: shard checks, pipeline construction, epochs, error translation, checkpoint state."""
+    """Shared plumbing: shard checks, subsets, pipeline construction, epochs, error translation, checkpoint state."""
 
     output_names: list[str]
     last_batch_policy: LastBatchPolicy
@@ -124,8 +161,11 @@ class _DaliLoader:
     # every sample exactly once. The shard order and seeds come from (seed, epoch): reproducible.
     shuffle: bool = False
 
+    labelled: bool = False  # reads ``.cls``: every sample must have one (checked on the index, before DALI starts)
+    fit_batch_to_data: bool = False  # fewer samples per rank than the batch: shrink the batch instead of failing
+
     def __init__(self, shards, batch_size: int, device: str, device_id: int | None, shard_id: int, num_shards: int,
-                 num_threads: int | None, prefetch: int, seed: int):
+                 num_threads: int | None, prefetch: int, seed: int, keys: Collection[str] | None = None):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         if device == "gpu" and device_id is None:
@@ -134,12 +174,17 @@ class _DaliLoader:
             raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
         self.shards = shard_paths(shards)
         self.indexes = [read_index(tar) for tar in self.shards]
+        if self.labelled:
+            check_labels(self.indexes)
+        self.index_paths = {tar: index_path(tar) for tar in self.shards}  # what DALI reads; a subset's are filtered copies
+        if keys is not None:
+            self._restrict(keys)
         self.num_samples = sum(index.num_samples for index in self.indexes)
         if self.num_samples < num_shards:
             raise ShardError(f"{self.num_samples} samples cannot be split over {num_shards} ranks")
         smallest_part = self.num_samples // num_shards  # DALI's split: parts differ by at most one sample
         if smallest_part < batch_size:
-            if self.last_batch_policy == LastBatchPolicy.DROP:
+            if self.last_batch_policy == LastBatchPolicy.DROP and not self.fit_batch_to_data:
                 raise ShardError(f"{self.num_samples} samples over {num_shards} rank(s) do not fill one batch of {batch_size} per rank")
             batch_size = smallest_part  # evaluation: smaller batches change nothing but speed
         self.batch_size, self.device, self.device_id = batch_size, device, device_id
@@ -151,7 +196,29 @@ class _DaliLoader:
         self._position = 0  # batches of this epoch handed out
         self._iterator = self._make_iterator(self.epoch, checkpoint=None)
 
-    def _pipeline(self, shards: list[Path], **kwargs):
+    def _restrict(self, keys: Collection[str]) -> None:
+        """Read only the samples whose keys are in ``keys`` (each must occur exactly once in the shards)."""
+        keys = set(keys)
+        seen: dict[str, Path] = {}
+        for index in self.indexes:
+            for sample in index.samples:
+                key = sample_key(next(iter(sample.values()))[2])
+                if key in keys and key in seen:
+                    raise ShardError(f"key {key} occurs in shard {seen[key]} and in shard {index.tar}: a subset by key needs unique keys")
+                seen.setdefault(key, index.tar)
+        missing = sorted(keys - seen.keys())
+        if missing:
+            raise ShardError(f"{len(missing)} of the {len(keys)} requested keys are not in {brace_notation(self.shards)}, e.g. {missing[:5]}")
+        self._subset_dir = tempfile.TemporaryDirectory(prefix="dali-subset-")  # removed with the loader
+        kept = [(tar, _subset_index(index, keys)) for tar, index in zip(self.shards, self.indexes)]
+        kept = [(tar, index) for tar, index in kept if index.num_samples]
+        self.shards, self.indexes = [tar for tar, _ in kept], [index for _, index in kept]
+        self.index_paths = {}
+        for position, (tar, index) in enumerate(kept):
+            self.index_paths[tar] = Path(self._subset_dir.name) / f"{position:06d}-{tar.stem}.idx"
+            _write_index(self.index_paths[tar], index)
+
+    def _pipeline(self, shards: list[Path], index_paths: list[Path], **kwargs):
         raise NotImplementedError
 
     def _epoch_shards(self, epoch: int) -> list[Path]:
@@ -165,8 +232,10 @@ class _DaliLoader:
         # Distinct random streams per (seed, epoch, rank): shuffle buffer and augmentations.
         seed = int(np.random.SeedSequence([self.seed, epoch, self.shard_id]).generate_state(1)[0] % 2**31)
         try:
+            shards = self._epoch_shards(epoch)
             pipe = self._pipeline(
-                self._epoch_shards(epoch),
+                shards,
+                [self.index_paths[tar] for tar in shards],
                 batch_size=self.batch_size,
                 num_threads=self.num_threads,
                 device_id=self.device_id if self.device == "gpu" else None,
@@ -188,8 +257,10 @@ class _DaliLoader:
         underfull = re.search(r'index file at "([^"]+\.idx)" line (\d+)', text)
         if underfull:
             idx, line = Path(underfull.group(1)), int(underfull.group(2))
-            tar = next((t for t in self.shards if t.with_suffix(".idx") == idx), idx.with_suffix(".tar"))
-            sample = read_index(tar).samples[line - 1]  # DALI counts the header as line 0
+            position = next((i for i, t in enumerate(self.shards) if self.index_paths[t] == idx), None)
+            index = self.indexes[position] if position is not None else read_index(idx.with_suffix(".tar"))
+            tar = index.tar
+            sample = index.samples[line - 1]  # DALI counts the header as line 0
             key = sample_key(next(iter(sample.values()))[2])
             return ShardError(f"shard {tar} key {key}: sample lacks a component this loader needs "
                               f"(image: {IMAGE_EXTENSIONS.replace(';', '/')}{', label: cls' if 'labels' in self.output_names else ''}); "
@@ -252,12 +323,12 @@ class PretrainLoader(_DaliLoader):
 
     def __init__(self, shards, batch_size: int, augment: AugmentConfig = AugmentConfig(), *, device: str = "cpu", device_id: int | None = None,
                  shard_id: int = 0, num_shards: int = 1, seed: int = 0, num_threads: int | None = None, prefetch: int = 2,
-                 shuffle_buffer: int = 4096, dtype: torch.dtype = torch.float32):
+                 shuffle_buffer: int = 4096, dtype: torch.dtype = torch.float32, keys: Collection[str] | None = None):
         self.augment, self.shuffle_buffer, self.dtype = augment, shuffle_buffer, dtype
-        super().__init__(shards, batch_size, device, device_id, shard_id, num_shards, num_threads, prefetch, seed)
+        super().__init__(shards, batch_size, device, device_id, shard_id, num_shards, num_threads, prefetch, seed, keys)
 
-    def _pipeline(self, shards, **kwargs):
-        return _pretrain_pipeline(shards, self.augment, self.device, self.shard_id, self.num_shards, self.shuffle_buffer,
+    def _pipeline(self, shards, index_paths, **kwargs):
+        return _pretrain_pipeline(shards, index_paths, self.augment, self.device, self.shard_id, self.num_shards, self.shuffle_buffer,
                                   _DALI_DTYPES[self.dtype], **kwargs)
 
     def __iter__(self):
@@ -271,16 +342,54 @@ class EvalLoader(_DaliLoader):
 
     output_names = ["images", "labels", "source"]
     last_batch_policy = LastBatchPolicy.PARTIAL
+    labelled = True
 
     def __init__(self, shards, batch_size: int, size: int, *, resize_size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                  device: str = "cpu", device_id: int | None = None, shard_id: int = 0, num_shards: int = 1,
-                 num_threads: int | None = None, prefetch: int = 2, dtype: torch.dtype = torch.float32):
+                 num_threads: int | None = None, prefetch: int = 2, dtype: torch.dtype = torch.float32, keys: Collection[str] | None = None):
         self.size, self.resize_size, self.mean, self.std, self.dtype = size, resize_size, mean, std, dtype
-        super().__init__(shards, batch_size, device, device_id, shard_id, num_shards, num_threads, prefetch, seed=0)
+        super().__init__(shards, batch_size, device, device_id, shard_id, num_shards, num_threads, prefetch, seed=0, keys=keys)
 
-    def _pipeline(self, shards, **kwargs):
-        return _eval_pipeline(shards, self.size, self.resize_size, self.mean, self.std, self.device, self.shard_id,
+    def _pipeline(self, shards, index_paths, **kwargs):
+        return _eval_pipeline(shards, index_paths, self.size, self.resize_size, self.mean, self.std, self.device, self.shard_id,
                               self.num_shards, _DALI_DTYPES[self.dtype], **kwargs)
+
+    def __iter__(self):
+        for batch in self._batches():
+            labels = decode_labels(batch["labels"].cpu(), batch["source"])
+            yield _channels_last(batch["images"]), labels.to(self.torch_device, non_blocking=True)
+
+
+def classifier_augment(size: int, crop_area: tuple[float, float] = (0.08, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD) -> AugmentConfig:
+    """The augmentation of the paper's linear evaluation and fine-tuning: random resized crop + flip only."""
+    return AugmentConfig(size=size, crop_area=crop_area, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, mean=mean, std=std)
+
+
+class LabelledTrainLoader(_DaliLoader):
+    """One augmented view + label per image, shuffled: iterating gives one epoch of ``(images, labels)``,
+    images (N, 3, S, S) channels-last on the device, labels int64 (N,) (``len()`` is the steps per epoch).
+
+    The view is ``pipeline.augment.simclr_view`` under ``augment`` (default ``classifier_augment``: crop +
+    flip + normalise). Epochs as ``PretrainLoader``'s (equal steps on every rank, a few samples dropped
+    per epoch), except that a data set smaller than one batch per rank shrinks the batch to fit (a 1%
+    label subset can be smaller than the batch). ``keys``: train on those samples only."""
+
+    output_names = ["images", "labels", "source"]
+    last_batch_policy = LastBatchPolicy.DROP
+    shuffle = True
+    labelled = True
+    fit_batch_to_data = True
+
+    def __init__(self, shards, batch_size: int, augment: AugmentConfig | None = None, *, size: int = 224, device: str = "cpu",
+                 device_id: int | None = None, shard_id: int = 0, num_shards: int = 1, seed: int = 0, num_threads: int | None = None,
+                 prefetch: int = 2, shuffle_buffer: int = 4096, dtype: torch.dtype = torch.float32, keys: Collection[str] | None = None):
+        self.augment = augment or classifier_augment(size)
+        self.shuffle_buffer, self.dtype = shuffle_buffer, dtype
+        super().__init__(shards, batch_size, device, device_id, shard_id, num_shards, num_threads, prefetch, seed, keys)
+
+    def _pipeline(self, shards, index_paths, **kwargs):
+        return _labelled_train_pipeline(shards, index_paths, self.augment, self.device, self.shard_id, self.num_shards, self.shuffle_buffer,
+                                        _DALI_DTYPES[self.dtype], **kwargs)
 
     def __iter__(self):
         for batch in self._batches():
