@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from model.simclr import create_backbone
@@ -22,7 +23,62 @@ def file_digest(path: Path) -> str:
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file (a state dict, or a dict holding one under
+    ``state_dict``/``model``); anything else is a ``BackboneError`` naming the file."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # safetensors and torch raise a variety of types for a damaged file
+        raise BackboneError(f"weights file {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"weights file {path} does not hold a state dict (name -> tensor)")
+    return state
+
+
+def _file_meta(weights_file: Path) -> dict:
+    """Architecture metadata for an exported weights file: ``NAME.json`` or ``backbone.json`` beside it,
+    else the metadata ``export_backbone`` stores in the safetensors header."""
+    for candidate in (weights_file.with_suffix(".json"), weights_file.parent / "backbone.json"):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    if weights_file.suffix == ".safetensors":
+        try:
+            with safe_open(str(weights_file), "pt") as handle:
+                header = handle.metadata() or {}
+        except Exception as error:
+            raise BackboneError(f"weights file {weights_file} cannot be read ({type(error).__name__}: {error})") from None
+        if "model_name" in header:
+            return {k: json.loads(v) for k, v in header.items()}
+    return {}
+
+
+def load_weights_into(backbone: torch.nn.Module, state: dict[str, torch.Tensor], source: str, description: str) -> None:
+    """``backbone.load_state_dict(state)`` after checking names and shapes, so that a checkpoint of another
+    architecture is a ``BackboneError`` naming the file and the keys that do not fit (not a traceback)."""
+    expected = backbone.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        problems = []
+        if mismatched:
+            problems.append(f"{len(mismatched)} tensors of another shape (e.g. {'; '.join(mismatched[:3])})")
+        if missing:
+            problems.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        raise BackboneError(f"{source} does not fit a {description} backbone: {', '.join(problems)}; "
+                            "is it a checkpoint of another architecture (--model)?")
+    backbone.load_state_dict(state)
 
 
 def _meta_for(path: Path) -> dict:
@@ -49,7 +105,7 @@ def load_backbone(checkpoint: str | None = None, model_name: str | None = None, 
         if not path.exists():
             raise BackboneError(f"checkpoint {path} does not exist")
         if path.is_file():
-            meta = _meta_for(path.parent) if (path.parent / "backbone.json").exists() else {}
+            meta = _file_meta(path)
             weights_file = path
         else:
             meta = _meta_for(path)
@@ -61,7 +117,7 @@ def load_backbone(checkpoint: str | None = None, model_name: str | None = None, 
         if not random_init:
             if not weights_file.exists():
                 raise BackboneError(f"{path}: no weights file {weights_file.name}")
-            state = load_file(str(weights_file))
+            state = _read_weights(weights_file)
             if weights_file.name == "model.safetensors":  # a full SimCLR state from a checkpoint
                 state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
             source = str(weights_file)
@@ -71,18 +127,18 @@ def load_backbone(checkpoint: str | None = None, model_name: str | None = None, 
             weights_path = Path(weights)
             if not weights_path.is_file():
                 raise BackboneError(f"weights file {weights_path} does not exist")
-            state = load_file(str(weights_path)) if weights_path.suffix == ".safetensors" else torch.load(weights_path, map_location="cpu", weights_only=True)
+            state = _read_weights(weights_path)
             source = str(weights_path)
     else:
         raise BackboneError("say which backbone to evaluate: --checkpoint PATH or --model NAME [--weights FILE]")
     torch.manual_seed(seed)
-    backbone = create_backbone(meta["model_name"], cifar_stem=meta.get("cifar_stem", False), **meta.get("timm_kwargs", {}))
+    try:
+        backbone = create_backbone(meta["model_name"], cifar_stem=meta.get("cifar_stem", False), **meta.get("timm_kwargs", {}))
+    except RuntimeError as error:  # timm: unknown model name
+        raise BackboneError(f"cannot create the backbone {meta['model_name']!r}: {error}") from None
     if state is not None:
         state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.fc.", "classifier."))} if not meta.get("cifar_stem") else state
-        missing, unexpected = backbone.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise BackboneError(f"{source} does not fit a {meta['model_name']} backbone (cifar_stem={meta.get('cifar_stem', False)}): "
-                                f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        load_weights_into(backbone, state, source, f"{meta['model_name']} (cifar_stem={meta.get('cifar_stem', False)})")
     info = {"model_name": meta["model_name"], "source": "random-init" if random_init else (source or "timm default init"),
             "sha256": file_digest(Path(source)) if source else None, "image_size": meta.get("image_size")}
     return backbone, info

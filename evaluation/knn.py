@@ -32,5 +32,5 @@ def topk_accuracy(scores: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict
     for k in ks:
         k_eff = min(k, scores.shape[1])
         hit = (scores.topk(k_eff, dim=1).indices == labels[:, None]).any(1)
-        result[f"top{k}"] = 100.0 * hit.float().mean().item()
+        result[f"top{k}"] = 100.0 * hit.double().mean().item()
     return result
