@@ -1,105 +1,248 @@
 """Evaluate a backbone with the paper's protocols on labelled WebDataset shards.
 
     python evaluate.py --checkpoint runs/demo --train-shards data/demo/train --val-shards data/demo/val --protocol knn
+    python evaluate.py --backbone runs/demo/backbone.safetensors ... --protocol linear --augment
     python evaluate.py --model resnet50 --weights supervised.safetensors ... --protocol linear
-    accelerate launch --num_processes 8 evaluate.py --checkpoint runs/imagenet ... --protocol knn
+    python evaluate.py --checkpoint runs/imagenet ... --protocol finetune --label-fraction 0.01 --subset-file subsets/1pct.json
+    accelerate launch --num_processes 8 evaluate.py --checkpoint runs/imagenet ... --protocol knn,linear
 
-Protocols: knn (weighted k-NN on L2-normalised features), linear (linear probe on frozen features;
-fast mode: features cached once with the centre crop). Prints a summary; --json writes a report.
+Protocols (a comma list; 'all' = knn,linear, the quick pair the demo runs):
+  knn       weighted k-NN (k=200, T=0.1) on L2-normalised frozen features of the centre crop.
+  linear    linear classifier on the frozen backbone. Fast mode (default): features of the centre crop
+            extracted once and cached on the device, --epochs (100) epochs over them. --augment: the
+            paper's mode, a random resized crop + flip every epoch, backbone in eval mode, --epochs (90).
+  finetune  the whole backbone + a linear head on a class-balanced --label-fraction subset of the
+            training shards (chosen with --seed, saved to / read from --subset-file), --finetune-epochs
+            (60 for <= 1% labels, 30 above), BN in train mode.
+Training protocols use SGD with Nesterov momentum 0.9, a cosine schedule and no weight decay, at
+lr = base lr x global batch / 256 (base 0.1 linear, 0.05 fine-tuning). All report top-1 and top-5 on the
+whole validation set. Prints a summary; --json writes a report. Bad input exits with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
+import accelerate
+import timm
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
 
 from evaluation.backbone import BackboneError, load_backbone
 from evaluation.features import extract_features
+from evaluation.finetune import finetune
 from evaluation.knn import knn_predict, topk_accuracy
-from evaluation.linear import evaluate_classifier, train_linear_on_features
-from evaluation.probe import num_classes_of
-from pipeline.loader import EvalLoader
-from pipeline.shards import ShardError
+from evaluation.linear import evaluate_classifier, train_linear_augmented, train_linear_on_features
+from evaluation.subset import LabelSubset, SubsetError, read_labels, subset_for
+from pipeline.loader import EvalLoader, LabelledTrainLoader, classifier_augment, default_num_threads
+from pipeline.shards import ShardError, read_classes
+
+PROTOCOLS = ("knn", "linear", "finetune")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="train.py output dir, checkpoint dir, or backbone.safetensors")
-    parser.add_argument("--model", help="timm model name (with --weights, or alone for timm's init)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="train.py output dir, checkpoint dir (checkpoints/step_*), or backbone.safetensors")
+    source.add_argument("--backbone", help="an exported backbone .safetensors (train.py's backbone.safetensors; its JSON beside it)")
+    parser.add_argument("--model", help="timm model name (with --weights, or alone for timm's init; overrides the checkpoint's)")
     parser.add_argument("--weights", help="weights file for --model (.safetensors or torch state dict)")
     parser.add_argument("--random-init", "--random_init", action="store_true", help="same architecture, random weights (baseline)")
     parser.add_argument("--train-shards", "--train_shards", required=True)
     parser.add_argument("--val-shards", "--val_shards", required=True)
-    parser.add_argument("--protocol", default="knn", help="knn, linear, or a comma list (knn,linear); 'all' = knn,linear")
+    parser.add_argument("--protocol", default="knn", help="knn, linear, finetune, or a comma list (knn,linear); 'all' = knn,linear")
     parser.add_argument("--compare-random-init", "--compare_random_init", action="store_true",
                         help="also evaluate the same architecture at random initialisation, side by side")
     parser.add_argument("--image-size", "--image_size", type=int, default=0, help="default: the checkpoint's training size (else 224)")
     parser.add_argument("--resize", type=int, default=0, help="shorter side before the centre crop (default size/0.875; = size at <= 64 px)")
-    parser.add_argument("--batch-size", "--batch_size", type=int, default=256, help="per process")
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=256, help="per process (the global batch is this x processes)")
+    parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast for the backbone's forward")
+    parser.add_argument("--seed", type=int, default=0, help="head initialisation, data order, augmentations and the label subset")
+    # knn
     parser.add_argument("--k", type=int, default=200)
     parser.add_argument("--knn-temperature", "--knn_temperature", type=float, default=0.1)
-    parser.add_argument("--epochs", type=int, default=100, help="linear probe epochs")
-    parser.add_argument("--seed", type=int, default=0)
+    # linear
+    parser.add_argument("--augment", action="store_true", help="linear: the paper's mode (crop + flip every epoch) instead of cached features")
+    parser.add_argument("--epochs", type=int, default=None, help="linear epochs (default 100 fast, 90 with --augment)")
+    parser.add_argument("--lr", type=float, default=0.1, help="linear base lr, scaled by global batch / 256")
+    parser.add_argument("--min-crop-area", "--min_crop_area", type=float, default=0.08, help="random resized crop: smallest area fraction")
+    # finetune
+    parser.add_argument("--label-fraction", "--label_fraction", type=float, default=None, help="finetune: labelled fraction (default 0.01)")
+    parser.add_argument("--subset-file", "--subset_file", help="finetune: JSON of sample keys per class; read if it exists, else written")
+    parser.add_argument("--finetune-epochs", "--finetune_epochs", type=int, default=None, help="default 60 for <= 1%% labels, 30 above")
+    parser.add_argument("--finetune-lr", "--finetune_lr", type=float, default=0.05, help="fine-tuning base lr, scaled by global batch / 256")
     parser.add_argument("--json", help="write the report here")
     return parser.parse_args(argv)
 
 
-def evaluate_backbone(backbone, loaders, protocols, accelerator, args) -> dict:
-    """{'knn_top1', 'knn_top5', 'linear_top1', ...} in percent for the requested protocols."""
-    train_features, train_labels = extract_features(backbone, loaders[0], accelerator, "train features")
-    val_features, val_labels = extract_features(backbone, loaders[1], accelerator, "val features")
-    num_classes = max(num_classes_of(loaders[0], train_labels), int(val_labels.max()) + 1)
-    metrics = {}
+def parse_protocols(text: str) -> list[str]:
+    requested = ["knn", "linear"] if text == "all" else [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in requested if p not in PROTOCOLS]
+    if unknown or not requested:
+        raise ValueError(f"unknown protocol(s) {unknown or [text]}; choose from {', '.join(PROTOCOLS)}, all")
+    return [p for p in PROTOCOLS if p in requested]  # a fixed order: knn, linear, finetune
+
+
+def choose_subset(args, accelerator, num_classes: int | None) -> tuple[LabelSubset, str]:
+    """The main process reads the labels and selects (or loads) the subset; the others receive it."""
+    payload = [None]
+    if accelerator.is_main_process:
+        try:
+            subset, how = subset_for(args.train_shards, args.label_fraction or 0.01, args.seed, args.subset_file, num_classes)
+            payload = [{"subset": subset.to_json(), "how": how}]
+        except (SubsetError, ShardError) as error:
+            payload = [{"error": str(error), "type": type(error).__name__}]
+    if accelerator.num_processes > 1:
+        broadcast_object_list(payload)
+    if "error" in payload[0]:
+        raise (ShardError if payload[0]["type"] == "ShardError" else SubsetError)(payload[0]["error"])
+    data = payload[0]["subset"]
+    subset = LabelSubset({int(k): v for k, v in data["classes"].items()}, data["label_fraction"], data["seed"], data["per_class"], data["shards"])
+    return subset, payload[0]["how"]
+
+
+def evaluate_backbone(backbone, data: dict, protocols: list[str], accelerator, args, num_classes: int) -> tuple[dict, dict]:
+    """({'knn_top1': %, 'knn_top5', 'linear_top1', ..., 'finetune_top5'}, seconds per protocol)."""
+    metrics, seconds, cache = {}, {}, {}
+
+    def features(name):
+        if name not in cache:
+            cache[name] = extract_features(backbone, data[name], accelerator, f"{name} features")
+        return cache[name]
+
     if "knn" in protocols:
+        started = time.time()
+        (train_features, train_labels), (val_features, val_labels) = features("train"), features("val")
         scores = knn_predict(train_features, train_labels, val_features, num_classes, args.k, args.knn_temperature)
         metrics.update({f"knn_{k}": v for k, v in topk_accuracy(scores, val_labels).items()})
+        seconds["knn"] = time.time() - started
     if "linear" in protocols:
-        classifier = train_linear_on_features(train_features, train_labels, num_classes, epochs=args.epochs, seed=args.seed)
-        metrics.update({f"linear_{k}": v for k, v in evaluate_classifier(classifier, val_features, val_labels).items()})
-    return {**metrics, "_num_train": len(train_labels), "_num_val": len(val_labels), "_num_classes": num_classes}
+        started = time.time()
+        set_seed(args.seed)
+        if args.augment:
+            head = train_linear_augmented(backbone, data["train_augmented"], num_classes, accelerator, epochs=args.epochs, lr=args.lr)
+            val_features, val_labels = features("val")
+            result = evaluate_classifier(head, val_features, val_labels)
+        else:
+            (train_features, train_labels), (val_features, val_labels) = features("train"), features("val")
+            classifier = train_linear_on_features(train_features, train_labels, num_classes, epochs=args.epochs, lr=args.lr, seed=args.seed,
+                                                  progress=accelerator.is_main_process)
+            result = evaluate_classifier(classifier, val_features, val_labels)
+        metrics.update({f"linear_{k}": v for k, v in result.items()})
+        seconds["linear"] = time.time() - started
+    if "finetune" in protocols:
+        started = time.time()
+        set_seed(args.seed)
+        classifier = finetune(backbone, data["train_subset"], num_classes, accelerator, epochs=args.finetune_epochs, lr=args.finetune_lr)
+        logits, val_labels = extract_features(classifier, data["val"], accelerator, "val (fine-tuned)")
+        metrics.update({f"finetune_{k}": v for k, v in topk_accuracy(logits, val_labels).items()})
+        seconds["finetune"] = time.time() - started
+    return metrics, {k: round(v, 2) for k, v in seconds.items()}
+
+
+def versions() -> dict:
+    import nvidia.dali
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__, "dali": nvidia.dali.__version__,
+            "accelerate": accelerate.__version__}
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
     started = time.time()
+
+    def fail(message: str) -> int:
+        if accelerator.is_main_process:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
+
     try:
-        backbone, info = load_backbone(args.checkpoint, args.model, args.weights, args.random_init, args.seed)
+        protocols = parse_protocols(args.protocol)
+    except ValueError as error:
+        return fail(str(error))
+    if args.backbone and not (Path(args.backbone).is_file() and args.backbone.endswith(".safetensors")):
+        return fail(f"--backbone {args.backbone}: not an existing .safetensors file (train.py writes OUTPUT_DIR/backbone.safetensors)")
+    if args.epochs is None:
+        args.epochs = 90 if args.augment else 100
+    subset = None
+    try:
+        backbone, info = load_backbone(args.checkpoint or args.backbone, args.model, args.weights, args.random_init, args.seed)
         size = args.image_size or info.get("image_size") or 224
         resize = args.resize or (size if size <= 64 else None)
         data_device = "gpu" if accelerator.device.type == "cuda" else "cpu"
-        loaders = [EvalLoader(shards, args.batch_size, size, resize_size=resize, device=data_device,
-                              device_id=accelerator.device.index if data_device == "gpu" else None,
-                              shard_id=accelerator.process_index, num_shards=accelerator.num_processes)
-                   for shards in (args.train_shards, args.val_shards)]
-    except (BackboneError, ShardError) as error:
-        accelerator.print(f"error: {error}")
-        return 2
-    protocols = ["knn", "linear"] if args.protocol == "all" else args.protocol.split(",")
-    unknown = [p for p in protocols if p not in ("knn", "linear")]
-    if unknown:
-        accelerator.print(f"error: unknown protocol(s) {unknown}; choose from knn, linear, all")
-        return 2
+        common = dict(device=data_device, device_id=accelerator.device.index if data_device == "gpu" else None, shard_id=accelerator.process_index,
+                      num_shards=accelerator.num_processes, num_threads=default_num_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        data = {"train": EvalLoader(args.train_shards, args.batch_size, size, resize_size=resize, **common),
+                "val": EvalLoader(args.val_shards, args.batch_size, size, resize_size=resize, **common)}
+        classes = read_classes(data["train"].shards)
+        if classes:
+            num_classes = len(classes)
+        else:  # no classes.json: the largest label seen (a few bytes per sample, no image decoded)
+            num_classes = 1 + max(max(read_labels(data[name].shards).values()) for name in ("train", "val"))
+        augment = classifier_augment(size, (args.min_crop_area, 1.0))
+        if "linear" in protocols and args.augment:
+            data["train_augmented"] = LabelledTrainLoader(args.train_shards, args.batch_size, augment, seed=args.seed, **common)
+        if "finetune" in protocols:
+            subset, subset_how = choose_subset(args, accelerator, num_classes)
+            if args.label_fraction is not None and abs(args.label_fraction - subset.label_fraction) > 1e-12:
+                accelerator.print(f"note: {args.subset_file} holds a {subset.label_fraction:g} subset (seed {subset.seed}); "
+                                  f"--label-fraction {args.label_fraction:g} is not used")
+            if args.finetune_epochs is None:
+                args.finetune_epochs = 60 if subset.label_fraction <= 0.01 else 30
+            data["train_subset"] = LabelledTrainLoader(args.train_shards, args.batch_size, augment, seed=args.seed, keys=subset.keys, **common)
+    except (BackboneError, ShardError, SubsetError) as error:
+        return fail(str(error))
     candidates = [(backbone, info)]
     if args.compare_random_init:
-        random_backbone, random_info = load_backbone(args.checkpoint, args.model, args.weights, True, args.seed)
+        random_backbone, random_info = load_backbone(args.checkpoint or args.backbone, args.model, args.weights, True, args.seed)
         candidates.append((random_backbone, random_info))
-    report = {"train_shards": args.train_shards, "val_shards": args.val_shards, "image_size": size, "processes": accelerator.num_processes, "results": []}
-    for candidate, candidate_info in candidates:
-        candidate = candidate.to(accelerator.device).to(memory_format=torch.channels_last)
-        metrics = evaluate_backbone(candidate, loaders, protocols, accelerator, args)
-        report["results"].append({"backbone": candidate_info, "metrics": metrics})
-        report.update(num_train=metrics.pop("_num_train"), num_val=metrics.pop("_num_val"), num_classes=metrics.pop("_num_classes"))
-    report["seconds"] = round(time.time() - started, 2)
-    accelerator.print(f"\n{'backbone':<40} " + " ".join(f"{k:>12}" for k in report["results"][0]["metrics"]))
+
+    settings = {"knn": {"k": args.k, "temperature": args.knn_temperature},
+                "linear": {"mode": "augment" if args.augment else "fast", "epochs": args.epochs, "base_lr": args.lr,
+                           "global_batch": (data["train_augmented"].batch_size if args.augment else 1024) * (accelerator.num_processes if args.augment else 1),
+                           "optimizer": "SGD nesterov momentum 0.9, cosine, no weight decay"}}
+    if subset is not None:
+        settings["finetune"] = {"label_fraction": subset.label_fraction, "subset_seed": subset.seed, "subset_file": args.subset_file,
+                                "subset": subset_how, "per_class": subset.per_class, "num_samples": subset.num_samples,
+                                "epochs": args.finetune_epochs, "base_lr": args.finetune_lr,
+                                "global_batch": data["train_subset"].batch_size * accelerator.num_processes,
+                                "optimizer": "SGD nesterov momentum 0.9, cosine, no weight decay"}
+    report = {
+        "protocols": protocols, "settings": {p: settings[p] for p in protocols},
+        "checkpoint": {"source": info["source"], "sha256": info["sha256"], "model_name": info["model_name"]},
+        "data": {"train_shards": [str(p) for p in data["train"].shards], "val_shards": [str(p) for p in data["val"].shards],
+                 "num_train": data["train"].num_samples, "num_val": data["val"].num_samples, "num_classes": num_classes},
+        # kept for older readers of the report
+        "train_shards": args.train_shards, "val_shards": args.val_shards, "image_size": size, "processes": accelerator.num_processes,
+        "num_train": data["train"].num_samples, "num_val": data["val"].num_samples, "num_classes": num_classes,
+        "seed": args.seed, "precision": args.precision, "results": [],
+    }
+    try:
+        for candidate, candidate_info in candidates:
+            candidate = candidate.to(accelerator.device).to(memory_format=torch.channels_last)
+            metrics, seconds = evaluate_backbone(candidate, data, protocols, accelerator, args, num_classes)
+            report["results"].append({"backbone": candidate_info, "metrics": metrics, "seconds": seconds})
+    except ShardError as error:  # bad data found while reading (e.g. an image that does not decode)
+        return fail(str(error))
+    report.update(seconds=round(time.time() - started, 2), versions=versions(), device=str(accelerator.device),
+                  command=[Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
+                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+    names = list(report["results"][0]["metrics"])
+    accelerator.print(f"\n{'backbone':<40} " + " ".join(f"{k:>15}" for k in names))
     for result in report["results"]:
-        accelerator.print(f"{result['backbone']['source'][-40:]:<40} " + " ".join(f"{v:>11.2f}%" for v in result["metrics"].values()))
+        accelerator.print(f"{result['backbone']['source'][-40:]:<40} " + " ".join(f"{result['metrics'][k]:>14.2f}%" for k in names))
+    accelerator.print(f"{report['num_train']} train / {report['num_val']} val samples, {num_classes} classes, "
+                      f"{accelerator.num_processes} process(es), {report['seconds']:.1f} s")
     if args.json and accelerator.is_main_process:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

@@ -1,4 +1,11 @@
-"""Linear probe on cached frozen features (the fast mode of the paper's linear evaluation)."""
+"""Linear evaluation of a frozen backbone, two ways:
+
+- ``train_linear_on_features`` (fast mode): features extracted once with the centre crop and cached on the
+  device, then many cheap epochs over them; the classifier sees standardised features.
+- ``train_linear_augmented`` (the paper's mode): every epoch reads the training shards again through an
+  augmenting loader (random resized crop + flip); the backbone stays frozen in eval mode (no BN update)
+  and only the linear head learns, across processes with DDP.
+Both: SGD with Nesterov momentum 0.9, cosine schedule, no weight decay, lr = base lr x batch / 256."""
 
 from __future__ import annotations
 
@@ -6,13 +13,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .knn import topk_accuracy
 
 
 def train_linear_on_features(train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
                              epochs: int = 100, batch_size: int = 1024, lr: float = 0.1, momentum: float = 0.9,
-                             weight_decay: float = 0.0, seed: int = 0) -> torch.nn.Module:
+                             weight_decay: float = 0.0, seed: int = 0, progress: bool = False) -> torch.nn.Module:
     """A linear classifier on standardised features: SGD with Nesterov momentum, cosine schedule, no weight
     decay by default (the paper's protocol; lr is scaled by batch/256). Returns ``nn.Sequential(standardise, linear)``."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -25,7 +33,7 @@ def train_linear_on_features(train_features: torch.Tensor, train_labels: torch.T
     steps_per_epoch = math.ceil(len(train_labels) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
     standardised = (train_features - mean) / std
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc="linear (cached features)", unit="epoch", disable=not progress, leave=False):
         order = torch.randperm(len(train_labels), generator=generator).to(train_features.device)
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
@@ -51,3 +59,43 @@ class _Standardise(torch.nn.Module):
 def evaluate_classifier(classifier: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor, chunk: int = 8192) -> dict[str, float]:
     scores = torch.cat([classifier(features[i : i + chunk]) for i in range(0, len(features), chunk)])
     return topk_accuracy(scores, labels)
+
+
+class LinearHead(torch.nn.Sequential):
+    """Batch norm without affine parameters, then a linear layer: BN standardises the features during
+    training (as the fast mode's standardisation; MAE and MoCo v3 do the same) and is a fixed affine map at
+    test time, so the classifier stays linear in the features."""
+
+    def __init__(self, in_dim: int, num_classes: int):
+        super().__init__(torch.nn.BatchNorm1d(in_dim, affine=False), torch.nn.Linear(in_dim, num_classes))
+        torch.nn.init.zeros_(self[1].weight)
+        torch.nn.init.zeros_(self[1].bias)
+
+
+def train_linear_augmented(backbone: torch.nn.Module, loader, num_classes: int, accelerator, epochs: int = 90, lr: float = 0.1,
+                           momentum: float = 0.9, progress: bool = True) -> torch.nn.Module:
+    """A ``LinearHead`` trained on a frozen ``backbone`` (eval mode, no gradients, BN statistics untouched)
+    over ``epochs`` epochs of ``loader`` (a ``LabelledTrainLoader``: a fresh augmentation every epoch).
+
+    Every process runs its own part of the data; the head is prepared by Accelerate (DDP: gradients are
+    averaged), so the global batch is ``loader.batch_size x num_processes`` and the lr ``lr x global / 256``.
+    Returns the trained head (unwrapped, eval mode) on the accelerator's device."""
+    backbone.eval()
+    backbone.requires_grad_(False)
+    head = LinearHead(backbone.num_features, num_classes).to(accelerator.device)
+    global_batch = loader.batch_size * accelerator.num_processes
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr * global_batch / 256, momentum=momentum, nesterov=True, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
+    head, optimizer = accelerator.prepare(head, optimizer)
+    head.train()
+    show = progress and accelerator.is_main_process
+    for _ in tqdm(range(epochs), desc="linear (augmented)", unit="epoch", disable=not show):
+        for images, labels in loader:
+            with torch.no_grad(), accelerator.autocast():
+                features = backbone(images).float()
+            loss = F.cross_entropy(head(features), labels)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+    return accelerator.unwrap_model(head).eval()

@@ -1,0 +1,57 @@
+"""Fine-tuning: the whole backbone plus a linear head on labelled data (the paper's semi-supervised
+protocol on a 1% / 10% class-balanced label subset, see ``evaluation.subset``).
+
+As SimCLR v1 (Chen et al. 2020, §B.5): SGD with Nesterov momentum 0.9, lr = 0.05 x batch / 256, cosine
+decay, no warm-up, no weight decay or other regularisation, random resized crop + flip only. BN runs in
+train mode (global across processes, as in pretraining)."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from trainer.global_bn import convert_to_global_bn
+
+
+class Classifier(torch.nn.Module):
+    """``backbone`` (pooled features (B, D)) followed by a linear layer: (B, 3, S, S) -> logits (B, C)."""
+
+    def __init__(self, backbone: torch.nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.fc = torch.nn.Linear(backbone.num_features, num_classes)
+        torch.nn.init.zeros_(self.fc.weight)  # the official code's supervised head starts at (near) zero
+        torch.nn.init.zeros_(self.fc.bias)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.backbone(images))
+
+
+def finetune(backbone: torch.nn.Module, loader, num_classes: int, accelerator, epochs: int, lr: float = 0.05, momentum: float = 0.9,
+             progress: bool = True) -> Classifier:
+    """A copy of ``backbone`` + linear head, all trained for ``epochs`` epochs of ``loader`` (a
+    ``LabelledTrainLoader``, usually restricted to a label subset). The model is prepared by Accelerate (DDP
+    across processes; every batch-norm layer global when there are several). ``backbone`` itself is not
+    modified. Returns the fine-tuned classifier (unwrapped, eval mode) on the accelerator's device."""
+    model = Classifier(copy.deepcopy(backbone), num_classes).to(accelerator.device)
+    model.requires_grad_(True)
+    if accelerator.num_processes > 1:
+        model = convert_to_global_bn(model, accelerator.device.type)
+    global_batch = loader.batch_size * accelerator.num_processes
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr * global_batch / 256, momentum=momentum, nesterov=True, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    show = progress and accelerator.is_main_process
+    for _ in tqdm(range(epochs), desc="fine-tune", unit="epoch", disable=not show):
+        for images, labels in loader:
+            with accelerator.autocast():
+                loss = F.cross_entropy(model(images).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+    return accelerator.unwrap_model(model).eval()

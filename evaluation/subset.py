@@ -1,0 +1,151 @@
+"""Class-balanced label subsets for semi-supervised fine-tuning (the paper's 1% / 10% protocols).
+
+A subset is chosen once, by key, with a seeded RNG, and can be written to / read from a JSON file so that
+runs (and other people's runs) fine-tune on exactly the same images:
+
+    {"label_fraction": 0.01, "seed": 0, "per_class": 13, "num_samples": 13000, "shards": ["train-000000.tar", ...],
+     "classes": {"0": ["n01440764_10026", ...], "1": [...], ...}}
+
+"Class-balanced" as in the paper (Chen et al. 2020, §B.5: "sampled in a class-balanced way, ~12.8 images
+per class" for 1% of ImageNet): every class gets the same number, ``label_fraction * N / C`` rounded (half up).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.shards import ShardError, read_classes, read_index, sample_key, shard_paths
+
+
+class SubsetError(ValueError):
+    """The subset cannot be chosen or read as asked; the message names the class or file at fault."""
+
+
+@dataclass
+class LabelSubset:
+    """Sample keys per class (label -> sorted keys) and how they were chosen."""
+
+    keys_per_class: dict[int, list[str]]
+    label_fraction: float
+    seed: int
+    per_class: int
+    shards: list[str]
+
+    @property
+    def keys(self) -> list[str]:
+        return [key for label in sorted(self.keys_per_class) for key in self.keys_per_class[label]]
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(keys) for keys in self.keys_per_class.values())
+
+    def to_json(self) -> dict:
+        return {"label_fraction": self.label_fraction, "seed": self.seed, "per_class": self.per_class, "num_samples": self.num_samples,
+                "shards": self.shards, "classes": {str(label): keys for label, keys in sorted(self.keys_per_class.items())}}
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> LabelSubset:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+            keys_per_class = {int(label): [str(k) for k in keys] for label, keys in data["classes"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+            raise SubsetError(f"subset file {path} is not a subset written by evaluate.py ({type(error).__name__}: {error})") from None
+        return cls(keys_per_class, float(data.get("label_fraction", 0.0)), int(data.get("seed", -1)), int(data.get("per_class", 0)),
+                   list(data.get("shards", [])))
+
+
+def read_labels(shards) -> dict[str, int]:
+    """key -> label of every sample, read from the ``.cls`` members through the DALI indexes (a few bytes
+    per sample, no image is read). Raises ``ShardError`` naming the shard of a sample without a label,
+    and a key that occurs twice (a subset by key needs unique keys)."""
+    labels: dict[str, int] = {}
+    for tar in shard_paths(shards):
+        index = read_index(tar)
+        with open(tar, "rb") as handle:
+            for sample in index.samples:
+                key = sample_key(next(iter(sample.values()))[2])
+                if "cls" not in sample:
+                    raise ShardError(f"shard {tar}: sample key {key} has no label (.cls); fine-tuning needs labelled shards")
+                offset, size, _ = sample["cls"]
+                handle.seek(offset)
+                text = handle.read(size).decode(errors="replace").strip()
+                if not text.isdigit():
+                    raise ShardError(f"shard {tar} key {key}: label {text!r} is not a non-negative integer")
+                if key in labels:
+                    raise ShardError(f"shard {tar}: key {key} occurs twice in the shard set; a label subset is chosen by key")
+                labels[key] = int(text)
+    return labels
+
+
+def class_name(label: int, names: list[str] | None) -> str:
+    return f"{label} ({names[label]!r})" if names and 0 <= label < len(names) else str(label)
+
+
+def select_subset(labels: dict[str, int], label_fraction: float, seed: int, num_classes: int | None = None,
+                  class_names: list[str] | None = None, shards: list[str] | None = None) -> LabelSubset:
+    """``label_fraction * N / C`` (rounded half up) keys of every class, drawn without replacement by
+    ``numpy.random.default_rng(seed)`` from each class's sorted keys (so the draw depends on the keys and
+    labels only, not on the shard order). Raises ``SubsetError`` naming the class that cannot supply them."""
+    if not 0.0 < label_fraction <= 1.0:
+        raise SubsetError(f"--label-fraction must be in (0, 1], got {label_fraction}")
+    by_class: dict[int, list[str]] = defaultdict(list)
+    for key, label in labels.items():
+        by_class[label].append(key)
+    num_classes = num_classes or (max(by_class) + 1)
+    requested = label_fraction * len(labels) / num_classes
+    per_class = math.floor(requested + 0.5)  # round half up (Python's round() halves to even)
+    if per_class < 1:
+        smallest = min(range(num_classes), key=lambda c: len(by_class.get(c, [])))
+        raise SubsetError(f"--label-fraction {label_fraction} of {len(labels)} samples over {num_classes} classes is {requested:.2f} samples "
+                          f"per class: less than 1 (class {class_name(smallest, class_names)} would get none); use a larger fraction")
+    for label in range(num_classes):
+        available = len(by_class.get(label, []))
+        if available < per_class:
+            raise SubsetError(f"class {class_name(label, class_names)} has {available} training samples; --label-fraction {label_fraction} "
+                              f"needs {per_class} of every class (class-balanced)")
+    rng = np.random.default_rng(seed)
+    chosen = {label: sorted(str(k) for k in rng.choice(sorted(by_class[label]), per_class, replace=False)) for label in range(num_classes)}
+    return LabelSubset(chosen, label_fraction, seed, per_class, shards or [])
+
+
+def check_subset(subset: LabelSubset, labels: dict[str, int], source: str, class_names: list[str] | None = None) -> None:
+    """Every key of ``subset`` exists in ``labels`` with the class the subset files it under."""
+    for label, keys in subset.keys_per_class.items():
+        for key in keys:
+            if key not in labels:
+                raise SubsetError(f"subset file {source}: key {key} (class {class_name(label, class_names)}) is not in the training shards")
+            if labels[key] != label:
+                raise SubsetError(f"subset file {source}: key {key} is filed under class {label} but its label is {labels[key]}")
+        if not keys:
+            raise SubsetError(f"subset file {source}: class {class_name(label, class_names)} has no samples")
+
+
+def subset_for(train_shards, label_fraction: float, seed: int, subset_file: str | None = None,
+               num_classes: int | None = None) -> tuple[LabelSubset, str]:
+    """The fine-tuning subset: read from ``subset_file`` if it exists (and checked against the shards), else
+    chosen with ``select_subset`` (and written to ``subset_file`` if given). Returns (subset, 'loaded'|'selected')."""
+    paths = shard_paths(train_shards)
+    labels = read_labels(paths)
+    names = read_classes(paths)
+    if subset_file and Path(subset_file).is_file():
+        subset = LabelSubset.load(subset_file)
+        check_subset(subset, labels, subset_file, names)
+        return subset, "loaded"
+    subset = select_subset(labels, label_fraction, seed, num_classes or (len(names) if names else None), names, [p.name for p in paths])
+    if subset_file:
+        subset.save(subset_file)
+    return subset, "selected"
