@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Entry point of the image: the project's commands by short name, anything else exec'd as given.
+#   train ARGS      accelerate launch train.py ARGS
+#   train LAUNCH_ARGS -- ARGS    accelerate launch LAUNCH_ARGS train.py ARGS   (e.g. train --num_processes 8 -- --config ...)
+#   evaluate ARGS   python evaluate.py ARGS
+#   bench ARGS      python bench.py ARGS
+#   shards ARGS     python -m pipeline.shards ARGS
+#   demo [MAKEARGS] the embedded demo (make demo: generated shapes -> shards -> pretrain -> evaluate), in WORKDIR
+#   CMD ...         e.g. bash, python, accelerate
+set -euo pipefail
+
+home=${SIMCLR_HOME:-/opt/simclr}
+
+usage() {
+    sed -n '2,10s/^# \{0,1\}//p' "$0"
+}
+
+if [ $# -eq 0 ]; then
+    usage
+    exit 0
+fi
+
+command=$1
+shift
+case "$command" in
+    -h | --help | help) usage ;;
+    train)
+        launch=()  # accelerate launch's own flags: whatever comes before a "--"
+        for ((i = 1; i <= $#; i++)); do
+            if [ "${!i}" = "--" ]; then
+                launch=("${@:1:i-1}")
+                shift "$i"
+                break
+            fi
+        done
+        # The launcher ignores SIGTERM/SIGINT (tini hands them to the whole group): train.py catches them,
+        # writes a checkpoint and exits, and the launcher then exits with it instead of dying first.
+        trap '' TERM INT
+        exec accelerate launch "${launch[@]}" "$home/train.py" "$@"
+        ;;
+    evaluate) exec python "$home/evaluate.py" "$@" ;;
+    bench) exec python "$home/bench.py" "$@" ;;
+    shards) cd "$home" && exec python -m pipeline.shards "$@" ;;
+    demo) exec make -C "$home" -o .venv/.installed BIN="$(dirname "$(command -v python)")" "$@" demo ;;
+    *) exec "$command" "$@" ;;
+esac
