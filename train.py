@@ -67,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     world, rank = accelerator.num_processes, accelerator.process_index
     on_gpu = accelerator.device.type == "cuda"
     data_device = "gpu" if cfg.data_device == "gpu" or (cfg.data_device == "auto" and on_gpu) else "cpu"
-    set_seed(cfg.seed)  # the same initial weights on every rank
     preempted = Preempted()
 
     # ---- data: shards and config are checked here, before any GPU work
@@ -100,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_interval = max(1, round(cfg.eval_every_epochs * steps_per_epoch))
 
     # ---- model (global BN), optimiser (timm's LARS: no decay or adaptation for biases and norms), schedule
+    set_seed(cfg.seed)  # the same initial weights on every rank, whichever loader was built (loaders may draw random numbers)
     model = build_model(cfg, accelerator.device.type, world)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps)
