@@ -42,7 +42,7 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, decode, eval_view, simclr_view
-from .shards import INDEX_VERSION, ShardError, ShardIndex, brace_notation, index_path, read_index, sample_key, shard_paths, verify_shards
+from .shards import ShardError, ShardIndex, brace_notation, index_path, read_index, sample_key, shard_paths, verify_shards
 
 READER = "reader"
 IMAGE_EXTENSIONS = "jpg;jpeg;png;webp"
@@ -134,13 +134,6 @@ def _subset_index(index: ShardIndex, keys: Collection[str]) -> ShardIndex:
     return ShardIndex(index.tar, [s for s in index.samples if sample_key(next(iter(s.values()))[2]) in keys])
 
 
-def _write_index(path: Path, index: ShardIndex) -> None:
-    """DALI's index format (as ``pipeline.shards.write_index``) for the samples of ``index``."""
-    lines = [f"{INDEX_VERSION} {index.num_samples}"]
-    lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, (offset, size, name) in sample.items()) for sample in index.samples]
-    path.write_text("\n".join(lines) + "\n")
-
-
 def check_labels(indexes: list[ShardIndex]) -> None:
     """Every sample has a ``.cls`` label; else a ``ShardError`` naming the shard and a key without one."""
     for index in indexes:
@@ -216,7 +209,7 @@ class _DaliLoader:
         self.index_paths = {}
         for position, (tar, index) in enumerate(kept):
             self.index_paths[tar] = Path(self._subset_dir.name) / f"{position:06d}-{tar.stem}.idx"
-            _write_index(self.index_paths[tar], index)
+            self.index_paths[tar].write_text(index.text())
 
     def _pipeline(self, shards: list[Path], index_paths: list[Path], **kwargs):
         raise NotImplementedError

@@ -158,12 +158,10 @@ def build_index(tar: Path) -> list[list[tuple[str, int, int, str]]]:
 
 def write_index(tar: Path) -> Path:
     """Write DALI's index (v1.2: ``ext offset size name`` per component) beside ``tar``; atomic."""
-    samples = build_index(tar)
-    lines = [f"{INDEX_VERSION} {len(samples)}"]
-    lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in sample) for sample in samples]
+    index = ShardIndex(tar, [{ext: (offset, size, name) for ext, offset, size, name in sample} for sample in build_index(tar)])
     target = index_path(tar)
     tmp = target.with_suffix(".idx.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    tmp.write_text(index.text())
     os.replace(tmp, target)
     return target
 
@@ -178,6 +176,12 @@ class ShardIndex:
     @property
     def num_samples(self) -> int:
         return len(self.samples)
+
+    def text(self) -> str:
+        """The index file's contents (DALI v1.2)."""
+        lines = [f"{INDEX_VERSION} {self.num_samples}"]
+        lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, (offset, size, name) in sample.items()) for sample in self.samples]
+        return "\n".join(lines) + "\n"
 
 
 def read_index(tar: Path) -> ShardIndex:
