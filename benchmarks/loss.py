@@ -240,8 +240,7 @@ def run(sizes, dtypes, methods, device: str, repeats: int, d: int = 128, tempera
             for method in methods:
                 record = {"method": method, "two_n": int(two_n), "n": int(two_n) // 2, "d": d, "dtype": dtype,
                           "device": device, "temperature": temperature}
-                if device == "cuda":
-                    record["floor"] = floor(two_n, d, dtype)
+                record["floor"] = floor(two_n, d, dtype)  # the H100 estimate, recorded on every device for comparison
                 need, free = estimate_bytes(method, two_n, d, dtype), _available_bytes(device)
                 if method == "fused" and device != "cuda":
                     record.update(status="skipped", reason="the fused Triton backend needs CUDA")
@@ -291,7 +290,7 @@ def plot(results: list[dict], path, title: str = "") -> None:
         ax_m.plot(x, [max(r["peak_extra_mib"], 1e-3) for r in rs], style, marker="o", label=f"{method} {dtype}")
     floors = {}
     for r in results:
-        if r.get("floor"):
+        if r.get("floor") and r["device"] == "cuda":  # an H100 line belongs on an H100 plot only
             floors.setdefault(r["dtype"], {})[r["two_n"]] = r["floor"]["floor_ms"]
     for dtype, pts in sorted(floors.items()):
         x = sorted(pts)
@@ -345,6 +344,8 @@ def main(argv=None) -> list[dict]:
             out = {"status": "error", "reason": f"{type(error).__name__}: {error}"}
         print("RESULT " + json.dumps(out), flush=True)
         return [out]
+    from .common import environment
+
     device = torch.device(args.device).type
     results = run(args.sizes, args.dtypes, args.methods, device, args.repeats, d=args.d,
                   temperature=args.temperature, timeout_s=args.timeout)
@@ -352,6 +353,7 @@ def main(argv=None) -> list[dict]:
     plot_path = Path(args.plot or json_path.with_suffix(".png"))
     payload = {
         "benchmark": "NT-Xent loss, forward+backward",
+        "environment": environment(),
         "device": device,
         "device_name": _device_name(device),
         "torch": torch.__version__,
@@ -362,7 +364,8 @@ def main(argv=None) -> list[dict]:
         "memory_method": MEMORY_METHOD[device] if device in MEMORY_METHOD else MEMORY_METHOD["cuda"],
         "floor_method": ("6 (2N)^2 d FLOPs (3 matmuls: forward scores, backward recomputed scores and weights @ Z) "
                          "over the H100 SXM dense bf16 rate (16-bit inputs) or fp32 non-tensor rate (float32); "
-                         "2 (2N)^2 exps over the SFU ex2 rate; floor = max. Datasheet figures, CUDA results only"),
+                         "2 (2N)^2 exps over the SFU ex2 rate; floor = max. Datasheet figures: an estimate, recorded on every "
+                         "device (on the CPU it is what an H100 would need at best, not a measurement)"),
         "floor_constants": {"H100_SXM_BF16_DENSE_FLOPS": H100_SXM_BF16_DENSE_FLOPS,
                             "H100_SXM_FP32_FLOPS": H100_SXM_FP32_FLOPS, "H100_SXM_EX2_PER_S": H100_SXM_EX2_PER_S,
                             "ex2": f"{H100_SXM_SFU_EX2_PER_SM_PER_CLOCK}/SM/clock x {H100_SXM_SMS} SMs x "
