@@ -19,6 +19,7 @@ import argparse
 import glob
 import io
 import json
+import multiprocessing
 import os
 import pickle
 import re
@@ -293,7 +294,8 @@ def folder_samples(root: Path, seed: int = 0, workers: int | None = None) -> tup
     files = [files[i] for i in order]
 
     def generate() -> Iterator[Sample]:
-        with ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
+        # spawn, not fork: a fork of a process with live threads (torch, DALI, tqdm) can deadlock in the child
+        with ProcessPoolExecutor(max_workers=workers or os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
             results = pool.map(_load_and_check, [f for f, _ in files], chunksize=64)
             for index, ((path, label), (data, ok, reason)) in enumerate(zip(files, results)):
                 # An empty key marks a bad input; write_shards stops or skips it.
