@@ -15,6 +15,8 @@ from tqdm import tqdm
 
 from trainer.global_bn import convert_to_global_bn
 
+from .linear import sgd_cosine
+
 
 class Classifier(torch.nn.Module):
     """``backbone`` (pooled features (B, D)) followed by a linear layer: (B, 3, S, S) -> logits (B, C)."""
@@ -41,8 +43,7 @@ def finetune(backbone: torch.nn.Module, loader, num_classes: int, accelerator, e
     if accelerator.num_processes > 1:
         model = convert_to_global_bn(model, accelerator.device.type)
     global_batch = loader.batch_size * accelerator.num_processes
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr * global_batch / 256, momentum=momentum, nesterov=True, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
+    optimizer, scheduler = sgd_cosine(model.parameters(), lr, global_batch, epochs * len(loader), momentum)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     show = progress and accelerator.is_main_process

@@ -18,6 +18,12 @@ from tqdm import tqdm
 from .knn import topk_accuracy
 
 
+def sgd_cosine(parameters, base_lr: float, batch_size: int, steps: int, momentum: float = 0.9, weight_decay: float = 0.0):
+    """The protocols' optimiser: SGD with Nesterov momentum at ``base_lr x batch_size / 256``, cosine over ``steps``."""
+    optimizer = torch.optim.SGD(parameters, lr=base_lr * batch_size / 256, momentum=momentum, nesterov=True, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
+
+
 def train_linear_on_features(train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
                              epochs: int = 100, batch_size: int = 1024, lr: float = 0.1, momentum: float = 0.9,
                              weight_decay: float = 0.0, seed: int = 0, progress: bool = False) -> torch.nn.Module:
@@ -29,9 +35,7 @@ def train_linear_on_features(train_features: torch.Tensor, train_labels: torch.T
     linear = torch.nn.Linear(train_features.shape[1], num_classes).to(train_features.device)
     torch.nn.init.zeros_(linear.weight)
     torch.nn.init.zeros_(linear.bias)
-    optimizer = torch.optim.SGD(linear.parameters(), lr=lr * batch_size / 256, momentum=momentum, nesterov=True, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(train_labels) / batch_size)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
+    optimizer, scheduler = sgd_cosine(linear.parameters(), lr, batch_size, epochs * math.ceil(len(train_labels) / batch_size), momentum, weight_decay)
     standardised = (train_features - mean) / std
     for _ in tqdm(range(epochs), desc="linear (cached features)", unit="epoch", disable=not progress, leave=False):
         order = torch.randperm(len(train_labels), generator=generator).to(train_features.device)
@@ -84,8 +88,7 @@ def train_linear_augmented(backbone: torch.nn.Module, loader, num_classes: int, 
     backbone.requires_grad_(False)
     head = LinearHead(backbone.num_features, num_classes).to(accelerator.device)
     global_batch = loader.batch_size * accelerator.num_processes
-    optimizer = torch.optim.SGD(head.parameters(), lr=lr * global_batch / 256, momentum=momentum, nesterov=True, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
+    optimizer, scheduler = sgd_cosine(head.parameters(), lr, global_batch, epochs * len(loader), momentum)
     head, optimizer = accelerator.prepare(head, optimizer)
     head.train()
     show = progress and accelerator.is_main_process
