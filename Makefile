@@ -18,10 +18,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/activate
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python -m pipeline.shards write synthetic "data/demo/train/train-%06d.tar" --per-class 300 --seed 0 --quiet
-	$(BIN)/python -m pipeline.shards write synthetic "data/demo/val/val-%06d.tar" --per-class 100 --seed 1 --quiet
+	$(BIN)/python -m pipeline.shards write synthetic "data/demo/train/train-%06d.tar" --per_class 300 --seed 0 --quiet
+	$(BIN)/python -m pipeline.shards write synthetic "data/demo/val/val-%06d.tar" --per_class 100 --seed 1 --quiet
 	$(BIN)/python train.py --config configs/demo.yaml
-	$(BIN)/python evaluate.py --checkpoint runs/demo --train-shards data/demo/train --val-shards data/demo/val --protocol all --compare-random-init --json runs/demo/eval.json
+	$(BIN)/python evaluate.py --checkpoint runs/demo --train_shards data/demo/train --val_shards data/demo/val --protocol all --compare_random_init --json runs/demo/eval.json
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests

@@ -15,11 +15,11 @@ from __future__ import annotations
 import sys
 
 COMMANDS = {
-    "pipeline": "benchmarks.pipeline",
-    "loss": "benchmarks.loss",
-    "model": "benchmarks.train:model_main",
-    "train": "benchmarks.train",
-    "cifar10": "benchmarks.cifar10",
+    "pipeline": "bench.pipeline",
+    "loss": "bench.loss",
+    "model": "bench.train:model_main",
+    "train": "bench.train",
+    "cifar10": "bench.cifar10",
 }
 
 

@@ -1,22 +1,24 @@
 """Evaluate a backbone with the paper's protocols on labelled WebDataset shards.
 
-    python evaluate.py --checkpoint runs/demo --train-shards data/demo/train --val-shards data/demo/val --protocol knn
-    python evaluate.py --backbone runs/demo/backbone.safetensors ... --protocol linear --augment
+    python evaluate.py --checkpoint runs/demo --train_shards data/demo/train --val_shards data/demo/val --protocol knn
+    python evaluate.py --checkpoint runs/demo/backbone.safetensors ... --protocol linear --augment
     python evaluate.py --model resnet50 --weights supervised.safetensors ... --protocol linear
-    python evaluate.py --checkpoint runs/imagenet ... --protocol finetune --label-fraction 0.01 --subset-file subsets/1pct.json
-    accelerate launch --num_processes 8 evaluate.py --checkpoint runs/imagenet ... --protocol knn,linear
+    python evaluate.py --checkpoint runs/imagenet ... --protocol finetune --label_fraction 0.01 --subset_file subsets/1pct.json
+    accelerate launch --num_processes 8 evaluate.py --checkpoint runs/imagenet ... --protocol knn,linear --k 10,20,100,200
 
 Protocols (a comma list; 'all' = knn,linear, the quick pair the demo runs):
-  knn       weighted k-NN (k=200, T=0.1) on L2-normalised frozen features of the centre crop.
+  knn       weighted k-NN (k=200, T=0.1; several k in one pass: --k 10,20,200) on L2-normalised frozen
+            features of the centre crop.
   linear    linear classifier on the frozen backbone. Fast mode (default): features of the centre crop
             extracted once and cached on the device, --epochs (100) epochs over them. --augment: the
             paper's mode, a random resized crop + flip every epoch, backbone in eval mode, --epochs (90).
-  finetune  the whole backbone + a linear head on a class-balanced --label-fraction subset of the
-            training shards (chosen with --seed, saved to / read from --subset-file), --finetune-epochs
+  finetune  the whole backbone + a linear head on a class-balanced --label_fraction subset of the
+            training shards (chosen with --seed, saved to / read from --subset_file), --finetune_epochs
             (60 for <= 1% labels, 30 above), BN in train mode.
 Training protocols use SGD with Nesterov momentum 0.9, a cosine schedule and no weight decay, at
 lr = base lr x global batch / 256 (base 0.1 linear, 0.05 fine-tuning). All report top-1 and top-5 on the
 whole validation set. Prints a summary; --json writes a report. Bad input exits with status 2.
+Flags are spelled with underscores (--train_shards); the dashed spelling (--train-shards) works too.
 """
 
 from __future__ import annotations
@@ -36,51 +38,63 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
+from common.cli import ArgumentParser
+from common.files import atomic_write_text
 from evaluation.backbone import BackboneError, load_backbone
-from evaluation.features import extract_features
+from evaluation.features import cached_features, extract_features
 from evaluation.finetune import finetune
 from evaluation.knn import knn_predict, topk_accuracy
 from evaluation.linear import evaluate_classifier, train_linear_augmented, train_linear_on_features
-from evaluation.subset import LabelSubset, SubsetError, read_labels, subset_for
-from pipeline.loader import EvalLoader, LabelledTrainLoader, classifier_augment, default_num_threads
-from pipeline.shards import ShardError, read_classes
+from evaluation.subset import LabelSubset, SubsetError, subset_for
+from pipeline.loader import AugmentedView, DaliLoader, EvalView, classifier_augment, default_num_threads
+from pipeline.shardset import ShardError, count_classes
 
 PROTOCOLS = ("knn", "linear", "finetune")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", help="train.py output dir, checkpoint dir (checkpoints/step_*), or backbone.safetensors")
-    source.add_argument("--backbone", help="an exported backbone .safetensors (train.py's backbone.safetensors; its JSON beside it)")
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="train.py output dir, a checkpoint dir (checkpoints/step_*), or an exported .safetensors "
+                        "(its architecture from the JSON beside it or the file's metadata)")
     parser.add_argument("--model", help="timm model name (with --weights, or alone for timm's init; overrides the checkpoint's)")
     parser.add_argument("--weights", help="weights file for --model (.safetensors or torch state dict)")
-    parser.add_argument("--random-init", "--random_init", action="store_true", help="same architecture, random weights (baseline)")
-    parser.add_argument("--train-shards", "--train_shards", required=True)
-    parser.add_argument("--val-shards", "--val_shards", required=True)
+    parser.add_argument("--random_init", action="store_true", help="same architecture, random weights (baseline)")
+    parser.add_argument("--train_shards", required=True)
+    parser.add_argument("--val_shards", required=True)
     parser.add_argument("--protocol", default="knn", help="knn, linear, finetune, or a comma list (knn,linear); 'all' = knn,linear")
-    parser.add_argument("--compare-random-init", "--compare_random_init", action="store_true",
-                        help="also evaluate the same architecture at random initialisation, side by side")
-    parser.add_argument("--image-size", "--image_size", type=int, default=0, help="default: the checkpoint's training size (else 224)")
-    parser.add_argument("--resize", type=int, default=0, help="shorter side before the centre crop (default size/0.875; = size at <= 64 px)")
-    parser.add_argument("--batch-size", "--batch_size", type=int, default=256, help="per process (the global batch is this x processes)")
+    parser.add_argument("--compare_random_init", action="store_true", help="also evaluate the same architecture at random initialisation")
+    parser.add_argument("--image_size", type=int, default=None, help="default: the checkpoint's training size (else 224)")
+    parser.add_argument("--resize", type=int, default=None, help="shorter side before the centre crop (default size/0.875; = size at <= 64 px)")
+    parser.add_argument("--local_batch_size", type=int, default=256, help="images per batch per process (the global batch is this x processes)")
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast for the backbone's forward")
     parser.add_argument("--seed", type=int, default=0, help="head initialisation, data order, augmentations and the label subset")
+    parser.add_argument("--features_cache", type=Path, default=None,
+                        help="directory to save the frozen features in and reload them from (checked against the weights and data)")
     # knn
-    parser.add_argument("--k", type=int, default=200)
-    parser.add_argument("--knn-temperature", "--knn_temperature", type=float, default=0.1)
+    parser.add_argument("--k", type=_positive_ints, default=[200], help="neighbours; a comma list evaluates several in one pass (10,20,200)")
+    parser.add_argument("--knn_temperature", type=float, default=0.1)
     # linear
     parser.add_argument("--augment", action="store_true", help="linear: the paper's mode (crop + flip every epoch) instead of cached features")
     parser.add_argument("--epochs", type=int, default=None, help="linear epochs (default 100 fast, 90 with --augment)")
     parser.add_argument("--lr", type=float, default=0.1, help="linear base lr, scaled by global batch / 256")
-    parser.add_argument("--min-crop-area", "--min_crop_area", type=float, default=0.08, help="random resized crop: smallest area fraction")
+    parser.add_argument("--min_crop_area", type=float, default=0.08, help="random resized crop: smallest area fraction")
     # finetune
-    parser.add_argument("--label-fraction", "--label_fraction", type=float, default=None, help="finetune: labelled fraction (default 0.01)")
-    parser.add_argument("--subset-file", "--subset_file", help="finetune: JSON of sample keys per class; read if it exists, else written")
-    parser.add_argument("--finetune-epochs", "--finetune_epochs", type=int, default=None, help="default 60 for <= 1%% labels, 30 above")
-    parser.add_argument("--finetune-lr", "--finetune_lr", type=float, default=0.05, help="fine-tuning base lr, scaled by global batch / 256")
+    parser.add_argument("--label_fraction", type=float, default=None, help="finetune: labelled fraction (default 0.01)")
+    parser.add_argument("--subset_file", help="finetune: JSON of sample keys per class; read if it exists, else written")
+    parser.add_argument("--finetune_epochs", type=int, default=None, help="default 60 for <= 1%% labels, 30 above")
+    parser.add_argument("--finetune_lr", type=float, default=0.05, help="fine-tuning base lr, scaled by global batch / 256")
     parser.add_argument("--json", help="write the report here")
     return parser.parse_args(argv)
+
+
+def _positive_ints(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
 
 
 def parse_protocols(text: str) -> list[str]:
@@ -109,20 +123,24 @@ def choose_subset(args, accelerator, num_classes: int | None) -> tuple[LabelSubs
     return subset, payload[0]["how"]
 
 
-def evaluate_backbone(backbone, data: dict, protocols: list[str], accelerator, args, num_classes: int) -> tuple[dict, dict]:
-    """({'knn_top1': %, 'knn_top5', 'linear_top1', ..., 'finetune_top5'}, seconds per protocol)."""
+def evaluate_backbone(backbone, info: dict, data: dict, protocols: list[str], accelerator, args, num_classes: int) -> tuple[dict, dict]:
+    """({'knn200_top1': %, 'knn200_top5', 'linear_top1', ..., 'finetune_top5'}, seconds per protocol)."""
     metrics, seconds, cache = {}, {}, {}
 
     def features(name):
         if name not in cache:
-            cache[name] = extract_features(backbone, data[name], accelerator, f"{name} features")
+            identity = {"weights": info["sha256"] or info["source"], "model": info["model_name"], "shards": [str(p) for p in data[name].shards],
+                        "view": repr(data[name].view), "processes": accelerator.num_processes}
+            path = args.features_cache / f"{name}-{(info['sha256'] or info['source'])[:16]}.safetensors" if args.features_cache else None
+            cache[name] = cached_features(backbone, data[name], accelerator, f"{name} features", path, identity)
         return cache[name]
 
     if "knn" in protocols:
         started = time.time()
         (train_features, train_labels), (val_features, val_labels) = features("train"), features("val")
         scores = knn_predict(train_features, train_labels, val_features, num_classes, args.k, args.knn_temperature)
-        metrics.update({f"knn_{k}": v for k, v in topk_accuracy(scores, val_labels).items()})
+        for k in args.k:
+            metrics.update({f"knn{k}_{top}": v for top, v in topk_accuracy(scores[k], val_labels).items()})
         seconds["knn"] = time.time() - started
     if "linear" in protocols:
         started = time.time()
@@ -155,6 +173,29 @@ def versions() -> dict:
             "accelerate": accelerate.__version__}
 
 
+def build_loaders(args, accelerator, size: int, protocols: list[str]) -> tuple[dict, int, LabelSubset | None, str | None]:
+    """The loaders the protocols read (train/val features, the augmented train set, the label subset),
+    the number of classes, and the fine-tuning subset with how it was obtained."""
+    where = "gpu" if accelerator.device.type == "cuda" else "cpu"
+    common = dict(device=where, device_id=accelerator.device.index if where == "gpu" else None, shard_id=accelerator.process_index,
+                  num_shards=accelerator.num_processes, num_threads=default_num_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    view = EvalView(size, args.resize)
+    data = {"train": DaliLoader(args.train_shards, args.local_batch_size, view, train=False, **common),
+            "val": DaliLoader(args.val_shards, args.local_batch_size, view, train=False, **common)}
+    num_classes = count_classes(data["train"].shards, data["val"].shards)
+    augmented = AugmentedView(classifier_augment(size, (args.min_crop_area, 1.0)))
+    if "linear" in protocols and args.augment:
+        data["train_augmented"] = DaliLoader(args.train_shards, args.local_batch_size, augmented, train=True, seed=args.seed, **common)
+    subset, subset_how = None, None
+    if "finetune" in protocols:
+        subset, subset_how = choose_subset(args, accelerator, num_classes)
+        if args.label_fraction is not None and abs(args.label_fraction - subset.label_fraction) > 1e-12:
+            accelerator.print(f"note: {args.subset_file} holds a {subset.label_fraction:g} subset (seed {subset.seed}); "
+                              f"--label_fraction {args.label_fraction:g} is not used")
+        data["train_subset"] = DaliLoader(args.train_shards, args.local_batch_size, augmented, train=True, seed=args.seed, keys=subset.keys, **common)
+    return data, num_classes, subset, subset_how
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
@@ -165,71 +206,45 @@ def main(argv=None) -> int:
             print(f"error: {message}", file=sys.stderr, flush=True)
         return 2
 
+    # ---- what to evaluate, on what: every input is checked here, before any long work
     try:
         protocols = parse_protocols(args.protocol)
-    except ValueError as error:
-        return fail(str(error))
-    if args.backbone and not (Path(args.backbone).is_file() and args.backbone.endswith(".safetensors")):
-        return fail(f"--backbone {args.backbone}: not an existing .safetensors file (train.py writes OUTPUT_DIR/backbone.safetensors)")
-    if args.epochs is None:
-        args.epochs = 90 if args.augment else 100
-    subset = None
-    try:
-        backbone, info = load_backbone(args.checkpoint or args.backbone, args.model, args.weights, args.random_init, args.seed)
+        backbone, info = load_backbone(args.checkpoint, args.model, args.weights, args.random_init, args.seed)
         size = args.image_size or info.get("image_size") or 224
-        resize = args.resize or (size if size <= 64 else None)
-        data_device = "gpu" if accelerator.device.type == "cuda" else "cpu"
-        common = dict(device=data_device, device_id=accelerator.device.index if data_device == "gpu" else None, shard_id=accelerator.process_index,
-                      num_shards=accelerator.num_processes, num_threads=default_num_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-        data = {"train": EvalLoader(args.train_shards, args.batch_size, size, resize_size=resize, **common),
-                "val": EvalLoader(args.val_shards, args.batch_size, size, resize_size=resize, **common)}
-        classes = read_classes(data["train"].shards)
-        if classes:
-            num_classes = len(classes)
-        else:  # no classes.json: the largest label seen (a few bytes per sample, no image decoded)
-            num_classes = 1 + max(max(read_labels(data[name].shards).values()) for name in ("train", "val"))
-        augment = classifier_augment(size, (args.min_crop_area, 1.0))
-        if "linear" in protocols and args.augment:
-            data["train_augmented"] = LabelledTrainLoader(args.train_shards, args.batch_size, augment, seed=args.seed, **common)
-        if "finetune" in protocols:
-            subset, subset_how = choose_subset(args, accelerator, num_classes)
-            if args.label_fraction is not None and abs(args.label_fraction - subset.label_fraction) > 1e-12:
-                accelerator.print(f"note: {args.subset_file} holds a {subset.label_fraction:g} subset (seed {subset.seed}); "
-                                  f"--label-fraction {args.label_fraction:g} is not used")
-            if args.finetune_epochs is None:
-                args.finetune_epochs = 60 if subset.label_fraction <= 0.01 else 30
-            data["train_subset"] = LabelledTrainLoader(args.train_shards, args.batch_size, augment, seed=args.seed, keys=subset.keys, **common)
-    except (BackboneError, ShardError, SubsetError) as error:
+        data, num_classes, subset, subset_how = build_loaders(args, accelerator, size, protocols)
+    except (ValueError, BackboneError, ShardError, SubsetError) as error:
         return fail(str(error))
+    args.epochs = args.epochs or (90 if args.augment else 100)
+    if subset is not None:
+        args.finetune_epochs = args.finetune_epochs or (60 if subset.label_fraction <= 0.01 else 30)
     candidates = [(backbone, info)]
     if args.compare_random_init:
-        random_backbone, random_info = load_backbone(args.checkpoint or args.backbone, args.model, args.weights, True, args.seed)
-        candidates.append((random_backbone, random_info))
+        candidates.append(load_backbone(args.checkpoint, args.model, args.weights, True, args.seed))
 
+    # ---- the settings every protocol ran with, for the report
+    sgd = "SGD nesterov momentum 0.9, cosine, no weight decay"
     settings = {"knn": {"k": args.k, "temperature": args.knn_temperature},
-                "linear": {"mode": "augment" if args.augment else "fast", "epochs": args.epochs, "base_lr": args.lr,
-                           "global_batch": (data["train_augmented"].batch_size if args.augment else 1024) * (accelerator.num_processes if args.augment else 1),
-                           "optimizer": "SGD nesterov momentum 0.9, cosine, no weight decay"}}
+                "linear": {"mode": "augment" if args.augment else "fast", "epochs": args.epochs, "base_lr": args.lr, "optimizer": sgd,
+                           "global_batch": data["train_augmented"].batch_size * accelerator.num_processes if args.augment else 1024}}
     if subset is not None:
         settings["finetune"] = {"label_fraction": subset.label_fraction, "subset_seed": subset.seed, "subset_file": args.subset_file,
                                 "subset": subset_how, "per_class": subset.per_class, "num_samples": subset.num_samples,
-                                "epochs": args.finetune_epochs, "base_lr": args.finetune_lr,
-                                "global_batch": data["train_subset"].batch_size * accelerator.num_processes,
-                                "optimizer": "SGD nesterov momentum 0.9, cosine, no weight decay"}
+                                "epochs": args.finetune_epochs, "base_lr": args.finetune_lr, "optimizer": sgd,
+                                "global_batch": data["train_subset"].batch_size * accelerator.num_processes}
     report = {
         "protocols": protocols, "settings": {p: settings[p] for p in protocols},
         "checkpoint": {"source": info["source"], "sha256": info["sha256"], "model_name": info["model_name"]},
         "data": {"train_shards": [str(p) for p in data["train"].shards], "val_shards": [str(p) for p in data["val"].shards],
-                 "num_train": data["train"].num_samples, "num_val": data["val"].num_samples, "num_classes": num_classes},
-        # kept for older readers of the report
-        "train_shards": args.train_shards, "val_shards": args.val_shards, "image_size": size, "processes": accelerator.num_processes,
-        "num_train": data["train"].num_samples, "num_val": data["val"].num_samples, "num_classes": num_classes,
-        "seed": args.seed, "precision": args.precision, "results": [],
+                 "num_train": data["train"].num_samples, "num_val": data["val"].num_samples, "num_classes": num_classes,
+                 "image_size": size},
+        "processes": accelerator.num_processes, "seed": args.seed, "precision": args.precision, "results": [],
     }
+
+    # ---- evaluate each backbone
     try:
         for candidate, candidate_info in candidates:
             candidate = candidate.to(accelerator.device).to(memory_format=torch.channels_last)
-            metrics, seconds = evaluate_backbone(candidate, data, protocols, accelerator, args, num_classes)
+            metrics, seconds = evaluate_backbone(candidate, candidate_info, data, protocols, accelerator, args, num_classes)
             report["results"].append({"backbone": candidate_info, "metrics": metrics, "seconds": seconds})
     except ShardError as error:  # bad data found while reading (e.g. an image that does not decode)
         return fail(str(error))
@@ -237,15 +252,15 @@ def main(argv=None) -> int:
                   command=[Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
                   date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
+    # ---- summary table and report
     names = list(report["results"][0]["metrics"])
     accelerator.print(f"\n{'backbone':<40} " + " ".join(f"{k:>15}" for k in names))
     for result in report["results"]:
         accelerator.print(f"{result['backbone']['source'][-40:]:<40} " + " ".join(f"{result['metrics'][k]:>14.2f}%" for k in names))
-    accelerator.print(f"{report['num_train']} train / {report['num_val']} val samples, {num_classes} classes, "
+    accelerator.print(f"{report['data']['num_train']} train / {report['data']['num_val']} val samples, {num_classes} classes, "
                       f"{accelerator.num_processes} process(es), {report['seconds']:.1f} s")
     if args.json and accelerator.is_main_process:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
     return 0
 
 

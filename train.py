@@ -4,8 +4,8 @@
     accelerate launch --num_processes 8 train.py --config configs/imagenet.yaml --batch_size 4096
     torchrun --nproc_per_node 2 train.py --config configs/demo.yaml --precision no   # 2 CPU processes (gloo)
 
-Every field of trainer/config.py:TrainConfig is a flag. Reads top to bottom: setup, resume, loop
-(step, meters, evaluation, checkpoints), export.
+Every field of trainer/config.py:TrainConfig is a flag (``python train.py --help`` lists them with their
+documentation). Reads top to bottom: setup, resume, the loop (step, meters, evaluation, checkpoints), export.
 """
 
 from __future__ import annotations
@@ -23,14 +23,15 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from model.ntxent import positive_pair_accuracy
-from pipeline.augment import AugmentConfig
-from pipeline.loader import EvalLoader, PretrainLoader, default_num_threads
-from pipeline.shards import ShardError
-from pipeline.torchvision_baseline import TorchvisionPretrainLoader
-from trainer.build import build_model, build_optimizer, build_scheduler, simclr_loss
-from trainer.checkpoint import export_backbone, load_checkpoint, resolve_resume, save_checkpoint
-from trainer.config import ConfigError, TrainConfig, parse_args
+from pipeline.shardset import ShardError
+from trainer.build import build_model
+from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from trainer.config import ConfigError, parse_args
+from trainer.data import build_eval_loaders, build_train_loader, data_device
+from trainer.export import export_backbone
 from trainer.meters import StepTimer
+from trainer.optim import build_optimizer, build_scheduler
+from trainer.step import train_step
 
 
 class Preempted:
@@ -45,64 +46,36 @@ class Preempted:
         self.requested = True
 
 
-def build_augment(cfg: TrainConfig) -> AugmentConfig:
-    preset = AugmentConfig.cifar if cfg.augment == "cifar" else AugmentConfig
-    overrides = {"size": cfg.image_size, "crop_area": (cfg.min_crop_area, 1.0)}
-    if cfg.jitter_strength >= 0:
-        overrides["jitter_strength"] = cfg.jitter_strength
-    if cfg.blur_prob >= 0:
-        overrides["blur_prob"] = cfg.blur_prob
-    return preset(**overrides)
-
-
 def main(argv: list[str] | None = None) -> int:
+    # ---- configuration, checked before any accelerator or GPU work
     try:
         cfg = parse_args(argv, __doc__)
-        cfg.validate(int(os.environ.get("WORLD_SIZE", 1)))  # before any accelerator or GPU work
+        cfg.validate(int(os.environ.get("WORLD_SIZE", 1)))
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     accelerator = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available(),
                               log_with=None if cfg.tracker == "none" else cfg.tracker, project_dir=cfg.output_dir)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    on_gpu = accelerator.device.type == "cuda"
-    data_device = "gpu" if cfg.data_device == "gpu" or (cfg.data_device == "auto" and on_gpu) else "cpu"
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     preempted = Preempted()
 
-    # ---- data: shards and config are checked here, before any GPU work
+    # ---- data: the shards are checked here, before any GPU work
     try:
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by accelerate launch / torchrun
-        if cfg.data_loader == "dali":
-            loader = PretrainLoader(cfg.train_shards, cfg.batch_size // world, build_augment(cfg), device=data_device,
-                                    device_id=accelerator.device.index if data_device == "gpu" else None, shard_id=rank, num_shards=world,
-                                    seed=cfg.seed, num_threads=cfg.data_threads or default_num_threads(local_processes),
-                                    prefetch=cfg.prefetch, shuffle_buffer=cfg.shuffle_buffer,
-                                    dtype=torch.float16 if data_device == "gpu" else torch.float32)
-        else:
-            loader = TorchvisionPretrainLoader(cfg.train_shards, cfg.batch_size // world, build_augment(cfg), device=str(accelerator.device),
-                                               shard_id=rank, num_shards=world, seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-                                               num_workers=cfg.data_threads or default_num_threads(local_processes))
-        eval_loaders = None
-        if cfg.eval_every_epochs:
-            eval_size = cfg.eval_size or cfg.image_size
-            eval_resize = cfg.eval_resize or (eval_size if eval_size <= 64 else None)
-            eval_loaders = [EvalLoader(shards, 256, eval_size, resize_size=eval_resize, device=data_device, shard_id=rank, num_shards=world,
-                                       device_id=accelerator.device.index if data_device == "gpu" else None)
-                            for shards in (cfg.eval_train_shards, cfg.eval_val_shards)]
+        loader = build_train_loader(cfg, device, rank, world)
+        eval_loaders = build_eval_loaders(cfg, device, rank, world)
     except ShardError as error:
         accelerator.print(f"error: {error}")
         return 2
     steps_per_epoch = len(loader)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    warmup_steps = round(cfg.warmup_epochs * steps_per_epoch)
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    eval_interval = max(1, round(cfg.eval_every_epochs * steps_per_epoch))
+    last_step = min(total_steps, cfg.max_steps or total_steps)
+    eval_interval = max(1, round((cfg.eval_every_epochs or 0) * steps_per_epoch))
 
-    # ---- model (global BN), optimiser (timm's LARS: no decay or adaptation for biases and norms), schedule
-    set_seed(cfg.seed)  # the same initial weights on every rank, whichever loader was built (loaders may draw random numbers)
-    model = build_model(cfg, accelerator.device.type, world)
+    # ---- model (global BN), optimiser (timm's LARS), warm-up + cosine schedule, the same initial weights on every rank
+    set_seed(cfg.seed)
+    model = build_model(cfg, device.type, world)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, total_steps, warmup_steps)
+    scheduler = build_scheduler(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     backbone = accelerator.unwrap_model(model).backbone
@@ -127,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     def evaluate():
         from evaluation.probe import probe
 
-        result = probe(backbone, *eval_loaders, accelerator, progress=False)
+        result = probe(backbone, *eval_loaders, accelerator, k=cfg.eval_knn_k, knn_temperature=cfg.eval_knn_temperature, progress=False)
         history.append({"step": step, "epoch": step / steps_per_epoch, "train_seconds": round(train_seconds, 2), **result})
         accelerator.print(f"eval @ epoch {step / steps_per_epoch:.2f}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
         accelerator.log(result, step=step)
@@ -135,15 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             Path(cfg.eval_json).parent.mkdir(parents=True, exist_ok=True)
             Path(cfg.eval_json).write_text(json.dumps({"config": cfg.to_dict(), "history": history}, indent=1) + "\n")
 
-    accelerator.print(f"{world} process(es) on {accelerator.device.type}, data on {data_device}; {loader.num_samples} images, "
+    accelerator.print(f"{world} process(es) on {device.type}, data on {data_device(cfg, device)}; {loader.num_samples} images, "
                       f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {total_steps} steps, lr {cfg.scaled_lr:.4g}")
     if eval_loaders and step == 0:
         evaluate()
 
-    # ---- the loop
+    # ---- the loop: a step, then (every log_every steps) meters, the stop flags, evaluation and checkpoints
     timer = StepTimer(images_per_step=cfg.batch_size)
     progress = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)  # first non-finite loss, checked lazily
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss, checked lazily
     window_start = time.perf_counter()
     batches = iter(loader)
     status = 0
@@ -155,52 +128,46 @@ def main(argv: list[str] | None = None) -> int:
             batches = iter(loader)
             continue
         timer.end_wait()
-        with accelerator.autocast():
-            loss, z1, z2 = simclr_loss(forward, view1, view2, cfg)
-        accelerator.backward(loss)
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        out = train_step(forward, optimizer, view1, view2, cfg, accelerator)
         step += 1
         scheduler.step_update(step)
         timer.end_step()
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss.detach()), step, first_bad_step)
+        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(out.loss), step, first_bad_step)
 
         at_log = step % cfg.log_every == 0 or step == last_step
         at_eval = bool(eval_loaders) and (step % eval_interval == 0 or step == last_step)
-        at_checkpoint = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == last_step
-        if at_log or at_eval or at_checkpoint:
-            train_seconds += time.perf_counter() - window_start
-            bad = int(accelerator.reduce(first_bad_step.clone(), "max"))
-            if bad >= 0:
-                accelerator.print(f"error: non-finite loss at step {bad}; stopping. The last good checkpoint (if any) in "
-                                  f"{cfg.output_dir}/checkpoints is intact; lower lr or use precision=no to investigate.")
-                status = 3
+        at_checkpoint = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == last_step
+        if not (at_log or at_eval or at_checkpoint):
+            continue
+        train_seconds += time.perf_counter() - window_start
+        bad = int(accelerator.reduce(first_bad_step.clone(), "max"))
+        if bad >= 0:
+            accelerator.print(f"error: non-finite loss at step {bad}; stopping. The last good checkpoint (if any) in "
+                              f"{cfg.output_dir}/checkpoints is intact; lower lr or use precision=no to investigate.")
+            status = 3
+            break
+        out_of_time = bool(cfg.max_train_minutes) and train_seconds >= 60 * cfg.max_train_minutes
+        stop, out_of_time = accelerator.reduce(torch.tensor([int(preempted.requested), int(out_of_time)], device=device), "max").tolist()
+        if out_of_time and step < last_step:  # the time budget ends the run here, as if this were the last step
+            accelerator.print(f"time budget of {cfg.max_train_minutes:g} training minutes reached at step {step}")
+            last_step, at_log, at_eval, at_checkpoint = step, True, bool(eval_loaders), True
+        if at_log:
+            meters = {"loss": accelerator.reduce(out.loss, "mean").item(), "lr": optimizer.param_groups[0]["lr"],
+                      "pos_acc": positive_pair_accuracy(out.z1, out.z2).item(), "epoch": step / steps_per_epoch, **timer.window()}
+            if device.type == "cuda":
+                meters["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            accelerator.log(meters, step=step)
+            progress.set_postfix(loss=f"{meters['loss']:.4f}", img_s=f"{meters['images_per_s']:.0f}",
+                                 wait=f"{meters['data_wait_fraction']:.0%}", lr=f"{meters['lr']:.3g}")
+        progress.update(step - progress.n)
+        if at_eval:
+            evaluate()
+        if at_checkpoint or stop:
+            path = checkpoint()
+            if stop:
+                accelerator.print(f"preempted: checkpoint {path} written at step {step}; resume with --resume auto")
                 break
-            flags = torch.tensor([int(preempted.requested), int(bool(cfg.max_train_minutes) and train_seconds >= 60 * cfg.max_train_minutes)],
-                                 device=accelerator.device)
-            stop, out_of_time = accelerator.reduce(flags, "max").tolist()
-            if out_of_time and step < last_step:  # the time budget ends the run here, as if this were the last step
-                accelerator.print(f"time budget of {cfg.max_train_minutes:g} training minutes reached at step {step}")
-                last_step, at_log, at_eval, at_checkpoint = step, True, bool(eval_loaders), True
-            if at_log:
-                meters = {"loss": accelerator.reduce(loss.detach(), "mean").item(), "lr": optimizer.param_groups[0]["lr"],
-                          "pos_acc": positive_pair_accuracy(z1, z2).item(), "epoch": step / steps_per_epoch, **timer.window()}
-                if on_gpu:
-                    meters["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                accelerator.log(meters, step=step)
-                progress.set_postfix(loss=f"{meters['loss']:.4f}", img_s=f"{meters['images_per_s']:.0f}",
-                                     wait=f"{meters['data_wait_fraction']:.0%}", lr=f"{meters['lr']:.3g}")
-            progress.update(step - progress.n)
-            if at_eval:
-                evaluate()
-            if at_checkpoint or stop:
-                path = checkpoint()
-                if stop:
-                    accelerator.print(f"preempted: checkpoint {path} written at step {step}; resume with --resume auto")
-                    break
-            window_start = time.perf_counter()
+        window_start = time.perf_counter()
     progress.close()
 
     # ---- export and summary

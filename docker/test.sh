@@ -104,15 +104,15 @@ chown "$USER_ID:$USER_ID" "$host"
 run() { "${NICE[@]}" "$DOCKER" run --rm -v "$host:/ckpt" "$IMAGE" "$@"; }
 
 step "run: synthetic shards"
-run shards write synthetic "/ckpt/data/train/train-%06d.tar" --per-class 20 --seed 0 --quiet || fail "shards (train)"
-run shards write synthetic "/ckpt/data/val/val-%06d.tar" --per-class 10 --seed 1 --quiet || fail "shards (val)"
+run shards write synthetic "/ckpt/data/train/train-%06d.tar" --per_class 20 --seed 0 --quiet || fail "shards (train)"
+run shards write synthetic "/ckpt/data/val/val-%06d.tar" --per_class 10 --seed 1 --quiet || fail "shards (val)"
 
 step "run: train (3 steps) -> /ckpt/run"
 run train --config configs/demo.yaml --train_shards /ckpt/data/train --epochs 1 --warmup_epochs 0 --max_steps 3 --batch_size 32 \
     --output_dir /ckpt/run || fail "training in the container"
 
 step "run: evaluate --protocol knn"
-run evaluate --checkpoint /ckpt/run --train-shards /ckpt/data/train --val-shards /ckpt/data/val --protocol knn \
+run evaluate --checkpoint /ckpt/run --train_shards /ckpt/data/train --val_shards /ckpt/data/val --protocol knn \
     --json /ckpt/eval.json || fail "evaluation in the container"
 
 step "run: docker stop during training -> SIGTERM reaches train.py, which checkpoints"
@@ -130,7 +130,10 @@ step "run: bench --help, demo (dry run), the package from another directory"
 run bench --help >/dev/null || fail "bench --help"
 run demo -n >/dev/null || fail "demo (make -n)"
 "$DOCKER" run --rm "$IMAGE" test -w /opt/simclr || fail "WORKDIR not writable by the user (the demo writes data/ and runs/ there)"
-"$DOCKER" run --rm -w /tmp "$IMAGE" python -c "import pipeline, model, trainer, evaluation" || fail "project not importable"
+"$DOCKER" run --rm "$IMAGE" python -c "import pipeline, model, trainer, evaluation" || fail "project not importable in WORKDIR"
+# Nothing is installed under the project's generic module names: from elsewhere, `evaluate` is not ours.
+"$DOCKER" run --rm -w /tmp "$IMAGE" python -c "import importlib.util as u; s = u.find_spec('evaluate'); assert s is None or '/opt/simclr' not in s.origin, s.origin" \
+    || fail "the image installs the project's evaluate.py where it shadows other packages"
 
 step "host: checkpoint and backbone on the mounted volume"
 ls -l "$host/run"

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from pipeline.loader import EvalLoader
+from pipeline.loader import DaliLoader
 
 
 @torch.no_grad()
-def extract_features(backbone: torch.nn.Module, loader: EvalLoader, accelerator: Accelerator | None = None,
+def extract_features(backbone: torch.nn.Module, loader: DaliLoader, accelerator: Accelerator | None = None,
                      desc: str = "features", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(features float32 (N, D), labels int64 (N,)) on every process, N = every sample of the shards once.
 
@@ -35,3 +38,31 @@ def extract_features(backbone: torch.nn.Module, loader: EvalLoader, accelerator:
     width = padded_labels.shape[0]
     keep = torch.cat([torch.arange(int(c), device=all_labels.device) + r * width for r, c in enumerate(counts.tolist())])
     return all_features[keep], all_labels[keep]
+
+
+def cached_features(backbone: torch.nn.Module, loader: DaliLoader, accelerator: Accelerator, desc: str, cache: Path | None,
+                    identity: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``extract_features``, saved to / reloaded from ``cache`` (a .safetensors file) when given.
+
+    ``identity`` (the weights' sha256, the shards, the view) is stored with the features; a cache whose
+    identity differs is recomputed (and overwritten), never silently reused for another backbone or data."""
+    from safetensors.torch import load_file, save_file
+
+    from common.files import atomic_path
+
+    if cache is not None and cache.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(cache), "pt") as handle:
+            stored = json.loads((handle.metadata() or {}).get("identity", "null"))
+        if stored == identity:
+            tensors = load_file(str(cache), device=str(accelerator.device))
+            accelerator.print(f"{desc}: loaded from {cache}")
+            return tensors["features"], tensors["labels"]
+        accelerator.print(f"{desc}: {cache} holds features of another backbone or data set; recomputing")
+    features, labels = extract_features(backbone, loader, accelerator, desc)
+    if cache is not None and accelerator.is_main_process:
+        with atomic_path(cache) as tmp:
+            save_file({"features": features.cpu().contiguous(), "labels": labels.cpu().contiguous()}, str(tmp),
+                      metadata={"identity": json.dumps(identity)})
+    return features, labels

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from trainer.global_bn import convert_to_global_bn
-
-from .linear import sgd_cosine
+from trainer.optim import sgd_cosine
 
 
 class Classifier(torch.nn.Module):

@@ -2,27 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 
 @torch.no_grad()
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, num_classes: int,
-                k: int = 200, temperature: float = 0.1, chunk: int = 256) -> torch.Tensor:
-    """Class scores (M, num_classes) for each test feature: sum over its k most cosine-similar train
-    features of exp(similarity / temperature), per class. Test rows are processed in chunks, so only a
-    (chunk, N) block of similarities exists at a time."""
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+                ks: Sequence[int] = (200,), temperature: float = 0.1, chunk: int = 256) -> dict[int, torch.Tensor]:
+    """Class scores (M, num_classes) for each test feature and each k of ``ks``: the sum over its k most
+    cosine-similar train features of exp(similarity / temperature), per class. One pass for every k (the
+    neighbours of the largest k, sorted, hold those of the smaller ones, as in DINO's ``eval_knn.py``).
+    Test rows are processed in chunks, so only a (chunk, N) block of similarities exists at a time."""
+    if not ks or min(ks) < 1:
+        raise ValueError(f"every k must be >= 1, got {list(ks)}")
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
-    k = min(k, train.shape[0])
-    scores = torch.zeros(test.shape[0], num_classes, device=test.device)
+    largest = min(max(ks), train.shape[0])
+    scores = {k: torch.zeros(test.shape[0], num_classes, device=test.device) for k in ks}
     for start in range(0, test.shape[0], chunk):
-        similarity = test[start : start + chunk] @ train.T
-        top_similarity, top_index = similarity.topk(k, dim=1)
-        weights = (top_similarity / temperature).exp()
-        scores[start : start + chunk].scatter_add_(1, train_labels[top_index], weights)
+        top_similarity, top_index = (test[start : start + chunk] @ train.T).topk(largest, dim=1)  # sorted, most similar first
+        weights, neighbour_labels = (top_similarity / temperature).exp(), train_labels[top_index]
+        for k in ks:
+            scores[k][start : start + chunk].scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
     return scores
 
 

@@ -15,13 +15,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from trainer.optim import sgd_cosine
+
 from .knn import topk_accuracy
-
-
-def sgd_cosine(parameters, base_lr: float, batch_size: int, steps: int, momentum: float = 0.9, weight_decay: float = 0.0):
-    """The protocols' optimiser: SGD with Nesterov momentum at ``base_lr x batch_size / 256``, cosine over ``steps``."""
-    optimizer = torch.optim.SGD(parameters, lr=base_lr * batch_size / 256, momentum=momentum, nesterov=True, weight_decay=weight_decay)
-    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))
 
 
 def train_linear_on_features(train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int,

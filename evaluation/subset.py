@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.shards import ShardError, read_classes, read_index, sample_key, shard_paths
+from pipeline.shardset import read_classes, read_labels, shard_paths
 
 
 class SubsetError(ValueError):
@@ -66,29 +66,6 @@ class LabelSubset:
             raise SubsetError(f"subset file {path} is not a subset written by evaluate.py ({type(error).__name__}: {error})") from None
         return cls(keys_per_class, float(data.get("label_fraction", 0.0)), int(data.get("seed", -1)), int(data.get("per_class", 0)),
                    list(data.get("shards", [])))
-
-
-def read_labels(shards) -> dict[str, int]:
-    """key -> label of every sample, read from the ``.cls`` members through the DALI indexes (a few bytes
-    per sample, no image is read). Raises ``ShardError`` naming the shard of a sample without a label,
-    and a key that occurs twice (a subset by key needs unique keys)."""
-    labels: dict[str, int] = {}
-    for tar in shard_paths(shards):
-        index = read_index(tar)
-        with open(tar, "rb") as handle:
-            for sample in index.samples:
-                key = sample_key(next(iter(sample.values()))[2])
-                if "cls" not in sample:
-                    raise ShardError(f"shard {tar}: sample key {key} has no label (.cls); fine-tuning needs labelled shards")
-                offset, size, _ = sample["cls"]
-                handle.seek(offset)
-                text = handle.read(size).decode(errors="replace").strip()
-                if not text.isdigit():
-                    raise ShardError(f"shard {tar} key {key}: label {text!r} is not a non-negative integer")
-                if key in labels:
-                    raise ShardError(f"shard {tar}: key {key} occurs twice in the shard set; a label subset is chosen by key")
-                labels[key] = int(text)
-    return labels
 
 
 def class_name(label: int, names: list[str] | None) -> str:

@@ -49,7 +49,6 @@ class SimCLR(nn.Module):
     def __init__(self, backbone: str = "resnet50", proj_hidden: int | None = None, proj_dim: int = 128,
                  pretrained: bool = False, cifar_stem: bool = False, **timm_kwargs):
         super().__init__()
-        self.backbone_name = backbone
         self.backbone = create_backbone(backbone, pretrained=pretrained, cifar_stem=cifar_stem, **timm_kwargs)
         self.feature_dim = self.backbone.num_features
         self.head = ProjectionHead(self.feature_dim, proj_hidden or self.feature_dim, proj_dim)

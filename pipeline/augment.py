@@ -160,10 +160,17 @@ def normalize(images, mean, std, mirror=0, dtype=types.FLOAT):
     )
 
 
+def eval_resize(size: int) -> int:
+    """The shorter side an evaluation image is resized to before its centre crop of ``size``: ``size / 0.875``
+    (256 for 224, the standard ImageNet protocol); images of <= 64 px (CIFAR-like sets, stored at their
+    size) are not enlarged: ``size`` itself."""
+    return size if size <= 64 else round(size / 0.875)
+
+
 def eval_view(images, size: int, resize_size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD, output_dtype=types.FLOAT):
-    """Evaluation view: resize the shorter side to ``resize_size`` (default ``size / 0.875``, e.g. 256 for
-    224; for images already at ``size`` pass ``resize_size=size``), centre crop ``size``, normalise."""
-    resize_size = resize_size or round(size / 0.875)
+    """Evaluation view: resize the shorter side to ``resize_size`` (default ``eval_resize(size)``), centre
+    crop ``size``, normalise."""
+    resize_size = resize_size or eval_resize(size)
     images = fn.resize(images, resize_shorter=resize_size, interp_type=types.INTERP_CUBIC)
     images = fn.crop(images, crop=[size, size])
     return normalize(images, mean, std, dtype=output_dtype)

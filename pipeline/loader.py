@@ -1,25 +1,26 @@
 """DALI loaders over WebDataset shards, yielding torch tensors on the training device.
 
-``PretrainLoader`` yields ``(view1, view2)``: two independent SimCLR views of each image.
-``EvalLoader`` yields ``(images, labels)``: resize + centre crop, for feature extraction.
-``LabelledTrainLoader`` yields ``(images, labels)``: one augmented view (by default random resized crop +
-flip, the paper's linear-evaluation and fine-tuning augmentation), shuffled, for training classifiers.
+One loader class, ``DaliLoader``, parametrised by its view of each sample:
+- ``TwoViews(augment)``: ``(view1, view2)``, two independent SimCLR views of each image (pretraining);
+- ``AugmentedView(augment)``: ``(images, labels)``, one augmented view (``classifier_augment``: random
+  resized crop + flip, the paper's linear-evaluation and fine-tuning augmentation), for classifiers;
+- ``EvalView(size)``: ``(images, labels)``, resize + centre crop, for feature extraction.
 
 Every loader can read a subset of the samples (``keys``): DALI's reader follows the index beside each
 tar, so the loader writes filtered copies of the indexes to a temporary directory and points DALI at
 them; no image data is copied.
 
-Both read with DALI's webdataset reader, sharded by rank (``shard_id``/``num_shards``, e.g. from
-Accelerate's ``process_index``/``num_processes``), and decode on the GPU ("mixed") or the CPU by one
+It reads with DALI's webdataset reader, sharded by rank (``shard_id``/``num_shards``, e.g. from
+Accelerate's ``process_index``/``num_processes``), and decodes on the GPU ("mixed") or the CPU by one
 argument, ``device``. Images come out channels-last: an NCHW tensor whose memory is NHWC.
 
 Epoch semantics (per global run, every rank together):
-- ``PretrainLoader`` and ``LabelledTrainLoader``: each epoch, the shard order is reshuffled and the samples split into
+- ``train=True``: each epoch, the shard order is reshuffled and the samples split into
   ``num_shards`` contiguous parts; every rank takes ``steps_per_epoch = min part // batch_size``
   batches. Every sample is seen at most once per epoch; the few samples of each part beyond the last
   full batch are dropped *for that epoch only* (the order changes every epoch, so different samples
   are dropped). All ranks take the same number of steps, as DDP requires.
-- ``EvalLoader``: every sample exactly once per epoch across ranks; a rank's last batch may be partial
+- ``train=False``: every sample exactly once per epoch across ranks; a rank's last batch may be partial
   (padding is removed), and ranks may differ by one sample.
 Shuffling: the shard order is reshuffled every epoch from ``(seed, epoch)`` (identically on every
 rank), and samples are shuffled within a buffer of ``shuffle_buffer`` samples (DALI's reader shuffles
@@ -33,7 +34,9 @@ import os
 import re
 import tempfile
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -42,10 +45,10 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, decode, eval_view, simclr_view
-from .shards import ShardError, ShardIndex, brace_notation, index_path, read_index, sample_key, shard_paths, verify_shards
+from .shardset import IMAGE_COMPONENTS, ShardError, ShardIndex, brace_notation, index_path, read_index, sample_key, shard_paths, verify_shards
 
 READER = "reader"
-IMAGE_EXTENSIONS = "jpg;jpeg;png;webp"
+IMAGE_EXTENSIONS = ";".join(IMAGE_COMPONENTS)  # DALI webdataset reader: any of these is the image
 _DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
 
 
@@ -69,26 +72,62 @@ def _reader(shards: list[Path], index_paths: list[Path], ext: list[str], shard_i
     )
 
 
+# --------------------------------------------------------------------------- views: what a loader makes of each sample
+
+
+@dataclass(frozen=True)
+class TwoViews:
+    """Pretraining: two independent SimCLR views of each image (no label needed)."""
+
+    augment: AugmentConfig = AugmentConfig()
+    labelled: ClassVar[bool] = False
+    outputs: ClassVar[tuple[str, ...]] = ("view1", "view2")
+
+    def graph(self, images, dtype):
+        return simclr_view(images, self.augment, dtype), simclr_view(images, self.augment, dtype)
+
+
+@dataclass(frozen=True)
+class AugmentedView:
+    """Classifier training: one augmented view + label (by default ``classifier_augment``: crop + flip)."""
+
+    augment: AugmentConfig
+    labelled: ClassVar[bool] = True
+    outputs: ClassVar[tuple[str, ...]] = ("images",)
+
+    def graph(self, images, dtype):
+        return (simclr_view(images, self.augment, dtype),)  # the config decides which operators run
+
+
+@dataclass(frozen=True)
+class EvalView:
+    """Evaluation: resize the shorter side, centre crop ``size``, normalise; + label."""
+
+    size: int
+    resize_size: int | None = None  # shorter side before the crop; default ``pipeline.augment.eval_resize(size)``
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    labelled: ClassVar[bool] = True
+    outputs: ClassVar[tuple[str, ...]] = ("images",)
+
+    def graph(self, images, dtype):
+        return (eval_view(images, self.size, self.resize_size, self.mean, self.std, dtype),)
+
+
+View = TwoViews | AugmentedView | EvalView
+
+
 @pipeline_def(enable_conditionals=True)
-def _pretrain_pipeline(shards, index_paths, augment, device, shard_id, num_shards, shuffle_buffer, dtype):
-    jpegs = _reader(shards, index_paths, [IMAGE_EXTENSIONS], shard_id, num_shards, True, shuffle_buffer)
-    images = decode(jpegs, device)
-    return simclr_view(images, augment, dtype), simclr_view(images, augment, dtype)
-
-
-@pipeline_def
-def _eval_pipeline(shards, index_paths, size, resize_size, mean, std, device, shard_id, num_shards, dtype):
-    jpegs, labels = _reader(shards, index_paths, [IMAGE_EXTENSIONS, "cls"], shard_id, num_shards, False, 1)
-    images = eval_view(decode(jpegs, device), size, resize_size, mean, std, dtype)
-    # Labels are ASCII digits of varying length: pad with zero bytes to a dense (batch, width) tensor.
-    return images, fn.pad(labels, fill_value=0), fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
-
-
-@pipeline_def(enable_conditionals=True)
-def _labelled_train_pipeline(shards, index_paths, augment, device, shard_id, num_shards, shuffle_buffer, dtype):
-    jpegs, labels = _reader(shards, index_paths, [IMAGE_EXTENSIONS, "cls"], shard_id, num_shards, True, shuffle_buffer)
-    images = simclr_view(decode(jpegs, device), augment, dtype)  # one view; the config decides which operators run
-    return images, fn.pad(labels, fill_value=0), fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
+def _pipeline(shards, index_paths, view: View, device, shard_id, num_shards, shuffle, shuffle_buffer, dtype):
+    ext = [IMAGE_EXTENSIONS, "cls"] if view.labelled else [IMAGE_EXTENSIONS]
+    read = _reader(shards, index_paths, ext, shard_id, num_shards, shuffle, shuffle_buffer)
+    jpegs = read[0] if view.labelled else read
+    outputs = view.graph(decode(jpegs, device), dtype)
+    if not view.labelled:
+        return outputs
+    # Labels are ASCII digits of varying length: pad with zero bytes to a dense (batch, width) tensor; the
+    # source (shard:offset:member) names a bad sample in errors.
+    return *outputs, fn.pad(read[1], fill_value=0), fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
 
 
 def _channels_last(nhwc: torch.Tensor) -> torch.Tensor:
@@ -144,30 +183,32 @@ def check_labels(indexes: list[ShardIndex]) -> None:
                              f"e.g. key {key} (it has {sorted(unlabelled[0])}); this loader needs labelled shards")
 
 
-class _DaliLoader:
-    """Shared plumbing: shard checks, subsets, pipeline construction, epochs, error translation, checkpoint state."""
+class DaliLoader:
+    """A DALI pipeline over WebDataset shards, sharded by rank, that makes ``view`` of each sample.
 
-    output_names: list[str]
-    last_batch_policy: LastBatchPolicy
-    # A shuffling loader builds a fresh pipeline per epoch: DALI's reader carries its shuffle buffer
-    # (and the padding of the last batch) across epoch boundaries, so only a reader's first epoch holds
-    # every sample exactly once. The shard order and seeds come from (seed, epoch): reproducible.
-    shuffle: bool = False
+    Iterating gives one epoch of batches on the training device: ``(view1, view2)`` for ``TwoViews``,
+    ``(images, labels)`` for ``AugmentedView``/``EvalView`` (images (N, 3, S, S) channels-last, labels
+    int64 (N,)); ``len()`` is the number of batches per epoch. ``train=True``: shuffled, whole batches
+    only, equal steps on every rank (a data set smaller than one batch per rank is an error for
+    ``TwoViews``, and shrinks the batch for a labelled view: a 1% label subset can be smaller than the
+    batch). ``train=False``: in shard order, every sample exactly once (see the module docstring).
+    ``keys``: read only those samples. ``state_dict``/``load_state_dict``: resume at the exact batch."""
 
-    labelled: bool = False  # reads ``.cls``: every sample must have one (checked on the index, before DALI starts)
-    fit_batch_to_data: bool = False  # fewer samples per rank than the batch: shrink the batch instead of failing
-
-    def __init__(self, shards, batch_size: int, device: str, device_id: int | None, shard_id: int, num_shards: int,
-                 num_threads: int | None, prefetch: int, seed: int, keys: Collection[str] | None = None):
+    def __init__(self, shards, batch_size: int, view: View, *, train: bool, device: str = "cpu", device_id: int | None = None,
+                 shard_id: int = 0, num_shards: int = 1, seed: int = 0, num_threads: int | None = None, prefetch: int = 2,
+                 shuffle_buffer: int = 4096, dtype: torch.dtype = torch.float32, keys: Collection[str] | None = None):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         if device == "gpu" and device_id is None:
             device_id = torch.cuda.current_device()
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
+        self.view, self.train, self.shuffle_buffer, self.dtype = view, train, shuffle_buffer, dtype
+        self.last_batch_policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
+        self.output_names = [*view.outputs, "labels", "source"] if view.labelled else list(view.outputs)
         self.shards = shard_paths(shards)
         self.indexes = [read_index(tar) for tar in self.shards]
-        if self.labelled:
+        if view.labelled:
             check_labels(self.indexes)
         self.index_paths = {tar: index_path(tar) for tar in self.shards}  # what DALI reads; a subset's are filtered copies
         if keys is not None:
@@ -177,9 +218,9 @@ class _DaliLoader:
             raise ShardError(f"{self.num_samples} samples cannot be split over {num_shards} ranks")
         smallest_part = self.num_samples // num_shards  # DALI's split: parts differ by at most one sample
         if smallest_part < batch_size:
-            if self.last_batch_policy == LastBatchPolicy.DROP and not self.fit_batch_to_data:
+            if train and not view.labelled:
                 raise ShardError(f"{self.num_samples} samples over {num_shards} rank(s) do not fill one batch of {batch_size} per rank")
-            batch_size = smallest_part  # evaluation: smaller batches change nothing but speed
+            batch_size = smallest_part  # smaller batches change nothing but speed (evaluation) or the lr scale (subsets)
         self.batch_size, self.device, self.device_id = batch_size, device, device_id
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
         self.num_threads = num_threads or default_num_threads()
@@ -211,24 +252,31 @@ class _DaliLoader:
             self.index_paths[tar] = Path(self._subset_dir.name) / f"{position:06d}-{tar.stem}.idx"
             self.index_paths[tar].write_text(index.text())
 
-    def _pipeline(self, shards: list[Path], index_paths: list[Path], **kwargs):
-        raise NotImplementedError
-
     def _epoch_shards(self, epoch: int) -> list[Path]:
         """The shard order of ``epoch``: reshuffled per epoch when shuffling, identical on every rank."""
-        if not self.shuffle:
+        if not self.train:
             return self.shards
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         return [self.shards[i] for i in order]
 
     def _make_iterator(self, epoch: int, checkpoint: bytes | None) -> DALIGenericIterator:
+        # A training loader builds a fresh pipeline per epoch: DALI's reader carries its shuffle buffer
+        # (and the padding of the last batch) across epoch boundaries, so only a reader's first epoch holds
+        # every sample exactly once. The shard order and seeds come from (seed, epoch): reproducible.
         # Distinct random streams per (seed, epoch, rank): shuffle buffer and augmentations.
         seed = int(np.random.SeedSequence([self.seed, epoch, self.shard_id]).generate_state(1)[0] % 2**31)
         try:
             shards = self._epoch_shards(epoch)
-            pipe = self._pipeline(
+            pipe = _pipeline(
                 shards,
                 [self.index_paths[tar] for tar in shards],
+                self.view,
+                self.device,
+                self.shard_id,
+                self.num_shards,
+                self.train,
+                self.shuffle_buffer,
+                _DALI_DTYPES[self.dtype],
                 batch_size=self.batch_size,
                 num_threads=self.num_threads,
                 device_id=self.device_id if self.device == "gpu" else None,
@@ -238,7 +286,7 @@ class _DaliLoader:
                 checkpoint=checkpoint,
             )
             return DALIGenericIterator([pipe], self.output_names, reader_name=READER, last_batch_policy=self.last_batch_policy,
-                                       auto_reset=not self.shuffle)
+                                       auto_reset=not self.train)
         except RuntimeError as error:
             raise self._translate(error) from None
 
@@ -283,14 +331,14 @@ class _DaliLoader:
             raise self._translate(error) from None
         self.epoch += 1
         self._position = 0
-        if self.shuffle:  # build the next epoch's pipeline now, so its prefetch overlaps our caller's work
+        if self.train:  # build the next epoch's pipeline now, so its prefetch overlaps our caller's work
             del self._iterator
             self._iterator = self._make_iterator(self.epoch, checkpoint=None)
 
     def state_dict(self) -> dict:
         """Epoch, reader position and augmentation RNG state: restoring continues with exactly the next batch."""
         state = {"shard_id": self.shard_id, "num_shards": self.num_shards}
-        if self.shuffle and self._position >= len(self):
+        if self.train and self._position >= len(self):
             # The epoch is used up; its pipeline would resume into a second pass of the same order.
             return {**state, "epoch": self.epoch + 1, "dali_checkpoint": None}
         checkpoint = self._iterator.checkpoints()[0]  # DALI's serialised protobuf: bytes, base64 for JSON
@@ -306,85 +354,15 @@ class _DaliLoader:
         self._iterator = self._make_iterator(self.epoch, checkpoint=base64.b64decode(checkpoint) if checkpoint else None)
 
 
-class PretrainLoader(_DaliLoader):
-    """Two SimCLR views per image: iterating gives one epoch of ``(view1, view2)`` float tensors
-    (N, 3, S, S), channels-last, on the device (``len()`` is the number of steps per epoch)."""
-
-    output_names = ["view1", "view2"]
-    last_batch_policy = LastBatchPolicy.DROP
-    shuffle = True
-
-    def __init__(self, shards, batch_size: int, augment: AugmentConfig = AugmentConfig(), *, device: str = "cpu", device_id: int | None = None,
-                 shard_id: int = 0, num_shards: int = 1, seed: int = 0, num_threads: int | None = None, prefetch: int = 2,
-                 shuffle_buffer: int = 4096, dtype: torch.dtype = torch.float32, keys: Collection[str] | None = None):
-        self.augment, self.shuffle_buffer, self.dtype = augment, shuffle_buffer, dtype
-        super().__init__(shards, batch_size, device, device_id, shard_id, num_shards, num_threads, prefetch, seed, keys)
-
-    def _pipeline(self, shards, index_paths, **kwargs):
-        return _pretrain_pipeline(shards, index_paths, self.augment, self.device, self.shard_id, self.num_shards, self.shuffle_buffer,
-                                  _DALI_DTYPES[self.dtype], **kwargs)
-
     def __iter__(self):
         for batch in self._batches():
-            yield _channels_last(batch["view1"]), _channels_last(batch["view2"])
-
-
-class EvalLoader(_DaliLoader):
-    """Deterministic evaluation view + label: iterating gives one epoch of ``(images, labels)``, every
-    sample exactly once across ranks (``len()`` is the number of batches per rank)."""
-
-    output_names = ["images", "labels", "source"]
-    last_batch_policy = LastBatchPolicy.PARTIAL
-    labelled = True
-
-    def __init__(self, shards, batch_size: int, size: int, *, resize_size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                 device: str = "cpu", device_id: int | None = None, shard_id: int = 0, num_shards: int = 1,
-                 num_threads: int | None = None, prefetch: int = 2, dtype: torch.dtype = torch.float32, keys: Collection[str] | None = None):
-        self.size, self.resize_size, self.mean, self.std, self.dtype = size, resize_size, mean, std, dtype
-        super().__init__(shards, batch_size, device, device_id, shard_id, num_shards, num_threads, prefetch, seed=0, keys=keys)
-
-    def _pipeline(self, shards, index_paths, **kwargs):
-        return _eval_pipeline(shards, index_paths, self.size, self.resize_size, self.mean, self.std, self.device, self.shard_id,
-                              self.num_shards, _DALI_DTYPES[self.dtype], **kwargs)
-
-    def __iter__(self):
-        for batch in self._batches():
-            labels = decode_labels(batch["labels"].cpu(), batch["source"])
-            yield _channels_last(batch["images"]), labels.to(self.torch_device, non_blocking=True)
+            if self.view.labelled:
+                labels = decode_labels(batch["labels"].cpu(), batch["source"])
+                yield _channels_last(batch["images"]), labels.to(self.torch_device, non_blocking=True)
+            else:
+                yield _channels_last(batch["view1"]), _channels_last(batch["view2"])
 
 
 def classifier_augment(size: int, crop_area: tuple[float, float] = (0.08, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD) -> AugmentConfig:
     """The augmentation of the paper's linear evaluation and fine-tuning: random resized crop + flip only."""
     return AugmentConfig(size=size, crop_area=crop_area, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, mean=mean, std=std)
-
-
-class LabelledTrainLoader(_DaliLoader):
-    """One augmented view + label per image, shuffled: iterating gives one epoch of ``(images, labels)``,
-    images (N, 3, S, S) channels-last on the device, labels int64 (N,) (``len()`` is the steps per epoch).
-
-    The view is ``pipeline.augment.simclr_view`` under ``augment`` (default ``classifier_augment``: crop +
-    flip + normalise). Epochs as ``PretrainLoader``'s (equal steps on every rank, a few samples dropped
-    per epoch), except that a data set smaller than one batch per rank shrinks the batch to fit (a 1%
-    label subset can be smaller than the batch). ``keys``: train on those samples only."""
-
-    output_names = ["images", "labels", "source"]
-    last_batch_policy = LastBatchPolicy.DROP
-    shuffle = True
-    labelled = True
-    fit_batch_to_data = True
-
-    def __init__(self, shards, batch_size: int, augment: AugmentConfig | None = None, *, size: int = 224, device: str = "cpu",
-                 device_id: int | None = None, shard_id: int = 0, num_shards: int = 1, seed: int = 0, num_threads: int | None = None,
-                 prefetch: int = 2, shuffle_buffer: int = 4096, dtype: torch.dtype = torch.float32, keys: Collection[str] | None = None):
-        self.augment = augment or classifier_augment(size)
-        self.shuffle_buffer, self.dtype = shuffle_buffer, dtype
-        super().__init__(shards, batch_size, device, device_id, shard_id, num_shards, num_threads, prefetch, seed, keys)
-
-    def _pipeline(self, shards, index_paths, **kwargs):
-        return _labelled_train_pipeline(shards, index_paths, self.augment, self.device, self.shard_id, self.num_shards, self.shuffle_buffer,
-                                        _DALI_DTYPES[self.dtype], **kwargs)
-
-    def __iter__(self):
-        for batch in self._batches():
-            labels = decode_labels(batch["labels"].cpu(), batch["source"])
-            yield _channels_last(batch["images"]), labels.to(self.torch_device, non_blocking=True)

@@ -11,7 +11,7 @@ import io
 import torch
 
 from .augment import AugmentConfig
-from .shards import read_index, shard_paths
+from .shardset import IMAGE_COMPONENTS, read_index, shard_paths
 
 
 def simclr_transform(cfg: AugmentConfig):
@@ -41,7 +41,7 @@ class TwoViews:
     def __call__(self, sample):
         from PIL import Image
 
-        image_key = next(k for k in ("jpg", "jpeg", "png", "webp") if k in sample)
+        image_key = next(k for k in IMAGE_COMPONENTS if k in sample)
         image = Image.open(io.BytesIO(sample[image_key])).convert("RGB")
         return self.transform(image), self.transform(image)
 

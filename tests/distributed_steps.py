@@ -12,8 +12,10 @@ import torch
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer.build import build_model, build_optimizer, build_scheduler, simclr_loss  # noqa: E402
+from trainer.build import build_model  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
+from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
+from trainer.step import train_step  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
 
@@ -31,10 +33,7 @@ local = GLOBAL_BATCH // world
 for step in range(STEPS):
     view1, view2 = (torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=inputs) for _ in range(2))
     view1, view2 = view1[rank * local : (rank + 1) * local], view2[rank * local : (rank + 1) * local]
-    loss, _, _ = simclr_loss(model, view1.contiguous(memory_format=torch.channels_last), view2.contiguous(memory_format=torch.channels_last), cfg)
-    accelerator.backward(loss)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    train_step(model, optimizer, view1.contiguous(memory_format=torch.channels_last), view2.contiguous(memory_format=torch.channels_last), cfg, accelerator)
     scheduler.step_update(step + 1)
 if accelerator.is_main_process:
     torch.save(accelerator.unwrap_model(model).state_dict(), sys.argv[1])

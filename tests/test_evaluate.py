@@ -21,9 +21,10 @@ from evaluation.knn import knn_predict, topk_accuracy
 from evaluation.linear import evaluate_classifier, train_linear_on_features
 from evaluation.subset import LabelSubset, SubsetError, select_subset, subset_for
 from model.simclr import create_backbone
-from pipeline.loader import LabelledTrainLoader
-from pipeline.shards import ShardError, array_samples, encode_jpeg, synthetic_images, write_index, write_shards
-from trainer.checkpoint import export_backbone
+from pipeline.loader import AugmentedView, DaliLoader, classifier_augment
+from pipeline.shardset import ShardError, write_index, write_shards
+from pipeline.sources import array_samples, encode_jpeg, synthetic_images
+from trainer.export import export_backbone
 
 TINY = {"model_name": "resnet18", "cifar_stem": True, "timm_kwargs": {"channels": [8, 16, 32, 64]}, "image_size": 32, "num_features": 64}
 CLASSES = ["disc", "square", "triangle", "ring"]
@@ -61,7 +62,7 @@ def run_main(args, capsys):
 
 
 def shard_args(data):
-    return ["--train-shards", data[0], "--val-shards", data[1], "--batch-size", 16]
+    return ["--train-shards", data[0], "--val-shards", data[1], "--local-batch-size", 16]  # the dashed spelling: an alias of --local_batch_size
 
 
 # --------------------------------------------------------------------------- units
@@ -73,17 +74,28 @@ def test_knn_on_separable_features_is_perfect_and_chunked():
     train_labels, test_labels = torch.arange(200) % 5, torch.arange(53) % 5
     train = centres[train_labels] + 0.1 * torch.randn(200, 16, generator=generator)
     test = centres[test_labels] + 0.1 * torch.randn(53, 16, generator=generator)
-    scores = knn_predict(train, train_labels, test, 5, k=20, temperature=0.1, chunk=8)  # 7 chunks, the last partial
+    scores = knn_predict(train, train_labels, test, 5, ks=[20], temperature=0.1, chunk=8)[20]  # 7 chunks, the last partial
     assert scores.shape == (53, 5)
     assert topk_accuracy(scores, test_labels) == {"top1": 100.0, "top5": 100.0}
-    assert torch.allclose(scores, knn_predict(train, train_labels, test, 5, k=20, temperature=0.1, chunk=1000))
+    assert torch.allclose(scores, knn_predict(train, train_labels, test, 5, ks=[20], temperature=0.1, chunk=1000)[20])
+
+
+def test_several_k_in_one_pass_equal_separate_passes():
+    generator = torch.Generator().manual_seed(1)
+    train, test = torch.randn(400, 12, generator=generator), torch.randn(90, 12, generator=generator)
+    labels = torch.randint(0, 7, (400,), generator=generator)
+    together = knn_predict(train, labels, test, 7, ks=[1, 10, 20, 200, 1000], chunk=32)
+    for k in (1, 10, 20, 200, 1000):
+        alone = knn_predict(train, labels, test, 7, ks=[k], chunk=32)[k]
+        assert torch.allclose(together[k], alone), k
+    assert not torch.allclose(together[10], together[200])
 
 
 def test_knn_never_materialises_the_full_similarity_matrix(monkeypatch):
     shapes = []
     original = torch.Tensor.topk
     monkeypatch.setattr(torch.Tensor, "topk", lambda self, *a, **k: shapes.append(tuple(self.shape)) or original(self, *a, **k))
-    knn_predict(torch.randn(300, 8), torch.randint(0, 3, (300,)), torch.randn(100, 8), 3, k=10, chunk=32)
+    knn_predict(torch.randn(300, 8), torch.randint(0, 3, (300,)), torch.randn(100, 8), 3, ks=[10], chunk=32)
     assert shapes and max(s[0] for s in shapes) <= 32  # (chunk, N) blocks, never (100, 300)
 
 
@@ -135,13 +147,13 @@ def test_too_small_label_fraction_names_the_class():
 
 def test_labelled_loader_reads_exactly_the_subset(data):
     subset, _ = subset_for(data[0], 0.2, seed=0)  # 5 per class, 20 in all
-    loader = LabelledTrainLoader(data[0], 64, size=32, keys=subset.keys, seed=0)
+    loader = DaliLoader(data[0], 64, AugmentedView(classifier_augment(32)), train=True, keys=subset.keys, seed=0)
     assert loader.num_samples == 20 and loader.batch_size == 20 and len(loader) == 1  # the batch shrinks to the subset
     for _ in range(2):  # every epoch: the subset's samples, once each, re-augmented
         (images, labels), = list(loader)
         assert images.shape == (20, 3, 32, 32) and sorted(labels.tolist()) == sorted([0, 1, 2, 3] * 5)
     with pytest.raises(ShardError, match="requested keys are not in"):
-        LabelledTrainLoader(data[0], 4, size=32, keys=["nope"])
+        DaliLoader(data[0], 4, AugmentedView(classifier_augment(32)), train=True, keys=["nope"])
 
 
 # --------------------------------------------------------------------------- end to end
@@ -149,11 +161,11 @@ def test_labelled_loader_reads_exactly_the_subset(data):
 
 def test_knn_and_fast_linear_report(data, exported, tmp_path, capsys):
     report_path = tmp_path / "r.json"
-    status, output = run_main(["--backbone", exported, "--protocol", "all", "--epochs", 5, "--json", report_path, *shard_args(data)], capsys)
+    status, output = run_main(["--checkpoint", exported, "--protocol", "all", "--epochs", 5, "--json", report_path, *shard_args(data)], capsys)
     assert status == 0, output
     report = json.loads(report_path.read_text())
     metrics = report["results"][0]["metrics"]
-    assert set(metrics) == {"knn_top1", "knn_top5", "linear_top1", "linear_top5"}
+    assert set(metrics) == {"knn200_top1", "knn200_top5", "linear_top1", "linear_top5"}
     assert all(0 <= v <= 100 for v in metrics.values())
     assert report["protocols"] == ["knn", "linear"] and report["settings"]["linear"]["mode"] == "fast"
     assert report["checkpoint"]["sha256"] == hashlib.sha256(exported.read_bytes()).hexdigest()
@@ -164,8 +176,8 @@ def test_knn_and_fast_linear_report(data, exported, tmp_path, capsys):
 
 def test_augmented_linear_and_finetune_report(data, exported, tmp_path, capsys):
     report_path, subset_file = tmp_path / "r.json", tmp_path / "subset.json"
-    status, output = run_main(["--checkpoint", exported, "--protocol", "linear,finetune", "--augment", "--epochs", 2, "--finetune-epochs", 1,
-                               "--label-fraction", 0.1, "--subset-file", subset_file, "--seed", 5, "--json", report_path,
+    status, output = run_main(["--checkpoint", exported, "--protocol", "linear,finetune", "--augment", "--epochs", 2, "--finetune_epochs", 1,
+                               "--label_fraction", 0.1, "--subset_file", subset_file, "--seed", 5, "--json", report_path,
                                *shard_args(data)], capsys)
     assert status == 0, output
     report = json.loads(report_path.read_text())
@@ -185,8 +197,8 @@ def test_two_processes_match_one_process(data, exported, tmp_path):
     one process's exactly: no validation sample duplicated or dropped. Fine-tuning runs under DDP too
     (its numbers differ: each rank augments its own half of the batch)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    args = ["evaluate.py", "--backbone", str(exported), "--protocol", "knn,linear,finetune", "--epochs", "5", "--train-shards", str(data[0]),
-            "--val-shards", str(data[1]), "--batch-size", "8", "--label-fraction", "0.2", "--finetune-epochs", "1"]
+    args = ["evaluate.py", "--checkpoint", str(exported), "--protocol", "knn,linear,finetune", "--epochs", "5", "--train_shards", str(data[0]),
+            "--val_shards", str(data[1]), "--local_batch_size", "8", "--label_fraction", "0.2", "--finetune_epochs", "1"]
     one = subprocess.run([sys.executable, *args, "--json", str(tmp_path / "one.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
@@ -194,7 +206,7 @@ def test_two_processes_match_one_process(data, exported, tmp_path):
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert one["processes"] == 1 and two["processes"] == 2
-    assert two["num_val"] == one["num_val"] == 43 and two["num_train"] == one["num_train"] == 100
+    assert two["data"]["num_val"] == one["data"]["num_val"] == 43 and two["data"]["num_train"] == one["data"]["num_train"] == 100
     quick = lambda report: {k: v for k, v in report["results"][0]["metrics"].items() if not k.startswith("finetune")}
     assert quick(two) == quick(one) and len(quick(one)) == 4
     assert 0 <= two["results"][0]["metrics"]["finetune_top1"] <= 100
@@ -217,17 +229,17 @@ def test_shards_without_labels_are_named(data, exported, tmp_path, capsys):
         for i, image in enumerate(random_images(6)):
             writer.write({"__key__": f"u{i:03d}", "jpg": encode_jpeg(image)})
     write_index(tar)
-    status, output = run_main(["--backbone", exported, "--train-shards", data[0], "--val-shards", tar.parent, "--protocol", "knn"], capsys)
+    status, output = run_main(["--checkpoint", exported, "--train_shards", data[0], "--val_shards", tar.parent, "--protocol", "knn"], capsys)
     assert status == 2 and str(tar) in output and "no label" in output, output
-    status, output = run_main(["--backbone", exported, "--train-shards", tar.parent, "--val-shards", data[1], "--protocol", "finetune"], capsys)
+    status, output = run_main(["--checkpoint", exported, "--train_shards", tar.parent, "--val_shards", data[1], "--protocol", "finetune"], capsys)
     assert status == 2 and str(tar) in output, output
 
 
 def test_too_few_samples_per_class_is_named(data, exported, capsys):
-    status, output = run_main(["--backbone", exported, "--protocol", "finetune", "--label-fraction", 0.01, *shard_args(data)], capsys)
+    status, output = run_main(["--checkpoint", exported, "--protocol", "finetune", "--label_fraction", 0.01, *shard_args(data)], capsys)
     assert status == 2 and "less than 1 (class" in output and "'disc'" in output, output
 
 
 def test_missing_backbone_file(data, tmp_path, capsys):
-    status, output = run_main(["--backbone", tmp_path / "nothing.safetensors", "--protocol", "knn", *shard_args(data)], capsys)
+    status, output = run_main(["--checkpoint", tmp_path / "nothing.safetensors", "--protocol", "knn", *shard_args(data)], capsys)
     assert status == 2 and "nothing.safetensors" in output

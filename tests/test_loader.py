@@ -12,15 +12,16 @@ import webdataset as wds
 from conftest import make_shards, random_images
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
-from pipeline.loader import EvalLoader, PretrainLoader
-from pipeline.shards import Sample, ShardError, encode_jpeg, write_index, write_shards
+from pipeline.loader import DaliLoader, EvalView, TwoViews
+from pipeline.shardset import Sample, ShardError, write_index, write_shards
+from pipeline.sources import encode_jpeg
 
 CIFAR = AugmentConfig.cifar()
 
 
 def test_pretrain_views_shape_dtype_and_differ(small_shards):
     directory, _ = small_shards
-    loader = PretrainLoader(directory, 8, CIFAR, seed=1)
+    loader = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=1)
     assert len(loader) == 103 // 8
     view1, view2 = next(iter(loader))
     for view in (view1, view2):
@@ -33,7 +34,7 @@ def test_pretrain_views_shape_dtype_and_differ(small_shards):
 def test_eval_labels_decode_multi_digit(small_shards):
     directory, labels = small_shards  # labels i % 12: 10 and 11 occur
     seen = []
-    for images, batch_labels in EvalLoader(directory, 16, 32, resize_size=32):
+    for images, batch_labels in DaliLoader(directory, 16, EvalView(32, 32), train=False):
         assert images.shape[1:] == (3, 32, 32) and batch_labels.dtype == torch.int64
         seen += batch_labels.tolist()
     assert sorted(seen) == sorted(labels.tolist())
@@ -66,7 +67,7 @@ def test_eval_every_sample_exactly_once_across_ranks(identity_shards, world):
     for epoch in range(2):
         seen = collections.Counter()
         for rank in range(world):
-            loader = EvalLoader(directory, 8, 24, resize_size=24, shard_id=rank, num_shards=world)
+            loader = DaliLoader(directory, 8, EvalView(24, 24), train=False, shard_id=rank, num_shards=world)
             for _ in range(epoch + 1):  # the second pass checks that a loader's next epoch is whole again
                 seen_this = [label for _, labels in loader for label in labels.tolist()]
             seen.update(seen_this)
@@ -77,7 +78,7 @@ def test_pretrain_epochs_see_each_sample_at_most_once_with_equal_steps(identity_
     directory, count = identity_shards
     plain = AugmentConfig(size=16, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
     world, batch = 2, 8
-    loaders = [PretrainLoader(directory, batch, plain, shard_id=rank, num_shards=world, seed=5, shuffle_buffer=64) for rank in range(world)]
+    loaders = [DaliLoader(directory, batch, TwoViews(plain), train=True, shard_id=rank, num_shards=world, seed=5, shuffle_buffer=64) for rank in range(world)]
     assert len({len(loader) for loader in loaders}) == 1  # DDP: every rank takes the same number of steps
     steps = len(loaders[0])
     assert steps == (count // world) // batch
@@ -99,7 +100,7 @@ def test_pretrain_epochs_see_each_sample_at_most_once_with_equal_steps(identity_
 
 def test_same_seed_same_views_other_seed_differs(small_shards):
     directory, _ = small_shards
-    first = [next(iter(PretrainLoader(directory, 8, CIFAR, seed=s)))[0] for s in (3, 3, 4)]
+    first = [next(iter(DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=s)))[0] for s in (3, 3, 4)]
     assert torch.equal(first[0], first[1])
     assert not torch.equal(first[0], first[2])
 
@@ -108,17 +109,17 @@ def test_same_seed_same_views_other_seed_differs(small_shards):
 def test_exact_resume(small_shards, stop):
     directory, _ = small_shards
     reference = []
-    loader = PretrainLoader(directory, 8, CIFAR, seed=2)
+    loader = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=2)
     for _ in range(2):
         reference += [v1 for v1, _ in loader]
-    loader = PretrainLoader(directory, 8, CIFAR, seed=2)
+    loader = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=2)
     resumed = []
     for view1, _ in loader:
         resumed.append(view1)
         if len(resumed) == stop:
             state = loader.state_dict()
             break
-    restored = PretrainLoader(directory, 8, CIFAR, seed=2)
+    restored = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=2)
     restored.load_state_dict(state)
     while len(resumed) < len(reference):
         resumed += [v1 for v1, _ in restored]
@@ -145,7 +146,7 @@ def test_corrupt_jpeg_named(tmp_path):
     samples[7]["jpg"] = samples[7]["jpg"][: len(samples[7]["jpg"]) // 2]
     tar = write_raw(tmp_path, samples)
     with pytest.raises(ShardError) as error:
-        for _ in PretrainLoader(tmp_path, 4, CIFAR):
+        for _ in DaliLoader(tmp_path, 4, TwoViews(CIFAR), train=True):
             pass
     assert str(tar) in str(error.value) and "key k007" in str(error.value)
 
@@ -155,7 +156,7 @@ def test_missing_label_named(tmp_path):
     samples = [{"__key__": f"k{i:03d}", "jpg": encode_jpeg(im), **({"cls": b"3"} if i != 5 else {})} for i, im in enumerate(images)]
     tar = write_raw(tmp_path, samples)
     with pytest.raises(ShardError) as error:
-        for _ in EvalLoader(tmp_path, 4, 32):
+        for _ in DaliLoader(tmp_path, 4, EvalView(32), train=False):
             pass
     assert str(tar) in str(error.value) and "key k005" in str(error.value) and "cls" in str(error.value)
 
@@ -165,7 +166,7 @@ def test_bad_label_text_named(tmp_path):
     samples = [{"__key__": f"k{i:03d}", "jpg": encode_jpeg(im), "cls": b"x7" if i == 2 else b"12"} for i, im in enumerate(images)]
     tar = write_raw(tmp_path, samples)
     with pytest.raises(ShardError) as error:
-        for _ in EvalLoader(tmp_path, 3, 32):
+        for _ in DaliLoader(tmp_path, 3, EvalView(32), train=False):
             pass
     assert str(tar) in str(error.value) and "key k002" in str(error.value)
 
@@ -178,20 +179,20 @@ def test_truncated_empty_missing_shards(tmp_path, small_shards):
     truncated.write_bytes(data[: len(data) // 3])
     truncated.with_suffix(".idx").write_bytes((directory / "part-000001.idx").read_bytes())
     with pytest.raises(ShardError, match="part-000001.tar is truncated"):
-        PretrainLoader(tmp_path / "t", 4, CIFAR)
+        DaliLoader(tmp_path / "t", 4, TwoViews(CIFAR), train=True)
     (tmp_path / "e").mkdir()
     (tmp_path / "e" / "x-000000.tar").write_bytes(b"")
     with pytest.raises(ShardError, match="x-000000.tar is empty"):
-        EvalLoader(tmp_path / "e", 4, 32)
+        DaliLoader(tmp_path / "e", 4, EvalView(32), train=False)
     with pytest.raises(ShardError, match="does not exist"):
-        PretrainLoader(tmp_path / "nowhere-{000..003}.tar", 4, CIFAR)
+        DaliLoader(tmp_path / "nowhere-{000..003}.tar", 4, TwoViews(CIFAR), train=True)
     (tmp_path / "n").mkdir()
     (tmp_path / "n" / "part-000000.tar").write_bytes((directory / "part-000000.tar").read_bytes())
     with pytest.raises(ShardError, match="has no index"):
-        PretrainLoader(tmp_path / "n", 4, CIFAR)
+        DaliLoader(tmp_path / "n", 4, TwoViews(CIFAR), train=True)
 
 
 def test_batch_larger_than_data_is_an_error(tmp_path):
     directory, _ = make_shards(tmp_path, 10)
     with pytest.raises(ShardError, match="do not fill one batch"):
-        PretrainLoader(directory, 8, CIFAR, num_shards=2)
+        DaliLoader(directory, 8, TwoViews(CIFAR), train=True, num_shards=2)

@@ -15,18 +15,9 @@ import webdataset as wds
 from conftest import ROOT, SHARED_DATA, random_images
 from PIL import Image
 
-from pipeline.shards import (
-    ShardError,
-    brace_notation,
-    build_index,
-    folder_samples,
-    main,
-    read_index,
-    shard_paths,
-    synthetic_images,
-    verify_shards,
-    write_shards,
-)
+from pipeline.shards import main
+from pipeline.shardset import Sample, ShardError, brace_notation, build_index, read_index, shard_paths, verify_shards, write_shards
+from pipeline.sources import array_samples, folder_samples, synthetic_images
 
 
 def write_folder_tree(root, num_classes=11, per_class=3, size=16):
@@ -79,7 +70,6 @@ def test_classes_json_order_is_stable(tmp_path):
 
 def test_shard_size_by_bytes(tmp_path):
     images = random_images(30, 32)
-    from pipeline.shards import array_samples
 
     small = write_shards(array_samples(images, np.zeros(30, int)), str(tmp_path / "b-%06d.tar"), ["x"], max_bytes=8_000, progress=False)
     large = write_shards(array_samples(images, np.zeros(30, int)), str(tmp_path / "c-%06d.tar"), ["x"], max_bytes=30_000, progress=False)
@@ -192,7 +182,6 @@ def test_index_rejects_truncated_and_empty_tars(tmp_path, small_shards):
 
 
 def test_verify_names_bad_keys(tmp_path):
-    from pipeline.shards import Sample
 
     good = Image.new("RGB", (8, 8), (10, 200, 30))
     buffer = io.BytesIO()

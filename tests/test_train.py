@@ -24,7 +24,7 @@ TINY = {
     "image_size": 32, "augment": "cifar", "backbone": "resnet18", "cifar_stem": True,
     "timm_kwargs": {"channels": [8, 16, 32, 64]}, "proj_hidden": 32, "proj_dim": 16, "batch_size": 16,
     "epochs": 3, "warmup_epochs": 1, "lr": 0.5, "temperature": 0.2, "precision": "no", "tracker": "none",
-    "log_every": 1, "checkpoint_every": 0, "data_threads": 1,
+    "log_every": 1, "checkpoint_every": None, "data_threads": 1,
 }
 
 
@@ -60,10 +60,10 @@ def test_tiny_run_trains_exports_and_evaluates(tmp_path, shards, capsys):
     assert summary["steps"] == 5 and summary["mean_images_per_s"] > 0 and 0 <= summary["data_wait_fraction"] <= 1
     assert (out / "checkpoints").is_dir() and len(list((out / "checkpoints").iterdir())) == 1  # the final one
     report = tmp_path / "eval.json"
-    assert evaluate.main(["--checkpoint", str(out), "--train-shards", str(shards), "--val-shards", str(shards),
-                          "--protocol", "knn", "--json", str(report), "--compare-random-init"]) == 0
+    assert evaluate.main(["--checkpoint", str(out), "--train_shards", str(shards), "--val_shards", str(shards),
+                          "--protocol", "knn", "--json", str(report), "--compare_random_init"]) == 0
     results = json.loads(report.read_text())["results"]
-    assert len(results) == 2 and all(0 <= r["metrics"]["knn_top1"] <= 100 for r in results)
+    assert len(results) == 2 and all(0 <= r["metrics"]["knn200_top1"] <= 100 for r in results)
 
 
 def test_time_budget_ends_the_run_with_a_final_eval_checkpoint_and_export(tmp_path, shards, capsys):
@@ -92,11 +92,15 @@ def test_tensorboard_meters_are_logged(tmp_path, shards):
 def test_export_loads_with_timm(tmp_path, shards):
     import timm
 
-    assert run_train(tmp_path, shards, "plain", max_steps=2, cifar_stem=False, timm_kwargs={}) == 0
+    assert run_train(tmp_path, shards, "plain", max_steps=2, cifar_stem=False) == 0
     weights = tmp_path / "plain" / "backbone.safetensors"
-    model = timm.create_model("resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), num_classes=0)
+    model = timm.create_model("resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), num_classes=0,
+                              channels=[8, 16, 32, 64])
     trained = load_file(str(weights))
     assert torch.equal(model.state_dict()["layer4.1.conv2.weight"], trained["layer4.1.conv2.weight"])
+    # timm's own local-directory convention: the architecture (with its timm arguments) comes from config.json
+    local = timm.create_model(f"local-dir:{tmp_path / 'plain' / 'backbone'}", pretrained=True)
+    assert local.num_classes == 0 and all(torch.equal(local.state_dict()[k], trained[k]) for k in trained)
 
 
 def test_resume_is_exact_mid_epoch_and_at_epoch_end(tmp_path, shards):

@@ -12,7 +12,6 @@ import re
 import shutil
 from pathlib import Path
 
-import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
@@ -77,19 +76,3 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> tuple[dict, dict]:
         raise ValueError(f"checkpoint {path} was written by {len(loaders)} processes; this run has {accelerator.num_processes}. "
                          "Exact resume needs the same number of processes.")
     return state, loaders[accelerator.process_index]
-
-
-def export_backbone(backbone: torch.nn.Module, output_dir: str | Path, meta: dict) -> Path:
-    """``backbone.safetensors`` + ``backbone.json`` (timm model name, feature dim, stem), atomically.
-
-    For a stock timm architecture, load with
-    ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH), num_classes=0)``."""
-    from safetensors.torch import save_file
-
-    output_dir = Path(output_dir)
-    weights = output_dir / "backbone.safetensors"
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    save_file(state, str(weights) + ".tmp", metadata={k: json.dumps(v) for k, v in meta.items()})
-    Path(str(weights) + ".tmp").rename(weights)
-    (output_dir / "backbone.json").write_text(json.dumps(meta, indent=1) + "\n")
-    return weights

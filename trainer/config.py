@@ -1,19 +1,25 @@
-"""The training configuration: one typed dataclass; YAML presets in configs/ set its fields, and every
-field is also a command-line flag of the same spelling (``--batch_size 4096``).
+"""The training configuration: one typed dataclass. YAML presets in configs/ set its fields, and every field is
+also a command-line flag of the same spelling (``--batch_size 4096``; ``--batch-size`` works too).
 
-Everything here is checked before any GPU work: unknown keys, wrong types and impossible values fail
-with a message that names the field (and the file it came from)."""
+Parsing is jsonargparse's (YAML files, types, ``Literal`` choices, ``None`` for "unset", JSON for mappings),
+and ``--help`` shows every field with the docstring written under it here. Everything is checked before
+any GPU work: unknown keys, wrong types and impossible values fail with a one-line message that names
+the field (and the file it came from)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import typing
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
+
+from common.cli import underscore_flags
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
 class ConfigError(ValueError):
@@ -22,92 +28,140 @@ class ConfigError(ValueError):
 
 @dataclass
 class TrainConfig:
+    """SimCLR pretraining; the defaults are the paper's ImageNet recipe (Chen et al. 2020)."""
+
     # --- data
-    train_shards: str = ""  # directory, brace pattern, glob or comma list of WebDataset shards
+    train_shards: str = ""
+    """Training shards: a directory, brace pattern, glob or comma list of WebDataset tars (required)."""
     image_size: int = 224
-    augment: str = "imagenet"  # augmentation preset: imagenet (paper defaults) | cifar (32 px, s=0.5, no blur)
-    jitter_strength: float = -1.0  # colour jitter strength s; -1 = the preset's (1.0 imagenet, 0.5 cifar)
-    blur_prob: float = -1.0  # Gaussian blur probability; -1 = the preset's (0.5 imagenet, 0 cifar)
-    min_crop_area: float = 0.08  # random resized crop area range [min_crop_area, 1]
-    shuffle_buffer: int = 4096  # DALI reader shuffle buffer (samples)
-    data_threads: int = 0  # DALI CPU threads per process; 0 = this process's share of the cores
-    prefetch: int = 2  # DALI prefetch queue depth (batches)
-    data_device: str = "auto"  # where DALI decodes and augments: auto (gpu when training on CUDA) | gpu | cpu
-    data_loader: str = "dali"  # dali | torchvision (the baseline, for time-to-accuracy comparisons; resume not exact)
+    """Side of each augmented view, in pixels."""
+    augment: Literal["imagenet", "cifar"] = "imagenet"
+    """Augmentation preset: imagenet (the paper's: jitter strength 1, blur p=0.5) or cifar (strength 0.5, no blur)."""
+    jitter_strength: float | None = None
+    """Colour jitter strength s; null = the preset's (1.0 imagenet, 0.5 cifar)."""
+    blur_prob: float | None = None
+    """Gaussian blur probability per view; null = the preset's (0.5 imagenet, 0 cifar)."""
+    min_crop_area: float = 0.08
+    """Random resized crop: the smallest crop, as a fraction of the image's area (the range is [this, 1])."""
+    shuffle_buffer: int = 4096
+    """Samples in DALI's reader shuffle buffer."""
+    data_threads: int | None = None
+    """DALI CPU threads per process; null = this process's share of the cores."""
+    prefetch: int = 2
+    """DALI prefetch queue depth, in batches."""
+    data_device: Literal["auto", "gpu", "cpu"] = "auto"
+    """Where DALI decodes and augments: auto = the GPU when training on CUDA."""
+    data_loader: Literal["dali", "torchvision"] = "dali"
+    """dali, or the torchvision DataLoader baseline (time-to-accuracy comparisons; its resume is not exact)."""
     # --- model
-    backbone: str = "resnet50"  # any timm model name
-    cifar_stem: bool = False  # 3x3 stride-1 stem, no max-pool (ResNet family; CIFAR recipe)
-    timm_kwargs: dict = field(default_factory=dict)  # extra timm.create_model arguments, e.g. {"channels": [32, 64, 128, 256]}
-    proj_hidden: int = 0  # projection head hidden width; 0 = the backbone's feature width
+    backbone: str = "resnet50"
+    """Any timm model name (the encoder f; its classifier is removed)."""
+    pretrained: bool = False
+    """Start from timm's pretrained weights for the backbone (downloaded by timm) instead of a random init."""
+    cifar_stem: bool = False
+    """Replace a ResNet stem by a 3x3 stride-1 conv without max-pool (the paper's CIFAR recipe)."""
+    timm_kwargs: dict = field(default_factory=dict)
+    """Extra timm.create_model arguments, as a mapping, e.g. {"channels": [32, 64, 128, 256]}."""
+    proj_hidden: int | None = None
+    """Hidden width of the projection head; null = the backbone's feature width."""
     proj_dim: int = 128
+    """Output width of the projection head (the loss's d)."""
     # --- optimisation (the paper's defaults)
-    batch_size: int = 4096  # global batch (all processes together)
+    batch_size: int = 4096
+    """Global batch: images per step over all processes together (each process gets batch_size / processes)."""
     epochs: float = 100
-    max_steps: int = 0  # stop after this many steps (0 = run all epochs); the schedule still spans all epochs
-    max_train_minutes: float = 0  # stop once this much training wall-clock has passed (0 = off; evaluation excluded); schedule as above
-    optimizer: str = "lars"  # any timm optimiser name (lars, sgd, adamw, ...)
-    lr: float = 0.3  # base learning rate, scaled by lr_scaling
-    lr_scaling: str = "linear"  # linear: lr * batch/256 | sqrt: lr * sqrt(batch) | none
+    """Length of the schedule, in epochs."""
+    max_steps: int | None = None
+    """Stop after this many steps; null = run all epochs (the schedule still spans all epochs)."""
+    max_train_minutes: float | None = None
+    """Stop once this much training wall-clock has passed (evaluation excluded); null = no limit."""
+    optimizer: str = "lars"
+    """Any timm optimiser name (lars, sgd, adamw, ...)."""
+    lr: float = 0.3
+    """Base learning rate, scaled by lr_scaling."""
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    """linear: lr x batch_size / 256; sqrt: lr x sqrt(batch_size); none: lr as given."""
     warmup_epochs: float = 10
-    weight_decay: float = 1e-6  # not applied to biases and normalisation parameters (nor LARS adaptation)
+    """Linear warm-up from 0, then cosine decay to 0."""
+    weight_decay: float = 1e-6
+    """Not applied to biases and normalisation parameters (nor LARS adaptation)."""
     momentum: float = 0.9
+    """Optimiser momentum."""
     temperature: float = 0.1
-    grad_clip: float = 0.0  # max gradient norm; 0 = off
+    """NT-Xent temperature tau."""
+    grad_clip: float | None = None
+    """Clip the global gradient norm to this; null = no clipping."""
     # --- system
-    precision: str = "bf16"  # no | bf16 | fp16 (Accelerate mixed precision; use "no" on CPU)
+    precision: Literal["no", "bf16", "fp16"] = "bf16"
+    """Accelerate mixed precision (use no on the CPU)."""
     channels_last: bool = True
-    compile: bool = False  # torch.compile the model
-    sync_bn: bool = True  # global batch norm across processes (the paper's "global BN")
-    loss_backend: str = "auto"  # NT-Xent backend: auto (fused Triton on CUDA) | triton | chunked
+    """Channels-last memory format for the model and its inputs."""
+    compile: bool = False
+    """torch.compile the model."""
+    sync_bn: bool = True
+    """Global batch norm across processes (the paper's global BN)."""
+    loss_backend: Literal["auto", "triton", "chunked"] = "auto"
+    """NT-Xent backend: auto = the fused Triton kernels on CUDA, the chunked PyTorch path elsewhere."""
     seed: int = 0
+    """Seed of the initial weights, the data order and the augmentations."""
     # --- output
     output_dir: str = "runs/simclr"
-    resume: str = ""  # "" (fresh start) | auto (newest checkpoint in output_dir, if any) | PATH of a checkpoint
-    checkpoint_every: int = 1000  # steps; 0 = only at the end (and on preemption)
+    """Checkpoints, logs, the exported backbone."""
+    resume: str | None = None
+    """auto (the newest checkpoint in output_dir, if any) or a checkpoint directory; null = a fresh start."""
+    checkpoint_every: int | None = 1000
+    """Steps between checkpoints; null = only at the end (and on preemption)."""
     keep_checkpoints: int = 3
-    log_every: int = 20  # steps between meter updates (also when preemption and non-finite loss are checked)
-    tracker: str = "tensorboard"  # tensorboard | wandb | none
+    """Newest checkpoints kept."""
+    log_every: int = 20
+    """Steps between meter updates (also when preemption and a non-finite loss are checked)."""
+    tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    """Where the meters go besides the progress bar."""
     # --- evaluation during training (kNN + fast linear probe on frozen features)
-    eval_every_epochs: float = 0  # 0 = off
-    eval_train_shards: str = ""
-    eval_val_shards: str = ""
-    eval_size: int = 0  # eval image side; 0 = image_size
-    eval_resize: int = 0  # shorter side before the centre crop; 0 = eval_size / 0.875 (= eval_size when eval_size <= 64)
-    eval_json: str = ""  # append each evaluation to this JSON file (a curve)
-
-    CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
-        "augment": ("imagenet", "cifar"),
-        "lr_scaling": ("linear", "sqrt", "none"),
-        "precision": ("no", "bf16", "fp16"),
-        "data_device": ("auto", "gpu", "cpu"),
-        "data_loader": ("dali", "torchvision"),
-        "loss_backend": ("auto", "triton", "chunked"),
-        "tracker": ("tensorboard", "wandb", "none"),
-    }
+    eval_every_epochs: float | None = None
+    """Evaluate every this many epochs (and at step 0 and the end); null = no evaluation during training."""
+    eval_train_shards: str | None = None
+    """Labelled shards the kNN / linear probe fits on."""
+    eval_val_shards: str | None = None
+    """Labelled shards the probe is scored on."""
+    eval_size: int | None = None
+    """Evaluation image side; null = image_size."""
+    eval_resize: int | None = None
+    """Shorter side before the centre crop; null = eval_size / 0.875 (eval_size itself at <= 64 px)."""
+    eval_knn_k: int = 200
+    """Neighbours of the in-training kNN probe."""
+    eval_knn_temperature: float = 0.1
+    """Temperature of the in-training kNN probe's weights."""
+    eval_json: str | None = None
+    """Write the evaluation curve (every evaluation so far) to this JSON file."""
 
     def validate(self, world_size: int = 1) -> None:
-        """Checks that need no data: choices, ranges, divisibility. Raises ConfigError naming the field."""
-        for name, choices in self.CHOICES.items():
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+        """Checks that need no data: ranges and divisibility (types and choices are the parser's). Raises
+        ``ConfigError`` naming the field."""
         if not self.train_shards:
             raise ConfigError("train_shards is required (a shard directory, brace pattern or glob)")
-        positive = ["image_size", "batch_size", "proj_dim", "prefetch", "shuffle_buffer", "keep_checkpoints", "log_every"]
+        positive = ["image_size", "batch_size", "proj_dim", "prefetch", "shuffle_buffer", "keep_checkpoints", "log_every",
+                    "epochs", "lr", "temperature", "eval_knn_k", "eval_knn_temperature", "data_threads", "proj_hidden",
+                    "max_steps", "max_train_minutes", "checkpoint_every", "eval_every_epochs", "eval_size", "eval_resize", "grad_clip"]
         for name in positive:
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ["epochs", "lr", "temperature"]:
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        non_negative = ["warmup_epochs", "weight_decay", "momentum", "grad_clip", "max_steps", "max_train_minutes", "checkpoint_every", "eval_every_epochs",
-                        "data_threads", "proj_hidden"]
-        for name in non_negative:
-            if getattr(self, name) < 0:
+            value = getattr(self, name)
+            if value is not None and not value > 0:  # `not >` also catches nan
+                raise ConfigError(f"{name} must be > 0, got {value}")
+        for name in ["warmup_epochs", "weight_decay", "momentum"]:
+            if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.warmup_epochs >= self.epochs and self.epochs > 0:
+        for name in ["epochs", "warmup_epochs", "lr", "max_train_minutes", "eval_every_epochs"]:
+            value = getattr(self, name)
+            if value is not None and value == float("inf"):
+                raise ConfigError(f"{name} must be finite, got {value}")
+        if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
         if not 0 < self.min_crop_area <= 1:
             raise ConfigError(f"min_crop_area must be in (0, 1], got {self.min_crop_area}")
+        for name in ["jitter_strength", "blur_prob"]:
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= (1 if name == "blur_prob" else 10):
+                raise ConfigError(f"{name} must be in [0, {1 if name == 'blur_prob' else 10}], got {value}")
         if self.temperature < 0.03:
             raise ConfigError(f"temperature must be >= 0.03, got {self.temperature}")
         if self.batch_size % world_size:
@@ -128,69 +182,52 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-
-def _coerce(name: str, value, annotation: str):
-    """Check/convert ``value`` to the field's declared type (annotations are strings here)."""
-    kind = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}[annotation]
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
-            return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{name} must be true or false, got {value!r}")
-    if kind is dict:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as error:
-                raise ConfigError(f"{name} must be a JSON object, got {value!r} ({error})") from None
-        if not isinstance(value, dict):
-            raise ConfigError(f"{name} must be a mapping, got {value!r}")
-        return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and kind is not str:
-        try:
-            return kind(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be {annotation}, got {value!r}") from None
-    if not isinstance(value, kind) or isinstance(value, bool):
-        raise ConfigError(f"{name} must be {annotation}, got {value!r} ({type(value).__name__})")
-    return value
+    def to_yaml(self) -> str:
+        """The resolved configuration as YAML that ``--config`` reads back."""
+        stream = io.StringIO()
+        yaml.safe_dump(self.to_dict(), stream, sort_keys=False)
+        return stream.getvalue()
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-    """A TrainConfig from a YAML file (optional) and overrides (e.g. from the command line)."""
-    values: dict = {}
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of field: value")
-        for key in loaded:
-            if key not in FIELDS:
-                raise ConfigError(f"unknown config key {key!r} in {path}")
-        values.update({key: _coerce(key, value, FIELDS[key].type) for key, value in loaded.items()})
-    for key, value in (overrides or {}).items():
-        if key not in FIELDS:
-            raise ConfigError(f"unknown config key {key!r}")
-        values[key] = _coerce(key, value, FIELDS[key].type)
-    return TrainConfig(**values)
+def build_parser(description: str = "") -> ArgumentParser:
+    """``--config FILE`` plus ``--FIELD VALUE`` for every TrainConfig field (jsonargparse)."""
+    parser = ArgumentParser(prog="train.py", description=description, exit_on_error=False, env_prefix=None, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML preset (configs/*.yaml); flags after it override it")
+    parser.add_class_arguments(TrainConfig, as_group=False)
+    return parser
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> TrainConfig:
-    """``--config FILE`` plus ``--FIELD VALUE`` for every TrainConfig field."""
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", default=None, help="YAML preset (configs/*.yaml); flags override it")
-    for name, spec in FIELDS.items():
-        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
-        parser.add_argument(f"--{name}", type=str, metavar=spec.type.upper(), help=f"(default {default!r})")
-    args = vars(parser.parse_args(argv))
-    config_path = args.pop("config", None)
-    return load_config(config_path, args)
+    """A TrainConfig from the command line (``--config FILE`` and flags); ``--help`` prints and exits.
+    Raises ``ConfigError`` with a one-line message naming the field (and the config file)."""
+    import sys
 
+    argv = underscore_flags(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(description)
+    try:
+        namespace = parser.parse_args(argv)
+    except ArgumentError as error:
+        files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+        files += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+        where = f" (config {', '.join(files)} and flags)" if files else ""
+        raise ConfigError(_one_line(error) + where) from None
+    values = namespace.as_dict()
+    values.pop("config", None)
+    return TrainConfig(**values)
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
+    """A TrainConfig from a YAML file (optional) and overrides given as Python values (tests, benchmarks)."""
+    argv = ["--config", str(path)] if path else []
+    config = parse_args(argv)
+    unknown = sorted(set(overrides or {}) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}")
+    return dataclasses.replace(config, **(overrides or {}))

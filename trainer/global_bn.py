@@ -1,15 +1,17 @@
 """Global ("sync") batch norm: statistics over the whole global batch, as the paper requires (a
 per-device BN lets the model cheat through batch statistics).
 
-On CUDA this is ``torch.nn.SyncBatchNorm`` (fused kernels). PyTorch's SyncBatchNorm refuses CPU
-tensors, so on CPU (gloo; tests and laptops) ``GlobalBatchNorm`` computes the same thing with a
-differentiable all-reduce of per-channel sums."""
+On CUDA this is ``torch.nn.SyncBatchNorm`` (fused kernels) through timm's conversion, which keeps timm's
+norm + activation layers (``BatchNormAct2d``: EfficientNet, ResNetV2, RegNet, ...) whole. PyTorch's
+SyncBatchNorm refuses CPU tensors, so on CPU (gloo; tests and laptops) ``GlobalBatchNorm`` computes the
+same thing with a differentiable all-reduce of per-channel sums, with the same coverage."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+from timm.layers import BatchNormAct2d, convert_sync_batchnorm
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -57,23 +59,34 @@ class GlobalBatchNorm(_BatchNorm):
         return y.to(input.dtype)
 
 
+class GlobalBatchNormAct(GlobalBatchNorm):
+    """timm's ``BatchNormAct2d`` made global on the CPU: the global batch norm, then the layer's own drop and
+    activation (as timm's ``SyncBatchNormAct`` does on CUDA)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(input)))
+
+
 def convert_to_global_bn(module: nn.Module, device_type: str) -> nn.Module:
-    """Every batch-norm layer of ``module`` made global: torch's SyncBatchNorm on CUDA, GlobalBatchNorm elsewhere."""
+    """Every batch-norm layer of ``module`` made global, keeping timm's norm + activation layers whole.
+
+    CUDA: timm's ``convert_sync_batchnorm`` (torch's SyncBatchNorm; ``BatchNormAct2d`` -> ``SyncBatchNormAct``).
+    Elsewhere: the same conversion with ``GlobalBatchNorm`` / ``GlobalBatchNormAct``."""
     if device_type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        return convert_sync_batchnorm(module)
     converted = module
     if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
-        converted = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        act = isinstance(module, BatchNormAct2d)
+        converted = (GlobalBatchNormAct if act else GlobalBatchNorm)(module.num_features, module.eps, module.momentum, module.affine,
+                                                                    module.track_running_stats)
+        if act:
+            converted.act, converted.drop = module.act, module.drop
         if module.affine:
-            with torch.no_grad():
-                converted.weight.copy_(module.weight)
-                converted.bias.copy_(module.bias)
-            converted.weight.requires_grad_(module.weight.requires_grad)
-            converted.bias.requires_grad_(module.bias.requires_grad)
+            converted.weight, converted.bias = module.weight, module.bias  # the same parameters (requires_grad kept)
         if module.track_running_stats:
-            converted.running_mean.copy_(module.running_mean)
-            converted.running_var.copy_(module.running_var)
-            converted.num_batches_tracked.copy_(module.num_batches_tracked)
+            converted.running_mean, converted.running_var = module.running_mean, module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
     for name, child in module.named_children():
         converted.add_module(name, convert_to_global_bn(child, device_type))
     return converted

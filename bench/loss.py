@@ -213,7 +213,7 @@ def _measure_subprocess(cfg: dict, timeout_s: float) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     try:
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.loss", "--child", json.dumps(cfg)], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-m", "bench.loss", "--child", json.dumps(cfg)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         return {"status": "error", "reason": f"timed out after {timeout_s:.0f} s"}

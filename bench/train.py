@@ -14,11 +14,13 @@ for a GPU; ``cifar`` (configs/cifar10_cpu.yaml's model, 32 px, batch 256, CIFAR-
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
+from pathlib import Path
 
 import torch
+
+from common.cli import ArgumentParser
 
 from .common import ROOT, write_result
 from .pipeline import cifar_shards, imagenet_shards
@@ -30,25 +32,27 @@ PRESETS = {
 }
 
 
-def build(preset: dict, batch_size: int, device: str):
+def build(preset: dict, batch_size: int, device: str, shards: Path):
+    """The preset's TrainConfig, an Accelerator, and the product's model and optimiser (as train.py builds them)."""
     from accelerate import Accelerator
 
-    from trainer.build import build_model, build_optimizer, build_scheduler
+    from trainer.build import build_model
     from trainer.config import load_config
+    from trainer.optim import build_optimizer
 
-    overrides = {**preset["overrides"], "batch_size": batch_size, "train_shards": "unused", "precision": "bf16" if device == "cuda" else "no"}
+    overrides = {**preset["overrides"], "batch_size": batch_size, "train_shards": str(shards), "precision": "bf16" if device == "cuda" else "no"}
     cfg = load_config(preset["config"], overrides)
     accelerator = Accelerator(mixed_precision=cfg.precision, cpu=device == "cpu")
-    model = build_model(cfg, accelerator.device.type, 1)
+    model, optimizer = build_model(cfg, accelerator.device.type, 1), None
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, total_steps=10_000, warmup_steps=10)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return cfg, accelerator, model, optimizer, scheduler
+    return cfg, accelerator, model, optimizer
 
 
 def measure(batches, cfg, accelerator, model, optimizer, steps: int, warmup: int) -> dict:
-    from trainer.build import simclr_loss
+    """Steps/s, images/s and the data-wait fraction over ``steps`` of train.py's step after ``warmup`` steps."""
     from trainer.meters import StepTimer
+    from trainer.step import train_step
 
     iterator = iter(batches)
     timer = StepTimer(images_per_step=cfg.batch_size)
@@ -63,13 +67,9 @@ def measure(batches, cfg, accelerator, model, optimizer, steps: int, warmup: int
         timer.start_wait()
         view1, view2 = next(iterator)
         timer.end_wait()
-        with accelerator.autocast():
-            loss, _, _ = simclr_loss(model, view1, view2, cfg)
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        out = train_step(model, optimizer, view1, view2, cfg, accelerator)
         timer.end_step()
-    loss.item()  # the last step's work has finished
+    out.loss.item()  # the last step's work has finished
     elapsed = time.perf_counter() - start
     summary = timer.summary()
     return {"steps_per_s": steps / elapsed, "images_per_s": steps * cfg.batch_size / elapsed,
@@ -84,31 +84,19 @@ def synthetic_batches(cfg, device):
         yield views[0], views[1]
 
 
-def dali_batches(shards, cfg, device, threads):
-    from pipeline.augment import AugmentConfig
-    from pipeline.loader import PretrainLoader
+def loader_batches(cfg, device, loader: str):
+    """Endless batches from train.py's own loader factory ('dali' or the 'torchvision' baseline)."""
+    from trainer.data import build_train_loader
 
-    augment = AugmentConfig.cifar(size=cfg.image_size) if cfg.augment == "cifar" else AugmentConfig(size=cfg.image_size)
-    loader = PretrainLoader(shards, cfg.batch_size, augment, device="gpu" if device.type == "cuda" else "cpu", num_threads=threads,
-                            dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    batches = build_train_loader(cfg, device, loader=loader)
     while True:
-        yield from loader
-
-
-def torchvision_batches(shards, cfg, device, workers):
-    from pipeline.augment import AugmentConfig
-    from pipeline.torchvision_baseline import TorchvisionPretrainLoader
-
-    augment = AugmentConfig.cifar(size=cfg.image_size) if cfg.augment == "cifar" else AugmentConfig(size=cfg.image_size)
-    loader = TorchvisionPretrainLoader(shards, cfg.batch_size, augment, device=str(device), num_workers=workers)
-    while True:
-        yield from loader
+        yield from batches
 
 
 def main(argv=None, result_name: str = "train") -> dict:
-    parser = argparse.ArgumentParser(prog=f"bench.py {result_name}", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog=f"bench.py {result_name}", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="imagenet" if torch.cuda.is_available() else "cifar")
-    parser.add_argument("--batch-size", "--batch_size", type=int, default=None)
+    parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="measured steps per feed (default 50 on a GPU, 20 on the CPU)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--feeds", nargs="+", default=["synthetic", "dali", "torchvision"], choices=["synthetic", "dali", "torchvision"])
@@ -118,16 +106,15 @@ def main(argv=None, result_name: str = "train") -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = PRESETS[args.preset]
     steps = args.steps or (50 if device == "cuda" else 20)
-    cfg, accelerator, model, optimizer, _ = build(preset, args.batch_size or preset["batch_size"], device)
     shards, description = imagenet_shards() if preset["pipeline"] == "imagenet224" else cifar_shards()
+    cfg, accelerator, model, optimizer = build(preset, args.batch_size or preset["batch_size"], device, shards)
+    cfg.data_threads = args.cores
     results = {}
     for feed in args.feeds:
         if feed == "synthetic":
             batches = synthetic_batches(cfg, accelerator.device)
-        elif feed == "dali":
-            batches = dali_batches(shards, cfg, accelerator.device, args.cores)
         else:
-            batches = torchvision_batches(shards, cfg, accelerator.device, args.cores)
+            batches = loader_batches(cfg, accelerator.device, feed)
         results[feed] = measure(batches, cfg, accelerator, model, optimizer, steps, args.warmup)
         print(f"{feed:>12}: {results[feed]['images_per_s']:8.1f} images/s, {results[feed]['steps_per_s']:.3f} steps/s, "
               f"data-wait {results[feed]['data_wait_fraction']:.1%}")

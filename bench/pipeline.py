@@ -16,7 +16,6 @@ clock runs after a warm-up, over whole batches delivered as torch tensors on the
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -24,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from common.cli import ArgumentParser
 
 from .common import ROOT, write_result
 
@@ -40,7 +41,7 @@ PRESETS = {
 
 def imagenet_shards(repeats: int = 5) -> tuple[Path, str]:
     """The ImageNet sample as shards (written once, cached under data/bench/)."""
-    from pipeline.shards import Sample, write_shards
+    from pipeline.shardset import Sample, write_shards
 
     out = CACHE / f"imagenet-sample-x{repeats}"
     if (out / "classes.json").exists():
@@ -57,7 +58,8 @@ def imagenet_shards(repeats: int = 5) -> tuple[Path, str]:
 
 
 def cifar_shards() -> tuple[Path, str]:
-    from pipeline.shards import folder_samples, write_shards
+    from pipeline.shardset import write_shards
+    from pipeline.sources import folder_samples
 
     out = CACHE / "cifar10-train"
     if (out / "classes.json").exists():
@@ -71,7 +73,8 @@ def cifar_shards() -> tuple[Path, str]:
 
 
 def synthetic_shards(out: Path, count: int, side: int, description: str) -> tuple[Path, str]:
-    from pipeline.shards import array_samples, write_shards
+    from pipeline.shardset import write_shards
+    from pipeline.sources import array_samples
 
     rng = np.random.default_rng(0)
     coarse = rng.integers(0, 256, (count, 8, 8, 3)).astype(np.uint8)
@@ -84,26 +87,20 @@ def synthetic_shards(out: Path, count: int, side: int, description: str) -> tupl
 # ------------------------------------------------------------------ the two pipelines
 
 
-def augment_config(preset: dict):
-    from pipeline.augment import AugmentConfig
+def loader(shards: Path, preset: dict, kind: str, cores: int, device: str):
+    """train.py's own loader for the preset ('dali' or the 'torchvision' baseline), ``cores`` DALI threads or
+    DataLoader workers."""
+    from trainer.config import TrainConfig
+    from trainer.data import build_train_loader
 
-    return AugmentConfig.cifar(size=preset["size"]) if preset["cifar"] else AugmentConfig(size=preset["size"])
-
-
-def run_dali(shards: Path, preset: dict, threads: int, device: str, seconds: float) -> dict:
-    from pipeline.loader import PretrainLoader
-
-    on_gpu = device == "cuda"
-    loader = PretrainLoader(shards, preset["batch_size"], augment_config(preset), device="gpu" if on_gpu else "cpu",
-                            num_threads=threads, dtype=torch.float16 if on_gpu else torch.float32)
-    return _timed(loader, seconds, on_gpu, restart=lambda: loader)
+    cfg = TrainConfig(train_shards=str(shards), image_size=preset["size"], augment="cifar" if preset["cifar"] else "imagenet",
+                      batch_size=preset["batch_size"], data_threads=cores)
+    return build_train_loader(cfg, torch.device(device), loader=kind)
 
 
-def run_torchvision(shards: Path, preset: dict, workers: int, device: str, seconds: float) -> dict:
-    from pipeline.torchvision_baseline import TorchvisionPretrainLoader
-
-    loader = TorchvisionPretrainLoader(shards, preset["batch_size"], augment_config(preset), device=device, num_workers=workers)
-    return _timed(loader, seconds, device == "cuda", restart=lambda: loader)
+def run(shards: Path, preset: dict, kind: str, cores: int, device: str, seconds: float) -> dict:
+    batches = loader(shards, preset, kind, cores, device)
+    return _timed(batches, seconds, device == "cuda", restart=lambda: batches)
 
 
 def _timed(batches, seconds: float, on_gpu: bool, restart) -> dict:
@@ -141,7 +138,7 @@ def _timed(batches, seconds: float, on_gpu: bool, restart) -> dict:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="bench.py pipeline", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="bench.py pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--seconds", type=float, default=30.0, help="measured time per pipeline and preset (after warm-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -153,9 +150,9 @@ def main(argv=None) -> dict:
         preset = PRESETS[name]
         shards, description = imagenet_shards() if name == "imagenet224" else cifar_shards()
         print(f"[{name}] data: {description}")
-        dali = run_dali(shards, preset, args.cores, args.device, args.seconds)
+        dali = run(shards, preset, "dali", args.cores, args.device, args.seconds)
         print(f"[{name}] DALI:        {dali['images_per_s']:8.1f} images/s ({dali['views_per_s']:.0f} views/s)")
-        tv = run_torchvision(shards, preset, args.cores, args.device, args.seconds)
+        tv = run(shards, preset, "torchvision", args.cores, args.device, args.seconds)
         print(f"[{name}] torchvision: {tv['images_per_s']:8.1f} images/s ({tv['views_per_s']:.0f} views/s)")
         speedup = dali["images_per_s"] / tv["images_per_s"]
         print(f"[{name}] DALI / torchvision = {speedup:.2f}x")

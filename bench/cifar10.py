@@ -14,13 +14,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from common.cli import ArgumentParser
 
 from .common import RESULTS, ROOT, device_tag, write_result
 
@@ -39,7 +40,7 @@ def write_shards(out: Path, tarball: str | None) -> str:
         else:
             raise SystemExit("no CIFAR-10 source: ../shared/data/cifar10 is absent; download cifar-10-python.tar.gz "
                              "(https://www.cs.toronto.edu/~kriz/cifar.html) and pass --tarball PATH")
-        subprocess.run([sys.executable, "-m", "pipeline.shards", *command, "--max-count", "10000"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "pipeline.shards", *command, "--max_count", "10000"], cwd=ROOT, check=True)
     return ("../shared/data/cifar10 (CIFAR-10 re-encoded as 32x32 JPEG, see its README)" if SHARED_CIFAR.is_dir()
             else f"official python tarball {tarball}")
 
@@ -87,14 +88,14 @@ def plot(curves: dict, path: Path, title: str) -> None:
 
 def main(argv=None) -> dict:
     on_gpu = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="bench.py cifar10", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="bench.py cifar10", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / ("cifar10.yaml" if on_gpu else "cifar10_cpu.yaml")))
     parser.add_argument("--shards", default=str(ROOT / "data" / "cifar10"))
     parser.add_argument("--tarball", default=None, help="cifar-10-python.tar.gz, when ../shared/data/cifar10 is absent")
     parser.add_argument("--output", default=str(ROOT / "runs" / f"cifar10_{device_tag()}"))
-    parser.add_argument("--no-baseline", action="store_true", help="skip the torchvision-fed run")
-    parser.add_argument("--train-args", default="", help="extra train.py flags for both runs, e.g. '--epochs 2'")
-    parser.add_argument("--baseline-only", action="store_true", help="reuse the DALI run's curve in OUTPUT/dali, run the baseline only")
+    parser.add_argument("--no_baseline", action="store_true", help="skip the torchvision-fed run")
+    parser.add_argument("--train_args", default="", help="extra train.py flags for both runs, e.g. '--epochs 2'")
+    parser.add_argument("--baseline_only", action="store_true", help="reuse the DALI run's curve in OUTPUT/dali, run the baseline only")
     args = parser.parse_args(argv)
     shards, output = Path(args.shards), Path(args.output)
     source = write_shards(shards, args.tarball)

@@ -1,0 +1,65 @@
+"""Files that survive crashes: written beside their final name, flushed to disk, then renamed into place.
+
+A reader (a resuming run, DALI, another process) sees the old file or the complete new one, never a
+partial one: the data is fsynced before the rename and the directory after it, so a node crash cannot
+leave a renamed file whose blocks never reached the disk."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    """Make a rename or a new entry in ``path`` durable (POSIX needs the directory itself synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``target`` to write to; on success it is fsynced and renamed onto
+    ``target``; on an exception it is removed and ``target`` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+        fsync_directory(target.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(data)
+    return Path(target)
+
+
+def atomic_write_text(target: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(target, text.encode())
+
+
+def check_writable(directory: str | os.PathLike, what: str = "output directory") -> Path:
+    """Create ``directory`` if needed and prove it writable by writing and removing a file in it; raises
+    ``OSError`` naming the directory (before any work whose results would have nowhere to go)."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise OSError(f"{what} {directory} is not writable ({error.strerror or error})") from None
+    return directory
