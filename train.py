@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from model.ntxent import positive_pair_accuracy
+from model.simclr import feature_dim
 from pipeline.shardset import ShardError
 from trainer.build import build_model
 from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- export and summary
     summary = {"steps": step, "train_seconds": round(train_seconds, 2), **timer.summary()}
     if status == 0 and step >= last_step and accelerator.is_main_process:
-        export_backbone(backbone, cfg.output_dir, {"model_name": cfg.backbone, "num_features": backbone.num_features,
+        export_backbone(backbone, cfg.output_dir, {"model_name": cfg.backbone, "num_features": feature_dim(backbone),
                                                    "cifar_stem": cfg.cifar_stem, "timm_kwargs": cfg.timm_kwargs,
                                                    "image_size": cfg.image_size})
         (Path(cfg.output_dir) / "train_summary.json").write_text(json.dumps({**summary, "history": history}, indent=1) + "\n")

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.simclr import feature_dim
 from trainer.global_bn import convert_to_global_bn
 from trainer.optim import sgd_cosine
 
@@ -23,7 +24,7 @@ class Classifier(torch.nn.Module):
     def __init__(self, backbone: torch.nn.Module, num_classes: int):
         super().__init__()
         self.backbone = backbone
-        self.fc = torch.nn.Linear(backbone.num_features, num_classes)
+        self.fc = torch.nn.Linear(feature_dim(backbone), num_classes)
         torch.nn.init.zeros_(self.fc.weight)  # the official code's supervised head starts at (near) zero
         torch.nn.init.zeros_(self.fc.bias)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from model.simclr import feature_dim
 from trainer.optim import sgd_cosine
 
 from .knn import topk_accuracy
@@ -82,7 +83,7 @@ def train_linear_augmented(backbone: torch.nn.Module, loader, num_classes: int, 
     Returns the trained head (unwrapped, eval mode) on the accelerator's device."""
     backbone.eval()
     backbone.requires_grad_(False)
-    head = LinearHead(backbone.num_features, num_classes).to(accelerator.device)
+    head = LinearHead(feature_dim(backbone), num_classes).to(accelerator.device)
     global_batch = loader.batch_size * accelerator.num_processes
     optimizer, scheduler = sgd_cosine(head.parameters(), lr, global_batch, epochs * len(loader), momentum)
     head, optimizer = accelerator.prepare(head, optimizer)

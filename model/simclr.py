@@ -26,8 +26,14 @@ class ProjectionHead(nn.Sequential):
         )
 
 
+def feature_dim(backbone: nn.Module) -> int:
+    """Width of a timm model's pooled output with ``num_classes=0``: ``head_hidden_size`` (e.g. 1024 for
+    MobileNetV3, whose head convolution follows the pooling), which equals ``num_features`` for most models."""
+    return getattr(backbone, "head_hidden_size", None) or backbone.num_features
+
+
 def create_backbone(name: str, pretrained: bool = False, cifar_stem: bool = False, **timm_kwargs) -> nn.Module:
-    """A timm model with its classifier removed (``num_classes=0``): (B, 3, H, W) -> (B, num_features).
+    """A timm model with its classifier removed (``num_classes=0``): (B, 3, H, W) -> (B, feature_dim(model)).
 
     ``cifar_stem`` replaces a ResNet-family stem (7x7 stride-2 conv + max-pool) with the 3x3 stride-1
     conv and no pool that the paper uses for 32 px CIFAR images (App. B.9)."""
@@ -50,7 +56,7 @@ class SimCLR(nn.Module):
                  pretrained: bool = False, cifar_stem: bool = False, **timm_kwargs):
         super().__init__()
         self.backbone = create_backbone(backbone, pretrained=pretrained, cifar_stem=cifar_stem, **timm_kwargs)
-        self.feature_dim = self.backbone.num_features
+        self.feature_dim = feature_dim(self.backbone)
         self.head = ProjectionHead(self.feature_dim, proj_hidden or self.feature_dim, proj_dim)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

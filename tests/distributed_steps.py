@@ -5,6 +5,7 @@ product's own builders (model with global BN, LARS, schedule, loss). Saves the f
     torchrun --nproc_per_node 2 tests/distributed_steps.py OUT.pt
 """
 
+import os
 import sys
 from pathlib import Path
 
@@ -20,8 +21,12 @@ from trainer.step import train_step  # noqa: E402
 GLOBAL_BATCH, STEPS = 8, 3
 
 accelerator = Accelerator(cpu=True)
-cfg = TrainConfig(train_shards="unused", backbone="resnet18", cifar_stem=True, timm_kwargs={"channels": [8, 16, 32, 64]},
-                  proj_hidden=32, proj_dim=16, batch_size=GLOBAL_BATCH, lr=0.5, temperature=0.2, precision="no", sync_bn=True)
+# SIMCLR_TEST_BACKBONE: another timm model (e.g. one made of BatchNormAct2d layers); default a narrow ResNet-18.
+BACKBONE = os.environ.get("SIMCLR_TEST_BACKBONE", "")
+model_fields = {"backbone": BACKBONE} if BACKBONE else {"backbone": "resnet18", "cifar_stem": True, "timm_kwargs": {"channels": [8, 16, 32, 64]}}
+SIZE = 32 if BACKBONE else 16
+cfg = TrainConfig(train_shards="unused", **model_fields, proj_hidden=32, proj_dim=16, batch_size=GLOBAL_BATCH, lr=0.5, temperature=0.2,
+                  precision="no", sync_bn=True)
 world, rank = accelerator.num_processes, accelerator.process_index
 torch.manual_seed(0)
 model = build_model(cfg, "cpu", world)
@@ -31,7 +36,7 @@ model, optimizer = accelerator.prepare(model, optimizer)
 inputs = torch.Generator().manual_seed(1)
 local = GLOBAL_BATCH // world
 for step in range(STEPS):
-    view1, view2 = (torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=inputs) for _ in range(2))
+    view1, view2 = (torch.randn(GLOBAL_BATCH, 3, SIZE, SIZE, generator=inputs) for _ in range(2))
     view1, view2 = view1[rank * local : (rank + 1) * local], view2[rank * local : (rank + 1) * local]
     train_step(model, optimizer, view1.contiguous(memory_format=torch.channels_last), view2.contiguous(memory_format=torch.channels_last), cfg, accelerator)
     scheduler.step_update(step + 1)

@@ -1,0 +1,131 @@
+"""The project among its neighbours: nothing it installs shadows another distribution, its CLIs document
+every flag, timm's norm + activation layers survive global BN, and Accelerate's multi-node recipe really
+starts one process per machine."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT, make_shards
+
+from trainer.config import TrainConfig
+from trainer.global_bn import GlobalBatchNorm, GlobalBatchNormAct, convert_to_global_bn
+
+PROJECT_MODULES = ["evaluate", "train", "bench", "pipeline", "model", "trainer", "evaluation", "common"]
+
+
+def test_installed_project_shadows_no_other_distribution(tmp_path):
+    """Hugging Face's `evaluate` (installed beside the project by the test extra) is what `import evaluate`
+    gives outside the checkout; none of the project's generic top-level names is importable from there."""
+    probe = ("import importlib.util, json; print(json.dumps({name: (lambda s: s and s.origin)(importlib.util.find_spec(name)) "
+             f"for name in {PROJECT_MODULES!r}}}))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    found = json.loads(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout)
+    assert found["evaluate"] and "site-packages" in found["evaluate"], found
+    import_from = subprocess.run([sys.executable, "-c", "import evaluate; print(evaluate.__file__, hasattr(evaluate, 'load'))"],
+                                 cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert import_from[0] == found["evaluate"] and import_from[1] == "True"  # Hugging Face's, with its evaluate.load
+    assert all(origin is None or "site-packages" in origin for origin in found.values()), found  # none is the checkout's
+    # The installed distribution declares no top-level module or package at all.
+    top_level = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; print(m.distribution('simclr-dali').read_text('top_level.txt'))"],
+                               cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    assert top_level.strip() == "", top_level
+
+
+def test_train_help_lists_every_field_with_its_documentation():
+    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # help wraps lines
+    for field in dataclasses.fields(TrainConfig):
+        assert f"--{field.name} " in text or f"--{field.name}," in text, field.name
+        doc = _field_doc(field.name)
+        assert doc, f"{field.name} has no docstring in trainer/config.py"
+        assert " ".join(doc.split()[:6]) in text, (field.name, doc)
+    assert "{imagenet,cifar}" in text and "{no,bf16,fp16}" in text  # Literal choices
+    assert "default: null" in text  # None spelled as YAML's null for "unset"
+
+
+def _field_doc(name: str) -> str:
+    """The attribute docstring under ``name`` in TrainConfig's source."""
+    lines = (ROOT / "trainer" / "config.py").read_text().splitlines()
+    for number, line in enumerate(lines):
+        if line.strip().startswith(f"{name}:"):
+            following = lines[number + 1].strip()
+            return following.strip('"') if following.startswith('"""') else ""
+    return ""
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "resnetv2_50", "mobilenetv3_small_050"])
+def test_global_bn_keeps_timm_norm_act_layers_whole(name):
+    """timm's BatchNormAct2d carries the activation: converting to global BN must keep it (and the drop
+    layer). One process: the converted model computes exactly what the original does, training and eval."""
+    import timm
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=0)
+    norm_act = sum(isinstance(m, BatchNormAct2d) for m in model.modules())
+    assert norm_act > 0
+    x = torch.randn(4, 3, 64, 64)
+    reference = {mode: getattr(model, mode)()(x).detach() for mode in ("train", "eval")}  # train mode updates stats: eval second
+    torch.manual_seed(0)
+    converted = convert_to_global_bn(timm.create_model(name, num_classes=0), "cpu")
+    assert sum(isinstance(m, GlobalBatchNormAct) for m in converted.modules()) == norm_act
+    assert not [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, GlobalBatchNorm)]
+    for mode in ("train", "eval"):
+        assert torch.equal(getattr(converted, mode)()(x), reference[mode]), mode
+
+
+def test_norm_act_model_two_processes_match_one_process(tmp_path):
+    """A model made of BatchNormAct2d layers (MobileNetV3) trained by 2 gloo ranks with global BN equals 1
+    process on the whole batch (tests/distributed_steps.py with another backbone)."""
+    script = ROOT / "tests" / "distributed_steps.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIMCLR_TEST_BACKBONE": "mobilenetv3_small_050"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=ROOT, check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                    str(tmp_path / "two.pt")], cwd=ROOT, check=True, env=env, timeout=300, capture_output=True)
+    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    assert one.keys() == two.keys() and any("bn" in k for k in one)
+    for key in one:
+        if one[key].is_floating_point():
+            assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-5), key
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_multinode_recipe_starts_two_machines_on_localhost(tmp_path):
+    """configs/accelerate/multinode.yaml launched as two machines of one process each on this host (what
+    docker/slurm.sbatch runs once per node). Overrides for a CPU host: --num_processes 2 (one process per
+    machine instead of 8) and --main_process_ip 127.0.0.1; the accelerate config is used as written (train.py
+    itself picks the CPU when no GPU is present). Training runs with world size 2 and both ranks checkpoint."""
+    shards, _ = make_shards(tmp_path / "shards", 40, num_classes=4, per_shard=20)
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump({
+        "train_shards": str(shards), "image_size": 32, "augment": "cifar", "backbone": "resnet18", "cifar_stem": True,
+        "timm_kwargs": {"channels": [8, 16, 32, 64]}, "proj_hidden": 32, "proj_dim": 16, "batch_size": 8, "epochs": 2,
+        "warmup_epochs": 1, "precision": "no", "tracker": "none", "max_steps": 2, "log_every": 1, "data_threads": 1,
+        "output_dir": str(tmp_path / "run")}))
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/multinode.yaml",
+               "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
+    machines = [subprocess.Popen([*command, "--machine_rank", str(rank), "train.py", "--config", str(config)], cwd=ROOT, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    outputs = [machine.communicate(timeout=600)[0] for machine in machines]
+    assert [m.returncode for m in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "2 process(es)" in outputs[0], outputs[0][-3000:]
+    state = json.loads(next(Path(tmp_path / "run" / "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    assert state["step"] == 2 and [s["shard_id"] for s in state["loaders"]] == [0, 1]
