@@ -3,19 +3,29 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# DALI build: cuda13 (default; also the CPU-only choice) or cuda12 for CUDA 12 drivers.
+# Every package is installed at the version pinned in the lock (pip-compile of pyproject.toml with the DALI
+# build's extra, the test extra and requirements/lock.in's torch pins). DALI build: cuda13 (default; also the
+# CPU-only choice). For CUDA 12 drivers: make lock DALI_EXTRA=cuda12 LOCK=requirements/lock-cuda12.txt, then
+# make test LOCK=requirements/lock-cuda12.txt (plus a CUDA 12 torch build from PyTorch's index).
 DALI_EXTRA ?= cuda13
+LOCK ?= requirements/lock.txt
 
-.PHONY: demo test lint cifar10
+.PHONY: demo test lint lock cifar10
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/activate
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
-	$(BIN)/pip install -q -e ".[$(DALI_EXTRA),test]"
+$(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/activate
+	$(BIN)/pip install -q -r $(LOCK)
+	$(BIN)/pip install -q --no-deps -e .
 	touch $@
+
+# Refresh the lock after changing a dependency (pip-tools in a throwaway venv: it pins pip's own resolution).
+lock:
+	$(PYTHON) -m venv /tmp/simclr-lockenv
+	/tmp/simclr-lockenv/bin/pip install -q "pip-tools==7.6.2"
+	/tmp/simclr-lockenv/bin/pip-compile --quiet --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+		--extra $(DALI_EXTRA) --extra test --output-file $(LOCK) pyproject.toml requirements/lock.in
 
 demo: $(VENV)/.installed
 	$(BIN)/python -m pipeline.shards write synthetic "data/demo/train/train-%06d.tar" --per_class 300 --seed 0 --quiet
@@ -27,6 +37,7 @@ test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests
 
 lint: $(VENV)/.installed
+	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 
 # The CIFAR-10 recipe end to end (writes shards once, pretrains, evaluates every epoch, then the torchvision
