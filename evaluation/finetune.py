@@ -10,12 +10,11 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from model.simclr import feature_dim
 from trainer.global_bn import convert_to_global_bn
-from trainer.optim import sgd_cosine
+
+from .classifier import train_classifier
 
 
 class Classifier(torch.nn.Module):
@@ -34,25 +33,11 @@ class Classifier(torch.nn.Module):
 
 def finetune(backbone: torch.nn.Module, loader, num_classes: int, accelerator, epochs: int, lr: float = 0.05, momentum: float = 0.9,
              progress: bool = True) -> Classifier:
-    """A copy of ``backbone`` + linear head, all trained for ``epochs`` epochs of ``loader`` (a
-    ``LabelledTrainLoader``, usually restricted to a label subset). The model is prepared by Accelerate (DDP
-    across processes; every batch-norm layer global when there are several). ``backbone`` itself is not
-    modified. Returns the fine-tuned classifier (unwrapped, eval mode) on the accelerator's device."""
-    model = Classifier(copy.deepcopy(backbone), num_classes).to(accelerator.device)
+    """A copy of ``backbone`` + linear head, all trained for ``epochs`` epochs of ``loader`` (usually restricted
+    to a label subset) with ``evaluation.classifier.train_classifier``; every batch-norm layer global when there
+    are several processes. ``backbone`` itself is not modified. Returns the fine-tuned classifier (eval mode)."""
+    model = Classifier(copy.deepcopy(backbone), num_classes)
     model.requires_grad_(True)
     if accelerator.num_processes > 1:
         model = convert_to_global_bn(model, accelerator.device.type)
-    global_batch = loader.batch_size * accelerator.num_processes
-    optimizer, scheduler = sgd_cosine(model.parameters(), lr, global_batch, epochs * len(loader), momentum)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    show = progress and accelerator.is_main_process
-    for _ in tqdm(range(epochs), desc="fine-tune", unit="epoch", disable=not show):
-        for images, labels in loader:
-            with accelerator.autocast():
-                loss = F.cross_entropy(model(images).float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-    return accelerator.unwrap_model(model).eval()
+    return train_classifier(model, loader, accelerator, epochs, lr, momentum, desc="fine-tune", progress=progress)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 from model.simclr import feature_dim
 from trainer.optim import sgd_cosine
 
+from .classifier import FrozenBackbone, train_classifier
 from .knn import topk_accuracy
 
 
@@ -76,26 +77,8 @@ class LinearHead(torch.nn.Sequential):
 def train_linear_augmented(backbone: torch.nn.Module, loader, num_classes: int, accelerator, epochs: int = 90, lr: float = 0.1,
                            momentum: float = 0.9, progress: bool = True) -> torch.nn.Module:
     """A ``LinearHead`` trained on a frozen ``backbone`` (eval mode, no gradients, BN statistics untouched)
-    over ``epochs`` epochs of ``loader`` (a ``LabelledTrainLoader``: a fresh augmentation every epoch).
-
-    Every process runs its own part of the data; the head is prepared by Accelerate (DDP: gradients are
-    averaged), so the global batch is ``loader.batch_size x num_processes`` and the lr ``lr x global / 256``.
-    Returns the trained head (unwrapped, eval mode) on the accelerator's device."""
-    backbone.eval()
-    backbone.requires_grad_(False)
-    head = LinearHead(feature_dim(backbone), num_classes).to(accelerator.device)
-    global_batch = loader.batch_size * accelerator.num_processes
-    optimizer, scheduler = sgd_cosine(head.parameters(), lr, global_batch, epochs * len(loader), momentum)
-    head, optimizer = accelerator.prepare(head, optimizer)
-    head.train()
-    show = progress and accelerator.is_main_process
-    for _ in tqdm(range(epochs), desc="linear (augmented)", unit="epoch", disable=not show):
-        for images, labels in loader:
-            with torch.no_grad(), accelerator.autocast():
-                features = backbone(images).float()
-            loss = F.cross_entropy(head(features), labels)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-    return accelerator.unwrap_model(head).eval()
+    over ``epochs`` epochs of ``loader`` (an augmenting loader: a fresh crop + flip every epoch), with
+    ``evaluation.classifier.train_classifier``. Returns the trained head (eval mode) on the accelerator's device."""
+    head = LinearHead(feature_dim(backbone), num_classes)
+    model = torch.nn.Sequential(FrozenBackbone(backbone), head)
+    return train_classifier(model, loader, accelerator, epochs, lr, momentum, desc="linear (augmented)", progress=progress)[1]
