@@ -129,3 +129,17 @@ def test_multinode_recipe_starts_two_machines_on_localhost(tmp_path):
     assert "2 process(es)" in outputs[0], outputs[0][-3000:]
     state = json.loads(next(Path(tmp_path / "run" / "checkpoints").glob("step_*/trainer_state.json")).read_text())
     assert state["step"] == 2 and [s["shard_id"] for s in state["loaders"]] == [0, 1]
+
+
+def test_pretrained_flag_starts_from_timms_weights(monkeypatch):
+    """`--pretrained true` asks timm for its pretrained weights (timm downloads them; not done here)."""
+    import timm
+
+    from trainer.build import build_model
+
+    calls = []
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, **kwargs: calls.append(kwargs) or create(name, **{**kwargs, "pretrained": False}))
+    cfg = TrainConfig(train_shards="x", backbone="resnet18", pretrained=True, proj_hidden=16, proj_dim=8, timm_kwargs={"channels": [8, 16, 32, 64]})
+    build_model(cfg, "cpu", 1)
+    assert calls and calls[0]["pretrained"] is True and calls[0]["num_classes"] == 0
