@@ -145,9 +145,9 @@ def tree_rss_bytes(pid: int) -> int:
     return total
 
 
-def peak_rss(command: list[str], interval: float = 0.05) -> dict:
+def peak_rss(command: list[str], interval: float = 0.05, cwd: Path = ROOT) -> dict:
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak, samples = 0, 0
     while process.poll() is None:
         peak = max(peak, tree_rss_bytes(process.pid))
@@ -182,11 +182,22 @@ def rss(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="writer-rss-") as tmp:
         tmp = Path(tmp)
         cifar = SHARED_DATA / "cifar10" / "train"
-        if cifar.is_dir():
+        if cifar.is_dir() and not args.generate_only:
             results["cifar10_train_folder_50k"] = peak_rss(python + ["write", "folder", str(cifar), str(tmp / "cifar" / "train-%06d.tar"),
                                                                      "--quiet", "--workers", str(args.workers)])
             print(results["cifar10_train_folder_50k"], flush=True)
-        folder = generated_folder(tmp / "generated", args.generated)
+            if args.compare_with:  # the same write by another checkout of the project (e.g. the writer before this one)
+                results["cifar10_train_folder_50k_compared"] = {
+                    "checkout": str(args.compare_with),
+                    **peak_rss(python + ["write", "folder", str(cifar), str(tmp / "before" / "train-%06d.tar"), "--quiet", "--workers",
+                                         str(args.workers)], cwd=args.compare_with)}
+                print(results["cifar10_train_folder_50k_compared"], flush=True)
+        folder = args.generated_dir or tmp / "generated"
+        if not (folder / ".complete").exists():  # generated once; reused when --generated_dir names an earlier folder
+            generated_folder(folder, args.generated)
+            (folder / ".complete").write_text(str(args.generated))
+        if args.generate_only:
+            return {}
         results[f"generated_images_{args.generated // 1000}k"] = peak_rss(python + ["write", "images", str(folder), str(tmp / "gen" / "g-%06d.tar"),
                                                                                     "--quiet", "--workers", str(args.workers)])
         print(results[f"generated_images_{args.generated // 1000}k"], flush=True)
@@ -199,9 +210,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=10_000, help="storage: CIFAR images to encode")
     parser.add_argument("--generated", type=int, default=200_000, help="rss: images in the generated folder")
     parser.add_argument("--workers", type=int, default=2, help="rss: writer worker processes")
+    parser.add_argument("--generated_dir", type=Path, default=None, help="rss: keep the generated folder here (reused if complete)")
+    parser.add_argument("--generate_only", action="store_true", help="rss: only generate the folder (no measurement)")
+    parser.add_argument("--compare_with", type=Path, default=None, help="rss: another checkout whose writer to measure on the CIFAR folder")
     parser.add_argument("--json", default=None, help="result file (default bench/results/writer_<what>_<device>.json)")
     args = parser.parse_args(argv)
     payload = storage(args) if args.what == "storage" else rss(args)
+    if not payload:
+        return
     path = write_result(f"writer_{args.what}", payload, args.json)
     print(f"wrote {path}")
     print(json.dumps(payload, indent=1)[:2000])

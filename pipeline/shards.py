@@ -30,7 +30,7 @@ from .shardset import (
     shard_paths, verify_shards,
 )
 from .sources import (
-    arrays_source, cifar_source, folder_source, images_source, list_source, synthetic_source, write_source, writable_directory,
+    arrays_source, check_outside, cifar_source, folder_source, images_source, list_source, synthetic_source, write_source, writable_directory,
 )
 
 SHOWN_SKIPS = 20
@@ -148,9 +148,9 @@ def build_parser() -> ArgumentParser:
 
 def make_source(args):
     if args.source == "images":
-        return images_source(args.root, args.seed)
+        return images_source(args.root, args.seed, progress=not args.quiet)
     if args.source == "folder":
-        return folder_source(args.root, args.seed)
+        return folder_source(args.root, args.seed, progress=not args.quiet)
     if args.source == "list":
         return list_source(args.list_file, args.root, args.classes, args.seed)
     if args.source == "cifar":
@@ -162,6 +162,8 @@ def make_source(args):
 
 def write(args) -> int:
     pattern = output_pattern(args.out)
+    if args.source in ("images", "folder"):
+        check_outside(Path(pattern).parent, args.root)
     writable_directory(Path(pattern).parent)  # before reading any input
     source = make_source(args)
     pixel_format = getattr(args, "pixel_format", "jpeg")

@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import tarfile
 import zipfile
 import zlib
@@ -85,11 +86,13 @@ def _shuffled(items: list, seed: int) -> list:
     return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
 
 
-def _walk_images(root: Path, top: Path) -> tuple[list[str], list[tuple[str, str]]]:
+def _walk_images(root: Path, top: Path, progress: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
     """Image files under ``top`` (sorted, hidden files and folders left out) as paths relative to ``root``,
     and other files as problems."""
     images, problems = [], []
+    folders_seen = tqdm(desc=f"scanning {top}", unit=" folders", disable=None if progress else True, leave=False)  # None: terminals only
     for directory, folders, files in os.walk(top):
+        folders_seen.update()
         folders[:] = sorted(f for f in folders if not f.startswith("."))
         for name in sorted(files):
             if name.startswith("."):
@@ -99,6 +102,7 @@ def _walk_images(root: Path, top: Path) -> tuple[list[str], list[tuple[str, str]
                 images.append(Path(os.path.relpath(full, root)).as_posix())
             else:
                 problems.append((full, "not an image file (unknown extension)"))
+    folders_seen.close()
     return images, problems
 
 
@@ -106,19 +110,19 @@ def _file_payload(root: Path, paths: list[str]) -> Callable[[int], str]:
     return lambda position: str(root / paths[position])
 
 
-def images_source(root: Path, seed: int = 0) -> Source:
+def images_source(root: Path, seed: int = 0, progress: bool = False) -> Source:
     """Every image under ``root`` (recursively), unlabelled; source paths relative to ``root``."""
     root = Path(root)
     if not root.is_dir():
         raise ShardError(f"image folder {root} does not exist or is not a directory")
-    paths, problems = _walk_images(root, root)
+    paths, problems = _walk_images(root, root, progress)
     if not paths:
         raise ShardError(f"image folder {root} holds no image files ({', '.join(sorted(IMAGE_FILE_SUFFIXES))})")
     paths = _shuffled(paths, seed)
     return Source("images", str(root.resolve()), paths, None, None, _file_payload(root, paths), problems, seed=seed)
 
 
-def folder_source(root: Path, seed: int = 0) -> Source:
+def folder_source(root: Path, seed: int = 0, progress: bool = False) -> Source:
     """``root/CLASS/...`` (any depth below each class folder); labels follow the sorted class-folder names."""
     root = Path(root)
     if not root.is_dir():
@@ -131,7 +135,7 @@ def folder_source(root: Path, seed: int = 0) -> Source:
                 if p.is_file() and not p.name.startswith(".")]
     items: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
-        images, found = _walk_images(root, root / name)
+        images, found = _walk_images(root, root / name, progress)
         problems += found
         if not images:
             problems.append((str(root / name), "class folder holds no images"))
@@ -395,6 +399,13 @@ def ordered_map(function: Callable, items: Iterable, workers: int, window: int, 
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def check_outside(directory: Path, image_folder: Path) -> None:
+    """Shards written inside the folder they are read from would be inputs of the next (resumed) run."""
+    if Path(directory).resolve().is_relative_to(Path(image_folder).resolve()):
+        raise ShardError(f"output directory {directory} is inside the image folder {image_folder}: its shards would become "
+                         "inputs of the next run; write elsewhere")
+
+
 def writable_directory(directory: Path) -> Path:
     try:
         return check_writable(directory)
@@ -402,14 +413,25 @@ def writable_directory(directory: Path) -> Path:
         raise ShardError(str(error)) from None
 
 
-def _pattern_files(pattern: str) -> list[Path]:
-    """Existing shards (and leftover temporaries) whose names fit ``pattern``."""
-    import re
+def _shard_name(pattern_name: str) -> re.Pattern:
+    """A regex for the file names a printf shard pattern (``train-%06d.tar``) produces."""
+    before, _, after = re.split(r"(%0?\d*d)", pattern_name.replace("%%", "\0"), maxsplit=1)
+    return re.compile(re.escape(before.replace("\0", "%")) + r"\d+" + re.escape(after.replace("\0", "%")))
 
-    directory, name = Path(pattern).parent, Path(pattern).name
-    before, number, after = re.split(r"(%0?\d*d)", name.replace("%%", "\0"), maxsplit=1)
-    regex = re.compile(re.escape(before.replace("\0", "%")) + r"\d+" + re.escape(after.replace("\0", "%")) + r"(\.tmp)?")
-    return sorted(p for p in directory.iterdir() if regex.fullmatch(p.name)) if directory.is_dir() else []
+
+def _pattern_files(pattern: str) -> list[Path]:
+    """Existing shards (and leftover ``NAME.tmp`` temporaries) whose names fit ``pattern``."""
+    directory, regex = Path(pattern).parent, _shard_name(Path(pattern).name)
+    return sorted(p for p in directory.iterdir() if regex.fullmatch(p.name.removesuffix(".tmp"))) if directory.is_dir() else []
+
+
+def _remove_stale_temporaries(directory: Path, pattern: str) -> None:
+    """Hidden temporaries ``common.files.atomic_path`` leaves when a process is killed mid-write (indexes, record)."""
+    shard = _shard_name(Path(pattern).name)
+    for path in directory.glob(".*.tmp"):
+        target, has_index, _ = path.name[1:].partition(".idx.")
+        if path.name[1:].startswith(SET_FILE + ".") or (has_index and shard.fullmatch(target + ".tar")):
+            path.unlink(missing_ok=True)
 
 
 def _clear(directory: Path, patterns: list[str]) -> None:
@@ -480,6 +502,8 @@ def write_source(source: Source, out: str, policy: ImagePolicy | None = None, *,
         raise ShardError(f"--workers and --window must be >= 1, got {workers} and {window}")
     policy = policy or ImagePolicy()
     pattern = output_pattern(out)
+    if source.kind in ("images", "folder"):
+        check_outside(Path(pattern).parent, Path(source.location))
     directory = writable_directory(Path(pattern).parent)
     if source.problems and on_error == "stop":
         path, reason = source.problems[0]
@@ -498,6 +522,7 @@ def write_source(source: Source, out: str, policy: ImagePolicy | None = None, *,
             raise
         existing = None  # an unreadable record is replaced with the rest
     kept = _resume_point(directory, pattern, existing, record, overwrite)
+    _remove_stale_temporaries(directory, pattern)
     if existing is not None and existing.get("complete") and not overwrite:
         return _report(directory, existing, resumed=len(kept), finished_before=True)
     record["shards"] = list(kept)

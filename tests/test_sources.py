@@ -389,7 +389,10 @@ def test_failed_write_leaves_no_partial_shard_and_resumes_to_identical_set(tmp_p
     assert_no_partial_shard(out)
     finished = json.loads((out / "shardset.json").read_text())["shards"]
     assert len(finished) >= 1 and not json.loads((out / "shardset.json").read_text())["complete"]
+    assert any("did not finish" in line for line in shardset.describe_set(shard_paths(out)))  # what `verify` prints
     undo()
+    for stale in (".t-000009.idx.k3j4.tmp", ".shardset.json.x9.tmp", "t-000009.tar.tmp"):  # what a killed process leaves
+        (out / stale).write_bytes(b"partial")
     report = write_source(folder_source(root), str(out / "t-%06d.tar"), max_count=4, progress=False)
     assert report.resumed_from == len(finished) and report.written == 31
     assert shard_bytes(out) == reference
@@ -522,6 +525,13 @@ def test_official_subset_list_selects_exactly_the_named_files(imagenet_like, tmp
     assert loader.num_samples == 4 and sorted(label for _, labels in loader for label in labels.tolist()) == [0, 0, 1, 2]
 
 
+def test_evaluate_takes_subset_list_flag():
+    import evaluate
+
+    args = evaluate.parse_args(["--train_shards", "t", "--val_shards", "v", "--subset_list", "1percent.txt"])
+    assert args.subset_list == "1percent.txt" and args.subset_file is None
+
+
 def test_subset_list_errors_name_what_is_wrong(imagenet_like, tmp_path):
     with pytest.raises(SubsetError, match="nope.txt does not exist"):
         subset_for(imagenet_like / "shards", 0.01, 0, subset_list=str(tmp_path / "nope.txt"))
@@ -599,13 +609,16 @@ def make_bad_input(kind, tmp_path):
         return ["write", "list", tmp_path / "nope.csv", out], "nope.csv does not exist"
     if kind == "images folder missing":
         return ["write", "images", tmp_path / "nope", out], "nope does not exist"
+    if kind == "output directory inside the image folder":
+        save(Image.fromarray(random_images(1, 8)[0]), tmp_path / "photos" / "a.jpg", format="JPEG")
+        return ["write", "images", tmp_path / "photos", tmp_path / "photos" / "shards" / "s-%06d.tar"], "is inside the image folder"
     raise AssertionError(kind)
 
 
 BAD_INPUTS = ["cifar: not a tar", "cifar: a tar that is not CIFAR", "arrays: not an npz", "arrays: an npz without arrays",
               "arrays: an npz with no images", "arrays: a .npy", "verify --workers -1", "verify --workers 0", "write --workers 0",
               "output directory cannot be created", "pattern with two numbers", "pattern without a number", "list file missing",
-              "images folder missing"]
+              "images folder missing", "output directory inside the image folder"]
 
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
@@ -614,6 +627,7 @@ def test_shard_cli_bad_input_is_one_line_with_status_2(kind, tmp_path, capsys):
     status, lines = run_cli(argv, capsys)
     assert status == 2 and len(lines) == 1 and named in lines[0] and "Traceback" not in lines[0], lines
     assert not list((tmp_path / "out").glob("*.tar")) if (tmp_path / "out").exists() else True
+    assert not (tmp_path / "photos" / "shards").exists()  # refused before anything was created
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
