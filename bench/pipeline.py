@@ -66,7 +66,8 @@ def cifar_shards() -> tuple[Path, str]:
     source = SHARED_DATA / "cifar10" / "train"
     if source.is_dir():
         # 10,000 per shard: the layout the recorded results were measured on (the writer's default is 1,000)
-        write_source(folder_source(source), str(out / "train-%06d.tar"), max_count=10_000, workers=len(os.sched_getaffinity(0)))
+        write_source(folder_source(source), str(out / "train-%06d.tar"), max_count=10_000,
+                     workers=len(os.sched_getaffinity(0)))
         return out, "../shared/data/cifar10/train (50,000 32x32 JPEGs)"
     return synthetic_shards(out, 20000, 32, "generated 32x32 images (../shared/data absent)")
 

@@ -98,9 +98,13 @@ def storage(args) -> dict:
     from pipeline.images import ImagePolicy, prepare_pixels
 
     pixels = cifar_pixels(args.images)
-    options = {"jpeg q95 4:2:0 (the old default)": ImagePolicy(95, "420"), "jpeg q95 4:4:4": ImagePolicy(95, "444"),
-               "jpeg q98 4:4:4": ImagePolicy(98, "444"), "jpeg q100 4:4:4": ImagePolicy(100, "444"),
-               "png": ImagePolicy(pixel_format="png")}
+    options = {
+        "jpeg q95 4:2:0 (the old default)": ImagePolicy(95, "420"),
+        "jpeg q95 4:4:4": ImagePolicy(95, "444"),
+        "jpeg q98 4:4:4": ImagePolicy(98, "444"),
+        "jpeg q100 4:4:4": ImagePolicy(100, "444"),
+        "png": ImagePolicy(pixel_format="png"),
+    }
     results = {}
     for name, policy in options.items():
         encoded = [prepare_pixels(image, policy).data for image in pixels]
@@ -114,9 +118,13 @@ def storage(args) -> dict:
             "dali_cpu_decode_us_per_image": 1e6 * dali_decode_seconds(encoded),
             "pil_decode_us_per_image": 1e6 * pil_decode_seconds(encoded),
         }
-        print(f"{name:34s} {results[name]['bytes_per_image']:7.0f} B  tar {results[name]['tar_bytes_per_image_member']:6.0f} B  "
-              f"PSNR {results[name]['psnr_db']:6.2f} dB  DALI {results[name]['dali_cpu_decode_us_per_image']:6.1f} us  "
-              f"PIL {results[name]['pil_decode_us_per_image']:6.1f} us", flush=True)
+        row = results[name]
+        print(
+            f"{name:34s} {row['bytes_per_image']:7.0f} B  tar {row['tar_bytes_per_image_member']:6.0f} B  "
+            f"PSNR {row['psnr_db']:6.2f} dB  DALI {row['dali_cpu_decode_us_per_image']:6.1f} us  "
+            f"PIL {row['pil_decode_us_per_image']:6.1f} us",
+            flush=True,
+        )
     return {"images": len(pixels), "source": "../shared/data/cifar10/test decoded to pixels", "encodings": results}
 
 
@@ -156,8 +164,13 @@ def peak_rss(command: list[str], interval: float = 0.05, cwd: Path = ROOT) -> di
     output = process.stdout.read()
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{output}")
-    return {"command": " ".join(command[1:]), "peak_rss_mib": peak / 2**20, "rss_samples": samples,
-            "seconds": time.perf_counter() - start, "output": output.strip().splitlines()[-1]}
+    return {
+        "command": " ".join(command[1:]),
+        "peak_rss_mib": peak / 2**20,
+        "rss_samples": samples,
+        "seconds": time.perf_counter() - start,
+        "output": output.strip().splitlines()[-1],
+    }
 
 
 def generated_folder(root: Path, count: int, side: int = 64) -> Path:
@@ -183,14 +196,36 @@ def rss(args) -> dict:
         tmp = Path(tmp)
         cifar = SHARED_DATA / "cifar10" / "train"
         if cifar.is_dir() and not args.generate_only:
-            results["cifar10_train_folder_50k"] = peak_rss(python + ["write", "folder", str(cifar), str(tmp / "cifar" / "train-%06d.tar"),
-                                                                     "--quiet", "--workers", str(args.workers)])
+            results["cifar10_train_folder_50k"] = peak_rss(
+                python
+                + [
+                    "write",
+                    "folder",
+                    str(cifar),
+                    str(tmp / "cifar" / "train-%06d.tar"),
+                    "--quiet",
+                    "--workers",
+                    str(args.workers),
+                ]
+            )
             print(results["cifar10_train_folder_50k"], flush=True)
             if args.compare_with:  # the same write by another checkout of the project (e.g. the writer before this one)
                 results["cifar10_train_folder_50k_compared"] = {
                     "checkout": str(args.compare_with),
-                    **peak_rss(python + ["write", "folder", str(cifar), str(tmp / "before" / "train-%06d.tar"), "--quiet", "--workers",
-                                         str(args.workers)], cwd=args.compare_with)}
+                    **peak_rss(
+                        python
+                        + [
+                            "write",
+                            "folder",
+                            str(cifar),
+                            str(tmp / "before" / "train-%06d.tar"),
+                            "--quiet",
+                            "--workers",
+                            str(args.workers),
+                        ],
+                        cwd=args.compare_with,
+                    ),
+                }
                 print(results["cifar10_train_folder_50k_compared"], flush=True)
         folder = args.generated_dir or tmp / "generated"
         if not (folder / ".complete").exists():  # generated once; reused when --generated_dir names an earlier folder
@@ -198,8 +233,18 @@ def rss(args) -> dict:
             (folder / ".complete").write_text(str(args.generated))
         if args.generate_only:
             return {}
-        results[f"generated_images_{args.generated // 1000}k"] = peak_rss(python + ["write", "images", str(folder), str(tmp / "gen" / "g-%06d.tar"),
-                                                                                    "--quiet", "--workers", str(args.workers)])
+        results[f"generated_images_{args.generated // 1000}k"] = peak_rss(
+            python
+            + [
+                "write",
+                "images",
+                str(folder),
+                str(tmp / "gen" / "g-%06d.tar"),
+                "--quiet",
+                "--workers",
+                str(args.workers),
+            ]
+        )
         print(results[f"generated_images_{args.generated // 1000}k"], flush=True)
     return {"workers": args.workers, "runs": results}
 
@@ -210,9 +255,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=10_000, help="storage: CIFAR images to encode")
     parser.add_argument("--generated", type=int, default=200_000, help="rss: images in the generated folder")
     parser.add_argument("--workers", type=int, default=2, help="rss: writer worker processes")
-    parser.add_argument("--generated_dir", type=Path, default=None, help="rss: keep the generated folder here (reused if complete)")
+    parser.add_argument(
+        "--generated_dir", type=Path, default=None, help="rss: keep the generated folder here (reused if complete)"
+    )
     parser.add_argument("--generate_only", action="store_true", help="rss: only generate the folder (no measurement)")
-    parser.add_argument("--compare_with", type=Path, default=None, help="rss: another checkout whose writer to measure on the CIFAR folder")
+    parser.add_argument(
+        "--compare_with",
+        type=Path,
+        default=None,
+        help="rss: another checkout whose writer to measure on the CIFAR folder",
+    )
     parser.add_argument("--json", default=None, help="result file (default bench/results/writer_<what>_<device>.json)")
     args = parser.parse_args(argv)
     payload = storage(args) if args.what == "storage" else rss(args)

@@ -58,9 +58,9 @@ class LabelSubset:
     @classmethod
     def from_json(cls, data: dict) -> LabelSubset:
         per_class = data.get("per_class", 0)
-        return cls({int(label): [str(k) for k in keys] for label, keys in data["classes"].items()}, float(data.get("label_fraction", 0.0)),
-                   int(data.get("seed", -1)), None if per_class is None else int(per_class), list(data.get("shards", [])),
-                   data.get("list_file"))
+        keys_per_class = {int(label): [str(k) for k in keys] for label, keys in data["classes"].items()}
+        return cls(keys_per_class, float(data.get("label_fraction", 0.0)), int(data.get("seed", -1)),
+                   None if per_class is None else int(per_class), list(data.get("shards", [])), data.get("list_file"))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -76,7 +76,8 @@ class LabelSubset:
             return cls.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             hint = "; a text list of file names goes to --subset_list" if path.suffix.lower() != ".json" else ""
-            raise SubsetError(f"subset file {path} is not a subset written by evaluate.py ({type(error).__name__}: {error}){hint}") from None
+            raise SubsetError(f"subset file {path} is not a subset written by evaluate.py "
+                              f"({type(error).__name__}: {error}){hint}") from None
 
 
 def class_name(label: int, names: list[str] | None) -> str:
@@ -137,7 +138,8 @@ def read_name_list(path: str | Path) -> list[str]:
     return list(dict.fromkeys(names))  # a repeated line selects the same sample once
 
 
-def listed_subset(names: list[str], paths: dict[str, str], labels: dict[str, int], source: str, shards: list[str]) -> LabelSubset:
+def listed_subset(names: list[str], paths: dict[str, str], labels: dict[str, int], source: str,
+                  shards: list[str]) -> LabelSubset:
     """The samples named by ``names`` (file names, or relative paths when they hold a '/') among ``paths``
     (key -> stored source path), filed by their labels. ``SubsetError`` names listed files that no sample
     has, and file names that several samples share."""
@@ -155,18 +157,18 @@ def listed_subset(names: list[str], paths: dict[str, str], labels: dict[str, int
         else:
             (ambiguous if name in by_name else missing).append(name)
     if missing:
-        raise SubsetError(f"subset list {source}: {len(missing)} of its {len(names)} files are not in the training shards "
-                          f"(matched by the samples' stored source paths), e.g. {missing[:10]}")
+        raise SubsetError(f"subset list {source}: {len(missing)} of its {len(names)} files are not in the training "
+                          f"shards (matched by the samples' stored source paths), e.g. {missing[:10]}")
     if ambiguous:
-        raise SubsetError(f"subset list {source}: file name(s) {ambiguous[:10]} match several samples (same name in different "
-                          "folders): list them with their folder, e.g. CLASS/NAME")
+        raise SubsetError(f"subset list {source}: file name(s) {ambiguous[:10]} match several samples (same name in "
+                          "different folders): list them with their folder, e.g. CLASS/NAME")
     keys_per_class: dict[int, list[str]] = defaultdict(list)
     for key in chosen:
         if key not in labels:
             raise SubsetError(f"subset list {source}: sample {key} ({paths[key]}) has no label")
         keys_per_class[labels[key]].append(key)
-    return LabelSubset({label: sorted(keys) for label, keys in sorted(keys_per_class.items())}, len(chosen) / len(labels), -1, None,
-                       shards, str(source))
+    chosen_per_class = {label: sorted(keys) for label, keys in sorted(keys_per_class.items())}
+    return LabelSubset(chosen_per_class, len(chosen) / len(labels), -1, None, shards, str(source))
 
 
 def subset_for(train_shards, label_fraction: float, seed: int, subset_file: str | None = None,
@@ -182,7 +184,8 @@ def subset_for(train_shards, label_fraction: float, seed: int, subset_file: str 
     paths = shard_paths(train_shards)
     if list_file:
         names = read_name_list(list_file)
-        return listed_subset(names, read_source_paths(paths), read_labels(paths), list_file, [p.name for p in paths]), "listed"
+        subset = listed_subset(names, read_source_paths(paths), read_labels(paths), list_file, [p.name for p in paths])
+        return subset, "listed"
     labels = read_labels(paths)
     names = read_classes(paths)
     if subset_file and Path(subset_file).is_file():

@@ -29,10 +29,21 @@ JPEG_SUBSAMPLING = {"444": 0, "422": 1, "420": 2}
 SUBSAMPLING_CHOICES = ("auto", *JPEG_SUBSAMPLING)
 EXIF_ORIENTATION = 0x0112
 # JPEG start-of-frame markers and what each frame type is (only SOF0 is plain baseline).
-SOF_MARKERS = {0xC0: "baseline", 0xC1: "extended sequential", 0xC2: "progressive", 0xC3: "lossless", 0xC5: "differential",
-               0xC6: "differential progressive", 0xC7: "differential lossless", 0xC9: "arithmetic-coded",
-               0xCA: "arithmetic-coded progressive", 0xCB: "arithmetic-coded lossless", 0xCD: "arithmetic-coded differential",
-               0xCE: "arithmetic-coded differential progressive", 0xCF: "arithmetic-coded differential lossless"}
+SOF_MARKERS = {
+    0xC0: "baseline",
+    0xC1: "extended sequential",
+    0xC2: "progressive",
+    0xC3: "lossless",
+    0xC5: "differential",
+    0xC6: "differential progressive",
+    0xC7: "differential lossless",
+    0xC9: "arithmetic-coded",
+    0xCA: "arithmetic-coded progressive",
+    0xCB: "arithmetic-coded lossless",
+    0xCD: "arithmetic-coded differential",
+    0xCE: "arithmetic-coded differential progressive",
+    0xCF: "arithmetic-coded differential lossless",
+}
 
 
 class ImageProblem(ValueError):
@@ -135,7 +146,9 @@ def encode(image: Image.Image, policy: ImagePolicy, pixel_format: str = "jpeg", 
         image.save(buffer, format="PNG")
     else:
         subsampling = source_subsampling if policy.subsampling == "auto" else JPEG_SUBSAMPLING[policy.subsampling]
-        image.save(buffer, format="JPEG", quality=policy.quality, subsampling=subsampling, progressive=False, optimize=False)
+        image.save(
+            buffer, format="JPEG", quality=policy.quality, subsampling=subsampling, progressive=False, optimize=False
+        )
     return buffer.getvalue()
 
 
@@ -161,7 +174,9 @@ def open_image(data: bytes) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
-        raise ImageProblem("not a decodable image (unknown format, or truncated before the image header ends)") from None
+        raise ImageProblem(
+            "not a decodable image (unknown format, or truncated before the image header ends)"
+        ) from None
     except Exception as error:
         raise ImageProblem(describe_error(error)) from None
 

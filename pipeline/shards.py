@@ -26,11 +26,27 @@ from common.cli import ArgumentParser
 
 from .images import SUBSAMPLING_CHOICES, ImagePolicy
 from .shardset import (
-    DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, ShardError, brace_notation, describe_set, index_shards, is_labelled, output_pattern,
-    shard_paths, verify_shards,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_COUNT,
+    ShardError,
+    brace_notation,
+    describe_set,
+    index_shards,
+    is_labelled,
+    output_pattern,
+    shard_paths,
+    verify_shards,
 )
 from .sources import (
-    arrays_source, check_outside, cifar_source, folder_source, images_source, list_source, synthetic_source, write_source, writable_directory,
+    arrays_source,
+    check_outside,
+    cifar_source,
+    folder_source,
+    images_source,
+    list_source,
+    synthetic_source,
+    writable_directory,
+    write_source,
 )
 
 SHOWN_SKIPS = 20
@@ -70,64 +86,128 @@ def positive_float(text: str) -> float:
 # Shard size: with DALI's shuffle buffer (4,096 samples by default) drawing from the shards a rank reads in
 # turn, 1,000-sample shards put ~4 shards' samples in every buffer and change which ones every epoch (the
 # shard order is reshuffled); ~10k-sample shards keep a batch's neighbours inside one shard, epoch after epoch.
-MAX_COUNT_HELP = (f"samples per shard (default {DEFAULT_MAX_COUNT}: small enough that DALI's shuffle buffer mixes several "
-                  "shards, which change every epoch; ~110 MB per shard at ImageNet's image size)")
+MAX_COUNT_HELP = (
+    f"samples per shard (default {DEFAULT_MAX_COUNT}: small enough that DALI's shuffle buffer mixes several "
+    "shards, which change every epoch; ~110 MB per shard at ImageNet's image size)"
+)
 
 
 def build_parser() -> ArgumentParser:
-    parser = OneLineErrorParser(prog="python -m pipeline.shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(
+        prog="python -m pipeline.shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    write = commands.add_parser("write", help="write WebDataset shards (+ DALI indexes, classes.json, shardset.json) from images")
+    write = commands.add_parser(
+        "write", help="write WebDataset shards (+ DALI indexes, classes.json, shardset.json) from images"
+    )
     sources = write.add_subparsers(dest="source", required=True)
     common = ArgumentParser(add_help=False)
     common.add_argument("--max_count", type=at_least(1), default=DEFAULT_MAX_COUNT, help=MAX_COUNT_HELP)
-    common.add_argument("--max_bytes", type=positive_float, default=DEFAULT_MAX_BYTES, help="bytes per shard (default 1e9)")
-    common.add_argument("--quality", type=at_least(1, 100), default=95, help="JPEG quality of re-encoded images (default 95)")
-    common.add_argument("--subsampling", choices=list(SUBSAMPLING_CHOICES), default="auto",
-                        help="chroma subsampling of re-encoded images (default auto: a JPEG's own, 4:4:4 for other formats and raw pixels)")
+    common.add_argument(
+        "--max_bytes", type=positive_float, default=DEFAULT_MAX_BYTES, help="bytes per shard (default 1e9)"
+    )
+    common.add_argument(
+        "--quality", type=at_least(1, 100), default=95, help="JPEG quality of re-encoded images (default 95)"
+    )
+    common.add_argument(
+        "--subsampling",
+        choices=list(SUBSAMPLING_CHOICES),
+        default="auto",
+        help="chroma subsampling of re-encoded images "
+        "(default auto: a JPEG's own, 4:4:4 for other formats and raw pixels)",
+    )
     size = common.add_mutually_exclusive_group()
-    size.add_argument("--max_side", type=at_least(1), default=None, help="shrink images whose longer side exceeds N px (at write time)")
-    size.add_argument("--shorter_side", type=at_least(1), default=None, help="shrink images whose shorter side exceeds N px (at write time)")
-    common.add_argument("--workers", type=at_least(1), default=None, help="processes reading and encoding images (default: all cores)")
-    common.add_argument("--window", type=at_least(1), default=None, help="images in flight between readers and the tar writer "
-                        "(bounds memory; default 32 per worker)")
-    common.add_argument("--on_error", choices=["stop", "skip"], default="stop",
-                        help="bad inputs (corrupt/non-image files, empty class folders, missing listed files): stop with an error "
-                        "naming the first (default) or skip them and list them")
-    common.add_argument("--overwrite", action="store_true", help="replace shards of a different (or finished) write in the output directory")
+    size.add_argument(
+        "--max_side",
+        type=at_least(1),
+        default=None,
+        help="shrink images whose longer side exceeds N px (at write time)",
+    )
+    size.add_argument(
+        "--shorter_side",
+        type=at_least(1),
+        default=None,
+        help="shrink images whose shorter side exceeds N px (at write time)",
+    )
+    common.add_argument(
+        "--workers", type=at_least(1), default=None, help="processes reading and encoding images (default: all cores)"
+    )
+    common.add_argument(
+        "--window",
+        type=at_least(1),
+        default=None,
+        help="images in flight between readers and the tar writer (bounds memory; default 32 per worker)",
+    )
+    common.add_argument(
+        "--on_error",
+        choices=["stop", "skip"],
+        default="stop",
+        help="bad inputs (corrupt/non-image files, empty class folders, missing listed files): stop with an error "
+        "naming the first (default) or skip them and list them",
+    )
+    common.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace shards of a different (or finished) write in the output directory",
+    )
     common.add_argument("--no_index", action="store_true", help="do not write DALI index files")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
     pixels = ArgumentParser(add_help=False)
-    pixels.add_argument("--pixel_format", choices=["jpeg", "png"], default="jpeg",
-                        help="how raw pixels are stored: jpeg (default; 4:4:4 quality 95) or png (lossless, ~1.5x the bytes, "
-                        "decoded on the CPU): see README")
+    pixels.add_argument(
+        "--pixel_format",
+        choices=["jpeg", "png"],
+        default="jpeg",
+        help="how raw pixels are stored: jpeg (default; 4:4:4 quality 95) or png (lossless, ~1.5x the bytes, "
+        "decoded on the CPU): see README",
+    )
     seeded = ArgumentParser(add_help=False)
     seeded.add_argument("--seed", type=int, default=0, help="seed of the sample order shuffle (default 0)")
-    out_help = "output shard names: printf (OUT/train-%%06d.tar) or brace (OUT/train-{000000..999999}.tar) pattern, one shard number"
+    out_help = (
+        "output shard names: printf (OUT/train-%%06d.tar) or brace (OUT/train-{000000..999999}.tar) pattern, "
+        "one shard number"
+    )
 
-    images = sources.add_parser("images", parents=[common, seeded], help="every image under ROOT, recursively, without labels")
+    images = sources.add_parser(
+        "images", parents=[common, seeded], help="every image under ROOT, recursively, without labels"
+    )
     images.add_argument("root", type=Path)
     images.add_argument("out", help=out_help)
-    folder = sources.add_parser("folder", parents=[common, seeded], help="from ROOT/CLASS/... (labels: sorted class-folder names)")
+    folder = sources.add_parser(
+        "folder", parents=[common, seeded], help="from ROOT/CLASS/... (labels: sorted class-folder names)"
+    )
     folder.add_argument("root", type=Path)
     folder.add_argument("out", help=out_help)
-    listed = sources.add_parser("list", parents=[common, seeded], help="from a CSV/TSV of path[,label] rows (e.g. ImageNet's validation set)")
+    listed = sources.add_parser(
+        "list", parents=[common, seeded], help="from a CSV/TSV of path[,label] rows (e.g. ImageNet's validation set)"
+    )
     listed.add_argument("list_file", type=Path, metavar="FILE.csv|FILE.tsv")
     listed.add_argument("out", help=out_help)
-    listed.add_argument("--root", type=Path, default=None, help="folder the listed paths are relative to (default: the list's folder)")
-    listed.add_argument("--classes", type=Path, default=None,
-                        help="class names in label order (a classes.json, e.g. the training set's, or one name per line): "
-                        "maps class-name labels to the same indices as another set")
+    listed.add_argument(
+        "--root", type=Path, default=None, help="folder the listed paths are relative to (default: the list's folder)"
+    )
+    listed.add_argument(
+        "--classes",
+        type=Path,
+        default=None,
+        help="class names in label order (a classes.json, e.g. the training set's, or one name per line): "
+        "maps class-name labels to the same indices as another set",
+    )
     cifar = sources.add_parser("cifar", parents=[common, pixels], help="from the official CIFAR-10/100 python tarball")
     cifar.add_argument("tarball", type=Path)
     cifar.add_argument("out", help=out_help)
     cifar.add_argument("--split", choices=["train", "test"], required=True)
-    arrays = sources.add_parser("arrays", parents=[common, pixels], help="from a .npz with uint8 `images` (N,H,W[,3]) and optional int `labels` (N,)")
+    arrays = sources.add_parser(
+        "arrays",
+        parents=[common, pixels],
+        help="from a .npz with uint8 `images` (N,H,W[,3]) and optional int `labels` (N,)",
+    )
     arrays.add_argument("npz", type=Path)
     arrays.add_argument("out", help=out_help)
     arrays.add_argument("--classes", default=None, help="comma-separated class names (default: 0..K-1)")
-    synthetic = sources.add_parser("synthetic", parents=[common, pixels], help="procedurally generated shapes (the demo's data)")
+    synthetic = sources.add_parser(
+        "synthetic", parents=[common, pixels], help="procedurally generated shapes (the demo's data)"
+    )
     synthetic.add_argument("out", help=out_help)
     synthetic.add_argument("--num_classes", type=at_least(1), default=10)
     synthetic.add_argument("--per_class", type=at_least(1), default=200)
@@ -138,7 +218,9 @@ def build_parser() -> ArgumentParser:
     index.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns")
     index.add_argument("--quiet", action="store_true")
 
-    verify = commands.add_parser("verify", help="check every sample (decodes, label where the set is labelled), say how the set was written")
+    verify = commands.add_parser(
+        "verify", help="check every sample (decodes, label where the set is labelled), say how the set was written"
+    )
     verify.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns")
     verify.add_argument("--no_labels", action="store_true", help="do not require .cls labels even in a labelled set")
     verify.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
@@ -171,17 +253,31 @@ def write(args) -> int:
         policy = ImagePolicy(args.quality, args.subsampling, args.max_side, args.shorter_side, pixel_format)
     except ValueError as error:
         raise ShardError(str(error)) from None
-    report = write_source(source, pattern, policy, max_count=args.max_count, max_bytes=args.max_bytes, on_error=args.on_error,
-                          workers=args.workers or len(os.sched_getaffinity(0)), window=args.window, overwrite=args.overwrite,
-                          index=not args.no_index, progress=not args.quiet)
+    report = write_source(
+        source,
+        pattern,
+        policy,
+        max_count=args.max_count,
+        max_bytes=args.max_bytes,
+        on_error=args.on_error,
+        workers=args.workers or len(os.sched_getaffinity(0)),
+        window=args.window,
+        overwrite=args.overwrite,
+        index=not args.no_index,
+        progress=not args.quiet,
+    )
     if report.finished_before:
-        print(f"nothing to do: {Path(pattern).parent} already holds this write, complete ({report.written} samples in "
-              f"{len(report.shards)} shard(s)); --overwrite rewrites it")
+        print(
+            f"nothing to do: {Path(pattern).parent} already holds this write, complete ({report.written} samples in "
+            f"{len(report.shards)} shard(s)); --overwrite rewrites it"
+        )
         return 0
     kept = f" ({report.resumed_from} kept from an interrupted write)" if report.resumed_from else ""
     print(f"wrote {report.written} samples to {len(report.shards)} shard(s){kept}: {brace_notation(report.shards)}")
     changes = ", ".join(f"{reason} {count}" for reason, count in report.changes.items())
-    print(f"images: {report.copied} stored byte-identical, {report.written - report.copied} encoded ({changes or 'none'})")
+    print(
+        f"images: {report.copied} stored byte-identical, {report.written - report.copied} encoded ({changes or 'none'})"
+    )
     if report.skipped:
         print(f"skipped {len(report.skipped)} bad input(s) (all listed in {Path(pattern).parent / 'shardset.json'}):")
         for source_name, reason in report.skipped[:SHOWN_SKIPS]:
@@ -197,12 +293,16 @@ def verify(args) -> int:
     for line in description:
         print(line)
     require_labels = not args.no_labels and is_labelled(shards)
-    total, problems = verify_shards(shards, require_labels=require_labels, progress=not args.quiet, workers=args.workers)
+    total, problems = verify_shards(
+        shards, require_labels=require_labels, progress=not args.quiet, workers=args.workers
+    )
     for problem in problems:
         print(problem)
     set_problems = sum(line.startswith("problem:") for line in description)
-    print(f"verified {total} samples in {len(shards)} shard(s){'' if require_labels else ' (labels not required)'}: "
-          f"{len(problems) + set_problems} problem(s)")
+    print(
+        f"verified {total} samples in {len(shards)} shard(s){'' if require_labels else ' (labels not required)'}: "
+        f"{len(problems) + set_problems} problem(s)"
+    )
     return 1 if problems or set_problems else 0
 
 
@@ -218,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return verify(args)
     except ShardError as error:
-        print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)  # one line, whatever a library's message held
+        print(
+            f"error: {' '.join(str(error).splitlines())}", file=sys.stderr
+        )  # one line, whatever a library's message held
         return 2
 
 

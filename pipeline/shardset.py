@@ -125,15 +125,23 @@ def output_pattern(out: str) -> str:
         if _PRINTF_NUMBER.search(out):
             raise ShardError(f"output pattern {out!r} mixes a brace range and a % conversion: give one shard number")
         match = braces[0]  # in brace notation a '%' is a literal character
-        out = out[: match.start()].replace("%", "%%") + f"%0{len(match.group(1))}d" + out[match.end() :].replace("%", "%%")
+        out = (
+            out[: match.start()].replace("%", "%%")
+            + f"%0{len(match.group(1))}d"
+            + out[match.end() :].replace("%", "%%")
+        )
     conversions = re.findall(r"%(?:%|[^%]*?[a-zA-Z])", out)
     numbers = [c for c in conversions if _PRINTF_NUMBER.fullmatch(c)]
     others = [c for c in conversions if c != "%%" and not _PRINTF_NUMBER.fullmatch(c)]
     if others:
-        raise ShardError(f"output pattern {out!r} has a conversion {others[0]!r}: only one shard number (%06d) is allowed")
+        raise ShardError(
+            f"output pattern {out!r} has a conversion {others[0]!r}: only one shard number (%06d) is allowed"
+        )
     if len(numbers) != 1:
-        raise ShardError(f"output pattern {out!r} has {len(numbers)} shard numbers: give exactly one, "
-                         "e.g. train-%06d.tar or train-{000000..999999}.tar")
+        raise ShardError(
+            f"output pattern {out!r} has {len(numbers)} shard numbers: give exactly one, "
+            "e.g. train-%06d.tar or train-{000000..999999}.tar"
+        )
     if Path(out % 0).parent != Path(out % 1).parent:
         raise ShardError(f"output pattern {out!r} puts its shard number in a directory name: number the file name")
     if not (out % 0).endswith(".tar"):
@@ -152,7 +160,10 @@ def path_key(path: str) -> str:
     """The sample key of a relative source path: each '/'-separated part's UTF-8 bytes outside ``[A-Za-z0-9_-]``
     as ``%XX`` (so no dot, space or non-ASCII byte reaches a tar member name or DALI's index)."""
     parts = normalized_path(path).split("/")
-    return "/".join("".join(chr(b) if b in _KEY_SAFE else f"%{b:02X}" for b in part.encode("utf-8", "surrogateescape")) for part in parts)
+    return "/".join(
+        "".join(chr(b) if b in _KEY_SAFE else f"%{b:02X}" for b in part.encode("utf-8", "surrogateescape"))
+        for part in parts
+    )
 
 
 def key_path(key: str) -> str:
@@ -171,7 +182,10 @@ def normalized_path(path: str) -> str:
 def check_key(key: str) -> str:
     """``key`` if it is a valid escaped key (see the module docstring), else ``ShardError``."""
     if not _KEY_PATTERN.fullmatch(key):
-        raise ShardError(f"sample key {key!r} is not a valid key: use pipeline.shardset.path_key (letters, digits, _ - / and %XX escapes)")
+        raise ShardError(
+            f"sample key {key!r} is not a valid key: use pipeline.shardset.path_key "
+            "(letters, digits, _ - / and %XX escapes)"
+        )
     return key
 
 
@@ -207,7 +221,9 @@ def build_index(tar: Path) -> list[list[tuple[str, int, int, str]]]:
                 if base.startswith("."):
                     continue
                 if any(ch.isspace() for ch in name):
-                    raise ShardError(f"shard {tar}: member {name!r} has white space in its name (DALI's index cannot hold it)")
+                    raise ShardError(
+                        f"shard {tar}: member {name!r} has white space in its name (DALI's index cannot hold it)"
+                    )
                 key, ext = sample_key(name), base.partition(".")[2]
                 if not ext:
                     raise ShardError(f"shard {tar}: member {name!r} has no extension")
@@ -225,13 +241,17 @@ def build_index(tar: Path) -> list[list[tuple[str, int, int, str]]]:
         handle.seek(archive_end)
         marker = handle.read(1024)
     if len(marker) < 1024 or marker.count(0) != 1024:
-        raise ShardError(f"shard {tar} is truncated or damaged: no end-of-archive marker after its last member (byte {archive_end})")
+        raise ShardError(
+            f"shard {tar} is truncated or damaged: no end-of-archive marker after its last member (byte {archive_end})"
+        )
     return samples
 
 
 def index_text(tar: Path) -> str:
     """DALI's index of ``tar`` (v1.2: a header, then ``ext offset size name`` per component of each sample)."""
-    return ShardIndex(tar, [{ext: (offset, size, name) for ext, offset, size, name in sample} for sample in build_index(tar)]).text()
+    return ShardIndex(
+        tar, [{ext: (offset, size, name) for ext, offset, size, name in sample} for sample in build_index(tar)]
+    ).text()
 
 
 def write_index(tar: Path) -> Path:
@@ -253,7 +273,10 @@ class ShardIndex:
     def text(self) -> str:
         """The index file's contents (DALI v1.2)."""
         lines = [f"{INDEX_VERSION} {self.num_samples}"]
-        lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, (offset, size, name) in sample.items()) for sample in self.samples]
+        lines += [
+            " ".join(f"{ext} {offset} {size} {name}" for ext, (offset, size, name) in sample.items())
+            for sample in self.samples
+        ]
         return "\n".join(lines) + "\n"
 
 
@@ -265,7 +288,9 @@ def read_index(tar: Path) -> ShardIndex:
     lines = idx.read_text().splitlines()
     header = lines[0].split() if lines else []
     if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit():
-        raise ShardError(f"index {idx} has a bad header {lines[:1]}; rebuild it with: python -m pipeline.shards index {tar}")
+        raise ShardError(
+            f"index {idx} has a bad header {lines[:1]}; rebuild it with: python -m pipeline.shards index {tar}"
+        )
     count = int(header[1])
     if count == 0 or len(lines) - 1 != count:
         raise ShardError(f"index {idx} says {count} samples but lists {len(lines) - 1}; rebuild it")
@@ -274,7 +299,9 @@ def read_index(tar: Path) -> ShardIndex:
         fields = line.split()
         if len(fields) % 4:
             raise ShardError(f"index {idx} has a malformed line {line!r}; rebuild it")
-        samples.append({fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)})
+        samples.append(
+            {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)}
+        )
     size = tar.stat().st_size
     end = max(offset + length for sample in samples for offset, length, _ in sample.values())
     if end > size:
@@ -324,18 +351,24 @@ def _read_member(shards, ext: str, what: str, decode: Callable[[str, Path, str],
             for sample in index.samples:
                 key = sample_key(next(iter(sample.values()))[2])
                 if ext not in sample:
-                    raise ShardError(f"shard {tar}: sample key {key} has no {what} (.{ext}); {MISSING_MEMBER_HINT[ext]}")
+                    raise ShardError(
+                        f"shard {tar}: sample key {key} has no {what} (.{ext}); {MISSING_MEMBER_HINT[ext]}"
+                    )
                 offset, size, _ = sample[ext]
                 handle.seek(offset)
                 value = decode(handle.read(size).decode("utf-8", errors="replace"), tar, key)
                 if key in values:
-                    raise ShardError(f"shard {tar}: key {key} occurs twice in the shard set; samples are looked up by key")
+                    raise ShardError(
+                        f"shard {tar}: key {key} occurs twice in the shard set; samples are looked up by key"
+                    )
                 values[key] = value
     return values
 
 
-MISSING_MEMBER_HINT = {"cls": "this needs labelled shards",
-                       "json": "the shards were written without source paths: rewrite them with `python -m pipeline.shards write`"}
+MISSING_MEMBER_HINT = {
+    "cls": "this needs labelled shards",
+    "json": "the shards were written without source paths: rewrite them with `python -m pipeline.shards write`",
+}
 
 
 def _label(text: str, tar: Path, key: str) -> int:
@@ -396,8 +429,15 @@ class ShardWriter:
     So a shard under its final name is always complete and indexed; ``abort`` (or any exception inside a
     ``with`` block) removes the open temporary and leaves finished shards as they are."""
 
-    def __init__(self, pattern: str, first: int = 0, max_count: int = DEFAULT_MAX_COUNT, max_bytes: float = DEFAULT_MAX_BYTES,
-                 index: bool = True, on_shard: Callable[[ShardRecord], None] | None = None):
+    def __init__(
+        self,
+        pattern: str,
+        first: int = 0,
+        max_count: int = DEFAULT_MAX_COUNT,
+        max_bytes: float = DEFAULT_MAX_BYTES,
+        index: bool = True,
+        on_shard: Callable[[ShardRecord], None] | None = None,
+    ):
         if max_count < 1 or max_bytes <= 0:
             raise ValueError(f"max_count must be >= 1 and max_bytes > 0, got {max_count}, {max_bytes}")
         self.pattern, self.number, self.max_count, self.max_bytes = pattern, first, max_count, max_bytes
@@ -523,9 +563,14 @@ def summarize_shards(records: list[dict]) -> dict:
     changes: Counter = Counter()
     for record in records:
         changes.update(record["changes"])
-    return {"num_samples": sum(r["samples"] for r in records), "inputs_done": sum(r["inputs"] for r in records),
-            "copied": sum(r["copied"] for r in records), "re_encoded": sum(r["samples"] - r["copied"] for r in records),
-            "changes": dict(sorted(changes.items())), "skipped": [s for r in records for s in r["skipped"]]}
+    return {
+        "num_samples": sum(r["samples"] for r in records),
+        "inputs_done": sum(r["inputs"] for r in records),
+        "copied": sum(r["copied"] for r in records),
+        "re_encoded": sum(r["samples"] - r["copied"] for r in records),
+        "changes": dict(sorted(changes.items())),
+        "skipped": [s for r in records for s in r["skipped"]],
+    }
 
 
 @dataclass
@@ -562,9 +607,16 @@ def sample_members(image: bytes, ext: str, label: int | None, source: str) -> di
     return members
 
 
-def write_shards(samples: Iterable[Sample], out: str, classes: list[str] | None, total: int | None = None,
-                 max_count: int = DEFAULT_MAX_COUNT, max_bytes: float = DEFAULT_MAX_BYTES, index: bool = True,
-                 progress: bool = True) -> WriteReport:
+def write_shards(
+    samples: Iterable[Sample],
+    out: str,
+    classes: list[str] | None,
+    total: int | None = None,
+    max_count: int = DEFAULT_MAX_COUNT,
+    max_bytes: float = DEFAULT_MAX_BYTES,
+    index: bool = True,
+    progress: bool = True,
+) -> WriteReport:
     """Write already-encoded ``samples`` into shards named by ``out`` (printf ``%06d`` or brace pattern), each
     indexed, plus ``classes.json`` (``classes`` None: an unlabelled set) and ``shardset.json``. Every sample's
     label must be None exactly when ``classes`` is None. For sources read from disk with checks, re-encoding,
@@ -574,19 +626,34 @@ def write_shards(samples: Iterable[Sample], out: str, classes: list[str] | None,
     directory.mkdir(parents=True, exist_ok=True)
     labelled = classes is not None
     with ShardWriter(pattern, max_count=max_count, max_bytes=max_bytes, index=index) as writer:
-        for sample in tqdm(samples, total=total, desc=f"writing {Path(pattern).name}", unit="img", disable=not progress):
+        for sample in tqdm(
+            samples, total=total, desc=f"writing {Path(pattern).name}", unit="img", disable=not progress
+        ):
             if (sample.label is not None) != labelled:
-                raise ShardError(f"{sample.source}: {'no label' if labelled else 'a label'} in {'a labelled' if labelled else 'an unlabelled'} set")
+                raise ShardError(
+                    f"{sample.source}: {'no label' if labelled else 'a label'} "
+                    f"in {'a labelled' if labelled else 'an unlabelled'} set"
+                )
             writer.add(sample.key, sample_members(sample.image, sample.ext, sample.label, sample.source))
     records = writer.records
     if not records:
         raise ShardError(f"no samples were written to {out}")
     write_classes(directory, classes)
     shard_records = [asdict(r) for r in records]
-    write_set_record(directory, {"format": SET_FORMAT, "complete": True, "pattern": Path(pattern).name, "labelled": labelled,
-                                 "num_classes": len(classes) if labelled else None, "source": {"kind": "samples"},
-                                 "settings": {"max_count": max_count, "max_bytes": max_bytes}, **summarize_shards(shard_records),
-                                 "shards": shard_records})
+    write_set_record(
+        directory,
+        {
+            "format": SET_FORMAT,
+            "complete": True,
+            "pattern": Path(pattern).name,
+            "labelled": labelled,
+            "num_classes": len(classes) if labelled else None,
+            "source": {"kind": "samples"},
+            "settings": {"max_count": max_count, "max_bytes": max_bytes},
+            **summarize_shards(shard_records),
+            "shards": shard_records,
+        },
+    )
     return WriteReport(written=sum(r.samples for r in records), shards=[directory / r.name for r in records])
 
 
@@ -616,7 +683,11 @@ def check_image(data: bytes) -> tuple[bool, str]:
             return False, f"truncated image data ({text})"
         return False, f"corrupt image ({type(error).__name__}: {text})"
     if image_format not in DALI_FORMATS:
-        return False, f"{image_format} data, which DALI's decoder cannot read; rewrite the set with `python -m pipeline.shards write`"
+        return (
+            False,
+            f"{image_format} data, which DALI's decoder cannot read; "
+            "rewrite the set with `python -m pipeline.shards write`",
+        )
     return True, ""
 
 
@@ -631,7 +702,9 @@ def verify_shard(tar: Path, require_labels: bool = True) -> tuple[int, list[str]
         return 0, [str(error)], []
     try:
         indexed = read_index(tar)
-        if [[c[1:3] for c in s] for s in actual] != [sorted(((o, n) for o, n, _ in s.values())) for s in indexed.samples]:
+        if [[c[1:3] for c in s] for s in actual] != [
+            sorted(((o, n) for o, n, _ in s.values())) for s in indexed.samples
+        ]:
             problems.append(f"shard {tar}: index {index_path(tar)} does not match the tar; rebuild it with `index`")
     except ShardError as error:
         problems.append(str(error))
@@ -665,14 +738,18 @@ def verify_shard(tar: Path, require_labels: bool = True) -> tuple[int, list[str]
     return len(actual), problems, keys
 
 
-def verify_shards(shards: list[Path], require_labels: bool = True, progress: bool = True, workers: int | None = None) -> tuple[int, list[str]]:
+def verify_shards(
+    shards: list[Path], require_labels: bool = True, progress: bool = True, workers: int | None = None
+) -> tuple[int, list[str]]:
     """(samples, problems) over ``shards``, checked in ``workers`` processes; a key in two shards is a problem."""
     if workers is not None and workers < 1:
         raise ShardError(f"--workers must be >= 1, got {workers}")
     total, problems, first_seen = 0, [], {}
     with ProcessPoolExecutor(max_workers=min(workers or os.cpu_count(), max(1, len(shards)))) as pool:
         results = pool.map(verify_shard, shards, [require_labels] * len(shards))
-        for tar, (count, found, keys) in tqdm(zip(shards, results), total=len(shards), desc="verifying", unit="shard", disable=not progress):
+        for tar, (count, found, keys) in tqdm(
+            zip(shards, results), total=len(shards), desc="verifying", unit="shard", disable=not progress
+        ):
             total += count
             problems += found
             for key in keys:
@@ -687,24 +764,45 @@ def describe_set(shards: list[Path]) -> list[str]:
     directory = shards[0].parent
     record = read_set_record(directory)
     if record is None:
-        return [f"set: no {SET_FILE} beside the shards (written by another tool or an older version); "
-                f"labels {'required (classes.json present)' if (directory / CLASSES_FILE).exists() else 'not required (no classes.json)'}"]
+        return [
+            f"set: no {SET_FILE} beside the shards (written by another tool or an older version); "
+            + (
+                "labels required (classes.json present)"
+                if (directory / CLASSES_FILE).exists()
+                else "labels not required (no classes.json)"
+            )
+        ]
     source, settings = record.get("source", {}), record.get("settings", {})
     labelled = f"labelled ({record.get('num_classes')} classes)" if record["labelled"] else "unlabelled"
-    lines = [f"set: {record.get('num_samples', 0)} samples from {source.get('kind')} {source.get('location', '')}".rstrip() + f", {labelled}"]
+    lines = [
+        f"set: {record.get('num_samples', 0)} samples from {source.get('kind')} {source.get('location', '')}".rstrip()
+        + f", {labelled}"
+    ]
     if "quality" in settings:
+        encoding = "PNG" if settings.get("pixel_format") == "png" and source.get("kind") in PIXEL_SOURCES else "JPEG"
         changes = ", ".join(f"{reason} {count}" for reason, count in record.get("changes", {}).items())
-        lines.append(f"images: {record.get('copied', 0)} stored byte-identical, {record.get('re_encoded', 0)} encoded "
-                     f"({changes or 'none'}) as {'PNG' if settings.get('pixel_format') == 'png' and source.get('kind') in PIXEL_SOURCES else 'JPEG'} "
-                     f"quality {settings['quality']}, chroma {SUBSAMPLING_WORDS.get(settings['subsampling'], settings['subsampling'])}")
-        limit = (f"max side {settings['max_side']} px" if settings.get("max_side") else
-                 f"shorter side {settings['shorter_side']} px" if settings.get("shorter_side") else "none")
-        lines.append(f"pre-resize at write time: {limit} ({record.get('changes', {}).get('resized', 0)} images resized)")
+        lines.append(
+            f"images: {record.get('copied', 0)} stored byte-identical, {record.get('re_encoded', 0)} encoded "
+            f"({changes or 'none'}) as {encoding} quality {settings['quality']}, "
+            f"chroma {SUBSAMPLING_WORDS.get(settings['subsampling'], settings['subsampling'])}"
+        )
+        limit = (
+            f"max side {settings['max_side']} px"
+            if settings.get("max_side")
+            else f"shorter side {settings['shorter_side']} px"
+            if settings.get("shorter_side")
+            else "none"
+        )
+        lines.append(
+            f"pre-resize at write time: {limit} ({record.get('changes', {}).get('resized', 0)} images resized)"
+        )
     if record.get("skipped"):
         lines.append(f"skipped at write time: {len(record['skipped'])} input(s), listed in {directory / SET_FILE}")
     if not record.get("complete"):
-        lines.append(f"problem: the write of this set did not finish ({record.get('inputs_done', 0)} of "
-                     f"{source.get('inputs', '?')} inputs); rerun the same `write` command to resume it")
+        lines.append(
+            f"problem: the write of this set did not finish ({record.get('inputs_done', 0)} of "
+            f"{source.get('inputs', '?')} inputs); rerun the same `write` command to resume it"
+        )
     missing = [r["name"] for r in record.get("shards", []) if not (directory / r["name"]).exists()]
     if missing:
         lines.append(f"problem: {len(missing)} shard(s) listed in {SET_FILE} are missing, e.g. {missing[:3]}")
@@ -712,4 +810,9 @@ def describe_set(shards: list[Path]) -> list[str]:
 
 
 PIXEL_SOURCES = ("cifar", "arrays", "synthetic")
-SUBSAMPLING_WORDS = {"auto": "as each source JPEG, 4:4:4 for other formats", "444": "4:4:4", "422": "4:2:2", "420": "4:2:0"}
+SUBSAMPLING_WORDS = {
+    "auto": "as each source JPEG, 4:4:4 for other formats",
+    "444": "4:4:4",
+    "422": "4:2:2",
+    "420": "4:2:0",
+}

@@ -42,13 +42,43 @@ from common.files import check_writable
 
 from .images import ImagePolicy, prepare_chunk
 from .shardset import (
-    DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT, SET_FILE, SET_FORMAT, Sample, ShardError, ShardWriter, WriteReport, normalized_path,
-    output_pattern, path_key, read_set_record, remove_shard, sample_members, summarize_shards, write_classes, write_set_record,
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MAX_COUNT,
+    SET_FILE,
+    SET_FORMAT,
+    Sample,
+    ShardError,
+    ShardWriter,
+    WriteReport,
+    normalized_path,
+    output_pattern,
+    path_key,
+    read_set_record,
+    remove_shard,
+    sample_members,
+    summarize_shards,
+    write_classes,
+    write_set_record,
 )
 
 # Files a source folder may hold as images (anything else is reported, not read); compared lower-case.
-IMAGE_FILE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
-                       ".pnm", ".tga"}
+IMAGE_FILE_SUFFIXES = {
+    ".jpg",
+    ".jpeg",
+    ".jpe",
+    ".jfif",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".pbm",
+    ".pnm",
+    ".tga",
+}
 
 
 @dataclass
@@ -75,7 +105,11 @@ class Source:
         """A digest of what would be written: kind, source paths, labels, classes, problems, pixels."""
         digest = hashlib.sha256(f"{self.kind}\n{self.classes}\n{self.content_digest}\n".encode())
         for position, path in enumerate(self.paths):
-            digest.update(f"{path}\t{self.labels[position] if self.labels is not None else ''}\n".encode("utf-8", "surrogateescape"))
+            digest.update(
+                f"{path}\t{self.labels[position] if self.labels is not None else ''}\n".encode(
+                    "utf-8", "surrogateescape"
+                )
+            )
         for problem in self.problems:
             digest.update(f"!{problem}\n".encode("utf-8", "surrogateescape"))
         return digest.hexdigest()
@@ -90,7 +124,9 @@ def _walk_images(root: Path, top: Path, progress: bool = True) -> tuple[list[str
     """Image files under ``top`` (sorted, hidden files and folders left out) as paths relative to ``root``,
     and other files as problems."""
     images, problems = [], []
-    folders_seen = tqdm(desc=f"scanning {top}", unit=" folders", disable=None if progress else True, leave=False)  # None: terminals only
+    folders_seen = tqdm(
+        desc=f"scanning {top}", unit=" folders", disable=None if progress else True, leave=False
+    )  # None: terminals only
     for directory, folders, files in os.walk(top):
         folders_seen.update()
         folders[:] = sorted(f for f in folders if not f.startswith("."))
@@ -129,10 +165,15 @@ def folder_source(root: Path, seed: int = 0, progress: bool = False) -> Source:
         raise ShardError(f"image folder {root} does not exist or is not a directory")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise ShardError(f"image folder {root} has no class subfolders (expected ROOT/CLASS/image.jpg; "
-                         "for images without labels use `write images`)")
-    problems = [(str(p), "not in a class folder (expected ROOT/CLASS/image.jpg)") for p in sorted(root.iterdir())
-                if p.is_file() and not p.name.startswith(".")]
+        raise ShardError(
+            f"image folder {root} has no class subfolders (expected ROOT/CLASS/image.jpg; "
+            "for images without labels use `write images`)"
+        )
+    problems = [
+        (str(p), "not in a class folder (expected ROOT/CLASS/image.jpg)")
+        for p in sorted(root.iterdir())
+        if p.is_file() and not p.name.startswith(".")
+    ]
     items: list[tuple[str, int]] = []
     for label, name in enumerate(classes):
         images, found = _walk_images(root, root / name, progress)
@@ -142,8 +183,16 @@ def folder_source(root: Path, seed: int = 0, progress: bool = False) -> Source:
         items += [(path, label) for path in images]
     items = _shuffled(items, seed)
     paths = [path for path, _ in items]
-    return Source("folder", str(root.resolve()), paths, [label for _, label in items], classes, _file_payload(root, paths), problems,
-                  seed=seed)
+    return Source(
+        "folder",
+        str(root.resolve()),
+        paths,
+        [label for _, label in items],
+        classes,
+        _file_payload(root, paths),
+        problems,
+        seed=seed,
+    )
 
 
 def read_class_names(path: Path) -> list[str]:
@@ -157,7 +206,9 @@ def read_class_names(path: Path) -> list[str]:
         try:
             names = json.loads(text)["classes"]
         except (ValueError, KeyError, TypeError):
-            raise ShardError(f"class-name file {path} is not a classes.json ({{\"classes\": [names in label order]}})") from None
+            raise ShardError(
+                f'class-name file {path} is not a classes.json ({{"classes": [names in label order]}})'
+            ) from None
     else:
         names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names or len(set(names)) != len(names):
@@ -182,7 +233,13 @@ def list_source(list_file: Path, root: Path | None = None, classes_file: Path | 
         raise ShardError(f"list file {list_file} cannot be read as UTF-8 text ({error})") from None
     lines = text.splitlines()
     first = next((line for line in lines if line.strip() and not line.startswith("#")), "")
-    delimiter = "," if list_file.suffix.lower() == ".csv" else "\t" if list_file.suffix.lower() == ".tsv" or "\t" in first else ","
+    delimiter = (
+        ","
+        if list_file.suffix.lower() == ".csv"
+        else "\t"
+        if list_file.suffix.lower() == ".tsv" or "\t" in first
+        else ","
+    )
     rows: list[tuple[int, list[str]]] = []
     for number, row in enumerate(csv.reader(lines, delimiter=delimiter), 1):
         if not row or not "".join(row).strip() or row[0].startswith("#"):
@@ -195,7 +252,9 @@ def list_source(list_file: Path, root: Path | None = None, classes_file: Path | 
     widths = {len(cells) for _, cells in rows}
     if not widths <= {1, 2} or len(widths) > 1:
         number, cells = next((n, c) for n, c in rows if len(c) != len(rows[0][1]) or len(c) > 2)
-        raise ShardError(f"list file {list_file} line {number}: expected 'path{delimiter}label' or 'path' on every line, got {cells}")
+        raise ShardError(
+            f"list file {list_file} line {number}: expected 'path{delimiter}label' or 'path' on every line, got {cells}"
+        )
     labelled = widths == {2}
     seen: dict[str, int] = {}
     items: list[tuple[str, str, int]] = []  # (path, label text, line number)
@@ -209,7 +268,9 @@ def list_source(list_file: Path, root: Path | None = None, classes_file: Path | 
         try:
             path = normalized_path(Path(path).as_posix())
         except ShardError:
-            raise ShardError(f"list file {list_file} line {number}: path {cells[0]!r} must name a file inside --root {root}") from None
+            raise ShardError(
+                f"list file {list_file} line {number}: path {cells[0]!r} must name a file inside --root {root}"
+            ) from None
         if path in seen:
             raise ShardError(f"list file {list_file} lines {seen[path]} and {number} both list {path}")
         seen[path] = number
@@ -222,20 +283,34 @@ def list_source(list_file: Path, root: Path | None = None, classes_file: Path | 
             classes = names or [str(i) for i in range(max(labels) + 1)]
             beyond = next((number for _, label, number in items if int(label) >= len(classes)), None)
             if beyond is not None:
-                raise ShardError(f"list file {list_file} line {beyond}: label beyond the {len(classes)} classes of {classes_file}")
+                raise ShardError(
+                    f"list file {list_file} line {beyond}: label beyond the {len(classes)} classes of {classes_file}"
+                )
         else:
             classes = names or sorted({label for _, label, _ in items})
             lookup = {name: index for index, name in enumerate(classes)}
             unknown = next(((number, label) for _, label, number in items if label not in lookup), None)
             if unknown:
-                raise ShardError(f"list file {list_file} line {unknown[0]}: class {unknown[1]!r} is not in {classes_file}")
+                raise ShardError(
+                    f"list file {list_file} line {unknown[0]}: class {unknown[1]!r} is not in {classes_file}"
+                )
             labels = [lookup[label] for _, label, _ in items]
     exists = [(root / path).is_file() for path, _, _ in items]
-    problems = [(str(root / path), "listed file does not exist") for (path, _, _), found in zip(items, exists) if not found]
+    problems = [
+        (str(root / path), "listed file does not exist") for (path, _, _), found in zip(items, exists) if not found
+    ]
     order = _shuffled([i for i, found in enumerate(exists) if found], seed)
     paths = [items[i][0] for i in order]
-    return Source("list", str(list_file.resolve()), paths, [labels[i] for i in order] if labels is not None else None, classes,
-                  _file_payload(root, paths), problems, seed=seed)
+    return Source(
+        "list",
+        str(list_file.resolve()),
+        paths,
+        [labels[i] for i in order] if labels is not None else None,
+        classes,
+        _file_payload(root, paths),
+        problems,
+        seed=seed,
+    )
 
 
 # --------------------------------------------------------------------------- raw-pixel sources
@@ -246,9 +321,18 @@ class _CifarUnpickler(pickle.Unpickler):
     plain lists, dicts, strings and numbers pickle builds without any global. Anything else -- a class,
     a function, ``os.system`` -- is refused, so a crafted tarball cannot run code."""
 
-    ALLOWED = {(module, name) for module in ("numpy.core.multiarray", "numpy._core.multiarray") for name in ("_reconstruct", "scalar")}
-    ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-                ("_codecs", "encode")}
+    ALLOWED = {
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    }
+    ALLOWED |= {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),
+    }
 
     def find_class(self, module: str, name: str):
         if (module, name) in self.ALLOWED:
@@ -275,8 +359,10 @@ def cifar_source(tarball: Path, split: str) -> Source:
     try:
         archive = tarfile.open(tarball, "r:*")
     except (tarfile.TarError, OSError, EOFError, zlib.error):
-        raise ShardError(f"{tarball} is not a tar archive (plain or compressed); expected the CIFAR python tarball "
-                         "cifar-10-python.tar.gz") from None
+        raise ShardError(
+            f"{tarball} is not a tar archive (plain or compressed); expected the CIFAR python tarball "
+            "cifar-10-python.tar.gz"
+        ) from None
     try:
         with archive:
             blob = {name.rsplit("/", 1)[-1]: name for name in archive.getnames()}
@@ -298,22 +384,42 @@ def cifar_source(tarball: Path, split: str) -> Source:
                     raise ShardError(f"{tarball} lacks member {part}")
                 batch = _load_cifar_member(archive, blob[part], tarball)
                 data, batch_labels = batch.get("data"), batch.get(label_key)
-                if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+                if (
+                    not isinstance(data, np.ndarray)
+                    or data.dtype != np.uint8
+                    or data.ndim != 2
+                    or data.shape[1] != 3072
+                ):
                     raise ShardError(f"{tarball}: member {part} holds no uint8 (N, 3072) 'data' array")
-                if not isinstance(batch_labels, list) or len(batch_labels) != len(data) or \
-                        not all(isinstance(v, (int, np.integer)) and 0 <= v < len(classes) for v in batch_labels):
-                    raise ShardError(f"{tarball}: member {part} holds no list of {len(data)} labels in [0, {len(classes)})")
+                if (
+                    not isinstance(batch_labels, list)
+                    or len(batch_labels) != len(data)
+                    or not all(isinstance(v, (int, np.integer)) and 0 <= v < len(classes) for v in batch_labels)
+                ):
+                    raise ShardError(
+                        f"{tarball}: member {part} holds no list of {len(data)} labels in [0, {len(classes)})"
+                    )
                 images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
                 labels += [int(v) for v in batch_labels]
                 paths += [f"{part}/{i:05d}" for i in range(len(data))]
     except (tarfile.TarError, OSError, EOFError, zlib.error) as error:
         raise ShardError(f"{tarball} is damaged ({error})") from None
     pixels = np.ascontiguousarray(np.concatenate(images))
-    return Source("cifar", str(tarball.resolve()), paths, labels, classes, lambda i: pixels[i], pixels=True,
-                  content_digest=hashlib.sha256(pixels.data).hexdigest())
+    return Source(
+        "cifar",
+        str(tarball.resolve()),
+        paths,
+        labels,
+        classes,
+        lambda i: pixels[i],
+        pixels=True,
+        content_digest=hashlib.sha256(pixels.data).hexdigest(),
+    )
 
 
-def _pixels_source(kind: str, location: str, images: np.ndarray, labels: np.ndarray | None, classes: list[str] | None) -> Source:
+def _pixels_source(
+    kind: str, location: str, images: np.ndarray, labels: np.ndarray | None, classes: list[str] | None
+) -> Source:
     """uint8 images (N, H, W[, 1|3]) with labels (N,) (or None), source paths ``00000012``."""
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
         raise ShardError(f"{location}: images must be uint8 (N, H, W[, 3]); got {images.dtype} {images.shape}")
@@ -321,16 +427,30 @@ def _pixels_source(kind: str, location: str, images: np.ndarray, labels: np.ndar
         raise ShardError(f"{location}: holds no images (an empty 'images' array)")
     if labels is not None:
         labels = np.asarray(labels)
-        if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer) or (labels < 0).any():
-            raise ShardError(f"{location}: need one non-negative integer label per image; got {labels.dtype} {labels.shape} "
-                             f"for {len(images)} images")
+        if (
+            labels.ndim != 1
+            or len(labels) != len(images)
+            or not np.issubdtype(labels.dtype, np.integer)
+            or (labels < 0).any()
+        ):
+            raise ShardError(
+                f"{location}: need one non-negative integer label per image; got {labels.dtype} {labels.shape} "
+                f"for {len(images)} images"
+            )
         if classes is not None and labels.max() >= len(classes):
             raise ShardError(f"{location}: label {int(labels.max())} but only {len(classes)} class names")
         classes = classes or [str(i) for i in range(int(labels.max()) + 1)]
     images = np.ascontiguousarray(images)
-    return Source(kind, location, [f"{i:08d}" for i in range(len(images))], labels.tolist() if labels is not None else None,
-                  classes if labels is not None else None, lambda i: images[i], pixels=True,
-                  content_digest=hashlib.sha256(images.data).hexdigest())
+    return Source(
+        kind,
+        location,
+        [f"{i:08d}" for i in range(len(images))],
+        labels.tolist() if labels is not None else None,
+        classes if labels is not None else None,
+        lambda i: images[i],
+        pixels=True,
+        content_digest=hashlib.sha256(images.data).hexdigest(),
+    )
 
 
 def arrays_source(npz: Path, classes: list[str] | None = None) -> Source:
@@ -343,7 +463,10 @@ def arrays_source(npz: Path, classes: list[str] | None = None) -> Source:
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise ShardError(f"{npz} is not a readable .npz file ({error})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
-        raise ShardError(f"{npz} is a single .npy array: expected an .npz holding 'images' (and 'labels'), e.g. np.savez(path, images=..., labels=...)")
+        raise ShardError(
+            f"{npz} is a single .npy array: expected an .npz holding 'images' (and 'labels'), "
+            "e.g. np.savez(path, images=..., labels=...)"
+        )
     with data:
         if not data.files:
             raise ShardError(f"{npz} holds no arrays: expected 'images' (and 'labels')")
@@ -359,8 +482,13 @@ def arrays_source(npz: Path, classes: list[str] | None = None) -> Source:
 
 def synthetic_source(num_classes: int = 10, per_class: int = 200, size: int = 32, seed: int = 0) -> Source:
     images, labels = synthetic_images(num_classes, per_class, size, seed)
-    source = _pixels_source("synthetic", f"shapes classes={num_classes} per_class={per_class} size={size} seed={seed}", images, labels,
-                            list(SHAPES[:num_classes]))
+    source = _pixels_source(
+        "synthetic",
+        f"shapes classes={num_classes} per_class={per_class} size={size} seed={seed}",
+        images,
+        labels,
+        list(SHAPES[:num_classes]),
+    )
     return source
 
 
@@ -402,8 +530,10 @@ def ordered_map(function: Callable, items: Iterable, workers: int, window: int, 
 def check_outside(directory: Path, image_folder: Path) -> None:
     """Shards written inside the folder they are read from would be inputs of the next (resumed) run."""
     if Path(directory).resolve().is_relative_to(Path(image_folder).resolve()):
-        raise ShardError(f"output directory {directory} is inside the image folder {image_folder}: its shards would become "
-                         "inputs of the next run; write elsewhere")
+        raise ShardError(
+            f"output directory {directory} is inside the image folder {image_folder}: its shards would become "
+            "inputs of the next run; write elsewhere"
+        )
 
 
 def writable_directory(directory: Path) -> Path:
@@ -420,9 +550,16 @@ def _shard_name(pattern_name: str) -> re.Pattern:
 
 
 def _pattern_files(pattern: str) -> list[Path]:
-    """Existing shards (and leftover ``NAME.tmp`` temporaries) whose names fit ``pattern``."""
+    """The shard paths (``NAME.tar``) of existing files whose names fit ``pattern``: shards, leftover ``NAME.tar.tmp``
+    temporaries and indexes (``NAME.idx``, also one whose shard is gone)."""
     directory, regex = Path(pattern).parent, _shard_name(Path(pattern).name)
-    return sorted(p for p in directory.iterdir() if regex.fullmatch(p.name.removesuffix(".tmp"))) if directory.is_dir() else []
+    if not directory.is_dir():
+        return []
+    names = {
+        p.name.removesuffix(".tmp") if p.suffix == ".tmp" else p.stem + ".tar" if p.suffix == ".idx" else p.name
+        for p in directory.iterdir()
+    }
+    return sorted(directory / name for name in names if regex.fullmatch(name))
 
 
 def _remove_stale_temporaries(directory: Path, pattern: str) -> None:
@@ -437,22 +574,31 @@ def _remove_stale_temporaries(directory: Path, pattern: str) -> None:
 def _clear(directory: Path, patterns: list[str]) -> None:
     for pattern in patterns:
         for path in _pattern_files(str(directory / pattern)):
-            remove_shard(Path(str(path).removesuffix(".tmp")))
+            remove_shard(path)
     (directory / SET_FILE).unlink(missing_ok=True)
 
 
 def _differences(record: dict, new: dict) -> list[str]:
     """What differs between a recorded write and a new one, as 'field: old -> new'."""
-    details = [f"{key}: {record.get(key)!r} -> {new[key]!r}" for key in ("pattern", "labelled", "num_classes") if record.get(key) != new[key]]
-    details += [f"{key}: {record.get('settings', {}).get(key)!r} -> {value!r}" for key, value in new["settings"].items()
-                if record.get("settings", {}).get(key) != value]
+    details = [
+        f"{key}: {record.get(key)!r} -> {new[key]!r}"
+        for key in ("pattern", "labelled", "num_classes")
+        if record.get(key) != new[key]
+    ]
+    details += [
+        f"{key}: {record.get('settings', {}).get(key)!r} -> {value!r}"
+        for key, value in new["settings"].items()
+        if record.get("settings", {}).get(key) != value
+    ]
     old, now = record.get("source", {}), new["source"]
     if old.get("order_seed") != now["order_seed"]:
         details.append(f"seed: {old.get('order_seed')!r} -> {now['order_seed']!r}")
     elif any(old.get(key) != now[key] for key in ("kind", "inputs", "fingerprint")):
         same_count = " (as many, but other files, labels or pixels)" if old.get("inputs") == now["inputs"] else ""
-        details.append(f"inputs: {old.get('kind')} {old.get('location')} with {old.get('inputs')} -> {now['kind']} {now['location']} "
-                       f"with {now['inputs']}{same_count}")
+        details.append(
+            f"inputs: {old.get('kind')} {old.get('location')} with {old.get('inputs')} -> "
+            f"{now['kind']} {now['location']} with {now['inputs']}{same_count}"
+        )
     return details
 
 
@@ -464,15 +610,19 @@ def _resume_point(directory: Path, pattern: str, record: dict | None, new: dict,
         _clear(directory, [name] + ([record["pattern"]] if record else []))
         return []
     if record is None:
-        existing = [p for p in _pattern_files(pattern) if p.suffix == ".tar"]
+        existing = [p for p in _pattern_files(pattern) if p.is_file()]
         if existing:
-            raise ShardError(f"{directory} holds {len(existing)} shard(s) named like {name} but no {SET_FILE} (written by another "
-                             "tool or an older version): pass --overwrite to replace them, or write into another directory")
+            raise ShardError(
+                f"{directory} holds {len(existing)} shard(s) named like {name} but no {SET_FILE} (written by another "
+                "tool or an older version): pass --overwrite to replace them, or write into another directory"
+            )
         return []
     details = _differences(record, new)
     if details:
-        raise ShardError(f"{directory} holds shards of a different write ({'; '.join(details)}); pass --overwrite to replace them, "
-                         "or write into another directory")
+        raise ShardError(
+            f"{directory} holds shards of a different write ({'; '.join(details)}); pass --overwrite to replace them, "
+            "or write into another directory"
+        )
     kept = []
     for shard in record.get("shards", []):
         path = directory / shard["name"]
@@ -480,14 +630,25 @@ def _resume_point(directory: Path, pattern: str, record: dict | None, new: dict,
             break
         kept.append(shard)
     for path in _pattern_files(pattern):  # anything after the kept shards is redone
-        if path.name.removesuffix(".tmp") not in {s["name"] for s in kept}:
-            remove_shard(Path(str(path).removesuffix(".tmp")))
+        if path.name not in {s["name"] for s in kept}:
+            remove_shard(path)
     return kept
 
 
-def write_source(source: Source, out: str, policy: ImagePolicy | None = None, *, max_count: int = DEFAULT_MAX_COUNT,
-                 max_bytes: float = DEFAULT_MAX_BYTES, on_error: str = "stop", workers: int = 1, window: int | None = None,
-                 overwrite: bool = False, index: bool = True, progress: bool = True) -> WriteReport:
+def write_source(
+    source: Source,
+    out: str,
+    policy: ImagePolicy | None = None,
+    *,
+    max_count: int = DEFAULT_MAX_COUNT,
+    max_bytes: float = DEFAULT_MAX_BYTES,
+    on_error: str = "stop",
+    workers: int = 1,
+    window: int | None = None,
+    overwrite: bool = False,
+    index: bool = True,
+    progress: bool = True,
+) -> WriteReport:
     """Write ``source`` into shards named by ``out`` (printf ``%06d`` or brace pattern), each with its DALI index,
     plus ``classes.json`` (labelled sources) and ``shardset.json`` (the record; see ``pipeline.shardset``).
 
@@ -510,11 +671,21 @@ def write_source(source: Source, out: str, policy: ImagePolicy | None = None, *,
         more = f" ({len(source.problems) - 1} more such problem(s))" if len(source.problems) > 1 else ""
         raise ShardError(f"{path}: {reason}{more} (pass --on_error skip to leave such inputs out)")
     labelled = source.labels is not None
-    record = {"format": SET_FORMAT, "complete": False, "pattern": Path(pattern).name, "labelled": labelled,
-              "num_classes": len(source.classes) if labelled else None,
-              "source": {"kind": source.kind, "location": source.location, "inputs": len(source), "fingerprint": source.fingerprint(),
-                         "order_seed": source.seed},
-              "settings": {**asdict(policy), "max_count": max_count, "max_bytes": max_bytes}}
+    record = {
+        "format": SET_FORMAT,
+        "complete": False,
+        "pattern": Path(pattern).name,
+        "labelled": labelled,
+        "num_classes": len(source.classes) if labelled else None,
+        "source": {
+            "kind": source.kind,
+            "location": source.location,
+            "inputs": len(source),
+            "fingerprint": source.fingerprint(),
+            "order_seed": source.seed,
+        },
+        "settings": {**asdict(policy), "max_count": max_count, "max_bytes": max_bytes},
+    }
     try:
         existing = read_set_record(directory)
     except ShardError:
@@ -542,14 +713,18 @@ def write_source(source: Source, out: str, policy: ImagePolicy | None = None, *,
     results = ordered_map(prepare_chunk, payloads, workers, window, policy)
     bar = tqdm(total=len(source), initial=start, desc=f"writing {Path(pattern).name}", unit="img", disable=not progress)
     try:
-        with ShardWriter(pattern, first=len(kept), max_count=max_count, max_bytes=max_bytes, index=index, on_shard=shard_done) as writer:
+        with ShardWriter(
+            pattern, first=len(kept), max_count=max_count, max_bytes=max_bytes, index=index, on_shard=shard_done
+        ) as writer:
             for position, result in zip(range(start, len(source)), results):
                 path = source.paths[position]
                 if isinstance(result, str):
                     where = source.payload(position) if not source.pixels else f"{source.location}: {path}"
                     if on_error == "stop":
-                        raise ShardError(f"{where}: {result} (pass --on_error skip to leave such inputs out; "
-                                         "finished shards are kept and the same command resumes after them)")
+                        raise ShardError(
+                            f"{where}: {result} (pass --on_error skip to leave such inputs out; "
+                            "finished shards are kept and the same command resumes after them)"
+                        )
                     writer.skip(str(where), result)
                 else:
                     label = source.labels[position] if labelled else None
@@ -570,9 +745,15 @@ def write_source(source: Source, out: str, policy: ImagePolicy | None = None, *,
 
 
 def _report(directory: Path, record: dict, resumed: int, finished_before: bool = False) -> WriteReport:
-    return WriteReport(written=record["num_samples"], skipped=[tuple(s) for s in record.get("skipped", [])],
-                       shards=[directory / s["name"] for s in record["shards"]], resumed_from=resumed,
-                       changes=record.get("changes", {}), copied=record.get("copied", 0), finished_before=finished_before)
+    return WriteReport(
+        written=record["num_samples"],
+        skipped=[tuple(s) for s in record.get("skipped", [])],
+        shards=[directory / s["name"] for s in record["shards"]],
+        resumed_from=resumed,
+        changes=record.get("changes", {}),
+        copied=record.get("copied", 0),
+        finished_before=finished_before,
+    )
 
 
 # --------------------------------------------------------------------------- in-memory helpers (tests, benchmarks)
@@ -585,13 +766,17 @@ def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
     return buffer.getvalue()
 
 
-def array_samples(images: np.ndarray, labels: np.ndarray, quality: int = 95, source: str = "arrays") -> Iterator[Sample]:
+def array_samples(
+    images: np.ndarray, labels: np.ndarray, quality: int = 95, source: str = "arrays"
+) -> Iterator[Sample]:
     """Encoded samples from uint8 arrays for ``pipeline.shardset.write_shards``: images (N, H, W, 3) or (N, H, W),
     labels (N,) non-negative ints; keys ``00000012``."""
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
         raise ShardError(f"{source}: images must be uint8 (N, H, W[, 3]); got {images.dtype} {images.shape}")
     if len(labels) != len(images) or (np.asarray(labels) < 0).any():
-        raise ShardError(f"{source}: need one non-negative label per image; got {len(labels)} labels for {len(images)} images")
+        raise ShardError(
+            f"{source}: need one non-negative label per image; got {len(labels)} labels for {len(images)} images"
+        )
     for index, (image, label) in enumerate(zip(images, labels)):
         yield Sample(f"{index:08d}", encode_jpeg(image.squeeze(), quality), int(label), f"{source}[{index}]")
 
@@ -599,7 +784,9 @@ def array_samples(images: np.ndarray, labels: np.ndarray, quality: int = 95, sou
 SHAPES = ("disc", "square", "triangle", "ring", "plus", "diamond", "cross", "half-disc", "bar", "two-dots")
 
 
-def synthetic_images(num_classes: int = 10, per_class: int = 200, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_images(
+    num_classes: int = 10, per_class: int = 200, size: int = 32, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """A procedurally generated labeled image set for the demo (no download): class c is the shape
     ``SHAPES[c]`` at a random position, size and small rotation, in a random colour over a background
     of another random colour, both with a little noise. Colour is independent of the class, so only

@@ -66,8 +66,9 @@ def test_classes_json_order_and_shards_stable_across_worker_counts(tmp_path):
     (tmp_path / "images" / "class_03" / "extra.png").write_bytes(b"")  # replaced below by a real PNG (re-encoded)
     Image.fromarray(random_images(1, 16, seed=9)[0]).save(tmp_path / "images" / "class_03" / "extra.png")
     for run, workers in (("a", "1"), ("b", "2")):
-        assert main(["write", "folder", str(tmp_path / "images"), str(tmp_path / run / "s-%06d.tar"), "--quiet", "--seed", "3",
-                     "--workers", workers, "--window", "3", "--max_count", "7"]) == 0
+        out = str(tmp_path / run / "s-%06d.tar")
+        command = ["write", "folder", str(tmp_path / "images"), out, "--quiet", "--seed", "3", "--workers", workers]
+        assert main(command + ["--window", "3", "--max_count", "7"]) == 0
     assert (tmp_path / "a" / "classes.json").read_text() == (tmp_path / "b" / "classes.json").read_text()
     names = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
     assert len(names) == 4 and names == sorted(p.name for p in (tmp_path / "b").glob("*.tar"))
@@ -130,8 +131,8 @@ def test_shard_specs(small_shards):
 
 
 def test_cli_help_documents_every_command():
-    for command in (["write", "--help"], ["write", "folder", "--help"], ["write", "images", "--help"], ["write", "list", "--help"],
-                    ["index", "--help"], ["verify", "--help"]):
+    for command in (["write", "--help"], ["write", "folder", "--help"], ["write", "images", "--help"],
+                    ["write", "list", "--help"], ["index", "--help"], ["verify", "--help"]):
         result = subprocess.run([sys.executable, "-m", "pipeline.shards", *command], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0 and "usage:" in result.stdout
 
@@ -152,7 +153,8 @@ def test_folder_bad_inputs_stop_or_skip(tmp_path):
     assert "notes.txt" in str(error.value) or "class_99_empty" in str(error.value) or "stray.jpg" in str(error.value)
     assert not list((tmp_path / "out").glob("*.tar"))
     # skip: everything bad is listed, the rest written
-    report = write_source(folder_source(tmp_path / "images"), str(tmp_path / "out2" / "s-%06d.tar"), on_error="skip", progress=False)
+    out = str(tmp_path / "out2" / "s-%06d.tar")
+    report = write_source(folder_source(tmp_path / "images"), out, on_error="skip", progress=False)
     reasons = {source.rsplit("/", 1)[-1]: reason for source, reason in report.skipped}
     assert set(reasons) == {"truncated.jpg", "notes.txt", "class_99_empty", "stray.jpg"}
     assert "truncated" in reasons["truncated.jpg"] and "not in a class folder" in reasons["stray.jpg"]

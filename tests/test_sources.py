@@ -18,7 +18,6 @@ import zlib
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
 from conftest import ROOT, SHARED_DATA, random_images
 from PIL import Image, ImageOps
@@ -26,12 +25,21 @@ from PIL import Image, ImageOps
 import pipeline.shardset as shardset
 import pipeline.sources as sources
 from evaluation.subset import SubsetError, subset_for
+from pipeline.augment import AugmentConfig
 from pipeline.images import ImagePolicy, jpeg_frame_type, prepare_file
 from pipeline.loader import AugmentedView, DaliLoader, EvalView, TwoViews, classifier_augment
-from pipeline.augment import AugmentConfig
 from pipeline.shards import main
 from pipeline.shardset import (
-    ShardError, check_key, key_path, output_pattern, path_key, read_index, read_source_paths, sample_key, shard_paths, verify_shard,
+    ShardError,
+    check_key,
+    key_path,
+    output_pattern,
+    path_key,
+    read_index,
+    read_source_paths,
+    sample_key,
+    shard_paths,
+    verify_shard,
 )
 from pipeline.sources import folder_source, images_source, list_source, ordered_map, write_source
 
@@ -51,10 +59,26 @@ def save(image: Image.Image, path, **options):
 # --------------------------------------------------------------------------- keys
 
 
-STRANGE_PATHS = ["plain.jpg", "two.dots.in.name.JPEG", "with space/and more spaces.png", "ünïcödé/日本語.jpg", "emoji 🐈.webp",
-                 "percent%41.jpg", "percent%.jpg", "-dash_under.tif", "semi;colon,comma+plus=eq&amp#hash.bmp", "a/b/c/d/e.gif",
-                 "tab\there.jpg", "quote'\"s.jpg", "back\\slash.jpg", ".hidden-looking/x.jpg", "x/.y", "no_extension",
-                 "UPPER/lower/MiXeD.JpEg", "n01440764/n01440764_10026.JPEG"]
+STRANGE_PATHS = [
+    "plain.jpg",
+    "two.dots.in.name.JPEG",
+    "with space/and more spaces.png",
+    "ünïcödé/日本語.jpg",
+    "emoji 🐈.webp",
+    "percent%41.jpg",
+    "percent%.jpg",
+    "-dash_under.tif",
+    "semi;colon,comma+plus=eq&amp#hash.bmp",
+    "a/b/c/d/e.gif",
+    "tab\there.jpg",
+    "quote'\"s.jpg",
+    "back\\slash.jpg",
+    ".hidden-looking/x.jpg",
+    "x/.y",
+    "no_extension",
+    "UPPER/lower/MiXeD.JpEg",
+    "n01440764/n01440764_10026.JPEG",
+]
 
 
 def test_key_escaping_rule_is_reversible_injective_and_safe():
@@ -77,7 +101,9 @@ def test_key_escaping_rule_is_reversible_injective_and_safe():
 
 
 def test_strange_names_round_trip_through_tar_index_dali_and_webdataset(tmp_path):
-    visible = [path for path in STRANGE_PATHS if not any(part.startswith(".") for part in path.split("/"))]  # hidden: not read
+    visible = [
+        path for path in STRANGE_PATHS if not any(part.startswith(".") for part in path.split("/"))
+    ]  # hidden: not read
     images = random_images(len(visible), 16, seed=2)
     root = tmp_path / "src"
     for path, image in zip(visible, images):
@@ -110,7 +136,22 @@ def nested_unlabelled_tree(root, count=13):
 def test_unlabelled_nested_folder_round_trip(tmp_path, capsys):
     paths = nested_unlabelled_tree(tmp_path / "photos")
     out = tmp_path / "out"
-    assert main(["write", "images", str(tmp_path / "photos"), str(out / "u-%06d.tar"), "--quiet", "--workers", "1", "--max_count", "5"]) == 0
+    assert (
+        main(
+            [
+                "write",
+                "images",
+                str(tmp_path / "photos"),
+                str(out / "u-%06d.tar"),
+                "--quiet",
+                "--workers",
+                "1",
+                "--max_count",
+                "5",
+            ]
+        )
+        == 0
+    )
     samples = stored_samples(out)
     assert len(samples) == len(paths) and all("cls" not in s for s in samples)
     stored = {json.loads(s["json"])["path"]: s for s in samples}
@@ -137,8 +178,12 @@ def png_16bit_rgb(path, pixels16: np.ndarray):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -155,7 +200,10 @@ def format_zoo(root) -> dict[str, tuple[np.ndarray, bool]]:
 
     def add(name, image, expected=None, identical=False, **options):
         path = save(image, root / name, **options)
-        zoo[name] = (expected if expected is not None else np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB")), identical)
+        zoo[name] = (
+            expected if expected is not None else np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB")),
+            identical,
+        )
 
     rgb = [Image.fromarray(b) for b in base]
     add("jpeg/baseline rgb.jpg", rgb[0], identical=True, format="JPEG", quality=90)
@@ -167,7 +215,9 @@ def format_zoo(root) -> dict[str, tuple[np.ndarray, bool]]:
     exif[0x0112] = 6  # displayed rotated 90 degrees clockwise
     add("jpeg/rotated.jpg", rgb[5], format="JPEG", exif=exif, quality=95)
     rotated = zoo["jpeg/rotated.jpg"][0]
-    assert not np.array_equal(rotated, np.asarray(Image.open(root / "jpeg/rotated.jpg").convert("RGB")))  # the rotation matters
+    assert not np.array_equal(
+        rotated, np.asarray(Image.open(root / "jpeg/rotated.jpg").convert("RGB"))
+    )  # the rotation matters
     add("png/rgb.png", rgb[6])
     rgba = rgb[7].copy()
     rgba.putalpha(Image.fromarray(base[8][..., 0]))
@@ -175,7 +225,11 @@ def format_zoo(root) -> dict[str, tuple[np.ndarray, bool]]:
     add("png/gray.png", rgb[9].convert("L"))
     add("png/palette transparency.png", rgb[10].convert("P", palette=Image.Palette.ADAPTIVE), transparency=0)
     gray16 = (np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16)
-    add("png/gray16.png", Image.fromarray(gray16), expected=np.repeat(np.rint(gray16 / 257.0).astype(np.uint8)[..., None], 3, 2))
+    add(
+        "png/gray16.png",
+        Image.fromarray(gray16),
+        expected=np.repeat(np.rint(gray16 / 257.0).astype(np.uint8)[..., None], 3, 2),
+    )
     rgb16 = base[12].astype(np.uint16) * 257 + 128
     png_16bit_rgb(root / "png/rgb16.png", rgb16)
     zoo["png/rgb16.png"] = (base[12], False)
@@ -192,10 +246,26 @@ def format_zoo(root) -> dict[str, tuple[np.ndarray, bool]]:
 def test_every_format_round_trips_to_baseline_jpeg_with_its_source_path(tmp_path, capsys):
     zoo = format_zoo(tmp_path / "zoo")
     names = sorted(zoo)
-    (tmp_path / "zoo" / "labels.csv").write_text("path,label\n" + "".join(f'"{name}",{i}\n' for i, name in enumerate(names)))
+    (tmp_path / "zoo" / "labels.csv").write_text(
+        "path,label\n" + "".join(f'"{name}",{i}\n' for i, name in enumerate(names))
+    )
     out = tmp_path / "out"
-    assert main(["write", "list", str(tmp_path / "zoo" / "labels.csv"), str(out / "f-%06d.tar"), "--quiet", "--workers", "1",
-                 "--max_count", "6"]) == 0
+    assert (
+        main(
+            [
+                "write",
+                "list",
+                str(tmp_path / "zoo" / "labels.csv"),
+                str(out / "f-%06d.tar"),
+                "--quiet",
+                "--workers",
+                "1",
+                "--max_count",
+                "6",
+            ]
+        )
+        == 0
+    )
     stored = {json.loads(s["json"])["path"]: s for s in stored_samples(out)}
     assert set(stored) == set(names)
     decoded_by_pil = {}
@@ -219,12 +289,19 @@ def test_every_format_round_trips_to_baseline_jpeg_with_its_source_path(tmp_path
             seen.add(label)
     assert seen == set(range(len(names)))
     record = json.loads((out / "shardset.json").read_text())
-    assert record["copied"] == 3 and record["changes"]["EXIF-rotated"] == 1 and record["changes"]["progressive JPEG"] == 1
+    assert (
+        record["copied"] == 3 and record["changes"]["EXIF-rotated"] == 1 and record["changes"]["progressive JPEG"] == 1
+    )
     assert record["changes"]["CMYK JPEG"] == 1 and record["changes"]["GIF"] == 1
     capsys.readouterr()
     assert main(["verify", str(out), "--workers", "1", "--quiet"]) == 0
     text = capsys.readouterr().out
-    assert "labelled (" in text and "3 stored byte-identical" in text and "EXIF-rotated 1" in text and "pre-resize at write time: none" in text
+    assert (
+        "labelled (" in text
+        and "3 stored byte-identical" in text
+        and "EXIF-rotated 1" in text
+        and "pre-resize at write time: none" in text
+    )
 
 
 def test_corrupt_files_are_named_then_skipped(tmp_path):
@@ -239,7 +316,10 @@ def test_corrupt_files_are_named_then_skipped(tmp_path):
     report = write_source(images_source(tmp_path / "photos"), out, on_error="skip", progress=False)
     reasons = dict(report.skipped)
     assert set(reasons) == {str(victim), str(tmp_path / "photos" / "top" / "fake.png")}
-    assert "truncated" in reasons[str(victim)] and "not a decodable image" in reasons[str(tmp_path / "photos" / "top" / "fake.png")]
+    assert (
+        "truncated" in reasons[str(victim)]
+        and "not a decodable image" in reasons[str(tmp_path / "photos" / "top" / "fake.png")]
+    )
     assert report.written == 5
 
 
@@ -249,7 +329,10 @@ def test_size_limits_at_write_time_are_applied_and_stated(tmp_path, capsys):
     save(Image.fromarray(random_images(1, 16, seed=2)[0]), root / "small.jpg", format="JPEG")
     save(Image.fromarray(random_images(1, 64, seed=3)[0]).resize((40, 80)), root / "tall.png")
     out = tmp_path / "out"
-    assert main(["write", "images", str(root), str(out / "r-%06d.tar"), "--max_side", "48", "--quiet", "--workers", "1"]) == 0
+    assert (
+        main(["write", "images", str(root), str(out / "r-%06d.tar"), "--max_side", "48", "--quiet", "--workers", "1"])
+        == 0
+    )
     sizes = {json.loads(s["json"])["path"]: Image.open(io.BytesIO(s["jpg"])).size for s in stored_samples(out)}
     assert sizes == {"wide.jpg": (48, 32), "small.jpg": (16, 16), "tall.png": (24, 48)}  # never enlarged
     capsys.readouterr()
@@ -267,16 +350,25 @@ def test_list_file_variants(tmp_path):
         save(Image.fromarray(image), tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", format="JPEG")
     (tmp_path / "train_classes.json").write_text(json.dumps({"classes": ["n01", "n02", "n03"]}))
     tsv = tmp_path / "val.tsv"
-    tsv.write_text("# ImageNet-style validation labels\n" + "".join(f"ILSVRC2012_val_{i:08d}.JPEG\tn0{1 + i % 3}\n" for i in range(4)))
+    tsv.write_text(
+        "# ImageNet-style validation labels\n"
+        + "".join(f"ILSVRC2012_val_{i:08d}.JPEG\tn0{1 + i % 3}\n" for i in range(4))
+    )
     source = list_source(tsv, root=tmp_path / "val", classes_file=tmp_path / "train_classes.json")
     assert source.classes == ["n01", "n02", "n03"]
-    assert {path: label for path, label in zip(source.paths, source.labels)} == {f"ILSVRC2012_val_{i:08d}.JPEG": i % 3 for i in range(4)}
+    assert {path: label for path, label in zip(source.paths, source.labels)} == {
+        f"ILSVRC2012_val_{i:08d}.JPEG": i % 3 for i in range(4)
+    }
     unlabelled = tmp_path / "u.csv"
     unlabelled.write_text("".join(f"val/ILSVRC2012_val_{i:08d}.JPEG\n" for i in range(4)))
     assert list_source(unlabelled).labels is None
-    for text, message in [("a.JPEG,1,extra\n", "line 1"), ("val/x.JPEG,1\nval/x.JPEG,2\n", "lines 1 and 2"),
-                          ("val/ILSVRC2012_val_00000000.JPEG,1\nval/ILSVRC2012_val_00000001.JPEG\n", "line 2"),
-                          ("../outside.jpg,1\n", "line 1"), ("", "lists no files")]:
+    for text, message in [
+        ("a.JPEG,1,extra\n", "line 1"),
+        ("val/x.JPEG,1\nval/x.JPEG,2\n", "lines 1 and 2"),
+        ("val/ILSVRC2012_val_00000000.JPEG,1\nval/ILSVRC2012_val_00000001.JPEG\n", "line 2"),
+        ("../outside.jpg,1\n", "line 1"),
+        ("", "lists no files"),
+    ]:
         bad = tmp_path / "bad.csv"
         bad.write_text(text)
         with pytest.raises(ShardError, match=message):
@@ -321,12 +413,16 @@ def labelled_tree(root, count=30):
 
 
 def shard_bytes(directory) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.tar"))} | {p.name: p.read_bytes() for p in sorted(directory.glob("*.idx"))}
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.tar"))} | {
+        p.name: p.read_bytes() for p in sorted(directory.glob("*.idx"))
+    }
 
 
 def assert_no_partial_shard(directory):
     """Whatever stopped the write: no temporary left, every shard under its final name complete and indexed."""
-    assert not list(directory.glob("*.tmp")) and not list(directory.glob(".*.tmp")), sorted(p.name for p in directory.iterdir())
+    assert not list(directory.glob("*.tmp")) and not list(directory.glob(".*.tmp")), sorted(
+        p.name for p in directory.iterdir()
+    )
     for tar in directory.glob("*.tar"):
         count, problems, _ = verify_shard(tar, require_labels=True)
         assert not problems and count == read_index(tar).num_samples, problems
@@ -371,8 +467,14 @@ FAULTS = {
     "building an index": (lambda mp, _: inject(mp, shardset, "index_text", 3), Fault),
     "renaming a file into place": (lambda mp, _: inject(mp, shardset.os, "replace", 6), Fault),
     "updating the set's record": (lambda mp, _: inject(mp, sources, "write_set_record", 4), Fault),
-    "interrupt while adding a sample": (lambda mp, _: inject(mp, shardset.ShardWriter, "add", 11, KeyboardInterrupt), KeyboardInterrupt),
-    "disk full while writing a member": (lambda mp, _: inject(mp, shardset.tarfile.TarFile, "addfile", 40, OSError), OSError),
+    "interrupt while adding a sample": (
+        lambda mp, _: inject(mp, shardset.ShardWriter, "add", 11, KeyboardInterrupt),
+        KeyboardInterrupt,
+    ),
+    "disk full while writing a member": (
+        lambda mp, _: inject(mp, shardset.tarfile.TarFile, "addfile", 40, OSError),
+        OSError,
+    ),
 }
 
 
@@ -391,11 +493,16 @@ def test_failed_write_leaves_no_partial_shard_and_resumes_to_identical_set(tmp_p
     assert len(finished) >= 1 and not json.loads((out / "shardset.json").read_text())["complete"]
     assert any("did not finish" in line for line in shardset.describe_set(shard_paths(out)))  # what `verify` prints
     undo()
-    for stale in (".t-000009.idx.k3j4.tmp", ".shardset.json.x9.tmp", "t-000009.tar.tmp"):  # what a killed process leaves
+    for stale in (
+        ".t-000009.idx.k3j4.tmp",
+        ".shardset.json.x9.tmp",
+        "t-000009.tar.tmp",
+        "t-000012.idx",
+    ):  # what a killed run leaves
         (out / stale).write_bytes(b"partial")
     report = write_source(folder_source(root), str(out / "t-%06d.tar"), max_count=4, progress=False)
     assert report.resumed_from == len(finished) and report.written == 31
-    assert shard_bytes(out) == reference
+    assert shard_bytes(out) == reference and not list(out.glob("*.tmp"))
     assert json.loads((out / "shardset.json").read_text())["complete"]
 
 
@@ -406,11 +513,28 @@ def test_killed_write_resumes_where_it_stopped(tmp_path):
     reference = tmp_path / "reference"
     write_source(folder_source(root), str(reference / "t-%06d.tar"), max_count=5, progress=False)
     out = tmp_path / "out"
-    slow = ("import sys, time\nimport pipeline.shardset as s\nadd = s.ShardWriter.add\n"
-            "s.ShardWriter.add = lambda self, *a, **k: (time.sleep(0.03), add(self, *a, **k))[1]\n"
-            "from pipeline.shards import main\nsys.exit(main(sys.argv[1:]))\n")
-    child = subprocess.Popen([sys.executable, "-c", slow, "write", "folder", str(root), str(out / "t-%06d.tar"), "--max_count", "5",
-                              "--workers", "1", "--quiet"], cwd=ROOT)
+    slow = (
+        "import sys, time\nimport pipeline.shardset as s\nadd = s.ShardWriter.add\n"
+        "s.ShardWriter.add = lambda self, *a, **k: (time.sleep(0.03), add(self, *a, **k))[1]\n"
+        "from pipeline.shards import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            slow,
+            "write",
+            "folder",
+            str(root),
+            str(out / "t-%06d.tar"),
+            "--max_count",
+            "5",
+            "--workers",
+            "1",
+            "--quiet",
+        ],
+        cwd=ROOT,
+    )
     recorded = []
     deadline = time.monotonic() + 60
     while len(recorded) < 3 and time.monotonic() < deadline and child.poll() is None:
@@ -436,12 +560,18 @@ def test_finished_other_and_foreign_writes(tmp_path, capsys):
     command = ["write", "folder", root, out / "t-%06d.tar", "--quiet", "--workers", "1", "--max_count", "4"]
     assert run_cli(command, capsys)[0] == 0
     before = shard_bytes(out)
-    assert main([str(a) for a in command]) == 0 and "nothing to do" in capsys.readouterr().out and shard_bytes(out) == before
+    assert (
+        main([str(a) for a in command]) == 0
+        and "nothing to do" in capsys.readouterr().out
+        and shard_bytes(out) == before
+    )
     status, lines = run_cli(command + ["--quality", "80"], capsys)
     assert status == 2 and len(lines) == 1 and "quality: 95 -> 80" in lines[0] and "--overwrite" in lines[0], lines
     save(Image.fromarray(random_images(1, 16)[0]), root / "class 2" / "new.jpg", format="JPEG")
     status, lines = run_cli(command, capsys)
-    assert status == 2 and "inputs: folder" in lines[0] and "with 10 -> folder" in lines[0] and "with 11" in lines[0], lines
+    assert status == 2 and "inputs: folder" in lines[0] and "with 10 -> folder" in lines[0] and "with 11" in lines[0], (
+        lines
+    )
     assert shard_bytes(out) == before
     assert run_cli(command + ["--quality", "80", "--overwrite"], capsys)[0] == 0
     record = json.loads((out / "shardset.json").read_text())
@@ -521,8 +651,15 @@ def test_official_subset_list_selects_exactly_the_named_files(imagenet_like, tmp
     assert subset.num_samples == 4 and abs(subset.label_fraction - 4 / 24) < 1e-12
     # the same through --subset_file with a .txt name, and the loader reads exactly those samples
     assert subset_for(imagenet_like / "shards", 0.01, 0, subset_file=str(listing))[0].keys == subset.keys
-    loader = DaliLoader(imagenet_like / "shards", 8, AugmentedView(classifier_augment(16)), train=True, keys=subset.keys, num_threads=1)
-    assert loader.num_samples == 4 and sorted(label for _, labels in loader for label in labels.tolist()) == [0, 0, 1, 2]
+    loader = DaliLoader(
+        imagenet_like / "shards", 8, AugmentedView(classifier_augment(16)), train=True, keys=subset.keys, num_threads=1
+    )
+    assert loader.num_samples == 4 and sorted(label for _, labels in loader for label in labels.tolist()) == [
+        0,
+        0,
+        1,
+        2,
+    ]
 
 
 def test_evaluate_takes_subset_list_flag():
@@ -554,7 +691,9 @@ def test_subset_list_needs_stored_source_paths(small_shards, tmp_path):
             writer.write({"__key__": f"{i:08d}", "jpg": sources.encode_jpeg(image), "cls": b"1"})
     shardset.write_index(tar)
     (tmp_path / "list.txt").write_text("x.JPEG\n")
-    with pytest.raises(ShardError, match=r"old-000000.tar: sample key 00000000 has no source path \(\.json\); .* rewrite them"):
+    with pytest.raises(
+        ShardError, match=r"old-000000.tar: sample key 00000000 has no source path \(\.json\); .* rewrite them"
+    ):
         subset_for(tar.parent, 0.01, 0, subset_list=str(tmp_path / "list.txt"))
 
 
@@ -581,7 +720,14 @@ def make_bad_input(kind, tmp_path):
     if kind == "cifar: a tar that is not CIFAR":
         with tarfile.open(tmp_path / "other.tar", "w") as archive:
             archive.add(text, arcname="readme.txt")
-        return ["write", "cifar", tmp_path / "other.tar", out, "--split", "train"], "other.tar is not a CIFAR python tarball"
+        return [
+            "write",
+            "cifar",
+            tmp_path / "other.tar",
+            out,
+            "--split",
+            "train",
+        ], "other.tar is not a CIFAR python tarball"
     if kind == "arrays: not an npz":
         return ["write", "arrays", text, out], str(text)
     if kind == "arrays: an npz without arrays":
@@ -611,14 +757,32 @@ def make_bad_input(kind, tmp_path):
         return ["write", "images", tmp_path / "nope", out], "nope does not exist"
     if kind == "output directory inside the image folder":
         save(Image.fromarray(random_images(1, 8)[0]), tmp_path / "photos" / "a.jpg", format="JPEG")
-        return ["write", "images", tmp_path / "photos", tmp_path / "photos" / "shards" / "s-%06d.tar"], "is inside the image folder"
+        return [
+            "write",
+            "images",
+            tmp_path / "photos",
+            tmp_path / "photos" / "shards" / "s-%06d.tar",
+        ], "is inside the image folder"
     raise AssertionError(kind)
 
 
-BAD_INPUTS = ["cifar: not a tar", "cifar: a tar that is not CIFAR", "arrays: not an npz", "arrays: an npz without arrays",
-              "arrays: an npz with no images", "arrays: a .npy", "verify --workers -1", "verify --workers 0", "write --workers 0",
-              "output directory cannot be created", "pattern with two numbers", "pattern without a number", "list file missing",
-              "images folder missing", "output directory inside the image folder"]
+BAD_INPUTS = [
+    "cifar: not a tar",
+    "cifar: a tar that is not CIFAR",
+    "arrays: not an npz",
+    "arrays: an npz without arrays",
+    "arrays: an npz with no images",
+    "arrays: a .npy",
+    "verify --workers -1",
+    "verify --workers 0",
+    "write --workers 0",
+    "output directory cannot be created",
+    "pattern with two numbers",
+    "pattern without a number",
+    "list file missing",
+    "images folder missing",
+    "output directory inside the image folder",
+]
 
 
 @pytest.mark.parametrize("kind", BAD_INPUTS)
@@ -647,7 +811,15 @@ def test_output_patterns():
     assert output_pattern("d/train-{000000..999999}.tar") == "d/train-%06d.tar"
     assert output_pattern("d/100%-{0000..9999}.tar") == "d/100%%-%04d.tar"  # in brace notation '%' is literal
     assert output_pattern("d/100%%-%04d.tar") == "d/100%%-%04d.tar"
-    for bad in ("d/t-%d-%d.tar", "d/t.tar", "d/t-%s.tar", "d/t-{0..9}-{0..9}.tar", "d/t-%06d.tgz", "d/%03d/t.tar", "d/{00..99}-%d.tar"):
+    for bad in (
+        "d/t-%d-%d.tar",
+        "d/t.tar",
+        "d/t-%s.tar",
+        "d/t-{0..9}-{0..9}.tar",
+        "d/t-%06d.tgz",
+        "d/%03d/t.tar",
+        "d/{00..99}-%d.tar",
+    ):
         with pytest.raises(ShardError):
             output_pattern(bad)
 
@@ -670,6 +842,9 @@ def test_real_imagenet_jpegs_copied_or_turned_upright(tmp_path):
         if source.name in {f.name for f in rotated}:
             upright = ImageOps.exif_transpose(Image.open(source)).convert("RGB")
             stored = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
-            assert stored.size == upright.size and np.abs(np.asarray(stored, np.float32) - np.asarray(upright, np.float32)).mean() < 3
+            assert (
+                stored.size == upright.size
+                and np.abs(np.asarray(stored, np.float32) - np.asarray(upright, np.float32)).mean() < 3
+            )
         else:
             assert sample["jpg"] == source.read_bytes()
