@@ -520,7 +520,6 @@ class ShardWriter:
     def close(self) -> list[ShardRecord]:
         """Finish the open shard; returns every shard this writer finished."""
         if self._open:
-            self._open.skipped += self._pending_skips
             self._finish()
         return self.records
 
@@ -530,12 +529,16 @@ class ShardWriter:
         return list(self._pending_skips)
 
     def abort(self) -> None:
-        """Drop the open shard's temporary file (finished shards stay)."""
+        """Drop the open shard's temporary file, and its index if one was written before the failure (finished
+        shards stay)."""
         if self._file is not None:
             self._file.close()
         self._tar = self._file = None
         if self._open:
             self._tmp.unlink(missing_ok=True)
+            final = Path(self.pattern % self.number)
+            if not final.exists():
+                index_path(final).unlink(missing_ok=True)
         self._open = None
 
 

@@ -426,6 +426,7 @@ def assert_no_partial_shard(directory):
     for tar in directory.glob("*.tar"):
         count, problems, _ = verify_shard(tar, require_labels=True)
         assert not problems and count == read_index(tar).num_samples, problems
+    assert all(idx.with_suffix(".tar").exists() for idx in directory.glob("*.idx"))  # no index without its shard
 
 
 class Fault(Exception):
@@ -465,7 +466,9 @@ def inject(monkeypatch, target, attribute, number, exception=Fault):
 FAULTS = {
     "corrupt input mid-shard (on_error stop)": (inject_bad_input, ShardError),
     "building an index": (lambda mp, _: inject(mp, shardset, "index_text", 3), Fault),
-    "renaming a file into place": (lambda mp, _: inject(mp, shardset.os, "replace", 6), Fault),
+    # os.replace calls: classes.json, record, then per shard its index, the shard, the record: 6 and 7 are shard 2's
+    "renaming an index into place": (lambda mp, _: inject(mp, shardset.os, "replace", 6), Fault),
+    "renaming a shard into place": (lambda mp, _: inject(mp, shardset.os, "replace", 7), Fault),
     "updating the set's record": (lambda mp, _: inject(mp, sources, "write_set_record", 4), Fault),
     "interrupt while adding a sample": (
         lambda mp, _: inject(mp, shardset.ShardWriter, "add", 11, KeyboardInterrupt),
