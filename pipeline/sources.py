@@ -699,7 +699,7 @@ def write_source(
     record["shards"] = list(kept)
     record["pre_read_problems"] = source.problems
     record.update(summarize_shards(kept))
-    write_classes(directory, source.classes if labelled else None)
+    write_classes(directory, None)  # written when the set is complete: a classes.json means a finished labelled set
     write_set_record(directory, record)
 
     def shard_done(shard) -> None:
@@ -740,6 +740,7 @@ def write_source(
     record["skipped"] = source.problems + record["skipped"] + writer.trailing_skips
     record["inputs_done"] += len(writer.trailing_skips)
     record["complete"] = True
+    write_classes(directory, source.classes if labelled else None)
     write_set_record(directory, record)
     return _report(directory, record, resumed=len(kept))
 

@@ -494,6 +494,7 @@ def test_failed_write_leaves_no_partial_shard_and_resumes_to_identical_set(tmp_p
     assert_no_partial_shard(out)
     finished = json.loads((out / "shardset.json").read_text())["shards"]
     assert len(finished) >= 1 and not json.loads((out / "shardset.json").read_text())["complete"]
+    assert not (out / "classes.json").exists()  # only a finished labelled set has one (benchmarks' caches rely on it)
     assert any("did not finish" in line for line in shardset.describe_set(shard_paths(out)))  # what `verify` prints
     undo()
     for stale in (
@@ -507,6 +508,7 @@ def test_failed_write_leaves_no_partial_shard_and_resumes_to_identical_set(tmp_p
     assert report.resumed_from == len(finished) and report.written == 31
     assert shard_bytes(out) == reference and not list(out.glob("*.tmp"))
     assert json.loads((out / "shardset.json").read_text())["complete"]
+    assert (out / "classes.json").read_text() == (tmp_path / "reference" / "classes.json").read_text()
 
 
 def test_killed_write_resumes_where_it_stopped(tmp_path):
