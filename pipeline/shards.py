@@ -171,12 +171,14 @@ def build_parser() -> ArgumentParser:
     images = sources.add_parser(
         "images", parents=[common, seeded], help="every image under ROOT, recursively, without labels"
     )
-    images.add_argument("root", type=Path)
+    images.add_argument(
+        "root", type=Path, help="folder whose images (at any depth) are written; hidden files are left out"
+    )
     images.add_argument("out", help=out_help)
     folder = sources.add_parser(
         "folder", parents=[common, seeded], help="from ROOT/CLASS/... (labels: sorted class-folder names)"
     )
-    folder.add_argument("root", type=Path)
+    folder.add_argument("root", type=Path, help="folder of class folders: ROOT/CLASS/.../image")
     folder.add_argument("out", help=out_help)
     listed = sources.add_parser(
         "list", parents=[common, seeded], help="from a CSV/TSV of path[,label] rows (e.g. ImageNet's validation set)"
@@ -194,7 +196,7 @@ def build_parser() -> ArgumentParser:
         "maps class-name labels to the same indices as another set",
     )
     cifar = sources.add_parser("cifar", parents=[common, pixels], help="from the official CIFAR-10/100 python tarball")
-    cifar.add_argument("tarball", type=Path)
+    cifar.add_argument("tarball", type=Path, help="cifar-10-python.tar.gz or cifar-100-python.tar.gz")
     cifar.add_argument("out", help=out_help)
     cifar.add_argument("--split", choices=["train", "test"], required=True)
     arrays = sources.add_parser(
@@ -202,7 +204,7 @@ def build_parser() -> ArgumentParser:
         parents=[common, pixels],
         help="from a .npz with uint8 `images` (N,H,W[,3]) and optional int `labels` (N,)",
     )
-    arrays.add_argument("npz", type=Path)
+    arrays.add_argument("npz", type=Path, help=".npz file with `images` (and `labels`)")
     arrays.add_argument("out", help=out_help)
     arrays.add_argument("--classes", default=None, help="comma-separated class names (default: 0..K-1)")
     synthetic = sources.add_parser(
