@@ -80,7 +80,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--min_crop_area", type=float, default=0.08, help="random resized crop: smallest area fraction")
     # finetune
     parser.add_argument("--label_fraction", type=float, default=None, help="finetune: labelled fraction (default 0.01)")
-    parser.add_argument("--subset_file", help="finetune: JSON of sample keys per class; read if it exists, else written")
+    parser.add_argument("--subset_file", help="finetune: JSON of sample keys per class; read if it exists, else "
+                        "written (a .txt is read as --subset_list)")
+    parser.add_argument("--subset_list", help="finetune: text file of image file names, one per line (the official "
+                        "SimCLR 1%%/10%% ImageNet lists), matched against the shards' stored source paths; must exist")
     parser.add_argument("--finetune_epochs", type=int, default=None, help="default 60 for <= 1%% labels, 30 above")
     parser.add_argument("--finetune_lr", type=float, default=0.05, help="fine-tuning base lr, scaled by global batch / 256")
     parser.add_argument("--json", help="write the report here")
@@ -110,7 +113,8 @@ def choose_subset(args, accelerator, num_classes: int | None) -> tuple[LabelSubs
     payload = [None]
     if accelerator.is_main_process:
         try:
-            subset, how = subset_for(args.train_shards, args.label_fraction or 0.01, args.seed, args.subset_file, num_classes)
+            subset, how = subset_for(args.train_shards, args.label_fraction or 0.01, args.seed, args.subset_file,
+                                     num_classes, args.subset_list)
             payload = [{"subset": subset.to_json(), "how": how}]
         except (SubsetError, ShardError) as error:
             payload = [{"error": str(error), "type": type(error).__name__}]
@@ -118,9 +122,7 @@ def choose_subset(args, accelerator, num_classes: int | None) -> tuple[LabelSubs
         broadcast_object_list(payload)
     if "error" in payload[0]:
         raise (ShardError if payload[0]["type"] == "ShardError" else SubsetError)(payload[0]["error"])
-    data = payload[0]["subset"]
-    subset = LabelSubset({int(k): v for k, v in data["classes"].items()}, data["label_fraction"], data["seed"], data["per_class"], data["shards"])
-    return subset, payload[0]["how"]
+    return LabelSubset.from_json(payload[0]["subset"]), payload[0]["how"]
 
 
 def evaluate_backbone(backbone, info: dict, data: dict, protocols: list[str], accelerator, args, num_classes: int) -> tuple[dict, dict]:
@@ -190,7 +192,8 @@ def build_loaders(args, accelerator, size: int, protocols: list[str]) -> tuple[d
     if "finetune" in protocols:
         subset, subset_how = choose_subset(args, accelerator, num_classes)
         if args.label_fraction is not None and abs(args.label_fraction - subset.label_fraction) > 1e-12:
-            accelerator.print(f"note: {args.subset_file} holds a {subset.label_fraction:g} subset (seed {subset.seed}); "
+            accelerator.print(f"note: {subset.list_file or args.subset_file} holds a {subset.label_fraction:g} subset "
+                              f"(seed {subset.seed}); "
                               f"--label_fraction {args.label_fraction:g} is not used")
         data["train_subset"] = DaliLoader(args.train_shards, args.local_batch_size, augmented, train=True, seed=args.seed, keys=subset.keys, **common)
     return data, num_classes, subset, subset_how
@@ -228,6 +231,7 @@ def main(argv=None) -> int:
                            "global_batch": data["train_augmented"].batch_size * accelerator.num_processes if args.augment else 1024}}
     if subset is not None:
         settings["finetune"] = {"label_fraction": subset.label_fraction, "subset_seed": subset.seed, "subset_file": args.subset_file,
+                                "subset_list": args.subset_list,
                                 "subset": subset_how, "per_class": subset.per_class, "num_samples": subset.num_samples,
                                 "epochs": args.finetune_epochs, "base_lr": args.finetune_lr, "optimizer": sgd,
                                 "global_batch": data["train_subset"].batch_size * accelerator.num_processes}

@@ -4,10 +4,14 @@ A subset is chosen once, by key, with a seeded RNG, and can be written to / read
 runs (and other people's runs) fine-tune on exactly the same images:
 
     {"label_fraction": 0.01, "seed": 0, "per_class": 13, "num_samples": 13000, "shards": ["train-000000.tar", ...],
-     "classes": {"0": ["n01440764_10026", ...], "1": [...], ...}}
+     "classes": {"0": ["n01440764/n01440764_10026%2EJPEG", ...], "1": [...], ...}}
 
 "Class-balanced" as in the paper (Chen et al. 2020, §B.5: "sampled in a class-balanced way, ~12.8 images
 per class" for 1% of ImageNet): every class gets the same number, ``label_fraction * N / C`` rounded (half up).
+
+A subset can also be *listed*: the official SimCLR 1% / 10% ImageNet files (one image file name per line,
+``n01440764_10026.JPEG``) or any such text file select the samples whose stored source path (the ``.json``
+member the shard writer keeps) ends in that name; a line with a '/' must match the whole relative path.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.shardset import read_classes, read_labels, shard_paths
+from pipeline.shardset import read_classes, read_labels, read_source_paths, shard_paths
 
 
 class SubsetError(ValueError):
@@ -34,8 +38,9 @@ class LabelSubset:
     keys_per_class: dict[int, list[str]]
     label_fraction: float
     seed: int
-    per_class: int
+    per_class: int | None  # None for a listed subset (not balanced by construction)
     shards: list[str]
+    list_file: str | None = None  # the text list it was read from, if any
 
     @property
     def keys(self) -> list[str]:
@@ -47,7 +52,15 @@ class LabelSubset:
 
     def to_json(self) -> dict:
         return {"label_fraction": self.label_fraction, "seed": self.seed, "per_class": self.per_class, "num_samples": self.num_samples,
-                "shards": self.shards, "classes": {str(label): keys for label, keys in sorted(self.keys_per_class.items())}}
+                "shards": self.shards, **({"list_file": self.list_file} if self.list_file else {}),
+                "classes": {str(label): keys for label, keys in sorted(self.keys_per_class.items())}}
+
+    @classmethod
+    def from_json(cls, data: dict) -> LabelSubset:
+        per_class = data.get("per_class", 0)
+        keys_per_class = {int(label): [str(k) for k in keys] for label, keys in data["classes"].items()}
+        return cls(keys_per_class, float(data.get("label_fraction", 0.0)), int(data.get("seed", -1)),
+                   None if per_class is None else int(per_class), list(data.get("shards", [])), data.get("list_file"))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -60,12 +73,11 @@ class LabelSubset:
     def load(cls, path: str | Path) -> LabelSubset:
         path = Path(path)
         try:
-            data = json.loads(path.read_text())
-            keys_per_class = {int(label): [str(k) for k in keys] for label, keys in data["classes"].items()}
+            return cls.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise SubsetError(f"subset file {path} is not a subset written by evaluate.py ({type(error).__name__}: {error})") from None
-        return cls(keys_per_class, float(data.get("label_fraction", 0.0)), int(data.get("seed", -1)), int(data.get("per_class", 0)),
-                   list(data.get("shards", [])))
+            hint = "; a text list of file names goes to --subset_list" if path.suffix.lower() != ".json" else ""
+            raise SubsetError(f"subset file {path} is not a subset written by evaluate.py "
+                              f"({type(error).__name__}: {error}){hint}") from None
 
 
 def class_name(label: int, names: list[str] | None) -> str:
@@ -111,11 +123,69 @@ def check_subset(subset: LabelSubset, labels: dict[str, int], source: str, class
             raise SubsetError(f"subset file {source}: class {class_name(label, class_names)} has no samples")
 
 
+def read_name_list(path: str | Path) -> list[str]:
+    """File names (or relative paths) of a subset list, one per line; blank lines and ``#`` comments skipped."""
+    path = Path(path)
+    if not path.is_file():
+        raise SubsetError(f"subset list {path} does not exist")
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise SubsetError(f"subset list {path} cannot be read as text ({error})") from None
+    names = [name for name in names if name and not name.startswith("#")]
+    if not names:
+        raise SubsetError(f"subset list {path} names no files")
+    return list(dict.fromkeys(names))  # a repeated line selects the same sample once
+
+
+def listed_subset(names: list[str], paths: dict[str, str], labels: dict[str, int], source: str,
+                  shards: list[str]) -> LabelSubset:
+    """The samples named by ``names`` (file names, or relative paths when they hold a '/') among ``paths``
+    (key -> stored source path), filed by their labels. ``SubsetError`` names listed files that no sample
+    has, and file names that several samples share."""
+    by_path = {path: key for key, path in paths.items()}
+    by_name: dict[str, list[str]] = defaultdict(list)
+    for key, path in paths.items():
+        by_name[path.rsplit("/", 1)[-1]].append(key)
+    chosen, missing, ambiguous = [], [], []
+    for name in names:
+        if "/" in name:
+            key = by_path.get(name.lstrip("/"))
+            (chosen.append(key) if key else missing.append(name))
+        elif len(by_name.get(name, [])) == 1:
+            chosen.append(by_name[name][0])
+        else:
+            (ambiguous if name in by_name else missing).append(name)
+    if missing:
+        raise SubsetError(f"subset list {source}: {len(missing)} of its {len(names)} files are not in the training "
+                          f"shards (matched by the samples' stored source paths), e.g. {missing[:10]}")
+    if ambiguous:
+        raise SubsetError(f"subset list {source}: file name(s) {ambiguous[:10]} match several samples (same name in "
+                          "different folders): list them with their folder, e.g. CLASS/NAME")
+    keys_per_class: dict[int, list[str]] = defaultdict(list)
+    for key in chosen:
+        if key not in labels:
+            raise SubsetError(f"subset list {source}: sample {key} ({paths[key]}) has no label")
+        keys_per_class[labels[key]].append(key)
+    chosen_per_class = {label: sorted(keys) for label, keys in sorted(keys_per_class.items())}
+    return LabelSubset(chosen_per_class, len(chosen) / len(labels), -1, None, shards, str(source))
+
+
 def subset_for(train_shards, label_fraction: float, seed: int, subset_file: str | None = None,
-               num_classes: int | None = None) -> tuple[LabelSubset, str]:
-    """The fine-tuning subset: read from ``subset_file`` if it exists (and checked against the shards), else
-    chosen with ``select_subset`` (and written to ``subset_file`` if given). Returns (subset, 'loaded'|'selected')."""
+               num_classes: int | None = None, subset_list: str | None = None) -> tuple[LabelSubset, str]:
+    """The fine-tuning subset, and how it was obtained ('listed' | 'loaded' | 'selected'):
+    - ``subset_list`` (or a ``subset_file`` ending in ``.txt``): the samples it names (``listed_subset``);
+      a list that does not exist is an error;
+    - ``subset_file`` that exists: read (and checked against the shards);
+    - else chosen with ``select_subset`` (and written to ``subset_file`` if given)."""
+    if subset_list and subset_file:
+        raise SubsetError("give --subset_list (a text list of file names) or --subset_file (a JSON of keys), not both")
+    list_file = subset_list or (subset_file if subset_file and Path(subset_file).suffix.lower() == ".txt" else None)
     paths = shard_paths(train_shards)
+    if list_file:
+        names = read_name_list(list_file)
+        subset = listed_subset(names, read_source_paths(paths), read_labels(paths), list_file, [p.name for p in paths])
+        return subset, "listed"
     labels = read_labels(paths)
     names = read_classes(paths)
     if subset_file and Path(subset_file).is_file():

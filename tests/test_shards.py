@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.shards import main
 from pipeline.shardset import Sample, ShardError, brace_notation, build_index, read_index, shard_paths, verify_shards, write_shards
-from pipeline.sources import array_samples, folder_samples, synthetic_images
+from pipeline.sources import array_samples, folder_source, synthetic_images, write_source
 
 
 def write_folder_tree(root, num_classes=11, per_class=3, size=16):
@@ -60,12 +60,20 @@ def test_folder_round_trip_with_eleven_classes(tmp_path):
         assert any(np.array_equal(image, src) for (c, _), src in sources.items() if c == label)
 
 
-def test_classes_json_order_is_stable(tmp_path):
-    write_folder_tree(tmp_path / "images", num_classes=11, per_class=1)
-    for run in ("a", "b"):
-        main(["write", "folder", str(tmp_path / "images"), str(tmp_path / run / "s-%06d.tar"), "--quiet", "--seed", "3"])
+def test_classes_json_order_and_shards_stable_across_worker_counts(tmp_path):
+    """The same inputs and seed give the same bytes whether one process or two spawned workers prepare them."""
+    write_folder_tree(tmp_path / "images", num_classes=11, per_class=2)
+    (tmp_path / "images" / "class_03" / "extra.png").write_bytes(b"")  # replaced below by a real PNG (re-encoded)
+    Image.fromarray(random_images(1, 16, seed=9)[0]).save(tmp_path / "images" / "class_03" / "extra.png")
+    for run, workers in (("a", "1"), ("b", "2")):
+        out = str(tmp_path / run / "s-%06d.tar")
+        command = ["write", "folder", str(tmp_path / "images"), out, "--quiet", "--seed", "3", "--workers", workers]
+        assert main(command + ["--window", "3", "--max_count", "7"]) == 0
     assert (tmp_path / "a" / "classes.json").read_text() == (tmp_path / "b" / "classes.json").read_text()
-    assert (tmp_path / "a" / "s-000000.tar").read_bytes() == (tmp_path / "b" / "s-000000.tar").read_bytes()
+    names = sorted(p.name for p in (tmp_path / "a").glob("*.tar"))
+    assert len(names) == 4 and names == sorted(p.name for p in (tmp_path / "b").glob("*.tar"))
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
 def test_shard_size_by_bytes(tmp_path):
@@ -123,7 +131,8 @@ def test_shard_specs(small_shards):
 
 
 def test_cli_help_documents_every_command():
-    for command in (["write", "--help"], ["write", "folder", "--help"], ["index", "--help"], ["verify", "--help"]):
+    for command in (["write", "--help"], ["write", "folder", "--help"], ["write", "images", "--help"],
+                    ["write", "list", "--help"], ["index", "--help"], ["verify", "--help"]):
         result = subprocess.run([sys.executable, "-m", "pipeline.shards", *command], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0 and "usage:" in result.stdout
 
@@ -137,32 +146,34 @@ def test_folder_bad_inputs_stop_or_skip(tmp_path):
     (tmp_path / "images" / "class_01" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (tmp_path / "images" / "class_02" / "notes.txt").write_text("not an image")
     (tmp_path / "images" / "class_99_empty").mkdir()
-    # stop (the default): the first problem is named
+    (tmp_path / "images" / "stray.jpg").write_bytes(good)
+    # stop (the default): the first problem is named, before anything is written
     with pytest.raises(ShardError) as error:
-        classes, total, samples, problems = folder_samples(tmp_path / "images", workers=1)
-        write_shards(samples, str(tmp_path / "out" / "s-%06d.tar"), classes, total, skipped=problems, progress=False)
-    assert "notes.txt" in str(error.value) or "class_99_empty" in str(error.value)
+        write_source(folder_source(tmp_path / "images"), str(tmp_path / "out" / "s-%06d.tar"), progress=False)
+    assert "notes.txt" in str(error.value) or "class_99_empty" in str(error.value) or "stray.jpg" in str(error.value)
+    assert not list((tmp_path / "out").glob("*.tar"))
     # skip: everything bad is listed, the rest written
-    classes, total, samples, problems = folder_samples(tmp_path / "images", workers=1)
-    report = write_shards(samples, str(tmp_path / "out2" / "s-%06d.tar"), classes, total, on_error="skip", skipped=problems, progress=False)
+    out = str(tmp_path / "out2" / "s-%06d.tar")
+    report = write_source(folder_source(tmp_path / "images"), out, on_error="skip", progress=False)
     reasons = {source.rsplit("/", 1)[-1]: reason for source, reason in report.skipped}
-    assert set(reasons) == {"truncated.jpg", "notes.txt", "class_99_empty"}
-    assert "truncated" in reasons["truncated.jpg"]
+    assert set(reasons) == {"truncated.jpg", "notes.txt", "class_99_empty", "stray.jpg"}
+    assert "truncated" in reasons["truncated.jpg"] and "not in a class folder" in reasons["stray.jpg"]
     assert report.written == 22
+    record = json.loads((tmp_path / "out2" / "shardset.json").read_text())
+    assert {s.rsplit("/", 1)[-1] for s, _ in record["skipped"]} == set(reasons)
 
 
 def test_folder_truncated_jpeg_named_when_stopping(tmp_path):
     write_folder_tree(tmp_path / "images", num_classes=2, per_class=2)
     bad = tmp_path / "images" / "class_01" / "0001.jpg"
     bad.write_bytes(bad.read_bytes()[:200])
-    classes, total, samples, problems = folder_samples(tmp_path / "images", workers=1)
     with pytest.raises(ShardError, match="class_01/0001.jpg"):
-        write_shards(samples, str(tmp_path / "out" / "s-%06d.tar"), classes, total, skipped=problems, progress=False)
+        write_source(folder_source(tmp_path / "images"), str(tmp_path / "out" / "s-%06d.tar"), progress=False)
 
 
 def test_missing_folder_and_empty_output(tmp_path):
     with pytest.raises(ShardError, match="does not exist"):
-        folder_samples(tmp_path / "nope")
+        folder_source(tmp_path / "nope")
     assert main(["write", "folder", str(tmp_path / "nope"), str(tmp_path / "o-%06d.tar"), "--quiet"]) == 2
 
 
@@ -226,8 +237,7 @@ def test_real_cifar_bad_inputs_named_then_skipped(tmp_path):
     out = str(tmp_path / "out" / "s-%06d.tar")
     assert main(["write", "folder", str(tree), out, "--quiet", "--workers", "1"]) == 2  # stops, naming the first problem
     assert main(["write", "folder", str(tree), out, "--quiet", "--workers", "1", "--on-error", "skip"]) == 0
-    classes, total, samples, problems = folder_samples(tree, workers=1)
-    report = write_shards(samples, str(tmp_path / "out2" / "s-%06d.tar"), classes, total, on_error="skip", skipped=problems, progress=False)
+    report = write_source(folder_source(tree), str(tmp_path / "out2" / "s-%06d.tar"), on_error="skip", progress=False)
     named = {source.rsplit("/", 1)[-1]: reason for source, reason in report.skipped}
     assert set(named) == {victim.name, "zebra", "README.txt"}
     assert "truncated" in named[victim.name] and "no images" in named["zebra"] and "not an image" in named["README.txt"]
