@@ -5,6 +5,8 @@
     python bench.py model      # the model alone on synthetic device-resident input (train's upper bound)
     python bench.py train      # training throughput: synthetic input vs DALI vs torchvision-fed, same model
     python bench.py cifar10    # the CIFAR-10 recipe end to end: accuracy against wall-clock, DALI vs torchvision-fed
+    python bench.py profile --config CONFIG [train.py flags]   # where a step's time goes: stage table, trace, verdict
+    python bench.py gpu-check --out DIR [--dry_run]             # everything that must be seen on a GPU, in one command
 
 Each prints a summary and records device, versions, command and date beside the numbers.
 `python bench.py NAME --help` lists a benchmark's options.
@@ -20,6 +22,8 @@ COMMANDS = {
     "model": "bench.train:model_main",
     "train": "bench.train",
     "cifar10": "bench.cifar10",
+    "profile": "bench.profile",
+    "gpu-check": "bench.gpu_check",
 }
 
 
