@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     module, _, function = COMMANDS[name].partition(":")
-    getattr(importlib.import_module(module), function or "main")(rest)
-    return 0
+    result = getattr(importlib.import_module(module), function or "main")(rest)
+    return result if isinstance(result, int) else 0  # a command that returns an exit status (gpu-check) passes it on
 
 
 if __name__ == "__main__":
