@@ -486,7 +486,7 @@ def parse(argv):
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    config_files = [rest[i + 1] for i, arg in enumerate(rest[:-1]) if arg == "--config"]
+    config_files = [rest[i + 1] for i, arg in enumerate(rest[:-1]) if arg == "--config"] + [a.split("=", 1)[1] for a in rest if a.startswith("--config=")]
     options.name = Path(config_files[-1]).stem if config_files else "default"
     return options, cfg
 
@@ -513,6 +513,7 @@ def main(argv=None) -> dict | None:
     print(overall["line"])
     payload = {"config": cfg.to_dict(), "warmup_steps": options.warmup_steps, "profile_steps": options.profile_steps,
                "pipeline_seconds": options.pipeline_seconds, "world_size": len(per_rank), "verdict": overall, "per_rank": per_rank,
+               "images_per_s": cfg.batch_size / (float(np.mean([r["table"]["step"]["mean_ms"] for r in per_rank])) / 1000),
                "trace_dir": str(trace_dir), "clock": "CUDA events (device time)" if per_rank[0]["device"].startswith("cuda") else "host perf_counter"}
     path = write_result(f"profile_{options.name}", payload, options.json)
     print(f"trace: {trace_dir}/rank*.pt.trace.json.gz (Perfetto / chrome://tracing / TensorBoard); wrote {path}")
