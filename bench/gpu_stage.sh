@@ -18,9 +18,10 @@ python=${PYTHON:-$root/.venv/bin/python}
 tools=${GPU_TOOLS:-$root/../shared/gpu}
 data=${SHARED_DATA:-$root/../shared/data}
 piece_mb=${PIECE_MB:-60}
-[ -x "$tools/wheels" ] && [ -x "$tools/pack" ] || { echo "gpu_stage: no wheels/pack scripts in $tools (set GPU_TOOLS)" >&2; exit 2; }
-[ -d "$data/imagenet-sample" ] || { echo "gpu_stage: no ImageNet sample in $data (set SHARED_DATA)" >&2; exit 2; }
-git check-ignore -q .gpu/ || { echo "gpu_stage: .gpu/ is not git-ignored here; add /.gpu/ to .gitignore first" >&2; exit 2; }
+die() { echo "gpu_stage: $*" >&2; exit 2; }
+[ -x "$tools/wheels" ] && [ -x "$tools/pack" ] || die "no wheels/pack scripts in $tools (set GPU_TOOLS)"
+[ -d "$data/imagenet-sample" ] || die "no ImageNet sample in $data (set SHARED_DATA)"
+git check-ignore -q .gpu/ || die ".gpu/ is not git-ignored here; add /.gpu/ to .gitignore first"
 
 src=$root/.gpu/src
 bundle=$src/bundle
@@ -37,7 +38,8 @@ cp -l "$src"/wheels/*.whl "$bundle/wheels/" 2>/dev/null || cp "$src"/wheels/*.wh
 # 2. CIFAR-10 shards (written once into data/cifar10 from ../shared/data/cifar10, as bench.py cifar10 does),
 #    gzipped: the tar headers and padding of 60,000 small JPEGs shrink 280 MB to ~23 MB
 if [ ! -f data/cifar10/test/classes.json ]; then
-  "$python" -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from bench.cifar10 import write_shards; write_shards(Path('data/cifar10'), None)"
+  "$python" -c "import sys; sys.path.insert(0, '.'); from pathlib import Path; from bench.cifar10 import write_shards
+write_shards(Path('data/cifar10'), None)"
 fi
 tar -C data -czf "$bundle/cifar10-shards.tar.gz" cifar10
 # 3. the ImageNet sample (1,000 JPEGs, 105 MB): the GPU machine writes its x5 shards itself
@@ -46,8 +48,9 @@ cp -r "$data/imagenet-sample" "$bundle/imagenet-sample"
 (cd "$bundle" && PIECE_MB=$piece_mb bash "$tools/pack" "$root/.gpu/simclr" wheels cifar10-shards.tar.gz imagenet-sample)
 rm -rf "$bundle"
 
-tree_bytes=$( (git ls-files -z; git ls-files -z -o --exclude-standard) | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1)
-echo "gpu_stage: prepared in $((SECONDS - t0)) s; the working tree that travels with each call: $((tree_bytes / 1024)) KiB"
+tree_bytes=$( (git ls-files -z; git ls-files -z -o --exclude-standard) | du -cb --files0-from=- 2>/dev/null | tail -1 |
+  cut -f1)
+echo "gpu_stage: prepared in $((SECONDS - t0)) s; the working tree (travels with each call): $((tree_bytes / 1024)) KiB"
 status=0
 for piece in .gpu/simclr/p*; do
   bytes=$(du -sb "$piece" | cut -f1)

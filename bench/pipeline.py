@@ -145,8 +145,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--seconds", type=float, default=30.0, help="measured time per pipeline and preset (after warm-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)), help="DALI threads = DataLoader workers")
-    parser.add_argument("--imagenet_shards", default=None, help="shards for imagenet224 (default: the ImageNet sample x5, written once)")
-    parser.add_argument("--cifar_shards", default=None, help="shards for cifar32 (default: CIFAR-10's training JPEGs, written once)")
+    parser.add_argument("--imagenet_shards", default=None,
+                        help="shards for imagenet224 (default: the ImageNet sample x5, written once)")
+    parser.add_argument("--cifar_shards", default=None,
+                        help="shards for cifar32 (default: CIFAR-10's training JPEGs, written once)")
     parser.add_argument("--batch_size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--json", default=None, help="default bench/results/pipeline_<device>.json")
     args = parser.parse_args(argv)

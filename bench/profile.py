@@ -40,7 +40,6 @@ import os
 import resource
 import sys
 import threading
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -169,8 +168,11 @@ def stage_order(names: list[str]) -> list[str]:
     return [n for n in CANONICAL_STAGES if n in seen] + [n for n in seen if n not in CANONICAL_STAGES]
 
 
-def stage_table(stage_steps: list[list[tuple[str, float, float]]], step_seconds: list[float],
-                allreduce_steps: list[list[tuple[float, float]]] | None = None) -> dict:
+def stage_table(
+    stage_steps: list[list[tuple[str, float, float]]],
+    step_seconds: list[float],
+    allreduce_steps: list[list[tuple[float, float]]] | None = None,
+) -> dict:
     """The per-stage table from resolved times (seconds on one clock).
 
     stage_steps: per step, ``(name, start, end)`` of each top-level range; step_seconds: the independently
@@ -190,14 +192,24 @@ def stage_table(stage_steps: list[list[tuple[str, float, float]]], step_seconds:
 
     def row(name, values, **extra):
         mean = float(np.mean(values)) if values else 0.0
-        return {"name": name, "mean_ms": 1000 * mean, "p90_ms": 1000 * percentile(values, 90),
-                "share": mean / mean_step if mean_step else 0.0, **extra}
+        return {
+            "name": name,
+            "mean_ms": 1000 * mean,
+            "p90_ms": 1000 * percentile(values, 90),
+            "share": mean / mean_step if mean_step else 0.0,
+            **extra,
+        }
 
     stages = [row(name, per_step[name], ranges_per_step=counts[name] / max(1, len(step_seconds))) for name in names]
     attributed = [sum(per_step[name][i] for name in names) for i in range(len(step_seconds))]
     unattributed = [step - covered for step, covered in zip(step_seconds, attributed)]
-    table = {"stages": stages, "unattributed": row("unattributed", unattributed), "step": row("step (independent clock)", list(step_seconds)),
-             "attributed_share": float(np.sum(attributed) / np.sum(step_seconds)) if np.sum(step_seconds) else 0.0, "allreduce": None}
+    table = {
+        "stages": stages,
+        "unattributed": row("unattributed", unattributed),
+        "step": row("step (independent clock)", list(step_seconds)),
+        "attributed_share": float(np.sum(attributed) / np.sum(step_seconds)) if np.sum(step_seconds) else 0.0,
+        "allreduce": None,
+    }
     if allreduce_steps is not None:
         in_flight, exposed, buckets = [], [], []
         for step, intervals in zip(stage_steps, allreduce_steps):
@@ -208,10 +220,20 @@ def stage_table(stage_steps: list[list[tuple[str, float, float]]], step_seconds:
                 continue
             last_launch = max(launch for launch, _ in intervals)
             stage_end = next((end for _, start, end in step if start <= last_launch <= end), last_launch)
-            exposed.append(union_length([(last_launch, min(done, stage_end)) for launch, done in intervals if min(done, stage_end) > last_launch]))
-        table["allreduce"] = {"in_flight": row("all-reduce in flight (overlaps backward)", in_flight),
-                              "exposed": row("all-reduce exposed (after the last bucket's launch)", exposed),
-                              "buckets_per_step": float(np.mean(buckets)) if buckets else 0.0}
+            exposed.append(
+                union_length(
+                    [
+                        (last_launch, min(done, stage_end))
+                        for launch, done in intervals
+                        if min(done, stage_end) > last_launch
+                    ]
+                )
+            )
+        table["allreduce"] = {
+            "in_flight": row("all-reduce in flight (overlaps backward)", in_flight),
+            "exposed": row("all-reduce exposed (after the last bucket's launch)", exposed),
+            "buckets_per_step": float(np.mean(buckets)) if buckets else 0.0,
+        }
     return table
 
 
@@ -242,8 +264,13 @@ def gpu_utilisation(events: list[dict]) -> dict | None:
     Wall time: from the first ``ProfilerStep#`` range's start to the last one's end (host timestamps, which
     the profiler aligns with the device's; the window's last edge is synchronised). Busy: the union of all
     kernels' intervals (any stream) within it; memcpy/memset counted separately. None without kernels (CPU)."""
-    steps = [e for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("ProfilerStep#")
-             and e.get("cat") != "gpu_user_annotation"]
+    steps = [
+        e
+        for e in events
+        if e.get("ph") == "X"
+        and str(e.get("name", "")).startswith("ProfilerStep#")
+        and e.get("cat") != "gpu_user_annotation"
+    ]
     kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
     if not kernels or not steps:
         return None
@@ -256,9 +283,12 @@ def gpu_utilisation(events: list[dict]) -> dict | None:
 
     copies = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("gpu_memcpy", "gpu_memset")]
     wall = end - start
-    return {"kernel_busy_fraction": busy(kernels) / wall if wall else 0.0,
-            "kernel_or_copy_busy_fraction": busy(kernels + copies) / wall if wall else 0.0,
-            "window_ms": wall / 1000, "kernels": len(kernels)}
+    return {
+        "kernel_busy_fraction": busy(kernels) / wall if wall else 0.0,
+        "kernel_or_copy_busy_fraction": busy(kernels + copies) / wall if wall else 0.0,
+        "window_ms": wall / 1000,
+        "kernels": len(kernels),
+    }
 
 
 # --------------------------------------------------------------------------- the run
@@ -266,9 +296,15 @@ def gpu_utilisation(events: list[dict]) -> dict | None:
 
 def peak_memory(device: torch.device) -> dict:
     if device.type == "cuda":
-        return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
-                "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30, "what": "CUDA caching allocator, profiled window"}
-    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "what": "process peak resident memory (whole run)"}
+        return {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30,
+            "what": "CUDA caching allocator, profiled window",
+        }
+    return {
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "what": "process peak resident memory (whole run)",
+    }
 
 
 def pipeline_alone(cfg, device: torch.device, rank: int, world: int, loader_factory, seconds: float) -> dict:
@@ -276,10 +312,7 @@ def pipeline_alone(cfg, device: torch.device, rank: int, world: int, loader_fact
     from .pipeline import _timed
 
     loader = loader_factory(cfg, device, rank, world)
-    result = _timed(loader, seconds, device.type == "cuda", restart=lambda: loader)
-    del loader
-    gc.collect()
-    return result
+    return _timed(loader, seconds, device.type == "cuda", restart=lambda: loader)
 
 
 def verdict(images_per_step: float, mean_step: float, mean_wait: float, pipeline_images_per_s: float | None) -> dict:
@@ -292,19 +325,39 @@ def verdict(images_per_step: float, mean_step: float, mean_wait: float, pipeline
     bound = "input-bound" if wait_fraction > INPUT_BOUND_WAIT or too_slow else "compute-bound"
     pipeline = f"{pipeline_images_per_s:.0f} img/s" if pipeline_images_per_s is not None else "(not measured)"
     if bound == "input-bound":
-        line = (f"input-bound: the pipeline delivers {pipeline}, the step consumes {demand:.0f} img/s; "
-                f"the loop waited for data {wait_fraction:.0%} of each step")
+        line = (
+            f"input-bound: the pipeline delivers {pipeline}, the step consumes {demand:.0f} img/s; "
+            f"the loop waited for data {wait_fraction:.0%} of each step"
+        )
         if pipeline_images_per_s is not None and not too_slow:
-            line += " (alone, the pipeline keeps up: in training it competes with the step for the same cores or device)"
+            line += (
+                " (alone, the pipeline keeps up: in training it competes with the step for the same cores or device)"
+            )
     else:
-        line = (f"compute-bound: the step consumes {demand:.0f} img/s, the pipeline delivers {pipeline}; "
-                f"data wait {wait_fraction:.0%} of each step")
-    return {"bound": bound, "line": line, "step_demand_images_per_s": demand, "pipeline_images_per_s": pipeline_images_per_s,
-            "data_wait_fraction": wait_fraction}
+        line = (
+            f"compute-bound: the step consumes {demand:.0f} img/s, the pipeline delivers {pipeline}; "
+            f"data wait {wait_fraction:.0%} of each step"
+        )
+    return {
+        "bound": bound,
+        "line": line,
+        "step_demand_images_per_s": demand,
+        "pipeline_images_per_s": pipeline_images_per_s,
+        "data_wait_fraction": wait_fraction,
+    }
 
 
-def run(cfg, warmup_steps: int = 5, profile_steps: int = 10, pipeline_seconds: float = 10.0, trace_dir: str | Path | None = None,
-        loader_factory=None, model_factory=None, accelerator=None, quiet: bool = False) -> dict:
+def run(
+    cfg,
+    warmup_steps: int = 5,
+    profile_steps: int = 10,
+    pipeline_seconds: float = 10.0,
+    trace_dir: str | Path | None = None,
+    loader_factory=None,
+    model_factory=None,
+    accelerator=None,
+    quiet: bool = False,
+) -> dict:
     """Profile ``cfg``'s training step; returns this rank's result (the ``per_rank`` entry of the JSON).
 
     ``loader_factory(cfg, device, rank, world)`` and ``model_factory(cfg, device_type, world)`` default to
@@ -370,13 +423,19 @@ def run(cfg, warmup_steps: int = 5, profile_steps: int = 10, pipeline_seconds: f
         if timer:
             timer.end_step()
 
-    say(f"profile: {world} process(es) on {device.type}, data on {data_device(cfg, device)}, batch {cfg.batch_size}; "
-        f"{warmup_steps} warm-up + 1 profiler warm-up + {profile_steps} profiled steps")
+    say(
+        f"profile: {world} process(es) on {device.type}, data on {data_device(cfg, device)}, batch {cfg.batch_size}; "
+        f"{warmup_steps} warm-up + 1 profiler warm-up + {profile_steps} profiled steps"
+    )
     for _ in range(warmup_steps):
         one_step()
 
-    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    profiler = torch.profiler.profile(activities=activities, schedule=torch.profiler.schedule(wait=0, warmup=1, active=profile_steps, repeat=1))
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    )
+    profiler = torch.profiler.profile(
+        activities=activities, schedule=torch.profiler.schedule(wait=0, warmup=1, active=profile_steps, repeat=1)
+    )
     timer = StepTimer(images_per_step=cfg.batch_size // world, clock=clock, keep_steps=True)
     recorder = StageRecorder(clock)
     profiler.start()
@@ -414,16 +473,29 @@ def run(cfg, warmup_steps: int = 5, profile_steps: int = 10, pipeline_seconds: f
         if device.type == "cuda":
             utilisation = gpu_utilisation(read_trace(trace_path))
 
-    del batches, loader
+    batches = loader = None  # the training loader's DALI threads stop before the pipeline is measured alone
     gc.collect()
-    pipeline = pipeline_alone(cfg, device, rank, world, loader_factory, pipeline_seconds) if pipeline_seconds > 0 else None
+    pipeline = (
+        pipeline_alone(cfg, device, rank, world, loader_factory, pipeline_seconds) if pipeline_seconds > 0 else None
+    )
     local_batch = cfg.batch_size // world
     mean_step, mean_wait = float(np.mean(step_seconds)), float(np.mean(waits))
-    return {"rank": rank, "device": str(device), "local_batch": local_batch, "steps": len(step_seconds),
-            "images_per_s": local_batch * len(step_seconds) / sum(step_seconds), "data_wait_fraction": sum(waits) / sum(step_seconds),
-            "median_step_ms": 1000 * float(np.median(step_seconds)), "epoch_boundaries_in_window": epoch_ends - epoch_ends_before,
-            "table": table, "memory": memory, "gpu_utilisation": utilisation, "trace": str(trace_path) if trace_path else None,
-            "pipeline_alone": pipeline, "verdict": verdict(local_batch, mean_step, mean_wait, pipeline["images_per_s"] if pipeline else None)}
+    return {
+        "rank": rank,
+        "device": str(device),
+        "local_batch": local_batch,
+        "steps": len(step_seconds),
+        "images_per_s": local_batch * len(step_seconds) / sum(step_seconds),
+        "data_wait_fraction": sum(waits) / sum(step_seconds),
+        "median_step_ms": 1000 * float(np.median(step_seconds)),
+        "epoch_boundaries_in_window": epoch_ends - epoch_ends_before,
+        "table": table,
+        "memory": memory,
+        "gpu_utilisation": utilisation,
+        "trace": str(trace_path) if trace_path else None,
+        "pipeline_alone": pipeline,
+        "verdict": verdict(local_batch, mean_step, mean_wait, pipeline["images_per_s"] if pipeline else None),
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -436,8 +508,11 @@ def format_table(result: dict) -> str:
     def line(label: str, row: dict) -> str:
         return f"  {label:<58}{row['mean_ms']:>10.1f}{row['p90_ms']:>10.1f}{row['share']:>8.1%}"
 
-    lines = [f"rank {result['rank']} ({result['device']}), {result['steps']} profiled steps of {result['local_batch']} images:",
-             f"  {'stage':<58}{'mean ms':>10}{'p90 ms':>10}{'share':>8}"]
+    lines = [
+        f"rank {result['rank']} ({result['device']}), {result['steps']} profiled steps "
+        f"of {result['local_batch']} images:",
+        f"  {'stage':<58}{'mean ms':>10}{'p90 ms':>10}{'share':>8}",
+    ]
     for row in table["stages"]:
         count = f" (x{row['ranges_per_step']:g} per step)" if row["ranges_per_step"] != 1 else ""
         lines.append(line(row["name"] + count, row))
@@ -446,14 +521,23 @@ def format_table(result: dict) -> str:
             lines.append(line("  [" + table["allreduce"][key]["name"] + "]", table["allreduce"][key]))
     lines.append(line("unattributed (step - stages)", table["unattributed"]))
     lines.append(line(table["step"]["name"], table["step"]))
-    lines.append(f"  images/s {result['images_per_s']:.1f}, data wait {result['data_wait_fraction']:.1%}, "
-                 f"stages attribute {table['attributed_share']:.1%} of the clocked step")
+    lines.append(
+        f"  images/s {result['images_per_s']:.1f}, data wait {result['data_wait_fraction']:.1%}, "
+        f"stages attribute {table['attributed_share']:.1%} of the clocked step"
+    )
     memory = result["memory"]
-    lines.append("  peak memory: " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "what") + f" ({memory['what']})")
+    lines.append(
+        "  peak memory: " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "what") + f" ({memory['what']})"
+    )
     if result["gpu_utilisation"]:
-        lines.append(f"  GPU utilisation (busy kernel time / wall time, from the trace): {result['gpu_utilisation']['kernel_busy_fraction']:.1%}")
+        lines.append(
+            "  GPU utilisation (busy kernel time / wall time, from the trace): "
+            f"{result['gpu_utilisation']['kernel_busy_fraction']:.1%}"
+        )
     if result["pipeline_alone"]:
-        lines.append(f"  pipeline alone (same shards, batch, threads): {result['pipeline_alone']['images_per_s']:.1f} images/s")
+        lines.append(
+            f"  pipeline alone (same shards, batch, threads): {result['pipeline_alone']['images_per_s']:.1f} images/s"
+        )
     return "\n".join(lines)
 
 
@@ -470,11 +554,18 @@ def parse(argv):
     """(profile options, TrainConfig): the profile's own flags, then train.py's (``--config`` and fields)."""
     from trainer.config import ConfigError, parse_args
 
-    parser = ArgumentParser(prog="bench.py profile", description=__doc__.splitlines()[0],
-                            epilog="Every other flag is train.py's (python train.py --help).")
-    parser.add_argument("--warmup_steps", type=int, default=5, help="untimed steps first (DALI and the allocator warm up)")
+    parser = ArgumentParser(
+        prog="bench.py profile",
+        description=__doc__.splitlines()[0],
+        epilog="Every other flag is train.py's (python train.py --help).",
+    )
+    parser.add_argument(
+        "--warmup_steps", type=int, default=5, help="untimed steps first (DALI and the allocator warm up)"
+    )
     parser.add_argument("--profile_steps", type=int, default=10, help="steps in the trace and the table")
-    parser.add_argument("--pipeline_seconds", type=float, default=10.0, help="the pipeline alone, measured for this long (0: skip)")
+    parser.add_argument(
+        "--pipeline_seconds", type=float, default=10.0, help="the pipeline alone, measured for this long (0: skip)"
+    )
     parser.add_argument("--trace_dir", default=None, help="default runs/profile_<config>/")
     parser.add_argument("--json", default=None, help="default bench/results/profile_<config>_<device>.json")
     options, rest = parser.parse_known_args(argv)
@@ -486,7 +577,9 @@ def parse(argv):
     except ConfigError as error:
         print(f"config error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    config_files = [rest[i + 1] for i, arg in enumerate(rest[:-1]) if arg == "--config"] + [a.split("=", 1)[1] for a in rest if a.startswith("--config=")]
+    config_files = [rest[i + 1] for i, arg in enumerate(rest[:-1]) if arg == "--config"] + [
+        a.split("=", 1)[1] for a in rest if a.startswith("--config=")
+    ]
     options.name = Path(config_files[-1]).stem if config_files else "default"
     return options, cfg
 
@@ -502,7 +595,11 @@ def main(argv=None) -> dict | None:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     per_rank = [result]
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         per_rank = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(per_rank, result)
         if torch.distributed.get_rank() != 0:
@@ -511,10 +608,18 @@ def main(argv=None) -> dict | None:
         print(format_table(rank_result))
     overall = combined_verdict(per_rank)
     print(overall["line"])
-    payload = {"config": cfg.to_dict(), "warmup_steps": options.warmup_steps, "profile_steps": options.profile_steps,
-               "pipeline_seconds": options.pipeline_seconds, "world_size": len(per_rank), "verdict": overall, "per_rank": per_rank,
-               "images_per_s": cfg.batch_size / (float(np.mean([r["table"]["step"]["mean_ms"] for r in per_rank])) / 1000),
-               "trace_dir": str(trace_dir), "clock": "CUDA events (device time)" if per_rank[0]["device"].startswith("cuda") else "host perf_counter"}
+    payload = {
+        "config": cfg.to_dict(),
+        "warmup_steps": options.warmup_steps,
+        "profile_steps": options.profile_steps,
+        "pipeline_seconds": options.pipeline_seconds,
+        "world_size": len(per_rank),
+        "verdict": overall,
+        "per_rank": per_rank,
+        "images_per_s": cfg.batch_size / (float(np.mean([r["table"]["step"]["mean_ms"] for r in per_rank])) / 1000),
+        "trace_dir": str(trace_dir),
+        "clock": "CUDA events (device time)" if per_rank[0]["device"].startswith("cuda") else "host perf_counter",
+    }
     path = write_result(f"profile_{options.name}", payload, options.json)
     print(f"trace: {trace_dir}/rank*.pt.trace.json.gz (Perfetto / chrome://tracing / TensorBoard); wrote {path}")
     return payload

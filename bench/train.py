@@ -41,8 +41,8 @@ def build(preset: dict, batch_size: int, device: str, shards: Path, extra: dict 
     from trainer.config import load_config
     from trainer.optim import build_optimizer
 
-    overrides = {**preset["overrides"], "batch_size": batch_size, "train_shards": str(shards), "precision": "bf16" if device == "cuda" else "no",
-                 **(extra or {})}
+    overrides = {**preset["overrides"], "batch_size": batch_size, "train_shards": str(shards),
+                 "precision": "bf16" if device == "cuda" else "no", **(extra or {})}
     cfg = load_config(preset["config"], overrides)
     accelerator = Accelerator(mixed_precision=cfg.precision, cpu=device == "cpu")
     model, optimizer = build_model(cfg, accelerator.device.type, 1), None
@@ -104,7 +104,8 @@ def main(argv=None, result_name: str = "train") -> dict:
     parser.add_argument("--feeds", nargs="+", default=["synthetic", "dali", "torchvision"], choices=["synthetic", "dali", "torchvision"])
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--shards", default=None, help="training shards (default: the preset's, written once)")
-    parser.add_argument("--overrides", type=json.loads, default=None, help='config fields as JSON, e.g. \'{"backbone": "resnet18"}\'')
+    parser.add_argument("--overrides", type=json.loads, default=None,
+                        help='config fields as JSON, e.g. \'{"backbone": "resnet18"}\'')
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -114,7 +115,8 @@ def main(argv=None, result_name: str = "train") -> dict:
         shards, description = Path(args.shards), f"shards {args.shards}"
     else:
         shards, description = imagenet_shards() if preset["pipeline"] == "imagenet224" else cifar_shards()
-    cfg, accelerator, model, optimizer = build(preset, args.batch_size or preset["batch_size"], device, shards, args.overrides)
+    batch_size = args.batch_size or preset["batch_size"]
+    cfg, accelerator, model, optimizer = build(preset, batch_size, device, shards, args.overrides)
     cfg.data_threads = args.cores
     results = {}
     for feed in args.feeds:

@@ -46,7 +46,15 @@ if world > 1:
     for grad in grads.values():
         dist.all_reduce(grad)
 running = {name: b.detach().clone() for name, b in model.named_buffers() if "running" in name}
-torch.save({"rank": rank, "features": features.detach().cpu(), "grads": {k: v.cpu() for k, v in grads.items()},
-            "running": {k: v.cpu() for k, v in running.items()}, "norm_act_layers": len(norm_act)}, f"{sys.argv[1]}.rank{rank}.pt")
+torch.save(
+    {
+        "rank": rank,
+        "features": features.detach().cpu(),
+        "grads": {k: v.cpu() for k, v in grads.items()},
+        "running": {k: v.cpu() for k, v in running.items()},
+        "norm_act_layers": len(norm_act),
+    },
+    f"{sys.argv[1]}.rank{rank}.pt",
+)
 if world > 1:
     dist.destroy_process_group()

@@ -29,8 +29,8 @@ def run_views(image: np.ndarray, cfg: AugmentConfig, count: int, seed: int = 0, 
     """``count`` independent views of ``image`` (H, W, 3 uint8), augmented on DALI's ``device`` backend
     ('cpu' or 'gpu') -> float array (count, S, S, 3)."""
 
-    @pipeline_def(batch_size=BATCH, num_threads=2, device_id=0 if device == "gpu" else None, seed=seed, enable_conditionals=True,
-                  prefetch_queue_depth=1)
+    @pipeline_def(batch_size=BATCH, num_threads=2, device_id=0 if device == "gpu" else None, seed=seed,
+                  enable_conditionals=True, prefetch_queue_depth=1)
     def views():
         images = fn.external_source(source=lambda: [image] * BATCH, batch=True, layout="HWC", dtype=types.UINT8)
         return simclr_view(images.gpu() if device == "gpu" else images, cfg)
@@ -85,8 +85,8 @@ def measure_crops(views: np.ndarray, size: int):
 
 @pytest.fixture(scope="module")
 def crop_views(device):
-    return run_views(COORDINATES, AugmentConfig(size=64, flip_prob=0.5, **{k: v for k, v in PLAIN.items() if k != "flip_prob"}), 2000, seed=1,
-                     device=device)
+    cfg = AugmentConfig(size=64, flip_prob=0.5, **{k: v for k, v in PLAIN.items() if k != "flip_prob"})
+    return run_views(COORDINATES, cfg, 2000, seed=1, device=device)
 
 
 def test_crop_area_and_aspect_follow_the_paper(crop_views):
@@ -150,7 +150,8 @@ def test_contrast_range_pivots_on_the_mean(device):
 def test_saturation_range(device):
     colour = np.array([150, 100, 50], np.float64)
     luma = colour @ [0.299, 0.587, 0.114]
-    views = run_views(np.broadcast_to(colour.astype(np.uint8), (32, 32, 3)).copy(), only("saturation"), 1000, seed=5, device=device)
+    image = np.broadcast_to(colour.astype(np.uint8), (32, 32, 3)).copy()
+    views = run_views(image, only("saturation"), 1000, seed=5, device=device)
     factors = (views[:, 5, 5, 0] - luma) / (colour[0] - luma)
     assert uniform_ks(factors, 0.2, 1.8) < 0.07
 
@@ -158,7 +159,8 @@ def test_saturation_range(device):
 def test_hue_range(device):
     to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
     colour = np.array([180, 90, 60], np.float64)
-    views = run_views(np.broadcast_to(colour.astype(np.uint8), (32, 32, 3)).copy(), only("hue"), 1000, seed=6, device=device)
+    image = np.broadcast_to(colour.astype(np.uint8), (32, 32, 3)).copy()
+    views = run_views(image, only("hue"), 1000, seed=6, device=device)
     angle = lambda rgb: np.degrees(np.arctan2(*(rgb @ to_yiq.T)[..., [2, 1]].T))
     shift = (angle(views[:, 5, 5]) - angle(colour) + 180) % 360 - 180
     assert uniform_ks(np.abs(shift), 0, 72) < 0.08  # +-0.2 s of the colour wheel, s = 1

@@ -80,12 +80,15 @@ def run_steps(device, timer, steps: int, data_s: float, compute_s: float) -> Non
 
 
 # Ten steps after a window was read (that read synchronised: the first step starts on an idle device).
-@pytest.mark.parametrize("data_s,compute_s,steps_total,wait_total", [
-    # compute-bound: the host's 1 ms waits overlap the device's 20 ms steps, except the first one's
-    (0.001, 0.020, 0.001 + 10 * 0.020, 0.001),
-    # input-bound: per step the device idles 30 ms wait + 2 ms launch - 10 ms of the last step's work
-    (0.030, 0.010, 0.040 + 9 * 0.032, 0.030 + 9 * 0.022),
-])
+@pytest.mark.parametrize(
+    "data_s,compute_s,steps_total,wait_total",
+    [
+        # compute-bound: the host's 1 ms waits overlap the device's 20 ms steps, except the first one's
+        (0.001, 0.020, 0.001 + 10 * 0.020, 0.001),
+        # input-bound: per step the device idles 30 ms wait + 2 ms launch - 10 ms of the last step's work
+        (0.030, 0.010, 0.040 + 9 * 0.032, 0.030 + 9 * 0.022),
+    ],
+)
 def test_step_timer_measures_an_asynchronous_device_on_its_own_clock(data_s, compute_s, steps_total, wait_total):
     device = FakeAsyncDevice()
     timer = StepTimer(images_per_step=64, clock=device)
@@ -104,7 +107,10 @@ def test_step_timer_measures_an_asynchronous_device_on_its_own_clock(data_s, com
     naive_timer.window()
     run_steps(naive, naive_timer, 10, data_s, compute_s)
     wrong = naive_timer.window()  # host clocks: launch time for compute, host waits the device never saw
-    assert wrong["images_per_s"] > 1.2 * stats["images_per_s"] or wrong["data_wait_fraction"] > stats["data_wait_fraction"] + 0.2
+    assert (
+        wrong["images_per_s"] > 1.2 * stats["images_per_s"]
+        or wrong["data_wait_fraction"] > stats["data_wait_fraction"] + 0.2
+    )
 
 
 def test_step_timer_summary_and_history_cover_every_step():
@@ -139,18 +145,39 @@ def test_step_timer_host_clock_on_the_cpu():
 def test_stage_table_attributes_and_leaves_the_rest_unattributed():
     # two steps on one clock: data wait, the micro-batch stages of another step function, a repeated range
     steps = [
-        [("data wait", 0.0, 0.1), ("forward (no grad)", 0.1, 0.3), ("loss", 0.3, 0.35), ("forward + backward (micro-batch)", 0.35, 0.55),
-         ("forward + backward (micro-batch)", 0.55, 0.75), ("optimizer", 0.75, 0.8)],
-        [("data wait", 1.0, 1.3), ("forward (no grad)", 1.3, 1.5), ("loss", 1.5, 1.55), ("forward + backward (micro-batch)", 1.55, 1.75),
-         ("forward + backward (micro-batch)", 1.75, 1.95), ("optimizer", 1.95, 2.0)],
+        [
+            ("data wait", 0.0, 0.1),
+            ("forward (no grad)", 0.1, 0.3),
+            ("loss", 0.3, 0.35),
+            ("forward + backward (micro-batch)", 0.35, 0.55),
+            ("forward + backward (micro-batch)", 0.55, 0.75),
+            ("optimizer", 0.75, 0.8),
+        ],
+        [
+            ("data wait", 1.0, 1.3),
+            ("forward (no grad)", 1.3, 1.5),
+            ("loss", 1.5, 1.55),
+            ("forward + backward (micro-batch)", 1.55, 1.75),
+            ("forward + backward (micro-batch)", 1.75, 1.95),
+            ("optimizer", 1.95, 2.0),
+        ],
     ]
     allreduce = [[(0.6, 0.7), (0.65, 0.72)], [(1.8, 1.9)]]
     table = stage_table(steps, [0.9, 1.0], allreduce)
     names = [row["name"] for row in table["stages"]]
-    assert names == ["data wait", "loss", "optimizer", "forward (no grad)", "forward + backward (micro-batch)"]  # canonical first
+    assert names == [
+        "data wait",
+        "loss",
+        "optimizer",
+        "forward (no grad)",
+        "forward + backward (micro-batch)",
+    ]  # canonical first
     rows = {row["name"]: row for row in table["stages"]}
     assert rows["data wait"]["mean_ms"] == pytest.approx(200) and rows["data wait"]["p90_ms"] == pytest.approx(280)
-    assert rows["forward + backward (micro-batch)"]["mean_ms"] == pytest.approx(400) and rows["forward + backward (micro-batch)"]["ranges_per_step"] == 2
+    assert (
+        rows["forward + backward (micro-batch)"]["mean_ms"] == pytest.approx(400)
+        and rows["forward + backward (micro-batch)"]["ranges_per_step"] == 2
+    )
     assert table["step"]["mean_ms"] == pytest.approx(950)
     assert table["unattributed"]["mean_ms"] == pytest.approx(50)  # (0.9 - 0.8 and 1.0 - 1.0) / 2
     assert table["attributed_share"] == pytest.approx(1.8 / 1.9)
@@ -158,7 +185,9 @@ def test_stage_table_attributes_and_leaves_the_rest_unattributed():
     assert table["allreduce"]["in_flight"]["mean_ms"] == pytest.approx((120 + 100) / 2)
     # exposed: in flight after the last launch (0.65 -> 0.72, 1.8 -> 1.9), within the stage that launched it
     assert table["allreduce"]["exposed"]["mean_ms"] == pytest.approx((70 + 100) / 2)
-    late = stage_table(steps[:1], [0.9], [[(0.6, 0.7), (0.74, 0.78)]])["allreduce"]  # a bucket still running after the stage
+    late = stage_table(steps[:1], [0.9], [[(0.6, 0.7), (0.74, 0.78)]])[
+        "allreduce"
+    ]  # a bucket still running after the stage
     assert late["exposed"]["mean_ms"] == pytest.approx(10) and late["in_flight"]["mean_ms"] == pytest.approx(140)
     with pytest.raises(ValueError, match="2 steps of stage marks but 1 clocked"):
         stage_table(steps, [0.9])
@@ -173,7 +202,13 @@ def test_gpu_utilisation_is_busy_kernel_time_over_the_window():
     events = [
         {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#1", "ts": 1000, "dur": 1000},
         {"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#2", "ts": 2000, "dur": 1000},
-        {"ph": "X", "cat": "gpu_user_annotation", "name": "ProfilerStep#2", "ts": 0, "dur": 9000},  # device-side copy: ignored
+        {
+            "ph": "X",
+            "cat": "gpu_user_annotation",
+            "name": "ProfilerStep#2",
+            "ts": 0,
+            "dur": 9000,
+        },  # device-side copy: ignored
         {"ph": "X", "cat": "kernel", "name": "a", "ts": 1100, "dur": 400},
         {"ph": "X", "cat": "kernel", "name": "b", "ts": 1300, "dur": 400},  # overlaps a (two streams): 1100..1700
         {"ph": "X", "cat": "kernel", "name": "c", "ts": 2900, "dur": 300},  # half outside the window
@@ -215,15 +250,33 @@ def test_verdict():
     assert verdict(256, 1.0, 0.5, 300.0)["bound"] == "input-bound"  # half the step waiting
     assert verdict(256, 1.0, 0.0, 100.0)["bound"] == "input-bound"  # the pipeline cannot deliver 256 img/s
     line = verdict(256, 1.0, 0.01, 5000.0)
-    assert line["bound"] == "compute-bound" and line["line"].startswith("compute-bound: the step consumes 259 img/s, the pipeline delivers 5000 img/s")
-    assert verdict(256, 1.0, 0.3, None)["line"].startswith("input-bound: the pipeline delivers (not measured), the step consumes 366 img/s")
+    assert line["bound"] == "compute-bound" and line["line"].startswith(
+        "compute-bound: the step consumes 259 img/s, the pipeline delivers 5000 img/s"
+    )
+    assert verdict(256, 1.0, 0.3, None)["line"].startswith(
+        "input-bound: the pipeline delivers (not measured), the step consumes 366 img/s"
+    )
 
 
 # --------------------------------------------------------------------------- bench.py profile end to end
 
-TINY = {"image_size": 32, "augment": "cifar", "backbone": "resnet18", "cifar_stem": True, "timm_kwargs": {"channels": [8, 16, 32, 64]},
-        "proj_hidden": 32, "proj_dim": 16, "batch_size": 32, "epochs": 10, "warmup_epochs": 1, "lr": 0.5, "temperature": 0.2,
-        "precision": "no", "data_threads": 1, "shuffle_buffer": 64}
+TINY = {
+    "image_size": 32,
+    "augment": "cifar",
+    "backbone": "resnet18",
+    "cifar_stem": True,
+    "timm_kwargs": {"channels": [8, 16, 32, 64]},
+    "proj_hidden": 32,
+    "proj_dim": 16,
+    "batch_size": 32,
+    "epochs": 10,
+    "warmup_epochs": 1,
+    "lr": 0.5,
+    "temperature": 0.2,
+    "precision": "no",
+    "data_threads": 1,
+    "shuffle_buffer": 64,
+}
 
 
 @pytest.fixture(scope="module")
@@ -266,7 +319,10 @@ def baseline(shards, tmp_path_factory):
 @pytest.fixture(scope="module")
 def delay_s(baseline) -> float:
     """A known delay three times the step's own compute (on a busy shared CPU that can be long), >= 0.2 s."""
-    compute_ms = baseline["table"]["step"]["mean_ms"] - next(r for r in baseline["table"]["stages"] if r["name"] == "data wait")["mean_ms"]
+    compute_ms = (
+        baseline["table"]["step"]["mean_ms"]
+        - next(r for r in baseline["table"]["stages"] if r["name"] == "data wait")["mean_ms"]
+    )
     return min(5.0, max(0.2, 3 * compute_ms / 1000))
 
 
@@ -287,7 +343,9 @@ def test_profile_stages_cover_the_independently_clocked_step(baseline):
 def test_slow_loader_is_input_bound_with_the_delay_in_data_wait(shards, tmp_path, delay_s):
     from trainer.data import build_train_loader
 
-    result = profile(tiny_config(shards), tmp_path, loader_factory=lambda *a: SlowLoader(build_train_loader(*a), delay_s))
+    result = profile(
+        tiny_config(shards), tmp_path, loader_factory=lambda *a: SlowLoader(build_train_loader(*a), delay_s)
+    )
     rows = {row["name"]: row for row in result["table"]["stages"]}
     assert delay_s * 1000 <= rows["data wait"]["mean_ms"] < delay_s * 1500 + 50  # the delay, and little else
     assert result["verdict"]["bound"] == "input-bound", result["verdict"]["line"]
@@ -319,13 +377,32 @@ def test_profile_command_writes_table_trace_and_json(shards, tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "train_shards": str(shards)}))
     out = tmp_path / "result.json"
-    payload = main(["--config", str(config), "--warmup_steps", "1", "--profile_steps", "2", "--pipeline_seconds", "0.5",
-                          "--trace_dir", str(tmp_path / "trace"), "--json", str(out), "--batch_size", "16"])
+    payload = main(
+        [
+            "--config",
+            str(config),
+            "--warmup_steps",
+            "1",
+            "--profile_steps",
+            "2",
+            "--pipeline_seconds",
+            "0.5",
+            "--trace_dir",
+            str(tmp_path / "trace"),
+            "--json",
+            str(out),
+            "--batch_size",
+            "16",
+        ]
+    )
     printed = capsys.readouterr().out
     assert "unattributed (step - stages)" in printed and "step (independent clock)" in printed
     assert printed.count("-bound: ") == 1
     saved = json.loads(out.read_text())
-    assert saved["benchmark"] == "profile_tiny" and saved["per_rank"][0]["local_batch"] == 16 == saved["config"]["batch_size"]
+    assert (
+        saved["benchmark"] == "profile_tiny"
+        and saved["per_rank"][0]["local_batch"] == 16 == saved["config"]["batch_size"]
+    )
     assert saved["verdict"]["line"] == payload["verdict"]["line"] and "environment" in saved
     with gzip.open(tmp_path / "trace" / "rank0.pt.trace.json.gz", "rt") as handle:
         assert json.load(handle)["traceEvents"]
@@ -336,7 +413,10 @@ def test_profile_bad_input_exits_2_naming_it(shards, tmp_path, capsys):
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "train_shards": str(shards)}))
-    for flags, named in [(["--train_shards", str(tmp_path / "nowhere")], "nowhere"), (["--batch_size", "0"], "batch_size")]:
+    for flags, named in [
+        (["--train_shards", str(tmp_path / "nowhere")], "nowhere"),
+        (["--batch_size", "0"], "batch_size"),
+    ]:
         with pytest.raises(SystemExit) as exit_info:
             main(["--config", str(config), *flags])
         assert exit_info.value.code == 2
@@ -348,13 +428,34 @@ def test_two_ranks_profile_each_rank_and_the_allreduce(shards, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "train_shards": str(shards)}))
     out = tmp_path / "ddp.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "bench.py", "profile",
-               "--config", str(config), "--warmup_steps", "1", "--profile_steps", "3", "--pipeline_seconds", "0.5",
-               "--trace_dir", str(tmp_path / "trace"), "--json", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "bench.py",
+        "profile",
+        "--config",
+        str(config),
+        "--warmup_steps",
+        "1",
+        "--profile_steps",
+        "3",
+        "--pipeline_seconds",
+        "0.5",
+        "--trace_dir",
+        str(tmp_path / "trace"),
+        "--json",
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "rank 0 (cpu" in result.stdout and "rank 1 (cpu" in result.stdout and "all-reduce in flight" in result.stdout, result.stdout
+    assert (
+        "rank 0 (cpu" in result.stdout and "rank 1 (cpu" in result.stdout and "all-reduce in flight" in result.stdout
+    ), result.stdout
     saved = json.loads(out.read_text())
     assert saved["world_size"] == 2 and [r["rank"] for r in saved["per_rank"]] == [0, 1]
     for rank in saved["per_rank"]:
@@ -373,22 +474,47 @@ def test_two_ranks_profile_each_rank_and_the_allreduce(shards, tmp_path):
 def test_gpu_check_dry_run_runs_every_stage_and_says_what_needs_cuda(tmp_path):
     """The one-shot GPU check, end to end on the CPU at tiny sizes: it cannot rot between GPU loans."""
     out = tmp_path / "gpu-check"
-    result = subprocess.run([sys.executable, "bench.py", "gpu-check", "--dry-run", "--out", str(out)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "bench.py", "gpu-check", "--dry-run", "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["status"] == "complete" and report["dry_run"]
     statuses = {name: stage["status"] for name, stage in report["stages"].items()}
-    assert statuses == {"environment": "passed", "data": "passed", "tests": "skipped", "train": "passed", "profile": "passed",
-                        "pipeline": "passed", "loss": "passed", "cifar10": "passed"}
+    assert statuses == {
+        "environment": "passed",
+        "data": "passed",
+        "tests": "skipped",
+        "train": "passed",
+        "profile": "passed",
+        "pipeline": "passed",
+        "loss": "passed",
+        "cifar10": "passed",
+    }
     tests = report["stages"]["tests"]
-    assert tests["note"].startswith("no CUDA device") and tests["summary"]["skipped"] >= 15 and tests["summary"]["failed"] == 0
+    assert (
+        tests["note"].startswith("no CUDA device")
+        and tests["summary"]["skipped"] >= 15
+        and tests["summary"]["failed"] == 0
+    )
     assert any("test_augment" in t["test"] and "[gpu" in t["test"] for t in tests["summary"]["skipped_tests"])
     assert "fused 2N=256 float32" in report["stages"]["loss"]["summary"] and "CUDA" in report["notes"]["loss"]
     assert len(report["stages"]["cifar10"]["summary"]["knn_top1_by_epoch"]) >= 2
     assert report["stages"]["profile"]["summary"]["verdict"].split(":")[0] in ("input-bound", "compute-bound")
     assert report["files"]["ok"] and report["files"]["count"] <= 8
-    for name in ("train.json", "profile.json", "pipeline.json", "loss.json", "cifar10.json", "gpu_check.log", "profile_rank0.pt.trace.json.gz"):
+    for name in (
+        "train.json",
+        "profile.json",
+        "pipeline.json",
+        "loss.json",
+        "cifar10.json",
+        "gpu_check.log",
+        "profile_rank0.pt.trace.json.gz",
+    ):
         assert (out / name).stat().st_size > 0, name
 
 
@@ -423,9 +549,26 @@ def test_cuda_events_measure_device_time_not_launch_time():
 def test_profile_on_cuda_reads_gpu_utilisation(shards, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "train_shards": str(shards), "precision": "bf16", "data_device": "gpu"}))
-    command = [sys.executable, "bench.py", "profile", "--config", str(config), "--warmup_steps", "2", "--profile_steps", "4",
-               "--pipeline_seconds", "1", "--trace_dir", str(tmp_path / "trace"), "--json", str(tmp_path / "cuda.json")]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)  # its own process: bf16 Accelerate state
+    command = [
+        sys.executable,
+        "bench.py",
+        "profile",
+        "--config",
+        str(config),
+        "--warmup_steps",
+        "2",
+        "--profile_steps",
+        "4",
+        "--pipeline_seconds",
+        "1",
+        "--trace_dir",
+        str(tmp_path / "trace"),
+        "--json",
+        str(tmp_path / "cuda.json"),
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=600
+    )  # its own process: bf16 Accelerate state
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     saved = json.loads((tmp_path / "cuda.json").read_text())
     rank = saved["per_rank"][0]

@@ -69,7 +69,9 @@ class StepTimer:
     device synchronisation), ``summary()`` everything so far. ``keep_steps=True`` also keeps every step's
     ``(wait_s, step_s)`` in ``history`` (profiling runs)."""
 
-    def __init__(self, images_per_step: int, device: torch.device | str | None = None, clock=None, keep_steps: bool = False):
+    def __init__(
+        self, images_per_step: int, device: torch.device | str | None = None, clock=None, keep_steps: bool = False
+    ):
         self.images_per_step = images_per_step
         self.clock = clock if clock is not None else device_clock(device)
         self.keep_steps = keep_steps
