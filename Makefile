@@ -44,3 +44,16 @@ lint: $(VENV)/.installed
 # baseline for the same training time): bench/results/cifar10_<device>.json + .png. ~80 min on 2 CPU cores.
 cifar10: $(VENV)/.installed
 	$(BIN)/python bench.py cifar10 $(CIFAR10_ARGS)
+
+# The one-shot GPU check (bench/GPU_CHECK.md). gpu-stage, here: the pieces that bring DALI, webdataset,
+# jsonargparse, timm and the data to the GPU machine (.gpu/simclr/pNNN, git-ignored). gpu-check, there (its own
+# python3 has torch; no venv is built): every GPU stage in <= 5 minutes, JSON + log under GPU_CHECK_OUT.
+GPU_CHECK_OUT ?= runs/gpu_check
+GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
+.PHONY: gpu-check gpu-stage
+
+gpu-stage:
+	PYTHON=$(GPU_PYTHON) bash bench/gpu_stage.sh
+
+gpu-check:
+	$(GPU_PYTHON) bench.py gpu-check --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)

@@ -6,6 +6,8 @@
     python bench.py train      # training throughput: synthetic input vs DALI vs torchvision-fed, same model
     python bench.py cifar10    # the CIFAR-10 recipe end to end: accuracy against wall-clock, DALI vs torchvision-fed
     python bench.py writer     # the shard writer: peak memory against data-set size, CIFAR storage formats
+    python bench.py profile --config CONFIG [train.py flags]   # where a step's time goes: stage table, trace, verdict
+    python bench.py gpu-check --out DIR [--dry_run]             # everything that must be seen on a GPU, in one command
 
 Each prints a summary and records device, versions, command and date beside the numbers.
 `python bench.py NAME --help` lists a benchmark's options.
@@ -22,6 +24,8 @@ COMMANDS = {
     "train": "bench.train",
     "cifar10": "bench.cifar10",
     "writer": "bench.writer",
+    "profile": "bench.profile",
+    "gpu-check": "bench.gpu_check",
 }
 
 
@@ -37,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     module, _, function = COMMANDS[name].partition(":")
-    getattr(importlib.import_module(module), function or "main")(rest)
-    return 0
+    result = getattr(importlib.import_module(module), function or "main")(rest)
+    return result if isinstance(result, int) else 0  # a command that returns an exit status (gpu-check) passes it on
 
 
 if __name__ == "__main__":

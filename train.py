@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         evaluate()
 
     # ---- the loop: a step, then (every log_every steps) meters, the stop flags, evaluation and checkpoints
-    timer = StepTimer(images_per_step=cfg.batch_size)
+    timer = StepTimer(images_per_step=cfg.batch_size, device=device)
     progress = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss, checked lazily
     window_start = time.perf_counter()

@@ -39,17 +39,19 @@ PRESETS = {
 # ------------------------------------------------------------------ data
 
 
-def imagenet_shards(repeats: int = 5) -> tuple[Path, str]:
-    """The ImageNet sample as shards (written once, cached under data/bench/)."""
+def imagenet_shards(repeats: int = 5, source: Path | None = None, out: Path | None = None) -> tuple[Path, str]:
+    """The ImageNet sample (``source``, default ../shared/data/imagenet-sample) as shards, written once to
+    ``out`` (default under data/bench/)."""
     from pipeline.shardset import Sample, write_shards
 
-    out = CACHE / f"imagenet-sample-x{repeats}"
+    out = out or CACHE / f"imagenet-sample-x{repeats}"
     if (out / "classes.json").exists():
         return out, f"../shared/data/imagenet-sample x{repeats}"
-    source = SHARED_DATA / "imagenet-sample"
+    source = source or SHARED_DATA / "imagenet-sample"
     if source.is_dir():
         files = sorted(source.glob("*.JPEG"))
-        description = f"../shared/data/imagenet-sample ({len(files)} full-size JPEGs) x{repeats}"
+        label = "../shared/data/imagenet-sample" if source == SHARED_DATA / "imagenet-sample" else str(source)
+        description = f"{label} ({len(files)} full-size JPEGs) x{repeats}"
         samples = (Sample(f"{r:02d}{i:06d}", path.read_bytes(), i, str(path)) for r in range(repeats) for i, path in enumerate(files))
         classes = [path.stem.split("_", 1)[0] for path in files]
         write_shards(samples, str(out / "train-%06d.tar"), classes, len(files) * repeats, max_count=1000)
@@ -143,12 +145,21 @@ def main(argv=None) -> dict:
     parser.add_argument("--seconds", type=float, default=30.0, help="measured time per pipeline and preset (after warm-up)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)), help="DALI threads = DataLoader workers")
+    parser.add_argument("--imagenet_shards", default=None,
+                        help="shards for imagenet224 (default: the ImageNet sample x5, written once)")
+    parser.add_argument("--cifar_shards", default=None,
+                        help="shards for cifar32 (default: CIFAR-10's training JPEGs, written once)")
+    parser.add_argument("--batch_size", type=int, default=None, help="default: the preset's")
     parser.add_argument("--json", default=None, help="default bench/results/pipeline_<device>.json")
     args = parser.parse_args(argv)
     results = {}
     for name in args.presets:
-        preset = PRESETS[name]
-        shards, description = imagenet_shards() if name == "imagenet224" else cifar_shards()
+        preset = {**PRESETS[name], **({"batch_size": args.batch_size} if args.batch_size else {})}
+        given = args.imagenet_shards if name == "imagenet224" else args.cifar_shards
+        if given:
+            shards, description = Path(given), f"shards {given}"
+        else:
+            shards, description = imagenet_shards() if name == "imagenet224" else cifar_shards()
         print(f"[{name}] data: {description}")
         dali = run(shards, preset, "dali", args.cores, args.device, args.seconds)
         print(f"[{name}] DALI:        {dali['images_per_s']:8.1f} images/s ({dali['views_per_s']:.0f} views/s)")

@@ -14,6 +14,7 @@ for a GPU; ``cifar`` (configs/cifar10_cpu.yaml's model, 32 px, batch 256, CIFAR-
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ PRESETS = {
 }
 
 
-def build(preset: dict, batch_size: int, device: str, shards: Path):
+def build(preset: dict, batch_size: int, device: str, shards: Path, extra: dict | None = None):
     """The preset's TrainConfig, an Accelerator, and the product's model and optimiser (as train.py builds them)."""
     from accelerate import Accelerator
 
@@ -40,7 +41,8 @@ def build(preset: dict, batch_size: int, device: str, shards: Path):
     from trainer.config import load_config
     from trainer.optim import build_optimizer
 
-    overrides = {**preset["overrides"], "batch_size": batch_size, "train_shards": str(shards), "precision": "bf16" if device == "cuda" else "no"}
+    overrides = {**preset["overrides"], "batch_size": batch_size, "train_shards": str(shards),
+                 "precision": "bf16" if device == "cuda" else "no", **(extra or {})}
     cfg = load_config(preset["config"], overrides)
     accelerator = Accelerator(mixed_precision=cfg.precision, cpu=device == "cpu")
     model, optimizer = build_model(cfg, accelerator.device.type, 1), None
@@ -55,14 +57,14 @@ def measure(batches, cfg, accelerator, model, optimizer, steps: int, warmup: int
     from trainer.step import train_step
 
     iterator = iter(batches)
-    timer = StepTimer(images_per_step=cfg.batch_size)
+    timer = StepTimer(images_per_step=cfg.batch_size, device=accelerator.device)
     on_gpu = accelerator.device.type == "cuda"
     start = None
     for step in range(warmup + steps):
         if step == warmup:
             if on_gpu:
                 torch.cuda.synchronize()
-            timer = StepTimer(images_per_step=cfg.batch_size)
+            timer = StepTimer(images_per_step=cfg.batch_size, device=accelerator.device)
             start = time.perf_counter()
         timer.start_wait()
         view1, view2 = next(iterator)
@@ -101,13 +103,20 @@ def main(argv=None, result_name: str = "train") -> dict:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--feeds", nargs="+", default=["synthetic", "dali", "torchvision"], choices=["synthetic", "dali", "torchvision"])
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--shards", default=None, help="training shards (default: the preset's, written once)")
+    parser.add_argument("--overrides", type=json.loads, default=None,
+                        help='config fields as JSON, e.g. \'{"backbone": "resnet18"}\'')
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = PRESETS[args.preset]
     steps = args.steps or (50 if device == "cuda" else 20)
-    shards, description = imagenet_shards() if preset["pipeline"] == "imagenet224" else cifar_shards()
-    cfg, accelerator, model, optimizer = build(preset, args.batch_size or preset["batch_size"], device, shards)
+    if args.shards:
+        shards, description = Path(args.shards), f"shards {args.shards}"
+    else:
+        shards, description = imagenet_shards() if preset["pipeline"] == "imagenet224" else cifar_shards()
+    batch_size = args.batch_size or preset["batch_size"]
+    cfg, accelerator, model, optimizer = build(preset, batch_size, device, shards, args.overrides)
     cfg.data_threads = args.cores
     results = {}
     for feed in args.feeds:

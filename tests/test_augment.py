@@ -1,4 +1,5 @@
-"""Statistical tests of the SimCLR view against its definition (pipeline/augment.py, CPU backend).
+"""Statistical tests of the SimCLR view against its definition (pipeline/augment.py), on DALI's CPU backend
+and (marked gpu, skipped without CUDA) its GPU backend: the same graph, the same statistics.
 
 Each test feeds images built for it through the product's own ``simclr_view`` and measures one
 property over many samples: crop area and aspect distributions, flip / jitter / grayscale / blur
@@ -16,20 +17,29 @@ from pipeline.augment import AugmentConfig, eval_view, simclr_view
 IDENTITY_NORM = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))  # outputs in 0..255 units
 PLAIN = dict(jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, flip_prob=0.0, **IDENTITY_NORM)
 BATCH = 250
+DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]  # DALI backends; the GPU one needs CUDA
 
 
-def run_views(image: np.ndarray, cfg: AugmentConfig, count: int, seed: int = 0) -> np.ndarray:
-    """``count`` independent views of ``image`` (H, W, 3 uint8) -> float array (count, S, S, 3)."""
+@pytest.fixture(params=DEVICES, scope="module")
+def device(request) -> str:
+    return request.param
 
-    @pipeline_def(batch_size=BATCH, num_threads=2, device_id=None, seed=seed, enable_conditionals=True, prefetch_queue_depth=1)
+
+def run_views(image: np.ndarray, cfg: AugmentConfig, count: int, seed: int = 0, device: str = "cpu") -> np.ndarray:
+    """``count`` independent views of ``image`` (H, W, 3 uint8), augmented on DALI's ``device`` backend
+    ('cpu' or 'gpu') -> float array (count, S, S, 3)."""
+
+    @pipeline_def(batch_size=BATCH, num_threads=2, device_id=0 if device == "gpu" else None, seed=seed,
+                  enable_conditionals=True, prefetch_queue_depth=1)
     def views():
         images = fn.external_source(source=lambda: [image] * BATCH, batch=True, layout="HWC", dtype=types.UINT8)
-        return simclr_view(images, cfg)
+        return simclr_view(images.gpu() if device == "gpu" else images, cfg)
 
     pipe = views()
     out = []
     while sum(len(o) for o in out) < count:
         (batch,) = pipe.run()
+        batch = batch.as_cpu() if device == "gpu" else batch
         out.append(np.stack([np.asarray(batch[i]) for i in range(len(batch))]))
     return np.concatenate(out)[:count]
 
@@ -74,8 +84,9 @@ def measure_crops(views: np.ndarray, size: int):
 
 
 @pytest.fixture(scope="module")
-def crop_views():
-    return run_views(COORDINATES, AugmentConfig(size=64, flip_prob=0.5, **{k: v for k, v in PLAIN.items() if k != "flip_prob"}), 2000, seed=1)
+def crop_views(device):
+    cfg = AugmentConfig(size=64, flip_prob=0.5, **{k: v for k, v in PLAIN.items() if k != "flip_prob"})
+    return run_views(COORDINATES, cfg, 2000, seed=1, device=device)
 
 
 def test_crop_area_and_aspect_follow_the_paper(crop_views):
@@ -105,10 +116,10 @@ FULL_FRAME = dict(size=32, crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0))  # the 
 
 
 @pytest.mark.parametrize("prob", [0.8, 0.3])
-def test_jitter_probability(prob):
+def test_jitter_probability(prob, device):
     image = two_tone((200, 60, 90), (40, 150, 220))
     cfg = AugmentConfig(**FULL_FRAME, **{**PLAIN, "jitter_prob": prob})
-    views = run_views(image, cfg, 1500, seed=2)
+    views = run_views(image, cfg, 1500, seed=2, device=device)
     changed = np.abs(views - image).reshape(len(views), -1).max(1) > 3
     assert abs(changed.mean() - prob) < 0.05
 
@@ -123,49 +134,51 @@ def only(op: str, strength: float = 1.0) -> AugmentConfig:
     return AugmentConfig(**FULL_FRAME, **{**PLAIN, "jitter_prob": 1.0}, jitter_strength=strength, **ranges)
 
 
-def test_brightness_range():
-    views = run_views(np.full((32, 32, 3), 100, np.uint8), only("brightness"), 1000, seed=3)
+def test_brightness_range(device):
+    views = run_views(np.full((32, 32, 3), 100, np.uint8), only("brightness"), 1000, seed=3, device=device)
     factors = views[:, 5, 5, 0] / 100
     assert uniform_ks(factors, 0.2, 1.8) < 0.07  # [1 - 0.8 s, 1 + 0.8 s], s = 1
 
 
-def test_contrast_range_pivots_on_the_mean():
-    views = run_views(two_tone(60, 140), only("contrast", 0.5), 1000, seed=4)  # CIFAR strength 0.5
+def test_contrast_range_pivots_on_the_mean(device):
+    views = run_views(two_tone(60, 140), only("contrast", 0.5), 1000, seed=4, device=device)  # CIFAR strength 0.5
     low, high = views[:, 5, 5, 0], views[:, 5, 25, 0]
     assert np.allclose((low + high) / 2, 100, atol=1.0)  # the mean stays
     assert uniform_ks((high - low) / 80, 0.6, 1.4) < 0.07
 
 
-def test_saturation_range():
+def test_saturation_range(device):
     colour = np.array([150, 100, 50], np.float64)
     luma = colour @ [0.299, 0.587, 0.114]
-    views = run_views(np.broadcast_to(colour.astype(np.uint8), (32, 32, 3)).copy(), only("saturation"), 1000, seed=5)
+    image = np.broadcast_to(colour.astype(np.uint8), (32, 32, 3)).copy()
+    views = run_views(image, only("saturation"), 1000, seed=5, device=device)
     factors = (views[:, 5, 5, 0] - luma) / (colour[0] - luma)
     assert uniform_ks(factors, 0.2, 1.8) < 0.07
 
 
-def test_hue_range():
+def test_hue_range(device):
     to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
     colour = np.array([180, 90, 60], np.float64)
-    views = run_views(np.broadcast_to(colour.astype(np.uint8), (32, 32, 3)).copy(), only("hue"), 1000, seed=6)
+    image = np.broadcast_to(colour.astype(np.uint8), (32, 32, 3)).copy()
+    views = run_views(image, only("hue"), 1000, seed=6, device=device)
     angle = lambda rgb: np.degrees(np.arctan2(*(rgb @ to_yiq.T)[..., [2, 1]].T))
     shift = (angle(views[:, 5, 5]) - angle(colour) + 180) % 360 - 180
     assert uniform_ks(np.abs(shift), 0, 72) < 0.08  # +-0.2 s of the colour wheel, s = 1
 
 
-def test_grayscale_rate_and_luma():
+def test_grayscale_rate_and_luma(device):
     image = np.broadcast_to(np.array([200, 50, 100], np.uint8), (32, 32, 3)).copy()
-    views = run_views(image, AugmentConfig(**FULL_FRAME, **{**PLAIN, "gray_prob": 0.2}), 2000, seed=7)
+    views = run_views(image, AugmentConfig(**FULL_FRAME, **{**PLAIN, "gray_prob": 0.2}), 2000, seed=7, device=device)
     gray = np.ptp(views[:, 5, 5], axis=1) < 2
     assert abs(gray.mean() - 0.2) < 0.04
     assert np.allclose(views[gray][:, 5, 5, 0], 0.299 * 200 + 0.587 * 50 + 0.114 * 100, atol=2)
 
 
-def test_blur_rate_and_window():
+def test_blur_rate_and_window(device):
     assert AugmentConfig(size=224).blur_window == 23 and AugmentConfig(size=32).blur_window == 3
     checker = (np.indices((64, 64)).sum(0) % 2 * 200 + 28).astype(np.uint8)[..., None].repeat(3, -1)
     cfg = AugmentConfig(**{**FULL_FRAME, "size": 64}, **{**PLAIN, "blur_prob": 0.5})
-    views = run_views(checker, cfg, 1500, seed=8)
+    views = run_views(checker, cfg, 1500, seed=8, device=device)
     contrast = np.abs(np.diff(views[:, 20:44, 20:44, 0], axis=1)).mean((1, 2)) / 200
     blurred = contrast < 0.97
     # sigma ~ U[0.1, 2]: below ~0.35 a Gaussian leaves a 1-pixel checkerboard almost untouched, so the
@@ -174,22 +187,23 @@ def test_blur_rate_and_window():
     assert contrast.min() < 0.05  # the strongest blurs (sigma ~ 2) flatten it
 
 
-def test_views_of_one_image_differ_and_seed_determines_them():
+def test_views_of_one_image_differ_and_seed_determines_them(device):
     image = two_tone((200, 60, 90), (40, 150, 220), size=64)
     cfg = AugmentConfig(size=32)
-    a, b = run_views(image, cfg, 20, seed=11), run_views(image, cfg, 20, seed=11)
+    a, b = run_views(image, cfg, 20, seed=11, device=device), run_views(image, cfg, 20, seed=11, device=device)
     assert np.array_equal(a, b)
-    assert not np.array_equal(a, run_views(image, cfg, 20, seed=12))
+    assert not np.array_equal(a, run_views(image, cfg, 20, seed=12, device=device))
     assert np.abs(a[0] - a[1]).mean() > 0.05
 
 
-def test_eval_view_is_deterministic_centre_crop():
-    @pipeline_def(batch_size=2, num_threads=1, device_id=None)
+def test_eval_view_is_deterministic_centre_crop(device):
+    @pipeline_def(batch_size=2, num_threads=1, device_id=0 if device == "gpu" else None)
     def views():
         images = fn.external_source(source=lambda: [COORDINATES] * 2, batch=True, layout="HWC", dtype=types.UINT8)
-        return eval_view(images, 64, resize_size=64, **IDENTITY_NORM)
+        return eval_view(images.gpu() if device == "gpu" else images, 64, resize_size=64, **IDENTITY_NORM)
 
     (out,) = views().run()
+    out = out.as_cpu() if device == "gpu" else out
     first, second = np.asarray(out[0]), np.asarray(out[1])
     assert np.array_equal(first, second) and first.shape == (64, 64, 3)
     assert abs(first[32, 32, 0] - 128) < 3 and abs(first[32, 32, 1] - 128) < 3  # centred
