@@ -52,8 +52,17 @@ from pipeline.shardset import ShardError, count_classes
 PROTOCOLS = ("knn", "linear", "finetune")
 
 
+class UsageError(ValueError):
+    """A bad command-line argument; the message names the flag."""
+
+
+class _Parser(ArgumentParser):
+    def error(self, message):  # one line naming the flag (main prints it and returns 2), not argparse's usage block
+        raise UsageError(message)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="train.py output dir, a checkpoint dir (checkpoints/step_*), or an exported .safetensors "
                         "(its architecture from the JSON beside it or the file's metadata)")
     parser.add_argument("--model", help="timm model name (with --weights, or alone for timm's init; overrides the checkpoint's)")
@@ -63,9 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--val_shards", required=True)
     parser.add_argument("--protocol", default="knn", help="knn, linear, finetune, or a comma list (knn,linear); 'all' = knn,linear")
     parser.add_argument("--compare_random_init", action="store_true", help="also evaluate the same architecture at random initialisation")
-    parser.add_argument("--image_size", type=int, default=None, help="default: the checkpoint's training size (else 224)")
-    parser.add_argument("--resize", type=int, default=None, help="shorter side before the centre crop (default size/0.875; = size at <= 64 px)")
-    parser.add_argument("--local_batch_size", type=int, default=256, help="images per batch per process (the global batch is this x processes)")
+    parser.add_argument("--image_size", type=_positive_int, default=None, help="default: the checkpoint's training size (else 224)")
+    parser.add_argument("--resize", type=_positive_int, default=None, help="shorter side before the centre crop (default size/0.875; = size at <= 64 px)")
+    parser.add_argument("--local_batch_size", type=_positive_int, default=256, help="images per batch per process (the global batch is this x processes)")
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast for the backbone's forward")
     parser.add_argument("--seed", type=int, default=0, help="head initialisation, data order, augmentations and the label subset")
     parser.add_argument("--features_cache", type=Path, default=None,
@@ -75,16 +84,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--knn_temperature", type=float, default=0.1)
     # linear
     parser.add_argument("--augment", action="store_true", help="linear: the paper's mode (crop + flip every epoch) instead of cached features")
-    parser.add_argument("--epochs", type=int, default=None, help="linear epochs (default 100 fast, 90 with --augment)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="linear epochs (default 100 fast, 90 with --augment)")
     parser.add_argument("--lr", type=float, default=0.1, help="linear base lr, scaled by global batch / 256")
     parser.add_argument("--min_crop_area", type=float, default=0.08, help="random resized crop: smallest area fraction")
     # finetune
     parser.add_argument("--label_fraction", type=float, default=None, help="finetune: labelled fraction (default 0.01)")
     parser.add_argument("--subset_file", help="finetune: JSON of sample keys per class; read if it exists, else written")
-    parser.add_argument("--finetune_epochs", type=int, default=None, help="default 60 for <= 1%% labels, 30 above")
+    parser.add_argument("--finetune_epochs", type=_positive_int, default=None, help="default 60 for <= 1%% labels, 30 above")
     parser.add_argument("--finetune_lr", type=float, default=0.05, help="fine-tuning base lr, scaled by global batch / 256")
     parser.add_argument("--json", help="write the report here")
     return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _positive_ints(text: str) -> list[int]:
@@ -197,7 +216,11 @@ def build_loaders(args, accelerator, size: int, protocols: list[str]) -> tuple[d
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except UsageError as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return 2
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
     started = time.time()
 

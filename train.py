@@ -30,7 +30,7 @@ from common.files import atomic_write_text
 from model.ntxent import positive_pair_accuracy
 from pipeline.shardset import ShardError
 from trainer.build import build_model
-from trainer.checkpoint import CheckpointError, Checkpointer, CheckpointWriteError, TrainingState, epoch_start_state
+from trainer.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError, TrainingState, epoch_start_state
 from trainer.config import ConfigError, parse_args
 from trainer.control import Control
 from trainer.data import build_eval_loaders, build_train_loader, data_device
@@ -39,7 +39,7 @@ from trainer.health import NonFiniteWatch
 from trainer.meters import StepTimer
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.preemption import PREEMPTED_EXIT_STATUS, Preempted, Preemption
-from trainer.run import RunError, RunLog, check_model_config, start_run, started_line, tracker_init_kwargs
+from trainer.run import RunError, RunLog, check_model_config, claim_run, plan_run, started_line, tracker_init_kwargs
 from trainer.step import train_step
 
 
@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     accelerator = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available(),
                               log_with=None if cfg.tracker == "none" else cfg.tracker, project_dir=cfg.output_dir)
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    control, preemption, log = Control(world, rank), Preemption(), RunLog(cfg.output_dir, accelerator.is_main_process)
+    control = Control(accelerator.num_processes, accelerator.process_index)
+    preemption, log = Preemption(), RunLog(cfg.output_dir, accelerator.is_main_process)
     try:
         return train(cfg, accelerator, control, preemption, log)
     except CheckpointWriteError as error:
@@ -73,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
 def train(cfg, accelerator, control, preemption, log) -> int:
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     # ---- the run: output directory checked, identity, the checkpoint to resume (chosen by rank 0) and its compatibility
-    run = start_run(cfg, control, log)
-    log.info(started_line(run, world))
+    run = plan_run(cfg, control, log)
 
-    # ---- data: the shards are checked here, before any GPU work
+    # ---- data: the shards are checked here, before any GPU work; then the run claims its output directory
     loader = build_train_loader(cfg, device, rank, world)
     eval_loaders = build_eval_loaders(cfg, device, rank, world)
+    claim_run(run, cfg, control, log)
+    log.info(started_line(run, world))
     steps_per_epoch = len(loader)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     last_step = min(total_steps, cfg.max_steps or total_steps)
@@ -139,7 +140,9 @@ def train(cfg, accelerator, control, preemption, log) -> int:
     window_start = time.perf_counter()
     try:
         if eval_loaders and (state.step == 0 or state.step % eval_interval == 0) and state.step not in [h["step"] for h in state.history]:
-            evaluate()  # at step 0, or the evaluation a preemption interrupted
+            if control.any([preemption.requested])[0]:
+                raise Preempted(preemption.signal_name)
+            evaluate()  # at step 0, or the evaluation a preemption skipped
         while state.step < last_step:
             timer.start_wait()
             try:
@@ -191,6 +194,9 @@ def train(cfg, accelerator, control, preemption, log) -> int:
                 checkpoint()
             if stop:
                 break
+            if at_eval and control.any([preemption.requested])[0]:  # a signal that reached any rank skips it on every rank
+                stop = "preempted"
+                break
             if at_eval:
                 evaluate()
             window_start = time.perf_counter()
@@ -201,7 +207,8 @@ def train(cfg, accelerator, control, preemption, log) -> int:
         log.error(f"error: non-finite loss or parameters at step {bad.step}; stopping without a checkpoint of them. This run's good "
                   f"checkpoints in {cfg.output_dir}/checkpoints are intact; lower lr or use precision=no to investigate.")
         return 3
-    progress.close()
+    finally:
+        progress.close()  # before any message, so that it starts on a line of its own
 
     # ---- a stop asked for by a signal or bad data: a checkpoint of the last good step, then the exit status
     if stop is not None:

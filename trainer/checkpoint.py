@@ -346,8 +346,8 @@ def choose_checkpoint(output_dir: str | Path, run_id: str, say) -> tuple[Path | 
     return None, unusable
 
 
-def clean_temporaries(output_dir: str | Path, run_id: str | None) -> list[Path]:
-    """Remove the temporaries a crash left: this run's (``run_id``), or every run's when ``run_id`` is None."""
+def clean_temporaries(output_dir: str | Path, run_id: str | None = None) -> list[Path]:
+    """Remove the temporary checkpoints a crash left: ``run_id``'s, or every run's when it is None."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []

@@ -150,7 +150,8 @@ class TrainConfig:
             raise ConfigError("train_shards is required (a shard directory, brace pattern or glob)")
         positive = ["image_size", "batch_size", "proj_dim", "prefetch", "shuffle_buffer", "keep_checkpoints", "log_every",
                     "epochs", "lr", "temperature", "eval_knn_k", "eval_knn_temperature", "data_threads", "proj_hidden",
-                    "max_steps", "max_train_minutes", "checkpoint_every", "checkpoint_every_minutes", "eval_every_epochs", "eval_size", "eval_resize", "grad_clip"]
+                    "max_steps", "max_train_minutes", "checkpoint_every", "checkpoint_every_minutes", "eval_every_epochs", "eval_size",
+                    "eval_resize", "grad_clip"]
         for name in positive:
             value = getattr(self, name)
             if value is not None and not value > 0:  # `not >` also catches nan

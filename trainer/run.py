@@ -24,8 +24,18 @@ from pathlib import Path
 
 from common.files import atomic_write_text, check_writable, fsync_directory
 
-from .checkpoint import (STATE_FILE, CheckpointError, checkpoint_dir, checkpoint_step, choose_checkpoint, clean_temporaries,
-                         list_checkpoints, manifest_run_id, read_verified_json, verify_checkpoint)
+from .checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    checkpoint_dir,
+    checkpoint_step,
+    choose_checkpoint,
+    clean_temporaries,
+    list_checkpoints,
+    manifest_run_id,
+    read_verified_json,
+    verify_checkpoint,
+)
 from .config import TrainConfig, resume_changes
 
 RUN_FILE = "run.json"
@@ -101,6 +111,8 @@ class Run:
     saved: dict | None = None  # the chosen checkpoint's trainer state
     world_size_changed: bool = False
     notes: list[str] = field(default_factory=list)
+    new: bool = True  # no run.json of this run yet
+    replace_previous: bool = False  # --overwrite: the previous run's checkpoints go
 
 
 def _read_run_file(output_dir: Path) -> dict | None:
@@ -169,17 +181,7 @@ def _decide(cfg: TrainConfig, world_size: int, say) -> dict:
         raise _refuse_other_run(output_dir, f"run {existing['run_id']}" if existing else "checkpoints of another run")
     else:
         run_id = uuid.uuid4().hex
-    if cfg.overwrite and (existing or foreign) and (existing or {}).get("run_id") != run_id:
-        for path in list_checkpoints(output_dir):
-            if explicit is None or path.resolve() != explicit.resolve():
-                shutil.rmtree(path, ignore_errors=True)
-        clean_temporaries(output_dir, None)
-        (output_dir / RUN_FILE).unlink(missing_ok=True)
-        say(f"--overwrite: deleted the checkpoints of {'run ' + existing['run_id'] if existing else 'the previous run'} in {output_dir}")
-        existing = None
-    stale = clean_temporaries(output_dir, run_id)
-    if stale:
-        say(f"removed {len(stale)} temporary checkpoint(s) a crash left: {', '.join(p.name for p in stale)}")
+    replace_previous = bool(cfg.overwrite and (existing or foreign) and (existing or {}).get("run_id") != run_id)
     if explicit is not None:
         resume_from = explicit
     elif cfg.resume == "auto":
@@ -189,15 +191,32 @@ def _decide(cfg: TrainConfig, world_size: int, say) -> dict:
                            "resume one by path, or pass --overwrite to start a new run")
     else:
         resume_from = None
-    decision = {"run_id": run_id, "resume_from": str(resume_from) if resume_from else None, "notes": [], "world_size_changed": False}
+    decision = {"run_id": run_id, "resume_from": str(resume_from) if resume_from else None, "notes": [], "world_size_changed": False,
+                "new": existing is None or replace_previous, "replace_previous": replace_previous}
     if resume_from is not None:
         manifest = verify_checkpoint(resume_from) if resume_from == explicit else json.loads((resume_from / "manifest.json").read_text())
         saved = read_verified_json(resume_from, STATE_FILE, manifest)
         decision.update(saved=saved, **_compatibility(saved, cfg, world_size, resume_from))
-    if existing is None:
-        _claim(output_dir, run_id, cfg, world_size)
-    atomic_write_text(output_dir / "config.yaml", cfg.to_yaml())
     return decision
+
+
+def _commit(run: Run, cfg: TrainConfig, world_size: int, say) -> None:
+    """Rank 0, once the data checks passed: replace the previous run (--overwrite), remove this run's stale
+    temporaries, claim the directory (run.json) and write the resolved config.yaml."""
+    output_dir = run.output_dir
+    if run.replace_previous:
+        for path in list_checkpoints(output_dir):
+            if run.resume_from is None or path.resolve() != run.resume_from.resolve():
+                shutil.rmtree(path, ignore_errors=True)
+        clean_temporaries(output_dir, None)
+        (output_dir / RUN_FILE).unlink(missing_ok=True)
+        say(f"--overwrite: deleted the previous run's checkpoints in {output_dir}")
+    stale = clean_temporaries(output_dir, None)  # the directory is this run's: any temporary is a crash's leftover
+    if stale:
+        say(f"removed {len(stale)} temporary checkpoint(s) a crash left: {', '.join(p.name for p in stale)}")
+    if run.new:
+        _claim(output_dir, run.run_id, cfg, world_size)
+    atomic_write_text(output_dir / "config.yaml", cfg.to_yaml())
 
 
 def _compatibility(saved: dict, cfg: TrainConfig, world_size: int, path: Path) -> dict:
@@ -223,22 +242,37 @@ def _compatibility(saved: dict, cfg: TrainConfig, world_size: int, path: Path) -
     return {"notes": notes, "world_size_changed": saved_world != world_size}
 
 
-def start_run(cfg: TrainConfig, control, log: RunLog) -> Run:
-    """Every rank: rank 0 decides (``_decide``) and broadcasts; raises ``RunError`` on every rank."""
+def plan_run(cfg: TrainConfig, control, log: RunLog) -> Run:
+    """Every rank: rank 0 checks the output directory and decides the run id, the checkpoint to resume and
+    what its config changes (``_decide``), and broadcasts; raises ``RunError`` on every rank. Nothing is
+    claimed or deleted until ``claim_run``."""
     decision = None
     if control.is_main:
         try:
             decision = _decide(cfg, control.world_size, log.info)
-        except (RunError, OSError) as error:
+        except (RunError, CheckpointError, OSError) as error:
             decision = {"error": str(error)}
     decision = control.broadcast_json(decision)
     if "error" in decision:
         raise RunError(decision["error"])
     run = Run(decision["run_id"], Path(cfg.output_dir), Path(decision["resume_from"]) if decision["resume_from"] else None,
-              decision.get("saved"), decision["world_size_changed"], decision["notes"])
+              decision.get("saved"), decision["world_size_changed"], decision["notes"], decision["new"], decision["replace_previous"])
     for note in run.notes:
         log.info(note)
     return run
+
+
+def claim_run(run: Run, cfg: TrainConfig, control, log: RunLog) -> None:
+    """Every rank, after the data checks: rank 0 commits the plan (``_commit``); raises ``RunError`` everywhere."""
+    error = None
+    if control.is_main:
+        try:
+            _commit(run, cfg, control.world_size, log.info)
+        except (RunError, OSError) as failure:
+            error = str(failure)
+    error = control.first_error(error)
+    if error:
+        raise RunError(error)
 
 
 def tracker_init_kwargs(cfg: TrainConfig, run: Run, step: int) -> dict:
