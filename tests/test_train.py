@@ -89,6 +89,35 @@ def test_tensorboard_meters_are_logged(tmp_path, shards):
     assert {"loss", "lr", "images_per_s", "data_wait_fraction", "pos_acc"} <= tags
 
 
+def test_a_resumed_run_continues_its_tracker_run_and_log(tmp_path, shards):
+    """TensorBoard: the resumed run writes into the same log directory (events after the resumed step dropped);
+    OUTPUT_DIR/train.log holds what both starts printed, with the meters of every logged step."""
+    assert run_train(tmp_path, shards, "tb", max_steps=2, tracker="tensorboard", checkpoint_every=1) == 0
+    assert run_train(tmp_path, shards, "tb", max_steps=3, tracker="tensorboard", resume="auto") == 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logdir = tmp_path / "tb" / "simclr"
+    assert len(list(logdir.glob("events.out.tfevents.*"))) == 2  # one per start, in the same directory
+    accumulator = EventAccumulator(str(logdir))
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Scalars("loss")] == [1, 2, 3]  # one curve, no step twice
+    run_id = json.loads((tmp_path / "tb" / "run.json").read_text())["run_id"]
+    log = (tmp_path / "tb" / "train.log").read_text()
+    assert f"run {run_id} started" in log and f"run {run_id} resumed from" in log
+    assert all(f" step {n}: loss " in log for n in (1, 2, 3)) and "resume applies the changed max_steps: 2 -> 3" in log
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, shards, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert run_train(tmp_path, shards, "wb", max_steps=2, tracker="wandb", checkpoint_every=1) == 0
+    assert run_train(tmp_path, shards, "wb", max_steps=3, tracker="wandb", resume="auto") == 0
+    run_id = json.loads((tmp_path / "wb" / "run.json").read_text())["run_id"]
+    offline = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(f"-{run_id}") for p in offline), offline
+
+
 def test_export_loads_with_timm(tmp_path, shards):
     import timm
 

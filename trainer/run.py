@@ -281,7 +281,7 @@ def tracker_init_kwargs(cfg: TrainConfig, run: Run, step: int) -> dict:
     if cfg.tracker == "wandb":
         return {"wandb": {"id": run.run_id, "resume": "allow", "dir": str(run.output_dir)}}
     if cfg.tracker == "tensorboard" and step:
-        return {"tensorboard": {"purge_step": step}}
+        return {"tensorboard": {"purge_step": step + 1}}  # events logged after the checkpoint was written
     return {}
 
 
