@@ -39,7 +39,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from common.cli import ArgumentParser
-from common.files import atomic_write_text
+from common.files import atomic_write_text, check_writable
 from evaluation.backbone import BackboneError, load_backbone
 from evaluation.features import cached_features, extract_features
 from evaluation.finetune import finetune
@@ -231,11 +231,15 @@ def main(argv=None) -> int:
 
     # ---- what to evaluate, on what: every input is checked here, before any long work
     try:
+        if args.json and accelerator.is_main_process:
+            check_writable(Path(args.json).parent, "--json's directory")
+        if args.features_cache:
+            check_writable(args.features_cache, "--features_cache")
         protocols = parse_protocols(args.protocol)
         backbone, info = load_backbone(args.checkpoint, args.model, args.weights, args.random_init, args.seed)
         size = args.image_size or info.get("image_size") or 224
         data, num_classes, subset, subset_how = build_loaders(args, accelerator, size, protocols)
-    except (ValueError, BackboneError, ShardError, SubsetError) as error:
+    except (ValueError, OSError, BackboneError, ShardError, SubsetError) as error:
         return fail(str(error))
     args.epochs = args.epochs or (90 if args.augment else 100)
     if subset is not None:

@@ -570,7 +570,7 @@ def test_a_corrupt_jpeg_mid_epoch_stops_every_rank_with_a_checkpoint(shards, tmp
     rank0, rank1 = reports(tmp_path / "report")
     assert rank0["status"] == rank1["status"] == 2, output[-3000:]
     key = member.split(".")[0]
-    assert f"bad data on rank 1: an image failed to decode" in output and f"shard {tar} key {key}" in output, output[-3000:]
+    assert "bad data on rank 1: an image failed to decode" in output and f"shard {tar} key {key}" in output, output[-3000:]
     state = json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())
     assert 1 <= state["step"] == rank0["steps"] == rank1["steps"] < 4 and "restarts" in state["data_position"]
     tar.write_bytes(original)
@@ -623,6 +623,7 @@ def data_for_evaluate(shards) -> list[str]:
     ("--local_batch_size 0", "argument --local_batch_size: must be >= 1"),
     ("--batch-size 0", "unrecognized arguments: --batch_size 0"),
     ("--k 0", "argument --k"),
+    ("--json BLOCKED/report.json", "--json's directory"),
 ])
 def test_bad_evaluate_input_is_named_in_one_line(two_steps, data_for_evaluate, tmp_path, capsys, case, named):
     run = tmp_path / "exported"
@@ -636,6 +637,7 @@ def test_bad_evaluate_input_is_named_in_one_line(two_steps, data_for_evaluate, t
         (run / "backbone.json").write_text(json.dumps({**meta, "timm_kwargs": {**meta["timm_kwargs"], case.split()[0]: 10}}))
     else:
         (run / "backbone.json").write_text(json.dumps(meta))
-        args += case.split()
+        (tmp_path / "a-file").write_text("not a directory")
+        args += case.replace("BLOCKED", str(tmp_path / "a-file")).split()
     assert evaluate.main(args) == 2
     assert named in one_error_line(capsys.readouterr())

@@ -168,10 +168,10 @@ def _decide(cfg: TrainConfig, world_size: int, say) -> dict:
         if not explicit.is_dir():
             raise RunError(f"resume={cfg.resume}: no such checkpoint directory")
         try:
-            manifest = verify_checkpoint(explicit)
+            explicit_manifest = verify_checkpoint(explicit)
         except CheckpointError as error:
             raise RunError(f"resume={cfg.resume}: {error}") from None
-        run_id = manifest["run_id"]
+        run_id = explicit_manifest["run_id"]
         if existing and existing["run_id"] != run_id and not cfg.overwrite:
             raise RunError(f"resume={cfg.resume} belongs to run {run_id}, but output_dir {output_dir} holds run {existing['run_id']}: "
                            "pass --overwrite to continue the checkpoint's run there, or choose a new --output_dir")
@@ -194,7 +194,7 @@ def _decide(cfg: TrainConfig, world_size: int, say) -> dict:
     decision = {"run_id": run_id, "resume_from": str(resume_from) if resume_from else None, "notes": [], "world_size_changed": False,
                 "new": existing is None or replace_previous, "replace_previous": replace_previous}
     if resume_from is not None:
-        manifest = verify_checkpoint(resume_from) if resume_from == explicit else json.loads((resume_from / "manifest.json").read_text())
+        manifest = explicit_manifest if resume_from == explicit else json.loads((resume_from / "manifest.json").read_text())  # verified
         saved = read_verified_json(resume_from, STATE_FILE, manifest)
         decision.update(saved=saved, **_compatibility(saved, cfg, world_size, resume_from))
     return decision
