@@ -39,7 +39,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from common.cli import ArgumentParser
-from common.files import atomic_write_text
+from common.files import atomic_write_text, check_writable
 from evaluation.backbone import BackboneError, load_backbone
 from evaluation.features import cached_features, extract_features
 from evaluation.finetune import finetune
@@ -52,8 +52,17 @@ from pipeline.shardset import ShardError, count_classes
 PROTOCOLS = ("knn", "linear", "finetune")
 
 
+class UsageError(ValueError):
+    """A bad command-line argument; the message names the flag."""
+
+
+class _Parser(ArgumentParser):
+    def error(self, message):  # one line naming the flag (main prints it and returns 2), not argparse's usage block
+        raise UsageError(message)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="train.py output dir, a checkpoint dir (checkpoints/step_*), or an exported .safetensors "
                         "(its architecture from the JSON beside it or the file's metadata)")
     parser.add_argument("--model", help="timm model name (with --weights, or alone for timm's init; overrides the checkpoint's)")
@@ -63,9 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--val_shards", required=True)
     parser.add_argument("--protocol", default="knn", help="knn, linear, finetune, or a comma list (knn,linear); 'all' = knn,linear")
     parser.add_argument("--compare_random_init", action="store_true", help="also evaluate the same architecture at random initialisation")
-    parser.add_argument("--image_size", type=int, default=None, help="default: the checkpoint's training size (else 224)")
-    parser.add_argument("--resize", type=int, default=None, help="shorter side before the centre crop (default size/0.875; = size at <= 64 px)")
-    parser.add_argument("--local_batch_size", type=int, default=256, help="images per batch per process (the global batch is this x processes)")
+    parser.add_argument("--image_size", type=_positive_int, default=None, help="default: the checkpoint's training size (else 224)")
+    parser.add_argument("--resize", type=_positive_int, default=None, help="shorter side before the centre crop (default size/0.875; = size at <= 64 px)")
+    parser.add_argument("--local_batch_size", type=_positive_int, default=256, help="images per batch per process (the global batch is this x processes)")
     parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast for the backbone's forward")
     parser.add_argument("--seed", type=int, default=0, help="head initialisation, data order, augmentations and the label subset")
     parser.add_argument("--features_cache", type=Path, default=None,
@@ -75,7 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--knn_temperature", type=float, default=0.1)
     # linear
     parser.add_argument("--augment", action="store_true", help="linear: the paper's mode (crop + flip every epoch) instead of cached features")
-    parser.add_argument("--epochs", type=int, default=None, help="linear epochs (default 100 fast, 90 with --augment)")
+    parser.add_argument("--epochs", type=_positive_int, default=None, help="linear epochs (default 100 fast, 90 with --augment)")
     parser.add_argument("--lr", type=float, default=0.1, help="linear base lr, scaled by global batch / 256")
     parser.add_argument("--min_crop_area", type=float, default=0.08, help="random resized crop: smallest area fraction")
     # finetune
@@ -84,10 +93,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "written (a .txt is read as --subset_list)")
     parser.add_argument("--subset_list", help="finetune: text file of image file names, one per line (the official "
                         "SimCLR 1%%/10%% ImageNet lists), matched against the shards' stored source paths; must exist")
-    parser.add_argument("--finetune_epochs", type=int, default=None, help="default 60 for <= 1%% labels, 30 above")
+    parser.add_argument("--finetune_epochs", type=_positive_int, default=None, help="default 60 for <= 1%% labels, 30 above")
     parser.add_argument("--finetune_lr", type=float, default=0.05, help="fine-tuning base lr, scaled by global batch / 256")
     parser.add_argument("--json", help="write the report here")
     return parser.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _positive_ints(text: str) -> list[int]:
@@ -200,7 +219,11 @@ def build_loaders(args, accelerator, size: int, protocols: list[str]) -> tuple[d
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    try:
+        args = parse_args(argv)
+    except UsageError as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return 2
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
     started = time.time()
 
@@ -211,11 +234,15 @@ def main(argv=None) -> int:
 
     # ---- what to evaluate, on what: every input is checked here, before any long work
     try:
+        if args.json and accelerator.is_main_process:
+            check_writable(Path(args.json).parent, "--json's directory")
+        if args.features_cache:
+            check_writable(args.features_cache, "--features_cache")
         protocols = parse_protocols(args.protocol)
         backbone, info = load_backbone(args.checkpoint, args.model, args.weights, args.random_init, args.seed)
         size = args.image_size or info.get("image_size") or 224
         data, num_classes, subset, subset_how = build_loaders(args, accelerator, size, protocols)
-    except (ValueError, BackboneError, ShardError, SubsetError) as error:
+    except (ValueError, OSError, BackboneError, ShardError, SubsetError) as error:
         return fail(str(error))
     args.epochs = args.epochs or (90 if args.augment else 100)
     if subset is not None:

@@ -1,186 +1,254 @@
 """Pretrain SimCLR on WebDataset shards with Accelerate, on 1..N GPUs and nodes (or the CPU).
 
     python train.py --config configs/demo.yaml
-    accelerate launch --num_processes 8 train.py --config configs/imagenet.yaml --batch_size 4096
+    accelerate launch --num_processes 8 train.py --config configs/imagenet.yaml --batch_size 4096 --resume auto
     torchrun --nproc_per_node 2 train.py --config configs/demo.yaml --precision no   # 2 CPU processes (gloo)
 
 Every field of trainer/config.py:TrainConfig is a flag (``python train.py --help`` lists them with their
-documentation). Reads top to bottom: setup, resume, the loop (step, meters, evaluation, checkpoints), export.
+documentation). Reads top to bottom: checks, the run (identity, resume), data, model, the loop (agree,
+step, meters, checkpoint, evaluation), export.
+
+Exit status: 0 done; 2 bad input (config, data, output directory, an incompatible resume: the message
+names it); 3 non-finite loss or weights (no checkpoint of them is written); 75 preempted (SIGTERM,
+SIGINT or SIGUSR1: a checkpoint was written; rerun the same command with --resume auto); 1 anything else
+(a checkpoint that cannot be written, e.g. a full disk, included: the message names it).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
-from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
+from common.files import atomic_write_text
 from model.ntxent import positive_pair_accuracy
 from model.simclr import feature_dim
 from pipeline.shardset import ShardError
 from trainer.build import build_model
-from trainer.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from trainer.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError, TrainingState, epoch_start_state
 from trainer.config import ConfigError, parse_args
+from trainer.control import Control
 from trainer.data import build_eval_loaders, build_train_loader, data_device
 from trainer.export import export_backbone
+from trainer.health import NonFiniteWatch
 from trainer.meters import StepTimer
 from trainer.optim import build_optimizer, build_scheduler
+from trainer.preemption import PREEMPTED_EXIT_STATUS, Preempted, Preemption
+from trainer.run import RunError, RunLog, check_model_config, claim_run, plan_run, started_line, tracker_init_kwargs
 from trainer.step import train_step
 
 
-class Preempted:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints and exits cleanly at the next check."""
-
-    def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-
 def main(argv: list[str] | None = None) -> int:
-    # ---- configuration, checked before any accelerator or GPU work
+    # ---- configuration and model arguments, checked before any accelerator or GPU work
     try:
         cfg = parse_args(argv, __doc__)
         cfg.validate(int(os.environ.get("WORLD_SIZE", 1)))
-    except ConfigError as error:
+        check_model_config(cfg)
+    except (ConfigError, RunError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
     accelerator = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available(),
                               log_with=None if cfg.tracker == "none" else cfg.tracker, project_dir=cfg.output_dir)
-    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    preempted = Preempted()
-
-    # ---- data: the shards are checked here, before any GPU work
+    control = Control(accelerator.num_processes, accelerator.process_index)
+    preemption, log = Preemption(), RunLog(cfg.output_dir, accelerator.is_main_process)
     try:
-        loader = build_train_loader(cfg, device, rank, world)
-        eval_loaders = build_eval_loaders(cfg, device, rank, world)
-    except ShardError as error:
-        accelerator.print(f"error: {error}")
+        return train(cfg, accelerator, control, preemption, log)
+    except CheckpointWriteError as error:
+        log.error(f"error: {error}")
+        return 1
+    except (RunError, ShardError, CheckpointError) as error:
+        log.error(f"error: {error}")
         return 2
+    finally:
+        preemption.restore()
+        log.close()
+        accelerator.end_training()
+
+
+def train(cfg, accelerator, control, preemption, log) -> int:
+    world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+    # ---- the run: output directory checked, identity, the checkpoint to resume (chosen by rank 0) and its compatibility
+    run = plan_run(cfg, control, log)
+
+    # ---- data: the shards are checked here, before any GPU work; then the run claims its output directory
+    loader = build_train_loader(cfg, device, rank, world)
+    eval_loaders = build_eval_loaders(cfg, device, rank, world)
+    claim_run(run, cfg, control, log)
+    log.info(started_line(run, world))
     steps_per_epoch = len(loader)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     last_step = min(total_steps, cfg.max_steps or total_steps)
     eval_interval = max(1, round((cfg.eval_every_epochs or 0) * steps_per_epoch))
 
-    # ---- model (global BN), optimiser (timm's LARS), warm-up + cosine schedule, the same initial weights on every rank
+    # ---- model (global BN), optimiser (timm's LARS), warm-up + cosine schedule: a pure function of (config, step)
     set_seed(cfg.seed)
     model = build_model(cfg, device.type, world)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch))
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     backbone = accelerator.unwrap_model(model).backbone
     forward = torch.compile(model) if cfg.compile else model
 
-    # ---- resume: model, optimiser, scheduler, RNG states, step and data position
-    step, train_seconds, history = 0, 0.0, []
-    resume_from = resolve_resume(cfg.resume, cfg.output_dir)
-    if resume_from is not None:
-        state, loader_state = load_checkpoint(accelerator, resume_from)
-        step, train_seconds, history = state["step"], state["train_seconds"], state.get("history", [])
+    # ---- resume: weights, optimiser state, every rank's RNG and data position, each file verified
+    checkpointer = Checkpointer(accelerator, control, run.run_id, cfg.output_dir, cfg.keep_checkpoints, cfg.checkpoint_every_minutes)
+    state = TrainingState()
+    if run.resume_from is not None:
+        saved, loader_state = checkpointer.load(run.resume_from, model, optimizer, run.world_size_changed)
+        state = TrainingState(saved["step"], saved["train_seconds"], saved.get("history", []))
         loader.load_state_dict(loader_state)
-        accelerator.print(f"resumed from {resume_from} at step {step}")
-    scheduler.step_update(step)
+        log.info(f"resumed from {run.resume_from} at step {state.step}" + (f" ({saved['data_position']})" if "data_position" in saved else ""))
+    scheduler.step_update(state.step)
     if cfg.tracker != "none":
-        accelerator.init_trackers("simclr", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)})
+        accelerator.init_trackers("simclr", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)},
+                                  init_kwargs=tracker_init_kwargs(cfg, run, state.step))
+    health = NonFiniteWatch(model, device)
 
-    def checkpoint():
-        state = {"step": step, "epoch": step / steps_per_epoch, "train_seconds": train_seconds, "history": history, "config": cfg.to_dict()}
-        return save_checkpoint(accelerator, cfg.output_dir, step, state, loader.state_dict(), cfg.keep_checkpoints)
+    def checkpoint(loader_state=None, **extra):
+        first_bad = health.first_bad_step(accelerator)
+        if first_bad >= 0:
+            raise NonFinite(first_bad)
+        data = {"step": state.step, "epoch": state.step / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+                "train_seconds": state.train_seconds, "history": state.history, "config": cfg.to_dict(), **extra}
+        saved = checkpointer.save(model, optimizer, data, loader_state or loader.state_dict())
+        log.info(f"checkpoint {saved.path} written in {saved.seconds:.2f} s ({saved.bytes / 2**20:.1f} MiB)")
+        return saved
 
     def evaluate():
         from evaluation.probe import probe
 
-        result = probe(backbone, *eval_loaders, accelerator, k=cfg.eval_knn_k, knn_temperature=cfg.eval_knn_temperature, progress=False)
-        history.append({"step": step, "epoch": step / steps_per_epoch, "train_seconds": round(train_seconds, 2), **result})
-        accelerator.print(f"eval @ epoch {step / steps_per_epoch:.2f}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
-        accelerator.log(result, step=step)
+        with preemption.interruptible():
+            result = probe(backbone, *eval_loaders, accelerator, k=cfg.eval_knn_k, knn_temperature=cfg.eval_knn_temperature, progress=False)
+        state.history.append({"step": state.step, "epoch": state.step / steps_per_epoch, "train_seconds": round(state.train_seconds, 2), **result})
+        log.info(f"eval @ epoch {state.step / steps_per_epoch:.2f}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
+        accelerator.log(result, step=state.step)
         if cfg.eval_json and accelerator.is_main_process:
-            Path(cfg.eval_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(cfg.eval_json).write_text(json.dumps({"config": cfg.to_dict(), "history": history}, indent=1) + "\n")
+            atomic_write_text(cfg.eval_json, json.dumps({"config": cfg.to_dict(), "history": state.history}, indent=1) + "\n")
 
-    accelerator.print(f"{world} process(es) on {device.type}, data on {data_device(cfg, device)}; {loader.num_samples} images, "
-                      f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {total_steps} steps, lr {cfg.scaled_lr:.4g}")
-    if eval_loaders and step == 0:
-        evaluate()
+    log.info(f"{world} process(es) on {device.type}, data on {data_device(cfg, device)}; {loader.num_samples} images, "
+             f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {total_steps} steps, lr {cfg.scaled_lr:.4g}")
 
-    # ---- the loop: a step, then (every log_every steps) meters, the stop flags, evaluation and checkpoints
+    # ---- the loop: every rank fetches its batch, all agree to go on (preemption, bad data, the clock), one step;
+    # then at boundaries the non-finite check, meters, a checkpoint and, after it, evaluation
     timer = StepTimer(images_per_step=cfg.batch_size, device=device)
-    progress = tqdm(total=last_step, initial=step, desc="train", unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite loss, checked lazily
+    progress = tqdm(total=last_step, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
+    batches, stop, data_errors = iter(loader), None, []
     window_start = time.perf_counter()
-    batches = iter(loader)
-    status = 0
-    while step < last_step:
-        timer.start_wait()
-        try:
-            view1, view2 = next(batches)
-        except StopIteration:  # end of epoch: the loader moves to the next one
-            batches = iter(loader)
-            continue
-        timer.end_wait()
-        out = train_step(forward, optimizer, view1, view2, cfg, accelerator)
-        step += 1
-        scheduler.step_update(step)
-        timer.end_step()
-        first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(out.loss), step, first_bad_step)
-
-        at_log = step % cfg.log_every == 0 or step == last_step
-        at_eval = bool(eval_loaders) and (step % eval_interval == 0 or step == last_step)
-        at_checkpoint = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == last_step
-        if not (at_log or at_eval or at_checkpoint):
-            continue
-        train_seconds += time.perf_counter() - window_start
-        bad = int(accelerator.reduce(first_bad_step.clone(), "max"))
-        if bad >= 0:
-            accelerator.print(f"error: non-finite loss at step {bad}; stopping. The last good checkpoint (if any) in "
-                              f"{cfg.output_dir}/checkpoints is intact; lower lr or use precision=no to investigate.")
-            status = 3
-            break
-        out_of_time = bool(cfg.max_train_minutes) and train_seconds >= 60 * cfg.max_train_minutes
-        stop, out_of_time = accelerator.reduce(torch.tensor([int(preempted.requested), int(out_of_time)], device=device), "max").tolist()
-        if out_of_time and step < last_step:  # the time budget ends the run here, as if this were the last step
-            accelerator.print(f"time budget of {cfg.max_train_minutes:g} training minutes reached at step {step}")
-            last_step, at_log, at_eval, at_checkpoint = step, True, bool(eval_loaders), True
-        if at_log:
-            meters = {"loss": accelerator.reduce(out.loss, "mean").item(), "lr": optimizer.param_groups[0]["lr"],
-                      "pos_acc": positive_pair_accuracy(out.z1, out.z2).item(), "epoch": step / steps_per_epoch, **timer.window()}
-            if device.type == "cuda":
-                meters["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            accelerator.log(meters, step=step)
-            progress.set_postfix(loss=f"{meters['loss']:.4f}", img_s=f"{meters['images_per_s']:.0f}",
-                                 wait=f"{meters['data_wait_fraction']:.0%}", lr=f"{meters['lr']:.3g}")
-        progress.update(step - progress.n)
-        if at_eval:
-            evaluate()
-        if at_checkpoint or stop:
-            path = checkpoint()
-            if stop:
-                accelerator.print(f"preempted: checkpoint {path} written at step {step}; resume with --resume auto")
+    try:
+        if eval_loaders and (state.step == 0 or state.step % eval_interval == 0) and state.step not in [h["step"] for h in state.history]:
+            if control.any([preemption.requested])[0]:
+                raise Preempted(preemption.signal_name)
+            evaluate()  # at step 0, or the evaluation a preemption skipped
+        while state.step < last_step:
+            timer.start_wait()
+            try:
+                (view1, view2), data_error = next(batches), None
+            except StopIteration:  # end of epoch: the loader moves to the next one
+                batches = iter(loader)
+                continue
+            except ShardError as error:  # an image this rank cannot decode
+                data_error = str(error)
+            timer.end_wait()
+            elapsed = state.train_seconds + time.perf_counter() - window_start
+            preempted, bad_data, clock_due, out_of_time = control.any([
+                preemption.requested, data_error is not None, checkpointer.due_by_clock(),
+                bool(cfg.max_train_minutes) and elapsed >= 60 * cfg.max_train_minutes])
+            if bad_data:  # no rank steps: the checkpoint below holds the last good step
+                stop, data_errors = "bad data", control.all_gather_json(data_error)
                 break
-        window_start = time.perf_counter()
-    progress.close()
+            if out_of_time and state.step + 1 < last_step:  # the time budget makes this step the last one
+                log.info(f"time budget of {cfg.max_train_minutes:g} training minutes reached at step {state.step + 1}")
+                last_step = state.step + 1
+
+            out = train_step(forward, optimizer, view1, view2, cfg, accelerator)
+            state.step += 1
+            scheduler.step_update(state.step)
+            timer.end_step()
+            health.update(state.step, out.loss)
+
+            step, stop = state.step, "preempted" if preempted and state.step < last_step else None  # the batch was used: exact data position
+            at_log = step % cfg.log_every == 0 or step == last_step
+            at_eval = bool(eval_loaders) and (step % eval_interval == 0 or step == last_step) and not preempted
+            at_checkpoint = at_eval or preempted or clock_due or step == last_step or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            if not (at_log or at_checkpoint):
+                continue
+            state.train_seconds += time.perf_counter() - window_start
+            if at_log:
+                first_bad = health.first_bad_step(accelerator)
+                if first_bad >= 0:
+                    raise NonFinite(first_bad)
+                meters = {"loss": accelerator.reduce(out.loss, "mean").item(), "lr": optimizer.param_groups[0]["lr"],
+                          "pos_acc": positive_pair_accuracy(out.z1, out.z2).item(), "epoch": step / steps_per_epoch, **timer.window()}
+                if device.type == "cuda":
+                    meters["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                accelerator.log(meters, step=step)
+                log.file_only(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in meters.items()))
+                progress.set_postfix(loss=f"{meters['loss']:.4f}", img_s=f"{meters['images_per_s']:.0f}",
+                                     wait=f"{meters['data_wait_fraction']:.0%}", lr=f"{meters['lr']:.3g}")
+            progress.update(step - progress.n)
+            if at_checkpoint:
+                checkpoint()
+            if stop:
+                break
+            if at_eval and control.any([preemption.requested])[0]:  # a signal that reached any rank skips it on every rank
+                stop = "preempted"
+                break
+            if at_eval:
+                evaluate()
+            window_start = time.perf_counter()
+    except Preempted:  # during an evaluation, which always follows a checkpoint of its step
+        stop = "preempted"
+    except NonFinite as bad:
+        progress.close()
+        log.error(f"error: non-finite loss or parameters at step {bad.step}; stopping without a checkpoint of them. This run's good "
+                  f"checkpoints in {cfg.output_dir}/checkpoints are intact; lower lr or use precision=no to investigate.")
+        return 3
+    finally:
+        progress.close()  # before any message, so that it starts on a line of its own
+
+    # ---- a stop asked for by a signal or bad data: a checkpoint of the last good step, then the exit status
+    if stop is not None:
+        restart = epoch_start_state(getattr(loader, "epoch", 0), rank, world) if stop == "bad data" else None
+        extra = {"data_position": "the epoch restarts from its beginning (the run stopped on bad data)"} if restart else {}
+        try:
+            if state.step > (checkpointer.last_step or 0):  # bad data (a preempted step was checkpointed in the loop)
+                checkpoint(restart, **extra)
+        except NonFinite as bad:
+            log.error(f"error: non-finite loss or parameters at step {bad.step}; nothing checkpointed")
+            return 3
+        where = f"checkpoint {checkpointer.last_path}" if state.step else "nothing to checkpoint (no step was taken)"
+        if stop == "bad data":
+            for failing_rank, message in enumerate(data_errors):
+                if message:
+                    log.error(f"error: bad data on rank {failing_rank}: {message}")
+            log.error(f"stopped after step {state.step} on bad data ({where} holds the last good step); remove or rewrite that sample "
+                      "(python -m pipeline.shards verify names every bad one), then rerun with --resume auto")
+            return 2
+        since = f", {time.monotonic() - preemption.received_at:.1f} s after {preemption.signal_name}" if preemption.received_at else ""
+        log.info(f"preempted at step {state.step}: {where}{since}; exiting with status {PREEMPTED_EXIT_STATUS}. "
+                 f"Rerun the same command with --resume auto to continue run {run.run_id}")
+        return PREEMPTED_EXIT_STATUS
 
     # ---- export and summary
-    summary = {"steps": step, "train_seconds": round(train_seconds, 2), **timer.summary()}
-    if status == 0 and step >= last_step and accelerator.is_main_process:
+    summary = {"steps": state.step, "train_seconds": round(state.train_seconds, 2), **timer.summary()}
+    if state.step >= last_step and accelerator.is_main_process:
         export_backbone(backbone, cfg.output_dir, {"model_name": cfg.backbone, "num_features": feature_dim(backbone),
                                                    "cifar_stem": cfg.cifar_stem, "timm_kwargs": cfg.timm_kwargs,
                                                    "image_size": cfg.image_size})
-        (Path(cfg.output_dir) / "train_summary.json").write_text(json.dumps({**summary, "history": history}, indent=1) + "\n")
-    accelerator.print(f"done: {step} steps, {summary['mean_images_per_s']:.1f} images/s, data-wait {summary['data_wait_fraction']:.1%}")
-    accelerator.end_training()
-    return status
+        atomic_write_text(os.path.join(cfg.output_dir, "train_summary.json"), json.dumps({**summary, "history": state.history}, indent=1) + "\n")
+    log.info(f"done: {state.step} steps, {summary['mean_images_per_s']:.1f} images/s, data-wait {summary['data_wait_fraction']:.1%}")
+    return 0
+
+
+class NonFinite(Exception):
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +41,52 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush ``path``'s data to the disk (a file written by someone else, e.g. a library given a path)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def write_durable(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` and fsync it before returning (the caller renames it into place later)."""
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> Path:
+    """Rename the complete, fsynced directory ``staging`` onto ``target`` and make the rename durable.
+
+    An existing ``target`` is first renamed to ``.replaced-NAME-*`` beside it and removed once the new one is
+    in place; ``restore_replaced`` puts such a copy back if a crash came between the two renames."""
+    staging, target = Path(staging), Path(target)
+    replaced = None
+    if target.exists():
+        replaced = Path(tempfile.mkdtemp(prefix=f".replaced-{target.name}-", dir=target.parent))
+        os.rename(target, replaced / target.name)
+    os.rename(staging, target)
+    fsync_directory(target.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    return target
+
+
+def restore_replaced(directory: str | os.PathLike) -> list[Path]:
+    """After a crash inside ``replace_directory``: put back each replaced directory whose new copy never
+    arrived, drop the others. Returns the directories restored."""
+    restored = []
+    for holder in Path(directory).glob(".replaced-*"):
+        for old in holder.iterdir():
+            if not (holder.parent / old.name).exists():
+                os.rename(old, holder.parent / old.name)
+                restored.append(holder.parent / old.name)
+        shutil.rmtree(holder, ignore_errors=True)
+    if restored:
+        fsync_directory(directory)
+    return restored
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> Path:

@@ -33,8 +33,13 @@ case "$command" in
                 break
             fi
         done
-        # The launcher ignores SIGTERM/SIGINT (tini hands them to the whole group): train.py catches them,
-        # writes a checkpoint and exits, and the launcher then exits with it instead of dying first.
+        # docker stop: tini hands SIGTERM to the launcher's process group. One process: the launcher ignores it
+        # (the trap) and train.py, in the same group, checkpoints and exits with status 75. Several processes:
+        # torchrun's agent installs its own handler and forwards the signal to its workers (each in a session of
+        # its own), then kills them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (torch's default 30; give
+        # `docker stop -t` more than this). A checkpoint takes seconds (README, "Reliability").
+        export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
+        export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
         trap '' TERM INT
         exec accelerate launch "${launch[@]}" "$home/train.py" "$@"
         ;;

@@ -1,5 +1,10 @@
 """Load the backbone to evaluate: from a train.py run or checkpoint, an exported safetensors file, or any
-timm model (optionally with a weights file)."""
+timm model (optionally with a weights file).
+
+Files here may come from anyone, so nothing is unpickled: weights are safetensors or ``torch.load(...,
+weights_only=True)`` (tensors only), and the architecture metadata read from a file (``backbone.json``, a
+safetensors header, a checkpoint's ``trainer_state.json``) is checked before it reaches timm: a string
+model name and only architecture arguments in ``timm_kwargs`` (``common.timm_args``)."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from common.timm_args import check_timm_kwargs
 from model.simclr import create_backbone
 
 
@@ -43,20 +49,44 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise BackboneError(f"{path} cannot be read as JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise BackboneError(f"{path} holds {type(value).__name__}, not a JSON object")
+    return value
+
+
+def _checked_meta(meta: dict, source: Path) -> dict:
+    """Architecture metadata from a file, checked before it reaches timm: a string model name, a boolean stem
+    and only architecture arguments in ``timm_kwargs`` (common/timm_args.py); else ``BackboneError``."""
+    if "model_name" in meta and not isinstance(meta["model_name"], str):
+        raise BackboneError(f"{source}: model_name must be a string, got {meta['model_name']!r}")
+    if not isinstance(meta.get("cifar_stem", False), bool):
+        raise BackboneError(f"{source}: cifar_stem must be true or false, got {meta['cifar_stem']!r}")
+    try:
+        meta["timm_kwargs"] = check_timm_kwargs(meta.get("timm_kwargs") or {}, f"{source}: timm_kwargs")
+    except ValueError as error:
+        raise BackboneError(str(error)) from None
+    return meta
+
+
 def _file_meta(weights_file: Path) -> dict:
     """Architecture metadata for an exported weights file: ``NAME.json`` or ``backbone.json`` beside it,
     else the metadata ``export_backbone`` stores in the safetensors header."""
     for candidate in (weights_file.with_suffix(".json"), weights_file.parent / "backbone.json"):
         if candidate.is_file():
-            return json.loads(candidate.read_text())
+            return _checked_meta(_read_json(candidate), candidate)
     if weights_file.suffix == ".safetensors":
         try:
             with safe_open(str(weights_file), "pt") as handle:
                 header = handle.metadata() or {}
+            meta = {k: json.loads(v) for k, v in header.items()} if "model_name" in header else {}
         except Exception as error:
             raise BackboneError(f"weights file {weights_file} cannot be read ({type(error).__name__}: {error})") from None
-        if "model_name" in header:
-            return {k: json.loads(v) for k, v in header.items()}
+        return _checked_meta(meta, weights_file)
     return {}
 
 
@@ -84,11 +114,13 @@ def load_weights_into(backbone: torch.nn.Module, state: dict[str, torch.Tensor],
 def _meta_for(path: Path) -> dict:
     """Architecture metadata: backbone.json beside an export, or trainer_state.json's config in a checkpoint."""
     if (path / "backbone.json").exists():
-        return json.loads((path / "backbone.json").read_text())
+        return _checked_meta(_read_json(path / "backbone.json"), path / "backbone.json")
     if (path / "trainer_state.json").exists():
-        config = json.loads((path / "trainer_state.json").read_text())["config"]
-        return {"model_name": config["backbone"], "cifar_stem": config["cifar_stem"], "timm_kwargs": config["timm_kwargs"],
-                "image_size": config["image_size"]}
+        config = _read_json(path / "trainer_state.json").get("config")
+        if not isinstance(config, dict) or not isinstance(config.get("backbone"), str):
+            raise BackboneError(f"{path / 'trainer_state.json'} holds no config with a backbone name")
+        return _checked_meta({"model_name": config["backbone"], "cifar_stem": config.get("cifar_stem", False),
+                              "timm_kwargs": config.get("timm_kwargs") or {}, "image_size": config.get("image_size")}, path / "trainer_state.json")
     raise BackboneError(f"{path} is neither a train.py output directory (backbone.json) nor a checkpoint (trainer_state.json)")
 
 
@@ -134,8 +166,9 @@ def load_backbone(checkpoint: str | None = None, model_name: str | None = None, 
     torch.manual_seed(seed)
     try:
         backbone = create_backbone(meta["model_name"], cifar_stem=meta.get("cifar_stem", False), **meta.get("timm_kwargs", {}))
-    except RuntimeError as error:  # timm: unknown model name
-        raise BackboneError(f"cannot create the backbone {meta['model_name']!r}: {error}") from None
+    except (RuntimeError, TypeError, ValueError) as error:  # timm: unknown model name, arguments it does not take
+        raise BackboneError(f"cannot create the backbone {meta['model_name']!r} with timm_kwargs {meta.get('timm_kwargs', {})}: "
+                            f"{type(error).__name__}: {error}") from None
     if state is not None:
         state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.fc.", "classifier."))} if not meta.get("cifar_stem") else state
         load_weights_into(backbone, state, source, f"{meta['model_name']} (cifar_stem={meta.get('cifar_stem', False)})")

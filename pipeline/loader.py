@@ -45,7 +45,8 @@ from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
 from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, decode, eval_view, simclr_view
-from .shardset import IMAGE_COMPONENTS, ShardError, ShardIndex, brace_notation, index_path, read_index, sample_key, shard_paths, verify_shards
+from .decode_check import find_undecodable, rank_part
+from .shardset import IMAGE_COMPONENTS, ShardError, ShardIndex, brace_notation, index_path, read_index, sample_key, shard_paths
 
 READER = "reader"
 IMAGE_EXTENSIONS = ";".join(IMAGE_COMPONENTS)  # DALI webdataset reader: any of these is the image
@@ -307,16 +308,25 @@ class DaliLoader:
                               f"(image: {IMAGE_EXTENSIONS.replace(';', '/')}{', label: cls' if 'labels' in self.output_names else ''}); "
                               f"it has {sorted(sample)}")
         if "decoders.image" in text or "nvImageCodec" in text:
-            _, problems = verify_shards(self.shards, require_labels=False, progress=False)
-            if problems:
-                listed = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-                return ShardError(f"an image failed to decode ({reason}): {listed}")
-            return ShardError(f"an image failed to decode ({reason}) but every image in {brace_notation(self.shards)} decodes "
-                              "when read directly: an index may be stale; rebuild with `python -m pipeline.shards index`")
+            return self._find_undecodable(reason)
         for tar in self.shards:
             if str(tar) in text:
                 return ShardError(f"shard {tar}: {reason}")
         return error
+
+    def _find_undecodable(self, reason: str) -> ShardError:
+        """Name the image(s) behind a decoder failure: DALI's decoder over this rank's part of the epoch's
+        samples (in this process: no fork beside live DALI threads), then the other ranks' parts."""
+        by_tar = dict(zip(self.shards, self.indexes))
+        in_order = [by_tar[tar] for tar in self._epoch_shards(self.epoch)]
+        problems = find_undecodable(rank_part(in_order, self.shard_id, self.num_shards), self.num_threads)
+        if not problems and self.num_shards > 1:
+            problems = find_undecodable(rank_part(in_order, 0, 1), self.num_threads)
+        if problems:
+            listed = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+            return ShardError(f"an image failed to decode ({reason}): {listed}")
+        return ShardError(f"an image failed to decode ({reason}) but every image in {brace_notation(self.shards)} decodes "
+                          "when read directly: an index may be stale; rebuild with `python -m pipeline.shards index`")
 
     def __len__(self) -> int:
         return len(self._iterator)

@@ -10,8 +10,10 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -23,8 +25,12 @@ HOSTS = ["gpu-a01", "gpu-a02"]
 TRAIN_ARGS = ["--config", "configs/imagenet.yaml", "--train_shards", "/shards/train", "--output_dir", "/ckpt/run"]
 
 STUBS = {
-    # scontrol show hostnames NODELIST -> one host per line
+    # scontrol show hostnames NODELIST -> one host per line; scontrol requeue JOBID -> logged
     "scontrol": """#!/usr/bin/env bash
+if [ "$1" = requeue ]; then
+    python3 -c 'import json, sys; print(json.dumps({"scontrol": sys.argv[1:]}))' "$@" >> "$STUB_LOG"
+    exit 0
+fi
 [ "$1 $2" = "show hostnames" ] || exit 2
 [ "$3" = "$SLURM_JOB_NODELIST" ] || exit 3
 printf '%s\\n' $STUB_HOSTS
@@ -48,32 +54,39 @@ python3 -c 'import json, os, sys; print(json.dumps({"node": os.environ["SLURM_NO
 }
 
 
-def render_sbatch(tmp_path: Path, extra_env: dict | None = None) -> tuple[list[list[str]], list[list[str]], str]:
-    """Run docker/slurm.sbatch as SLURM would on a 2-node allocation; returns (srun option lists,
-    accelerate argv per node in node order, stdout)."""
+def sbatch_env(tmp_path: Path, stubs: dict, extra_env: dict | None = None) -> dict:
+    """The environment SLURM gives the batch script on a 2-node allocation, with ``stubs`` first on PATH."""
     if shutil.which("bash") is None:
         pytest.skip("needs bash")
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for name, text in STUBS.items():
+    bin_dir.mkdir(parents=True)
+    for name, text in stubs.items():
         path = bin_dir / name
         path.write_text(text)
         path.chmod(path.stat().st_mode | stat.S_IEXEC)
-    log = tmp_path / "calls.jsonl"
-    env = {
+    return {
         "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
         "HOME": str(tmp_path),
-        "STUB_LOG": str(log),
+        "STUB_LOG": str(tmp_path / "calls.jsonl"),
         "STUB_HOSTS": " ".join(HOSTS),
+        "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NODELIST": "gpu-a[01-02]",
         "SLURM_NNODES": "2",
         "SLURM_NODEID": "0",  # the batch script itself runs on the first node
         "SLURM_SUBMIT_DIR": str(ROOT),
         **(extra_env or {}),
     }
-    done = subprocess.run(["bash", str(SBATCH), *TRAIN_ARGS], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+def render_sbatch(tmp_path: Path, extra_env: dict | None = None, args=TRAIN_ARGS) -> tuple[list[list[str]], list[list[str]], str]:
+    """Run docker/slurm.sbatch as SLURM would on a 2-node allocation; returns (srun option lists,
+    accelerate argv per node in node order, stdout)."""
+    env = sbatch_env(tmp_path, STUBS, extra_env)
+    log = Path(env["STUB_LOG"])
+    done = subprocess.run(["bash", str(SBATCH), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     calls = [json.loads(line) for line in log.read_text().splitlines()]
+    assert not [call for call in calls if "scontrol" in call], "requeued without a signal"
     sruns = [call["srun"] for call in calls if "srun" in call]
     launches = sorted((call for call in calls if "argv" in call), key=lambda call: int(call["node"]))
     for node, call in enumerate(launches):
@@ -164,3 +177,62 @@ def test_accelerate_configs(monkeypatch):
     args, torchrun = resolve_launch(["launch", "--config_file", "configs/accelerate/1x8.yaml", "train.py"], monkeypatch)
     assert args.multi_gpu and args.num_processes == 8 and args.num_machines == 1
     assert int(torchrun.nproc_per_node) == 8
+
+
+# --------------------------------------------------------------------------- preemption and requeue
+
+WAITING_SRUN = """#!/usr/bin/env bash
+# a job step that runs until a signal reaches it, as training does: log the signal and the environment it
+# runs with, then exit as torchrun does when its workers stop (1)
+python3 -c 'import json, os; print(json.dumps({"step_env": {k: os.environ.get(k) for k in
+    ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "TORCHELASTIC_SIGNALS_TO_HANDLE")}}))' >> "$STUB_LOG"
+trap 'echo "{\\"srun_got\\": \\"$sig\\"}" >> "$STUB_LOG"; exit 1' USR1 TERM
+sig=USR1
+touch "$STUB_READY"
+while true; do sleep 0.05; done
+"""
+
+
+def test_sbatch_signals_the_workers_and_requeues_before_the_time_limit(tmp_path):
+    """SLURM's warning signal (SIGUSR1 to the batch script, 5 minutes before the limit) reaches the job step, and once
+    it has stopped (the workers checkpoint and exit 75) the script requeues the job."""
+    text = SBATCH.read_text()
+    assert "#SBATCH --signal=B:USR1@300" in text and "#SBATCH --requeue" in text
+    env = sbatch_env(tmp_path, {**STUBS, "srun": WAITING_SRUN}, {"STUB_READY": str(tmp_path / "ready")})
+    script = subprocess.Popen(["bash", str(SBATCH), *TRAIN_ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "ready").exists():
+        assert time.monotonic() < deadline and script.poll() is None, script.communicate()
+        time.sleep(0.05)
+    script.send_signal(signal.SIGUSR1)
+    stdout, stderr = script.communicate(timeout=30)
+    assert script.returncode == 0, stderr
+    calls = [json.loads(line) for line in Path(env["STUB_LOG"]).read_text().splitlines()]
+    assert {"srun_got": "USR1"} in calls, "the signal did not reach the job step"
+    assert {"scontrol": ["requeue", "4242"]} in calls and "requeueing job 4242" in stdout
+    step_env = next(call["step_env"] for call in calls if "step_env" in call)
+    assert int(step_env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= 120  # torchrun's agent waits for the checkpoint, not 30 s
+    assert "SIGUSR1" in step_env["TORCHELASTIC_SIGNALS_TO_HANDLE"].split(",")  # ... and forwards SIGUSR1 to its workers
+
+
+def test_sbatch_forwards_sigterm_without_requeueing(tmp_path):
+    """scancel (SIGTERM): the workers still checkpoint, and the job is not requeued by the script."""
+    env = sbatch_env(tmp_path, {**STUBS, "srun": WAITING_SRUN.replace("sig=USR1", "sig=TERM")}, {"STUB_READY": str(tmp_path / "ready")})
+    script = subprocess.Popen(["bash", str(SBATCH), *TRAIN_ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (tmp_path / "ready").exists():
+        assert time.monotonic() < deadline and script.poll() is None, script.communicate()
+        time.sleep(0.05)
+    script.send_signal(signal.SIGTERM)
+    script.communicate(timeout=30)
+    calls = [json.loads(line) for line in Path(env["STUB_LOG"]).read_text().splitlines()]
+    assert {"srun_got": "TERM"} in calls and not [call for call in calls if "scontrol" in call]
+    assert script.returncode == 1  # the step's status
+
+
+def test_a_requeued_job_resumes_its_run(tmp_path):
+    _, launches, _ = render_sbatch(tmp_path, {"SLURM_RESTART_COUNT": "1"})
+    for argv in launches:
+        assert argv[argv.index("train.py") + 1 :] == [*TRAIN_ARGS, "--resume", "auto"]
+    _, launches, _ = render_sbatch(tmp_path / "again", {"SLURM_RESTART_COUNT": "2"}, args=[*TRAIN_ARGS, "--resume", "auto"])
+    assert all(argv.count("--resume") == 1 for argv in launches)

@@ -18,6 +18,7 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
 
 from common.cli import underscore_flags
+from common.timm_args import check_timm_kwargs
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -108,13 +109,20 @@ class TrainConfig:
     output_dir: str = "runs/simclr"
     """Checkpoints, logs, the exported backbone."""
     resume: str | None = None
-    """auto (the newest checkpoint in output_dir, if any) or a checkpoint directory; null = a fresh start."""
+    """auto (this run's newest verified checkpoint in output_dir, if any) or a checkpoint directory; null = a fresh
+    start (refused where output_dir holds another run: pass --resume auto to continue it or --overwrite)."""
+    overwrite: bool = False
+    """Start a new run in an output_dir that holds another run, deleting that run's checkpoints."""
+    allow_world_size_change: bool = False
+    """Resume with another number of processes (the data order then restarts at the current epoch's beginning)."""
     checkpoint_every: int | None = 1000
-    """Steps between checkpoints; null = only at the end (and on preemption)."""
+    """Steps between checkpoints; null = only at the end (and on preemption, bad data and before evaluations)."""
+    checkpoint_every_minutes: float | None = None
+    """Also checkpoint once this many minutes have passed since the last checkpoint; null = no clock."""
     keep_checkpoints: int = 3
-    """Newest checkpoints kept."""
+    """Newest checkpoints of this run kept (the one just written is never deleted)."""
     log_every: int = 20
-    """Steps between meter updates (also when preemption and a non-finite loss are checked)."""
+    """Steps between meter updates and the non-finite loss/parameter check (preemption is checked every step)."""
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     """Where the meters go besides the progress bar."""
     # --- evaluation during training (kNN + fast linear probe on frozen features)
@@ -142,7 +150,8 @@ class TrainConfig:
             raise ConfigError("train_shards is required (a shard directory, brace pattern or glob)")
         positive = ["image_size", "batch_size", "proj_dim", "prefetch", "shuffle_buffer", "keep_checkpoints", "log_every",
                     "epochs", "lr", "temperature", "eval_knn_k", "eval_knn_temperature", "data_threads", "proj_hidden",
-                    "max_steps", "max_train_minutes", "checkpoint_every", "eval_every_epochs", "eval_size", "eval_resize", "grad_clip"]
+                    "max_steps", "max_train_minutes", "checkpoint_every", "checkpoint_every_minutes", "eval_every_epochs", "eval_size",
+                    "eval_resize", "grad_clip"]
         for name in positive:
             value = getattr(self, name)
             if value is not None and not value > 0:  # `not >` also catches nan
@@ -150,7 +159,8 @@ class TrainConfig:
         for name in ["warmup_epochs", "weight_decay", "momentum"]:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ["epochs", "warmup_epochs", "lr", "max_train_minutes", "eval_every_epochs"]:
+        for name in ["epochs", "warmup_epochs", "lr", "max_train_minutes", "eval_every_epochs", "checkpoint_every_minutes", "weight_decay",
+                     "momentum", "temperature", "min_crop_area", "grad_clip", "eval_knn_temperature"]:
             value = getattr(self, name)
             if value is not None and value == float("inf"):
                 raise ConfigError(f"{name} must be finite, got {value}")
@@ -170,6 +180,12 @@ class TrainConfig:
             raise ConfigError(f"batch_size {self.batch_size} gives fewer than 2 samples per process ({world_size} processes); batch norm needs >= 2")
         if self.eval_every_epochs and not (self.eval_train_shards and self.eval_val_shards):
             raise ConfigError("eval_every_epochs needs eval_train_shards and eval_val_shards")
+        if self.resume is not None and not self.resume:
+            raise ConfigError("resume must be auto, a checkpoint directory, or null (a fresh start); got an empty string")
+        try:
+            check_timm_kwargs(self.timm_kwargs, "timm_kwargs")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
 
     @property
     def scaled_lr(self) -> float:
@@ -190,6 +206,34 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+# Fields a resumed run may change: they decide what is done next, not what the saved state means. Any other
+# field (the data, its augmentations and order, the model, the optimiser and its schedule, precision) that
+# differs from the checkpoint's refuses the resume; a field added later is refused until it is listed here.
+SAFE_ON_RESUME = frozenset({
+    "epochs", "max_steps", "max_train_minutes", "output_dir", "resume", "overwrite", "allow_world_size_change", "checkpoint_every",
+    "checkpoint_every_minutes", "keep_checkpoints", "log_every", "tracker", "eval_every_epochs", "eval_train_shards", "eval_val_shards",
+    "eval_size", "eval_resize", "eval_knn_k", "eval_knn_temperature", "eval_json", "data_threads", "prefetch", "compile", "channels_last",
+    "loss_backend",
+})
+
+
+def _comparable(value):
+    return yaml.safe_load(yaml.safe_dump(value))  # tuples -> lists, as the checkpoint's JSON holds them
+
+
+def resume_changes(saved: dict, config: TrainConfig) -> tuple[list[str], list[str]]:
+    """(changes that are applied, changes that refuse the resume) between a checkpoint's config and ``config``,
+    each as "field: old -> new". A field the checkpoint predates counts as its default."""
+    applied, refused = [], []
+    for name, spec in FIELDS.items():
+        if name in ("resume", "overwrite", "allow_world_size_change"):  # how to start, not what to run
+            continue
+        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        old, new = _comparable(saved.get(name, default)), _comparable(getattr(config, name))
+        if old != new:
+            (applied if name in SAFE_ON_RESUME else refused).append(f"{name}: {old!r} -> {new!r}")
+    return applied, refused
 
 
 def build_parser(description: str = "") -> ArgumentParser:
