@@ -19,7 +19,13 @@ s_kj / tau is at most 1/tau, so E_kj = exp((s_kj - 1) / tau) <= 1 needs no runni
   probabilities are p_kj = E_kj scale_k and p_jk = E_kj scale_j: one exp per pair, computed
   row-parallel over column tiles (``row_grad``) without atomics and without the matrix.
 The backends: ``ntxent_triton`` (fused Triton kernels, CUDA tensors; 16-bit operands on the tensor
-cores) and ``_chunked`` below (PyTorch, row chunks of bounded memory, float32 everywhere else).
+cores) and ``_chunked`` below (PyTorch, row chunks of bounded memory, float32 everywhere else). Both
+provide the same five functions: ``normalize`` (the rows, their 16-bit copy for the products, the
+norms), ``row_negatives`` (neg_k, as partial sums over column splits), ``positive_stats`` (merges the
+splits in a fixed order; t_k, loss_k, q_k, scale_k), ``row_grad`` (partial sums again) and ``input_grad``
+(merge, positive term, the normalisation's backward, the inputs' dtype). On CUDA that is one kernel
+each, plus the loss's mean and the gradient's scale: 7 launches a step instead of ~40 small PyTorch ops
+(at 2N = 8,192 the kernels' work is ~0.1 ms, the order of 20 launches).
 
 Precision: the rows are normalised in float32 (float64 for float64 inputs) whatever the input dtype;
 the positive term and every statistic stay in that dtype. Only the two products (scores, and weights
@@ -45,6 +51,7 @@ materialises another rank's statistics.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -59,6 +66,7 @@ CHUNK_BYTES = 128 * 2**20
 # 3 exps per pair instead of 2 in forward + backward, and at d = 128 the exp units already bound the H100.
 MIN_TEMPERATURE = 0.03
 FLOAT32_MATMUL_PRECISIONS = ("ieee", "tf32")
+NORM_EPS = 1e-12  # as F.normalize: rows are x / max(||x||, eps)
 
 
 def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -99,17 +107,26 @@ def _exp_scores(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Tens
 
 
 class _chunked:
-    """Row chunks of bounded memory: O(chunk x columns) extra, whatever the batch (two chunk x columns
-    tiles, CHUNK_BYTES together in float32, allocated once per call and reused by every chunk).
+    """The PyTorch backend: row chunks of bounded memory, O(chunk x columns) extra whatever the batch (two
+    chunk x columns tiles, CHUNK_BYTES together in float32, allocated once per call and reused by every
+    chunk). Same five functions and semantics as ``ntxent_triton`` (whose kernels it also serves as the
+    reference for); the products run in the accumulation dtype (16-bit inputs are widened: CPUs without
+    bf16 matrix units multiply float32 faster), so ``float32_matmul_precision`` does not apply, and
+    there is one column split (partial sums of shape (1, ...))."""
 
-    Same functions and semantics as ``ntxent_triton``; the products run in the accumulation dtype
-    (16-bit inputs are widened: CPUs without bf16 matrix units multiply float32 faster), so
-    ``float32_matmul_precision`` and ``column_splits`` do not apply."""
+    @staticmethod
+    def normalize(z1, z2, operand_dtype):
+        """(rows, operands, norms): rows = [z1; z2] / max(||.||, eps) (m, d) in the accumulation dtype,
+        the operands of the products (here: the rows themselves), and the row norms (m,)."""
+        both = torch.cat([z1, z2]).to(accumulation_dtype(z1))
+        norms = torch.linalg.vector_norm(both, dim=1)
+        rows = both / norms.clamp_min(NORM_EPS)[:, None]
+        return rows, rows, norms
 
     @staticmethod
     def row_negatives(rows, columns, positives, row_offset: int, inv_temp: float, float32_matmul_precision="ieee",
                       column_splits=None) -> torch.Tensor:
-        """(m,) per row k: sum over columns j other than row_offset + k and positives[k] of exp((s_kj - 1)/tau)."""
+        """(1, m): per row k, sum over columns j other than row_offset + k and positives[k] of exp((s_kj - 1)/tau)."""
         dtype = accumulation_dtype(rows)
         rows, columns = rows.to(dtype), columns.to(dtype)
         out = torch.empty(rows.shape[0], dtype=dtype, device=rows.device)
@@ -119,12 +136,27 @@ class _chunked:
             stop = min(start + chunk, rows.shape[0])
             exp_scores = _exp_scores(rows, columns, positives, start, stop, row_offset, inv_temp, tile)
             torch.sum(exp_scores, 1, out=out[start:stop])
-        return out
+        return out[None]
+
+    @staticmethod
+    def positive_stats(partials, rows, inv_temp: float):
+        """(loss_rows, not_positive, scale), each (m,), from the negatives' partial sums (splits, m) and the
+        unit rows: loss_k = log1p(r_k), q_k = 1 - p_k,pos = r_k / (1 + r_k), scale_k = 1 / sum_{j != k} E_kj,
+        with r_k = neg_k e^{-t_k} and t_k = (s_k,pos - 1)/tau = -||z_k - z_pos||^2 / (2 tau)."""
+        half = rows.shape[0] // 2
+        negatives = partials.sum(0)
+        # from the difference of the rows: exact for near-duplicates, where 1 - <z_k, z_pos> would keep only
+        # the rounding of the dot product
+        shifted_positive = (rows - rows.roll(-half, 0)).square_().sum(1).mul_(-0.5 * inv_temp)
+        exp_minus_t = torch.exp(-shifted_positive)
+        ratio = negatives * exp_minus_t
+        one_plus_ratio = 1.0 + ratio
+        return torch.log1p(ratio), ratio / one_plus_ratio, exp_minus_t / one_plus_ratio
 
     @staticmethod
     def row_grad(rows, columns, scale_rows, scale_columns, positives, row_offset: int, inv_temp: float,
                  float32_matmul_precision="ieee", column_splits=None) -> torch.Tensor:
-        """(m, d): per row k, sum_j E_kj (scale_rows[k] + scale_columns[j]) columns_j over columns j other
+        """(1, m, d): per row k, sum_j E_kj (scale_rows[k] + scale_columns[j]) columns_j over columns j other
         than row_offset + k and positives[k], i.e. sum_j (p_kj + p_jk) z_j over k's negatives."""
         grad = torch.empty(rows.shape, dtype=accumulation_dtype(rows), device=rows.device)
         rows, columns = rows.to(grad.dtype), columns.to(grad.dtype)
@@ -137,7 +169,21 @@ class _chunked:
             # weights E_kj (scale_k + scale_j), built in the second tile (no temporary)
             weights = torch.add(scale_rows[start:stop, None], scale_columns[None, :], out=weights_tile[: stop - start])
             torch.mm(weights.mul_(exp_scores), columns, out=grad[start:stop])
-        return grad
+        return grad[None]
+
+    @staticmethod
+    def input_grad(partials, rows, not_positive, norms, grad_scale, out_dtype):
+        """(m, d) in ``out_dtype``: the gradient with respect to the un-normalised inputs [z1; z2], from the
+        negatives' partial sums (splits, m, d), the positive pair's exact term -(q_k + q_pos(k)) z_pos(k)
+        (k's own loss and its positive's both weigh z_pos by p - 1 = -q), the factor ``grad_scale``
+        (grad_loss / (tau m), a 0-d tensor) and the normalisation's backward (g - z <z, g>) / ||x||."""
+        half = rows.shape[0] // 2
+        grad = partials.sum(0)
+        grad -= (not_positive + not_positive.roll(-half, 0))[:, None] * rows.roll(-half, 0)
+        grad *= grad_scale
+        # d(x / max(||x||, eps)) / dx: the projection away from the row, or nothing where the norm is clamped
+        projected = torch.where((norms > NORM_EPS)[:, None], grad - rows * (rows * grad).sum(1, keepdim=True), grad)
+        return (projected / norms.clamp_min(NORM_EPS)[:, None]).to(out_dtype)
 
 
 def _backend(name: str, tensor: torch.Tensor):
@@ -170,54 +216,49 @@ def _all_gather(tensor: torch.Tensor, world: int) -> torch.Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _positives(num_rows: int, row_offset: int, device: torch.device) -> torch.Tensor:
+    """(m,) column index of each local row's positive: row k of [z1; z2] pairs with row (k + N) mod 2N."""
+    local = torch.arange(num_rows, device=device)
+    return row_offset + (local + num_rows // 2) % num_rows
+
+
 class _NTXent(torch.autograd.Function):
-    """rows: (2N, d) unit rows in the accumulation dtype (float32/float64); the products take them in
-    ``operand_dtype`` (the inputs' dtype: 16-bit operands for the tensor cores) on the Triton backend."""
+    """z1, z2: (N, d) projections of one dtype; the backend normalises them (float32 rows, float64 for
+    float64 inputs) and multiplies them in the inputs' dtype (16-bit operands for the tensor cores) on the
+    Triton backend. Five backend calls in all: normalize, row_negatives and positive_stats forward,
+    row_grad and input_grad backward (on CUDA: five kernels, plus the loss's mean and the gradient's scale)."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, temperature: float, backend_name: str, operand_dtype: torch.dtype,
+    def forward(ctx, z1: torch.Tensor, z2: torch.Tensor, temperature: float, backend_name: str,
                 float32_matmul_precision: str):
         rank, world = _world()
+        backend = _backend(backend_name, z1)
+        rows, operands, norms = backend.normalize(z1, z2, z1.dtype)
         num_rows = rows.shape[0]
-        half = num_rows // 2
-        backend = _backend(backend_name, rows)
-        rows = rows.contiguous()
-        operands = rows.to(operand_dtype) if backend is not _chunked else rows
         columns = _all_gather(operands, world)
         row_offset = rank * num_rows
         inv_temp = 1.0 / temperature
-        local = torch.arange(num_rows, device=rows.device)
-        positives = row_offset + (local + half) % num_rows  # column index of each row's positive
-        negatives = backend.row_negatives(operands, columns, positives, row_offset, inv_temp, float32_matmul_precision)
-        # t = (s_pos - 1)/tau from the difference of the float32 rows: exact for near-duplicates, where
-        # 1 - <z_k, z_pos> would keep only the rounding of the dot product.
-        shifted_positive = (rows - rows.roll(-half, 0)).square_().sum(1).mul_(-0.5 * inv_temp)
-        exp_minus_t = torch.exp(-shifted_positive)
-        ratio = negatives * exp_minus_t  # r_k = neg_k / E_k,pos
-        loss = torch.log1p(ratio).mean()
-        one_plus_ratio = 1.0 + ratio
-        not_positive = ratio / one_plus_ratio  # q_k = 1 - p_k,pos
-        scale = exp_minus_t / one_plus_ratio  # 1 / sum_{j != k} E_kj
+        positives = _positives(num_rows, row_offset, rows.device)
+        partials = backend.row_negatives(operands, columns, positives, row_offset, inv_temp, float32_matmul_precision)
+        loss_rows, not_positive, scale = backend.positive_stats(partials, rows, inv_temp)
         scale_columns = _all_gather(scale, world)
-        ctx.save_for_backward(rows, columns, scale, scale_columns, not_positive, positives)
+        ctx.save_for_backward(rows, columns, scale, scale_columns, not_positive, norms, positives)
         ctx.temperature, ctx.row_offset, ctx.backend = temperature, row_offset, backend
-        ctx.precision = float32_matmul_precision
-        return loss
+        ctx.precision, ctx.input_dtype = float32_matmul_precision, z1.dtype
+        return loss_rows.mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        rows, columns, scale, scale_columns, not_positive, positives = ctx.saved_tensors
+        rows, columns, scale, scale_columns, not_positive, norms, positives = ctx.saved_tensors
         inv_temp = 1.0 / ctx.temperature
         num_rows = rows.shape[0]
-        half = num_rows // 2
         operands = columns[ctx.row_offset : ctx.row_offset + num_rows]  # the local rows, as the products take them
-        grad = ctx.backend.row_grad(operands, columns, scale, scale_columns, positives, ctx.row_offset, inv_temp,
-                                    ctx.precision)
-        # The positive pair, in float32 (or float64): k's own loss and its positive's both weigh z_pos by
-        # p - 1 = -q, with q exact (no 1 - p cancellation).
-        grad -= (not_positive + not_positive.roll(-half, 0))[:, None] * rows.roll(-half, 0)
-        grad *= grad_loss * inv_temp / num_rows
-        return grad, None, None, None, None
+        partials = ctx.backend.row_grad(operands, columns, scale, scale_columns, positives, ctx.row_offset, inv_temp,
+                                        ctx.precision)
+        grad_scale = grad_loss.to(rows.dtype) * (inv_temp / num_rows)
+        grad = ctx.backend.input_grad(partials, rows, not_positive, norms, grad_scale, ctx.input_dtype)
+        return grad[: num_rows // 2], grad[num_rows // 2 :], None, None, None
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, backend: str = "auto", *,
@@ -245,9 +286,10 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, backen
     if float32_matmul_precision not in FLOAT32_MATMUL_PRECISIONS:
         raise ValueError(f"float32_matmul_precision must be one of {FLOAT32_MATMUL_PRECISIONS}, "
                          f"got {float32_matmul_precision!r}")
-    both = torch.cat([z1, z2])
-    rows = F.normalize(both.to(accumulation_dtype(both)), dim=1)
-    return _NTXent.apply(rows, float(temperature), backend, both.dtype, float32_matmul_precision)
+    if z1.dtype != z2.dtype:  # as torch.cat would
+        dtype = torch.promote_types(z1.dtype, z2.dtype)
+        z1, z2 = z1.to(dtype), z2.to(dtype)
+    return _NTXent.apply(z1, z2, float(temperature), backend, float32_matmul_precision)
 
 
 def positive_pair_accuracy(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:

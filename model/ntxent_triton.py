@@ -1,37 +1,42 @@
-"""Fused Triton backend of ``model.ntxent``: ``row_negatives`` and ``row_grad`` without the rows x columns matrix.
+"""Fused Triton backend of ``model.ntxent``: the loss and its gradient without the rows x columns matrix.
 
-Same two functions, same semantics as ``model.ntxent._chunked`` (see there and ``model/ntxent.py``'s
-docstring); flash-attention style: a program takes a block of rows and loops over a range of column
-blocks, the scores tile lives in registers only, no atomics.
-
-- ``row_negatives``: per row k, sum over its negatives j (not its own column, not its positive) of
+Same five functions, same semantics as ``model.ntxent._chunked`` (see there and ``model/ntxent.py``'s
+docstring), one kernel each:
+- ``normalize``: rows = [z1; z2] / max(||.||, eps) in float32 (IEEE sqrt and division), their copy in
+  the inputs' dtype for the products, the norms.
+- ``row_negatives``: per row k, the sum over its negatives j (not its own column, not its positive) of
   E_kj = exp(s_kj/tau - 1/tau) <= 1 (unit rows; fixed shift, one exp per pair, no running max).
-- ``row_grad``: per row k, sum over the same j of E_kj (scale_k + scale_j) c_j, i.e. sum (p_kj + p_jk) c_j.
+  Flash-attention style: a program takes a block of rows and loops over a range of column blocks, the
+  scores tile lives in registers only.
+- ``positive_stats``: merges the column splits, and the exact positive term per row (float32).
+- ``row_grad``: per row k, the sum over the same j of E_kj (scale_k + scale_j) c_j = sum (p_kj + p_jk) c_j.
   The output's d dimension can be split across programs (BLOCK_D): each program recomputes its scores,
   so d = 2048 needs no (rows x d) tile per program.
+- ``input_grad``: merges the splits, adds the positive pair's term, applies the normalisation's backward
+  and writes the inputs' dtype.
 
-Filling the GPU: the columns are split too. A program handles (row block, column split[, d slice]), and
-its partial sums land in a (splits, m[, d]) float32 buffer that is summed over splits in a fixed order
-afterwards (deterministic: resumed runs stay bit-identical; no float atomics). ``launch_grid`` picks the
-tiles (``CUDA_TILES``) and the number of splits so that every launch has at least 2 programs per SM;
-it is a pure function of the sizes, so the grid can be checked without a GPU.
+Filling the GPU: the columns are split too. A program of ``row_negatives``/``row_grad`` handles (row
+block, column split[, d slice]), and its partial sums land in a (splits, m[, d]) float32 buffer that the
+next kernel adds in split order (deterministic: resumed runs stay bit-identical; no float atomics).
+``launch_grid`` picks the tiles (``CUDA_TILES``) and the number of splits so that every launch has at
+least 2 programs per SM; it is a pure function of the sizes, so the grid can be checked without a GPU.
 
 Precision: statistics and accumulators are float32 (float64 for float64 inputs, as
-``model.ntxent.accumulation_dtype`` has it). 16-bit inputs go to ``tl.dot`` as they are (tensor cores,
-float32 accumulation); the gradient's weights are rounded to the inputs' dtype for the second product,
-as flash attention does with P (float16 weights are scaled by 2^14 first, an exact power of two, so
-that weights down to ~1e-9 stay normal float16 numbers; it is divided out of the float32 accumulator).
-Float32 inputs multiply in exact float32 ("ieee", FMA units) unless the caller passes
+``model.ntxent.accumulation_dtype`` has it). 16-bit inputs go to ``tl.dot`` as 16-bit operands (tensor
+cores, float32 accumulation); the gradient's weights are rounded to the inputs' dtype for the second
+product, as flash attention does with P (float16 weights are scaled by 2^14 first, an exact power of
+two, so that weights down to ~1e-9 stay normal float16 numbers; it is divided out of the float32
+accumulator). Float32 inputs multiply in exact float32 ("ieee", FMA units) unless the caller passes
 ``float32_matmul_precision="tf32"`` (tensor cores, ~1e-3 relative error per logit).
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before
 ``triton`` is imported), with the small ``INTERPRETER_TILES`` so that tests cover several row, column,
-K and d tiles and several column splits with few rows. The interpreter's ``tl.dot`` multiplies the raw
-bit patterns of bfloat16 (numpy has no bfloat16: it stores them as uint16), so under the interpreter
-16-bit tiles are widened to float32 before each product (exact: a product of two 16-bit floats is exact
-in float32), and the gradient's weights are rounded through the 16-bit dtype first, as on the GPU (the
-interpreter's conversion truncates where the GPU rounds to nearest: its 16-bit errors are, if
-anything, larger). The interpreter ignores ``input_precision``: its "tf32" is exact float32.
+K and d tiles and several column splits with few rows. Two interpreter differences are bridged: its
+``tl.dot`` multiplies the raw bit patterns of bfloat16 (numpy has no bfloat16: it stores them as
+uint16), so 16-bit tiles are widened to float32 before each product (exact: a product of two 16-bit
+floats is exact in float32); and its float32 -> 16-bit conversion truncates where the GPU rounds to
+nearest, so values are rounded first (``_round_to_nearest``) and interpreted runs see the GPU's 16-bit
+values. The interpreter ignores ``input_precision``: its "tf32" is exact float32.
 """
 
 from __future__ import annotations
@@ -52,6 +57,15 @@ PROGRAMS_PER_SM = 2  # at least this many programs per SM in every launch (laten
 INTERPRETER_SM_COUNT = 4  # what launch_grid is told under the interpreter: small problems split their columns too
 INTERPRETER_BLOCK, INTERPRETER_BLOCK_K = 16, 32  # tile sizes under the interpreter (read at each call)
 _FP16_WEIGHT_SCALE = 2.0**14  # weights <= 2, so scaled weights stay below float16's 65504
+
+
+@triton.jit
+def _round_to_nearest(x, DROP_BITS: tl.constexpr):
+    """float32 x rounded to nearest at 24 - DROP_BITS significant bits (Veltkamp's split), still float32. The
+    interpreter's float32 -> 16-bit conversion truncates where the GPU's rounds to nearest: rounding first
+    makes the conversion exact, so interpreted runs see the GPU's 16-bit values (bfloat16: 16, float16: 13)."""
+    c = x * (2.0**DROP_BITS + 1.0)
+    return c - (c - x)
 
 
 @triton.jit
@@ -128,7 +142,7 @@ def _row_grad_kernel(rows_ptr, cols_ptr, scale_rows_ptr, scale_cols_ptr, pos_ptr
                      stride_r, stride_c, stride_split, stride_o,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
                      ONE_K: tl.constexpr, SHARE: tl.constexpr, UPCAST: tl.constexpr, W_LOW: tl.constexpr,
-                     W_SCALE: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+                     W_SCALE: tl.constexpr, DROP_BITS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
     """Program (row block, d slice, column split): partial sums of E (scale_k + scale_j) c_j
     -> out[split, rows, d slice]."""
     scale_log2 = tl.load(consts_ptr + 1)
@@ -169,10 +183,11 @@ def _row_grad_kernel(rows_ptr, cols_ptr, scale_rows_ptr, scale_cols_ptr, pos_ptr
             # 16-bit weights for the tensor-core product (float16: scaled into its normal range first).
             if W_SCALE != 1.0:
                 w = w * W_SCALE
-            w = w.to(v.dtype)
-            if UPCAST:
-                w = w.to(tl.float32)
+            if UPCAST:  # the interpreter: the GPU's rounding to 16 bits, kept in float32 (see _round_to_nearest)
+                w = _round_to_nearest(w, DROP_BITS)
                 v = v.to(tl.float32)
+            else:
+                w = w.to(v.dtype)
         else:
             v = v.to(ACC)
         acc = tl.dot(w, v, acc, input_precision=PRECISION)
@@ -180,6 +195,108 @@ def _row_grad_kernel(rows_ptr, cols_ptr, scale_rows_ptr, scale_cols_ptr, pos_ptr
         acc = acc * (1.0 / W_SCALE)
     out = out_ptr + split.to(tl.int64) * stride_split + offs_m.to(tl.int64)[:, None] * stride_o + offs_d[None, :]
     tl.store(out, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))
+
+
+@triton.jit
+def _normalize_kernel(z1_ptr, z2_ptr, rows_ptr, operands_ptr, norms_ptr, eps_ptr, n, D, stride_1, stride_2,
+                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, OPERANDS: tl.constexpr, DROP_BITS: tl.constexpr,
+                      ACC: tl.constexpr):
+    """rows = [z1; z2] / max(||.||, eps) in ACC (IEEE sqrt and division, as F.normalize), their copy in the
+    inputs' dtype for the products (OPERANDS: 16-bit inputs), and the norms."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < 2 * n
+    first = offs_m < n
+    d_ok = offs_d[None, :] < D
+    x1 = tl.load(z1_ptr + offs_m.to(tl.int64)[:, None] * stride_1 + offs_d[None, :],
+                 mask=(row_ok & first)[:, None] & d_ok, other=0.0)
+    x2 = tl.load(z2_ptr + (offs_m - n).to(tl.int64)[:, None] * stride_2 + offs_d[None, :],
+                 mask=(row_ok & ~first)[:, None] & d_ok, other=0.0)
+    x = tl.where(first[:, None], x1, x2)
+    low = x  # the inputs' dtype
+    x = x.to(ACC)
+    eps = tl.load(eps_ptr)
+    if ACC == tl.float32:  # IEEE-rounded sqrt and division (Triton's plain float32 ones are approximate)
+        norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+        rows = tl.div_rn(x, tl.broadcast_to(tl.maximum(norm, eps)[:, None], (BLOCK_M, BLOCK_D)))
+    else:  # float64 sqrt and division are IEEE-rounded
+        norm = tl.sqrt(tl.sum(x * x, axis=1))
+        rows = x / tl.maximum(norm, eps)[:, None]
+    offsets = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+    tl.store(rows_ptr + offsets, rows, mask=row_ok[:, None] & d_ok)
+    if OPERANDS:
+        operands = rows
+        if DROP_BITS > 0:  # the interpreter: round as the GPU does before its truncating conversion
+            operands = _round_to_nearest(rows, DROP_BITS)
+        tl.store(operands_ptr + offsets, operands.to(low.dtype), mask=row_ok[:, None] & d_ok)
+    tl.store(norms_ptr + offs_m, norm, mask=row_ok)
+
+
+@triton.jit
+def _log1p(r):
+    """log(1 + r), r >= 0, to a few ulps: 2 atanh(w) with w = r / (2 + r) as an odd series for r <= 1/4
+    (|w| <= 1/9: 9 terms reach float64's precision), where log(1 + r) would keep only the absolute accuracy
+    of log near 1 (the saturated regime has r ~ 1e-5); log(1 + r) above."""
+    w = r / (2.0 + r)
+    w2 = w * w
+    tail = 1.0 / 15.0 + w2 * (1.0 / 17.0)
+    tail = 1.0 / 11.0 + w2 * (1.0 / 13.0 + w2 * tail)
+    tail = 1.0 / 7.0 + w2 * (1.0 / 9.0 + w2 * tail)
+    series = 2.0 * w * (1.0 + w2 * (1.0 / 3.0 + w2 * (1.0 / 5.0 + w2 * tail)))
+    return tl.where(r <= 0.25, series, tl.log(1.0 + r))
+
+
+@triton.jit
+def _positive_stats_kernel(partials_ptr, rows_ptr, loss_ptr, not_positive_ptr, scale_ptr, consts_ptr, m, half, D,
+                           splits, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per row k: neg_k = the column splits' partial sums added in split order; t_k = -||z_k - z_pos||^2 / (2 tau)
+    from the unit rows; r = neg e^{-t}; loss_k = log1p(r), q_k = r / (1 + r), scale_k = e^{-t} / (1 + r)."""
+    inv_temp = tl.load(consts_ptr)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < m
+    negatives = tl.load(partials_ptr + offs_m, mask=row_ok, other=0.0)
+    for split in range(1, splits):
+        negatives += tl.load(partials_ptr + split * m + offs_m, mask=row_ok, other=0.0)
+    partner = (offs_m + half) % m
+    mask = row_ok[:, None] & (offs_d[None, :] < D)
+    z = tl.load(rows_ptr + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    z_pos = tl.load(rows_ptr + partner.to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    diff = z - z_pos
+    exp_minus_t = tl.exp(0.5 * inv_temp * tl.sum(diff * diff, axis=1))
+    ratio = negatives * exp_minus_t
+    tl.store(loss_ptr + offs_m, _log1p(ratio), mask=row_ok)
+    tl.store(not_positive_ptr + offs_m, ratio / (1.0 + ratio), mask=row_ok)
+    tl.store(scale_ptr + offs_m, exp_minus_t / (1.0 + ratio), mask=row_ok)
+
+
+@triton.jit
+def _input_grad_kernel(partials_ptr, rows_ptr, not_positive_ptr, norms_ptr, grad_scale_ptr, out_ptr, m, half, D,
+                       splits, stride_split, eps_ptr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DROP_BITS: tl.constexpr):
+    """Per row k: g = (sum of the splits' partials, in split order) - (q_k + q_pos) z_pos, times grad_scale;
+    then the normalisation's backward (g - z <z, g>) / ||x|| (just g / eps where the norm was clamped)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < m
+    mask = row_ok[:, None] & (offs_d[None, :] < D)
+    offsets = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
+    grad = tl.load(partials_ptr + offsets, mask=mask, other=0.0)
+    for split in range(1, splits):
+        grad += tl.load(partials_ptr + split * stride_split + offsets, mask=mask, other=0.0)
+    partner = (offs_m + half) % m
+    weight = tl.load(not_positive_ptr + offs_m, mask=row_ok, other=0.0)
+    weight += tl.load(not_positive_ptr + partner, mask=row_ok, other=0.0)
+    z_pos = tl.load(rows_ptr + partner.to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    grad = (grad - weight[:, None] * z_pos) * tl.load(grad_scale_ptr)
+    z = tl.load(rows_ptr + offsets, mask=mask, other=0.0)
+    norm = tl.load(norms_ptr + offs_m, mask=row_ok, other=1.0)
+    eps = tl.load(eps_ptr)
+    projected = tl.where((norm > eps)[:, None], grad - z * tl.sum(z * grad, axis=1)[:, None], grad)
+    grad_x = projected / tl.maximum(norm, eps)[:, None]
+    if DROP_BITS > 0:  # the interpreter: round as the GPU does before its truncating conversion
+        grad_x = _round_to_nearest(grad_x, DROP_BITS)
+    tl.store(out_ptr + offsets, grad_x.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- tiles and grid
@@ -342,6 +459,11 @@ def _precisions(dtype: torch.dtype, precision: str) -> tuple[bool, bool, float, 
     return upcast, True, (_FP16_WEIGHT_SCALE if dtype == torch.float16 else 1.0), ("ieee" if upcast else "tf32")
 
 
+def _drop_bits(dtype: torch.dtype) -> int:
+    """float32 significand bits that a conversion to ``dtype`` drops (24 - its significant bits)."""
+    return {torch.bfloat16: 16, torch.float16: 13}.get(dtype, 0)
+
+
 @functools.lru_cache(maxsize=8)
 def _cuda_sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -357,6 +479,12 @@ def _plan(rows: torch.Tensor, columns: torch.Tensor, precision: str, column_spli
                        column_splits=column_splits)
 
 
+@functools.lru_cache(maxsize=8)
+def _eps(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """NORM_EPS as a (cached) device tensor: exact in float64, where a scalar argument would be float32."""
+    return torch.full((1,), NORM_EPS, dtype=dtype, device=device)
+
+
 @functools.lru_cache(maxsize=64)
 def _consts(inv_temp: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[1/tau, log2(e)/tau] as a (cached, read-only) device tensor of the accumulation dtype: Triton
@@ -366,12 +494,79 @@ def _consts(inv_temp: float, dtype: torch.dtype, device: torch.device) -> torch.
     return consts
 
 
+NORM_EPS = 1e-12  # as F.normalize (and model.ntxent.NORM_EPS)
+
+
+def _row_block(d: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_D) of the per-row kernels: whole rows (d <= 2048 in registers), ~4096 elements a program."""
+    block_d = max(16, _pow2(d))
+    return max(1, min(64, 4096 // block_d)), block_d
+
+
+def normalize(z1: torch.Tensor, z2: torch.Tensor, operand_dtype: torch.dtype):
+    """(rows, operands, norms) of the projections z1, z2 (N, d): rows = [z1; z2] / max(||.||, eps), (2N, d) in
+    the accumulation dtype; operands = rows rounded to ``operand_dtype`` for the products (the rows themselves
+    for float32/float64); norms (2N,). One kernel."""
+    if z1.shape != z2.shape or z1.dtype != z2.dtype or z1.dtype not in _DTYPES:
+        raise ValueError(f"z1, z2: (N, d) of one float dtype expected, got {tuple(z1.shape)} {z1.dtype}, "
+                         f"{tuple(z2.shape)} {z2.dtype}")
+    if not _INTERPRET and not (z1.is_cuda and z2.is_cuda):
+        raise ValueError("the Triton NT-Xent backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    z1, z2 = (z if z.stride(-1) == 1 else z.contiguous() for z in (z1, z2))
+    n, d = z1.shape
+    acc_dtype, acc_tl = _accumulation(z1.dtype)
+    rows = torch.empty((2 * n, d), dtype=acc_dtype, device=z1.device)
+    norms = torch.empty(2 * n, dtype=acc_dtype, device=z1.device)
+    low = operand_dtype in (torch.bfloat16, torch.float16)
+    operands = torch.empty((2 * n, d), dtype=operand_dtype, device=z1.device) if low else rows
+    if n > 0 and d > 0:
+        block_m, block_d = _row_block(d)
+        _normalize_kernel[(triton.cdiv(2 * n, block_m),)](
+            z1, z2, rows, operands, norms, _eps(acc_dtype, z1.device), n, d, z1.stride(0), z2.stride(0),
+            BLOCK_M=block_m, BLOCK_D=block_d, OPERANDS=low, DROP_BITS=_drop_bits(operand_dtype) if _INTERPRET else 0,
+            ACC=acc_tl, num_warps=4)
+    return rows, operands, norms
+
+
+def positive_stats(partials: torch.Tensor, rows: torch.Tensor, inv_temp: float):
+    """(loss_rows, not_positive, scale), each (m,), from the negatives' partial sums (splits, m) and the unit
+    rows (m, d), m = 2N local rows whose positive is row (k + N) mod m: see ``model.ntxent._chunked``."""
+    m, d = rows.shape
+    if partials.ndim != 2 or partials.shape[1] != m or not rows.is_contiguous() or not partials.is_contiguous():
+        raise ValueError(f"contiguous partials (splits, {m}) and rows ({m}, d) expected, got {tuple(partials.shape)}")
+    loss_rows, not_positive, scale = (torch.empty(m, dtype=rows.dtype, device=rows.device) for _ in range(3))
+    if m > 0:
+        block_m, block_d = _row_block(d)
+        _positive_stats_kernel[(triton.cdiv(m, block_m),)](
+            partials, rows, loss_rows, not_positive, scale, _consts(float(inv_temp), rows.dtype, rows.device),
+            m, m // 2, d, partials.shape[0], BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+    return loss_rows, not_positive, scale
+
+
+def input_grad(partials: torch.Tensor, rows: torch.Tensor, not_positive: torch.Tensor, norms: torch.Tensor,
+               grad_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """(m, d) in ``out_dtype``: the gradient with respect to the un-normalised inputs, from the gradient's
+    partial sums (splits, m, d): see ``model.ntxent._chunked.input_grad``."""
+    m, d = rows.shape
+    if partials.ndim != 3 or partials.shape[1:] != (m, d) or not partials.is_contiguous() or not rows.is_contiguous():
+        raise ValueError(f"contiguous partials (splits, {m}, {d}) and rows ({m}, {d}) expected, "
+                         f"got {tuple(partials.shape)}")
+    out = torch.empty((m, d), dtype=out_dtype, device=rows.device)
+    if m > 0 and d > 0:
+        block_m, block_d = _row_block(d)
+        _input_grad_kernel[(triton.cdiv(m, block_m),)](
+            partials, rows, not_positive, norms, grad_scale.to(rows.dtype).reshape(1), out, m, m // 2, d,
+            partials.shape[0], partials.stride(0), _eps(rows.dtype, rows.device), BLOCK_M=block_m, BLOCK_D=block_d,
+            DROP_BITS=_drop_bits(out_dtype) if _INTERPRET else 0, num_warps=4)
+    return out
+
+
 def row_negatives(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Tensor, row_offset: int, inv_temp: float,
                   float32_matmul_precision: str = "ieee", column_splits: int | None = None) -> torch.Tensor:
-    """(m,) in the accumulation dtype (float32; float64 for float64 inputs): per row k of ``rows`` (m, d),
-    sum over columns j of ``columns`` (M, d) other than row_offset + k and positives[k] of
-    exp(inv_temp * (<rows_k, columns_j> - 1)). ``rows`` must be columns[row_offset:row_offset + m]
-    in value for the result to be the loss's (it is not checked: the kernel reads both)."""
+    """(splits, m) partial sums in the accumulation dtype (float32; float64 for float64 inputs), to be added in
+    split order: per row k of ``rows`` (m, d), the sum over columns j of ``columns`` (M, d) other than
+    row_offset + k and positives[k] of exp(inv_temp * (<rows_k, columns_j> - 1)). ``rows`` must be
+    columns[row_offset:row_offset + m] in value for the result to be the loss's (not checked)."""
     _check(rows, columns, row_offset, float32_matmul_precision)
     rows, columns = rows.contiguous(), columns.contiguous()
     m, d = rows.shape
@@ -381,7 +576,7 @@ def row_negatives(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Te
     positives = positives.to(device=rows.device, dtype=torch.int64).contiguous()
     acc_dtype, acc_tl = _accumulation(rows.dtype)
     if m == 0:
-        return torch.empty(0, dtype=acc_dtype, device=rows.device)
+        return torch.zeros((1, 0), dtype=acc_dtype, device=rows.device)
     launch = _plan(rows, columns, float32_matmul_precision, column_splits).negatives
     upcast, _, _, precision = _precisions(rows.dtype, float32_matmul_precision)
     partial = torch.empty((launch.column_splits, m), dtype=acc_dtype, device=rows.device)
@@ -391,15 +586,15 @@ def row_negatives(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Te
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, ONE_K=d <= launch.block_k,
         UPCAST=upcast, PRECISION=precision, ACC=acc_tl, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
-    # the splits merged in a fixed order (a reduction kernel, no atomics): bit-identical from run to run
-    return partial[0] if launch.column_splits == 1 else partial.sum(0)
+    return partial  # merged in split order by positive_stats (no atomics: bit-identical from run to run)
 
 
 def row_grad(rows: torch.Tensor, columns: torch.Tensor, scale_rows: torch.Tensor, scale_columns: torch.Tensor,
              positives: torch.Tensor, row_offset: int, inv_temp: float, float32_matmul_precision: str = "ieee",
              column_splits: int | None = None) -> torch.Tensor:
-    """(m, d) in the accumulation dtype: per row k, sum_j E_kj (scale_rows[k] + scale_columns[j]) columns_j
-    over j other than row_offset + k and positives[k], with E_kj = exp(inv_temp * (<rows_k, columns_j> - 1))."""
+    """(splits, m, d) partial sums in the accumulation dtype, to be added in split order: per row k,
+    sum_j E_kj (scale_rows[k] + scale_columns[j]) columns_j over j other than row_offset + k and positives[k],
+    with E_kj = exp(inv_temp * (<rows_k, columns_j> - 1))."""
     _check(rows, columns, row_offset, float32_matmul_precision)
     rows, columns = rows.contiguous(), columns.contiguous()
     m, d = rows.shape
@@ -412,7 +607,7 @@ def row_grad(rows: torch.Tensor, columns: torch.Tensor, scale_rows: torch.Tensor
     scale_columns = scale_columns.to(device=rows.device, dtype=acc_dtype).contiguous()
     positives = positives.to(device=rows.device, dtype=torch.int64).contiguous()
     if m == 0 or d == 0:
-        return torch.empty((m, d), dtype=acc_dtype, device=rows.device)
+        return torch.zeros((1, m, d), dtype=acc_dtype, device=rows.device)
     launch = _plan(rows, columns, float32_matmul_precision, column_splits).grad
     upcast, w_low, w_scale, precision = _precisions(rows.dtype, float32_matmul_precision)
     one_k = d <= launch.block_k
@@ -423,7 +618,7 @@ def row_grad(rows: torch.Tensor, columns: torch.Tensor, scale_rows: torch.Tensor
         rows.stride(0), columns.stride(0), partial.stride(0), partial.stride(1),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, BLOCK_D=launch.block_d,
         ONE_K=one_k, SHARE=one_k and launch.grid[1] == 1 and launch.block_d == launch.block_k,
-        UPCAST=upcast, W_LOW=w_low, W_SCALE=w_scale, PRECISION=precision, ACC=acc_tl,
+        UPCAST=upcast, W_LOW=w_low, W_SCALE=w_scale, DROP_BITS=_drop_bits(rows.dtype), PRECISION=precision, ACC=acc_tl,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
-    return partial[0] if launch.column_splits == 1 else partial.sum(0)
+    return partial  # merged in split order by input_grad

@@ -255,3 +255,34 @@ def nt_xent_reference_ranked(z1, z2, temperature, world, n):
     local = torch.arange(2 * n)
     targets = torch.cat([r * 2 * n + (local + n) % (2 * n) for r in range(world)])
     return F.cross_entropy(logits, targets)
+
+
+# ---------------------------------------------------------------- the loss benchmark's counts (bench.py loss)
+
+
+def test_loss_bench_counts_each_paths_real_work():
+    """Floors come from each path's own operation count: 3 products of 2 (2N)^2 d for the materialising and
+    chunked paths; the fused backward recomputes its scores (and their exps) once per d slice of its grid."""
+    from benchmarks.loss import floor, work
+
+    pairs = 8192**2
+    assert work("compiled", 8192, 128, "bfloat16")["matmul_flops"] == 6 * pairs * 128
+    one_slice = work("fused", 8192, 128, "bfloat16")
+    assert one_slice["matmul_flops"] == 6 * pairs * 128 and one_slice["exps"] == 2 * pairs
+    two_slices = work("fused", 8192, 256, "bfloat16")  # d = 256 in two 128-wide output slices
+    assert two_slices["matmul_flops"] == 8 * pairs * 256 and two_slices["exps"] == 3 * pairs
+    assert work("fused_tf32", 8192, 128, "float32")["matmul_unit"] == "tf32 tensor cores"
+    assert work("fused", 8192, 128, "float32")["matmul_unit"] == "fp32 FMA"
+    estimate = floor("fused", 8192, 128, "bfloat16")
+    assert estimate["floor_ms"] == max(estimate["matmul_ms"], estimate["exp_ms"], estimate["bytes_ms"]) > 0
+
+
+def test_loss_bench_measures_time_memory_and_error():
+    """One configuration as `bench.py loss` runs it on the CPU: in a child process (it retunes glibc malloc)."""
+    from benchmarks.loss import _measure_subprocess
+
+    config = dict(method="chunked", two_n=64, d=16, dtype="float32", device="cpu", repeats=1, check_max=64)
+    result = _measure_subprocess(config, timeout_s=120)
+    assert "reason" not in result, result
+    assert result["time_ms"] > 0 and result["peak_extra_bytes"] >= 0
+    assert result["rel_err_loss"] < 1e-5 and result["rel_err_grad"] < 1e-5

@@ -247,9 +247,11 @@ def _kernels_group() -> None:
                 # the loss's positives, then another assignment (the argument is honoured, not assumed)
                 positives = off + ((local + m // 2) % m if kind == "pairs" else (local + 1) % m)
                 negatives, scale_rows, scale_columns, grad = _dense(torch, rows, columns, off, inv_temp, positives)
-                got_neg = ntxent_triton.row_negatives(rows, columns, positives, off, inv_temp, column_splits=splits)
+                # partial sums (splits, ...), added here in split order as the epilogue kernels do
+                got_neg = ntxent_triton.row_negatives(rows, columns, positives, off, inv_temp,
+                                                      column_splits=splits).sum(0)
                 got_grad = ntxent_triton.row_grad(rows, columns, scale_rows.float(), scale_columns.float(), positives,
-                                                  off, inv_temp, column_splits=splits)
+                                                  off, inv_temp, column_splits=splits).sum(0)
                 assert got_neg.dtype == torch.float32 and got_grad.dtype == torch.float32 and got_grad.shape == (m, d)
                 assert torch.isfinite(got_neg).all() and torch.isfinite(got_grad).all()
                 e_neg, e_grad = _rel(got_neg, negatives), _rel(got_grad, grad)
@@ -297,6 +299,48 @@ def _cuda_checks() -> None:
     assert z1.dtype == torch.bfloat16 and torch.isfinite(loss)
 
 
+def _epilogue_group() -> None:
+    """The per-row kernels (normalize, positive_stats, input_grad) against the PyTorch backend's versions,
+    with several column splits' partial sums, odd sizes, a zero row (its norm clamped) and near-duplicates."""
+    import torch
+
+    from model import ntxent_triton
+    from model.ntxent import _chunked
+
+    for n, d, dtype in [(1, 8, torch.float32), (7, 33, torch.float32), (5, 2048, torch.float32), (9, 20, torch.float64),
+                        (6, 40, torch.bfloat16), (6, 40, torch.float16)]:
+        gen = torch.Generator().manual_seed(n * d)
+        z1 = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        z2 = z1 + 1e-3 * torch.randn(n, d, generator=gen, dtype=torch.float64)  # near-duplicates: r ~ tiny
+        if dtype in (torch.float32, torch.float64):
+            z1[0] = 0.0  # a clamped norm (its gradient, g / 1e-12, would overflow 16 bits)
+        z1, z2 = z1.to(dtype), z2.to(dtype)
+        rows, operands, norms = ntxent_triton.normalize(z1, z2.t().contiguous().t(), dtype)  # a strided z2
+        want_rows, _, want_norms = _chunked.normalize(z1, z2, dtype)
+        assert operands.dtype == dtype and rows.dtype == torch.promote_types(dtype, torch.float32)
+        assert torch.equal(operands, rows.to(dtype))  # rounded to nearest, as PyTorch does
+        errors = {"rows": _rel(rows, want_rows), "norms": _rel(norms, want_norms)}
+        acc = rows.dtype
+        partials = torch.rand(3, 2 * n, generator=gen, dtype=torch.float64).to(acc) * 1e-3
+        stats = ntxent_triton.positive_stats(partials, rows, 1.0 / 0.05)
+        want_stats = _chunked.positive_stats(partials, rows, 1.0 / 0.05)
+        for name, got, want in zip(("loss_rows", "not_positive", "scale"), stats, want_stats):
+            errors[name] = _rel(got, want)
+        grad_partials = torch.randn(3, 2 * n, d, generator=gen, dtype=torch.float64).to(acc)
+        grad_scale = torch.tensor(0.37, dtype=acc)
+        got = ntxent_triton.input_grad(grad_partials, rows, stats[1], norms, grad_scale, dtype)
+        want = _chunked.input_grad(grad_partials, rows, want_stats[1], want_norms, grad_scale, dtype)
+        assert got.dtype == dtype
+        # row by row: the clamped row's gradient (g / eps) would hide every other row's error
+        row_errors = (got.double() - want.double()).norm(dim=1) / want.double().norm(dim=1)
+        errors["input_grad"] = row_errors.max().item()
+        # float32: a few ulps through log1p and the projection; float64: 1e-12; 16-bit outputs may round one
+        # float32 ulp apart to the other side (a 16-bit ulp, 2^-8 or 2^-11, on an element)
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3}.get(dtype, 5e-3)
+        print(f"epilogue {str(dtype):14s} N={n:2d} d={d:4d}: " + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        assert max(errors.values()) < tol, errors
+
+
 # N = 1 (the loss is log 1), odd N and d that divide no tile, d = 2048 walked in chunks and split.
 FP32_CASES = [(1, 8, 0.1), (2, 16, 0.05), (5, 20, 0.5), (7, 33, 0.05), (16, 64, 0.1), (35, 96, 0.05),
               (35, 96, 0.5), (33, 40, 0.1), (2, 2048, 0.1), (3, 2048, 0.05)]
@@ -316,6 +360,7 @@ def main(group: str) -> None:
         _loss_group("float16", FP16_CASES)
     elif group == "kernels":
         _kernels_group()
+        _epilogue_group()
     elif group == "saturated":
         from model import ntxent_triton
 
