@@ -107,6 +107,24 @@ def _load_rows(rows_ptr, offs_m, row_ok, D, stride_r, BLOCK_K: tl.constexpr, UPC
 
 
 @triton.jit
+def _special_columns(row_ok, pos, row_offset, BLOCK_M: tl.constexpr):
+    """(own_lo, own_hi, pos_lo, pos_hi): the column ranges holding this row block's own columns and its
+    positives (a superset for arbitrary positives). Only the column tiles that meet them, and the last
+    tile of a split, need the per-element mask, which otherwise costs ~4 integer compares and selects per
+    pair: more issue slots than the exp (16/clock/SM) it would sit beside."""
+    own_lo = row_offset + tl.program_id(0) * BLOCK_M
+    pos_lo = tl.min(tl.where(row_ok, pos, 2**62), axis=0)
+    pos_hi = tl.max(tl.where(row_ok, pos, -1), axis=0) + 1
+    return own_lo, own_lo + BLOCK_M, pos_lo, pos_hi
+
+
+@triton.jit
+def _needs_mask(n0, stop, own_lo, own_hi, pos_lo, pos_hi, BLOCK_N: tl.constexpr):
+    n1 = n0 + BLOCK_N
+    return (n1 > stop) | ((n0 < own_hi) & (n1 > own_lo)) | ((n0 < pos_hi) & (n1 > pos_lo))
+
+
+@triton.jit
 def _row_negatives_kernel(rows_ptr, cols_ptr, pos_ptr, out_ptr, consts_ptr, m, M, D, row_offset, split_columns,
                           stride_r, stride_c,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
@@ -121,6 +139,7 @@ def _row_negatives_kernel(rows_ptr, cols_ptr, pos_ptr, out_ptr, consts_ptr, m, M
     q = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
     if ONE_K:
         q = _load_rows(rows_ptr, offs_m, row_ok, D, stride_r, BLOCK_K, UPCAST)
+    own_lo, own_hi, pos_lo, pos_hi = _special_columns(row_ok, pos, row_offset, BLOCK_M)
     total = tl.zeros([BLOCK_M], dtype=ACC)
     start = split * split_columns  # splits are whole column tiles (launch_grid)
     stop = tl.minimum(start + split_columns, M)
@@ -129,10 +148,13 @@ def _row_negatives_kernel(rows_ptr, cols_ptr, pos_ptr, out_ptr, consts_ptr, m, M
         col_ok = offs_n < stop
         s = _scores(q, rows_ptr, cols_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_r, stride_c,
                     BLOCK_M, BLOCK_N, BLOCK_K, ONE_K, UPCAST, PRECISION, ACC)
-        # exp(s/tau - 1/tau) = 2^((s - 1) * log2(e)/tau) <= 1; the diagonal, the positive and padding masked by index.
-        e = tl.exp2((s - 1.0) * scale_log2)
-        keep = col_ok[None, :] & (offs_n[None, :] != own[:, None]) & (offs_n[None, :].to(tl.int64) != pos[:, None])
-        total += tl.sum(tl.where(keep, e, 0.0), axis=1)
+        # exp(s/tau - 1/tau) = 2^(s * log2(e)/tau - log2(e)/tau) <= 1 (one FMA and one ex2 a pair)
+        e = tl.exp2(s * scale_log2 - scale_log2)
+        if _needs_mask(n0, stop, own_lo, own_hi, pos_lo, pos_hi, BLOCK_N):
+            # the diagonal, the positive and padding masked by index (a large negative logit would not do in bf16)
+            keep = col_ok[None, :] & (offs_n[None, :] != own[:, None]) & (offs_n[None, :].to(tl.int64) != pos[:, None])
+            e = tl.where(keep, e, 0.0)
+        total += tl.sum(e, axis=1)
     tl.store(out_ptr + split.to(tl.int64) * m + offs_m, total, mask=row_ok)
 
 
@@ -157,6 +179,7 @@ def _row_grad_kernel(rows_ptr, cols_ptr, scale_rows_ptr, scale_cols_ptr, pos_ptr
     q = tl.zeros([BLOCK_M, BLOCK_K], dtype=ACC)
     if ONE_K:
         q = _load_rows(rows_ptr, offs_m, row_ok, D, stride_r, BLOCK_K, UPCAST)
+    own_lo, own_hi, pos_lo, pos_hi = _special_columns(row_ok, pos, row_offset, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
     start = split * split_columns
     stop = tl.minimum(start + split_columns, M)
@@ -175,10 +198,12 @@ def _row_grad_kernel(rows_ptr, cols_ptr, scale_rows_ptr, scale_cols_ptr, pos_ptr
             s = _scores(q, rows_ptr, cols_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_r, stride_c,
                         BLOCK_M, BLOCK_N, BLOCK_K, ONE_K, UPCAST, PRECISION, ACC)
             v = tl.load(col_base + offs_d[None, :], mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        e = tl.exp2((s - 1.0) * scale_log2)
+        e = tl.exp2(s * scale_log2 - scale_log2)
         b = tl.load(scale_cols_ptr + offs_n, mask=col_ok, other=0.0)
-        keep = col_ok[None, :] & (offs_n[None, :] != own[:, None]) & (offs_n[None, :].to(tl.int64) != pos[:, None])
-        w = tl.where(keep, e * (a[:, None] + b[None, :]), 0.0)
+        w = e * (a[:, None] + b[None, :])
+        if _needs_mask(n0, stop, own_lo, own_hi, pos_lo, pos_hi, BLOCK_N):
+            keep = col_ok[None, :] & (offs_n[None, :] != own[:, None]) & (offs_n[None, :].to(tl.int64) != pos[:, None])
+            w = tl.where(keep, w, 0.0)
         if W_LOW:
             # 16-bit weights for the tensor-core product (float16: scaled into its normal range first).
             if W_SCALE != 1.0:
@@ -427,6 +452,16 @@ def launch_grid(rows: int, columns: int, d: int, dtype: torch.dtype, sm_count: i
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def _launch(kernel, grid, *args, **kwargs):
+    """Every launch goes through here (tests compile the launches for sm_90 without a GPU by replacing it)."""
+    kernel[grid](*args, **kwargs)
+
+
+def _require_cuda(*tensors: torch.Tensor):
+    if not _INTERPRET and not all(t.is_cuda for t in tensors):
+        raise ValueError("the Triton NT-Xent backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+
+
 def _check(rows: torch.Tensor, columns: torch.Tensor, row_offset: int, precision: str):
     if rows.ndim != 2 or columns.ndim != 2 or rows.shape[1] != columns.shape[1]:
         raise ValueError(f"rows (m, d) and columns (M, d) expected, got {tuple(rows.shape)} and {tuple(columns.shape)}")
@@ -434,8 +469,7 @@ def _check(rows: torch.Tensor, columns: torch.Tensor, row_offset: int, precision
         raise TypeError(f"rows and columns must share a float32/bfloat16/float16/float64 dtype, got {rows.dtype}, {columns.dtype}")
     if not 0 <= row_offset <= columns.shape[0] - rows.shape[0]:
         raise ValueError(f"row_offset {row_offset} out of range for {rows.shape[0]} rows in {columns.shape[0]} columns")
-    if not _INTERPRET and not (rows.is_cuda and columns.is_cuda):
-        raise ValueError("the Triton NT-Xent backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    _require_cuda(rows, columns)
     if rows.device != columns.device:
         raise ValueError(f"rows on {rows.device}, columns on {columns.device}")
     if precision not in FLOAT32_MATMUL_PRECISIONS:
@@ -497,10 +531,11 @@ def _consts(inv_temp: float, dtype: torch.dtype, device: torch.device) -> torch.
 NORM_EPS = 1e-12  # as F.normalize (and model.ntxent.NORM_EPS)
 
 
-def _row_block(d: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_D) of the per-row kernels: whole rows (d <= 2048 in registers), ~4096 elements a program."""
+def _row_block(d: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_D) of the per-row kernels: whole rows (d <= 2048 in registers), 4096 float32 (2048
+    float64) elements a program of 4 warps: 32 a thread and a tensor, no spills."""
     block_d = max(16, _pow2(d))
-    return max(1, min(64, 4096 // block_d)), block_d
+    return max(1, min(64, (2048 if dtype == torch.float64 else 4096) // block_d)), block_d
 
 
 def normalize(z1: torch.Tensor, z2: torch.Tensor, operand_dtype: torch.dtype):
@@ -510,8 +545,7 @@ def normalize(z1: torch.Tensor, z2: torch.Tensor, operand_dtype: torch.dtype):
     if z1.shape != z2.shape or z1.dtype != z2.dtype or z1.dtype not in _DTYPES:
         raise ValueError(f"z1, z2: (N, d) of one float dtype expected, got {tuple(z1.shape)} {z1.dtype}, "
                          f"{tuple(z2.shape)} {z2.dtype}")
-    if not _INTERPRET and not (z1.is_cuda and z2.is_cuda):
-        raise ValueError("the Triton NT-Xent backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+    _require_cuda(z1, z2)
     z1, z2 = (z if z.stride(-1) == 1 else z.contiguous() for z in (z1, z2))
     n, d = z1.shape
     acc_dtype, acc_tl = _accumulation(z1.dtype)
@@ -520,8 +554,8 @@ def normalize(z1: torch.Tensor, z2: torch.Tensor, operand_dtype: torch.dtype):
     low = operand_dtype in (torch.bfloat16, torch.float16)
     operands = torch.empty((2 * n, d), dtype=operand_dtype, device=z1.device) if low else rows
     if n > 0 and d > 0:
-        block_m, block_d = _row_block(d)
-        _normalize_kernel[(triton.cdiv(2 * n, block_m),)](
+        block_m, block_d = _row_block(d, acc_dtype)
+        _launch(_normalize_kernel, (triton.cdiv(2 * n, block_m),),
             z1, z2, rows, operands, norms, _eps(acc_dtype, z1.device), n, d, z1.stride(0), z2.stride(0),
             BLOCK_M=block_m, BLOCK_D=block_d, OPERANDS=low, DROP_BITS=_drop_bits(operand_dtype) if _INTERPRET else 0,
             ACC=acc_tl, num_warps=4)
@@ -536,8 +570,8 @@ def positive_stats(partials: torch.Tensor, rows: torch.Tensor, inv_temp: float):
         raise ValueError(f"contiguous partials (splits, {m}) and rows ({m}, d) expected, got {tuple(partials.shape)}")
     loss_rows, not_positive, scale = (torch.empty(m, dtype=rows.dtype, device=rows.device) for _ in range(3))
     if m > 0:
-        block_m, block_d = _row_block(d)
-        _positive_stats_kernel[(triton.cdiv(m, block_m),)](
+        block_m, block_d = _row_block(d, rows.dtype)
+        _launch(_positive_stats_kernel, (triton.cdiv(m, block_m),),
             partials, rows, loss_rows, not_positive, scale, _consts(float(inv_temp), rows.dtype, rows.device),
             m, m // 2, d, partials.shape[0], BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
     return loss_rows, not_positive, scale
@@ -553,8 +587,8 @@ def input_grad(partials: torch.Tensor, rows: torch.Tensor, not_positive: torch.T
                          f"got {tuple(partials.shape)}")
     out = torch.empty((m, d), dtype=out_dtype, device=rows.device)
     if m > 0 and d > 0:
-        block_m, block_d = _row_block(d)
-        _input_grad_kernel[(triton.cdiv(m, block_m),)](
+        block_m, block_d = _row_block(d, rows.dtype)
+        _launch(_input_grad_kernel, (triton.cdiv(m, block_m),),
             partials, rows, not_positive, norms, grad_scale.to(rows.dtype).reshape(1), out, m, m // 2, d,
             partials.shape[0], partials.stride(0), _eps(rows.dtype, rows.device), BLOCK_M=block_m, BLOCK_D=block_d,
             DROP_BITS=_drop_bits(out_dtype) if _INTERPRET else 0, num_warps=4)
@@ -580,7 +614,7 @@ def row_negatives(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Te
     launch = _plan(rows, columns, float32_matmul_precision, column_splits).negatives
     upcast, _, _, precision = _precisions(rows.dtype, float32_matmul_precision)
     partial = torch.empty((launch.column_splits, m), dtype=acc_dtype, device=rows.device)
-    _row_negatives_kernel[launch.grid](
+    _launch(_row_negatives_kernel, launch.grid,
         rows, columns, positives, partial, _consts(float(inv_temp), acc_dtype, rows.device), m, M, d, int(row_offset),
         launch.split_columns, rows.stride(0), columns.stride(0),
         BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, ONE_K=d <= launch.block_k,
@@ -612,7 +646,7 @@ def row_grad(rows: torch.Tensor, columns: torch.Tensor, scale_rows: torch.Tensor
     upcast, w_low, w_scale, precision = _precisions(rows.dtype, float32_matmul_precision)
     one_k = d <= launch.block_k
     partial = torch.empty((launch.column_splits, m, d), dtype=acc_dtype, device=rows.device)
-    _row_grad_kernel[launch.grid](
+    _launch(_row_grad_kernel, launch.grid,
         rows, columns, scale_rows, scale_columns, positives, partial, _consts(float(inv_temp), acc_dtype, rows.device),
         m, M, d, int(row_offset), launch.split_columns,
         rows.stride(0), columns.stride(0), partial.stride(0), partial.stride(1),
