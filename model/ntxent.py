@@ -233,6 +233,13 @@ class _NTXent(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z1: torch.Tensor, z2: torch.Tensor, temperature: float, backend_name: str,
                 float32_matmul_precision: str):
+        # The precision is chosen here, not by an enclosing autocast (which would run the chunked path's
+        # float32 products in bf16).
+        with torch.autocast(z1.device.type, enabled=False):
+            return _NTXent._forward(ctx, z1, z2, temperature, backend_name, float32_matmul_precision)
+
+    @staticmethod
+    def _forward(ctx, z1, z2, temperature, backend_name, float32_matmul_precision):
         rank, world = _world()
         backend = _backend(backend_name, z1)
         rows, operands, norms = backend.normalize(z1, z2, z1.dtype)
@@ -251,6 +258,11 @@ class _NTXent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            return _NTXent._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         rows, columns, scale, scale_columns, not_positive, norms, positives = ctx.saved_tensors
         inv_temp = 1.0 / ctx.temperature
         num_rows = rows.shape[0]

@@ -150,6 +150,10 @@ def test_projection_head_under_bf16_autocast_gives_16_bit_projections():
     z1.retain_grad()
     loss.backward()
     assert z1.grad.dtype == torch.bfloat16 and torch.isfinite(z1.grad).all()
+    # the enclosing autocast changes nothing inside the loss (its products stay float32 on this path)
+    plain = nt_xent(z1.detach(), z2.detach(), 0.1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(nt_xent(z1.detach(), z2.detach(), 0.1), plain)
 
 
 def test_memory_stays_linear():
