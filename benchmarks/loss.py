@@ -397,7 +397,9 @@ def plot(results: list[dict], path, title: str = "") -> None:
         ax_m.plot(x, memory, style, marker="o", label=label, color=line.get_color())
         if rs[0]["device"] == "cuda":  # an H100 line belongs on an H100 plot only
             ax_t.plot(x, [r["floor"]["floor_ms"] for r in rs], ":", color=line.get_color(), alpha=0.6)
-    for ax, label in ((ax_t, "forward+backward time (ms); dotted: H100 floor"), (ax_m, "peak extra memory (MiB)")):
+    on_cuda = any(r["device"] == "cuda" for rs in series.values() for r in rs)
+    time_label = "forward+backward time (ms)" + ("; dotted: H100 floor" if on_cuda else "")
+    for ax, label in ((ax_t, time_label), (ax_m, "peak extra memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(f"2N (anchors), d = {', '.join(str(d) for d in sorted({key[2] for key in series}))}")
