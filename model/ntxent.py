@@ -4,22 +4,55 @@
 positive pair). The rows are L2-normalised, the 2N anchors each score the 2N - 1 others (itself
 excluded), and the loss is the mean over anchors of ``-log softmax`` of the positive: the paper's L.
 
-How it is computed (one mechanism, two backends for the heavy part):
-- forward: per anchor row, the log-sum-exp over all columns but its own (``row_lse``), O(2N) memory;
-- backward: with every row's lse known, dL/dz_k = 1/(M tau) [sum_j (p_kj + p_jk) z_j - 2 z_pos(k)],
-  computed row-parallel over column tiles (``row_grad``) without atomics and without the matrix; the
-  positive pair's term is added here in float32 (it nearly cancels when p_pos -> 1).
-The backends: ``ntxent_triton`` (fused Triton kernels, CUDA tensors) and ``_chunked`` below (PyTorch,
-row chunks of bounded memory, everywhere else).
+How it is computed (one mechanism, two backends for the heavy part). With unit rows every logit
+s_kj / tau is at most 1/tau, so E_kj = exp((s_kj - 1) / tau) <= 1 needs no running maximum, and:
+- forward: per anchor k, the sum over its *negatives* only, neg_k = sum_{j not in {k, pos(k)}} E_kj
+  (``row_negatives``, O(2N) memory). The positive stays out of the sum: its shifted logit
+  t_k = (s_k,pos - 1) / tau = -||z_k - z_pos||^2 / (2 tau) is computed separately in float32, exact
+  even for near-duplicate views, and with r_k = neg_k e^{-t_k} (the negatives' weight relative to
+  the positive's):  loss_k = log1p(r_k),  1 - p_k,pos = r_k / (1 + r_k),  lse_k = 1/tau + t_k + log1p(r_k).
+  Nothing is formed as a difference of two numbers near 1/tau, so the loss and its gradient keep
+  float32's relative precision when positives are strong (late training, small tau), where
+  ``lse - positive_logit`` and ``p_pos - 1`` would cancel.
+- backward: dL/dz_k = 1/(M tau) [sum_{j not in {k, pos}} (p_kj + p_jk) z_j - (q_k + q_pos(k)) z_pos(k)],
+  q = 1 - p_pos = r / (1 + r). With scale_k = e^{-t_k} / (1 + r_k) = 1 / sum_{j != k} E_kj, the
+  probabilities are p_kj = E_kj scale_k and p_jk = E_kj scale_j: one exp per pair, computed
+  row-parallel over column tiles (``row_grad``) without atomics and without the matrix.
+The backends: ``ntxent_triton`` (fused Triton kernels, CUDA tensors; 16-bit operands on the tensor
+cores) and ``_chunked`` below (PyTorch, row chunks of bounded memory, float32 everywhere else). Both
+provide the same five functions: ``normalize`` (the rows, their 16-bit copy for the products, the
+norms), ``row_negatives`` (neg_k, as partial sums over column splits), ``positive_stats`` (merges the
+splits in a fixed order; t_k, loss_k, q_k, scale_k), ``row_grad`` (partial sums again) and ``input_grad``
+(merge, positive term, the normalisation's backward, the inputs' dtype). On CUDA that is one kernel
+each, plus the loss's mean and the gradient's scale: 7 launches a step instead of ~40 small PyTorch ops
+(at 2N = 8,192 the kernels' work is ~0.1 ms, the order of 20 launches).
+
+Precision: the rows are normalised in float32 (float64 for float64 inputs) whatever the input dtype;
+the positive term and every statistic stay in that dtype. Only the two products (scores, and weights
+times rows) of the Triton backend take 16-bit operands when the inputs are bfloat16/float16, with
+float32 accumulation; float32 inputs use exact float32 products unless ``float32_matmul_precision``
+is "tf32".
+
+Temperature floor: the fixed shift keeps one exp per pair in both passes, and needs exp(+-2/tau) in
+float32's normal range (E_kj >= exp(-2/tau), scale_k <= exp(2/tau)); MIN_TEMPERATURE = 0.03 keeps
+2/tau <= 67 (float32 overflows past 88). A per-row maximum would lift the floor but the backward would
+then need two exps per pair (p_kj and p_jk no longer share a shift): see ``MIN_TEMPERATURE``.
 
 Under torch.distributed (world size W > 1): each rank's anchors are its 2N local rows; the columns are
-all ranks' rows (gathered, W * 2N); the value returned is the mean over the local anchors. The backward
-returns, for the local rows, the gradient of the sum of all ranks' losses, so that averaging gradients
-over ranks (what DDP does) gives exactly the gradient of the global-batch loss. Only the rows and the
-per-row lse (W * 2N floats) cross the wire; no rank materialises another rank's statistics.
+all ranks' rows (gathered without autograd, W * 2N); the value returned is the mean over the local
+anchors. The backward returns, for the local rows, the gradient of the sum of all ranks' losses, so
+that averaging gradients over ranks (what DDP does) gives exactly the gradient of the global-batch
+loss. This assumes every rank's upstream gradient (``grad_loss``) is the same, as it is when each rank
+backpropagates the same function of its loss (``loss.backward()`` or a loss scale shared by all
+ranks): rank r's backward uses its own grad_loss for the terms that other ranks' losses contribute to
+its rows. Only the rows and one float per row (scale_k, W * 2N floats) cross the wire; no rank
+materialises another rank's statistics.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -27,8 +60,14 @@ import torch.nn.functional as F
 
 # Memory for the (chunk x columns) float32 tiles of the PyTorch path; sets the chunk height.
 CHUNK_BYTES = 128 * 2**20
-# Logits are shifted by their bound 1/tau, so exp(-2/tau) (two opposite rows) must not underflow float32.
+# The fixed shift needs exp(-2/tau) normal and exp(2/tau) finite in float32 (2/tau < 87; r_k <= M e^{2/tau}
+# stays finite for M < 3e9 columns at 0.03). Kept rather than replaced by per-row maxima, which are not free:
+# the backward's single exp per pair relies on the shared shift (per-row shifts need exp(s/tau - lse_k) and
+# exp(s/tau - lse_j) apart: 3 exps per pair instead of 2, where at d = 128 in bf16 the H100's exp units already
+# need as long as its tensor cores), and on the CPU a per-row maximum alone added 20% to the forward (2N = 8,192).
 MIN_TEMPERATURE = 0.03
+FLOAT32_MATMUL_PRECISIONS = ("ieee", "tf32")
+NORM_EPS = 1e-12  # as F.normalize: rows are x / max(||x||, eps)
 
 
 def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
@@ -53,55 +92,99 @@ def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def _scores(rows: torch.Tensor, columns: torch.Tensor, start: int, stop: int, row_offset: int, inv_temp: float,
-            out: torch.Tensor) -> torch.Tensor:
-    """Logits (accumulation dtype) of rows[start:stop] against all columns, shifted by the bound 1/tau
-    so that every exp is <= 1 (unit-norm rows: s_ij <= 1), with the diagonal at -inf. Written into
+def _exp_scores(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Tensor, start: int, stop: int,
+                row_offset: int, inv_temp: float, out: torch.Tensor) -> torch.Tensor:
+    """E = exp((s - 1)/tau) of rows[start:stop] against all columns (unit rows: every E <= 1), with
+    each row's own column and its positive's set to 0: the negatives only. Written into
     ``out[:stop - start]``, a tile reused by every chunk (a fresh tile per chunk costs page faults)."""
     scores = out[: stop - start]
     # scale and shift inside the GEMM (beta * shift + alpha * rows @ columns.T): no extra pass
     shift = torch.full((1,), -inv_temp, dtype=out.dtype, device=rows.device)
     torch.addmm(shift, rows[start:stop], columns.T, alpha=inv_temp, out=scores)
     local = torch.arange(stop - start, device=rows.device)
-    scores[local, row_offset + start + local] = float("-inf")
-    return scores
+    scores[local, row_offset + start + local] = float("-inf")  # masked by index: exp gives exactly 0
+    scores[local, positives[start:stop]] = float("-inf")
+    return scores.exp_()
 
 
 class _chunked:
-    """Row chunks of bounded memory: O(chunk x columns) extra, whatever the batch (two chunk x columns
-    tiles, CHUNK_BYTES together in float32, allocated once per call and reused by every chunk)."""
+    """The PyTorch backend: row chunks of bounded memory, O(chunk x columns) extra whatever the batch (two
+    chunk x columns tiles, CHUNK_BYTES together in float32, allocated once per call and reused by every
+    chunk). Same five functions and semantics as ``ntxent_triton`` (whose kernels it also serves as the
+    reference for); the products run in the accumulation dtype (16-bit inputs are widened: CPUs without
+    bf16 matrix units multiply float32 faster), so ``float32_matmul_precision`` does not apply, and
+    there is one column split (partial sums of shape (1, ...))."""
 
     @staticmethod
-    def row_lse(rows, columns, row_offset: int, inv_temp: float) -> torch.Tensor:
+    def normalize(z1, z2, operand_dtype):
+        """(rows, operands, norms): rows = [z1; z2] / max(||.||, eps) (m, d) in the accumulation dtype,
+        the operands of the products (here: the rows themselves), and the row norms (m,)."""
+        both = torch.cat([z1, z2]).to(accumulation_dtype(z1))
+        norms = torch.linalg.vector_norm(both, dim=1)
+        rows = both / norms.clamp_min(NORM_EPS)[:, None]
+        return rows, rows, norms
+
+    @staticmethod
+    def row_negatives(rows, columns, positives, row_offset: int, inv_temp: float, float32_matmul_precision="ieee",
+                      column_splits=None) -> torch.Tensor:
+        """(1, m): per row k, sum over columns j other than row_offset + k and positives[k] of exp((s_kj - 1)/tau)."""
         dtype = accumulation_dtype(rows)
-        rows, columns = rows.to(dtype), columns.to(dtype)  # 16-bit inputs: scores in float32, not rounded to 16 bits
-        lse = torch.empty(rows.shape[0], dtype=dtype, device=rows.device)
+        rows, columns = rows.to(dtype), columns.to(dtype)
+        out = torch.empty(rows.shape[0], dtype=dtype, device=rows.device)
         chunk = max(1, min(rows.shape[0], _chunk_rows(columns.shape[0])))
         tile = torch.empty((chunk, columns.shape[0]), dtype=dtype, device=rows.device)
         for start in range(0, rows.shape[0], chunk):
             stop = min(start + chunk, rows.shape[0])
-            torch.sum(_scores(rows, columns, start, stop, row_offset, inv_temp, tile).exp_(), 1, out=lse[start:stop])
-        return lse.log_().add_(inv_temp)
+            exp_scores = _exp_scores(rows, columns, positives, start, stop, row_offset, inv_temp, tile)
+            torch.sum(exp_scores, 1, out=out[start:stop])
+        return out[None]
 
     @staticmethod
-    def row_grad(rows, columns, lse_rows, lse_columns, positives, row_offset: int, inv_temp: float) -> torch.Tensor:
-        """sum_j (p_kj + p_jk) c_j over columns j other than k itself and its positive, per row k."""
+    def positive_stats(partials, rows, inv_temp: float):
+        """(loss_rows, not_positive, scale), each (m,), from the negatives' partial sums (splits, m) and the
+        unit rows: loss_k = log1p(r_k), q_k = 1 - p_k,pos = r_k / (1 + r_k), scale_k = 1 / sum_{j != k} E_kj,
+        with r_k = neg_k e^{-t_k} and t_k = (s_k,pos - 1)/tau = -||z_k - z_pos||^2 / (2 tau)."""
+        half = rows.shape[0] // 2
+        negatives = partials.sum(0)
+        # from the difference of the rows: exact for near-duplicates, where 1 - <z_k, z_pos> would keep only
+        # the rounding of the dot product
+        shifted_positive = (rows - rows.roll(-half, 0)).square_().sum(1).mul_(-0.5 * inv_temp)
+        exp_minus_t = torch.exp(-shifted_positive)
+        ratio = negatives * exp_minus_t
+        one_plus_ratio = 1.0 + ratio
+        return torch.log1p(ratio), ratio / one_plus_ratio, exp_minus_t / one_plus_ratio
+
+    @staticmethod
+    def row_grad(rows, columns, scale_rows, scale_columns, positives, row_offset: int, inv_temp: float,
+                 float32_matmul_precision="ieee", column_splits=None) -> torch.Tensor:
+        """(1, m, d): per row k, sum_j E_kj (scale_rows[k] + scale_columns[j]) columns_j over columns j other
+        than row_offset + k and positives[k], i.e. sum_j (p_kj + p_jk) z_j over k's negatives."""
         grad = torch.empty(rows.shape, dtype=accumulation_dtype(rows), device=rows.device)
         rows, columns = rows.to(grad.dtype), columns.to(grad.dtype)
-        # p_kj = E_kj a_k and p_jk = E_kj b_j, with E = exp(s/tau - 1/tau): one exp per pair.
-        a = torch.exp(inv_temp - lse_rows)
-        b = torch.exp(inv_temp - lse_columns)
         chunk = max(1, min(rows.shape[0], _chunk_rows(columns.shape[0])))
         tile = torch.empty((chunk, columns.shape[0]), dtype=grad.dtype, device=rows.device)
         weights_tile = torch.empty_like(tile)
         for start in range(0, rows.shape[0], chunk):
             stop = min(start + chunk, rows.shape[0])
-            scores = _scores(rows, columns, start, stop, row_offset, inv_temp, tile).exp_()
-            scores[torch.arange(stop - start, device=rows.device), positives[start:stop]] = 0.0
-            # weights E_kj (a_k + b_j), built in the second tile (no temporary)
-            weights = torch.add(a[start:stop, None], b[None, :], out=weights_tile[: stop - start]).mul_(scores)
-            torch.mm(weights, columns, out=grad[start:stop])
-        return grad
+            exp_scores = _exp_scores(rows, columns, positives, start, stop, row_offset, inv_temp, tile)
+            # weights E_kj (scale_k + scale_j), built in the second tile (no temporary)
+            weights = torch.add(scale_rows[start:stop, None], scale_columns[None, :], out=weights_tile[: stop - start])
+            torch.mm(weights.mul_(exp_scores), columns, out=grad[start:stop])
+        return grad[None]
+
+    @staticmethod
+    def input_grad(partials, rows, not_positive, norms, grad_scale, out_dtype):
+        """(m, d) in ``out_dtype``: the gradient with respect to the un-normalised inputs [z1; z2], from the
+        negatives' partial sums (splits, m, d), the positive pair's exact term -(q_k + q_pos(k)) z_pos(k)
+        (k's own loss and its positive's both weigh z_pos by p - 1 = -q), the factor ``grad_scale``
+        (grad_loss / (tau m), a 0-d tensor) and the normalisation's backward (g - z <z, g>) / ||x||."""
+        half = rows.shape[0] // 2
+        grad = partials.sum(0)
+        grad -= (not_positive + not_positive.roll(-half, 0))[:, None] * rows.roll(-half, 0)
+        grad *= grad_scale
+        # d(x / max(||x||, eps)) / dx: the projection away from the row, or nothing where the norm is clamped
+        projected = torch.where((norms > NORM_EPS)[:, None], grad - rows * (rows * grad).sum(1, keepdim=True), grad)
+        return (projected / norms.clamp_min(NORM_EPS)[:, None]).to(out_dtype)
 
 
 def _backend(name: str, tensor: torch.Tensor):
@@ -134,56 +217,92 @@ def _all_gather(tensor: torch.Tensor, world: int) -> torch.Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=16)
+def _positives(num_rows: int, row_offset: int, device: torch.device) -> torch.Tensor:
+    """(m,) column index of each local row's positive: row k of [z1; z2] pairs with row (k + N) mod 2N."""
+    local = torch.arange(num_rows, device=device)
+    return row_offset + (local + num_rows // 2) % num_rows
+
+
 class _NTXent(torch.autograd.Function):
+    """z1, z2: (N, d) projections of one dtype; the backend normalises them (float32 rows, float64 for
+    float64 inputs) and multiplies them in the inputs' dtype (16-bit operands for the tensor cores) on the
+    Triton backend. Five backend calls in all: normalize, row_negatives and positive_stats forward,
+    row_grad and input_grad backward (on CUDA: five kernels, plus the loss's mean and the gradient's scale)."""
+
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, temperature: float, backend_name: str):
+    def forward(ctx, z1: torch.Tensor, z2: torch.Tensor, temperature: float, backend_name: str,
+                float32_matmul_precision: str):
+        # The precision is chosen here, not by an enclosing autocast (which would run the chunked path's
+        # float32 products in bf16).
+        with torch.autocast(z1.device.type, enabled=False):
+            return _NTXent._forward(ctx, z1, z2, temperature, backend_name, float32_matmul_precision)
+
+    @staticmethod
+    def _forward(ctx, z1, z2, temperature, backend_name, float32_matmul_precision):
         rank, world = _world()
+        backend = _backend(backend_name, z1)
+        rows, operands, norms = backend.normalize(z1, z2, z1.dtype)
         num_rows = rows.shape[0]
-        half = num_rows // 2
-        backend = _backend(backend_name, rows)
-        rows = rows.contiguous()
-        columns = _all_gather(rows, world)
+        columns = _all_gather(operands, world)
         row_offset = rank * num_rows
         inv_temp = 1.0 / temperature
-        lse_rows = backend.row_lse(rows, columns, row_offset, inv_temp)
-        local = torch.arange(num_rows, device=rows.device)
-        positives = row_offset + (local + half) % num_rows  # column index of each row's positive
-        rows_acc = rows.to(accumulation_dtype(rows))
-        positive_logits = (rows_acc * rows_acc.roll(-half, 0)).sum(1) * inv_temp
-        loss = (lse_rows - positive_logits).mean()
-        lse_columns = _all_gather(lse_rows, world)
-        ctx.save_for_backward(rows, columns, lse_rows, lse_columns, positives, positive_logits)
+        positives = _positives(num_rows, row_offset, rows.device)
+        partials = backend.row_negatives(operands, columns, positives, row_offset, inv_temp, float32_matmul_precision)
+        loss_rows, not_positive, scale = backend.positive_stats(partials, rows, inv_temp)
+        scale_columns = _all_gather(scale, world)
+        ctx.save_for_backward(rows, columns, scale, scale_columns, not_positive, norms, positives)
         ctx.temperature, ctx.row_offset, ctx.backend = temperature, row_offset, backend
-        return loss
+        ctx.precision, ctx.input_dtype = float32_matmul_precision, z1.dtype
+        return loss_rows.mean()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        rows, columns, lse_rows, lse_columns, positives, positive_logits = ctx.saved_tensors
+        with torch.autocast(grad_loss.device.type, enabled=False):
+            return _NTXent._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
+        rows, columns, scale, scale_columns, not_positive, norms, positives = ctx.saved_tensors
         inv_temp = 1.0 / ctx.temperature
         num_rows = rows.shape[0]
-        grad = ctx.backend.row_grad(rows, columns, lse_rows, lse_columns, positives, ctx.row_offset, inv_temp)
-        # The positive pair, in float32 (or float64): (p_k,pos + p_pos,k - 2) z_pos.
-        p_forward = torch.exp(positive_logits - lse_rows)
-        p_backward = torch.exp(positive_logits - lse_columns[positives])
-        grad += (p_forward + p_backward - 2.0)[:, None] * rows.to(grad.dtype).roll(-(num_rows // 2), 0)
-        grad *= grad_loss * inv_temp / num_rows
-        return grad.to(rows.dtype), None, None
+        operands = columns[ctx.row_offset : ctx.row_offset + num_rows]  # the local rows, as the products take them
+        partials = ctx.backend.row_grad(operands, columns, scale, scale_columns, positives, ctx.row_offset, inv_temp,
+                                        ctx.precision)
+        grad_scale = grad_loss.to(rows.dtype) * (inv_temp / num_rows)
+        grad = ctx.backend.input_grad(partials, rows, not_positive, norms, grad_scale, ctx.input_dtype)
+        return grad[: num_rows // 2], grad[num_rows // 2 :], None, None, None
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, backend: str = "auto") -> torch.Tensor:
-    """The SimCLR loss of projections ``z1``, ``z2`` (N, d); see the module docstring.
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, backend: str = "auto", *,
+            float32_matmul_precision: Literal["ieee", "tf32"] = "ieee") -> torch.Tensor:
+    """The SimCLR loss of projections ``z1``, ``z2`` (N, d); a scalar; see the module docstring.
 
     ``backend``: 'auto' (fused Triton kernels for CUDA tensors, the chunked PyTorch path elsewhere),
-    'triton' or 'chunked'. Inputs may be float32 or bfloat16/float16 (statistics accumulate in float32).
+    'triton' or 'chunked'. Inputs may be float32, bfloat16/float16 (pass the autocast output as it is:
+    the Triton backend's products then run on the tensor cores with float32 accumulation; the
+    normalisation, the positive term and all statistics stay float32) or float64 (everything float64).
+    The gradients come back in the inputs' dtype.
+
+    ``float32_matmul_precision``: how the Triton backend multiplies *float32* inputs: 'ieee' (default:
+    exact float32 products, on the FMA units) or 'tf32' (tensor cores, 10-bit mantissas: each logit
+    s/tau carries ~1e-3/tau absolute error, so expect ~1e-3 relative error in loss and gradients, and
+    more when positives are strong). No effect on 16-bit or float64 inputs, nor on the chunked backend.
     """
     if z1.shape != z2.shape or z1.ndim != 2:
         raise ValueError(f"nt_xent expects two (N, d) tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
     if z1.shape[0] < 1:
         raise ValueError("nt_xent needs at least one pair")
     if not temperature >= MIN_TEMPERATURE:
-        raise ValueError(f"temperature {temperature} is below the supported {MIN_TEMPERATURE} (exp(-2/tau) must stay a normal float32)")
-    rows = F.normalize(torch.cat([z1, z2]), dim=1)
-    return _NTXent.apply(rows, float(temperature), backend)
+        raise ValueError(f"temperature {temperature} is below the supported {MIN_TEMPERATURE} "
+                         "(the fixed shift needs exp(+-2/tau) within float32's normal range)")
+    if float32_matmul_precision not in FLOAT32_MATMUL_PRECISIONS:
+        raise ValueError(f"float32_matmul_precision must be one of {FLOAT32_MATMUL_PRECISIONS}, "
+                         f"got {float32_matmul_precision!r}")
+    if z1.dtype != z2.dtype:  # as torch.cat would
+        dtype = torch.promote_types(z1.dtype, z2.dtype)
+        z1, z2 = z1.to(dtype), z2.to(dtype)
+    return _NTXent.apply(z1, z2, float(temperature), backend, float32_matmul_precision)
 
 
 def positive_pair_accuracy(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
