@@ -30,7 +30,7 @@ from common.files import atomic_write_text
 from model.ntxent import positive_pair_accuracy
 from model.simclr import feature_dim
 from pipeline.shardset import ShardError
-from trainer.build import build_model
+from trainer.build import build_model, prepare_for_training
 from trainer.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError, TrainingState, epoch_start_state
 from trainer.config import ConfigError, parse_args
 from trainer.control import Control
@@ -91,7 +91,7 @@ def train(cfg, accelerator, control, preemption, log) -> int:
     model = build_model(cfg, device.type, world)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare_for_training(accelerator, model, optimizer)
     backbone = accelerator.unwrap_model(model).backbone
     forward = torch.compile(model) if cfg.compile else model
 

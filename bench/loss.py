@@ -45,6 +45,8 @@ import sys
 import time
 from pathlib import Path
 
+from common.cli import ArgumentParser
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("reference", "compiled", "chunked", "fused", "fused_tf32")
 FUSED = ("fused", "fused_tf32")
@@ -429,7 +431,7 @@ def main(argv=None) -> list[dict]:
     import torch
 
     cuda = torch.cuda.is_available()
-    parser = argparse.ArgumentParser(prog="bench.py loss", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="bench.py loss", description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", help="values of 2N (default: 4096 ... 131072 on CUDA, "
                         "1024 4096 8192 32768 65536 131072 on the CPU)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])

@@ -366,7 +366,7 @@ def run(
     from accelerate.utils import set_seed
     from torch.nn.parallel import DistributedDataParallel
 
-    from trainer.build import build_model
+    from trainer.build import build_model, prepare_for_training
     from trainer.data import build_train_loader, data_device
     from trainer.meters import StepTimer, device_clock
     from trainer.optim import build_optimizer, build_scheduler
@@ -385,7 +385,7 @@ def run(
     model = model_factory(cfg, device.type, world)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare_for_training(accelerator, model, optimizer)
     forward = torch.compile(model) if cfg.compile else model
     clock = device_clock(device)
     allreduce = None

@@ -37,7 +37,7 @@ def build(preset: dict, batch_size: int, device: str, shards: Path, extra: dict 
     """The preset's TrainConfig, an Accelerator, and the product's model and optimiser (as train.py builds them)."""
     from accelerate import Accelerator
 
-    from trainer.build import build_model
+    from trainer.build import build_model, prepare_for_training
     from trainer.config import load_config
     from trainer.optim import build_optimizer
 
@@ -47,7 +47,7 @@ def build(preset: dict, batch_size: int, device: str, shards: Path, extra: dict 
     accelerator = Accelerator(mixed_precision=cfg.precision, cpu=device == "cpu")
     model, optimizer = build_model(cfg, accelerator.device.type, 1), None
     optimizer = build_optimizer(model, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = prepare_for_training(accelerator, model, optimizer)
     return cfg, accelerator, model, optimizer
 
 

@@ -234,3 +234,29 @@ def test_two_process_training_run_with_the_real_loader(tmp_path, shards):
     assert state["step"] == 2 and [s["shard_id"] for s in state["loaders"]] == [0, 1]
     result = subprocess.run(command + ["--resume", "auto", "--max_steps", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "resumed from" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_loss_receives_16_bit_projections_under_bf16_autocast(monkeypatch):
+    """Under bf16 mixed precision the projections reach NT-Xent as bf16 (the head ends in BatchNorm1d: what
+    autocast hands on is checked, not assumed), so the fused kernels get tensor-core operands; the loss and the
+    step still run and update the weights."""
+    from accelerate import Accelerator
+
+    import trainer.step
+    from trainer.build import build_model, prepare_for_training
+    from trainer.optim import build_optimizer
+
+    seen = []
+    loss_fn = trainer.step.nt_xent
+    monkeypatch.setattr(trainer.step, "nt_xent", lambda z1, z2, *args, **kwargs: seen.append((z1.dtype, z2.dtype)) or loss_fn(z1, z2, *args, **kwargs))
+    cfg = TrainConfig(train_shards="x", **{k: v for k, v in TINY.items() if k in ("backbone", "cifar_stem", "timm_kwargs", "proj_hidden", "proj_dim")},
+                      batch_size=8, precision="bf16", temperature=0.2)
+    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+    model = build_model(cfg, "cpu", 1)
+    optimizer = build_optimizer(model, cfg)
+    model, optimizer = prepare_for_training(accelerator, model, optimizer)
+    before = [p.detach().clone() for p in model.parameters()]
+    views = [torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    out = trainer.step.train_step(model, optimizer, *views, cfg, accelerator)
+    assert seen == [(torch.bfloat16, torch.bfloat16)]
+    assert torch.isfinite(out.loss) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -19,3 +19,13 @@ def build_model(cfg: TrainConfig, device_type: str, world_size: int) -> SimCLR:
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def prepare_for_training(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    """``accelerator.prepare(model, optimizer)`` (device placement, DDP), without the output wrapper Accelerate
+    puts on a mixed-precision model: that wrapper casts every output to float32, which would hand the loss
+    float32 projections under bf16. ``trainer.step.train_step`` runs the forward in ``accelerator.autocast()``
+    itself, so the projections reach the loss in the autocast dtype (tensor-core operands for its kernels)."""
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restores the module's own forward, in place
+    return model, optimizer

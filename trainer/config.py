@@ -19,6 +19,7 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_pa
 
 from common.cli import underscore_flags
 from common.timm_args import check_timm_kwargs
+from model.ntxent import MIN_TEMPERATURE
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -103,6 +104,9 @@ class TrainConfig:
     """Global batch norm across processes (the paper's global BN)."""
     loss_backend: Literal["auto", "triton", "chunked"] = "auto"
     """NT-Xent backend: auto = the fused Triton kernels on CUDA, the chunked PyTorch path elsewhere."""
+    loss_float32_matmul_precision: Literal["ieee", "tf32"] = "ieee"
+    """How the fused loss multiplies float32 projections: ieee = exact float32, tf32 = tensor cores (~1e-3 relative
+    error, an estimate until measured on a GPU). bf16/fp16 projections (under bf16/fp16 precision) always use them."""
     seed: int = 0
     """Seed of the initial weights, the data order and the augmentations."""
     # --- output
@@ -172,8 +176,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= (1 if name == "blur_prob" else 10):
                 raise ConfigError(f"{name} must be in [0, {1 if name == 'blur_prob' else 10}], got {value}")
-        if self.temperature < 0.03:
-            raise ConfigError(f"temperature must be >= 0.03, got {self.temperature}")
+        if self.temperature < MIN_TEMPERATURE:
+            raise ConfigError(f"temperature must be >= {MIN_TEMPERATURE} (the loss's fixed shift 1/tau keeps float32 exponentials "
+                              f"normal down to there), got {self.temperature}")
         if self.batch_size % world_size:
             raise ConfigError(f"batch_size {self.batch_size} is not divisible by the number of processes ({world_size})")
         if self.batch_size // world_size < 2:
@@ -214,7 +219,7 @@ SAFE_ON_RESUME = frozenset({
     "epochs", "max_steps", "max_train_minutes", "output_dir", "resume", "overwrite", "allow_world_size_change", "checkpoint_every",
     "checkpoint_every_minutes", "keep_checkpoints", "log_every", "tracker", "eval_every_epochs", "eval_train_shards", "eval_val_shards",
     "eval_size", "eval_resize", "eval_knn_k", "eval_knn_temperature", "eval_json", "data_threads", "prefetch", "compile", "channels_last",
-    "loss_backend",
+    "loss_backend", "loss_float32_matmul_precision",
 })
 
 

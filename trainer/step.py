@@ -36,8 +36,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, view1: 
     with record_function("forward"), accelerator.autocast():
         _, z = model(torch.cat([view1, view2]))
     with record_function("loss"):
-        z1, z2 = z.float().chunk(2)
-        loss = nt_xent(z1, z2, cfg.temperature, backend=cfg.loss_backend)
+        z1, z2 = z.chunk(2)  # as the head made them: 16-bit under bf16/fp16 autocast (the loss's tensor cores)
+        loss = nt_xent(z1, z2, cfg.temperature, backend=cfg.loss_backend, float32_matmul_precision=cfg.loss_float32_matmul_precision)
     with record_function("backward"):
         accelerator.backward(loss)
     with record_function("optimizer"):
