@@ -304,7 +304,8 @@ def probe_micro_batch(model: nn.Module, view1: torch.Tensor, view2: torch.Tensor
 
     module.eval()
     try:
-        with torch.random.fork_rng(devices=[device], device_type=device.type):
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        with torch.random.fork_rng(devices=[index], device_type=device.type):
             best = fit_micro_batch(peak_bytes, view1.shape[0], budget)
     finally:
         for layer, training in modes.items():
