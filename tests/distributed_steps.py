@@ -13,7 +13,7 @@ import torch
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer.build import build_model  # noqa: E402
+from trainer.build import build_model, prepare_for_training  # noqa: E402
 from trainer.config import TrainConfig  # noqa: E402
 from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
 from trainer.step import train_step  # noqa: E402
@@ -32,7 +32,7 @@ torch.manual_seed(0)
 model = build_model(cfg, "cpu", world)
 optimizer = build_optimizer(model, cfg)
 scheduler = build_scheduler(optimizer, total_steps=10, warmup_steps=2)
-model, optimizer = accelerator.prepare(model, optimizer)
+model, optimizer = prepare_for_training(accelerator, model, optimizer)
 inputs = torch.Generator().manual_seed(1)
 local = GLOBAL_BATCH // world
 for step in range(STEPS):

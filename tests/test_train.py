@@ -241,6 +241,7 @@ def test_loss_receives_16_bit_projections_under_bf16_autocast(monkeypatch):
     autocast hands on is checked, not assumed), so the fused kernels get tensor-core operands; the loss and the
     step still run and update the weights."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     import trainer.step
     from trainer.build import build_model, prepare_for_training
@@ -251,6 +252,7 @@ def test_loss_receives_16_bit_projections_under_bf16_autocast(monkeypatch):
     monkeypatch.setattr(trainer.step, "nt_xent", lambda z1, z2, *args, **kwargs: seen.append((z1.dtype, z2.dtype)) or loss_fn(z1, z2, *args, **kwargs))
     cfg = TrainConfig(train_shards="x", **{k: v for k, v in TINY.items() if k in ("backbone", "cifar_stem", "timm_kwargs", "proj_hidden", "proj_dim")},
                       batch_size=8, precision="bf16", temperature=0.2)
+    AcceleratorState._reset_state(True)  # earlier tests in this process made an Accelerator without mixed precision
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     model = build_model(cfg, "cpu", 1)
     optimizer = build_optimizer(model, cfg)

@@ -71,6 +71,13 @@ class TrainConfig:
     # --- optimisation (the paper's defaults)
     batch_size: int = 4096
     """Global batch: images per step over all processes together (each process gets batch_size / processes)."""
+    micro_batch: int | Literal["auto"] | None = None
+    """Gradient caching (batches larger than memory): at most this many images per view go through the model
+    with autograd at a time, per process; null or 0 = off (the whole local batch at once); auto = the largest
+    that fits the GPU, probed once at the first step (CUDA only). The loss and its gradient still see all 2N
+    views of every process (exact, Gao et al. 2021) for about 1.3x the compute (a second forward). Batch norm
+    then normalises each micro-batch on its own ("ghost" BN: statistics over its 2M views, across processes
+    with sync_bn), and running statistics are updated once per step with the micro-batches' mean statistics."""
     epochs: float = 100
     """Length of the schedule, in epochs."""
     max_steps: int | None = None
@@ -183,6 +190,14 @@ class TrainConfig:
             raise ConfigError(f"batch_size {self.batch_size} is not divisible by the number of processes ({world_size})")
         if self.batch_size // world_size < 2:
             raise ConfigError(f"batch_size {self.batch_size} gives fewer than 2 samples per process ({world_size} processes); batch norm needs >= 2")
+        if self.micro_batch == "auto":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("micro_batch auto probes GPU memory and needs CUDA (none here); give a number of "
+                                  "images per view, e.g. --micro_batch 256, or 0 for off")
+        elif self.micro_batch is not None and not self.micro_batch >= 0:
+            raise ConfigError(f"micro_batch must be >= 0 (0 = off), null or auto, got {self.micro_batch}")
         if self.eval_every_epochs and not (self.eval_train_shards and self.eval_val_shards):
             raise ConfigError("eval_every_epochs needs eval_train_shards and eval_val_shards")
         if self.resume is not None and not self.resume:

@@ -40,8 +40,8 @@ class GlobalBatchNorm(_BatchNorm):
             return super().forward(input)
         channels = input.shape[1]
         dims = [0, *range(2, input.dim())]
-        x = input.float()
-        count = torch.full((1,), x.numel() / channels, dtype=torch.float32, device=x.device)
+        x = input.to(torch.promote_types(input.dtype, torch.float32))  # 16-bit -> float32; float64 stays float64
+        count = torch.full((1,), x.numel() / channels, dtype=x.dtype, device=x.device)
         totals = dist_fn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]), group=_statistics_group())
         n = totals[-1]
         mean = totals[:channels] / n

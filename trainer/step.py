@@ -1,9 +1,11 @@
 """The SimCLR training step: the one place where a batch of two views becomes an optimiser update. train.py,
 ``bench.py train|profile`` and the distributed tests all call ``train_step``.
 
-Each stage runs inside a ``torch.profiler.record_function`` range of its name (forward, loss, backward,
-optimizer), so a profiler trace (``bench.py profile``) attributes the step's time; outside a profiler the
-ranges cost a few microseconds."""
+Each stage runs inside a ``torch.profiler.record_function`` range of its name, so a profiler trace
+(``bench.py profile``) attributes the step's time; outside a profiler the ranges cost a few microseconds.
+A plain step: forward, loss, backward, optimizer. With micro-batches (``micro_batch``, gradient caching,
+trainer/gradcache.py): "forward (no grad)" once per micro-batch, loss (with dL/dz), "forward + backward
+(micro-batch)" once per micro-batch, optimizer."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from torch.profiler import record_function
 from model.ntxent import nt_xent
 
 from .config import TrainConfig
+from .gradcache import cached_forward_backward, resolve_micro_batch
 
 
 @dataclass
@@ -26,20 +29,35 @@ class StepOutput:
     z2: torch.Tensor  # (N, proj_dim)
 
 
+def contrastive_loss(z: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """z (2N, d) = [view1's projections; view2's] -> (NT-Xent over every process's views, z1, z2 (N, d)). The
+    projections stay as the head made them (16-bit under bf16/fp16 autocast: the fused kernels' tensor-core
+    operands); the loss keeps its statistics in float32 and runs outside autocast."""
+    z1, z2 = z.chunk(2)
+    loss = nt_xent(z1, z2, cfg.temperature, backend=cfg.loss_backend, float32_matmul_precision=cfg.loss_float32_matmul_precision)
+    return loss, z1, z2
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, view1: torch.Tensor, view2: torch.Tensor,
                cfg: TrainConfig, accelerator) -> StepOutput:
     """One optimiser update on a batch of ``(view1, view2)`` (N, 3, S, S) each.
 
-    Both views go through the model as one batch of 2N (BN statistics over 2N, as the paper), under the
-    accelerator's autocast; the loss (NT-Xent over every process's views) is computed outside autocast, in
-    the accumulation precision of its own kernels."""
-    with record_function("forward"), accelerator.autocast():
-        _, z = model(torch.cat([view1, view2]))
-    with record_function("loss"):
-        z1, z2 = z.chunk(2)  # as the head made them: 16-bit under bf16/fp16 autocast (the loss's tensor cores)
-        loss = nt_xent(z1, z2, cfg.temperature, backend=cfg.loss_backend, float32_matmul_precision=cfg.loss_float32_matmul_precision)
-    with record_function("backward"):
-        accelerator.backward(loss)
+    Plain (``cfg.micro_batch`` off, or >= N): both views go through the model as one batch of 2N (BN
+    statistics over 2N, as the paper), under the accelerator's autocast, then the loss and its backward.
+    With micro-batches of M < N images per view: the same loss and the exact gradient of the whole batch
+    by gradient caching, with at most 2M images under autograd at a time and BN statistics per micro-batch
+    (trainer/gradcache.py)."""
+    micro_batch = resolve_micro_batch(cfg.micro_batch, model, view1, view2, optimizer, accelerator)
+    if micro_batch:
+        loss, z1, z2 = cached_forward_backward(model, view1, view2, micro_batch, lambda z: contrastive_loss(z, cfg),
+                                               accelerator)
+    else:
+        with record_function("forward"), accelerator.autocast():
+            _, z = model(torch.cat([view1, view2]))
+        with record_function("loss"):
+            loss, z1, z2 = contrastive_loss(z, cfg)
+        with record_function("backward"):
+            accelerator.backward(loss)
     with record_function("optimizer"):
         if cfg.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
