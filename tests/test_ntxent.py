@@ -267,7 +267,7 @@ def nt_xent_reference_ranked(z1, z2, temperature, world, n):
 def test_loss_bench_counts_each_paths_real_work():
     """Floors come from each path's own operation count: 3 products of 2 (2N)^2 d for the materialising and
     chunked paths; the fused backward recomputes its scores (and their exps) once per d slice of its grid."""
-    from benchmarks.loss import floor, work
+    from bench.loss import floor, work
 
     pairs = 8192**2
     assert work("compiled", 8192, 128, "bfloat16")["matmul_flops"] == 6 * pairs * 128
@@ -283,7 +283,7 @@ def test_loss_bench_counts_each_paths_real_work():
 
 def test_loss_bench_measures_time_memory_and_error():
     """One configuration as `bench.py loss` runs it on the CPU: in a child process (it retunes glibc malloc)."""
-    from benchmarks.loss import _measure_subprocess
+    from bench.loss import _measure_subprocess
 
     config = dict(method="chunked", two_n=64, d=16, dtype="float32", device="cpu", repeats=1, check_max=64)
     result = _measure_subprocess(config, timeout_s=120)

