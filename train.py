@@ -24,10 +24,8 @@ import time
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from tqdm import tqdm
 
 from common.files import atomic_write_text
-from model.ntxent import positive_pair_accuracy
 from model.simclr import feature_dim
 from pipeline.shardset import ShardError
 from trainer.build import build_model, prepare_for_training
@@ -37,7 +35,7 @@ from trainer.control import Control
 from trainer.data import build_eval_loaders, build_train_loader, data_device
 from trainer.export import export_backbone
 from trainer.health import NonFiniteWatch
-from trainer.meters import StepTimer
+from trainer.loop import NON_FINITE_EXIT_STATUS, Meters, NonFinite, Probe, StepPlan
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.preemption import PREEMPTED_EXIT_STATUS, Preempted, Preemption
 from trainer.run import RunError, RunLog, check_model_config, claim_run, plan_run, started_line, tracker_init_kwargs
@@ -81,21 +79,18 @@ def train(cfg, accelerator, control, preemption, log) -> int:
     eval_loaders = build_eval_loaders(cfg, device, rank, world)
     claim_run(run, cfg, control, log)
     log.info(started_line(run, world))
-    steps_per_epoch = len(loader)
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    last_step = min(total_steps, cfg.max_steps or total_steps)
-    eval_interval = max(1, round((cfg.eval_every_epochs or 0) * steps_per_epoch))
+    plan = StepPlan.of(cfg, len(loader))
 
     # ---- model (global BN), optimiser (timm's LARS), warm-up + cosine schedule: a pure function of (config, step)
     set_seed(cfg.seed)
     model = build_model(cfg, device.type, world)
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = build_scheduler(optimizer, plan.total_steps, plan.warmup_steps)
     model, optimizer = prepare_for_training(accelerator, model, optimizer)
     backbone = accelerator.unwrap_model(model).backbone
     forward = torch.compile(model) if cfg.compile else model
 
-    # ---- resume: weights, optimiser state, every rank's RNG and data position, each file verified
+    # ---- resume: weights, optimiser state, every rank's RNG and data position, each file verified; the same tracker run
     checkpointer = Checkpointer(accelerator, control, run.run_id, cfg.output_dir, cfg.keep_checkpoints, cfg.checkpoint_every_minutes)
     state = TrainingState()
     if run.resume_from is not None:
@@ -107,45 +102,31 @@ def train(cfg, accelerator, control, preemption, log) -> int:
     if cfg.tracker != "none":
         accelerator.init_trackers("simclr", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)},
                                   init_kwargs=tracker_init_kwargs(cfg, run, state.step))
-    health = NonFiniteWatch(model, device)
+    health, probe = NonFiniteWatch(model, device), Probe(cfg, backbone, eval_loaders, accelerator, log, preemption, plan)
+    meters = Meters(cfg, accelerator, log, plan, state.step)
 
-    def checkpoint(loader_state=None, **extra):
-        first_bad = health.first_bad_step(accelerator)
-        if first_bad >= 0:
+    def checkpoint(loader_state=None, **extra):  # never of non-finite weights
+        if (first_bad := health.first_bad_step(accelerator)) >= 0:
             raise NonFinite(first_bad)
-        data = {"step": state.step, "epoch": state.step / steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+        data = {"step": state.step, "epoch": plan.epoch(state.step), "steps_per_epoch": plan.steps_per_epoch,
                 "train_seconds": state.train_seconds, "history": state.history, "config": cfg.to_dict(), **extra}
         saved = checkpointer.save(model, optimizer, data, loader_state or loader.state_dict())
         log.info(f"checkpoint {saved.path} written in {saved.seconds:.2f} s ({saved.bytes / 2**20:.1f} MiB)")
-        return saved
-
-    def evaluate():
-        from evaluation.probe import probe
-
-        with preemption.interruptible():
-            result = probe(backbone, *eval_loaders, accelerator, k=cfg.eval_knn_k, knn_temperature=cfg.eval_knn_temperature, progress=False)
-        state.history.append({"step": state.step, "epoch": state.step / steps_per_epoch, "train_seconds": round(state.train_seconds, 2), **result})
-        log.info(f"eval @ epoch {state.step / steps_per_epoch:.2f}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
-        accelerator.log(result, step=state.step)
-        if cfg.eval_json and accelerator.is_main_process:
-            atomic_write_text(cfg.eval_json, json.dumps({"config": cfg.to_dict(), "history": state.history}, indent=1) + "\n")
 
     log.info(f"{world} process(es) on {device.type}, data on {data_device(cfg, device)}; {loader.num_samples} images, "
-             f"{steps_per_epoch} steps/epoch of {cfg.batch_size}, {total_steps} steps, lr {cfg.scaled_lr:.4g}")
+             f"{plan.steps_per_epoch} steps/epoch of {cfg.batch_size}, {plan.total_steps} steps, lr {cfg.scaled_lr:.4g}")
 
     # ---- the loop: every rank fetches its batch, all agree to go on (preemption, bad data, the clock), one step;
     # then at boundaries the non-finite check, meters, a checkpoint and, after it, evaluation
-    timer = StepTimer(images_per_step=cfg.batch_size, device=device)
-    progress = tqdm(total=last_step, initial=state.step, desc="train", unit="step", disable=not accelerator.is_main_process, dynamic_ncols=True)
-    batches, stop, data_errors = iter(loader), None, []
+    batches, stop, data_errors, last_step = iter(loader), None, [], plan.last_step
     window_start = time.perf_counter()
     try:
-        if eval_loaders and (state.step == 0 or state.step % eval_interval == 0) and state.step not in [h["step"] for h in state.history]:
+        if probe.missing(state):  # at step 0, or the evaluation a preemption skipped
             if control.any([preemption.requested])[0]:
                 raise Preempted(preemption.signal_name)
-            evaluate()  # at step 0, or the evaluation a preemption skipped
+            probe(state)
         while state.step < last_step:
-            timer.start_wait()
+            meters.start_wait()
             try:
                 (view1, view2), data_error = next(batches), None
             except StopIteration:  # end of epoch: the loader moves to the next one
@@ -153,7 +134,7 @@ def train(cfg, accelerator, control, preemption, log) -> int:
                 continue
             except ShardError as error:  # an image this rank cannot decode
                 data_error = str(error)
-            timer.end_wait()
+            meters.end_wait()
             elapsed = state.train_seconds + time.perf_counter() - window_start
             preempted, bad_data, clock_due, out_of_time = control.any([
                 preemption.requested, data_error is not None, checkpointer.due_by_clock(),
@@ -168,75 +149,46 @@ def train(cfg, accelerator, control, preemption, log) -> int:
             out = train_step(forward, optimizer, view1, view2, cfg, accelerator)
             state.step += 1
             scheduler.step_update(state.step)
-            timer.end_step()
+            meters.end_step()
             health.update(state.step, out.loss)
 
             step, stop = state.step, "preempted" if preempted and state.step < last_step else None  # the batch was used: exact data position
             at_log = step % cfg.log_every == 0 or step == last_step
-            at_eval = bool(eval_loaders) and (step % eval_interval == 0 or step == last_step) and not preempted
+            at_eval = (probe.due(step) or step == last_step and bool(eval_loaders)) and not preempted
             at_checkpoint = at_eval or preempted or clock_due or step == last_step or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
             if not (at_log or at_checkpoint):
                 continue
             state.train_seconds += time.perf_counter() - window_start
             if at_log:
-                first_bad = health.first_bad_step(accelerator)
-                if first_bad >= 0:
+                if (first_bad := health.first_bad_step(accelerator)) >= 0:
                     raise NonFinite(first_bad)
-                meters = {"loss": accelerator.reduce(out.loss, "mean").item(), "lr": optimizer.param_groups[0]["lr"],
-                          "pos_acc": positive_pair_accuracy(out.z1, out.z2).item(), "epoch": step / steps_per_epoch, **timer.window()}
-                if device.type == "cuda":
-                    meters["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-                accelerator.log(meters, step=step)
-                log.file_only(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in meters.items()))
-                progress.set_postfix(loss=f"{meters['loss']:.4f}", img_s=f"{meters['images_per_s']:.0f}",
-                                     wait=f"{meters['data_wait_fraction']:.0%}", lr=f"{meters['lr']:.3g}")
-            progress.update(step - progress.n)
+                meters.log_step(step, out, optimizer)
+            meters.advance(step)
             if at_checkpoint:
                 checkpoint()
-            if stop:
-                break
-            if at_eval and control.any([preemption.requested])[0]:  # a signal that reached any rank skips it on every rank
-                stop = "preempted"
+            if stop or (at_eval and control.any([preemption.requested])[0]):  # a signal that reached any rank skips it on every rank
+                stop = stop or "preempted"
                 break
             if at_eval:
-                evaluate()
+                probe(state)
             window_start = time.perf_counter()
     except Preempted:  # during an evaluation, which always follows a checkpoint of its step
         stop = "preempted"
     except NonFinite as bad:
-        progress.close()
+        meters.close()
         log.error(f"error: non-finite loss or parameters at step {bad.step}; stopping without a checkpoint of them. This run's good "
                   f"checkpoints in {cfg.output_dir}/checkpoints are intact; lower lr or use precision=no to investigate.")
-        return 3
+        return NON_FINITE_EXIT_STATUS
     finally:
-        progress.close()  # before any message, so that it starts on a line of its own
+        meters.close()
 
     # ---- a stop asked for by a signal or bad data: a checkpoint of the last good step, then the exit status
     if stop is not None:
-        restart = epoch_start_state(getattr(loader, "epoch", 0), rank, world) if stop == "bad data" else None
-        extra = {"data_position": "the epoch restarts from its beginning (the run stopped on bad data)"} if restart else {}
-        try:
-            if state.step > (checkpointer.last_step or 0):  # bad data (a preempted step was checkpointed in the loop)
-                checkpoint(restart, **extra)
-        except NonFinite as bad:
-            log.error(f"error: non-finite loss or parameters at step {bad.step}; nothing checkpointed")
-            return 3
-        where = f"checkpoint {checkpointer.last_path}" if state.step else "nothing to checkpoint (no step was taken)"
-        if stop == "bad data":
-            for failing_rank, message in enumerate(data_errors):
-                if message:
-                    log.error(f"error: bad data on rank {failing_rank}: {message}")
-            log.error(f"stopped after step {state.step} on bad data ({where} holds the last good step); remove or rewrite that sample "
-                      "(python -m pipeline.shards verify names every bad one), then rerun with --resume auto")
-            return 2
-        since = f", {time.monotonic() - preemption.received_at:.1f} s after {preemption.signal_name}" if preemption.received_at else ""
-        log.info(f"preempted at step {state.step}: {where}{since}; exiting with status {PREEMPTED_EXIT_STATUS}. "
-                 f"Rerun the same command with --resume auto to continue run {run.run_id}")
-        return PREEMPTED_EXIT_STATUS
+        return stopped(stop, state, checkpoint, checkpointer, loader, data_errors, run, preemption, log, rank, world)
 
     # ---- export and summary
-    summary = {"steps": state.step, "train_seconds": round(state.train_seconds, 2), **timer.summary()}
-    if state.step >= last_step and accelerator.is_main_process:
+    summary = {"steps": state.step, "train_seconds": round(state.train_seconds, 2), **meters.summary()}
+    if accelerator.is_main_process:
         export_backbone(backbone, cfg.output_dir, {"model_name": cfg.backbone, "num_features": feature_dim(backbone),
                                                    "cifar_stem": cfg.cifar_stem, "timm_kwargs": cfg.timm_kwargs,
                                                    "image_size": cfg.image_size})
@@ -245,10 +197,29 @@ def train(cfg, accelerator, control, preemption, log) -> int:
     return 0
 
 
-class NonFinite(Exception):
-    def __init__(self, step: int):
-        super().__init__(step)
-        self.step = step
+def stopped(stop: str, state, checkpoint, checkpointer, loader, data_errors, run, preemption, log, rank: int, world: int) -> int:
+    """The end of a run stopped by a signal (status 75) or bad data (status 2): a checkpoint of the last good step
+    (after bad data, positioned at the start of the epoch), then the message that says how to continue."""
+    restart = epoch_start_state(getattr(loader, "epoch", 0), rank, world) if stop == "bad data" else None
+    extra = {"data_position": "the epoch restarts from its beginning (the run stopped on bad data)"} if restart else {}
+    try:
+        if state.step > (checkpointer.last_step or 0):  # bad data (a preempted step was checkpointed in the loop)
+            checkpoint(restart, **extra)
+    except NonFinite as bad:
+        log.error(f"error: non-finite loss or parameters at step {bad.step}; nothing checkpointed")
+        return NON_FINITE_EXIT_STATUS
+    where = f"checkpoint {checkpointer.last_path}" if state.step else "nothing to checkpoint (no step was taken)"
+    if stop == "bad data":
+        for failing_rank, message in enumerate(data_errors):
+            if message:
+                log.error(f"error: bad data on rank {failing_rank}: {message}")
+        log.error(f"stopped after step {state.step} on bad data ({where} holds the last good step); remove or rewrite that sample "
+                  "(python -m pipeline.shards verify names every bad one), then rerun with --resume auto")
+        return 2
+    since = f", {time.monotonic() - preemption.received_at:.1f} s after {preemption.signal_name}" if preemption.received_at else ""
+    log.info(f"preempted at step {state.step}: {where}{since}; exiting with status {PREEMPTED_EXIT_STATUS}. "
+             f"Rerun the same command with --resume auto to continue run {run.run_id}")
+    return PREEMPTED_EXIT_STATUS
 
 
 if __name__ == "__main__":

@@ -51,3 +51,14 @@ def pytest_collection_modifyitems(config, items):
 
 
 os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state (device, mixed precision): each test starts without it, as a
+    process running train.py or evaluate.py does."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
