@@ -22,9 +22,18 @@ Epoch semantics (per global run, every rank together):
   are dropped). All ranks take the same number of steps, as DDP requires.
 - ``train=False``: every sample exactly once per epoch across ranks; a rank's last batch may be partial
   (padding is removed), and ranks may differ by one sample.
-Shuffling: the shard order is reshuffled every epoch from ``(seed, epoch)`` (identically on every
-rank), and samples are shuffled within a buffer of ``shuffle_buffer`` samples (DALI's reader shuffles
-locally, which is why the shard writer shuffles the sample order once when writing).
+Shuffling: the shard order is reshuffled every epoch (first from ``seed``, then by DALI's
+``shuffle_after_epoch`` with a seed shared by all ranks, so the ranks' parts stay disjoint), and samples
+are shuffled within a buffer of ``shuffle_buffer`` samples (DALI's reader shuffles locally, which is why
+the shard writer shuffles the sample order once when writing).
+
+A training loader keeps one DALI pipeline for the whole run: no epoch waits for a new pipeline's
+decoder start-up and shuffle-buffer fill. It stays exact because the reader pads every rank's part to
+whole batches with its last sample (``pad_last_batch``: DALI's shuffle buffer then never mixes two
+epochs) and the iterator hands over every batch of the reader's epoch (``PARTIAL``): the loader yields
+the first ``steps_per_epoch`` of them (real samples only: the padding comes after them) and drains the
+rest (at most the remainder and the padding, one or two batches), so that every rank starts the next
+epoch aligned. Member extensions match case-insensitively (``.JPEG`` as ImageNet names them).
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, decode, eval_view, simclr_view
+from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_cropped, decode, decode_random_crop, eval_view, simclr_view
 from .decode_check import find_undecodable, rank_part
 from .shardset import IMAGE_COMPONENTS, ShardError, ShardIndex, brace_notation, index_path, read_index, sample_key, shard_paths
 
@@ -58,11 +67,15 @@ def default_num_threads(num_local_processes: int = 1) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, num_local_processes))
 
 
-def _reader(shards: list[Path], index_paths: list[Path], ext: list[str], shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int):
+def _reader(shards: list[Path], index_paths: list[Path], ext: list[str], shard_id: int, num_shards: int, shuffle: bool,
+            shuffle_buffer: int, shuffle_seed: int):
+    # A shuffling reader is persistent: DALI reorders the tars after each epoch with a seed all ranks share.
+    epochs = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if shuffle else {}
     return fn.readers.webdataset(
         paths=[str(p) for p in shards],
         index_paths=[str(p) for p in index_paths],
         ext=ext,
+        case_sensitive_extensions=False,  # .JPEG (ImageNet's own member names) is .jpeg
         missing_component_behavior="error",
         name=READER,
         shard_id=shard_id,
@@ -70,6 +83,7 @@ def _reader(shards: list[Path], index_paths: list[Path], ext: list[str], shard_i
         pad_last_batch=True,  # every part padded to whole batches: exact epochs, equal step counts per rank
         random_shuffle=shuffle,
         initial_fill=shuffle_buffer,
+        **epochs,
     )
 
 
@@ -84,20 +98,22 @@ class TwoViews:
     labelled: ClassVar[bool] = False
     outputs: ClassVar[tuple[str, ...]] = ("view1", "view2")
 
-    def graph(self, images, dtype):
+    def graph(self, jpegs, device, dtype):
+        images = decode(jpegs, device)
         return simclr_view(images, self.augment, dtype), simclr_view(images, self.augment, dtype)
 
 
 @dataclass(frozen=True)
 class AugmentedView:
-    """Classifier training: one augmented view + label (by default ``classifier_augment``: crop + flip)."""
+    """Classifier training: one augmented view + label (by default ``classifier_augment``: crop + flip). One
+    crop per image, so only its region is decoded."""
 
     augment: AugmentConfig
     labelled: ClassVar[bool] = True
     outputs: ClassVar[tuple[str, ...]] = ("images",)
 
-    def graph(self, images, dtype):
-        return (simclr_view(images, self.augment, dtype),)  # the config decides which operators run
+    def graph(self, jpegs, device, dtype):
+        return (augment_cropped(decode_random_crop(jpegs, self.augment, device), self.augment, dtype),)  # the config decides the rest
 
 
 @dataclass(frozen=True)
@@ -111,19 +127,19 @@ class EvalView:
     labelled: ClassVar[bool] = True
     outputs: ClassVar[tuple[str, ...]] = ("images",)
 
-    def graph(self, images, dtype):
-        return (eval_view(images, self.size, self.resize_size, self.mean, self.std, dtype),)
+    def graph(self, jpegs, device, dtype):
+        return (eval_view(decode(jpegs, device), self.size, self.resize_size, self.mean, self.std, dtype),)
 
 
 View = TwoViews | AugmentedView | EvalView
 
 
 @pipeline_def(enable_conditionals=True)
-def _pipeline(shards, index_paths, view: View, device, shard_id, num_shards, shuffle, shuffle_buffer, dtype):
+def _pipeline(shards, index_paths, view: View, device, shard_id, num_shards, shuffle, shuffle_buffer, shuffle_seed, dtype):
     ext = [IMAGE_EXTENSIONS, "cls"] if view.labelled else [IMAGE_EXTENSIONS]
-    read = _reader(shards, index_paths, ext, shard_id, num_shards, shuffle, shuffle_buffer)
+    read = _reader(shards, index_paths, ext, shard_id, num_shards, shuffle, shuffle_buffer, shuffle_seed)
     jpegs = read[0] if view.labelled else read
-    outputs = view.graph(decode(jpegs, device), dtype)
+    outputs = view.graph(jpegs, device, dtype)
     if not view.labelled:
         return outputs
     # Labels are ASCII digits of varying length: pad with zero bytes to a dense (batch, width) tensor; the
@@ -205,7 +221,6 @@ class DaliLoader:
         if not 0 <= shard_id < num_shards:
             raise ValueError(f"shard_id {shard_id} must be in [0, num_shards={num_shards})")
         self.view, self.train, self.shuffle_buffer, self.dtype = view, train, shuffle_buffer, dtype
-        self.last_batch_policy = LastBatchPolicy.DROP if train else LastBatchPolicy.PARTIAL
         self.output_names = [*view.outputs, "labels", "source"] if view.labelled else list(view.outputs)
         self.shards = shard_paths(shards)
         self.indexes = [read_index(tar) for tar in self.shards]
@@ -222,6 +237,7 @@ class DaliLoader:
             if train and not view.labelled:
                 raise ShardError(f"{self.num_samples} samples over {num_shards} rank(s) do not fill one batch of {batch_size} per rank")
             batch_size = smallest_part  # smaller batches change nothing but speed (evaluation) or the lr scale (subsets)
+        self.steps_per_epoch = smallest_part // batch_size if train else None  # whole batches of real samples on every rank
         self.batch_size, self.device, self.device_id = batch_size, device, device_id
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
         self.num_threads = num_threads or default_num_threads()
@@ -229,6 +245,8 @@ class DaliLoader:
         self.torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
         self.epoch = 0
         self._position = 0  # batches of this epoch handed out
+        self._drained = False  # training: the rest of the reader's epoch consumed
+        self._start_epoch = 0  # the epoch the current pipeline started in: its tar order and seeds come from it
         self._iterator = self._make_iterator(self.epoch, checkpoint=None)
 
     def _restrict(self, keys: Collection[str]) -> None:
@@ -254,18 +272,20 @@ class DaliLoader:
             self.index_paths[tar].write_text(index.text())
 
     def _epoch_shards(self, epoch: int) -> list[Path]:
-        """The shard order of ``epoch``: reshuffled per epoch when shuffling, identical on every rank."""
+        """The shard order of a pipeline started at ``epoch`` (for later epochs DALI reshuffles it), identical on
+        every rank."""
         if not self.train:
             return self.shards
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))
         return [self.shards[i] for i in order]
 
     def _make_iterator(self, epoch: int, checkpoint: bytes | None) -> DALIGenericIterator:
-        # A training loader builds a fresh pipeline per epoch: DALI's reader carries its shuffle buffer
-        # (and the padding of the last batch) across epoch boundaries, so only a reader's first epoch holds
-        # every sample exactly once. The shard order and seeds come from (seed, epoch): reproducible.
-        # Distinct random streams per (seed, epoch, rank): shuffle buffer and augmentations.
+        """The pipeline (started at ``epoch``, or restored from a DALI ``checkpoint`` of a pipeline started there)
+        and its iterator. Random streams per (seed, start epoch, rank): shuffle buffer and augmentations; the
+        tar order's seed per (seed, start epoch), shared by all ranks."""
+        self._start_epoch = epoch
         seed = int(np.random.SeedSequence([self.seed, epoch, self.shard_id]).generate_state(1)[0] % 2**31)
+        shuffle_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0] % 2**31)
         try:
             shards = self._epoch_shards(epoch)
             pipe = _pipeline(
@@ -277,6 +297,7 @@ class DaliLoader:
                 self.num_shards,
                 self.train,
                 self.shuffle_buffer,
+                shuffle_seed,
                 _DALI_DTYPES[self.dtype],
                 batch_size=self.batch_size,
                 num_threads=self.num_threads,
@@ -286,8 +307,10 @@ class DaliLoader:
                 enable_checkpointing=True,
                 checkpoint=checkpoint,
             )
-            return DALIGenericIterator([pipe], self.output_names, reader_name=READER, last_batch_policy=self.last_batch_policy,
-                                       auto_reset=not self.train)
+            # A training loader takes every batch of the reader's epoch (PARTIAL), keeps the first
+            # ``steps_per_epoch`` and drains the rest (see ``_batches``).
+            return DALIGenericIterator([pipe], self.output_names, reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL,
+                                       auto_reset=True)
         except RuntimeError as error:
             raise self._translate(error) from None
 
@@ -318,9 +341,10 @@ class DaliLoader:
         """Name the image(s) behind a decoder failure: DALI's decoder over this rank's part of the epoch's
         samples (in this process: no fork beside live DALI threads), then the other ranks' parts."""
         by_tar = dict(zip(self.shards, self.indexes))
-        in_order = [by_tar[tar] for tar in self._epoch_shards(self.epoch)]
-        problems = find_undecodable(rank_part(in_order, self.shard_id, self.num_shards), self.num_threads)
-        if not problems and self.num_shards > 1:
+        in_order = [by_tar[tar] for tar in self._epoch_shards(self._start_epoch)]
+        # This rank's part is known in the pipeline's first epoch; after DALI's own reshuffle, every part is read.
+        problems = find_undecodable(rank_part(in_order, self.shard_id, self.num_shards), self.num_threads) if self.epoch == self._start_epoch else []
+        if not problems and (self.num_shards > 1 or self.epoch != self._start_epoch):
             problems = find_undecodable(rank_part(in_order, 0, 1), self.num_threads)
         if problems:
             listed = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
@@ -329,40 +353,57 @@ class DaliLoader:
                           "when read directly: an index may be stale; rebuild with `python -m pipeline.shards index`")
 
     def __len__(self) -> int:
-        return len(self._iterator)
+        return self.steps_per_epoch if self.train else len(self._iterator)
 
     def _batches(self):
         """One epoch of DALI output dicts; then the loader moves to the next epoch."""
         try:
-            for batch in self._iterator:
-                self._position += 1
-                yield batch[0]
+            if self.train:
+                while self._position < self.steps_per_epoch:
+                    batch = next(self._iterator)
+                    self._position += 1
+                    yield batch[0]
+                self._drain()
+            else:
+                for batch in self._iterator:
+                    self._position += 1
+                    yield batch[0]
         except RuntimeError as error:
             raise self._translate(error) from None
         self.epoch += 1
-        self._position = 0
-        if self.train:  # build the next epoch's pipeline now, so its prefetch overlaps our caller's work
-            del self._iterator
-            self._iterator = self._make_iterator(self.epoch, checkpoint=None)
+        self._position, self._drained = 0, False
+
+    def _drain(self) -> None:
+        """Consume the rest of the reader's epoch (remainder + padding): the next epoch starts aligned on every rank."""
+        if not self._drained:
+            for _ in self._iterator:  # ends in StopIteration, which resets the iterator for the next epoch
+                pass
+            self._drained = True
 
     def state_dict(self) -> dict:
         """Epoch, reader position and augmentation RNG state: restoring continues with exactly the next batch."""
         state = {"shard_id": self.shard_id, "num_shards": self.num_shards}
-        if self.train and self._position >= len(self):
-            # The epoch is used up; its pipeline would resume into a second pass of the same order.
-            return {**state, "epoch": self.epoch + 1, "dali_checkpoint": None}
+        epoch, position = self.epoch, self._position
+        if self.train and self._position >= self.steps_per_epoch:  # the epoch is used up: state at the next one's start
+            try:
+                self._drain()
+            except RuntimeError as error:
+                raise self._translate(error) from None
+            epoch, position = self.epoch + 1, 0
         checkpoint = self._iterator.checkpoints()[0]  # DALI's serialised protobuf: bytes, base64 for JSON
         checkpoint = base64.b64encode(checkpoint if isinstance(checkpoint, bytes) else checkpoint.encode()).decode()
-        return {**state, "epoch": self.epoch, "position": self._position, "dali_checkpoint": checkpoint}
+        return {**state, "epoch": epoch, "position": position, "pipeline_epoch": self._start_epoch, "dali_checkpoint": checkpoint}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s state; ``dali_checkpoint: None`` starts ``epoch`` afresh (a new
+        pipeline, its tar order from (seed, epoch))."""
         if (state["shard_id"], state["num_shards"]) != (self.shard_id, self.num_shards):
             raise ValueError(f"loader state is for rank {state['shard_id']} of {state['num_shards']}, this loader is rank {self.shard_id} of {self.num_shards}")
         del self._iterator
-        self.epoch, self._position = state["epoch"], state.get("position", 0)
+        self.epoch, self._position, self._drained = state["epoch"], state.get("position", 0), False
         checkpoint = state["dali_checkpoint"]
-        self._iterator = self._make_iterator(self.epoch, checkpoint=base64.b64decode(checkpoint) if checkpoint else None)
-
+        start = state.get("pipeline_epoch", self.epoch) if checkpoint else self.epoch
+        self._iterator = self._make_iterator(start, checkpoint=base64.b64decode(checkpoint) if checkpoint else None)
 
     def __iter__(self):
         for batch in self._batches():

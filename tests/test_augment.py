@@ -147,6 +147,60 @@ def test_contrast_range_pivots_on_the_mean(device):
     assert uniform_ks((high - low) / 80, 0.6, 1.4) < 0.07
 
 
+@pytest.mark.parametrize("arithmetic", [False, True])  # the CPU operator forms, and the arithmetic form the GPU runs
+def test_contrast_pivots_on_each_channels_mean(arithmetic, monkeypatch):
+    """TF's adjust_contrast (the official code): every channel pivots on its own mean, brightness scales the
+    result; ``per_channel=False`` pivots on the mean over all channels."""
+    import pipeline.augment as augment
+
+    monkeypatch.setattr(augment, "contrast_by_arithmetic", arithmetic)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (20, 30, 3), dtype=np.uint8) // np.array([1, 2, 4], np.uint8) for _ in range(8)]  # channel means ~127, ~64, ~32
+    factors = [(0.7, 1.6), (1.3, 0.4), (1.0, 1.8), (1.8, 0.2), (0.2, 1.0), (1.1, 1.1), (0.9, 0.6), (1.5, 1.4)]
+
+    @pipeline_def(batch_size=8, num_threads=1, device_id=None)
+    def contrast():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC", dtype=types.UINT8)
+        b = fn.external_source(source=lambda: [np.float32(f[0]) for f in factors], batch=True)
+        c = fn.external_source(source=lambda: [np.float32(f[1]) for f in factors], batch=True)
+        return augment.brightness_contrast(x, b, c, per_channel=True), augment.brightness_contrast(x, b, c, per_channel=False)
+
+    per_channel, whole = contrast().run()
+    for image, (b, c), got, got_whole in zip(images, factors, per_channel, whole):
+        x = image.astype(np.float64)
+        m = x.mean((0, 1))
+        assert np.abs(np.asarray(got).astype(np.float64) - np.clip(b * (m + c * (x - m)), 0, 255)).max() <= 1.0
+        expected_whole = np.clip(b * (x.mean() + c * (x - x.mean())), 0, 255)
+        assert np.abs(np.asarray(got_whole).astype(np.float64) - expected_whole).max() <= 1.0
+
+
+def test_cpu_blur_is_the_truncated_gaussian():
+    """The CPU blur (two 1-D ``fn.filter`` passes) against a float64 separable Gaussian: radius ceil(4 sigma)
+    capped at the window, reflect-101 borders, as DALI's ``gaussian_blur``."""
+    from pipeline.augment import gaussian_blur_cpu
+
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (40, 36, 3), dtype=np.uint8) for _ in range(4)]
+    sigmas, window = [0.1, 0.7, 1.3, 2.0], 23
+
+    @pipeline_def(batch_size=4, num_threads=1, device_id=None)
+    def blur():
+        x = fn.external_source(source=lambda: images, batch=True, layout="HWC", dtype=types.UINT8)
+        sigma = fn.external_source(source=lambda: [np.float32(v) for v in sigmas], batch=True)
+        radius = fn.external_source(source=lambda: [np.int32(min(np.ceil(4 * v), window // 2)) for v in sigmas], batch=True)
+        return gaussian_blur_cpu(x, sigma, radius, window)
+
+    (out,) = blur().run()
+    for image, sigma, got in zip(images, sigmas, out):
+        radius = int(min(np.ceil(4 * sigma), window // 2))
+        taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
+        taps /= taps.sum()
+        padded = np.pad(image.astype(np.float64), ((radius, radius), (radius, radius), (0, 0)), mode="reflect")  # reflect-101
+        rows = sum(t * padded[:, k : k + image.shape[1]] for k, t in enumerate(taps))
+        expected = sum(t * rows[k : k + image.shape[0]] for k, t in enumerate(taps))
+        assert np.asarray(got).dtype == np.float32 and np.abs(np.asarray(got) - expected).max() < 0.05
+
+
 def test_saturation_range(device):
     colour = np.array([150, 100, 50], np.float64)
     luma = colour @ [0.299, 0.587, 0.114]

@@ -12,7 +12,7 @@ import webdataset as wds
 from conftest import make_shards, random_images
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
-from pipeline.loader import DaliLoader, EvalView, TwoViews
+from pipeline.loader import AugmentedView, DaliLoader, EvalView, TwoViews, classifier_augment
 from pipeline.shardset import Sample, ShardError, write_index, write_shards
 from pipeline.sources import encode_jpeg
 
@@ -41,17 +41,19 @@ def test_eval_labels_decode_multi_digit(small_shards):
     assert max(seen) == 11
 
 
-@pytest.fixture(scope="module")
-def identity_shards(tmp_path_factory):
+def write_identity_shards(directory, count: int = 97, per_shard: int = 25):
     """Solid-colour images whose colour encodes the sample id (survives crop, flip, resize, JPEG), label = id."""
-    count = 97
-    directory = tmp_path_factory.mktemp("ids")
     ids = np.arange(count)
     colours = np.stack([20 + 20 * (ids % 10), 20 + 20 * (ids // 10), np.full(count, 128)], 1).astype(np.uint8)
     images = np.broadcast_to(colours[:, None, None, :], (count, 24, 24, 3)).copy()
     samples = (Sample(f"{i:08d}", encode_jpeg(image, 100), int(i), "ids") for i, image in enumerate(images))
-    write_shards(samples, str(directory / "id-%06d.tar"), [str(i) for i in ids], count, max_count=25, progress=False)
+    write_shards(samples, str(directory / "id-%06d.tar"), [str(i) for i in ids], count, max_count=per_shard, progress=False)
     return directory, count
+
+
+@pytest.fixture(scope="module")
+def identity_shards(tmp_path_factory):
+    return write_identity_shards(tmp_path_factory.mktemp("ids"))
 
 
 def decode_ids(view: torch.Tensor) -> list[int]:
@@ -96,6 +98,82 @@ def test_pretrain_epochs_see_each_sample_at_most_once_with_equal_steps(identity_
         assert sum(seen.values()) == world * steps * batch  # only the remainder beyond full batches is dropped
         epochs_seen.append(set(seen))
     assert len({frozenset(s) for s in epochs_seen}) > 1 or len(epochs_seen[0]) == count  # reshuffled between epochs
+
+
+@pytest.mark.parametrize("per_shard,world", [(97, 2), (40, 3), (11, 4)])  # one shard for 2 ranks; uneven shards (40, 40, 17); many small
+def test_one_pipeline_per_run_keeps_epochs_exact(tmp_path, per_shard, world):
+    """The training loader keeps one DALI pipeline for the whole run: across 3 epochs every rank takes the same
+    steps, no sample occurs twice in an epoch (over all ranks), only the per-rank remainder beyond whole batches
+    is missing, and every epoch has a new order."""
+    directory, count = write_identity_shards(tmp_path, per_shard=per_shard)
+    plain = AugmentConfig(size=16, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
+    batch = 8
+    loaders = [DaliLoader(directory, batch, TwoViews(plain), train=True, shard_id=rank, num_shards=world, seed=7, shuffle_buffer=32)
+               for rank in range(world)]
+    pipelines = [loader._iterator for loader in loaders]
+    steps = (count // world) // batch
+    orders = []
+    for _ in range(3):
+        seen, order = collections.Counter(), []
+        for loader in loaders:
+            assert len(loader) == steps
+            ids = [i for view1, _ in loader for i in decode_ids(view1)]
+            assert len(ids) == steps * batch
+            seen.update(ids)
+            order += ids
+        assert max(seen.values()) == 1 and set(seen) <= set(range(count))
+        orders.append(order)
+    assert all(loader._iterator is pipeline for loader, pipeline in zip(loaders, pipelines))  # never rebuilt
+    assert len({tuple(order) for order in orders}) == 3  # a new order every epoch
+
+
+def test_resume_in_a_later_epoch(small_shards):
+    """A state saved in epoch 2 (the persistent reader has crossed an epoch boundary) resumes exactly."""
+    directory, _ = small_shards
+    make = lambda: DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=4)
+    loader = make()
+    reference = [v1 for _ in range(3) for v1, _ in loader]
+    loader = make()
+    resumed = [v1 for v1, _ in loader]
+    for view1, _ in loader:
+        resumed.append(view1)
+        if len(resumed) == len(loader) + 3:
+            state = loader.state_dict()
+            break
+    restored = make()
+    restored.load_state_dict(state)
+    while len(resumed) < len(reference):
+        resumed += [v1 for v1, _ in restored]
+    assert len(resumed) == len(reference)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, reference))
+
+
+def test_an_epoch_start_state_starts_a_whole_epoch(identity_shards):
+    """The state a run restarts from after bad data or with another world size (``dali_checkpoint: None``)."""
+    directory, count = identity_shards
+    plain = AugmentConfig(size=16, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
+    loader = DaliLoader(directory, 8, TwoViews(plain), train=True, seed=3)
+    loader.load_state_dict({"shard_id": 0, "num_shards": 1, "epoch": 2, "dali_checkpoint": None})
+    ids = [i for view1, _ in loader for i in decode_ids(view1)]
+    assert len(ids) == len(set(ids)) == (count // 8) * 8 and loader.epoch == 3
+
+
+def test_upper_case_member_extensions_are_read(tmp_path):
+    """Third-party shards with ImageNet's own member names (``.JPEG``) read as any other JPEG member."""
+    images = random_images(6, 24)
+    tar = write_raw(tmp_path / "upper", [{"__key__": f"n0000_{i}", "JPEG": encode_jpeg(image, 95), "cls": b"3"} for i, image in enumerate(images)])
+    batches = list(DaliLoader(tar.parent, 3, EvalView(24, 24), train=False))
+    assert sum(len(labels) for _, labels in batches) == 6 and all(labels.tolist() == [3, 3, 3] for _, labels in batches)
+
+
+def test_labelled_view_decodes_only_its_crop(identity_shards):
+    """The single-view classifier loader decodes the region of its random crop (ROI decode): the right image,
+    its label, the view's size and normalisation."""
+    directory, count = identity_shards
+    loader = DaliLoader(directory, 8, AugmentedView(classifier_augment(16)), train=True, seed=1)
+    for images, labels in loader:
+        assert images.shape == (8, 3, 16, 16) and images.is_contiguous(memory_format=torch.channels_last)
+        assert decode_ids(images) == labels.tolist()  # solid colours: any crop of an image is that image's colour
 
 
 def test_same_seed_same_views_other_seed_differs(small_shards):

@@ -43,6 +43,9 @@ class TrainConfig:
     """Colour jitter strength s; null = the preset's (1.0 imagenet, 0.5 cifar)."""
     blur_prob: float | None = None
     """Gaussian blur probability per view; null = the preset's (0.5 imagenet, 0 cifar)."""
+    contrast_per_channel: bool = True
+    """Colour jitter's contrast pivots on each channel's own mean (TensorFlow's adjust_contrast, the official code);
+    false: on one mean over all channels (torchvision's)."""
     min_crop_area: float = 0.08
     """Random resized crop: the smallest crop, as a fraction of the image's area (the range is [this, 1])."""
     shuffle_buffer: int = 4096

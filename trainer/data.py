@@ -17,7 +17,7 @@ from .config import TrainConfig
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
     """The SimCLR view of ``cfg``: its preset with the size, crop, jitter and blur fields applied."""
     preset = AugmentConfig.cifar if cfg.augment == "cifar" else AugmentConfig
-    overrides = {"size": cfg.image_size, "crop_area": (cfg.min_crop_area, 1.0)}
+    overrides = {"size": cfg.image_size, "crop_area": (cfg.min_crop_area, 1.0), "contrast_per_channel": cfg.contrast_per_channel}
     if cfg.jitter_strength is not None:
         overrides["jitter_strength"] = cfg.jitter_strength
     if cfg.blur_prob is not None:
