@@ -136,6 +136,25 @@ def _timed(batches, seconds: float, on_gpu: bool, restart) -> dict:
             "median_batch_ms": round(1000 * statistics.median(batch_times), 2)}
 
 
+def epoch_stall(shards: Path, preset: dict, cores: int, device: str) -> dict:
+    """The DALI loader's epoch boundary: the wait for the first batch of epoch 2 against the median batch
+    interval of epoch 1 (a loader that rebuilds its pipeline per epoch waits there for decoder start-up and a
+    shuffle-buffer refill)."""
+    batches = loader(shards, preset, "dali", cores, device)
+    intervals, last = [], time.perf_counter()
+    for _ in range(2):  # the clock runs on across the boundary
+        for _views in batches:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            intervals.append(now - last)
+            last = now
+    steps = len(batches)
+    median = statistics.median(intervals[1:steps])
+    return {"steps_per_epoch": steps, "median_batch_s": round(median, 4), "first_batch_of_epoch_2_s": round(intervals[steps], 4),
+            "stall_s": round(intervals[steps] - median, 4)}
+
+
 # ------------------------------------------------------------------ command line
 
 
@@ -150,6 +169,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--cifar_shards", default=None,
                         help="shards for cifar32 (default: CIFAR-10's training JPEGs, written once)")
     parser.add_argument("--batch_size", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--epoch_stall", action="store_true", help="also time the DALI loader's epoch boundary (two whole epochs)")
     parser.add_argument("--json", default=None, help="default bench/results/pipeline_<device>.json")
     args = parser.parse_args(argv)
     results = {}
@@ -170,6 +190,10 @@ def main(argv=None) -> dict:
         results[name] = {"data": description, "image_size": preset["size"], "batch_size": preset["batch_size"],
                          "dali": dali, "torchvision": tv, "speedup": round(speedup, 3),
                          "dali_threads": args.cores, "dataloader_workers": args.cores}
+        if args.epoch_stall:
+            stall = results[name]["epoch_stall"] = epoch_stall(shards, preset, args.cores, args.device)
+            print(f"[{name}] epoch boundary: first batch of epoch 2 after {stall['first_batch_of_epoch_2_s']:.3f} s "
+                  f"(median batch {stall['median_batch_s']:.3f} s)")
     path = write_result("pipeline", {"device": args.device, "seconds_per_measurement": args.seconds, "results": results}, args.json)
     print(f"wrote {path}")
     return results
