@@ -424,14 +424,14 @@ def stage_pipeline(check: Check, cap: float) -> dict:
         "--json",
         str(out),
     ]
-    command += ["--seconds", "0.5", "--batch_size", "16", "--cores", "2"] if check.dry_run else ["--seconds", "6"]
+    command += ["--runs", "1"] + (["--seconds", "0.5", "--batch_size", "16", "--cores", "2"] if check.dry_run else ["--seconds", "6"])
     result = check.run("pipeline", command, cap)
     saved = _read_json(out) or {}
     summary = {
         name: {
-            "dali_images_per_s": round(r["dali"]["images_per_s"], 1),
-            "torchvision_images_per_s": round(r["torchvision"]["images_per_s"], 1),
-            "speedup": r["speedup"],
+            "dali_images_per_s": round(r["runs"][0]["dali"]["images_per_s"], 1),
+            "torchvision_images_per_s": round(r["runs"][0]["torchvision"]["images_per_s"], 1),
+            "speedup": r["runs"][0]["speedup"],
         }
         for name, r in saved.get("results", {}).items()
     }

@@ -169,6 +169,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--cifar_shards", default=None,
                         help="shards for cifar32 (default: CIFAR-10's training JPEGs, written once)")
     parser.add_argument("--batch_size", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--runs", type=int, default=3, help="side-by-side runs per preset (the torchvision side varies: report the spread)")
     parser.add_argument("--epoch_stall", action="store_true", help="also time the DALI loader's epoch boundary (two whole epochs)")
     parser.add_argument("--json", default=None, help="default bench/results/pipeline_<device>.json")
     args = parser.parse_args(argv)
@@ -181,15 +182,13 @@ def main(argv=None) -> dict:
         else:
             shards, description = imagenet_shards() if name == "imagenet224" else cifar_shards()
         print(f"[{name}] data: {description}")
-        dali = run(shards, preset, "dali", args.cores, args.device, args.seconds)
-        print(f"[{name}] DALI:        {dali['images_per_s']:8.1f} images/s ({dali['views_per_s']:.0f} views/s)")
-        tv = run(shards, preset, "torchvision", args.cores, args.device, args.seconds)
-        print(f"[{name}] torchvision: {tv['images_per_s']:8.1f} images/s ({tv['views_per_s']:.0f} views/s)")
-        speedup = dali["images_per_s"] / tv["images_per_s"]
-        print(f"[{name}] DALI / torchvision = {speedup:.2f}x")
+        runs = [compare(name, shards, preset, args) for _ in range(args.runs)]
+        speedups = [r["speedup"] for r in runs]
         results[name] = {"data": description, "image_size": preset["size"], "batch_size": preset["batch_size"],
-                         "dali": dali, "torchvision": tv, "speedup": round(speedup, 3),
-                         "dali_threads": args.cores, "dataloader_workers": args.cores}
+                         "dali_threads": args.cores, "dataloader_workers": args.cores, "runs": runs,
+                         "speedup": {"min": min(speedups), "median": statistics.median(speedups), "max": max(speedups)}}
+        if len(runs) > 1:
+            print(f"[{name}] DALI / torchvision over {len(runs)} runs: {min(speedups):.2f}x .. {max(speedups):.2f}x")
         if args.epoch_stall:
             stall = results[name]["epoch_stall"] = epoch_stall(shards, preset, args.cores, args.device)
             print(f"[{name}] epoch boundary: first batch of epoch 2 after {stall['first_batch_of_epoch_2_s']:.3f} s "
@@ -197,6 +196,17 @@ def main(argv=None) -> dict:
     path = write_result("pipeline", {"device": args.device, "seconds_per_measurement": args.seconds, "results": results}, args.json)
     print(f"wrote {path}")
     return results
+
+
+def compare(name: str, shards: Path, preset: dict, args) -> dict:
+    """One side-by-side run: DALI, then the torchvision DataLoader, on the same shards and cores."""
+    dali = run(shards, preset, "dali", args.cores, args.device, args.seconds)
+    print(f"[{name}] DALI:        {dali['images_per_s']:8.1f} images/s ({dali['views_per_s']:.0f} views/s)")
+    tv = run(shards, preset, "torchvision", args.cores, args.device, args.seconds)
+    print(f"[{name}] torchvision: {tv['images_per_s']:8.1f} images/s ({tv['views_per_s']:.0f} views/s)")
+    speedup = round(dali["images_per_s"] / tv["images_per_s"], 3)
+    print(f"[{name}] DALI / torchvision = {speedup:.2f}x")
+    return {"dali": dali, "torchvision": tv, "speedup": speedup}
 
 
 if __name__ == "__main__":

@@ -375,10 +375,11 @@ class DaliLoader:
 
     def _drain(self) -> None:
         """Consume the rest of the reader's epoch (remainder + padding): the next epoch starts aligned on every rank."""
-        if not self._drained:
-            for _ in self._iterator:  # ends in StopIteration, which resets the iterator for the next epoch
-                pass
-            self._drained = True
+        while not self._drained:
+            try:
+                next(self._iterator)  # not ``for``: DALI's __iter__ warns about a reset mid-epoch
+            except StopIteration:  # which also resets the iterator for the next epoch
+                self._drained = True
 
     def state_dict(self) -> dict:
         """Epoch, reader position and augmentation RNG state: restoring continues with exactly the next batch."""

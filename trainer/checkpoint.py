@@ -309,8 +309,8 @@ class Checkpointer:
 
 
 def epoch_start_state(epoch: int, rank: int, world_size: int) -> dict:
-    """A data-loader state at the beginning of ``epoch`` (the form ``DaliLoader.state_dict`` takes at an epoch's
-    end): where a rank's exact position is lost (bad data) or meaningless (another world size)."""
+    """A data-loader state at the beginning of ``epoch`` (``DaliLoader.load_state_dict`` starts a fresh pipeline
+    there): where a rank's exact position is lost (bad data) or meaningless (another world size)."""
     return {"shard_id": rank, "num_shards": world_size, "epoch": epoch, "dali_checkpoint": None}
 
 
