@@ -1,4 +1,4 @@
-"""WebDataset shard tools: write, index and verify (the command line of ``pipeline.shardset`` and ``pipeline.sources``).
+"""WebDataset shard tools: write, index and verify (the command line of the ``pipeline`` shard modules).
 
     python -m pipeline.shards write images  PHOTOS/ OUT/train-%06d.tar                # recursive, no labels
     python -m pipeline.shards write folder  IMAGE_ROOT/ OUT/train-{000000..999999}.tar  # ROOT/CLASS/*.jpg
@@ -25,29 +25,12 @@ from pathlib import Path
 from common.cli import ArgumentParser
 
 from .images import SUBSAMPLING_CHOICES, ImagePolicy
-from .shardset import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_COUNT,
-    ShardError,
-    brace_notation,
-    describe_set,
-    index_shards,
-    is_labelled,
-    output_pattern,
-    shard_paths,
-    verify_shards,
-)
-from .sources import (
-    arrays_source,
-    check_outside,
-    cifar_source,
-    folder_source,
-    images_source,
-    list_source,
-    synthetic_source,
-    writable_directory,
-    write_source,
-)
+from .pixel_sources import arrays_source, cifar_source, synthetic_source
+from .shardset import ShardError, brace_notation, index_shards, is_labelled, output_pattern, shard_paths
+from .shardwriter import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT
+from .source_writer import check_outside, writable_directory, write_source
+from .sources import folder_source, images_source, list_source
+from .verify import describe_set, verify_shards
 
 SHOWN_SKIPS = 20
 
