@@ -24,6 +24,7 @@ from .shardset import SET_FILE, SET_FORMAT, ShardError, output_pattern, path_key
 from .shardwriter import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_COUNT,
+    ShardRecord,
     ShardWriter,
     WriteReport,
     remove_shard,
@@ -210,22 +211,7 @@ def write_source(
         path, reason = source.problems[0]
         more = f" ({len(source.problems) - 1} more such problem(s))" if len(source.problems) > 1 else ""
         raise ShardError(f"{path}: {reason}{more} (pass --on_error skip to leave such inputs out)")
-    labelled = source.labels is not None
-    record = {
-        "format": SET_FORMAT,
-        "complete": False,
-        "pattern": Path(pattern).name,
-        "labelled": labelled,
-        "num_classes": len(source.classes) if labelled else None,
-        "source": {
-            "kind": source.kind,
-            "location": source.location,
-            "inputs": len(source),
-            "fingerprint": source.fingerprint(),
-            "order_seed": source.seed,
-        },
-        "settings": {**asdict(policy), "max_count": max_count, "max_bytes": max_bytes},
-    }
+    record = _new_record(source, pattern, {**asdict(policy), "max_count": max_count, "max_bytes": max_bytes})
     try:
         existing = read_set_record(directory)
     except ShardError:
@@ -241,21 +227,66 @@ def write_source(
     record.update(summarize_shards(kept))
     write_classes(directory, None)  # written when the set is complete: a classes.json means a finished labelled set
     write_set_record(directory, record)
+    writer = ShardWriter(
+        pattern,
+        first=len(kept),
+        max_count=max_count,
+        max_bytes=max_bytes,
+        index=index,
+        on_shard=lambda shard: _record_shard(directory, record, shard),
+    )
+    _stream(source, writer, policy, record["inputs_done"], on_error, workers, window or 32 * workers, progress)
+    if not record["shards"]:
+        raise ShardError(f"no samples were written to {out}: every input was skipped")
+    _complete(directory, record, source, writer.trailing_skips)
+    return _report(directory, record, resumed=len(kept))
 
-    def shard_done(shard) -> None:
-        record["shards"].append(asdict(shard))
-        record.update(summarize_shards(record["shards"]))
-        write_set_record(directory, record)
 
-    start = record["inputs_done"]
-    window = window or 32 * workers
+def _new_record(source: Source, pattern: str, settings: dict) -> dict:
+    """The ``shardset.json`` of a write that has not started: what is written from what, with which settings."""
+    labelled = source.labels is not None
+    return {
+        "format": SET_FORMAT,
+        "complete": False,
+        "pattern": Path(pattern).name,
+        "labelled": labelled,
+        "num_classes": len(source.classes) if labelled else None,
+        "source": {
+            "kind": source.kind,
+            "location": source.location,
+            "inputs": len(source),
+            "fingerprint": source.fingerprint(),
+            "order_seed": source.seed,
+        },
+        "settings": settings,
+    }
+
+
+def _record_shard(directory: Path, record: dict, shard: ShardRecord) -> None:
+    """A finished shard into the record, written at once: the journal an interrupted write resumes from."""
+    record["shards"].append(asdict(shard))
+    record.update(summarize_shards(record["shards"]))
+    write_set_record(directory, record)
+
+
+def _stream(
+    source: Source,
+    writer: ShardWriter,
+    policy: ImagePolicy,
+    start: int,
+    on_error: str,
+    workers: int,
+    window: int,
+    progress: bool,
+) -> None:
+    """Inputs ``start``.. of ``source``, prepared by ``workers`` processes, into ``writer`` in input order (closed
+    on success, aborted on any exception); a bad input raises ``ShardError`` ('stop') or is skipped ('skip')."""
     payloads = (source.payload(position) for position in range(start, len(source)))
     results = ordered_map(prepare_chunk, payloads, workers, window, policy)
-    bar = tqdm(total=len(source), initial=start, desc=f"writing {Path(pattern).name}", unit="img", disable=not progress)
+    name = Path(writer.pattern).name
+    bar = tqdm(total=len(source), initial=start, desc=f"writing {name}", unit="img", disable=not progress)
     try:
-        with ShardWriter(
-            pattern, first=len(kept), max_count=max_count, max_bytes=max_bytes, index=index, on_shard=shard_done
-        ) as writer:
+        with writer:
             for position, result in zip(range(start, len(source)), results):
                 path = source.paths[position]
                 if isinstance(result, str):
@@ -267,22 +298,23 @@ def write_source(
                         )
                     writer.skip(str(where), result)
                 else:
-                    label = source.labels[position] if labelled else None
+                    label = source.labels[position] if source.labels is not None else None
                     writer.add(path_key(path), sample_members(result.data, result.ext, label, path), result.changes)
                 bar.update()
     finally:
         results.close()
         bar.close()
-    if not record["shards"]:
-        raise ShardError(f"no samples were written to {out}: every input was skipped")
-    record["trailing_skipped"] = writer.trailing_skips
+
+
+def _complete(directory: Path, record: dict, source: Source, trailing_skips: list[tuple[str, str]]) -> None:
+    """Mark the record complete (every input written or skipped) and write ``classes.json`` beside it."""
+    record["trailing_skipped"] = trailing_skips
     record.update(summarize_shards(record["shards"]))
-    record["skipped"] = source.problems + record["skipped"] + writer.trailing_skips
-    record["inputs_done"] += len(writer.trailing_skips)
+    record["skipped"] = source.problems + record["skipped"] + trailing_skips
+    record["inputs_done"] += len(trailing_skips)
     record["complete"] = True
-    write_classes(directory, source.classes if labelled else None)
+    write_classes(directory, source.classes if source.labels is not None else None)
     write_set_record(directory, record)
-    return _report(directory, record, resumed=len(kept))
 
 
 def _report(directory: Path, record: dict, resumed: int, finished_before: bool = False) -> WriteReport:

@@ -188,6 +188,37 @@ def list_source(list_file: Path, root: Path | None = None, classes_file: Path | 
     root = Path(root) if root is not None else list_file.parent
     if not root.is_dir():
         raise ShardError(f"--root {root} does not exist or is not a directory")
+    rows, labelled = _list_rows(list_file)
+    seen: dict[str, int] = {}
+    items: list[tuple[str, str, int]] = []  # (path, label text, line number)
+    for number, cells in rows:
+        path = _listed_path(list_file, root, number, cells[0])
+        if path in seen:
+            raise ShardError(f"list file {list_file} lines {seen[path]} and {number} both list {path}")
+        seen[path] = number
+        items.append((path, cells[1] if labelled else "", number))
+    classes, labels = _list_labels(list_file, items, classes_file) if labelled else (None, None)
+    exists = [(root / path).is_file() for path, _, _ in items]
+    problems = [
+        (str(root / path), "listed file does not exist") for (path, _, _), found in zip(items, exists) if not found
+    ]
+    order = _shuffled([i for i, found in enumerate(exists) if found], seed)
+    paths = [items[i][0] for i in order]
+    return Source(
+        "list",
+        str(list_file.resolve()),
+        paths,
+        [labels[i] for i in order] if labels is not None else None,
+        classes,
+        _file_payload(root, paths),
+        problems,
+        seed=seed,
+    )
+
+
+def _list_rows(list_file: Path) -> tuple[list[tuple[int, list[str]]], bool]:
+    """The list's rows as (line number, stripped cells), header, blank and comment lines left out, and whether
+    they carry labels; ``ShardError`` for an unreadable or empty list, or rows of mixed or bad widths."""
     try:
         text = list_file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as error:
@@ -216,60 +247,43 @@ def list_source(list_file: Path, root: Path | None = None, classes_file: Path | 
         raise ShardError(
             f"list file {list_file} line {number}: expected 'path{delimiter}label' or 'path' on every line, got {cells}"
         )
-    labelled = widths == {2}
-    seen: dict[str, int] = {}
-    items: list[tuple[str, str, int]] = []  # (path, label text, line number)
-    for number, cells in rows:
-        path = cells[0]
-        if os.path.isabs(path):
-            relative = os.path.relpath(path, root)
-            if relative.startswith(".."):
-                raise ShardError(f"list file {list_file} line {number}: {path} is outside --root {root}")
-            path = relative
-        try:
-            path = normalized_path(Path(path).as_posix())
-        except ShardError:
-            raise ShardError(
-                f"list file {list_file} line {number}: path {cells[0]!r} must name a file inside --root {root}"
-            ) from None
-        if path in seen:
-            raise ShardError(f"list file {list_file} lines {seen[path]} and {number} both list {path}")
-        seen[path] = number
-        items.append((path, cells[1] if labelled else "", number))
-    classes = labels = None
-    if labelled:
-        names = read_class_names(classes_file) if classes_file else None
-        if all(label.isdigit() for _, label, _ in items):
-            labels = [int(label) for _, label, _ in items]
-            classes = names or [str(i) for i in range(max(labels) + 1)]
-            beyond = next((number for _, label, number in items if int(label) >= len(classes)), None)
-            if beyond is not None:
-                raise ShardError(
-                    f"list file {list_file} line {beyond}: label beyond the {len(classes)} classes of {classes_file}"
-                )
-        else:
-            classes = names or sorted({label for _, label, _ in items})
-            lookup = {name: index for index, name in enumerate(classes)}
-            unknown = next(((number, label) for _, label, number in items if label not in lookup), None)
-            if unknown:
-                raise ShardError(
-                    f"list file {list_file} line {unknown[0]}: class {unknown[1]!r} is not in {classes_file}"
-                )
-            labels = [lookup[label] for _, label, _ in items]
-    exists = [(root / path).is_file() for path, _, _ in items]
-    problems = [
-        (str(root / path), "listed file does not exist") for (path, _, _), found in zip(items, exists) if not found
-    ]
-    order = _shuffled([i for i, found in enumerate(exists) if found], seed)
-    paths = [items[i][0] for i in order]
-    return Source(
-        "list",
-        str(list_file.resolve()),
-        paths,
-        [labels[i] for i in order] if labels is not None else None,
-        classes,
-        _file_payload(root, paths),
-        problems,
-        seed=seed,
-    )
+    return rows, widths == {2}
 
+
+def _listed_path(list_file: Path, root: Path, number: int, path: str) -> str:
+    """A listed path (relative to ``root``, or absolute inside it) as a normalized path relative to ``root``."""
+    listed = path
+    if os.path.isabs(path):
+        relative = os.path.relpath(path, root)
+        if relative.startswith(".."):
+            raise ShardError(f"list file {list_file} line {number}: {path} is outside --root {root}")
+        path = relative
+    try:
+        return normalized_path(Path(path).as_posix())
+    except ShardError:
+        raise ShardError(
+            f"list file {list_file} line {number}: path {listed!r} must name a file inside --root {root}"
+        ) from None
+
+
+def _list_labels(
+    list_file: Path, items: list[tuple[str, str, int]], classes_file: Path | None
+) -> tuple[list[str], list[int]]:
+    """(class names, label per item) from the items' label texts: integers, or class names indexed by
+    ``classes_file`` when given, else sorted."""
+    names = read_class_names(classes_file) if classes_file else None
+    if all(label.isdigit() for _, label, _ in items):
+        labels = [int(label) for _, label, _ in items]
+        classes = names or [str(i) for i in range(max(labels) + 1)]
+        beyond = next((number for _, label, number in items if int(label) >= len(classes)), None)
+        if beyond is not None:
+            raise ShardError(
+                f"list file {list_file} line {beyond}: label beyond the {len(classes)} classes of {classes_file}"
+            )
+        return classes, labels
+    classes = names or sorted({label for _, label, _ in items})
+    lookup = {name: index for index, name in enumerate(classes)}
+    unknown = next(((number, label) for _, label, number in items if label not in lookup), None)
+    if unknown:
+        raise ShardError(f"list file {list_file} line {unknown[0]}: class {unknown[1]!r} is not in {classes_file}")
+    return classes, [lookup[label] for _, label, _ in items]
