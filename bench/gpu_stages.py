@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .common import ROOT
+from .common import ROOT, installed_versions
 
 if TYPE_CHECKING:
     from .gpu_check import Check
@@ -54,16 +54,9 @@ def _read_json(path: Path) -> dict | None:
 
 
 def stage_environment(check: Check, cap: float) -> dict:
-    import importlib.metadata
-
     import torch
 
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    versions = installed_versions(PACKAGES)
     check.cuda = torch.cuda.is_available()
     summary = {
         "versions": versions,
