@@ -38,13 +38,19 @@ def device_tag() -> str:
     return name.replace(" ", "_")
 
 
-def environment() -> dict:
+def installed_versions(packages) -> dict[str, str]:
+    """package -> installed version, for those of ``packages`` that are installed."""
     versions = {}
-    for package in PACKAGES:
+    for package in packages:
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             pass
+    return versions
+
+
+def environment() -> dict:
+    versions = installed_versions(PACKAGES)
     info = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),

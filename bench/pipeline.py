@@ -42,7 +42,7 @@ PRESETS = {
 def imagenet_shards(repeats: int = 5, source: Path | None = None, out: Path | None = None) -> tuple[Path, str]:
     """The ImageNet sample (``source``, default ../shared/data/imagenet-sample) as shards, written once to
     ``out`` (default under data/bench/)."""
-    from pipeline.shardset import Sample, write_shards
+    from pipeline.shardwriter import Sample, write_shards
 
     out = out or CACHE / f"imagenet-sample-x{repeats}"
     if (out / "classes.json").exists():
@@ -60,7 +60,8 @@ def imagenet_shards(repeats: int = 5, source: Path | None = None, out: Path | No
 
 
 def cifar_shards() -> tuple[Path, str]:
-    from pipeline.sources import folder_source, write_source
+    from pipeline.source_writer import write_source
+    from pipeline.sources import folder_source
 
     out = CACHE / "cifar10-train"
     if (out / "classes.json").exists():
@@ -75,8 +76,8 @@ def cifar_shards() -> tuple[Path, str]:
 
 
 def synthetic_shards(out: Path, count: int, side: int, description: str) -> tuple[Path, str]:
-    from pipeline.shardset import write_shards
-    from pipeline.sources import array_samples
+    from pipeline.pixel_sources import array_samples
+    from pipeline.shardwriter import write_shards
 
     rng = np.random.default_rng(0)
     coarse = rng.integers(0, 256, (count, 8, 8, 3)).astype(np.uint8)

@@ -29,17 +29,16 @@ the time per step during which at least one bucket was being reduced (it overlap
 added to the stages), and "all-reduce exposed" the part of it after the last bucket's launch, until the end
 of the stage that launched it: communication the backward waits for once its last gradient is computed.
 Both lie inside a stage already counted; the trace shows the buckets ("all-reduce (bucket N)" on the autograd
-thread, gloo/NCCL's own events, and on CUDA the NCCL kernels on their stream).
+thread, gloo/NCCL's own events, and on CUDA the NCCL kernels on their stream). The recorders, the table's
+arithmetic and the trace reading live in ``bench.step_marks``.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import os
 import resource
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -49,246 +48,10 @@ from torch.autograd.profiler import record_function
 from common.cli import ArgumentParser
 
 from .common import ROOT, write_result
+from .step_marks import AllReduceRecorder, StageRecorder, gpu_utilisation, read_trace, resolve, stage_table
 
-CANONICAL_STAGES = ("data wait", "forward", "loss", "backward", "optimizer")
 DATA_WAIT = "data wait"
 INPUT_BOUND_WAIT = 0.10  # data-wait share of the step above which the run is input-bound
-TRANSPARENT_RANGES = ("ProfilerStep#",)  # the profiler's own per-step range encloses the stages
-
-
-# --------------------------------------------------------------------------- the marks
-
-
-class StageRecorder:
-    """Clock marks at the edges of every top-level ``record_function`` range that the training thread opens
-    while the recorder is active (a context manager), grouped by ``begin_step()``.
-
-    ``steps`` after the window: one list per step of ``(name, start_mark, end_mark)``."""
-
-    def __init__(self, clock):
-        self.clock = clock
-        self.steps: list[list[tuple]] = []
-        self._thread = threading.get_ident()
-        self._depth = 0
-        self._saved = None
-
-    def begin_step(self) -> None:
-        self.steps.append([])
-
-    def _enter(self, rf) -> None:
-        tracked = threading.get_ident() == self._thread and not rf.name.startswith(TRANSPARENT_RANGES)
-        rf._stage_tracked = tracked
-        if tracked:
-            self._depth += 1
-            if self._depth == 1:
-                rf._stage_start = self.clock.mark()
-
-    def _exit(self, rf) -> None:
-        if not getattr(rf, "_stage_tracked", False):
-            return
-        if self._depth == 1 and self.steps:
-            self.steps[-1].append((rf.name, rf._stage_start, self.clock.mark()))
-        self._depth -= 1
-
-    def __enter__(self):
-        enter, exit_ = record_function.__enter__, record_function.__exit__
-        recorder = self
-
-        def traced_enter(rf):
-            result = enter(rf)
-            recorder._enter(rf)
-            return result
-
-        def traced_exit(rf, *exc):
-            recorder._exit(rf)
-            return exit_(rf, *exc)
-
-        self._saved = (enter, exit_)
-        record_function.__enter__, record_function.__exit__ = traced_enter, traced_exit
-        return self
-
-    def __exit__(self, *exc):
-        record_function.__enter__, record_function.__exit__ = self._saved
-        return False
-
-
-class AllReduceRecorder:
-    """A DDP comm hook: DDP's default all-reduce of each gradient bucket, with clock marks at its launch
-    (the bucket's gradients are ready) and its completion. ``steps``: per step, ``(launch, done)`` marks."""
-
-    def __init__(self, clock):
-        self.clock = clock
-        self.steps: list[list[tuple]] = []
-        self.active = False
-
-    def begin_step(self) -> None:
-        self.steps.append([])
-
-    def hook(self, process_group, bucket):
-        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-        if not (self.active and self.steps):
-            return default_hooks.allreduce_hook(process_group, bucket)
-        intervals, launched = self.steps[-1], self.clock.mark()
-        with record_function(f"all-reduce (bucket {bucket.index()})"):
-            future = default_hooks.allreduce_hook(process_group, bucket)
-
-        def done(fut):
-            intervals.append((launched, self.clock.mark()))  # on CUDA: ordered after the collective's kernels
-            return fut.value()
-
-        return future.then(done)
-
-
-# --------------------------------------------------------------------------- arithmetic on the marks
-
-
-def percentile(values, q: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else 0.0
-
-
-def union_length(intervals: list[tuple[float, float]]) -> float:
-    """Total length covered by a set of (start, end) intervals."""
-    total, current_start, current_end = 0.0, None, None
-    for start, end in sorted(intervals):
-        if current_end is None or start > current_end:
-            if current_end is not None:
-                total += current_end - current_start
-            current_start, current_end = start, end
-        else:
-            current_end = max(current_end, end)
-    if current_end is not None:
-        total += current_end - current_start
-    return total
-
-
-def stage_order(names: list[str]) -> list[str]:
-    """Canonical stages first (in their order), then the others in order of first appearance."""
-    seen = list(dict.fromkeys(names))
-    return [n for n in CANONICAL_STAGES if n in seen] + [n for n in seen if n not in CANONICAL_STAGES]
-
-
-def stage_table(
-    stage_steps: list[list[tuple[str, float, float]]],
-    step_seconds: list[float],
-    allreduce_steps: list[list[tuple[float, float]]] | None = None,
-) -> dict:
-    """The per-stage table from resolved times (seconds on one clock).
-
-    stage_steps: per step, ``(name, start, end)`` of each top-level range; step_seconds: the independently
-    clocked length of each step; allreduce_steps: per step, ``(launch, done)`` of each bucket (DDP only).
-    Returns ``{"stages": [{name, mean_ms, p90_ms, share, per_step}], "step": {...}, "unattributed": {...},
-    "allreduce": {...} | None, "attributed_share": float}``."""
-    if len(stage_steps) != len(step_seconds):
-        raise ValueError(f"{len(stage_steps)} steps of stage marks but {len(step_seconds)} clocked steps")
-    names = stage_order([name for step in stage_steps for name, _, _ in step])
-    per_step = {name: [0.0] * len(step_seconds) for name in names}
-    counts = {name: 0 for name in names}
-    for i, step in enumerate(stage_steps):
-        for name, start, end in step:
-            per_step[name][i] += end - start
-            counts[name] += 1
-    mean_step = float(np.mean(step_seconds)) if step_seconds else 0.0
-
-    def row(name, values, **extra):
-        mean = float(np.mean(values)) if values else 0.0
-        return {
-            "name": name,
-            "mean_ms": 1000 * mean,
-            "p90_ms": 1000 * percentile(values, 90),
-            "share": mean / mean_step if mean_step else 0.0,
-            **extra,
-        }
-
-    stages = [row(name, per_step[name], ranges_per_step=counts[name] / max(1, len(step_seconds))) for name in names]
-    attributed = [sum(per_step[name][i] for name in names) for i in range(len(step_seconds))]
-    unattributed = [step - covered for step, covered in zip(step_seconds, attributed)]
-    table = {
-        "stages": stages,
-        "unattributed": row("unattributed", unattributed),
-        "step": row("step (independent clock)", list(step_seconds)),
-        "attributed_share": float(np.sum(attributed) / np.sum(step_seconds)) if np.sum(step_seconds) else 0.0,
-        "allreduce": None,
-    }
-    if allreduce_steps is not None:
-        in_flight, exposed, buckets = [], [], []
-        for step, intervals in zip(stage_steps, allreduce_steps):
-            in_flight.append(union_length(intervals))
-            buckets.append(len(intervals))
-            if not intervals:
-                exposed.append(0.0)
-                continue
-            last_launch = max(launch for launch, _ in intervals)
-            stage_end = next((end for _, start, end in step if start <= last_launch <= end), last_launch)
-            exposed.append(
-                union_length(
-                    [
-                        (last_launch, min(done, stage_end))
-                        for launch, done in intervals
-                        if min(done, stage_end) > last_launch
-                    ]
-                )
-            )
-        table["allreduce"] = {
-            "in_flight": row("all-reduce in flight (overlaps backward)", in_flight),
-            "exposed": row("all-reduce exposed (after the last bucket's launch)", exposed),
-            "buckets_per_step": float(np.mean(buckets)) if buckets else 0.0,
-        }
-    return table
-
-
-def resolve(clock, reference, marks):
-    """Seconds from ``reference`` to each mark (marks nested in tuples/lists keep their shape)."""
-    if isinstance(marks, list):
-        return [resolve(clock, reference, m) for m in marks]
-    if isinstance(marks, tuple):
-        return tuple(m if isinstance(m, str) else resolve(clock, reference, m) for m in marks)
-    return clock.seconds(reference, marks)
-
-
-# --------------------------------------------------------------------------- the trace
-
-
-def read_trace(path: str | Path) -> list[dict]:
-    import gzip
-
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt") as handle:
-        data = json.load(handle)
-    return data["traceEvents"] if isinstance(data, dict) else data
-
-
-def gpu_utilisation(events: list[dict]) -> dict | None:
-    """Busy kernel time / wall time over the profiled steps, from a Chrome-format torch.profiler trace.
-
-    Wall time: from the first ``ProfilerStep#`` range's start to the last one's end (host timestamps, which
-    the profiler aligns with the device's; the window's last edge is synchronised). Busy: the union of all
-    kernels' intervals (any stream) within it; memcpy/memset counted separately. None without kernels (CPU)."""
-    steps = [
-        e
-        for e in events
-        if e.get("ph") == "X"
-        and str(e.get("name", "")).startswith("ProfilerStep#")
-        and e.get("cat") != "gpu_user_annotation"
-    ]
-    kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") == "kernel"]
-    if not kernels or not steps:
-        return None
-    start = min(float(e["ts"]) for e in steps)
-    end = max(float(e["ts"]) + float(e.get("dur", 0)) for e in steps)
-
-    def busy(selected):
-        clipped = [(max(start, float(e["ts"])), min(end, float(e["ts"]) + float(e.get("dur", 0)))) for e in selected]
-        return union_length([(a, b) for a, b in clipped if b > a])
-
-    copies = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("gpu_memcpy", "gpu_memset")]
-    wall = end - start
-    return {
-        "kernel_busy_fraction": busy(kernels) / wall if wall else 0.0,
-        "kernel_or_copy_busy_fraction": busy(kernels + copies) / wall if wall else 0.0,
-        "window_ms": wall / 1000,
-        "kernels": len(kernels),
-    }
 
 
 # --------------------------------------------------------------------------- the run
@@ -347,6 +110,69 @@ def verdict(images_per_step: float, mean_step: float, mean_wait: float, pipeline
     }
 
 
+class TrainingLoop:
+    """train.py's step on ``cfg``, one step at a time: the loader, model, optimiser and schedule built as train.py
+    builds them (``loader_factory(cfg, device, rank, world)``, ``model_factory(cfg, device_type, world)``), and,
+    when the model is wrapped in DDP, an ``AllReduceRecorder`` hooked into its gradient all-reduce."""
+
+    def __init__(self, cfg, accelerator, loader_factory, model_factory):
+        from accelerate.utils import set_seed
+        from torch.nn.parallel import DistributedDataParallel
+
+        from trainer.build import prepare_for_training
+        from trainer.meters import device_clock
+        from trainer.optim import build_optimizer, build_scheduler
+        from trainer.step import train_step
+
+        self.cfg, self.accelerator, self.train_step = cfg, accelerator, train_step
+        world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+        self.loader = loader_factory(cfg, device, rank, world)
+        steps_per_epoch = len(self.loader)
+        total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+        set_seed(cfg.seed)
+        model = model_factory(cfg, device.type, world)
+        optimizer = build_optimizer(model, cfg)
+        self.scheduler = build_scheduler(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+        model, self.optimizer = prepare_for_training(accelerator, model, optimizer)
+        self.forward = torch.compile(model) if cfg.compile else model
+        self.clock = device_clock(device)
+        self.allreduce = None
+        if isinstance(model, DistributedDataParallel):
+            self.allreduce = AllReduceRecorder(self.clock)
+            model.register_comm_hook(None, self.allreduce.hook)
+        self.batches, self.epoch_ends, self.steps_done = iter(self.loader), 0, 0
+
+    def next_batch(self):
+        while True:
+            try:
+                return next(self.batches)
+            except StopIteration:  # end of epoch: the loader moves to the next one (its cost stays in the data wait)
+                self.batches, self.epoch_ends = iter(self.loader), self.epoch_ends + 1
+
+    def step(self, timer=None, recorder=None) -> None:
+        """One training step; with ``timer`` its data wait and length clocked, with ``recorder`` its stages marked."""
+        if timer:
+            timer.start_wait()
+        if recorder:
+            recorder.begin_step()
+            if self.allreduce:
+                self.allreduce.begin_step()
+        with record_function(DATA_WAIT):
+            view1, view2 = self.next_batch()
+        if timer:
+            timer.end_wait()
+        self.train_step(self.forward, self.optimizer, view1, view2, self.cfg, self.accelerator)
+        self.steps_done += 1
+        self.scheduler.step_update(self.steps_done)
+        if timer:
+            timer.end_step()
+
+    def release_loader(self) -> None:
+        """Drop the training loader (its DALI threads stop) before the pipeline is measured alone."""
+        self.batches = self.loader = None
+        gc.collect()
+
+
 def run(
     cfg,
     warmup_steps: int = 5,
@@ -363,118 +189,25 @@ def run(
     ``loader_factory(cfg, device, rank, world)`` and ``model_factory(cfg, device_type, world)`` default to
     train.py's (``build_train_loader``, ``build_model``)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from torch.nn.parallel import DistributedDataParallel
 
-    from trainer.build import build_model, prepare_for_training
+    from trainer.build import build_model
     from trainer.data import build_train_loader, data_device
-    from trainer.meters import StepTimer, device_clock
-    from trainer.optim import build_optimizer, build_scheduler
-    from trainer.step import train_step
 
     loader_factory = loader_factory or build_train_loader
-    model_factory = model_factory or build_model
     accelerator = accelerator or Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    say = (lambda *a: None) if quiet else accelerator.print
-
-    loader = loader_factory(cfg, device, rank, world)
-    steps_per_epoch = len(loader)
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    set_seed(cfg.seed)
-    model = model_factory(cfg, device.type, world)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch))
-    model, optimizer = prepare_for_training(accelerator, model, optimizer)
-    forward = torch.compile(model) if cfg.compile else model
-    clock = device_clock(device)
-    allreduce = None
-    if isinstance(model, DistributedDataParallel):
-        allreduce = AllReduceRecorder(clock)
-        model.register_comm_hook(None, allreduce.hook)
-
-    batches, epoch_ends = iter(loader), 0
-
-    def next_batch():
-        nonlocal batches, epoch_ends
-        while True:
-            try:
-                return next(batches)
-            except StopIteration:  # end of epoch: the loader moves to the next one (its cost stays in the data wait)
-                batches, epoch_ends = iter(loader), epoch_ends + 1
-
-    step = 0
-
-    def one_step(timer=None, recorder=None):
-        nonlocal step
-        if timer:
-            timer.start_wait()
-        if recorder:
-            recorder.begin_step()
-            if allreduce:
-                allreduce.begin_step()
-        with record_function(DATA_WAIT):
-            view1, view2 = next_batch()
-        if timer:
-            timer.end_wait()
-        train_step(forward, optimizer, view1, view2, cfg, accelerator)
-        step += 1
-        scheduler.step_update(step)
-        if timer:
-            timer.end_step()
-
-    say(
-        f"profile: {world} process(es) on {device.type}, data on {data_device(cfg, device)}, batch {cfg.batch_size}; "
-        f"{warmup_steps} warm-up + 1 profiler warm-up + {profile_steps} profiled steps"
-    )
+    loop = TrainingLoop(cfg, accelerator, loader_factory, model_factory or build_model)
+    if not quiet:
+        accelerator.print(
+            f"profile: {world} process(es) on {device.type}, data on {data_device(cfg, device)}, "
+            f"batch {cfg.batch_size}; {warmup_steps} warm-up + 1 profiler warm-up + {profile_steps} profiled steps"
+        )
     for _ in range(warmup_steps):
-        one_step()
-
-    activities = [torch.profiler.ProfilerActivity.CPU] + (
-        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
-    )
-    profiler = torch.profiler.profile(
-        activities=activities, schedule=torch.profiler.schedule(wait=0, warmup=1, active=profile_steps, repeat=1)
-    )
-    timer = StepTimer(images_per_step=cfg.batch_size // world, clock=clock, keep_steps=True)
-    recorder = StageRecorder(clock)
-    profiler.start()
-    one_step()  # the profiler's own warm-up step (its start-up cost stays out of the trace)
-    profiler.step()
-    clock.synchronize()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    epoch_ends_before = epoch_ends
-    reference = clock.mark()
-    if allreduce:
-        allreduce.active = True
-    with recorder:
-        for _ in range(profile_steps):
-            one_step(timer, recorder)
-            profiler.step()
-    clock.synchronize()
-    profiler.stop()
-    if allreduce:
-        allreduce.active = False
-    timer.summary()  # reads the marks
-    stage_steps = resolve(clock, reference, recorder.steps)
-    allreduce_steps = resolve(clock, reference, allreduce.steps) if allreduce else None
-    waits = [wait for wait, _ in timer.history]
-    step_seconds = [elapsed for _, elapsed in timer.history]
-    table = stage_table(stage_steps, step_seconds, allreduce_steps)
+        loop.step()
+    profiler, step_seconds, waits, table, epoch_boundaries = profile_window(loop, profile_steps, world)
     memory = peak_memory(device)
-
-    trace_path = None
-    utilisation = None
-    if trace_dir is not None:
-        trace_path = Path(trace_dir) / f"rank{rank}.pt.trace.json.gz"
-        trace_path.parent.mkdir(parents=True, exist_ok=True)
-        profiler.export_chrome_trace(str(trace_path))
-        if device.type == "cuda":
-            utilisation = gpu_utilisation(read_trace(trace_path))
-
-    batches = loader = None  # the training loader's DALI threads stop before the pipeline is measured alone
-    gc.collect()
+    trace_path, utilisation = export_trace(profiler, trace_dir, rank, device) if trace_dir is not None else (None, None)
+    loop.release_loader()
     pipeline = (
         pipeline_alone(cfg, device, rank, world, loader_factory, pipeline_seconds) if pipeline_seconds > 0 else None
     )
@@ -488,7 +221,7 @@ def run(
         "images_per_s": local_batch * len(step_seconds) / sum(step_seconds),
         "data_wait_fraction": sum(waits) / sum(step_seconds),
         "median_step_ms": 1000 * float(np.median(step_seconds)),
-        "epoch_boundaries_in_window": epoch_ends - epoch_ends_before,
+        "epoch_boundaries_in_window": epoch_boundaries,
         "table": table,
         "memory": memory,
         "gpu_utilisation": utilisation,
@@ -496,6 +229,57 @@ def run(
         "pipeline_alone": pipeline,
         "verdict": verdict(local_batch, mean_step, mean_wait, pipeline["images_per_s"] if pipeline else None),
     }
+
+
+def profile_window(loop: TrainingLoop, profile_steps: int, world: int):
+    """One profiler warm-up step, then ``profile_steps`` steps under ``torch.profiler`` with their stages marked
+    and each step clocked independently. Returns (profiler, step seconds, data-wait seconds, stage table,
+    epoch boundaries crossed in the window)."""
+    from trainer.meters import StepTimer
+
+    cfg, clock, allreduce = loop.cfg, loop.clock, loop.allreduce
+    device = loop.accelerator.device
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    )
+    profiler = torch.profiler.profile(
+        activities=activities, schedule=torch.profiler.schedule(wait=0, warmup=1, active=profile_steps, repeat=1)
+    )
+    timer = StepTimer(images_per_step=cfg.batch_size // world, clock=clock, keep_steps=True)
+    recorder = StageRecorder(clock)
+    profiler.start()
+    loop.step()  # the profiler's own warm-up step (its start-up cost stays out of the trace)
+    profiler.step()
+    clock.synchronize()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    epoch_ends_before = loop.epoch_ends
+    reference = clock.mark()
+    if allreduce:
+        allreduce.active = True
+    with recorder:
+        for _ in range(profile_steps):
+            loop.step(timer, recorder)
+            profiler.step()
+    clock.synchronize()
+    profiler.stop()
+    if allreduce:
+        allreduce.active = False
+    timer.summary()  # reads the marks
+    stage_steps = resolve(clock, reference, recorder.steps)
+    allreduce_steps = resolve(clock, reference, allreduce.steps) if allreduce else None
+    waits = [wait for wait, _ in timer.history]
+    step_seconds = [elapsed for _, elapsed in timer.history]
+    table = stage_table(stage_steps, step_seconds, allreduce_steps)
+    return profiler, step_seconds, waits, table, loop.epoch_ends - epoch_ends_before
+
+
+def export_trace(profiler, trace_dir: str | Path, rank: int, device: torch.device) -> tuple[Path, dict | None]:
+    """This rank's Chrome trace, ``trace_dir/rank<r>.pt.trace.json.gz``, and on CUDA the GPU utilisation read off it."""
+    trace_path = Path(trace_dir) / f"rank{rank}.pt.trace.json.gz"
+    trace_path.parent.mkdir(parents=True, exist_ok=True)
+    profiler.export_chrome_trace(str(trace_path))
+    return trace_path, (gpu_utilisation(read_trace(trace_path)) if device.type == "cuda" else None)
 
 
 # --------------------------------------------------------------------------- report

@@ -1,4 +1,4 @@
-"""WebDataset shard tools: write, index and verify (the command line of ``pipeline.shardset`` and ``pipeline.sources``).
+"""WebDataset shard tools: write, index and verify (the command line of the ``pipeline`` shard modules).
 
     python -m pipeline.shards write images  PHOTOS/ OUT/train-%06d.tar                # recursive, no labels
     python -m pipeline.shards write folder  IMAGE_ROOT/ OUT/train-{000000..999999}.tar  # ROOT/CLASS/*.jpg
@@ -25,29 +25,12 @@ from pathlib import Path
 from common.cli import ArgumentParser
 
 from .images import SUBSAMPLING_CHOICES, ImagePolicy
-from .shardset import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MAX_COUNT,
-    ShardError,
-    brace_notation,
-    describe_set,
-    index_shards,
-    is_labelled,
-    output_pattern,
-    shard_paths,
-    verify_shards,
-)
-from .sources import (
-    arrays_source,
-    check_outside,
-    cifar_source,
-    folder_source,
-    images_source,
-    list_source,
-    synthetic_source,
-    writable_directory,
-    write_source,
-)
+from .pixel_sources import arrays_source, cifar_source, synthetic_source
+from .shardset import ShardError, brace_notation, index_shards, is_labelled, output_pattern, shard_paths
+from .shardwriter import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT
+from .source_writer import check_outside, writable_directory, write_source
+from .sources import folder_source, images_source, list_source
+from .verify import describe_set, verify_shards
 
 SHOWN_SKIPS = 20
 
@@ -97,11 +80,86 @@ def build_parser() -> ArgumentParser:
         prog="python -m pipeline.shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
-
     write = commands.add_parser(
         "write", help="write WebDataset shards (+ DALI indexes, classes.json, shardset.json) from images"
     )
-    sources = write.add_subparsers(dest="source", required=True)
+    add_write_sources(write.add_subparsers(dest="source", required=True))
+    index = commands.add_parser("index", help="write DALI index files (NAME.idx beside each NAME.tar)")
+    index.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns")
+    index.add_argument("--quiet", action="store_true")
+    verify = commands.add_parser(
+        "verify", help="check every sample (decodes, label where the set is labelled), say how the set was written"
+    )
+    verify.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns")
+    verify.add_argument("--no_labels", action="store_true", help="do not require .cls labels even in a labelled set")
+    verify.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
+    verify.add_argument("--quiet", action="store_true")
+    return parser
+
+
+OUT_HELP = (
+    "output shard names: printf (OUT/train-%%06d.tar) or brace (OUT/train-{000000..999999}.tar) pattern, "
+    "one shard number"
+)
+
+
+def add_write_sources(sources) -> None:
+    """``write images|folder|list|cifar|arrays|synthetic``: each source's own arguments after the shared ones."""
+    common, pixels, seeded = write_options(), pixel_options(), seed_options()
+    images = sources.add_parser(
+        "images", parents=[common, seeded], help="every image under ROOT, recursively, without labels"
+    )
+    images.add_argument(
+        "root", type=Path, help="folder whose images (at any depth) are written; hidden files are left out"
+    )
+    images.add_argument("out", help=OUT_HELP)
+    folder = sources.add_parser(
+        "folder", parents=[common, seeded], help="from ROOT/CLASS/... (labels: sorted class-folder names)"
+    )
+    folder.add_argument("root", type=Path, help="folder of class folders: ROOT/CLASS/.../image")
+    folder.add_argument("out", help=OUT_HELP)
+    listed = sources.add_parser(
+        "list", parents=[common, seeded], help="from a CSV/TSV of path[,label] rows (e.g. ImageNet's validation set)"
+    )
+    listed.add_argument("list_file", type=Path, metavar="FILE.csv|FILE.tsv")
+    listed.add_argument("out", help=OUT_HELP)
+    listed.add_argument(
+        "--root", type=Path, default=None, help="folder the listed paths are relative to (default: the list's folder)"
+    )
+    listed.add_argument(
+        "--classes",
+        type=Path,
+        default=None,
+        help="class names in label order (a classes.json, e.g. the training set's, or one name per line): "
+        "maps class-name labels to the same indices as another set",
+    )
+    add_pixel_sources(sources, [common, pixels])
+
+
+def add_pixel_sources(sources, parents: list[ArgumentParser]) -> None:
+    """``write cifar|arrays|synthetic``: the sources of raw pixels."""
+    cifar = sources.add_parser("cifar", parents=parents, help="from the official CIFAR-10/100 python tarball")
+    cifar.add_argument("tarball", type=Path, help="cifar-10-python.tar.gz or cifar-100-python.tar.gz")
+    cifar.add_argument("out", help=OUT_HELP)
+    cifar.add_argument("--split", choices=["train", "test"], required=True)
+    arrays = sources.add_parser(
+        "arrays",
+        parents=parents,
+        help="from a .npz with uint8 `images` (N,H,W[,3]) and optional int `labels` (N,)",
+    )
+    arrays.add_argument("npz", type=Path, help=".npz file with `images` (and `labels`)")
+    arrays.add_argument("out", help=OUT_HELP)
+    arrays.add_argument("--classes", default=None, help="comma-separated class names (default: 0..K-1)")
+    synthetic = sources.add_parser("synthetic", parents=parents, help="procedurally generated shapes (the demo's data)")
+    synthetic.add_argument("out", help=OUT_HELP)
+    synthetic.add_argument("--num_classes", type=at_least(1), default=10)
+    synthetic.add_argument("--per_class", type=at_least(1), default=200)
+    synthetic.add_argument("--size", type=at_least(8), default=32)
+    synthetic.add_argument("--seed", type=int, default=0)
+
+
+def write_options() -> ArgumentParser:
+    """The options every ``write`` source takes: shard size, image encoding, workers, error handling."""
     common = ArgumentParser(add_help=False)
     common.add_argument("--max_count", type=at_least(1), default=DEFAULT_MAX_COUNT, help=MAX_COUNT_HELP)
     common.add_argument(
@@ -153,6 +211,11 @@ def build_parser() -> ArgumentParser:
     )
     common.add_argument("--no_index", action="store_true", help="do not write DALI index files")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
+    return common
+
+
+def pixel_options() -> ArgumentParser:
+    """The option of the raw-pixel sources (CIFAR, arrays, synthetic): how pixels are stored."""
     pixels = ArgumentParser(add_help=False)
     pixels.add_argument(
         "--pixel_format",
@@ -161,73 +224,14 @@ def build_parser() -> ArgumentParser:
         help="how raw pixels are stored: jpeg (default; 4:4:4 quality 95) or png (lossless, ~1.5x the bytes, "
         "decoded on the CPU): see README",
     )
+    return pixels
+
+
+def seed_options() -> ArgumentParser:
+    """The option of the file sources (images, folder, list): the seed of their order shuffle."""
     seeded = ArgumentParser(add_help=False)
     seeded.add_argument("--seed", type=int, default=0, help="seed of the sample order shuffle (default 0)")
-    out_help = (
-        "output shard names: printf (OUT/train-%%06d.tar) or brace (OUT/train-{000000..999999}.tar) pattern, "
-        "one shard number"
-    )
-
-    images = sources.add_parser(
-        "images", parents=[common, seeded], help="every image under ROOT, recursively, without labels"
-    )
-    images.add_argument(
-        "root", type=Path, help="folder whose images (at any depth) are written; hidden files are left out"
-    )
-    images.add_argument("out", help=out_help)
-    folder = sources.add_parser(
-        "folder", parents=[common, seeded], help="from ROOT/CLASS/... (labels: sorted class-folder names)"
-    )
-    folder.add_argument("root", type=Path, help="folder of class folders: ROOT/CLASS/.../image")
-    folder.add_argument("out", help=out_help)
-    listed = sources.add_parser(
-        "list", parents=[common, seeded], help="from a CSV/TSV of path[,label] rows (e.g. ImageNet's validation set)"
-    )
-    listed.add_argument("list_file", type=Path, metavar="FILE.csv|FILE.tsv")
-    listed.add_argument("out", help=out_help)
-    listed.add_argument(
-        "--root", type=Path, default=None, help="folder the listed paths are relative to (default: the list's folder)"
-    )
-    listed.add_argument(
-        "--classes",
-        type=Path,
-        default=None,
-        help="class names in label order (a classes.json, e.g. the training set's, or one name per line): "
-        "maps class-name labels to the same indices as another set",
-    )
-    cifar = sources.add_parser("cifar", parents=[common, pixels], help="from the official CIFAR-10/100 python tarball")
-    cifar.add_argument("tarball", type=Path, help="cifar-10-python.tar.gz or cifar-100-python.tar.gz")
-    cifar.add_argument("out", help=out_help)
-    cifar.add_argument("--split", choices=["train", "test"], required=True)
-    arrays = sources.add_parser(
-        "arrays",
-        parents=[common, pixels],
-        help="from a .npz with uint8 `images` (N,H,W[,3]) and optional int `labels` (N,)",
-    )
-    arrays.add_argument("npz", type=Path, help=".npz file with `images` (and `labels`)")
-    arrays.add_argument("out", help=out_help)
-    arrays.add_argument("--classes", default=None, help="comma-separated class names (default: 0..K-1)")
-    synthetic = sources.add_parser(
-        "synthetic", parents=[common, pixels], help="procedurally generated shapes (the demo's data)"
-    )
-    synthetic.add_argument("out", help=out_help)
-    synthetic.add_argument("--num_classes", type=at_least(1), default=10)
-    synthetic.add_argument("--per_class", type=at_least(1), default=200)
-    synthetic.add_argument("--size", type=at_least(8), default=32)
-    synthetic.add_argument("--seed", type=int, default=0)
-
-    index = commands.add_parser("index", help="write DALI index files (NAME.idx beside each NAME.tar)")
-    index.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns")
-    index.add_argument("--quiet", action="store_true")
-
-    verify = commands.add_parser(
-        "verify", help="check every sample (decodes, label where the set is labelled), say how the set was written"
-    )
-    verify.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns")
-    verify.add_argument("--no_labels", action="store_true", help="do not require .cls labels even in a labelled set")
-    verify.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
-    verify.add_argument("--quiet", action="store_true")
-    return parser
+    return seeded
 
 
 def make_source(args):

@@ -1,5 +1,6 @@
-"""The shard set on disk: WebDataset tars, their DALI indexes, class names and the set's record; writing
-shards atomically, indexing, verifying.
+"""The shard set on disk, read side: WebDataset tars, their DALI indexes, class names and the set's record;
+shard names, sample keys, indexes, labels and source paths. Writing shards lives in ``pipeline.shardwriter``,
+checking them in ``pipeline.verify``.
 
 A shard is a POSIX tar of samples, each three members sharing the sample's key:
 - ``{key}.jpg`` (or ``.png`` for raw pixels stored losslessly): the image;
@@ -21,34 +22,26 @@ injective (distinct paths give distinct keys), stable, and ``key_path`` reverses
 from __future__ import annotations
 
 import glob
-import io
 import json
 import os
 import re
 import tarfile
 import urllib.parse
-from collections import Counter
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from common.files import atomic_write_text, fsync_directory
+from common.files import atomic_write_text
 
 # The members a sample's image may be stored as (what DALI's decoder and the verifier read).
 IMAGE_COMPONENTS = ("jpg", "jpeg", "png", "webp")
-# Image formats DALI's decoders read (GIF is not one of them).
-DALI_FORMATS = {"JPEG", "PNG", "WEBP", "TIFF", "BMP", "PPM", "JPEG2000"}
 INDEX_VERSION = "v1.2"
 SET_FILE = "shardset.json"
 CLASSES_FILE = "classes.json"
 SET_FORMAT = 1
-DEFAULT_MAX_COUNT = 1000
-DEFAULT_MAX_BYTES = 1e9
 
 
 class ShardError(ValueError):
@@ -259,6 +252,12 @@ def write_index(tar: Path) -> Path:
     return atomic_write_text(index_path(tar), index_text(tar))
 
 
+def index_shards(shards: list[Path], progress: bool = True) -> None:
+    """Write DALI's index beside each of ``shards``."""
+    for tar in tqdm(shards, desc="indexing", unit="shard", disable=not progress or len(shards) < 2):
+        write_index(tar)
+
+
 @dataclass
 class ShardIndex:
     """What a shard's DALI index says: number of samples and their components."""
@@ -378,7 +377,8 @@ def _label(text: str, tar: Path, key: str) -> int:
     return int(text)
 
 
-def _source_path(text: str, tar: Path, key: str) -> str:
+def parse_source_path(text: str, tar: Path, key: str) -> str:
+    """The source path a sample's ``.json`` member holds (``ShardError`` naming shard and key if none)."""
     try:
         return str(json.loads(text)["path"])
     except (ValueError, KeyError, TypeError):
@@ -392,7 +392,7 @@ def read_labels(shards) -> dict[str, int]:
 
 def read_source_paths(shards) -> dict[str, str]:
     """key -> source path of every sample, from the ``.json`` members."""
-    return _read_member(shards, "json", "source path", _source_path)
+    return _read_member(shards, "json", "source path", parse_source_path)
 
 
 def count_classes(*shard_sets) -> int:
@@ -406,416 +406,3 @@ def count_classes(*shard_sets) -> int:
     return 1 + max(max(read_labels(p).values()) for p in paths)
 
 
-# --------------------------------------------------------------------------- writing shards
-
-
-@dataclass
-class ShardRecord:
-    """A finished shard, as the set's record (``shardset.json``) lists it."""
-
-    name: str
-    samples: int
-    inputs: int  # inputs consumed: samples + inputs skipped while this shard was open
-    bytes: int
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
-    changes: dict[str, int] = field(default_factory=dict)  # why images were re-encoded -> count
-    copied: int = 0  # images stored byte-identical
-
-
-class ShardWriter:
-    """Samples into numbered shards ``pattern % n`` (n from ``first``), at most ``max_count`` samples and about
-    ``max_bytes`` bytes each. A shard is written to ``NAME.tmp``, closed, fsynced, indexed (``NAME.idx``,
-    atomically), then renamed to ``NAME`` and its directory fsynced; only then is ``on_shard(record)`` called.
-    So a shard under its final name is always complete and indexed; ``abort`` (or any exception inside a
-    ``with`` block) removes the open temporary and leaves finished shards as they are."""
-
-    def __init__(
-        self,
-        pattern: str,
-        first: int = 0,
-        max_count: int = DEFAULT_MAX_COUNT,
-        max_bytes: float = DEFAULT_MAX_BYTES,
-        index: bool = True,
-        on_shard: Callable[[ShardRecord], None] | None = None,
-    ):
-        if max_count < 1 or max_bytes <= 0:
-            raise ValueError(f"max_count must be >= 1 and max_bytes > 0, got {max_count}, {max_bytes}")
-        self.pattern, self.number, self.max_count, self.max_bytes = pattern, first, max_count, max_bytes
-        self.index, self.on_shard = index, on_shard
-        self.records: list[ShardRecord] = []
-        self._tar: tarfile.TarFile | None = None
-        self._file = None
-        self._open: ShardRecord | None = None
-        self._pending_skips: list[tuple[str, str]] = []  # skipped before the next shard opens
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, kind, value, traceback) -> None:
-        if kind is None:
-            self.close()
-        else:
-            self.abort()
-
-    @property
-    def _tmp(self) -> Path:
-        return Path(self.pattern % self.number + ".tmp")
-
-    def _start(self) -> None:
-        name = self.pattern % self.number
-        self._file = open(self._tmp, "wb")
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
-        self._open = ShardRecord(Path(name).name, 0, len(self._pending_skips), 0, list(self._pending_skips))
-        self._pending_skips = []
-
-    def add(self, key: str, members: dict[str, bytes], changes: Iterable[str] = ()) -> None:
-        """One sample: ``members`` maps extension -> bytes (image first); ``changes``: why its image was re-encoded."""
-        check_key(key)
-        size = sum(512 + -(-len(data) // 512) * 512 for data in members.values())
-        if self._open and (self._open.samples >= self.max_count or self._file.tell() + size > self.max_bytes):
-            self._finish()
-        if not self._open:
-            self._start()
-        for ext, data in members.items():
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444  # a fixed mtime: the same inputs give the same bytes
-            self._tar.addfile(info, io.BytesIO(data))
-        changes = list(changes)
-        self._open.samples += 1
-        self._open.inputs += 1
-        if changes:
-            for change in changes:
-                self._open.changes[change] = self._open.changes.get(change, 0) + 1
-        else:
-            self._open.copied += 1
-
-    def skip(self, source: str, reason: str) -> None:
-        """An input left out; it counts towards the open shard's inputs (so a resumed write starts after it)."""
-        if self._open:
-            self._open.skipped.append((source, reason))
-            self._open.inputs += 1
-        else:
-            self._pending_skips.append((source, reason))
-
-    def _finish(self) -> None:
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        self._tar = self._file = None
-        tmp, final = self._tmp, Path(self.pattern % self.number)
-        if self.index:
-            atomic_write_text(index_path(final), index_text(tmp))  # the index first: a final-named shard always has one
-        else:
-            index_path(final).unlink(missing_ok=True)  # an index of an earlier shard of this name would be stale
-        os.replace(tmp, final)
-        fsync_directory(final.parent)
-        record, self._open = self._open, None
-        record.bytes = final.stat().st_size
-        self.records.append(record)
-        self.number += 1
-        if self.on_shard:
-            self.on_shard(record)
-
-    def close(self) -> list[ShardRecord]:
-        """Finish the open shard; returns every shard this writer finished."""
-        if self._open:
-            self._finish()
-        return self.records
-
-    @property
-    def trailing_skips(self) -> list[tuple[str, str]]:
-        """Inputs skipped after the last finished shard when no sample followed them."""
-        return list(self._pending_skips)
-
-    def abort(self) -> None:
-        """Drop the open shard's temporary file, and its index if one was written before the failure (finished
-        shards stay)."""
-        if self._file is not None:
-            self._file.close()
-        self._tar = self._file = None
-        if self._open:
-            self._tmp.unlink(missing_ok=True)
-            final = Path(self.pattern % self.number)
-            if not final.exists():
-                index_path(final).unlink(missing_ok=True)
-        self._open = None
-
-
-def remove_shard(path: Path) -> None:
-    """A shard, its index and a leftover temporary, if present."""
-    for stale in (path, index_path(path), Path(str(path) + ".tmp")):
-        stale.unlink(missing_ok=True)
-
-
-def write_set_record(directory: Path, record: dict) -> None:
-    atomic_write_text(Path(directory) / SET_FILE, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-
-
-def write_classes(directory: Path, classes: list[str] | None) -> None:
-    """``classes.json`` for a labelled set; removes a stale one for an unlabelled set."""
-    path = Path(directory) / CLASSES_FILE
-    if classes is None:
-        path.unlink(missing_ok=True)
-    else:
-        atomic_write_text(path, json.dumps({"classes": list(classes)}, indent=1, ensure_ascii=False) + "\n")
-
-
-def summarize_shards(records: list[dict]) -> dict:
-    """Totals over ``shardset.json`` shard records: samples, skipped inputs, how images were stored."""
-    changes: Counter = Counter()
-    for record in records:
-        changes.update(record["changes"])
-    return {
-        "num_samples": sum(r["samples"] for r in records),
-        "inputs_done": sum(r["inputs"] for r in records),
-        "copied": sum(r["copied"] for r in records),
-        "re_encoded": sum(r["samples"] - r["copied"] for r in records),
-        "changes": dict(sorted(changes.items())),
-        "skipped": [s for r in records for s in r["skipped"]],
-    }
-
-
-@dataclass
-class Sample:
-    """An encoded sample for ``write_shards``: ``label`` None in an unlabelled set; ``source``: where it came
-    from (stored as the sample's source path); ``ext``: the image member's extension."""
-
-    key: str
-    image: bytes
-    label: int | None
-    source: str
-    ext: str = "jpg"
-
-
-@dataclass
-class WriteReport:
-    written: int = 0
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (source, reason)
-    shards: list[Path] = field(default_factory=list)
-    resumed_from: int = 0  # shards kept from an interrupted write
-    changes: dict[str, int] = field(default_factory=dict)
-    copied: int = 0
-    finished_before: bool = False  # the set was already complete: nothing was written
-
-
-def sample_members(image: bytes, ext: str, label: int | None, source: str) -> dict[str, bytes]:
-    """The members of one stored sample: image, label (labelled sets), source path."""
-    members = {ext: image}
-    if label is not None:
-        if label < 0:
-            raise ShardError(f"{source}: negative label {label}")
-        members["cls"] = str(label).encode()
-    members["json"] = json.dumps({"path": source}, ensure_ascii=False).encode()
-    return members
-
-
-def write_shards(
-    samples: Iterable[Sample],
-    out: str,
-    classes: list[str] | None,
-    total: int | None = None,
-    max_count: int = DEFAULT_MAX_COUNT,
-    max_bytes: float = DEFAULT_MAX_BYTES,
-    index: bool = True,
-    progress: bool = True,
-) -> WriteReport:
-    """Write already-encoded ``samples`` into shards named by ``out`` (printf ``%06d`` or brace pattern), each
-    indexed, plus ``classes.json`` (``classes`` None: an unlabelled set) and ``shardset.json``. Every sample's
-    label must be None exactly when ``classes`` is None. For sources read from disk with checks, re-encoding,
-    parallel workers and resumption use ``pipeline.sources.write_source``."""
-    pattern = output_pattern(out)
-    directory = Path(pattern).parent
-    directory.mkdir(parents=True, exist_ok=True)
-    labelled = classes is not None
-    with ShardWriter(pattern, max_count=max_count, max_bytes=max_bytes, index=index) as writer:
-        for sample in tqdm(
-            samples, total=total, desc=f"writing {Path(pattern).name}", unit="img", disable=not progress
-        ):
-            if (sample.label is not None) != labelled:
-                raise ShardError(
-                    f"{sample.source}: {'no label' if labelled else 'a label'} "
-                    f"in {'a labelled' if labelled else 'an unlabelled'} set"
-                )
-            writer.add(sample.key, sample_members(sample.image, sample.ext, sample.label, sample.source))
-    records = writer.records
-    if not records:
-        raise ShardError(f"no samples were written to {out}")
-    write_classes(directory, classes)
-    shard_records = [asdict(r) for r in records]
-    write_set_record(
-        directory,
-        {
-            "format": SET_FORMAT,
-            "complete": True,
-            "pattern": Path(pattern).name,
-            "labelled": labelled,
-            "num_classes": len(classes) if labelled else None,
-            "source": {"kind": "samples"},
-            "settings": {"max_count": max_count, "max_bytes": max_bytes},
-            **summarize_shards(shard_records),
-            "shards": shard_records,
-        },
-    )
-    return WriteReport(written=sum(r.samples for r in records), shards=[directory / r.name for r in records])
-
-
-def index_shards(shards: list[Path], progress: bool = True) -> None:
-    for tar in tqdm(shards, desc="indexing", unit="shard", disable=not progress or len(shards) < 2):
-        write_index(tar)
-
-
-# --------------------------------------------------------------------------- verify
-
-
-def check_image(data: bytes) -> tuple[bool, str]:
-    """Decode fully (at 1/8 scale through JPEG DCT scaling, which still reads every byte) -> (ok, reason);
-    a format DALI cannot decode (GIF) is a problem too."""
-    if not data:
-        return False, "empty file"
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image_format = image.format
-            image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-            image.load()
-    except UnidentifiedImageError:
-        return False, "not a decodable image (unknown format, or truncated before the image header ends)"
-    except Exception as error:  # PIL raises OSError/SyntaxError/ValueError... for bad data
-        text = str(error)
-        if "truncated" in text.lower():
-            return False, f"truncated image data ({text})"
-        return False, f"corrupt image ({type(error).__name__}: {text})"
-    if image_format not in DALI_FORMATS:
-        return (
-            False,
-            f"{image_format} data, which DALI's decoder cannot read; "
-            "rewrite the set with `python -m pipeline.shards write`",
-        )
-    return True, ""
-
-
-def verify_shard(tar: Path, require_labels: bool = True) -> tuple[int, list[str], list[str]]:
-    """Check a shard: its index matches the tar, every sample has a decodable image (and a label when
-    ``require_labels``; a label that is present must parse either way). Returns (samples, problems, keys)
-    where each problem names the shard and key."""
-    problems = []
-    try:
-        actual = build_index(tar)
-    except ShardError as error:
-        return 0, [str(error)], []
-    try:
-        indexed = read_index(tar)
-        if [[c[1:3] for c in s] for s in actual] != [
-            sorted(((o, n) for o, n, _ in s.values())) for s in indexed.samples
-        ]:
-            problems.append(f"shard {tar}: index {index_path(tar)} does not match the tar; rebuild it with `index`")
-    except ShardError as error:
-        problems.append(str(error))
-    keys = []
-    with open(tar, "rb") as handle:
-        for sample in actual:
-            key = sample_key(sample[0][3])
-            keys.append(key)
-            parts = {ext: (offset, size) for ext, offset, size, _ in sample}
-            image_ext = next((e for e in parts if e.lower() in IMAGE_COMPONENTS), None)
-            if image_ext is None:
-                problems.append(f"shard {tar} key {key}: no image component (has {sorted(parts)})")
-            else:
-                handle.seek(parts[image_ext][0])
-                ok, reason = check_image(handle.read(parts[image_ext][1]))
-                if not ok:
-                    problems.append(f"shard {tar} key {key}: image does not decode ({reason})")
-            if "cls" in parts:
-                handle.seek(parts["cls"][0])
-                text = handle.read(parts["cls"][1]).decode("ascii", "replace").strip()
-                if not text.isdigit():
-                    problems.append(f"shard {tar} key {key}: label {text!r} is not a non-negative integer")
-            elif require_labels:
-                problems.append(f"shard {tar} key {key}: no label (.cls) component")
-            if "json" in parts:
-                handle.seek(parts["json"][0])
-                try:
-                    _source_path(handle.read(parts["json"][1]).decode("utf-8", "replace"), tar, key)
-                except ShardError as error:
-                    problems.append(str(error))
-    return len(actual), problems, keys
-
-
-def verify_shards(
-    shards: list[Path], require_labels: bool = True, progress: bool = True, workers: int | None = None
-) -> tuple[int, list[str]]:
-    """(samples, problems) over ``shards``, checked in ``workers`` processes; a key in two shards is a problem."""
-    if workers is not None and workers < 1:
-        raise ShardError(f"--workers must be >= 1, got {workers}")
-    total, problems, first_seen = 0, [], {}
-    with ProcessPoolExecutor(max_workers=min(workers or os.cpu_count(), max(1, len(shards)))) as pool:
-        results = pool.map(verify_shard, shards, [require_labels] * len(shards))
-        for tar, (count, found, keys) in tqdm(
-            zip(shards, results), total=len(shards), desc="verifying", unit="shard", disable=not progress
-        ):
-            total += count
-            problems += found
-            for key in keys:
-                if first_seen.setdefault(key, tar) != tar:
-                    problems.append(f"shard {tar} key {key}: the key occurs in shard {first_seen[key]} too")
-    return total, problems
-
-
-def describe_set(shards: list[Path]) -> list[str]:
-    """Lines saying what the set's record says about the set (how it was written, how images were stored),
-    and problems with it (an unfinished write, listed shards that are missing)."""
-    directory = shards[0].parent
-    record = read_set_record(directory)
-    if record is None:
-        return [
-            f"set: no {SET_FILE} beside the shards (written by another tool or an older version); "
-            + (
-                "labels required (classes.json present)"
-                if (directory / CLASSES_FILE).exists()
-                else "labels not required (no classes.json)"
-            )
-        ]
-    source, settings = record.get("source", {}), record.get("settings", {})
-    labelled = f"labelled ({record.get('num_classes')} classes)" if record["labelled"] else "unlabelled"
-    lines = [
-        f"set: {record.get('num_samples', 0)} samples from {source.get('kind')} {source.get('location', '')}".rstrip()
-        + f", {labelled}"
-    ]
-    if "quality" in settings:
-        encoding = "PNG" if settings.get("pixel_format") == "png" and source.get("kind") in PIXEL_SOURCES else "JPEG"
-        changes = ", ".join(f"{reason} {count}" for reason, count in record.get("changes", {}).items())
-        lines.append(
-            f"images: {record.get('copied', 0)} stored byte-identical, {record.get('re_encoded', 0)} encoded "
-            f"({changes or 'none'}) as {encoding} quality {settings['quality']}, "
-            f"chroma {SUBSAMPLING_WORDS.get(settings['subsampling'], settings['subsampling'])}"
-        )
-        limit = (
-            f"max side {settings['max_side']} px"
-            if settings.get("max_side")
-            else f"shorter side {settings['shorter_side']} px"
-            if settings.get("shorter_side")
-            else "none"
-        )
-        lines.append(
-            f"pre-resize at write time: {limit} ({record.get('changes', {}).get('resized', 0)} images resized)"
-        )
-    if record.get("skipped"):
-        lines.append(f"skipped at write time: {len(record['skipped'])} input(s), listed in {directory / SET_FILE}")
-    if not record.get("complete"):
-        lines.append(
-            f"problem: the write of this set did not finish ({record.get('inputs_done', 0)} of "
-            f"{source.get('inputs', '?')} inputs); rerun the same `write` command to resume it"
-        )
-    missing = [r["name"] for r in record.get("shards", []) if not (directory / r["name"]).exists()]
-    if missing:
-        lines.append(f"problem: {len(missing)} shard(s) listed in {SET_FILE} are missing, e.g. {missing[:3]}")
-    return lines
-
-
-PIXEL_SOURCES = ("cifar", "arrays", "synthetic")
-SUBSAMPLING_WORDS = {
-    "auto": "as each source JPEG, 4:4:4 for other formats",
-    "444": "4:4:4",
-    "422": "4:2:2",
-    "420": "4:2:0",
-}

@@ -22,8 +22,9 @@ from evaluation.linear import evaluate_classifier, train_linear_on_features
 from evaluation.subset import LabelSubset, SubsetError, select_subset, subset_for
 from model.simclr import create_backbone
 from pipeline.loader import AugmentedView, DaliLoader, classifier_augment
-from pipeline.shardset import ShardError, write_index, write_shards
-from pipeline.sources import array_samples, encode_jpeg, synthetic_images
+from pipeline.pixel_sources import array_samples, encode_jpeg, synthetic_images
+from pipeline.shardset import ShardError, write_index
+from pipeline.shardwriter import write_shards
 from trainer.export import export_backbone
 
 TINY = {"model_name": "resnet18", "cifar_stem": True, "timm_kwargs": {"channels": [8, 16, 32, 64]}, "image_size": 32, "num_features": 64}

@@ -13,8 +13,9 @@ from conftest import make_shards, random_images
 
 from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
 from pipeline.loader import AugmentedView, DaliLoader, EvalView, TwoViews, classifier_augment
-from pipeline.shardset import Sample, ShardError, write_index, write_shards
-from pipeline.sources import encode_jpeg
+from pipeline.pixel_sources import encode_jpeg
+from pipeline.shardset import ShardError, write_index
+from pipeline.shardwriter import Sample, write_shards
 
 CIFAR = AugmentConfig.cifar()
 

@@ -28,7 +28,8 @@ import yaml
 from conftest import ROOT, make_shards
 from torch.autograd.profiler import record_function
 
-from bench.profile import StageRecorder, gpu_utilisation, read_trace, stage_table, union_length, verdict
+from bench.profile import verdict
+from bench.step_marks import StageRecorder, gpu_utilisation, read_trace, stage_table, union_length
 from trainer.config import TrainConfig
 from trainer.meters import HostClock, StepTimer
 

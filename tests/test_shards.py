@@ -15,9 +15,13 @@ import webdataset as wds
 from conftest import ROOT, SHARED_DATA, random_images
 from PIL import Image
 
+from pipeline.pixel_sources import array_samples, synthetic_images
 from pipeline.shards import main
-from pipeline.shardset import Sample, ShardError, brace_notation, build_index, read_index, shard_paths, verify_shards, write_shards
-from pipeline.sources import array_samples, folder_source, synthetic_images, write_source
+from pipeline.shardset import ShardError, brace_notation, build_index, read_index, shard_paths
+from pipeline.shardwriter import Sample, write_shards
+from pipeline.source_writer import write_source
+from pipeline.sources import folder_source
+from pipeline.verify import verify_shards
 
 
 def write_folder_tree(root, num_classes=11, per_class=3, size=16):

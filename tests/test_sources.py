@@ -22,11 +22,13 @@ import webdataset as wds
 from conftest import ROOT, SHARED_DATA, random_images
 from PIL import Image, ImageOps
 
+import pipeline.pixel_sources as pixel_sources
 import pipeline.shardset as shardset
-import pipeline.sources as sources
+import pipeline.shardwriter as shardwriter
+import pipeline.source_writer as source_writer
 from evaluation.subset import SubsetError, subset_for
 from pipeline.augment import AugmentConfig
-from pipeline.images import ImagePolicy, jpeg_frame_type, prepare_file
+from pipeline.images import ImagePolicy, jpeg_frame_type, prepare_chunk, prepare_file
 from pipeline.loader import AugmentedView, DaliLoader, EvalView, TwoViews, classifier_augment
 from pipeline.shards import main
 from pipeline.shardset import (
@@ -39,9 +41,10 @@ from pipeline.shardset import (
     read_source_paths,
     sample_key,
     shard_paths,
-    verify_shard,
 )
-from pipeline.sources import folder_source, images_source, list_source, ordered_map, write_source
+from pipeline.source_writer import ordered_map, write_source
+from pipeline.sources import folder_source, images_source, list_source
+from pipeline.verify import describe_set, verify_shard
 
 
 def stored_samples(directory) -> list[dict]:
@@ -397,7 +400,7 @@ def test_cifar_unpickler_refuses_code(tmp_path):
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
     with pytest.raises(ShardError, match="posix.system|os.system"):
-        sources.cifar_source(tmp_path / "evil.tar.gz", "train")
+        pixel_sources.cifar_source(tmp_path / "evil.tar.gz", "train")
     assert not marker.exists()
 
 
@@ -465,17 +468,17 @@ def inject(monkeypatch, target, attribute, number, exception=Fault):
 
 FAULTS = {
     "corrupt input mid-shard (on_error stop)": (inject_bad_input, ShardError),
-    "building an index": (lambda mp, _: inject(mp, shardset, "index_text", 3), Fault),
+    "building an index": (lambda mp, _: inject(mp, shardwriter, "index_text", 3), Fault),
     # os.replace calls: classes.json, record, then per shard its index, the shard, the record: 6 and 7 are shard 2's
-    "renaming an index into place": (lambda mp, _: inject(mp, shardset.os, "replace", 6), Fault),
-    "renaming a shard into place": (lambda mp, _: inject(mp, shardset.os, "replace", 7), Fault),
-    "updating the set's record": (lambda mp, _: inject(mp, sources, "write_set_record", 4), Fault),
+    "renaming an index into place": (lambda mp, _: inject(mp, shardwriter.os, "replace", 6), Fault),
+    "renaming a shard into place": (lambda mp, _: inject(mp, shardwriter.os, "replace", 7), Fault),
+    "updating the set's record": (lambda mp, _: inject(mp, source_writer, "write_set_record", 4), Fault),
     "interrupt while adding a sample": (
-        lambda mp, _: inject(mp, shardset.ShardWriter, "add", 11, KeyboardInterrupt),
+        lambda mp, _: inject(mp, shardwriter.ShardWriter, "add", 11, KeyboardInterrupt),
         KeyboardInterrupt,
     ),
     "disk full while writing a member": (
-        lambda mp, _: inject(mp, shardset.tarfile.TarFile, "addfile", 40, OSError),
+        lambda mp, _: inject(mp, shardwriter.tarfile.TarFile, "addfile", 40, OSError),
         OSError,
     ),
 }
@@ -495,7 +498,7 @@ def test_failed_write_leaves_no_partial_shard_and_resumes_to_identical_set(tmp_p
     finished = json.loads((out / "shardset.json").read_text())["shards"]
     assert len(finished) >= 1 and not json.loads((out / "shardset.json").read_text())["complete"]
     assert not (out / "classes.json").exists()  # only a finished labelled set has one (benchmarks' caches rely on it)
-    assert any("did not finish" in line for line in shardset.describe_set(shard_paths(out)))  # what `verify` prints
+    assert any("did not finish" in line for line in describe_set(shard_paths(out)))  # what `verify` prints
     undo()
     for stale in (
         ".t-000009.idx.k3j4.tmp",
@@ -519,7 +522,7 @@ def test_killed_write_resumes_where_it_stopped(tmp_path):
     write_source(folder_source(root), str(reference / "t-%06d.tar"), max_count=5, progress=False)
     out = tmp_path / "out"
     slow = (
-        "import sys, time\nimport pipeline.shardset as s\nadd = s.ShardWriter.add\n"
+        "import sys, time\nimport pipeline.shardwriter as s\nadd = s.ShardWriter.add\n"
         "s.ShardWriter.add = lambda self, *a, **k: (time.sleep(0.03), add(self, *a, **k))[1]\n"
         "from pipeline.shards import main\nsys.exit(main(sys.argv[1:]))\n"
     )
@@ -603,14 +606,14 @@ def test_bounded_window_holds_at_most_window_inputs(tmp_path, monkeypatch):
         return payload(position)
 
     source.payload = taking
-    add = shardset.ShardWriter.add
+    add = shardwriter.ShardWriter.add
 
     def writing(self, *args, **kwargs):
         counts["written"] += 1
         time.sleep(0.002)  # a slow tar writer (network filesystem): readers must not run ahead
         return add(self, *args, **kwargs)
 
-    monkeypatch.setattr(shardset.ShardWriter, "add", writing)
+    monkeypatch.setattr(shardwriter.ShardWriter, "add", writing)
     report = write_source(source, str(tmp_path / "out" / "w-%06d.tar"), workers=2, window=8, progress=False)
     assert report.written == 150 and counts["written"] == 150
     assert 2 <= counts["peak"] <= 8, counts
@@ -624,7 +627,7 @@ def test_bounded_window_holds_at_most_window_inputs(tmp_path, monkeypatch):
             yield np.full((2, 2), i, np.uint8)
 
     results = []
-    for result in ordered_map(sources.prepare_chunk, items(), 2, 5, ImagePolicy(pixel_format="png")):
+    for result in ordered_map(prepare_chunk, items(), 2, 5, ImagePolicy(pixel_format="png")):
         state["yielded"] += 1
         results.append(np.asarray(Image.open(io.BytesIO(result.data)))[0, 0])
     assert results == list(range(64)) and state["peak"] <= 5
@@ -693,7 +696,7 @@ def test_subset_list_needs_stored_source_paths(small_shards, tmp_path):
     tar = tmp_path / "old" / "old-000000.tar"
     with wds.TarWriter(str(tar)) as writer:  # the format before source paths were stored: image + label only
         for i, image in enumerate(random_images(4, 16)):
-            writer.write({"__key__": f"{i:08d}", "jpg": sources.encode_jpeg(image), "cls": b"1"})
+            writer.write({"__key__": f"{i:08d}", "jpg": pixel_sources.encode_jpeg(image), "cls": b"1"})
     shardset.write_index(tar)
     (tmp_path / "list.txt").write_text("x.JPEG\n")
     with pytest.raises(
