@@ -3,8 +3,8 @@
     python evaluate.py --checkpoint runs/demo --train_shards data/demo/train --val_shards data/demo/val --protocol knn
     python evaluate.py --checkpoint runs/demo/backbone.safetensors ... --protocol linear --augment
     python evaluate.py --model resnet50 --weights supervised.safetensors ... --protocol linear
-    python evaluate.py --checkpoint runs/imagenet ... --protocol finetune --label_fraction 0.01 --subset_file subsets/1pct.json
-    accelerate launch --num_processes 8 evaluate.py --checkpoint runs/imagenet ... --protocol knn,linear --k 10,20,100,200
+    python evaluate.py --checkpoint runs/imagenet ... --protocol finetune --subset_list 1percent.txt
+    accelerate launch --num_processes 8 evaluate.py --checkpoint runs/imagenet ... --protocol knn,linear --k 10,20,200
 
 Protocols (a comma list; 'all' = knn,linear, the quick pair the demo runs):
   knn       weighted k-NN (k=200, T=0.1; several k in one pass: --k 10,20,200) on L2-normalised frozen
@@ -63,38 +63,90 @@ class _Parser(ArgumentParser):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="train.py output dir, a checkpoint dir (checkpoints/step_*), or an exported .safetensors "
-                        "(its architecture from the JSON beside it or the file's metadata)")
-    parser.add_argument("--model", help="timm model name (with --weights, or alone for timm's init; overrides the checkpoint's)")
+    parser.add_argument(
+        "--checkpoint",
+        help="train.py output dir, a checkpoint dir (checkpoints/step_*), or an exported .safetensors "
+        "(its architecture from the JSON beside it or the file's metadata)",
+    )
+    parser.add_argument(
+        "--model", help="timm model name (with --weights, or alone for timm's init; overrides the checkpoint's)"
+    )
     parser.add_argument("--weights", help="weights file for --model (.safetensors or torch state dict)")
     parser.add_argument("--random_init", action="store_true", help="same architecture, random weights (baseline)")
     parser.add_argument("--train_shards", required=True)
     parser.add_argument("--val_shards", required=True)
-    parser.add_argument("--protocol", default="knn", help="knn, linear, finetune, or a comma list (knn,linear); 'all' = knn,linear")
-    parser.add_argument("--compare_random_init", action="store_true", help="also evaluate the same architecture at random initialisation")
-    parser.add_argument("--image_size", type=_positive_int, default=None, help="default: the checkpoint's training size (else 224)")
-    parser.add_argument("--resize", type=_positive_int, default=None, help="shorter side before the centre crop (default size/0.875; = size at <= 64 px)")
-    parser.add_argument("--local_batch_size", type=_positive_int, default=256, help="images per batch per process (the global batch is this x processes)")
-    parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast for the backbone's forward")
-    parser.add_argument("--seed", type=int, default=0, help="head initialisation, data order, augmentations and the label subset")
-    parser.add_argument("--features_cache", type=Path, default=None,
-                        help="directory to save the frozen features in and reload them from (checked against the weights and data)")
+    parser.add_argument(
+        "--protocol", default="knn", help="knn, linear, finetune, or a comma list (knn,linear); 'all' = knn,linear"
+    )
+    parser.add_argument(
+        "--compare_random_init",
+        action="store_true",
+        help="also evaluate the same architecture at random initialisation",
+    )
+    parser.add_argument(
+        "--image_size", type=_positive_int, default=None, help="default: the checkpoint's training size (else 224)"
+    )
+    parser.add_argument(
+        "--resize",
+        type=_positive_int,
+        default=None,
+        help="shorter side before the centre crop (default size/0.875; = size at <= 64 px)",
+    )
+    parser.add_argument(
+        "--local_batch_size",
+        type=_positive_int,
+        default=256,
+        help="images per batch per process (the global batch is this x processes)",
+    )
+    parser.add_argument(
+        "--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast for the backbone's forward"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="head initialisation, data order, augmentations and the label subset"
+    )
+    parser.add_argument(
+        "--features_cache",
+        type=Path,
+        default=None,
+        help="directory to save the frozen features in and reload them from (checked against the weights and data)",
+    )
     # knn
-    parser.add_argument("--k", type=_positive_ints, default=[200], help="neighbours; a comma list evaluates several in one pass (10,20,200)")
+    parser.add_argument(
+        "--k",
+        type=_positive_ints,
+        default=[200],
+        help="neighbours; a comma list evaluates several in one pass (10,20,200)",
+    )
     parser.add_argument("--knn_temperature", type=float, default=0.1)
     # linear
-    parser.add_argument("--augment", action="store_true", help="linear: the paper's mode (crop + flip every epoch) instead of cached features")
-    parser.add_argument("--epochs", type=_positive_int, default=None, help="linear epochs (default 100 fast, 90 with --augment)")
+    parser.add_argument(
+        "--augment",
+        action="store_true",
+        help="linear: the paper's mode (crop + flip every epoch) instead of cached features",
+    )
+    parser.add_argument(
+        "--epochs", type=_positive_int, default=None, help="linear epochs (default 100 fast, 90 with --augment)"
+    )
     parser.add_argument("--lr", type=float, default=0.1, help="linear base lr, scaled by global batch / 256")
     parser.add_argument("--min_crop_area", type=float, default=0.08, help="random resized crop: smallest area fraction")
     # finetune
     parser.add_argument("--label_fraction", type=float, default=None, help="finetune: labelled fraction (default 0.01)")
-    parser.add_argument("--subset_file", help="finetune: JSON of sample keys per class; read if it exists, else "
-                        "written (a .txt is read as --subset_list)")
-    parser.add_argument("--subset_list", help="finetune: text file of image file names, one per line (the official "
-                        "SimCLR 1%%/10%% ImageNet lists), matched against the shards' stored source paths; must exist")
-    parser.add_argument("--finetune_epochs", type=_positive_int, default=None, help="default 60 for <= 1%% labels, 30 above")
-    parser.add_argument("--finetune_lr", type=float, default=0.05, help="fine-tuning base lr, scaled by global batch / 256")
+    parser.add_argument(
+        "--subset_file",
+        help="finetune: JSON of sample keys per class; read if it exists, else "
+        "written (a .txt is read as --subset_list)",
+    )
+    parser.add_argument(
+        "--subset_list",
+        help="finetune: text file of image file names, one per line (the official "
+        "SimCLR 1%%/10%% ImageNet lists), matched against the shards' stored source paths; must exist",
+    )
+    parser.add_argument(
+        "--finetune_epochs", type=_positive_int, default=None, help="default 60 for <= 1%% labels, 30 above"
+    )
+    parser.add_argument(
+        "--finetune_lr", type=float, default=0.05, help="fine-tuning base lr, scaled by global batch / 256"
+    )
     parser.add_argument("--json", help="write the report here")
     return parser.parse_args(argv)
 
@@ -132,8 +184,14 @@ def choose_subset(args, accelerator, num_classes: int | None) -> tuple[LabelSubs
     payload = [None]
     if accelerator.is_main_process:
         try:
-            subset, how = subset_for(args.train_shards, args.label_fraction or 0.01, args.seed, args.subset_file,
-                                     num_classes, args.subset_list)
+            subset, how = subset_for(
+                args.train_shards,
+                args.label_fraction or 0.01,
+                args.seed,
+                args.subset_file,
+                num_classes,
+                args.subset_list,
+            )
             payload = [{"subset": subset.to_json(), "how": how}]
         except (SubsetError, ShardError) as error:
             payload = [{"error": str(error), "type": type(error).__name__}]
@@ -144,15 +202,26 @@ def choose_subset(args, accelerator, num_classes: int | None) -> tuple[LabelSubs
     return LabelSubset.from_json(payload[0]["subset"]), payload[0]["how"]
 
 
-def evaluate_backbone(backbone, info: dict, data: dict, protocols: list[str], accelerator, args, num_classes: int) -> tuple[dict, dict]:
+def evaluate_backbone(
+    backbone, info: dict, data: dict, protocols: list[str], accelerator, args, num_classes: int
+) -> tuple[dict, dict]:
     """({'knn200_top1': %, 'knn200_top5', 'linear_top1', ..., 'finetune_top5'}, seconds per protocol)."""
     metrics, seconds, cache = {}, {}, {}
 
     def features(name):
         if name not in cache:
-            identity = {"weights": info["sha256"] or info["source"], "model": info["model_name"], "shards": [str(p) for p in data[name].shards],
-                        "view": repr(data[name].view), "processes": accelerator.num_processes}
-            path = args.features_cache / f"{name}-{(info['sha256'] or info['source'])[:16]}.safetensors" if args.features_cache else None
+            identity = {
+                "weights": info["sha256"] or info["source"],
+                "model": info["model_name"],
+                "shards": [str(p) for p in data[name].shards],
+                "view": repr(data[name].view),
+                "processes": accelerator.num_processes,
+            }
+            path = (
+                args.features_cache / f"{name}-{(info['sha256'] or info['source'])[:16]}.safetensors"
+                if args.features_cache
+                else None
+            )
             cache[name] = cached_features(backbone, data[name], accelerator, f"{name} features", path, identity)
         return cache[name]
 
@@ -167,20 +236,31 @@ def evaluate_backbone(backbone, info: dict, data: dict, protocols: list[str], ac
         started = time.time()
         set_seed(args.seed)
         if args.augment:
-            head = train_linear_augmented(backbone, data["train_augmented"], num_classes, accelerator, epochs=args.epochs, lr=args.lr)
+            head = train_linear_augmented(
+                backbone, data["train_augmented"], num_classes, accelerator, epochs=args.epochs, lr=args.lr
+            )
             val_features, val_labels = features("val")
             result = evaluate_classifier(head, val_features, val_labels)
         else:
             (train_features, train_labels), (val_features, val_labels) = features("train"), features("val")
-            classifier = train_linear_on_features(train_features, train_labels, num_classes, epochs=args.epochs, lr=args.lr, seed=args.seed,
-                                                  progress=accelerator.is_main_process)
+            classifier = train_linear_on_features(
+                train_features,
+                train_labels,
+                num_classes,
+                epochs=args.epochs,
+                lr=args.lr,
+                seed=args.seed,
+                progress=accelerator.is_main_process,
+            )
             result = evaluate_classifier(classifier, val_features, val_labels)
         metrics.update({f"linear_{k}": v for k, v in result.items()})
         seconds["linear"] = time.time() - started
     if "finetune" in protocols:
         started = time.time()
         set_seed(args.seed)
-        classifier = finetune(backbone, data["train_subset"], num_classes, accelerator, epochs=args.finetune_epochs, lr=args.finetune_lr)
+        classifier = finetune(
+            backbone, data["train_subset"], num_classes, accelerator, epochs=args.finetune_epochs, lr=args.finetune_lr
+        )
         logits, val_labels = extract_features(classifier, data["val"], accelerator, "val (fine-tuned)")
         metrics.update({f"finetune_{k}": v for k, v in topk_accuracy(logits, val_labels).items()})
         seconds["finetune"] = time.time() - started
@@ -190,31 +270,51 @@ def evaluate_backbone(backbone, info: dict, data: dict, protocols: list[str], ac
 def versions() -> dict:
     import nvidia.dali
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__, "dali": nvidia.dali.__version__,
-            "accelerate": accelerate.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "dali": nvidia.dali.__version__,
+        "accelerate": accelerate.__version__,
+    }
 
 
-def build_loaders(args, accelerator, size: int, protocols: list[str]) -> tuple[dict, int, LabelSubset | None, str | None]:
+def build_loaders(
+    args, accelerator, size: int, protocols: list[str]
+) -> tuple[dict, int, LabelSubset | None, str | None]:
     """The loaders the protocols read (train/val features, the augmented train set, the label subset),
     the number of classes, and the fine-tuning subset with how it was obtained."""
     where = "gpu" if accelerator.device.type == "cuda" else "cpu"
-    common = dict(device=where, device_id=accelerator.device.index if where == "gpu" else None, shard_id=accelerator.process_index,
-                  num_shards=accelerator.num_processes, num_threads=default_num_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    common = dict(
+        device=where,
+        device_id=accelerator.device.index if where == "gpu" else None,
+        shard_id=accelerator.process_index,
+        num_shards=accelerator.num_processes,
+        num_threads=default_num_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1))),
+    )
     view = EvalView(size, args.resize)
-    data = {"train": DaliLoader(args.train_shards, args.local_batch_size, view, train=False, **common),
-            "val": DaliLoader(args.val_shards, args.local_batch_size, view, train=False, **common)}
+    data = {
+        "train": DaliLoader(args.train_shards, args.local_batch_size, view, train=False, **common),
+        "val": DaliLoader(args.val_shards, args.local_batch_size, view, train=False, **common),
+    }
     num_classes = count_classes(data["train"].shards, data["val"].shards)
     augmented = AugmentedView(classifier_augment(size, (args.min_crop_area, 1.0)))
     if "linear" in protocols and args.augment:
-        data["train_augmented"] = DaliLoader(args.train_shards, args.local_batch_size, augmented, train=True, seed=args.seed, **common)
+        data["train_augmented"] = DaliLoader(
+            args.train_shards, args.local_batch_size, augmented, train=True, seed=args.seed, **common
+        )
     subset, subset_how = None, None
     if "finetune" in protocols:
         subset, subset_how = choose_subset(args, accelerator, num_classes)
         if args.label_fraction is not None and abs(args.label_fraction - subset.label_fraction) > 1e-12:
-            accelerator.print(f"note: {subset.list_file or args.subset_file} holds a {subset.label_fraction:g} subset "
-                              f"(seed {subset.seed}); "
-                              f"--label_fraction {args.label_fraction:g} is not used")
-        data["train_subset"] = DaliLoader(args.train_shards, args.local_batch_size, augmented, train=True, seed=args.seed, keys=subset.keys, **common)
+            accelerator.print(
+                f"note: {subset.list_file or args.subset_file} holds a {subset.label_fraction:g} subset "
+                f"(seed {subset.seed}); "
+                f"--label_fraction {args.label_fraction:g} is not used"
+            )
+        data["train_subset"] = DaliLoader(
+            args.train_shards, args.local_batch_size, augmented, train=True, seed=args.seed, keys=subset.keys, **common
+        )
     return data, num_classes, subset, subset_how
 
 
@@ -253,43 +353,77 @@ def main(argv=None) -> int:
 
     # ---- the settings every protocol ran with, for the report
     sgd = "SGD nesterov momentum 0.9, cosine, no weight decay"
-    settings = {"knn": {"k": args.k, "temperature": args.knn_temperature},
-                "linear": {"mode": "augment" if args.augment else "fast", "epochs": args.epochs, "base_lr": args.lr, "optimizer": sgd,
-                           "global_batch": data["train_augmented"].batch_size * accelerator.num_processes if args.augment else 1024}}
+    settings = {
+        "knn": {"k": args.k, "temperature": args.knn_temperature},
+        "linear": {
+            "mode": "augment" if args.augment else "fast",
+            "epochs": args.epochs,
+            "base_lr": args.lr,
+            "optimizer": sgd,
+            "global_batch": data["train_augmented"].batch_size * accelerator.num_processes if args.augment else 1024,
+        },
+    }
     if subset is not None:
-        settings["finetune"] = {"label_fraction": subset.label_fraction, "subset_seed": subset.seed, "subset_file": args.subset_file,
-                                "subset_list": args.subset_list,
-                                "subset": subset_how, "per_class": subset.per_class, "num_samples": subset.num_samples,
-                                "epochs": args.finetune_epochs, "base_lr": args.finetune_lr, "optimizer": sgd,
-                                "global_batch": data["train_subset"].batch_size * accelerator.num_processes}
+        settings["finetune"] = {
+            "label_fraction": subset.label_fraction,
+            "subset_seed": subset.seed,
+            "subset_file": args.subset_file,
+            "subset_list": args.subset_list,
+            "subset": subset_how,
+            "per_class": subset.per_class,
+            "num_samples": subset.num_samples,
+            "epochs": args.finetune_epochs,
+            "base_lr": args.finetune_lr,
+            "optimizer": sgd,
+            "global_batch": data["train_subset"].batch_size * accelerator.num_processes,
+        }
     report = {
-        "protocols": protocols, "settings": {p: settings[p] for p in protocols},
+        "protocols": protocols,
+        "settings": {p: settings[p] for p in protocols},
         "checkpoint": {"source": info["source"], "sha256": info["sha256"], "model_name": info["model_name"]},
-        "data": {"train_shards": [str(p) for p in data["train"].shards], "val_shards": [str(p) for p in data["val"].shards],
-                 "num_train": data["train"].num_samples, "num_val": data["val"].num_samples, "num_classes": num_classes,
-                 "image_size": size},
-        "processes": accelerator.num_processes, "seed": args.seed, "precision": args.precision, "results": [],
+        "data": {
+            "train_shards": [str(p) for p in data["train"].shards],
+            "val_shards": [str(p) for p in data["val"].shards],
+            "num_train": data["train"].num_samples,
+            "num_val": data["val"].num_samples,
+            "num_classes": num_classes,
+            "image_size": size,
+        },
+        "processes": accelerator.num_processes,
+        "seed": args.seed,
+        "precision": args.precision,
+        "results": [],
     }
 
     # ---- evaluate each backbone
     try:
         for candidate, candidate_info in candidates:
             candidate = candidate.to(accelerator.device).to(memory_format=torch.channels_last)
-            metrics, seconds = evaluate_backbone(candidate, candidate_info, data, protocols, accelerator, args, num_classes)
+            metrics, seconds = evaluate_backbone(
+                candidate, candidate_info, data, protocols, accelerator, args, num_classes
+            )
             report["results"].append({"backbone": candidate_info, "metrics": metrics, "seconds": seconds})
     except ShardError as error:  # bad data found while reading (e.g. an image that does not decode)
         return fail(str(error))
-    report.update(seconds=round(time.time() - started, 2), versions=versions(), device=str(accelerator.device),
-                  command=[Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
-                  date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    report.update(
+        seconds=round(time.time() - started, 2),
+        versions=versions(),
+        device=str(accelerator.device),
+        command=[Path(sys.argv[0]).name, *(sys.argv[1:] if argv is None else argv)],
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
 
     # ---- summary table and report
     names = list(report["results"][0]["metrics"])
     accelerator.print(f"\n{'backbone':<40} " + " ".join(f"{k:>15}" for k in names))
     for result in report["results"]:
-        accelerator.print(f"{result['backbone']['source'][-40:]:<40} " + " ".join(f"{result['metrics'][k]:>14.2f}%" for k in names))
-    accelerator.print(f"{report['data']['num_train']} train / {report['data']['num_val']} val samples, {num_classes} classes, "
-                      f"{accelerator.num_processes} process(es), {report['seconds']:.1f} s")
+        accelerator.print(
+            f"{result['backbone']['source'][-40:]:<40} " + " ".join(f"{result['metrics'][k]:>14.2f}%" for k in names)
+        )
+    accelerator.print(
+        f"{report['data']['num_train']} train / {report['data']['num_val']} val samples, {num_classes} classes, "
+        f"{accelerator.num_processes} process(es), {report['seconds']:.1f} s"
+    )
     if args.json and accelerator.is_main_process:
         atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
     return 0

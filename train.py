@@ -51,8 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, RunError) as error:
         print(f"config error: {error}", file=sys.stderr)
         return 2
-    accelerator = Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available(),
-                              log_with=None if cfg.tracker == "none" else cfg.tracker, project_dir=cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.precision,
+        cpu=not torch.cuda.is_available(),
+        log_with=None if cfg.tracker == "none" else cfg.tracker,
+        project_dir=cfg.output_dir,
+    )
     control = Control(accelerator.num_processes, accelerator.process_index)
     preemption, log = Preemption(), RunLog(cfg.output_dir, accelerator.is_main_process)
     try:
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def train(cfg, accelerator, control, preemption, log) -> int:
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    # ---- the run: output directory checked, identity, the checkpoint to resume (chosen by rank 0) and its compatibility
+    # ---- the run: output directory checked, identity, the checkpoint to resume (rank 0 chooses), its compatibility
     run = plan_run(cfg, control, log)
 
     # ---- data: the shards are checked here, before any GPU work; then the run claims its output directory
@@ -90,31 +94,51 @@ def train(cfg, accelerator, control, preemption, log) -> int:
     backbone = accelerator.unwrap_model(model).backbone
     forward = torch.compile(model) if cfg.compile else model
 
-    # ---- resume: weights, optimiser state, every rank's RNG and data position, each file verified; the same tracker run
-    checkpointer = Checkpointer(accelerator, control, run.run_id, cfg.output_dir, cfg.keep_checkpoints, cfg.checkpoint_every_minutes)
+    # ---- resume: weights, optimiser state, every rank's RNG and data position, each file verified; same tracker run
+    checkpointer = Checkpointer(
+        accelerator, control, run.run_id, cfg.output_dir, cfg.keep_checkpoints, cfg.checkpoint_every_minutes
+    )
     state = TrainingState()
     if run.resume_from is not None:
         saved, loader_state = checkpointer.load(run.resume_from, model, optimizer, run.world_size_changed)
         state = TrainingState(saved["step"], saved["train_seconds"], saved.get("history", []))
         loader.load_state_dict(loader_state)
-        log.info(f"resumed from {run.resume_from} at step {state.step}" + (f" ({saved['data_position']})" if "data_position" in saved else ""))
+        log.info(
+            f"resumed from {run.resume_from} at step {state.step}"
+            + (f" ({saved['data_position']})" if "data_position" in saved else "")
+        )
     scheduler.step_update(state.step)
     if cfg.tracker != "none":
-        accelerator.init_trackers("simclr", config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)},
-                                  init_kwargs=tracker_init_kwargs(cfg, run, state.step))
-    health, probe = NonFiniteWatch(model, device), Probe(cfg, backbone, eval_loaders, accelerator, log, preemption, plan)
+        accelerator.init_trackers(
+            "simclr",
+            config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)},
+            init_kwargs=tracker_init_kwargs(cfg, run, state.step),
+        )
+    health, probe = (
+        NonFiniteWatch(model, device),
+        Probe(cfg, backbone, eval_loaders, accelerator, log, preemption, plan),
+    )
     meters = Meters(cfg, accelerator, log, plan, state.step)
 
     def checkpoint(loader_state=None, **extra):  # never of non-finite weights
         if (first_bad := health.first_bad_step(accelerator)) >= 0:
             raise NonFinite(first_bad)
-        data = {"step": state.step, "epoch": plan.epoch(state.step), "steps_per_epoch": plan.steps_per_epoch,
-                "train_seconds": state.train_seconds, "history": state.history, "config": cfg.to_dict(), **extra}
+        data = {
+            "step": state.step,
+            "epoch": plan.epoch(state.step),
+            "steps_per_epoch": plan.steps_per_epoch,
+            "train_seconds": state.train_seconds,
+            "history": state.history,
+            "config": cfg.to_dict(),
+            **extra,
+        }
         saved = checkpointer.save(model, optimizer, data, loader_state or loader.state_dict())
         log.info(f"checkpoint {saved.path} written in {saved.seconds:.2f} s ({saved.bytes / 2**20:.1f} MiB)")
 
-    log.info(f"{world} process(es) on {device.type}, data on {data_device(cfg, device)}; {loader.num_samples} images, "
-             f"{plan.steps_per_epoch} steps/epoch of {cfg.batch_size}, {plan.total_steps} steps, lr {cfg.scaled_lr:.4g}")
+    log.info(
+        f"{world} process(es) on {device.type}, data on {data_device(cfg, device)}; {loader.num_samples} images, "
+        f"{plan.steps_per_epoch} steps/epoch of {cfg.batch_size}, {plan.total_steps} steps, lr {cfg.scaled_lr:.4g}"
+    )
 
     # ---- the loop: every rank fetches its batch, all agree to go on (preemption, bad data, the clock), one step;
     # then at boundaries the non-finite check, meters, a checkpoint and, after it, evaluation
@@ -136,9 +160,14 @@ def train(cfg, accelerator, control, preemption, log) -> int:
                 data_error = str(error)
             meters.end_wait()
             elapsed = state.train_seconds + time.perf_counter() - window_start
-            preempted, bad_data, clock_due, out_of_time = control.any([
-                preemption.requested, data_error is not None, checkpointer.due_by_clock(),
-                bool(cfg.max_train_minutes) and elapsed >= 60 * cfg.max_train_minutes])
+            preempted, bad_data, clock_due, out_of_time = control.any(
+                [
+                    preemption.requested,
+                    data_error is not None,
+                    checkpointer.due_by_clock(),
+                    bool(cfg.max_train_minutes) and elapsed >= 60 * cfg.max_train_minutes,
+                ]
+            )
             if bad_data:  # no rank steps: the checkpoint below holds the last good step
                 stop, data_errors = "bad data", control.all_gather_json(data_error)
                 break
@@ -152,10 +181,19 @@ def train(cfg, accelerator, control, preemption, log) -> int:
             meters.end_step()
             health.update(state.step, out.loss)
 
-            step, stop = state.step, "preempted" if preempted and state.step < last_step else None  # the batch was used: exact data position
+            step, stop = (
+                state.step,
+                "preempted" if preempted and state.step < last_step else None,
+            )  # the batch was used: exact data position
             at_log = step % cfg.log_every == 0 or step == last_step
             at_eval = (probe.due(step) or step == last_step and bool(eval_loaders)) and not preempted
-            at_checkpoint = at_eval or preempted or clock_due or step == last_step or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            at_checkpoint = (
+                at_eval
+                or preempted
+                or clock_due
+                or step == last_step
+                or bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+            )
             if not (at_log or at_checkpoint):
                 continue
             state.train_seconds += time.perf_counter() - window_start
@@ -166,7 +204,9 @@ def train(cfg, accelerator, control, preemption, log) -> int:
             meters.advance(step)
             if at_checkpoint:
                 checkpoint()
-            if stop or (at_eval and control.any([preemption.requested])[0]):  # a signal that reached any rank skips it on every rank
+            if stop or (
+                at_eval and control.any([preemption.requested])[0]
+            ):  # a signal that reached any rank skips it on every rank
                 stop = stop or "preempted"
                 break
             if at_eval:
@@ -176,8 +216,11 @@ def train(cfg, accelerator, control, preemption, log) -> int:
         stop = "preempted"
     except NonFinite as bad:
         meters.close()
-        log.error(f"error: non-finite loss or parameters at step {bad.step}; stopping without a checkpoint of them. This run's good "
-                  f"checkpoints in {cfg.output_dir}/checkpoints are intact; lower lr or use precision=no to investigate.")
+        log.error(
+            f"error: non-finite loss or parameters at step {bad.step}; stopping without a checkpoint of them. "
+            "This run's good "
+            f"checkpoints in {cfg.output_dir}/checkpoints are intact; lower lr or use precision=no to investigate."
+        )
         return NON_FINITE_EXIT_STATUS
     finally:
         meters.close()
@@ -189,15 +232,31 @@ def train(cfg, accelerator, control, preemption, log) -> int:
     # ---- export and summary
     summary = {"steps": state.step, "train_seconds": round(state.train_seconds, 2), **meters.summary()}
     if accelerator.is_main_process:
-        export_backbone(backbone, cfg.output_dir, {"model_name": cfg.backbone, "num_features": feature_dim(backbone),
-                                                   "cifar_stem": cfg.cifar_stem, "timm_kwargs": cfg.timm_kwargs,
-                                                   "image_size": cfg.image_size})
-        atomic_write_text(os.path.join(cfg.output_dir, "train_summary.json"), json.dumps({**summary, "history": state.history}, indent=1) + "\n")
-    log.info(f"done: {state.step} steps, {summary['mean_images_per_s']:.1f} images/s, data-wait {summary['data_wait_fraction']:.1%}")
+        export_backbone(
+            backbone,
+            cfg.output_dir,
+            {
+                "model_name": cfg.backbone,
+                "num_features": feature_dim(backbone),
+                "cifar_stem": cfg.cifar_stem,
+                "timm_kwargs": cfg.timm_kwargs,
+                "image_size": cfg.image_size,
+            },
+        )
+        atomic_write_text(
+            os.path.join(cfg.output_dir, "train_summary.json"),
+            json.dumps({**summary, "history": state.history}, indent=1) + "\n",
+        )
+    log.info(
+        f"done: {state.step} steps, {summary['mean_images_per_s']:.1f} images/s, "
+        f"data-wait {summary['data_wait_fraction']:.1%}"
+    )
     return 0
 
 
-def stopped(stop: str, state, checkpoint, checkpointer, loader, data_errors, run, preemption, log, rank: int, world: int) -> int:
+def stopped(
+    stop: str, state, checkpoint, checkpointer, loader, data_errors, run, preemption, log, rank: int, world: int
+) -> int:
     """The end of a run stopped by a signal (status 75) or bad data (status 2): a checkpoint of the last good step
     (after bad data, positioned at the start of the epoch), then the message that says how to continue."""
     restart = epoch_start_state(getattr(loader, "epoch", 0), rank, world) if stop == "bad data" else None
@@ -213,12 +272,21 @@ def stopped(stop: str, state, checkpoint, checkpointer, loader, data_errors, run
         for failing_rank, message in enumerate(data_errors):
             if message:
                 log.error(f"error: bad data on rank {failing_rank}: {message}")
-        log.error(f"stopped after step {state.step} on bad data ({where} holds the last good step); remove or rewrite that sample "
-                  "(python -m pipeline.shards verify names every bad one), then rerun with --resume auto")
+        log.error(
+            f"stopped after step {state.step} on bad data ({where} holds the last good step); "
+            "remove or rewrite that sample "
+            "(python -m pipeline.shards verify names every bad one), then rerun with --resume auto"
+        )
         return 2
-    since = f", {time.monotonic() - preemption.received_at:.1f} s after {preemption.signal_name}" if preemption.received_at else ""
-    log.info(f"preempted at step {state.step}: {where}{since}; exiting with status {PREEMPTED_EXIT_STATUS}. "
-             f"Rerun the same command with --resume auto to continue run {run.run_id}")
+    since = (
+        f", {time.monotonic() - preemption.received_at:.1f} s after {preemption.signal_name}"
+        if preemption.received_at
+        else ""
+    )
+    log.info(
+        f"preempted at step {state.step}: {where}{since}; exiting with status {PREEMPTED_EXIT_STATUS}. "
+        f"Rerun the same command with --resume auto to continue run {run.run_id}"
+    )
     return PREEMPTED_EXIT_STATUS
 
 

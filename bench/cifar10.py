@@ -38,17 +38,38 @@ def write_shards(out: Path, tarball: str | None) -> str:
         elif tarball:
             command = ["write", "cifar", tarball, str(out / split / f"{split}-%06d.tar"), "--split", split]
         else:
-            raise SystemExit("no CIFAR-10 source: ../shared/data/cifar10 is absent; download cifar-10-python.tar.gz "
-                             "(https://www.cs.toronto.edu/~kriz/cifar.html) and pass --tarball PATH")
-        subprocess.run([sys.executable, "-m", "pipeline.shards", *command, "--max_count", "10000"], cwd=ROOT, check=True)
-    return ("../shared/data/cifar10 (CIFAR-10 re-encoded as 32x32 JPEG, see its README)" if SHARED_CIFAR.is_dir()
-            else f"official python tarball {tarball}")
+            raise SystemExit(
+                "no CIFAR-10 source: ../shared/data/cifar10 is absent; download cifar-10-python.tar.gz "
+                "(https://www.cs.toronto.edu/~kriz/cifar.html) and pass --tarball PATH"
+            )
+        subprocess.run(
+            [sys.executable, "-m", "pipeline.shards", *command, "--max_count", "10000"], cwd=ROOT, check=True
+        )
+    return (
+        "../shared/data/cifar10 (CIFAR-10 re-encoded as 32x32 JPEG, see its README)"
+        if SHARED_CIFAR.is_dir()
+        else f"official python tarball {tarball}"
+    )
 
 
 def train_command(config: Path, shards: Path, output_dir: Path, extra: list[str]) -> list[str]:
-    return [sys.executable, "train.py", "--config", str(config), "--train_shards", str(shards / "train"),
-            "--eval_train_shards", str(shards / "train"), "--eval_val_shards", str(shards / "test"),
-            "--output_dir", str(output_dir), "--eval_json", str(output_dir / "eval_curve.json"), *extra]
+    return [
+        sys.executable,
+        "train.py",
+        "--config",
+        str(config),
+        "--train_shards",
+        str(shards / "train"),
+        "--eval_train_shards",
+        str(shards / "train"),
+        "--eval_val_shards",
+        str(shards / "test"),
+        "--output_dir",
+        str(output_dir),
+        "--eval_json",
+        str(output_dir / "eval_curve.json"),
+        *extra,
+    ]
 
 
 def pretrain(config: Path, shards: Path, output_dir: Path, extra: list[str], run: bool = True) -> dict:
@@ -73,7 +94,9 @@ def plot(curves: dict, path: Path, title: str) -> None:
         epochs = [h["epoch"] for h in history]
         for axis, x in zip(axes, (minutes, epochs)):
             axis.plot(x, [h["knn_top1"] for h in history], marker="o", label=f"{label}: kNN top-1")
-            axis.plot(x, [h["linear_top1"] for h in history], marker=".", linestyle="--", label=f"{label}: linear top-1")
+            axis.plot(
+                x, [h["linear_top1"] for h in history], marker=".", linestyle="--", label=f"{label}: linear top-1"
+            )
     axes[0].set_xlabel("training wall-clock (minutes, evaluation excluded)")
     axes[1].set_xlabel("epochs")
     for axis in axes:
@@ -95,7 +118,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--output", default=str(ROOT / "runs" / f"cifar10_{device_tag()}"))
     parser.add_argument("--no_baseline", action="store_true", help="skip the torchvision-fed run")
     parser.add_argument("--train_args", default="", help="extra train.py flags for both runs, e.g. '--epochs 2'")
-    parser.add_argument("--baseline_only", action="store_true", help="reuse the DALI run's curve in OUTPUT/dali, run the baseline only")
+    parser.add_argument(
+        "--baseline_only", action="store_true", help="reuse the DALI run's curve in OUTPUT/dali, run the baseline only"
+    )
     args = parser.parse_args(argv)
     shards, output = Path(args.shards), Path(args.output)
     source = write_shards(shards, args.tarball)
@@ -103,23 +128,45 @@ def main(argv=None) -> dict:
     curves = {"DALI": pretrain(Path(args.config), shards, output / "dali", extra, run=not args.baseline_only)}
     if not args.no_baseline:  # the same training time as the DALI run (its schedule, cut where that time runs out)
         budget = curves["DALI"]["history"][-1]["train_seconds"] / 60
-        curves["torchvision DataLoader"] = pretrain(Path(args.config), shards, output / "torchvision",
-                                                    [*extra, "--data_loader", "torchvision", "--max_train_minutes", f"{budget:.2f}"])
+        curves["torchvision DataLoader"] = pretrain(
+            Path(args.config),
+            shards,
+            output / "torchvision",
+            [*extra, "--data_loader", "torchvision", "--max_train_minutes", f"{budget:.2f}"],
+        )
     config = curves["DALI"]["config"]
-    title = (f"SimCLR {config['backbone']} {json.dumps(config['timm_kwargs']) if config['timm_kwargs'] else ''} on CIFAR-10, "
-             f"batch {config['batch_size']}, {device_tag()}")
+    title = (
+        f"SimCLR {config['backbone']} "
+        f"{json.dumps(config['timm_kwargs']) if config['timm_kwargs'] else ''} on CIFAR-10, "
+        f"batch {config['batch_size']}, {device_tag()}"
+    )
     plot_path = RESULTS / f"cifar10_{device_tag()}.png"
     plot(curves, plot_path, title)
     summary = {}
     for label, run in curves.items():
         history = run["history"]
-        summary[label] = {"random_init_knn_top1": history[0]["knn_top1"], "final_knn_top1": history[-1]["knn_top1"],
-                          "final_linear_top1": history[-1]["linear_top1"], "train_minutes": round(history[-1]["train_seconds"] / 60, 1),
-                          "epochs": round(history[-1]["epoch"], 2)}
-        print(f"{label}: kNN {summary[label]['random_init_knn_top1']:.1f}% (random init) -> {summary[label]['final_knn_top1']:.1f}% "
-              f"after {summary[label]['train_minutes']} min / {summary[label]['epochs']} epochs; linear {summary[label]['final_linear_top1']:.1f}%")
-    path = write_result("cifar10", {"data": source, "config_file": args.config, "summary": summary, "curves": curves,
-                                    "plot": str(plot_path.relative_to(ROOT))})
+        summary[label] = {
+            "random_init_knn_top1": history[0]["knn_top1"],
+            "final_knn_top1": history[-1]["knn_top1"],
+            "final_linear_top1": history[-1]["linear_top1"],
+            "train_minutes": round(history[-1]["train_seconds"] / 60, 1),
+            "epochs": round(history[-1]["epoch"], 2),
+        }
+        print(
+            f"{label}: kNN {summary[label]['random_init_knn_top1']:.1f}% (random init) -> "
+            f"{summary[label]['final_knn_top1']:.1f}% after {summary[label]['train_minutes']} min / "
+            f"{summary[label]['epochs']} epochs; linear {summary[label]['final_linear_top1']:.1f}%"
+        )
+    path = write_result(
+        "cifar10",
+        {
+            "data": source,
+            "config_file": args.config,
+            "summary": summary,
+            "curves": curves,
+            "plot": str(plot_path.relative_to(ROOT)),
+        },
+    )
     print(f"wrote {path} and {plot_path}")
     return summary
 

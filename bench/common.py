@@ -14,7 +14,18 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-PACKAGES = ("torch", "torchvision", "timm", "accelerate", "nvidia-dali-cuda130", "nvidia-dali-cuda120", "webdataset", "triton", "pillow", "numpy")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "accelerate",
+    "nvidia-dali-cuda130",
+    "nvidia-dali-cuda120",
+    "webdataset",
+    "triton",
+    "pillow",
+    "numpy",
+)
 
 
 def cpu_name() -> str:

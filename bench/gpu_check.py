@@ -124,7 +124,6 @@ def _kill_group(process: subprocess.Popen) -> None:
             continue
 
 
-
 STAGES = [
     ("environment", stage_environment, 60, 30, ()),
     ("data", stage_data, 60, 60, ()),

@@ -52,7 +52,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-
 def stage_environment(check: Check, cap: float) -> dict:
     import torch
 
@@ -324,7 +323,9 @@ def stage_pipeline(check: Check, cap: float) -> dict:
         "--json",
         str(out),
     ]
-    command += ["--runs", "1"] + (["--seconds", "0.5", "--batch_size", "16", "--cores", "2"] if check.dry_run else ["--seconds", "6"])
+    command += ["--runs", "1"] + (
+        ["--seconds", "0.5", "--batch_size", "16", "--cores", "2"] if check.dry_run else ["--seconds", "6"]
+    )
     result = check.run("pipeline", command, cap)
     saved = _read_json(out) or {}
     summary = {
@@ -437,4 +438,3 @@ def stage_cifar10(check: Check, cap: float) -> dict:
             f"{len(history)} kNN evaluation(s): expected one at the start and one per epoch",
         )
     return stage
-

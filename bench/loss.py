@@ -63,23 +63,27 @@ H100_SXM_EX2_PER_S = H100_SXM_SFU_EX2_PER_SM_PER_CLOCK * H100_SXM_SMS * H100_SXM
 
 MEMORY_METHOD = {
     "cuda": "torch.cuda.max_memory_allocated() over one forward+backward step (peak reset after warm-up) "
-            "minus torch.cuda.memory_allocated() before it (the inputs); includes the inputs' gradients",
+    "minus torch.cuda.memory_allocated() before it (the inputs); includes the inputs' gradients",
     "cpu": "fresh subprocess per configuration; after warm-up and timing, glibc malloc is set to mmap every "
-           "block >= 64 KiB and unmap it at free (mallopt M_MMAP_THRESHOLD/M_TRIM_THRESHOLD, malloc_trim), "
-           "then extra = VmHWM after one forward+backward step - VmRSS before it, with the peak reset by "
-           "writing 5 to /proc/self/clear_refs; includes the inputs' gradients",
+    "block >= 64 KiB and unmap it at free (mallopt M_MMAP_THRESHOLD/M_TRIM_THRESHOLD, malloc_trim), "
+    "then extra = VmHWM after one forward+backward step - VmRSS before it, with the peak reset by "
+    "writing 5 to /proc/self/clear_refs; includes the inputs' gradients",
 }
-TIMING_METHOD = ("median of `repeats` forward+backward steps (time.perf_counter, CUDA synchronised), after "
-                 "warm-up: 2 steps for 'compiled' (the first compiles), 1 otherwise")
-FLOOR_METHOD = ("per path, from its code: matrix-product FLOPs (reference/compiled/chunked: 3 products of 2 (2N)^2 d - "
-                "forward scores, backward grad_logits @ Z twice (reference) or recomputed scores and weights @ Z; "
-                "fused: the backward recomputes the scores once per d slice of its grid), exps ((2N)^2 in the "
-                "forward, (2N)^2 per recomputation in the backward) and the fewest HBM bytes (paths that "
-                "materialise the (2N)^2 logits: written and read once in each pass, 4 (2N)^2 x itemsize; the "
-                "others: inputs, gradients and partial sums); over H100 SXM datasheet rates: bf16 tensor cores "
-                "(16-bit inputs), fp32 FMA (float32; torch.backends.cuda.matmul.allow_tf32 is recorded), TF32 "
-                "tensor cores (fused_tf32), SFU ex2 16/SM/clock, HBM3 3.35 TB/s; floor = the largest. Datasheet "
-                "figures: an estimate, recorded on every device")
+TIMING_METHOD = (
+    "median of `repeats` forward+backward steps (time.perf_counter, CUDA synchronised), after "
+    "warm-up: 2 steps for 'compiled' (the first compiles), 1 otherwise"
+)
+FLOOR_METHOD = (
+    "per path, from its code: matrix-product FLOPs (reference/compiled/chunked: 3 products of 2 (2N)^2 d - "
+    "forward scores, backward grad_logits @ Z twice (reference) or recomputed scores and weights @ Z; "
+    "fused: the backward recomputes the scores once per d slice of its grid), exps ((2N)^2 in the "
+    "forward, (2N)^2 per recomputation in the backward) and the fewest HBM bytes (paths that "
+    "materialise the (2N)^2 logits: written and read once in each pass, 4 (2N)^2 x itemsize; the "
+    "others: inputs, gradients and partial sums); over H100 SXM datasheet rates: bf16 tensor cores "
+    "(16-bit inputs), fp32 FMA (float32; torch.backends.cuda.matmul.allow_tf32 is recorded), TF32 "
+    "tensor cores (fused_tf32), SFU ex2 16/SM/clock, HBM3 3.35 TB/s; floor = the largest. Datasheet "
+    "figures: an estimate, recorded on every device"
+)
 
 
 # --------------------------------------------------------------------------- work and floor
@@ -101,8 +105,14 @@ def work(method: str, two_n: int, d: int, dtype: str) -> dict:
         d_slices = plan.grad.grid[1]  # each d slice of the gradient recomputes its scores (and their exps)
         flops = 2 * pairs * d + d_slices * 2 * pairs * d + 2 * pairs * d
         exps = pairs + d_slices * pairs
-        partials = 4 * two_n * ((plan.negatives.column_splits if plan.negatives.column_splits > 1 else 0)
-                                + d * (plan.grad.column_splits if plan.grad.column_splits > 1 else 0))
+        partials = (
+            4
+            * two_n
+            * (
+                (plan.negatives.column_splits if plan.negatives.column_splits > 1 else 0)
+                + d * (plan.grad.column_splits if plan.grad.column_splits > 1 else 0)
+            )
+        )
         moved = vectors + 2 * partials  # partial sums written, then read by the merge
     else:
         flops = 3 * 2 * pairs * d
@@ -121,12 +131,22 @@ def floor(method: str, two_n: int, d: int, dtype: str) -> dict:
     """Least time of one forward+backward of ``method`` on an H100 SXM (datasheet rates): the largest of
     products / their unit's rate, exps / the SFU rate, bytes / HBM bandwidth."""
     counts = work(method, two_n, d, dtype)
-    times = {"matmul_ms": 1e3 * counts["matmul_flops"] / counts["matmul_rate"],
-             "exp_ms": 1e3 * counts["exps"] / H100_SXM_EX2_PER_S,
-             "bytes_ms": 1e3 * counts["bytes"] / H100_SXM_HBM_BYTES_PER_S}
-    return {**counts, **times, "floor_ms": max(times.values()), "bound": max(times, key=times.get).removesuffix("_ms"),
-            "rates": {"ex2_per_s": H100_SXM_EX2_PER_S, "hbm_bytes_per_s": H100_SXM_HBM_BYTES_PER_S,
-                      "source": "H100 SXM datasheet figures"}}
+    times = {
+        "matmul_ms": 1e3 * counts["matmul_flops"] / counts["matmul_rate"],
+        "exp_ms": 1e3 * counts["exps"] / H100_SXM_EX2_PER_S,
+        "bytes_ms": 1e3 * counts["bytes"] / H100_SXM_HBM_BYTES_PER_S,
+    }
+    return {
+        **counts,
+        **times,
+        "floor_ms": max(times.values()),
+        "bound": max(times, key=times.get).removesuffix("_ms"),
+        "rates": {
+            "ex2_per_s": H100_SXM_EX2_PER_S,
+            "hbm_bytes_per_s": H100_SXM_HBM_BYTES_PER_S,
+            "source": "H100 SXM datasheet figures",
+        },
+    }
 
 
 def _itemsize(dtype: str) -> int:
@@ -246,8 +266,17 @@ def _relative_errors(fn, z1, z2, temperature: float) -> dict:
     return out
 
 
-def measure(method: str, two_n: int, d: int, dtype: str, device: str, repeats: int, temperature: float = 0.1,
-            seed: int = 0, check_max: int = 0) -> dict:
+def measure(
+    method: str,
+    two_n: int,
+    d: int,
+    dtype: str,
+    device: str,
+    repeats: int,
+    temperature: float = 0.1,
+    seed: int = 0,
+    check_max: int = 0,
+) -> dict:
     """Time, peak extra memory and (2N <= check_max) accuracy of one configuration, in this process."""
     import torch
 
@@ -266,7 +295,11 @@ def measure(method: str, two_n: int, d: int, dtype: str, device: str, repeats: i
         loss = _step(fn, z1, z2)
         _sync(device)
         times.append(time.perf_counter() - t0)
-    result = {"time_ms": 1e3 * statistics.median(times), "times_ms": [1e3 * t for t in times], "loss": float(loss.detach())}
+    result = {
+        "time_ms": 1e3 * statistics.median(times),
+        "times_ms": [1e3 * t for t in times],
+        "loss": float(loss.detach()),
+    }
     z1.grad = z2.grad = None
     loss = None
     if device == "cuda":
@@ -290,21 +323,37 @@ def _measure_subprocess(cfg: dict, timeout_s: float) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     try:
-        proc = subprocess.run([sys.executable, "-m", "bench.loss", "--child", json.dumps(cfg)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.loss", "--child", json.dumps(cfg)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired:
         return {"status": "error", "reason": f"timed out after {timeout_s:.0f} s"}
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
+            return json.loads(line[len("RESULT ") :])
     return {"status": "error", "reason": f"child exited {proc.returncode}: {proc.stderr.strip()[-1500:]}"}
 
 
 # --------------------------------------------------------------------------- driver
 
 
-def run(sizes, dtypes, methods, device: str, repeats: int, ds=(128,), temperature: float = 0.1,
-        timeout_s: float = 1800.0, check_max: int = 8192, log=print) -> list[dict]:
+def run(
+    sizes,
+    dtypes,
+    methods,
+    device: str,
+    repeats: int,
+    ds=(128,),
+    temperature: float = 0.1,
+    timeout_s: float = 1800.0,
+    check_max: int = 8192,
+    log=print,
+) -> list[dict]:
     """One record per (method, d, dtype, 2N): time (median of repeats, ms), peak extra memory, achieved
     TFLOP/s, the path's H100 floor, errors against float64 (2N <= check_max), or why skipped."""
     import torch
@@ -317,8 +366,15 @@ def run(sizes, dtypes, methods, device: str, repeats: int, ds=(128,), temperatur
                 if two_n < 2 or two_n % 2:
                     raise ValueError(f"2N must be even and >= 2, got {two_n}")
                 for method in methods:
-                    record = {"method": method, "two_n": int(two_n), "n": int(two_n) // 2, "d": d, "dtype": dtype,
-                              "device": device, "temperature": temperature}
+                    record = {
+                        "method": method,
+                        "two_n": int(two_n),
+                        "n": int(two_n) // 2,
+                        "d": d,
+                        "dtype": dtype,
+                        "device": device,
+                        "temperature": temperature,
+                    }
                     record["floor"] = floor(method, two_n, d, dtype)  # H100 estimate, recorded on every device
                     need, free = estimate_bytes(method, two_n, d, dtype), _available_bytes(device)
                     if method in FUSED and device != "cuda":
@@ -328,8 +384,16 @@ def run(sizes, dtypes, methods, device: str, repeats: int, ds=(128,), temperatur
                     elif need > 0.9 * free:
                         record.update(status="skipped", reason=f"{method} would need ~{_gib(need)}, {_gib(free)} free")
                     else:
-                        cfg = dict(method=method, two_n=two_n, d=d, dtype=dtype, device=device, repeats=repeats,
-                                   temperature=temperature, check_max=check_max)
+                        cfg = dict(
+                            method=method,
+                            two_n=two_n,
+                            d=d,
+                            dtype=dtype,
+                            device=device,
+                            repeats=repeats,
+                            temperature=temperature,
+                            check_max=check_max,
+                        )
                         if device == "cpu":
                             record.update(_measure_subprocess(cfg, timeout_s))
                         else:
@@ -356,22 +420,29 @@ def _line(record: dict) -> str:
     errors = ""
     if "rel_err_grad" in record:
         errors = f"  err loss {record['rel_err_loss']:.1e} grad {record['rel_err_grad']:.1e}"
-    return (f"{head} {record['time_ms']:10.2f} ms  {record['achieved_tflops']:7.3f} TFLOP/s  "
-            f"(H100 floor {record['floor']['floor_ms']:.3f} ms, {record['floor']['bound']})  "
-            f"{record['peak_extra_mib']:9.1f} MiB extra  loss {record['loss']:.5f}{errors}")
+    return (
+        f"{head} {record['time_ms']:10.2f} ms  {record['achieved_tflops']:7.3f} TFLOP/s  "
+        f"(H100 floor {record['floor']['floor_ms']:.3f} ms, {record['floor']['bound']})  "
+        f"{record['peak_extra_mib']:9.1f} MiB extra  loss {record['loss']:.5f}{errors}"
+    )
 
 
 def table(results: list[dict]) -> str:
     """Markdown table of the finished records (time, achieved TFLOP/s, floor, memory, errors)."""
-    lines = ["| method | dtype | d | 2N | time (ms) | TFLOP/s | H100 floor (ms) | time / floor | extra MiB | "
-             "rel. err. grad |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | dtype | d | 2N | time (ms) | TFLOP/s | H100 floor (ms) | time / floor | extra MiB | "
+        "rel. err. grad |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in results:
         if r["status"] != "ok":
             continue
         err = f"{r['rel_err_grad']:.1e}" if "rel_err_grad" in r else ""
-        lines.append(f"| {r['method']} | {r['dtype']} | {r['d']} | {r['two_n']:,} | {r['time_ms']:.2f} | "
-                     f"{r['achieved_tflops']:.3f} | {r['floor']['floor_ms']:.3f} | "
-                     f"{r['time_ms'] / r['floor']['floor_ms']:.0f} | {r['peak_extra_mib']:.0f} | {err} |")
+        lines.append(
+            f"| {r['method']} | {r['dtype']} | {r['d']} | {r['two_n']:,} | {r['time_ms']:.2f} | "
+            f"{r['achieved_tflops']:.3f} | {r['floor']['floor_ms']:.3f} | "
+            f"{r['time_ms'] / r['floor']['floor_ms']:.0f} | {r['peak_extra_mib']:.0f} | {err} |"
+        )
     return "\n".join(lines)
 
 
@@ -423,7 +494,9 @@ def _device_name(device: str) -> str:
 
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
+    )
 
 
 def main(argv=None) -> list[dict]:
@@ -432,16 +505,23 @@ def main(argv=None) -> list[dict]:
 
     cuda = torch.cuda.is_available()
     parser = ArgumentParser(prog="bench.py loss", description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", help="values of 2N (default: 4096 ... 131072 on CUDA, "
-                        "1024 4096 8192 32768 65536 131072 on the CPU)")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        help="values of 2N (default: 4096 ... 131072 on CUDA, 1024 4096 8192 32768 65536 131072 on the CPU)",
+    )
+    parser.add_argument(
+        "--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"]
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--repeats", type=int, help="timed steps per configuration (default 20 on CUDA, 5 on the CPU)")
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
     parser.add_argument("--d", type=int, nargs="+", help="projection widths (default 128 256 on CUDA, 128 on the CPU)")
     parser.add_argument("--temperature", type=float, default=0.1)
-    parser.add_argument("--check_max", type=int, default=8192,
-                        help="largest 2N whose errors against float64 are measured")
+    parser.add_argument(
+        "--check_max", type=int, default=8192, help="largest 2N whose errors against float64 are measured"
+    )
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per CPU configuration")
     parser.add_argument("--json", default=None, help="default bench/results/loss_<device tag>.json (cpu, h100, ...)")
     parser.add_argument("--plot", default=None, help="default: the JSON path with .png")
@@ -462,8 +542,17 @@ def main(argv=None) -> list[dict]:
     sizes = args.sizes or ([4096, 8192, 16384, 32768, 65536, 131072] if on_cuda else cpu_sizes)
     ds = args.d or ([128, 256] if on_cuda else [128])
     repeats = args.repeats or (20 if on_cuda else 5)
-    results = run(sizes, args.dtypes, args.methods, device, repeats, ds=ds, temperature=args.temperature,
-                  timeout_s=args.timeout, check_max=args.check_max)
+    results = run(
+        sizes,
+        args.dtypes,
+        args.methods,
+        device,
+        repeats,
+        ds=ds,
+        temperature=args.temperature,
+        timeout_s=args.timeout,
+        check_max=args.check_max,
+    )
     json_path = Path(args.json or ROOT / "bench" / "results" / f"loss_{device_tag() if on_cuda else 'cpu'}.json")
     plot_path = Path(args.plot or json_path.with_suffix(".png"))
     payload = {
@@ -479,14 +568,17 @@ def main(argv=None) -> list[dict]:
         "timing_method": TIMING_METHOD,
         "memory_method": MEMORY_METHOD[device] if device in MEMORY_METHOD else MEMORY_METHOD["cuda"],
         "accuracy_method": f"2N <= {args.check_max}: ||x - ref|| / ||ref|| of the loss and of the worse of the two "
-                           "input gradients, ref = nt_xent_reference in float64 on the same input values",
+        "input gradients, ref = nt_xent_reference in float64 on the same input values",
         "floor_method": FLOOR_METHOD,
-        "floor_constants": {"H100_SXM_BF16_DENSE_FLOPS": H100_SXM_BF16_DENSE_FLOPS,
-                            "H100_SXM_TF32_DENSE_FLOPS": H100_SXM_TF32_DENSE_FLOPS,
-                            "H100_SXM_FP32_FLOPS": H100_SXM_FP32_FLOPS, "H100_SXM_EX2_PER_S": H100_SXM_EX2_PER_S,
-                            "H100_SXM_HBM_BYTES_PER_S": H100_SXM_HBM_BYTES_PER_S,
-                            "ex2": f"{H100_SXM_SFU_EX2_PER_SM_PER_CLOCK}/SM/clock x {H100_SXM_SMS} SMs x "
-                                   f"{H100_SXM_CLOCK_HZ / 1e9} GHz", "source": "datasheet figures, not measured"},
+        "floor_constants": {
+            "H100_SXM_BF16_DENSE_FLOPS": H100_SXM_BF16_DENSE_FLOPS,
+            "H100_SXM_TF32_DENSE_FLOPS": H100_SXM_TF32_DENSE_FLOPS,
+            "H100_SXM_FP32_FLOPS": H100_SXM_FP32_FLOPS,
+            "H100_SXM_EX2_PER_S": H100_SXM_EX2_PER_S,
+            "H100_SXM_HBM_BYTES_PER_S": H100_SXM_HBM_BYTES_PER_S,
+            "ex2": f"{H100_SXM_SFU_EX2_PER_SM_PER_CLOCK}/SM/clock x {H100_SXM_SMS} SMs x {H100_SXM_CLOCK_HZ / 1e9} GHz",
+            "source": "datasheet figures, not measured",
+        },
         "results": results,
     }
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,11 @@ def imagenet_shards(repeats: int = 5, source: Path | None = None, out: Path | No
         files = sorted(source.glob("*.JPEG"))
         label = "../shared/data/imagenet-sample" if source == SHARED_DATA / "imagenet-sample" else str(source)
         description = f"{label} ({len(files)} full-size JPEGs) x{repeats}"
-        samples = (Sample(f"{r:02d}{i:06d}", path.read_bytes(), i, str(path)) for r in range(repeats) for i, path in enumerate(files))
+        samples = (
+            Sample(f"{r:02d}{i:06d}", path.read_bytes(), i, str(path))
+            for r in range(repeats)
+            for i, path in enumerate(files)
+        )
         classes = [path.stem.split("_", 1)[0] for path in files]
         write_shards(samples, str(out / "train-%06d.tar"), classes, len(files) * repeats, max_count=1000)
         return out, description
@@ -69,8 +73,9 @@ def cifar_shards() -> tuple[Path, str]:
     source = SHARED_DATA / "cifar10" / "train"
     if source.is_dir():
         # 10,000 per shard: the layout the recorded results were measured on (the writer's default is 1,000)
-        write_source(folder_source(source), str(out / "train-%06d.tar"), max_count=10_000,
-                     workers=len(os.sched_getaffinity(0)))
+        write_source(
+            folder_source(source), str(out / "train-%06d.tar"), max_count=10_000, workers=len(os.sched_getaffinity(0))
+        )
         return out, "../shared/data/cifar10/train (50,000 32x32 JPEGs)"
     return synthetic_shards(out, 20000, 32, "generated 32x32 images (../shared/data absent)")
 
@@ -81,9 +86,25 @@ def synthetic_shards(out: Path, count: int, side: int, description: str) -> tupl
 
     rng = np.random.default_rng(0)
     coarse = rng.integers(0, 256, (count, 8, 8, 3)).astype(np.uint8)
-    images = np.stack([np.asarray(torch.nn.functional.interpolate(torch.from_numpy(c).permute(2, 0, 1)[None].float(), size=(side * 3 // 4, side),
-                                                                  mode="bilinear")[0].permute(1, 2, 0).byte()) for c in coarse])
-    write_shards(array_samples(images, np.arange(count) % 10), str(out / "train-%06d.tar"), [str(i) for i in range(10)], count, max_count=2000)
+    images = np.stack(
+        [
+            np.asarray(
+                torch.nn.functional.interpolate(
+                    torch.from_numpy(c).permute(2, 0, 1)[None].float(), size=(side * 3 // 4, side), mode="bilinear"
+                )[0]
+                .permute(1, 2, 0)
+                .byte()
+            )
+            for c in coarse
+        ]
+    )
+    write_shards(
+        array_samples(images, np.arange(count) % 10),
+        str(out / "train-%06d.tar"),
+        [str(i) for i in range(10)],
+        count,
+        max_count=2000,
+    )
     return out, description
 
 
@@ -96,8 +117,13 @@ def loader(shards: Path, preset: dict, kind: str, cores: int, device: str):
     from trainer.config import TrainConfig
     from trainer.data import build_train_loader
 
-    cfg = TrainConfig(train_shards=str(shards), image_size=preset["size"], augment="cifar" if preset["cifar"] else "imagenet",
-                      batch_size=preset["batch_size"], data_threads=cores)
+    cfg = TrainConfig(
+        train_shards=str(shards),
+        image_size=preset["size"],
+        augment="cifar" if preset["cifar"] else "imagenet",
+        batch_size=preset["batch_size"],
+        data_threads=cores,
+    )
     return build_train_loader(cfg, torch.device(device), loader=kind)
 
 
@@ -133,8 +159,13 @@ def _timed(batches, seconds: float, on_gpu: bool, restart) -> dict:
         last = now
         images += view1.shape[0]
     elapsed = time.perf_counter() - start
-    return {"images_per_s": images / elapsed, "views_per_s": 2 * images / elapsed, "images": images, "seconds": round(elapsed, 2),
-            "median_batch_ms": round(1000 * statistics.median(batch_times), 2)}
+    return {
+        "images_per_s": images / elapsed,
+        "views_per_s": 2 * images / elapsed,
+        "images": images,
+        "seconds": round(elapsed, 2),
+        "median_batch_ms": round(1000 * statistics.median(batch_times), 2),
+    }
 
 
 def epoch_stall(shards: Path, preset: dict, cores: int, device: str) -> dict:
@@ -152,8 +183,12 @@ def epoch_stall(shards: Path, preset: dict, cores: int, device: str) -> dict:
             last = now
     steps = len(batches)
     median = statistics.median(intervals[1:steps])
-    return {"steps_per_epoch": steps, "median_batch_s": round(median, 4), "first_batch_of_epoch_2_s": round(intervals[steps], 4),
-            "stall_s": round(intervals[steps] - median, 4)}
+    return {
+        "steps_per_epoch": steps,
+        "median_batch_s": round(median, 4),
+        "first_batch_of_epoch_2_s": round(intervals[steps], 4),
+        "stall_s": round(intervals[steps] - median, 4),
+    }
 
 
 # ------------------------------------------------------------------ command line
@@ -162,16 +197,29 @@ def epoch_stall(shards: Path, preset: dict, cores: int, device: str) -> dict:
 def main(argv=None) -> dict:
     parser = ArgumentParser(prog="bench.py pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    parser.add_argument("--seconds", type=float, default=30.0, help="measured time per pipeline and preset (after warm-up)")
+    parser.add_argument(
+        "--seconds", type=float, default=30.0, help="measured time per pipeline and preset (after warm-up)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)), help="DALI threads = DataLoader workers")
-    parser.add_argument("--imagenet_shards", default=None,
-                        help="shards for imagenet224 (default: the ImageNet sample x5, written once)")
-    parser.add_argument("--cifar_shards", default=None,
-                        help="shards for cifar32 (default: CIFAR-10's training JPEGs, written once)")
+    parser.add_argument(
+        "--cores", type=int, default=len(os.sched_getaffinity(0)), help="DALI threads = DataLoader workers"
+    )
+    parser.add_argument(
+        "--imagenet_shards", default=None, help="shards for imagenet224 (default: the ImageNet sample x5, written once)"
+    )
+    parser.add_argument(
+        "--cifar_shards", default=None, help="shards for cifar32 (default: CIFAR-10's training JPEGs, written once)"
+    )
     parser.add_argument("--batch_size", type=int, default=None, help="default: the preset's")
-    parser.add_argument("--runs", type=int, default=3, help="side-by-side runs per preset (the torchvision side varies: report the spread)")
-    parser.add_argument("--epoch_stall", action="store_true", help="also time the DALI loader's epoch boundary (two whole epochs)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        help="side-by-side runs per preset (the torchvision side varies: report the spread)",
+    )
+    parser.add_argument(
+        "--epoch_stall", action="store_true", help="also time the DALI loader's epoch boundary (two whole epochs)"
+    )
     parser.add_argument("--json", default=None, help="default bench/results/pipeline_<device>.json")
     args = parser.parse_args(argv)
     results = {}
@@ -185,16 +233,26 @@ def main(argv=None) -> dict:
         print(f"[{name}] data: {description}")
         runs = [compare(name, shards, preset, args) for _ in range(args.runs)]
         speedups = [r["speedup"] for r in runs]
-        results[name] = {"data": description, "image_size": preset["size"], "batch_size": preset["batch_size"],
-                         "dali_threads": args.cores, "dataloader_workers": args.cores, "runs": runs,
-                         "speedup": {"min": min(speedups), "median": statistics.median(speedups), "max": max(speedups)}}
+        results[name] = {
+            "data": description,
+            "image_size": preset["size"],
+            "batch_size": preset["batch_size"],
+            "dali_threads": args.cores,
+            "dataloader_workers": args.cores,
+            "runs": runs,
+            "speedup": {"min": min(speedups), "median": statistics.median(speedups), "max": max(speedups)},
+        }
         if len(runs) > 1:
             print(f"[{name}] DALI / torchvision over {len(runs)} runs: {min(speedups):.2f}x .. {max(speedups):.2f}x")
         if args.epoch_stall:
             stall = results[name]["epoch_stall"] = epoch_stall(shards, preset, args.cores, args.device)
-            print(f"[{name}] epoch boundary: first batch of epoch 2 after {stall['first_batch_of_epoch_2_s']:.3f} s "
-                  f"(median batch {stall['median_batch_s']:.3f} s)")
-    path = write_result("pipeline", {"device": args.device, "seconds_per_measurement": args.seconds, "results": results}, args.json)
+            print(
+                f"[{name}] epoch boundary: first batch of epoch 2 after {stall['first_batch_of_epoch_2_s']:.3f} s "
+                f"(median batch {stall['median_batch_s']:.3f} s)"
+            )
+    path = write_result(
+        "pipeline", {"device": args.device, "seconds_per_measurement": args.seconds, "results": results}, args.json
+    )
     print(f"wrote {path}")
     return results
 

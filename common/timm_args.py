@@ -7,21 +7,68 @@ accepted, as JSON values; arguments that say where weights come from (``pretrain
 
 from __future__ import annotations
 
-ARCHITECTURE_ARGS = frozenset({
-    # any family
-    "in_chans", "global_pool", "drop_rate", "drop_path_rate", "drop_block_rate", "act_layer", "norm_layer", "output_stride",
-    "zero_init_last", "weight_init", "img_size",
-    # ResNet / ResNeXt / ResNet-D
-    "layers", "channels", "cardinality", "base_width", "stem_width", "stem_type", "replace_stem_pool", "block_reduce_first",
-    "down_kernel_size", "avg_down",
-    # ViT and relatives
-    "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token",
-    "no_embed_class", "reg_tokens", "pre_norm", "fc_norm", "dynamic_img_size", "dynamic_img_pad", "pos_embed", "patch_drop_rate",
-    "proj_drop_rate", "attn_drop_rate", "window_size",
-    # ConvNeXt, EfficientNet, RegNet, ...
-    "depths", "dims", "ls_init_value", "conv_mlp", "conv_bias", "head_norm_first", "kernel_sizes", "channel_multiplier",
-    "depth_multiplier", "fix_stem", "stem_kernel_size", "stem_stride", "width_multiplier",
-})
+ARCHITECTURE_ARGS = frozenset(
+    {
+        # any family
+        "in_chans",
+        "global_pool",
+        "drop_rate",
+        "drop_path_rate",
+        "drop_block_rate",
+        "act_layer",
+        "norm_layer",
+        "output_stride",
+        "zero_init_last",
+        "weight_init",
+        "img_size",
+        # ResNet / ResNeXt / ResNet-D
+        "layers",
+        "channels",
+        "cardinality",
+        "base_width",
+        "stem_width",
+        "stem_type",
+        "replace_stem_pool",
+        "block_reduce_first",
+        "down_kernel_size",
+        "avg_down",
+        # ViT and relatives
+        "patch_size",
+        "embed_dim",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "qkv_bias",
+        "qk_norm",
+        "init_values",
+        "class_token",
+        "no_embed_class",
+        "reg_tokens",
+        "pre_norm",
+        "fc_norm",
+        "dynamic_img_size",
+        "dynamic_img_pad",
+        "pos_embed",
+        "patch_drop_rate",
+        "proj_drop_rate",
+        "attn_drop_rate",
+        "window_size",
+        # ConvNeXt, EfficientNet, RegNet, ...
+        "depths",
+        "dims",
+        "ls_init_value",
+        "conv_mlp",
+        "conv_bias",
+        "head_norm_first",
+        "kernel_sizes",
+        "channel_multiplier",
+        "depth_multiplier",
+        "fix_stem",
+        "stem_kernel_size",
+        "stem_stride",
+        "width_multiplier",
+    }
+)
 REFUSED = {
     "num_classes": "the project sets it (0: the classifier is removed)",
     "pretrained": "use the pretrained option, not timm_kwargs",
@@ -50,8 +97,12 @@ def check_timm_kwargs(kwargs, where: str = "timm_kwargs") -> dict:
         if key in REFUSED:
             raise ValueError(f"{where}: {key!r} is not accepted in timm_kwargs ({REFUSED[key]})")
         if key not in ARCHITECTURE_ARGS:
-            raise ValueError(f"{where}: {key!r} is not an architecture argument this project passes to timm "
-                             f"(the accepted ones are listed in common/timm_args.py)")
+            raise ValueError(
+                f"{where}: {key!r} is not an architecture argument this project passes to timm "
+                f"(the accepted ones are listed in common/timm_args.py)"
+            )
         if not _is_json_value(value):
-            raise ValueError(f"{where}: {key} must be a number, string, boolean or list of them, got {type(value).__name__}")
+            raise ValueError(
+                f"{where}: {key} must be a number, string, boolean or list of them, got {type(value).__name__}"
+            )
     return dict(kwargs)

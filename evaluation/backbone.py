@@ -40,7 +40,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # safetensors and torch raise a variety of types for a damaged file
-        raise BackboneError(f"weights file {path} cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})") from None
+        raise BackboneError(
+            f"weights file {path} cannot be read "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
@@ -85,7 +88,9 @@ def _file_meta(weights_file: Path) -> dict:
                 header = handle.metadata() or {}
             meta = {k: json.loads(v) for k, v in header.items()} if "model_name" in header else {}
         except Exception as error:
-            raise BackboneError(f"weights file {weights_file} cannot be read ({type(error).__name__}: {error})") from None
+            raise BackboneError(
+                f"weights file {weights_file} cannot be read ({type(error).__name__}: {error})"
+            ) from None
         return _checked_meta(meta, weights_file)
     return {}
 
@@ -96,8 +101,11 @@ def load_weights_into(backbone: torch.nn.Module, state: dict[str, torch.Tensor],
     expected = backbone.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                  for k in expected if k in state and state[k].shape != expected[k].shape]
+    mismatched = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
     if missing or unexpected or mismatched:
         problems = []
         if mismatched:
@@ -106,8 +114,10 @@ def load_weights_into(backbone: torch.nn.Module, state: dict[str, torch.Tensor],
             problems.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
         if unexpected:
             problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
-        raise BackboneError(f"{source} does not fit a {description} backbone: {', '.join(problems)}; "
-                            "is it a checkpoint of another architecture (--model)?")
+        raise BackboneError(
+            f"{source} does not fit a {description} backbone: {', '.join(problems)}; "
+            "is it a checkpoint of another architecture (--model)?"
+        )
     backbone.load_state_dict(state)
 
 
@@ -119,13 +129,27 @@ def _meta_for(path: Path) -> dict:
         config = _read_json(path / "trainer_state.json").get("config")
         if not isinstance(config, dict) or not isinstance(config.get("backbone"), str):
             raise BackboneError(f"{path / 'trainer_state.json'} holds no config with a backbone name")
-        return _checked_meta({"model_name": config["backbone"], "cifar_stem": config.get("cifar_stem", False),
-                              "timm_kwargs": config.get("timm_kwargs") or {}, "image_size": config.get("image_size")}, path / "trainer_state.json")
-    raise BackboneError(f"{path} is neither a train.py output directory (backbone.json) nor a checkpoint (trainer_state.json)")
+        return _checked_meta(
+            {
+                "model_name": config["backbone"],
+                "cifar_stem": config.get("cifar_stem", False),
+                "timm_kwargs": config.get("timm_kwargs") or {},
+                "image_size": config.get("image_size"),
+            },
+            path / "trainer_state.json",
+        )
+    raise BackboneError(
+        f"{path} is neither a train.py output directory (backbone.json) nor a checkpoint (trainer_state.json)"
+    )
 
 
-def load_backbone(checkpoint: str | None = None, model_name: str | None = None, weights: str | None = None,
-                  random_init: bool = False, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+def load_backbone(
+    checkpoint: str | None = None,
+    model_name: str | None = None,
+    weights: str | None = None,
+    random_init: bool = False,
+    seed: int = 0,
+) -> tuple[torch.nn.Module, dict]:
     """Returns (backbone with num_classes=0, info dict with model_name, image_size (if known), source, sha256).
 
     ``checkpoint``: a train.py output directory, a checkpoint directory (``checkpoints/step_*``) or a
@@ -141,17 +165,23 @@ def load_backbone(checkpoint: str | None = None, model_name: str | None = None, 
             weights_file = path
         else:
             meta = _meta_for(path)
-            weights_file = path / "backbone.safetensors" if (path / "backbone.safetensors").exists() else path / "model.safetensors"
+            weights_file = (
+                path / "backbone.safetensors"
+                if (path / "backbone.safetensors").exists()
+                else path / "model.safetensors"
+            )
         if model_name:
             meta["model_name"] = model_name
         if "model_name" not in meta:
-            raise BackboneError(f"{path}: no backbone.json beside it; pass --model NAME to say which timm architecture it is")
+            raise BackboneError(
+                f"{path}: no backbone.json beside it; pass --model NAME to say which timm architecture it is"
+            )
         if not random_init:
             if not weights_file.exists():
                 raise BackboneError(f"{path}: no weights file {weights_file.name}")
             state = _read_weights(weights_file)
             if weights_file.name == "model.safetensors":  # a full SimCLR state from a checkpoint
-                state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+                state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
             source = str(weights_file)
     elif model_name:
         meta = {"model_name": model_name, "cifar_stem": False, "timm_kwargs": {}}
@@ -165,13 +195,25 @@ def load_backbone(checkpoint: str | None = None, model_name: str | None = None, 
         raise BackboneError("say which backbone to evaluate: --checkpoint PATH or --model NAME [--weights FILE]")
     torch.manual_seed(seed)
     try:
-        backbone = create_backbone(meta["model_name"], cifar_stem=meta.get("cifar_stem", False), **meta.get("timm_kwargs", {}))
+        backbone = create_backbone(
+            meta["model_name"], cifar_stem=meta.get("cifar_stem", False), **meta.get("timm_kwargs", {})
+        )
     except (RuntimeError, TypeError, ValueError) as error:  # timm: unknown model name, arguments it does not take
-        raise BackboneError(f"cannot create the backbone {meta['model_name']!r} with timm_kwargs {meta.get('timm_kwargs', {})}: "
-                            f"{type(error).__name__}: {error}") from None
+        raise BackboneError(
+            f"cannot create the backbone {meta['model_name']!r} with timm_kwargs {meta.get('timm_kwargs', {})}: "
+            f"{type(error).__name__}: {error}"
+        ) from None
     if state is not None:
-        state = {k: v for k, v in state.items() if not k.startswith(("fc.", "head.fc.", "classifier."))} if not meta.get("cifar_stem") else state
+        state = (
+            {k: v for k, v in state.items() if not k.startswith(("fc.", "head.fc.", "classifier."))}
+            if not meta.get("cifar_stem")
+            else state
+        )
         load_weights_into(backbone, state, source, f"{meta['model_name']} (cifar_stem={meta.get('cifar_stem', False)})")
-    info = {"model_name": meta["model_name"], "source": "random-init" if random_init else (source or "timm default init"),
-            "sha256": file_digest(Path(source)) if source else None, "image_size": meta.get("image_size")}
+    info = {
+        "model_name": meta["model_name"],
+        "source": "random-init" if random_init else (source or "timm default init"),
+        "sha256": file_digest(Path(source)) if source else None,
+        "image_size": meta.get("image_size"),
+    }
     return backbone, info

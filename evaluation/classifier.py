@@ -29,8 +29,16 @@ class FrozenBackbone(torch.nn.Module):
             return self.backbone(images).float()
 
 
-def train_classifier(model: torch.nn.Module, loader, accelerator, epochs: int, base_lr: float, momentum: float = 0.9,
-                     desc: str = "classifier", progress: bool = True) -> torch.nn.Module:
+def train_classifier(
+    model: torch.nn.Module,
+    loader,
+    accelerator,
+    epochs: int,
+    base_lr: float,
+    momentum: float = 0.9,
+    desc: str = "classifier",
+    progress: bool = True,
+) -> torch.nn.Module:
     """Train ``model`` (images (B, 3, S, S) -> logits (B, C); only its parameters that require grad learn) with
     cross-entropy for ``epochs`` epochs of ``loader`` (``(images, labels)`` batches, a fresh augmentation every
     epoch). Returns the trained model, unwrapped, in eval mode, on the accelerator's device."""

@@ -13,8 +13,13 @@ from pipeline.loader import DaliLoader
 
 
 @torch.no_grad()
-def extract_features(backbone: torch.nn.Module, loader: DaliLoader, accelerator: Accelerator | None = None,
-                     desc: str = "features", progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    backbone: torch.nn.Module,
+    loader: DaliLoader,
+    accelerator: Accelerator | None = None,
+    desc: str = "features",
+    progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(features float32 (N, D), labels int64 (N,)) on every process, N = every sample of the shards once.
 
     The backbone runs in eval mode (BN uses its running statistics); its train/eval mode is restored."""
@@ -36,12 +41,20 @@ def extract_features(backbone: torch.nn.Module, loader: DaliLoader, accelerator:
     padded_labels = accelerator.pad_across_processes(labels_local, dim=0)
     all_features, all_labels = accelerator.gather(padded_features), accelerator.gather(padded_labels)
     width = padded_labels.shape[0]
-    keep = torch.cat([torch.arange(int(c), device=all_labels.device) + r * width for r, c in enumerate(counts.tolist())])
+    keep = torch.cat(
+        [torch.arange(int(c), device=all_labels.device) + r * width for r, c in enumerate(counts.tolist())]
+    )
     return all_features[keep], all_labels[keep]
 
 
-def cached_features(backbone: torch.nn.Module, loader: DaliLoader, accelerator: Accelerator, desc: str, cache: Path | None,
-                    identity: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def cached_features(
+    backbone: torch.nn.Module,
+    loader: DaliLoader,
+    accelerator: Accelerator,
+    desc: str,
+    cache: Path | None,
+    identity: dict,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``extract_features``, saved to / reloaded from ``cache`` (a .safetensors file) when given.
 
     ``identity`` (the weights' sha256, the shards, the view) is stored with the features; a cache whose
@@ -63,6 +76,9 @@ def cached_features(backbone: torch.nn.Module, loader: DaliLoader, accelerator: 
     features, labels = extract_features(backbone, loader, accelerator, desc)
     if cache is not None and accelerator.is_main_process:
         with atomic_path(cache) as tmp:
-            save_file({"features": features.cpu().contiguous(), "labels": labels.cpu().contiguous()}, str(tmp),
-                      metadata={"identity": json.dumps(identity)})
+            save_file(
+                {"features": features.cpu().contiguous(), "labels": labels.cpu().contiguous()},
+                str(tmp),
+                metadata={"identity": json.dumps(identity)},
+            )
     return features, labels

@@ -31,8 +31,16 @@ class Classifier(torch.nn.Module):
         return self.fc(self.backbone(images))
 
 
-def finetune(backbone: torch.nn.Module, loader, num_classes: int, accelerator, epochs: int, lr: float = 0.05, momentum: float = 0.9,
-             progress: bool = True) -> Classifier:
+def finetune(
+    backbone: torch.nn.Module,
+    loader,
+    num_classes: int,
+    accelerator,
+    epochs: int,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    progress: bool = True,
+) -> Classifier:
     """A copy of ``backbone`` + linear head, all trained for ``epochs`` epochs of ``loader`` (usually restricted
     to a label subset) with ``evaluation.classifier.train_classifier``; every batch-norm layer global when there
     are several processes. ``backbone`` itself is not modified. Returns the fine-tuned classifier (eval mode)."""

@@ -9,8 +9,15 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
-def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor, num_classes: int,
-                ks: Sequence[int] = (200,), temperature: float = 0.1, chunk: int = 256) -> dict[int, torch.Tensor]:
+def knn_predict(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_features: torch.Tensor,
+    num_classes: int,
+    ks: Sequence[int] = (200,),
+    temperature: float = 0.1,
+    chunk: int = 256,
+) -> dict[int, torch.Tensor]:
     """Class scores (M, num_classes) for each test feature and each k of ``ks``: the sum over its k most
     cosine-similar train features of exp(similarity / temperature), per class. One pass for every k (the
     neighbours of the largest k, sorted, hold those of the smaller ones, as in DINO's ``eval_knn.py``).
@@ -22,7 +29,9 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     largest = min(max(ks), train.shape[0])
     scores = {k: torch.zeros(test.shape[0], num_classes, device=test.device) for k in ks}
     for start in range(0, test.shape[0], chunk):
-        top_similarity, top_index = (test[start : start + chunk] @ train.T).topk(largest, dim=1)  # sorted, most similar first
+        top_similarity, top_index = (test[start : start + chunk] @ train.T).topk(
+            largest, dim=1
+        )  # sorted, most similar first
         weights, neighbour_labels = (top_similarity / temperature).exp(), train_labels[top_index]
         for k in ks:
             scores[k][start : start + chunk].scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])

@@ -22,18 +22,30 @@ from .classifier import FrozenBackbone, train_classifier
 from .knn import topk_accuracy
 
 
-def train_linear_on_features(train_features: torch.Tensor, train_labels: torch.Tensor, num_classes: int,
-                             epochs: int = 100, batch_size: int = 1024, lr: float = 0.1, momentum: float = 0.9,
-                             weight_decay: float = 0.0, seed: int = 0, progress: bool = False) -> torch.nn.Module:
+def train_linear_on_features(
+    train_features: torch.Tensor,
+    train_labels: torch.Tensor,
+    num_classes: int,
+    epochs: int = 100,
+    batch_size: int = 1024,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    progress: bool = False,
+) -> torch.nn.Module:
     """A linear classifier on standardised features: SGD with Nesterov momentum, cosine schedule, no weight
-    decay by default (the paper's protocol; lr is scaled by batch/256). Returns ``nn.Sequential(standardise, linear)``."""
+    decay by default (the paper's protocol; lr is scaled by batch/256).
+    Returns ``nn.Sequential(standardise, linear)``."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     mean = train_features.mean(0)
     std = train_features.std(0).clamp_min(1e-6)
     linear = torch.nn.Linear(train_features.shape[1], num_classes).to(train_features.device)
     torch.nn.init.zeros_(linear.weight)
     torch.nn.init.zeros_(linear.bias)
-    optimizer, scheduler = sgd_cosine(linear.parameters(), lr, batch_size, epochs * math.ceil(len(train_labels) / batch_size), momentum, weight_decay)
+    optimizer, scheduler = sgd_cosine(
+        linear.parameters(), lr, batch_size, epochs * math.ceil(len(train_labels) / batch_size), momentum, weight_decay
+    )
     standardised = (train_features - mean) / std
     for _ in tqdm(range(epochs), desc="linear (cached features)", unit="epoch", disable=not progress, leave=False):
         order = torch.randperm(len(train_labels), generator=generator).to(train_features.device)
@@ -58,7 +70,9 @@ class _Standardise(torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate_classifier(classifier: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor, chunk: int = 8192) -> dict[str, float]:
+def evaluate_classifier(
+    classifier: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor, chunk: int = 8192
+) -> dict[str, float]:
     scores = torch.cat([classifier(features[i : i + chunk]) for i in range(0, len(features), chunk)])
     return topk_accuracy(scores, labels)
 
@@ -74,11 +88,21 @@ class LinearHead(torch.nn.Sequential):
         torch.nn.init.zeros_(self[1].bias)
 
 
-def train_linear_augmented(backbone: torch.nn.Module, loader, num_classes: int, accelerator, epochs: int = 90, lr: float = 0.1,
-                           momentum: float = 0.9, progress: bool = True) -> torch.nn.Module:
+def train_linear_augmented(
+    backbone: torch.nn.Module,
+    loader,
+    num_classes: int,
+    accelerator,
+    epochs: int = 90,
+    lr: float = 0.1,
+    momentum: float = 0.9,
+    progress: bool = True,
+) -> torch.nn.Module:
     """A ``LinearHead`` trained on a frozen ``backbone`` (eval mode, no gradients, BN statistics untouched)
     over ``epochs`` epochs of ``loader`` (an augmenting loader: a fresh crop + flip every epoch), with
     ``evaluation.classifier.train_classifier``. Returns the trained head (eval mode) on the accelerator's device."""
     head = LinearHead(feature_dim(backbone), num_classes)
     model = torch.nn.Sequential(FrozenBackbone(backbone), head)
-    return train_classifier(model, loader, accelerator, epochs, lr, momentum, desc="linear (augmented)", progress=progress)[1]
+    return train_classifier(
+        model, loader, accelerator, epochs, lr, momentum, desc="linear (augmented)", progress=progress
+    )[1]

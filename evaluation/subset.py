@@ -51,16 +51,28 @@ class LabelSubset:
         return sum(len(keys) for keys in self.keys_per_class.values())
 
     def to_json(self) -> dict:
-        return {"label_fraction": self.label_fraction, "seed": self.seed, "per_class": self.per_class, "num_samples": self.num_samples,
-                "shards": self.shards, **({"list_file": self.list_file} if self.list_file else {}),
-                "classes": {str(label): keys for label, keys in sorted(self.keys_per_class.items())}}
+        return {
+            "label_fraction": self.label_fraction,
+            "seed": self.seed,
+            "per_class": self.per_class,
+            "num_samples": self.num_samples,
+            "shards": self.shards,
+            **({"list_file": self.list_file} if self.list_file else {}),
+            "classes": {str(label): keys for label, keys in sorted(self.keys_per_class.items())},
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> LabelSubset:
         per_class = data.get("per_class", 0)
         keys_per_class = {int(label): [str(k) for k in keys] for label, keys in data["classes"].items()}
-        return cls(keys_per_class, float(data.get("label_fraction", 0.0)), int(data.get("seed", -1)),
-                   None if per_class is None else int(per_class), list(data.get("shards", [])), data.get("list_file"))
+        return cls(
+            keys_per_class,
+            float(data.get("label_fraction", 0.0)),
+            int(data.get("seed", -1)),
+            None if per_class is None else int(per_class),
+            list(data.get("shards", [])),
+            data.get("list_file"),
+        )
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -76,16 +88,23 @@ class LabelSubset:
             return cls.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             hint = "; a text list of file names goes to --subset_list" if path.suffix.lower() != ".json" else ""
-            raise SubsetError(f"subset file {path} is not a subset written by evaluate.py "
-                              f"({type(error).__name__}: {error}){hint}") from None
+            raise SubsetError(
+                f"subset file {path} is not a subset written by evaluate.py ({type(error).__name__}: {error}){hint}"
+            ) from None
 
 
 def class_name(label: int, names: list[str] | None) -> str:
     return f"{label} ({names[label]!r})" if names and 0 <= label < len(names) else str(label)
 
 
-def select_subset(labels: dict[str, int], label_fraction: float, seed: int, num_classes: int | None = None,
-                  class_names: list[str] | None = None, shards: list[str] | None = None) -> LabelSubset:
+def select_subset(
+    labels: dict[str, int],
+    label_fraction: float,
+    seed: int,
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    shards: list[str] | None = None,
+) -> LabelSubset:
     """``label_fraction * N / C`` (rounded half up) keys of every class, drawn without replacement by
     ``numpy.random.default_rng(seed)`` from each class's sorted keys (so the draw depends on the keys and
     labels only, not on the shard order). Raises ``SubsetError`` naming the class that cannot supply them."""
@@ -99,26 +118,42 @@ def select_subset(labels: dict[str, int], label_fraction: float, seed: int, num_
     per_class = math.floor(requested + 0.5)  # round half up (Python's round() halves to even)
     if per_class < 1:
         smallest = min(range(num_classes), key=lambda c: len(by_class.get(c, [])))
-        raise SubsetError(f"--label-fraction {label_fraction} of {len(labels)} samples over {num_classes} classes is {requested:.2f} samples "
-                          f"per class: less than 1 (class {class_name(smallest, class_names)} would get none); use a larger fraction")
+        raise SubsetError(
+            f"--label-fraction {label_fraction} of {len(labels)} samples over {num_classes} classes "
+            f"is {requested:.2f} samples "
+            f"per class: less than 1 (class {class_name(smallest, class_names)} would get none); use a larger fraction"
+        )
     for label in range(num_classes):
         available = len(by_class.get(label, []))
         if available < per_class:
-            raise SubsetError(f"class {class_name(label, class_names)} has {available} training samples; --label-fraction {label_fraction} "
-                              f"needs {per_class} of every class (class-balanced)")
+            raise SubsetError(
+                f"class {class_name(label, class_names)} has {available} training samples; "
+                f"--label-fraction {label_fraction} "
+                f"needs {per_class} of every class (class-balanced)"
+            )
     rng = np.random.default_rng(seed)
-    chosen = {label: sorted(str(k) for k in rng.choice(sorted(by_class[label]), per_class, replace=False)) for label in range(num_classes)}
+    chosen = {
+        label: sorted(str(k) for k in rng.choice(sorted(by_class[label]), per_class, replace=False))
+        for label in range(num_classes)
+    }
     return LabelSubset(chosen, label_fraction, seed, per_class, shards or [])
 
 
-def check_subset(subset: LabelSubset, labels: dict[str, int], source: str, class_names: list[str] | None = None) -> None:
+def check_subset(
+    subset: LabelSubset, labels: dict[str, int], source: str, class_names: list[str] | None = None
+) -> None:
     """Every key of ``subset`` exists in ``labels`` with the class the subset files it under."""
     for label, keys in subset.keys_per_class.items():
         for key in keys:
             if key not in labels:
-                raise SubsetError(f"subset file {source}: key {key} (class {class_name(label, class_names)}) is not in the training shards")
+                raise SubsetError(
+                    f"subset file {source}: key {key} (class {class_name(label, class_names)}) is "
+                    "not in the training shards"
+                )
             if labels[key] != label:
-                raise SubsetError(f"subset file {source}: key {key} is filed under class {label} but its label is {labels[key]}")
+                raise SubsetError(
+                    f"subset file {source}: key {key} is filed under class {label} but its label is {labels[key]}"
+                )
         if not keys:
             raise SubsetError(f"subset file {source}: class {class_name(label, class_names)} has no samples")
 
@@ -138,8 +173,9 @@ def read_name_list(path: str | Path) -> list[str]:
     return list(dict.fromkeys(names))  # a repeated line selects the same sample once
 
 
-def listed_subset(names: list[str], paths: dict[str, str], labels: dict[str, int], source: str,
-                  shards: list[str]) -> LabelSubset:
+def listed_subset(
+    names: list[str], paths: dict[str, str], labels: dict[str, int], source: str, shards: list[str]
+) -> LabelSubset:
     """The samples named by ``names`` (file names, or relative paths when they hold a '/') among ``paths``
     (key -> stored source path), filed by their labels. ``SubsetError`` names listed files that no sample
     has, and file names that several samples share."""
@@ -157,11 +193,15 @@ def listed_subset(names: list[str], paths: dict[str, str], labels: dict[str, int
         else:
             (ambiguous if name in by_name else missing).append(name)
     if missing:
-        raise SubsetError(f"subset list {source}: {len(missing)} of its {len(names)} files are not in the training "
-                          f"shards (matched by the samples' stored source paths), e.g. {missing[:10]}")
+        raise SubsetError(
+            f"subset list {source}: {len(missing)} of its {len(names)} files are not in the training "
+            f"shards (matched by the samples' stored source paths), e.g. {missing[:10]}"
+        )
     if ambiguous:
-        raise SubsetError(f"subset list {source}: file name(s) {ambiguous[:10]} match several samples (same name in "
-                          "different folders): list them with their folder, e.g. CLASS/NAME")
+        raise SubsetError(
+            f"subset list {source}: file name(s) {ambiguous[:10]} match several samples (same name in "
+            "different folders): list them with their folder, e.g. CLASS/NAME"
+        )
     keys_per_class: dict[int, list[str]] = defaultdict(list)
     for key in chosen:
         if key not in labels:
@@ -171,8 +211,14 @@ def listed_subset(names: list[str], paths: dict[str, str], labels: dict[str, int
     return LabelSubset(chosen_per_class, len(chosen) / len(labels), -1, None, shards, str(source))
 
 
-def subset_for(train_shards, label_fraction: float, seed: int, subset_file: str | None = None,
-               num_classes: int | None = None, subset_list: str | None = None) -> tuple[LabelSubset, str]:
+def subset_for(
+    train_shards,
+    label_fraction: float,
+    seed: int,
+    subset_file: str | None = None,
+    num_classes: int | None = None,
+    subset_list: str | None = None,
+) -> tuple[LabelSubset, str]:
     """The fine-tuning subset, and how it was obtained ('listed' | 'loaded' | 'selected'):
     - ``subset_list`` (or a ``subset_file`` ending in ``.txt``): the samples it names (``listed_subset``);
       a list that does not exist is an error;
@@ -192,7 +238,9 @@ def subset_for(train_shards, label_fraction: float, seed: int, subset_file: str 
         subset = LabelSubset.load(subset_file)
         check_subset(subset, labels, subset_file, names)
         return subset, "loaded"
-    subset = select_subset(labels, label_fraction, seed, num_classes or (len(names) if names else None), names, [p.name for p in paths])
+    subset = select_subset(
+        labels, label_fraction, seed, num_classes or (len(names) if names else None), names, [p.name for p in paths]
+    )
     if subset_file:
         subset.save(subset_file)
     return subset, "selected"

@@ -92,8 +92,16 @@ def accumulation_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def _exp_scores(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Tensor, start: int, stop: int,
-                row_offset: int, inv_temp: float, out: torch.Tensor) -> torch.Tensor:
+def _exp_scores(
+    rows: torch.Tensor,
+    columns: torch.Tensor,
+    positives: torch.Tensor,
+    start: int,
+    stop: int,
+    row_offset: int,
+    inv_temp: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
     """E = exp((s - 1)/tau) of rows[start:stop] against all columns (unit rows: every E <= 1), with
     each row's own column and its positive's set to 0: the negatives only. Written into
     ``out[:stop - start]``, a tile reused by every chunk (a fresh tile per chunk costs page faults)."""
@@ -125,8 +133,9 @@ class _chunked:
         return rows, rows, norms
 
     @staticmethod
-    def row_negatives(rows, columns, positives, row_offset: int, inv_temp: float, float32_matmul_precision="ieee",
-                      column_splits=None) -> torch.Tensor:
+    def row_negatives(
+        rows, columns, positives, row_offset: int, inv_temp: float, float32_matmul_precision="ieee", column_splits=None
+    ) -> torch.Tensor:
         """(1, m): per row k, sum over columns j other than row_offset + k and positives[k] of exp((s_kj - 1)/tau)."""
         dtype = accumulation_dtype(rows)
         rows, columns = rows.to(dtype), columns.to(dtype)
@@ -155,8 +164,17 @@ class _chunked:
         return torch.log1p(ratio), ratio / one_plus_ratio, exp_minus_t / one_plus_ratio
 
     @staticmethod
-    def row_grad(rows, columns, scale_rows, scale_columns, positives, row_offset: int, inv_temp: float,
-                 float32_matmul_precision="ieee", column_splits=None) -> torch.Tensor:
+    def row_grad(
+        rows,
+        columns,
+        scale_rows,
+        scale_columns,
+        positives,
+        row_offset: int,
+        inv_temp: float,
+        float32_matmul_precision="ieee",
+        column_splits=None,
+    ) -> torch.Tensor:
         """(1, m, d): per row k, sum_j E_kj (scale_rows[k] + scale_columns[j]) columns_j over columns j other
         than row_offset + k and positives[k], i.e. sum_j (p_kj + p_jk) z_j over k's negatives."""
         grad = torch.empty(rows.shape, dtype=accumulation_dtype(rows), device=rows.device)
@@ -231,8 +249,9 @@ class _NTXent(torch.autograd.Function):
     row_grad and input_grad backward (on CUDA: five kernels, plus the loss's mean and the gradient's scale)."""
 
     @staticmethod
-    def forward(ctx, z1: torch.Tensor, z2: torch.Tensor, temperature: float, backend_name: str,
-                float32_matmul_precision: str):
+    def forward(
+        ctx, z1: torch.Tensor, z2: torch.Tensor, temperature: float, backend_name: str, float32_matmul_precision: str
+    ):
         # The precision is chosen here, not by an enclosing autocast (which would run the chunked path's
         # float32 products in bf16).
         with torch.autocast(z1.device.type, enabled=False):
@@ -267,15 +286,22 @@ class _NTXent(torch.autograd.Function):
         inv_temp = 1.0 / ctx.temperature
         num_rows = rows.shape[0]
         operands = columns[ctx.row_offset : ctx.row_offset + num_rows]  # the local rows, as the products take them
-        partials = ctx.backend.row_grad(operands, columns, scale, scale_columns, positives, ctx.row_offset, inv_temp,
-                                        ctx.precision)
+        partials = ctx.backend.row_grad(
+            operands, columns, scale, scale_columns, positives, ctx.row_offset, inv_temp, ctx.precision
+        )
         grad_scale = grad_loss.to(rows.dtype) * (inv_temp / num_rows)
         grad = ctx.backend.input_grad(partials, rows, not_positive, norms, grad_scale, ctx.input_dtype)
         return grad[: num_rows // 2], grad[num_rows // 2 :], None, None, None
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, backend: str = "auto", *,
-            float32_matmul_precision: Literal["ieee", "tf32"] = "ieee") -> torch.Tensor:
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float = 0.1,
+    backend: str = "auto",
+    *,
+    float32_matmul_precision: Literal["ieee", "tf32"] = "ieee",
+) -> torch.Tensor:
     """The SimCLR loss of projections ``z1``, ``z2`` (N, d); a scalar; see the module docstring.
 
     ``backend``: 'auto' (fused Triton kernels for CUDA tensors, the chunked PyTorch path elsewhere),
@@ -290,15 +316,20 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1, backen
     more when positives are strong). No effect on 16-bit or float64 inputs, nor on the chunked backend.
     """
     if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(f"nt_xent expects two (N, d) tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(
+            f"nt_xent expects two (N, d) tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
     if z1.shape[0] < 1:
         raise ValueError("nt_xent needs at least one pair")
     if not temperature >= MIN_TEMPERATURE:
-        raise ValueError(f"temperature {temperature} is below the supported {MIN_TEMPERATURE} "
-                         "(the fixed shift needs exp(+-2/tau) within float32's normal range)")
+        raise ValueError(
+            f"temperature {temperature} is below the supported {MIN_TEMPERATURE} "
+            "(the fixed shift needs exp(+-2/tau) within float32's normal range)"
+        )
     if float32_matmul_precision not in FLOAT32_MATMUL_PRECISIONS:
-        raise ValueError(f"float32_matmul_precision must be one of {FLOAT32_MATMUL_PRECISIONS}, "
-                         f"got {float32_matmul_precision!r}")
+        raise ValueError(
+            f"float32_matmul_precision must be one of {FLOAT32_MATMUL_PRECISIONS}, got {float32_matmul_precision!r}"
+        )
     if z1.dtype != z2.dtype:  # as torch.cat would
         dtype = torch.promote_types(z1.dtype, z2.dtype)
         z1, z2 = z1.to(dtype), z2.to(dtype)

@@ -69,26 +69,51 @@ def _round_to_nearest(x, DROP_BITS: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, rows_ptr, cols_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_r, stride_c,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
-            UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+def _scores(
+    q,
+    rows_ptr,
+    cols_ptr,
+    offs_m,
+    offs_n,
+    row_ok,
+    col_ok,
+    D,
+    stride_r,
+    stride_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ONE_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """(BLOCK_M, BLOCK_N) dot products of a row block with a column block, accumulated in ACC. With
     ONE_K, ``q`` is the row tile already loaded (d <= BLOCK_K); otherwise d is walked in BLOCK_K chunks."""
     offs_k = tl.arange(0, BLOCK_K)
     s = tl.zeros([BLOCK_M, BLOCK_N], dtype=ACC)
     if ONE_K:
-        k = tl.load(cols_ptr + offs_n.to(tl.int64)[:, None] * stride_c + offs_k[None, :],
-                    mask=col_ok[:, None] & (offs_k[None, :] < D), other=0.0)
+        k = tl.load(
+            cols_ptr + offs_n.to(tl.int64)[:, None] * stride_c + offs_k[None, :],
+            mask=col_ok[:, None] & (offs_k[None, :] < D),
+            other=0.0,
+        )
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), s, input_precision=PRECISION)
     else:
         for k0 in range(0, D, BLOCK_K):
             kk = k0 + offs_k
-            a = tl.load(rows_ptr + offs_m.to(tl.int64)[:, None] * stride_r + kk[None, :],
-                        mask=row_ok[:, None] & (kk[None, :] < D), other=0.0)
-            b = tl.load(cols_ptr + offs_n.to(tl.int64)[:, None] * stride_c + kk[None, :],
-                        mask=col_ok[:, None] & (kk[None, :] < D), other=0.0)
+            a = tl.load(
+                rows_ptr + offs_m.to(tl.int64)[:, None] * stride_r + kk[None, :],
+                mask=row_ok[:, None] & (kk[None, :] < D),
+                other=0.0,
+            )
+            b = tl.load(
+                cols_ptr + offs_n.to(tl.int64)[:, None] * stride_c + kk[None, :],
+                mask=col_ok[:, None] & (kk[None, :] < D),
+                other=0.0,
+            )
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
@@ -99,8 +124,11 @@ def _scores(q, rows_ptr, cols_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_r, 
 @triton.jit
 def _load_rows(rows_ptr, offs_m, row_ok, D, stride_r, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
     offs_k = tl.arange(0, BLOCK_K)
-    q = tl.load(rows_ptr + offs_m.to(tl.int64)[:, None] * stride_r + offs_k[None, :],
-                mask=row_ok[:, None] & (offs_k[None, :] < D), other=0.0)
+    q = tl.load(
+        rows_ptr + offs_m.to(tl.int64)[:, None] * stride_r + offs_k[None, :],
+        mask=row_ok[:, None] & (offs_k[None, :] < D),
+        other=0.0,
+    )
     if UPCAST:
         q = q.to(tl.float32)
     return q
@@ -125,10 +153,27 @@ def _needs_mask(n0, stop, own_lo, own_hi, pos_lo, pos_hi, BLOCK_N: tl.constexpr)
 
 
 @triton.jit
-def _row_negatives_kernel(rows_ptr, cols_ptr, pos_ptr, out_ptr, consts_ptr, m, M, D, row_offset, split_columns,
-                          stride_r, stride_c,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ONE_K: tl.constexpr,
-                          UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+def _row_negatives_kernel(
+    rows_ptr,
+    cols_ptr,
+    pos_ptr,
+    out_ptr,
+    consts_ptr,
+    m,
+    M,
+    D,
+    row_offset,
+    split_columns,
+    stride_r,
+    stride_c,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ONE_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Program (row block, column split): partial negative sums of its rows over its columns -> out[split, rows]."""
     scale_log2 = tl.load(consts_ptr + 1)  # log2(e)/tau, in ACC (a float64 run keeps it exact)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -146,8 +191,25 @@ def _row_negatives_kernel(rows_ptr, cols_ptr, pos_ptr, out_ptr, consts_ptr, m, M
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < stop
-        s = _scores(q, rows_ptr, cols_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_r, stride_c,
-                    BLOCK_M, BLOCK_N, BLOCK_K, ONE_K, UPCAST, PRECISION, ACC)
+        s = _scores(
+            q,
+            rows_ptr,
+            cols_ptr,
+            offs_m,
+            offs_n,
+            row_ok,
+            col_ok,
+            D,
+            stride_r,
+            stride_c,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+            ONE_K,
+            UPCAST,
+            PRECISION,
+            ACC,
+        )
         # exp(s/tau - 1/tau) = 2^(s * log2(e)/tau - log2(e)/tau) <= 1 (one FMA and one ex2 a pair)
         e = tl.exp2(s * scale_log2 - scale_log2)
         if _needs_mask(n0, stop, own_lo, own_hi, pos_lo, pos_hi, BLOCK_N):
@@ -159,12 +221,36 @@ def _row_negatives_kernel(rows_ptr, cols_ptr, pos_ptr, out_ptr, consts_ptr, m, M
 
 
 @triton.jit
-def _row_grad_kernel(rows_ptr, cols_ptr, scale_rows_ptr, scale_cols_ptr, pos_ptr, out_ptr, consts_ptr,
-                     m, M, D, row_offset, split_columns,
-                     stride_r, stride_c, stride_split, stride_o,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                     ONE_K: tl.constexpr, SHARE: tl.constexpr, UPCAST: tl.constexpr, W_LOW: tl.constexpr,
-                     W_SCALE: tl.constexpr, DROP_BITS: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr):
+def _row_grad_kernel(
+    rows_ptr,
+    cols_ptr,
+    scale_rows_ptr,
+    scale_cols_ptr,
+    pos_ptr,
+    out_ptr,
+    consts_ptr,
+    m,
+    M,
+    D,
+    row_offset,
+    split_columns,
+    stride_r,
+    stride_c,
+    stride_split,
+    stride_o,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ONE_K: tl.constexpr,
+    SHARE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    W_LOW: tl.constexpr,
+    W_SCALE: tl.constexpr,
+    DROP_BITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """Program (row block, d slice, column split): partial sums of E (scale_k + scale_j) c_j
     -> out[split, rows, d slice]."""
     scale_log2 = tl.load(consts_ptr + 1)
@@ -195,8 +281,25 @@ def _row_grad_kernel(rows_ptr, cols_ptr, scale_rows_ptr, scale_cols_ptr, pos_ptr
             else:
                 s = tl.dot(q, tl.trans(v), input_precision=PRECISION)
         else:
-            s = _scores(q, rows_ptr, cols_ptr, offs_m, offs_n, row_ok, col_ok, D, stride_r, stride_c,
-                        BLOCK_M, BLOCK_N, BLOCK_K, ONE_K, UPCAST, PRECISION, ACC)
+            s = _scores(
+                q,
+                rows_ptr,
+                cols_ptr,
+                offs_m,
+                offs_n,
+                row_ok,
+                col_ok,
+                D,
+                stride_r,
+                stride_c,
+                BLOCK_M,
+                BLOCK_N,
+                BLOCK_K,
+                ONE_K,
+                UPCAST,
+                PRECISION,
+                ACC,
+            )
             v = tl.load(col_base + offs_d[None, :], mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
         e = tl.exp2(s * scale_log2 - scale_log2)
         b = tl.load(scale_cols_ptr + offs_n, mask=col_ok, other=0.0)
@@ -223,9 +326,23 @@ def _row_grad_kernel(rows_ptr, cols_ptr, scale_rows_ptr, scale_cols_ptr, pos_ptr
 
 
 @triton.jit
-def _normalize_kernel(z1_ptr, z2_ptr, rows_ptr, operands_ptr, norms_ptr, eps_ptr, n, D, stride_1, stride_2,
-                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, OPERANDS: tl.constexpr, DROP_BITS: tl.constexpr,
-                      ACC: tl.constexpr):
+def _normalize_kernel(
+    z1_ptr,
+    z2_ptr,
+    rows_ptr,
+    operands_ptr,
+    norms_ptr,
+    eps_ptr,
+    n,
+    D,
+    stride_1,
+    stride_2,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    OPERANDS: tl.constexpr,
+    DROP_BITS: tl.constexpr,
+    ACC: tl.constexpr,
+):
     """rows = [z1; z2] / max(||.||, eps) in ACC (IEEE sqrt and division, as F.normalize), their copy in the
     inputs' dtype for the products (OPERANDS: 16-bit inputs), and the norms."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -233,10 +350,16 @@ def _normalize_kernel(z1_ptr, z2_ptr, rows_ptr, operands_ptr, norms_ptr, eps_ptr
     row_ok = offs_m < 2 * n
     first = offs_m < n
     d_ok = offs_d[None, :] < D
-    x1 = tl.load(z1_ptr + offs_m.to(tl.int64)[:, None] * stride_1 + offs_d[None, :],
-                 mask=(row_ok & first)[:, None] & d_ok, other=0.0)
-    x2 = tl.load(z2_ptr + (offs_m - n).to(tl.int64)[:, None] * stride_2 + offs_d[None, :],
-                 mask=(row_ok & ~first)[:, None] & d_ok, other=0.0)
+    x1 = tl.load(
+        z1_ptr + offs_m.to(tl.int64)[:, None] * stride_1 + offs_d[None, :],
+        mask=(row_ok & first)[:, None] & d_ok,
+        other=0.0,
+    )
+    x2 = tl.load(
+        z2_ptr + (offs_m - n).to(tl.int64)[:, None] * stride_2 + offs_d[None, :],
+        mask=(row_ok & ~first)[:, None] & d_ok,
+        other=0.0,
+    )
     x = tl.where(first[:, None], x1, x2)
     low = x  # the inputs' dtype
     x = x.to(ACC)
@@ -272,8 +395,20 @@ def _log1p(r):
 
 
 @triton.jit
-def _positive_stats_kernel(partials_ptr, rows_ptr, loss_ptr, not_positive_ptr, scale_ptr, consts_ptr, m, half, D,
-                           splits, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _positive_stats_kernel(
+    partials_ptr,
+    rows_ptr,
+    loss_ptr,
+    not_positive_ptr,
+    scale_ptr,
+    consts_ptr,
+    m,
+    half,
+    D,
+    splits,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     """Per row k: neg_k = the column splits' partial sums added in split order; t_k = -||z_k - z_pos||^2 / (2 tau)
     from the unit rows; r = neg e^{-t}; loss_k = log1p(r), q_k = r / (1 + r), scale_k = e^{-t} / (1 + r)."""
     inv_temp = tl.load(consts_ptr)
@@ -296,9 +431,23 @@ def _positive_stats_kernel(partials_ptr, rows_ptr, loss_ptr, not_positive_ptr, s
 
 
 @triton.jit
-def _input_grad_kernel(partials_ptr, rows_ptr, not_positive_ptr, norms_ptr, grad_scale_ptr, out_ptr, m, half, D,
-                       splits, stride_split, eps_ptr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                       DROP_BITS: tl.constexpr):
+def _input_grad_kernel(
+    partials_ptr,
+    rows_ptr,
+    not_positive_ptr,
+    norms_ptr,
+    grad_scale_ptr,
+    out_ptr,
+    m,
+    half,
+    D,
+    splits,
+    stride_split,
+    eps_ptr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DROP_BITS: tl.constexpr,
+):
     """Per row k: g = (sum of the splits' partials, in split order) - (q_k + q_pos) z_pos, times grad_scale;
     then the normalisation's backward (g - z <z, g>) / ||x|| (just g / eps where the norm was clamped)."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -389,8 +538,15 @@ def _interpreter_tiles(d: int, dtype: torch.dtype, precision: str) -> dict:
     with few rows. The interpreter's time goes per operation, not per element: larger problems run
     faster with larger tiles, which a test may set."""
     k = INTERPRETER_BLOCK_K if d <= 128 else 256
-    tiles = dict(block_m=INTERPRETER_BLOCK, block_n=INTERPRETER_BLOCK, block_k=k, num_warps=1, num_stages=1,
-                 min_m=INTERPRETER_BLOCK, min_n=INTERPRETER_BLOCK)
+    tiles = dict(
+        block_m=INTERPRETER_BLOCK,
+        block_n=INTERPRETER_BLOCK,
+        block_k=k,
+        num_warps=1,
+        num_stages=1,
+        min_m=INTERPRETER_BLOCK,
+        min_n=INTERPRETER_BLOCK,
+    )
     return {"negatives": tiles, "grad": dict(tiles, block_d=k)}
 
 
@@ -398,8 +554,9 @@ CUDA_TILES = _cuda_tiles
 INTERPRETER_TILES = _interpreter_tiles
 
 
-def _plan_kernel(rows: int, columns: int, d_slices_of, tiles: dict, target: int, column_splits: int | None,
-                 grad: bool) -> KernelLaunch:
+def _plan_kernel(
+    rows: int, columns: int, d_slices_of, tiles: dict, target: int, column_splits: int | None, grad: bool
+) -> KernelLaunch:
     block_m, block_n = tiles["block_m"], tiles["block_n"]
     block_d = tiles.get("block_d", 0)
     d_slices = d_slices_of(block_d) if grad else 1
@@ -421,14 +578,31 @@ def _plan_kernel(rows: int, columns: int, d_slices_of, tiles: dict, target: int,
     small = block_m * block_n <= 64 * 32  # small tiles need fewer warps
     num_warps = min(tiles["num_warps"], 4) if small else tiles["num_warps"]
     grid = (row_blocks, d_slices, splits) if grad else (row_blocks, splits)
-    return KernelLaunch(grid=grid, block_m=block_m, block_n=block_n, block_k=tiles["block_k"], block_d=block_d,
-                        column_splits=splits, split_columns=tiles_per_split * block_n, num_warps=num_warps,
-                        num_stages=tiles["num_stages"])
+    return KernelLaunch(
+        grid=grid,
+        block_m=block_m,
+        block_n=block_n,
+        block_k=tiles["block_k"],
+        block_d=block_d,
+        column_splits=splits,
+        split_columns=tiles_per_split * block_n,
+        num_warps=num_warps,
+        num_stages=tiles["num_stages"],
+    )
 
 
-def launch_grid(rows: int, columns: int, d: int, dtype: torch.dtype, sm_count: int, *,
-                float32_matmul_precision: str = "ieee", tiles=CUDA_TILES, programs_per_sm: int = PROGRAMS_PER_SM,
-                column_splits: int | None = None) -> LaunchPlan:
+def launch_grid(
+    rows: int,
+    columns: int,
+    d: int,
+    dtype: torch.dtype,
+    sm_count: int,
+    *,
+    float32_matmul_precision: str = "ieee",
+    tiles=CUDA_TILES,
+    programs_per_sm: int = PROGRAMS_PER_SM,
+    column_splits: int | None = None,
+) -> LaunchPlan:
     """Tiles and grids of both kernels for ``rows`` anchors against ``columns`` columns of width ``d``.
 
     Pure (no CUDA needed): ``tiles`` is the tile table (``CUDA_TILES`` by default, whatever the machine).
@@ -436,8 +610,9 @@ def launch_grid(rows: int, columns: int, d: int, dtype: torch.dtype, sm_count: i
     programs (when the problem has that many tiles; tiles shrink to their minimum first if it has not).
     ``column_splits`` forces a number of splits instead (tests)."""
     if rows < 0 or columns < 1 or d < 1 or sm_count < 1:
-        raise ValueError("launch_grid needs rows >= 0, columns >= 1, d >= 1, sm_count >= 1; "
-                         f"got {rows}, {columns}, {d}, {sm_count}")
+        raise ValueError(
+            f"launch_grid needs rows >= 0, columns >= 1, d >= 1, sm_count >= 1; got {rows}, {columns}, {d}, {sm_count}"
+        )
     table = tiles(d, dtype, float32_matmul_precision)
     target = programs_per_sm * sm_count
     d_slices_of = lambda block_d: triton.cdiv(d, block_d)  # noqa: E731
@@ -466,7 +641,9 @@ def _check(rows: torch.Tensor, columns: torch.Tensor, row_offset: int, precision
     if rows.ndim != 2 or columns.ndim != 2 or rows.shape[1] != columns.shape[1]:
         raise ValueError(f"rows (m, d) and columns (M, d) expected, got {tuple(rows.shape)} and {tuple(columns.shape)}")
     if rows.dtype != columns.dtype or rows.dtype not in _DTYPES:
-        raise TypeError(f"rows and columns must share a float32/bfloat16/float16/float64 dtype, got {rows.dtype}, {columns.dtype}")
+        raise TypeError(
+            f"rows and columns must share a float32/bfloat16/float16/float64 dtype, got {rows.dtype}, {columns.dtype}"
+        )
     if not 0 <= row_offset <= columns.shape[0] - rows.shape[0]:
         raise ValueError(f"row_offset {row_offset} out of range for {rows.shape[0]} rows in {columns.shape[0]} columns")
     _require_cuda(rows, columns)
@@ -508,9 +685,16 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _plan(rows: torch.Tensor, columns: torch.Tensor, precision: str, column_splits: int | None) -> LaunchPlan:
-    return launch_grid(rows.shape[0], columns.shape[0], rows.shape[1], rows.dtype, _sm_count(rows.device),
-                       float32_matmul_precision=precision, tiles=INTERPRETER_TILES if _INTERPRET else CUDA_TILES,
-                       column_splits=column_splits)
+    return launch_grid(
+        rows.shape[0],
+        columns.shape[0],
+        rows.shape[1],
+        rows.dtype,
+        _sm_count(rows.device),
+        float32_matmul_precision=precision,
+        tiles=INTERPRETER_TILES if _INTERPRET else CUDA_TILES,
+        column_splits=column_splits,
+    )
 
 
 @functools.lru_cache(maxsize=8)
@@ -543,8 +727,10 @@ def normalize(z1: torch.Tensor, z2: torch.Tensor, operand_dtype: torch.dtype):
     the accumulation dtype; operands = rows rounded to ``operand_dtype`` for the products (the rows themselves
     for float32/float64); norms (2N,). One kernel."""
     if z1.shape != z2.shape or z1.dtype != z2.dtype or z1.dtype not in _DTYPES:
-        raise ValueError(f"z1, z2: (N, d) of one float dtype expected, got {tuple(z1.shape)} {z1.dtype}, "
-                         f"{tuple(z2.shape)} {z2.dtype}")
+        raise ValueError(
+            f"z1, z2: (N, d) of one float dtype expected, got {tuple(z1.shape)} {z1.dtype}, "
+            f"{tuple(z2.shape)} {z2.dtype}"
+        )
     _require_cuda(z1, z2)
     z1, z2 = (z if z.stride(-1) == 1 else z.contiguous() for z in (z1, z2))
     n, d = z1.shape
@@ -555,10 +741,26 @@ def normalize(z1: torch.Tensor, z2: torch.Tensor, operand_dtype: torch.dtype):
     operands = torch.empty((2 * n, d), dtype=operand_dtype, device=z1.device) if low else rows
     if n > 0 and d > 0:
         block_m, block_d = _row_block(d, acc_dtype)
-        _launch(_normalize_kernel, (triton.cdiv(2 * n, block_m),),
-            z1, z2, rows, operands, norms, _eps(acc_dtype, z1.device), n, d, z1.stride(0), z2.stride(0),
-            BLOCK_M=block_m, BLOCK_D=block_d, OPERANDS=low, DROP_BITS=_drop_bits(operand_dtype) if _INTERPRET else 0,
-            ACC=acc_tl, num_warps=4)
+        _launch(
+            _normalize_kernel,
+            (triton.cdiv(2 * n, block_m),),
+            z1,
+            z2,
+            rows,
+            operands,
+            norms,
+            _eps(acc_dtype, z1.device),
+            n,
+            d,
+            z1.stride(0),
+            z2.stride(0),
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            OPERANDS=low,
+            DROP_BITS=_drop_bits(operand_dtype) if _INTERPRET else 0,
+            ACC=acc_tl,
+            num_warps=4,
+        )
     return rows, operands, norms
 
 
@@ -571,32 +773,76 @@ def positive_stats(partials: torch.Tensor, rows: torch.Tensor, inv_temp: float):
     loss_rows, not_positive, scale = (torch.empty(m, dtype=rows.dtype, device=rows.device) for _ in range(3))
     if m > 0:
         block_m, block_d = _row_block(d, rows.dtype)
-        _launch(_positive_stats_kernel, (triton.cdiv(m, block_m),),
-            partials, rows, loss_rows, not_positive, scale, _consts(float(inv_temp), rows.dtype, rows.device),
-            m, m // 2, d, partials.shape[0], BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+        _launch(
+            _positive_stats_kernel,
+            (triton.cdiv(m, block_m),),
+            partials,
+            rows,
+            loss_rows,
+            not_positive,
+            scale,
+            _consts(float(inv_temp), rows.dtype, rows.device),
+            m,
+            m // 2,
+            d,
+            partials.shape[0],
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            num_warps=4,
+        )
     return loss_rows, not_positive, scale
 
 
-def input_grad(partials: torch.Tensor, rows: torch.Tensor, not_positive: torch.Tensor, norms: torch.Tensor,
-               grad_scale: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def input_grad(
+    partials: torch.Tensor,
+    rows: torch.Tensor,
+    not_positive: torch.Tensor,
+    norms: torch.Tensor,
+    grad_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """(m, d) in ``out_dtype``: the gradient with respect to the un-normalised inputs, from the gradient's
     partial sums (splits, m, d): see ``model.ntxent._chunked.input_grad``."""
     m, d = rows.shape
     if partials.ndim != 3 or partials.shape[1:] != (m, d) or not partials.is_contiguous() or not rows.is_contiguous():
-        raise ValueError(f"contiguous partials (splits, {m}, {d}) and rows ({m}, {d}) expected, "
-                         f"got {tuple(partials.shape)}")
+        raise ValueError(
+            f"contiguous partials (splits, {m}, {d}) and rows ({m}, {d}) expected, got {tuple(partials.shape)}"
+        )
     out = torch.empty((m, d), dtype=out_dtype, device=rows.device)
     if m > 0 and d > 0:
         block_m, block_d = _row_block(d, rows.dtype)
-        _launch(_input_grad_kernel, (triton.cdiv(m, block_m),),
-            partials, rows, not_positive, norms, grad_scale.to(rows.dtype).reshape(1), out, m, m // 2, d,
-            partials.shape[0], partials.stride(0), _eps(rows.dtype, rows.device), BLOCK_M=block_m, BLOCK_D=block_d,
-            DROP_BITS=_drop_bits(out_dtype) if _INTERPRET else 0, num_warps=4)
+        _launch(
+            _input_grad_kernel,
+            (triton.cdiv(m, block_m),),
+            partials,
+            rows,
+            not_positive,
+            norms,
+            grad_scale.to(rows.dtype).reshape(1),
+            out,
+            m,
+            m // 2,
+            d,
+            partials.shape[0],
+            partials.stride(0),
+            _eps(rows.dtype, rows.device),
+            BLOCK_M=block_m,
+            BLOCK_D=block_d,
+            DROP_BITS=_drop_bits(out_dtype) if _INTERPRET else 0,
+            num_warps=4,
+        )
     return out
 
 
-def row_negatives(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Tensor, row_offset: int, inv_temp: float,
-                  float32_matmul_precision: str = "ieee", column_splits: int | None = None) -> torch.Tensor:
+def row_negatives(
+    rows: torch.Tensor,
+    columns: torch.Tensor,
+    positives: torch.Tensor,
+    row_offset: int,
+    inv_temp: float,
+    float32_matmul_precision: str = "ieee",
+    column_splits: int | None = None,
+) -> torch.Tensor:
     """(splits, m) partial sums in the accumulation dtype (float32; float64 for float64 inputs), to be added in
     split order: per row k of ``rows`` (m, d), the sum over columns j of ``columns`` (M, d) other than
     row_offset + k and positives[k] of exp(inv_temp * (<rows_k, columns_j> - 1)). ``rows`` must be
@@ -614,18 +860,45 @@ def row_negatives(rows: torch.Tensor, columns: torch.Tensor, positives: torch.Te
     launch = _plan(rows, columns, float32_matmul_precision, column_splits).negatives
     upcast, _, _, precision = _precisions(rows.dtype, float32_matmul_precision)
     partial = torch.empty((launch.column_splits, m), dtype=acc_dtype, device=rows.device)
-    _launch(_row_negatives_kernel, launch.grid,
-        rows, columns, positives, partial, _consts(float(inv_temp), acc_dtype, rows.device), m, M, d, int(row_offset),
-        launch.split_columns, rows.stride(0), columns.stride(0),
-        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, ONE_K=d <= launch.block_k,
-        UPCAST=upcast, PRECISION=precision, ACC=acc_tl, num_warps=launch.num_warps, num_stages=launch.num_stages,
+    _launch(
+        _row_negatives_kernel,
+        launch.grid,
+        rows,
+        columns,
+        positives,
+        partial,
+        _consts(float(inv_temp), acc_dtype, rows.device),
+        m,
+        M,
+        d,
+        int(row_offset),
+        launch.split_columns,
+        rows.stride(0),
+        columns.stride(0),
+        BLOCK_M=launch.block_m,
+        BLOCK_N=launch.block_n,
+        BLOCK_K=launch.block_k,
+        ONE_K=d <= launch.block_k,
+        UPCAST=upcast,
+        PRECISION=precision,
+        ACC=acc_tl,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
     return partial  # merged in split order by positive_stats (no atomics: bit-identical from run to run)
 
 
-def row_grad(rows: torch.Tensor, columns: torch.Tensor, scale_rows: torch.Tensor, scale_columns: torch.Tensor,
-             positives: torch.Tensor, row_offset: int, inv_temp: float, float32_matmul_precision: str = "ieee",
-             column_splits: int | None = None) -> torch.Tensor:
+def row_grad(
+    rows: torch.Tensor,
+    columns: torch.Tensor,
+    scale_rows: torch.Tensor,
+    scale_columns: torch.Tensor,
+    positives: torch.Tensor,
+    row_offset: int,
+    inv_temp: float,
+    float32_matmul_precision: str = "ieee",
+    column_splits: int | None = None,
+) -> torch.Tensor:
     """(splits, m, d) partial sums in the accumulation dtype, to be added in split order: per row k,
     sum_j E_kj (scale_rows[k] + scale_columns[j]) columns_j over j other than row_offset + k and positives[k],
     with E_kj = exp(inv_temp * (<rows_k, columns_j> - 1))."""
@@ -634,8 +907,10 @@ def row_grad(rows: torch.Tensor, columns: torch.Tensor, scale_rows: torch.Tensor
     m, d = rows.shape
     M = columns.shape[0]
     if scale_rows.shape != (m,) or scale_columns.shape != (M,) or positives.shape != (m,):
-        raise ValueError(f"scale_rows ({m},), scale_columns ({M},) and positives ({m},) expected, got "
-                         f"{tuple(scale_rows.shape)}, {tuple(scale_columns.shape)}, {tuple(positives.shape)}")
+        raise ValueError(
+            f"scale_rows ({m},), scale_columns ({M},) and positives ({m},) expected, got "
+            f"{tuple(scale_rows.shape)}, {tuple(scale_columns.shape)}, {tuple(positives.shape)}"
+        )
     acc_dtype, acc_tl = _accumulation(rows.dtype)
     scale_rows = scale_rows.to(device=rows.device, dtype=acc_dtype).contiguous()
     scale_columns = scale_columns.to(device=rows.device, dtype=acc_dtype).contiguous()
@@ -646,13 +921,38 @@ def row_grad(rows: torch.Tensor, columns: torch.Tensor, scale_rows: torch.Tensor
     upcast, w_low, w_scale, precision = _precisions(rows.dtype, float32_matmul_precision)
     one_k = d <= launch.block_k
     partial = torch.empty((launch.column_splits, m, d), dtype=acc_dtype, device=rows.device)
-    _launch(_row_grad_kernel, launch.grid,
-        rows, columns, scale_rows, scale_columns, positives, partial, _consts(float(inv_temp), acc_dtype, rows.device),
-        m, M, d, int(row_offset), launch.split_columns,
-        rows.stride(0), columns.stride(0), partial.stride(0), partial.stride(1),
-        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, BLOCK_D=launch.block_d,
-        ONE_K=one_k, SHARE=one_k and launch.grid[1] == 1 and launch.block_d == launch.block_k,
-        UPCAST=upcast, W_LOW=w_low, W_SCALE=w_scale, DROP_BITS=_drop_bits(rows.dtype), PRECISION=precision, ACC=acc_tl,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+    _launch(
+        _row_grad_kernel,
+        launch.grid,
+        rows,
+        columns,
+        scale_rows,
+        scale_columns,
+        positives,
+        partial,
+        _consts(float(inv_temp), acc_dtype, rows.device),
+        m,
+        M,
+        d,
+        int(row_offset),
+        launch.split_columns,
+        rows.stride(0),
+        columns.stride(0),
+        partial.stride(0),
+        partial.stride(1),
+        BLOCK_M=launch.block_m,
+        BLOCK_N=launch.block_n,
+        BLOCK_K=launch.block_k,
+        BLOCK_D=launch.block_d,
+        ONE_K=one_k,
+        SHARE=one_k and launch.grid[1] == 1 and launch.block_d == launch.block_k,
+        UPCAST=upcast,
+        W_LOW=w_low,
+        W_SCALE=w_scale,
+        DROP_BITS=_drop_bits(rows.dtype),
+        PRECISION=precision,
+        ACC=acc_tl,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
     return partial  # merged in split order by input_grad

@@ -41,7 +41,9 @@ def create_backbone(name: str, pretrained: bool = False, cifar_stem: bool = Fals
     if cifar_stem:
         conv1 = getattr(backbone, "conv1", None)
         if not isinstance(conv1, nn.Conv2d) or not hasattr(backbone, "maxpool"):
-            raise ValueError(f"cifar_stem needs a ResNet-style model with a single conv1 and a maxpool; {name!r} has no such stem")
+            raise ValueError(
+                f"cifar_stem needs a ResNet-style model with a single conv1 and a maxpool; {name!r} has no such stem"
+            )
         backbone.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
         backbone.maxpool = nn.Identity()
     return backbone
@@ -52,8 +54,15 @@ class SimCLR(nn.Module):
 
     ``proj_hidden`` defaults to the backbone's feature width (2048 -> 2048 -> 128 for ResNet-50)."""
 
-    def __init__(self, backbone: str = "resnet50", proj_hidden: int | None = None, proj_dim: int = 128,
-                 pretrained: bool = False, cifar_stem: bool = False, **timm_kwargs):
+    def __init__(
+        self,
+        backbone: str = "resnet50",
+        proj_hidden: int | None = None,
+        proj_dim: int = 128,
+        pretrained: bool = False,
+        cifar_stem: bool = False,
+        **timm_kwargs,
+    ):
         super().__init__()
         self.backbone = create_backbone(backbone, pretrained=pretrained, cifar_stem=cifar_stem, **timm_kwargs)
         self.feature_dim = feature_dim(self.backbone)

@@ -59,7 +59,9 @@ class AugmentConfig:
     gray_prob: float = 0.2
     blur_prob: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
-    contrast_per_channel: bool = True  # pivot on each channel's mean (TF's adjust_contrast); False: one mean over all channels
+    contrast_per_channel: bool = (
+        True  # pivot on each channel's mean (TF's adjust_contrast); False: one mean over all channels
+    )
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -88,8 +90,13 @@ class AugmentConfig:
 # nvJPEG settings of NVIDIA's own ResNet-50 DALI example (mixed backend only): buffers preallocated for
 # ImageNet's largest image, so that no batch waits on a reallocation, and the share of the images sent
 # to the hardware JPEG decoder (A100/H100); the device padding is per DALI thread.
-GPU_DECODER = {"hw_decoder_load": 0.65, "device_memory_padding": 211_025_920, "host_memory_padding": 140_544_512,
-               "preallocate_width_hint": 5_980, "preallocate_height_hint": 6_430}
+GPU_DECODER = {
+    "hw_decoder_load": 0.65,
+    "device_memory_padding": 211_025_920,
+    "host_memory_padding": 140_544_512,
+    "preallocate_width_hint": 5_980,
+    "preallocate_height_hint": 6_430,
+}
 
 
 def _decoder_args(device: str) -> dict:
@@ -105,9 +112,14 @@ def decode(jpegs, device: str):
 def decode_random_crop(jpegs, cfg: AugmentConfig, device: str):
     """JPEG bytes -> the random resized crop of ``simclr_view`` (same area/aspect sampling), decoding only
     the crop's region (ROI decode: DALI's ``decoders.image_random_crop``), uint8 RGB HWC of side ``cfg.size``."""
-    region = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(cfg.crop_area),
-                                           random_aspect_ratio=list(cfg.crop_aspect), num_attempts=cfg.crop_attempts,
-                                           **_decoder_args(device))
+    region = fn.decoders.image_random_crop(
+        jpegs,
+        output_type=types.RGB,
+        random_area=list(cfg.crop_area),
+        random_aspect_ratio=list(cfg.crop_aspect),
+        num_attempts=cfg.crop_attempts,
+        **_decoder_args(device),
+    )
     return fn.resize(region, size=[cfg.size, cfg.size], interp_type=types.INTERP_CUBIC, antialias=False)
 
 
@@ -134,14 +146,20 @@ def brightness_contrast(images, brightness, contrast, per_channel: bool = True):
     the GPU the pivot is GPU data and DALI's named arguments must live on the CPU, so the same formula is
     written as arithmetic on the device (``contrast_by_arithmetic`` forces that form here, for tests)."""
     if images.device == "gpu" or contrast_by_arithmetic:
-        pivot = fn.reductions.mean(images, axes=[0, 1] if per_channel else [0, 1, 2], keep_dims=True)  # (1, 1, 3) or (1, 1, 1)
+        pivot = fn.reductions.mean(
+            images, axes=[0, 1] if per_channel else [0, 1, 2], keep_dims=True
+        )  # (1, 1, 3) or (1, 1, 1)
         b, c = _to_device(brightness, images), _to_device(contrast, images)
         return fn.cast(dmath.clamp((pivot + (images - pivot) * c) * b, 0, 255), dtype=types.UINT8)
     if per_channel:
         c = max(contrast, 1e-3) if isinstance(contrast, (int, float)) else dmath.max(contrast, 1e-3)
         mu = fn.reductions.mean(images, axes=[0, 1]) * ((c - 1.0) / c)
-        return fn.crop_mirror_normalize(images, mean=mu, std=1.0 / (brightness * c), dtype=types.UINT8, output_layout="HWC")
-    return fn.brightness_contrast(images, brightness=brightness, contrast=contrast, contrast_center=fn.reductions.mean(images))
+        return fn.crop_mirror_normalize(
+            images, mean=mu, std=1.0 / (brightness * c), dtype=types.UINT8, output_layout="HWC"
+        )
+    return fn.brightness_contrast(
+        images, brightness=brightness, contrast=contrast, contrast_center=fn.reductions.mean(images)
+    )
 
 
 contrast_by_arithmetic = False
@@ -183,8 +201,14 @@ def gaussian_blur_cpu(images, sigma, radius, max_window: int):
     r = max_window // 2
     x = types.Constant(np.arange(-r, r + 1, dtype=np.float32))
     weights = dmath.exp(x * x * (-0.5 / (sigma * sigma)))
-    weights = fn.slice(weights, fn.cast(r - radius, dtype=types.FLOAT), fn.cast(2 * radius + 1, dtype=types.FLOAT), axes=[0],
-                       normalized_anchor=False, normalized_shape=False)
+    weights = fn.slice(
+        weights,
+        fn.cast(r - radius, dtype=types.FLOAT),
+        fn.cast(2 * radius + 1, dtype=types.FLOAT),
+        axes=[0],
+        normalized_anchor=False,
+        normalized_shape=False,
+    )
     weights = weights / fn.reductions.sum(weights)
     taps = 2 * radius + 1
     horizontal = fn.filter(images, fn.reshape(weights, shape=fn.stack(1, taps)), dtype=types.FLOAT)
@@ -211,11 +235,19 @@ def augment_cropped(view, cfg: AugmentConfig, output_dtype=types.FLOAT):
         view = color_jitter(view, cfg)
     if cfg.gray_prob > 0 and _coin(cfg.gray_prob):
         view = grayscale(view)
-    mirror = fn.random.coin_flip(probability=cfg.flip_prob)  # commutes with every colour operator: fused into the normalisation
+    mirror = fn.random.coin_flip(
+        probability=cfg.flip_prob
+    )  # commutes with every colour operator: fused into the normalisation
     if cfg.blur_prob > 0 and view.device == "cpu":
         sigma, radius = _blur_parameters(cfg)  # drawn for every sample: the branches below must agree on types
         if _coin(cfg.blur_prob):  # the blurred view is float: each branch ends in its own normalisation
-            view = normalize(gaussian_blur_cpu(view, sigma, radius, cfg.blur_window), cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
+            view = normalize(
+                gaussian_blur_cpu(view, sigma, radius, cfg.blur_window),
+                cfg.mean,
+                cfg.std,
+                mirror=mirror,
+                dtype=output_dtype,
+            )
         else:
             view = normalize(view, cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
         return view
@@ -244,7 +276,9 @@ def eval_resize(size: int) -> int:
     return size if size <= 64 else round(size / 0.875)
 
 
-def eval_view(images, size: int, resize_size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD, output_dtype=types.FLOAT):
+def eval_view(
+    images, size: int, resize_size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD, output_dtype=types.FLOAT
+):
     """Evaluation view: resize the shorter side to ``resize_size`` (default ``eval_resize(size)``), centre
     crop ``size``, normalise."""
     resize_size = resize_size or eval_resize(size)

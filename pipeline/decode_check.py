@@ -29,7 +29,9 @@ def rank_part(indexes: list[ShardIndex], shard_id: int, num_shards: int) -> list
     return samples[total * shard_id // num_shards : total * (shard_id + 1) // num_shards]
 
 
-def find_undecodable(samples: list[tuple[Path, str, int, int]], num_threads: int = 1, batch_size: int = 64) -> list[str]:
+def find_undecodable(
+    samples: list[tuple[Path, str, int, int]], num_threads: int = 1, batch_size: int = 64
+) -> list[str]:
     """One "shard TAR key KEY: reason" line per image of ``samples`` that DALI's CPU decoder rejects."""
     import nvidia.dali.experimental.dynamic as ndd
 

@@ -53,9 +53,27 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig, augment_cropped, decode, decode_random_crop, eval_view, simclr_view
+from .augment import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+    augment_cropped,
+    decode,
+    decode_random_crop,
+    eval_view,
+    simclr_view,
+)
 from .decode_check import find_undecodable, rank_part
-from .shardset import IMAGE_COMPONENTS, ShardError, ShardIndex, brace_notation, index_path, read_index, sample_key, shard_paths
+from .shardset import (
+    IMAGE_COMPONENTS,
+    ShardError,
+    ShardIndex,
+    brace_notation,
+    index_path,
+    read_index,
+    sample_key,
+    shard_paths,
+)
 
 READER = "reader"
 IMAGE_EXTENSIONS = ";".join(IMAGE_COMPONENTS)  # DALI webdataset reader: any of these is the image
@@ -67,8 +85,16 @@ def default_num_threads(num_local_processes: int = 1) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, num_local_processes))
 
 
-def _reader(shards: list[Path], index_paths: list[Path], ext: list[str], shard_id: int, num_shards: int, shuffle: bool,
-            shuffle_buffer: int, shuffle_seed: int):
+def _reader(
+    shards: list[Path],
+    index_paths: list[Path],
+    ext: list[str],
+    shard_id: int,
+    num_shards: int,
+    shuffle: bool,
+    shuffle_buffer: int,
+    shuffle_seed: int,
+):
     # A shuffling reader is persistent: DALI reorders the tars after each epoch with a seed all ranks share.
     epochs = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if shuffle else {}
     return fn.readers.webdataset(
@@ -113,7 +139,9 @@ class AugmentedView:
     outputs: ClassVar[tuple[str, ...]] = ("images",)
 
     def graph(self, jpegs, device, dtype):
-        return (augment_cropped(decode_random_crop(jpegs, self.augment, device), self.augment, dtype),)  # the config decides the rest
+        return (
+            augment_cropped(decode_random_crop(jpegs, self.augment, device), self.augment, dtype),
+        )  # the config decides the rest
 
 
 @dataclass(frozen=True)
@@ -135,7 +163,9 @@ View = TwoViews | AugmentedView | EvalView
 
 
 @pipeline_def(enable_conditionals=True)
-def _pipeline(shards, index_paths, view: View, device, shard_id, num_shards, shuffle, shuffle_buffer, shuffle_seed, dtype):
+def _pipeline(
+    shards, index_paths, view: View, device, shard_id, num_shards, shuffle, shuffle_buffer, shuffle_seed, dtype
+):
     ext = [IMAGE_EXTENSIONS, "cls"] if view.labelled else [IMAGE_EXTENSIONS]
     read = _reader(shards, index_paths, ext, shard_id, num_shards, shuffle, shuffle_buffer, shuffle_seed)
     jpegs = read[0] if view.labelled else read
@@ -175,7 +205,11 @@ def decode_labels(padded: torch.Tensor, source_info: torch.Tensor | None = None)
     bad = ~(whitespace | is_digit).all(1) | ~is_digit.any(1)
     if bad.any():
         row = int(bad.nonzero()[0])
-        where = describe_source(_source_names(source_info[row : row + 1])[0]) if source_info is not None else f"batch row {row}"
+        where = (
+            describe_source(_source_names(source_info[row : row + 1])[0])
+            if source_info is not None
+            else f"batch row {row}"
+        )
         text = bytes(padded[row][padded[row] != 0].tolist())
         raise ShardError(f"{where}: label {text!r} is not a non-negative integer")
     labels = torch.zeros(data.shape[0], dtype=torch.int64)
@@ -196,8 +230,10 @@ def check_labels(indexes: list[ShardIndex]) -> None:
         unlabelled = [s for s in index.samples if "cls" not in s]
         if unlabelled:
             key = sample_key(next(iter(unlabelled[0].values()))[2])
-            raise ShardError(f"shard {index.tar}: {len(unlabelled)} of {index.num_samples} samples have no label (.cls), "
-                             f"e.g. key {key} (it has {sorted(unlabelled[0])}); this loader needs labelled shards")
+            raise ShardError(
+                f"shard {index.tar}: {len(unlabelled)} of {index.num_samples} samples have no label (.cls), "
+                f"e.g. key {key} (it has {sorted(unlabelled[0])}); this loader needs labelled shards"
+            )
 
 
 class DaliLoader:
@@ -211,9 +247,24 @@ class DaliLoader:
     batch). ``train=False``: in shard order, every sample exactly once (see the module docstring).
     ``keys``: read only those samples. ``state_dict``/``load_state_dict``: resume at the exact batch."""
 
-    def __init__(self, shards, batch_size: int, view: View, *, train: bool, device: str = "cpu", device_id: int | None = None,
-                 shard_id: int = 0, num_shards: int = 1, seed: int = 0, num_threads: int | None = None, prefetch: int = 2,
-                 shuffle_buffer: int = 4096, dtype: torch.dtype = torch.float32, keys: Collection[str] | None = None):
+    def __init__(
+        self,
+        shards,
+        batch_size: int,
+        view: View,
+        *,
+        train: bool,
+        device: str = "cpu",
+        device_id: int | None = None,
+        shard_id: int = 0,
+        num_shards: int = 1,
+        seed: int = 0,
+        num_threads: int | None = None,
+        prefetch: int = 2,
+        shuffle_buffer: int = 4096,
+        dtype: torch.dtype = torch.float32,
+        keys: Collection[str] | None = None,
+    ):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
         if device == "gpu" and device_id is None:
@@ -226,7 +277,9 @@ class DaliLoader:
         self.indexes = [read_index(tar) for tar in self.shards]
         if view.labelled:
             check_labels(self.indexes)
-        self.index_paths = {tar: index_path(tar) for tar in self.shards}  # what DALI reads; a subset's are filtered copies
+        self.index_paths = {
+            tar: index_path(tar) for tar in self.shards
+        }  # what DALI reads; a subset's are filtered copies
         if keys is not None:
             self._restrict(keys)
         self.num_samples = sum(index.num_samples for index in self.indexes)
@@ -235,9 +288,16 @@ class DaliLoader:
         smallest_part = self.num_samples // num_shards  # DALI's split: parts differ by at most one sample
         if smallest_part < batch_size:
             if train and not view.labelled:
-                raise ShardError(f"{self.num_samples} samples over {num_shards} rank(s) do not fill one batch of {batch_size} per rank")
-            batch_size = smallest_part  # smaller batches change nothing but speed (evaluation) or the lr scale (subsets)
-        self.steps_per_epoch = smallest_part // batch_size if train else None  # whole batches of real samples on every rank
+                raise ShardError(
+                    f"{self.num_samples} samples over {num_shards} rank(s) do not fill one batch of "
+                    f"{batch_size} per rank"
+                )
+            batch_size = (
+                smallest_part  # smaller batches change nothing but speed (evaluation) or the lr scale (subsets)
+            )
+        self.steps_per_epoch = (
+            smallest_part // batch_size if train else None
+        )  # whole batches of real samples on every rank
         self.batch_size, self.device, self.device_id = batch_size, device, device_id
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
         self.num_threads = num_threads or default_num_threads()
@@ -257,11 +317,17 @@ class DaliLoader:
             for sample in index.samples:
                 key = sample_key(next(iter(sample.values()))[2])
                 if key in keys and key in seen:
-                    raise ShardError(f"key {key} occurs in shard {seen[key]} and in shard {index.tar}: a subset by key needs unique keys")
+                    raise ShardError(
+                        f"key {key} occurs in shard {seen[key]} and in shard {index.tar}: a subset "
+                        "by key needs unique keys"
+                    )
                 seen.setdefault(key, index.tar)
         missing = sorted(keys - seen.keys())
         if missing:
-            raise ShardError(f"{len(missing)} of the {len(keys)} requested keys are not in {brace_notation(self.shards)}, e.g. {missing[:5]}")
+            raise ShardError(
+                f"{len(missing)} of the {len(keys)} requested keys are not in "
+                f"{brace_notation(self.shards)}, e.g. {missing[:5]}"
+            )
         self._subset_dir = tempfile.TemporaryDirectory(prefix="dali-subset-")  # removed with the loader
         kept = [(tar, _subset_index(index, keys)) for tar, index in zip(self.shards, self.indexes)]
         kept = [(tar, index) for tar, index in kept if index.num_samples]
@@ -309,8 +375,13 @@ class DaliLoader:
             )
             # A training loader takes every batch of the reader's epoch (PARTIAL), keeps the first
             # ``steps_per_epoch`` and drains the rest (see ``_batches``).
-            return DALIGenericIterator([pipe], self.output_names, reader_name=READER, last_batch_policy=LastBatchPolicy.PARTIAL,
-                                       auto_reset=True)
+            return DALIGenericIterator(
+                [pipe],
+                self.output_names,
+                reader_name=READER,
+                last_batch_policy=LastBatchPolicy.PARTIAL,
+                auto_reset=True,
+            )
         except RuntimeError as error:
             raise self._translate(error) from None
 
@@ -318,7 +389,11 @@ class DaliLoader:
         """Restate DALI's errors naming the shard and key at fault (DALI names the index line of a
         sample that lacks a component, and nothing for an image that fails to decode)."""
         text = str(error)
-        reason = text.split("encountered:", 1)[-1].strip().splitlines()[0] if "encountered:" in text else text.strip().splitlines()[0]
+        reason = (
+            text.split("encountered:", 1)[-1].strip().splitlines()[0]
+            if "encountered:" in text
+            else text.strip().splitlines()[0]
+        )
         underfull = re.search(r'index file at "([^"]+\.idx)" line (\d+)', text)
         if underfull:
             idx, line = Path(underfull.group(1)), int(underfull.group(2))
@@ -327,9 +402,12 @@ class DaliLoader:
             tar = index.tar
             sample = index.samples[line - 1]  # DALI counts the header as line 0
             key = sample_key(next(iter(sample.values()))[2])
-            return ShardError(f"shard {tar} key {key}: sample lacks a component this loader needs "
-                              f"(image: {IMAGE_EXTENSIONS.replace(';', '/')}{', label: cls' if 'labels' in self.output_names else ''}); "
-                              f"it has {sorted(sample)}")
+            return ShardError(
+                f"shard {tar} key {key}: sample lacks a component this loader needs "
+                f"(image: {IMAGE_EXTENSIONS.replace(';', '/')}"
+                f"{', label: cls' if 'labels' in self.output_names else ''}); "
+                f"it has {sorted(sample)}"
+            )
         if "decoders.image" in text or "nvImageCodec" in text:
             return self._find_undecodable(reason)
         for tar in self.shards:
@@ -343,14 +421,20 @@ class DaliLoader:
         by_tar = dict(zip(self.shards, self.indexes))
         in_order = [by_tar[tar] for tar in self._epoch_shards(self._start_epoch)]
         # This rank's part is known in the pipeline's first epoch; after DALI's own reshuffle, every part is read.
-        problems = find_undecodable(rank_part(in_order, self.shard_id, self.num_shards), self.num_threads) if self.epoch == self._start_epoch else []
+        problems = (
+            find_undecodable(rank_part(in_order, self.shard_id, self.num_shards), self.num_threads)
+            if self.epoch == self._start_epoch
+            else []
+        )
         if not problems and (self.num_shards > 1 or self.epoch != self._start_epoch):
             problems = find_undecodable(rank_part(in_order, 0, 1), self.num_threads)
         if problems:
             listed = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
             return ShardError(f"an image failed to decode ({reason}): {listed}")
-        return ShardError(f"an image failed to decode ({reason}) but every image in {brace_notation(self.shards)} decodes "
-                          "when read directly: an index may be stale; rebuild with `python -m pipeline.shards index`")
+        return ShardError(
+            f"an image failed to decode ({reason}) but every image in {brace_notation(self.shards)} decodes "
+            "when read directly: an index may be stale; rebuild with `python -m pipeline.shards index`"
+        )
 
     def __len__(self) -> int:
         return self.steps_per_epoch if self.train else len(self._iterator)
@@ -393,13 +477,22 @@ class DaliLoader:
             epoch, position = self.epoch + 1, 0
         checkpoint = self._iterator.checkpoints()[0]  # DALI's serialised protobuf: bytes, base64 for JSON
         checkpoint = base64.b64encode(checkpoint if isinstance(checkpoint, bytes) else checkpoint.encode()).decode()
-        return {**state, "epoch": epoch, "position": position, "pipeline_epoch": self._start_epoch, "dali_checkpoint": checkpoint}
+        return {
+            **state,
+            "epoch": epoch,
+            "position": position,
+            "pipeline_epoch": self._start_epoch,
+            "dali_checkpoint": checkpoint,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state_dict()``'s state; ``dali_checkpoint: None`` starts ``epoch`` afresh (a new
         pipeline, its tar order from (seed, epoch))."""
         if (state["shard_id"], state["num_shards"]) != (self.shard_id, self.num_shards):
-            raise ValueError(f"loader state is for rank {state['shard_id']} of {state['num_shards']}, this loader is rank {self.shard_id} of {self.num_shards}")
+            raise ValueError(
+                f"loader state is for rank {state['shard_id']} of {state['num_shards']}, "
+                f"this loader is rank {self.shard_id} of {self.num_shards}"
+            )
         del self._iterator
         self.epoch, self._position, self._drained = state["epoch"], state.get("position", 0), False
         checkpoint = state["dali_checkpoint"]
@@ -415,6 +508,10 @@ class DaliLoader:
                 yield _channels_last(batch["view1"]), _channels_last(batch["view2"])
 
 
-def classifier_augment(size: int, crop_area: tuple[float, float] = (0.08, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD) -> AugmentConfig:
+def classifier_augment(
+    size: int, crop_area: tuple[float, float] = (0.08, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD
+) -> AugmentConfig:
     """The augmentation of the paper's linear evaluation and fine-tuning: random resized crop + flip only."""
-    return AugmentConfig(size=size, crop_area=crop_area, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, mean=mean, std=std)
+    return AugmentConfig(
+        size=size, crop_area=crop_area, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, mean=mean, std=std
+    )

@@ -404,5 +404,3 @@ def count_classes(*shard_sets) -> int:
     if names:
         return len(names)
     return 1 + max(max(read_labels(p).values()) for p in paths)
-
-

@@ -283,4 +283,3 @@ def write_shards(
         },
     )
     return WriteReport(written=sum(r.samples for r in records), shards=[directory / r.name for r in records])
-

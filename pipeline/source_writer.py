@@ -327,4 +327,3 @@ def _report(directory: Path, record: dict, resumed: int, finished_before: bool =
         copied=record.get("copied", 0),
         finished_before=finished_before,
     )
-

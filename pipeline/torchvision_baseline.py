@@ -21,9 +21,13 @@ def simclr_transform(cfg: AugmentConfig):
 
     s = cfg.jitter_strength
     steps = [
-        T.RandomResizedCrop(cfg.size, scale=cfg.crop_area, ratio=cfg.crop_aspect, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(
+            cfg.size, scale=cfg.crop_area, ratio=cfg.crop_aspect, interpolation=T.InterpolationMode.BICUBIC
+        ),
         T.RandomHorizontalFlip(cfg.flip_prob),
-        T.RandomApply([T.ColorJitter(cfg.brightness * s, cfg.contrast * s, cfg.saturation * s, cfg.hue * s)], p=cfg.jitter_prob),
+        T.RandomApply(
+            [T.ColorJitter(cfg.brightness * s, cfg.contrast * s, cfg.saturation * s, cfg.hue * s)], p=cfg.jitter_prob
+        ),
         T.RandomGrayscale(cfg.gray_prob),
     ]
     if cfg.blur_prob > 0:
@@ -51,8 +55,19 @@ class TorchvisionPretrainLoader:
     view2)`` on ``device``, channels-last; ``len()`` is steps per epoch. Samples are split across ranks
     by shard (webdataset's ``split_by_node``) and across workers by shard; shuffled in a buffer."""
 
-    def __init__(self, shards, batch_size: int, augment: AugmentConfig = AugmentConfig(), *, device: str = "cpu",
-                 shard_id: int = 0, num_shards: int = 1, num_workers: int = 2, seed: int = 0, shuffle_buffer: int = 4096):
+    def __init__(
+        self,
+        shards,
+        batch_size: int,
+        augment: AugmentConfig = AugmentConfig(),
+        *,
+        device: str = "cpu",
+        shard_id: int = 0,
+        num_shards: int = 1,
+        num_workers: int = 2,
+        seed: int = 0,
+        shuffle_buffer: int = 4096,
+    ):
         import webdataset as wds
 
         self.shards = shard_paths(shards)
@@ -61,10 +76,22 @@ class TorchvisionPretrainLoader:
         self.steps = self.num_samples // (num_shards * batch_size)
         self.device = torch.device(device)
         mine = [str(p) for i, p in enumerate(self.shards) if i % num_shards == shard_id]
-        dataset = (wds.WebDataset(mine, resampled=True, shardshuffle=False, seed=seed + shard_id)
-                   .shuffle(shuffle_buffer).map(TwoViews(augment)).batched(batch_size, partial=False))
-        self._batches = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, persistent_workers=num_workers > 0,
-                                                         prefetch_factor=4 if num_workers else None, pin_memory=self.device.type == "cuda"))
+        dataset = (
+            wds.WebDataset(mine, resampled=True, shardshuffle=False, seed=seed + shard_id)
+            .shuffle(shuffle_buffer)
+            .map(TwoViews(augment))
+            .batched(batch_size, partial=False)
+        )
+        self._batches = iter(
+            torch.utils.data.DataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=num_workers,
+                persistent_workers=num_workers > 0,
+                prefetch_factor=4 if num_workers else None,
+                pin_memory=self.device.type == "cuda",
+            )
+        )
 
     def __len__(self) -> int:
         return self.steps
@@ -72,8 +99,10 @@ class TorchvisionPretrainLoader:
     def __iter__(self):
         for _ in range(self.steps):
             view1, view2 = next(self._batches)
-            yield (view1.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
-                   view2.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last))
+            yield (
+                view1.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                view2.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+            )
 
     def state_dict(self) -> dict:
         """No position is kept: resuming a torchvision-fed run restarts its sample stream (not exact)."""

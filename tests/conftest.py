@@ -21,16 +21,31 @@ def random_images(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
     """Smooth random colour images (JPEG-friendly), uint8 (count, size, size, 3)."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, (count, 4, 4, 3)).astype(np.float32)
-    return np.clip(np.kron(coarse, np.ones((1, size // 4, size // 4, 1))) + rng.normal(0, 8, (count, size, size, 3)), 0, 255).astype(np.uint8)
+    return np.clip(
+        np.kron(coarse, np.ones((1, size // 4, size // 4, 1))) + rng.normal(0, 8, (count, size, size, 3)), 0, 255
+    ).astype(np.uint8)
 
 
-def make_shards(directory: Path, count: int, num_classes: int = 12, size: int = 32, per_shard: int = 40, seed: int = 0,
-                prefix: str = "part") -> tuple[Path, np.ndarray]:
+def make_shards(
+    directory: Path,
+    count: int,
+    num_classes: int = 12,
+    size: int = 32,
+    per_shard: int = 40,
+    seed: int = 0,
+    prefix: str = "part",
+) -> tuple[Path, np.ndarray]:
     """Write ``count`` random images with labels ``i % num_classes`` (so labels >= 10 occur); returns (dir, labels)."""
     labels = np.arange(count) % num_classes
     images = random_images(count, size, seed)
-    write_shards(array_samples(images, labels), str(directory / f"{prefix}-%06d.tar"), [f"c{i}" for i in range(num_classes)],
-                 total=count, max_count=per_shard, progress=False)
+    write_shards(
+        array_samples(images, labels),
+        str(directory / f"{prefix}-%06d.tar"),
+        [f"c{i}" for i in range(num_classes)],
+        total=count,
+        max_count=per_shard,
+        progress=False,
+    )
     return directory, labels
 
 

@@ -23,10 +23,23 @@ GLOBAL_BATCH, STEPS = 8, 3
 accelerator = Accelerator(cpu=True)
 # SIMCLR_TEST_BACKBONE: another timm model (e.g. one made of BatchNormAct2d layers); default a narrow ResNet-18.
 BACKBONE = os.environ.get("SIMCLR_TEST_BACKBONE", "")
-model_fields = {"backbone": BACKBONE} if BACKBONE else {"backbone": "resnet18", "cifar_stem": True, "timm_kwargs": {"channels": [8, 16, 32, 64]}}
+model_fields = (
+    {"backbone": BACKBONE}
+    if BACKBONE
+    else {"backbone": "resnet18", "cifar_stem": True, "timm_kwargs": {"channels": [8, 16, 32, 64]}}
+)
 SIZE = 32 if BACKBONE else 16
-cfg = TrainConfig(train_shards="unused", **model_fields, proj_hidden=32, proj_dim=16, batch_size=GLOBAL_BATCH, lr=0.5, temperature=0.2,
-                  precision="no", sync_bn=True)
+cfg = TrainConfig(
+    train_shards="unused",
+    **model_fields,
+    proj_hidden=32,
+    proj_dim=16,
+    batch_size=GLOBAL_BATCH,
+    lr=0.5,
+    temperature=0.2,
+    precision="no",
+    sync_bn=True,
+)
 world, rank = accelerator.num_processes, accelerator.process_index
 torch.manual_seed(0)
 model = build_model(cfg, "cpu", world)
@@ -38,7 +51,14 @@ local = GLOBAL_BATCH // world
 for step in range(STEPS):
     view1, view2 = (torch.randn(GLOBAL_BATCH, 3, SIZE, SIZE, generator=inputs) for _ in range(2))
     view1, view2 = view1[rank * local : (rank + 1) * local], view2[rank * local : (rank + 1) * local]
-    train_step(model, optimizer, view1.contiguous(memory_format=torch.channels_last), view2.contiguous(memory_format=torch.channels_last), cfg, accelerator)
+    train_step(
+        model,
+        optimizer,
+        view1.contiguous(memory_format=torch.channels_last),
+        view2.contiguous(memory_format=torch.channels_last),
+        cfg,
+        accelerator,
+    )
     scheduler.step_update(step + 1)
 if accelerator.is_main_process:
     torch.save(accelerator.unwrap_model(model).state_dict(), sys.argv[1])

@@ -79,5 +79,7 @@ if "crash_before_rename" in spec:
 status = train.main(argv)
 if spec.get("report"):
     Path(spec["report"]).mkdir(parents=True, exist_ok=True)
-    (Path(spec["report"]) / f"rank{rank}.json").write_text(json.dumps({"status": status, "loaded": loaded, "steps": steps_taken[0]}))
+    (Path(spec["report"]) / f"rank{rank}.json").write_text(
+        json.dumps({"status": status, "loaded": loaded, "steps": steps_taken[0]})
+    )
 sys.exit(status)

@@ -26,9 +26,19 @@ from trainer.step import train_step  # noqa: E402
 
 GLOBAL_BATCH, IMAGE_SIZE = 16, 16
 # zero_init_last=False: the residual branches get gradients at initialisation (timm zeroes their last BN's scale)
-TINY = TrainConfig(train_shards="unused", backbone="resnet18", cifar_stem=True,
-                   timm_kwargs={"channels": [8, 16, 32, 64], "zero_init_last": False}, proj_hidden=32, proj_dim=16,
-                   batch_size=GLOBAL_BATCH, lr=0.5, temperature=0.2, precision="no", sync_bn=True)
+TINY = TrainConfig(
+    train_shards="unused",
+    backbone="resnet18",
+    cifar_stem=True,
+    timm_kwargs={"channels": [8, 16, 32, 64], "zero_init_last": False},
+    proj_hidden=32,
+    proj_dim=16,
+    batch_size=GLOBAL_BATCH,
+    lr=0.5,
+    temperature=0.2,
+    precision="no",
+    sync_bn=True,
+)
 
 
 def global_views(seed: int = 1, batch: int = GLOBAL_BATCH, size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,13 +49,24 @@ def global_views(seed: int = 1, batch: int = GLOBAL_BATCH, size: int = IMAGE_SIZ
 
 
 def bn_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: buffer.detach().clone() for name, buffer in model.named_buffers()
-            if "running" in name or "num_batches" in name}
+    return {
+        name: buffer.detach().clone()
+        for name, buffer in model.named_buffers()
+        if "running" in name or "num_batches" in name
+    }
 
 
-def recorded_step(cfg: TrainConfig, accelerator, view1: torch.Tensor, view2: torch.Tensor, bn_eval: bool = False,
-                  count_reductions: bool = False, seed: int = 0, momentum: float | None = 0.1,
-                  dtype: torch.dtype = torch.float32) -> dict:
+def recorded_step(
+    cfg: TrainConfig,
+    accelerator,
+    view1: torch.Tensor,
+    view2: torch.Tensor,
+    bn_eval: bool = False,
+    count_reductions: bool = False,
+    seed: int = 0,
+    momentum: float | None = 0.1,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     """A fresh model (``seed``, BN ``momentum``, parameters in ``dtype``), one ``train_step`` on this process's
     views (cast to ``dtype``); returns the gradients the
     optimiser saw {name: (shape)}, the loss, the BN buffers after the step, and (``count_reductions``,
@@ -65,7 +86,8 @@ def recorded_step(cfg: TrainConfig, accelerator, view1: torch.Tensor, view2: tor
     grads, forwards, reductions = {}, [0], []
     inner = accelerator.unwrap_model(model)
     optimizer.optimizer.register_step_pre_hook(
-        lambda *_: grads.update({n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None}))
+        lambda *_: grads.update({n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None})
+    )
     if count_reductions:
         model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
 
@@ -75,12 +97,25 @@ def recorded_step(cfg: TrainConfig, accelerator, view1: torch.Tensor, view2: tor
 
         model.register_comm_hook(None, counting_allreduce)
     out = train_step(model, optimizer, view1.to(dtype), view2.to(dtype), cfg, accelerator)
-    return {"grads": grads, "loss": out.loss.item(), "buffers": bn_buffers(inner), "reductions": reductions,
-            "forwards": forwards[0]}
+    return {
+        "grads": grads,
+        "loss": out.loss.item(),
+        "buffers": bn_buffers(inner),
+        "reductions": reductions,
+        "forwards": forwards[0],
+    }
 
 
-def ghost_bn_reference(cfg: TrainConfig, view1: torch.Tensor, view2: torch.Tensor, micro_batch: int, world: int,
-                       seed: int = 0, momentum: float | None = 0.1, dtype: torch.dtype = torch.float64) -> dict:
+def ghost_bn_reference(
+    cfg: TrainConfig,
+    view1: torch.Tensor,
+    view2: torch.Tensor,
+    micro_batch: int,
+    world: int,
+    seed: int = 0,
+    momentum: float | None = 0.1,
+    dtype: torch.dtype = torch.float64,
+) -> dict:
     """The micro-batch-BN objective computed directly, in one process, for ``world`` processes holding
     consecutive equal shares of the global batch (view1, view2: (G, 3, S, S)), each splitting its share into
     micro-batches of ``micro_batch`` images per view (which must divide the share); in ``dtype`` (float64 by
@@ -106,18 +141,20 @@ def ghost_bn_reference(cfg: TrainConfig, view1: torch.Tensor, view2: torch.Tenso
             x = inputs[0].detach().double()
             dims = [0, *range(2, x.dim())]
             seen[name].append((x.mean(dims), x.var(dims, unbiased=True)))
+
         return hook
 
     for name, module in norms.items():
         module.register_forward_pre_hook(record(name))
     rows, first, second = [], [], []
     for j in range(share // micro_batch):
-        index = torch.cat([torch.arange(r * share + j * micro_batch, r * share + (j + 1) * micro_batch)
-                           for r in range(world)])
+        index = torch.cat(
+            [torch.arange(r * share + j * micro_batch, r * share + (j + 1) * micro_batch) for r in range(world)]
+        )
         _, z = model(torch.cat([view1[index], view2[index]]).to(dtype))
         rows.append(index)
         first.append(z[: len(index)])
-        second.append(z[len(index):])
+        second.append(z[len(index) :])
     order = torch.cat(rows).argsort()
     z1, z2 = torch.cat(first)[order], torch.cat(second)[order]
     loss = nt_xent_reference(z1, z2, cfg.temperature)
@@ -150,8 +187,9 @@ def main(path: str) -> None:
         # float32, BN in eval mode: the micro-batched gradient is the plain one
         "eval_plain": recorded_step(TINY, accelerator, view1, view2, bn_eval=True),
         "eval_micro": recorded_step(micro, accelerator, view1, view2, bn_eval=True),
-        "eval_micro_uneven": recorded_step(dataclasses.replace(TINY, micro_batch=3), accelerator, view1, view2,
-                                           bn_eval=True),
+        "eval_micro_uneven": recorded_step(
+            dataclasses.replace(TINY, micro_batch=3), accelerator, view1, view2, bn_eval=True
+        ),
         # DDP gradient reductions: which forward each one followed
         "train_micro": recorded_step(micro, accelerator, view1, view2, count_reductions=world > 1),
         "train_plain": recorded_step(TINY, accelerator, view1, view2, count_reductions=world > 1),

@@ -29,8 +29,14 @@ def run_views(image: np.ndarray, cfg: AugmentConfig, count: int, seed: int = 0, 
     """``count`` independent views of ``image`` (H, W, 3 uint8), augmented on DALI's ``device`` backend
     ('cpu' or 'gpu') -> float array (count, S, S, 3)."""
 
-    @pipeline_def(batch_size=BATCH, num_threads=2, device_id=0 if device == "gpu" else None, seed=seed,
-                  enable_conditionals=True, prefetch_queue_depth=1)
+    @pipeline_def(
+        batch_size=BATCH,
+        num_threads=2,
+        device_id=0 if device == "gpu" else None,
+        seed=seed,
+        enable_conditionals=True,
+        prefetch_queue_depth=1,
+    )
     def views():
         images = fn.external_source(source=lambda: [image] * BATCH, batch=True, layout="HWC", dtype=types.UINT8)
         return simclr_view(images.gpu() if device == "gpu" else images, cfg)
@@ -70,7 +76,9 @@ def reference_crops(count, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3), side=256, at
     return np.array(areas), np.array(aspects)
 
 
-COORDINATES = np.stack([*np.meshgrid(np.arange(256), np.arange(256)), np.full((256, 256), 128)], -1).astype(np.uint8)  # R=x, G=y
+COORDINATES = np.stack([*np.meshgrid(np.arange(256), np.arange(256)), np.full((256, 256), 128)], -1).astype(
+    np.uint8
+)  # R=x, G=y
 
 
 def measure_crops(views: np.ndarray, size: int):
@@ -155,7 +163,9 @@ def test_contrast_pivots_on_each_channels_mean(arithmetic, monkeypatch):
 
     monkeypatch.setattr(augment, "contrast_by_arithmetic", arithmetic)
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (20, 30, 3), dtype=np.uint8) // np.array([1, 2, 4], np.uint8) for _ in range(8)]  # channel means ~127, ~64, ~32
+    images = [
+        rng.integers(0, 256, (20, 30, 3), dtype=np.uint8) // np.array([1, 2, 4], np.uint8) for _ in range(8)
+    ]  # channel means ~127, ~64, ~32
     factors = [(0.7, 1.6), (1.3, 0.4), (1.0, 1.8), (1.8, 0.2), (0.2, 1.0), (1.1, 1.1), (0.9, 0.6), (1.5, 1.4)]
 
     @pipeline_def(batch_size=8, num_threads=1, device_id=None)
@@ -163,7 +173,9 @@ def test_contrast_pivots_on_each_channels_mean(arithmetic, monkeypatch):
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC", dtype=types.UINT8)
         b = fn.external_source(source=lambda: [np.float32(f[0]) for f in factors], batch=True)
         c = fn.external_source(source=lambda: [np.float32(f[1]) for f in factors], batch=True)
-        return augment.brightness_contrast(x, b, c, per_channel=True), augment.brightness_contrast(x, b, c, per_channel=False)
+        return augment.brightness_contrast(x, b, c, per_channel=True), augment.brightness_contrast(
+            x, b, c, per_channel=False
+        )
 
     per_channel, whole = contrast().run()
     for image, (b, c), got, got_whole in zip(images, factors, per_channel, whole):
@@ -187,15 +199,19 @@ def test_cpu_blur_is_the_truncated_gaussian():
     def blur():
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC", dtype=types.UINT8)
         sigma = fn.external_source(source=lambda: [np.float32(v) for v in sigmas], batch=True)
-        radius = fn.external_source(source=lambda: [np.int32(min(np.ceil(4 * v), window // 2)) for v in sigmas], batch=True)
+        radius = fn.external_source(
+            source=lambda: [np.int32(min(np.ceil(4 * v), window // 2)) for v in sigmas], batch=True
+        )
         return gaussian_blur_cpu(x, sigma, radius, window)
 
     (out,) = blur().run()
     for image, sigma, got in zip(images, sigmas, out):
         radius = int(min(np.ceil(4 * sigma), window // 2))
-        taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma**2))
+        taps = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
         taps /= taps.sum()
-        padded = np.pad(image.astype(np.float64), ((radius, radius), (radius, radius), (0, 0)), mode="reflect")  # reflect-101
+        padded = np.pad(
+            image.astype(np.float64), ((radius, radius), (radius, radius), (0, 0)), mode="reflect"
+        )  # reflect-101
         rows = sum(t * padded[:, k : k + image.shape[1]] for k, t in enumerate(taps))
         expected = sum(t * rows[k : k + image.shape[0]] for k, t in enumerate(taps))
         assert np.asarray(got).dtype == np.float32 and np.abs(np.asarray(got) - expected).max() < 0.05

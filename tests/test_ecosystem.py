@@ -26,23 +26,50 @@ PROJECT_MODULES = ["evaluate", "train", "bench", "pipeline", "model", "trainer",
 def test_installed_project_shadows_no_other_distribution(tmp_path):
     """Hugging Face's `evaluate` (installed beside the project by the test extra) is what `import evaluate`
     gives outside the checkout; none of the project's generic top-level names is importable from there."""
-    probe = ("import importlib.util, json; print(json.dumps({name: (lambda s: s and s.origin)(importlib.util.find_spec(name)) "
-             f"for name in {PROJECT_MODULES!r}}}))")
+    probe = (
+        "import importlib.util, json; "
+        "print(json.dumps({name: (lambda s: s and s.origin)(importlib.util.find_spec(name)) "
+        f"for name in {PROJECT_MODULES!r}}}))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    found = json.loads(subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout)
+    found = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+        ).stdout
+    )
     assert found["evaluate"] and "site-packages" in found["evaluate"], found
-    import_from = subprocess.run([sys.executable, "-c", "import evaluate; print(evaluate.__file__, hasattr(evaluate, 'load'))"],
-                                 cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
+    import_from = subprocess.run(
+        [sys.executable, "-c", "import evaluate; print(evaluate.__file__, hasattr(evaluate, 'load'))"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert import_from[0] == found["evaluate"] and import_from[1] == "True"  # Hugging Face's, with its evaluate.load
-    assert all(origin is None or "site-packages" in origin for origin in found.values()), found  # none is the checkout's
+    assert all(origin is None or "site-packages" in origin for origin in found.values()), (
+        found
+    )  # none is the checkout's
     # The installed distribution declares no top-level module or package at all.
-    top_level = subprocess.run([sys.executable, "-c", "import importlib.metadata as m; print(m.distribution('simclr-dali').read_text('top_level.txt'))"],
-                               cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout
+    top_level = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import importlib.metadata as m; print(m.distribution('simclr-dali').read_text('top_level.txt'))",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert top_level.strip() == "", top_level
 
 
 def test_train_help_lists_every_field_with_its_documentation():
-    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())  # help wraps lines
     for field in dataclasses.fields(TrainConfig):
@@ -76,11 +103,17 @@ def test_global_bn_keeps_timm_norm_act_layers_whole(name):
     norm_act = sum(isinstance(m, BatchNormAct2d) for m in model.modules())
     assert norm_act > 0
     x = torch.randn(4, 3, 64, 64)
-    reference = {mode: getattr(model, mode)()(x).detach() for mode in ("train", "eval")}  # train mode updates stats: eval second
+    reference = {
+        mode: getattr(model, mode)()(x).detach() for mode in ("train", "eval")
+    }  # train mode updates stats: eval second
     torch.manual_seed(0)
     converted = convert_to_global_bn(timm.create_model(name, num_classes=0), "cpu")
     assert sum(isinstance(m, GlobalBatchNormAct) for m in converted.modules()) == norm_act
-    assert not [m for m in converted.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, GlobalBatchNorm)]
+    assert not [
+        m
+        for m in converted.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, GlobalBatchNorm)
+    ]
     for mode in ("train", "eval"):
         assert torch.equal(getattr(converted, mode)()(x), reference[mode]), mode
 
@@ -91,8 +124,23 @@ def test_norm_act_model_two_processes_match_one_process(tmp_path):
     script = ROOT / "tests" / "distributed_steps.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SIMCLR_TEST_BACKBONE": "mobilenetv3_small_050"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=ROOT, check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                    str(tmp_path / "two.pt")], cwd=ROOT, check=True, env=env, timeout=300, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "two.pt"),
+        ],
+        cwd=ROOT,
+        check=True,
+        env=env,
+        timeout=300,
+        capture_output=True,
+    )
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one.keys() == two.keys() and any("bn" in k for k in one)
     for key in one:
@@ -113,17 +161,57 @@ def test_multinode_recipe_starts_two_machines_on_localhost(tmp_path):
     itself picks the CPU when no GPU is present). Training runs with world size 2 and both ranks checkpoint."""
     shards, _ = make_shards(tmp_path / "shards", 40, num_classes=4, per_shard=20)
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({
-        "train_shards": str(shards), "image_size": 32, "augment": "cifar", "backbone": "resnet18", "cifar_stem": True,
-        "timm_kwargs": {"channels": [8, 16, 32, 64]}, "proj_hidden": 32, "proj_dim": 16, "batch_size": 8, "epochs": 2,
-        "warmup_epochs": 1, "precision": "no", "tracker": "none", "max_steps": 2, "log_every": 1, "data_threads": 1,
-        "output_dir": str(tmp_path / "run")}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "train_shards": str(shards),
+                "image_size": 32,
+                "augment": "cifar",
+                "backbone": "resnet18",
+                "cifar_stem": True,
+                "timm_kwargs": {"channels": [8, 16, 32, 64]},
+                "proj_hidden": 32,
+                "proj_dim": 16,
+                "batch_size": 8,
+                "epochs": 2,
+                "warmup_epochs": 1,
+                "precision": "no",
+                "tracker": "none",
+                "max_steps": 2,
+                "log_every": 1,
+                "data_threads": 1,
+                "output_dir": str(tmp_path / "run"),
+            }
+        )
+    )
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "configs/accelerate/multinode.yaml",
-               "--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port)]
-    machines = [subprocess.Popen([*command, "--machine_rank", str(rank), "train.py", "--config", str(config)], cwd=ROOT, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "configs/accelerate/multinode.yaml",
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "2",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(port),
+    ]
+    machines = [
+        subprocess.Popen(
+            [*command, "--machine_rank", str(rank), "train.py", "--config", str(config)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     outputs = [machine.communicate(timeout=600)[0] for machine in machines]
     assert [m.returncode for m in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "2 process(es)" in outputs[0], outputs[0][-3000:]
@@ -139,7 +227,18 @@ def test_pretrained_flag_starts_from_timms_weights(monkeypatch):
 
     calls = []
     create = timm.create_model
-    monkeypatch.setattr(timm, "create_model", lambda name, **kwargs: calls.append(kwargs) or create(name, **{**kwargs, "pretrained": False}))
-    cfg = TrainConfig(train_shards="x", backbone="resnet18", pretrained=True, proj_hidden=16, proj_dim=8, timm_kwargs={"channels": [8, 16, 32, 64]})
+    monkeypatch.setattr(
+        timm,
+        "create_model",
+        lambda name, **kwargs: calls.append(kwargs) or create(name, **{**kwargs, "pretrained": False}),
+    )
+    cfg = TrainConfig(
+        train_shards="x",
+        backbone="resnet18",
+        pretrained=True,
+        proj_hidden=16,
+        proj_dim=8,
+        timm_kwargs={"channels": [8, 16, 32, 64]},
+    )
     build_model(cfg, "cpu", 1)
     assert calls and calls[0]["pretrained"] is True and calls[0]["num_classes"] == 0

@@ -27,14 +27,27 @@ from pipeline.shardset import ShardError, write_index
 from pipeline.shardwriter import write_shards
 from trainer.export import export_backbone
 
-TINY = {"model_name": "resnet18", "cifar_stem": True, "timm_kwargs": {"channels": [8, 16, 32, 64]}, "image_size": 32, "num_features": 64}
+TINY = {
+    "model_name": "resnet18",
+    "cifar_stem": True,
+    "timm_kwargs": {"channels": [8, 16, 32, 64]},
+    "image_size": 32,
+    "num_features": 64,
+}
 CLASSES = ["disc", "square", "triangle", "ring"]
 
 
 def write_synthetic(directory, per_class: int, seed: int, drop: int = 0):
     images, labels = synthetic_images(len(CLASSES), per_class, 32, seed)
     images, labels = images[: len(images) - drop], labels[: len(labels) - drop]
-    write_shards(array_samples(images, labels), str(directory / "part-%06d.tar"), CLASSES, total=len(labels), max_count=40, progress=False)
+    write_shards(
+        array_samples(images, labels),
+        str(directory / "part-%06d.tar"),
+        CLASSES,
+        total=len(labels),
+        max_count=40,
+        progress=False,
+    )
     return directory
 
 
@@ -63,7 +76,14 @@ def run_main(args, capsys):
 
 
 def shard_args(data):
-    return ["--train-shards", data[0], "--val-shards", data[1], "--local-batch-size", 16]  # the dashed spelling: an alias of --local_batch_size
+    return [
+        "--train-shards",
+        data[0],
+        "--val-shards",
+        data[1],
+        "--local-batch-size",
+        16,
+    ]  # the dashed spelling: an alias of --local_batch_size
 
 
 # --------------------------------------------------------------------------- units
@@ -75,7 +95,9 @@ def test_knn_on_separable_features_is_perfect_and_chunked():
     train_labels, test_labels = torch.arange(200) % 5, torch.arange(53) % 5
     train = centres[train_labels] + 0.1 * torch.randn(200, 16, generator=generator)
     test = centres[test_labels] + 0.1 * torch.randn(53, 16, generator=generator)
-    scores = knn_predict(train, train_labels, test, 5, ks=[20], temperature=0.1, chunk=8)[20]  # 7 chunks, the last partial
+    scores = knn_predict(train, train_labels, test, 5, ks=[20], temperature=0.1, chunk=8)[
+        20
+    ]  # 7 chunks, the last partial
     assert scores.shape == (53, 5)
     assert topk_accuracy(scores, test_labels) == {"top1": 100.0, "top5": 100.0}
     assert torch.allclose(scores, knn_predict(train, train_labels, test, 5, ks=[20], temperature=0.1, chunk=1000)[20])
@@ -95,7 +117,9 @@ def test_several_k_in_one_pass_equal_separate_passes():
 def test_knn_never_materialises_the_full_similarity_matrix(monkeypatch):
     shapes = []
     original = torch.Tensor.topk
-    monkeypatch.setattr(torch.Tensor, "topk", lambda self, *a, **k: shapes.append(tuple(self.shape)) or original(self, *a, **k))
+    monkeypatch.setattr(
+        torch.Tensor, "topk", lambda self, *a, **k: shapes.append(tuple(self.shape)) or original(self, *a, **k)
+    )
     knn_predict(torch.randn(300, 8), torch.randint(0, 3, (300,)), torch.randn(100, 8), 3, ks=[10], chunk=32)
     assert shapes and max(s[0] for s in shapes) <= 32  # (chunk, N) blocks, never (100, 300)
 
@@ -115,7 +139,9 @@ def test_linear_on_random_labels_is_chance_and_learns_real_ones():
 
 def test_subset_is_class_balanced_seeded_and_saved(tmp_path):
     rng = np.random.default_rng(0)
-    labels = {f"k{i:05d}": int(label) for i, label in enumerate(rng.choice(10, 5000, p=[0.19] + [0.09] * 9))}  # imbalanced
+    labels = {
+        f"k{i:05d}": int(label) for i, label in enumerate(rng.choice(10, 5000, p=[0.19] + [0.09] * 9))
+    }  # imbalanced
     subset = select_subset(labels, 0.01, seed=3, num_classes=10)
     assert subset.per_class == 5 and all(len(keys) == 5 for keys in subset.keys_per_class.values())
     assert all(labels[key] == label for label, keys in subset.keys_per_class.items() for key in keys)
@@ -151,7 +177,7 @@ def test_labelled_loader_reads_exactly_the_subset(data):
     loader = DaliLoader(data[0], 64, AugmentedView(classifier_augment(32)), train=True, keys=subset.keys, seed=0)
     assert loader.num_samples == 20 and loader.batch_size == 20 and len(loader) == 1  # the batch shrinks to the subset
     for _ in range(2):  # every epoch: the subset's samples, once each, re-augmented
-        (images, labels), = list(loader)
+        ((images, labels),) = list(loader)
         assert images.shape == (20, 3, 32, 32) and sorted(labels.tolist()) == sorted([0, 1, 2, 3] * 5)
     with pytest.raises(ShardError, match="requested keys are not in"):
         DaliLoader(data[0], 4, AugmentedView(classifier_augment(32)), train=True, keys=["nope"])
@@ -162,7 +188,9 @@ def test_labelled_loader_reads_exactly_the_subset(data):
 
 def test_knn_and_fast_linear_report(data, exported, tmp_path, capsys):
     report_path = tmp_path / "r.json"
-    status, output = run_main(["--checkpoint", exported, "--protocol", "all", "--epochs", 5, "--json", report_path, *shard_args(data)], capsys)
+    status, output = run_main(
+        ["--checkpoint", exported, "--protocol", "all", "--epochs", 5, "--json", report_path, *shard_args(data)], capsys
+    )
     assert status == 0, output
     report = json.loads(report_path.read_text())
     metrics = report["results"][0]["metrics"]
@@ -177,9 +205,29 @@ def test_knn_and_fast_linear_report(data, exported, tmp_path, capsys):
 
 def test_augmented_linear_and_finetune_report(data, exported, tmp_path, capsys):
     report_path, subset_file = tmp_path / "r.json", tmp_path / "subset.json"
-    status, output = run_main(["--checkpoint", exported, "--protocol", "linear,finetune", "--augment", "--epochs", 2, "--finetune_epochs", 1,
-                               "--label_fraction", 0.1, "--subset_file", subset_file, "--seed", 5, "--json", report_path,
-                               *shard_args(data)], capsys)
+    status, output = run_main(
+        [
+            "--checkpoint",
+            exported,
+            "--protocol",
+            "linear,finetune",
+            "--augment",
+            "--epochs",
+            2,
+            "--finetune_epochs",
+            1,
+            "--label_fraction",
+            0.1,
+            "--subset_file",
+            subset_file,
+            "--seed",
+            5,
+            "--json",
+            report_path,
+            *shard_args(data),
+        ],
+        capsys,
+    )
     assert status == 0, output
     report = json.loads(report_path.read_text())
     metrics = report["results"][0]["metrics"]
@@ -187,7 +235,12 @@ def test_augmented_linear_and_finetune_report(data, exported, tmp_path, capsys):
     assert all(0 <= v <= 100 for v in metrics.values())
     linear, tune = report["settings"]["linear"], report["settings"]["finetune"]
     assert linear["mode"] == "augment" and linear["epochs"] == 2 and linear["global_batch"] == 16
-    assert tune["label_fraction"] == 0.1 and tune["subset_file"] == str(subset_file) and tune["num_samples"] == 12 and tune["per_class"] == 3
+    assert (
+        tune["label_fraction"] == 0.1
+        and tune["subset_file"] == str(subset_file)
+        and tune["num_samples"] == 12
+        and tune["per_class"] == 3
+    )
     assert tune["subset"] == "selected" and report["seed"] == 5
     saved = json.loads(subset_file.read_text())
     assert saved["seed"] == 5 and sorted(map(len, saved["classes"].values())) == [3, 3, 3, 3]
@@ -198,16 +251,59 @@ def test_two_processes_match_one_process(data, exported, tmp_path):
     one process's exactly: no validation sample duplicated or dropped. Fine-tuning runs under DDP too
     (its numbers differ: each rank augments its own half of the batch)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    args = ["evaluate.py", "--checkpoint", str(exported), "--protocol", "knn,linear,finetune", "--epochs", "5", "--train_shards", str(data[0]),
-            "--val_shards", str(data[1]), "--local_batch_size", "8", "--label_fraction", "0.2", "--finetune_epochs", "1"]
-    one = subprocess.run([sys.executable, *args, "--json", str(tmp_path / "one.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    args = [
+        "evaluate.py",
+        "--checkpoint",
+        str(exported),
+        "--protocol",
+        "knn,linear,finetune",
+        "--epochs",
+        "5",
+        "--train_shards",
+        str(data[0]),
+        "--val_shards",
+        str(data[1]),
+        "--local_batch_size",
+        "8",
+        "--label_fraction",
+        "0.2",
+        "--finetune_epochs",
+        "1",
+    ]
+    one = subprocess.run(
+        [sys.executable, *args, "--json", str(tmp_path / "one.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args,
-                          "--json", str(tmp_path / "two.json")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            *args,
+            "--json",
+            str(tmp_path / "two.json"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
     one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert one["processes"] == 1 and two["processes"] == 2
-    assert two["data"]["num_val"] == one["data"]["num_val"] == 43 and two["data"]["num_train"] == one["data"]["num_train"] == 100
+    assert (
+        two["data"]["num_val"] == one["data"]["num_val"] == 43
+        and two["data"]["num_train"] == one["data"]["num_train"] == 100
+    )
     quick = lambda report: {k: v for k, v in report["results"][0]["metrics"].items() if not k.startswith("finetune")}
     assert quick(two) == quick(one) and len(quick(one)) == 4
     assert 0 <= two["results"][0]["metrics"]["finetune_top1"] <= 100
@@ -218,7 +314,9 @@ def test_two_processes_match_one_process(data, exported, tmp_path):
 
 
 def test_checkpoint_of_another_architecture_is_named(data, exported, capsys):
-    status, output = run_main(["--model", "resnet50", "--weights", exported, "--protocol", "knn", *shard_args(data)], capsys)
+    status, output = run_main(
+        ["--model", "resnet50", "--weights", exported, "--protocol", "knn", *shard_args(data)], capsys
+    )
     assert status == 2 and "Traceback" not in output
     assert str(exported) in output and "does not fit a resnet50" in output and "layer1.0.conv1.weight" in output, output
 
@@ -230,17 +328,26 @@ def test_shards_without_labels_are_named(data, exported, tmp_path, capsys):
         for i, image in enumerate(random_images(6)):
             writer.write({"__key__": f"u{i:03d}", "jpg": encode_jpeg(image)})
     write_index(tar)
-    status, output = run_main(["--checkpoint", exported, "--train_shards", data[0], "--val_shards", tar.parent, "--protocol", "knn"], capsys)
+    status, output = run_main(
+        ["--checkpoint", exported, "--train_shards", data[0], "--val_shards", tar.parent, "--protocol", "knn"], capsys
+    )
     assert status == 2 and str(tar) in output and "no label" in output, output
-    status, output = run_main(["--checkpoint", exported, "--train_shards", tar.parent, "--val_shards", data[1], "--protocol", "finetune"], capsys)
+    status, output = run_main(
+        ["--checkpoint", exported, "--train_shards", tar.parent, "--val_shards", data[1], "--protocol", "finetune"],
+        capsys,
+    )
     assert status == 2 and str(tar) in output, output
 
 
 def test_too_few_samples_per_class_is_named(data, exported, capsys):
-    status, output = run_main(["--checkpoint", exported, "--protocol", "finetune", "--label_fraction", 0.01, *shard_args(data)], capsys)
+    status, output = run_main(
+        ["--checkpoint", exported, "--protocol", "finetune", "--label_fraction", 0.01, *shard_args(data)], capsys
+    )
     assert status == 2 and "less than 1 (class" in output and "'disc'" in output, output
 
 
 def test_missing_backbone_file(data, tmp_path, capsys):
-    status, output = run_main(["--checkpoint", tmp_path / "nothing.safetensors", "--protocol", "knn", *shard_args(data)], capsys)
+    status, output = run_main(
+        ["--checkpoint", tmp_path / "nothing.safetensors", "--protocol", "knn", *shard_args(data)], capsys
+    )
     assert status == 2 and "nothing.safetensors" in output

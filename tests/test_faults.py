@@ -33,10 +33,24 @@ from trainer.checkpoint import FILES, list_checkpoints
 from trainer.optim import build_scheduler
 
 TINY = {
-    "image_size": 32, "augment": "cifar", "backbone": "resnet18", "cifar_stem": True,
-    "timm_kwargs": {"channels": [8, 16, 32, 64]}, "proj_hidden": 32, "proj_dim": 16, "batch_size": 16,
-    "epochs": 3, "warmup_epochs": 1, "lr": 0.5, "temperature": 0.2, "precision": "no", "tracker": "none",
-    "log_every": 1, "checkpoint_every": None, "data_threads": 1, "max_steps": 6,
+    "image_size": 32,
+    "augment": "cifar",
+    "backbone": "resnet18",
+    "cifar_stem": True,
+    "timm_kwargs": {"channels": [8, 16, 32, 64]},
+    "proj_hidden": 32,
+    "proj_dim": 16,
+    "batch_size": 16,
+    "epochs": 3,
+    "warmup_epochs": 1,
+    "lr": 0.5,
+    "temperature": 0.2,
+    "precision": "no",
+    "tracker": "none",
+    "log_every": 1,
+    "checkpoint_every": None,
+    "data_threads": 1,
+    "max_steps": 6,
 }
 WORKER = ROOT / "tests" / "fault_worker.py"
 STEPS_PER_EPOCH = 4  # 70 samples, batches of 16 (one process) or 2 x 8
@@ -60,8 +74,19 @@ def run_train(out: Path, shards, *flags, **overrides) -> int:
 
 
 def torchrun(spec: dict, config: Path, *flags, timeout=420) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), json.dumps(spec),
-               "--config", str(config), *map(str, flags)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(WORKER),
+        json.dumps(spec),
+        "--config",
+        str(config),
+        *map(str, flags),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -131,6 +156,7 @@ def copy_run(source: Path, tmp_path: Path) -> Path:
 @pytest.fixture
 def no_heavy_work(monkeypatch):
     """Fail the test if train.py builds a data loader: for refusals that must come before any heavy work."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the data loader was built before the refusal")
 
@@ -168,12 +194,20 @@ def test_two_runs_in_one_directory_never_touch_each_other(shards, tmp_path, caps
 
 
 def test_ranks_that_list_different_newest_checkpoints_load_rank_0s_choice(shards, tmp_path):
-    """Rank 1 sees a stale directory listing without the newest checkpoint; both ranks still load the one rank 0 chose."""
+    """Rank 1 sees a stale directory listing without the newest checkpoint; both ranks still load
+    the one rank 0 chose."""
     out = tmp_path / "ranks"
     config = write_config(tmp_path / "ranks.yaml", shards, output_dir=str(out), max_steps=2, checkpoint_every=1)
     done = torchrun({}, config)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    done = torchrun({"report": str(tmp_path / "report"), "hide_newest_checkpoint_on": [1]}, config, "--resume", "auto", "--max_steps", 3)
+    done = torchrun(
+        {"report": str(tmp_path / "report"), "hide_newest_checkpoint_on": [1]},
+        config,
+        "--resume",
+        "auto",
+        "--max_steps",
+        3,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rank0, rank1 = reports(tmp_path / "report")
     assert rank0["loaded"] == rank1["loaded"] == [str(out / "checkpoints" / "step_00000002")]
@@ -204,9 +238,13 @@ def test_every_file_and_the_directory_are_fsynced_before_the_rename(shards, tmp_
         assert len(renamed) == 1, f"{name} was not renamed into place exactly once"
         at, staging = renamed[0], events[renamed[0]][1]
         synced_before = {e[1] for e in events[:at] if e[0] == "fsync"}
-        assert {os.path.join(staging, f) for f in [*FILES, "manifest.json"]} <= synced_before, "a file was renamed unsynced"
+        assert {os.path.join(staging, f) for f in [*FILES, "manifest.json"]} <= synced_before, (
+            "a file was renamed unsynced"
+        )
         assert staging in synced_before, "the directory was renamed before its entries were synced"
-        assert os.path.dirname(final) in {e[1] for e in events[at:] if e[0] == "fsync"}, "the rename itself was not synced"
+        assert os.path.dirname(final) in {e[1] for e in events[at:] if e[0] == "fsync"}, (
+            "the rename itself was not synced"
+        )
         assert sorted(os.listdir(final)) == sorted([*FILES, "manifest.json"])
 
 
@@ -214,16 +252,27 @@ def test_a_crash_between_write_and_rename_leaves_no_visible_partial(shards, tmp_
     out = tmp_path / "crash"
     config = write_config(tmp_path / "crash.yaml", shards, output_dir=str(out), checkpoint_every=1)
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    done = subprocess.run([sys.executable, str(WORKER), json.dumps({"crash_before_rename": 2}), "--config", str(config)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, str(WORKER), json.dumps({"crash_before_rename": 2}), "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 9, done.stderr[-3000:]
     visible = sorted(p.name for p in (out / "checkpoints").iterdir() if not p.name.startswith("."))
     hidden = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert visible == ["step_00000001"]  # the crashed write never shows under a checkpoint's name
-    assert len(hidden) == 1 and hidden[0].startswith(f".tmp-{run_id(out)}-step_00000002-")  # named by run, step and process
+    assert len(hidden) == 1 and hidden[0].startswith(
+        f".tmp-{run_id(out)}-step_00000002-"
+    )  # named by run, step and process
     assert run_train(out, shards, "--resume", "auto", checkpoint_every=1) == 0
     printed = capsys.readouterr().out
-    assert "removed 1 temporary checkpoint(s)" in printed and f"resumed from {out / 'checkpoints' / 'step_00000001'}" in printed
+    assert (
+        "removed 1 temporary checkpoint(s)" in printed
+        and f"resumed from {out / 'checkpoints' / 'step_00000001'}" in printed
+    )
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
     assert_identical(weights(out), reference)
 
@@ -260,7 +309,11 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one(shards, tmp_path, mo
     out = tmp_path / "full"
     assert run_train(out, shards, max_steps=3, checkpoint_every=1) == 1
     message = one_error_line(capsys.readouterr())
-    assert "step_00000002" in message and "No space left on device" in message and "previous checkpoints are intact" in message
+    assert (
+        "step_00000002" in message
+        and "No space left on device" in message
+        and "previous checkpoints are intact" in message
+    )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]  # no temporary left either
 
 
@@ -292,7 +345,14 @@ def test_a_crafted_pickle_is_never_executed(two_steps, tmp_path, capsys, data_fo
     marker = tmp_path / "pwned"
     payload = pickle.dumps(Payload(marker))
     newest = out / "checkpoints" / "step_00000002"
-    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin", "pytorch_model.bin", "model.pt"):
+    for name in (
+        "custom_checkpoint_0.pkl",
+        "random_states_0.pkl",
+        "optimizer.bin",
+        "scheduler.bin",
+        "pytorch_model.bin",
+        "model.pt",
+    ):
         (newest / name).write_bytes(payload)  # every name Accelerate's save_state/load_state would unpickle
     assert run_train(out, shards_of(out), "--resume", "auto", max_steps=3) == 0
     assert f"resumed from {newest}" in capsys.readouterr().out and not marker.exists()
@@ -337,27 +397,47 @@ def test_non_finite_parameters_after_a_finite_loss_step_are_not_checkpointed(sha
     assert all(torch.isfinite(t).all() for t in saved.values() if t.is_floating_point())
 
 
-@pytest.mark.parametrize("flags,accepted,named", [
-    (["--epochs", 6], True, "epochs: 3.0 -> 6.0"),
-    (["--log_every", 2, "--checkpoint_every", 2, "--keep_checkpoints", 1], True, "log_every: 1 -> 2"),
-    (["--eval_every_epochs", 1, "--eval_train_shards", "SHARDS", "--eval_val_shards", "SHARDS"], True, "eval_every_epochs: None -> 1.0"),
-    (["--batch_size", 8], False, "batch_size: 16 -> 8"),
-    (["--backbone", "resnet34"], False, "backbone: 'resnet18' -> 'resnet34'"),
-    (["--optimizer", "sgd"], False, "optimizer: 'lars' -> 'sgd'"),
-    (["--lr", 0.1], False, "lr: 0.5 -> 0.1"),
-    (["--warmup_epochs", 0], False, "warmup_epochs: 1.0 -> 0.0"),
-    (["--temperature", 0.5], False, "temperature: 0.2 -> 0.5"),
-    (["--seed", 1], False, "seed: 0 -> 1"),
-    (["--image_size", 48], False, "image_size: 32 -> 48"),
-    (["--epochs", 2], True, "epochs: 3.0 -> 2.0"),
-])
+@pytest.mark.parametrize(
+    "flags,accepted,named",
+    [
+        (["--epochs", 6], True, "epochs: 3.0 -> 6.0"),
+        (["--log_every", 2, "--checkpoint_every", 2, "--keep_checkpoints", 1], True, "log_every: 1 -> 2"),
+        (
+            ["--eval_every_epochs", 1, "--eval_train_shards", "SHARDS", "--eval_val_shards", "SHARDS"],
+            True,
+            "eval_every_epochs: None -> 1.0",
+        ),
+        (["--batch_size", 8], False, "batch_size: 16 -> 8"),
+        (["--backbone", "resnet34"], False, "backbone: 'resnet18' -> 'resnet34'"),
+        (["--optimizer", "sgd"], False, "optimizer: 'lars' -> 'sgd'"),
+        (["--lr", 0.1], False, "lr: 0.5 -> 0.1"),
+        (["--warmup_epochs", 0], False, "warmup_epochs: 1.0 -> 0.0"),
+        (["--temperature", 0.5], False, "temperature: 0.2 -> 0.5"),
+        (["--seed", 1], False, "seed: 0 -> 1"),
+        (["--image_size", 48], False, "image_size: 32 -> 48"),
+        (["--epochs", 2], True, "epochs: 3.0 -> 2.0"),
+    ],
+)
 def test_resume_with_a_changed_field(two_steps, tmp_path, capsys, monkeypatch, flags, accepted, named):
     out = copy_run(two_steps, tmp_path)
     flags = [shards_of(out) if f == "SHARDS" else f for f in flags]
     if not accepted:
-        monkeypatch.setattr(train, "build_train_loader", lambda *a, **k: pytest.fail("refused only after building the data loader"))
-    status = train.main(["--config", str(two_steps.parent / "run.yaml"), "--output_dir", str(out), "--resume", "auto", "--max_steps", "3",
-                         *map(str, flags)])
+        monkeypatch.setattr(
+            train, "build_train_loader", lambda *a, **k: pytest.fail("refused only after building the data loader")
+        )
+    status = train.main(
+        [
+            "--config",
+            str(two_steps.parent / "run.yaml"),
+            "--output_dir",
+            str(out),
+            "--resume",
+            "auto",
+            "--max_steps",
+            "3",
+            *map(str, flags),
+        ]
+    )
     captured = capsys.readouterr()
     if accepted:
         applied = [line for line in captured.out.splitlines() if line.startswith("resume applies the changed ")]
@@ -373,8 +453,23 @@ def test_extended_epochs_rebuild_the_schedule_from_the_config(two_steps, tmp_pat
     """The lr after resuming with twice the epochs is the new schedule's at that step: rebuilt from (config, step),
     not restored from the checkpoint (which would keep the old schedule's shorter cosine)."""
     out = copy_run(two_steps, tmp_path)
-    assert train.main(["--config", str(two_steps.parent / "run.yaml"), "--output_dir", str(out), "--resume", "auto", "--max_steps", "6",
-                       "--epochs", "6"]) == 0
+    assert (
+        train.main(
+            [
+                "--config",
+                str(two_steps.parent / "run.yaml"),
+                "--output_dir",
+                str(out),
+                "--resume",
+                "auto",
+                "--max_steps",
+                "6",
+                "--epochs",
+                "6",
+            ]
+        )
+        == 0
+    )
     logged = [line for line in (out / "train.log").read_text().splitlines() if " step 6: " in line][-1]
     lr = float(logged.split("lr ")[1].split(",")[0])
 
@@ -398,13 +493,32 @@ def test_resume_with_another_world_size(two_steps, tmp_path, capsys, allow):
 
     rewrite_json(newest, "trainer_state.json", as_two_ranks)
     rewrite_json(newest, "rng.json", lambda rng: rng["ranks"].append(rng["ranks"][0]))
-    status = train.main(["--config", str(two_steps.parent / "run.yaml"), "--output_dir", str(out), "--resume", "auto", "--max_steps", "3",
-                         *(["--allow_world_size_change", "true"] if allow else [])])
+    status = train.main(
+        [
+            "--config",
+            str(two_steps.parent / "run.yaml"),
+            "--output_dir",
+            str(out),
+            "--resume",
+            "auto",
+            "--max_steps",
+            "3",
+            *(["--allow_world_size_change", "true"] if allow else []),
+        ]
+    )
     captured = capsys.readouterr()
     if allow:
-        assert status == 0 and "world size 2 -> 1" in captured.out and "restarts at the beginning of the current epoch" in captured.out
+        assert (
+            status == 0
+            and "world size 2 -> 1" in captured.out
+            and "restarts at the beginning of the current epoch" in captured.out
+        )
     else:
-        assert status == 2 and "world size: 2 -> 1" in one_error_line(captured) and "--allow_world_size_change" in captured.err
+        assert (
+            status == 2
+            and "world size: 2 -> 1" in one_error_line(captured)
+            and "--allow_world_size_change" in captured.err
+        )
 
 
 def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(shards, tmp_path, reference, capsys):
@@ -421,10 +535,19 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(shards, tmp_pa
     assert_identical(weights(out), reference)
 
 
-@pytest.mark.parametrize("name,damage", [
-    ("model.safetensors", "truncate"), ("optimizer.safetensors", "flip"), ("optimizer.json", "delete"), ("rng.json", "truncate"),
-    ("rng.json", "delete"), ("trainer_state.json", "flip"), ("manifest.json", "truncate"), ("rng.json", "malformed"),
-])
+@pytest.mark.parametrize(
+    "name,damage",
+    [
+        ("model.safetensors", "truncate"),
+        ("optimizer.safetensors", "flip"),
+        ("optimizer.json", "delete"),
+        ("rng.json", "truncate"),
+        ("rng.json", "delete"),
+        ("trainer_state.json", "flip"),
+        ("manifest.json", "truncate"),
+        ("rng.json", "malformed"),
+    ],
+)
 def test_every_state_file_is_verified_and_a_bad_one_named(two_steps, tmp_path, capsys, monkeypatch, name, damage):
     out = copy_run(two_steps, tmp_path)
     newest = out / "checkpoints" / "step_00000002"
@@ -440,7 +563,11 @@ def test_every_state_file_is_verified_and_a_bad_one_named(two_steps, tmp_path, c
     else:  # verifies against its manifest, but the RNG state inside cannot be restored (Accelerate would log and go on)
         rewrite_json(newest, name, lambda rng: rng["ranks"][0].update(torch_cpu=rng["ranks"][0]["torch_cpu"][:40]))
     if damage != "malformed":
-        monkeypatch.setattr(train, "build_train_loader", lambda *a, **k: pytest.fail("a damaged checkpoint got past the start-up checks"))
+        monkeypatch.setattr(
+            train,
+            "build_train_loader",
+            lambda *a, **k: pytest.fail("a damaged checkpoint got past the start-up checks"),
+        )
     assert run_train(tmp_path / "other", shards_of(out), "--resume", newest) == 2
     message = one_error_line(capsys.readouterr())
     assert str(path) in message
@@ -453,9 +580,11 @@ def test_every_state_file_is_verified_and_a_bad_one_named(two_steps, tmp_path, c
 
 def boundary_steps(last: int, log_every: int, checkpoint_every: int, eval_every: int) -> dict[str, list[int]]:
     steps = range(2, last)
-    kinds = {"log": [s for s in steps if s % log_every == 0 and s % checkpoint_every and s % eval_every],
-             "checkpoint": [s for s in steps if s % checkpoint_every == 0 and s % eval_every],
-             "eval": [s for s in steps if s % eval_every == 0]}
+    kinds = {
+        "log": [s for s in steps if s % log_every == 0 and s % checkpoint_every and s % eval_every],
+        "checkpoint": [s for s in steps if s % checkpoint_every == 0 and s % eval_every],
+        "eval": [s for s in steps if s % eval_every == 0],
+    }
     kinds["between"] = [s for s in steps if all(s not in v for v in kinds.values())]
     return kinds
 
@@ -465,8 +594,16 @@ def test_sigterm_under_torchrun_at_seeded_steps_resumes_bit_identical(shards, tm
     the launcher, which forwards it to both) at seeded steps between and on each kind of boundary; every time both
     ranks stop after the same step, with a checkpoint of it and status 75; resumed to the end, the weights and the
     evaluation curve equal an uninterrupted run's."""
-    settings = dict(max_steps=12, log_every=2, checkpoint_every=3, eval_every_epochs=1.25, eval_train_shards=str(shards),
-                    eval_val_shards=str(shards), eval_knn_k=5, shuffle_buffer=64)
+    settings = dict(
+        max_steps=12,
+        log_every=2,
+        checkpoint_every=3,
+        eval_every_epochs=1.25,
+        eval_train_shards=str(shards),
+        eval_val_shards=str(shards),
+        eval_knn_k=5,
+        shuffle_buffer=64,
+    )
     reference = tmp_path / "reference"
     done = torchrun({}, write_config(tmp_path / "reference.yaml", shards, output_dir=str(reference), **settings))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -481,7 +618,11 @@ def test_sigterm_under_torchrun_at_seeded_steps_resumes_bit_identical(shards, tm
     for segment, (signal_step, kind) in enumerate(plan):
         start = json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())["step"] if segment else 0
         via_launcher = segment == len(plan) - 1  # the scheduler's way: torchrun's agent forwards it to every worker
-        fault = {"sigterm_launcher_after_step" if via_launcher else "sigterm_after_step": {str(segment % 2): signal_step - start}}
+        fault = {
+            "sigterm_launcher_after_step" if via_launcher else "sigterm_after_step": {
+                str(segment % 2): signal_step - start
+            }
+        }
         report = tmp_path / f"report{segment}"
         done = torchrun({"report": str(report), **fault}, config, *(["--resume", "auto"] if segment else []))
         output = done.stdout[-3000:] + done.stderr[-3000:]
@@ -489,7 +630,9 @@ def test_sigterm_under_torchrun_at_seeded_steps_resumes_bit_identical(shards, tm
         assert rank0["status"] == rank1["status"] == 75, output
         assert rank0["steps"] == rank1["steps"], output  # both ranks stopped after the same step
         stopped = start + rank0["steps"]
-        if not via_launcher:  # on an eval boundary the evaluation is skipped; elsewhere the step whose batch was fetched completes
+        if (
+            not via_launcher
+        ):  # on an eval boundary the evaluation is skipped; elsewhere the step whose batch was fetched completes
             assert stopped == (signal_step if kind == "eval" else signal_step + 1), (kind, signal_step, output)
         newest = list_checkpoints(out)[-1]
         state = json.loads((newest / "trainer_state.json").read_text())
@@ -497,7 +640,10 @@ def test_sigterm_under_torchrun_at_seeded_steps_resumes_bit_identical(shards, tm
     done = torchrun({"report": str(tmp_path / "final")}, config, "--resume", "auto")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert_identical(weights(out), weights(reference))
-    history = lambda run: [(h["step"], h["knn_top1"], h["linear_top1"]) for h in json.loads((run / "train_summary.json").read_text())["history"]]
+    history = lambda run: [
+        (h["step"], h["knn_top1"], h["linear_top1"])
+        for h in json.loads((run / "train_summary.json").read_text())["history"]
+    ]
     assert history(out) == history(reference) and [h[0] for h in history(out)] == [0, 5, 10, 12]
 
 
@@ -551,7 +697,8 @@ def steps_done(out: Path) -> int:
 
 
 def test_a_corrupt_jpeg_mid_epoch_stops_every_rank_with_a_checkpoint(shards, tmp_path):
-    """An image of rank 1's last batch of the epoch does not decode: both ranks stop cleanly (no hang), the shard and key
+    """An image of rank 1's last batch of the epoch does not decode: both ranks stop cleanly (no hang), the shard and
+    key
     are named, a checkpoint of the last good step is written, and once the image is repaired the run resumes."""
     data = tmp_path / "data"
     shutil.copytree(shards, data)
@@ -564,13 +711,23 @@ def test_a_corrupt_jpeg_mid_epoch_stops_every_rank_with_a_checkpoint(shards, tmp
         handle.seek(offset)
         handle.write((b"\xff\xd8\xff\xdb" + bytes(range(256)) * (size // 256 + 1))[:size])
     out = tmp_path / "bad"
-    config = write_config(tmp_path / "bad.yaml", data, output_dir=str(out), checkpoint_every=None, shuffle_buffer=1, prefetch=1, max_steps=8)
+    config = write_config(
+        tmp_path / "bad.yaml",
+        data,
+        output_dir=str(out),
+        checkpoint_every=None,
+        shuffle_buffer=1,
+        prefetch=1,
+        max_steps=8,
+    )
     done = torchrun({"report": str(tmp_path / "report")}, config, timeout=300)
     output = done.stdout + done.stderr
     rank0, rank1 = reports(tmp_path / "report")
     assert rank0["status"] == rank1["status"] == 2, output[-3000:]
     key = member.split(".")[0]
-    assert "bad data on rank 1: an image failed to decode" in output and f"shard {tar} key {key}" in output, output[-3000:]
+    assert "bad data on rank 1: an image failed to decode" in output and f"shard {tar} key {key}" in output, output[
+        -3000:
+    ]
     state = json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())
     assert 1 <= state["step"] == rank0["steps"] == rank1["steps"] < 4 and "restarts" in state["data_position"]
     tar.write_bytes(original)
@@ -579,23 +736,26 @@ def test_a_corrupt_jpeg_mid_epoch_stops_every_rank_with_a_checkpoint(shards, tmp
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 8
 
 
-# --------------------------------------------------------------------------- bad input: one line, the flag or file named, status 2
+# ------------------------------------------------------------- bad input: one line, the flag or file named, status 2
 
 
-@pytest.mark.parametrize("flags,named", [
-    (["--epochs", "inf"], "epochs"),
-    (["--epochs", "nan"], "epochs"),
-    (["--timm_kwargs", '{"bogus": 1}'], "bogus"),
-    (["--timm_kwargs", '{"num_classes": 10}'], "num_classes"),
-    (["--timm_kwargs", '{"pretrained_cfg_overlay": {"file": "/etc/passwd"}}'], "pretrained_cfg_overlay"),
-    (["--backbone", "notamodel"], "backbone 'notamodel' is not a timm model"),
-    (["--backbone", "vit_tiny_patch16_224"], "cifar_stem"),
-    (["--resume", "/nonexistent"], "resume=/nonexistent"),
-    (["--resume", ""], "resume"),
-    (["--checkpoint_every_minutes", "0"], "checkpoint_every_minutes"),
-    (["--batch_size", "0"], "batch_size"),
-    (["--config", "BROKEN_YAML"], "broken.yaml"),
-])
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (["--epochs", "inf"], "epochs"),
+        (["--epochs", "nan"], "epochs"),
+        (["--timm_kwargs", '{"bogus": 1}'], "bogus"),
+        (["--timm_kwargs", '{"num_classes": 10}'], "num_classes"),
+        (["--timm_kwargs", '{"pretrained_cfg_overlay": {"file": "/etc/passwd"}}'], "pretrained_cfg_overlay"),
+        (["--backbone", "notamodel"], "backbone 'notamodel' is not a timm model"),
+        (["--backbone", "vit_tiny_patch16_224"], "cifar_stem"),
+        (["--resume", "/nonexistent"], "resume=/nonexistent"),
+        (["--resume", ""], "resume"),
+        (["--checkpoint_every_minutes", "0"], "checkpoint_every_minutes"),
+        (["--batch_size", "0"], "batch_size"),
+        (["--config", "BROKEN_YAML"], "broken.yaml"),
+    ],
+)
 def test_bad_train_input_is_named_in_one_line(shards, tmp_path, capsys, no_heavy_work, flags, named):
     broken = tmp_path / "broken.yaml"
     broken.write_text("train_shards: x\nepochs: [3,\n")
@@ -606,7 +766,9 @@ def test_bad_train_input_is_named_in_one_line(shards, tmp_path, capsys, no_heavy
 
 def test_resuming_a_checkpoint_of_another_architecture_is_named(two_steps, tmp_path, capsys, no_heavy_work):
     newest = two_steps / "checkpoints" / "step_00000002"
-    assert run_train(tmp_path / "run", shards_of(two_steps), "--resume", newest, backbone="resnet34", timm_kwargs={}) == 2
+    assert (
+        run_train(tmp_path / "run", shards_of(two_steps), "--resume", newest, backbone="resnet34", timm_kwargs={}) == 2
+    )
     message = one_error_line(capsys.readouterr())
     assert str(newest) in message and "backbone: 'resnet18' -> 'resnet34'" in message and "timm_kwargs" in message
 
@@ -616,15 +778,18 @@ def data_for_evaluate(shards) -> list[str]:
     return ["--train_shards", str(shards), "--val_shards", str(shards), "--local_batch_size", "16"]
 
 
-@pytest.mark.parametrize("case,named", [
-    ("corrupt backbone.json", "backbone.json cannot be read as JSON"),
-    ("num_classes in timm_kwargs", "'num_classes' is not accepted"),
-    ("checkpoint_path in timm_kwargs", "'checkpoint_path' is not accepted"),
-    ("--local_batch_size 0", "argument --local_batch_size: must be >= 1"),
-    ("--batch-size 0", "unrecognized arguments: --batch_size 0"),
-    ("--k 0", "argument --k"),
-    ("--json BLOCKED/report.json", "--json's directory"),
-])
+@pytest.mark.parametrize(
+    "case,named",
+    [
+        ("corrupt backbone.json", "backbone.json cannot be read as JSON"),
+        ("num_classes in timm_kwargs", "'num_classes' is not accepted"),
+        ("checkpoint_path in timm_kwargs", "'checkpoint_path' is not accepted"),
+        ("--local_batch_size 0", "argument --local_batch_size: must be >= 1"),
+        ("--batch-size 0", "unrecognized arguments: --batch_size 0"),
+        ("--k 0", "argument --k"),
+        ("--json BLOCKED/report.json", "--json's directory"),
+    ],
+)
 def test_bad_evaluate_input_is_named_in_one_line(two_steps, data_for_evaluate, tmp_path, capsys, case, named):
     run = tmp_path / "exported"
     run.mkdir()
@@ -634,7 +799,9 @@ def test_bad_evaluate_input_is_named_in_one_line(two_steps, data_for_evaluate, t
     if case == "corrupt backbone.json":
         (run / "backbone.json").write_text('{"model_name": "resnet18", "timm_kwargs": {')
     elif case.endswith("in timm_kwargs"):
-        (run / "backbone.json").write_text(json.dumps({**meta, "timm_kwargs": {**meta["timm_kwargs"], case.split()[0]: 10}}))
+        (run / "backbone.json").write_text(
+            json.dumps({**meta, "timm_kwargs": {**meta["timm_kwargs"], case.split()[0]: 10}})
+        )
     else:
         (run / "backbone.json").write_text(json.dumps(meta))
         (tmp_path / "a-file").write_text("not a directory")

@@ -41,7 +41,9 @@ opts=()
 while [ $# -gt 0 ] && [ "${1#-}" != "$1" ]; do opts+=("$1"); shift; done
 python3 -c 'import json, sys; print(json.dumps({"srun": sys.argv[1:]}))' "${opts[@]}" >> "$STUB_LOG"
 if [[ " ${opts[*]}" == *" --container-image="* ]]; then  # "inside the image": its venv's accelerate is the stub
-    args=(); for arg in "$@"; do [ "$arg" = /opt/venv/bin/accelerate ] && arg=accelerate; args+=("$arg"); done; set -- "${args[@]}"
+    args=()
+    for arg in "$@"; do [ "$arg" = /opt/venv/bin/accelerate ] && arg=accelerate; args+=("$arg"); done
+    set -- "${args[@]}"
 fi
 for ((node = 0; node < SLURM_NNODES; node++)); do
     SLURM_NODEID=$node SLURM_PROCID=$node SLURM_LOCALID=0 "$@" || exit $?
@@ -49,7 +51,8 @@ done
 """,
     # accelerate ARGS: log the arguments with the node that ran them
     "accelerate": """#!/usr/bin/env bash
-python3 -c 'import json, os, sys; print(json.dumps({"node": os.environ["SLURM_NODEID"], "argv": sys.argv[1:]}))' "$@" >> "$STUB_LOG"
+python3 -c 'import json, os, sys; print(json.dumps({"node": os.environ["SLURM_NODEID"], "argv": sys.argv[1:]}))' \
+    "$@" >> "$STUB_LOG"
 """,
 }
 
@@ -78,7 +81,9 @@ def sbatch_env(tmp_path: Path, stubs: dict, extra_env: dict | None = None) -> di
     }
 
 
-def render_sbatch(tmp_path: Path, extra_env: dict | None = None, args=TRAIN_ARGS) -> tuple[list[list[str]], list[list[str]], str]:
+def render_sbatch(
+    tmp_path: Path, extra_env: dict | None = None, args=TRAIN_ARGS
+) -> tuple[list[list[str]], list[list[str]], str]:
     """Run docker/slurm.sbatch as SLURM would on a 2-node allocation; returns (srun option lists,
     accelerate argv per node in node order, stdout)."""
     env = sbatch_env(tmp_path, STUBS, extra_env)
@@ -109,7 +114,9 @@ def resolve_launch(argv: list[str], monkeypatch):
     launch_args = argparse.Namespace(**vars(args))
     accelerate_launch.prepare_multi_gpu_env(args)
     torchrun = accelerate_launch._filter_args(
-        args, distrib_run.get_args_parser(), ["--training_script", args.training_script, "--training_script_args", args.training_script_args]
+        args,
+        distrib_run.get_args_parser(),
+        ["--training_script", args.training_script, "--training_script_args", args.training_script_args],
     )
     return launch_args, torchrun
 
@@ -147,7 +154,13 @@ def test_sbatch_plain_two_nodes(tmp_path, monkeypatch):
 
 def test_sbatch_container_mode(tmp_path):
     sruns, launches, _ = render_sbatch(
-        tmp_path, {"SIMCLR_IMAGE": "/shared/simclr.sqsh", "SHARDS_DIR": "/lustre/shards", "CKPT_DIR": "/lustre/ckpt", "GPUS_PER_NODE": "4"}
+        tmp_path,
+        {
+            "SIMCLR_IMAGE": "/shared/simclr.sqsh",
+            "SHARDS_DIR": "/lustre/shards",
+            "CKPT_DIR": "/lustre/ckpt",
+            "GPUS_PER_NODE": "4",
+        },
     )
     options = sruns[0]
     assert "--container-image=/shared/simclr.sqsh" in options
@@ -166,8 +179,22 @@ def test_accelerate_configs(monkeypatch):
     multi = yaml.safe_load((ROOT / "configs/accelerate/multinode.yaml").read_text())
     assert multi["distributed_type"] == "MULTI_GPU" and multi["mixed_precision"] == "bf16"
     # the command line (as docker/slurm.sbatch writes it for node 1 of 2) overrides the placeholders
-    argv = ["launch", "--machine_rank", "1", "--config_file", "configs/accelerate/multinode.yaml", "--num_machines", "2", "--num_processes", "16",
-            "--main_process_ip", "gpu-a01", "train.py", "--config", "configs/imagenet.yaml"]
+    argv = [
+        "launch",
+        "--machine_rank",
+        "1",
+        "--config_file",
+        "configs/accelerate/multinode.yaml",
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "16",
+        "--main_process_ip",
+        "gpu-a01",
+        "train.py",
+        "--config",
+        "configs/imagenet.yaml",
+    ]
     args, torchrun = resolve_launch(argv, monkeypatch)
     assert (args.num_machines, args.num_processes, args.machine_rank, args.main_process_ip) == (2, 16, 1, "gpu-a01")
     assert args.main_process_port == multi["main_process_port"]
@@ -199,7 +226,9 @@ def test_sbatch_signals_the_workers_and_requeues_before_the_time_limit(tmp_path)
     text = SBATCH.read_text()
     assert "#SBATCH --signal=B:USR1@300" in text and "#SBATCH --requeue" in text
     env = sbatch_env(tmp_path, {**STUBS, "srun": WAITING_SRUN}, {"STUB_READY": str(tmp_path / "ready")})
-    script = subprocess.Popen(["bash", str(SBATCH), *TRAIN_ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    script = subprocess.Popen(
+        ["bash", str(SBATCH), *TRAIN_ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 30
     while not (tmp_path / "ready").exists():
         assert time.monotonic() < deadline and script.poll() is None, script.communicate()
@@ -217,8 +246,14 @@ def test_sbatch_signals_the_workers_and_requeues_before_the_time_limit(tmp_path)
 
 def test_sbatch_forwards_sigterm_without_requeueing(tmp_path):
     """scancel (SIGTERM): the workers still checkpoint, and the job is not requeued by the script."""
-    env = sbatch_env(tmp_path, {**STUBS, "srun": WAITING_SRUN.replace("sig=USR1", "sig=TERM")}, {"STUB_READY": str(tmp_path / "ready")})
-    script = subprocess.Popen(["bash", str(SBATCH), *TRAIN_ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = sbatch_env(
+        tmp_path,
+        {**STUBS, "srun": WAITING_SRUN.replace("sig=USR1", "sig=TERM")},
+        {"STUB_READY": str(tmp_path / "ready")},
+    )
+    script = subprocess.Popen(
+        ["bash", str(SBATCH), *TRAIN_ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 30
     while not (tmp_path / "ready").exists():
         assert time.monotonic() < deadline and script.poll() is None, script.communicate()
@@ -234,5 +269,7 @@ def test_a_requeued_job_resumes_its_run(tmp_path):
     _, launches, _ = render_sbatch(tmp_path, {"SLURM_RESTART_COUNT": "1"})
     for argv in launches:
         assert argv[argv.index("train.py") + 1 :] == [*TRAIN_ARGS, "--resume", "auto"]
-    _, launches, _ = render_sbatch(tmp_path / "again", {"SLURM_RESTART_COUNT": "2"}, args=[*TRAIN_ARGS, "--resume", "auto"])
+    _, launches, _ = render_sbatch(
+        tmp_path / "again", {"SLURM_RESTART_COUNT": "2"}, args=[*TRAIN_ARGS, "--resume", "auto"]
+    )
     assert all(argv.count("--resume") == 1 for argv in launches)

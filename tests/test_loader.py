@@ -48,7 +48,9 @@ def write_identity_shards(directory, count: int = 97, per_shard: int = 25):
     colours = np.stack([20 + 20 * (ids % 10), 20 + 20 * (ids // 10), np.full(count, 128)], 1).astype(np.uint8)
     images = np.broadcast_to(colours[:, None, None, :], (count, 24, 24, 3)).copy()
     samples = (Sample(f"{i:08d}", encode_jpeg(image, 100), int(i), "ids") for i, image in enumerate(images))
-    write_shards(samples, str(directory / "id-%06d.tar"), [str(i) for i in ids], count, max_count=per_shard, progress=False)
+    write_shards(
+        samples, str(directory / "id-%06d.tar"), [str(i) for i in ids], count, max_count=per_shard, progress=False
+    )
     return directory, count
 
 
@@ -81,7 +83,12 @@ def test_pretrain_epochs_see_each_sample_at_most_once_with_equal_steps(identity_
     directory, count = identity_shards
     plain = AugmentConfig(size=16, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
     world, batch = 2, 8
-    loaders = [DaliLoader(directory, batch, TwoViews(plain), train=True, shard_id=rank, num_shards=world, seed=5, shuffle_buffer=64) for rank in range(world)]
+    loaders = [
+        DaliLoader(
+            directory, batch, TwoViews(plain), train=True, shard_id=rank, num_shards=world, seed=5, shuffle_buffer=64
+        )
+        for rank in range(world)
+    ]
     assert len({len(loader) for loader in loaders}) == 1  # DDP: every rank takes the same number of steps
     steps = len(loaders[0])
     assert steps == (count // world) // batch
@@ -101,7 +108,9 @@ def test_pretrain_epochs_see_each_sample_at_most_once_with_equal_steps(identity_
     assert len({frozenset(s) for s in epochs_seen}) > 1 or len(epochs_seen[0]) == count  # reshuffled between epochs
 
 
-@pytest.mark.parametrize("per_shard,world", [(97, 2), (40, 3), (11, 4)])  # one shard for 2 ranks; uneven shards (40, 40, 17); many small
+@pytest.mark.parametrize(
+    "per_shard,world", [(97, 2), (40, 3), (11, 4)]
+)  # one shard for 2 ranks; uneven shards (40, 40, 17); many small
 def test_one_pipeline_per_run_keeps_epochs_exact(tmp_path, per_shard, world):
     """The training loader keeps one DALI pipeline for the whole run: across 3 epochs every rank takes the same
     steps, no sample occurs twice in an epoch (over all ranks), only the per-rank remainder beyond whole batches
@@ -109,8 +118,12 @@ def test_one_pipeline_per_run_keeps_epochs_exact(tmp_path, per_shard, world):
     directory, count = write_identity_shards(tmp_path, per_shard=per_shard)
     plain = AugmentConfig(size=16, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
     batch = 8
-    loaders = [DaliLoader(directory, batch, TwoViews(plain), train=True, shard_id=rank, num_shards=world, seed=7, shuffle_buffer=32)
-               for rank in range(world)]
+    loaders = [
+        DaliLoader(
+            directory, batch, TwoViews(plain), train=True, shard_id=rank, num_shards=world, seed=7, shuffle_buffer=32
+        )
+        for rank in range(world)
+    ]
     pipelines = [loader._iterator for loader in loaders]
     steps = (count // world) // batch
     orders = []
@@ -162,7 +175,10 @@ def test_an_epoch_start_state_starts_a_whole_epoch(identity_shards):
 def test_upper_case_member_extensions_are_read(tmp_path):
     """Third-party shards with ImageNet's own member names (``.JPEG``) read as any other JPEG member."""
     images = random_images(6, 24)
-    tar = write_raw(tmp_path / "upper", [{"__key__": f"n0000_{i}", "JPEG": encode_jpeg(image, 95), "cls": b"3"} for i, image in enumerate(images)])
+    tar = write_raw(
+        tmp_path / "upper",
+        [{"__key__": f"n0000_{i}", "JPEG": encode_jpeg(image, 95), "cls": b"3"} for i, image in enumerate(images)],
+    )
     batches = list(DaliLoader(tar.parent, 3, EvalView(24, 24), train=False))
     assert sum(len(labels) for _, labels in batches) == 6 and all(labels.tolist() == [3, 3, 3] for _, labels in batches)
 
@@ -232,7 +248,10 @@ def test_corrupt_jpeg_named(tmp_path):
 
 def test_missing_label_named(tmp_path):
     images = random_images(12, 32)
-    samples = [{"__key__": f"k{i:03d}", "jpg": encode_jpeg(im), **({"cls": b"3"} if i != 5 else {})} for i, im in enumerate(images)]
+    samples = [
+        {"__key__": f"k{i:03d}", "jpg": encode_jpeg(im), **({"cls": b"3"} if i != 5 else {})}
+        for i, im in enumerate(images)
+    ]
     tar = write_raw(tmp_path, samples)
     with pytest.raises(ShardError) as error:
         for _ in DaliLoader(tmp_path, 4, EvalView(32), train=False):
@@ -242,7 +261,10 @@ def test_missing_label_named(tmp_path):
 
 def test_bad_label_text_named(tmp_path):
     images = random_images(6, 32)
-    samples = [{"__key__": f"k{i:03d}", "jpg": encode_jpeg(im), "cls": b"x7" if i == 2 else b"12"} for i, im in enumerate(images)]
+    samples = [
+        {"__key__": f"k{i:03d}", "jpg": encode_jpeg(im), "cls": b"x7" if i == 2 else b"12"}
+        for i, im in enumerate(images)
+    ]
     tar = write_raw(tmp_path, samples)
     with pytest.raises(ShardError) as error:
         for _ in DaliLoader(tmp_path, 3, EvalView(32), train=False):

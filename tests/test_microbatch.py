@@ -32,6 +32,7 @@ DROPOUT = {**TINY.timm_kwargs, "drop_path_rate": 0.3, "drop_rate": 0.3}
 @pytest.fixture
 def make_accelerator():
     """A fresh CPU Accelerator of the given precision (accelerate keeps one global state per process)."""
+
     def make(precision: str = "no") -> Accelerator:
         AcceleratorState._reset_state(True)
         return Accelerator(cpu=True, mixed_precision=precision)
@@ -201,7 +202,7 @@ def test_the_random_stream_continues_as_after_one_forward(make_accelerator):
     torch.manual_seed(5)
     with torch.no_grad():
         for j in range(4):
-            model(torch.cat([view1[4 * j: 4 * j + 4], view2[4 * j: 4 * j + 4]]))
+            model(torch.cat([view1[4 * j : 4 * j + 4], view2[4 * j : 4 * j + 4]]))
     assert torch.equal(after_step, torch.rand(3))
 
 
@@ -239,9 +240,23 @@ def test_profiler_shows_the_two_passes_once_per_micro_batch(make_accelerator):
 def two_processes(tmp_path_factory):
     out = tmp_path_factory.mktemp("microbatch") / "two.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             str(ROOT / "tests" / "microbatch_steps.py"), str(out)], cwd=ROOT, env=env, timeout=600,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "tests" / "microbatch_steps.py"),
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return torch.load(out)
 
@@ -302,11 +317,13 @@ def test_auto_without_cuda_is_a_clear_error(make_accelerator):
 
 def memory_model(base: int, per_image: int, limit: int | None = None, curve: float = 0.0, calls: list | None = None):
     """A GPU's answer to a probe: base + per_image x m (+ curve x m^2), out of memory past ``limit`` bytes."""
+
     def peak(m: int):
         if calls is not None:
             calls.append(m)
         value = int(base + per_image * m + curve * m * m)
         return None if limit is not None and value > limit else value
+
     return peak
 
 
@@ -380,12 +397,50 @@ def test_train_py_runs_with_micro_batches(tmp_path, small_shards):
 
     directory, _ = small_shards
     AcceleratorState._reset_state(True)
-    status = train.main(["--train_shards", str(directory), "--image_size", "32", "--augment", "cifar", "--backbone",
-                         "resnet18", "--cifar_stem", "true", "--timm_kwargs", json.dumps({"channels": [8, 16, 32, 64]}),
-                         "--proj_hidden", "32", "--proj_dim", "16", "--batch_size", "16", "--micro_batch", "4",
-                         "--epochs", "2", "--warmup_epochs", "1", "--lr", "0.5", "--temperature", "0.2",
-                         "--precision", "no", "--tracker", "none", "--max_steps", "3",
-                         "--checkpoint_every", "null", "--data_threads", "1", "--output_dir", str(tmp_path / "run")])
+    status = train.main(
+        [
+            "--train_shards",
+            str(directory),
+            "--image_size",
+            "32",
+            "--augment",
+            "cifar",
+            "--backbone",
+            "resnet18",
+            "--cifar_stem",
+            "true",
+            "--timm_kwargs",
+            json.dumps({"channels": [8, 16, 32, 64]}),
+            "--proj_hidden",
+            "32",
+            "--proj_dim",
+            "16",
+            "--batch_size",
+            "16",
+            "--micro_batch",
+            "4",
+            "--epochs",
+            "2",
+            "--warmup_epochs",
+            "1",
+            "--lr",
+            "0.5",
+            "--temperature",
+            "0.2",
+            "--precision",
+            "no",
+            "--tracker",
+            "none",
+            "--max_steps",
+            "3",
+            "--checkpoint_every",
+            "null",
+            "--data_threads",
+            "1",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     AcceleratorState._reset_state(True)
     assert status == 0
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())

@@ -231,7 +231,9 @@ def test_two_processes_match_single_process_global_batch():
     z2_all = torch.randn(world * n, d, dtype=torch.float64)
     manager = mp.get_context("spawn").Manager()
     out = manager.dict()
-    mp.start_processes(_rank_worker, args=(world, _free_port(), z1_all, z2_all, temperature, out), nprocs=world, start_method="spawn")
+    mp.start_processes(
+        _rank_worker, args=(world, _free_port(), z1_all, z2_all, temperature, out), nprocs=world, start_method="spawn"
+    )
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(d, 8, dtype=torch.float64)

@@ -31,8 +31,14 @@ def _run_group(group: str, interpret: bool) -> subprocess.CompletedProcess:
     else:
         env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    return subprocess.run([sys.executable, str(Path(__file__).resolve()), group], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), group],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
 
 
 def _check_group(group: str, interpret: bool = True):
@@ -91,8 +97,10 @@ def test_launch_grid_fills_an_h100(dtype_name, precision, rows, world, d):
 
     dtype = getattr(torch, dtype_name)
     plan = launch_grid(rows, world * rows, d, dtype, H100_SMS, float32_matmul_precision=precision)
-    assert launch_grid(rows, world * rows, d, dtype, H100_SMS, float32_matmul_precision=precision,
-                       tiles=CUDA_TILES) == plan  # the CUDA table is the default, whatever the machine
+    assert (
+        launch_grid(rows, world * rows, d, dtype, H100_SMS, float32_matmul_precision=precision, tiles=CUDA_TILES)
+        == plan
+    )  # the CUDA table is the default, whatever the machine
     for name, launch in (("negatives", plan.negatives), ("grad", plan.grad)):
         assert launch.programs >= 2 * H100_SMS, (name, launch)
         if dtype in (torch.bfloat16, torch.float16):
@@ -164,8 +172,9 @@ def _loss_case(torch, n: int, d: int, tau: float, dtype, device: str, seed: int,
     return ref.item(), _rel(loss.detach().cpu(), ref.detach()), _rel(grads[0], r1.grad), _rel(grads[1], r2.grad)
 
 
-def _loss_group(dtype_name: str, cases, device: str = "cpu", precision: str = "ieee",
-                tol: float | None = None) -> float:
+def _loss_group(
+    dtype_name: str, cases, device: str = "cpu", precision: str = "ieee", tol: float | None = None
+) -> float:
     import torch
 
     dtype = getattr(torch, dtype_name)
@@ -174,8 +183,10 @@ def _loss_group(dtype_name: str, cases, device: str = "cpu", precision: str = "i
     for i, (n, d, tau) in enumerate(cases):
         value, *errs = _loss_case(torch, n, d, tau, dtype, device, seed=i, precision=precision)
         worst = max(worst, *errs)
-        print(f"{dtype_name} ({precision}) N={n:4d} d={d:4d} tau={tau:<4} loss {value:7.4f}  "
-              f"rel err loss {errs[0]:.2e} dz1 {errs[1]:.2e} dz2 {errs[2]:.2e}")
+        print(
+            f"{dtype_name} ({precision}) N={n:4d} d={d:4d} tau={tau:<4} loss {value:7.4f}  "
+            f"rel err loss {errs[0]:.2e} dz1 {errs[1]:.2e} dz2 {errs[2]:.2e}"
+        )
         assert max(errs) < tol, (n, d, tau, errs)
     print(f"{dtype_name} ({precision}): max relative error {worst:.2e} (tolerance {tol:.0e})")
     return worst
@@ -210,8 +221,10 @@ def _saturated_group(device: str = "cpu", sizes=((256, 128),), dtypes=("float32"
                 (loss * loss_scale).backward()
                 errs = [_rel(loss.detach().cpu(), ref.detach())]
                 errs += [_rel(g.cpu().double() / loss_scale, r.grad) for g, r in ((a1.grad, r1), (a2.grad, r2))]
-                print(f"saturated {dtype_name:8s} N={n:5d} d={d} tau={tau:<4} loss {ref.item():.3e}  rel err loss "
-                      f"{errs[0]:.2e} dz1 {errs[1]:.2e} dz2 {errs[2]:.2e} (tolerance {tol_loss:.0e} / {tol_grad:.0e})")
+                print(
+                    f"saturated {dtype_name:8s} N={n:5d} d={d} tau={tau:<4} loss {ref.item():.3e}  rel err loss "
+                    f"{errs[0]:.2e} dz1 {errs[1]:.2e} dz2 {errs[2]:.2e} (tolerance {tol_loss:.0e} / {tol_grad:.0e})"
+                )
                 assert errs[0] < tol_loss and max(errs[1:]) < tol_grad, (dtype_name, n, d, tau, errs)
 
 
@@ -245,7 +258,7 @@ def _kernels_group() -> None:
             gen = torch.Generator().manual_seed(100 + i)
             columns = torch.randn(big_m, d, generator=gen, dtype=torch.float64)
             columns = torch.nn.functional.normalize(columns, dim=1).to(dtype)
-            rows = columns[off:off + m]
+            rows = columns[off : off + m]
             inv_temp = 1.0 / tau
             for kind, splits in (("pairs", None), ("other", None), ("pairs", 1), ("pairs", 3)):
                 local = torch.arange(m)
@@ -253,19 +266,30 @@ def _kernels_group() -> None:
                 positives = off + ((local + m // 2) % m if kind == "pairs" else (local + 1) % m)
                 negatives, scale_rows, scale_columns, grad = _dense(torch, rows, columns, off, inv_temp, positives)
                 # partial sums (splits, ...), added here in split order as the epilogue kernels do
-                got_neg = ntxent_triton.row_negatives(rows, columns, positives, off, inv_temp,
-                                                      column_splits=splits).sum(0)
-                got_grad = ntxent_triton.row_grad(rows, columns, scale_rows.float(), scale_columns.float(), positives,
-                                                  off, inv_temp, column_splits=splits).sum(0)
+                got_neg = ntxent_triton.row_negatives(
+                    rows, columns, positives, off, inv_temp, column_splits=splits
+                ).sum(0)
+                got_grad = ntxent_triton.row_grad(
+                    rows,
+                    columns,
+                    scale_rows.float(),
+                    scale_columns.float(),
+                    positives,
+                    off,
+                    inv_temp,
+                    column_splits=splits,
+                ).sum(0)
                 assert got_neg.dtype == torch.float32 and got_grad.dtype == torch.float32 and got_grad.shape == (m, d)
                 assert torch.isfinite(got_neg).all() and torch.isfinite(got_grad).all()
                 e_neg, e_grad = _rel(got_neg, negatives), _rel(got_grad, grad)
                 name = str(dtype).removeprefix("torch.")
                 worst[name] = max(worst[name], e_neg, e_grad)
                 plan = ntxent_triton._plan(rows, columns, "ieee", splits)
-                print(f"{name:8s} m={m:3d} M={big_m:3d} offset={off:3d} d={d:4d} tau={tau:<4} positives={kind} splits="
-                      f"{plan.negatives.column_splits}/{plan.grad.column_splits}: rel err row_negatives {e_neg:.2e} "
-                      f"row_grad {e_grad:.2e}")
+                print(
+                    f"{name:8s} m={m:3d} M={big_m:3d} offset={off:3d} d={d:4d} tau={tau:<4} positives={kind} splits="
+                    f"{plan.negatives.column_splits}/{plan.grad.column_splits}: rel err row_negatives {e_neg:.2e} "
+                    f"row_grad {e_grad:.2e}"
+                )
                 assert max(e_neg, e_grad) < TOL[name], (m, big_m, off, d, tau, kind, e_neg, e_grad)
     print("max relative errors:", {k: f"{v:.2e}" for k, v in worst.items()})
 
@@ -291,8 +315,10 @@ def _cuda_checks() -> None:
     for rows, columns in ((1024, 1024), (1024, 8192), (8192, 8192)):
         for dtype in (torch.float32, torch.bfloat16):
             plan = ntxent_triton.launch_grid(rows, columns, 128, dtype, sms)
-            print(f"plan {rows}x{columns} {dtype}: negatives {plan.negatives.programs} programs, "
-                  f"grad {plan.grad.programs}")
+            print(
+                f"plan {rows}x{columns} {dtype}: negatives {plan.negatives.programs} programs, "
+                f"grad {plan.grad.programs}"
+            )
             assert min(plan.negatives.programs, plan.grad.programs) >= 2 * sms
     # Deterministic: the column splits' partial sums are merged in a fixed order (no atomics).
     for dtype in (torch.float32, torch.bfloat16):
@@ -306,7 +332,10 @@ def _cuda_checks() -> None:
             runs.append((loss.detach().clone(), z1.grad.clone(), z2.grad.clone()))
         assert all(torch.equal(a, b) for a, b in zip(*runs)), "two identical steps differ"
         plan = ntxent_triton.launch_grid(2048, 2048, 128, dtype, sms)
-        print(f"{dtype}: two steps bit-identical ({plan.negatives.column_splits} / {plan.grad.column_splits} column splits)")
+        print(
+            f"{dtype}: two steps bit-identical ({plan.negatives.column_splits} / "
+            f"{plan.grad.column_splits} column splits)"
+        )
     head = ProjectionHead(64, 64, 32).cuda()
     x = torch.randn(16, 64, device="cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -325,8 +354,14 @@ def _epilogue_group() -> None:
     from model import ntxent_triton
     from model.ntxent import _chunked
 
-    for n, d, dtype in [(1, 8, torch.float32), (7, 33, torch.float32), (5, 2048, torch.float32), (9, 20, torch.float64),
-                        (6, 40, torch.bfloat16), (6, 40, torch.float16)]:
+    for n, d, dtype in [
+        (1, 8, torch.float32),
+        (7, 33, torch.float32),
+        (5, 2048, torch.float32),
+        (9, 20, torch.float64),
+        (6, 40, torch.bfloat16),
+        (6, 40, torch.float16),
+    ]:
         gen = torch.Generator().manual_seed(n * d)
         z1 = torch.randn(n, d, generator=gen, dtype=torch.float64)
         z2 = z1 + 1e-3 * torch.randn(n, d, generator=gen, dtype=torch.float64)  # near-duplicates: r ~ tiny
@@ -368,16 +403,27 @@ def _compile_for_sm90(kernel, args: tuple, kwargs: dict):
 
     def type_of(value):
         if isinstance(value, torch.Tensor):
-            return "*" + {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16",
-                          torch.int64: "i64"}[value.dtype]
+            return (
+                "*"
+                + {
+                    torch.float32: "fp32",
+                    torch.float64: "fp64",
+                    torch.bfloat16: "bf16",
+                    torch.float16: "fp16",
+                    torch.int64: "i64",
+                }[value.dtype]
+            )
         return "i32" if isinstance(value, int) else "fp32"
 
     values = dict(zip(kernel.arg_names, args), **{k: v for k, v in kwargs.items() if k in kernel.arg_names})
     constexprs = {p.name: values[p.name] for p in kernel.params if p.is_constexpr}
     signature = {name: "constexpr" if name in constexprs else type_of(value) for name, value in values.items()}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
-             if name not in constexprs and (isinstance(values[name], torch.Tensor)
-                                            or (type(values[name]) is int and values[name] % 16 == 0))}
+    attrs = {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(kernel.arg_names)
+        if name not in constexprs
+        and (isinstance(values[name], torch.Tensor) or (type(values[name]) is int and values[name] % 16 == 0))
+    }
     target = GPUTarget("cuda", 90, 32)
     backend = triton.compiler.make_backend(target)
     options = backend.parse_options({k: v for k, v in kwargs.items() if k not in kernel.arg_names})
@@ -396,14 +442,22 @@ def _sass_report(compiled) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         ptx.write_text(compiled.asm["ptx"])
-        log = subprocess.run([str(tools / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp) / "v.cubin")],
-                             capture_output=True, text=True, check=True).stderr
+        log = subprocess.run(
+            [str(tools / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp) / "v.cubin")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
         cubin.write_bytes(compiled.asm["cubin"])
         sass = subprocess.run([str(tools / "nvdisasm"), str(cubin)], capture_output=True, text=True, check=True).stdout
-    return {"registers": int(re.search(r"Used (\d+) registers", log).group(1)),
-            "spill_bytes": max(int(x) for x in re.findall(r"(\d+) bytes spill stores", log) or ["0"]),
-            "HGMMA": sass.count("HGMMA."), "HMMA": sass.count("HMMA."), "FFMA": len(re.findall(r"\bFFMA\b", sass)),
-            "MUFU.EX2": sass.count("MUFU.EX2")}
+    return {
+        "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
+        "spill_bytes": max(int(x) for x in re.findall(r"(\d+) bytes spill stores", log) or ["0"]),
+        "HGMMA": sass.count("HGMMA."),
+        "HMMA": sass.count("HMMA."),
+        "FFMA": len(re.findall(r"\bFFMA\b", sass)),
+        "MUFU.EX2": sass.count("MUFU.EX2"),
+    }
 
 
 def _sm90_group() -> None:
@@ -419,8 +473,13 @@ def _sm90_group() -> None:
     ntxent_triton._require_cuda = lambda *tensors: None
     ntxent_triton._check = lambda *args: None
     ntxent_triton._sm_count = lambda device: 132  # an H100
-    cases = [("bfloat16", 8192, 128, "ieee"), ("float16", 1024, 128, "ieee"), ("bfloat16", 1024, 256, "ieee"),
-             ("float32", 8192, 128, "ieee"), ("float32", 8192, 128, "tf32")]
+    cases = [
+        ("bfloat16", 8192, 128, "ieee"),
+        ("float16", 1024, 128, "ieee"),
+        ("bfloat16", 1024, 256, "ieee"),
+        ("float32", 8192, 128, "ieee"),
+        ("float32", 8192, 128, "tf32"),
+    ]
     for dtype_name, rows_count, d, precision in cases:
         dtype = getattr(torch, dtype_name)
         captured.clear()
@@ -434,8 +493,10 @@ def _sm90_group() -> None:
         for kernel, grid, args, kwargs in captured:
             report = _sass_report(_compile_for_sm90(kernel, args, kwargs))
             name = kernel.__name__.strip("_")
-            print(f"sm_90 {dtype_name:8s} {precision:4s} 2N={rows_count:5d} d={d:3d} {name:22s} "
-                  f"grid={str(tuple(grid)):14s} " + " ".join(f"{k} {v}" for k, v in report.items()))
+            print(
+                f"sm_90 {dtype_name:8s} {precision:4s} 2N={rows_count:5d} d={d:3d} {name:22s} "
+                f"grid={str(tuple(grid)):14s} " + " ".join(f"{k} {v}" for k, v in report.items())
+            )
             if name in ("row_negatives_kernel", "row_grad_kernel"):
                 tensor_cores = dtype_name != "float32" or precision == "tf32"
                 assert (report["HGMMA"] > 0) == tensor_cores and report["HMMA"] == 0, (name, report)
@@ -444,13 +505,30 @@ def _sm90_group() -> None:
 
 
 # N = 1 (the loss is log 1), odd N and d that divide no tile, d = 2048 walked in chunks and split.
-FP32_CASES = [(1, 8, 0.1), (2, 16, 0.05), (5, 20, 0.5), (7, 33, 0.05), (16, 64, 0.1), (35, 96, 0.05),
-              (35, 96, 0.5), (33, 40, 0.1), (2, 2048, 0.1), (3, 2048, 0.05)]
+FP32_CASES = [
+    (1, 8, 0.1),
+    (2, 16, 0.05),
+    (5, 20, 0.5),
+    (7, 33, 0.05),
+    (16, 64, 0.1),
+    (35, 96, 0.05),
+    (35, 96, 0.5),
+    (33, 40, 0.1),
+    (2, 2048, 0.1),
+    (3, 2048, 0.05),
+]
 FP64_CASES = [(1, 8, 0.1), (7, 33, 0.05), (20, 40, 0.3)]  # statistics in float64 too
 FP16_CASES = [(7, 33, 0.05), (21, 40, 0.1)]  # float16 weights scaled by 2^14 for the second product
 BF16_CASES = [(1, 8, 0.1), (5, 20, 0.05), (7, 33, 0.5), (35, 96, 0.05), (33, 40, 0.1), (2, 2048, 0.05)]
-CUDA_CASES = [(1, 8, 0.1), (7, 33, 0.05), (1000, 128, 0.1), (4097, 128, 0.05), (517, 96, 0.5), (300, 2048, 0.1),
-              (512, 256, 0.1)]
+CUDA_CASES = [
+    (1, 8, 0.1),
+    (7, 33, 0.05),
+    (1000, 128, 0.1),
+    (4097, 128, 0.05),
+    (517, 96, 0.5),
+    (300, 2048, 0.1),
+    (512, 256, 0.1),
+]
 
 
 def main(group: str) -> None:

@@ -47,7 +47,17 @@ def read_back(shard_dir):
 
 def test_folder_round_trip_with_eleven_classes(tmp_path):
     write_folder_tree(tmp_path / "images", num_classes=11, per_class=3)
-    code = main(["write", "folder", str(tmp_path / "images"), str(tmp_path / "out" / "train-{000000..999999}.tar"), "--max-count", "10", "--quiet"])
+    code = main(
+        [
+            "write",
+            "folder",
+            str(tmp_path / "images"),
+            str(tmp_path / "out" / "train-{000000..999999}.tar"),
+            "--max-count",
+            "10",
+            "--quiet",
+        ]
+    )
     assert code == 0
     shards = sorted((tmp_path / "out").glob("*.tar"))
     assert [p.name for p in shards] == [f"train-{i:06d}.tar" for i in range(4)]  # 33 samples, 10 per shard
@@ -58,8 +68,11 @@ def test_folder_round_trip_with_eleven_classes(tmp_path):
     assert len(samples) == 33
     assert sorted(label for label, _ in samples) == sorted(list(range(11)) * 3)
     # Every image came back (JPEG bytes are copied, not re-encoded): match each to its source file.
-    sources = {(c, i): np.asarray(Image.open(tmp_path / "images" / f"class_{c:02d}" / f"{i:04d}.jpg").convert("RGB"))
-               for c in range(11) for i in range(3)}
+    sources = {
+        (c, i): np.asarray(Image.open(tmp_path / "images" / f"class_{c:02d}" / f"{i:04d}.jpg").convert("RGB"))
+        for c in range(11)
+        for i in range(3)
+    }
     for label, image in samples:
         assert any(np.array_equal(image, src) for (c, _), src in sources.items() if c == label)
 
@@ -83,8 +96,12 @@ def test_classes_json_order_and_shards_stable_across_worker_counts(tmp_path):
 def test_shard_size_by_bytes(tmp_path):
     images = random_images(30, 32)
 
-    small = write_shards(array_samples(images, np.zeros(30, int)), str(tmp_path / "b-%06d.tar"), ["x"], max_bytes=8_000, progress=False)
-    large = write_shards(array_samples(images, np.zeros(30, int)), str(tmp_path / "c-%06d.tar"), ["x"], max_bytes=30_000, progress=False)
+    small = write_shards(
+        array_samples(images, np.zeros(30, int)), str(tmp_path / "b-%06d.tar"), ["x"], max_bytes=8_000, progress=False
+    )
+    large = write_shards(
+        array_samples(images, np.zeros(30, int)), str(tmp_path / "c-%06d.tar"), ["x"], max_bytes=30_000, progress=False
+    )
     assert len(small.shards) > len(large.shards) > 1  # webdataset counts payload bytes, so files run a little larger
     for report in (small, large):
         assert sum(read_index(p).num_samples for p in report.shards) == 30
@@ -101,19 +118,40 @@ def test_arrays_cli_and_verify(tmp_path):
 def make_cifar_tarball(path, num_classes=10):
     rng = np.random.default_rng(0)
     with tarfile.open(path, "w:gz") as archive:
+
         def add(name, obj):
             data = pickle.dumps(obj)
             info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
             info.size = len(data)
             archive.addfile(info, io.BytesIO(data))
+
         add("batches.meta", {"label_names": [f"name{i}" for i in range(num_classes)]})
         for part in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-            add(part, {"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), "labels": list(rng.integers(0, num_classes, 4))})
+            add(
+                part,
+                {
+                    "data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                    "labels": list(rng.integers(0, num_classes, 4)),
+                },
+            )
 
 
 def test_cifar_tarball(tmp_path):
     make_cifar_tarball(tmp_path / "cifar-10-python.tar.gz")
-    assert main(["write", "cifar", str(tmp_path / "cifar-10-python.tar.gz"), str(tmp_path / "train-%06d.tar"), "--split", "train", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "write",
+                "cifar",
+                str(tmp_path / "cifar-10-python.tar.gz"),
+                str(tmp_path / "train-%06d.tar"),
+                "--split",
+                "train",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert sum(read_index(p).num_samples for p in shard_paths(str(tmp_path))) == 20
     assert json.loads((tmp_path / "classes.json").read_text())["classes"][0] == "name0"
 
@@ -135,9 +173,17 @@ def test_shard_specs(small_shards):
 
 
 def test_cli_help_documents_every_command():
-    for command in (["write", "--help"], ["write", "folder", "--help"], ["write", "images", "--help"],
-                    ["write", "list", "--help"], ["index", "--help"], ["verify", "--help"]):
-        result = subprocess.run([sys.executable, "-m", "pipeline.shards", *command], cwd=ROOT, capture_output=True, text=True)
+    for command in (
+        ["write", "--help"],
+        ["write", "folder", "--help"],
+        ["write", "images", "--help"],
+        ["write", "list", "--help"],
+        ["index", "--help"],
+        ["verify", "--help"],
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "pipeline.shards", *command], cwd=ROOT, capture_output=True, text=True
+        )
         assert result.returncode == 0 and "usage:" in result.stdout
 
 
@@ -239,7 +285,9 @@ def test_real_cifar_bad_inputs_named_then_skipped(tmp_path):
     (tree / "zebra").mkdir()
     (tree / "bird" / "README.txt").write_text("not an image")
     out = str(tmp_path / "out" / "s-%06d.tar")
-    assert main(["write", "folder", str(tree), out, "--quiet", "--workers", "1"]) == 2  # stops, naming the first problem
+    assert (
+        main(["write", "folder", str(tree), out, "--quiet", "--workers", "1"]) == 2
+    )  # stops, naming the first problem
     assert main(["write", "folder", str(tree), out, "--quiet", "--workers", "1", "--on-error", "skip"]) == 0
     report = write_source(folder_source(tree), str(tmp_path / "out2" / "s-%06d.tar"), on_error="skip", progress=False)
     named = {source.rsplit("/", 1)[-1]: reason for source, reason in report.skipped}

@@ -20,10 +20,23 @@ import train
 from trainer.config import ConfigError, TrainConfig, load_config
 
 TINY = {
-    "image_size": 32, "augment": "cifar", "backbone": "resnet18", "cifar_stem": True,
-    "timm_kwargs": {"channels": [8, 16, 32, 64]}, "proj_hidden": 32, "proj_dim": 16, "batch_size": 16,
-    "epochs": 3, "warmup_epochs": 1, "lr": 0.5, "temperature": 0.2, "precision": "no", "tracker": "none",
-    "log_every": 1, "checkpoint_every": None, "data_threads": 1,
+    "image_size": 32,
+    "augment": "cifar",
+    "backbone": "resnet18",
+    "cifar_stem": True,
+    "timm_kwargs": {"channels": [8, 16, 32, 64]},
+    "proj_hidden": 32,
+    "proj_dim": 16,
+    "batch_size": 16,
+    "epochs": 3,
+    "warmup_epochs": 1,
+    "lr": 0.5,
+    "temperature": 0.2,
+    "precision": "no",
+    "tracker": "none",
+    "log_every": 1,
+    "checkpoint_every": None,
+    "data_threads": 1,
 }
 
 
@@ -59,21 +72,51 @@ def test_tiny_run_trains_exports_and_evaluates(tmp_path, shards, capsys):
     assert summary["steps"] == 5 and summary["mean_images_per_s"] > 0 and 0 <= summary["data_wait_fraction"] <= 1
     assert (out / "checkpoints").is_dir() and len(list((out / "checkpoints").iterdir())) == 1  # the final one
     report = tmp_path / "eval.json"
-    assert evaluate.main(["--checkpoint", str(out), "--train_shards", str(shards), "--val_shards", str(shards),
-                          "--protocol", "knn", "--json", str(report), "--compare_random_init"]) == 0
+    assert (
+        evaluate.main(
+            [
+                "--checkpoint",
+                str(out),
+                "--train_shards",
+                str(shards),
+                "--val_shards",
+                str(shards),
+                "--protocol",
+                "knn",
+                "--json",
+                str(report),
+                "--compare_random_init",
+            ]
+        )
+        == 0
+    )
     results = json.loads(report.read_text())["results"]
     assert len(results) == 2 and all(0 <= r["metrics"]["knn200_top1"] <= 100 for r in results)
 
 
 def test_time_budget_ends_the_run_with_a_final_eval_checkpoint_and_export(tmp_path, shards, capsys):
     curve = tmp_path / "curve.json"
-    assert run_train(tmp_path, shards, "budget", max_steps=50, max_train_minutes=1e-6, eval_every_epochs=10,
-                     eval_train_shards=str(shards), eval_val_shards=str(shards), eval_json=str(curve)) == 0
+    assert (
+        run_train(
+            tmp_path,
+            shards,
+            "budget",
+            max_steps=50,
+            max_train_minutes=1e-6,
+            eval_every_epochs=10,
+            eval_train_shards=str(shards),
+            eval_val_shards=str(shards),
+            eval_json=str(curve),
+        )
+        == 0
+    )
     assert "time budget" in capsys.readouterr().out
     out = tmp_path / "budget"
     assert json.loads((out / "train_summary.json").read_text())["steps"] == 1  # checked every log_every (= 1) steps
     assert [h["step"] for h in json.loads(curve.read_text())["history"]] == [0, 1]  # random init, then the budget's end
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"] and (out / "backbone.safetensors").exists()
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"] and (
+        out / "backbone.safetensors"
+    ).exists()
 
 
 def test_tensorboard_meters_are_logged(tmp_path, shards):
@@ -122,8 +165,13 @@ def test_export_loads_with_timm(tmp_path, shards):
 
     assert run_train(tmp_path, shards, "plain", max_steps=2, cifar_stem=False) == 0
     weights = tmp_path / "plain" / "backbone.safetensors"
-    model = timm.create_model("resnet18", pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), num_classes=0,
-                              channels=[8, 16, 32, 64])
+    model = timm.create_model(
+        "resnet18",
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(weights)),
+        num_classes=0,
+        channels=[8, 16, 32, 64],
+    )
     trained = load_file(str(weights))
     assert torch.equal(model.state_dict()["layer4.1.conv2.weight"], trained["layer4.1.conv2.weight"])
     # timm's own local-directory convention: the architecture (with its timm arguments) comes from config.json
@@ -150,8 +198,14 @@ def test_sigterm_checkpoints_and_resume_matches(tmp_path, shards):
     total = 12  # 3 epochs of 4 steps; the signal comes as the loop starts, so the run stops after step 1 or 2
     assert run_train(tmp_path, shards, "reference", max_steps=total) == 0
     config = write_config(tmp_path / "killed.yaml", shards, output_dir=str(tmp_path / "killed"), max_steps=total)
-    process = subprocess.Popen([sys.executable, "train.py", "--config", str(config)], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "train.py", "--config", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"},
+    )
     lines = []
     for line in process.stdout:  # wait until the loop is about to start, then preempt it
         lines.append(line)
@@ -169,8 +223,17 @@ def test_sigterm_checkpoints_and_resume_matches(tmp_path, shards):
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path, shards, capsys):
-    status = run_train(tmp_path, shards, "nan", max_steps=6, optimizer="sgd", lr=1e30, lr_scaling="none", warmup_epochs=0,
-                       checkpoint_every=1)
+    status = run_train(
+        tmp_path,
+        shards,
+        "nan",
+        max_steps=6,
+        optimizer="sgd",
+        lr=1e30,
+        lr_scaling="none",
+        warmup_epochs=0,
+        checkpoint_every=1,
+    )
     assert status == 3
     output = capsys.readouterr().err
     assert "non-finite loss or parameters at step" in output
@@ -180,14 +243,17 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, shards, capsys):
     assert not (tmp_path / "nan" / "backbone.safetensors").exists()
 
 
-@pytest.mark.parametrize("override,field", [
-    ({"batch_size": "sixteen"}, "batch_size"),
-    ({"precision": "fp8"}, "precision"),
-    ({"temperature": "0.001"}, "temperature"),
-    ({"warmup_epochs": "5"}, "warmup_epochs"),
-    ({"train_shards": "/nowhere/x-{000..003}.tar"}, "does not exist"),
-    ({"cifar_stem": "maybe"}, "cifar_stem"),
-])
+@pytest.mark.parametrize(
+    "override,field",
+    [
+        ({"batch_size": "sixteen"}, "batch_size"),
+        ({"precision": "fp8"}, "precision"),
+        ({"temperature": "0.001"}, "temperature"),
+        ({"warmup_epochs": "5"}, "warmup_epochs"),
+        ({"train_shards": "/nowhere/x-{000..003}.tar"}, "does not exist"),
+        ({"cifar_stem": "maybe"}, "cifar_stem"),
+    ],
+)
 def test_bad_config_values_are_named(tmp_path, shards, capsys, override, field):
     assert run_train(tmp_path, shards, "bad", **override) == 2
     captured = capsys.readouterr()
@@ -212,8 +278,23 @@ def test_two_processes_match_one_process(tmp_path):
     script = ROOT / "tests" / "distributed_steps.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=ROOT, check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-                    str(tmp_path / "two.pt")], cwd=ROOT, check=True, env=env, timeout=300, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "two.pt"),
+        ],
+        cwd=ROOT,
+        check=True,
+        env=env,
+        timeout=300,
+        capture_output=True,
+    )
     one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
     assert one.keys() == two.keys()
     for key in one:
@@ -225,14 +306,31 @@ def test_two_processes_match_one_process(tmp_path):
 def test_two_process_training_run_with_the_real_loader(tmp_path, shards):
     """torchrun + Accelerate(cpu) + DALI loaders sharded by rank + per-rank loader checkpoints + resume."""
     config = write_config(tmp_path / "ddp.yaml", shards, output_dir=str(tmp_path / "ddp"), max_steps=2)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train.py", "--config", str(config)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "train.py",
+        "--config",
+        str(config),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "2 process(es)" in result.stdout
     state = json.loads(next((tmp_path / "ddp" / "checkpoints").glob("step_*/trainer_state.json")).read_text())
     assert state["step"] == 2 and [s["shard_id"] for s in state["loaders"]] == [0, 1]
-    result = subprocess.run(command + ["--resume", "auto", "--max_steps", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        command + ["--resume", "auto", "--max_steps", "3"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0 and "resumed from" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
 
 
@@ -249,9 +347,18 @@ def test_loss_receives_16_bit_projections_under_bf16_autocast(monkeypatch):
 
     seen = []
     loss_fn = trainer.step.nt_xent
-    monkeypatch.setattr(trainer.step, "nt_xent", lambda z1, z2, *args, **kwargs: seen.append((z1.dtype, z2.dtype)) or loss_fn(z1, z2, *args, **kwargs))
-    cfg = TrainConfig(train_shards="x", **{k: v for k, v in TINY.items() if k in ("backbone", "cifar_stem", "timm_kwargs", "proj_hidden", "proj_dim")},
-                      batch_size=8, precision="bf16", temperature=0.2)
+    monkeypatch.setattr(
+        trainer.step,
+        "nt_xent",
+        lambda z1, z2, *args, **kwargs: seen.append((z1.dtype, z2.dtype)) or loss_fn(z1, z2, *args, **kwargs),
+    )
+    cfg = TrainConfig(
+        train_shards="x",
+        **{k: v for k, v in TINY.items() if k in ("backbone", "cifar_stem", "timm_kwargs", "proj_hidden", "proj_dim")},
+        batch_size=8,
+        precision="bf16",
+        temperature=0.2,
+    )
     AcceleratorState._reset_state(True)  # earlier tests in this process made an Accelerator without mixed precision
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     model = build_model(cfg, "cpu", 1)

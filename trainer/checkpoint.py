@@ -89,10 +89,16 @@ def verify_checkpoint(path: Path) -> dict:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path} has no {MANIFEST} (not a checkpoint of this format, or one never completed)") from None
+        raise CheckpointError(
+            f"{path} has no {MANIFEST} (not a checkpoint of this format, or one never completed)"
+        ) from None
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path / MANIFEST} cannot be read ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise CheckpointError(f"{path / MANIFEST} is not a {FORMAT} manifest")
     missing = [name for name in FILES if name not in manifest["files"]]
     if missing:
@@ -112,7 +118,9 @@ def read_verified(path: Path, name: str, manifest: dict) -> bytes:
     except OSError as error:
         raise CheckpointError(f"{path / name} cannot be read ({error.strerror or error})") from None
     if len(data) != expected["bytes"]:
-        raise CheckpointError(f"{path / name} has {len(data)} bytes, its manifest says {expected['bytes']} (truncated or rewritten)")
+        raise CheckpointError(
+            f"{path / name} has {len(data)} bytes, its manifest says {expected['bytes']} (truncated or rewritten)"
+        )
     if _digest(data) != expected["sha256"]:
         raise CheckpointError(f"{path / name} does not match the SHA-256 in its manifest (damaged)")
     return data
@@ -132,9 +140,17 @@ def rng_state() -> dict:
     """This process's RNG states as JSON data."""
     version, mt, gauss = random.getstate()
     kind, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-             "python": {"version": version, "state": list(mt), "gauss": gauss},
-             "numpy": {"kind": kind, "keys": keys.tolist(), "pos": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    state = {
+        "torch_cpu": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
+        "python": {"version": version, "state": list(mt), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": keys.tolist(),
+            "pos": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["torch_cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
     return state
@@ -150,12 +166,24 @@ def set_rng_state(state: dict, where: str) -> None:
         random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
         field_name = "numpy"
         numpy = state["numpy"]
-        np.random.set_state((numpy["kind"], np.array(numpy["keys"], dtype=np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
+        np.random.set_state(
+            (
+                numpy["kind"],
+                np.array(numpy["keys"], dtype=np.uint32),
+                numpy["pos"],
+                numpy["has_gauss"],
+                numpy["cached_gaussian"],
+            )
+        )
         if "torch_cuda" in state and torch.cuda.is_available():
             field_name = "torch_cuda"
-            torch.cuda.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_cuda"])), dtype=torch.uint8))
+            torch.cuda.set_rng_state(
+                torch.frombuffer(bytearray(base64.b64decode(state["torch_cuda"])), dtype=torch.uint8)
+            )
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise CheckpointError(f"{where}: the {field_name} RNG state cannot be restored ({type(error).__name__}: {error})") from None
+        raise CheckpointError(
+            f"{where}: the {field_name} RNG state cannot be restored ({type(error).__name__}: {error})"
+        ) from None
 
 
 def _optimizer_files(optimizer) -> tuple[bytes, bytes]:
@@ -178,8 +206,10 @@ def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], described: dict
     saved_sizes = [len(group["params"]) for group in described.get("param_groups", [])]
     sizes = [len(group["params"]) for group in fresh["param_groups"]]
     if saved_sizes != sizes:
-        raise CheckpointError(f"{where / 'optimizer.json'}: parameter groups of sizes {saved_sizes}, this model's optimiser has {sizes} "
-                              "(another architecture or optimiser)")
+        raise CheckpointError(
+            f"{where / 'optimizer.json'}: parameter groups of sizes {saved_sizes}, this model's optimiser has {sizes} "
+            "(another architecture or optimiser)"
+        )
     state: dict[int, dict] = {}
     for key, tensor in tensors.items():
         _, index, name = key.split("/", 2)
@@ -193,11 +223,18 @@ def _load_model(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where:
     expected = model.state_dict()
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
-    reshaped = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    reshaped = [
+        f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
     if missing or unexpected or reshaped:
         examples = (reshaped or missing or unexpected)[:3]
-        raise CheckpointError(f"{where / 'model.safetensors'} does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected, "
-                              f"{len(reshaped)} reshaped tensors, e.g. {examples}): a checkpoint of another architecture")
+        raise CheckpointError(
+            f"{where / 'model.safetensors'} does not fit this model "
+            f"({len(missing)} missing, {len(unexpected)} unexpected, "
+            f"{len(reshaped)} reshaped tensors, e.g. {examples}): a checkpoint of another architecture"
+        )
     model.load_state_dict(tensors)
 
 
@@ -220,7 +257,9 @@ class Saved:
 class Checkpointer:
     """Writes and loads this run's checkpoints (see the module docstring); every method is a collective."""
 
-    def __init__(self, accelerator, control, run_id: str, output_dir: str | Path, keep: int, every_minutes: float | None):
+    def __init__(
+        self, accelerator, control, run_id: str, output_dir: str | Path, keep: int, every_minutes: float | None
+    ):
         self.accelerator, self.control, self.run_id = accelerator, control, run_id
         self.root, self.keep, self.every_minutes = checkpoint_dir(output_dir), keep, every_minutes
         self.last_step, self.last_path, self._last_time = None, None, time.monotonic()
@@ -238,25 +277,45 @@ class Checkpointer:
             staging = self.root / f".tmp-{self.run_id}-step_{step:08d}-{os.getpid()}"
             try:
                 scaler = getattr(self.accelerator, "scaler", None)
-                trainer_state = {"format": FORMAT, "run_id": self.run_id, **state, "world_size": self.control.world_size,
-                                 "loaders": [r["loader"] for r in per_rank], "grad_scaler": scaler.state_dict() if scaler is not None else None}
-                model_state = {k: v.detach().to("cpu").contiguous() for k, v in self.accelerator.unwrap_model(model).state_dict().items()}
+                trainer_state = {
+                    "format": FORMAT,
+                    "run_id": self.run_id,
+                    **state,
+                    "world_size": self.control.world_size,
+                    "loaders": [r["loader"] for r in per_rank],
+                    "grad_scaler": scaler.state_dict() if scaler is not None else None,
+                }
+                model_state = {
+                    k: v.detach().to("cpu").contiguous()
+                    for k, v in self.accelerator.unwrap_model(model).state_dict().items()
+                }
                 optimizer_tensors, optimizer_json = _optimizer_files(optimizer)
-                files = {"model.safetensors": save_safetensors(model_state, metadata={"format": FORMAT, "step": str(step)}),
-                         "optimizer.safetensors": optimizer_tensors, "optimizer.json": optimizer_json,
-                         "rng.json": json.dumps({"ranks": [r["rng"] for r in per_rank]}).encode(),
-                         STATE_FILE: json.dumps(trainer_state).encode()}
+                files = {
+                    "model.safetensors": save_safetensors(model_state, metadata={"format": FORMAT, "step": str(step)}),
+                    "optimizer.safetensors": optimizer_tensors,
+                    "optimizer.json": optimizer_json,
+                    "rng.json": json.dumps({"ranks": [r["rng"] for r in per_rank]}).encode(),
+                    STATE_FILE: json.dumps(trainer_state).encode(),
+                }
                 staging.mkdir(parents=True)
                 for name, data in files.items():
                     write_durable(staging / name, data)
-                manifest = {"format": FORMAT, "run_id": self.run_id, "step": step,
-                            "files": {name: {"bytes": len(data), "sha256": _digest(data)} for name, data in files.items()}}
+                manifest = {
+                    "format": FORMAT,
+                    "run_id": self.run_id,
+                    "step": step,
+                    "files": {name: {"bytes": len(data), "sha256": _digest(data)} for name, data in files.items()},
+                }
                 write_durable(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
                 fsync_directory(staging)
                 replace_directory(staging, final)
                 verify_checkpoint(final)  # read back before anything older is deleted
                 self._rotate(final)
-                saved = {"path": str(final), "seconds": time.perf_counter() - started, "bytes": sum(map(len, files.values()))}
+                saved = {
+                    "path": str(final),
+                    "seconds": time.perf_counter() - started,
+                    "bytes": sum(map(len, files.values())),
+                }
             except (OSError, CheckpointError) as failure:
                 shutil.rmtree(staging, ignore_errors=True)
                 error = f"cannot write checkpoint {final}: {getattr(failure, 'strerror', None) or failure}"
@@ -282,9 +341,17 @@ class Checkpointer:
         try:
             manifest = verify_manifest_only(path)
             state = read_verified_json(path, STATE_FILE, manifest)
-            _load_model(self.accelerator.unwrap_model(model), load_safetensors(read_verified(path, "model.safetensors", manifest)), path)
-            _load_optimizer(optimizer, load_safetensors(read_verified(path, "optimizer.safetensors", manifest)),
-                            read_verified_json(path, "optimizer.json", manifest), path)
+            _load_model(
+                self.accelerator.unwrap_model(model),
+                load_safetensors(read_verified(path, "model.safetensors", manifest)),
+                path,
+            )
+            _load_optimizer(
+                optimizer,
+                load_safetensors(read_verified(path, "optimizer.safetensors", manifest)),
+                read_verified_json(path, "optimizer.json", manifest),
+                path,
+            )
             ranks = read_verified_json(path, "rng.json", manifest).get("ranks", [])
             if rank < len(ranks):
                 set_rng_state(ranks[rank], f"{path / 'rng.json'} (rank {rank})")
@@ -296,7 +363,11 @@ class Checkpointer:
             loaders = state.get("loaders") or []
             if not loaders:
                 raise CheckpointError(f"{path / STATE_FILE} holds no data-loader state")
-            loader_state = epoch_start_state(loaders[0].get("epoch", 0), rank, self.control.world_size) if world_size_changed else loaders[rank]
+            loader_state = (
+                epoch_start_state(loaders[0].get("epoch", 0), rank, self.control.world_size)
+                if world_size_changed
+                else loaders[rank]
+            )
         except CheckpointError as failure:
             error = str(failure)
         except (KeyError, TypeError, ValueError, RuntimeError) as failure:  # safetensors/torch on malformed content
@@ -320,7 +391,11 @@ def verify_manifest_only(path: Path) -> dict:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path / MANIFEST} cannot be read ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("files"), dict)
+    ):
         raise CheckpointError(f"{path / MANIFEST} is not a {FORMAT} manifest")
     return manifest
 
@@ -342,7 +417,10 @@ def choose_checkpoint(output_dir: str | Path, run_id: str, say) -> tuple[Path | 
             shutil.rmtree(aside, ignore_errors=True)
             os.rename(path, aside)
             unusable.append(str(path))
-            say(f"checkpoint {path} fails verification ({error}); set aside as {aside.name}, falling back to the previous one")
+            say(
+                f"checkpoint {path} fails verification ({error}); set aside as {aside.name}, "
+                "falling back to the previous one"
+            )
     return None, unusable
 
 

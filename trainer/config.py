@@ -162,10 +162,30 @@ class TrainConfig:
         ``ConfigError`` naming the field."""
         if not self.train_shards:
             raise ConfigError("train_shards is required (a shard directory, brace pattern or glob)")
-        positive = ["image_size", "batch_size", "proj_dim", "prefetch", "shuffle_buffer", "keep_checkpoints", "log_every",
-                    "epochs", "lr", "temperature", "eval_knn_k", "eval_knn_temperature", "data_threads", "proj_hidden",
-                    "max_steps", "max_train_minutes", "checkpoint_every", "checkpoint_every_minutes", "eval_every_epochs", "eval_size",
-                    "eval_resize", "grad_clip"]
+        positive = [
+            "image_size",
+            "batch_size",
+            "proj_dim",
+            "prefetch",
+            "shuffle_buffer",
+            "keep_checkpoints",
+            "log_every",
+            "epochs",
+            "lr",
+            "temperature",
+            "eval_knn_k",
+            "eval_knn_temperature",
+            "data_threads",
+            "proj_hidden",
+            "max_steps",
+            "max_train_minutes",
+            "checkpoint_every",
+            "checkpoint_every_minutes",
+            "eval_every_epochs",
+            "eval_size",
+            "eval_resize",
+            "grad_clip",
+        ]
         for name in positive:
             value = getattr(self, name)
             if value is not None and not value > 0:  # `not >` also catches nan
@@ -173,8 +193,20 @@ class TrainConfig:
         for name in ["warmup_epochs", "weight_decay", "momentum"]:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ["epochs", "warmup_epochs", "lr", "max_train_minutes", "eval_every_epochs", "checkpoint_every_minutes", "weight_decay",
-                     "momentum", "temperature", "min_crop_area", "grad_clip", "eval_knn_temperature"]:
+        for name in [
+            "epochs",
+            "warmup_epochs",
+            "lr",
+            "max_train_minutes",
+            "eval_every_epochs",
+            "checkpoint_every_minutes",
+            "weight_decay",
+            "momentum",
+            "temperature",
+            "min_crop_area",
+            "grad_clip",
+            "eval_knn_temperature",
+        ]:
             value = getattr(self, name)
             if value is not None and value == float("inf"):
                 raise ConfigError(f"{name} must be finite, got {value}")
@@ -187,24 +219,35 @@ class TrainConfig:
             if value is not None and not 0 <= value <= (1 if name == "blur_prob" else 10):
                 raise ConfigError(f"{name} must be in [0, {1 if name == 'blur_prob' else 10}], got {value}")
         if self.temperature < MIN_TEMPERATURE:
-            raise ConfigError(f"temperature must be >= {MIN_TEMPERATURE} (the loss's fixed shift 1/tau keeps float32 exponentials "
-                              f"normal down to there), got {self.temperature}")
+            raise ConfigError(
+                f"temperature must be >= {MIN_TEMPERATURE} (the loss's fixed shift 1/tau keeps float32 exponentials "
+                f"normal down to there), got {self.temperature}"
+            )
         if self.batch_size % world_size:
-            raise ConfigError(f"batch_size {self.batch_size} is not divisible by the number of processes ({world_size})")
+            raise ConfigError(
+                f"batch_size {self.batch_size} is not divisible by the number of processes ({world_size})"
+            )
         if self.batch_size // world_size < 2:
-            raise ConfigError(f"batch_size {self.batch_size} gives fewer than 2 samples per process ({world_size} processes); batch norm needs >= 2")
+            raise ConfigError(
+                f"batch_size {self.batch_size} gives fewer than 2 samples per process ({world_size} "
+                "processes); batch norm needs >= 2"
+            )
         if self.micro_batch == "auto":
             import torch
 
             if not torch.cuda.is_available():
-                raise ConfigError("micro_batch auto probes GPU memory and needs CUDA (none here); give a number of "
-                                  "images per view, e.g. --micro_batch 256, or 0 for off")
+                raise ConfigError(
+                    "micro_batch auto probes GPU memory and needs CUDA (none here); give a number of "
+                    "images per view, e.g. --micro_batch 256, or 0 for off"
+                )
         elif self.micro_batch is not None and not self.micro_batch >= 0:
             raise ConfigError(f"micro_batch must be >= 0 (0 = off), null or auto, got {self.micro_batch}")
         if self.eval_every_epochs and not (self.eval_train_shards and self.eval_val_shards):
             raise ConfigError("eval_every_epochs needs eval_train_shards and eval_val_shards")
         if self.resume is not None and not self.resume:
-            raise ConfigError("resume must be auto, a checkpoint directory, or null (a fresh start); got an empty string")
+            raise ConfigError(
+                "resume must be auto, a checkpoint directory, or null (a fresh start); got an empty string"
+            )
         try:
             check_timm_kwargs(self.timm_kwargs, "timm_kwargs")
         except ValueError as error:
@@ -233,12 +276,36 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Fields a resumed run may change: they decide what is done next, not what the saved state means. Any other
 # field (the data, its augmentations and order, the model, the optimiser and its schedule, precision) that
 # differs from the checkpoint's refuses the resume; a field added later is refused until it is listed here.
-SAFE_ON_RESUME = frozenset({
-    "epochs", "max_steps", "max_train_minutes", "output_dir", "resume", "overwrite", "allow_world_size_change", "checkpoint_every",
-    "checkpoint_every_minutes", "keep_checkpoints", "log_every", "tracker", "eval_every_epochs", "eval_train_shards", "eval_val_shards",
-    "eval_size", "eval_resize", "eval_knn_k", "eval_knn_temperature", "eval_json", "data_threads", "prefetch", "compile", "channels_last",
-    "loss_backend", "loss_float32_matmul_precision",
-})
+SAFE_ON_RESUME = frozenset(
+    {
+        "epochs",
+        "max_steps",
+        "max_train_minutes",
+        "output_dir",
+        "resume",
+        "overwrite",
+        "allow_world_size_change",
+        "checkpoint_every",
+        "checkpoint_every_minutes",
+        "keep_checkpoints",
+        "log_every",
+        "tracker",
+        "eval_every_epochs",
+        "eval_train_shards",
+        "eval_val_shards",
+        "eval_size",
+        "eval_resize",
+        "eval_knn_k",
+        "eval_knn_temperature",
+        "eval_json",
+        "data_threads",
+        "prefetch",
+        "compile",
+        "channels_last",
+        "loss_backend",
+        "loss_float32_matmul_precision",
+    }
+)
 
 
 def _comparable(value):
@@ -261,8 +328,12 @@ def resume_changes(saved: dict, config: TrainConfig) -> tuple[list[str], list[st
 
 def build_parser(description: str = "") -> ArgumentParser:
     """``--config FILE`` plus ``--FIELD VALUE`` for every TrainConfig field (jsonargparse)."""
-    parser = ArgumentParser(prog="train.py", description=description, exit_on_error=False, env_prefix=None, default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML preset (configs/*.yaml); flags after it override it")
+    parser = ArgumentParser(
+        prog="train.py", description=description, exit_on_error=False, env_prefix=None, default_env=False
+    )
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="YAML preset (configs/*.yaml); flags after it override it"
+    )
     parser.add_class_arguments(TrainConfig, as_group=False)
     return parser
 

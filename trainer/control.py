@@ -37,7 +37,11 @@ class Control:
         data = json.dumps(value).encode() if self.is_main else b""
         size = torch.tensor([len(data)], dtype=torch.int64)
         dist.broadcast(size, 0, group=self.group)
-        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.is_main else torch.empty(int(size), dtype=torch.uint8)
+        buffer = (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if self.is_main
+            else torch.empty(int(size), dtype=torch.uint8)
+        )
         dist.broadcast(buffer, 0, group=self.group)
         return json.loads(bytes(buffer.tolist()).decode()) if not self.is_main else value
 

@@ -17,7 +17,11 @@ from .config import TrainConfig
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
     """The SimCLR view of ``cfg``: its preset with the size, crop, jitter and blur fields applied."""
     preset = AugmentConfig.cifar if cfg.augment == "cifar" else AugmentConfig
-    overrides = {"size": cfg.image_size, "crop_area": (cfg.min_crop_area, 1.0), "contrast_per_channel": cfg.contrast_per_channel}
+    overrides = {
+        "size": cfg.image_size,
+        "crop_area": (cfg.min_crop_area, 1.0),
+        "contrast_per_channel": cfg.contrast_per_channel,
+    }
     if cfg.jitter_strength is not None:
         overrides["jitter_strength"] = cfg.jitter_strength
     if cfg.blur_prob is not None:
@@ -35,27 +39,62 @@ def _threads(cfg: TrainConfig) -> int:
     return cfg.data_threads or default_num_threads(local_processes)
 
 
-def build_train_loader(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1, loader: str | None = None):
+def build_train_loader(
+    cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1, loader: str | None = None
+):
     """Two SimCLR views per image, ``cfg.batch_size / world`` images per batch, this rank's part of the shards.
 
     ``loader``: 'dali' (default: ``cfg.data_loader``) or 'torchvision' (the baseline DataLoader)."""
     augment, local_batch = augment_config(cfg), cfg.batch_size // world
     if (loader or cfg.data_loader) == "torchvision":
-        return TorchvisionPretrainLoader(cfg.train_shards, local_batch, augment, device=str(device), shard_id=rank, num_shards=world,
-                                         seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer, num_workers=_threads(cfg))
+        return TorchvisionPretrainLoader(
+            cfg.train_shards,
+            local_batch,
+            augment,
+            device=str(device),
+            shard_id=rank,
+            num_shards=world,
+            seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer,
+            num_workers=_threads(cfg),
+        )
     where = data_device(cfg, device)
-    return DaliLoader(cfg.train_shards, local_batch, TwoViews(augment), train=True, device=where,
-                      device_id=device.index if where == "gpu" else None, shard_id=rank, num_shards=world, seed=cfg.seed,
-                      num_threads=_threads(cfg), prefetch=cfg.prefetch, shuffle_buffer=cfg.shuffle_buffer,
-                      dtype=torch.float16 if where == "gpu" else torch.float32)
+    return DaliLoader(
+        cfg.train_shards,
+        local_batch,
+        TwoViews(augment),
+        train=True,
+        device=where,
+        device_id=device.index if where == "gpu" else None,
+        shard_id=rank,
+        num_shards=world,
+        seed=cfg.seed,
+        num_threads=_threads(cfg),
+        prefetch=cfg.prefetch,
+        shuffle_buffer=cfg.shuffle_buffer,
+        dtype=torch.float16 if where == "gpu" else torch.float32,
+    )
 
 
-def build_eval_loaders(cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1) -> tuple[DaliLoader, DaliLoader] | None:
+def build_eval_loaders(
+    cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1
+) -> tuple[DaliLoader, DaliLoader] | None:
     """(train, val) evaluation loaders of the in-training probe, or None when ``cfg`` evaluates nothing."""
     if not cfg.eval_every_epochs:
         return None
     where = data_device(cfg, device)
     view = EvalView(cfg.eval_size or cfg.image_size, cfg.eval_resize)
-    return tuple(DaliLoader(shards, 256, view, train=False, device=where, device_id=device.index if where == "gpu" else None,
-                            shard_id=rank, num_shards=world, num_threads=_threads(cfg))
-                 for shards in (cfg.eval_train_shards, cfg.eval_val_shards))
+    return tuple(
+        DaliLoader(
+            shards,
+            256,
+            view,
+            train=False,
+            device=where,
+            device_id=device.index if where == "gpu" else None,
+            shard_id=rank,
+            num_shards=world,
+            num_threads=_threads(cfg),
+        )
+        for shards in (cfg.eval_train_shards, cfg.eval_val_shards)
+    )

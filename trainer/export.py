@@ -43,12 +43,20 @@ def _export_local_dir(backbone: torch.nn.Module, target: Path, meta: dict) -> No
     from timm.models import save_for_hf
 
     size = meta.get("image_size") or 224
-    backbone = copy.deepcopy(backbone).cpu().to(memory_format=torch.contiguous_format)  # safetensors stores contiguous tensors
-    backbone.pretrained_cfg = {**(backbone.pretrained_cfg or {}), "tag": "simclr", "input_size": [3, size, size],
-                               "test_input_size": [3, size, size]}
+    backbone = (
+        copy.deepcopy(backbone).cpu().to(memory_format=torch.contiguous_format)
+    )  # safetensors stores contiguous tensors
+    backbone.pretrained_cfg = {
+        **(backbone.pretrained_cfg or {}),
+        "tag": "simclr",
+        "input_size": [3, size, size],
+        "test_input_size": [3, size, size],
+    }
     staging = Path(tempfile.mkdtemp(prefix=".backbone-", dir=target.parent))
     try:
-        save_for_hf(backbone, staging, model_args={**meta.get("timm_kwargs", {}), "num_classes": 0}, safe_serialization=True)
+        save_for_hf(
+            backbone, staging, model_args={**meta.get("timm_kwargs", {}), "num_classes": 0}, safe_serialization=True
+        )
         for file in staging.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())

@@ -77,8 +77,9 @@ def convert_to_global_bn(module: nn.Module, device_type: str) -> nn.Module:
     converted = module
     if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
         act = isinstance(module, BatchNormAct2d)
-        converted = (GlobalBatchNormAct if act else GlobalBatchNorm)(module.num_features, module.eps, module.momentum, module.affine,
-                                                                    module.track_running_stats)
+        converted = (GlobalBatchNormAct if act else GlobalBatchNorm)(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         if act:
             converted.act, converted.drop = module.act, module.drop
         if module.affine:

@@ -140,9 +140,14 @@ def _scaled_for_backward(loss: torch.Tensor, accelerator) -> torch.Tensor:
     return scaler.scale(loss) if scaler is not None else loss
 
 
-def cached_forward_backward(model: nn.Module, view1: torch.Tensor, view2: torch.Tensor, micro_batch: int,
-                            loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                            accelerator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def cached_forward_backward(
+    model: nn.Module,
+    view1: torch.Tensor,
+    view2: torch.Tensor,
+    micro_batch: int,
+    loss_fn: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    accelerator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of ``loss_fn`` over the whole batch in ``.grad`` of the model's parameters, with at most
     ``micro_batch`` images per view under autograd at a time (see the module docstring).
 
@@ -189,8 +194,13 @@ def cached_forward_backward(model: nn.Module, view1: torch.Tensor, view2: torch.
 # --------------------------------------------------------------------------- micro_batch = auto
 
 
-def fit_micro_batch(peak_bytes: Callable[[int], int | None], num_images: int, budget_bytes: int,
-                    first_probes: tuple[int, int] = AUTO_FIRST_PROBES, max_probes: int = 10) -> int:
+def fit_micro_batch(
+    peak_bytes: Callable[[int], int | None],
+    num_images: int,
+    budget_bytes: int,
+    first_probes: tuple[int, int] = AUTO_FIRST_PROBES,
+    max_probes: int = 10,
+) -> int:
     """The largest micro-batch (images per view, <= num_images) whose measured peak fits ``budget_bytes``,
     to within 2%.
 
@@ -204,8 +214,14 @@ def fit_micro_batch(peak_bytes: Callable[[int], int | None], num_images: int, bu
     size = min(first_probes[0], num_images)
     while not fits(peak := peak_bytes(size)):
         if size == 1:
-            raise RuntimeError("micro_batch auto: one image per view needs " + (f"{_gib(peak)} at peak, more than the "
-                               f"{_gib(budget_bytes)} available" if peak else "more GPU memory than there is"))
+            raise RuntimeError(
+                "micro_batch auto: one image per view needs "
+                + (
+                    f"{_gib(peak)} at peak, more than the {_gib(budget_bytes)} available"
+                    if peak
+                    else "more GPU memory than there is"
+                )
+            )
         size = max(1, size // 2)
     best, too_big, measured = size, None, {size: peak}
     guess = min(max(first_probes[1], 2 * size), num_images)
@@ -243,17 +259,20 @@ def _gib(value: float | None) -> str:
 _PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def resolve_micro_batch(setting, model: nn.Module, view1: torch.Tensor, view2: torch.Tensor, optimizer,
-                        accelerator) -> int:
+def resolve_micro_batch(
+    setting, model: nn.Module, view1: torch.Tensor, view2: torch.Tensor, optimizer, accelerator
+) -> int:
     """The micro-batch of this step in images per view, 0 for a plain step: ``setting`` (cfg.micro_batch:
     None/0 = off, an int, or "auto") against the local batch N; M >= N is a plain step. "auto" probes the
     GPU once per (model, batch shape) and remembers the answer; it needs CUDA."""
     num_images = view1.shape[0]
     if setting == "auto":
         if view1.device.type != "cuda":
-            raise ValueError(f"micro_batch auto probes GPU memory and needs CUDA tensors (these are on "
-                             f"{view1.device.type}); give a number of images per view instead (e.g. --micro_batch "
-                             "256) or 0 for off")
+            raise ValueError(
+                f"micro_batch auto probes GPU memory and needs CUDA tensors (these are on "
+                f"{view1.device.type}); give a number of images per view instead (e.g. --micro_batch "
+                "256) or 0 for off"
+            )
         key = (num_images, tuple(view1.shape[1:]), view1.dtype)
         known = _PROBED.setdefault(model, {})
         if key not in known:
@@ -314,6 +333,8 @@ def probe_micro_batch(model: nn.Module, view1: torch.Tensor, view2: torch.Tensor
         agreed = torch.tensor([best], device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
         best = int(agreed)
-    accelerator.print(f"micro_batch auto: {best} images per view per micro-batch (of {view1.shape[0]} per process; "
-                      f"peak budget {_gib(budget)})")
+    accelerator.print(
+        f"micro_batch auto: {best} images per view per micro-batch (of {view1.shape[0]} per process; "
+        f"peak budget {_gib(budget)})"
+    )
     return best

@@ -17,7 +17,9 @@ class NonFiniteWatch:
     @torch.no_grad()
     def update(self, step: int, loss: torch.Tensor) -> None:
         """After step ``step``: its loss (scalar) and the parameters the update produced."""
-        largest = torch.stack([n.to(self.first_bad.device) for n in torch._foreach_norm(self.tensors, float("inf"))]).max()
+        largest = torch.stack(
+            [n.to(self.first_bad.device) for n in torch._foreach_norm(self.tensors, float("inf"))]
+        ).max()
         bad = ~(torch.isfinite(loss) & torch.isfinite(largest))
         self.first_bad = torch.where((self.first_bad < 0) & bad, step, self.first_bad)
 

@@ -39,8 +39,13 @@ class StepPlan:
     @classmethod
     def of(cls, cfg: TrainConfig, steps_per_epoch: int) -> StepPlan:
         total = max(1, round(cfg.epochs * steps_per_epoch))
-        return cls(steps_per_epoch, total, round(cfg.warmup_epochs * steps_per_epoch), min(total, cfg.max_steps or total),
-                   max(1, round((cfg.eval_every_epochs or 0) * steps_per_epoch)))
+        return cls(
+            steps_per_epoch,
+            total,
+            round(cfg.warmup_epochs * steps_per_epoch),
+            min(total, cfg.max_steps or total),
+            max(1, round((cfg.eval_every_epochs or 0) * steps_per_epoch)),
+        )
 
     def epoch(self, step: int) -> float:
         return step / self.steps_per_epoch
@@ -55,20 +60,35 @@ class Meters:
     def __init__(self, cfg: TrainConfig, accelerator, log, plan: StepPlan, first_step: int):
         self.accelerator, self.log, self.plan = accelerator, log, plan
         self.timer = StepTimer(images_per_step=cfg.batch_size, device=accelerator.device)
-        self.progress = tqdm(total=plan.last_step, initial=first_step, desc="train", unit="step", dynamic_ncols=True,
-                             disable=not accelerator.is_main_process)
+        self.progress = tqdm(
+            total=plan.last_step,
+            initial=first_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not accelerator.is_main_process,
+        )
         self.start_wait, self.end_wait, self.end_step = self.timer.start_wait, self.timer.end_wait, self.timer.end_step
 
     def log_step(self, step: int, out, optimizer) -> None:
         """Meters of the window ending at ``step`` (``out``: the step's ``StepOutput``)."""
-        meters = {"loss": self.accelerator.reduce(out.loss, "mean").item(), "lr": optimizer.param_groups[0]["lr"],
-                  "pos_acc": positive_pair_accuracy(out.z1, out.z2).item(), "epoch": self.plan.epoch(step), **self.timer.window()}
+        meters = {
+            "loss": self.accelerator.reduce(out.loss, "mean").item(),
+            "lr": optimizer.param_groups[0]["lr"],
+            "pos_acc": positive_pair_accuracy(out.z1, out.z2).item(),
+            "epoch": self.plan.epoch(step),
+            **self.timer.window(),
+        }
         if self.accelerator.device.type == "cuda":
             meters["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.accelerator.log(meters, step=step)
         self.log.file_only(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in meters.items()))
-        self.progress.set_postfix(loss=f"{meters['loss']:.4f}", img_s=f"{meters['images_per_s']:.0f}",
-                                  wait=f"{meters['data_wait_fraction']:.0%}", lr=f"{meters['lr']:.3g}")
+        self.progress.set_postfix(
+            loss=f"{meters['loss']:.4f}",
+            img_s=f"{meters['images_per_s']:.0f}",
+            wait=f"{meters['data_wait_fraction']:.0%}",
+            lr=f"{meters['lr']:.3g}",
+        )
 
     def advance(self, step: int) -> None:
         self.progress.update(step - self.progress.n)
@@ -84,7 +104,9 @@ class Probe:
     """The in-training evaluation (kNN + fast linear probe of the backbone), its curve in the training state's
     history, the tracker and ``cfg.eval_json``; interruptible by a preemption signal."""
 
-    def __init__(self, cfg: TrainConfig, backbone: torch.nn.Module, loaders, accelerator, log, preemption, plan: StepPlan):
+    def __init__(
+        self, cfg: TrainConfig, backbone: torch.nn.Module, loaders, accelerator, log, preemption, plan: StepPlan
+    ):
         self.cfg, self.backbone, self.loaders, self.accelerator = cfg, backbone, loaders, accelerator
         self.log, self.preemption, self.plan = log, preemption, plan
 
@@ -100,11 +122,22 @@ class Probe:
         from evaluation.probe import probe
 
         with self.preemption.interruptible():
-            result = probe(self.backbone, *self.loaders, self.accelerator, k=self.cfg.eval_knn_k,
-                           knn_temperature=self.cfg.eval_knn_temperature, progress=False)
+            result = probe(
+                self.backbone,
+                *self.loaders,
+                self.accelerator,
+                k=self.cfg.eval_knn_k,
+                knn_temperature=self.cfg.eval_knn_temperature,
+                progress=False,
+            )
         epoch = self.plan.epoch(state.step)
-        state.history.append({"step": state.step, "epoch": epoch, "train_seconds": round(state.train_seconds, 2), **result})
+        state.history.append(
+            {"step": state.step, "epoch": epoch, "train_seconds": round(state.train_seconds, 2), **result}
+        )
         self.log.info(f"eval @ epoch {epoch:.2f}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
         self.accelerator.log(result, step=state.step)
         if self.cfg.eval_json and self.accelerator.is_main_process:
-            atomic_write_text(self.cfg.eval_json, json.dumps({"config": self.cfg.to_dict(), "history": state.history}, indent=1) + "\n")
+            atomic_write_text(
+                self.cfg.eval_json,
+                json.dumps({"config": self.cfg.to_dict(), "history": state.history}, indent=1) + "\n",
+            )

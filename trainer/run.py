@@ -91,14 +91,25 @@ def check_model_config(cfg: TrainConfig) -> None:
 
     if not timm.is_model(cfg.backbone):
         close = timm.list_models(f"*{cfg.backbone}*")[:5]
-        raise RunError(f"backbone {cfg.backbone!r} is not a timm model" + (f" (did you mean {', '.join(close)}?)" if close else
-                                                                             " (timm.list_models() lists them)"))
+        raise RunError(
+            f"backbone {cfg.backbone!r} is not a timm model"
+            + (f" (did you mean {', '.join(close)}?)" if close else " (timm.list_models() lists them)")
+        )
     try:
         with torch.device("meta"):
-            SimCLR(cfg.backbone, cfg.proj_hidden, cfg.proj_dim, pretrained=False, cifar_stem=cfg.cifar_stem, **cfg.timm_kwargs)
+            SimCLR(
+                cfg.backbone,
+                cfg.proj_hidden,
+                cfg.proj_dim,
+                pretrained=False,
+                cifar_stem=cfg.cifar_stem,
+                **cfg.timm_kwargs,
+            )
     except (TypeError, ValueError, KeyError, AssertionError) as error:
-        raise RunError(f"backbone {cfg.backbone!r} with cifar_stem={cfg.cifar_stem}, timm_kwargs={cfg.timm_kwargs}: "
-                       f"{type(error).__name__}: {error}") from None
+        raise RunError(
+            f"backbone {cfg.backbone!r} with cifar_stem={cfg.cifar_stem}, timm_kwargs={cfg.timm_kwargs}: "
+            f"{type(error).__name__}: {error}"
+        ) from None
     except Exception:  # a model whose constructor needs real tensors: the real build names any problem
         pass
 
@@ -125,20 +136,28 @@ def _read_run_file(output_dir: Path) -> dict | None:
             raise ValueError("no run_id")
         return run
     except (OSError, ValueError) as error:
-        raise RunError(f"{path} cannot be read ({error}); move it away, or pass --overwrite to start a new run in {output_dir}") from None
+        raise RunError(
+            f"{path} cannot be read ({error}); move it away, or pass --overwrite to start a new run in {output_dir}"
+        ) from None
 
 
 def _claim(output_dir: Path, run_id: str, cfg: TrainConfig, world_size: int) -> None:
     """Write run.json for a new run, failing if another run wrote one first (an exclusive link)."""
-    record = {"run_id": run_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "world_size": world_size,
-              "command": sys.argv}
+    record = {
+        "run_id": run_id,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "world_size": world_size,
+        "command": sys.argv,
+    }
     staging = output_dir / f".{RUN_FILE}.{run_id}.tmp"
     atomic_write_text(staging, json.dumps(record, indent=1) + "\n")
     try:
         os.link(staging, output_dir / RUN_FILE)
     except FileExistsError:
         other = _read_run_file(output_dir)
-        raise RunError(f"output_dir {output_dir} was just claimed by run {other and other['run_id']}; choose another --output_dir") from None
+        raise RunError(
+            f"output_dir {output_dir} was just claimed by run {other and other['run_id']}; choose another --output_dir"
+        ) from None
     finally:
         staging.unlink(missing_ok=True)
     fsync_directory(output_dir)
@@ -147,8 +166,10 @@ def _claim(output_dir: Path, run_id: str, cfg: TrainConfig, world_size: int) -> 
 def _refuse_other_run(output_dir: Path, what: str) -> RunError:
     found = list_checkpoints(output_dir)
     held = f" ({len(found)} checkpoints, the newest step {checkpoint_step(found[-1])})" if found else ""
-    return RunError(f"output_dir {output_dir} holds {what}{held}: pass --resume auto to continue it, --overwrite to delete its "
-                    "checkpoints and start a new run there, or choose a new --output_dir")
+    return RunError(
+        f"output_dir {output_dir} holds {what}{held}: pass --resume auto to continue it, --overwrite to delete its "
+        "checkpoints and start a new run there, or choose a new --output_dir"
+    )
 
 
 def _decide(cfg: TrainConfig, world_size: int, say) -> dict:
@@ -173,8 +194,11 @@ def _decide(cfg: TrainConfig, world_size: int, say) -> dict:
             raise RunError(f"resume={cfg.resume}: {error}") from None
         run_id = explicit_manifest["run_id"]
         if existing and existing["run_id"] != run_id and not cfg.overwrite:
-            raise RunError(f"resume={cfg.resume} belongs to run {run_id}, but output_dir {output_dir} holds run {existing['run_id']}: "
-                           "pass --overwrite to continue the checkpoint's run there, or choose a new --output_dir")
+            raise RunError(
+                f"resume={cfg.resume} belongs to run {run_id}, "
+                f"but output_dir {output_dir} holds run {existing['run_id']}: "
+                "pass --overwrite to continue the checkpoint's run there, or choose a new --output_dir"
+            )
     elif cfg.resume == "auto" and existing:
         run_id = existing["run_id"]
     elif (existing or foreign) and not cfg.overwrite:
@@ -187,14 +211,25 @@ def _decide(cfg: TrainConfig, world_size: int, say) -> dict:
     elif cfg.resume == "auto":
         resume_from, unusable = choose_checkpoint(output_dir, run_id, say)
         if resume_from is None and unusable:
-            raise RunError(f"no checkpoint of run {run_id} in {checkpoint_dir(output_dir)} verifies (set aside: {', '.join(unusable)}); "
-                           "resume one by path, or pass --overwrite to start a new run")
+            raise RunError(
+                f"no checkpoint of run {run_id} in {checkpoint_dir(output_dir)} verifies "
+                f"(set aside: {', '.join(unusable)}); "
+                "resume one by path, or pass --overwrite to start a new run"
+            )
     else:
         resume_from = None
-    decision = {"run_id": run_id, "resume_from": str(resume_from) if resume_from else None, "notes": [], "world_size_changed": False,
-                "new": existing is None or replace_previous, "replace_previous": replace_previous}
+    decision = {
+        "run_id": run_id,
+        "resume_from": str(resume_from) if resume_from else None,
+        "notes": [],
+        "world_size_changed": False,
+        "new": existing is None or replace_previous,
+        "replace_previous": replace_previous,
+    }
     if resume_from is not None:
-        manifest = explicit_manifest if resume_from == explicit else json.loads((resume_from / "manifest.json").read_text())  # verified
+        manifest = (
+            explicit_manifest if resume_from == explicit else json.loads((resume_from / "manifest.json").read_text())
+        )  # verified
         saved = read_verified_json(resume_from, STATE_FILE, manifest)
         decision.update(saved=saved, **_compatibility(saved, cfg, world_size, resume_from))
     return decision
@@ -225,18 +260,27 @@ def _compatibility(saved: dict, cfg: TrainConfig, world_size: int, path: Path) -
     notes = []
     if saved_world != world_size:
         if not cfg.allow_world_size_change:
-            refused.append(f"world size: {saved_world} -> {world_size} processes (pass --allow_world_size_change to accept it)")
+            refused.append(
+                f"world size: {saved_world} -> {world_size} processes (pass --allow_world_size_change to accept it)"
+            )
         else:
-            notes.append(f"world size {saved_world} -> {world_size}: the data order restarts at the beginning of the current epoch "
-                         "and ranks without a saved RNG state keep their fresh seeds")
+            notes.append(
+                f"world size {saved_world} -> {world_size}: the data order restarts at the "
+                "beginning of the current epoch "
+                "and ranks without a saved RNG state keep their fresh seeds"
+            )
     steps_per_epoch, step = saved.get("steps_per_epoch") or 1, saved["step"]
     if round(cfg.epochs * steps_per_epoch) < step:
         applied = [change for change in applied if not change.startswith("epochs:")]
-        refused.append(f"epochs: {saved.get('config', {}).get('epochs')} -> {cfg.epochs} ends the schedule at step "
-                       f"{round(cfg.epochs * steps_per_epoch)}, before step {step} where the checkpoint is")
+        refused.append(
+            f"epochs: {saved.get('config', {}).get('epochs')} -> {cfg.epochs} ends the schedule at step "
+            f"{round(cfg.epochs * steps_per_epoch)}, before step {step} where the checkpoint is"
+        )
     if refused:
-        raise RunError(f"cannot resume {path} with {'; '.join(refused)}. These change what the saved state means: resume with the "
-                       "checkpoint's values, or start a new run (--overwrite, or a new --output_dir)")
+        raise RunError(
+            f"cannot resume {path} with {'; '.join(refused)}. These change what the saved state means: resume with the "
+            "checkpoint's values, or start a new run (--overwrite, or a new --output_dir)"
+        )
     if applied:
         notes.append("resume applies the changed " + "; ".join(applied))
     return {"notes": notes, "world_size_changed": saved_world != world_size}
@@ -255,8 +299,16 @@ def plan_run(cfg: TrainConfig, control, log: RunLog) -> Run:
     decision = control.broadcast_json(decision)
     if "error" in decision:
         raise RunError(decision["error"])
-    run = Run(decision["run_id"], Path(cfg.output_dir), Path(decision["resume_from"]) if decision["resume_from"] else None,
-              decision.get("saved"), decision["world_size_changed"], decision["notes"], decision["new"], decision["replace_previous"])
+    run = Run(
+        decision["run_id"],
+        Path(cfg.output_dir),
+        Path(decision["resume_from"]) if decision["resume_from"] else None,
+        decision.get("saved"),
+        decision["world_size_changed"],
+        decision["notes"],
+        decision["new"],
+        decision["replace_previous"],
+    )
     for note in run.notes:
         log.info(note)
     return run
@@ -287,4 +339,5 @@ def tracker_init_kwargs(cfg: TrainConfig, run: Run, step: int) -> dict:
 
 def started_line(run: Run, world_size: int) -> str:
     how = f"resumed from {run.resume_from}" if run.resume_from else "started"
-    return f"run {run.run_id} {how} with {world_size} process(es) at {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)}"
+    when = time.strftime("%Y-%m-%d %H:%M:%S")
+    return f"run {run.run_id} {how} with {world_size} process(es) at {when}: {' '.join(sys.argv)}"

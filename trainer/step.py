@@ -34,12 +34,20 @@ def contrastive_loss(z: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, t
     projections stay as the head made them (16-bit under bf16/fp16 autocast: the fused kernels' tensor-core
     operands); the loss keeps its statistics in float32 and runs outside autocast."""
     z1, z2 = z.chunk(2)
-    loss = nt_xent(z1, z2, cfg.temperature, backend=cfg.loss_backend, float32_matmul_precision=cfg.loss_float32_matmul_precision)
+    loss = nt_xent(
+        z1, z2, cfg.temperature, backend=cfg.loss_backend, float32_matmul_precision=cfg.loss_float32_matmul_precision
+    )
     return loss, z1, z2
 
 
-def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, view1: torch.Tensor, view2: torch.Tensor,
-               cfg: TrainConfig, accelerator) -> StepOutput:
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    view1: torch.Tensor,
+    view2: torch.Tensor,
+    cfg: TrainConfig,
+    accelerator,
+) -> StepOutput:
     """One optimiser update on a batch of ``(view1, view2)`` (N, 3, S, S) each.
 
     Plain (``cfg.micro_batch`` off, or >= N): both views go through the model as one batch of 2N (BN
@@ -49,8 +57,9 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, view1: 
     (trainer/gradcache.py)."""
     micro_batch = resolve_micro_batch(cfg.micro_batch, model, view1, view2, optimizer, accelerator)
     if micro_batch:
-        loss, z1, z2 = cached_forward_backward(model, view1, view2, micro_batch, lambda z: contrastive_loss(z, cfg),
-                                               accelerator)
+        loss, z1, z2 = cached_forward_backward(
+            model, view1, view2, micro_batch, lambda z: contrastive_loss(z, cfg), accelerator
+        )
     else:
         with record_function("forward"), accelerator.autocast():
             _, z = model(torch.cat([view1, view2]))
