@@ -121,7 +121,7 @@ container=$("$DOCKER" run -d -v "$host:/ckpt" "$IMAGE" train --config configs/de
 for _ in $(seq 180); do "$DOCKER" logs "$container" 2>&1 | grep -q "img_s=" && break; sleep 1; done
 "$DOCKER" logs "$container" 2>&1 | grep -q "img_s=" || { "$DOCKER" logs "$container" 2>&1 | tail -20; fail "training did not start"; }
 "${NICE[@]}" "$DOCKER" stop -t 120 "$container" >/dev/null
-"$DOCKER" logs "$container" 2>&1 | grep "preempted:" || { "$DOCKER" logs "$container" 2>&1 | tail -20; fail "no checkpoint on SIGTERM"; }
+"$DOCKER" logs "$container" 2>&1 | grep "preempted at step [0-9]*: checkpoint" || { "$DOCKER" logs "$container" 2>&1 | tail -20; fail "no checkpoint on SIGTERM"; }
 compgen -G "$host/preempted/checkpoints/step_*" >/dev/null || fail "no checkpoint in $host/preempted/checkpoints after docker stop"
 "$DOCKER" rm "$container" >/dev/null
 container=""
