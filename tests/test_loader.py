@@ -79,19 +79,38 @@ def test_eval_every_sample_exactly_once_across_ranks(identity_shards, world):
         assert seen == collections.Counter(range(count))
 
 
-def test_pretrain_epochs_see_each_sample_at_most_once_with_equal_steps(identity_shards):
+def expected_steps(count: int, world: int, batch: int, pipelines: int) -> int:
+    """Whole batches per rank: each of a rank's pipelines reads one of world * pipelines parts (differing by at
+    most one sample) and makes batch / pipelines of every batch."""
+    return count // (world * pipelines) // (batch // pipelines)
+
+
+PIPELINES = [1, 2]  # per rank: one pipeline, and the CPU default of two, each making half of every batch
+
+
+@pytest.mark.parametrize("pipelines", PIPELINES)
+def test_pretrain_epochs_see_each_sample_at_most_once_with_equal_steps(identity_shards, pipelines):
     directory, count = identity_shards
     plain = AugmentConfig(size=16, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
     world, batch = 2, 8
     loaders = [
         DaliLoader(
-            directory, batch, TwoViews(plain), train=True, shard_id=rank, num_shards=world, seed=5, shuffle_buffer=64
+            directory,
+            batch,
+            TwoViews(plain),
+            train=True,
+            shard_id=rank,
+            num_shards=world,
+            seed=5,
+            shuffle_buffer=64,
+            pipelines=pipelines,
         )
         for rank in range(world)
     ]
+    assert all(loader.pipelines == pipelines for loader in loaders)
     assert len({len(loader) for loader in loaders}) == 1  # DDP: every rank takes the same number of steps
     steps = len(loaders[0])
-    assert steps == (count // world) // batch
+    assert steps == expected_steps(count, world, batch, pipelines)
     epochs_seen = []
     for _ in range(3):
         seen = collections.Counter()
@@ -108,10 +127,11 @@ def test_pretrain_epochs_see_each_sample_at_most_once_with_equal_steps(identity_
     assert len({frozenset(s) for s in epochs_seen}) > 1 or len(epochs_seen[0]) == count  # reshuffled between epochs
 
 
+@pytest.mark.parametrize("pipelines", PIPELINES)
 @pytest.mark.parametrize(
     "per_shard,world", [(97, 2), (40, 3), (11, 4)]
 )  # one shard for 2 ranks; uneven shards (40, 40, 17); many small
-def test_one_pipeline_per_run_keeps_epochs_exact(tmp_path, per_shard, world):
+def test_one_pipeline_per_run_keeps_epochs_exact(tmp_path, per_shard, world, pipelines):
     """The training loader keeps one DALI pipeline for the whole run: across 3 epochs every rank takes the same
     steps, no sample occurs twice in an epoch (over all ranks), only the per-rank remainder beyond whole batches
     is missing, and every epoch has a new order."""
@@ -120,12 +140,21 @@ def test_one_pipeline_per_run_keeps_epochs_exact(tmp_path, per_shard, world):
     batch = 8
     loaders = [
         DaliLoader(
-            directory, batch, TwoViews(plain), train=True, shard_id=rank, num_shards=world, seed=7, shuffle_buffer=32
+            directory,
+            batch,
+            TwoViews(plain),
+            train=True,
+            shard_id=rank,
+            num_shards=world,
+            seed=7,
+            shuffle_buffer=32,
+            pipelines=pipelines,
         )
         for rank in range(world)
     ]
-    pipelines = [loader._iterator for loader in loaders]
-    steps = (count // world) // batch
+    assert all(loader.pipelines == pipelines for loader in loaders)
+    iterators = [loader._iterator for loader in loaders]
+    steps = expected_steps(count, world, batch, pipelines)
     orders = []
     for _ in range(3):
         seen, order = collections.Counter(), []
@@ -137,14 +166,15 @@ def test_one_pipeline_per_run_keeps_epochs_exact(tmp_path, per_shard, world):
             order += ids
         assert max(seen.values()) == 1 and set(seen) <= set(range(count))
         orders.append(order)
-    assert all(loader._iterator is pipeline for loader, pipeline in zip(loaders, pipelines))  # never rebuilt
+    assert all(loader._iterator is iterator for loader, iterator in zip(loaders, iterators))  # never rebuilt
     assert len({tuple(order) for order in orders}) == 3  # a new order every epoch
 
 
-def test_resume_in_a_later_epoch(small_shards):
+@pytest.mark.parametrize("pipelines", PIPELINES)
+def test_resume_in_a_later_epoch(small_shards, pipelines):
     """A state saved in epoch 2 (the persistent reader has crossed an epoch boundary) resumes exactly."""
     directory, _ = small_shards
-    make = lambda: DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=4)
+    make = lambda: DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=4, pipelines=pipelines)
     loader = make()
     reference = [v1 for _ in range(3) for v1, _ in loader]
     loader = make()
@@ -162,14 +192,32 @@ def test_resume_in_a_later_epoch(small_shards):
     assert all(torch.equal(a, b) for a, b in zip(resumed, reference))
 
 
-def test_an_epoch_start_state_starts_a_whole_epoch(identity_shards):
+@pytest.mark.parametrize("pipelines", PIPELINES)
+def test_an_epoch_start_state_starts_a_whole_epoch(identity_shards, pipelines):
     """The state a run restarts from after bad data or with another world size (``dali_checkpoint: None``)."""
     directory, count = identity_shards
     plain = AugmentConfig(size=16, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
-    loader = DaliLoader(directory, 8, TwoViews(plain), train=True, seed=3)
+    loader = DaliLoader(directory, 8, TwoViews(plain), train=True, seed=3, pipelines=pipelines)
     loader.load_state_dict({"shard_id": 0, "num_shards": 1, "epoch": 2, "dali_checkpoint": None})
     ids = [i for view1, _ in loader for i in decode_ids(view1)]
-    assert len(ids) == len(set(ids)) == (count // 8) * 8 and loader.epoch == 3
+    assert len(ids) == len(set(ids)) == expected_steps(count, 1, 8, pipelines) * 8 and loader.epoch == 3
+
+
+@pytest.mark.parametrize("buffer", [1, 2, 3])  # split between two pipelines: never below one sample each
+def test_small_shuffle_buffers_split_between_pipelines(small_shards, buffer):
+    directory, _ = small_shards
+    loader = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, shuffle_buffer=buffer, pipelines=2)
+    assert loader.pipelines == 2 and sum(1 for _ in loader) == len(loader)
+    with pytest.raises(ValueError, match="shuffle_buffer must be >= 1"):
+        DaliLoader(directory, 8, TwoViews(CIFAR), train=True, shuffle_buffer=0)
+
+
+def test_a_state_resumes_only_with_the_same_pipelines(small_shards):
+    directory, _ = small_shards
+    state = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=4, pipelines=2).state_dict()
+    assert len(state["dali_checkpoint"]) == 2
+    with pytest.raises(ValueError, match="2 DALI pipeline checkpoint.*1 pipeline"):
+        DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=4, pipelines=1).load_state_dict(state)
 
 
 def test_upper_case_member_extensions_are_read(tmp_path):
@@ -183,11 +231,13 @@ def test_upper_case_member_extensions_are_read(tmp_path):
     assert sum(len(labels) for _, labels in batches) == 6 and all(labels.tolist() == [3, 3, 3] for _, labels in batches)
 
 
-def test_labelled_view_decodes_only_its_crop(identity_shards):
+@pytest.mark.parametrize("pipelines", PIPELINES)
+def test_labelled_view_decodes_only_its_crop(identity_shards, pipelines):
     """The single-view classifier loader decodes the region of its random crop (ROI decode): the right image,
-    its label, the view's size and normalisation."""
+    its label, the view's size and normalisation (with two pipelines: each image with its own label)."""
     directory, count = identity_shards
-    loader = DaliLoader(directory, 8, AugmentedView(classifier_augment(16)), train=True, seed=1)
+    loader = DaliLoader(directory, 8, AugmentedView(classifier_augment(16)), train=True, seed=1, pipelines=pipelines)
+    assert loader.pipelines == pipelines
     for images, labels in loader:
         assert images.shape == (8, 3, 16, 16) and images.is_contiguous(memory_format=torch.channels_last)
         assert decode_ids(images) == labels.tolist()  # solid colours: any crop of an image is that image's colour
@@ -200,21 +250,23 @@ def test_same_seed_same_views_other_seed_differs(small_shards):
     assert not torch.equal(first[0], first[2])
 
 
+@pytest.mark.parametrize("pipelines", PIPELINES)
 @pytest.mark.parametrize("stop", [5, 12])  # mid-epoch, and the epoch's last batch (12 per epoch)
-def test_exact_resume(small_shards, stop):
+def test_exact_resume(small_shards, stop, pipelines):
     directory, _ = small_shards
     reference = []
-    loader = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=2)
+    loader = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=2, pipelines=pipelines)
     for _ in range(2):
         reference += [v1 for v1, _ in loader]
-    loader = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=2)
+    loader = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=2, pipelines=pipelines)
+    assert len(loader) == 12
     resumed = []
     for view1, _ in loader:
         resumed.append(view1)
         if len(resumed) == stop:
             state = loader.state_dict()
             break
-    restored = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=2)
+    restored = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=2, pipelines=pipelines)
     restored.load_state_dict(state)
     while len(resumed) < len(reference):
         resumed += [v1 for v1, _ in restored]
