@@ -7,17 +7,16 @@ parameters of the official SimCLR code (``AugmentConfig``). The functions here t
 pays for the operators it goes through.
 
 How the colour jitter maps onto DALI's operators (measured choices, see bench/results and the README):
-- brightness and contrast are one pass, saturation and hue one ``hsv`` pass (DALI's linear YIQ
-  approximation of HSV). Within a pass the two adjustments commute exactly, so the official code's
-  random order of the four survives as a random order of the two passes. Images are uint8 and every
-  pass saturates: values are clipped after each pass (the official code clips after each of the four
-  adjustments; here not between the two inside one pass). One pass instead of two halves the cost on
-  the CPU, where every DALI operator is a full sweep over the image.
-- contrast pivots on each channel's own mean, as TensorFlow's ``adjust_contrast`` in the official code
-  (``contrast_per_channel=False``: one mean over all channels, torchvision's rule). DALI's
-  ``brightness_contrast`` takes one scalar pivot, so on the CPU the per-channel form is one
-  ``crop_mirror_normalize`` pass to uint8 (``(x - mu) * s`` with ``s = b c``, ``mu = m (c - 1) / c``),
-  on the GPU arithmetic on the device (DALI's named arguments cannot be GPU data).
+- the four adjustments are one affine colour map per image, ``y = b c H x + b (1 - c) H m`` (``colour_map``):
+  brightness b and contrast c about each channel's own mean m (TF's ``adjust_contrast`` in the official code;
+  ``contrast_per_channel=False`` pivots on one mean over all channels, torchvision's rule), saturation and hue
+  as ``H``, the matrix of DALI's ``hsv`` operator (its linear YIQ approximation of HSV). Without clipping in
+  between, the adjustments commute exactly (the mean of ``H x`` is ``H m``), so the official code's random
+  order needs no branch; what is not kept is its clipping to the valid range after each adjustment: values
+  are saturated once, at the end. Against clipping between brightness-contrast and saturation-hue (this
+  project's previous two passes) that moves 0.8% of CIFAR-10's pixel values by more than 2 levels at the
+  CIFAR strength s = 0.5 (2.3% at s = 1; mean 0.3 and 0.5 levels). One ``coord_transform`` pass on the CPU
+  instead of a mean, a brightness-contrast pass, an ``hsv`` pass and a branch per order.
 - grayscale is ``color_space_conversion`` RGB -> GRAY -> RGB (luma 0.299/0.587/0.114: a fixed-point
   kernel ~50x cheaper on the CPU than ``hsv`` with saturation 0, which it matches to +-1 level).
 - the blur kernel is truncated at 4 sigma (capped at the paper's window, 23 taps at 224 px): the
@@ -25,6 +24,8 @@ How the colour jitter maps onto DALI's operators (measured choices, see bench/re
   On the CPU it is two 1-D ``fn.filter`` passes with the same per-sample Gaussian (DALI's CPU
   ``gaussian_blur`` is 5-9x slower for the same result); the blurred view goes to the normalisation
   unrounded (float). On the GPU it stays ``gaussian_blur``.
+- every random number of a view but its crop's comes from one DALI random operator (``ViewDraws``): on the
+  CPU each operator costs about a microsecond per sample however little it computes.
 Images are uint8 HWC between operators; the flip is fused into the final normalisation (it commutes
 with every colour operator).
 """
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
+from nvidia.dali.data_node import DataNode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -123,63 +125,103 @@ def decode_random_crop(jpegs, cfg: AugmentConfig, device: str):
     return fn.resize(region, size=[cfg.size, cfg.size], interp_type=types.INTERP_CUBIC, antialias=False)
 
 
-def _to_device(scalar, like):
-    """A per-sample CPU scalar placed where ``like`` lives, for arithmetic with it."""
-    return scalar.gpu() if like.device == "gpu" else scalar
+# DALI's ``hsv`` operator as a matrix (dali/operators/image/color/hsv.h): to YIQ, rotate the chroma (I, Q) by
+# the hue angle and scale it by the saturation, back to RGB with DALI's own (rounded) inverse. Written out,
+# ``H(s, h) = HSV_BASIS[0] + s cos(h) HSV_BASIS[1] + s sin(h) HSV_BASIS[2]``.
+RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
+YIQ_TO_RGB = np.array([[1.0, 0.956, 0.621], [1.0, -0.272, -0.647], [1.0, -1.107, 1.705]])
+HSV_BASIS = (
+    np.outer(YIQ_TO_RGB[:, 0], RGB_TO_YIQ[0]),
+    np.outer(YIQ_TO_RGB[:, 1], RGB_TO_YIQ[1]) + np.outer(YIQ_TO_RGB[:, 2], RGB_TO_YIQ[2]),
+    np.outer(YIQ_TO_RGB[:, 1], RGB_TO_YIQ[2]) - np.outer(YIQ_TO_RGB[:, 2], RGB_TO_YIQ[1]),
+)
 
 
-def _uniform(lo: float, hi: float):
-    return fn.random.uniform(range=[lo, hi])
+def _constant(value) -> DataNode:
+    """A constant for DALI arithmetic as a 1-element (or n-element) array: on the CPU an arithmetic operator
+    with a 0-d constant operand costs ~0.8 us per sample, with an array operand ~0.1 us (measured, DALI 2.4)."""
+    return types.Constant(np.atleast_1d(np.asarray(value, np.float32)))
 
 
-def _coin(probability: float):
-    return fn.random.coin_flip(probability=probability, dtype=types.BOOL)
+def _as_node(value) -> DataNode:
+    return value if isinstance(value, DataNode) else _constant(value)
 
 
-def brightness_contrast(images, brightness, contrast, per_channel: bool = True):
-    """``brightness * (m + contrast * (x - m))`` saturated to uint8; m = each channel's mean (TF's
-    ``adjust_contrast``) or, with ``per_channel=False``, the mean over all channels.
+def hsv_matrix(saturation, hue_degrees) -> DataNode:
+    """The 3x3 RGB map of DALI's ``hsv(saturation, hue)``, per sample (saturation and hue: DALI scalars or numbers)."""
+    radians = _as_node(hue_degrees) * _constant(np.pi / 180.0)
+    saturation = _as_node(saturation)
+    k0, k1, k2 = (_constant(k) for k in HSV_BASIS)
+    return k0 + (saturation * dmath.cos(radians)) * k1 + (saturation * dmath.sin(radians)) * k2
 
-    On the CPU, per channel: one ``crop_mirror_normalize`` pass, ``(x - mu) * s`` with ``s = b c`` and
-    ``mu = m (c - 1) / c`` (c is clamped to >= 1e-3: the jitter's contrast range starts at 1 - 0.8 s > 0
-    for s < 1.25); per image: DALI's ``brightness_contrast`` with the pivot as a per-sample argument. On
-    the GPU the pivot is GPU data and DALI's named arguments must live on the CPU, so the same formula is
-    written as arithmetic on the device (``contrast_by_arithmetic`` forces that form here, for tests)."""
-    if images.device == "gpu" or contrast_by_arithmetic:
-        pivot = fn.reductions.mean(
-            images, axes=[0, 1] if per_channel else [0, 1, 2], keep_dims=True
-        )  # (1, 1, 3) or (1, 1, 1)
-        b, c = _to_device(brightness, images), _to_device(contrast, images)
-        return fn.cast(dmath.clamp((pivot + (images - pivot) * c) * b, 0, 255), dtype=types.UINT8)
-    if per_channel:
-        c = max(contrast, 1e-3) if isinstance(contrast, (int, float)) else dmath.max(contrast, 1e-3)
-        mu = fn.reductions.mean(images, axes=[0, 1]) * ((c - 1.0) / c)
-        return fn.crop_mirror_normalize(
-            images, mean=mu, std=1.0 / (brightness * c), dtype=types.UINT8, output_layout="HWC"
+
+def jitter_matrices(brightness, contrast, saturation, hue_degrees) -> tuple[DataNode, DataNode]:
+    """The colour jitter's affine map as two 3x3 matrices per sample: ``scale = b c H`` (applied to the pixels)
+    and ``offset = b (1 - c) H`` (applied to the contrast pivot), ``H`` DALI's ``hsv`` matrix."""
+    hsv, brightness, contrast = hsv_matrix(saturation, hue_degrees), _as_node(brightness), _as_node(contrast)
+    return hsv * (brightness * contrast), hsv * (brightness * (_constant(1.0) - contrast))
+
+
+def colour_map(images, scale, offset, per_channel: bool = True):
+    """The colour jitter as one affine map per image, saturated to uint8 once:
+    ``y = H (b (m + c (x - m))) = scale x + offset m`` (``jitter_matrices``), with ``m`` each channel's mean
+    (TF's ``adjust_contrast``) or, with ``per_channel=False``, the mean over all channels.
+
+    Brightness-and-contrast and saturation-and-hue commute exactly when nothing is clipped between them (the
+    pivot, a mean, moves with the linear map: the mean of ``H x`` is ``H m``), so the official code's random
+    order of the adjustments needs no branch: only its clipping after each adjustment is not kept (values
+    are saturated once, after all four). On the CPU one ``coord_transform`` pass (``M = scale``,
+    ``T = offset m``); on the GPU the translation is GPU data and DALI's named arguments must live on the
+    CPU, so it is added by arithmetic on the device (``colour_map_by_arithmetic`` forces that form, for tests)."""
+    pivot = fn.reductions.mean(images, axes=[0, 1], keep_dims=True)  # (1, 1, 3)
+    if not per_channel:
+        pivot = fn.reductions.mean(pivot, axes=[2], keep_dims=True) * _constant(np.ones(3))
+    translation = fn.coord_transform(pivot, M=offset)  # (1, 1, 3)
+    if images.device == "gpu" or colour_map_by_arithmetic:
+        mapped = fn.coord_transform(images, M=scale, dtype=types.FLOAT)
+        return fn.cast(dmath.clamp(mapped + translation, 0, 255), dtype=types.UINT8)
+    return fn.coord_transform(images, M=scale, T=fn.reshape(translation, shape=[3]), dtype=types.UINT8)
+
+
+colour_map_by_arithmetic = False
+
+
+class ViewDraws:
+    """Every random number of one view after its crop, drawn by one DALI operator: on the CPU each DALI
+    operator costs about a microsecond per sample however little it computes (a 32 px colour pass, tens), so
+    one vector of uniforms, scaled to each range, replaces an operator per number. Attributes: the coins
+    ``jitter``, ``gray``, ``flip``, ``blur`` (booleans, ``u < p``) and ``brightness``, ``contrast``,
+    ``saturation``, ``hue`` (degrees), ``sigma`` (floats)."""
+
+    def __init__(self, cfg: AugmentConfig):
+        s = cfg.jitter_strength
+        factor = lambda amount: (max(0.0, 1.0 - amount * s), 1.0 + amount * s)
+        coins = {"jitter": cfg.jitter_prob, "gray": cfg.gray_prob, "flip": cfg.flip_prob, "blur": cfg.blur_prob}
+        ranges = {
+            "brightness": factor(cfg.brightness),
+            "contrast": factor(cfg.contrast),
+            "saturation": factor(cfg.saturation),
+            "hue": (-cfg.hue * s * 360.0, cfg.hue * s * 360.0),
+            "sigma": cfg.blur_sigma,
+        }
+        uniform = fn.random.uniform(range=[0.0, 1.0], shape=[len(coins) + len(ranges)])
+        heads = uniform < _constant([*coins.values(), *[0.0] * len(ranges)])
+        values = (
+            _constant([0.0] * len(coins) + [lo for lo, _ in ranges.values()])
+            + _constant([1.0] * len(coins) + [hi - lo for lo, hi in ranges.values()]) * uniform
         )
-    return fn.brightness_contrast(
-        images, brightness=brightness, contrast=contrast, contrast_center=fn.reductions.mean(images)
-    )
+        for i, name in enumerate(coins):
+            setattr(self, name, heads[i])
+        for i, name in enumerate(ranges, start=len(coins)):
+            setattr(self, name, values[i])
 
 
-contrast_by_arithmetic = False
-
-
-def color_jitter(images, cfg: AugmentConfig):
+def color_jitter(images, cfg: AugmentConfig, draws: ViewDraws):
     """The official ``color_jitter_rand``: brightness and contrast factors in [1 - 0.8 s, 1 + 0.8 s]
     (multiplicative; contrast pivots on the mean), saturation likewise, hue shifted by up to 0.2 s of
-    the colour wheel, in a random order (of the two passes, see the module docstring)."""
-    s = cfg.jitter_strength
-    factor = lambda amount: _uniform(max(0.0, 1.0 - amount * s), 1.0 + amount * s) if amount * s > 0 else 1.0
-    brightness, contrast, saturation = factor(cfg.brightness), factor(cfg.contrast), factor(cfg.saturation)
-    hue = _uniform(-cfg.hue * s * 360.0, cfg.hue * s * 360.0) if cfg.hue * s > 0 else 0.0  # degrees
-    if _coin(0.5):
-        images = brightness_contrast(images, brightness, contrast, cfg.contrast_per_channel)
-        images = fn.hsv(images, saturation=saturation, hue=hue)
-    else:
-        images = fn.hsv(images, saturation=saturation, hue=hue)
-        images = brightness_contrast(images, brightness, contrast, cfg.contrast_per_channel)
-    return images
+    the colour wheel, as one affine colour map (``colour_map``)."""
+    scale, offset = jitter_matrices(draws.brightness, draws.contrast, draws.saturation, draws.hue)
+    return colour_map(images, scale, offset, cfg.contrast_per_channel)
 
 
 def grayscale(images):
@@ -188,10 +230,9 @@ def grayscale(images):
     return fn.color_space_conversion(gray, image_type=types.GRAY, output_type=types.RGB)
 
 
-def _blur_parameters(cfg: AugmentConfig):
-    """sigma ~ U[blur_sigma] and its kernel's radius: ceil(4 sigma), capped at the paper's window."""
-    sigma = _uniform(*cfg.blur_sigma)
-    return sigma, dmath.min(fn.cast(dmath.ceil(sigma * 4.0), dtype=types.INT32), cfg.blur_window // 2)
+def _blur_radius(sigma, cfg: AugmentConfig):
+    """The blur kernel's radius for ``sigma``: ceil(4 sigma), capped at the paper's window."""
+    return dmath.min(fn.cast(dmath.ceil(sigma * 4.0), dtype=types.INT32), cfg.blur_window // 2)
 
 
 def gaussian_blur_cpu(images, sigma, radius, max_window: int):
@@ -231,18 +272,17 @@ def simclr_view(images, cfg: AugmentConfig, output_dtype=types.FLOAT):
 
 def augment_cropped(view, cfg: AugmentConfig, output_dtype=types.FLOAT):
     """Everything of a view after its crop: colour jitter, grayscale, blur, flip + normalisation."""
-    if cfg.jitter_prob > 0 and _coin(cfg.jitter_prob):
-        view = color_jitter(view, cfg)
-    if cfg.gray_prob > 0 and _coin(cfg.gray_prob):
+    draws = ViewDraws(cfg)
+    if cfg.jitter_prob > 0 and draws.jitter:
+        view = color_jitter(view, cfg, draws)
+    if cfg.gray_prob > 0 and draws.gray:
         view = grayscale(view)
-    mirror = fn.random.coin_flip(
-        probability=cfg.flip_prob
-    )  # commutes with every colour operator: fused into the normalisation
+    mirror = fn.cast(draws.flip, dtype=types.INT32)  # commutes with every colour operator: fused into the normalisation
     if cfg.blur_prob > 0 and view.device == "cpu":
-        sigma, radius = _blur_parameters(cfg)  # drawn for every sample: the branches below must agree on types
-        if _coin(cfg.blur_prob):  # the blurred view is float: each branch ends in its own normalisation
+        radius = _blur_radius(draws.sigma, cfg)  # for every sample: the branches below must agree on types
+        if draws.blur:  # the blurred view is float: each branch ends in its own normalisation
             view = normalize(
-                gaussian_blur_cpu(view, sigma, radius, cfg.blur_window),
+                gaussian_blur_cpu(view, draws.sigma, radius, cfg.blur_window),
                 cfg.mean,
                 cfg.std,
                 mirror=mirror,
@@ -251,9 +291,8 @@ def augment_cropped(view, cfg: AugmentConfig, output_dtype=types.FLOAT):
         else:
             view = normalize(view, cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
         return view
-    if cfg.blur_prob > 0 and _coin(cfg.blur_prob):
-        sigma, radius = _blur_parameters(cfg)
-        view = fn.gaussian_blur(view, window_size=radius * 2 + 1, sigma=sigma)
+    if cfg.blur_prob > 0 and draws.blur:
+        view = fn.gaussian_blur(view, window_size=_blur_radius(draws.sigma, cfg) * 2 + 1, sigma=draws.sigma)
     return normalize(view, cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
 
 

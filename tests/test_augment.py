@@ -155,35 +155,82 @@ def test_contrast_range_pivots_on_the_mean(device):
     assert uniform_ks((high - low) / 80, 0.6, 1.4) < 0.07
 
 
-@pytest.mark.parametrize("arithmetic", [False, True])  # the CPU operator forms, and the arithmetic form the GPU runs
-def test_contrast_pivots_on_each_channels_mean(arithmetic, monkeypatch):
-    """TF's adjust_contrast (the official code): every channel pivots on its own mean, brightness scales the
-    result; ``per_channel=False`` pivots on the mean over all channels."""
+def _constant(batch):
+    return lambda: batch  # (a source that takes an argument is given the iteration number: bind by value)
+
+
+def _colour_map_batches(images, columns, arithmetic, monkeypatch, per_channel=True):
+    """``colour_map`` (and DALI's own ``hsv``) over ``images`` with per-sample (b, c, s, hue) ``columns``."""
     import pipeline.augment as augment
 
-    monkeypatch.setattr(augment, "contrast_by_arithmetic", arithmetic)
+    monkeypatch.setattr(augment, "colour_map_by_arithmetic", arithmetic)
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None)
+    def colour():
+        x = fn.external_source(source=_constant(images), batch=True, layout="HWC", dtype=types.UINT8)
+        b, c, s, h = (
+            fn.external_source(source=_constant([np.float32(f[i]) for f in columns]), batch=True) for i in range(4)
+        )
+        mapped = augment.colour_map(x, *augment.jitter_matrices(b, c, s, h), per_channel)
+        return mapped, fn.hsv(x, saturation=s, hue=h)
+
+    return colour().run()
+
+
+def _dali_hsv_reference(saturation, hue_degrees):
+    """DALI's hsv as its source defines it: to YIQ, rotate the chroma by the hue and scale it, back to RGB."""
+    to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
+    to_rgb = np.array([[1.0, 0.956, 0.621], [1.0, -0.272, -0.647], [1.0, -1.107, 1.705]])
+    cos, sin = np.cos(np.radians(hue_degrees)), np.sin(np.radians(hue_degrees))
+    chroma = np.array([[1, 0, 0], [0, cos, sin], [0, -sin, cos]]) @ np.diag([1, saturation, saturation])
+    return to_rgb @ chroma @ to_yiq
+
+
+@pytest.mark.parametrize("arithmetic", [False, True])  # the CPU operator form, and the arithmetic form the GPU runs
+def test_colour_map_is_the_jitter_in_either_order(arithmetic, monkeypatch):
+    """The jitter's one affine map against float64 references of both orders of the official adjustments:
+    brightness-and-contrast (TF's adjust_contrast: every channel pivots on its own mean, brightness scales the
+    result) then saturation-and-hue (DALI's hsv matrix), and the reverse order, where the contrast pivots on
+    the mean of the hsv output. Unclipped, the two orders agree; the map rounds and saturates once. With
+    b = c = 1 it is DALI's own hsv operator."""
     rng = np.random.default_rng(0)
     images = [
         rng.integers(0, 256, (20, 30, 3), dtype=np.uint8) // np.array([1, 2, 4], np.uint8) for _ in range(8)
     ]  # channel means ~127, ~64, ~32
-    factors = [(0.7, 1.6), (1.3, 0.4), (1.0, 1.8), (1.8, 0.2), (0.2, 1.0), (1.1, 1.1), (0.9, 0.6), (1.5, 1.4)]
-
-    @pipeline_def(batch_size=8, num_threads=1, device_id=None)
-    def contrast():
-        x = fn.external_source(source=lambda: images, batch=True, layout="HWC", dtype=types.UINT8)
-        b = fn.external_source(source=lambda: [np.float32(f[0]) for f in factors], batch=True)
-        c = fn.external_source(source=lambda: [np.float32(f[1]) for f in factors], batch=True)
-        return augment.brightness_contrast(x, b, c, per_channel=True), augment.brightness_contrast(
-            x, b, c, per_channel=False
-        )
-
-    per_channel, whole = contrast().run()
-    for image, (b, c), got, got_whole in zip(images, factors, per_channel, whole):
-        x = image.astype(np.float64)
+    columns = [
+        (0.7, 1.6, 1.0, 0.0),
+        (1.3, 0.4, 0.5, 30.0),
+        (1.0, 1.8, 1.7, -70.0),
+        (1.8, 0.2, 0.2, 10.0),
+        (0.2, 1.0, 1.0, 72.0),
+        (1.0, 1.0, 1.4, -5.0),
+        (0.9, 0.6, 0.6, 45.0),
+        (1.0, 1.0, 0.3, 60.0),
+    ]
+    mapped, hsv = _colour_map_batches(images, columns, arithmetic, monkeypatch)
+    for image, (b, c, s, h), got, dali_hsv in zip(images, columns, mapped, hsv):
+        x, matrix = image.astype(np.float64), _dali_hsv_reference(s, h)
         m = x.mean((0, 1))
-        assert np.abs(np.asarray(got).astype(np.float64) - np.clip(b * (m + c * (x - m)), 0, 255)).max() <= 1.0
-        expected_whole = np.clip(b * (x.mean() + c * (x - x.mean())), 0, 255)
-        assert np.abs(np.asarray(got_whole).astype(np.float64) - expected_whole).max() <= 1.0
+        contrast_first = (b * (m + c * (x - m))) @ matrix.T
+        z = x @ matrix.T
+        hsv_first = b * (z.mean((0, 1)) + c * (z - z.mean((0, 1))))
+        assert np.abs(contrast_first - hsv_first).max() < 1e-9
+        got = np.asarray(got).astype(np.float64)
+        assert np.abs(got - np.clip(contrast_first, 0, 255)).max() <= 0.5 + 1e-3  # rounded once
+        if b == c == 1.0:
+            assert np.abs(got - np.asarray(dali_hsv)).max() <= 1.0
+
+
+def test_colour_map_pivots_on_the_mean_over_all_channels_when_asked(monkeypatch):
+    """``contrast_per_channel=False``: one pivot, the mean over all channels (torchvision's rule)."""
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (12, 10, 3), dtype=np.uint8) // np.array([1, 2, 4], np.uint8) for _ in range(4)]
+    columns = [(0.7, 1.6, 1.0, 0.0), (1.3, 0.4, 1.0, 0.0), (1.0, 1.8, 0.6, 20.0), (1.8, 0.2, 1.2, -20.0)]
+    mapped, _ = _colour_map_batches(images, columns, False, monkeypatch, per_channel=False)
+    for image, (b, c, s, h), got in zip(images, columns, mapped):
+        x = image.astype(np.float64)
+        expected = np.clip((b * (x.mean() + c * (x - x.mean()))) @ _dali_hsv_reference(s, h).T, 0, 255)
+        assert np.abs(np.asarray(got).astype(np.float64) - expected).max() <= 0.5 + 1e-3
 
 
 def test_cpu_blur_is_the_truncated_gaussian():
