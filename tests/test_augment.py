@@ -17,7 +17,9 @@ from pipeline.augment import AugmentConfig, eval_view, simclr_view
 IDENTITY_NORM = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))  # outputs in 0..255 units
 PLAIN = dict(jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, flip_prob=0.0, **IDENTITY_NORM)
 BATCH = 250
-DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]  # DALI backends; the GPU one needs CUDA
+# DALI backends: the CPU with its compiled colour stage (pipeline/colour_cpu.py), the CPU with the colour stage
+# built from DALI's operators as on the GPU ("cpu-dali-ops"), and the GPU (needs CUDA).
+DEVICES = ["cpu", "cpu-dali-ops", pytest.param("gpu", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(params=DEVICES, scope="module")
@@ -27,7 +29,23 @@ def device(request) -> str:
 
 def run_views(image: np.ndarray, cfg: AugmentConfig, count: int, seed: int = 0, device: str = "cpu") -> np.ndarray:
     """``count`` independent views of ``image`` (H, W, 3 uint8), augmented on DALI's ``device`` backend
-    ('cpu' or 'gpu') -> float array (count, S, S, 3)."""
+    ('cpu', 'cpu-dali-ops' or 'gpu') -> float array (count, S, S, 3)."""
+    import pipeline.augment as augment
+
+    dali_ops, augment.colour_by_dali_operators = augment.colour_by_dali_operators, device == "cpu-dali-ops"
+    try:
+        pipe = _views_pipeline(image, cfg, seed, device)
+    finally:
+        augment.colour_by_dali_operators = dali_ops
+    out = []
+    while sum(len(o) for o in out) < count:
+        (batch,) = pipe.run()
+        batch = batch.as_cpu() if device == "gpu" else batch
+        out.append(np.stack([np.asarray(batch[i]) for i in range(len(batch))]))
+    return np.concatenate(out)[:count]
+
+
+def _views_pipeline(image, cfg, seed, device):
 
     @pipeline_def(
         batch_size=BATCH,
@@ -41,13 +59,7 @@ def run_views(image: np.ndarray, cfg: AugmentConfig, count: int, seed: int = 0, 
         images = fn.external_source(source=lambda: [image] * BATCH, batch=True, layout="HWC", dtype=types.UINT8)
         return simclr_view(images.gpu() if device == "gpu" else images, cfg)
 
-    pipe = views()
-    out = []
-    while sum(len(o) for o in out) < count:
-        (batch,) = pipe.run()
-        batch = batch.as_cpu() if device == "gpu" else batch
-        out.append(np.stack([np.asarray(batch[i]) for i in range(len(batch))]))
-    return np.concatenate(out)[:count]
+    return views()
 
 
 def ks_statistic(samples: np.ndarray, reference: np.ndarray) -> float:
@@ -231,6 +243,73 @@ def test_colour_map_pivots_on_the_mean_over_all_channels_when_asked(monkeypatch)
         x = image.astype(np.float64)
         expected = np.clip((b * (x.mean() + c * (x - x.mean()))) @ _dali_hsv_reference(s, h).T, 0, 255)
         assert np.abs(np.asarray(got).astype(np.float64) - expected).max() <= 0.5 + 1e-3
+
+
+def _colour_stage_outputs(images, uniforms, cfg):
+    """The colour stage (``augment.colour_stage``) of ``images`` with given per-view ``uniforms``, in both forms
+    in one pipeline: the CPU's compiled operator and DALI's operators (the GPU's form), each flipped by its own
+    ``mirror`` through an identity normalisation -> two lists of float arrays in 0..255."""
+    import pipeline.augment as augment
+
+    @pipeline_def(batch_size=len(images), num_threads=1, device_id=None, enable_conditionals=True)
+    def stage():
+        x = fn.external_source(source=_constant(images), batch=True, layout="HWC", dtype=types.UINT8)
+        u = fn.external_source(source=_constant([np.float32(v) for v in uniforms]), batch=True)
+        outputs = []
+        for dali_ops in (False, True):
+            augment.colour_by_dali_operators = dali_ops
+            view, mirror = augment.colour_stage(x, cfg, augment.ViewDraws(cfg, u))
+            outputs.append(augment.normalize(view, **IDENTITY_NORM, mirror=mirror))
+        augment.colour_by_dali_operators = False
+        return tuple(outputs)
+
+    compiled, dali_ops = stage().run()
+    return [np.asarray(t) for t in compiled], [np.asarray(t) for t in dali_ops]
+
+
+def _colour_stage_reference(image, u, cfg):
+    """float64 reference of one view's colour stage from its uniforms: jitter (p) as the affine map, saturated
+    and rounded once; luma (p) rounded; flip (p)."""
+    from pipeline.augment import UNIFORMS, jitter_ranges
+
+    at = {name: u[i] for i, name in enumerate(UNIFORMS)}
+    ranges = jitter_ranges(cfg)
+    value = lambda name: ranges[name][0] + (ranges[name][1] - ranges[name][0]) * at[name]
+    x = image.astype(np.float64)
+    if at["jitter"] < cfg.jitter_prob:
+        b, c = value("brightness"), value("contrast")
+        m = x.mean((0, 1)) if cfg.contrast_per_channel else x.mean()
+        x = np.floor(
+            np.clip((b * (m + c * (x - m))) @ _dali_hsv_reference(value("saturation"), value("hue")).T, 0, 255) + 0.5
+        )
+    if at["gray"] < cfg.gray_prob:
+        x = np.floor(x @ np.array([0.299, 0.587, 0.114]) + 0.5)[..., None].repeat(3, -1)
+    return x[:, ::-1] if at["flip"] < cfg.flip_prob else x
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_cpu_colour_stage_is_the_reference_and_the_gpu_form(per_channel):
+    """The CPU's compiled colour stage against a float64 reference over every combination of the three coins
+    (jitter, grayscale, flip) and a spread of factors, on non-square images; and against the colour stage built
+    from DALI's operators (what the GPU runs) with the same uniforms."""
+    from pipeline.augment import UNIFORMS
+
+    rng = np.random.default_rng(2)
+    cfg = AugmentConfig(contrast_per_channel=per_channel, jitter_prob=0.5, gray_prob=0.5, flip_prob=0.5)
+    uniforms, images = [], []
+    for coins in np.ndindex(2, 2, 2):  # jitter, gray, flip: 0 = heads (u < p), 1 = tails
+        for _ in range(3):
+            u = rng.uniform(0, 1, len(UNIFORMS)).astype(np.float32)
+            u[:3] = [0.25 if tails == 0 else 0.75 for tails in coins]
+            uniforms.append(u)
+            images.append(rng.integers(0, 256, (14, 23, 3), dtype=np.uint8) // np.array([1, 2, 4], np.uint8))
+    compiled, dali_ops = _colour_stage_outputs(images, uniforms, cfg)
+    for image, u, got, other in zip(images, uniforms, compiled, dali_ops):
+        expected = _colour_stage_reference(image, u, cfg)
+        assert got.shape == image.shape
+        assert np.abs(got - expected).max() <= 1.0  # float32 against float64 at a rounding boundary: one level
+        assert (np.abs(got - expected) > 0).mean() < 0.01
+        assert np.abs(got - other).max() <= 1.0
 
 
 def test_cpu_blur_is_the_truncated_gaussian():
