@@ -25,6 +25,7 @@ PACKAGES = (
     "triton",
     "pillow",
     "numpy",
+    "numba",
 )
 
 
