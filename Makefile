@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 DALI_EXTRA ?= cuda13
 LOCK ?= requirements/lock.txt
 
-.PHONY: demo test lint lock cifar10
+.PHONY: demo test lint lock cifar10 goldens
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,13 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+
+# TensorFlow's own image ops on real images (tests/goldens/tf_*.py), written as the small .npz files the
+# augmentation tests compare with. tensorflow-cpu lives in a throwaway venv: never a project dependency.
+TF_VENV ?= /tmp/simclr-tfenv
+goldens:
+	test -x $(TF_VENV)/bin/python || ($(PYTHON) -m venv $(TF_VENV) && $(TF_VENV)/bin/pip install -q "tensorflow-cpu==2.21.0" pillow)
+	for script in tests/goldens/tf_*.py; do $(TF_VENV)/bin/python $$script || exit 1; done
 
 # The CIFAR-10 recipe end to end (writes shards once, pretrains, evaluates every epoch, then the torchvision
 # baseline for the same training time): bench/results/cifar10_<device>.json + .png. ~80 min on 2 CPU cores.
