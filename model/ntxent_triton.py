@@ -554,6 +554,17 @@ CUDA_TILES = _cuda_tiles
 INTERPRETER_TILES = _interpreter_tiles
 
 
+def _balanced_split(column_tiles: int, wanted: int) -> int:
+    """Tiles per column split: ``wanted`` splits as even as whole tiles allow (cdiv, e.g. 26/26/26/26/24 of 128
+    tiles, not 31/31/31/31/4). Where the even width gives fewer than ``wanted`` splits (only when
+    column_tiles < wanted * (wanted - 1)), the widest that still gives ``wanted``: (C - 1) // (S - 1). Either
+    way no split is wider than cdiv(column_tiles, splits), the width of an even division into that many."""
+    tiles_per_split = triton.cdiv(column_tiles, wanted)
+    if triton.cdiv(column_tiles, tiles_per_split) < wanted:
+        tiles_per_split = max(1, (column_tiles - 1) // (wanted - 1))
+    return tiles_per_split
+
+
 def _plan_kernel(
     rows: int, columns: int, d_slices_of, tiles: dict, target: int, column_splits: int | None, grad: bool
 ) -> KernelLaunch:
@@ -572,8 +583,7 @@ def _plan_kernel(
     column_tiles = max(1, triton.cdiv(columns, block_n))
     wanted = column_splits or triton.cdiv(target, row_blocks * d_slices)
     wanted = max(1, min(wanted, column_tiles))
-    # the most tiles per split that still gives >= `wanted` splits: cdiv(C, t) >= S  <=>  t <= (C - 1) // (S - 1)
-    tiles_per_split = column_tiles if wanted == 1 else max(1, (column_tiles - 1) // (wanted - 1))
+    tiles_per_split = _balanced_split(column_tiles, wanted)
     splits = triton.cdiv(column_tiles, tiles_per_split)
     small = block_m * block_n <= 64 * 32  # small tiles need fewer warps
     num_warps = min(tiles["num_warps"], 4) if small else tiles["num_warps"]

@@ -112,6 +112,41 @@ def test_launch_grid_fills_an_h100(dtype_name, precision, rows, world, d):
         assert launch.grid[-1] == launch.column_splits
 
 
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("precision", ["ieee", "tf32"])
+@pytest.mark.parametrize("rows", [512, 1024, 8192, 131072])
+@pytest.mark.parametrize("world", [1, 8])
+@pytest.mark.parametrize("d", [128, 256])
+def test_launch_grid_splits_are_balanced(dtype_name, precision, rows, world, d):
+    """No column split wider than an even division of the column tiles into that many splits (the earlier
+    (C - 1) // (S - 1) split 128 tiles as 31/31/31/31/4, and as 127/1 for the d = 256 gradient)."""
+    import torch
+    import triton
+
+    from model.ntxent_triton import launch_grid
+
+    plan = launch_grid(rows, world * rows, d, getattr(torch, dtype_name), H100_SMS, float32_matmul_precision=precision)
+    for name, launch in (("negatives", plan.negatives), ("grad", plan.grad)):
+        column_tiles = triton.cdiv(world * rows, launch.block_n)
+        widths = [
+            min(launch.split_columns, world * rows - start) for start in range(0, world * rows, launch.split_columns)
+        ]
+        assert len(widths) == launch.column_splits, (name, launch)
+        assert launch.split_columns // launch.block_n == triton.cdiv(column_tiles, launch.column_splits), (name, launch)
+        assert launch.programs >= 2 * H100_SMS or launch.column_splits == column_tiles, (name, launch)
+
+
+def test_launch_grid_balanced_at_8192():
+    """2N = 8,192 in bf16, d = 128: the negatives' 128 column tiles in 5 splits of 26, 26, 26, 26, 24 tiles."""
+    import torch
+
+    from model.ntxent_triton import launch_grid
+
+    negatives = launch_grid(8192, 8192, 128, torch.bfloat16, H100_SMS).negatives
+    assert negatives.column_splits == 5 and negatives.split_columns == 26 * negatives.block_n
+    assert 8192 - 4 * negatives.split_columns == 24 * negatives.block_n
+
+
 def test_launch_grid_splits_only_when_needed():
     """Many row blocks: no column split (no partial buffer); few: as many splits as the target needs."""
     import torch
