@@ -8,6 +8,7 @@
     python bench.py writer     # the shard writer: peak memory against data-set size, CIFAR storage formats
     python bench.py profile --config CONFIG [train.py flags]   # where a step's time goes: stage table, trace, verdict
     python bench.py gpu-check --out DIR [--dry_run]             # everything that must be seen on a GPU, in one command
+    python bench.py triton-sm90 # every Triton kernel launch compiled for Hopper (sm_90a), Triton 3.8 and 3.6, no GPU
 
 Each prints a summary and records device, versions, command and date beside the numbers.
 `python bench.py NAME --help` lists a benchmark's options.
@@ -26,6 +27,7 @@ COMMANDS = {
     "writer": "bench.writer",
     "profile": "bench.profile",
     "gpu-check": "bench.gpu_check",
+    "triton-sm90": "bench.triton_sm90",
 }
 
 

@@ -19,7 +19,8 @@ Filling the GPU: the columns are split too. A program of ``row_negatives``/``row
 block, column split[, d slice]), and its partial sums land in a (splits, m[, d]) float32 buffer that the
 next kernel adds in split order (deterministic: resumed runs stay bit-identical; no float atomics).
 ``launch_grid`` picks the tiles (``CUDA_TILES``) and the number of splits so that every launch has at
-least 2 programs per SM; it is a pure function of the sizes, so the grid can be checked without a GPU.
+least 2 programs per SM, the splits as even as whole tiles allow; it is a pure function of the sizes, so
+the grid can be checked without a GPU.
 
 Precision: statistics and accumulators are float32 (float64 for float64 inputs, as
 ``model.ntxent.accumulation_dtype`` has it). 16-bit inputs go to ``tl.dot`` as 16-bit operands (tensor
@@ -508,13 +509,15 @@ class LaunchPlan:
 
 
 def _cuda_tiles(d: int, dtype: torch.dtype, precision: str) -> dict:
-    """Preferred tiles on an H100 (compiled with ptxas for sm_90: at most 8 bytes of register spill at
-    d <= 128, 32-40 bytes in the gradient kernel at d > 128 with 16-bit inputs, in the previous version's
-    check). 16-bit inputs (and TF32): BLOCK_M >= 64 (one wgmma is 64 rows), d <= 128 in one K tile (the
-    row tile stays in registers, the column tile serves both products), larger d walked in 64-wide
-    chunks with the gradient's output split in 128-wide slices. Float32 "ieee" (FMA units) walks d in
-    32-wide chunks with 64-wide output slices; float64 likewise with 16/32-wide tiles. ``min_m``/``min_n``:
-    how far launch_grid may shrink a tile when the problem has too few tiles to fill the GPU."""
+    """Preferred tiles on an H100. Compiled for sm_90a at every production size (tests/test_triton_sm90.py,
+    bench/results/triton_sm90.json; Triton 3.8 and 3.6): no register spill but 32 bytes in the float32
+    "ieee" gradient kernel on Triton 3.8 (none on 3.6), at most 144 KiB of shared memory a block (TF32
+    row_negatives), 1-5 CTAs per SM in the two product kernels. 16-bit inputs (and TF32): BLOCK_M >= 64
+    (one wgmma is 64 rows), d <= 128 in one K tile (the row tile stays in registers, the column tile
+    serves both products), larger d walked in 64-wide chunks with the gradient's output split in
+    128-wide slices. Float32 "ieee" (FMA units) walks d in 32-wide chunks with 64-wide output slices;
+    float64 likewise with 16/32-wide tiles. ``min_m``/``min_n``: how far launch_grid may shrink a tile
+    when the problem has too few tiles to fill the GPU."""
     tensor_cores = dtype in (torch.bfloat16, torch.float16) or (dtype == torch.float32 and precision == "tf32")
     if dtype == torch.float64:
         k, block_d = (max(16, _pow2(d)) if d <= 16 else 16), (max(16, _pow2(d)) if d <= 32 else 32)

@@ -4,7 +4,8 @@ Without a GPU the kernels run under the Triton interpreter on CPU tensors. TRITO
 before triton is first imported, and other test modules may already have imported it in this pytest
 process, so each group of checks runs in a fresh interpreter: this file re-run as a script
 (``python tests/test_ntxent_triton.py GROUP``) with the variable set. The checks print the relative
-errors they see (pytest -s shows them). ``launch_grid`` is pure and is tested in this process.
+errors they see (pytest -s shows them). ``launch_grid`` is pure and is tested in this process. The Hopper compile
+checks of every launch (no GPU needed) are tests/test_triton_sm90.py.
 
 On a GPU: ``python tests/test_ntxent_triton.py cuda`` (or the ``gpu``-marked test) runs the compiled
 kernels on float32 (exact and TF32 products), bfloat16, float16 and float64 against float64, the
@@ -64,11 +65,6 @@ def test_row_kernels_distributed_slice():
 def test_saturated_pairs_match_float64():
     """Near-duplicate views at tau = 0.05, N = 256, d = 128 (loss ~5e-6): see SATURATED_TOL."""
     _check_group("saturated")
-
-
-def test_kernels_compile_for_hopper_with_tensor_cores():
-    """No GPU needed: every launch compiled for sm_90 by Triton's bundled ptxas, and its SASS read."""
-    _check_group("sm90", interpret=False)
 
 
 @pytest.mark.gpu
@@ -429,116 +425,6 @@ def _epilogue_group() -> None:
         assert max(errors.values()) < tol, errors
 
 
-def _compile_for_sm90(kernel, args: tuple, kwargs: dict):
-    """triton.compile of one launch (as the JIT would specialise it: 16-divisible pointers and integers)
-    for sm_90, without a driver."""
-    import torch
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    def type_of(value):
-        if isinstance(value, torch.Tensor):
-            return (
-                "*"
-                + {
-                    torch.float32: "fp32",
-                    torch.float64: "fp64",
-                    torch.bfloat16: "bf16",
-                    torch.float16: "fp16",
-                    torch.int64: "i64",
-                }[value.dtype]
-            )
-        return "i32" if isinstance(value, int) else "fp32"
-
-    values = dict(zip(kernel.arg_names, args), **{k: v for k, v in kwargs.items() if k in kernel.arg_names})
-    constexprs = {p.name: values[p.name] for p in kernel.params if p.is_constexpr}
-    signature = {name: "constexpr" if name in constexprs else type_of(value) for name, value in values.items()}
-    attrs = {
-        (i,): [["tt.divisibility", 16]]
-        for i, name in enumerate(kernel.arg_names)
-        if name not in constexprs
-        and (isinstance(values[name], torch.Tensor) or (type(values[name]) is int and values[name] % 16 == 0))
-    }
-    target = GPUTarget("cuda", 90, 32)
-    backend = triton.compiler.make_backend(target)
-    options = backend.parse_options({k: v for k, v in kwargs.items() if k not in kernel.arg_names})
-    source = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=target, options=options.__dict__)
-
-
-def _sass_report(compiled) -> dict:
-    """Registers and spill bytes (ptxas -v) and matrix/exp instruction counts (nvdisasm) of a compiled kernel."""
-    import re
-    import tempfile
-
-    import triton
-
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
-        ptx.write_text(compiled.asm["ptx"])
-        log = subprocess.run(
-            [str(tools / "ptxas"), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(tmp) / "v.cubin")],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stderr
-        cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([str(tools / "nvdisasm"), str(cubin)], capture_output=True, text=True, check=True).stdout
-    return {
-        "registers": int(re.search(r"Used (\d+) registers", log).group(1)),
-        "spill_bytes": max(int(x) for x in re.findall(r"(\d+) bytes spill stores", log) or ["0"]),
-        "HGMMA": sass.count("HGMMA."),
-        "HMMA": sass.count("HMMA."),
-        "FFMA": len(re.findall(r"\bFFMA\b", sass)),
-        "MUFU.EX2": sass.count("MUFU.EX2"),
-    }
-
-
-def _sm90_group() -> None:
-    """Each launch of a loss step (forward + backward), captured from the real launchers on CPU tensors and
-    compiled for sm_90: no compile error, 16-bit and TF32 products on the Hopper tensor cores (HGMMA, i.e.
-    wgmma), exact float32 on the FMA units, register spills within a few bytes."""
-    import torch
-
-    from model import ntxent_triton
-
-    captured = []
-    ntxent_triton._launch = lambda kernel, grid, *args, **kwargs: captured.append((kernel, grid, args, kwargs))
-    ntxent_triton._require_cuda = lambda *tensors: None
-    ntxent_triton._check = lambda *args: None
-    ntxent_triton._sm_count = lambda device: 132  # an H100
-    cases = [
-        ("bfloat16", 8192, 128, "ieee"),
-        ("float16", 1024, 128, "ieee"),
-        ("bfloat16", 1024, 256, "ieee"),
-        ("float32", 8192, 128, "ieee"),
-        ("float32", 8192, 128, "tf32"),
-    ]
-    for dtype_name, rows_count, d, precision in cases:
-        dtype = getattr(torch, dtype_name)
-        captured.clear()
-        z = torch.randn(rows_count // 2, d).to(dtype)
-        rows, operands, norms = ntxent_triton.normalize(z, z, dtype)
-        positives = torch.arange(rows_count)
-        ntxent_triton.row_negatives(operands, operands, positives, 0, 10.0, precision)
-        ntxent_triton.positive_stats(torch.zeros(3, rows_count), rows, 10.0)
-        ntxent_triton.row_grad(operands, operands, norms, norms, positives, 0, 10.0, precision)
-        ntxent_triton.input_grad(torch.zeros(3, rows_count, d), rows, norms, norms, torch.ones(()), dtype)
-        for kernel, grid, args, kwargs in captured:
-            report = _sass_report(_compile_for_sm90(kernel, args, kwargs))
-            name = kernel.__name__.strip("_")
-            print(
-                f"sm_90 {dtype_name:8s} {precision:4s} 2N={rows_count:5d} d={d:3d} {name:22s} "
-                f"grid={str(tuple(grid)):14s} " + " ".join(f"{k} {v}" for k, v in report.items())
-            )
-            if name in ("row_negatives_kernel", "row_grad_kernel"):
-                tensor_cores = dtype_name != "float32" or precision == "tf32"
-                assert (report["HGMMA"] > 0) == tensor_cores and report["HMMA"] == 0, (name, report)
-                assert report["MUFU.EX2"] > 0, report  # exp2 on the SFU, not a libdevice polynomial
-            assert report["spill_bytes"] <= 64, (name, report)
-
-
 # N = 1 (the loss is log 1), odd N and d that divide no tile, d = 2048 walked in chunks and split.
 FP32_CASES = [
     (1, 8, 0.1),
@@ -584,8 +470,6 @@ def main(group: str) -> None:
         ntxent_triton.INTERPRETER_BLOCK, ntxent_triton.INTERPRETER_BLOCK_K = 32, 128
         ntxent_triton.INTERPRETER_SM_COUNT = 16
         _saturated_group()
-    elif group == "sm90":
-        _sm90_group()
     elif group == "cuda":
         _cuda_checks()
     else:
@@ -593,7 +477,7 @@ def main(group: str) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] not in ("cuda", "sm90"):
+    if sys.argv[1] != "cuda":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (via model.ntxent_triton)
     sys.path.insert(0, str(ROOT))
     main(sys.argv[1])
