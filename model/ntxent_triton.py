@@ -512,7 +512,7 @@ def _cuda_tiles(d: int, dtype: torch.dtype, precision: str) -> dict:
     """Preferred tiles on an H100. Compiled for sm_90a at every production size (tests/test_triton_sm90.py,
     bench/results/triton_sm90.json; Triton 3.8 and 3.6): no register spill but 32 bytes in the float32
     "ieee" gradient kernel on Triton 3.8 (none on 3.6), at most 144 KiB of shared memory a block (TF32
-    row_negatives), 1-5 CTAs per SM in the two product kernels. 16-bit inputs (and TF32): BLOCK_M >= 64
+    row_negatives), 1-6 CTAs per SM in the two product kernels. 16-bit inputs (and TF32): BLOCK_M >= 64
     (one wgmma is 64 rows), d <= 128 in one K tile (the row tile stays in registers, the column tile
     serves both products), larger d walked in 64-wide chunks with the gradient's output split in
     128-wide slices. Float32 "ieee" (FMA units) walks d in 32-wide chunks with 64-wide output slices;

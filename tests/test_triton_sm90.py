@@ -60,6 +60,7 @@ def _report(version: str, request, cache: dict) -> dict:
     return cache[version]
 
 
+@pytest.mark.slow  # ~40 s of CPU a Triton version (56 distinct compilations), shared by both tests
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_launch_compiles_for_hopper(version, request, reports):
     report = _report(version, request, reports)
@@ -81,6 +82,7 @@ def test_every_launch_compiles_for_hopper(version, request, reports):
     assert ntxent == {(*config, kernel) for config in configs for kernel in NTXENT_KERNELS}
 
 
+@pytest.mark.slow  # ~40 s of CPU a Triton version (56 distinct compilations), shared by both tests
 @pytest.mark.parametrize("version", VERSIONS)
 def test_tensor_cores_shared_memory_and_spills(version, request, reports):
     rows = [row for row in _report(version, request, reports)["cases"] if "error" not in row]
