@@ -12,6 +12,8 @@ the clip after each op of the jitter (a case where clipping once, at the end, gi
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,8 @@ from nvidia.dali import fn, pipeline_def, types
 
 from pipeline.augment import ORDER_KEYS, UNIFORMS, AugmentConfig, jitter_ranges
 
-GOLDENS = Path(__file__).resolve().parent / "goldens"
+ROOT = Path(__file__).resolve().parents[1]
+GOLDENS = ROOT / "tests" / "goldens"
 OPS = ("brightness", "contrast", "saturation", "hue")
 NO_JITTER_AMOUNTS = {op: 0.0 for op in OPS}  # each op's range collapses to its identity
 # The colour stage's forms: the CPU's compiled operator, the GPU's kernel under the Triton interpreter (CPU
@@ -32,6 +35,28 @@ FORMS = [
     ),
     pytest.param("gpu", marks=pytest.mark.gpu),
 ]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this is that run")
+def test_the_gpu_kernel_under_the_triton_interpreter():
+    """The kernel form's tests of this file, in a fresh process with TRITON_INTERPRET=1 (it is read when triton
+    is first imported, and other test modules may have imported it here already)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        __file__,
+        "-k",
+        "kernel and not interpreter",
+    ]
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    assert proc.returncode == 0, f"{summary}\n{proc.stdout[-6000:]}\n{proc.stderr[-2000:]}"
+    assert " passed" in summary and "skipped" not in summary and "deselected" in summary, summary
 
 
 def golden(name: str) -> dict[str, np.ndarray]:
