@@ -6,19 +6,18 @@ parameters of the official SimCLR code (``AugmentConfig``). The functions here t
 ``enable_conditionals=True``: the random choices are per-sample ``if`` statements, so a sample only
 pays for the operators it goes through.
 
-How the colour jitter maps onto DALI's operators (measured choices, see bench/results and the README):
-- the four adjustments are one affine colour map per image, ``y = b c H x + b (1 - c) H m`` (``colour_map``):
-  brightness b and contrast c about each channel's own mean m (TF's ``adjust_contrast`` in the official code;
-  ``contrast_per_channel=False`` pivots on one mean over all channels, torchvision's rule), saturation and hue
-  as ``H``, the matrix of DALI's ``hsv`` operator (its linear YIQ approximation of HSV). Without clipping in
-  between, the adjustments commute exactly (the mean of ``H x`` is ``H m``), so the official code's random
-  order needs no branch; what is not kept is its clipping to the valid range after each adjustment: values
-  are saturated once, at the end. Against clipping between brightness-contrast and saturation-hue (this
-  project's previous two passes) that moves 0.8% of CIFAR-10's pixel values by more than 2 levels at the
-  CIFAR strength s = 0.5 (2.3% at s = 1; mean 0.3 and 0.5 levels). One ``coord_transform`` pass on the CPU
-  instead of a mean, a brightness-contrast pass, an ``hsv`` pass and a branch per order.
-- grayscale is ``color_space_conversion`` RGB -> GRAY -> RGB (luma 0.299/0.587/0.114: a fixed-point
-  kernel ~50x cheaper on the CPU than ``hsv`` with saturation 0, which it matches to +-1 level).
+The colour stage (jitter, grayscale) has the official code's ``tf.image`` semantics (``random_color_jitter``
+of google-research/simclr ``tf2/data_util.py``; the tests compare it with TensorFlow's own outputs,
+tests/goldens/tf_colour.py): brightness (multiplicative, ``brightness_impl='simclrv2'``; additive
+``'simclrv1'``), ``adjust_contrast`` (pivot: each channel's mean of the image at that point),
+``adjust_saturation`` and ``adjust_hue`` in HSV, the four in a random order per image with a clip to [0, 1]
+after each, then ``rgb_to_grayscale``; float between the ops, rounded to uint8 once. DALI's own ``hsv`` /
+``saturation`` / ``hue`` operators are one linear map in YIQ, not HSV, so neither backend uses them:
+- on the CPU the whole colour stage (jitter, grayscale and the flip) is one compiled operator
+  (``colour_cpu``, DALI's ``numba_function``): DALI's CPU operators cost about a microsecond per sample
+  each however little they compute, and a per-image order with a clip after each op is no single operator;
+- on the GPU it is one Triton kernel over the batch (``colour_gpu``, called by ``dl_tensor_python_function``
+  on DALI's stream), the flip fused into the final normalisation.
 - the blur kernel is truncated at 4 sigma (capped at the paper's window, 23 taps at 224 px): the
   weights left out are < 1e-4 of the kernel's mass, and a sigma of 0.1 no longer pays for 23 taps.
   On the CPU it is two 1-D ``fn.filter`` passes with the same per-sample Gaussian (DALI's CPU
@@ -26,12 +25,11 @@ How the colour jitter maps onto DALI's operators (measured choices, see bench/re
   unrounded (float). On the GPU it stays ``gaussian_blur``.
 - every random number of a view but its crop's comes from one DALI random operator (``ViewDraws``): on the
   CPU each operator costs about a microsecond per sample however little it computes.
-- on the CPU the whole colour stage (jitter, grayscale and the flip) is one compiled operator
-  (``colour_cpu``, DALI's ``numba_function``) computing the same map from the same uniforms: built from
-  DALI's operators (the form the GPU runs, ``colour_stage``) it is ~45 operators per view, which at 32 px
-  cost more than the pixels (measured: +50% images/s at 32 px, +19% at 224 px on 2 cores).
 Images are uint8 HWC between operators; the flip commutes with every colour operator: on the GPU it is
-fused into the final normalisation, on the CPU into the compiled colour stage.
+fused into the final normalisation, on the CPU into the compiled colour stage. The normalisation is
+ImageNet's mean and std per channel, which the official code does not apply (it feeds [0, 1] values): a
+per-channel affine map before the first convolution, which that convolution and its batch norm absorb (the
+same function class; only the zero padding at the borders and the initial scale of the inputs differ).
 """
 
 from __future__ import annotations

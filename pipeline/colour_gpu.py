@@ -26,10 +26,11 @@ to measure; the figures below are estimates, not measurements):
 The kernel is called through DALI's ``dl_tensor_python_function`` (``batch_processing=True``: the whole batch
 at once, as DLPack tensors, zero-copy into torch). It runs on DALI's own CUDA stream (``current_dali_stream``,
 ``synchronize_stream=False``): DALI orders it after the crop and before the blur with no host synchronisation.
-DALI 2.4 runs Python operators with its default executor (``exec_async`` / ``exec_pipelined`` need not be
-turned off: checked on the CPU backend, tests/test_colour_tf.py runs them in pipelines built like the
-loader's). The host cost is the Python call under the GIL, ~N DLPack conversions and a ``torch.stack`` per
-call (estimate: 1-2 ms per 256 views, against a ~100 ms training step of a ResNet-50 at 224 px).
+With DALI 2.4's default (dynamic) executor, prefetching and ``enable_checkpointing`` as the loader builds its
+pipelines, the operator runs and restores from a checkpoint on the CPU backend (checked here, under the
+interpreter); on the GPU backend this is unverified (no GPU was available). The host cost is the Python call
+under the GIL, ~N DLPack conversions and a ``torch.stack`` per call (estimate: 1-2 ms per 256 views, against
+a ~100 ms training step of a ResNet-50 at 224 px).
 """
 
 from __future__ import annotations
