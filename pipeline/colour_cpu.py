@@ -68,10 +68,9 @@ def _colour_view(out, image, u, p):
     h, w = image.shape[0], image.shape[1]
     zero, one = np.float32(0.0), np.float32(1.0)
     x = np.empty((h, w, 3), np.float32)
-    for y in range(h):
-        for i in range(w):
-            for k in range(3):
-                x[y, i, k] = np.float32(image[y, i, k]) / np.float32(255.0)
+    flat, pixels = x.reshape(h * w * 3), image.reshape(h * w * 3)  # (image: C-contiguous, as DALI passes it)
+    for j in range(h * w * 3):
+        flat[j] = np.float32(pixels[j]) / np.float32(255.0)
     if u[U_JITTER] < p[0]:
         keys = np.empty(4, np.float32)
         for op in range(4):
@@ -84,12 +83,12 @@ def _colour_view(out, image, u, p):
             keys[op] = np.float32(2.0)
             value = p[3 + 2 * op] + p[4 + 2 * op] * u[U_BRIGHTNESS + op]
             if op == 0:
-                additive = p[P_ADDITIVE] != 0.0
-                for y in range(h):
-                    for i in range(w):
-                        for k in range(3):
-                            v = x[y, i, k] + value if additive else x[y, i, k] * value
-                            x[y, i, k] = min(max(v, zero), one)
+                if p[P_ADDITIVE] != 0.0:
+                    for j in range(h * w * 3):
+                        flat[j] = min(max(flat[j] + value, zero), one)
+                else:
+                    for j in range(h * w * 3):
+                        flat[j] = min(max(flat[j] * value, zero), one)
             elif op == 1:
                 s0 = s1 = s2 = 0.0  # float64 sums: the mean is exact enough at any size
                 for y in range(h):
@@ -112,7 +111,8 @@ def _colour_view(out, image, u, p):
                         r, g, b = x[y, i, 0], x[y, i, 1], x[y, i, 2]
                         hi, lo = max(r, max(g, b)), min(r, min(g, b))
                         if hi > lo:  # grey (and black) pixels have S = 0: unchanged
-                            scale = min(value, hi / (hi - lo))  # S' = min(S f, 1) with S = (hi - lo) / hi
+                            chroma = hi - lo  # S' = min(S f, 1) with S = chroma / hi: the scale is min(f, hi / chroma)
+                            scale = hi / chroma if value * chroma > hi else value
                             x[y, i, 0] = min(max(hi - (hi - r) * scale, zero), one)
                             x[y, i, 1] = min(max(hi - (hi - g) * scale, zero), one)
                             x[y, i, 2] = min(max(hi - (hi - b) * scale, zero), one)
@@ -133,10 +133,7 @@ def _colour_view(out, image, u, p):
                         else:
                             hue = (r - g) / chroma + np.float32(4.0)
                         hue += shift
-                        while hue < zero:
-                            hue += six
-                        while hue >= six:
-                            hue -= six
+                        hue -= six * np.floor(hue / six)  # to [0, 6] (6 is 0: the channel curves agree there)
                         # each channel's place between min and max at that hue (TF's hv_range_to_rgb)
                         fr = min(max(abs(hue - np.float32(3.0)) - one, zero), one)
                         fg = min(max(np.float32(2.0) - abs(hue - np.float32(2.0)), zero), one)
@@ -154,9 +151,9 @@ def _colour_view(out, image, u, p):
             if gray:
                 o0 = o1 = o2 = G0 * o0 + G1 * o1 + G2 * o2
             xo = start + step * i
-            out[y, xo, 0] = np.uint8(np.floor(min(max(o0 * top, zero), top) + half))  # round half up, once
-            out[y, xo, 1] = np.uint8(np.floor(min(max(o1 * top, zero), top) + half))
-            out[y, xo, 2] = np.uint8(np.floor(min(max(o2 * top, zero), top) + half))
+            out[y, xo, 0] = np.uint8(np.int32(o0 * top + half))  # round half up, once (values in [0, 1])
+            out[y, xo, 1] = np.uint8(np.int32(o1 * top + half))
+            out[y, xo, 2] = np.uint8(np.int32(o2 * top + half))
 
 
 def _same_shape(outs, ins):

@@ -95,9 +95,8 @@ def _apply_op(op, r, g, b, value, m0, m1, m2, additive):
             b = tl.where(coloured, hi - (hi - b) * scale, b)
         else:
             hue = tl.where(hi == r, (g - b) / safe, tl.where(hi == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
-            hue = hue + value * 6.0  # in [-4, 10) for |delta| <= 0.5: one wrap each way brings it to [0, 6)
-            hue = tl.where(hue < 0.0, hue + 6.0, hue)
-            hue = tl.where(hue >= 6.0, hue - 6.0, hue)
+            hue = hue + value * 6.0
+            hue = hue - 6.0 * tl.floor(hue / 6.0)  # to [0, 6] (6 is 0: the channel curves agree there)
             fr = _clip01(tl.abs(hue - 3.0) - 1.0)
             fg = _clip01(2.0 - tl.abs(hue - 2.0))
             fb = _clip01(2.0 - tl.abs(hue - 4.0))
