@@ -133,10 +133,11 @@ def _colour_kernel(
     additive = tl.load(params + p_additive) != 0.0
     kb, kc = tl.load(u + u_order + 0), tl.load(u + u_order + 1)
     ks, kh = tl.load(u + u_order + 2), tl.load(u + u_order + 3)
-    # each op's position in the order: how many keys are smaller than its own
+    # each op's position in the order: how many keys come before its own (a tie goes to the op listed first,
+    # as on the CPU), so that the four positions are 0..3 whatever the keys
     pos_b = (kc < kb).to(tl.int32) + (ks < kb).to(tl.int32) + (kh < kb).to(tl.int32)
-    pos_c = (kb < kc).to(tl.int32) + (ks < kc).to(tl.int32) + (kh < kc).to(tl.int32)
-    pos_s = (kb < ks).to(tl.int32) + (kc < ks).to(tl.int32) + (kh < ks).to(tl.int32)
+    pos_c = (kb <= kc).to(tl.int32) + (ks < kc).to(tl.int32) + (kh < kc).to(tl.int32)
+    pos_s = (kb <= ks).to(tl.int32) + (kc <= ks).to(tl.int32) + (kh < ks).to(tl.int32)
     vb = tl.load(params + 3) + tl.load(params + 4) * tl.load(u + u_values + 0)
     vc = tl.load(params + 5) + tl.load(params + 6) * tl.load(u + u_values + 1)
     vs = tl.load(params + 7) + tl.load(params + 8) * tl.load(u + u_values + 2)
