@@ -6,19 +6,18 @@ parameters of the official SimCLR code (``AugmentConfig``). The functions here t
 ``enable_conditionals=True``: the random choices are per-sample ``if`` statements, so a sample only
 pays for the operators it goes through.
 
-How the colour jitter maps onto DALI's operators (measured choices, see bench/results and the README):
-- the four adjustments are one affine colour map per image, ``y = b c H x + b (1 - c) H m`` (``colour_map``):
-  brightness b and contrast c about each channel's own mean m (TF's ``adjust_contrast`` in the official code;
-  ``contrast_per_channel=False`` pivots on one mean over all channels, torchvision's rule), saturation and hue
-  as ``H``, the matrix of DALI's ``hsv`` operator (its linear YIQ approximation of HSV). Without clipping in
-  between, the adjustments commute exactly (the mean of ``H x`` is ``H m``), so the official code's random
-  order needs no branch; what is not kept is its clipping to the valid range after each adjustment: values
-  are saturated once, at the end. Against clipping between brightness-contrast and saturation-hue (this
-  project's previous two passes) that moves 0.8% of CIFAR-10's pixel values by more than 2 levels at the
-  CIFAR strength s = 0.5 (2.3% at s = 1; mean 0.3 and 0.5 levels). One ``coord_transform`` pass on the CPU
-  instead of a mean, a brightness-contrast pass, an ``hsv`` pass and a branch per order.
-- grayscale is ``color_space_conversion`` RGB -> GRAY -> RGB (luma 0.299/0.587/0.114: a fixed-point
-  kernel ~50x cheaper on the CPU than ``hsv`` with saturation 0, which it matches to +-1 level).
+The colour stage (jitter, grayscale) has the official code's ``tf.image`` semantics (``random_color_jitter``
+of google-research/simclr ``tf2/data_util.py``; the tests compare it with TensorFlow's own outputs,
+tests/goldens/tf_colour.py): brightness (multiplicative, ``brightness_impl='simclrv2'``; additive
+``'simclrv1'``), ``adjust_contrast`` (pivot: each channel's mean of the image at that point),
+``adjust_saturation`` and ``adjust_hue`` in HSV, the four in a random order per image with a clip to [0, 1]
+after each, then ``rgb_to_grayscale``; float between the ops, rounded to uint8 once. DALI's own ``hsv`` /
+``saturation`` / ``hue`` operators are one linear map in YIQ, not HSV, so neither backend uses them:
+- on the CPU the whole colour stage (jitter, grayscale and the flip) is one compiled operator
+  (``colour_cpu``, DALI's ``numba_function``): DALI's CPU operators cost about a microsecond per sample
+  each however little they compute, and a per-image order with a clip after each op is no single operator;
+- on the GPU it is one Triton kernel over the batch (``colour_gpu``, called by ``dl_tensor_python_function``
+  on DALI's stream), the flip fused into the final normalisation.
 - the blur kernel is truncated at 4 sigma (capped at the paper's window, 23 taps at 224 px): the
   weights left out are < 1e-4 of the kernel's mass, and a sigma of 0.1 no longer pays for 23 taps.
   On the CPU it is two 1-D ``fn.filter`` passes with the same per-sample Gaussian (DALI's CPU
@@ -26,12 +25,11 @@ How the colour jitter maps onto DALI's operators (measured choices, see bench/re
   unrounded (float). On the GPU it stays ``gaussian_blur``.
 - every random number of a view but its crop's comes from one DALI random operator (``ViewDraws``): on the
   CPU each operator costs about a microsecond per sample however little it computes.
-- on the CPU the whole colour stage (jitter, grayscale and the flip) is one compiled operator
-  (``colour_cpu``, DALI's ``numba_function``) computing the same map from the same uniforms: built from
-  DALI's operators (the form the GPU runs, ``colour_stage``) it is ~45 operators per view, which at 32 px
-  cost more than the pixels (measured: +50% images/s at 32 px, +19% at 224 px on 2 cores).
 Images are uint8 HWC between operators; the flip commutes with every colour operator: on the GPU it is
-fused into the final normalisation, on the CPU into the compiled colour stage.
+fused into the final normalisation, on the CPU into the compiled colour stage. The normalisation is
+ImageNet's mean and std per channel, which the official code does not apply (it feeds [0, 1] values): a
+per-channel affine map before the first convolution, which that convolution and its batch norm absorb (the
+same function class; only the zero padding at the borders and the initial scale of the inputs differ).
 """
 
 from __future__ import annotations
@@ -45,6 +43,8 @@ from nvidia.dali.data_node import DataNode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+BRIGHTNESS_IMPLS = ("simclrv2", "simclrv1")  # the official code's impl flag: multiplicative, additive
+GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale's
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,16 @@ class AugmentConfig:
     brightness: float = 0.8  # factor in [1 - 0.8 s, 1 + 0.8 s]
     contrast: float = 0.8
     saturation: float = 0.8
-    hue: float = 0.2  # shift in [-0.2 s, 0.2 s] of the colour wheel
+    hue: float = 0.2  # shift in [-0.2 s, 0.2 s] turns of the hexcone's hue (tf.image.adjust_hue)
     gray_prob: float = 0.2
     blur_prob: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     contrast_per_channel: bool = (
         True  # pivot on each channel's mean (TF's adjust_contrast); False: one mean over all channels
     )
+    # the official code's ``impl`` flag: "simclrv2" (its default) brightness x * f, f in [1 - 0.8 s, 1 + 0.8 s];
+    # "simclrv1" tf.image.adjust_brightness, x + delta with delta in [-0.8 s, 0.8 s] (x in [0, 1])
+    brightness_impl: str = "simclrv2"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -88,6 +91,10 @@ class AugmentConfig:
                 raise ValueError(f"AugmentConfig.{name} must be in [0, 1], got {value}")
         if self.size < 8:
             raise ValueError(f"AugmentConfig.size must be >= 8 pixels, got {self.size}")
+        if self.brightness_impl not in BRIGHTNESS_IMPLS:
+            raise ValueError(
+                f"AugmentConfig.brightness_impl must be one of {BRIGHTNESS_IMPLS}, got {self.brightness_impl!r}"
+            )
         lo, hi = self.crop_area
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"AugmentConfig.crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}")
@@ -129,86 +136,35 @@ def decode_random_crop(jpegs, cfg: AugmentConfig, device: str):
     return fn.resize(region, size=[cfg.size, cfg.size], interp_type=types.INTERP_CUBIC, antialias=False)
 
 
-# DALI's ``hsv`` operator as a matrix (dali/operators/image/color/hsv.h): to YIQ, rotate the chroma (I, Q) by
-# the hue angle and scale it by the saturation, back to RGB with DALI's own (rounded) inverse. Written out,
-# ``H(s, h) = HSV_BASIS[0] + s cos(h) HSV_BASIS[1] + s sin(h) HSV_BASIS[2]``.
-RGB_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.321], [0.211, -0.523, 0.311]])
-YIQ_TO_RGB = np.array([[1.0, 0.956, 0.621], [1.0, -0.272, -0.647], [1.0, -1.107, 1.705]])
-HSV_BASIS = (
-    np.outer(YIQ_TO_RGB[:, 0], RGB_TO_YIQ[0]),
-    np.outer(YIQ_TO_RGB[:, 1], RGB_TO_YIQ[1]) + np.outer(YIQ_TO_RGB[:, 2], RGB_TO_YIQ[2]),
-    np.outer(YIQ_TO_RGB[:, 1], RGB_TO_YIQ[2]) - np.outer(YIQ_TO_RGB[:, 2], RGB_TO_YIQ[1]),
-)
-
-
 def _constant(value) -> DataNode:
     """A constant for DALI arithmetic as a 1-element (or n-element) array: on the CPU an arithmetic operator
     with a 0-d constant operand costs ~0.8 us per sample, with an array operand ~0.1 us (measured, DALI 2.4)."""
     return types.Constant(np.atleast_1d(np.asarray(value, np.float32)))
 
 
-def _as_node(value) -> DataNode:
-    return value if isinstance(value, DataNode) else _constant(value)
-
-
-def hsv_matrix(saturation, hue_degrees) -> DataNode:
-    """The 3x3 RGB map of DALI's ``hsv(saturation, hue)``, per sample (saturation and hue: DALI scalars or numbers)."""
-    radians = _as_node(hue_degrees) * _constant(np.pi / 180.0)
-    saturation = _as_node(saturation)
-    k0, k1, k2 = (_constant(k) for k in HSV_BASIS)
-    return k0 + (saturation * dmath.cos(radians)) * k1 + (saturation * dmath.sin(radians)) * k2
-
-
-def jitter_matrices(brightness, contrast, saturation, hue_degrees) -> tuple[DataNode, DataNode]:
-    """The colour jitter's affine map as two 3x3 matrices per sample: ``scale = b c H`` (applied to the pixels)
-    and ``offset = b (1 - c) H`` (applied to the contrast pivot), ``H`` DALI's ``hsv`` matrix."""
-    hsv, brightness, contrast = hsv_matrix(saturation, hue_degrees), _as_node(brightness), _as_node(contrast)
-    return hsv * (brightness * contrast), hsv * (brightness * (_constant(1.0) - contrast))
-
-
-def colour_map(images, scale, offset, per_channel: bool = True):
-    """The colour jitter as one affine map per image, saturated to uint8 once:
-    ``y = H (b (m + c (x - m))) = scale x + offset m`` (``jitter_matrices``), with ``m`` each channel's mean
-    (TF's ``adjust_contrast``) or, with ``per_channel=False``, the mean over all channels.
-
-    Brightness-and-contrast and saturation-and-hue commute exactly when nothing is clipped between them (the
-    pivot, a mean, moves with the linear map: the mean of ``H x`` is ``H m``), so the official code's random
-    order of the adjustments needs no branch: only its clipping after each adjustment is not kept (values
-    are saturated once, after all four). On the CPU one ``coord_transform`` pass (``M = scale``,
-    ``T = offset m``); on the GPU the translation is GPU data and DALI's named arguments must live on the
-    CPU, so it is added by arithmetic on the device (``colour_map_by_arithmetic`` forces that form, for tests)."""
-    pivot = fn.reductions.mean(images, axes=[0, 1], keep_dims=True)  # (1, 1, 3)
-    if not per_channel:
-        pivot = fn.reductions.mean(pivot, axes=[2], keep_dims=True) * _constant(np.ones(3))
-    translation = fn.coord_transform(pivot, M=offset)  # (1, 1, 3)
-    if images.device == "gpu" or colour_map_by_arithmetic:
-        mapped = fn.coord_transform(images, M=scale, dtype=types.FLOAT)
-        return fn.cast(dmath.clamp(mapped + translation, 0, 255), dtype=types.UINT8)
-    return fn.coord_transform(images, M=scale, T=fn.reshape(translation, shape=[3]), dtype=types.UINT8)
-
-
-colour_map_by_arithmetic = False
-# On the CPU the colour stage (jitter, grayscale, flip) is one compiled operator (``colour_cpu``); True builds
-# it from DALI's operators there too, as on the GPU (for tests: the GPU's form checked on the CPU).
-colour_by_dali_operators = False
-
-
 def jitter_ranges(cfg: AugmentConfig) -> dict[str, tuple[float, float]]:
-    """The (low, high) range of each drawn value of a view: the jitter's brightness, contrast and saturation
-    factors (``[1 - amount s, 1 + amount s]``, not below 0), its hue shift in degrees and the blur's sigma."""
+    """The (low, high) range of each drawn value of a view, as the official code draws them: the brightness
+    factor ``[1 - 0.8 s, 1 + 0.8 s]`` (not below 0; simclrv1: the additive ``delta`` in ``[-0.8 s, 0.8 s]``),
+    the contrast and saturation factors ``[1 - 0.8 s, 1 + 0.8 s]`` (not below 0: TF rejects negative bounds),
+    the hue shift in turns ``[-0.2 s, 0.2 s]`` and the blur's sigma."""
     s = cfg.jitter_strength
     factor = lambda amount: (max(0.0, 1.0 - amount * s), 1.0 + amount * s)
+    additive = cfg.brightness_impl == "simclrv1"
     return {
-        "brightness": factor(cfg.brightness),
+        "brightness": (-cfg.brightness * s, cfg.brightness * s) if additive else factor(cfg.brightness),
         "contrast": factor(cfg.contrast),
         "saturation": factor(cfg.saturation),
-        "hue": (-cfg.hue * s * 360.0, cfg.hue * s * 360.0),
+        "hue": (-cfg.hue * s, cfg.hue * s),
         "sigma": cfg.blur_sigma,
     }
 
 
-# What each element of a view's vector of uniforms (``ViewDraws.uniform``) decides: the coins, then the ranges.
-UNIFORMS = ("jitter", "gray", "flip", "blur", "brightness", "contrast", "saturation", "hue", "sigma")
+# What each element of a view's vector of uniforms (``ViewDraws.uniform``) decides: the coins, the ranges, then
+# the jitter's order (its four ops run in increasing order of their keys: iid uniforms, so every order of the
+# four is equally likely, as the official ``tf.random.shuffle(tf.range(4))``).
+COINS = ("jitter", "gray", "flip", "blur")
+ORDER_KEYS = ("order_brightness", "order_contrast", "order_saturation", "order_hue")
+UNIFORMS = (*COINS, "brightness", "contrast", "saturation", "hue", "sigma", *ORDER_KEYS)
 
 
 class ViewDraws:
@@ -216,38 +172,23 @@ class ViewDraws:
     operator costs about a microsecond per sample however little it computes (a 32 px colour pass, tens), so
     one vector of uniforms, scaled to each range, replaces an operator per number. Attributes: the coins
     ``jitter``, ``gray``, ``flip``, ``blur`` (booleans, ``u < p``) and ``brightness``, ``contrast``,
-    ``saturation``, ``hue`` (degrees), ``sigma`` (floats)."""
+    ``saturation``, ``hue`` (turns), ``sigma`` (floats); the colour stages read the raw vector ``uniform``."""
 
     def __init__(self, cfg: AugmentConfig, uniform: DataNode | None = None):
         coins = {"jitter": cfg.jitter_prob, "gray": cfg.gray_prob, "flip": cfg.flip_prob, "blur": cfg.blur_prob}
         ranges = jitter_ranges(cfg)
-        assert (*coins, *ranges) == UNIFORMS
+        assert (*coins, *ranges, *ORDER_KEYS) == UNIFORMS
         if uniform is None:  # (tests pass their own)
             uniform = fn.random.uniform(range=[0.0, 1.0], shape=[len(UNIFORMS)])
-        self.uniform = uniform  # the raw vector, as the CPU's compiled colour stage reads it
-        heads = uniform < _constant([*coins.values(), *[0.0] * len(ranges)])
-        values = (
-            _constant([0.0] * len(coins) + [lo for lo, _ in ranges.values()])
-            + _constant([1.0] * len(coins) + [hi - lo for lo, hi in ranges.values()]) * uniform
+        self.uniform = uniform  # the raw vector, as the colour stages read it
+        heads = uniform < _constant([*coins.values(), *[0.0] * (len(UNIFORMS) - len(coins))])
+        values = _constant([0.0] * len(coins) + [lo for lo, _ in ranges.values()] + [0.0] * len(ORDER_KEYS)) + (
+            _constant([1.0] * len(coins) + [hi - lo for lo, hi in ranges.values()] + [1.0] * len(ORDER_KEYS)) * uniform
         )
         for i, name in enumerate(coins):
             setattr(self, name, heads[i])
         for i, name in enumerate(ranges, start=len(coins)):
             setattr(self, name, values[i])
-
-
-def color_jitter(images, cfg: AugmentConfig, draws: ViewDraws):
-    """The official ``color_jitter_rand``: brightness and contrast factors in [1 - 0.8 s, 1 + 0.8 s]
-    (multiplicative; contrast pivots on the mean), saturation likewise, hue shifted by up to 0.2 s of
-    the colour wheel, as one affine colour map (``colour_map``)."""
-    scale, offset = jitter_matrices(draws.brightness, draws.contrast, draws.saturation, draws.hue)
-    return colour_map(images, scale, offset, cfg.contrast_per_channel)
-
-
-def grayscale(images):
-    """Luma (0.299 R + 0.587 G + 0.114 B) in all three channels."""
-    gray = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
-    return fn.color_space_conversion(gray, image_type=types.GRAY, output_type=types.RGB)
 
 
 def _blur_radius(sigma, cfg: AugmentConfig):
@@ -290,20 +231,23 @@ def simclr_view(images, cfg: AugmentConfig, output_dtype=types.FLOAT):
     return augment_cropped(view, cfg, output_dtype)
 
 
+# On the CPU the colour stage (jitter, grayscale, flip) is one compiled operator (``colour_cpu``); True runs the
+# GPU's form there instead (``colour_gpu``'s Triton kernel, under the Triton interpreter: for tests).
+colour_by_gpu_form = False
+
+
 def colour_stage(view, cfg: AugmentConfig, draws: ViewDraws):
-    """Colour jitter (p), grayscale (p) and the flip (p) of uint8 HWC views -> (views, mirror). The flip
-    commutes with every colour operator: on the CPU the compiled stage (``colour_cpu``) writes the pixels
-    mirrored and ``mirror`` is 0; with DALI's operators (the GPU) ``mirror`` is the per-sample coin, for
-    the final normalisation to apply."""
-    if view.device == "cpu" and not colour_by_dali_operators:
+    """Colour jitter (p), grayscale (p) and the flip (p) of uint8 HWC views -> (views, mirror), with
+    ``tf.image`` semantics (``colour_cpu``'s docstring). The flip commutes with every colour op: on the CPU
+    the compiled stage (``colour_cpu``) writes the pixels mirrored and ``mirror`` is 0; the GPU's kernel
+    (``colour_gpu``) leaves the flip to the final normalisation: ``mirror`` is the per-sample coin."""
+    if view.device == "cpu" and not colour_by_gpu_form:
         from .colour_cpu import compiled_colour_stage
 
         return compiled_colour_stage(view, draws.uniform, cfg), 0
-    if cfg.jitter_prob > 0 and draws.jitter:
-        view = color_jitter(view, cfg, draws)
-    if cfg.gray_prob > 0 and draws.gray:
-        view = grayscale(view)
-    return view, fn.cast(draws.flip, dtype=types.INT32)
+    from .colour_gpu import kernel_colour_stage
+
+    return kernel_colour_stage(view, draws.uniform, cfg), fn.cast(draws.flip, dtype=types.INT32)
 
 
 def augment_cropped(view, cfg: AugmentConfig, output_dtype=types.FLOAT):

@@ -1,18 +1,34 @@
 """The colour stage of a SimCLR view on DALI's CPU backend as one compiled operator (``numba_function``).
 
-On the CPU, DALI runs every operator sample by sample with a fixed cost of about a microsecond per sample
-and operator, however little it computes; the colour stage written with DALI's own operators (``augment``'s
-GPU form: a mean, the per-sample matrix arithmetic, ``coord_transform``, two conditionals with their split
-and merge, two ``color_space_conversion`` s) is ~45 operators per view, which at 32 px cost more than the
-pixels. Here the whole stage is one per-sample function compiled by Numba and run by DALI's
-``numba_function`` operator (no Python, no GIL, inside DALI's thread pool): from the view's uniforms
-(``augment.ViewDraws``) it draws the coins and factors, builds the same affine colour map
-(``augment.colour_map``: ``y = b c H x + b (1 - c) H m``, ``H`` DALI's ``hsv`` matrix, ``m`` the channel
-means), saturates once, takes the luma (0.299, 0.587, 0.114) when the grayscale coin says so, and writes
-the pixels mirrored when the flip coin says so. uint8 HWC in, uint8 HWC out (same shape).
+What it computes is the official code's ``random_color_jitter`` (google-research/simclr, ``tf2/data_util.py``)
+with ``tf.image`` semantics, on float32 values in [0, 1] (``x / 255``), from the view's uniforms
+(``augment.ViewDraws``):
+- colour jitter with probability ``jitter_prob`` (0.8): brightness, contrast, saturation and hue in a random
+  order per image (``color_jitter_rand``: the op with the smallest order key first), clipped to [0, 1] after
+  each op;
+  - brightness ``x * f`` (``brightness_impl='simclrv2'``, the official default) or ``x + delta``
+    (``'simclrv1'``: ``tf.image.adjust_brightness``);
+  - contrast ``(x - m) f + m``, ``m`` each channel's mean of the image as it is at that point
+    (``adjust_contrast``; ``contrast_per_channel=False``: one mean over all channels);
+  - saturation as ``adjust_saturation``: HSV's S scaled by ``f`` and clipped to [0, 1], H and V (the max
+    channel) kept. Written in closed form, each channel is ``v - (v - x) min(f, v / (v - min))``: the same
+    value as TF's hexcone round trip (to float32 rounding), without its six-way branch;
+  - hue as ``adjust_hue``: the hexcone hue shifted by ``delta`` turns, min and max of the pixel kept
+    (``rgb_to_hv_range`` / ``hv_range_to_rgb`` of TF's kernel, the middle channel recomputed);
+- grayscale with probability ``gray_prob`` (0.2; independent of the jitter's coin, as the official code):
+  ``rgb_to_grayscale``'s ``0.2989 R + 0.5870 G + 0.1140 B`` in all three channels;
+- the flip (``flip_prob``), fused: the pixels are written mirrored.
+Values stay float between the ops and are rounded to uint8 once, at the end (half up). uint8 HWC in, uint8
+HWC out (same shape). The tests compare it with TensorFlow's own ops (tests/goldens/tf_colour.py).
 
-``colour_params(cfg)`` is the operator's second input: the coins' probabilities and the factors' ranges,
-so that one compiled function serves every configuration. The layout of the uniforms is ``ViewDraws``'s.
+Why one compiled operator: on the CPU, DALI runs every operator sample by sample with a fixed cost of about a
+microsecond per sample and operator, however little it computes, and a random order with a clip after each
+op cannot be one affine map (what DALI's operators could have done cheaply). Here the whole stage is one
+per-sample function compiled by Numba and run by DALI's ``numba_function`` operator (no Python, no GIL,
+inside DALI's thread pool). The GPU runs the same algorithm as a Triton kernel (``colour_gpu``).
+
+``colour_params(cfg)`` is the operator's second input: the coins' probabilities, the draws' ranges and the
+two switches, so that one compiled function serves every configuration. The uniforms' layout is ``ViewDraws``'s.
 """
 
 from __future__ import annotations
@@ -22,81 +38,122 @@ import functools
 import numpy as np
 from nvidia.dali import fn, types
 
-from .augment import HSV_BASIS, UNIFORMS, jitter_ranges  # augment imports this module where it is used
+from .augment import GRAY_WEIGHTS, UNIFORMS, jitter_ranges  # augment imports this module where it is used
 
 # Where each draw sits in a view's uniforms (compile-time constants for Numba)
 U_JITTER, U_GRAY, U_FLIP = (UNIFORMS.index(name) for name in ("jitter", "gray", "flip"))
-U_BRIGHTNESS, U_CONTRAST, U_SATURATION, U_HUE = (
-    UNIFORMS.index(name) for name in ("brightness", "contrast", "saturation", "hue")
-)
-
-_BASIS = np.ascontiguousarray(np.stack(HSV_BASIS), dtype=np.float32)  # a compile-time constant for Numba
+U_BRIGHTNESS = UNIFORMS.index("brightness")  # then contrast, saturation, hue: the ops 0..3
+U_ORDER = UNIFORMS.index("order_brightness")  # the four order keys, same op order
+assert UNIFORMS[U_BRIGHTNESS : U_BRIGHTNESS + 4] == ("brightness", "contrast", "saturation", "hue")
+assert UNIFORMS[U_ORDER : U_ORDER + 4] == ("order_brightness", "order_contrast", "order_saturation", "order_hue")
+P_PER_CHANNEL, P_ADDITIVE = 11, 12  # the two switches' places in colour_params
+G0, G1, G2 = (np.float32(w) for w in GRAY_WEIGHTS)
 
 
 def colour_params(cfg) -> np.ndarray:
     """The compiled function's parameters for ``cfg`` (an ``augment.AugmentConfig``): probabilities of the
-    jitter, grayscale and flip; (low, span) of brightness, contrast, saturation and hue (degrees); 1 for a
-    per-channel contrast pivot, 0 for one mean over all channels."""
+    jitter, grayscale and flip; (low, span) of brightness, contrast, saturation and hue (turns); 1 for a
+    per-channel contrast pivot (else 0: one mean over all channels); 1 for additive brightness (simclrv1)."""
     ranges = jitter_ranges(cfg)
     values = [cfg.jitter_prob, cfg.gray_prob, cfg.flip_prob]
     for name in ("brightness", "contrast", "saturation", "hue"):
         lo, hi = ranges[name]
         values += [lo, hi - lo]
-    return np.array([*values, 1.0 if cfg.contrast_per_channel else 0.0], np.float32)
+    values += [1.0 if cfg.contrast_per_channel else 0.0, 1.0 if cfg.brightness_impl == "simclrv1" else 0.0]
+    return np.array(values, np.float32)
 
 
 def _colour_view(out, image, u, p):
     """One view: ``out`` (H, W, 3) uint8 from ``image`` (H, W, 3) uint8, uniforms ``u``, parameters ``p``."""
     h, w = image.shape[0], image.shape[1]
-    m00 = m11 = m22 = np.float32(1.0)
-    m01 = m02 = m10 = m12 = m20 = m21 = np.float32(0.0)
-    t0 = t1 = t2 = np.float32(0.0)
+    zero, one = np.float32(0.0), np.float32(1.0)
+    x = np.empty((h, w, 3), np.float32)
+    flat, pixels = x.reshape(h * w * 3), image.reshape(h * w * 3)  # (image: C-contiguous, as DALI passes it)
+    for j in range(h * w * 3):
+        flat[j] = np.float32(pixels[j]) / np.float32(255.0)
     if u[U_JITTER] < p[0]:
-        b = p[3] + p[4] * u[U_BRIGHTNESS]
-        c = p[5] + p[6] * u[U_CONTRAST]
-        s = p[7] + p[8] * u[U_SATURATION]
-        hue = (p[9] + p[10] * u[U_HUE]) * np.float32(np.pi / 180.0)
-        sc, ss = s * np.cos(hue), s * np.sin(hue)
-        k0, k1, k2 = _BASIS[0], _BASIS[1], _BASIS[2]
-        a0 = a1 = a2 = np.float32(0.0)  # channel sums, then means (the contrast pivot)
-        for y in range(h):
-            for x in range(w):
-                a0 += np.float32(image[y, x, 0])
-                a1 += np.float32(image[y, x, 1])
-                a2 += np.float32(image[y, x, 2])
-        n = np.float32(h * w)
-        a0, a1, a2 = a0 / n, a1 / n, a2 / n
-        if p[11] == 0.0:
-            a0 = a1 = a2 = (a0 + a1 + a2) / np.float32(3.0)
-        bc, bo = b * c, b * (np.float32(1.0) - c)
-        hm = np.empty((3, 3), np.float32)
-        for i in range(3):
-            for j in range(3):
-                hm[i, j] = k0[i, j] + sc * k1[i, j] + ss * k2[i, j]
-        m00, m01, m02 = bc * hm[0, 0], bc * hm[0, 1], bc * hm[0, 2]
-        m10, m11, m12 = bc * hm[1, 0], bc * hm[1, 1], bc * hm[1, 2]
-        m20, m21, m22 = bc * hm[2, 0], bc * hm[2, 1], bc * hm[2, 2]
-        t0 = bo * (hm[0, 0] * a0 + hm[0, 1] * a1 + hm[0, 2] * a2)
-        t1 = bo * (hm[1, 0] * a0 + hm[1, 1] * a1 + hm[1, 2] * a2)
-        t2 = bo * (hm[2, 0] * a0 + hm[2, 1] * a1 + hm[2, 2] * a2)
+        keys = np.empty(4, np.float32)
+        for op in range(4):
+            keys[op] = u[U_ORDER + op]
+        for _ in range(4):  # the op with the smallest remaining key, then the next
+            op = 0
+            for other in range(1, 4):
+                if keys[other] < keys[op]:
+                    op = other
+            keys[op] = np.float32(2.0)
+            value = p[3 + 2 * op] + p[4 + 2 * op] * u[U_BRIGHTNESS + op]
+            if op == 0:
+                if p[P_ADDITIVE] != 0.0:
+                    for j in range(h * w * 3):
+                        flat[j] = min(max(flat[j] + value, zero), one)
+                else:
+                    for j in range(h * w * 3):
+                        flat[j] = min(max(flat[j] * value, zero), one)
+            elif op == 1:
+                s0 = s1 = s2 = 0.0  # float64 sums: the mean is exact enough at any size
+                for y in range(h):
+                    for i in range(w):
+                        s0 += x[y, i, 0]
+                        s1 += x[y, i, 1]
+                        s2 += x[y, i, 2]
+                n = h * w
+                m0, m1, m2 = np.float32(s0 / n), np.float32(s1 / n), np.float32(s2 / n)
+                if p[P_PER_CHANNEL] == 0.0:
+                    m0 = m1 = m2 = np.float32((s0 + s1 + s2) / (3 * n))
+                for y in range(h):
+                    for i in range(w):
+                        x[y, i, 0] = min(max((x[y, i, 0] - m0) * value + m0, zero), one)
+                        x[y, i, 1] = min(max((x[y, i, 1] - m1) * value + m1, zero), one)
+                        x[y, i, 2] = min(max((x[y, i, 2] - m2) * value + m2, zero), one)
+            elif op == 2:
+                for y in range(h):
+                    for i in range(w):
+                        r, g, b = x[y, i, 0], x[y, i, 1], x[y, i, 2]
+                        hi, lo = max(r, max(g, b)), min(r, min(g, b))
+                        if hi > lo:  # grey (and black) pixels have S = 0: unchanged
+                            chroma = hi - lo  # S' = min(S f, 1) with S = chroma / hi: the scale is min(f, hi / chroma)
+                            scale = hi / chroma if value * chroma > hi else value
+                            x[y, i, 0] = min(max(hi - (hi - r) * scale, zero), one)
+                            x[y, i, 1] = min(max(hi - (hi - g) * scale, zero), one)
+                            x[y, i, 2] = min(max(hi - (hi - b) * scale, zero), one)
+            else:
+                six = np.float32(6.0)
+                shift = value * six
+                for y in range(h):
+                    for i in range(w):
+                        r, g, b = x[y, i, 0], x[y, i, 1], x[y, i, 2]
+                        hi, lo = max(r, max(g, b)), min(r, min(g, b))
+                        if hi == lo:
+                            continue
+                        chroma = hi - lo
+                        if hi == r:  # hue in [0, 6): the hexcone's six sectors
+                            hue = (g - b) / chroma
+                        elif hi == g:
+                            hue = (b - r) / chroma + np.float32(2.0)
+                        else:
+                            hue = (r - g) / chroma + np.float32(4.0)
+                        hue += shift
+                        hue -= six * np.floor(hue / six)  # to [0, 6] (6 is 0: the channel curves agree there)
+                        # each channel's place between min and max at that hue (TF's hv_range_to_rgb)
+                        fr = min(max(abs(hue - np.float32(3.0)) - one, zero), one)
+                        fg = min(max(np.float32(2.0) - abs(hue - np.float32(2.0)), zero), one)
+                        fb = min(max(np.float32(2.0) - abs(hue - np.float32(4.0)), zero), one)
+                        x[y, i, 0] = lo + chroma * fr
+                        x[y, i, 1] = lo + chroma * fg
+                        x[y, i, 2] = lo + chroma * fb
     gray = u[U_GRAY] < p[1]
     flip = u[U_FLIP] < p[2]
     start, step = (w - 1, -1) if flip else (0, 1)
-    zero, top, half = np.float32(0.0), np.float32(255.0), np.float32(0.5)
-    l0, l1, l2 = np.float32(0.299), np.float32(0.587), np.float32(0.114)
+    top, half = np.float32(255.0), np.float32(0.5)
     for y in range(h):
-        for x in range(w):
-            r, g, b_ = np.float32(image[y, x, 0]), np.float32(image[y, x, 1]), np.float32(image[y, x, 2])
-            # saturate once, round half up (as DALI's float -> uint8 conversion)
-            o0 = np.floor(min(max(m00 * r + m01 * g + m02 * b_ + t0, zero), top) + half)
-            o1 = np.floor(min(max(m10 * r + m11 * g + m12 * b_ + t1, zero), top) + half)
-            o2 = np.floor(min(max(m20 * r + m21 * g + m22 * b_ + t2, zero), top) + half)
+        for i in range(w):
+            o0, o1, o2 = x[y, i, 0], x[y, i, 1], x[y, i, 2]
             if gray:
-                o0 = o1 = o2 = np.floor(min(l0 * o0 + l1 * o1 + l2 * o2 + half, top))
-            xo = start + step * x
-            out[y, xo, 0] = np.uint8(o0)
-            out[y, xo, 1] = np.uint8(o1)
-            out[y, xo, 2] = np.uint8(o2)
+                o0 = o1 = o2 = G0 * o0 + G1 * o1 + G2 * o2
+            xo = start + step * i
+            out[y, xo, 0] = np.uint8(np.int32(o0 * top + half))  # round half up, once (values in [0, 1])
+            out[y, xo, 1] = np.uint8(np.int32(o1 * top + half))
+            out[y, xo, 2] = np.uint8(np.int32(o2 * top + half))
 
 
 def _same_shape(outs, ins):

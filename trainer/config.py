@@ -46,6 +46,9 @@ class TrainConfig:
     contrast_per_channel: bool = True
     """Colour jitter's contrast pivots on each channel's own mean (TensorFlow's adjust_contrast, the official code);
     false: on one mean over all channels (torchvision's)."""
+    brightness_impl: Literal["simclrv2", "simclrv1"] = "simclrv2"
+    """Colour jitter's brightness, the official code's impl flag: simclrv2 (its default) multiplies by a factor in
+    [1 - 0.8 s, 1 + 0.8 s]; simclrv1 adds a delta in [-0.8 s, 0.8 s] (tf.image.adjust_brightness, values in [0, 1])."""
     min_crop_area: float = 0.08
     """Random resized crop: the smallest crop, as a fraction of the image's area (the range is [this, 1])."""
     shuffle_buffer: int = 4096

@@ -21,6 +21,7 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig:
         "size": cfg.image_size,
         "crop_area": (cfg.min_crop_area, 1.0),
         "contrast_per_channel": cfg.contrast_per_channel,
+        "brightness_impl": cfg.brightness_impl,
     }
     if cfg.jitter_strength is not None:
         overrides["jitter_strength"] = cfg.jitter_strength
