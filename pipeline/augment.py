@@ -19,11 +19,18 @@ How the colour jitter maps onto DALI's operators (measured choices, see bench/re
   instead of a mean, a brightness-contrast pass, an ``hsv`` pass and a branch per order.
 - grayscale is ``color_space_conversion`` RGB -> GRAY -> RGB (luma 0.299/0.587/0.114: a fixed-point
   kernel ~50x cheaper on the CPU than ``hsv`` with saturation 0, which it matches to +-1 level).
-- the blur kernel is truncated at 4 sigma (capped at the paper's window, 23 taps at 224 px): the
-  weights left out are < 1e-4 of the kernel's mass, and a sigma of 0.1 no longer pays for 23 taps.
-  On the CPU it is two 1-D ``fn.filter`` passes with the same per-sample Gaussian (DALI's CPU
-  ``gaussian_blur`` is 5-9x slower for the same result); the blurred view goes to the normalisation
-  unrounded (float). On the GPU it stays ``gaussian_blur``.
+- the crop is the official code's: TensorFlow's ``sample_distorted_bounding_box`` (``pipeline/crop.py``: one
+  compiled operator per view computes the window from the image's shape; an integer height drawn uniformly, so
+  small crops are more frequent than with a uniform area; no crop below 0.1 of the image; after 100 failed
+  attempts the whole image), then ``fn.resize`` of that window (bicubic, no antialiasing). DALI's
+  ``random_resized_crop`` (uniform area, log-uniform aspect: the paper's text) is ``crop_sampler='uniform_area'``.
+- the blur is the official ``gaussian_blur``: a horizontal then a vertical pass with zero (SAME) padding
+  (``blur_padding='reflect'``: reflect-101), on both backends two 1-D ``fn.filter`` passes with the per-sample
+  Gaussian (DALI's ``gaussian_blur`` has no zero padding; on the CPU it is also 5-9x slower). The kernel is
+  truncated at 4 sigma inside the official window (23 taps at 224 px): the weights left out are < 1e-4 of its
+  mass (within 0.07 levels of TensorFlow's, tests/test_geometry.py), and a sigma of 0.1 no longer pays for 23
+  taps. The blurred view goes to the normalisation unrounded (float). One sigma per view (the official TF2 code
+  draws one per batch, ``batch_random_blur``).
 - every random number of a view but its crop's comes from one DALI random operator (``ViewDraws``): on the
   CPU each operator costs about a microsecond per sample however little it computes.
 - on the CPU the whole colour stage (jitter, grayscale and the flip) is one compiled operator
@@ -89,7 +96,8 @@ class AugmentConfig:
 
     @property
     def blur_window(self) -> int:
-        """Odd kernel side of ~10% of the image side, as in the official code (23 at 224 px)."""
+        """The official window: ``kernel_size = side // 10``, radius ``int(kernel_size / 2)``, so 2 (side // 20) + 1
+        taps (23 at 224 px, 3 at 32 px)."""
         return 2 * (self.size // 20) + 1
 
     def __post_init__(self):

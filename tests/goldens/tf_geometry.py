@@ -3,11 +3,12 @@
 Run by ``make goldens`` with the throwaway tensorflow-cpu venv (never a project dependency); writes
 ``tests/goldens/tf_geometry.npz``:
 
-- ``crop_{H}x{W}_seed{S}``: (20000, 2) crop sizes ``(height, width)`` drawn by ``tf.image.sample_distorted_bounding_box``
-  exactly as the official code's ``crop_and_resize`` calls it (google-research/simclr ``tf2/data_util.py``: the whole
-  image as the box, ``min_object_covered=0.1``, aspect (3/4, 4/3), area (0.08, 1), 100 attempts), for images of
-  224x224 and 32x32 with global seeds 1 and 2 (two independent TensorFlow runs) and 375x500 (H x W) with seed 1;
-  ``crop_{H}x{W}_seed{S}_offsets``: the ``(y, x)`` corners of the first 2000 of them;
+- ``crop_{H}x{W}_seed{S}``: (20000, 2) crop sizes ``(height, width)`` drawn by
+  ``tf.image.sample_distorted_bounding_box`` exactly as the official code's ``crop_and_resize`` calls it
+  (google-research/simclr ``tf2/data_util.py``: the whole image as the box, ``min_object_covered=0.1``, aspect (3/4,
+  4/3), area (0.08, 1), 100 attempts), for images of 224x224 and 32x32 with global seeds 1 and 2 (two independent
+  TensorFlow runs) and 375x500 (H x W) with seed 1; ``crop_{H}x{W}_seed{S}_offsets``: the ``(y, x)`` corners of the
+  first 2000 of them;
 - ``images_cifar`` (10 x 32 x 32 x 3: one CIFAR-10 image per class) and ``images_imagenet`` (10 x 64 x 64 x 3), uint8,
   from ``images.golden_images()``: the blur's inputs;
 - for each blur case ``set``: ``blur_{set}_source`` (which images), ``blur_{set}_kernel_size`` (the official
