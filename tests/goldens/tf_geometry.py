@@ -35,8 +35,10 @@ CROP_SEEDS = {(224, 224): (1, 2), (32, 32): (1, 2), (375, 500): (1,)}
 CROP_OFFSETS = 2000  # corners kept (the sizes decide the area and aspect; a few corners show where crops sit)
 
 
-def official_crop_box(image_shape):
-    """The box of google-research/simclr ``crop_and_resize`` (aspect_ratio = width / height = 1 for square views)."""
+def official_crop_box(image_shape, seed):
+    """The box of google-research/simclr ``crop_and_resize`` (aspect_ratio = width / height = 1 for square views).
+    The official code passes no seed (the op then seeds itself from the clock: unrepeatable); an op seed makes the
+    same stateful kernel reproducible."""
     bbox = tf.constant([0.0, 0.0, 1.0, 1.0], dtype=tf.float32, shape=[1, 1, 4])
     begin, size, _ = tf.image.sample_distorted_bounding_box(
         image_shape,
@@ -46,16 +48,17 @@ def official_crop_box(image_shape):
         area_range=(0.08, 1.0),
         max_attempts=100,
         use_image_if_no_bounding_boxes=True,
+        seed=seed,
     )
     return begin[0], begin[1], size[0], size[1]
 
 
-@tf.function
-def crop_boxes(image_shape, count):
-    boxes = tf.TensorArray(tf.int32, size=count)
-    for i in tf.range(count):
-        boxes = boxes.write(i, tf.stack(official_crop_box(image_shape)))
-    return boxes.stack()
+def crop_boxes(height: int, width: int, count: int, seed: int) -> np.ndarray:
+    """``count`` boxes (y, x, h, w), eagerly, one image at a time as the official input pipeline calls the op;
+    global and op seed ``seed`` make the sequence reproducible (``make goldens`` rewrites the same arrays)."""
+    tf.random.set_seed(seed)
+    shape = tf.constant([height, width, 3])
+    return np.array([[int(v) for v in official_crop_box(shape, seed)] for _ in range(count)])
 
 
 def official_gaussian_blur(image, kernel_size, sigma, padding="SAME"):
@@ -89,8 +92,7 @@ def main():
     arrays = {}
     for (height, width), seeds in CROP_SEEDS.items():
         for seed in seeds:
-            tf.random.set_seed(seed)
-            boxes = crop_boxes(tf.constant([height, width, 3]), CROP_DRAWS).numpy()
+            boxes = crop_boxes(height, width, CROP_DRAWS, seed)
             boxes = boxes.astype(np.uint8 if max(height, width) < 256 else np.int16)
             arrays[f"crop_{height}x{width}_seed{seed}"] = boxes[:, 2:]
             arrays[f"crop_{height}x{width}_seed{seed}_offsets"] = boxes[:CROP_OFFSETS, :2]
