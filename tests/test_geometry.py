@@ -207,18 +207,20 @@ def _jpeg(image: np.ndarray) -> np.ndarray:
     return np.frombuffer(buffer.getvalue(), np.uint8)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("sampler", ["tf", "uniform_area"])
-def test_roi_decode_crops_follow_the_sampler(sampler):
+def test_roi_decode_crops_follow_the_sampler(sampler, device):
     """``decode_random_crop`` (ROI decode: only the window is decoded) with each sampler: windows measured from
     the pixels of 2000 views of a JPEG of COORDINATES, against TensorFlow's 224 px draws. The KS bound is the
     alpha = 0.001 critical value for 2,000 + 20,000 draws (0.046): the tf sampler passes, uniform_area does not."""
     cfg = AugmentConfig(size=64, crop_sampler=sampler)
     jpeg, count = _jpeg(COORDINATES), 2000
 
-    @pipeline_def(batch_size=500, num_threads=1, device_id=None, seed=4)
+    @pipeline_def(batch_size=500, num_threads=1, device_id=0 if device == "gpu" else None, seed=4)
     def views():
         jpegs = fn.external_source(source=lambda: [jpeg] * 500, batch=True, dtype=types.UINT8)
-        return decode_random_crop(jpegs, cfg, "cpu")
+        view = decode_random_crop(jpegs, cfg, device)
+        return view.cpu() if device == "gpu" else view
 
     (view,) = _run_batches(views(), count)
     measured = measure_windows(view.astype(np.float64), 64)
