@@ -18,11 +18,18 @@ after each, then ``rgb_to_grayscale``; float between the ops, rounded to uint8 o
   each however little they compute, and a per-image order with a clip after each op is no single operator;
 - on the GPU it is one Triton kernel over the batch (``colour_gpu``, called by ``dl_tensor_python_function``
   on DALI's stream), the flip fused into the final normalisation.
-- the blur kernel is truncated at 4 sigma (capped at the paper's window, 23 taps at 224 px): the
-  weights left out are < 1e-4 of the kernel's mass, and a sigma of 0.1 no longer pays for 23 taps.
-  On the CPU it is two 1-D ``fn.filter`` passes with the same per-sample Gaussian (DALI's CPU
-  ``gaussian_blur`` is 5-9x slower for the same result); the blurred view goes to the normalisation
-  unrounded (float). On the GPU it stays ``gaussian_blur``.
+- the crop is the official code's: TensorFlow's ``sample_distorted_bounding_box`` (``pipeline/crop.py``: one
+  compiled operator per view computes the window from the image's shape; an integer height drawn uniformly, so
+  small crops are more frequent than with a uniform area; no crop below 0.1 of the image; after 100 failed
+  attempts the whole image), then ``fn.resize`` of that window (bicubic, no antialiasing). DALI's
+  ``random_resized_crop`` (uniform area, log-uniform aspect: the paper's text) is ``crop_sampler='uniform_area'``.
+- the blur is the official ``gaussian_blur``: a horizontal then a vertical pass with zero (SAME) padding
+  (``blur_padding='reflect'``: reflect-101), on both backends two 1-D ``fn.filter`` passes with the per-sample
+  Gaussian (DALI's ``gaussian_blur`` has no zero padding; on the CPU it is also 5-9x slower). The kernel is
+  truncated at 4 sigma inside the official window (23 taps at 224 px): the weights left out are < 1e-4 of its
+  mass (within 0.07 levels of TensorFlow's, tests/test_geometry.py), and a sigma of 0.1 no longer pays for 23
+  taps. The blurred view goes to the normalisation unrounded (float). One sigma per view (the official TF2 code
+  draws one per batch, ``batch_random_blur``).
 - every random number of a view but its crop's comes from one DALI random operator (``ViewDraws``): on the
   CPU each operator costs about a microsecond per sample however little it computes.
 Images are uint8 HWC between operators; the flip commutes with every colour operator: on the GPU it is
@@ -41,10 +48,14 @@ from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.data_node import DataNode
 
+from .crop import crop_window
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BRIGHTNESS_IMPLS = ("simclrv2", "simclrv1")  # the official code's impl flag: multiplicative, additive
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale's
+CROP_SAMPLERS = ("tf", "uniform_area")
+BLUR_PADDINGS = ("zero", "reflect")
 
 
 @dataclass(frozen=True)
@@ -53,8 +64,15 @@ class AugmentConfig:
 
     size: int = 224
     crop_area: tuple[float, float] = (0.08, 1.0)  # fraction of the source image's area
-    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)  # width / height, sampled log-uniformly
-    crop_attempts: int = 100  # then fall back to a centre crop
+    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)  # width / height: linear ("tf"), log-uniform ("uniform_area")
+    crop_attempts: int = 100  # then the whole image ("tf"; DALI's "uniform_area": a centre crop in the aspect range)
+    # "tf": the official code's tf.image.sample_distorted_bounding_box (pipeline/crop.py: integer height uniform, so
+    # area density ~ 1/sqrt(a)); "uniform_area": DALI's random_resized_crop (area uniform, aspect log-uniform: the
+    # paper's text, torchvision's RandomResizedCrop)
+    crop_sampler: str = "tf"
+    crop_min_covered: float = 0.1  # "tf": min_object_covered of the whole image, so no crop is below 0.1 of it
+    roi_decode: bool = False  # two views: decode each view's crop only (ROI decode) instead of the image once
+    blur_padding: str = "zero"  # "zero": the official gaussian_blur's SAME padding; "reflect": reflect-101
     flip_prob: float = 0.5
     jitter_prob: float = 0.8
     jitter_strength: float = 1.0  # s: scales the four ranges below
@@ -81,7 +99,8 @@ class AugmentConfig:
 
     @property
     def blur_window(self) -> int:
-        """Odd kernel side of ~10% of the image side, as in the official code (23 at 224 px)."""
+        """The official window: ``kernel_size = side // 10``, radius ``int(kernel_size / 2)``, so 2 (side // 20) + 1
+        taps (23 at 224 px, 3 at 32 px)."""
         return 2 * (self.size // 20) + 1
 
     def __post_init__(self):
@@ -98,6 +117,17 @@ class AugmentConfig:
         lo, hi = self.crop_area
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"AugmentConfig.crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}")
+        lo, hi = self.crop_aspect
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"AugmentConfig.crop_aspect must satisfy 0 < lo <= hi, got {self.crop_aspect}")
+        if self.crop_sampler not in CROP_SAMPLERS:
+            raise ValueError(f"AugmentConfig.crop_sampler must be one of {CROP_SAMPLERS}, got {self.crop_sampler!r}")
+        if not 0.0 <= self.crop_min_covered <= 1.0:
+            raise ValueError(f"AugmentConfig.crop_min_covered must be in [0, 1], got {self.crop_min_covered}")
+        if self.crop_attempts < 1:
+            raise ValueError(f"AugmentConfig.crop_attempts must be >= 1, got {self.crop_attempts}")
+        if self.blur_padding not in BLUR_PADDINGS:
+            raise ValueError(f"AugmentConfig.blur_padding must be one of {BLUR_PADDINGS}, got {self.blur_padding!r}")
 
 
 # nvJPEG settings of NVIDIA's own ResNet-50 DALI example (mixed backend only): buffers preallocated for
@@ -122,17 +152,41 @@ def decode(jpegs, device: str):
     return fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(device))
 
 
-def decode_random_crop(jpegs, cfg: AugmentConfig, device: str):
-    """JPEG bytes -> the random resized crop of ``simclr_view`` (same area/aspect sampling), decoding only
-    the crop's region (ROI decode: DALI's ``decoders.image_random_crop``), uint8 RGB HWC of side ``cfg.size``."""
-    region = fn.decoders.image_random_crop(
-        jpegs,
-        output_type=types.RGB,
-        random_area=list(cfg.crop_area),
-        random_aspect_ratio=list(cfg.crop_aspect),
-        num_attempts=cfg.crop_attempts,
-        **_decoder_args(device),
+def resized_crop(images, start, end, cfg: AugmentConfig):
+    """The window ``[start, end)`` (absolute (y, x) per sample: ``crop.crop_window``) of each image, resized to
+    ``cfg.size`` square: bicubic without antialiasing, as the official code's ``tf.image.resize``. (DALI resamples
+    the window inside the whole image: its edge pixels' filter taps may reach just outside it, where TensorFlow,
+    having cut the crop out first, repeats the crop's own edge.)"""
+    return fn.resize(
+        images,
+        size=[cfg.size, cfg.size],
+        roi_start=start,
+        roi_end=end,
+        roi_relative=False,
+        interp_type=types.INTERP_CUBIC,
+        antialias=False,
     )
+
+
+def decode_random_crop(jpegs, cfg: AugmentConfig, device: str):
+    """JPEG bytes -> the random resized crop of ``simclr_view`` (the same sampler, ``cfg.crop_sampler``), decoding
+    only the crop's region (ROI decode), uint8 RGB HWC of side ``cfg.size``. ``tf``: the window from the encoded
+    image's shape (``fn.peek_image_shape``), decoded by ``decoders.image_slice``; ``uniform_area``: DALI's
+    ``decoders.image_random_crop``."""
+    if cfg.crop_sampler == "uniform_area":
+        region = fn.decoders.image_random_crop(
+            jpegs,
+            output_type=types.RGB,
+            random_area=list(cfg.crop_area),
+            random_aspect_ratio=list(cfg.crop_aspect),
+            num_attempts=cfg.crop_attempts,
+            **_decoder_args(device),
+        )
+    else:
+        start, end = crop_window(fn.peek_image_shape(jpegs), cfg, dtype=types.INT32)
+        region = fn.decoders.image_slice(
+            jpegs, start=start, end=end, axis_names="HW", output_type=types.RGB, **_decoder_args(device)
+        )
     return fn.resize(region, size=[cfg.size, cfg.size], interp_type=types.INTERP_CUBIC, antialias=False)
 
 
@@ -192,14 +246,17 @@ class ViewDraws:
 
 
 def _blur_radius(sigma, cfg: AugmentConfig):
-    """The blur kernel's radius for ``sigma``: ceil(4 sigma), capped at the paper's window."""
+    """The blur kernel's radius for ``sigma``: ceil(4 sigma), capped at the official window's (``blur_window``)."""
     return dmath.min(fn.cast(dmath.ceil(sigma * 4.0), dtype=types.INT32), cfg.blur_window // 2)
 
 
-def gaussian_blur_cpu(images, sigma, radius, max_window: int):
-    """Separable Gaussian blur as two ``fn.filter`` passes with reflect-101 borders (as ``gaussian_blur``):
-    per-sample kernel exp(-x^2 / 2 sigma^2), x in [-radius, radius], normalised. uint8 HWC -> float HWC
-    (0..255, not rounded)."""
+def gaussian_blur(images, sigma, radius, max_window: int, padding: str = "zero"):
+    """Separable Gaussian blur as two ``fn.filter`` passes (horizontal, then vertical, as the official
+    ``gaussian_blur``), CPU or GPU images (the taps are computed on the CPU): per-sample kernel
+    exp(-x^2 / 2 sigma^2), x in [-radius, radius], normalised; borders padded with zeros (``padding='zero'``, the
+    official ``padding='SAME'``) or reflected without repeating the edge (``'reflect'``, reflect-101). uint8 HWC
+    -> float HWC (0..255, not rounded)."""
+    border = {"zero": "constant", "reflect": "reflect_101"}[padding]
     r = max_window // 2
     x = types.Constant(np.arange(-r, r + 1, dtype=np.float32))
     weights = dmath.exp(x * x * (-0.5 / (sigma * sigma)))
@@ -213,21 +270,26 @@ def gaussian_blur_cpu(images, sigma, radius, max_window: int):
     )
     weights = weights / fn.reductions.sum(weights)
     taps = 2 * radius + 1
-    horizontal = fn.filter(images, fn.reshape(weights, shape=fn.stack(1, taps)), dtype=types.FLOAT)
-    return fn.filter(horizontal, fn.reshape(weights, shape=fn.stack(taps, 1)))
+    horizontal = fn.filter(images, fn.reshape(weights, shape=fn.stack(1, taps)), dtype=types.FLOAT, border=border)
+    return fn.filter(horizontal, fn.reshape(weights, shape=fn.stack(taps, 1)), border=border)
 
 
-def simclr_view(images, cfg: AugmentConfig, output_dtype=types.FLOAT):
-    """One augmented view of decoded uint8 HWC ``images`` -> normalised ``output_dtype`` HWC of side ``cfg.size``."""
-    view = fn.random_resized_crop(
-        images,
-        size=[cfg.size, cfg.size],
-        random_area=list(cfg.crop_area),
-        random_aspect_ratio=list(cfg.crop_aspect),
-        num_attempts=cfg.crop_attempts,
-        interp_type=types.INTERP_CUBIC,
-        antialias=False,  # as the official code's tf.image.resize (bicubic, no antialiasing)
-    )
+def simclr_view(images, cfg: AugmentConfig, output_dtype=types.FLOAT, shape=None):
+    """One augmented view of decoded uint8 HWC ``images`` -> normalised ``output_dtype`` HWC of side ``cfg.size``.
+    ``shape``: the images' (H, W, C) as a CPU node, for the ``tf`` crop sampler (default: ``images.shape()``)."""
+    if cfg.crop_sampler == "uniform_area":
+        view = fn.random_resized_crop(
+            images,
+            size=[cfg.size, cfg.size],
+            random_area=list(cfg.crop_area),
+            random_aspect_ratio=list(cfg.crop_aspect),
+            num_attempts=cfg.crop_attempts,
+            interp_type=types.INTERP_CUBIC,
+            antialias=False,  # as the official code's tf.image.resize (bicubic, no antialiasing)
+        )
+    else:
+        start, end = crop_window(images.shape() if shape is None else shape, cfg)
+        view = resized_crop(images, start, end, cfg)
     return augment_cropped(view, cfg, output_dtype)
 
 
@@ -254,21 +316,14 @@ def augment_cropped(view, cfg: AugmentConfig, output_dtype=types.FLOAT):
     """Everything of a view after its crop: colour jitter, grayscale, blur, flip + normalisation."""
     draws = ViewDraws(cfg)
     view, mirror = colour_stage(view, cfg, draws)
-    if cfg.blur_prob > 0 and view.device == "cpu":
+    if cfg.blur_prob > 0:
         radius = _blur_radius(draws.sigma, cfg)  # for every sample: the branches below must agree on types
         if draws.blur:  # the blurred view is float: each branch ends in its own normalisation
-            view = normalize(
-                gaussian_blur_cpu(view, draws.sigma, radius, cfg.blur_window),
-                cfg.mean,
-                cfg.std,
-                mirror=mirror,
-                dtype=output_dtype,
-            )
+            blurred = gaussian_blur(view, draws.sigma, radius, cfg.blur_window, cfg.blur_padding)
+            view = normalize(blurred, cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
         else:
             view = normalize(view, cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
         return view
-    if cfg.blur_prob > 0 and draws.blur:
-        view = fn.gaussian_blur(view, window_size=_blur_radius(draws.sigma, cfg) * 2 + 1, sigma=draws.sigma)
     return normalize(view, cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
 
 

@@ -136,8 +136,11 @@ class TwoViews:
     outputs: ClassVar[tuple[str, ...]] = ("view1", "view2")
 
     def graph(self, jpegs, device, dtype):
-        images = decode(jpegs, device)
-        return simclr_view(images, self.augment, dtype), simclr_view(images, self.augment, dtype)
+        cfg = self.augment
+        if cfg.roi_decode:  # each view decodes only its own crop's region
+            return tuple(augment_cropped(decode_random_crop(jpegs, cfg, device), cfg, dtype) for _ in range(2))
+        images = decode(jpegs, device)  # decoded once, cropped twice
+        return simclr_view(images, cfg, dtype), simclr_view(images, cfg, dtype)
 
 
 @dataclass(frozen=True)

@@ -65,8 +65,8 @@ def ks_statistic(samples: np.ndarray, reference: np.ndarray) -> float:
 
 
 def reference_crops(count, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3), side=256, attempts=100, seed=0):
-    """The paper's crop sampler: area ~ U(area) x image area, log-uniform aspect, retry until it fits,
-    else a centre crop. Returns (area fractions, aspects)."""
+    """The crop sampler of the paper's text and torchvision (``crop_sampler='uniform_area'``): area ~ U(area) x image
+    area, log-uniform aspect, retry until it fits, else a centre crop. Returns (area fractions, aspects)."""
     rng = np.random.default_rng(seed)
     areas, aspects = [], []
     for _ in range(count):
@@ -100,11 +100,14 @@ def measure_crops(views: np.ndarray, size: int):
 
 @pytest.fixture(scope="module")
 def crop_views(device):
-    cfg = AugmentConfig(size=64, flip_prob=0.5, **{k: v for k, v in PLAIN.items() if k != "flip_prob"})
+    """Views with the ``uniform_area`` sampler (DALI's random_resized_crop); the default, TensorFlow's sampler, is
+    tested against TensorFlow's own draws in test_geometry.py."""
+    plain = {k: v for k, v in PLAIN.items() if k != "flip_prob"}
+    cfg = AugmentConfig(size=64, flip_prob=0.5, crop_sampler="uniform_area", **plain)
     return run_views(COORDINATES, cfg, 2000, seed=1, device=device)
 
 
-def test_crop_area_and_aspect_follow_the_paper(crop_views):
+def test_uniform_area_crop_follows_the_papers_text(crop_views):
     width, height, _ = measure_crops(crop_views, 64)
     areas, aspects = width * height / 256**2, width / height
     ref_areas, ref_aspects = reference_crops(20000)
@@ -166,10 +169,11 @@ def _constant(batch):
     return lambda: batch  # (a source that takes an argument is given the iteration number: bind by value)
 
 
-def test_cpu_blur_is_the_truncated_gaussian():
-    """The CPU blur (two 1-D ``fn.filter`` passes) against a float64 separable Gaussian: radius ceil(4 sigma)
-    capped at the window, reflect-101 borders, as DALI's ``gaussian_blur``."""
-    from pipeline.augment import gaussian_blur_cpu
+@pytest.mark.parametrize("padding", ["zero", "reflect"])
+def test_blur_is_the_truncated_gaussian(padding):
+    """The blur (two 1-D ``fn.filter`` passes) against a float64 separable Gaussian: radius ceil(4 sigma) capped at
+    the window, borders padded with zeros (the official SAME padding) or reflect-101 (the option)."""
+    from pipeline.augment import gaussian_blur
 
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, (40, 36, 3), dtype=np.uint8) for _ in range(4)]
@@ -182,16 +186,15 @@ def test_cpu_blur_is_the_truncated_gaussian():
         radius = fn.external_source(
             source=lambda: [np.int32(min(np.ceil(4 * v), window // 2)) for v in sigmas], batch=True
         )
-        return gaussian_blur_cpu(x, sigma, radius, window)
+        return gaussian_blur(x, sigma, radius, window, padding)
 
     (out,) = blur().run()
     for image, sigma, got in zip(images, sigmas, out):
         radius = int(min(np.ceil(4 * sigma), window // 2))
         taps = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
         taps /= taps.sum()
-        padded = np.pad(
-            image.astype(np.float64), ((radius, radius), (radius, radius), (0, 0)), mode="reflect"
-        )  # reflect-101
+        mode = "constant" if padding == "zero" else "reflect"  # numpy's "reflect" is reflect-101
+        padded = np.pad(image.astype(np.float64), ((radius, radius), (radius, radius), (0, 0)), mode=mode)
         rows = sum(t * padded[:, k : k + image.shape[1]] for k, t in enumerate(taps))
         expected = sum(t * rows[k : k + image.shape[0]] for k, t in enumerate(taps))
         assert np.asarray(got).dtype == np.float32 and np.abs(np.asarray(got) - expected).max() < 0.05

@@ -51,6 +51,14 @@ class TrainConfig:
     [1 - 0.8 s, 1 + 0.8 s]; simclrv1 adds a delta in [-0.8 s, 0.8 s] (tf.image.adjust_brightness, values in [0, 1])."""
     min_crop_area: float = 0.08
     """Random resized crop: the smallest crop, as a fraction of the image's area (the range is [this, 1])."""
+    crop_sampler: Literal["tf", "uniform_area"] = "tf"
+    """tf: the official code's tf.image.sample_distorted_bounding_box (integer height drawn uniformly,
+    min_object_covered 0.1, whole image as fallback); uniform_area: DALI's random_resized_crop (area uniform, aspect
+    log-uniform: the paper's text, torchvision's)."""
+    roi_decode: bool = False
+    """Decode only each view's crop region (two partial decodes per image) instead of the whole image once."""
+    blur_padding: Literal["zero", "reflect"] = "zero"
+    """Gaussian blur borders: zero (the official gaussian_blur's SAME padding) or reflect (reflect-101)."""
     shuffle_buffer: int = 4096
     """Samples in DALI's reader shuffle buffer."""
     data_threads: int | None = None

@@ -22,6 +22,9 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig:
         "crop_area": (cfg.min_crop_area, 1.0),
         "contrast_per_channel": cfg.contrast_per_channel,
         "brightness_impl": cfg.brightness_impl,
+        "crop_sampler": cfg.crop_sampler,
+        "roi_decode": cfg.roi_decode,
+        "blur_padding": cfg.blur_padding,
     }
     if cfg.jitter_strength is not None:
         overrides["jitter_strength"] = cfg.jitter_strength
