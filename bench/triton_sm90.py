@@ -12,8 +12,9 @@ Triton version compiles in its own process: the pinned one from this environment
 
 The table is ``CASE_SOURCES``: a name -> a function returning ``CompileCase``s. The NT-Xent kernels' cases
 are captured from real loss steps (``nt_xent`` forward + backward with each launch recorded instead of run,
-so the tiles are launch_grid's) over ``NTXENT_CONFIGS``. Another kernel is one more entry: a function that
-returns literal cases, e.g. ``CompileCase(kernel="pipeline.colour_gpu:_colour_kernel", signature={"src":
+so the tiles are launch_grid's) over ``NTXENT_CONFIGS``; the colour kernel's from real ``colour_batch`` calls
+over ``COLOUR_CONFIGS`` (224 and 32 px views). Another kernel is one more entry: a function that returns
+literal cases, e.g. ``CompileCase(kernel="pipeline.colour_gpu:_colour_kernel", signature={"src":
 "*u8", "n": "i32"}, constexprs={"BLOCK": 1024}, options={"num_warps": 4}, aligned=("src", "n"))``, or
 ``case_from_launch(kernel, args, kwargs)`` of launches captured as ``ntxent_cases`` does.
 """
@@ -182,8 +183,59 @@ def ntxent_cases(configs=None) -> list[CompileCase]:
     return cases
 
 
+# --------------------------------------------------------------------------- the colour kernel
+
+# One launch per view of a pipeline batch (grid = (views,)): the paper's ImageNet views and CIFAR-10 views.
+COLOUR_CONFIGS = [
+    {"preset": "imagenet", "size": 224, "views": 256},
+    {"preset": "cifar", "size": 32, "views": 256},
+]
+# The spill pipeline/colour_gpu.py's docstring states for its kernel: with Triton 3.6 ptxas gives it 128
+# registers and spills 20 bytes (3.8: 122 registers, none).
+COLOUR_MAX_SPILL_BYTES = 20
+
+
+def colour_cases(configs=None) -> list[CompileCase]:
+    """The colour kernel's launch per config, as ``colour_batch`` makes it on a GPU: the real launcher runs on
+    CPU tensors (never touched) with the GPU's block size and the launch recorded instead of run."""
+    import torch
+
+    from pipeline import augment, colour_gpu
+    from pipeline.colour_cpu import colour_params
+
+    captured = []
+
+    class _Recorder:  # stands in for ``_colour_kernel``: ``_colour_kernel[grid](*args, **kwargs)`` is recorded
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: captured.append((tuple(grid), args, kwargs))
+
+    kernel, interpret = colour_gpu._colour_kernel, colour_gpu._INTERPRET
+    cases = []
+    try:
+        colour_gpu._colour_kernel, colour_gpu._INTERPRET = _Recorder(), False
+        for config in configs or COLOUR_CONFIGS:
+            preset = (
+                augment.AugmentConfig.cifar if config["preset"] == "cifar" else augment.AugmentConfig
+            )  # as trainer/data.py
+            cfg = preset(size=config["size"])
+            captured.clear()
+            images = torch.empty(config["views"], config["size"], config["size"], 3, dtype=torch.uint8)
+            uniforms = torch.empty(config["views"], len(augment.UNIFORMS), dtype=torch.float32)
+            # a torch copy of the table: aligned as the CUDA copy the DALI operator makes (_params_on)
+            colour_gpu.colour_batch(images, uniforms, torch.from_numpy(colour_params(cfg)).clone())
+            for grid, args, kwargs in captured:
+                cases.append(
+                    case_from_launch(
+                        kernel, args, kwargs, config=dict(config), grid=grid, max_spill_bytes=COLOUR_MAX_SPILL_BYTES
+                    )
+                )
+    finally:
+        colour_gpu._colour_kernel, colour_gpu._INTERPRET = kernel, interpret
+    return cases
+
+
 # The table: one entry per kernel family (see the module docstring).
-CASE_SOURCES: dict[str, Callable[[], list[CompileCase]]] = {"ntxent": ntxent_cases}
+CASE_SOURCES: dict[str, Callable[[], list[CompileCase]]] = {"ntxent": ntxent_cases, "colour": colour_cases}
 
 
 # --------------------------------------------------------------------------- compile and read
@@ -360,7 +412,9 @@ def compile_in_subprocess(site: Path | None = None, sources=None, timeout_s: int
 def _summary(report: dict) -> str:
     lines = [f"Triton {report['triton']}: {report['distinct_compilations']} compilations in {report['seconds']} s"]
     for row in report["cases"]:
-        config = " ".join(f"{k}={row[k]}" for k in ("dtype", "precision", "d", "rows") if k in row)
+        config = " ".join(
+            f"{k}={row[k]}" for k in ("dtype", "precision", "d", "rows", "preset", "size", "views") if k in row
+        )
         if "error" in row:
             lines.append(f"  {row['kernel']:22s} {config}: ERROR {row['error'][:200]}")
             continue
@@ -396,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         "h100_resources": H100,
         "method": (
             "each launch of a loss step captured from the real launchers (nt_xent forward + backward, launches "
-            "recorded instead of run, an H100's 132 SMs for launch_grid), specialised as the JIT does, compiled "
+            "recorded instead of run, an H100's 132 SMs for launch_grid), and the colour kernel's launch from "
+            "real colour_batch calls (224 and 32 px views, the GPU's BLOCK), specialised as the JIT does, compiled "
             "with triton.compile(ASTSource(...), target=GPUTarget('cuda', 90, 32)); registers and spills from "
             "Triton's own ptxas -v log, shared memory from its metadata, CTAs/SM and occupancy by CUDA's "
             "occupancy rules (cuda_occupancy.h) with the largest shared-memory carve-out, wgmma counted in the "

@@ -23,6 +23,8 @@ to measure; the figures below are estimates, not measurements):
   serial single-block launches per batch; it also needs ``numba-cuda``, not in the lock;
 - Triton is already a dependency (the fused loss) and runs under ``TRITON_INTERPRET=1`` on CPU tensors, so
   the kernel itself is tested against TensorFlow's outputs without a GPU (tests/test_colour_tf.py).
+Compiled for an H100 ahead of time (sm_90a, no GPU; bench/triton_sm90.py): 122 registers, no spill (Triton 3.8);
+128 registers, 20 B of spill stores (3.6); 16 B of shared memory, 4 CTAs of 4 warps per SM (25%, register-bound).
 The kernel is called through DALI's ``dl_tensor_python_function`` (``batch_processing=True``: the whole batch
 at once, as DLPack tensors, zero-copy into torch). It runs on DALI's own CUDA stream (``current_dali_stream``,
 ``synchronize_stream=False``): DALI orders it after the crop and before the blur with no host synchronisation.

@@ -1,7 +1,8 @@
 """Every production Triton kernel launch compiled for Hopper (sm_90a) without a GPU (bench/triton_sm90.py), with the
 pinned Triton and with the GPU machine's (3.6.0, from a throwaway ``pip install --target`` of its wheel, cached
-under /tmp): it compiles, the 16-bit and TF32 products run on wgmma, exact float32 stays off the tensor cores,
-shared memory fits an H100 block, spills stay within what model/ntxent_triton.py's tile table states.
+under /tmp): it compiles, the 16-bit and TF32 products run on wgmma, exact float32 and the colour kernel stay off
+the tensor cores, shared memory fits an H100 block, spills stay within what model/ntxent_triton.py's tile table
+and pipeline/colour_gpu.py's docstring state.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import urllib.request
 import pytest
 
 from bench import triton_sm90
-from bench.triton_sm90 import GPU_MACHINE_TRITON, H100, NTXENT_CONFIGS
+from bench.triton_sm90 import COLOUR_CONFIGS, GPU_MACHINE_TRITON, H100, NTXENT_CONFIGS
 
 VERSIONS = ["pinned", GPU_MACHINE_TRITON]
 NTXENT_KERNELS = {
@@ -60,7 +61,7 @@ def _report(version: str, request, cache: dict) -> dict:
     return cache[version]
 
 
-@pytest.mark.slow  # ~40 s of CPU a Triton version (56 distinct compilations), shared by both tests
+@pytest.mark.slow  # ~45 s of CPU a Triton version (57 distinct compilations), shared by both tests
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_launch_compiles_for_hopper(version, request, reports):
     report = _report(version, request, reports)
@@ -80,9 +81,12 @@ def test_every_launch_compiles_for_hopper(version, request, reports):
     }
     configs = {(c["dtype"], c["precision"], c["d"], c["rows"]) for c in NTXENT_CONFIGS}
     assert ntxent == {(*config, kernel) for config in configs for kernel in NTXENT_KERNELS}
+    # the colour kernel once per view size (224 and 32 px), one program per view
+    colour = sorted((row["size"], row["kernel"], tuple(row["grid"])) for row in rows if row["source"] == "colour")
+    assert colour == sorted((c["size"], "colour_kernel", (c["views"],)) for c in COLOUR_CONFIGS)
 
 
-@pytest.mark.slow  # ~40 s of CPU a Triton version (56 distinct compilations), shared by both tests
+@pytest.mark.slow  # ~45 s of CPU a Triton version (57 distinct compilations), shared by both tests
 @pytest.mark.parametrize("version", VERSIONS)
 def test_tensor_cores_shared_memory_and_spills(version, request, reports):
     rows = [row for row in _report(version, request, reports)["cases"] if "error" not in row]
