@@ -375,8 +375,8 @@ def _epilogue_group() -> None:
         errors = {"rows": _rel(rows, want_rows), "norms": _rel(norms, want_norms)}
         acc = rows.dtype
         partials = torch.rand(3, 2 * n, generator=gen, dtype=torch.float64).to(acc) * 1e-3
-        stats = ntxent_triton.positive_stats(partials, rows, 1.0 / 0.05)
-        want_stats = _chunked.positive_stats(partials, rows, 1.0 / 0.05)
+        stats = ntxent_triton.positive_stats(partials, rows, norms, 1.0 / 0.05)
+        want_stats = _chunked.positive_stats(partials, rows, want_norms, 1.0 / 0.05)
         for name, got, want in zip(("loss_rows", "not_positive", "scale"), stats, want_stats):
             errors[name] = _rel(got, want)
         grad_partials = torch.randn(3, 2 * n, d, generator=gen, dtype=torch.float64).to(acc)
@@ -487,7 +487,7 @@ def _sm90_group() -> None:
         rows, operands, norms = ntxent_triton.normalize(z, z, dtype)
         positives = torch.arange(rows_count)
         ntxent_triton.row_negatives(operands, operands, positives, 0, 10.0, precision)
-        ntxent_triton.positive_stats(torch.zeros(3, rows_count), rows, 10.0)
+        ntxent_triton.positive_stats(torch.zeros(3, rows_count), rows, norms, 10.0)
         ntxent_triton.row_grad(operands, operands, norms, norms, positives, 0, 10.0, precision)
         ntxent_triton.input_grad(torch.zeros(3, rows_count, d), rows, norms, norms, torch.ones(()), dtype)
         for kernel, grid, args, kwargs in captured:
