@@ -444,7 +444,9 @@ def _positive_stats_kernel(
     norm = tl.load(norms_ptr + offs_m, mask=row_ok, other=1.0)
     norm_pos = tl.load(norms_ptr + partner, mask=row_ok, other=1.0)
     ratio, ratio_pos = tl.minimum(norm, eps) / eps, tl.minimum(norm_pos, eps) / eps  # no overflow for huge norms
-    deficit = tl.where(norm > eps, 0.0, 1.0 - ratio * ratio) + tl.where(norm_pos > eps, 0.0, 1.0 - ratio_pos * ratio_pos)
+    deficit = tl.where(norm > eps, 0.0, 1.0 - ratio * ratio) + tl.where(
+        norm_pos > eps, 0.0, 1.0 - ratio_pos * ratio_pos
+    )
     exp_minus_t = tl.exp(0.5 * inv_temp * (tl.sum(diff * diff, axis=1) + deficit))
     ratio = negatives * exp_minus_t
     tl.store(loss_ptr + offs_m, _log1p(ratio), mask=row_ok)

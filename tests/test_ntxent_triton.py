@@ -66,6 +66,13 @@ def test_saturated_pairs_match_float64():
     _check_group("saturated")
 
 
+def test_exact_for_every_norm():
+    """Zero rows, rows of norm <= 1e-12, norms 1e-30..1e30 (float64: 1e-300..1e300), all-zero batches and
+    identical views (tests/ntxent_properties.py): loss and every row's gradient within 1e-6 (float32) and 1e-12
+    (float64) of the float64 reference; NaN and inf propagate as on the chunked path."""
+    _check_group("properties")
+
+
 def test_kernels_compile_for_hopper_with_tensor_cores():
     """No GPU needed: every launch compiled for sm_90 by Triton's bundled ptxas, and its SASS read."""
     _check_group("sm90", interpret=False)
@@ -394,6 +401,18 @@ def _epilogue_group() -> None:
         assert max(errors.values()) < tol, errors
 
 
+def _properties_group() -> None:
+    import torch
+    from ntxent_properties import check_against_reference, check_non_finite_propagates
+
+    from model.ntxent import nt_xent, nt_xent_reference
+
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+        worst = check_against_reference(nt_xent, nt_xent_reference, dtype, seeds=(0, 1), tol=tol, backend="triton")
+        print(f"triton {dtype}: worst relative error {worst:.1e} (tolerance {tol:.0e})")
+    check_non_finite_propagates(nt_xent, backend="triton")
+
+
 def _compile_for_sm90(kernel, args: tuple, kwargs: dict):
     """triton.compile of one launch (as the JIT would specialise it: 16-divisible pointers and integers)
     for sm_90, without a driver."""
@@ -549,6 +568,8 @@ def main(group: str) -> None:
         ntxent_triton.INTERPRETER_BLOCK, ntxent_triton.INTERPRETER_BLOCK_K = 32, 128
         ntxent_triton.INTERPRETER_SM_COUNT = 16
         _saturated_group()
+    elif group == "properties":
+        _properties_group()
     elif group == "sm90":
         _sm90_group()
     elif group == "cuda":
