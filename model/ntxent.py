@@ -1,16 +1,20 @@
 """NT-Xent (the SimCLR loss) without the 2N x 2N similarity matrix, exact across ranks.
 
 ``nt_xent(z1, z2, temperature)``: z1, z2 are (N, d) projections of the two views (row i of each is a
-positive pair). The rows are L2-normalised, the 2N anchors each score the 2N - 1 others (itself
-excluded), and the loss is the mean over anchors of ``-log softmax`` of the positive: the paper's L.
+positive pair). The rows are L2-normalised as F.normalize does, x / max(||x||, 1e-12) (a zero row stays a
+zero vector; the norm is taken without over/underflow of the squares: ``row_norms``), the 2N anchors each
+score the 2N - 1 others (itself excluded), and the loss is the mean over anchors of ``-log softmax`` of the
+positive: the paper's L.
 
-How it is computed (one mechanism, two backends for the heavy part). With unit rows every logit
+How it is computed (one mechanism, two backends for the heavy part). With rows of norm <= 1 every logit
 s_kj / tau is at most 1/tau, so E_kj = exp((s_kj - 1) / tau) <= 1 needs no running maximum, and:
 - forward: per anchor k, the sum over its *negatives* only, neg_k = sum_{j not in {k, pos(k)}} E_kj
   (``row_negatives``, O(2N) memory). The positive stays out of the sum: its shifted logit
-  t_k = (s_k,pos - 1) / tau = -||z_k - z_pos||^2 / (2 tau) is computed separately in float32, exact
-  even for near-duplicate views, and with r_k = neg_k e^{-t_k} (the negatives' weight relative to
-  the positive's):  loss_k = log1p(r_k),  1 - p_k,pos = r_k / (1 + r_k),  lse_k = 1/tau + t_k + log1p(r_k).
+  t_k = (s_k,pos - 1) / tau = -(||z_k - z_pos||^2 + deficit_k + deficit_pos) / (2 tau), deficit = 1 - ||z||^2
+  (exactly 0 for unit rows, from the input norms for rows divided by eps: ``norm_deficit``), is computed
+  separately in float32, exact even for near-duplicate views, and with r_k = neg_k e^{-t_k} (the negatives'
+  weight relative to the positive's):
+  loss_k = log1p(r_k),  1 - p_k,pos = r_k / (1 + r_k),  lse_k = 1/tau + t_k + log1p(r_k).
   Nothing is formed as a difference of two numbers near 1/tau, so the loss and its gradient keep
   float32's relative precision when positives are strong (late training, small tau), where
   ``lse - positive_logit`` and ``p_pos - 1`` would cancel.
@@ -359,6 +363,12 @@ def nt_xent(
     exact float32 products, on the FMA units) or 'tf32' (tensor cores, 10-bit mantissas: each logit
     s/tau carries ~1e-3/tau absolute error, so expect ~1e-3 relative error in loss and gradients, and
     more when positives are strong). No effect on 16-bit or float64 inputs, nor on the chunked backend.
+
+    Any input: zero rows and rows of norm <= 1e-12 are divided by 1e-12 (a zero row is a zero vector, as in
+    F.normalize), norms up to float's range are fine (1e-30 .. 1e30 in float32). ValueError, on both backends
+    alike, for d = 0 or dtypes other than float32/bfloat16/float16/float64 (integers are not cast). NaN or inf
+    entries are not checked (that would cost a host sync per step): they propagate, on both backends, to a NaN
+    loss and NaN gradients.
     """
     _check_projections(z1, z2)
     if not temperature >= MIN_TEMPERATURE:
