@@ -527,3 +527,22 @@ def test_no_host_sync_in_the_step_on_cuda(micro_batch):
         torch.cuda.synchronize()
     finally:
         AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("device_type", ["cuda", "cpu"])
+def test_prepare_for_training_sets_cudnn_benchmark_on_cuda(monkeypatch, device_type):
+    """Training shapes are fixed: cuDNN may time its algorithms once per shape (set where the run is prepared)."""
+
+    class Prepared:  # what prepare_for_training uses of an Accelerator, on a device we may not have
+        device = torch.device(device_type)
+
+        def prepare(self, *objects):
+            return objects
+
+        def unwrap_model(self, model, keep_fp32_wrapper=True):
+            return model
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    model = torch.nn.Linear(2, 2)
+    prepare_for_training(Prepared(), model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert torch.backends.cudnn.benchmark == (device_type == "cuda")
