@@ -290,7 +290,7 @@ def build_loaders(
         device_id=accelerator.device.index if where == "gpu" else None,
         shard_id=accelerator.process_index,
         num_shards=accelerator.num_processes,
-        num_threads=default_num_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1))),
+        num_threads=default_num_threads(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), where),
     )
     view = EvalView(size, args.resize)
     data = {

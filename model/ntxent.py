@@ -1,16 +1,20 @@
 """NT-Xent (the SimCLR loss) without the 2N x 2N similarity matrix, exact across ranks.
 
 ``nt_xent(z1, z2, temperature)``: z1, z2 are (N, d) projections of the two views (row i of each is a
-positive pair). The rows are L2-normalised, the 2N anchors each score the 2N - 1 others (itself
-excluded), and the loss is the mean over anchors of ``-log softmax`` of the positive: the paper's L.
+positive pair). The rows are L2-normalised as F.normalize does, x / max(||x||, 1e-12) (a zero row stays a
+zero vector; the norm is taken without over/underflow of the squares: ``row_norms``), the 2N anchors each
+score the 2N - 1 others (itself excluded), and the loss is the mean over anchors of ``-log softmax`` of the
+positive: the paper's L.
 
-How it is computed (one mechanism, two backends for the heavy part). With unit rows every logit
+How it is computed (one mechanism, two backends for the heavy part). With rows of norm <= 1 every logit
 s_kj / tau is at most 1/tau, so E_kj = exp((s_kj - 1) / tau) <= 1 needs no running maximum, and:
 - forward: per anchor k, the sum over its *negatives* only, neg_k = sum_{j not in {k, pos(k)}} E_kj
   (``row_negatives``, O(2N) memory). The positive stays out of the sum: its shifted logit
-  t_k = (s_k,pos - 1) / tau = -||z_k - z_pos||^2 / (2 tau) is computed separately in float32, exact
-  even for near-duplicate views, and with r_k = neg_k e^{-t_k} (the negatives' weight relative to
-  the positive's):  loss_k = log1p(r_k),  1 - p_k,pos = r_k / (1 + r_k),  lse_k = 1/tau + t_k + log1p(r_k).
+  t_k = (s_k,pos - 1) / tau = -(||z_k - z_pos||^2 + deficit_k + deficit_pos) / (2 tau), deficit = 1 - ||z||^2
+  (exactly 0 for unit rows, from the input norms for rows divided by eps: ``norm_deficit``), is computed
+  separately in float32, exact even for near-duplicate views, and with r_k = neg_k e^{-t_k} (the negatives'
+  weight relative to the positive's):
+  loss_k = log1p(r_k),  1 - p_k,pos = r_k / (1 + r_k),  lse_k = 1/tau + t_k + log1p(r_k).
   Nothing is formed as a difference of two numbers near 1/tau, so the loss and its gradient keep
   float32's relative precision when positives are strong (late training, small tau), where
   ``lse - positive_logit`` and ``p_pos - 1`` would cancel.
@@ -52,6 +56,7 @@ materialises another rank's statistics.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal
 
 import torch
@@ -68,11 +73,46 @@ CHUNK_BYTES = 128 * 2**20
 MIN_TEMPERATURE = 0.03
 FLOAT32_MATMUL_PRECISIONS = ("ieee", "tf32")
 NORM_EPS = 1e-12  # as F.normalize: rows are x / max(||x||, eps)
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """(m,) Euclidean norms of the rows of ``x`` (m, d) without overflow or underflow of the squares (float32
+    squares leave its range past norms of ~1e19 and below ~1e-19): each row is divided by the power of two of
+    its largest entry first (exact), so the result is bit-identical to the plain norm wherever that is finite
+    and nonzero. NaN and inf entries give a NaN or inf norm (they propagate)."""
+    tiny_exponent = math.frexp(torch.finfo(x.dtype).tiny)[1] - 1  # tiny = 2^tiny_exponent
+    _, exponent = torch.frexp(x.detach().abs().amax(1, keepdim=True))
+    # clamped to [tiny, 1/tiny]: subnormal rows scale up exactly, and 2^exponent never overflows
+    scale = torch.ldexp(torch.ones_like(x[:, :1]), exponent.clamp(tiny_exponent, -tiny_exponent))
+    return torch.linalg.vector_norm(x / scale, dim=1) * scale[:, 0]
+
+
+def _check_projections(z1: torch.Tensor, z2: torch.Tensor) -> None:
+    """The checks every backend (and the reference) shares: one (N, d) shape, N, d >= 1, a float dtype."""
+    if z1.shape != z2.shape or z1.ndim != 2:
+        raise ValueError(
+            f"nt_xent expects two (N, d) tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
+    if z1.shape[0] < 1:
+        raise ValueError("nt_xent needs at least one pair")
+    if z1.shape[1] < 1:
+        raise ValueError(f"nt_xent needs projections of width d >= 1, got {tuple(z1.shape)}")
+    for z in (z1, z2):
+        if z.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"nt_xent takes float32, bfloat16, float16 or float64 projections, got {z.dtype} "
+                "(cast them explicitly: the loss would not say which precision it used)"
+            )
 
 
 def nt_xent_reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
-    """The plain formulation (materialises the 2N x 2N logits): the oracle for tests and benchmarks."""
-    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    """The plain formulation (materialises the 2N x 2N logits): the oracle for tests and benchmarks. Rows are
+    x / max(||x||, eps) as F.normalize has them, with the norm taken safely (``row_norms``: F.normalize's
+    float32 norm overflows to inf past ~1e19 and zeroes such a row)."""
+    _check_projections(z1, z2)
+    both = torch.cat([z1, z2])
+    z = both / row_norms(both).clamp_min(NORM_EPS)[:, None]
     n = z1.shape[0]
     logits = z @ z.T / temperature
     logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
@@ -115,6 +155,14 @@ def _exp_scores(
     return scores.exp_()
 
 
+def norm_deficit(norms: torch.Tensor) -> torch.Tensor:
+    """1 - ||z_k||^2 of each normalised row, from the inputs' norms: exactly 0 for the rows divided by their norm,
+    1 - (||x|| / eps)^2 for those divided by eps (zero rows: 1). With it the positive's shifted logit is
+    t_k = (s_k,pos - 1)/tau = -(||z_k - z_pos||^2 + deficit_k + deficit_pos) / (2 tau), exact for near-duplicate
+    unit rows (1 - <z_k, z_pos> would keep only the dot product's rounding) and right for rows of any norm."""
+    return torch.where(norms > NORM_EPS, 0.0, 1.0 - (norms.clamp_max(NORM_EPS) / NORM_EPS).square())
+
+
 class _chunked:
     """The PyTorch backend: row chunks of bounded memory, O(chunk x columns) extra whatever the batch (two
     chunk x columns tiles, CHUNK_BYTES together in float32, allocated once per call and reused by every
@@ -128,7 +176,7 @@ class _chunked:
         """(rows, operands, norms): rows = [z1; z2] / max(||.||, eps) (m, d) in the accumulation dtype,
         the operands of the products (here: the rows themselves), and the row norms (m,)."""
         both = torch.cat([z1, z2]).to(accumulation_dtype(z1))
-        norms = torch.linalg.vector_norm(both, dim=1)
+        norms = row_norms(both)
         rows = both / norms.clamp_min(NORM_EPS)[:, None]
         return rows, rows, norms
 
@@ -149,15 +197,16 @@ class _chunked:
         return out[None]
 
     @staticmethod
-    def positive_stats(partials, rows, inv_temp: float):
-        """(loss_rows, not_positive, scale), each (m,), from the negatives' partial sums (splits, m) and the
-        unit rows: loss_k = log1p(r_k), q_k = 1 - p_k,pos = r_k / (1 + r_k), scale_k = 1 / sum_{j != k} E_kj,
-        with r_k = neg_k e^{-t_k} and t_k = (s_k,pos - 1)/tau = -||z_k - z_pos||^2 / (2 tau)."""
+    def positive_stats(partials, rows, norms, inv_temp: float):
+        """(loss_rows, not_positive, scale), each (m,), from the negatives' partial sums (splits, m), the rows
+        and the inputs' norms: loss_k = log1p(r_k), q_k = 1 - p_k,pos = r_k / (1 + r_k), scale_k = 1 /
+        sum_{j != k} E_kj, with r_k = neg_k e^{-t_k} and t_k = (s_k,pos - 1)/tau (see ``shifted_positive``)."""
         half = rows.shape[0] // 2
         negatives = partials.sum(0)
-        # from the difference of the rows: exact for near-duplicates, where 1 - <z_k, z_pos> would keep only
-        # the rounding of the dot product
-        shifted_positive = (rows - rows.roll(-half, 0)).square_().sum(1).mul_(-0.5 * inv_temp)
+        shifted_positive = (rows - rows.roll(-half, 0)).square_().sum(1)
+        deficit = norm_deficit(norms)
+        shifted_positive += deficit + deficit.roll(-half, 0)
+        shifted_positive *= -0.5 * inv_temp
         exp_minus_t = torch.exp(-shifted_positive)
         ratio = negatives * exp_minus_t
         one_plus_ratio = 1.0 + ratio
@@ -268,7 +317,7 @@ class _NTXent(torch.autograd.Function):
         inv_temp = 1.0 / temperature
         positives = _positives(num_rows, row_offset, rows.device)
         partials = backend.row_negatives(operands, columns, positives, row_offset, inv_temp, float32_matmul_precision)
-        loss_rows, not_positive, scale = backend.positive_stats(partials, rows, inv_temp)
+        loss_rows, not_positive, scale = backend.positive_stats(partials, rows, norms, inv_temp)
         scale_columns = _all_gather(scale, world)
         ctx.save_for_backward(rows, columns, scale, scale_columns, not_positive, norms, positives)
         ctx.temperature, ctx.row_offset, ctx.backend = temperature, row_offset, backend
@@ -314,13 +363,14 @@ def nt_xent(
     exact float32 products, on the FMA units) or 'tf32' (tensor cores, 10-bit mantissas: each logit
     s/tau carries ~1e-3/tau absolute error, so expect ~1e-3 relative error in loss and gradients, and
     more when positives are strong). No effect on 16-bit or float64 inputs, nor on the chunked backend.
+
+    Any input: zero rows and rows of norm <= 1e-12 are divided by 1e-12 (a zero row is a zero vector, as in
+    F.normalize), norms up to float's range are fine (1e-30 .. 1e30 in float32). ValueError, on both backends
+    alike, for d = 0 or dtypes other than float32/bfloat16/float16/float64 (integers are not cast). NaN or inf
+    entries are not checked (that would cost a host sync per step): they propagate, on both backends, to a NaN
+    loss and NaN gradients.
     """
-    if z1.shape != z2.shape or z1.ndim != 2:
-        raise ValueError(
-            f"nt_xent expects two (N, d) tensors of one shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
-        )
-    if z1.shape[0] < 1:
-        raise ValueError("nt_xent needs at least one pair")
+    _check_projections(z1, z2)
     if not temperature >= MIN_TEMPERATURE:
         raise ValueError(
             f"temperature {temperature} is below the supported {MIN_TEMPERATURE} "

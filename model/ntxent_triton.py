@@ -365,12 +365,26 @@ def _normalize_kernel(
     low = x  # the inputs' dtype
     x = x.to(ACC)
     eps = tl.load(eps_ptr)
+    # The squares are taken of the row divided by the power of two of its largest entry (exact: the norm is
+    # bit-identical to the plain one wherever that is finite and nonzero, as model.ntxent.row_norms): norms
+    # from 1e-30 to 1e30 would under/overflow in float32 squares. The power is clamped to [2^-126, 2^126]
+    # (float64: 2^-1022, 2^1022) so that its reciprocal is a normal number.
+    largest = tl.max(tl.abs(x), axis=1)
     if ACC == tl.float32:  # IEEE-rounded sqrt and division (Triton's plain float32 ones are approximate)
-        norm = tl.sqrt_rn(tl.sum(x * x, axis=1))
-        rows = tl.div_rn(x, tl.broadcast_to(tl.maximum(norm, eps)[:, None], (BLOCK_M, BLOCK_D)))
+        power_bits = tl.minimum(tl.maximum(largest.to(tl.int32, bitcast=True) & 0x7F800000, 0x00800000), 0x7E800000)
+        power = power_bits.to(tl.float32, bitcast=True)
+        scaled = x * tl.div_rn(1.0, power)[:, None]
+        norm = tl.sqrt_rn(tl.sum(scaled * scaled, axis=1)) * power
+        # where(norm < eps, ...) rather than maximum: a NaN norm stays NaN (the row's NaN/inf propagates)
+        divisor = tl.where(norm < eps, eps, norm)
+        rows = tl.div_rn(x, tl.broadcast_to(divisor[:, None], (BLOCK_M, BLOCK_D)))
     else:  # float64 sqrt and division are IEEE-rounded
-        norm = tl.sqrt(tl.sum(x * x, axis=1))
-        rows = x / tl.maximum(norm, eps)[:, None]
+        power_bits = largest.to(tl.int64, bitcast=True) & 0x7FF0000000000000
+        power_bits = tl.minimum(tl.maximum(power_bits, 0x0010000000000000), 0x7FD0000000000000)
+        power = power_bits.to(tl.float64, bitcast=True)
+        scaled = x * (1.0 / power)[:, None]
+        norm = tl.sqrt(tl.sum(scaled * scaled, axis=1)) * power
+        rows = x / tl.where(norm < eps, eps, norm)[:, None]
     offsets = offs_m.to(tl.int64)[:, None] * D + offs_d[None, :]
     tl.store(rows_ptr + offsets, rows, mask=row_ok[:, None] & d_ok)
     if OPERANDS:
@@ -399,6 +413,8 @@ def _log1p(r):
 def _positive_stats_kernel(
     partials_ptr,
     rows_ptr,
+    norms_ptr,
+    eps_ptr,
     loss_ptr,
     not_positive_ptr,
     scale_ptr,
@@ -410,8 +426,9 @@ def _positive_stats_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    """Per row k: neg_k = the column splits' partial sums added in split order; t_k = -||z_k - z_pos||^2 / (2 tau)
-    from the unit rows; r = neg e^{-t}; loss_k = log1p(r), q_k = r / (1 + r), scale_k = e^{-t} / (1 + r)."""
+    """Per row k: neg_k = the column splits' partial sums added in split order; t_k = -(||z_k - z_pos||^2 +
+    deficit_k + deficit_pos) / (2 tau) with deficit = 1 - ||z||^2 from the norms (0 for unit rows: see
+    model.ntxent.norm_deficit); r = neg e^{-t}; loss_k = log1p(r), q_k = r / (1 + r), scale_k = e^{-t} / (1 + r)."""
     inv_temp = tl.load(consts_ptr)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -424,7 +441,14 @@ def _positive_stats_kernel(
     z = tl.load(rows_ptr + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
     z_pos = tl.load(rows_ptr + partner.to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
     diff = z - z_pos
-    exp_minus_t = tl.exp(0.5 * inv_temp * tl.sum(diff * diff, axis=1))
+    eps = tl.load(eps_ptr)
+    norm = tl.load(norms_ptr + offs_m, mask=row_ok, other=1.0)
+    norm_pos = tl.load(norms_ptr + partner, mask=row_ok, other=1.0)
+    ratio, ratio_pos = tl.minimum(norm, eps) / eps, tl.minimum(norm_pos, eps) / eps  # no overflow for huge norms
+    deficit = tl.where(norm > eps, 0.0, 1.0 - ratio * ratio) + tl.where(
+        norm_pos > eps, 0.0, 1.0 - ratio_pos * ratio_pos
+    )
+    exp_minus_t = tl.exp(0.5 * inv_temp * (tl.sum(diff * diff, axis=1) + deficit))
     ratio = negatives * exp_minus_t
     tl.store(loss_ptr + offs_m, _log1p(ratio), mask=row_ok)
     tl.store(not_positive_ptr + offs_m, ratio / (1.0 + ratio), mask=row_ok)
@@ -777,12 +801,15 @@ def normalize(z1: torch.Tensor, z2: torch.Tensor, operand_dtype: torch.dtype):
     return rows, operands, norms
 
 
-def positive_stats(partials: torch.Tensor, rows: torch.Tensor, inv_temp: float):
-    """(loss_rows, not_positive, scale), each (m,), from the negatives' partial sums (splits, m) and the unit
-    rows (m, d), m = 2N local rows whose positive is row (k + N) mod m: see ``model.ntxent._chunked``."""
+def positive_stats(partials: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor, inv_temp: float):
+    """(loss_rows, not_positive, scale), each (m,), from the negatives' partial sums (splits, m), the rows
+    (m, d) and the inputs' norms (m,) as ``normalize`` returns them, m = 2N local rows whose positive is row
+    (k + N) mod m: see ``model.ntxent._chunked``."""
     m, d = rows.shape
     if partials.ndim != 2 or partials.shape[1] != m or not rows.is_contiguous() or not partials.is_contiguous():
         raise ValueError(f"contiguous partials (splits, {m}) and rows ({m}, d) expected, got {tuple(partials.shape)}")
+    if norms.shape != (m,) or norms.dtype != rows.dtype:
+        raise ValueError(f"norms ({m},) of {rows.dtype} expected, got {tuple(norms.shape)} {norms.dtype}")
     loss_rows, not_positive, scale = (torch.empty(m, dtype=rows.dtype, device=rows.device) for _ in range(3))
     if m > 0:
         block_m, block_d = _row_block(d, rows.dtype)
@@ -791,6 +818,8 @@ def positive_stats(partials: torch.Tensor, rows: torch.Tensor, inv_temp: float):
             (triton.cdiv(m, block_m),),
             partials,
             rows,
+            norms.contiguous(),
+            _eps(rows.dtype, rows.device),
             loss_rows,
             not_positive,
             scale,

@@ -41,6 +41,9 @@ same function class; only the zero padding at the borders and the initial scale 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -130,20 +133,49 @@ class AugmentConfig:
             raise ValueError(f"AugmentConfig.blur_padding must be one of {BLUR_PADDINGS}, got {self.blur_padding!r}")
 
 
-# nvJPEG settings of NVIDIA's own ResNet-50 DALI example (mixed backend only): buffers preallocated for
-# ImageNet's largest image, so that no batch waits on a reallocation, and the share of the images sent
-# to the hardware JPEG decoder (A100/H100); the device padding is per DALI thread.
-GPU_DECODER = {
-    "hw_decoder_load": 0.65,
-    "device_memory_padding": 211_025_920,
-    "host_memory_padding": 140_544_512,
-    "preallocate_width_hint": 5_980,
-    "preallocate_height_hint": 6_430,
-}
+# The share of images the mixed decoder sends to the hardware JPEG decoder (A100/H100), as in NVIDIA's
+# ResNet-50 DALI example. Its buffer paddings are per DALI thread (one device buffer and one pinned host
+# buffer each), so they are sized to the data (``gpu_decoder_sizing``), not to ImageNet's largest image.
+GPU_DECODER = {"hw_decoder_load": 0.65}
+DALI_DEFAULT_HOST_PADDING = 8 * 2**20  # DALI's default host_memory_padding (device: 16 MiB)
+_GPU_DECODER_SIZING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("gpu_decoder_sizing", default=None)
+
+
+def gpu_decoder_sizing(largest_image: tuple[int, int] | None) -> dict:
+    """nvJPEG's preallocation for data whose largest image is (width, height): DALI's defaults where they
+    already hold it decoded (8 MiB of pinned host, 16 MiB of device memory per thread: CIFAR's 32 px, photos up
+    to ~2.8 megapixels), else one decoded RGB image (rounded up to MiB) per buffer and the size hints (ImageNet's
+    largest, 5,980 x 6,430: 111 MiB). Unknown: the defaults. A larger image only costs a reallocation."""
+    if largest_image is None:
+        return {}
+    width, height = largest_image
+    decoded = width * height * 3
+    if decoded <= DALI_DEFAULT_HOST_PADDING:
+        return {}
+    padding = -(-decoded // 2**20) * 2**20
+    return {
+        "device_memory_padding": padding,
+        "host_memory_padding": padding,
+        "preallocate_width_hint": width,
+        "preallocate_height_hint": height,
+    }
+
+
+@contextlib.contextmanager
+def gpu_decoder_sized_for(largest_image: tuple[int, int] | None) -> Iterator[dict]:
+    """While a pipeline's graph is defined inside: its GPU decoders get ``gpu_decoder_sizing(largest_image)``."""
+    sizing = gpu_decoder_sizing(largest_image)
+    token = _GPU_DECODER_SIZING.set(sizing)
+    try:
+        yield sizing
+    finally:
+        _GPU_DECODER_SIZING.reset(token)
 
 
 def _decoder_args(device: str) -> dict:
-    return {"device": "mixed", **GPU_DECODER} if device == "gpu" else {"device": "cpu"}
+    if device != "gpu":
+        return {"device": "cpu"}
+    return {"device": "mixed", **GPU_DECODER, **(_GPU_DECODER_SIZING.get() or {})}
 
 
 def decode(jpegs, device: str):

@@ -39,6 +39,8 @@ epoch aligned. Member extensions match case-insensitively (``.JPEG`` as ImageNet
 from __future__ import annotations
 
 import base64
+import heapq
+import io
 import os
 import re
 import tempfile
@@ -61,6 +63,7 @@ from .augment import (
     decode,
     decode_random_crop,
     eval_view,
+    gpu_decoder_sized_for,
     simclr_view,
 )
 from .decode_check import find_undecodable, rank_part
@@ -80,9 +83,48 @@ IMAGE_EXTENSIONS = ";".join(IMAGE_COMPONENTS)  # DALI webdataset reader: any of 
 _DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
 
 
-def default_num_threads(num_local_processes: int = 1) -> int:
-    """DALI CPU threads per process: this process's share of the cores it may run on."""
-    return max(1, len(os.sched_getaffinity(0)) // max(1, num_local_processes))
+# DALI threads of a GPU-decoding loader: the mixed decoder's CPU stage (Huffman decoding of the images the
+# hardware decoder does not take) and the reader; each thread also holds one nvJPEG device and one pinned host
+# buffer (pipeline.augment.gpu_decoder_sizing), so all cores (16 on a lent H100, per pipeline) would multiply them.
+GPU_DECODE_THREADS = 4
+LARGEST_IMAGE_CANDIDATES = 8  # image files (the largest by bytes) whose headers size the GPU decoder's buffers
+
+
+def default_num_threads(num_local_processes: int = 1, device: str = "cpu") -> int:
+    """DALI CPU threads per process: this process's share of the cores it may run on (at most
+    GPU_DECODE_THREADS when decoding on the GPU)."""
+    share = max(1, len(os.sched_getaffinity(0)) // max(1, num_local_processes))
+    return min(share, GPU_DECODE_THREADS) if device == "gpu" else share
+
+
+def largest_image(indexes: list[ShardIndex], candidates: int = LARGEST_IMAGE_CANDIDATES) -> tuple[int, int] | None:
+    """(width, height) of the largest (in pixels) of the ``candidates`` largest image files (in bytes) that the
+    indexes list, read from their headers: what the GPU decoder's buffers are sized for (a hint: a larger image
+    costs a reallocation, nothing else). None if none of them has a readable header."""
+    from PIL import Image
+
+    files = heapq.nlargest(
+        candidates,
+        (
+            (size, offset, index.tar)
+            for index in indexes
+            for sample in index.samples
+            for ext, (offset, size, _) in sample.items()
+            if ext.lower() in IMAGE_COMPONENTS
+        ),
+    )
+    best = None
+    for size, offset, tar in files:
+        with open(tar, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read(size)
+        try:
+            width, height = Image.open(io.BytesIO(data)).size  # the header only
+        except (OSError, ValueError):  # undecodable samples are reported by the decode check
+            continue
+        if best is None or width * height > best[0] * best[1]:
+            best = (width, height)
+    return best
 
 
 def default_pipelines(device: str, train: bool, batch_size: int) -> int:
@@ -337,7 +379,8 @@ class DaliLoader:
         )  # whole batches of real samples on every rank (and from every sub-part)
         self.batch_size, self.device, self.device_id = batch_size, device, device_id
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
-        self.num_threads = num_threads or default_num_threads()  # over all of this rank's pipelines
+        self.num_threads = num_threads or default_num_threads(device=device)  # over all of this rank's pipelines
+        self.largest_image = largest_image(self.indexes) if device == "gpu" else None  # sizes nvJPEG's buffers
         self.prefetch = prefetch
         self.torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
         self.epoch = 0
@@ -392,10 +435,11 @@ class DaliLoader:
             shards = self._epoch_shards(epoch)
             pipes = []
             for j in range(self.pipelines):
+                sized = gpu_decoder_sized_for(self.largest_image)  # the GPU decoders defined in this pipeline
                 part = self.shard_id * self.pipelines + j  # this pipeline's sub-part of the epoch
                 seed = int(np.random.SeedSequence([self.seed, epoch, part]).generate_state(1)[0] % 2**31)
-                pipes.append(
-                    _pipeline(
+                with sized:
+                    pipe = _pipeline(
                         shards,
                         [self.index_paths[tar] for tar in shards],
                         self.view,
@@ -414,7 +458,7 @@ class DaliLoader:
                         enable_checkpointing=True,
                         checkpoint=checkpoints[j] if checkpoints else None,
                     )
-                )
+                pipes.append(pipe)
             # A training loader takes every batch of the reader's epoch (PARTIAL), keeps the first
             # ``steps_per_epoch`` and drains the rest (see ``_batches``).
             return DALIGenericIterator(

@@ -4,6 +4,7 @@ exact resume, and bad input named by shard and key."""
 from __future__ import annotations
 
 import collections
+import os
 
 import numpy as np
 import pytest
@@ -349,3 +350,45 @@ def test_batch_larger_than_data_is_an_error(tmp_path):
     directory, _ = make_shards(tmp_path, 10)
     with pytest.raises(ShardError, match="do not fill one batch"):
         DaliLoader(directory, 8, TwoViews(CIFAR), train=True, num_shards=2)
+
+
+# --------------------------------------------------------------------------- GPU decoder sizing (no GPU needed)
+
+
+def test_gpu_decoder_buffers_are_sized_to_the_data():
+    """nvJPEG's paddings are per DALI thread: DALI's defaults (8 MiB host, 16 MiB device) where they hold the
+    largest image decoded (CIFAR's 32 px), one decoded image otherwise; never ImageNet's 211 MB for every set."""
+    from pipeline.augment import _decoder_args, gpu_decoder_sized_for, gpu_decoder_sizing
+
+    assert gpu_decoder_sizing(None) == {} and gpu_decoder_sizing((32, 32)) == {}
+    assert gpu_decoder_sizing((1600, 1200)) == {}  # 5.5 MB decoded
+    large = gpu_decoder_sizing((5980, 6430))  # ImageNet's largest training image
+    assert large["device_memory_padding"] == large["host_memory_padding"] == 111 * 2**20
+    assert (large["preallocate_width_hint"], large["preallocate_height_hint"]) == (5980, 6430)
+    with gpu_decoder_sized_for((5980, 6430)):
+        assert _decoder_args("gpu")["device_memory_padding"] == 111 * 2**20
+        assert _decoder_args("cpu") == {"device": "cpu"}
+    with gpu_decoder_sized_for((32, 32)):
+        assert _decoder_args("gpu") == {"device": "mixed", "hw_decoder_load": 0.65}
+    assert "device_memory_padding" not in _decoder_args("gpu")  # outside: DALI's defaults
+
+
+def test_largest_image_is_read_from_the_headers_of_the_largest_files(tmp_path):
+    from pipeline.loader import largest_image
+    from pipeline.shardset import read_index
+
+    directory, _ = make_shards(tmp_path / "cifar", 30, size=32, per_shard=16)
+    tars = sorted(directory.glob("*.tar"))
+    assert largest_image([read_index(tar) for tar in tars]) == (32, 32)
+    samples = [Sample(f"s{i}", encode_jpeg(image), 0, f"s{i}") for i, image in enumerate(random_images(3, 64))]
+    samples.append(Sample("wide", encode_jpeg(random_images(1, 96)[0][:48]), 0, "wide"))  # 96 x 48
+    write_shards(samples, str(tmp_path / "mixed-%06d.tar"), ["c0"], total=len(samples), max_count=10, progress=False)
+    mixed = sorted(tmp_path.glob("mixed-*.tar"))
+    assert largest_image([read_index(tar) for tar in mixed], candidates=10) == (96, 48)
+
+
+def test_gpu_loaders_use_at_most_a_few_decode_threads():
+    from pipeline.loader import GPU_DECODE_THREADS, default_num_threads
+
+    assert 1 <= default_num_threads(device="gpu") <= GPU_DECODE_THREADS
+    assert default_num_threads(device="cpu") == max(1, len(os.sched_getaffinity(0)))

@@ -67,6 +67,13 @@ def test_saturated_pairs_match_float64():
     _check_group("saturated")
 
 
+def test_exact_for_every_norm():
+    """Zero rows, rows of norm <= 1e-12, norms 1e-30..1e30 (float64: 1e-300..1e300), all-zero batches and
+    identical views (tests/ntxent_properties.py): loss and every row's gradient within 1e-6 (float32) and 1e-12
+    (float64) of the float64 reference; NaN and inf propagate as on the chunked path."""
+    _check_group("properties")
+
+
 @pytest.mark.gpu
 def test_compiled_kernels_cuda():
     torch = pytest.importorskip("torch")
@@ -406,8 +413,8 @@ def _epilogue_group() -> None:
         errors = {"rows": _rel(rows, want_rows), "norms": _rel(norms, want_norms)}
         acc = rows.dtype
         partials = torch.rand(3, 2 * n, generator=gen, dtype=torch.float64).to(acc) * 1e-3
-        stats = ntxent_triton.positive_stats(partials, rows, 1.0 / 0.05)
-        want_stats = _chunked.positive_stats(partials, rows, 1.0 / 0.05)
+        stats = ntxent_triton.positive_stats(partials, rows, norms, 1.0 / 0.05)
+        want_stats = _chunked.positive_stats(partials, rows, want_norms, 1.0 / 0.05)
         for name, got, want in zip(("loss_rows", "not_positive", "scale"), stats, want_stats):
             errors[name] = _rel(got, want)
         grad_partials = torch.randn(3, 2 * n, d, generator=gen, dtype=torch.float64).to(acc)
@@ -423,6 +430,18 @@ def _epilogue_group() -> None:
         tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3}.get(dtype, 5e-3)
         print(f"epilogue {str(dtype):14s} N={n:2d} d={d:4d}: " + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
         assert max(errors.values()) < tol, errors
+
+
+def _properties_group() -> None:
+    import torch
+    from ntxent_properties import check_against_reference, check_non_finite_propagates
+
+    from model.ntxent import nt_xent, nt_xent_reference
+
+    for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
+        worst = check_against_reference(nt_xent, nt_xent_reference, dtype, seeds=(0, 1), tol=tol, backend="triton")
+        print(f"triton {dtype}: worst relative error {worst:.1e} (tolerance {tol:.0e})")
+    check_non_finite_propagates(nt_xent, backend="triton")
 
 
 # N = 1 (the loss is log 1), odd N and d that divide no tile, d = 2048 walked in chunks and split.
@@ -470,6 +489,8 @@ def main(group: str) -> None:
         ntxent_triton.INTERPRETER_BLOCK, ntxent_triton.INTERPRETER_BLOCK_K = 32, 128
         ntxent_triton.INTERPRETER_SM_COUNT = 16
         _saturated_group()
+    elif group == "properties":
+        _properties_group()
     elif group == "cuda":
         _cuda_checks()
     else:

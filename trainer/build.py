@@ -32,7 +32,14 @@ def prepare_for_training(accelerator, model: torch.nn.Module, optimizer: torch.o
     """``accelerator.prepare(model, optimizer)`` (device placement, DDP), without the output wrapper Accelerate
     puts on a mixed-precision model: that wrapper casts every output to float32, which would hand the loss
     float32 projections under bf16. ``trainer.step.train_step`` runs the forward in ``accelerator.autocast()``
-    itself, so the projections reach the loss in the autocast dtype (tensor-core operands for its kernels)."""
+    itself, so the projections reach the loss in the autocast dtype (tensor-core operands for its kernels).
+
+    On CUDA it also sets ``torch.backends.cudnn.benchmark``: training shapes are fixed (whole batches of one
+    image size; micro-batches of at most two sizes), so cuDNN times its convolution algorithms once per shape
+    and keeps the fastest (the choice is by timing, so two runs may pick different algorithms: bitwise
+    equality across processes is not promised by cuDNN either way)."""
+    if accelerator.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restores the module's own forward, in place
     return model, optimizer

@@ -38,9 +38,9 @@ def data_device(cfg: TrainConfig, device: torch.device) -> str:
     return "gpu" if cfg.data_device == "gpu" or (cfg.data_device == "auto" and device.type == "cuda") else "cpu"
 
 
-def _threads(cfg: TrainConfig) -> int:
+def _threads(cfg: TrainConfig, where: str = "cpu") -> int:
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by accelerate launch / torchrun
-    return cfg.data_threads or default_num_threads(local_processes)
+    return cfg.data_threads or default_num_threads(local_processes, where)
 
 
 def build_train_loader(
@@ -73,7 +73,7 @@ def build_train_loader(
         shard_id=rank,
         num_shards=world,
         seed=cfg.seed,
-        num_threads=_threads(cfg),
+        num_threads=_threads(cfg, where),
         prefetch=cfg.prefetch,
         shuffle_buffer=cfg.shuffle_buffer,
         dtype=torch.float16 if where == "gpu" else torch.float32,
@@ -98,7 +98,7 @@ def build_eval_loaders(
             device_id=device.index if where == "gpu" else None,
             shard_id=rank,
             num_shards=world,
-            num_threads=_threads(cfg),
+            num_threads=_threads(cfg, where),
         )
         for shards in (cfg.eval_train_shards, cfg.eval_val_shards)
     )

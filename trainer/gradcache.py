@@ -83,47 +83,77 @@ def _tracking_batch_norms(model: nn.Module) -> list[_BatchNorm]:
 @contextlib.contextmanager
 def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     """Batch-norm layers in train mode normalise with batch statistics as usual, but their running
-    statistics (and ``num_batches_tracked``) are left as they were on exit (restored in place)."""
+    statistics (and ``num_batches_tracked``) are left as they were on exit (restored in place). Momentum 1
+    meanwhile: with ``momentum=None`` BN would read ``num_batches_tracked`` to the host at every call."""
     layers = _tracking_batch_norms(model)
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 1.0
     try:
         yield
     finally:
         with torch.no_grad():
-            for m, (mean, var, count) in zip(layers, saved):
+            for m, (mean, var, count), momentum in zip(layers, saved, momenta):
+                m.momentum = momentum
                 m.running_mean.copy_(mean)
                 m.running_var.copy_(var)
                 m.num_batches_tracked.copy_(count)
 
 
 @contextlib.contextmanager
-def running_stats_once(model: nn.Module) -> Iterator[None]:
-    """Inside: every train-mode BN layer accumulates the plain mean of the batch statistics it sees (its
-    cumulative-average mode, from zero). On exit: one update of the saved running statistics with that mean,
-    with the layer's momentum (or 1 / (updates + 1) for ``momentum=None``), and ``num_batches_tracked``
-    + 1, as one plain step would. On an exception, the saved statistics are restored unchanged."""
+def running_stats_once(model: nn.Module) -> Iterator[Callable[[], None]]:
+    """Inside: every train-mode BN layer keeps only its latest batch statistics (momentum 1), and the yielded
+    ``record()``, called after each micro-batch's forward and backward, adds them to a per-layer sum.
+    On exit: one update of the saved running statistics with their mean (the plain mean of the batch
+    statistics, each image counted once), with the layer's momentum (or 1 / (updates + 1) for
+    ``momentum=None``), and ``num_batches_tracked`` + 1, as one plain step would; a layer that saw no batch
+    keeps its statistics. On an exception, the saved statistics are restored unchanged.
+    Tensor ops only (how many batches a layer saw stays on the device, in ``num_batches_tracked``): no host
+    sync, where BN's own cumulative mode (``momentum=None``) reads ``num_batches_tracked`` to the host in
+    every layer at every call; momentum 1 is also one constant for torch.compile. Meant for layers called
+    once per forward (every timm backbone, the projection head)."""
     layers = _tracking_batch_norms(model)
     saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in layers]
+    means, variances = [m.running_mean for m in layers], [m.running_var for m in layers]
+    mean_sums, var_sums = [torch.zeros_like(t) for t in means], [torch.zeros_like(t) for t in variances]
     with torch.no_grad():
         for m in layers:
-            m.running_mean.zero_()
-            m.running_var.zero_()
             m.num_batches_tracked.zero_()
-            m.momentum = None
+            m.momentum = 1.0
+        if layers:  # a layer not called in a micro-batch then adds 0
+            torch._foreach_zero_(means)
+            torch._foreach_zero_(variances)
+
+    def record() -> None:
+        if layers:
+            with torch.no_grad():  # a few foreach kernels per micro-batch, not a few per layer
+                torch._foreach_add_(mean_sums, means)
+                torch._foreach_add_(var_sums, variances)
+                torch._foreach_zero_(means)
+                torch._foreach_zero_(variances)
+
     completed = False
     try:
-        yield
+        yield record
         completed = True
     finally:
         with torch.no_grad():
-            for m, (mean, var, count, momentum) in zip(layers, saved):
+            for m, (mean, var, count, momentum), mean_sum, var_sum in zip(layers, saved, mean_sums, var_sums):
                 m.momentum = momentum
-                if completed and int(m.num_batches_tracked) > 0:
-                    factor = momentum if momentum is not None else 1.0 / float(count + 1)
-                    m.running_mean.copy_(mean.lerp(m.running_mean.to(mean.dtype), factor))
-                    m.running_var.copy_(var.lerp(m.running_var.to(var.dtype), factor))
-                    m.num_batches_tracked.copy_(count + 1)
-                else:  # the layer saw no batch, or the pass failed: nothing happened
+                if completed:
+                    batches = m.num_batches_tracked
+                    seen = batches > 0
+                    if momentum is not None:
+                        factor = momentum
+                    else:  # the cumulative average's 1 / (updates + 1), on the device
+                        factor = (count + 1).to(mean.dtype).reciprocal()
+                    divisor = batches.clamp_min(1).to(mean_sum.dtype)
+                    batch_mean, batch_var = (mean_sum / divisor).to(mean.dtype), (var_sum / divisor).to(var.dtype)
+                    m.running_mean.copy_(torch.where(seen, mean.lerp(batch_mean, factor), mean))
+                    m.running_var.copy_(torch.where(seen, var.lerp(batch_var, factor), var))
+                    m.num_batches_tracked.copy_(count + seen.to(count.dtype))
+                else:  # the pass failed: nothing happened
                     m.running_mean.copy_(mean)
                     m.running_var.copy_(var)
                     m.num_batches_tracked.copy_(count)
@@ -177,7 +207,7 @@ def cached_forward_backward(
     after_pass1 = _rng_state(device)
     last = len(pairs) - 1
     try:
-        with running_stats_once(model):
+        with running_stats_once(model) as record_batch_statistics:
             for index, ((part1, part2), state) in enumerate(zip(pairs, states)):
                 sync = contextlib.nullcontext() if index == last else accelerator.no_sync(model)
                 with sync, record_function("forward + backward (micro-batch)"):
@@ -186,6 +216,7 @@ def cached_forward_backward(
                         _, z = model(torch.cat([part1, part2]))
                     z.backward(torch.cat([grad1[index], grad2[index]]).to(z.dtype))
                     del z
+                    record_batch_statistics()  # after the backward: BN's saves the running statistics it zeroes
     finally:
         _set_rng_state(device, after_pass1)  # the random stream continues as after one forward of the batch
     return loss.detach(), z1.detach(), z2.detach()
