@@ -328,9 +328,6 @@ def main(argv=None) -> int:
     from .gpu_stages import ALWAYS, STAGES
 
     args = parse(sys.argv[1:] if argv is None else argv, STAGES)
-    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the summary in the device tool's output tail
-    if args.dry_run:  # CPU devices even where a GPU is present (read at CUDA's initialisation, not yet happened)
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     try:
         plan = check_plan(STAGES, parts=_staged_parts())
     except PlanError as error:
@@ -339,6 +336,9 @@ def main(argv=None) -> int:
     if args.plan:
         print(plan_table(plan))
         return 0
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the summary in the device tool's output tail
+    if args.dry_run:  # CPU devices even where a GPU is present (read at CUDA's initialisation, not yet happened)
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     group = args.group
     if args.stage_only:
         selected = [s for s in STAGES if s.name in ALWAYS]
