@@ -369,8 +369,8 @@ def _staged_parts() -> int | None:
     """The number of bundle parts of the pieces staged here (their manifest), if any."""
     for manifest in sorted(PIECES.glob("p*/MANIFEST.json")):
         try:
-            return int(json.loads(manifest.read_text())["parts"])
-        except (OSError, ValueError, KeyError):
+            return len(json.loads(manifest.read_text())["parts"])
+        except (OSError, ValueError, KeyError, TypeError):
             continue
     return None
 

@@ -153,7 +153,40 @@ def test_the_pieces_install_in_any_order_and_say_what_is_missing(tmp_path):
     assert both["missing"] == [] and both["staged"] == ["p000", "p001"]
     assert (staging / "site" / "probe" / "data.bin").read_bytes() == data
     again = gpu_stages.install_pieces(pieces, staging)
-    assert again["missing"] == [] and not any(a.startswith("unpacked") for a in again["actions"])
+    assert again["missing"] == [] and again["actions"] == [] and not list((staging / "parts").iterdir())
+
+
+BLOCK_DALI = """import sys
+class _NoDali:
+    def find_spec(self, name, path=None, target=None):
+        if name == "nvidia.dali" or name.startswith("nvidia.dali."):
+            raise ImportError("no DALI on the first device call")
+sys.meta_path.insert(0, _NoDali())
+"""
+
+
+def test_the_first_group_needs_no_dali(tmp_path):
+    """What call 1 runs imports without DALI (not staged yet): the workers' modules and the GPU tests it selects."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_DALI)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    code = (
+        "import sys, bench.gpu_check, bench.gpu_stages, bench.train, bench.loss, model.ntxent, trainer.step, "
+        "trainer.build, trainer.optim\n"
+        "try:\n    import nvidia.dali\nexcept ImportError:\n    print('blocked')"
+    )
+    probe = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert probe.returncode == 0 and probe.stdout.strip() == "blocked", probe.stderr[-2000:]
+    selection = ["-m", "gpu", "-k", gpu_stages.FIRST_TESTS, *gpu_stages.FIRST_TEST_FILES]
+    collect = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *selection],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert collect.returncode == 0, collect.stdout[-2000:]
+    assert "4 tests collected" in collect.stdout or "4/" in collect.stdout, collect.stdout[-2000:]
 
 
 @pytest.mark.slow
