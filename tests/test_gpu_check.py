@@ -13,7 +13,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SHARED_DATA
 
 from bench import gpu_check, gpu_stages
 
@@ -229,3 +229,27 @@ def test_gpu_check_dry_run_runs_every_stage_and_says_what_needs_cuda(tmp_path):
     assert report["files"]["ok"] and report["files"]["count"] <= 8
     for name in ("gpu_check.jsonl", "gpu_check.log", "pipeline.json", "profile.json", "cifar10.json"):
         assert (out / name).stat().st_size > 0, name
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "imagenet-sample").is_dir(), reason="needs ../shared/data/imagenet-sample")
+def test_imagenet_sized_jpegs_are_generated_from_a_small_subset(tmp_path):
+    """The data stage's generator: the sample's sizes and classes, distinct JPEGs, from a few carried images."""
+    from PIL import Image
+
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    files = sorted((SHARED_DATA / "imagenet-sample").glob("*.JPEG"))
+    meta = [[f.stem.split("_", 1)[0], *Image.open(f).size, f.stat().st_size] for f in files[:30]]
+    (subset / "sizes.json").write_text(json.dumps(meta))
+    for f in files[:4]:
+        (subset / f.name).write_bytes(f.read_bytes())
+    summary = gpu_stages.generate_imagenet_like(subset, tmp_path / "out", 12, workers=2)
+    written = sorted((tmp_path / "out").glob("*.JPEG"))
+    assert summary["images"] == len(written) == 12 and summary["from_subset"] == 4
+    for i, path in enumerate(sorted(written, key=lambda p: int(p.stem.rsplit("_", 1)[1]))):
+        wnid, width, height, _ = meta[i]
+        assert path.name.startswith(wnid) and Image.open(path).size == (width, height)
+    assert len({p.read_bytes() for p in written}) == 12  # no two alike, even from the same source
+    assert 0.1 < summary["bytes_per_pixel"] < 2
+    shards = gpu_stages._cifar_like_shards(subset, tmp_path / "cifar", 50)
+    assert (shards / "classes.json").exists() and list(shards.glob("train-*.tar"))
