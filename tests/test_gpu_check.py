@@ -96,13 +96,13 @@ def test_a_pytest_killed_at_its_cap_is_reported_failed_with_what_finished(tmp_pa
         "def test_never_reached():\n    pass\n"
     )
     check = _check(tmp_path)
-    stage = gpu_stages.run_pytest(check, "tests_probe", 25, [str(tests)])
+    stage = gpu_stages.run_pytest(check, "tests_probe", 12, [str(tests)])
     summary = stage["summary"]
     assert stage["status"] == "timeout" and stage["timed_out"]
     assert (summary["collected"], summary["passed"], summary["failed"], summary["skipped"]) == (5, 1, 1, 1)
     assert [t.split("::")[1] for t in summary["running_when_stopped"]] == ["test_hangs"]
     assert [t.split("::")[1] for t in summary["not_run"]] == ["test_never_reached"]
-    assert "killed at its 25 s cap" in stage["note"] and "1 of 5 not run" in stage["note"]
+    assert "killed at its 12 s cap" in stage["note"] and "1 of 5 not run" in stage["note"]
     check.report["stages"]["tests_probe"] = stage
     assert gpu_check.finish_check(check) == 1
     assert _read_report(check.out / "gpu_check.json")["status"] == "failed: tests_probe"
