@@ -16,9 +16,20 @@ SIGINT or SIGUSR1: a checkpoint was written; rerun the same command with --resum
 
 from __future__ import annotations
 
+# ruff: noqa: E402 (the imports below come after the early parse on purpose)
+import sys
+
+if __name__ == "__main__":  # --help, --print_config and config errors answer before torch and DALI are imported
+    from trainer.config import ConfigError, parse_args
+
+    try:
+        parse_args(None, __doc__)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        sys.exit(2)
+
 import json
 import os
-import sys
 import time
 
 import torch

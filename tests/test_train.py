@@ -86,6 +86,7 @@ def test_tiny_run_trains_exports_and_evaluates(tmp_path, shards, capsys):
                 "--json",
                 str(report),
                 "--compare_random_init",
+                "true",
             ]
         )
         == 0

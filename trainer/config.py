@@ -19,7 +19,6 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_pa
 
 from common.cli import underscore_flags
 from common.timm_args import check_timm_kwargs
-from model.ntxent import MIN_TEMPERATURE
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -218,6 +217,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= (1 if name == "blur_prob" else 10):
                 raise ConfigError(f"{name} must be in [0, {1 if name == 'blur_prob' else 10}], got {value}")
+        from model.ntxent import MIN_TEMPERATURE  # here: the parser (and --help) stays free of torch
+
         if self.temperature < MIN_TEMPERATURE:
             raise ConfigError(
                 f"temperature must be >= {MIN_TEMPERATURE} (the loss's fixed shift 1/tau keeps float32 exponentials "
