@@ -49,7 +49,16 @@ from trainer.health import NonFiniteWatch
 from trainer.loop import NON_FINITE_EXIT_STATUS, Meters, NonFinite, Probe, StepPlan
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.preemption import PREEMPTED_EXIT_STATUS, Preempted, Preemption
-from trainer.run import RunError, RunLog, check_model_config, claim_run, plan_run, started_line, tracker_init_kwargs
+from trainer.run import (
+    RunError,
+    RunLog,
+    check_model_config,
+    claim_run,
+    plan_run,
+    started_line,
+    tracker_init_kwargs,
+    tracker_project,
+)
 from trainer.step import train_step
 
 
@@ -121,8 +130,8 @@ def train(cfg, accelerator, control, preemption, log) -> int:
     scheduler.step_update(state.step)
     if cfg.tracker != "none":
         accelerator.init_trackers(
-            "simclr",
-            config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)},
+            tracker_project(cfg),
+            config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, (dict, list))},
             init_kwargs=tracker_init_kwargs(cfg, run, state.step),
         )
     health, probe = (
