@@ -18,16 +18,28 @@ Protocols (a comma list; 'all' = knn,linear, the quick pair the demo runs):
 Training protocols use SGD with Nesterov momentum 0.9, a cosine schedule and no weight decay, at
 lr = base lr x global batch / 256 (base 0.1 linear, 0.05 fine-tuning). All report top-1 and top-5 on the
 whole validation set. Prints a summary; --json writes a report. Bad input exits with status 2.
-Flags are spelled with underscores (--train_shards); the dashed spelling (--train-shards) works too.
+Every field of evaluation/config.py:EvalConfig is a flag (--help lists them); --config FILE reads them from
+YAML, --print_config prints them; booleans are written --augment true. Flags are spelled with underscores
+(--train_shards); the dashed spelling (--train-shards) works too.
 """
 
 from __future__ import annotations
 
-import argparse
+import sys
+
+# ruff: noqa: E402 (the imports below come after the early parse on purpose)
+if __name__ == "__main__":  # --help, --print_config and usage errors answer before torch and DALI are imported
+    from evaluation.config import UsageError, parse_args
+
+    try:
+        parse_args(None, __doc__)
+    except UsageError as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
 import json
 import os
 import platform
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,9 +50,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
-from common.cli import ArgumentParser
 from common.files import atomic_write_text, check_writable
 from evaluation.backbone import BackboneError, load_backbone
+from evaluation.config import EvalConfig, UsageError, parse_args
 from evaluation.features import cached_features, extract_features
 from evaluation.finetune import finetune
 from evaluation.knn import knn_predict, topk_accuracy
@@ -49,134 +61,7 @@ from evaluation.subset import LabelSubset, SubsetError, subset_for
 from pipeline.loader import AugmentedView, DaliLoader, EvalView, classifier_augment, default_num_threads
 from pipeline.shardset import ShardError, count_classes
 
-PROTOCOLS = ("knn", "linear", "finetune")
-
-
-class UsageError(ValueError):
-    """A bad command-line argument; the message names the flag."""
-
-
-class _Parser(ArgumentParser):
-    def error(self, message):  # one line naming the flag (main prints it and returns 2), not argparse's usage block
-        raise UsageError(message)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument(
-        "--checkpoint",
-        help="train.py output dir, a checkpoint dir (checkpoints/step_*), or an exported .safetensors "
-        "(its architecture from the JSON beside it or the file's metadata)",
-    )
-    parser.add_argument(
-        "--model", help="timm model name (with --weights, or alone for timm's init; overrides the checkpoint's)"
-    )
-    parser.add_argument("--weights", help="weights file for --model (.safetensors or torch state dict)")
-    parser.add_argument("--random_init", action="store_true", help="same architecture, random weights (baseline)")
-    parser.add_argument("--train_shards", required=True)
-    parser.add_argument("--val_shards", required=True)
-    parser.add_argument(
-        "--protocol", default="knn", help="knn, linear, finetune, or a comma list (knn,linear); 'all' = knn,linear"
-    )
-    parser.add_argument(
-        "--compare_random_init",
-        action="store_true",
-        help="also evaluate the same architecture at random initialisation",
-    )
-    parser.add_argument(
-        "--image_size", type=_positive_int, default=None, help="default: the checkpoint's training size (else 224)"
-    )
-    parser.add_argument(
-        "--resize",
-        type=_positive_int,
-        default=None,
-        help="shorter side before the centre crop (default size/0.875; = size at <= 64 px)",
-    )
-    parser.add_argument(
-        "--local_batch_size",
-        type=_positive_int,
-        default=256,
-        help="images per batch per process (the global batch is this x processes)",
-    )
-    parser.add_argument(
-        "--precision", default="no", choices=["no", "bf16", "fp16"], help="autocast for the backbone's forward"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="head initialisation, data order, augmentations and the label subset"
-    )
-    parser.add_argument(
-        "--features_cache",
-        type=Path,
-        default=None,
-        help="directory to save the frozen features in and reload them from (checked against the weights and data)",
-    )
-    # knn
-    parser.add_argument(
-        "--k",
-        type=_positive_ints,
-        default=[200],
-        help="neighbours; a comma list evaluates several in one pass (10,20,200)",
-    )
-    parser.add_argument("--knn_temperature", type=float, default=0.1)
-    # linear
-    parser.add_argument(
-        "--augment",
-        action="store_true",
-        help="linear: the paper's mode (crop + flip every epoch) instead of cached features",
-    )
-    parser.add_argument(
-        "--epochs", type=_positive_int, default=None, help="linear epochs (default 100 fast, 90 with --augment)"
-    )
-    parser.add_argument("--lr", type=float, default=0.1, help="linear base lr, scaled by global batch / 256")
-    parser.add_argument("--min_crop_area", type=float, default=0.08, help="random resized crop: smallest area fraction")
-    # finetune
-    parser.add_argument("--label_fraction", type=float, default=None, help="finetune: labelled fraction (default 0.01)")
-    parser.add_argument(
-        "--subset_file",
-        help="finetune: JSON of sample keys per class; read if it exists, else "
-        "written (a .txt is read as --subset_list)",
-    )
-    parser.add_argument(
-        "--subset_list",
-        help="finetune: text file of image file names, one per line (the official "
-        "SimCLR 1%%/10%% ImageNet lists), matched against the shards' stored source paths; must exist",
-    )
-    parser.add_argument(
-        "--finetune_epochs", type=_positive_int, default=None, help="default 60 for <= 1%% labels, 30 above"
-    )
-    parser.add_argument(
-        "--finetune_lr", type=float, default=0.05, help="fine-tuning base lr, scaled by global batch / 256"
-    )
-    parser.add_argument("--json", help="write the report here")
-    return parser.parse_args(argv)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _positive_ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
-    return values
-
-
-def parse_protocols(text: str) -> list[str]:
-    requested = ["knn", "linear"] if text == "all" else [p.strip() for p in text.split(",") if p.strip()]
-    unknown = [p for p in requested if p not in PROTOCOLS]
-    if unknown or not requested:
-        raise ValueError(f"unknown protocol(s) {unknown or [text]}; choose from {', '.join(PROTOCOLS)}, all")
-    return [p for p in PROTOCOLS if p in requested]  # a fixed order: knn, linear, finetune
+__all__ = ["EvalConfig", "UsageError", "main", "parse_args"]
 
 
 def choose_subset(args, accelerator, num_classes: int | None) -> tuple[LabelSubset, str]:
@@ -218,7 +103,7 @@ def evaluate_backbone(
                 "processes": accelerator.num_processes,
             }
             path = (
-                args.features_cache / f"{name}-{(info['sha256'] or info['source'])[:16]}.safetensors"
+                Path(args.features_cache) / f"{name}-{(info['sha256'] or info['source'])[:16]}.safetensors"
                 if args.features_cache
                 else None
             )
@@ -320,7 +205,7 @@ def build_loaders(
 
 def main(argv=None) -> int:
     try:
-        args = parse_args(argv)
+        args = parse_args(argv, __doc__)
     except UsageError as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         return 2
@@ -338,7 +223,7 @@ def main(argv=None) -> int:
             check_writable(Path(args.json).parent, "--json's directory")
         if args.features_cache:
             check_writable(args.features_cache, "--features_cache")
-        protocols = parse_protocols(args.protocol)
+        protocols = args.protocols()
         backbone, info = load_backbone(args.checkpoint, args.model, args.weights, args.random_init, args.seed)
         size = args.image_size or info.get("image_size") or 224
         data, num_classes, subset, subset_how = build_loaders(args, accelerator, size, protocols)

@@ -16,9 +16,20 @@ SIGINT or SIGUSR1: a checkpoint was written; rerun the same command with --resum
 
 from __future__ import annotations
 
+# ruff: noqa: E402 (the imports below come after the early parse on purpose)
+import sys
+
+if __name__ == "__main__":  # --help, --print_config and config errors answer before torch and DALI are imported
+    from trainer.config import ConfigError, parse_args
+
+    try:
+        parse_args(None, __doc__)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        sys.exit(2)
+
 import json
 import os
-import sys
 import time
 
 import torch
@@ -38,7 +49,16 @@ from trainer.health import NonFiniteWatch
 from trainer.loop import NON_FINITE_EXIT_STATUS, Meters, NonFinite, Probe, StepPlan
 from trainer.optim import build_optimizer, build_scheduler
 from trainer.preemption import PREEMPTED_EXIT_STATUS, Preempted, Preemption
-from trainer.run import RunError, RunLog, check_model_config, claim_run, plan_run, started_line, tracker_init_kwargs
+from trainer.run import (
+    RunError,
+    RunLog,
+    check_model_config,
+    claim_run,
+    plan_run,
+    started_line,
+    tracker_init_kwargs,
+    tracker_project,
+)
 from trainer.step import train_step
 
 
@@ -110,8 +130,8 @@ def train(cfg, accelerator, control, preemption, log) -> int:
     scheduler.step_update(state.step)
     if cfg.tracker != "none":
         accelerator.init_trackers(
-            "simclr",
-            config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, dict)},
+            tracker_project(cfg),
+            config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, (dict, list))},
             init_kwargs=tracker_init_kwargs(cfg, run, state.step),
         )
     health, probe = (

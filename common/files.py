@@ -2,12 +2,17 @@
 
 A reader (a resuming run, DALI, another process) sees the old file or the complete new one, never a
 partial one: the data is fsynced before the rename and the directory after it, so a node crash cannot
-leave a renamed file whose blocks never reached the disk."""
+leave a renamed file whose blocks never reached the disk.
+
+Temporaries are created with the modes a plain ``open`` / ``mkdir`` gives (0666 / 0777 less the umask, and a
+directory's default ACL), not ``tempfile``'s private 0600 / 0700: the renamed file is what other users of a
+shared filesystem read."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -23,15 +28,48 @@ def fsync_directory(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _unique_names(directory: Path, prefix: str, suffix: str) -> Iterator[Path]:
+    for _ in range(100):
+        yield directory / f"{prefix}{secrets.token_hex(6)}{suffix}"
+    raise FileExistsError(f"no free temporary name {prefix}*{suffix} in {directory}")
+
+
+def create_temporary_file(directory: str | os.PathLike, prefix: str, suffix: str = ".tmp") -> Path:
+    """A new empty file with a unique name in ``directory``, with the mode ``open`` would give it."""
+    for path in _unique_names(Path(directory), prefix, suffix):
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666))
+            return path
+        except FileExistsError:
+            continue
+
+
+def create_temporary_directory(directory: str | os.PathLike, prefix: str) -> Path:
+    """A new empty directory with a unique name in ``directory``, with the mode ``mkdir`` would give it."""
+    for path in _unique_names(Path(directory), prefix, ""):
+        try:
+            os.mkdir(path, 0o777)
+            return path
+        except FileExistsError:
+            continue
+
+
+def give_open_mode(path: str | os.PathLike) -> None:
+    """Give a file another writer made (safetensors' ``save_file`` makes 0600 files) the mode ``open`` gives."""
+    probe = create_temporary_file(Path(path).parent, prefix=".mode-")
+    try:
+        os.chmod(path, probe.stat().st_mode & 0o777)
+    finally:
+        probe.unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target`` to write to; on success it is fsynced and renamed onto
     ``target``; on an exception it is removed and ``target`` is left as it was."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = create_temporary_file(target.parent, prefix=f".{target.name}.")
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -65,7 +103,7 @@ def replace_directory(staging: str | os.PathLike, target: str | os.PathLike) -> 
     staging, target = Path(staging), Path(target)
     replaced = None
     if target.exists():
-        replaced = Path(tempfile.mkdtemp(prefix=f".replaced-{target.name}-", dir=target.parent))
+        replaced = create_temporary_directory(target.parent, prefix=f".replaced-{target.name}-")
         os.rename(target, replaced / target.name)
     os.rename(staging, target)
     fsync_directory(target.parent)

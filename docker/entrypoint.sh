@@ -33,14 +33,15 @@ case "$command" in
                 break
             fi
         done
-        # docker stop: tini hands SIGTERM to the launcher's process group. One process: the launcher ignores it
-        # (the trap) and train.py, in the same group, checkpoints and exits with status 75. Several processes:
-        # torchrun's agent installs its own handler and forwards the signal to its workers (each in a session of
-        # its own), then kills them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (torch's default 30; give
+        # docker stop (SIGTERM) or docker kill -s USR1: tini hands the signal to the launcher's process group. One
+        # process: the launcher ignores it (the trap) and train.py, in the same group, checkpoints and exits with
+        # status 75. Several processes: torchrun's agent handles the signals of PET_SIGNALS_TO_HANDLE (its
+        # --signals_to_handle; torch's default list has no SIGUSR1) and forwards them to its workers (each in a
+        # session of its own), then kills them after TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (torch's default 30; give
         # `docker stop -t` more than this). A checkpoint takes seconds (README, "Reliability").
         export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-100}
-        export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
-        trap '' TERM INT
+        export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+        trap '' TERM INT USR1
         exec accelerate launch "${launch[@]}" "$home/train.py" "$@"
         ;;
     evaluate) exec python "$home/evaluate.py" "$@" ;;

@@ -59,9 +59,9 @@ def cached_features(
 
     ``identity`` (the weights' sha256, the shards, the view) is stored with the features; a cache whose
     identity differs is recomputed (and overwritten), never silently reused for another backbone or data."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
-    from common.files import atomic_path
+    from common.files import atomic_write_bytes
 
     if cache is not None and cache.is_file():
         from safetensors import safe_open
@@ -75,10 +75,7 @@ def cached_features(
         accelerator.print(f"{desc}: {cache} holds features of another backbone or data set; recomputing")
     features, labels = extract_features(backbone, loader, accelerator, desc)
     if cache is not None and accelerator.is_main_process:
-        with atomic_path(cache) as tmp:
-            save_file(
-                {"features": features.cpu().contiguous(), "labels": labels.cpu().contiguous()},
-                str(tmp),
-                metadata={"identity": json.dumps(identity)},
-            )
+        tensors = {"features": features.cpu().contiguous(), "labels": labels.cpu().contiguous()}
+        # bytes written by atomic_write_bytes: safetensors' save_file would make the file 0600
+        atomic_write_bytes(cache, save(tensors, metadata={"identity": json.dumps(identity)}))
     return features, labels

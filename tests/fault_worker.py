@@ -8,6 +8,8 @@ SPEC_JSON is a JSON object; every key is optional and names a fault:
   sigterm_after_step: {"RANK": STEP}: that rank sends itself SIGTERM once its STEP-th step returns
   sigterm_launcher_after_step: {"RANK": STEP}: that rank sends SIGTERM to its parent (torchrun's agent,
       which forwards it to every worker, as a scheduler's signal does)
+  ready_after_step: [PATH, STEP]: rank 0 creates PATH once its STEP-th step returns (a test then signals the
+      launcher from outside); with report, each rank also writes rank{R}.pid there at start
   hide_newest_checkpoint_on: [RANK, ...]: on those ranks, listing the checkpoint directory omits the newest
       (a stale NFS/Lustre directory cache)
   crash_before_rename: N: the process dies (os._exit, no clean-up) after writing its N-th checkpoint's files,
@@ -41,10 +43,16 @@ def injected_step(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
     if spec.get("sigterm_launcher_after_step", {}).get(str(rank)) == steps_taken[0]:
         os.kill(os.getppid(), signal.SIGTERM)
+    if "ready_after_step" in spec and rank == 0 and spec["ready_after_step"][1] == steps_taken[0]:
+        Path(spec["ready_after_step"][0]).touch()
     return out
 
 
 train.train_step = injected_step
+
+if spec.get("report"):  # the test ends stray workers by these ids
+    Path(spec["report"]).mkdir(parents=True, exist_ok=True)
+    (Path(spec["report"]) / f"rank{rank}.pid").write_text(str(os.getpid()))
 
 if rank in spec.get("hide_newest_checkpoint_on", []):
     listing = checkpoint.list_checkpoints

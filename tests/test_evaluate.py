@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -212,6 +213,7 @@ def test_augmented_linear_and_finetune_report(data, exported, tmp_path, capsys):
             "--protocol",
             "linear,finetune",
             "--augment",
+            "true",
             "--epochs",
             2,
             "--finetune_epochs",
@@ -351,3 +353,51 @@ def test_missing_backbone_file(data, tmp_path, capsys):
         ["--checkpoint", tmp_path / "nothing.safetensors", "--protocol", "knn", *shard_args(data)], capsys
     )
     assert status == 2 and "nothing.safetensors" in output
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def test_flags_config_file_and_print_config_agree(tmp_path):
+    """evaluate.py's fields come from one typed config (as train.py's): a YAML --config and the flags give the same
+    configuration, flags after the file override it, booleans are written `true`, --k takes a comma list."""
+    from evaluation.config import UsageError, parse_args
+
+    flags = ["--train_shards", "t", "--val_shards", "v", "--protocol", "all", "--k", "10,20,200", "--augment", "true"]
+    from_flags = parse_args(flags)
+    assert from_flags.k == [10, 20, 200] and from_flags.augment is True and from_flags.protocols() == ["knn", "linear"]
+    config = tmp_path / "eval.yaml"
+    config.write_text("train_shards: t\nval_shards: v\nprotocol: all\nk: [10, 20, 200]\naugment: true\nseed: 3\n")
+    assert parse_args(["--config", str(config), "--seed", "0"]) == from_flags
+    assert parse_args(["--config", str(config)]).seed == 3
+    for bad, named in [
+        (["--augment"], "--augment"),  # one boolean style: a value is required
+        (["--k", "10,0"], "--k must be integers >= 1"),
+        (["--protocol", "knn,svm"], "--protocol: unknown protocol(s) ['svm']"),
+        (["--precision", "fp8"], "precision"),
+        (["--val_shards", ""], "--val_shards is required"),
+    ]:
+        with pytest.raises(UsageError, match=re.escape(named)):
+            parse_args([*flags, *bad])
+
+
+@pytest.mark.parametrize(
+    "script, shards, missing",
+    [
+        ("evaluate.py", ["--train_shards", "t", "--val_shards", "v"], ["--train_shards", "t"]),
+        ("train.py", ["--config", "configs/demo.yaml"], ["--config", "configs/demo.yaml", "--batch_size", "x"]),
+    ],
+)
+def test_help_and_print_config_answer_without_torch(script, shards, missing):
+    """evaluate.py and train.py parse before their heavy imports: --help, --print_config and a bad flag answer
+    without importing torch (the seconds they take are measured in README, not asserted here)."""
+    probe = (
+        f"import runpy, sys; sys.argv = [{script!r}, *sys.argv[1:]]\n"
+        f"try:\n    runpy.run_path({script!r}, run_name='__main__')\n"
+        "except SystemExit as done:\n    print('torch' in sys.modules, done.code)\n"
+    )
+    for flags, status in (["--help"], 0), ([*shards, "--print_config"], 0), (missing, 2):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *flags], cwd=ROOT, capture_output=True, text=True, timeout=120
+        )
+        assert done.stdout.strip().splitlines()[-1] == f"False {status}", done.stdout[-2000:] + done.stderr[-2000:]

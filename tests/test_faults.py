@@ -784,9 +784,9 @@ def data_for_evaluate(shards) -> list[str]:
         ("corrupt backbone.json", "backbone.json cannot be read as JSON"),
         ("num_classes in timm_kwargs", "'num_classes' is not accepted"),
         ("checkpoint_path in timm_kwargs", "'checkpoint_path' is not accepted"),
-        ("--local_batch_size 0", "argument --local_batch_size: must be >= 1"),
+        ("--local_batch_size 0", "--local_batch_size must be >= 1"),
         ("--batch-size 0", "unrecognized arguments: --batch_size 0"),
-        ("--k 0", "argument --k"),
+        ("--k 0", "--k must be integers >= 1"),
         ("--json BLOCKED/report.json", "--json's directory"),
     ],
 )
@@ -808,3 +808,45 @@ def test_bad_evaluate_input_is_named_in_one_line(two_steps, data_for_evaluate, t
         args += case.replace("BLOCKED", str(tmp_path / "a-file")).split()
     assert evaluate.main(args) == 2
     assert named in one_error_line(capsys.readouterr())
+
+
+# --------------------------------------------------------------------------- file modes on shared filesystems
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_every_file_written_has_the_mode_open_gives_under_the_umask(tmp_path, umask, capsys):
+    """Shards, their indexes, classes.json, shardset.json, run.json, config.yaml, the checkpoints, the exports
+    (backbone.safetensors/.json and timm's backbone/ directory), the summaries, the evaluation JSON and the
+    features cache: each file 0666 and each directory 0777 less the umask, as ``open``/``mkdir`` make them (an
+    atomic write through a private 0600 temporary would keep other users of a shared filesystem out)."""
+    previous = os.umask(umask)
+    try:
+        root = tmp_path / "written"
+        root.mkdir()
+        with open(root / "plain", "w"):  # the reference: what open gives here, under this umask
+            pass
+        file_mode, dir_mode = (root / "plain").stat().st_mode & 0o777, 0o777 & ~umask
+        assert file_mode == 0o666 & ~umask
+        shards, _ = make_shards(root / "shards", 40, num_classes=4, per_shard=20)
+        out = root / "run"
+        standard_stem = {"cifar_stem": False, "timm_kwargs": {"channels": [8, 16, 32, 64]}}  # backbone/ too
+        evaluating = dict(eval_every_epochs=1.0, eval_train_shards=str(shards), eval_val_shards=str(shards))
+        evaluating.update(eval_knn_k=5, eval_json=str(out / "curve.json"))
+        assert run_train(out, shards, max_steps=2, checkpoint_every=1, **standard_stem, **evaluating) == 0
+        flags = ["--checkpoint", str(out), "--train_shards", str(shards), "--val_shards", str(shards)]
+        flags += ["--k", "5", "--json", str(root / "eval.json"), "--features_cache", str(root / "features")]
+        assert evaluate.main(flags) == 0
+    finally:
+        os.umask(previous)
+    capsys.readouterr()
+    kinds = {".tar", ".idx", "classes.json", "shardset.json", "run.json", "config.yaml", "manifest.json"}
+    kinds |= {"backbone.safetensors", "backbone.json", "model.safetensors", "eval.json", "curve.json"}
+    seen, wrong = set(), []
+    for path in [root, *root.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        if mode != (dir_mode if path.is_dir() else file_mode):
+            wrong.append(f"{path.relative_to(root)} {mode:o}")
+        seen |= {path.suffix, path.name}
+    assert not wrong, f"umask {umask:03o}: expected files {file_mode:o}, directories {dir_mode:o}: {wrong}"
+    assert kinds <= seen, kinds - seen
+    assert (out / "backbone").is_dir() and any((root / "features").iterdir())

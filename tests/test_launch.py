@@ -7,12 +7,14 @@ configs/accelerate/*.yaml, down to the torchrun arguments. No docker, no GPU."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import signal
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -76,17 +78,22 @@ def sbatch_env(tmp_path: Path, stubs: dict, extra_env: dict | None = None) -> di
         "SLURM_JOB_NODELIST": "gpu-a[01-02]",
         "SLURM_NNODES": "2",
         "SLURM_NODEID": "0",  # the batch script itself runs on the first node
+        "SLURM_GPUS_ON_NODE": "8",  # as SLURM sets them for #SBATCH --gpus-per-node=8 on 64-CPU nodes
+        "SLURM_GPUS_PER_NODE": "8",
+        "SLURM_CPUS_ON_NODE": "64",
         "SLURM_SUBMIT_DIR": str(ROOT),
         **(extra_env or {}),
     }
 
 
 def render_sbatch(
-    tmp_path: Path, extra_env: dict | None = None, args=TRAIN_ARGS
+    tmp_path: Path, extra_env: dict | None = None, args=TRAIN_ARGS, unset=()
 ) -> tuple[list[list[str]], list[list[str]], str]:
-    """Run docker/slurm.sbatch as SLURM would on a 2-node allocation; returns (srun option lists,
-    accelerate argv per node in node order, stdout)."""
+    """Run docker/slurm.sbatch as SLURM would on a 2-node allocation (less the variables ``unset``); returns
+    (srun option lists, accelerate argv per node in node order, stdout)."""
     env = sbatch_env(tmp_path, STUBS, extra_env)
+    for name in unset:
+        del env[name]
     log = Path(env["STUB_LOG"])
     done = subprocess.run(["bash", str(SBATCH), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -171,6 +178,62 @@ def test_sbatch_container_mode(tmp_path):
         assert argv[argv.index("--num_processes") + 1] == "8", "2 nodes x GPUS_PER_NODE=4"
 
 
+@pytest.mark.parametrize(
+    "slurm, processes",
+    [
+        ({"SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_NODE": "8"}, 8),  # the GPUs this node has
+        ({"SLURM_GPUS_ON_NODE": None, "SLURM_GPUS_PER_NODE": "a100:2"}, 4),  # else the typed request
+        ({"SLURM_GPUS_ON_NODE": None, "SLURM_GPUS_PER_NODE": "2"}, 4),
+    ],
+)
+def test_sbatch_takes_the_gpus_per_node_from_slurm(tmp_path, slurm, processes):
+    env = {key: value for key, value in slurm.items() if value is not None}
+    sruns, launches, stdout = render_sbatch(tmp_path, env, unset=[k for k, v in slurm.items() if v is None])
+    gpus = processes // 2
+    assert f"2 nodes x {gpus} GPUs = {processes} processes" in stdout
+    for argv in launches:
+        assert argv[argv.index("--num_processes") + 1] == str(processes)
+
+
+def test_sbatch_without_a_gpu_count_is_refused(tmp_path):
+    env = sbatch_env(tmp_path, STUBS)
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
+        del env[name]
+    done = subprocess.run(["bash", str(SBATCH), *TRAIN_ARGS], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 2 and "--gpus-per-node" in done.stderr
+    assert not Path(env["STUB_LOG"]).exists(), "nothing was started"
+
+
+@pytest.mark.parametrize(
+    "slurm, cpus", [({"SLURM_CPUS_PER_TASK": "32"}, "32"), ({}, "64"), ({"CPUS_PER_TASK": "16"}, "16")]
+)
+def test_sbatch_asks_srun_for_slurms_cpus_per_task(tmp_path, slurm, cpus):
+    """--cpus-per-task of sbatch (else every CPU of the node) again on srun, which does not inherit it everywhere."""
+    assert "#SBATCH --cpus-per-task" not in SBATCH.read_text(), "no fixed CPU count"
+    sruns, _, _ = render_sbatch(tmp_path, slurm)
+    assert f"--cpus-per-task={cpus}" in sruns[0]
+
+
+@pytest.mark.parametrize(
+    "args, accepted",
+    [
+        (TRAIN_ARGS, True),
+        (["--config", "configs/imagenet.yaml", "--output_dir=/ckpt/run"], True),
+        (["--config", "configs/imagenet.yaml"], False),  # the config's runs/imagenet: inside the container
+        (["--output_dir", "/lustre/ckpt/run"], False),  # a host path the container does not mount
+        (["--output_dir", "/ckpt/run", "--output_dir", "runs/x"], False),  # the last one wins, as in train.py
+    ],
+)
+def test_container_mode_refuses_an_output_dir_outside_the_mount(tmp_path, args, accepted):
+    env = sbatch_env(tmp_path, STUBS, {"SIMCLR_IMAGE": "/shared/simclr.sqsh", "CKPT_DIR": "/lustre/ckpt"})
+    done = subprocess.run(["bash", str(SBATCH), *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    if accepted:
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == 2 and "--output_dir /ckpt/" in done.stderr, done.stderr
+        assert not Path(env["STUB_LOG"]).exists(), "no job step was started"
+
+
 def test_accelerate_configs(monkeypatch):
     single = yaml.safe_load((ROOT / "configs/accelerate/1x8.yaml").read_text())
     assert single["distributed_type"] == "MULTI_GPU" and single["mixed_precision"] == "bf16"
@@ -212,7 +275,7 @@ WAITING_SRUN = """#!/usr/bin/env bash
 # a job step that runs until a signal reaches it, as training does: log the signal and the environment it
 # runs with, then exit as torchrun does when its workers stop (1)
 python3 -c 'import json, os; print(json.dumps({"step_env": {k: os.environ.get(k) for k in
-    ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "TORCHELASTIC_SIGNALS_TO_HANDLE")}}))' >> "$STUB_LOG"
+    ("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "PET_SIGNALS_TO_HANDLE")}}))' >> "$STUB_LOG"
 trap 'echo "{\\"srun_got\\": \\"$sig\\"}" >> "$STUB_LOG"; exit 1' USR1 TERM
 sig=USR1
 touch "$STUB_READY"
@@ -241,7 +304,9 @@ def test_sbatch_signals_the_workers_and_requeues_before_the_time_limit(tmp_path)
     assert {"scontrol": ["requeue", "4242"]} in calls and "requeueing job 4242" in stdout
     step_env = next(call["step_env"] for call in calls if "step_env" in call)
     assert int(step_env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= 120  # torchrun's agent waits for the checkpoint, not 30 s
-    assert "SIGUSR1" in step_env["TORCHELASTIC_SIGNALS_TO_HANDLE"].split(",")  # ... and forwards SIGUSR1 to its workers
+    # ... and forwards SIGUSR1 to its workers: torchrun's --signals_to_handle, read from the environment (the
+    # TORCHELASTIC_ variable is the launcher's output, overwritten from that flag)
+    assert "SIGUSR1" in step_env["PET_SIGNALS_TO_HANDLE"].split(",")
 
 
 def test_sbatch_forwards_sigterm_without_requeueing(tmp_path):
@@ -273,3 +338,153 @@ def test_a_requeued_job_resumes_its_run(tmp_path):
         tmp_path / "again", {"SLURM_RESTART_COUNT": "2"}, args=[*TRAIN_ARGS, "--resume", "auto"]
     )
     assert all(argv.count("--resume") == 1 for argv in launches)
+
+
+# --------------------------------------------------------------------------- signals under the real launchers
+
+WORKER = ROOT / "tests" / "fault_worker.py"
+TINY_RUN = {
+    "image_size": 32,
+    "augment": "cifar",
+    "backbone": "resnet18",
+    "cifar_stem": True,
+    "timm_kwargs": {"channels": [8, 16, 32, 64]},
+    "proj_hidden": 32,
+    "proj_dim": 16,
+    "batch_size": 16,
+    "epochs": 100,
+    "max_steps": 60,  # a lost signal lets the run end by itself (status 0), never hang
+    "warmup_epochs": 1,
+    "lr": 0.5,
+    "precision": "no",
+    "tracker": "none",
+    "log_every": 1,
+    "checkpoint_every": None,
+    "data_threads": 1,
+    "shuffle_buffer": 64,
+}
+# One node, 2 processes, through torchrun's launcher (Accelerate's multi-GPU path); on a machine without CUDA
+# each worker trains on the CPU over gloo. (--cpu would take Accelerate's one-process launcher instead.)
+CPU_ACCELERATE_CONFIG = {
+    "compute_environment": "LOCAL_MACHINE",
+    "distributed_type": "MULTI_GPU",
+    "mixed_precision": "no",
+    "num_machines": 1,
+    "num_processes": 2,
+    "machine_rank": 0,
+    "main_process_port": 29517,
+    "rdzv_backend": "static",
+    "use_cpu": False,
+    "gpu_ids": "all",
+    "debug": False,
+}
+# What README ("Reliability") tells a user of plain `accelerate launch` / torchrun to export, as
+# docker/entrypoint.sh and docker/slurm.sbatch do.
+SIGNALS_TO_HANDLE = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+
+LOCAL_SRUN = """#!/usr/bin/env bash
+# srun on a 1-node allocation: honour --chdir, run the task, forward USR1/TERM to it as srun does
+opts=()
+while [ $# -gt 0 ] && [ "${1#-}" != "$1" ]; do opts+=("$1"); shift; done
+python3 -c 'import json, sys; print(json.dumps({"srun": sys.argv[1:]}))' "${opts[@]}" >> "$STUB_LOG"
+for opt in "${opts[@]}"; do [ "${opt%%=*}" = --chdir ] && cd "${opt#*=}"; done
+SLURM_NODEID=0 SLURM_PROCID=0 SLURM_LOCALID=0 "$@" &
+task=$!
+trap 'kill -USR1 $task' USR1
+trap 'kill -TERM $task' TERM
+while true; do
+    wait $task && status=0 || status=$?
+    kill -0 $task 2>/dev/null || exit $status
+done
+"""
+
+
+@pytest.fixture(scope="module")
+def launch_shards(tmp_path_factory):
+    from conftest import make_shards
+
+    directory, _ = make_shards(tmp_path_factory.mktemp("launch"), 70, num_classes=12, per_shard=30)
+    return directory
+
+
+def launch_command(how: str, tmp_path: Path, spec: dict, config: Path) -> tuple[list[str], dict]:
+    """The command line and environment of a 2-process CPU launch of tests/fault_worker.py, ``how``: plain
+    `accelerate launch` (with SIGNALS_TO_HANDLE), docker/entrypoint.sh's `train`, or docker/slurm.sbatch on a
+    1-node allocation whose srun runs the task here (and forwards signals to it, as srun does)."""
+    accelerate_config = tmp_path / "accelerate.yaml"
+    accelerate_config.write_text(yaml.safe_dump(CPU_ACCELERATE_CONFIG))
+    worker_args = [json.dumps(spec), "--config", str(config)]
+    venv_bin = str(Path(sys.executable).parent)  # accelerate, as an activated venv has it
+    env = {
+        **os.environ,
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
+        "CUDA_VISIBLE_DEVICES": "",  # CPU workers over gloo, on a GPU machine too
+        "OMP_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("PET_SIGNALS_TO_HANDLE", None)
+    if how == "accelerate":
+        env.update(SIGNALS_TO_HANDLE, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120")  # a loaded machine: more than 30 s
+        return ["accelerate", "launch", "--config_file", str(accelerate_config), str(WORKER), *worker_args], env
+    home = tmp_path / "home"  # SIMCLR_HOME: its train.py is the fault worker
+    home.mkdir()
+    (home / "train.py").symlink_to(WORKER)
+    env["SIMCLR_HOME"] = str(home)
+    if how == "entrypoint":
+        entrypoint = ROOT / "docker" / "entrypoint.sh"
+        return ["bash", str(entrypoint), "train", "--config_file", str(accelerate_config), "--", *worker_args], env
+    assert how == "sbatch"
+    slurm = sbatch_env(tmp_path, {"scontrol": STUBS["scontrol"], "srun": LOCAL_SRUN})
+    env.update(
+        slurm,
+        PATH=f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}",
+        STUB_HOSTS="127.0.0.1",
+        SLURM_JOB_NODELIST="gpu-a01",
+        SLURM_NNODES="1",
+        SLURM_GPUS_ON_NODE="2",
+        ACCELERATE_CONFIG=str(accelerate_config),
+        MAIN_PROCESS_PORT=str(CPU_ACCELERATE_CONFIG["main_process_port"]),
+    )
+    return ["bash", str(SBATCH), *worker_args], env
+
+
+@pytest.mark.parametrize(
+    "how, sig",
+    [("accelerate", "SIGUSR1"), ("accelerate", "SIGTERM"), ("entrypoint", "SIGUSR1"), ("sbatch", "SIGUSR1")],
+)
+def test_a_signal_to_the_launcher_checkpoints_every_worker_and_exits_75(how, sig, launch_shards, tmp_path):
+    """SIGUSR1 (SLURM's time-limit warning) or SIGTERM (scancel, docker stop) sent to the launcher only, as srun
+    and tini deliver it: torchrun's agent (under `accelerate launch`) forwards it to both workers, each stops
+    after the same step with a checkpoint of it and exits 75. A signal the agent does not handle kills it and
+    leaves the workers training: they then end at max_steps with status 0 and the test fails."""
+    out, report, ready = tmp_path / "run", tmp_path / "report", tmp_path / "ready"
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**TINY_RUN, "train_shards": str(launch_shards), "output_dir": str(out)}))
+    command, env = launch_command(how, tmp_path, {"report": str(report), "ready_after_step": [str(ready), 2]}, config)
+    launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready.exists():
+            assert time.monotonic() < deadline and launcher.poll() is None, launcher.communicate()[0][-4000:]
+            time.sleep(0.1)
+        launcher.send_signal(getattr(signal, sig))
+        output = launcher.communicate(timeout=300)[0]
+    finally:
+        for pid_file in report.glob("rank*.pid"):  # workers run in sessions of their own: end strays by id
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+    tail = output[-4000:]
+    ranks = [json.loads((report / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["status"] for r in ranks] == [75, 75], tail
+    assert ranks[0]["steps"] == ranks[1]["steps"] < TINY_RUN["max_steps"], tail
+    from trainer.checkpoint import list_checkpoints
+
+    state = json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())
+    assert state["step"] == ranks[0]["steps"], tail
+    assert f"preempted at step {state['step']}" in output, tail
+    if how == "sbatch":  # the time limit is near: the job is requeued to continue the run
+        calls = [json.loads(line) for line in Path(env["STUB_LOG"]).read_text().splitlines()]
+        assert {"scontrol": ["requeue", "4242"]} in calls, tail

@@ -86,6 +86,7 @@ def test_tiny_run_trains_exports_and_evaluates(tmp_path, shards, capsys):
                 "--json",
                 str(report),
                 "--compare_random_init",
+                "true",
             ]
         )
         == 0
@@ -369,3 +370,43 @@ def test_loss_receives_16_bit_projections_under_bf16_autocast(monkeypatch):
     out = trainer.step.train_step(model, optimizer, *views, cfg, accelerator)
     assert seen == [(torch.bfloat16, torch.bfloat16)]
     assert torch.isfinite(out.loss) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_tracker_project_name_tags_and_init_kwargs_reach_wandb(tmp_path, shards, monkeypatch):
+    """W&B's project is $WANDB_PROJECT when tracker_project is unset (Accelerate's init_trackers(project) would
+    override it), then the field; name, tags, entity and tracker_init_kwargs go to wandb.init."""
+    wandb = pytest.importorskip("wandb")
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_PROJECT", "from-environment")
+    seen, real_init = [], wandb.init
+
+    def recording_init(*args, **kwargs):  # the real wandb.init, with what it was given recorded
+        run = real_init(*args, **kwargs)
+        seen.append({"project": run.project, "name": run.name, "tags": list(run.tags), "group": run.group})
+        return run
+
+    monkeypatch.setattr(wandb, "init", recording_init)
+    flags = dict(max_steps=1, tracker="wandb", tracker_run_name="demo-a", tracker_tags=["cpu", "tiny"])
+    assert run_train(tmp_path, shards, "env", **flags, tracker_init_kwargs={"group": "sweep-3"}) == 0
+    assert run_train(tmp_path, shards, "field", **flags, tracker_project="from-config") == 0
+    assert seen == [
+        {"project": "from-environment", "name": "demo-a", "tags": ["cpu", "tiny"], "group": "sweep-3"},
+        {"project": "from-config", "name": "demo-a", "tags": ["cpu", "tiny"], "group": ""},
+    ]
+
+
+def test_progress_false_prints_the_meters_as_lines(tmp_path, shards, capsys):
+    """--progress false (log files): no progress bar; each logged step's meters on a line of their own. The
+    TensorBoard log directory is tracker_project's."""
+    assert (
+        run_train(
+            tmp_path, shards, "quiet", max_steps=2, progress=False, tracker="tensorboard", tracker_project="tb-project"
+        )
+        == 0
+    )
+    captured = capsys.readouterr()
+    assert "train:" not in captured.err and "\r" not in captured.err + captured.out, captured.err[-2000:]
+    assert all(f"step {n}: loss " in captured.out for n in (1, 2)), captured.out[-2000:]
+    assert list((tmp_path / "quiet" / "tb-project").glob("events.out.tfevents.*"))

@@ -19,7 +19,6 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_pa
 
 from common.cli import underscore_flags
 from common.timm_args import check_timm_kwargs
-from model.ntxent import MIN_TEMPERATURE
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -150,6 +149,20 @@ class TrainConfig:
     """Steps between meter updates and the non-finite loss/parameter check (preemption is checked every step)."""
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     """Where the meters go besides the progress bar."""
+    tracker_project: str | None = None
+    """The tracker's project: W&B's project (null = $WANDB_PROJECT, else simclr), TensorBoard's log directory
+    under output_dir (null = simclr)."""
+    tracker_run_name: str | None = None
+    """W&B's display name of the run; null = W&B's own (the run id stays this run's id either way)."""
+    tracker_tags: list[str] = field(default_factory=list)
+    """W&B tags of the run."""
+    tracker_entity: str | None = None
+    """W&B entity (user or team) the run goes to; null = $WANDB_ENTITY, else your default entity."""
+    tracker_init_kwargs: dict = field(default_factory=dict)
+    """More keyword arguments for the tracker's init (wandb.init, TensorBoard's SummaryWriter), e.g.
+    {"group": "sweep-3", "notes": "..."}; they override the fields above."""
+    progress: bool = True
+    """The progress bar on stderr; false for log files: each log_every step's meters are printed as a line."""
     # --- evaluation during training (kNN + fast linear probe on frozen features)
     eval_every_epochs: float | None = None
     """Evaluate every this many epochs (and at step 0 and the end); null = no evaluation during training."""
@@ -229,6 +242,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= (1 if name == "blur_prob" else 10):
                 raise ConfigError(f"{name} must be in [0, {1 if name == 'blur_prob' else 10}], got {value}")
+        from model.ntxent import MIN_TEMPERATURE  # here: the parser (and --help) stays free of torch
+
         if self.temperature < MIN_TEMPERATURE:
             raise ConfigError(
                 f"temperature must be >= {MIN_TEMPERATURE} (the loss's fixed shift 1/tau keeps float32 exponentials "
@@ -301,6 +316,12 @@ SAFE_ON_RESUME = frozenset(
         "keep_checkpoints",
         "log_every",
         "tracker",
+        "tracker_project",
+        "tracker_run_name",
+        "tracker_tags",
+        "tracker_entity",
+        "tracker_init_kwargs",
+        "progress",
         "eval_every_epochs",
         "eval_train_shards",
         "eval_val_shards",

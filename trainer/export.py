@@ -15,13 +15,18 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from common.files import atomic_path, atomic_write_text, fsync_directory
+from common.files import (
+    atomic_write_bytes,
+    atomic_write_text,
+    create_temporary_directory,
+    fsync_directory,
+    give_open_mode,
+)
 
 
 def export_backbone(backbone: torch.nn.Module, output_dir: str | Path, meta: dict) -> Path:
@@ -30,8 +35,8 @@ def export_backbone(backbone: torch.nn.Module, output_dir: str | Path, meta: dic
     output_dir = Path(output_dir)
     weights = output_dir / "backbone.safetensors"
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    # bytes written by atomic_write_bytes: safetensors' save_file would make the file 0600
+    atomic_write_bytes(weights, save(state, metadata={k: json.dumps(v) for k, v in meta.items()}))
     atomic_write_text(output_dir / "backbone.json", json.dumps(meta, indent=1) + "\n")
     if not meta.get("cifar_stem"):
         _export_local_dir(backbone, output_dir / "backbone", meta)
@@ -52,12 +57,13 @@ def _export_local_dir(backbone: torch.nn.Module, target: Path, meta: dict) -> No
         "input_size": [3, size, size],
         "test_input_size": [3, size, size],
     }
-    staging = Path(tempfile.mkdtemp(prefix=".backbone-", dir=target.parent))
+    staging = create_temporary_directory(target.parent, prefix=".backbone-")
     try:
         save_for_hf(
             backbone, staging, model_args={**meta.get("timm_kwargs", {}), "num_classes": 0}, safe_serialization=True
         )
         for file in staging.iterdir():
+            give_open_mode(file)  # timm writes model.safetensors through safetensors' save_file: 0600
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
         fsync_directory(staging)

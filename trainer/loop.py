@@ -66,8 +66,9 @@ class Meters:
             desc="train",
             unit="step",
             dynamic_ncols=True,
-            disable=not accelerator.is_main_process,
+            disable=not (accelerator.is_main_process and cfg.progress),
         )
+        self.progress_bar = cfg.progress
         self.start_wait, self.end_wait, self.end_step = self.timer.start_wait, self.timer.end_wait, self.timer.end_step
 
     def log_step(self, step: int, out, optimizer) -> None:
@@ -82,7 +83,8 @@ class Meters:
         if self.accelerator.device.type == "cuda":
             meters["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.accelerator.log(meters, step=step)
-        self.log.file_only(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in meters.items()))
+        line = f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in meters.items())
+        (self.log.file_only if self.progress_bar else self.log.info)(line)  # no bar: the meters as lines
         self.progress.set_postfix(
             loss=f"{meters['loss']:.4f}",
             img_s=f"{meters['images_per_s']:.0f}",

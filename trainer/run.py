@@ -327,13 +327,27 @@ def claim_run(run: Run, cfg: TrainConfig, control, log: RunLog) -> None:
         raise RunError(error)
 
 
+def tracker_project(cfg: TrainConfig) -> str:
+    """The project the tracker logs to: the configured one, else W&B's $WANDB_PROJECT (which Accelerate's
+    ``init_trackers(project)`` would override), else simclr."""
+    if cfg.tracker_project:
+        return cfg.tracker_project
+    return (os.environ.get("WANDB_PROJECT") if cfg.tracker == "wandb" else None) or "simclr"
+
+
 def tracker_init_kwargs(cfg: TrainConfig, run: Run, step: int) -> dict:
     """The tracker continues the same run on resume: TensorBoard writes to the same directory and drops the
-    events after the resumed step; W&B resumes the run whose id is this run's id."""
+    events after the resumed step; W&B resumes the run whose id is this run's id. Name, tags, entity and
+    ``tracker_init_kwargs`` from the config (the last override the others)."""
     if cfg.tracker == "wandb":
-        return {"wandb": {"id": run.run_id, "resume": "allow", "dir": str(run.output_dir)}}
-    if cfg.tracker == "tensorboard" and step:
-        return {"tensorboard": {"purge_step": step + 1}}  # events logged after the checkpoint was written
+        kwargs = {"id": run.run_id, "resume": "allow", "dir": str(run.output_dir)}
+        named = {"name": cfg.tracker_run_name, "tags": cfg.tracker_tags or None, "entity": cfg.tracker_entity}
+        kwargs.update({key: value for key, value in named.items() if value is not None})
+        return {"wandb": {**kwargs, **cfg.tracker_init_kwargs}}
+    if cfg.tracker == "tensorboard":
+        kwargs = {"purge_step": step + 1} if step else {}  # events logged after the checkpoint was written
+        kwargs.update(cfg.tracker_init_kwargs)
+        return {"tensorboard": kwargs} if kwargs else {}
     return {}
 
 

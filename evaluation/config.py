@@ -1,0 +1,161 @@
+"""evaluate.py's configuration: one typed dataclass, parsed as train.py's is (trainer/config.py): every field is a
+flag of the same spelling (``--train_shards``; ``--train-shards`` works too), ``--config FILE`` reads a YAML file of
+them, ``--print_config`` prints the resolved configuration, and booleans are written ``--augment true``.
+
+``--k`` also takes a comma list (``--k 10,20,200``, as well as ``--k [10,20,200]`` and ``k: [10, 20, 200]`` in a
+file). Light on purpose (no torch): ``--help`` answers in about a second."""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
+
+from common.cli import underscore_flags
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+
+PROTOCOLS = ("knn", "linear", "finetune")
+
+
+class UsageError(ValueError):
+    """A bad command-line or config value; the message names the flag."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a backbone with the paper's protocols on labelled WebDataset shards."""
+
+    # --- what to evaluate
+    checkpoint: str | None = None
+    """train.py output dir, a checkpoint dir (checkpoints/step_*), or an exported .safetensors (its architecture
+    from the JSON beside it or the file's metadata)."""
+    model: str | None = None
+    """timm model name (with --weights, or alone for timm's init; overrides the checkpoint's)."""
+    weights: str | None = None
+    """Weights file for --model (.safetensors or torch state dict)."""
+    random_init: bool = False
+    """Evaluate the same architecture with random weights (a baseline)."""
+    compare_random_init: bool = False
+    """Also evaluate the same architecture at random initialisation, as a second row."""
+    # --- on what
+    train_shards: str = ""
+    """Labelled shards the kNN index / linear head / fine-tuning fit on: a directory, brace pattern, glob or comma
+    list of WebDataset tars (required)."""
+    val_shards: str = ""
+    """Labelled shards every protocol is scored on (the whole set; required)."""
+    protocol: str = "knn"
+    """knn, linear, finetune, or a comma list (knn,linear); all = knn,linear."""
+    image_size: int | None = None
+    """Evaluation image side; null = the checkpoint's training size (else 224)."""
+    resize: int | None = None
+    """Shorter side before the centre crop; null = image_size / 0.875 (image_size itself at <= 64 px)."""
+    local_batch_size: int = 256
+    """Images per batch per process (the global batch is this x processes)."""
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast for the backbone's forward."""
+    seed: int = 0
+    """Head initialisation, data order, augmentations and the label subset."""
+    features_cache: str | None = None
+    """Directory to save the frozen features in and reload them from (checked against the weights and data)."""
+    # --- knn
+    k: list[int] = field(default_factory=lambda: [200])
+    """Neighbours; several evaluate in one pass: --k 10,20,200."""
+    knn_temperature: float = 0.1
+    """Temperature of the kNN vote's weights exp(similarity / T)."""
+    # --- linear
+    augment: bool = False
+    """Linear: the paper's mode (a random resized crop + flip every epoch) instead of cached centre-crop features."""
+    epochs: int | None = None
+    """Linear epochs; null = 100 on cached features, 90 with --augment true."""
+    lr: float = 0.1
+    """Linear base lr, scaled by global batch / 256."""
+    min_crop_area: float = 0.08
+    """Linear with --augment true: the random resized crop's smallest area fraction."""
+    # --- finetune
+    label_fraction: float | None = None
+    """Finetune: the labelled fraction of train_shards; null = 0.01."""
+    subset_file: str | None = None
+    """Finetune: JSON of sample keys per class; read if it exists, else written (a .txt is read as --subset_list)."""
+    subset_list: str | None = None
+    """Finetune: text file of image file names, one per line (the official SimCLR 1%/10% ImageNet lists), matched
+    against the shards' stored source paths; must exist."""
+    finetune_epochs: int | None = None
+    """Finetune epochs; null = 60 for <= 1% labels, 30 above."""
+    finetune_lr: float = 0.05
+    """Fine-tuning base lr, scaled by global batch / 256."""
+    # --- output
+    json: str | None = None
+    """Write the report (settings, data, versions, every backbone's metrics) to this JSON file."""
+
+    def validate(self) -> None:
+        """Checks the parser's types cannot express; raises ``UsageError`` naming the flag."""
+        for name in ("train_shards", "val_shards"):
+            if not getattr(self, name):
+                raise UsageError(f"--{name} is required (a shard directory, brace pattern, glob or comma list)")
+        for name in ("image_size", "resize", "local_batch_size", "epochs", "finetune_epochs"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name} must be >= 1, got {value}")
+        if not self.k or min(self.k) < 1:
+            raise UsageError(f"--k must be integers >= 1, got {self.k}")
+        if self.label_fraction is not None and not 0 < self.label_fraction <= 1:
+            raise UsageError(f"--label_fraction must be in (0, 1], got {self.label_fraction}")
+        if not 0 < self.min_crop_area <= 1:
+            raise UsageError(f"--min_crop_area must be in (0, 1], got {self.min_crop_area}")
+        self.protocols()
+
+    def protocols(self) -> list[str]:
+        """The requested protocols in a fixed order (knn, linear, finetune)."""
+        requested = ["knn", "linear"] if self.protocol == "all" else [p.strip() for p in self.protocol.split(",")]
+        requested = [p for p in requested if p]
+        unknown = [p for p in requested if p not in PROTOCOLS]
+        if unknown or not requested:
+            raise UsageError(
+                f"--protocol: unknown protocol(s) {unknown or [self.protocol]}; choose from {', '.join(PROTOCOLS)}, all"
+            )
+        return [p for p in PROTOCOLS if p in requested]
+
+
+def build_parser(description: str = "") -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="evaluate.py", description=description, exit_on_error=False, env_prefix=None, default_env=False
+    )
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="YAML file of these fields; flags after it override it"
+    )
+    parser.add_class_arguments(EvalConfig, as_group=False)
+    return parser
+
+
+_COMMA_INTEGERS = re.compile(r"\s*-?\d+(\s*,\s*-?\d+)*\s*")
+
+
+def _comma_lists(argv: list[str]) -> list[str]:
+    """``--k 10,20`` / ``--k=10,20`` -> ``--k [10,20]``: the comma list the flag has always taken, as a YAML list."""
+    out = []
+    for position, arg in enumerate(argv):
+        if arg.startswith("--k=") and _COMMA_INTEGERS.fullmatch(arg[4:]):
+            arg = f"--k=[{arg[4:]}]"
+        elif position and argv[position - 1] == "--k" and _COMMA_INTEGERS.fullmatch(arg):
+            arg = f"[{arg}]"
+        out.append(arg)
+    return out
+
+
+def parse_args(argv: list[str] | None = None, description: str = "") -> EvalConfig:
+    """An EvalConfig from the command line (``--config FILE`` and flags), validated; ``--help`` and
+    ``--print_config`` print and exit. Raises ``UsageError`` with a one-line message naming the flag."""
+    argv = _comma_lists(underscore_flags(sys.argv[1:] if argv is None else argv))
+    try:
+        namespace = build_parser(description).parse_args(argv)
+    except ArgumentError as error:
+        raise UsageError(" ".join(str(error).split())) from None
+    values = namespace.as_dict()
+    values.pop("config", None)
+    config = EvalConfig(**values)
+    config.validate()
+    return config
