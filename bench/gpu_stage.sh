@@ -65,6 +65,6 @@ cat <<EOF
 Device calls (bench/GPU_CHECK.md), back to back (the machine is given back after 30 s idle):
   calls 1..$((n - 1)): carry [".gpu/simclr/pNNN"], command: bash .gpu/simclr/pNNN/stage.sh
   call $n:    carry [".gpu/simclr/$last"], command:
-    bash .gpu/simclr/$last/stage.sh && export PYTHONPATH=/tmp/site:\$PYTHONPATH && python3 bench.py gpu-check --out \$OUT/gpu-check
+    bash .gpu/simclr/$last/stage.sh && mkdir -p /tmp/ns && ln -sfn \$PWD /tmp/ns/simclr_dali && export PYTHONPATH=/tmp/site:/tmp/ns:\$PYTHONPATH && python3 bench.py gpu-check --out \$OUT/gpu-check
 EOF
 exit $status
