@@ -3,11 +3,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Every package is installed at the version pinned in the lock (pip-compile of pyproject.toml with the DALI
-# build's extra, the test extra and requirements/lock.in's torch pins). DALI build: cuda13 (default; also the
-# CPU-only choice). For CUDA 12 drivers: make lock DALI_EXTRA=cuda12 LOCK=requirements/lock-cuda12.txt, then
-# make test LOCK=requirements/lock-cuda12.txt (plus a CUDA 12 torch build from PyTorch's index).
-DALI_EXTRA ?= cuda13
+# Every package is installed at the version pinned in the lock: requirements/lock.txt, pip-compile of
+# pyproject.toml with the cuda13 DALI build (also the CPU-only choice), the test and bench extras and
+# requirements/lock.in's torch pins. requirements/runtime.txt is its runtime-only part (no test tools, no
+# matplotlib, the same versions): what docker/Dockerfile installs.
 LOCK ?= requirements/lock.txt
 
 .PHONY: demo test lint lock cifar10 goldens
@@ -20,12 +19,15 @@ $(VENV)/.installed: pyproject.toml $(LOCK) | $(BIN)/activate
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
-# Refresh the lock after changing a dependency (pip-tools in a throwaway venv: it pins pip's own resolution).
+# Refresh both locks after changing a dependency (pip-tools in a throwaway venv: it pins pip's own resolution).
+# The runtime lock is constrained by the full one, so that the image runs exactly the versions the tests ran.
+LOCKENV := /tmp/simclr-lockenv
+PIP_COMPILE := $(LOCKENV)/bin/pip-compile --quiet --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links
 lock:
-	$(PYTHON) -m venv /tmp/simclr-lockenv
-	/tmp/simclr-lockenv/bin/pip install -q "pip-tools==7.6.2"
-	/tmp/simclr-lockenv/bin/pip-compile --quiet --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
-		--extra $(DALI_EXTRA) --extra test --output-file $(LOCK) pyproject.toml requirements/lock.in
+	$(PYTHON) -m venv $(LOCKENV)
+	$(LOCKENV)/bin/pip install -q "pip-tools==7.6.2"
+	$(PIP_COMPILE) --extra cuda13 --extra test --extra bench --output-file requirements/lock.txt pyproject.toml requirements/lock.in
+	$(PIP_COMPILE) --extra cuda13 --constraint requirements/lock.txt --output-file requirements/runtime.txt pyproject.toml requirements/lock.in
 
 # The demo starts a fresh run every time (--overwrite true): a rerun, after editing configs/demo.yaml too, shows
 # the whole pipeline again with the same seeded result instead of refusing a changed config or resuming a finished run.

@@ -1,51 +1,9 @@
-"""Throughput and memory benchmarks; results go to bench/results/<name>_<device>.json (+ plots).
-
-    python bench.py pipeline   # DALI loader vs torchvision DataLoader, two SimCLR views (224 px and 32 px)
-    python bench.py loss       # NT-Xent forward+backward: reference, torch.compile, chunked, fused kernel
-    python bench.py model      # the model alone on synthetic device-resident input (train's upper bound)
-    python bench.py train      # training throughput: synthetic input vs DALI vs torchvision-fed, same model
-    python bench.py cifar10    # the CIFAR-10 recipe end to end: accuracy against wall-clock, DALI vs torchvision-fed
-    python bench.py writer     # the shard writer: peak memory against data-set size, CIFAR storage formats
-    python bench.py profile --config CONFIG [train.py flags]   # where a step's time goes: stage table, trace, verdict
-    python bench.py gpu-check --out DIR [--dry_run]             # everything that must be seen on a GPU, in one command
-    python bench.py triton-sm90 # every Triton kernel launch compiled for Hopper (sm_90a), Triton 3.8 and 3.6, no GPU
-
-Each prints a summary and records device, versions, command and date beside the numbers.
-`python bench.py NAME --help` lists a benchmark's options.
-"""
-
-from __future__ import annotations
+"""``python bench.py NAME ...`` from the checkout: the benchmarks' dispatcher (bench/__init__.py), the same as
+the installed ``simclr-bench NAME ...``. ``python bench.py --help`` lists them."""
 
 import sys
 
-COMMANDS = {
-    "pipeline": "bench.pipeline",
-    "loss": "bench.loss",
-    "model": "bench.train:model_main",
-    "train": "bench.train",
-    "cifar10": "bench.cifar10",
-    "writer": "bench.writer",
-    "profile": "bench.profile",
-    "gpu-check": "bench.gpu_check",
-    "triton-sm90": "bench.triton_sm90",
-}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    name, rest = argv[0], argv[1:]
-    if name not in COMMANDS:
-        print(f"unknown benchmark {name!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    import importlib
-
-    module, _, function = COMMANDS[name].partition(":")
-    result = getattr(importlib.import_module(module), function or "main")(rest)
-    return result if isinstance(result, int) else 0  # a command that returns an exit status (gpu-check) passes it on
-
+from bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -262,6 +262,7 @@ def train(cfg, accelerator, control, preemption, log) -> int:
                 "timm_kwargs": cfg.timm_kwargs,
                 "image_size": cfg.image_size,
             },
+            head=accelerator.unwrap_model(model).head,
         )
         atomic_write_text(
             os.path.join(cfg.output_dir, "train_summary.json"),

@@ -121,13 +121,13 @@ for piece in "$out"/*; do
   echo "  ${piece#"$root"/}  $((bytes / 1024)) KiB (+ tree = $((total / 1024 / 1024)) MiB)$flag"
 done
 last=$(printf 'p%03d' $((parts - 1)))
-cat <<EOF
-Device calls (bench/GPU_CHECK.md; back to back: the machine is given back after 30 s idle):
-  1: carry [".gpu/simclr/lite"]   python3 bench.py gpu-check --group first --out \$OUT/gc
-EOF
+# The checkout runs uninstalled there: each command first puts a simclr_dali symlink to it on PYTHONPATH.
+ns='mkdir -p /tmp/ns && ln -sfn $PWD /tmp/ns/simclr_dali && export PYTHONPATH=/tmp/site:/tmp/ns:$PYTHONPATH &&'
+echo "Device calls (bench/GPU_CHECK.md; back to back: the machine is given back after 30 s idle):"
+echo "  1: carry [\".gpu/simclr/lite\"]   $ns python3 bench.py gpu-check --group first --out \$OUT/gc"
 for k in $(seq 0 $((parts - 2))); do
-  printf '  %d: carry [".gpu/simclr/p%03d"]   python3 bench.py gpu-check --stage_only --out $OUT/gc\n' $((k + 2)) "$k"
+  printf '  %d: carry [".gpu/simclr/p%03d"]   %s python3 bench.py gpu-check --stage_only --out $OUT/gc\n' $((k + 2)) "$k" "$ns"
 done
-echo "  $((parts + 1)): carry [\".gpu/simclr/$last\"]   python3 bench.py gpu-check --group dali --out \$OUT/gc"
+echo "  $((parts + 1)): carry [\".gpu/simclr/$last\"]   $ns python3 bench.py gpu-check --group dali --out \$OUT/gc"
 echo "plan: $(cd "$root" && "$python" bench.py gpu-check --plan | grep '^total')"
 exit $status

@@ -10,7 +10,8 @@
 #   5. inside the container, as the non-root user: tiny synthetic shards, a 3-step training run that
 #      writes a checkpoint to a host volume, kNN evaluation of it, docker stop of a longer run (SIGTERM
 #      must reach train.py, which checkpoints), bench.py --help, the demo (dry run); then on the host:
-#      the checkpoints and backbone.safetensors exist.
+#      the checkpoints and backbone.safetensors exist; simclr-export of the run, the simclr-* commands from /tmp,
+#      no generic top-level name and no test tool installed.
 # Prints the image size and how much of it is torch/CUDA libraries. Everything heavy runs under nice.
 #
 #   bash docker/test.sh          # env: SIMCLR_TEST_IMAGE, SIMCLR_TEST_BASE, PIP_CERT_BUNDLE, DEBIAN_MIRROR
@@ -126,20 +127,29 @@ compgen -G "$host/preempted/checkpoints/step_*" >/dev/null || fail "no checkpoin
 "$DOCKER" rm "$container" >/dev/null
 container=""
 
-step "run: bench --help, demo (dry run), the package from another directory"
+step "run: export the run's checkpoint (backbone + head)"
+run simclr-export /ckpt/run --output_dir /ckpt/export || fail "simclr-export in the container"
+
+step "run: bench --help, demo (dry run), the package and its commands from another directory"
 run bench --help >/dev/null || fail "bench --help"
 run demo -n >/dev/null || fail "demo (make -n)"
 "$DOCKER" run --rm "$IMAGE" test -w /opt/simclr || fail "WORKDIR not writable by the user (the demo writes data/ and runs/ there)"
-"$DOCKER" run --rm "$IMAGE" python -c "import pipeline, model, trainer, evaluation" || fail "project not importable in WORKDIR"
-# Nothing is installed under the project's generic module names: from elsewhere, `evaluate` is not ours.
-"$DOCKER" run --rm -w /tmp "$IMAGE" python -c "import importlib.util as u; s = u.find_spec('evaluate'); assert s is None or '/opt/simclr' not in s.origin, s.origin" \
-    || fail "the image installs the project's evaluate.py where it shadows other packages"
+for command in simclr-train simclr-evaluate simclr-shards simclr-bench simclr-export; do
+    "$DOCKER" run --rm -w /tmp "$IMAGE" "$command" --help >/dev/null || fail "$command --help from /tmp"
+done
+"$DOCKER" run --rm -w /tmp "$IMAGE" python -c "import simclr_dali.pipeline, simclr_dali.model, simclr_dali.trainer, simclr_dali.evaluation, simclr_dali.train" \
+    || fail "the simclr_dali namespace is not importable from /tmp"
+# Nothing is installed under the project's generic module names, and the runtime lock holds no test tools.
+"$DOCKER" run --rm -w /tmp "$IMAGE" python -c "import importlib.util as u; found = {n: u.find_spec(n).origin for n in ('evaluate', 'pipeline', 'model', 'trainer', 'train', 'bench', 'common', 'pytest', 'ruff', 'datasets', 'pandas', 'pyarrow', 'matplotlib') if u.find_spec(n)}; assert not found, found" \
+    || fail "the image installs a generic top-level name or a test tool"
 
 step "host: checkpoint and backbone on the mounted volume"
 ls -l "$host/run"
 compgen -G "$host/run/checkpoints/step_*" >/dev/null || fail "no checkpoint in $host/run/checkpoints"
 [ -s "$host/run/backbone.safetensors" ] || fail "no backbone.safetensors in $host/run"
 [ -s "$host/eval.json" ] || fail "no eval.json"
+[ -s "$host/export/head.safetensors" ] || fail "no head.safetensors in $host/export"
+[ -s "$host/export/backbone.json" ] || fail "no backbone.json in $host/export"
 echo "checkpoint: $(cd "$host/run" && echo checkpoints/step_*)"
 
 step "image size"

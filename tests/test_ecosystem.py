@@ -1,6 +1,7 @@
-"""The project among its neighbours: nothing it installs shadows another distribution, its CLIs document
-every flag, timm's norm + activation layers survive global BN, and Accelerate's multi-node recipe really
-starts one process per machine."""
+"""The project among its neighbours: it installs one namespace (simclr_dali) and nothing that shadows another
+distribution, its console scripts run from any directory in a fresh venv, its CLIs document every flag, timm's
+norm + activation layers survive global BN, and Accelerate's multi-node recipe really starts one process per
+machine."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import os
 import socket
 import subprocess
 import sys
+import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,7 @@ from trainer.config import TrainConfig
 from trainer.global_bn import GlobalBatchNorm, GlobalBatchNormAct, convert_to_global_bn
 
 PROJECT_MODULES = ["evaluate", "train", "bench", "pipeline", "model", "trainer", "evaluation", "common"]
+CONSOLE_SCRIPTS = ["simclr-train", "simclr-evaluate", "simclr-shards", "simclr-bench", "simclr-export"]
 
 
 def test_installed_project_shadows_no_other_distribution(tmp_path):
@@ -50,20 +54,144 @@ def test_installed_project_shadows_no_other_distribution(tmp_path):
     assert all(origin is None or "site-packages" in origin for origin in found.values()), (
         found
     )  # none is the checkout's
-    # The installed distribution declares no top-level module or package at all.
-    top_level = subprocess.run(
+    # The installed distribution's one top-level name is its namespace, and (editable) it is this checkout.
+    installed = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import importlib.metadata as m; print(m.distribution('simclr-dali').read_text('top_level.txt'))",
+            "import importlib.metadata as m, simclr_dali, simclr_dali.bench as b; "
+            "print(m.distribution('simclr-dali').read_text('top_level.txt').strip(), simclr_dali.__file__, b.main)",
         ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
         check=True,
-    ).stdout
-    assert top_level.strip() == "", top_level
+    ).stdout.split()
+    assert installed[0] == "simclr_dali" and Path(installed[1]) == ROOT / "__init__.py", installed
+    assert "function main" in " ".join(installed[2:])  # simclr_dali.bench is bench/, whose main dispatches
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The distribution as `pip install .` builds it (no build isolation: setuptools comes from this venv)."""
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(out),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return next(out.glob("simclr_dali-*.whl"))
+
+
+def test_wheel_holds_one_namespace_with_the_layout_and_the_console_scripts(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        info = next(n for n in names if n.endswith(".dist-info/entry_points.txt")).rsplit("/", 1)[0]
+        entry_points = archive.read(f"{info}/entry_points.txt").decode()
+        top_level = archive.read(f"{info}/top_level.txt").decode().split()
+    assert top_level == ["simclr_dali"] and {n.split("/")[0] for n in names} == {"simclr_dali", info}
+    for module in (
+        "__init__",
+        "train",
+        "evaluate",
+        "pipeline/shards",
+        "model/simclr",
+        "trainer/export",
+        "bench/__init__",
+    ):
+        assert f"simclr_dali/{module}.py" in names, module
+    for package in ("pipeline", "model", "trainer", "evaluation", "common", "bench"):
+        assert f"simclr_dali/{package}/__init__.py" in names, package
+    assert "simclr_dali/bench.py" not in names  # the checkout's shim over bench/: it would be shadowed
+    assert f"{info}/licenses/LICENSE" in names
+    assert all(f"{script} = simclr_dali." in entry_points for script in CONSOLE_SCRIPTS), entry_points
+
+
+@pytest.mark.slow
+def test_console_scripts_run_from_another_directory_in_a_fresh_venv(wheel, tmp_path):
+    """`pip install` of the wheel into a new venv (its dependencies seen through a .pth file naming this venv's
+    site-packages, whose editable finder stays inactive there), then from a directory outside the checkout:
+    every command's --help, and shards -> 1 training step -> export with the installed copy."""
+    fresh = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True, timeout=120)
+    python = fresh / "bin" / "python"
+    site = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    Path(site, "simclr_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run(
+        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+
+    def run(*command: str) -> str:
+        result = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-3000:])
+        return result.stdout
+
+    origin = run(str(python), "-c", "import simclr_dali.train as t; print(t.__file__)").strip()
+    assert Path(origin).is_relative_to(fresh), origin  # the installed copy, not the checkout
+    for script in CONSOLE_SCRIPTS:
+        assert "usage" in run(str(fresh / "bin" / script), "--help").lower() or script == "simclr-bench", script
+    bin_ = fresh / "bin"
+    run(
+        str(bin_ / "simclr-shards"),
+        "write",
+        "synthetic",
+        "shards/train-%06d.tar",
+        "--num_classes",
+        "4",
+        "--per_class",
+        "8",
+        "--quiet",
+    )
+    run(
+        str(bin_ / "simclr-train"),
+        "--config",
+        str(ROOT / "configs" / "demo.yaml"),
+        "--train_shards",
+        "shards",
+        "--output_dir",
+        "run",
+        "--max_steps",
+        "1",
+        "--batch_size",
+        "8",
+        "--epochs",
+        "1",
+        "--warmup_epochs",
+        "0",
+        "--timm_kwargs",
+        '{"channels": [8, 16, 32, 64]}',
+        "--proj_hidden",
+        "16",
+        "--data_threads",
+        "1",
+    )
+    assert "exported" in run(str(bin_ / "simclr-export"), "run")
+    assert (elsewhere / "run" / "exports" / "step_00000001" / "head.safetensors").is_file()
 
 
 def test_train_help_lists_every_field_with_its_documentation():

@@ -1,24 +1,31 @@
-"""The pretrained backbone, exported for use outside this project.
+"""The pretrained model, exported for use outside this project: the backbone and the projection head.
 
-- ``OUTPUT_DIR/backbone.safetensors`` + ``backbone.json`` (timm model name, feature width, stem, timm
-  arguments, image size; the same metadata in the safetensors header): what ``evaluate.py --checkpoint``
-  reads, and loadable with ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH),
-  num_classes=0)`` for a stock architecture;
-- ``OUTPUT_DIR/backbone/`` (``config.json`` + ``model.safetensors``, timm's own local-directory convention)
-  wherever timm can express the architecture (not with the CIFAR stem, which replaces timm's):
-  ``timm.create_model("local-dir:OUTPUT_DIR/backbone", pretrained=True)``.
-Every file is written beside its final name and renamed into place (``common.files``)."""
+An export directory holds
+- ``backbone.safetensors`` + ``backbone.json`` (timm model name, feature width, CIFAR stem, timm arguments,
+  image size; the same metadata in the safetensors header): what ``evaluate.py --checkpoint`` reads;
+- ``backbone/`` (``config.json`` + ``model.safetensors``, timm's own local-directory convention) wherever timm
+  can express the architecture, i.e. without the CIFAR stem (it replaces timm's own):
+  ``timm.create_model("local-dir:EXPORT/backbone", pretrained=True)``;
+- ``head.safetensors`` + ``head.json`` (the projection head's widths), when the head is exported.
+``load_exported(EXPORT)`` rebuilds both from any export, the CIFAR stem and ``timm_kwargs`` included.
+
+train.py exports its output directory at the end of a run; ``simclr-export CHECKPOINT`` (``main`` below)
+exports any checkpoint, final or preempted. Every file is written beside its final name and renamed into place
+(``common.files``); the command's export directory is staged whole and renamed onto its name."""
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file, save
 
 from common.files import (
     atomic_write_bytes,
@@ -26,21 +33,57 @@ from common.files import (
     create_temporary_directory,
     fsync_directory,
     give_open_mode,
+    replace_directory,
+)
+from common.timm_args import check_timm_kwargs
+from evaluation.backbone import BackboneError, load_backbone
+from model.simclr import ProjectionHead, SimCLR
+from trainer.checkpoint import (
+    STATE_FILE,
+    CheckpointError,
+    list_checkpoints,
+    read_verified,
+    read_verified_json,
+    verify_checkpoint,
 )
 
+HEAD_FILE = "head.safetensors"
+HEAD_META = "head.json"
 
-def export_backbone(backbone: torch.nn.Module, output_dir: str | Path, meta: dict) -> Path:
-    """Write the exports above for ``backbone`` (a timm model with ``num_classes=0``); returns the
-    ``.safetensors`` path. ``meta``: model_name, num_features, cifar_stem, timm_kwargs, image_size."""
+
+class ExportError(ValueError):
+    """A checkpoint or an export cannot be read as asked; the message names the file."""
+
+
+def export_backbone(
+    backbone: torch.nn.Module, output_dir: str | Path, meta: dict, head: torch.nn.Module | None = None
+) -> Path:
+    """Write the exports above for ``backbone`` (a timm model with ``num_classes=0``) and, if given, the
+    projection ``head``; returns the ``.safetensors`` path. ``meta``: model_name, num_features, cifar_stem,
+    timm_kwargs, image_size."""
     output_dir = Path(output_dir)
     weights = output_dir / "backbone.safetensors"
-    state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
     # bytes written by atomic_write_bytes: safetensors' save_file would make the file 0600
-    atomic_write_bytes(weights, save(state, metadata={k: json.dumps(v) for k, v in meta.items()}))
+    atomic_write_bytes(weights, save(_plain_state(backbone), metadata={k: json.dumps(v) for k, v in meta.items()}))
     atomic_write_text(output_dir / "backbone.json", json.dumps(meta, indent=1) + "\n")
     if not meta.get("cifar_stem"):
         _export_local_dir(backbone, output_dir / "backbone", meta)
+    if head is not None:
+        linear = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+        widths = {
+            "in_dim": linear[0].in_features,
+            "hidden_dim": linear[0].out_features,
+            "out_dim": linear[-1].out_features,
+        }
+        atomic_write_bytes(
+            output_dir / HEAD_FILE, save(_plain_state(head), metadata={k: json.dumps(v) for k, v in widths.items()})
+        )
+        atomic_write_text(output_dir / HEAD_META, json.dumps(widths, indent=1) + "\n")
     return weights
+
+
+def _plain_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
 def _export_local_dir(backbone: torch.nn.Module, target: Path, meta: dict) -> None:
@@ -75,3 +118,140 @@ def _export_local_dir(backbone: torch.nn.Module, target: Path, meta: dict) -> No
         fsync_directory(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- from a checkpoint
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path`` itself if it is a checkpoint (``checkpoints/step_N``), else the newest checkpoint of the
+    train.py output directory ``path`` that verifies; ``ExportError`` naming what is missing otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"checkpoint {path} does not exist")
+    if (path / "manifest.json").is_file():
+        return path
+    candidates = list_checkpoints(path)
+    if not candidates:
+        raise ExportError(
+            f"{path} is neither a checkpoint (checkpoints/step_N with a manifest.json) nor a train.py output "
+            "directory with one under checkpoints/"
+        )
+    failures = []
+    for candidate in reversed(candidates):
+        try:
+            verify_checkpoint(candidate)
+            return candidate
+        except CheckpointError as error:
+            failures.append(str(error))
+    raise ExportError(f"no checkpoint in {path / 'checkpoints'} verifies: {'; '.join(failures)}")
+
+
+def export_checkpoint(checkpoint: str | Path, output_dir: str | Path | None = None) -> Path:
+    """Export the backbone and head of ``checkpoint`` (a checkpoint directory or a train.py output directory:
+    its newest verified checkpoint) into ``output_dir`` (default ``RUN/exports/step_N``); returns it."""
+    path = resolve_checkpoint(checkpoint)
+    try:
+        manifest = verify_checkpoint(path)
+        config = read_verified_json(path, STATE_FILE, manifest).get("config")
+        state = load_safetensors(read_verified(path, "model.safetensors", manifest))
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
+    if not isinstance(config, dict) or not isinstance(config.get("backbone"), str):
+        raise ExportError(f"{path / STATE_FILE} holds no config with a backbone name")
+    try:
+        timm_kwargs = check_timm_kwargs(config.get("timm_kwargs") or {}, f"{path / STATE_FILE}: timm_kwargs")
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    model = SimCLR(
+        backbone=config["backbone"],
+        proj_hidden=config.get("proj_hidden"),
+        proj_dim=config.get("proj_dim", 128),
+        cifar_stem=bool(config.get("cifar_stem", False)),
+        **timm_kwargs,
+    )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ExportError(
+            f"{path / 'model.safetensors'} does not fit the model its config describes: {error}"
+        ) from None
+    meta = {
+        "model_name": config["backbone"],
+        "num_features": model.feature_dim,
+        "cifar_stem": bool(config.get("cifar_stem", False)),
+        "timm_kwargs": timm_kwargs,
+        "image_size": config.get("image_size"),
+        "step": manifest.get("step"),
+        "run_id": manifest.get("run_id"),
+    }
+    output_dir = Path(output_dir) if output_dir else path.parent.parent / "exports" / path.name
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = create_temporary_directory(output_dir.parent, prefix=f".{output_dir.name}-")
+    try:
+        export_backbone(model.backbone.eval(), staging, meta, head=model.head.eval())
+        fsync_directory(staging)
+        replace_directory(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir
+
+
+# --------------------------------------------------------------------------- loading an export
+
+
+def load_exported(path: str | Path) -> tuple[torch.nn.Module, torch.nn.Module | None, dict]:
+    """(backbone, head or None, metadata) rebuilt from an export directory (or a train.py output directory),
+    in eval mode: the CIFAR stem and ``timm_kwargs`` from ``backbone.json``, the head's widths from
+    ``head.json``. The backbone maps (B, 3, H, W) to (B, num_features), the head those features to z."""
+    path = Path(path)
+    try:
+        backbone, _ = load_backbone(checkpoint=str(path))
+    except BackboneError as error:
+        raise ExportError(str(error)) from None
+    meta = json.loads((path / "backbone.json").read_text()) if (path / "backbone.json").is_file() else {}
+    head = None
+    if (path / HEAD_META).is_file():
+        widths = json.loads((path / HEAD_META).read_text())
+        if not all(isinstance(widths.get(k), int) for k in ("in_dim", "hidden_dim", "out_dim")):
+            raise ExportError(f"{path / HEAD_META} must give integer in_dim, hidden_dim and out_dim, got {widths}")
+        head = ProjectionHead(widths["in_dim"], widths["hidden_dim"], widths["out_dim"])
+        try:
+            head.load_state_dict(load_file(str(path / HEAD_FILE)))
+        except (OSError, RuntimeError) as error:
+            raise ExportError(
+                f"{path / HEAD_FILE} does not fit the head {path / HEAD_META} describes: {error}"
+            ) from None
+        head.eval()
+    return backbone.eval(), head, meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``simclr-export CHECKPOINT [--output_dir DIR]``: the backbone and head of a checkpoint, final or preempted."""
+    parser = argparse.ArgumentParser(
+        prog="simclr-export",
+        description="Export the backbone (timm local-dir form where timm can express it) and the projection head "
+        "of a checkpoint: a checkpoints/step_N directory, or a train.py output directory (its newest checkpoint "
+        "that verifies). Load the result with timm.create_model('local-dir:DIR/backbone', pretrained=True) or "
+        "simclr_dali.trainer.export.load_exported(DIR).",
+    )
+    parser.add_argument(
+        "checkpoint", help="a checkpoint directory (RUN/checkpoints/step_N) or a train.py output directory"
+    )
+    parser.add_argument(
+        "--output_dir", default=None, help="where the export goes (default: RUN/exports/step_N beside the checkpoints)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        source = resolve_checkpoint(args.checkpoint)
+        out = export_checkpoint(source, args.output_dir)
+    except (ExportError, OSError) as error:
+        print(f"simclr-export: error: {error}", file=sys.stderr)
+        return 2
+    files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()))
+    print(f"exported {source} -> {out}: {files}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
