@@ -32,8 +32,8 @@ lock:
 # The demo starts a fresh run every time (--overwrite true): a rerun, after editing configs/demo.yaml too, shows
 # the whole pipeline again with the same seeded result instead of refusing a changed config or resuming a finished run.
 demo: $(VENV)/.installed
-	$(BIN)/python -m pipeline.shards write synthetic "data/demo/train/train-%06d.tar" --per_class 300 --seed 0 --quiet
-	$(BIN)/python -m pipeline.shards write synthetic "data/demo/val/val-%06d.tar" --per_class 100 --seed 1 --quiet
+	$(BIN)/simclr-shards write synthetic "data/demo/train/train-%06d.tar" --per_class 300 --seed 0 --quiet
+	$(BIN)/simclr-shards write synthetic "data/demo/val/val-%06d.tar" --per_class 100 --seed 1 --quiet
 	$(BIN)/python train.py --config configs/demo.yaml --overwrite true
 	$(BIN)/python evaluate.py --checkpoint runs/demo --train_shards data/demo/train --val_shards data/demo/val \
 		--protocol all --k 20,200 --compare_random_init true --json runs/demo/eval.json

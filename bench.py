@@ -3,7 +3,7 @@ the installed ``simclr-bench NAME ...``. ``python bench.py --help`` lists them."
 
 import sys
 
-from bench import main
+from simclr_dali.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

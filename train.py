@@ -20,7 +20,7 @@ from __future__ import annotations
 import sys
 
 if __name__ == "__main__":  # --help, --print_config and config errors answer before torch and DALI are imported
-    from trainer.config import ConfigError, parse_args
+    from simclr_dali.trainer.config import ConfigError, parse_args
 
     try:
         parse_args(None, __doc__)
@@ -36,20 +36,26 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from common.files import atomic_write_text
-from model.simclr import feature_dim
-from pipeline.shardset import ShardError
-from trainer.build import build_model, prepare_for_training
-from trainer.checkpoint import Checkpointer, CheckpointError, CheckpointWriteError, TrainingState, epoch_start_state
-from trainer.config import ConfigError, parse_args
-from trainer.control import Control
-from trainer.data import build_eval_loaders, build_train_loader, data_device
-from trainer.export import export_backbone
-from trainer.health import NonFiniteWatch
-from trainer.loop import NON_FINITE_EXIT_STATUS, Meters, NonFinite, Probe, StepPlan
-from trainer.optim import build_optimizer, build_scheduler
-from trainer.preemption import PREEMPTED_EXIT_STATUS, Preempted, Preemption
-from trainer.run import (
+from simclr_dali.common.files import atomic_write_text
+from simclr_dali.model.simclr import feature_dim
+from simclr_dali.pipeline.shardset import ShardError
+from simclr_dali.trainer.build import build_model, prepare_for_training
+from simclr_dali.trainer.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    CheckpointWriteError,
+    TrainingState,
+    epoch_start_state,
+)
+from simclr_dali.trainer.config import ConfigError, parse_args
+from simclr_dali.trainer.control import Control
+from simclr_dali.trainer.data import build_eval_loaders, build_train_loader, data_device
+from simclr_dali.trainer.export import export_backbone
+from simclr_dali.trainer.health import NonFiniteWatch
+from simclr_dali.trainer.loop import NON_FINITE_EXIT_STATUS, Meters, NonFinite, Probe, StepPlan
+from simclr_dali.trainer.optim import build_optimizer, build_scheduler
+from simclr_dali.trainer.preemption import PREEMPTED_EXIT_STATUS, Preempted, Preemption
+from simclr_dali.trainer.run import (
     RunError,
     RunLog,
     check_model_config,
@@ -59,7 +65,7 @@ from trainer.run import (
     tracker_init_kwargs,
     tracker_project,
 )
-from trainer.step import train_step
+from simclr_dali.trainer.step import train_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,7 +302,7 @@ def stopped(
         log.error(
             f"stopped after step {state.step} on bad data ({where} holds the last good step); "
             "remove or rewrite that sample "
-            "(python -m pipeline.shards verify names every bad one), then rerun with --resume auto"
+            "(simclr-shards verify names every bad one), then rerun with --resume auto"
         )
         return 2
     since = (

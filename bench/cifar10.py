@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common.cli import ArgumentParser
+from simclr_dali.common.cli import ArgumentParser
 
 from .common import RESULTS, ROOT, device_tag, write_result
 
@@ -43,7 +43,9 @@ def write_shards(out: Path, tarball: str | None) -> str:
                 "(https://www.cs.toronto.edu/~kriz/cifar.html) and pass --tarball PATH"
             )
         subprocess.run(
-            [sys.executable, "-m", "pipeline.shards", *command, "--max_count", "10000"], cwd=ROOT, check=True
+            [sys.executable, "-m", "simclr_dali.pipeline.shards", *command, "--max_count", "10000"],
+            cwd=ROOT,
+            check=True,
         )
     return (
         "../shared/data/cifar10 (CIFAR-10 re-encoded as 32x32 JPEG, see its README)"

@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from common.cli import ArgumentParser
-from common.files import atomic_write_text
+from simclr_dali.common.cli import ArgumentParser
+from simclr_dali.common.files import atomic_write_text
 
 from .gpu_rows import ROWS_ENV, STAGE_ENV, read_rows
 

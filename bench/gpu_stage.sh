@@ -81,7 +81,7 @@ for p in "$src"/part-*; do
 done
 if [ "${WITH_CIFAR:-0}" = 1 ]; then
   [ -f data/cifar10/test/classes.json ] || "$python" -c "import sys; sys.path.insert(0, '.'); from pathlib import Path
-from bench.cifar10 import write_shards; write_shards(Path('data/cifar10'), None)"
+from simclr_dali.bench.cifar10 import write_shards; write_shards(Path('data/cifar10'), None)"
   mkdir -p "$out/cifar/data"
   tar -C data -czf "$out/cifar/data/cifar10-shards.tar.gz" cifar10
 fi

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common.cli import ArgumentParser
+from simclr_dali.common.cli import ArgumentParser
 
 from .common import ROOT, write_result
 
@@ -43,7 +43,7 @@ PRESETS = {
 def imagenet_shards(repeats: int = 5, source: Path | None = None, out: Path | None = None) -> tuple[Path, str]:
     """The ImageNet sample (``source``, default ../shared/data/imagenet-sample) as shards, written once to
     ``out`` (default under data/bench/)."""
-    from pipeline.shardwriter import Sample, write_shards
+    from simclr_dali.pipeline.shardwriter import Sample, write_shards
 
     out = out or CACHE / f"imagenet-sample-x{repeats}"
     if (out / "classes.json").exists():
@@ -65,8 +65,8 @@ def imagenet_shards(repeats: int = 5, source: Path | None = None, out: Path | No
 
 
 def cifar_shards() -> tuple[Path, str]:
-    from pipeline.source_writer import write_source
-    from pipeline.sources import folder_source
+    from simclr_dali.pipeline.source_writer import write_source
+    from simclr_dali.pipeline.sources import folder_source
 
     out = CACHE / "cifar10-train"
     if (out / "classes.json").exists():
@@ -82,8 +82,8 @@ def cifar_shards() -> tuple[Path, str]:
 
 
 def synthetic_shards(out: Path, count: int, side: int, description: str) -> tuple[Path, str]:
-    from pipeline.pixel_sources import array_samples
-    from pipeline.shardwriter import write_shards
+    from simclr_dali.pipeline.pixel_sources import array_samples
+    from simclr_dali.pipeline.shardwriter import write_shards
 
     rng = np.random.default_rng(0)
     coarse = rng.integers(0, 256, (count, 8, 8, 3)).astype(np.uint8)
@@ -115,8 +115,8 @@ def synthetic_shards(out: Path, count: int, side: int, description: str) -> tupl
 def loader(shards: Path, preset: dict, kind: str, cores: int, device: str):
     """train.py's own loader for the preset ('dali' or the 'torchvision' baseline), ``cores`` DALI threads or
     DataLoader workers."""
-    from trainer.config import TrainConfig
-    from trainer.data import build_train_loader
+    from simclr_dali.trainer.config import TrainConfig
+    from simclr_dali.trainer.data import build_train_loader
 
     cfg = TrainConfig(
         train_shards=str(shards),

@@ -141,7 +141,7 @@ def ntxent_cases(configs=None) -> list[CompileCase]:
     launch recorded instead of run."""
     import torch
 
-    from model import ntxent, ntxent_triton
+    from simclr_dali.model import ntxent, ntxent_triton
 
     captured = []
     hooks = {
@@ -200,8 +200,8 @@ def colour_cases(configs=None) -> list[CompileCase]:
     CPU tensors (never touched) with the GPU's block size and the launch recorded instead of run."""
     import torch
 
-    from pipeline import augment, colour_gpu
-    from pipeline.colour_cpu import colour_params
+    from simclr_dali.pipeline import augment, colour_gpu
+    from simclr_dali.pipeline.colour_cpu import colour_params
 
     captured = []
 
@@ -398,7 +398,7 @@ def compile_in_subprocess(site: Path | None = None, sources=None, timeout_s: int
     with tempfile.TemporaryDirectory(prefix="triton-sm90-") as tmp:
         env["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
         out = Path(tmp) / "report.json"
-        command = [sys.executable, "-m", "bench.triton_sm90", "--child", str(out)]
+        command = [sys.executable, "-m", "simclr_dali.bench.triton_sm90", "--child", str(out)]
         command += ["--sources", *(sources or CASE_SOURCES)]
         proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0:
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         Path(args.child).write_text(json.dumps(compile_all(args.sources)))
         return 0
-    from bench.common import write_result
+    from simclr_dali.bench.common import write_result
 
     reports = [compile_in_subprocess(None, args.sources)]
     reports += [compile_in_subprocess(triton_site(version), args.sources) for version in args.versions]

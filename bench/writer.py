@@ -8,7 +8,7 @@ already JPEG-coded once, so PSNR is measured against those pixels), each encodin
 per sample in a tar (512-byte header + data padded to 512 bytes), PSNR, and decode cost per image with
 DALI's CPU decoder (one thread, batches of 256) and with PIL.
 
-``rss``: runs ``python -m pipeline.shards write ...`` as a child and samples the summed RSS of its process
+``rss``: runs ``simclr-shards write ...`` as a child and samples the summed RSS of its process
 tree (the writer and its spawned workers) every 50 ms; the peak and the sample count are recorded for the
 50,000-image CIFAR-10 folder and for a generated folder of 200,000 images (64x64, 1 in 10 a PNG).
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.cli import ArgumentParser
+from simclr_dali.common.cli import ArgumentParser
 
 from .common import ROOT, write_result
 
@@ -95,7 +95,7 @@ def tar_bytes(size: int) -> int:
 
 
 def storage(args) -> dict:
-    from pipeline.images import ImagePolicy, prepare_pixels
+    from simclr_dali.pipeline.images import ImagePolicy, prepare_pixels
 
     pixels = cifar_pixels(args.images)
     options = {
@@ -190,7 +190,7 @@ def generated_folder(root: Path, count: int, side: int = 64) -> Path:
 
 
 def rss(args) -> dict:
-    python = [sys.executable, "-m", "pipeline.shards"]
+    python = [sys.executable, "-m", "simclr_dali.pipeline.shards"]
     results = {}
     with tempfile.TemporaryDirectory(prefix="writer-rss-") as tmp:
         tmp = Path(tmp)

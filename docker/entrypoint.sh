@@ -4,7 +4,7 @@
 #   train LAUNCH_ARGS -- ARGS    accelerate launch LAUNCH_ARGS train.py ARGS   (e.g. train --num_processes 8 -- --config ...)
 #   evaluate ARGS   python evaluate.py ARGS
 #   bench ARGS      python bench.py ARGS
-#   shards ARGS     python -m pipeline.shards ARGS
+#   shards ARGS     simclr-shards ARGS
 #   demo [MAKEARGS] the embedded demo (make demo: generated shapes -> shards -> pretrain -> evaluate), in WORKDIR
 #   CMD ...         e.g. bash, python, accelerate
 set -euo pipefail
@@ -46,7 +46,7 @@ case "$command" in
         ;;
     evaluate) exec python "$home/evaluate.py" "$@" ;;
     bench) exec python "$home/bench.py" "$@" ;;
-    shards) cd "$home" && exec python -m pipeline.shards "$@" ;;
+    shards) cd "$home" && exec simclr-shards "$@" ;;
     demo) exec make -C "$home" -o .venv/.installed BIN="$(dirname "$(command -v python)")" "$@" demo ;;
     *) exec "$command" "$@" ;;
 esac

@@ -519,7 +519,7 @@ class DaliLoader:
             return ShardError(f"an image failed to decode ({reason}): {listed}")
         return ShardError(
             f"an image failed to decode ({reason}) but every image in {brace_notation(self.shards)} decodes "
-            "when read directly: an index may be stale; rebuild with `python -m pipeline.shards index`"
+            "when read directly: an index may be stale; rebuild with `simclr-shards index`"
         )
 
     def __len__(self) -> int:

@@ -1,13 +1,13 @@
 """WebDataset shard tools: write, index and verify (the command line of the ``pipeline`` shard modules).
 
-    python -m pipeline.shards write images  PHOTOS/ OUT/train-%06d.tar                # recursive, no labels
-    python -m pipeline.shards write folder  IMAGE_ROOT/ OUT/train-{000000..999999}.tar  # ROOT/CLASS/*.jpg
-    python -m pipeline.shards write list    val.csv OUT/val-%06d.tar --root VAL/ --classes OUT/classes.json
-    python -m pipeline.shards write cifar   cifar-10-python.tar.gz OUT/train-%06d.tar --split train
-    python -m pipeline.shards write arrays  data.npz OUT/train-%06d.tar
-    python -m pipeline.shards write synthetic OUT/demo-train-%06d.tar --num_classes 10 --per_class 200
-    python -m pipeline.shards index OUT/train-{000000..000012}.tar
-    python -m pipeline.shards verify OUT/
+    simclr-shards write images  PHOTOS/ OUT/train-%06d.tar                # recursive, no labels
+    simclr-shards write folder  IMAGE_ROOT/ OUT/train-{000000..999999}.tar  # ROOT/CLASS/*.jpg
+    simclr-shards write list    val.csv OUT/val-%06d.tar --root VAL/ --classes OUT/classes.json
+    simclr-shards write cifar   cifar-10-python.tar.gz OUT/train-%06d.tar --split train
+    simclr-shards write arrays  data.npz OUT/train-%06d.tar
+    simclr-shards write synthetic OUT/demo-train-%06d.tar --num_classes 10 --per_class 200
+    simclr-shards index OUT/train-{000000..000012}.tar
+    simclr-shards verify OUT/
 
 Every sample keeps its source path (``KEY.json``) under a key derived from it; baseline JPEGs are stored
 byte-identical, anything else PIL opens is re-encoded as a baseline JPEG. An interrupted ``write`` resumes
@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from common.cli import ArgumentParser
+from simclr_dali.common.cli import ArgumentParser
 
 from .images import SUBSAMPLING_CHOICES, ImagePolicy
 from .pixel_sources import arrays_source, cifar_source, synthetic_source
@@ -77,7 +77,7 @@ MAX_COUNT_HELP = (
 
 def build_parser() -> ArgumentParser:
     parser = OneLineErrorParser(
-        prog="python -m pipeline.shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="simclr-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
     write = commands.add_parser(

@@ -34,7 +34,7 @@ from pathlib import Path
 import braceexpand
 from tqdm import tqdm
 
-from common.files import atomic_write_text
+from simclr_dali.common.files import atomic_write_text
 
 # The members a sample's image may be stored as (what DALI's decoder and the verifier read).
 IMAGE_COMPONENTS = ("jpg", "jpeg", "png", "webp")
@@ -283,13 +283,11 @@ def read_index(tar: Path) -> ShardIndex:
     """Parse and sanity-check ``tar``'s index (exists, well formed, consistent with the tar's size)."""
     idx = index_path(tar)
     if not idx.exists():
-        raise ShardError(f"shard {tar} has no index {idx}; create it with: python -m pipeline.shards index {tar}")
+        raise ShardError(f"shard {tar} has no index {idx}; create it with: simclr-shards index {tar}")
     lines = idx.read_text().splitlines()
     header = lines[0].split() if lines else []
     if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit():
-        raise ShardError(
-            f"index {idx} has a bad header {lines[:1]}; rebuild it with: python -m pipeline.shards index {tar}"
-        )
+        raise ShardError(f"index {idx} has a bad header {lines[:1]}; rebuild it with: simclr-shards index {tar}")
     count = int(header[1])
     if count == 0 or len(lines) - 1 != count:
         raise ShardError(f"index {idx} says {count} samples but lists {len(lines) - 1}; rebuild it")
@@ -366,7 +364,7 @@ def _read_member(shards, ext: str, what: str, decode: Callable[[str, Path, str],
 
 MISSING_MEMBER_HINT = {
     "cls": "this needs labelled shards",
-    "json": "the shards were written without source paths: rewrite them with `python -m pipeline.shards write`",
+    "json": "the shards were written without source paths: rewrite them with `simclr-shards write`",
 }
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.files import atomic_write_text, fsync_directory
+from simclr_dali.common.files import atomic_write_text, fsync_directory
 
 from .shardset import (
     CLASSES_FILE,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from common.files import check_writable
+from simclr_dali.common.files import check_writable
 
 from .images import ImagePolicy, prepare_chunk
 from .shardset import SET_FILE, SET_FORMAT, ShardError, output_pattern, path_key, read_set_record

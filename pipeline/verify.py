@@ -49,8 +49,7 @@ def check_image(data: bytes) -> tuple[bool, str]:
     if image_format not in DALI_FORMATS:
         return (
             False,
-            f"{image_format} data, which DALI's decoder cannot read; "
-            "rewrite the set with `python -m pipeline.shards write`",
+            f"{image_format} data, which DALI's decoder cannot read; rewrite the set with `simclr-shards write`",
         )
     return True, ""
 

@@ -13,10 +13,10 @@ import torch
 from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer.build import build_model, prepare_for_training  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.optim import build_optimizer, build_scheduler  # noqa: E402
-from trainer.step import train_step  # noqa: E402
+from simclr_dali.trainer.build import build_model, prepare_for_training  # noqa: E402
+from simclr_dali.trainer.config import TrainConfig  # noqa: E402
+from simclr_dali.trainer.optim import build_optimizer, build_scheduler  # noqa: E402
+from simclr_dali.trainer.step import train_step  # noqa: E402
 
 GLOBAL_BATCH, STEPS = 8, 3
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train  # noqa: E402
-import trainer.checkpoint as checkpoint  # noqa: E402
-import trainer.run as run  # noqa: E402
+import simclr_dali.trainer.checkpoint as checkpoint  # noqa: E402
+import simclr_dali.trainer.run as run  # noqa: E402
+from simclr_dali import train  # noqa: E402
 
 spec, argv = json.loads(sys.argv[1]), sys.argv[2:]
 rank = int(os.environ.get("RANK", 0))

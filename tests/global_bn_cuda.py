@@ -18,7 +18,7 @@ from timm.layers import BatchNormAct2d
 from timm.layers.norm_act import SyncBatchNormAct
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer.global_bn import convert_to_global_bn  # noqa: E402
+from simclr_dali.trainer.global_bn import convert_to_global_bn  # noqa: E402
 
 MODEL, GLOBAL_BATCH, SIDE = "mobilenetv3_small_050", 16, 64
 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 comparisons

@@ -18,11 +18,11 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.ntxent import nt_xent_reference  # noqa: E402
-from trainer.build import build_model, prepare_for_training  # noqa: E402
-from trainer.config import TrainConfig  # noqa: E402
-from trainer.optim import build_optimizer  # noqa: E402
-from trainer.step import train_step  # noqa: E402
+from simclr_dali.model.ntxent import nt_xent_reference  # noqa: E402
+from simclr_dali.trainer.build import build_model, prepare_for_training  # noqa: E402
+from simclr_dali.trainer.config import TrainConfig  # noqa: E402
+from simclr_dali.trainer.optim import build_optimizer  # noqa: E402
+from simclr_dali.trainer.step import train_step  # noqa: E402
 
 GLOBAL_BATCH, IMAGE_SIZE = 16, 16
 # zero_init_last=False: the residual branches get gradients at initialisation (timm zeroes their last BN's scale)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.augment import AugmentConfig, eval_view, simclr_view
+from simclr_dali.pipeline.augment import AugmentConfig, eval_view, simclr_view
 
 IDENTITY_NORM = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))  # outputs in 0..255 units
 PLAIN = dict(jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, flip_prob=0.0, **IDENTITY_NORM)
@@ -173,7 +173,7 @@ def _constant(batch):
 def test_blur_is_the_truncated_gaussian(padding):
     """The blur (two 1-D ``fn.filter`` passes) against a float64 separable Gaussian: radius ceil(4 sigma) capped at
     the window, borders padded with zeros (the official SAME padding) or reflect-101 (the option)."""
-    from pipeline.augment import gaussian_blur
+    from simclr_dali.pipeline.augment import gaussian_blur
 
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, (40, 36, 3), dtype=np.uint8) for _ in range(4)]

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.augment import ORDER_KEYS, UNIFORMS, AugmentConfig, jitter_ranges
+from simclr_dali.pipeline.augment import ORDER_KEYS, UNIFORMS, AugmentConfig, jitter_ranges
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDENS = ROOT / "tests" / "goldens"
@@ -92,7 +92,7 @@ def _constant(batch):
 
 def run_stage(images, uniforms, cfg: AugmentConfig, form: str) -> np.ndarray:
     """``augment.colour_stage`` of uint8 ``images`` with per-view ``uniforms`` in ``form`` -> uint8 (N, H, W, 3)."""
-    import pipeline.augment as augment
+    import simclr_dali.pipeline.augment as augment
 
     device = "gpu" if form == "gpu" else "cpu"
 
@@ -310,7 +310,7 @@ def reference_stage(image: np.ndarray, u: np.ndarray, cfg: AugmentConfig) -> np.
 def test_stage_over_every_coin_is_the_reference(overrides, form):
     """Every combination of the three coins (jitter, grayscale, flip) with random factors and orders, on
     non-square images, against the float64 reference; the flip is the stage's ``mirror`` where it returns one."""
-    import pipeline.augment as augment
+    import simclr_dali.pipeline.augment as augment
 
     rng = np.random.default_rng(2)
     cfg = stage_cfg(jitter_prob=0.5, gray_prob=0.5, flip_prob=0.5, **overrides)
@@ -332,7 +332,7 @@ def test_stage_over_every_coin_is_the_reference(overrides, form):
 
 def run_stage_mirrored(images, uniforms, cfg: AugmentConfig, form: str) -> list[np.ndarray]:
     """``colour_stage`` then the identity normalisation with the stage's ``mirror`` -> float arrays in 0..255."""
-    import pipeline.augment as augment
+    import simclr_dali.pipeline.augment as augment
 
     device = "gpu" if form == "gpu" else "cpu"
 

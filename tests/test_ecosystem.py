@@ -20,8 +20,8 @@ import torch
 import yaml
 from conftest import ROOT, make_shards
 
-from trainer.config import TrainConfig
-from trainer.global_bn import GlobalBatchNorm, GlobalBatchNormAct, convert_to_global_bn
+from simclr_dali.trainer.config import TrainConfig
+from simclr_dali.trainer.global_bn import GlobalBatchNorm, GlobalBatchNormAct, convert_to_global_bn
 
 PROJECT_MODULES = ["evaluate", "train", "bench", "pipeline", "model", "trainer", "evaluation", "common"]
 CONSOLE_SCRIPTS = ["simclr-train", "simclr-evaluate", "simclr-shards", "simclr-bench", "simclr-export"]
@@ -351,7 +351,7 @@ def test_pretrained_flag_starts_from_timms_weights(monkeypatch):
     """`--pretrained true` asks timm for its pretrained weights (timm downloads them; not done here)."""
     import timm
 
-    from trainer.build import build_model
+    from simclr_dali.trainer.build import build_model
 
     calls = []
     create = timm.create_model

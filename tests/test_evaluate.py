@@ -17,16 +17,16 @@ import torch
 import webdataset as wds
 from conftest import ROOT, random_images
 
-import evaluate
-from evaluation.knn import knn_predict, topk_accuracy
-from evaluation.linear import evaluate_classifier, train_linear_on_features
-from evaluation.subset import LabelSubset, SubsetError, select_subset, subset_for
-from model.simclr import create_backbone
-from pipeline.loader import AugmentedView, DaliLoader, classifier_augment
-from pipeline.pixel_sources import array_samples, encode_jpeg, synthetic_images
-from pipeline.shardset import ShardError, write_index
-from pipeline.shardwriter import write_shards
-from trainer.export import export_backbone
+from simclr_dali import evaluate
+from simclr_dali.evaluation.knn import knn_predict, topk_accuracy
+from simclr_dali.evaluation.linear import evaluate_classifier, train_linear_on_features
+from simclr_dali.evaluation.subset import LabelSubset, SubsetError, select_subset, subset_for
+from simclr_dali.model.simclr import create_backbone
+from simclr_dali.pipeline.loader import AugmentedView, DaliLoader, classifier_augment
+from simclr_dali.pipeline.pixel_sources import array_samples, encode_jpeg, synthetic_images
+from simclr_dali.pipeline.shardset import ShardError, write_index
+from simclr_dali.pipeline.shardwriter import write_shards
+from simclr_dali.trainer.export import export_backbone
 
 TINY = {
     "model_name": "resnet18",
@@ -361,7 +361,7 @@ def test_missing_backbone_file(data, tmp_path, capsys):
 def test_flags_config_file_and_print_config_agree(tmp_path):
     """evaluate.py's fields come from one typed config (as train.py's): a YAML --config and the flags give the same
     configuration, flags after the file override it, booleans are written `true`, --k takes a comma list."""
-    from evaluation.config import UsageError, parse_args
+    from simclr_dali.evaluation.config import UsageError, parse_args
 
     flags = ["--train_shards", "t", "--val_shards", "v", "--protocol", "all", "--k", "10,20,200", "--augment", "true"]
     from_flags = parse_args(flags)

@@ -15,9 +15,9 @@ from conftest import ROOT, make_shards
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save_file
 
-import train
-from model.simclr import SimCLR
-from trainer.export import ExportError, export_checkpoint, load_exported, main
+from simclr_dali import train
+from simclr_dali.model.simclr import SimCLR
+from simclr_dali.trainer.export import ExportError, export_checkpoint, load_exported, main
 
 PRESETS = sorted((ROOT / "configs").glob("*.yaml"))
 TINY = {
@@ -46,7 +46,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainer.export import load_exported
+from simclr_dali.trainer.export import load_exported
 
 torch.set_num_threads(1)
 export, inputs, out = sys.argv[1:4]

@@ -24,13 +24,12 @@ import yaml
 from conftest import ROOT, make_shards
 from safetensors.torch import load_file
 
-import evaluate
-import train
-import trainer.checkpoint as checkpoint_module
-from pipeline.loader import DaliLoader, TwoViews
-from pipeline.shardset import read_index
-from trainer.checkpoint import FILES, list_checkpoints
-from trainer.optim import build_scheduler
+import simclr_dali.trainer.checkpoint as checkpoint_module
+from simclr_dali import evaluate, train
+from simclr_dali.pipeline.loader import DaliLoader, TwoViews
+from simclr_dali.pipeline.shardset import read_index
+from simclr_dali.trainer.checkpoint import FILES, list_checkpoints
+from simclr_dali.trainer.optim import build_scheduler
 
 TINY = {
     "image_size": 32,
@@ -673,7 +672,7 @@ def test_sigterm_while_an_evaluation_is_due(shards, tmp_path, reference, monkeyp
     assert [h["step"] for h in json.loads((out / "train_summary.json").read_text())["history"]] == [0, 5, 6]
     assert_identical(weights(out), reference)
 
-    import evaluation.probe as probe_module
+    import simclr_dali.evaluation.probe as probe_module
 
     real_probe = probe_module.probe
 

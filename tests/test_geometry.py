@@ -16,8 +16,15 @@ import pytest
 import torch
 from nvidia.dali import fn, pipeline_def, types
 
-from pipeline.augment import AugmentConfig, _blur_radius, decode_random_crop, gaussian_blur, resized_crop, simclr_view
-from pipeline.crop import crop_window
+from simclr_dali.pipeline.augment import (
+    AugmentConfig,
+    _blur_radius,
+    decode_random_crop,
+    gaussian_blur,
+    resized_crop,
+    simclr_view,
+)
+from simclr_dali.pipeline.crop import crop_window
 
 GOLDEN = np.load(Path(__file__).resolve().parent / "goldens" / "tf_geometry.npz")
 KS_THRESHOLD = 0.0195  # the two-sample KS critical value at alpha = 0.001 for 20,000 + 20,000 draws
@@ -283,7 +290,7 @@ def test_reflect_padding_is_not_the_official_blur():
 def test_roi_decoded_two_views_resume_exactly(small_shards):
     """``roi_decode``: each view decodes only its own window (``decoders.image_slice``); the sampler's seeds are
     DALI uniforms, so a loader restored from a mid-epoch state continues with exactly the same views."""
-    from pipeline.loader import DaliLoader, TwoViews
+    from simclr_dali.pipeline.loader import DaliLoader, TwoViews
 
     directory, _ = small_shards
     make = lambda: DaliLoader(directory, 8, TwoViews(AugmentConfig.cifar(roi_decode=True)), train=True, seed=2)

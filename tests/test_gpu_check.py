@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, SHARED_DATA
 
-from bench import gpu_check, gpu_stages
+from simclr_dali.bench import gpu_check, gpu_stages
 
 
 def test_the_stage_table_fits_the_device_time_and_an_oversized_cap_is_refused(monkeypatch, capsys):

@@ -480,7 +480,7 @@ def test_a_signal_to_the_launcher_checkpoints_every_worker_and_exits_75(how, sig
     ranks = [json.loads((report / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["status"] for r in ranks] == [75, 75], tail
     assert ranks[0]["steps"] == ranks[1]["steps"] < TINY_RUN["max_steps"], tail
-    from trainer.checkpoint import list_checkpoints
+    from simclr_dali.trainer.checkpoint import list_checkpoints
 
     state = json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())
     assert state["step"] == ranks[0]["steps"], tail

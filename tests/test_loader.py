@@ -12,11 +12,11 @@ import torch
 import webdataset as wds
 from conftest import make_shards, random_images
 
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
-from pipeline.loader import AugmentedView, DaliLoader, EvalView, TwoViews, classifier_augment
-from pipeline.pixel_sources import encode_jpeg
-from pipeline.shardset import ShardError, write_index
-from pipeline.shardwriter import Sample, write_shards
+from simclr_dali.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
+from simclr_dali.pipeline.loader import AugmentedView, DaliLoader, EvalView, TwoViews, classifier_augment
+from simclr_dali.pipeline.pixel_sources import encode_jpeg
+from simclr_dali.pipeline.shardset import ShardError, write_index
+from simclr_dali.pipeline.shardwriter import Sample, write_shards
 
 CIFAR = AugmentConfig.cifar()
 
@@ -358,7 +358,7 @@ def test_batch_larger_than_data_is_an_error(tmp_path):
 def test_gpu_decoder_buffers_are_sized_to_the_data():
     """nvJPEG's paddings are per DALI thread: DALI's defaults (8 MiB host, 16 MiB device) where they hold the
     largest image decoded (CIFAR's 32 px), one decoded image otherwise; never ImageNet's 211 MB for every set."""
-    from pipeline.augment import _decoder_args, gpu_decoder_sized_for, gpu_decoder_sizing
+    from simclr_dali.pipeline.augment import _decoder_args, gpu_decoder_sized_for, gpu_decoder_sizing
 
     assert gpu_decoder_sizing(None) == {} and gpu_decoder_sizing((32, 32)) == {}
     assert gpu_decoder_sizing((1600, 1200)) == {}  # 5.5 MB decoded
@@ -374,8 +374,8 @@ def test_gpu_decoder_buffers_are_sized_to_the_data():
 
 
 def test_largest_image_is_read_from_the_headers_of_the_largest_files(tmp_path):
-    from pipeline.loader import largest_image
-    from pipeline.shardset import read_index
+    from simclr_dali.pipeline.loader import largest_image
+    from simclr_dali.pipeline.shardset import read_index
 
     directory, _ = make_shards(tmp_path / "cifar", 30, size=32, per_shard=16)
     tars = sorted(directory.glob("*.tar"))
@@ -388,7 +388,7 @@ def test_largest_image_is_read_from_the_headers_of_the_largest_files(tmp_path):
 
 
 def test_gpu_loaders_use_at_most_a_few_decode_threads():
-    from pipeline.loader import GPU_DECODE_THREADS, default_num_threads
+    from simclr_dali.pipeline.loader import GPU_DECODE_THREADS, default_num_threads
 
     assert 1 <= default_num_threads(device="gpu") <= GPU_DECODE_THREADS
     assert default_num_threads(device="cpu") == max(1, len(os.sched_getaffinity(0)))

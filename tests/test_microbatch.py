@@ -22,11 +22,11 @@ from conftest import ROOT
 from microbatch_steps import GLOBAL_BATCH, TINY, bn_buffers, ghost_bn_reference, global_views, recorded_step
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from trainer import gradcache
-from trainer.build import build_model, prepare_for_training
-from trainer.config import ConfigError, TrainConfig, parse_args
-from trainer.optim import build_optimizer
-from trainer.step import train_step
+from simclr_dali.trainer import gradcache
+from simclr_dali.trainer.build import build_model, prepare_for_training
+from simclr_dali.trainer.config import ConfigError, TrainConfig, parse_args
+from simclr_dali.trainer.optim import build_optimizer
+from simclr_dali.trainer.step import train_step
 
 DROPOUT = {**TINY.timm_kwargs, "drop_path_rate": 0.3, "drop_rate": 0.3}
 
@@ -395,7 +395,7 @@ def test_auto_probe_on_cuda_picks_a_micro_batch_that_fits():
 def test_train_py_runs_with_micro_batches(tmp_path, small_shards):
     import json
 
-    import train
+    from simclr_dali import train
 
     directory, _ = small_shards
     AcceleratorState._reset_state(True)

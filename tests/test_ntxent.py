@@ -21,8 +21,8 @@ from ntxent_properties import (
     row_relative_errors,
 )
 
-import model.ntxent as ntxent
-from model.ntxent import nt_xent, nt_xent_reference, positive_pair_accuracy
+import simclr_dali.model.ntxent as ntxent
+from simclr_dali.model.ntxent import nt_xent, nt_xent_reference, positive_pair_accuracy
 
 
 def hand_computed_loss(z1, z2, temperature):
@@ -201,7 +201,7 @@ def test_temperature_near_the_floor_stays_finite_and_exact():
 def test_projection_head_under_bf16_autocast_gives_16_bit_projections():
     """The head ends in BatchNorm1d; under CPU bf16 autocast its output is bfloat16, and the loss takes it as it
     is (no float32 copy needed from the caller) and returns bfloat16 gradients."""
-    from model.simclr import ProjectionHead
+    from simclr_dali.model.simclr import ProjectionHead
 
     torch.manual_seed(0)
     head = ProjectionHead(32, 64, 16)
@@ -333,7 +333,7 @@ def nt_xent_reference_ranked(z1, z2, temperature, world, n):
 def test_loss_bench_counts_each_paths_real_work():
     """Floors come from each path's own operation count: 3 products of 2 (2N)^2 d for the materialising and
     chunked paths; the fused backward recomputes its scores (and their exps) once per d slice of its grid."""
-    from bench.loss import floor, work
+    from simclr_dali.bench.loss import floor, work
 
     pairs = 8192**2
     assert work("compiled", 8192, 128, "bfloat16")["matmul_flops"] == 6 * pairs * 128
@@ -349,7 +349,7 @@ def test_loss_bench_counts_each_paths_real_work():
 
 def test_loss_bench_measures_time_memory_and_error():
     """One configuration as `bench.py loss` runs it on the CPU: in a child process (it retunes glibc malloc)."""
-    from bench.loss import _measure_subprocess
+    from simclr_dali.bench.loss import _measure_subprocess
 
     config = dict(method="chunked", two_n=64, d=16, dtype="float32", device="cpu", repeats=1, check_max=64)
     result = _measure_subprocess(config, timeout_s=120)

@@ -96,7 +96,7 @@ def test_launch_grid_fills_an_h100(dtype_name, precision, rows, world, d):
     """>= 2 programs per SM of an H100 for both kernels, with the CUDA tiles (BLOCK_M >= 64 for 16-bit)."""
     import torch
 
-    from model.ntxent_triton import CUDA_TILES, launch_grid
+    from simclr_dali.model.ntxent_triton import CUDA_TILES, launch_grid
 
     dtype = getattr(torch, dtype_name)
     plan = launch_grid(rows, world * rows, d, dtype, H100_SMS, float32_matmul_precision=precision)
@@ -126,7 +126,7 @@ def test_launch_grid_splits_are_balanced(dtype_name, precision, rows, world, d):
     import torch
     import triton
 
-    from model.ntxent_triton import launch_grid
+    from simclr_dali.model.ntxent_triton import launch_grid
 
     plan = launch_grid(rows, world * rows, d, getattr(torch, dtype_name), H100_SMS, float32_matmul_precision=precision)
     for name, launch in (("negatives", plan.negatives), ("grad", plan.grad)):
@@ -143,7 +143,7 @@ def test_launch_grid_balanced_at_8192():
     """2N = 8,192 in bf16, d = 128: the negatives' 128 column tiles in 5 splits of 26, 26, 26, 26, 24 tiles."""
     import torch
 
-    from model.ntxent_triton import launch_grid
+    from simclr_dali.model.ntxent_triton import launch_grid
 
     negatives = launch_grid(8192, 8192, 128, torch.bfloat16, H100_SMS).negatives
     assert negatives.column_splits == 5 and negatives.split_columns == 26 * negatives.block_n
@@ -154,7 +154,7 @@ def test_launch_grid_splits_only_when_needed():
     """Many row blocks: no column split (no partial buffer); few: as many splits as the target needs."""
     import torch
 
-    from model.ntxent_triton import launch_grid
+    from simclr_dali.model.ntxent_triton import launch_grid
 
     big = launch_grid(131072, 131072, 128, torch.bfloat16, H100_SMS)
     assert big.negatives.column_splits == big.grad.column_splits == 1
@@ -191,7 +191,7 @@ def _rel(a, b) -> float:
 
 
 def _loss_case(torch, n: int, d: int, tau: float, dtype, device: str, seed: int, precision: str = "ieee"):
-    from model.ntxent import nt_xent, nt_xent_reference
+    from simclr_dali.model.ntxent import nt_xent, nt_xent_reference
 
     gen = torch.Generator().manual_seed(seed)
     z1 = torch.randn(n, d, generator=gen).to(dtype)
@@ -242,7 +242,7 @@ def near_duplicate_views(torch, n: int, d: int, dtype, seed: int, noise: float =
 def _saturated_group(device: str = "cpu", sizes=((256, 128),), dtypes=("float32", "bfloat16", "float16")) -> None:
     import torch
 
-    from model.ntxent import nt_xent, nt_xent_reference
+    from simclr_dali.model.ntxent import nt_xent, nt_xent_reference
 
     for dtype_name in dtypes:
         dtype = getattr(torch, dtype_name)
@@ -286,7 +286,7 @@ def _dense(torch, rows, columns, row_offset: int, inv_temp: float, positives):
 def _kernels_group() -> None:
     import torch
 
-    from model import ntxent_triton
+    from simclr_dali.model import ntxent_triton
 
     worst = {"float32": 0.0, "bfloat16": 0.0, "float16": 0.0}
     # (m, M, row_offset, d, tau): rows are columns[row_offset:row_offset + m], M > m (another rank's rows).
@@ -337,9 +337,9 @@ def _cuda_checks() -> None:
     launch plans on this GPU, and the dtype that reaches the loss under bf16 autocast."""
     import torch
 
-    from model import ntxent_triton
-    from model.ntxent import nt_xent
-    from model.simclr import ProjectionHead
+    from simclr_dali.model import ntxent_triton
+    from simclr_dali.model.ntxent import nt_xent
+    from simclr_dali.model.simclr import ProjectionHead
 
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     _loss_group("float32", CUDA_CASES, device="cuda")
@@ -389,8 +389,8 @@ def _epilogue_group() -> None:
     with several column splits' partial sums, odd sizes, a zero row (its norm clamped) and near-duplicates."""
     import torch
 
-    from model import ntxent_triton
-    from model.ntxent import _chunked
+    from simclr_dali.model import ntxent_triton
+    from simclr_dali.model.ntxent import _chunked
 
     for n, d, dtype in [
         (1, 8, torch.float32),
@@ -436,7 +436,7 @@ def _properties_group() -> None:
     import torch
     from ntxent_properties import check_against_reference, check_non_finite_propagates
 
-    from model.ntxent import nt_xent, nt_xent_reference
+    from simclr_dali.model.ntxent import nt_xent, nt_xent_reference
 
     for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
         worst = check_against_reference(nt_xent, nt_xent_reference, dtype, seeds=(0, 1), tol=tol, backend="triton")
@@ -482,7 +482,7 @@ def main(group: str) -> None:
         _kernels_group()
         _epilogue_group()
     elif group == "saturated":
-        from model import ntxent_triton
+        from simclr_dali.model import ntxent_triton
 
         # The interpreter's time goes per operation: 32-row tiles with d in one K tile keep this group to
         # seconds; 16 "SMs" make the 16 row blocks split their columns in two.

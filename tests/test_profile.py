@@ -28,10 +28,10 @@ import yaml
 from conftest import ROOT, make_shards
 from torch.autograd.profiler import record_function
 
-from bench.profile import verdict
-from bench.step_marks import StageRecorder, gpu_utilisation, read_trace, stage_table, union_length
-from trainer.config import TrainConfig
-from trainer.meters import HostClock, StepTimer
+from simclr_dali.bench.profile import verdict
+from simclr_dali.bench.step_marks import StageRecorder, gpu_utilisation, read_trace, stage_table, union_length
+from simclr_dali.trainer.config import TrainConfig
+from simclr_dali.trainer.meters import HostClock, StepTimer
 
 # --------------------------------------------------------------------------- the step timer on an asynchronous device
 
@@ -306,7 +306,7 @@ class SlowLoader:
 
 
 def profile(cfg, tmp_path, **factories):
-    from bench.profile import run
+    from simclr_dali.bench.profile import run
 
     return run(cfg, warmup_steps=1, profile_steps=4, pipeline_seconds=1.0, trace_dir=tmp_path, quiet=True, **factories)
 
@@ -342,7 +342,7 @@ def test_profile_stages_cover_the_independently_clocked_step(baseline):
 
 
 def test_slow_loader_is_input_bound_with_the_delay_in_data_wait(shards, tmp_path, delay_s):
-    from trainer.data import build_train_loader
+    from simclr_dali.trainer.data import build_train_loader
 
     result = profile(
         tiny_config(shards), tmp_path, loader_factory=lambda *a: SlowLoader(build_train_loader(*a), delay_s)
@@ -360,7 +360,7 @@ def test_slow_loader_is_input_bound_with_the_delay_in_data_wait(shards, tmp_path
 
 
 def test_slow_model_is_compute_bound_with_the_delay_in_forward(shards, tmp_path, delay_s):
-    from trainer.build import build_model
+    from simclr_dali.trainer.build import build_model
 
     def slow_model(*args):
         model = build_model(*args)
@@ -376,7 +376,7 @@ def test_slow_model_is_compute_bound_with_the_delay_in_forward(shards, tmp_path,
 
 
 def test_profile_command_writes_table_trace_and_json(shards, tmp_path, capsys):
-    from bench.profile import main
+    from simclr_dali.bench.profile import main
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "train_shards": str(shards)}))
@@ -413,7 +413,7 @@ def test_profile_command_writes_table_trace_and_json(shards, tmp_path, capsys):
 
 
 def test_profile_bad_input_exits_2_naming_it(shards, tmp_path, capsys):
-    from bench.profile import main
+    from simclr_dali.bench.profile import main
 
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "train_shards": str(shards)}))

@@ -15,9 +15,8 @@ import yaml
 from conftest import ROOT, make_shards
 from safetensors.torch import load_file
 
-import evaluate
-import train
-from trainer.config import ConfigError, TrainConfig, load_config
+from simclr_dali import evaluate, train
+from simclr_dali.trainer.config import ConfigError, TrainConfig, load_config
 
 TINY = {
     "image_size": 32,
@@ -342,9 +341,10 @@ def test_loss_receives_16_bit_projections_under_bf16_autocast(monkeypatch):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    import trainer.step
-    from trainer.build import build_model, prepare_for_training
-    from trainer.optim import build_optimizer
+    import simclr_dali.trainer.step  # noqa: F401 (loads the submodule)
+    from simclr_dali import trainer
+    from simclr_dali.trainer.build import build_model, prepare_for_training
+    from simclr_dali.trainer.optim import build_optimizer
 
     seen = []
     loss_fn = trainer.step.nt_xent

@@ -14,8 +14,8 @@ import urllib.request
 
 import pytest
 
-from bench import triton_sm90
-from bench.triton_sm90 import COLOUR_CONFIGS, GPU_MACHINE_TRITON, H100, NTXENT_CONFIGS
+from simclr_dali.bench import triton_sm90
+from simclr_dali.bench.triton_sm90 import COLOUR_CONFIGS, GPU_MACHINE_TRITON, H100, NTXENT_CONFIGS
 
 VERSIONS = ["pinned", GPU_MACHINE_TRITON]
 NTXENT_KERNELS = {
