@@ -28,8 +28,14 @@ from __future__ import annotations
 import sys
 
 # ruff: noqa: E402 (the imports below come after the early parse on purpose)
+if __name__ == "__main__" and not __package__:  # `python evaluate.py` runs this file as the package's module
+    import runpy
+
+    runpy.run_module("simclr_dali.evaluate", run_name="__main__", alter_sys=True)
+    sys.exit(0)
+
 if __name__ == "__main__":  # --help, --print_config and usage errors answer before torch and DALI are imported
-    from simclr_dali.evaluation.config import UsageError, parse_args
+    from .evaluation.config import UsageError, parse_args
 
     try:
         parse_args(None, __doc__)
@@ -50,16 +56,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
-from simclr_dali.common.files import atomic_write_text, check_writable
-from simclr_dali.evaluation.backbone import BackboneError, load_backbone
-from simclr_dali.evaluation.config import EvalConfig, UsageError, parse_args
-from simclr_dali.evaluation.features import cached_features, extract_features
-from simclr_dali.evaluation.finetune import finetune
-from simclr_dali.evaluation.knn import knn_predict, topk_accuracy
-from simclr_dali.evaluation.linear import evaluate_classifier, train_linear_augmented, train_linear_on_features
-from simclr_dali.evaluation.subset import LabelSubset, SubsetError, subset_for
-from simclr_dali.pipeline.loader import AugmentedView, DaliLoader, EvalView, classifier_augment, default_num_threads
-from simclr_dali.pipeline.shardset import ShardError, count_classes
+from .common.files import atomic_write_text, check_writable
+from .evaluation.backbone import BackboneError, load_backbone
+from .evaluation.config import EvalConfig, UsageError, parse_args
+from .evaluation.features import cached_features, extract_features
+from .evaluation.finetune import finetune
+from .evaluation.knn import knn_predict, topk_accuracy
+from .evaluation.linear import evaluate_classifier, train_linear_augmented, train_linear_on_features
+from .evaluation.subset import LabelSubset, SubsetError, subset_for
+from .pipeline.loader import AugmentedView, DaliLoader, EvalView, classifier_augment, default_num_threads
+from .pipeline.shards.shardset import ShardError, count_classes
 
 __all__ = ["EvalConfig", "UsageError", "main", "parse_args"]
 

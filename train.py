@@ -19,8 +19,14 @@ from __future__ import annotations
 # ruff: noqa: E402 (the imports below come after the early parse on purpose)
 import sys
 
+if __name__ == "__main__" and not __package__:  # `python train.py` runs this file as the package's module
+    import runpy
+
+    runpy.run_module("simclr_dali.train", run_name="__main__", alter_sys=True)
+    sys.exit(0)
+
 if __name__ == "__main__":  # --help, --print_config and config errors answer before torch and DALI are imported
-    from simclr_dali.trainer.config import ConfigError, parse_args
+    from .trainer.config import ConfigError, parse_args
 
     try:
         parse_args(None, __doc__)
@@ -36,26 +42,26 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from simclr_dali.common.files import atomic_write_text
-from simclr_dali.model.simclr import feature_dim
-from simclr_dali.pipeline.shardset import ShardError
-from simclr_dali.trainer.build import build_model, prepare_for_training
-from simclr_dali.trainer.checkpoint import (
+from .common.files import atomic_write_text
+from .model.simclr import feature_dim
+from .pipeline.shards.shardset import ShardError
+from .trainer.build import build_model, prepare_for_training
+from .trainer.checkpoint import (
     Checkpointer,
     CheckpointError,
     CheckpointWriteError,
     TrainingState,
     epoch_start_state,
 )
-from simclr_dali.trainer.config import ConfigError, parse_args
-from simclr_dali.trainer.control import Control
-from simclr_dali.trainer.data import build_eval_loaders, build_train_loader, data_device
-from simclr_dali.trainer.export import export_backbone
-from simclr_dali.trainer.health import NonFiniteWatch
-from simclr_dali.trainer.loop import NON_FINITE_EXIT_STATUS, Meters, NonFinite, Probe, StepPlan
-from simclr_dali.trainer.optim import build_optimizer, build_scheduler
-from simclr_dali.trainer.preemption import PREEMPTED_EXIT_STATUS, Preempted, Preemption
-from simclr_dali.trainer.run import (
+from .trainer.config import ConfigError, parse_args
+from .trainer.control import Control
+from .trainer.data import build_eval_loaders, build_train_loader, data_device
+from .trainer.export import export_backbone
+from .trainer.health import NonFiniteWatch
+from .trainer.loop import NON_FINITE_EXIT_STATUS, Meters, NonFinite, Probe, StepPlan
+from .trainer.optim import build_optimizer, build_scheduler
+from .trainer.preemption import PREEMPTED_EXIT_STATUS, Preempted, Preemption
+from .trainer.run import (
     RunError,
     RunLog,
     check_model_config,
@@ -65,7 +71,7 @@ from simclr_dali.trainer.run import (
     tracker_init_kwargs,
     tracker_project,
 )
-from simclr_dali.trainer.step import train_step
+from .trainer.step import train_step
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 
-from simclr_dali.common.cli import ArgumentParser
-
+from ..common.cli import ArgumentParser
 from .common import RESULTS, ROOT, device_tag, write_result
 
 SHARED_CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
@@ -43,7 +42,7 @@ def write_shards(out: Path, tarball: str | None) -> str:
                 "(https://www.cs.toronto.edu/~kriz/cifar.html) and pass --tarball PATH"
             )
         subprocess.run(
-            [sys.executable, "-m", "simclr_dali.pipeline.shards", *command, "--max_count", "10000"],
+            [sys.executable, "-m", "simclr_dali.pipeline.shards.cli", *command, "--max_count", "10000"],
             cwd=ROOT,
             check=True,
         )

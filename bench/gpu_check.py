@@ -29,9 +29,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simclr_dali.common.cli import ArgumentParser
-from simclr_dali.common.files import atomic_write_text
-
+from ..common.cli import ArgumentParser
+from ..common.files import atomic_write_text
 from .gpu_rows import ROWS_ENV, STAGE_ENV, read_rows
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -279,7 +279,7 @@ def _literal_field(matches, name_has: tuple[str, ...] = ()) -> dict | None:
     """A TrainConfig field typed Literal[...] with a choice that ``matches`` (and a name containing one of
     ``name_has``): {field, choices, default}, or None (issue 23's crop-sampler and colour choices, when they land)."""
     try:
-        from simclr_dali.trainer.config import TrainConfig
+        from ..trainer.config import TrainConfig
 
         hints = typing.get_type_hints(TrainConfig)
     except Exception:  # jsonargparse not staged yet, or the config does not import: no choice to measure
@@ -313,7 +313,7 @@ def kernel_specialisations(cases=KERNEL_CASES, sm_count: int = 132) -> list[tupl
     what the check compiles cold, counted without a GPU."""
     import torch
 
-    from simclr_dali.model import ntxent_triton as nt
+    from ..model import ntxent_triton as nt
 
     keys = set()
     for dtype_name, precision, d, two_n, _ in cases:
@@ -341,7 +341,7 @@ def kernel_specialisations(cases=KERNEL_CASES, sm_count: int = 132) -> list[tupl
 def _compiled_count() -> dict:
     """Specialisations in each Triton kernel's in-memory cache, after the cases ran on CUDA (None where this
     Triton keeps them elsewhere). Triton 3.x: ``device_caches[device][0]`` maps a specialisation to its kernel."""
-    from simclr_dali.model import ntxent_triton as nt
+    from ..model import ntxent_triton as nt
 
     counts = {}
     for name in ("_normalize_kernel", "_row_negatives_kernel", "_positive_stats_kernel", "_row_grad_kernel"):
@@ -360,7 +360,7 @@ def _compiled_count() -> dict:
 
 def _kernel_case(torch, device: str, i: int, dtype_name: str, precision: str, d: int, two_n: int, why: str) -> dict:
     """One production configuration: the fused loss and gradients against float64 on the same inputs."""
-    from simclr_dali.model.ntxent import nt_xent, nt_xent_reference
+    from ..model.ntxent import nt_xent, nt_xent_reference
 
     dtype, n, tau = getattr(torch, dtype_name), two_n // 2, 0.1
     gen = torch.Generator(device=device).manual_seed(100 + i)
@@ -715,8 +715,8 @@ def _cifar_like_shards(subset_dir: Path, out: Path, count: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from simclr_dali.pipeline.pixel_sources import array_samples
-    from simclr_dali.pipeline.shardwriter import write_shards
+    from ..pipeline.shards.pixel_sources import array_samples
+    from ..pipeline.shards.writer import write_shards
 
     rng = np.random.default_rng(0)
     sources = [np.asarray(Image.open(p).convert("RGB").resize((128, 96))) for p in sorted(subset_dir.glob("*.JPEG"))]

@@ -45,7 +45,7 @@ import sys
 import time
 from pathlib import Path
 
-from simclr_dali.common.cli import ArgumentParser
+from ..common.cli import ArgumentParser
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("reference", "compiled", "chunked", "fused", "fused_tf32")
@@ -98,7 +98,7 @@ def work(method: str, two_n: int, d: int, dtype: str) -> dict:
     if method in FUSED:
         import torch
 
-        from simclr_dali.model.ntxent_triton import launch_grid
+        from ..model.ntxent_triton import launch_grid
 
         precision = "tf32" if method == "fused_tf32" else "ieee"
         plan = launch_grid(two_n, two_n, d, getattr(torch, dtype), H100_SXM_SMS, float32_matmul_precision=precision)
@@ -161,7 +161,7 @@ def estimate_bytes(method: str, two_n: int, d: int, dtype: str) -> int:
     if method in ("reference", "compiled"):
         return 4 * two_n**2 * _itemsize(dtype) + vectors
     if method == "chunked":
-        from simclr_dali.model.ntxent import CHUNK_BYTES
+        from ..model.ntxent import CHUNK_BYTES
 
         return 3 * min(CHUNK_BYTES, 8 * two_n**2) + vectors
     return vectors
@@ -188,7 +188,7 @@ def _gib(x: float) -> str:
 def _loss_fn(method: str, temperature: float):
     import torch
 
-    from simclr_dali.model.ntxent import nt_xent, nt_xent_reference
+    from ..model.ntxent import nt_xent, nt_xent_reference
 
     if method == "reference":
         return lambda z1, z2: nt_xent_reference(z1, z2, temperature)
@@ -247,7 +247,7 @@ def _relative_errors(fn, z1, z2, temperature: float) -> dict:
     """||x - ref|| / ||ref|| of the loss and of the two gradients against float64 on the same input values."""
     import torch
 
-    from simclr_dali.model.ntxent import nt_xent_reference
+    from ..model.ntxent import nt_xent_reference
 
     r1, r2 = (z.detach().double().requires_grad_() for z in (z1, z2))
     ref = nt_xent_reference(r1, r2, temperature)

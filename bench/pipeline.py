@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from simclr_dali.common.cli import ArgumentParser
-
+from ..common.cli import ArgumentParser
 from .common import ROOT, write_result
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -43,7 +42,7 @@ PRESETS = {
 def imagenet_shards(repeats: int = 5, source: Path | None = None, out: Path | None = None) -> tuple[Path, str]:
     """The ImageNet sample (``source``, default ../shared/data/imagenet-sample) as shards, written once to
     ``out`` (default under data/bench/)."""
-    from simclr_dali.pipeline.shardwriter import Sample, write_shards
+    from ..pipeline.shards.writer import Sample, write_shards
 
     out = out or CACHE / f"imagenet-sample-x{repeats}"
     if (out / "classes.json").exists():
@@ -65,8 +64,8 @@ def imagenet_shards(repeats: int = 5, source: Path | None = None, out: Path | No
 
 
 def cifar_shards() -> tuple[Path, str]:
-    from simclr_dali.pipeline.source_writer import write_source
-    from simclr_dali.pipeline.sources import folder_source
+    from ..pipeline.shards.source_writer import write_source
+    from ..pipeline.shards.sources import folder_source
 
     out = CACHE / "cifar10-train"
     if (out / "classes.json").exists():
@@ -82,8 +81,8 @@ def cifar_shards() -> tuple[Path, str]:
 
 
 def synthetic_shards(out: Path, count: int, side: int, description: str) -> tuple[Path, str]:
-    from simclr_dali.pipeline.pixel_sources import array_samples
-    from simclr_dali.pipeline.shardwriter import write_shards
+    from ..pipeline.shards.pixel_sources import array_samples
+    from ..pipeline.shards.writer import write_shards
 
     rng = np.random.default_rng(0)
     coarse = rng.integers(0, 256, (count, 8, 8, 3)).astype(np.uint8)
@@ -115,8 +114,8 @@ def synthetic_shards(out: Path, count: int, side: int, description: str) -> tupl
 def loader(shards: Path, preset: dict, kind: str, cores: int, device: str):
     """train.py's own loader for the preset ('dali' or the 'torchvision' baseline), ``cores`` DALI threads or
     DataLoader workers."""
-    from simclr_dali.trainer.config import TrainConfig
-    from simclr_dali.trainer.data import build_train_loader
+    from ..trainer.config import TrainConfig
+    from ..trainer.data import build_train_loader
 
     cfg = TrainConfig(
         train_shards=str(shards),

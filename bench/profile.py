@@ -45,8 +45,7 @@ import numpy as np
 import torch
 from torch.autograd.profiler import record_function
 
-from simclr_dali.common.cli import ArgumentParser
-
+from ..common.cli import ArgumentParser
 from .common import ROOT, write_result
 from .step_marks import AllReduceRecorder, StageRecorder, gpu_utilisation, read_trace, resolve, stage_table
 
@@ -119,10 +118,10 @@ class TrainingLoop:
         from accelerate.utils import set_seed
         from torch.nn.parallel import DistributedDataParallel
 
-        from simclr_dali.trainer.build import prepare_for_training
-        from simclr_dali.trainer.meters import device_clock
-        from simclr_dali.trainer.optim import build_optimizer, build_scheduler
-        from simclr_dali.trainer.step import train_step
+        from ..trainer.build import prepare_for_training
+        from ..trainer.meters import device_clock
+        from ..trainer.optim import build_optimizer, build_scheduler
+        from ..trainer.step import train_step
 
         self.cfg, self.accelerator, self.train_step = cfg, accelerator, train_step
         world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
@@ -190,8 +189,8 @@ def run(
     train.py's (``build_train_loader``, ``build_model``)."""
     from accelerate import Accelerator
 
-    from simclr_dali.trainer.build import build_model
-    from simclr_dali.trainer.data import build_train_loader, data_device
+    from ..trainer.build import build_model
+    from ..trainer.data import build_train_loader, data_device
 
     loader_factory = loader_factory or build_train_loader
     accelerator = accelerator or Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
@@ -235,7 +234,7 @@ def profile_window(loop: TrainingLoop, profile_steps: int, world: int):
     """One profiler warm-up step, then ``profile_steps`` steps under ``torch.profiler`` with their stages marked
     and each step clocked independently. Returns (profiler, step seconds, data-wait seconds, stage table,
     epoch boundaries crossed in the window)."""
-    from simclr_dali.trainer.meters import StepTimer
+    from ..trainer.meters import StepTimer
 
     cfg, clock, allreduce = loop.cfg, loop.clock, loop.allreduce
     device = loop.accelerator.device
@@ -336,7 +335,7 @@ def combined_verdict(per_rank: list[dict]) -> dict:
 
 def parse(argv):
     """(profile options, TrainConfig): the profile's own flags, then train.py's (``--config`` and fields)."""
-    from simclr_dali.trainer.config import ConfigError, parse_args
+    from ..trainer.config import ConfigError, parse_args
 
     parser = ArgumentParser(
         prog="bench.py profile",
@@ -369,7 +368,7 @@ def parse(argv):
 
 
 def main(argv=None) -> dict | None:
-    from simclr_dali.pipeline.shardset import ShardError
+    from ..pipeline.shards.shardset import ShardError
 
     options, cfg = parse(sys.argv[1:] if argv is None else argv)
     trace_dir = Path(options.trace_dir) if options.trace_dir else ROOT / "runs" / f"profile_{options.name}"

@@ -37,8 +37,7 @@ from pathlib import Path
 
 import torch
 
-from simclr_dali.common.cli import ArgumentParser
-
+from ..common.cli import ArgumentParser
 from .common import ROOT, write_result
 from .pipeline import cifar_shards, imagenet_shards
 
@@ -62,9 +61,9 @@ def build(preset: dict, batch_size: int, device: str, shards: Path, extra: dict 
     """The preset's TrainConfig, an Accelerator, and the product's model and optimiser (as train.py builds them)."""
     from accelerate import Accelerator
 
-    from simclr_dali.trainer.build import build_model, prepare_for_training
-    from simclr_dali.trainer.config import load_config
-    from simclr_dali.trainer.optim import build_optimizer
+    from ..trainer.build import build_model, prepare_for_training
+    from ..trainer.config import load_config
+    from ..trainer.optim import build_optimizer
 
     overrides = {
         **preset["overrides"],
@@ -83,8 +82,8 @@ def build(preset: dict, batch_size: int, device: str, shards: Path, extra: dict 
 
 def measure(batches, cfg, accelerator, model, optimizer, steps: int, warmup: int) -> dict:
     """Steps/s, images/s and the data-wait fraction over ``steps`` of train.py's step after ``warmup`` steps."""
-    from simclr_dali.trainer.meters import StepTimer
-    from simclr_dali.trainer.step import train_step
+    from ..trainer.meters import StepTimer
+    from ..trainer.step import train_step
 
     iterator = iter(batches)
     timer = StepTimer(images_per_step=cfg.batch_size, device=accelerator.device)
@@ -127,7 +126,7 @@ def synthetic_batches(cfg, device):
 
 def loader_batches(cfg, device, loader: str):
     """Endless batches from train.py's own loader factory ('dali' or the 'torchvision' baseline)."""
-    from simclr_dali.trainer.data import build_train_loader
+    from ..trainer.data import build_train_loader
 
     batches = build_train_loader(cfg, device, loader=loader)
     while True:
@@ -157,7 +156,7 @@ def measure_configuration(
     view1, view2 = next(synthetic_batches(cfg, accelerator.device))
 
     def step():
-        from simclr_dali.trainer.step import train_step
+        from ..trainer.step import train_step
 
         train_step(model, optimizer, view1, view2, cfg, accelerator).loss.item()
 

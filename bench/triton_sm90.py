@@ -141,7 +141,7 @@ def ntxent_cases(configs=None) -> list[CompileCase]:
     launch recorded instead of run."""
     import torch
 
-    from simclr_dali.model import ntxent, ntxent_triton
+    from ..model import ntxent, ntxent_triton
 
     captured = []
     hooks = {
@@ -200,8 +200,8 @@ def colour_cases(configs=None) -> list[CompileCase]:
     CPU tensors (never touched) with the GPU's block size and the launch recorded instead of run."""
     import torch
 
-    from simclr_dali.pipeline import augment, colour_gpu
-    from simclr_dali.pipeline.colour_cpu import colour_params
+    from ..pipeline import augment, colour_gpu
+    from ..pipeline.colour_spec import colour_params
 
     captured = []
 
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         Path(args.child).write_text(json.dumps(compile_all(args.sources)))
         return 0
-    from simclr_dali.bench.common import write_result
+    from .common import write_result
 
     reports = [compile_in_subprocess(None, args.sources)]
     reports += [compile_in_subprocess(triton_site(version), args.sources) for version in args.versions]

@@ -1,7 +1,7 @@
 """`bench.py writer`: the shard writer's costs, recorded in bench/results/writer_<device>.json.
 
     python -m bench.writer storage   # CIFAR raw pixels: JPEG 4:2:0 / 4:4:4 at several qualities vs PNG
-    python -m bench.writer rss       # peak RSS of `pipeline.shards write` (main + worker processes)
+    python -m bench.writer rss       # peak RSS of `pipeline.shards.cli write` (main + worker processes)
 
 ``storage``: for 32x32 images (the 10,000 CIFAR-10 test images of ../shared/data, decoded to pixels:
 already JPEG-coded once, so PSNR is measured against those pixels), each encoding's bytes per image, bytes
@@ -26,8 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simclr_dali.common.cli import ArgumentParser
-
+from ..common.cli import ArgumentParser
 from .common import ROOT, write_result
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -95,7 +94,7 @@ def tar_bytes(size: int) -> int:
 
 
 def storage(args) -> dict:
-    from simclr_dali.pipeline.images import ImagePolicy, prepare_pixels
+    from ..pipeline.shards.image_policy import ImagePolicy, prepare_pixels
 
     pixels = cifar_pixels(args.images)
     options = {
@@ -190,7 +189,7 @@ def generated_folder(root: Path, count: int, side: int = 64) -> Path:
 
 
 def rss(args) -> dict:
-    python = [sys.executable, "-m", "simclr_dali.pipeline.shards"]
+    python = [sys.executable, "-m", "simclr_dali.pipeline.shards.cli"]
     results = {}
     with tempfile.TemporaryDirectory(prefix="writer-rss-") as tmp:
         tmp = Path(tmp)

@@ -16,8 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from simclr_dali.common.timm_args import check_timm_kwargs
-from simclr_dali.model.simclr import create_backbone
+from ..common.timm_args import check_timm_kwargs
+from ..model.simclr import create_backbone
 
 
 class BackboneError(ValueError):

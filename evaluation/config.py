@@ -14,7 +14,7 @@ from typing import Literal
 
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
 
-from simclr_dali.common.cli import underscore_flags
+from ..common.cli import underscore_flags
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 

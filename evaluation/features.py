@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from simclr_dali.pipeline.loader import DaliLoader
+from ..pipeline.loader import DaliLoader
 
 
 @torch.no_grad()
@@ -61,7 +61,7 @@ def cached_features(
     identity differs is recomputed (and overwritten), never silently reused for another backbone or data."""
     from safetensors.torch import load_file, save
 
-    from simclr_dali.common.files import atomic_write_bytes
+    from ..common.files import atomic_write_bytes
 
     if cache is not None and cache.is_file():
         from safetensors import safe_open

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from simclr_dali.model.simclr import feature_dim
-from simclr_dali.trainer.optim import sgd_cosine
-
+from ..model.simclr import feature_dim
+from ..trainer.optim import sgd_cosine
 from .classifier import FrozenBackbone, train_classifier
 from .knn import topk_accuracy
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from simclr_dali.pipeline.loader import DaliLoader
-from simclr_dali.pipeline.shardset import count_classes
-
+from ..pipeline.loader import DaliLoader
+from ..pipeline.shards.shardset import count_classes
 from .features import extract_features
 from .knn import knn_predict, topk_accuracy
 from .linear import evaluate_classifier, train_linear_on_features

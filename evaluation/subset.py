@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simclr_dali.pipeline.shardset import read_classes, read_labels, read_source_paths, shard_paths
+from ..pipeline.shards.shardset import read_classes, read_labels, read_source_paths, shard_paths
 
 
 class SubsetError(ValueError):

@@ -51,12 +51,12 @@ from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.data_node import DataNode
 
+from .colour_spec import COINS, GRAY_WEIGHTS, ORDER_KEYS, UNIFORMS, jitter_ranges  # noqa: F401 (re-exported)
 from .crop import crop_window
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 BRIGHTNESS_IMPLS = ("simclrv2", "simclrv1")  # the official code's impl flag: multiplicative, additive
-GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale's
 CROP_SAMPLERS = ("tf", "uniform_area")
 BLUR_PADDINGS = ("zero", "reflect")
 
@@ -226,31 +226,6 @@ def _constant(value) -> DataNode:
     """A constant for DALI arithmetic as a 1-element (or n-element) array: on the CPU an arithmetic operator
     with a 0-d constant operand costs ~0.8 us per sample, with an array operand ~0.1 us (measured, DALI 2.4)."""
     return types.Constant(np.atleast_1d(np.asarray(value, np.float32)))
-
-
-def jitter_ranges(cfg: AugmentConfig) -> dict[str, tuple[float, float]]:
-    """The (low, high) range of each drawn value of a view, as the official code draws them: the brightness
-    factor ``[1 - 0.8 s, 1 + 0.8 s]`` (not below 0; simclrv1: the additive ``delta`` in ``[-0.8 s, 0.8 s]``),
-    the contrast and saturation factors ``[1 - 0.8 s, 1 + 0.8 s]`` (not below 0: TF rejects negative bounds),
-    the hue shift in turns ``[-0.2 s, 0.2 s]`` and the blur's sigma."""
-    s = cfg.jitter_strength
-    factor = lambda amount: (max(0.0, 1.0 - amount * s), 1.0 + amount * s)
-    additive = cfg.brightness_impl == "simclrv1"
-    return {
-        "brightness": (-cfg.brightness * s, cfg.brightness * s) if additive else factor(cfg.brightness),
-        "contrast": factor(cfg.contrast),
-        "saturation": factor(cfg.saturation),
-        "hue": (-cfg.hue * s, cfg.hue * s),
-        "sigma": cfg.blur_sigma,
-    }
-
-
-# What each element of a view's vector of uniforms (``ViewDraws.uniform``) decides: the coins, the ranges, then
-# the jitter's order (its four ops run in increasing order of their keys: iid uniforms, so every order of the
-# four is equally likely, as the official ``tf.random.shuffle(tf.range(4))``).
-COINS = ("jitter", "gray", "flip", "blur")
-ORDER_KEYS = ("order_brightness", "order_contrast", "order_saturation", "order_hue")
-UNIFORMS = (*COINS, "brightness", "contrast", "saturation", "hue", "sigma", *ORDER_KEYS)
 
 
 class ViewDraws:

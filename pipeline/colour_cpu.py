@@ -38,29 +38,19 @@ import functools
 import numpy as np
 from nvidia.dali import fn, types
 
-from .augment import GRAY_WEIGHTS, UNIFORMS, jitter_ranges  # augment imports this module where it is used
+from .colour_spec import (  # noqa: F401 (colour_params is part of this form's interface)
+    GRAY_WEIGHTS,
+    P_ADDITIVE,
+    P_PER_CHANNEL,
+    U_BRIGHTNESS,
+    U_FLIP,
+    U_GRAY,
+    U_JITTER,
+    U_ORDER,
+    colour_params,
+)
 
-# Where each draw sits in a view's uniforms (compile-time constants for Numba)
-U_JITTER, U_GRAY, U_FLIP = (UNIFORMS.index(name) for name in ("jitter", "gray", "flip"))
-U_BRIGHTNESS = UNIFORMS.index("brightness")  # then contrast, saturation, hue: the ops 0..3
-U_ORDER = UNIFORMS.index("order_brightness")  # the four order keys, same op order
-assert UNIFORMS[U_BRIGHTNESS : U_BRIGHTNESS + 4] == ("brightness", "contrast", "saturation", "hue")
-assert UNIFORMS[U_ORDER : U_ORDER + 4] == ("order_brightness", "order_contrast", "order_saturation", "order_hue")
-P_PER_CHANNEL, P_ADDITIVE = 11, 12  # the two switches' places in colour_params
 G0, G1, G2 = (np.float32(w) for w in GRAY_WEIGHTS)
-
-
-def colour_params(cfg) -> np.ndarray:
-    """The compiled function's parameters for ``cfg`` (an ``augment.AugmentConfig``): probabilities of the
-    jitter, grayscale and flip; (low, span) of brightness, contrast, saturation and hue (turns); 1 for a
-    per-channel contrast pivot (else 0: one mean over all channels); 1 for additive brightness (simclrv1)."""
-    ranges = jitter_ranges(cfg)
-    values = [cfg.jitter_prob, cfg.gray_prob, cfg.flip_prob]
-    for name in ("brightness", "contrast", "saturation", "hue"):
-        lo, hi = ranges[name]
-        values += [lo, hi - lo]
-    values += [1.0 if cfg.contrast_per_channel else 0.0, 1.0 if cfg.brightness_impl == "simclrv1" else 0.0]
-    return np.array(values, np.float32)
 
 
 def _colour_view(out, image, u, p):

@@ -46,8 +46,17 @@ import triton
 import triton.language as tl
 from nvidia.dali import fn
 
-from .augment import GRAY_WEIGHTS, UNIFORMS
-from .colour_cpu import P_ADDITIVE, P_PER_CHANNEL, U_BRIGHTNESS, U_GRAY, U_JITTER, U_ORDER, colour_params
+from .colour_spec import (
+    GRAY_WEIGHTS,
+    P_ADDITIVE,
+    P_PER_CHANNEL,
+    U_BRIGHTNESS,
+    U_GRAY,
+    U_JITTER,
+    U_ORDER,
+    UNIFORMS,
+    colour_params,
+)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024  # pixels per block on the GPU (4 warps: 8 pixels a thread)

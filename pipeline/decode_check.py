@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .shardset import IMAGE_COMPONENTS, ShardIndex, sample_key
+from .shards.shardset import IMAGE_COMPONENTS, ShardIndex, sample_key
 
 
 def rank_part(indexes: list[ShardIndex], shard_id: int, num_shards: int) -> list[tuple[Path, str, int, int]]:

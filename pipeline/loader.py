@@ -67,7 +67,7 @@ from .augment import (
     simclr_view,
 )
 from .decode_check import find_undecodable, rank_part
-from .shardset import (
+from .shards.shardset import (
     IMAGE_COMPONENTS,
     ShardError,
     ShardIndex,

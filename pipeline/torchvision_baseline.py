@@ -11,7 +11,7 @@ import io
 import torch
 
 from .augment import AugmentConfig
-from .shardset import IMAGE_COMPONENTS, read_index, shard_paths
+from .shards.shardset import IMAGE_COMPONENTS, read_index, shard_paths
 
 
 def simclr_transform(cfg: AugmentConfig):

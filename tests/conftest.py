@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-from simclr_dali.pipeline.pixel_sources import array_samples  # noqa: E402
-from simclr_dali.pipeline.shardwriter import write_shards  # noqa: E402
+from simclr_dali.pipeline.shards.pixel_sources import array_samples  # noqa: E402
+from simclr_dali.pipeline.shards.writer import write_shards  # noqa: E402
 
 
 def random_images(count: int, size: int = 32, seed: int = 0) -> np.ndarray:

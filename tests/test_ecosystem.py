@@ -108,13 +108,13 @@ def test_wheel_holds_one_namespace_with_the_layout_and_the_console_scripts(wheel
         "__init__",
         "train",
         "evaluate",
-        "pipeline/shards",
+        "pipeline/shards/cli",
         "model/simclr",
         "trainer/export",
         "bench/__init__",
     ):
         assert f"simclr_dali/{module}.py" in names, module
-    for package in ("pipeline", "model", "trainer", "evaluation", "common", "bench"):
+    for package in ("pipeline", "pipeline/shards", "model", "trainer", "evaluation", "common", "bench"):
         assert f"simclr_dali/{package}/__init__.py" in names, package
     assert "simclr_dali/bench.py" not in names  # the checkout's shim over bench/: it would be shadowed
     assert f"{info}/licenses/LICENSE" in names

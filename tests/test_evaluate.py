@@ -23,9 +23,9 @@ from simclr_dali.evaluation.linear import evaluate_classifier, train_linear_on_f
 from simclr_dali.evaluation.subset import LabelSubset, SubsetError, select_subset, subset_for
 from simclr_dali.model.simclr import create_backbone
 from simclr_dali.pipeline.loader import AugmentedView, DaliLoader, classifier_augment
-from simclr_dali.pipeline.pixel_sources import array_samples, encode_jpeg, synthetic_images
-from simclr_dali.pipeline.shardset import ShardError, write_index
-from simclr_dali.pipeline.shardwriter import write_shards
+from simclr_dali.pipeline.shards.pixel_sources import array_samples, encode_jpeg, synthetic_images
+from simclr_dali.pipeline.shards.shardset import ShardError, write_index
+from simclr_dali.pipeline.shards.writer import write_shards
 from simclr_dali.trainer.export import export_backbone
 
 TINY = {

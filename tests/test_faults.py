@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 import simclr_dali.trainer.checkpoint as checkpoint_module
 from simclr_dali import evaluate, train
 from simclr_dali.pipeline.loader import DaliLoader, TwoViews
-from simclr_dali.pipeline.shardset import read_index
+from simclr_dali.pipeline.shards.shardset import read_index
 from simclr_dali.trainer.checkpoint import FILES, list_checkpoints
 from simclr_dali.trainer.optim import build_scheduler
 

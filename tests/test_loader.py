@@ -14,9 +14,9 @@ from conftest import make_shards, random_images
 
 from simclr_dali.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
 from simclr_dali.pipeline.loader import AugmentedView, DaliLoader, EvalView, TwoViews, classifier_augment
-from simclr_dali.pipeline.pixel_sources import encode_jpeg
-from simclr_dali.pipeline.shardset import ShardError, write_index
-from simclr_dali.pipeline.shardwriter import Sample, write_shards
+from simclr_dali.pipeline.shards.pixel_sources import encode_jpeg
+from simclr_dali.pipeline.shards.shardset import ShardError, write_index
+from simclr_dali.pipeline.shards.writer import Sample, write_shards
 
 CIFAR = AugmentConfig.cifar()
 
@@ -375,7 +375,7 @@ def test_gpu_decoder_buffers_are_sized_to_the_data():
 
 def test_largest_image_is_read_from_the_headers_of_the_largest_files(tmp_path):
     from simclr_dali.pipeline.loader import largest_image
-    from simclr_dali.pipeline.shardset import read_index
+    from simclr_dali.pipeline.shards.shardset import read_index
 
     directory, _ = make_shards(tmp_path / "cifar", 30, size=32, per_shard=16)
     tars = sorted(directory.glob("*.tar"))

@@ -228,7 +228,7 @@ def _check_command(tokens: list[str], known: Known, layout: bool, layout_dir: st
             if name not in known.build_args:
                 problems.append(f"`--build-arg {name}`: docker/Dockerfile has no ARG {name}")
         # --- paths and modules
-        if layout and token.endswith("/") and token.rstrip("/") in known.top_level:
+        if layout and token.endswith("/") and token.rstrip("/").split("/")[0] in known.top_level:
             layout_dir = token
         problems += _check_path(token, known, layout_dir if layout else None)
         previous = token

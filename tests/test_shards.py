@@ -15,13 +15,13 @@ import webdataset as wds
 from conftest import ROOT, SHARED_DATA, random_images
 from PIL import Image
 
-from simclr_dali.pipeline.pixel_sources import array_samples, synthetic_images
-from simclr_dali.pipeline.shards import main
-from simclr_dali.pipeline.shardset import ShardError, brace_notation, build_index, read_index, shard_paths
-from simclr_dali.pipeline.shardwriter import Sample, write_shards
-from simclr_dali.pipeline.source_writer import write_source
-from simclr_dali.pipeline.sources import folder_source
-from simclr_dali.pipeline.verify import verify_shards
+from simclr_dali.pipeline.shards.cli import main
+from simclr_dali.pipeline.shards.pixel_sources import array_samples, synthetic_images
+from simclr_dali.pipeline.shards.shardset import ShardError, brace_notation, build_index, read_index, shard_paths
+from simclr_dali.pipeline.shards.source_writer import write_source
+from simclr_dali.pipeline.shards.sources import folder_source
+from simclr_dali.pipeline.shards.verify import verify_shards
+from simclr_dali.pipeline.shards.writer import Sample, write_shards
 
 
 def write_folder_tree(root, num_classes=11, per_class=3, size=16):
@@ -182,7 +182,10 @@ def test_cli_help_documents_every_command():
         ["verify", "--help"],
     ):
         result = subprocess.run(
-            [sys.executable, "-m", "simclr_dali.pipeline.shards", *command], cwd=ROOT, capture_output=True, text=True
+            [sys.executable, "-m", "simclr_dali.pipeline.shards.cli", *command],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
         )
         assert result.returncode == 0 and "usage:" in result.stdout
 

@@ -22,16 +22,16 @@ import webdataset as wds
 from conftest import ROOT, SHARED_DATA, random_images
 from PIL import Image, ImageOps
 
-import simclr_dali.pipeline.pixel_sources as pixel_sources
-import simclr_dali.pipeline.shardset as shardset
-import simclr_dali.pipeline.shardwriter as shardwriter
-import simclr_dali.pipeline.source_writer as source_writer
+import simclr_dali.pipeline.shards.pixel_sources as pixel_sources
+import simclr_dali.pipeline.shards.shardset as shardset
+import simclr_dali.pipeline.shards.source_writer as source_writer
+import simclr_dali.pipeline.shards.writer as shardwriter
 from simclr_dali.evaluation.subset import SubsetError, subset_for
 from simclr_dali.pipeline.augment import AugmentConfig
-from simclr_dali.pipeline.images import ImagePolicy, jpeg_frame_type, prepare_chunk, prepare_file
 from simclr_dali.pipeline.loader import AugmentedView, DaliLoader, EvalView, TwoViews, classifier_augment
-from simclr_dali.pipeline.shards import main
-from simclr_dali.pipeline.shardset import (
+from simclr_dali.pipeline.shards.cli import main
+from simclr_dali.pipeline.shards.image_policy import ImagePolicy, jpeg_frame_type, prepare_chunk, prepare_file
+from simclr_dali.pipeline.shards.shardset import (
     ShardError,
     check_key,
     key_path,
@@ -42,9 +42,9 @@ from simclr_dali.pipeline.shardset import (
     sample_key,
     shard_paths,
 )
-from simclr_dali.pipeline.source_writer import ordered_map, write_source
-from simclr_dali.pipeline.sources import folder_source, images_source, list_source
-from simclr_dali.pipeline.verify import describe_set, verify_shard
+from simclr_dali.pipeline.shards.source_writer import ordered_map, write_source
+from simclr_dali.pipeline.shards.sources import folder_source, images_source, list_source
+from simclr_dali.pipeline.shards.verify import describe_set, verify_shard
 
 
 def stored_samples(directory) -> list[dict]:
@@ -522,9 +522,9 @@ def test_killed_write_resumes_where_it_stopped(tmp_path):
     write_source(folder_source(root), str(reference / "t-%06d.tar"), max_count=5, progress=False)
     out = tmp_path / "out"
     slow = (
-        "import sys, time\nimport simclr_dali.pipeline.shardwriter as s\nadd = s.ShardWriter.add\n"
+        "import sys, time\nimport simclr_dali.pipeline.shards.writer as s\nadd = s.ShardWriter.add\n"
         "s.ShardWriter.add = lambda self, *a, **k: (time.sleep(0.03), add(self, *a, **k))[1]\n"
-        "from simclr_dali.pipeline.shards import main\nsys.exit(main(sys.argv[1:]))\n"
+        "from simclr_dali.pipeline.shards.cli import main\nsys.exit(main(sys.argv[1:]))\n"
     )
     child = subprocess.Popen(
         [

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from simclr_dali.model.simclr import SimCLR
-
+from ..model.simclr import SimCLR
 from .config import TrainConfig
 from .global_bn import convert_to_global_bn
 

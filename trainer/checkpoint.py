@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from simclr_dali.common.files import fsync_directory, replace_directory, restore_replaced, write_durable
+from ..common.files import fsync_directory, replace_directory, restore_replaced, write_durable
 
 FORMAT = "simclr-checkpoint/1"
 MANIFEST = "manifest.json"

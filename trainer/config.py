@@ -17,8 +17,8 @@ from typing import Literal
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
 
-from simclr_dali.common.cli import underscore_flags
-from simclr_dali.common.timm_args import check_timm_kwargs
+from ..common.cli import underscore_flags
+from ..common.timm_args import check_timm_kwargs
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -242,7 +242,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not 0 <= value <= (1 if name == "blur_prob" else 10):
                 raise ConfigError(f"{name} must be in [0, {1 if name == 'blur_prob' else 10}], got {value}")
-        from simclr_dali.model.ntxent import MIN_TEMPERATURE  # here: the parser (and --help) stays free of torch
+        from ..model.ntxent import MIN_TEMPERATURE  # here: the parser (and --help) stays free of torch
 
         if self.temperature < MIN_TEMPERATURE:
             raise ConfigError(

@@ -7,10 +7,9 @@ import os
 
 import torch
 
-from simclr_dali.pipeline.augment import AugmentConfig
-from simclr_dali.pipeline.loader import DaliLoader, EvalView, TwoViews, default_num_threads
-from simclr_dali.pipeline.torchvision_baseline import TorchvisionPretrainLoader
-
+from ..pipeline.augment import AugmentConfig
+from ..pipeline.loader import DaliLoader, EvalView, TwoViews, default_num_threads
+from ..pipeline.torchvision_baseline import TorchvisionPretrainLoader
 from .config import TrainConfig
 
 

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save
 
-from simclr_dali.common.files import (
+from ..common.files import (
     atomic_write_bytes,
     atomic_write_text,
     create_temporary_directory,
@@ -35,10 +35,10 @@ from simclr_dali.common.files import (
     give_open_mode,
     replace_directory,
 )
-from simclr_dali.common.timm_args import check_timm_kwargs
-from simclr_dali.evaluation.backbone import BackboneError, load_backbone
-from simclr_dali.model.simclr import ProjectionHead, SimCLR
-from simclr_dali.trainer.checkpoint import (
+from ..common.timm_args import check_timm_kwargs
+from ..evaluation.backbone import BackboneError, load_backbone
+from ..model.simclr import ProjectionHead, SimCLR
+from .checkpoint import (
     STATE_FILE,
     CheckpointError,
     list_checkpoints,

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from simclr_dali.common.files import atomic_write_text
-from simclr_dali.model.ntxent import positive_pair_accuracy
-
+from ..common.files import atomic_write_text
+from ..model.ntxent import positive_pair_accuracy
 from .config import TrainConfig
 from .meters import StepTimer
 
@@ -121,7 +120,7 @@ class Probe:
         return due and state.step not in [h["step"] for h in state.history]
 
     def __call__(self, state) -> None:
-        from simclr_dali.evaluation.probe import probe
+        from ..evaluation.probe import probe
 
         with self.preemption.interruptible():
             result = probe(

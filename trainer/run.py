@@ -22,8 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from simclr_dali.common.files import atomic_write_text, check_writable, fsync_directory
-
+from ..common.files import atomic_write_text, check_writable, fsync_directory
 from .checkpoint import (
     STATE_FILE,
     CheckpointError,
@@ -87,7 +86,7 @@ def check_model_config(cfg: TrainConfig) -> None:
     import timm
     import torch
 
-    from simclr_dali.model.simclr import SimCLR
+    from ..model.simclr import SimCLR
 
     if not timm.is_model(cfg.backbone):
         close = timm.list_models(f"*{cfg.backbone}*")[:5]

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
-from simclr_dali.model.ntxent import nt_xent
-
+from ..model.ntxent import nt_xent
 from .config import TrainConfig
 from .gradcache import cached_forward_backward, resolve_micro_batch
 

@@ -1,7 +1,7 @@
 """Writing a shard set: ``ShardWriter`` (numbered shards, each written to a temporary, fsynced, indexed and
 renamed into place), the set's files (``classes.json``, ``shardset.json`` and its per-shard records), and
-``write_shards`` for samples already encoded in memory. The layout is described in ``pipeline.shardset``;
-streaming a ``Source`` from disk, with workers and resumption, is ``pipeline.source_writer.write_source``.
+``write_shards`` for samples already encoded in memory. The layout is described in ``pipeline.shards.shardset``;
+streaming a ``Source`` from disk, with workers and resumption, is ``pipeline.shards.source_writer.write_source``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from simclr_dali.common.files import atomic_write_text, fsync_directory
-
+from ...common.files import atomic_write_text, fsync_directory
 from .shardset import (
     CLASSES_FILE,
     SET_FILE,
@@ -248,7 +247,7 @@ def write_shards(
     """Write already-encoded ``samples`` into shards named by ``out`` (printf ``%06d`` or brace pattern), each
     indexed, plus ``classes.json`` (``classes`` None: an unlabelled set) and ``shardset.json``. Every sample's
     label must be None exactly when ``classes`` is None. For sources read from disk with checks, re-encoding,
-    parallel workers and resumption use ``pipeline.source_writer.write_source``."""
+    parallel workers and resumption use ``pipeline.shards.source_writer.write_source``."""
     pattern = output_pattern(out)
     directory = Path(pattern).parent
     directory.mkdir(parents=True, exist_ok=True)

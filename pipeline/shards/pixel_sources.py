@@ -1,7 +1,7 @@
 """Sources of raw pixels, encoded by the writer per ``ImagePolicy.pixel_format``: the official CIFAR-10/100
 python tarball (read with a restricted unpickler), a ``.npz`` of uint8 arrays, and the demo's generated shape
 images; plus in-memory helpers for tests and benchmarks (``encode_jpeg``, ``array_samples`` for
-``pipeline.shardwriter.write_shards``).
+``pipeline.shards.writer.write_shards``).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ import numpy as np
 from PIL import Image
 
 from .shardset import ShardError
-from .shardwriter import Sample
 from .sources import Source
+from .writer import Sample
 
 
 class _CifarUnpickler(pickle.Unpickler):
@@ -212,7 +212,7 @@ def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
 def array_samples(
     images: np.ndarray, labels: np.ndarray, quality: int = 95, source: str = "arrays"
 ) -> Iterator[Sample]:
-    """Encoded samples from uint8 arrays for ``pipeline.shardwriter.write_shards``: images (N, H, W, 3) or (N, H, W),
+    """Encoded samples from uint8 arrays for ``pipeline.shards.writer.write_shards``: images (N, H, W, 3) or (N, H, W),
     labels (N,) non-negative ints; keys ``00000012``."""
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
         raise ShardError(f"{source}: images must be uint8 (N, H, W[, 3]); got {images.dtype} {images.shape}")

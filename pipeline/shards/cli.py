@@ -22,15 +22,14 @@ import os
 import sys
 from pathlib import Path
 
-from simclr_dali.common.cli import ArgumentParser
-
-from .images import SUBSAMPLING_CHOICES, ImagePolicy
+from ...common.cli import ArgumentParser
+from .image_policy import SUBSAMPLING_CHOICES, ImagePolicy
 from .pixel_sources import arrays_source, cifar_source, synthetic_source
 from .shardset import ShardError, brace_notation, index_shards, is_labelled, output_pattern, shard_paths
-from .shardwriter import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT
 from .source_writer import check_outside, writable_directory, write_source
 from .sources import folder_source, images_source, list_source
 from .verify import describe_set, verify_shards
+from .writer import DEFAULT_MAX_BYTES, DEFAULT_MAX_COUNT
 
 SHOWN_SKIPS = 20
 

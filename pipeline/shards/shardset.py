@@ -1,6 +1,6 @@
 """The shard set on disk, read side: WebDataset tars, their DALI indexes, class names and the set's record;
-shard names, sample keys, indexes, labels and source paths. Writing shards lives in ``pipeline.shardwriter``,
-checking them in ``pipeline.verify``.
+shard names, sample keys, indexes, labels and source paths. Writing shards lives in ``pipeline.shards.writer``,
+checking them in ``pipeline.shards.verify``.
 
 A shard is a POSIX tar of samples, each three members sharing the sample's key:
 - ``{key}.jpg`` (or ``.png`` for raw pixels stored losslessly): the image;
@@ -34,7 +34,7 @@ from pathlib import Path
 import braceexpand
 from tqdm import tqdm
 
-from simclr_dali.common.files import atomic_write_text
+from ...common.files import atomic_write_text
 
 # The members a sample's image may be stored as (what DALI's decoder and the verifier read).
 IMAGE_COMPONENTS = ("jpg", "jpeg", "png", "webp")
@@ -176,7 +176,7 @@ def check_key(key: str) -> str:
     """``key`` if it is a valid escaped key (see the module docstring), else ``ShardError``."""
     if not _KEY_PATTERN.fullmatch(key):
         raise ShardError(
-            f"sample key {key!r} is not a valid key: use pipeline.shardset.path_key "
+            f"sample key {key!r} is not a valid key: use pipeline.shards.shardset.path_key "
             "(letters, digits, _ - / and %XX escapes)"
         )
     return key
@@ -326,7 +326,7 @@ def read_set_record(directory: Path) -> dict | None:
             raise ValueError(f"unknown format {record.get('format') if isinstance(record, dict) else record!r}")
         return record
     except (OSError, ValueError) as error:
-        raise ShardError(f"{path} is not a shard-set record written by pipeline.shards ({error})") from None
+        raise ShardError(f"{path} is not a shard-set record written by pipeline.shards.cli ({error})") from None
 
 
 def is_labelled(shards: list[Path]) -> bool:

@@ -3,8 +3,8 @@ and labels, and says how a worker reads each. Sources of image files live here:
 - ``images_source``: every image under a folder, recursively, without labels (pretraining data);
 - ``folder_source``: ``ROOT/CLASS/...`` (labels follow the sorted class-folder names);
 - ``list_source``: a CSV/TSV of ``path[,label]`` rows (ImageNet's validation set, any custom split).
-Sources of raw pixels (CIFAR, ``.npz`` arrays, the synthetic demo set) are in ``pipeline.pixel_sources``;
-``pipeline.source_writer.write_source`` streams any source into shards.
+Sources of raw pixels (CIFAR, ``.npz`` arrays, the synthetic demo set) are in ``pipeline.shards.pixel_sources``;
+``pipeline.shards.source_writer.write_source`` streams any source into shards.
 """
 
 from __future__ import annotations

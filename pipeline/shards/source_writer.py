@@ -1,6 +1,6 @@
 """The streaming writer that turns a ``Source`` into a shard set: worker processes read, check and (re-)encode
-images (``pipeline.images``) with at most ``window`` inputs in flight, the main process writes them in input
-order (so the shards do not depend on the number of workers), and every finished shard is recorded in
+images (``pipeline.shards.image_policy``) with at most ``window`` inputs in flight, the main process writes them
+in input order (so the shards do not depend on the number of workers), and every finished shard is recorded in
 ``shardset.json``, so an interrupted write resumes where it stopped.
 """
 
@@ -17,11 +17,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from simclr_dali.common.files import check_writable
-
-from .images import ImagePolicy, prepare_chunk
+from ...common.files import check_writable
+from .image_policy import ImagePolicy, prepare_chunk
 from .shardset import SET_FILE, SET_FORMAT, ShardError, output_pattern, path_key, read_set_record
-from .shardwriter import (
+from .sources import Source
+from .writer import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_COUNT,
     ShardRecord,
@@ -33,7 +33,6 @@ from .shardwriter import (
     write_classes,
     write_set_record,
 )
-from .sources import Source
 
 
 def ordered_map(function: Callable, items: Iterable, workers: int, window: int, *args) -> Iterator:
@@ -191,7 +190,7 @@ def write_source(
     progress: bool = True,
 ) -> WriteReport:
     """Write ``source`` into shards named by ``out`` (printf ``%06d`` or brace pattern), each with its DALI index,
-    plus ``classes.json`` (labelled sources) and ``shardset.json`` (the record; see ``pipeline.shardset``).
+    plus ``classes.json`` (labelled sources) and ``shardset.json`` (the record; see ``pipeline.shards.shardset``).
 
     ``on_error``: 'stop' raises ``ShardError`` naming the first bad input; 'skip' leaves bad inputs out and lists
     them in the report and the record. ``workers`` processes prepare images with at most ``window`` inputs in
