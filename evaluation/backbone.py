@@ -16,11 +16,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ..common.errors import SimclrError
 from ..common.timm_args import check_timm_kwargs
 from ..model.simclr import create_backbone
 
 
-class BackboneError(ValueError):
+class BackboneError(SimclrError, ValueError):
     """The backbone cannot be loaded as asked; the message names the file."""
 
 

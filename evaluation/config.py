@@ -15,13 +15,14 @@ from typing import Literal
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
 
 from ..common.cli import underscore_flags
+from ..common.errors import SimclrError
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 PROTOCOLS = ("knn", "linear", "finetune")
 
 
-class UsageError(ValueError):
+class UsageError(SimclrError, ValueError):
     """A bad command-line or config value; the message names the flag."""
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..common.errors import SimclrError
 from ..pipeline.shards.shardset import read_classes, read_labels, read_source_paths, shard_paths
 
 
-class SubsetError(ValueError):
+class SubsetError(SimclrError, ValueError):
     """The subset cannot be chosen or read as asked; the message names the class or file at fault."""
 
 

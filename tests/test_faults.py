@@ -672,17 +672,17 @@ def test_sigterm_while_an_evaluation_is_due(shards, tmp_path, reference, monkeyp
     assert [h["step"] for h in json.loads((out / "train_summary.json").read_text())["history"]] == [0, 5, 6]
     assert_identical(weights(out), reference)
 
-    import simclr_dali.evaluation.probe as probe_module
+    import simclr_dali.evaluation.monitor as monitor_module
 
-    real_probe = probe_module.probe
+    real_metrics = monitor_module.frozen_metrics
 
     def signalled_probe(*args, **kwargs):
         if kwargs.get("progress") is False and steps_done(out2) == 5:
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_probe(*args, **kwargs)
+        return real_metrics(*args, **kwargs)
 
     out2 = tmp_path / "during"
-    monkeypatch.setattr(probe_module, "probe", signalled_probe)
+    monkeypatch.setattr(monitor_module, "frozen_metrics", signalled_probe)
     assert run_train(out2, shards, **evaluating) == 75
     assert "preempted at step 5" in capsys.readouterr().out and names(out2) == ["step_00000005"]
 

@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from ..common.errors import ExitStatus, SimclrError
 from ..common.files import fsync_directory, replace_directory, restore_replaced, write_durable
 
 FORMAT = "simclr-checkpoint/1"
@@ -47,12 +48,14 @@ FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.js
 _NAME = re.compile(r"step_(\d+)")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SimclrError, RuntimeError):
     """A checkpoint cannot be verified or loaded; the message names the directory and file."""
 
 
 class CheckpointWriteError(CheckpointError):
     """A checkpoint cannot be written (disk full, permissions); the previous ones are intact."""
+
+    exit_status = ExitStatus.OTHER
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:

@@ -18,12 +18,13 @@ import yaml
 from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
 
 from ..common.cli import underscore_flags
+from ..common.errors import SimclrError
 from ..common.timm_args import check_timm_kwargs
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 
-class ConfigError(ValueError):
+class ConfigError(SimclrError, ValueError):
     """A bad configuration value; the message names the field."""
 
 

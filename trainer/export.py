@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save
 
+from ..common.errors import SimclrError
 from ..common.files import (
     atomic_write_bytes,
     atomic_write_text,
@@ -51,7 +52,7 @@ HEAD_FILE = "head.safetensors"
 HEAD_META = "head.json"
 
 
-class ExportError(ValueError):
+class ExportError(SimclrError, ValueError):
     """A checkpoint or an export cannot be read as asked; the message names the file."""
 
 

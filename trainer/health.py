@@ -8,8 +8,22 @@ from __future__ import annotations
 
 import torch
 
+from ..common.errors import ExitStatus, SimclrError
+
+
+class NonFinite(SimclrError):
+    """The loss or the weights became non-finite at ``step`` (nothing of them is checkpointed)."""
+
+    exit_status = ExitStatus.NON_FINITE
+
+    def __init__(self, step: int):
+        super().__init__(f"non-finite loss or parameters at step {step}")
+        self.step = step
+
 
 class NonFiniteWatch:
+    """The first non-finite step, tracked on the device; read (one collective) by ``raise_if_bad``."""
+
     def __init__(self, model: torch.nn.Module, device: torch.device):
         self.tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -26,3 +40,8 @@ class NonFiniteWatch:
     def first_bad_step(self, accelerator) -> int:
         """The first non-finite step on any rank, or -1 (a collective: every rank calls it)."""
         return int(accelerator.reduce(self.first_bad.clone(), "max"))
+
+    def raise_if_bad(self, accelerator) -> None:
+        """``NonFinite`` on every rank when any rank saw a non-finite step (a collective)."""
+        if (first_bad := self.first_bad_step(accelerator)) >= 0:
+            raise NonFinite(first_bad)

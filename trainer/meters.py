@@ -1,4 +1,5 @@
-"""Throughput meters: is the accelerator starved? ``data_wait_fraction`` is the share of step time the
+"""The training loop's meters (``Meters``), its clock (``TrainClock``) and the throughput timer under them: is
+the accelerator starved? ``data_wait_fraction`` is the share of step time the
 training loop spent waiting for the next batch from the data pipeline (0 = never starved).
 
 A step runs from asking for its batch to the end of the optimiser step; logging, evaluation and
@@ -21,6 +22,11 @@ import statistics
 import time
 
 import torch
+from tqdm import tqdm
+
+from ..model.ntxent import positive_pair_accuracy
+from .config import TrainConfig
+from .plan import StepPlan
 
 
 class HostClock:
@@ -130,3 +136,78 @@ class StepTimer:
         if self.keep_steps and self.history:
             summary["median_step_s"] = statistics.median(step for _, step in self.history)
         return summary
+
+
+class TrainClock:
+    """Training wall-clock, evaluation and checkpoint writing excluded: ``lap()`` after each step adds the time
+    since the last mark to ``state.train_seconds``; ``restart()`` after the work at a boundary leaves it out."""
+
+    def __init__(self, state):
+        self.state, self.mark = state, time.perf_counter()
+
+    def lap(self) -> None:
+        now = time.perf_counter()
+        self.state.train_seconds += now - self.mark
+        self.mark = now
+
+    def restart(self) -> None:
+        self.mark = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Training seconds so far, the running step included."""
+        return self.state.train_seconds + time.perf_counter() - self.mark
+
+
+class Meters:
+    """Images/s, data wait, loss, lr and positive-pair accuracy: to the progress bar, the tracker and train.log.
+
+    ``start_wait``/``end_wait``/``end_step`` bracket every step (on the device's own clock); ``log_step`` reads
+    the window when ``due``: every ``log_every`` steps and at the last step."""
+
+    def __init__(self, cfg: TrainConfig, accelerator, log, plan: StepPlan, first_step: int):
+        self.accelerator, self.log, self.plan, self.every = accelerator, log, plan, cfg.log_every
+        self.timer = StepTimer(images_per_step=cfg.batch_size, device=accelerator.device)
+        self.progress = tqdm(
+            total=plan.last_step,
+            initial=first_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not (accelerator.is_main_process and cfg.progress),
+        )
+        self.progress_bar = cfg.progress
+        self.start_wait, self.end_wait, self.end_step = self.timer.start_wait, self.timer.end_wait, self.timer.end_step
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.plan.last_step
+
+    def log_step(self, step: int, out, optimizer) -> None:
+        """Meters of the window ending at ``step`` (``out``: the step's ``StepOutput``)."""
+        meters = {
+            "loss": self.accelerator.reduce(out.loss, "mean").item(),
+            "lr": optimizer.param_groups[0]["lr"],
+            "pos_acc": positive_pair_accuracy(out.z1, out.z2).item(),
+            "epoch": self.plan.epoch(step),
+            **self.timer.window(),
+        }
+        if self.accelerator.device.type == "cuda":
+            meters["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        self.accelerator.log(meters, step=step)
+        line = f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in meters.items())
+        (self.log.file_only if self.progress_bar else self.log.info)(line)  # no bar: the meters as lines
+        self.progress.set_postfix(
+            loss=f"{meters['loss']:.4f}",
+            img_s=f"{meters['images_per_s']:.0f}",
+            wait=f"{meters['data_wait_fraction']:.0%}",
+            lr=f"{meters['lr']:.3g}",
+        )
+
+    def advance(self, step: int) -> None:
+        self.progress.total = self.plan.last_step
+        self.progress.update(step - self.progress.n)
+
+    def close(self) -> None:
+        self.progress.close()  # before any message, so that it starts on a line of its own
+
+    def summary(self) -> dict:
+        return self.timer.summary()

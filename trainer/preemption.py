@@ -1,6 +1,6 @@
-"""Preemption: SIGTERM, SIGINT or SIGUSR1 asks the run to checkpoint and exit with ``PREEMPTED_EXIT_STATUS``.
+"""Preemption: SIGTERM, SIGINT or SIGUSR1 asks the run to checkpoint and exit with ``ExitStatus.PREEMPTED``.
 
-The handler only sets a flag; the loop exchanges it with every rank before each step (``Control.any``), so
+The handler only sets a flag; the loop exchanges it with every rank before each step (``RankConsensus.agree``), so
 a signal that reaches a single rank stops them all after the same step. During an evaluation (which always
 follows a checkpoint of its step) the signal interrupts it at once: the resumed run evaluates first.
 
@@ -15,12 +15,16 @@ import signal
 import threading
 import time
 
-PREEMPTED_EXIT_STATUS = 75
+from ..common.errors import ExitStatus, SimclrError
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
-class Preempted(Exception):
-    """Raised inside ``Preemption.interruptible()`` when a preemption signal arrives."""
+class Preempted(SimclrError):
+    """A preemption signal stopped the run: raised inside ``Preemption.interruptible()`` when it arrives, and by
+    the loop when every rank agreed to stop."""
+
+    exit_status = ExitStatus.PREEMPTED
 
 
 class Preemption:

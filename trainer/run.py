@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ..common.errors import SimclrError
 from ..common.files import atomic_write_text, check_writable, fsync_directory
 from .checkpoint import (
     STATE_FILE,
@@ -40,7 +41,7 @@ from .config import TrainConfig, resume_changes
 RUN_FILE = "run.json"
 
 
-class RunError(ValueError):
+class RunError(SimclrError, ValueError):
     """The run cannot start as asked (output directory, resume, compatibility); the message says what to do."""
 
 

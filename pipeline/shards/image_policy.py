@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from ...common.errors import SimclrError
+
 # PIL's `subsampling` argument for each flag value ('auto' is resolved per image).
 JPEG_SUBSAMPLING = {"444": 0, "422": 1, "420": 2}
 SUBSAMPLING_CHOICES = ("auto", *JPEG_SUBSAMPLING)
@@ -46,7 +48,7 @@ SOF_MARKERS = {
 }
 
 
-class ImageProblem(ValueError):
+class ImageProblem(SimclrError, ValueError):
     """An input that cannot be stored; the message is the reason (the caller adds the file name)."""
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 import braceexpand
 from tqdm import tqdm
 
+from ...common.errors import SimclrError
 from ...common.files import atomic_write_text
 
 # The members a sample's image may be stored as (what DALI's decoder and the verifier read).
@@ -44,7 +45,7 @@ CLASSES_FILE = "classes.json"
 SET_FORMAT = 1
 
 
-class ShardError(ValueError):
+class ShardError(SimclrError, ValueError):
     """Bad shard data; the message names the shard (and key) at fault."""
 
 

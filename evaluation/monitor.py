@@ -1,5 +1,5 @@
-"""kNN + fast linear probe of a backbone on two shard sets: the monitor used during training and the
-demo's summary."""
+"""kNN + a fast linear classifier on a backbone's frozen features, on two shard sets: what train.py evaluates
+during training to monitor it (``frozen_metrics``), cheap enough to run every few epochs."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from .knn import knn_predict, topk_accuracy
 from .linear import evaluate_classifier, train_linear_on_features
 
 
-def probe(
+def frozen_metrics(
     backbone: torch.nn.Module,
     train_loader: DaliLoader,
     val_loader: DaliLoader,

@@ -7,12 +7,15 @@ payloads travel as bytes (no pickle, unlike ``broadcast_object_list``). With one
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 
 
-class Control:
+class RankConsensus:
+    """What every rank agrees on: flags ORed over ranks, rank 0's choice, every rank's report."""
+
     def __init__(self, world_size: int, rank: int):
         self.world_size, self.rank = world_size, rank
         self.group = None
@@ -29,6 +32,10 @@ class Control:
         if self.world_size > 1:
             dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
         return [bool(v) for v in values.tolist()]
+
+    def agree(self, **flags: bool) -> SimpleNamespace:
+        """Each named flag ORed over every rank, by name (``agree(preempted=...).preempted``): one all-reduce."""
+        return SimpleNamespace(**dict(zip(flags, self.any(list(flags.values())))))
 
     def broadcast_json(self, value):
         """Rank 0's ``value`` (JSON data) on every rank."""
