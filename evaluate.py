@@ -35,13 +35,14 @@ if __name__ == "__main__" and not __package__:  # `python evaluate.py` runs this
     sys.exit(0)
 
 if __name__ == "__main__":  # --help, --print_config and usage errors answer before torch and DALI are imported
-    from .evaluation.config import UsageError, parse_args
+    from .common.errors import SimclrError
+    from .evaluation.config import parse_args
 
     try:
         parse_args(None, __doc__)
-    except UsageError as error:
+    except SimclrError as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(error.exit_status)
 
 import json
 import os
@@ -56,8 +57,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
+from .common.errors import ExitStatus, SimclrError
 from .common.files import atomic_write_text, check_writable
-from .evaluation.backbone import BackboneError, load_backbone
+from .evaluation.backbone import load_backbone
 from .evaluation.config import EvalConfig, UsageError, parse_args
 from .evaluation.features import cached_features, extract_features
 from .evaluation.finetune import finetune
@@ -209,40 +211,8 @@ def build_loaders(
     return data, num_classes, subset, subset_how
 
 
-def main(argv=None) -> int:
-    try:
-        args = parse_args(argv, __doc__)
-    except UsageError as error:
-        print(f"evaluate.py: error: {error}", file=sys.stderr)
-        return 2
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
-    started = time.time()
-
-    def fail(message: str) -> int:
-        if accelerator.is_main_process:
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        return 2
-
-    # ---- what to evaluate, on what: every input is checked here, before any long work
-    try:
-        if args.json and accelerator.is_main_process:
-            check_writable(Path(args.json).parent, "--json's directory")
-        if args.features_cache:
-            check_writable(args.features_cache, "--features_cache")
-        protocols = args.protocols()
-        backbone, info = load_backbone(args.checkpoint, args.model, args.weights, args.random_init, args.seed)
-        size = args.image_size or info.get("image_size") or 224
-        data, num_classes, subset, subset_how = build_loaders(args, accelerator, size, protocols)
-    except (ValueError, OSError, BackboneError, ShardError, SubsetError) as error:
-        return fail(str(error))
-    args.epochs = args.epochs or (90 if args.augment else 100)
-    if subset is not None:
-        args.finetune_epochs = args.finetune_epochs or (60 if subset.label_fraction <= 0.01 else 30)
-    candidates = [(backbone, info)]
-    if args.compare_random_init:
-        candidates.append(load_backbone(args.checkpoint, args.model, args.weights, True, args.seed))
-
-    # ---- the settings every protocol ran with, for the report
+def protocol_settings(args, data: dict, subset, subset_how: str, processes: int) -> dict:
+    """The settings every protocol runs with, for the report."""
     sgd = "SGD nesterov momentum 0.9, cosine, no weight decay"
     settings = {
         "knn": {"k": args.k, "temperature": args.knn_temperature},
@@ -251,7 +221,7 @@ def main(argv=None) -> int:
             "epochs": args.epochs,
             "base_lr": args.lr,
             "optimizer": sgd,
-            "global_batch": data["train_augmented"].batch_size * accelerator.num_processes if args.augment else 1024,
+            "global_batch": data["train_augmented"].batch_size * processes if args.augment else 1024,
         },
     }
     if subset is not None:
@@ -266,8 +236,60 @@ def main(argv=None) -> int:
             "epochs": args.finetune_epochs,
             "base_lr": args.finetune_lr,
             "optimizer": sgd,
-            "global_batch": data["train_subset"].batch_size * accelerator.num_processes,
+            "global_batch": data["train_subset"].batch_size * processes,
         }
+    return settings
+
+
+def print_summary(report: dict, accelerator) -> None:
+    """One row per backbone, one column per metric, then the data and the time."""
+    num_classes = report["data"]["num_classes"]
+    names = list(report["results"][0]["metrics"])
+    accelerator.print(f"\n{'backbone':<40} " + " ".join(f"{k:>15}" for k in names))
+    for result in report["results"]:
+        accelerator.print(
+            f"{result['backbone']['source'][-40:]:<40} " + " ".join(f"{result['metrics'][k]:>14.2f}%" for k in names)
+        )
+    accelerator.print(
+        f"{report['data']['num_train']} train / {report['data']['num_val']} val samples, {num_classes} classes, "
+        f"{accelerator.num_processes} process(es), {report['seconds']:.1f} s"
+    )
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv, __doc__)
+    except SimclrError as error:
+        print(f"evaluate.py: error: {error}", file=sys.stderr)
+        return error.exit_status
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.precision)
+    started = time.time()
+
+    def fail(message: str) -> int:
+        if accelerator.is_main_process:
+            print(f"error: {message}", file=sys.stderr, flush=True)
+        return ExitStatus.BAD_INPUT
+
+    # ---- what to evaluate, on what: every input is checked here, before any long work
+    try:
+        if args.json and accelerator.is_main_process:
+            check_writable(Path(args.json).parent, "--json's directory")
+        if args.features_cache:
+            check_writable(args.features_cache, "--features_cache")
+        protocols = args.protocols()
+        backbone, info = load_backbone(args.checkpoint, args.model, args.weights, args.random_init, args.seed)
+        size = args.image_size or info.get("image_size") or 224
+        data, num_classes, subset, subset_how = build_loaders(args, accelerator, size, protocols)
+    except (ValueError, OSError, SimclrError) as error:
+        return fail(str(error))
+    args.epochs = args.epochs or (90 if args.augment else 100)
+    if subset is not None:
+        args.finetune_epochs = args.finetune_epochs or (60 if subset.label_fraction <= 0.01 else 30)
+    candidates = [(backbone, info)]
+    if args.compare_random_init:
+        candidates.append(load_backbone(args.checkpoint, args.model, args.weights, True, args.seed))
+
+    settings = protocol_settings(args, data, subset, subset_how, accelerator.num_processes)
     report = {
         "protocols": protocols,
         "settings": {p: settings[p] for p in protocols},
@@ -304,20 +326,10 @@ def main(argv=None) -> int:
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
 
-    # ---- summary table and report
-    names = list(report["results"][0]["metrics"])
-    accelerator.print(f"\n{'backbone':<40} " + " ".join(f"{k:>15}" for k in names))
-    for result in report["results"]:
-        accelerator.print(
-            f"{result['backbone']['source'][-40:]:<40} " + " ".join(f"{result['metrics'][k]:>14.2f}%" for k in names)
-        )
-    accelerator.print(
-        f"{report['data']['num_train']} train / {report['data']['num_val']} val samples, {num_classes} classes, "
-        f"{accelerator.num_processes} process(es), {report['seconds']:.1f} s"
-    )
+    print_summary(report, accelerator)
     if args.json and accelerator.is_main_process:
         atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
-    return 0
+    return ExitStatus.DONE
 
 
 if __name__ == "__main__":

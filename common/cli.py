@@ -33,3 +33,48 @@ class ArgumentParser(argparse.ArgumentParser):
         import sys
 
         return super().parse_known_args(underscore_flags(sys.argv[1:] if args is None else args), namespace)
+
+
+def module_docstring(module: str) -> str:
+    """The docstring of ``module`` read from its source, without importing it (``--help`` of a heavy module)."""
+    import ast
+    from importlib.util import find_spec
+
+    spec = find_spec(module)
+    with open(spec.origin, encoding="utf-8") as source:
+        return ast.get_docstring(ast.parse(source.read())) or ""
+
+
+def light_first(check: str, command: str, prefix: str, argv: Sequence[str] | None = None) -> int:
+    """Run ``command`` (a module of this package with a ``main(argv)``) after ``check`` (a light module's
+    ``parse_args(argv, description)``) has answered ``--help`` and refused bad flags, so that both come before
+    torch, DALI and the accelerator are imported: the console scripts' entry. A refusal prints one line,
+    ``prefix`` and the message, and returns the error's exit status."""
+    import sys
+    from importlib import import_module
+
+    from .errors import SimclrError
+
+    package = __name__.rsplit(".", 2)[0]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        import_module(f"{package}.{check}").parse_args(argv, module_docstring(f"{package}.{command}"))
+    except SimclrError as error:
+        print(f"{prefix}{error}", file=sys.stderr)
+        return error.exit_status
+    return import_module(f"{package}.{command}").main(argv)
+
+
+def train_main() -> int:
+    """``simclr-train``: train.py's main, its flags checked first."""
+    return light_first("trainer.config", "train", "config error: ")
+
+
+def evaluate_main() -> int:
+    """``simclr-evaluate``: evaluate.py's main, its flags checked first."""
+    return light_first("evaluation.config", "evaluate", "evaluate.py: error: ")
+
+
+def export_main() -> int:
+    """``simclr-export``: trainer/export.py's main, its flags checked first."""
+    return light_first("trainer.export_args", "trainer.export", "simclr-export: error: ")

@@ -11,11 +11,11 @@ An export directory holds
 
 train.py exports its output directory at the end of a run; ``simclr-export CHECKPOINT`` (``main`` below)
 exports any checkpoint, final or preempted. Every file is written beside its final name and renamed into place
-(``common.files``); the command's export directory is staged whole and renamed onto its name."""
+(``common.files``); the command's export directory and timm's ``backbone/`` are staged whole and renamed onto
+their names by ``replace_directory`` (a crash between its two renames is undone by ``restore_replaced``)."""
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save
 
-from ..common.errors import SimclrError
+from ..common.errors import ExitStatus, SimclrError
 from ..common.files import (
     atomic_write_bytes,
     atomic_write_text,
@@ -35,6 +35,7 @@ from ..common.files import (
     fsync_directory,
     give_open_mode,
     replace_directory,
+    restore_replaced,
 )
 from ..common.timm_args import check_timm_kwargs
 from ..evaluation.backbone import BackboneError, load_backbone
@@ -47,6 +48,7 @@ from .checkpoint import (
     read_verified_json,
     verify_checkpoint,
 )
+from .export_args import parse_args
 
 HEAD_FILE = "head.safetensors"
 HEAD_META = "head.json"
@@ -101,6 +103,7 @@ def _export_local_dir(backbone: torch.nn.Module, target: Path, meta: dict) -> No
         "input_size": [3, size, size],
         "test_input_size": [3, size, size],
     }
+    restore_replaced(target.parent)  # a crash inside an earlier replacement: its old copy back first
     staging = create_temporary_directory(target.parent, prefix=".backbone-")
     try:
         save_for_hf(
@@ -111,12 +114,7 @@ def _export_local_dir(backbone: torch.nn.Module, target: Path, meta: dict) -> No
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
         fsync_directory(staging)
-        old = target.with_name(target.name + ".old")
-        if target.exists():
-            target.rename(old)
-        staging.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-        fsync_directory(target.parent)
+        replace_directory(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -188,6 +186,7 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path | None = No
     }
     output_dir = Path(output_dir) if output_dir else path.parent.parent / "exports" / path.name
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    restore_replaced(output_dir.parent)
     staging = create_temporary_directory(output_dir.parent, prefix=f".{output_dir.name}-")
     try:
         export_backbone(model.backbone.eval(), staging, meta, head=model.head.eval())
@@ -229,29 +228,20 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, torch.nn.Module | 
 
 def main(argv: list[str] | None = None) -> int:
     """``simclr-export CHECKPOINT [--output_dir DIR]``: the backbone and head of a checkpoint, final or preempted."""
-    parser = argparse.ArgumentParser(
-        prog="simclr-export",
-        description="Export the backbone (timm local-dir form where timm can express it) and the projection head "
-        "of a checkpoint: a checkpoints/step_N directory, or a train.py output directory (its newest checkpoint "
-        "that verifies). Load the result with timm.create_model('local-dir:DIR/backbone', pretrained=True) or "
-        "simclr_dali.trainer.export.load_exported(DIR).",
-    )
-    parser.add_argument(
-        "checkpoint", help="a checkpoint directory (RUN/checkpoints/step_N) or a train.py output directory"
-    )
-    parser.add_argument(
-        "--output_dir", default=None, help="where the export goes (default: RUN/exports/step_N beside the checkpoints)"
-    )
-    args = parser.parse_args(argv)
+    try:
+        args = parse_args(argv, __doc__)
+    except SimclrError as error:
+        print(f"simclr-export: error: {error}", file=sys.stderr)
+        return error.exit_status
     try:
         source = resolve_checkpoint(args.checkpoint)
         out = export_checkpoint(source, args.output_dir)
-    except (ExportError, OSError) as error:
+    except (SimclrError, OSError) as error:
         print(f"simclr-export: error: {error}", file=sys.stderr)
-        return 2
+        return ExitStatus.BAD_INPUT
     files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()))
     print(f"exported {source} -> {out}: {files}")
-    return 0
+    return ExitStatus.DONE
 
 
 if __name__ == "__main__":
