@@ -133,7 +133,7 @@ def setup(cfg, accelerator, consensus, preemption, log) -> Session:
     if cfg.tracker != "none":
         accelerator.init_trackers(
             tracker_project(cfg),
-            config={k: v for k, v in cfg.to_dict().items() if not isinstance(v, (dict, list))},
+            config=cfg.tracker_config(),
             init_kwargs=tracker_init_kwargs(cfg, run, state.step),
         )
     log.info(
@@ -200,7 +200,7 @@ def finish(t: Session) -> int:
             "num_features": feature_dim(backbone),
             "cifar_stem": cfg.cifar_stem,
             "timm_kwargs": cfg.timm_kwargs,
-            "image_size": cfg.image_size,
+            "image_size": cfg.augment.size,
         }
         export_backbone(backbone, cfg.output_dir, meta, head=accelerator.unwrap_model(t.model).head)
         atomic_write_text(

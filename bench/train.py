@@ -115,7 +115,7 @@ def measure(batches, cfg, accelerator, model, optimizer, steps: int, warmup: int
 def synthetic_batches(cfg, device):
     generator = torch.Generator(device="cpu").manual_seed(0)
     views = [
-        torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=generator)
+        torch.randn(cfg.batch_size, 3, cfg.augment.size, cfg.augment.size, generator=generator)
         .to(device)
         .contiguous(memory_format=torch.channels_last)
         for _ in range(2)
@@ -177,7 +177,7 @@ def measure_configuration(
         "micro_batch": micro_batch or 0,
         "model": cfg.backbone,
         "widths": cfg.timm_kwargs.get("channels"),
-        "image_size": cfg.image_size,
+        "image_size": cfg.augment.size,
         "precision": cfg.precision,
         "ms_per_image": 1e3 / timing["images_per_s"],
         **timing,
@@ -333,7 +333,7 @@ def main(argv=None, result_name: str = "train") -> dict:
     payload = {
         "preset": args.preset,
         "model": cfg.backbone,
-        "image_size": cfg.image_size,
+        "image_size": cfg.augment.size,
         "batch_size": cfg.batch_size,
         "micro_batch": cfg.micro_batch,
         "precision": cfg.precision,

@@ -35,6 +35,47 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().parse_known_args(underscore_flags(sys.argv[1:] if args is None else args), namespace)
 
 
+def config_files(argv: Sequence[str]) -> list[str]:
+    """The files ``--config FILE`` / ``--config=FILE`` name in ``argv``."""
+    files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    return files + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+
+
+def parse_dataclass(
+    cls,
+    argv: Sequence[str],
+    prog: str,
+    description: str,
+    error: type[Exception],
+    files: list[str] | None = None,
+    defaults: dict | None = None,
+) -> dict:
+    """The field values of dataclass ``cls`` from ``argv`` (already in underscore spelling): ``--config FILE``
+    (YAML, later flags override it) and ``--FIELD VALUE`` for every field, typed, its docstring its ``--help``
+    (jsonargparse). ``--help`` and ``--print_config`` print and exit; anything else wrong raises ``error`` with
+    one line that names the field (and the config ``files``, by default those ``argv`` names). train.py's and
+    evaluate.py's parser. ``defaults``: parser defaults by dotted key, where a field's own default is not the
+    parser's (a nested section's field left null for its preset to fill)."""
+    from jsonargparse import ActionConfigFile, ArgumentError, set_parsing_settings
+    from jsonargparse import ArgumentParser as ConfigParser
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ConfigParser(prog=prog, description=description, exit_on_error=False, env_prefix=None, default_env=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of these fields; flags after it override")
+    parser.add_class_arguments(cls, as_group=False)
+    if defaults:
+        parser.set_defaults(defaults)
+    try:
+        values = parser.parse_args(list(argv)).as_dict()
+    except ArgumentError as problem:
+        files = config_files(argv) if files is None else files
+        where = f" (config {', '.join(files)} and flags)" if files else ""
+        raise error(" ".join(str(problem).split()) + where) from None
+    values.pop("config", None)
+    values.pop("__path__", None)
+    return values
+
+
 def module_docstring(module: str) -> str:
     """The docstring of ``module`` read from its source, without importing it (``--help`` of a heavy module)."""
     import ast

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from ..common.errors import SimclrError
 from ..common.timm_args import check_timm_kwargs
 from ..model.simclr import create_backbone
+from ..pipeline.augment_config import view_size
 
 
 class BackboneError(SimclrError, ValueError):
@@ -135,7 +136,7 @@ def _meta_for(path: Path) -> dict:
                 "model_name": config["backbone"],
                 "cifar_stem": config.get("cifar_stem", False),
                 "timm_kwargs": config.get("timm_kwargs") or {},
-                "image_size": config.get("image_size"),
+                "image_size": view_size(config),
             },
             path / "trainer_state.json",
         )

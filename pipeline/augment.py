@@ -44,94 +44,22 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.data_node import DataNode
 
+from .augment_config import (  # noqa: F401 (re-exported: the view's parameters live there)
+    BLUR_PADDINGS,
+    BRIGHTNESS_IMPLS,
+    CROP_SAMPLERS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    AugmentConfig,
+)
 from .colour_spec import COINS, GRAY_WEIGHTS, ORDER_KEYS, UNIFORMS, jitter_ranges  # noqa: F401 (re-exported)
 from .crop import crop_window
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-BRIGHTNESS_IMPLS = ("simclrv2", "simclrv1")  # the official code's impl flag: multiplicative, additive
-CROP_SAMPLERS = ("tf", "uniform_area")
-BLUR_PADDINGS = ("zero", "reflect")
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Parameters of one SimCLR view. Defaults are the paper's ImageNet settings (Chen et al. 2020, App. A)."""
-
-    size: int = 224
-    crop_area: tuple[float, float] = (0.08, 1.0)  # fraction of the source image's area
-    crop_aspect: tuple[float, float] = (3 / 4, 4 / 3)  # width / height: linear ("tf"), log-uniform ("uniform_area")
-    crop_attempts: int = 100  # then the whole image ("tf"; DALI's "uniform_area": a centre crop in the aspect range)
-    # "tf": the official code's tf.image.sample_distorted_bounding_box (pipeline/crop.py: integer height uniform, so
-    # area density ~ 1/sqrt(a)); "uniform_area": DALI's random_resized_crop (area uniform, aspect log-uniform: the
-    # paper's text, torchvision's RandomResizedCrop)
-    crop_sampler: str = "tf"
-    crop_min_covered: float = 0.1  # "tf": min_object_covered of the whole image, so no crop is below 0.1 of it
-    roi_decode: bool = False  # two views: decode each view's crop only (ROI decode) instead of the image once
-    blur_padding: str = "zero"  # "zero": the official gaussian_blur's SAME padding; "reflect": reflect-101
-    flip_prob: float = 0.5
-    jitter_prob: float = 0.8
-    jitter_strength: float = 1.0  # s: scales the four ranges below
-    brightness: float = 0.8  # factor in [1 - 0.8 s, 1 + 0.8 s]
-    contrast: float = 0.8
-    saturation: float = 0.8
-    hue: float = 0.2  # shift in [-0.2 s, 0.2 s] turns of the hexcone's hue (tf.image.adjust_hue)
-    gray_prob: float = 0.2
-    blur_prob: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
-    contrast_per_channel: bool = (
-        True  # pivot on each channel's mean (TF's adjust_contrast); False: one mean over all channels
-    )
-    # the official code's ``impl`` flag: "simclrv2" (its default) brightness x * f, f in [1 - 0.8 s, 1 + 0.8 s];
-    # "simclrv1" tf.image.adjust_brightness, x + delta with delta in [-0.8 s, 0.8 s] (x in [0, 1])
-    brightness_impl: str = "simclrv2"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    @classmethod
-    def cifar(cls, size: int = 32, **overrides) -> AugmentConfig:
-        """The paper's CIFAR-10 preset (App. B.9): 32 px, jitter strength 0.5, no blur."""
-        return cls(**{"size": size, "jitter_strength": 0.5, "blur_prob": 0.0, **overrides})
-
-    @property
-    def blur_window(self) -> int:
-        """The official window: ``kernel_size = side // 10``, radius ``int(kernel_size / 2)``, so 2 (side // 20) + 1
-        taps (23 at 224 px, 3 at 32 px)."""
-        return 2 * (self.size // 20) + 1
-
-    def __post_init__(self):
-        for name in ("flip_prob", "jitter_prob", "gray_prob", "blur_prob"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"AugmentConfig.{name} must be in [0, 1], got {value}")
-        if self.size < 8:
-            raise ValueError(f"AugmentConfig.size must be >= 8 pixels, got {self.size}")
-        if self.brightness_impl not in BRIGHTNESS_IMPLS:
-            raise ValueError(
-                f"AugmentConfig.brightness_impl must be one of {BRIGHTNESS_IMPLS}, got {self.brightness_impl!r}"
-            )
-        lo, hi = self.crop_area
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(f"AugmentConfig.crop_area must satisfy 0 < lo <= hi <= 1, got {self.crop_area}")
-        lo, hi = self.crop_aspect
-        if not 0.0 < lo <= hi:
-            raise ValueError(f"AugmentConfig.crop_aspect must satisfy 0 < lo <= hi, got {self.crop_aspect}")
-        if self.crop_sampler not in CROP_SAMPLERS:
-            raise ValueError(f"AugmentConfig.crop_sampler must be one of {CROP_SAMPLERS}, got {self.crop_sampler!r}")
-        if not 0.0 <= self.crop_min_covered <= 1.0:
-            raise ValueError(f"AugmentConfig.crop_min_covered must be in [0, 1], got {self.crop_min_covered}")
-        if self.crop_attempts < 1:
-            raise ValueError(f"AugmentConfig.crop_attempts must be >= 1, got {self.crop_attempts}")
-        if self.blur_padding not in BLUR_PADDINGS:
-            raise ValueError(f"AugmentConfig.blur_padding must be one of {BLUR_PADDINGS}, got {self.blur_padding!r}")
-
 
 # The share of images the mixed decoder sends to the hardware JPEG decoder (A100/H100), as in NVIDIA's
 # ResNet-50 DALI example. Its buffer paddings are per DALI thread (one device buffer and one pinned host

@@ -413,7 +413,8 @@ def test_non_finite_parameters_after_a_finite_loss_step_are_not_checkpointed(sha
         (["--warmup_epochs", 0], False, "warmup_epochs: 1.0 -> 0.0"),
         (["--temperature", 0.5], False, "temperature: 0.2 -> 0.5"),
         (["--seed", 1], False, "seed: 0 -> 1"),
-        (["--image_size", 48], False, "image_size: 32 -> 48"),
+        (["--image_size", 48], False, "augment.size: 32 -> 48"),
+        (["--augment.crop_sampler", "uniform_area"], False, "augment.crop_sampler: 'tf' -> 'uniform_area'"),
         (["--epochs", 2], True, "epochs: 3.0 -> 2.0"),
     ],
 )

@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
+from jsonargparse.typing import PositiveInt, restricted_number_type
 
-from ..common.cli import underscore_flags
+from ..common.cli import config_files, parse_dataclass, underscore_flags
 from ..common.errors import SimclrError
 from ..common.timm_args import check_timm_kwargs
+from ..pipeline.augment_config import PRESETS, AugmentConfig
 
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
+# a field's range, declared with the field: the parser refuses a value outside it, naming the field
+FinitePositiveFloat = restricted_number_type("FinitePositiveFloat", float, [(">", 0), ("<", math.inf)], join="and")
+FiniteNonNegativeFloat = restricted_number_type(
+    "FiniteNonNegativeFloat", float, [(">=", 0), ("<", math.inf)], join="and"
+)
+RANGED = (PositiveInt, FinitePositiveFloat, FiniteNonNegativeFloat)
 
 
 class ConfigError(SimclrError, ValueError):
@@ -35,35 +44,15 @@ class TrainConfig:
     # --- data
     train_shards: str = ""
     """Training shards: a directory, brace pattern, glob or comma list of WebDataset tars (required)."""
-    image_size: int = 224
-    """Side of each augmented view, in pixels."""
-    augment: Literal["imagenet", "cifar"] = "imagenet"
-    """Augmentation preset: imagenet (the paper's: jitter strength 1, blur p=0.5) or cifar (strength 0.5, no blur)."""
-    jitter_strength: float | None = None
-    """Colour jitter strength s; null = the preset's (1.0 imagenet, 0.5 cifar)."""
-    blur_prob: float | None = None
-    """Gaussian blur probability per view; null = the preset's (0.5 imagenet, 0 cifar)."""
-    contrast_per_channel: bool = True
-    """Colour jitter's contrast pivots on each channel's own mean (TensorFlow's adjust_contrast, the official code);
-    false: on one mean over all channels (torchvision's)."""
-    brightness_impl: Literal["simclrv2", "simclrv1"] = "simclrv2"
-    """Colour jitter's brightness, the official code's impl flag: simclrv2 (its default) multiplies by a factor in
-    [1 - 0.8 s, 1 + 0.8 s]; simclrv1 adds a delta in [-0.8 s, 0.8 s] (tf.image.adjust_brightness, values in [0, 1])."""
-    min_crop_area: float = 0.08
-    """Random resized crop: the smallest crop, as a fraction of the image's area (the range is [this, 1])."""
-    crop_sampler: Literal["tf", "uniform_area"] = "tf"
-    """tf: the official code's tf.image.sample_distorted_bounding_box (integer height drawn uniformly,
-    min_object_covered 0.1, whole image as fallback); uniform_area: DALI's random_resized_crop (area uniform, aspect
-    log-uniform: the paper's text, torchvision's)."""
-    roi_decode: bool = False
-    """Decode only each view's crop region (two partial decodes per image) instead of the whole image once."""
-    blur_padding: Literal["zero", "reflect"] = "zero"
-    """Gaussian blur borders: zero (the official gaussian_blur's SAME padding) or reflect (reflect-101)."""
-    shuffle_buffer: int = 4096
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """The SimCLR view (pipeline/augment_config.py): its preset, size, crop, colour jitter and blur, each a flag
+    of its own (``--augment.size 32``, ``--augment.preset cifar``; the flat ``--image_size``, ``--augment cifar``,
+    ``--jitter_strength``, ... of earlier versions are aliases)."""
+    shuffle_buffer: PositiveInt = 4096
     """Samples in DALI's reader shuffle buffer."""
-    data_threads: int | None = None
+    data_threads: PositiveInt | None = None
     """DALI CPU threads per process; null = this process's share of the cores."""
-    prefetch: int = 2
+    prefetch: PositiveInt = 2
     """DALI prefetch queue depth, in batches."""
     data_device: Literal["auto", "gpu", "cpu"] = "auto"
     """Where DALI decodes and augments: auto = the GPU when training on CUDA."""
@@ -78,12 +67,12 @@ class TrainConfig:
     """Replace a ResNet stem by a 3x3 stride-1 conv without max-pool (the paper's CIFAR recipe)."""
     timm_kwargs: dict = field(default_factory=dict)
     """Extra timm.create_model arguments, as a mapping, e.g. {"channels": [32, 64, 128, 256]}."""
-    proj_hidden: int | None = None
+    proj_hidden: PositiveInt | None = None
     """Hidden width of the projection head; null = the backbone's feature width."""
-    proj_dim: int = 128
+    proj_dim: PositiveInt = 128
     """Output width of the projection head (the loss's d)."""
     # --- optimisation (the paper's defaults)
-    batch_size: int = 4096
+    batch_size: PositiveInt = 4096
     """Global batch: images per step over all processes together (each process gets batch_size / processes)."""
     micro_batch: int | Literal["auto"] | None = None
     """Gradient caching (batches larger than memory): at most this many images per view go through the model
@@ -92,27 +81,27 @@ class TrainConfig:
     views of every process (exact, Gao et al. 2021) for about 1.3x the compute (a second forward). Batch norm
     then normalises each micro-batch on its own ("ghost" BN: statistics over its 2M views, across processes
     with sync_bn), and running statistics are updated once per step with the micro-batches' mean statistics."""
-    epochs: float = 100
+    epochs: FinitePositiveFloat = 100
     """Length of the schedule, in epochs."""
-    max_steps: int | None = None
+    max_steps: PositiveInt | None = None
     """Stop after this many steps; null = run all epochs (the schedule still spans all epochs)."""
-    max_train_minutes: float | None = None
+    max_train_minutes: FinitePositiveFloat | None = None
     """Stop once this much training wall-clock has passed (evaluation excluded); null = no limit."""
     optimizer: str = "lars"
     """Any timm optimiser name (lars, sgd, adamw, ...)."""
-    lr: float = 0.3
+    lr: FinitePositiveFloat = 0.3
     """Base learning rate, scaled by lr_scaling."""
     lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
     """linear: lr x batch_size / 256; sqrt: lr x sqrt(batch_size); none: lr as given."""
-    warmup_epochs: float = 10
+    warmup_epochs: FiniteNonNegativeFloat = 10
     """Linear warm-up from 0, then cosine decay to 0."""
-    weight_decay: float = 1e-6
+    weight_decay: FiniteNonNegativeFloat = 1e-6
     """Not applied to biases and normalisation parameters (nor LARS adaptation)."""
-    momentum: float = 0.9
+    momentum: FiniteNonNegativeFloat = 0.9
     """Optimiser momentum."""
-    temperature: float = 0.1
+    temperature: FinitePositiveFloat = 0.1
     """NT-Xent temperature tau."""
-    grad_clip: float | None = None
+    grad_clip: FinitePositiveFloat | None = None
     """Clip the global gradient norm to this; null = no clipping."""
     # --- system
     precision: Literal["no", "bf16", "fp16"] = "bf16"
@@ -140,13 +129,13 @@ class TrainConfig:
     """Start a new run in an output_dir that holds another run, deleting that run's checkpoints."""
     allow_world_size_change: bool = False
     """Resume with another number of processes (the data order then restarts at the current epoch's beginning)."""
-    checkpoint_every: int | None = 1000
+    checkpoint_every: PositiveInt | None = 1000
     """Steps between checkpoints; null = only at the end (and on preemption, bad data and before evaluations)."""
-    checkpoint_every_minutes: float | None = None
+    checkpoint_every_minutes: FinitePositiveFloat | None = None
     """Also checkpoint once this many minutes have passed since the last checkpoint; null = no clock."""
-    keep_checkpoints: int = 3
+    keep_checkpoints: PositiveInt = 3
     """Newest checkpoints of this run kept (the one just written is never deleted)."""
-    log_every: int = 20
+    log_every: PositiveInt = 20
     """Steps between meter updates and the non-finite loss/parameter check (preemption is checked every step)."""
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     """Where the meters go besides the progress bar."""
@@ -165,84 +154,33 @@ class TrainConfig:
     progress: bool = True
     """The progress bar on stderr; false for log files: each log_every step's meters are printed as a line."""
     # --- evaluation during training (kNN + fast linear probe on frozen features)
-    eval_every_epochs: float | None = None
+    eval_every_epochs: FinitePositiveFloat | None = None
     """Evaluate every this many epochs (and at step 0 and the end); null = no evaluation during training."""
     eval_train_shards: str | None = None
     """Labelled shards the kNN / linear probe fits on."""
     eval_val_shards: str | None = None
     """Labelled shards the probe is scored on."""
-    eval_size: int | None = None
+    eval_size: PositiveInt | None = None
     """Evaluation image side; null = image_size."""
-    eval_resize: int | None = None
+    eval_resize: PositiveInt | None = None
     """Shorter side before the centre crop; null = eval_size / 0.875 (eval_size itself at <= 64 px)."""
-    eval_knn_k: int = 200
+    eval_knn_k: PositiveInt = 200
     """Neighbours of the in-training kNN probe."""
-    eval_knn_temperature: float = 0.1
+    eval_knn_temperature: FinitePositiveFloat = 0.1
     """Temperature of the in-training kNN probe's weights."""
     eval_json: str | None = None
     """Write the evaluation curve (every evaluation so far) to this JSON file."""
 
     def validate(self, world_size: int = 1) -> None:
-        """Checks that need no data: ranges and divisibility (types and choices are the parser's). Raises
-        ``ConfigError`` naming the field."""
+        """Checks that need no data. A field's own range is its type's (``PositiveInt``, ...: checked here as
+        well, for configs built without the parser); what is left relates fields to each other or to the
+        world. Raises ``ConfigError`` naming the field."""
         if not self.train_shards:
             raise ConfigError("train_shards is required (a shard directory, brace pattern or glob)")
-        positive = [
-            "image_size",
-            "batch_size",
-            "proj_dim",
-            "prefetch",
-            "shuffle_buffer",
-            "keep_checkpoints",
-            "log_every",
-            "epochs",
-            "lr",
-            "temperature",
-            "eval_knn_k",
-            "eval_knn_temperature",
-            "data_threads",
-            "proj_hidden",
-            "max_steps",
-            "max_train_minutes",
-            "checkpoint_every",
-            "checkpoint_every_minutes",
-            "eval_every_epochs",
-            "eval_size",
-            "eval_resize",
-            "grad_clip",
-        ]
-        for name in positive:
-            value = getattr(self, name)
-            if value is not None and not value > 0:  # `not >` also catches nan
-                raise ConfigError(f"{name} must be > 0, got {value}")
-        for name in ["warmup_epochs", "weight_decay", "momentum"]:
-            if not getattr(self, name) >= 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in [
-            "epochs",
-            "warmup_epochs",
-            "lr",
-            "max_train_minutes",
-            "eval_every_epochs",
-            "checkpoint_every_minutes",
-            "weight_decay",
-            "momentum",
-            "temperature",
-            "min_crop_area",
-            "grad_clip",
-            "eval_knn_temperature",
-        ]:
-            value = getattr(self, name)
-            if value is not None and value == float("inf"):
-                raise ConfigError(f"{name} must be finite, got {value}")
+        for name, problem in typed_field_problems(self):
+            raise ConfigError(f"{name} {problem}")
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
-        if not 0 < self.min_crop_area <= 1:
-            raise ConfigError(f"min_crop_area must be in (0, 1], got {self.min_crop_area}")
-        for name in ["jitter_strength", "blur_prob"]:
-            value = getattr(self, name)
-            if value is not None and not 0 <= value <= (1 if name == "blur_prob" else 10):
-                raise ConfigError(f"{name} must be in [0, {1 if name == 'blur_prob' else 10}], got {value}")
         from ..model.ntxent import MIN_TEMPERATURE  # here: the parser (and --help) stays free of torch
 
         if self.temperature < MIN_TEMPERATURE:
@@ -289,13 +227,30 @@ class TrainConfig:
         return self.lr
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain JSON data (nested sections as mappings, tuples as lists): what checkpoints and config.yaml hold."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def tracker_config(self) -> dict:
+        """The scalar fields by their flag names (``augment.size``), for a tracker's run config."""
+        return {k: v for k, v in _flat(self.to_dict()).items() if not isinstance(v, (dict, list))}
 
     def to_yaml(self) -> str:
         """The resolved configuration as YAML that ``--config`` reads back."""
         stream = io.StringIO()
         yaml.safe_dump(self.to_dict(), stream, sort_keys=False)
         return stream.getvalue()
+
+
+def typed_field_problems(config) -> typing.Iterator[tuple[str, str]]:
+    """(field, what is wrong) for every value of ``config`` outside its field's ranged type (``RANGED``)."""
+    for name, hint in typing.get_type_hints(type(config)).items():
+        ranged = [t for t in typing.get_args(hint) or (hint,) if t in RANGED]
+        value = getattr(config, name)
+        if ranged and value is not None:
+            try:
+                ranged[0](value)
+            except (ValueError, TypeError) as error:
+                yield name, f"must be {str(error).split('restriction ', 1)[-1]}, got {value}"
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -341,64 +296,160 @@ SAFE_ON_RESUME = frozenset(
 )
 
 
+# --- the flat spellings of earlier versions (YAML files, checkpoints' configs, flags): the view's fields moved
+# into the ``augment`` section. ``augment: cifar`` (a preset name) is ``augment.preset``; ``min_crop_area`` the
+# low end of ``augment.crop_area``.
+FLAT_AUGMENT = {
+    "image_size": "size",
+    "jitter_strength": "jitter_strength",
+    "blur_prob": "blur_prob",
+    "contrast_per_channel": "contrast_per_channel",
+    "brightness_impl": "brightness_impl",
+    "crop_sampler": "crop_sampler",
+    "roi_decode": "roi_decode",
+    "blur_padding": "blur_padding",
+}
+
+
+def migrate(values: dict) -> dict:
+    """``values`` (a config mapping of any version) with the flat augmentation fields moved into the nested
+    ``augment`` section; a mapping already in today's form is returned as it is."""
+    values = dict(values)
+    section = values.get("augment")
+    section = {"preset": section} if isinstance(section, str) else dict(section or {})
+    for old, new in FLAT_AUGMENT.items():
+        if old in values:
+            section[new] = values.pop(old)
+    if "min_crop_area" in values:
+        section["crop_area"] = [values.pop("min_crop_area"), 1.0]
+    if section or "augment" in values:
+        values["augment"] = section
+    return values
+
+
+def _augment_from(section: dict, base: AugmentConfig | None = None) -> AugmentConfig:
+    """An AugmentConfig from a section mapping over ``base`` (a new preset drops the base's preset values)."""
+    known = {f.name for f in dataclasses.fields(AugmentConfig)}
+    if unknown := sorted(set(section) - known):
+        raise ConfigError(f"unknown augment key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = dataclasses.asdict(base) if base is not None else {}
+    if "preset" in section:
+        values.pop("jitter_strength", None), values.pop("blur_prob", None)
+    try:
+        return AugmentConfig(**{**values, **section})
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from None
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    """A TrainConfig from a mapping of any version (a checkpoint's config, a run's config.yaml): migrated, keys
+    it does not know (fields removed since) left out, the ones it lacks at their defaults."""
+    plain = json.loads(json.dumps(migrate(values)))  # the parser's ranged ints and floats as plain ones (DALI)
+    values = {k: v for k, v in plain.items() if k in FIELDS}
+    if "augment" in values:
+        values["augment"] = _augment_from(values["augment"])
+    return TrainConfig(**values)
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    """{"augment": {"size": 32}} -> {"augment.size": 32}: a nested config's fields by their dotted flag names."""
+    flat = {}
+    for name, value in values.items():
+        if name in SECTIONS and isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+SECTIONS = frozenset({"augment"})
+
+
 def _comparable(value):
     return yaml.safe_load(yaml.safe_dump(value))  # tuples -> lists, as the checkpoint's JSON holds them
 
 
 def resume_changes(saved: dict, config: TrainConfig) -> tuple[list[str], list[str]]:
-    """(changes that are applied, changes that refuse the resume) between a checkpoint's config and ``config``,
-    each as "field: old -> new". A field the checkpoint predates counts as its default."""
+    """(changes that are applied, changes that refuse the resume) between a checkpoint's config (of any
+    version: migrated first) and ``config``, each as "field: old -> new". A field the checkpoint predates counts
+    as its default."""
+    old_values = _flat(_comparable(config_from_dict(saved).to_dict()))
+    new_values = _flat(_comparable(config.to_dict()))
     applied, refused = [], []
-    for name, spec in FIELDS.items():
+    for name, new in new_values.items():
         if name in ("resume", "overwrite", "allow_world_size_change"):  # how to start, not what to run
             continue
-        default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-        old, new = _comparable(saved.get(name, default)), _comparable(getattr(config, name))
-        if old != new:
-            (applied if name in SAFE_ON_RESUME else refused).append(f"{name}: {old!r} -> {new!r}")
+        if old_values.get(name) != new:
+            safe = name in SAFE_ON_RESUME or name.split(".")[0] in SAFE_ON_RESUME
+            (applied if safe else refused).append(f"{name}: {old_values.get(name)!r} -> {new!r}")
     return applied, refused
 
 
-def build_parser(description: str = "") -> ArgumentParser:
-    """``--config FILE`` plus ``--FIELD VALUE`` for every TrainConfig field (jsonargparse)."""
-    parser = ArgumentParser(
-        prog="train.py", description=description, exit_on_error=False, env_prefix=None, default_env=False
-    )
-    parser.add_argument(
-        "--config", action=ActionConfigFile, help="YAML preset (configs/*.yaml); flags after it override it"
-    )
-    parser.add_class_arguments(TrainConfig, as_group=False)
-    return parser
+ALIASED = frozenset({*FLAT_AUGMENT, "min_crop_area", "augment", "config"})
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
+def flat_aliases(argv: list[str]) -> list[str]:
+    """``argv`` with earlier versions' flat flags in today's nested spelling (``--image_size 32`` ->
+    ``--augment.size 32``, ``--augment cifar`` -> ``--augment.preset cifar``) and a ``--config`` file of an earlier
+    version replaced by its migrated YAML text."""
+    out, position = [], 0
+    while position < len(argv):
+        arg, position = argv[position], position + 1
+        name, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name not in ALIASED or not sep and position >= len(argv):
+            out.append(arg)  # not an alias, or a flag without its value: the parser names the problem
+            continue
+        if not sep:
+            value, position = argv[position], position + 1
+        out += _alias(name, value)
+    return out
+
+
+def _alias(name: str, value: str) -> list[str]:
+    if name == "config":
+        return ["--config", _migrated_file(value)]
+    if name == "augment":
+        return ["--augment", value] if value.lstrip().startswith("{") else ["--augment.preset", value]
+    if name == "min_crop_area":
+        return ["--augment.crop_area", f"[{value}, 1.0]"]
+    return [f"--augment.{FLAT_AUGMENT[name]}", value]
+
+
+def _migrated_file(path: str) -> str:
+    """``path`` for a config file in today's form (or one that does not read: the parser names it), else the
+    migrated YAML text of an earlier version's file (the parser takes either)."""
+    try:
+        values = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return path
+    if not isinstance(values, dict) or migrate(values) == values:
+        return path
+    return yaml.safe_dump(migrate(values), sort_keys=False)
 
 
 def parse_args(argv: list[str] | None = None, description: str = "") -> TrainConfig:
-    """A TrainConfig from the command line (``--config FILE`` and flags); ``--help`` prints and exits.
-    Raises ``ConfigError`` with a one-line message naming the field (and the config file)."""
+    """A TrainConfig from the command line (``--config FILE`` and flags, today's or an earlier version's
+    spelling); ``--help`` prints and exits. Raises ``ConfigError`` with a one-line message naming the field
+    (and the config file)."""
     import sys
 
     argv = underscore_flags(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(description)
-    try:
-        namespace = parser.parse_args(argv)
-    except ArgumentError as error:
-        files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
-        files += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
-        where = f" (config {', '.join(files)} and flags)" if files else ""
-        raise ConfigError(_one_line(error) + where) from None
-    values = namespace.as_dict()
-    values.pop("config", None)
-    return TrainConfig(**values)
+    files = config_files(argv)
+    preset_fields = {f"augment.{name}": None for name in PRESETS["imagenet"]}  # null: the chosen preset's
+    values = parse_dataclass(
+        TrainConfig, flat_aliases(argv), "train.py", description, ConfigError, files, preset_fields
+    )
+    return config_from_dict(values)
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
-    """A TrainConfig from a YAML file (optional) and overrides given as Python values (tests, benchmarks)."""
-    argv = ["--config", str(path)] if path else []
-    config = parse_args(argv)
-    unknown = sorted(set(overrides or {}) - set(FIELDS))
+    """A TrainConfig from a YAML file (optional) and overrides given as Python values, in today's or an earlier
+    version's spelling (tests, benchmarks)."""
+    config = parse_args(["--config", str(path)] if path else [])
+    overrides = migrate(overrides or {})
+    unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}")
-    return dataclasses.replace(config, **(overrides or {}))
+    if isinstance(overrides.get("augment"), dict):
+        overrides["augment"] = _augment_from(overrides["augment"], config.augment)
+    return dataclasses.replace(config, **overrides)

@@ -14,22 +14,8 @@ from .config import TrainConfig
 
 
 def augment_config(cfg: TrainConfig) -> AugmentConfig:
-    """The SimCLR view of ``cfg``: its preset with the size, crop, jitter and blur fields applied."""
-    preset = AugmentConfig.cifar if cfg.augment == "cifar" else AugmentConfig
-    overrides = {
-        "size": cfg.image_size,
-        "crop_area": (cfg.min_crop_area, 1.0),
-        "contrast_per_channel": cfg.contrast_per_channel,
-        "brightness_impl": cfg.brightness_impl,
-        "crop_sampler": cfg.crop_sampler,
-        "roi_decode": cfg.roi_decode,
-        "blur_padding": cfg.blur_padding,
-    }
-    if cfg.jitter_strength is not None:
-        overrides["jitter_strength"] = cfg.jitter_strength
-    if cfg.blur_prob is not None:
-        overrides["blur_prob"] = cfg.blur_prob
-    return preset(**overrides)
+    """The SimCLR view of ``cfg``: its ``augment`` section, the preset's values already filled in."""
+    return cfg.augment
 
 
 def data_device(cfg: TrainConfig, device: torch.device) -> str:
@@ -86,7 +72,7 @@ def build_eval_loaders(
     if not cfg.eval_every_epochs:
         return None
     where = data_device(cfg, device)
-    view = EvalView(cfg.eval_size or cfg.image_size, cfg.eval_resize)
+    view = EvalView(cfg.eval_size or cfg.augment.size, cfg.eval_resize)
     return tuple(
         DaliLoader(
             shards,

@@ -40,6 +40,7 @@ from ..common.files import (
 from ..common.timm_args import check_timm_kwargs
 from ..evaluation.backbone import BackboneError, load_backbone
 from ..model.simclr import ProjectionHead, SimCLR
+from ..pipeline.augment_config import view_size
 from .checkpoint import (
     STATE_FILE,
     CheckpointError,
@@ -180,7 +181,7 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path | None = No
         "num_features": model.feature_dim,
         "cifar_stem": bool(config.get("cifar_stem", False)),
         "timm_kwargs": timm_kwargs,
-        "image_size": config.get("image_size"),
+        "image_size": view_size(config),
         "step": manifest.get("step"),
         "run_id": manifest.get("run_id"),
     }
