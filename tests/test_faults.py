@@ -449,6 +449,55 @@ def test_resume_with_a_changed_field(two_steps, tmp_path, capsys, monkeypatch, f
         assert names(out) == ["step_00000001", "step_00000002"]
 
 
+# The view's fields as checkpoints and config files held them before the config tree (flat, at the top level):
+# old name -> its place in today's ``augment`` section ("preset" held the preset's name as ``augment``).
+FLAT_VIEW = {
+    "image_size": "size",
+    "augment": "preset",
+    "jitter_strength": "jitter_strength",
+    "blur_prob": "blur_prob",
+    "contrast_per_channel": "contrast_per_channel",
+    "brightness_impl": "brightness_impl",
+    "crop_sampler": "crop_sampler",
+    "roi_decode": "roi_decode",
+    "blur_padding": "blur_padding",
+}
+
+
+def as_flat_format(config: dict) -> dict:
+    """Today's nested config written the way checkpoints were before the config tree: flat view fields, the
+    preset's jitter and blur as null, ``min_crop_area`` for the crop's range, the other view fields absent."""
+    view = config.pop("augment")
+    flat = {old: view[new] for old, new in FLAT_VIEW.items()}
+    flat.update(jitter_strength=None, blur_prob=None, min_crop_area=view["crop_area"][0])
+    config.update(flat)
+    return config
+
+
+def test_a_checkpoint_of_the_flat_config_format_resumes_exactly(two_steps, shards, tmp_path, reference, capsys):
+    """Checkpoints and config.yaml written before the config tree (flat view fields) resume under today's nested
+    config: nothing counts as changed, the run continues bit-identical to an uninterrupted one."""
+    out = copy_run(two_steps, tmp_path)
+    for checkpoint in list_checkpoints(out):
+        rewrite_json(checkpoint, "trainer_state.json", lambda state: as_flat_format(state["config"]))
+        saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
+        assert saved["image_size"] == 32 and saved["augment"] == "cifar" and "crop_area" not in saved
+    run_config = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump(as_flat_format(run_config)))
+    nested = {k: v for k, v in TINY.items() if k not in ("image_size", "augment")}
+    config = tmp_path / "nested.yaml"
+    config.write_text(
+        yaml.safe_dump({**nested, "augment": {"preset": "cifar", "size": 32}, "train_shards": str(shards)})
+    )
+    capsys.readouterr()
+    assert train.main(["--config", str(config), "--output_dir", str(out), "--resume", "auto"]) == 0
+    output = capsys.readouterr().out
+    assert "resumed from" in output and "step_00000002" in output, output
+    assert "augment" not in "".join(line for line in output.splitlines() if "changed" in line), output
+    assert_identical(weights(out), reference)
+    assert yaml.safe_load((out / "config.yaml").read_text())["augment"]["size"] == 32  # today's format again
+
+
 def test_extended_epochs_rebuild_the_schedule_from_the_config(two_steps, tmp_path):
     """The lr after resuming with twice the epochs is the new schedule's at that step: rebuilt from (config, step),
     not restored from the checkpoint (which would keep the old schedule's shorter cosine)."""
