@@ -48,3 +48,43 @@ def test_a_bad_flag_is_refused_in_one_line_before_torch(name):
     done = run_script(name, "--no_such_flag", "1")
     assert "torch imported: False status: 2" in done.stderr, done.stderr[-2000:]
     assert "no_such_flag" in done.stderr and len(done.stderr.strip().splitlines()) == 2, done.stderr
+
+
+# A bad value of the view (augment), the loader or the model's light settings: refused by the parse, one line that
+# names the field, status 2, before torch is imported (timm's own checks of a backbone need timm: they come before
+# start-up instead, tests/test_faults.py::test_bad_train_input_is_named_in_one_line).
+BAD_VALUES = [
+    (["--image_size", "3"], "augment.size"),  # the flat spelling of earlier versions
+    (["--augment.size", "4"], "augment.size"),
+    (["--jitter_strength", "11"], "augment.jitter_strength"),
+    (["--augment.blur_prob", "1.5"], "augment.blur_prob"),
+    (["--augment.flip_prob", "-0.1"], "augment.flip_prob"),
+    (["--augment.crop_area", "[0.5, 0.2]"], "augment.crop_area"),
+    (["--min_crop_area", "0"], "augment.crop_area"),
+    (["--augment.crop_aspect", "[2, 1]"], "augment.crop_aspect"),
+    (["--augment.blur_sigma", "[0, 1]"], "augment.blur_sigma"),
+    (["--augment.crop_attempts", "0"], "augment.crop_attempts"),
+    (["--augment.crop_sampler", "nope"], "crop_sampler"),
+    (["--augment", "tiny"], "preset"),
+    (["--augment.hue", "nan"], "augment.hue"),
+    (["--augment.no_such_field", "1"], "no_such_field"),
+    (["--prefetch", "0"], "prefetch"),
+    (["--shuffle_buffer", "0"], "shuffle_buffer"),
+    (["--data_threads", "0"], "data_threads"),
+    (["--data_device", "tpu"], "data_device"),
+    (["--proj_dim", "0"], "proj_dim"),
+    (["--proj_hidden", "-1"], "proj_hidden"),
+    (["--timm_kwargs", '{"num_classes": 10}'], "num_classes"),
+    (["--epochs", "inf"], "epochs"),
+    (["--warmup_epochs", "200"], "warmup_epochs"),
+]
+
+
+@pytest.mark.parametrize(
+    "flags,named", BAD_VALUES, ids=lambda value: " ".join(value) if isinstance(value, list) else ""
+)
+def test_a_bad_config_value_is_refused_before_torch(flags, named):
+    done = run_script("simclr-train", "--train_shards", "x", *flags)
+    assert "torch imported: False status: 2" in done.stderr, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("config error: ") and named in lines[0], done.stderr

@@ -56,8 +56,8 @@ def test_global_bn_on_cuda_matches_one_process_with_batchnormact_layers(tmp_path
 
 def test_bf16_autocast_runs_the_model_in_bf16_and_the_loss_in_fp32():
     from simclr_dali.model.ntxent import nt_xent
-    from simclr_dali.trainer.build import build_model
     from simclr_dali.pipeline.augment_config import AugmentConfig
+    from simclr_dali.trainer.build import build_model
     from simclr_dali.trainer.config import TrainConfig
 
     cfg = TrainConfig(

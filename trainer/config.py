@@ -171,16 +171,34 @@ class TrainConfig:
     eval_json: str | None = None
     """Write the evaluation curve (every evaluation so far) to this JSON file."""
 
-    def validate(self, world_size: int = 1) -> None:
-        """Checks that need no data. A field's own range is its type's (``PositiveInt``, ...: checked here as
-        well, for configs built without the parser); what is left relates fields to each other or to the
-        world. Raises ``ConfigError`` naming the field."""
-        if not self.train_shards:
-            raise ConfigError("train_shards is required (a shard directory, brace pattern or glob)")
+    def check(self) -> None:
+        """The checks that need neither data, nor the world size, nor torch (the parser runs them, so a bad value
+        is refused before anything heavy is imported): a field's own range is its type's (``PositiveInt``, ...),
+        checked here as well for configs built without the parser; the rest relates fields to each other.
+        Raises ``ConfigError`` naming the field."""
         for name, problem in typed_field_problems(self):
             raise ConfigError(f"{name} {problem}")
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
+        if self.micro_batch != "auto" and self.micro_batch is not None and not self.micro_batch >= 0:
+            raise ConfigError(f"micro_batch must be >= 0 (0 = off), null or auto, got {self.micro_batch}")
+        if self.eval_every_epochs and not (self.eval_train_shards and self.eval_val_shards):
+            raise ConfigError("eval_every_epochs needs eval_train_shards and eval_val_shards")
+        if self.resume is not None and not self.resume:
+            raise ConfigError(
+                "resume must be auto, a checkpoint directory, or null (a fresh start); got an empty string"
+            )
+        try:
+            check_timm_kwargs(self.timm_kwargs, "timm_kwargs")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+    def validate(self, world_size: int = 1) -> None:
+        """All checks that need no data: ``check``, the required shards, and what depends on the world size or
+        on torch (the loss's smallest temperature, CUDA for micro_batch auto). Raises ``ConfigError``."""
+        if not self.train_shards:
+            raise ConfigError("train_shards is required (a shard directory, brace pattern or glob)")
+        self.check()
         from ..model.ntxent import MIN_TEMPERATURE  # here: the parser (and --help) stays free of torch
 
         if self.temperature < MIN_TEMPERATURE:
@@ -205,18 +223,6 @@ class TrainConfig:
                     "micro_batch auto probes GPU memory and needs CUDA (none here); give a number of "
                     "images per view, e.g. --micro_batch 256, or 0 for off"
                 )
-        elif self.micro_batch is not None and not self.micro_batch >= 0:
-            raise ConfigError(f"micro_batch must be >= 0 (0 = off), null or auto, got {self.micro_batch}")
-        if self.eval_every_epochs and not (self.eval_train_shards and self.eval_val_shards):
-            raise ConfigError("eval_every_epochs needs eval_train_shards and eval_val_shards")
-        if self.resume is not None and not self.resume:
-            raise ConfigError(
-                "resume must be auto, a checkpoint directory, or null (a fresh start); got an empty string"
-            )
-        try:
-            check_timm_kwargs(self.timm_kwargs, "timm_kwargs")
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
 
     @property
     def scaled_lr(self) -> float:
@@ -439,7 +445,9 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> TrainCon
     values = parse_dataclass(
         TrainConfig, flat_aliases(argv), "train.py", description, ConfigError, files, preset_fields
     )
-    return config_from_dict(values)
+    config = config_from_dict(values)
+    config.check()
+    return config
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> TrainConfig:
