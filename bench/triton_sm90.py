@@ -429,7 +429,9 @@ def _summary(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="bench.py triton-sm90", description=__doc__.split("\n\n")[0])
+    from ..common.cli import ArgumentParser
+
+    parser = ArgumentParser(prog="bench.py triton-sm90", description=__doc__.split("\n\n")[0])
     parser.add_argument("--versions", nargs="*", default=[GPU_MACHINE_TRITON], help="Triton versions beside the pinned")
     parser.add_argument("--sources", nargs="*", default=list(CASE_SOURCES), choices=list(CASE_SOURCES))
     parser.add_argument("--out", default=str(RESULT), help="the JSON report")

@@ -1,6 +1,7 @@
-"""evaluate.py's configuration: one typed dataclass, parsed as train.py's is (trainer/config.py): every field is a
-flag of the same spelling (``--train_shards``; ``--train-shards`` works too), ``--config FILE`` reads a YAML file of
-them, ``--print_config`` prints the resolved configuration, and booleans are written ``--augment true``.
+"""evaluate.py's configuration: one typed dataclass, parsed by the helper train.py's uses
+(common/cli.py:parse_dataclass): every field is a flag of the same spelling (``--train_shards``; ``--train-shards``
+works too), ``--config FILE`` reads a YAML file of them, ``--print_config`` prints the resolved configuration, and
+booleans are written ``--augment true``.
 
 ``--k`` also takes a comma list (``--k 10,20,200``, as well as ``--k [10,20,200]`` and ``k: [10, 20, 200]`` in a
 file). Light on purpose (no torch): ``--help`` answers in about a second."""
@@ -12,12 +13,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
-from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_parsing_settings
-
-from ..common.cli import underscore_flags
+from ..common.cli import parse_dataclass, underscore_flags
 from ..common.errors import SimclrError
-
-set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 PROTOCOLS = ("knn", "linear", "finetune")
 
@@ -121,17 +118,6 @@ class EvalConfig:
         return [p for p in PROTOCOLS if p in requested]
 
 
-def build_parser(description: str = "") -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="evaluate.py", description=description, exit_on_error=False, env_prefix=None, default_env=False
-    )
-    parser.add_argument(
-        "--config", action=ActionConfigFile, help="YAML file of these fields; flags after it override it"
-    )
-    parser.add_class_arguments(EvalConfig, as_group=False)
-    return parser
-
-
 _COMMA_INTEGERS = re.compile(r"\s*-?\d+(\s*,\s*-?\d+)*\s*")
 
 
@@ -151,12 +137,6 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> EvalConf
     """An EvalConfig from the command line (``--config FILE`` and flags), validated; ``--help`` and
     ``--print_config`` print and exit. Raises ``UsageError`` with a one-line message naming the flag."""
     argv = _comma_lists(underscore_flags(sys.argv[1:] if argv is None else argv))
-    try:
-        namespace = build_parser(description).parse_args(argv)
-    except ArgumentError as error:
-        raise UsageError(" ".join(str(error).split())) from None
-    values = namespace.as_dict()
-    values.pop("config", None)
-    config = EvalConfig(**values)
+    config = EvalConfig(**parse_dataclass(EvalConfig, argv, "evaluate.py", description, UsageError))
     config.validate()
     return config
