@@ -115,14 +115,14 @@ def loader(shards: Path, preset: dict, kind: str, cores: int, device: str):
     """train.py's own loader for the preset ('dali' or the 'torchvision' baseline), ``cores`` DALI threads or
     DataLoader workers."""
     from ..pipeline.augment_config import AugmentConfig
-    from ..trainer.config import TrainConfig
+    from ..trainer.config import LoaderConfig, TrainConfig
     from ..trainer.data import build_train_loader
 
     cfg = TrainConfig(
         train_shards=str(shards),
         augment=AugmentConfig(preset="cifar" if preset["cifar"] else "imagenet", size=preset["size"]),
         batch_size=preset["batch_size"],
-        data_threads=cores,
+        loader=LoaderConfig(threads=cores),
     )
     return build_train_loader(cfg, torch.device(device), loader=kind)
 

@@ -318,7 +318,7 @@ def main(argv=None, result_name: str = "train") -> dict:
     cfg, accelerator, model, optimizer = build(
         preset, batch_size, device, shards, {**(args.overrides or {}), "micro_batch": args.micro_batch}
     )
-    cfg.data_threads = args.cores
+    cfg.loader.threads = args.cores
     results = {}
     for feed in args.feeds:
         if feed == "synthetic":

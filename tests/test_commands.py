@@ -50,7 +50,7 @@ def test_a_bad_flag_is_refused_in_one_line_before_torch(name):
     assert "no_such_flag" in done.stderr and len(done.stderr.strip().splitlines()) == 2, done.stderr
 
 
-# A bad value of the view (augment), the loader or the model's light settings: refused by the parse, one line that
+# A bad value of the view (augment), the loader (loader) or the model's light settings: refused by the parse, one line that
 # names the field, status 2, before torch is imported (timm's own checks of a backbone need timm: they come before
 # start-up instead, tests/test_faults.py::test_bad_train_input_is_named_in_one_line).
 BAD_VALUES = [
@@ -68,10 +68,11 @@ BAD_VALUES = [
     (["--augment", "tiny"], "preset"),
     (["--augment.hue", "nan"], "augment.hue"),
     (["--augment.no_such_field", "1"], "no_such_field"),
-    (["--prefetch", "0"], "prefetch"),
-    (["--shuffle_buffer", "0"], "shuffle_buffer"),
-    (["--data_threads", "0"], "data_threads"),
-    (["--data_device", "tpu"], "data_device"),
+    (["--prefetch", "0"], "loader.prefetch"),  # a flat spelling of earlier versions
+    (["--loader.shuffle_buffer", "0"], "loader.shuffle_buffer"),
+    (["--data_threads", "0"], "loader.threads"),
+    (["--loader.device", "tpu"], "loader.device"),
+    (["--loader.kind", "pytorch"], "loader.kind"),
     (["--proj_dim", "0"], "proj_dim"),
     (["--proj_hidden", "-1"], "proj_hidden"),
     (["--timm_kwargs", '{"num_classes": 10}'], "num_classes"),

@@ -449,27 +449,32 @@ def test_resume_with_a_changed_field(two_steps, tmp_path, capsys, monkeypatch, f
         assert names(out) == ["step_00000001", "step_00000002"]
 
 
-# The view's fields as checkpoints and config files held them before the config tree (flat, at the top level):
-# old name -> its place in today's ``augment`` section ("preset" held the preset's name as ``augment``).
-FLAT_VIEW = {
-    "image_size": "size",
-    "augment": "preset",
-    "jitter_strength": "jitter_strength",
-    "blur_prob": "blur_prob",
-    "contrast_per_channel": "contrast_per_channel",
-    "brightness_impl": "brightness_impl",
-    "crop_sampler": "crop_sampler",
-    "roi_decode": "roi_decode",
-    "blur_padding": "blur_padding",
+# The fields as checkpoints and config files held them before the config tree (flat, at the top level): old name
+# -> its place in today's sections ("augment" held the view preset's name).
+FLAT_FORMAT = {
+    "image_size": ("augment", "size"),
+    "augment": ("augment", "preset"),
+    "jitter_strength": ("augment", "jitter_strength"),
+    "blur_prob": ("augment", "blur_prob"),
+    "contrast_per_channel": ("augment", "contrast_per_channel"),
+    "brightness_impl": ("augment", "brightness_impl"),
+    "crop_sampler": ("augment", "crop_sampler"),
+    "roi_decode": ("augment", "roi_decode"),
+    "blur_padding": ("augment", "blur_padding"),
+    "shuffle_buffer": ("loader", "shuffle_buffer"),
+    "data_threads": ("loader", "threads"),
+    "prefetch": ("loader", "prefetch"),
+    "data_device": ("loader", "device"),
+    "data_loader": ("loader", "kind"),
 }
 
 
 def as_flat_format(config: dict) -> dict:
-    """Today's nested config written the way checkpoints were before the config tree: flat view fields, the
-    preset's jitter and blur as null, ``min_crop_area`` for the crop's range, the other view fields absent."""
-    view = config.pop("augment")
-    flat = {old: view[new] for old, new in FLAT_VIEW.items()}
-    flat.update(jitter_strength=None, blur_prob=None, min_crop_area=view["crop_area"][0])
+    """Today's nested config written the way checkpoints were before the config tree: flat fields, the view
+    preset's jitter and blur as null, ``min_crop_area`` for the crop's range, the view's other fields absent."""
+    sections = {name: config.pop(name) for name in ("augment", "loader")}
+    flat = {old: sections[section][name] for old, (section, name) in FLAT_FORMAT.items()}
+    flat.update(jitter_strength=None, blur_prob=None, min_crop_area=sections["augment"]["crop_area"][0])
     config.update(flat)
     return config
 
@@ -481,19 +486,28 @@ def test_a_checkpoint_of_the_flat_config_format_resumes_exactly(two_steps, shard
     for checkpoint in list_checkpoints(out):
         rewrite_json(checkpoint, "trainer_state.json", lambda state: as_flat_format(state["config"]))
         saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
-        assert saved["image_size"] == 32 and saved["augment"] == "cifar" and "crop_area" not in saved
+        assert saved["image_size"] == 32 and saved["augment"] == "cifar" and saved["data_threads"] == 1
+        assert "crop_area" not in saved and "loader" not in saved
     run_config = yaml.safe_load((out / "config.yaml").read_text())
     (out / "config.yaml").write_text(yaml.safe_dump(as_flat_format(run_config)))
-    nested = {k: v for k, v in TINY.items() if k not in ("image_size", "augment")}
+    nested = {k: v for k, v in TINY.items() if k not in ("image_size", "augment", "data_threads")}
     config = tmp_path / "nested.yaml"
     config.write_text(
-        yaml.safe_dump({**nested, "augment": {"preset": "cifar", "size": 32}, "train_shards": str(shards)})
+        yaml.safe_dump(
+            {
+                **nested,
+                "augment": {"preset": "cifar", "size": 32},
+                "loader": {"threads": 1},
+                "train_shards": str(shards),
+            }
+        )
     )
     capsys.readouterr()
     assert train.main(["--config", str(config), "--output_dir", str(out), "--resume", "auto"]) == 0
     output = capsys.readouterr().out
     assert "resumed from" in output and "step_00000002" in output, output
-    assert "augment" not in "".join(line for line in output.splitlines() if "changed" in line), output
+    changed = "".join(line for line in output.splitlines() if "changed" in line)
+    assert "augment" not in changed and "loader" not in changed, output
     assert_identical(weights(out), reference)
     assert yaml.safe_load((out / "config.yaml").read_text())["augment"]["size"] == 32  # today's format again
 

@@ -38,6 +38,22 @@ class ConfigError(SimclrError, ValueError):
 
 
 @dataclass
+class LoaderConfig:
+    """The training loader: DALI's reader and threads, or the torchvision baseline."""
+
+    shuffle_buffer: PositiveInt = 4096
+    """Samples in DALI's reader shuffle buffer."""
+    threads: PositiveInt | None = None
+    """DALI CPU threads per process; null = this process's share of the cores."""
+    prefetch: PositiveInt = 2
+    """DALI prefetch queue depth, in batches."""
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    """Where DALI decodes and augments: auto = the GPU when training on CUDA."""
+    kind: Literal["dali", "torchvision"] = "dali"
+    """dali, or the torchvision DataLoader baseline (time-to-accuracy comparisons; its resume is not exact)."""
+
+
+@dataclass
 class TrainConfig:
     """SimCLR pretraining; the defaults are the paper's ImageNet recipe (Chen et al. 2020)."""
 
@@ -48,16 +64,9 @@ class TrainConfig:
     """The SimCLR view (pipeline/augment_config.py): its preset, size, crop, colour jitter and blur, each a flag
     of its own (``--augment.size 32``, ``--augment.preset cifar``; the flat ``--image_size``, ``--augment cifar``,
     ``--jitter_strength``, ... of earlier versions are aliases)."""
-    shuffle_buffer: PositiveInt = 4096
-    """Samples in DALI's reader shuffle buffer."""
-    data_threads: PositiveInt | None = None
-    """DALI CPU threads per process; null = this process's share of the cores."""
-    prefetch: PositiveInt = 2
-    """DALI prefetch queue depth, in batches."""
-    data_device: Literal["auto", "gpu", "cpu"] = "auto"
-    """Where DALI decodes and augments: auto = the GPU when training on CUDA."""
-    data_loader: Literal["dali", "torchvision"] = "dali"
-    """dali, or the torchvision DataLoader baseline (time-to-accuracy comparisons; its resume is not exact)."""
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    """How the training images are read (``--loader.threads 4``; the flat ``--data_threads``, ``--prefetch``,
+    ... of earlier versions are aliases)."""
     # --- model
     backbone: str = "resnet50"
     """Any timm model name (the encoder f; its classifier is removed)."""
@@ -176,7 +185,7 @@ class TrainConfig:
         is refused before anything heavy is imported): a field's own range is its type's (``PositiveInt``, ...),
         checked here as well for configs built without the parser; the rest relates fields to each other.
         Raises ``ConfigError`` naming the field."""
-        for name, problem in typed_field_problems(self):
+        for name, problem in [*typed_field_problems(self), *typed_field_problems(self.loader, "loader.")]:
             raise ConfigError(f"{name} {problem}")
         if self.warmup_epochs >= self.epochs:
             raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
@@ -247,7 +256,7 @@ class TrainConfig:
         return stream.getvalue()
 
 
-def typed_field_problems(config) -> typing.Iterator[tuple[str, str]]:
+def typed_field_problems(config, prefix: str = "") -> typing.Iterator[tuple[str, str]]:
     """(field, what is wrong) for every value of ``config`` outside its field's ranged type (``RANGED``)."""
     for name, hint in typing.get_type_hints(type(config)).items():
         ranged = [t for t in typing.get_args(hint) or (hint,) if t in RANGED]
@@ -256,7 +265,7 @@ def typed_field_problems(config) -> typing.Iterator[tuple[str, str]]:
             try:
                 ranged[0](value)
             except (ValueError, TypeError) as error:
-                yield name, f"must be {str(error).split('restriction ', 1)[-1]}, got {value}"
+                yield prefix + name, f"must be {str(error).split('restriction ', 1)[-1]}, got {value}"
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -292,8 +301,8 @@ SAFE_ON_RESUME = frozenset(
         "eval_knn_k",
         "eval_knn_temperature",
         "eval_json",
-        "data_threads",
-        "prefetch",
+        "loader.threads",
+        "loader.prefetch",
         "compile",
         "channels_last",
         "loss_backend",
@@ -305,44 +314,52 @@ SAFE_ON_RESUME = frozenset(
 # --- the flat spellings of earlier versions (YAML files, checkpoints' configs, flags): the view's fields moved
 # into the ``augment`` section. ``augment: cifar`` (a preset name) is ``augment.preset``; ``min_crop_area`` the
 # low end of ``augment.crop_area``.
-FLAT_AUGMENT = {
-    "image_size": "size",
-    "jitter_strength": "jitter_strength",
-    "blur_prob": "blur_prob",
-    "contrast_per_channel": "contrast_per_channel",
-    "brightness_impl": "brightness_impl",
-    "crop_sampler": "crop_sampler",
-    "roi_decode": "roi_decode",
-    "blur_padding": "blur_padding",
+MOVED = {
+    "image_size": "augment.size",
+    "jitter_strength": "augment.jitter_strength",
+    "blur_prob": "augment.blur_prob",
+    "contrast_per_channel": "augment.contrast_per_channel",
+    "brightness_impl": "augment.brightness_impl",
+    "crop_sampler": "augment.crop_sampler",
+    "roi_decode": "augment.roi_decode",
+    "blur_padding": "augment.blur_padding",
+    "shuffle_buffer": "loader.shuffle_buffer",
+    "data_threads": "loader.threads",
+    "prefetch": "loader.prefetch",
+    "data_device": "loader.device",
+    "data_loader": "loader.kind",
 }
+SECTIONS = {"augment": AugmentConfig, "loader": LoaderConfig}
 
 
 def migrate(values: dict) -> dict:
-    """``values`` (a config mapping of any version) with the flat augmentation fields moved into the nested
-    ``augment`` section; a mapping already in today's form is returned as it is."""
+    """``values`` (a config mapping of any version) with the flat fields of earlier versions moved into their
+    sections (``MOVED``); a mapping already in today's form is returned as it is."""
     values = dict(values)
-    section = values.get("augment")
-    section = {"preset": section} if isinstance(section, str) else dict(section or {})
-    for old, new in FLAT_AUGMENT.items():
+    if isinstance(values.get("augment"), str):  # the preset's name
+        values["augment"] = {"preset": values["augment"]}
+    sections = {name: dict(values[name] or {}) for name in SECTIONS if name in values}
+    for old, new in MOVED.items():
         if old in values:
-            section[new] = values.pop(old)
+            section, name = new.split(".")
+            sections.setdefault(section, {})[name] = values.pop(old)
     if "min_crop_area" in values:
-        section["crop_area"] = [values.pop("min_crop_area"), 1.0]
-    if section or "augment" in values:
-        values["augment"] = section
-    return values
+        sections.setdefault("augment", {})["crop_area"] = [values.pop("min_crop_area"), 1.0]
+    return {**values, **sections}
 
 
-def _augment_from(section: dict, base: AugmentConfig | None = None) -> AugmentConfig:
-    """An AugmentConfig from a section mapping over ``base`` (a new preset drops the base's preset values)."""
-    known = {f.name for f in dataclasses.fields(AugmentConfig)}
+def _section_from(name: str, section: dict, base=None):
+    """Section ``name``'s dataclass from a mapping over ``base`` (for augment, a new preset drops the base's
+    preset values)."""
+    cls = SECTIONS[name]
+    known = {f.name for f in dataclasses.fields(cls)}
     if unknown := sorted(set(section) - known):
-        raise ConfigError(f"unknown augment key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown {name} key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     values = dataclasses.asdict(base) if base is not None else {}
-    if "preset" in section:
+    if name == "augment" and "preset" in section:
         values.pop("jitter_strength", None), values.pop("blur_prob", None)
     try:
-        return AugmentConfig(**{**values, **section})
+        return cls(**{**values, **section})
     except (ValueError, TypeError) as error:
         raise ConfigError(str(error)) from None
 
@@ -352,8 +369,8 @@ def config_from_dict(values: dict) -> TrainConfig:
     it does not know (fields removed since) left out, the ones it lacks at their defaults."""
     plain = json.loads(json.dumps(migrate(values)))  # the parser's ranged ints and floats as plain ones (DALI)
     values = {k: v for k, v in plain.items() if k in FIELDS}
-    if "augment" in values:
-        values["augment"] = _augment_from(values["augment"])
+    for name in SECTIONS.keys() & values.keys():
+        values[name] = _section_from(name, values[name])
     return TrainConfig(**values)
 
 
@@ -366,9 +383,6 @@ def _flat(values: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{name}"] = value
     return flat
-
-
-SECTIONS = frozenset({"augment"})
 
 
 def _comparable(value):
@@ -391,7 +405,7 @@ def resume_changes(saved: dict, config: TrainConfig) -> tuple[list[str], list[st
     return applied, refused
 
 
-ALIASED = frozenset({*FLAT_AUGMENT, "min_crop_area", "augment", "config"})
+ALIASED = frozenset({*MOVED, "min_crop_area", "augment", "config"})
 
 
 def flat_aliases(argv: list[str]) -> list[str]:
@@ -418,7 +432,7 @@ def _alias(name: str, value: str) -> list[str]:
         return ["--augment", value] if value.lstrip().startswith("{") else ["--augment.preset", value]
     if name == "min_crop_area":
         return ["--augment.crop_area", f"[{value}, 1.0]"]
-    return [f"--augment.{FLAT_AUGMENT[name]}", value]
+    return [f"--{MOVED[name]}", value]
 
 
 def _migrated_file(path: str) -> str:
@@ -458,6 +472,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     unknown = sorted(set(overrides) - set(FIELDS))
     if unknown:
         raise ConfigError(f"unknown config key(s) {', '.join(unknown)}")
-    if isinstance(overrides.get("augment"), dict):
-        overrides["augment"] = _augment_from(overrides["augment"], config.augment)
+    for name in SECTIONS.keys() & overrides.keys():
+        if isinstance(overrides[name], dict):
+            overrides[name] = _section_from(name, overrides[name], getattr(config, name))
     return dataclasses.replace(config, **overrides)

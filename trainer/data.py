@@ -20,12 +20,13 @@ def augment_config(cfg: TrainConfig) -> AugmentConfig:
 
 def data_device(cfg: TrainConfig, device: torch.device) -> str:
     """'gpu' or 'cpu': where DALI decodes and augments for a run on ``device``."""
-    return "gpu" if cfg.data_device == "gpu" or (cfg.data_device == "auto" and device.type == "cuda") else "cpu"
+    where = cfg.loader.device
+    return "gpu" if where == "gpu" or (where == "auto" and device.type == "cuda") else "cpu"
 
 
 def _threads(cfg: TrainConfig, where: str = "cpu") -> int:
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by accelerate launch / torchrun
-    return cfg.data_threads or default_num_threads(local_processes, where)
+    return cfg.loader.threads or default_num_threads(local_processes, where)
 
 
 def build_train_loader(
@@ -33,9 +34,9 @@ def build_train_loader(
 ):
     """Two SimCLR views per image, ``cfg.batch_size / world`` images per batch, this rank's part of the shards.
 
-    ``loader``: 'dali' (default: ``cfg.data_loader``) or 'torchvision' (the baseline DataLoader)."""
+    ``loader``: 'dali' (default: ``cfg.loader.kind``) or 'torchvision' (the baseline DataLoader)."""
     augment, local_batch = augment_config(cfg), cfg.batch_size // world
-    if (loader or cfg.data_loader) == "torchvision":
+    if (loader or cfg.loader.kind) == "torchvision":
         return TorchvisionPretrainLoader(
             cfg.train_shards,
             local_batch,
@@ -44,7 +45,7 @@ def build_train_loader(
             shard_id=rank,
             num_shards=world,
             seed=cfg.seed,
-            shuffle_buffer=cfg.shuffle_buffer,
+            shuffle_buffer=cfg.loader.shuffle_buffer,
             num_workers=_threads(cfg),
         )
     where = data_device(cfg, device)
@@ -59,8 +60,8 @@ def build_train_loader(
         num_shards=world,
         seed=cfg.seed,
         num_threads=_threads(cfg, where),
-        prefetch=cfg.prefetch,
-        shuffle_buffer=cfg.shuffle_buffer,
+        prefetch=cfg.loader.prefetch,
+        shuffle_buffer=cfg.loader.shuffle_buffer,
         dtype=torch.float16 if where == "gpu" else torch.float32,
     )
 
