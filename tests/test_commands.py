@@ -50,7 +50,7 @@ def test_a_bad_flag_is_refused_in_one_line_before_torch(name):
     assert "no_such_flag" in done.stderr and len(done.stderr.strip().splitlines()) == 2, done.stderr
 
 
-# A bad value of the view (augment), the loader (loader) or the model's light settings: refused by the parse, one line that
+# A bad value of the view (augment), the loader or the model's light settings: refused by the parse, one line that
 # names the field, status 2, before torch is imported (timm's own checks of a backbone need timm: they come before
 # start-up instead, tests/test_faults.py::test_bad_train_input_is_named_in_one_line).
 BAD_VALUES = [
