@@ -118,6 +118,9 @@ def known_names(root: Path) -> Known:
                     for item in node.body
                     if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name)
                 }
+    from simclr_dali.trainer.config import ALIASED  # earlier versions' flat flags, still accepted
+
+    flags |= {f"--{name}" for name in ALIASED}
     known.project_flags = {flag_key(f) for f in flags}
     from accelerate.commands.launch import launch_command_parser
 
