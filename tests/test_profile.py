@@ -30,7 +30,7 @@ from torch.autograd.profiler import record_function
 
 from simclr_dali.bench.profile import verdict
 from simclr_dali.bench.step_marks import StageRecorder, gpu_utilisation, read_trace, stage_table, union_length
-from simclr_dali.trainer.config import TrainConfig
+from simclr_dali.trainer.config import TrainConfig, config_from_dict
 from simclr_dali.trainer.meters import HostClock, StepTimer
 
 # --------------------------------------------------------------------------- the step timer on an asynchronous device
@@ -287,7 +287,7 @@ def shards(tmp_path_factory):
 
 
 def tiny_config(shards, **overrides) -> TrainConfig:
-    return TrainConfig(train_shards=str(shards), **{**TINY, **overrides})
+    return config_from_dict({"train_shards": str(shards), **TINY, **overrides})  # TINY: the flat spelling
 
 
 class SlowLoader:
