@@ -386,7 +386,7 @@ def _flat(values: dict, prefix: str = "") -> dict:
 
 
 def _comparable(value):
-    return yaml.safe_load(yaml.safe_dump(value))  # tuples -> lists, as the checkpoint's JSON holds them
+    return yaml.safe_load(yaml.safe_dump(value, sort_keys=False))  # tuples -> lists, as in the checkpoint's JSON
 
 
 def resume_changes(saved: dict, config: TrainConfig) -> tuple[list[str], list[str]]:
