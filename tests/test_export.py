@@ -168,8 +168,13 @@ def test_export_takes_any_checkpoint_and_falls_back_past_a_damaged_one(shards, t
     with pytest.raises(ExportError, match="neither a checkpoint"):
         export_checkpoint(shards)
     assert main([str(tmp_path / "nope")]) == 2
-    # the dashed flag spelling works here as everywhere; a second export replaces the first whole
+    # a crash between replace_directory's two renames left the old export aside and none in place: it is put
+    # back first, then replaced whole; the dashed flag spelling works here as everywhere
+    aside = tmp_path / ".replaced-dashed-0123456789ab" / "dashed"
+    aside.mkdir(parents=True)
+    (aside / "backbone.json").write_text('{"step": 0}')
     assert main([str(first), "--output-dir", str(tmp_path / "dashed")]) == 0
+    assert json.loads((tmp_path / "dashed" / "backbone.json").read_text())["step"] == 1
     assert main([str(run), "--output-dir", str(tmp_path / "dashed")]) == 0
     assert json.loads((tmp_path / "dashed" / "backbone.json").read_text())["step"] == 2
     assert not list(tmp_path.glob(".replaced-*")) and not list(tmp_path.glob(".dashed-*"))
