@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import sys
 
+from ..common.errors import ExitStatus
+
 COMMANDS = {
     "pipeline": "pipeline",
     "loss": "loss",
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"unknown benchmark {name!r}; choose from: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
+        return ExitStatus.BAD_INPUT
     import importlib
 
     module, _, function = COMMANDS[name].partition(":")

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from ...common.cli import ArgumentParser
+from ...common.errors import ExitStatus, SimclrError
 from .image_policy import SUBSAMPLING_CHOICES, ImagePolicy
 from .pixel_sources import arrays_source, cifar_source, synthetic_source
 from .shardset import ShardError, brace_notation, index_shards, is_labelled, output_pattern, shard_paths
@@ -308,7 +309,7 @@ def verify(args) -> int:
         f"verified {total} samples in {len(shards)} shard(s){'' if require_labels else ' (labels not required)'}: "
         f"{len(problems) + set_problems} problem(s)"
     )
-    return 1 if problems or set_problems else 0
+    return ExitStatus.OTHER if problems or set_problems else ExitStatus.DONE  # 1: problems found
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -320,13 +321,11 @@ def main(argv: list[str] | None = None) -> int:
             shards = shard_paths(args.shards)
             index_shards(shards, progress=not args.quiet)
             print(f"indexed {len(shards)} shard(s): {brace_notation(shards)}")
-            return 0
+            return ExitStatus.DONE
         return verify(args)
-    except ShardError as error:
-        print(
-            f"error: {' '.join(str(error).splitlines())}", file=sys.stderr
-        )  # one line, whatever a library's message held
-        return 2
+    except SimclrError as error:  # one line, whatever a library's message held
+        print(f"error: {' '.join(str(error).splitlines())}", file=sys.stderr)
+        return error.exit_status
 
 
 if __name__ == "__main__":
