@@ -42,7 +42,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .common.files import atomic_write_text
 from .model.simclr import feature_dim
 from .pipeline.shards.shardset import ShardError
 from .trainer.build import build_model, prepare_for_training
@@ -56,7 +55,7 @@ from .trainer.checkpoint import (
 from .trainer.config import ConfigError, parse_args
 from .trainer.control import Control
 from .trainer.data import build_eval_loaders, build_train_loader, data_device
-from .trainer.export import export_backbone
+from .trainer.export import export_backbone, write_result
 from .trainer.health import NonFiniteWatch
 from .trainer.loop import NON_FINITE_EXIT_STATUS, Meters, NonFinite, Probe, StepPlan
 from .trainer.optim import build_optimizer, build_scheduler
@@ -67,6 +66,7 @@ from .trainer.run import (
     check_model_config,
     claim_run,
     plan_run,
+    release_run_lock,
     started_line,
     tracker_init_kwargs,
     tracker_project,
@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"error: {error}")
         return 2
     finally:
+        release_run_lock(cfg.output_dir)
         preemption.restore()
         log.close()
         accelerator.end_training()
@@ -276,7 +277,7 @@ def train(cfg, accelerator, control, preemption, log) -> int:
             },
             head=accelerator.unwrap_model(model).head,
         )
-        atomic_write_text(
+        write_result(
             os.path.join(cfg.output_dir, "train_summary.json"),
             json.dumps({**summary, "history": state.history}, indent=1) + "\n",
         )

@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from ..common.manifest import CHECKPOINT_MANIFEST, EXPORT_MANIFEST, ManifestError, verify_directory, verify_file
 from ..common.timm_args import check_timm_kwargs
 from ..model.simclr import create_backbone
 
@@ -121,6 +122,26 @@ def load_weights_into(backbone: torch.nn.Module, state: dict[str, torch.Tensor],
     backbone.load_state_dict(state)
 
 
+def verify_source(path: Path) -> str:
+    """Check what ``--checkpoint`` names against its manifest before anything in it is read (``common.manifest``,
+    the gate resume and export use): a checkpoint directory must have a verifying ``manifest.json``; an export
+    directory, or a weights file, is verified by the manifest beside it when there is one (exports written
+    before manifests existed, and hand-copied weights, have none). Returns how it was checked; raises
+    ``BackboneError`` naming the damaged file."""
+    try:
+        if path.is_file():
+            return "verified by its manifest" if verify_file(path) else "no manifest"
+        if (path / EXPORT_MANIFEST).is_file():
+            verify_directory(path, EXPORT_MANIFEST)
+            return f"verified by {EXPORT_MANIFEST}"
+        if (path / "trainer_state.json").exists() and not (path / "backbone.json").exists():
+            verify_directory(path, CHECKPOINT_MANIFEST, required=("model.safetensors", "trainer_state.json"))
+            return f"verified by {CHECKPOINT_MANIFEST}"
+    except ManifestError as error:
+        raise BackboneError(f"checkpoint {path} is refused: {error}") from None
+    return "no manifest"
+
+
 def _meta_for(path: Path) -> dict:
     """Architecture metadata: backbone.json beside an export, or trainer_state.json's config in a checkpoint."""
     if (path / "backbone.json").exists():
@@ -160,6 +181,7 @@ def load_backbone(
         path = Path(checkpoint)
         if not path.exists():
             raise BackboneError(f"checkpoint {path} does not exist")
+        verify_source(path)
         if path.is_file():
             meta = _file_meta(path)
             weights_file = path
