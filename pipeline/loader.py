@@ -73,6 +73,7 @@ from .shards.shardset import (
     ShardIndex,
     brace_notation,
     index_path,
+    read_checked_index,
     read_index,
     sample_key,
     shard_paths,
@@ -346,7 +347,7 @@ class DaliLoader:
         self.view, self.train, self.shuffle_buffer, self.dtype = view, train, shuffle_buffer, dtype
         self.output_names = [*view.outputs, "labels", "source"] if view.labelled else list(view.outputs)
         self.shards = shard_paths(shards)
-        self.indexes = [read_index(tar) for tar in self.shards]
+        self.indexes = [read_checked_index(tar) for tar in self.shards]  # a stale index never reaches DALI
         if view.labelled:
             check_labels(self.indexes)
         self.index_paths = {

@@ -306,6 +306,83 @@ def read_index(tar: Path) -> ShardIndex:
     return ShardIndex(tar, samples)
 
 
+TAR_BLOCK = 512
+INDEX_SAMPLED_MEMBERS = 16  # members whose tar headers are compared with the index, besides the end marker
+
+
+def _header_member(header: bytes) -> tuple[str, int] | None:
+    """(name, size) of a regular file's 512-byte ustar/GNU header, None if it is not one (a bad checksum, another
+    type). A name over 100 bytes is cut short there (its full form is in a preceding GNU/pax record)."""
+    if len(header) < TAR_BLOCK or header[156:157] not in (b"0", b"\0"):
+        return None
+    try:
+        checksum = int(header[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
+        size = int(header[124:136].replace(b"\0", b" ").strip() or b"0", 8)
+    except ValueError:
+        return None
+    if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:TAR_BLOCK]):
+        return None
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape"), size
+
+
+def _members_to_check(index: ShardIndex, count: int) -> list[tuple[int, int, str]]:
+    members = [member for sample in index.samples for member in sample.values()]
+    if len(members) <= count:
+        return members
+    return [members[round(i * (len(members) - 1) / (count - 1))] for i in range(count)]
+
+
+def check_index_matches(index: ShardIndex, sampled: int = INDEX_SAMPLED_MEMBERS) -> ShardIndex:
+    """``index`` if it still describes its tar, checked cheaply (``sampled`` 512-byte header reads and one of
+    1 KiB, whatever the shard's size): the tar header before each of ``sampled`` members spread over the index
+    (first and last included) names that member with that size, and the end-of-archive marker follows the
+    last indexed member (an index of a shorter tar, or of an older version of this one, fails here). Else
+    ``ShardError`` naming the shard and the ``simclr-shards index`` command: DALI reading a stale index
+    would decode garbage, or abort the process in nvImageCodec. (``simclr-shards verify`` compares every
+    member.)"""
+    tar, idx = index.tar, index_path(index.tar)
+    rebuild = f"the tar changed after its index was built; rebuild it with: simclr-shards index {tar}"
+    with open(tar, "rb") as handle:
+        for offset, size, name in _members_to_check(index, sampled):
+            found = None
+            if offset >= TAR_BLOCK:
+                handle.seek(offset - TAR_BLOCK)
+                found = _header_member(handle.read(TAR_BLOCK))
+            if found is None or found[1] != size or not _same_member_name(found[0], name):
+                seen = f"{found[0]!r} of {found[1]} bytes" if found else "no tar header of a file"
+                raise ShardError(
+                    f"shard {tar}: its index {idx} does not match the tar (it lists {name!r} of {size} bytes at "
+                    f"byte {offset}, the tar has {seen} there); {rebuild}"
+                )
+        end = max(offset + size for sample in index.samples for offset, size, _ in sample.values())
+        handle.seek(-(-end // TAR_BLOCK) * TAR_BLOCK)
+        marker = handle.read(2 * TAR_BLOCK)
+    if len(marker) < 2 * TAR_BLOCK or marker.count(0) != 2 * TAR_BLOCK:
+        raise ShardError(
+            f"shard {tar}: its index {idx} does not match the tar (the tar holds more members after the last "
+            f"one the index lists, at byte {end}); {rebuild}"
+        )
+    return index
+
+
+def _same_member_name(in_header: str, in_index: str) -> bool:
+    if in_header == in_index:
+        return True
+    # a long name: the header holds a cut-down form (GNU: its first 100 bytes; pax: a shortened path)
+    return (
+        len(in_index.encode("utf-8", "surrogateescape")) > 99
+        and bool(in_header)
+        and in_index.startswith(in_header[:50])
+    )
+
+
+def read_checked_index(tar: Path) -> ShardIndex:
+    """``read_index`` + ``check_index_matches``: what every reader that seeks by the index uses."""
+    return check_index_matches(read_index(tar))
+
+
 # --------------------------------------------------------------------------- the set's files: classes and record
 
 
@@ -343,7 +420,7 @@ def _read_member(shards, ext: str, what: str, decode: Callable[[str, Path, str],
     bytes per sample, no image read). ``ShardError`` names a sample without it and a key that occurs twice."""
     values: dict[str, object] = {}
     for tar in shard_paths(shards):
-        index = read_index(tar)
+        index = read_checked_index(tar)
         with open(tar, "rb") as handle:
             for sample in index.samples:
                 key = sample_key(next(iter(sample.values()))[2])
