@@ -20,6 +20,12 @@ from ..common.manifest import CHECKPOINT_MANIFEST, EXPORT_MANIFEST, ManifestErro
 from ..common.timm_args import check_timm_kwargs
 from ..model.simclr import create_backbone
 
+CHECKPOINT_FORMS = (
+    "a train.py output directory, a checkpoint directory (checkpoints/step_N), an export directory, or a weights "
+    "file (.safetensors, or a torch state dict: .pt/.pth/.bin)"
+)
+WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+
 
 class BackboneError(ValueError):
     """The backbone cannot be loaded as asked; the message names the file."""
@@ -41,9 +47,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # safetensors and torch raise a variety of types for a damaged file
+        first_line = (str(error).splitlines() or [""])[0][:160]
         raise BackboneError(
-            f"weights file {path} cannot be read "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            f"weights file {path} cannot be read ({type(error).__name__}: {first_line}); expected {CHECKPOINT_FORMS}"
         ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -159,9 +165,7 @@ def _meta_for(path: Path) -> dict:
             },
             path / "trainer_state.json",
         )
-    raise BackboneError(
-        f"{path} is neither a train.py output directory (backbone.json) nor a checkpoint (trainer_state.json)"
-    )
+    raise BackboneError(f"{path} holds neither backbone.json nor trainer_state.json: expected {CHECKPOINT_FORMS}")
 
 
 def load_backbone(
@@ -181,6 +185,8 @@ def load_backbone(
         path = Path(checkpoint)
         if not path.exists():
             raise BackboneError(f"checkpoint {path} does not exist")
+        if path.is_file() and path.suffix.lower() not in WEIGHTS_SUFFIXES:
+            raise BackboneError(f"checkpoint {path} is not a weights file: expected {CHECKPOINT_FORMS}")
         verify_source(path)
         if path.is_file():
             meta = _file_meta(path)

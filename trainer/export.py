@@ -28,6 +28,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import load_file, save
 
 from ..common.files import (
+    WriteFailure,
     atomic_write_bytes,
     atomic_write_text,
     create_temporary_directory,
@@ -35,6 +36,7 @@ from ..common.files import (
     give_open_mode,
     replace_directory,
 )
+from ..common.files import write_result as write_common_result
 from ..common.manifest import EXPORT_MANIFEST, file_entry
 from ..common.timm_args import check_timm_kwargs
 from ..evaluation.backbone import BackboneError, load_backbone
@@ -69,11 +71,11 @@ class ResultWriteError(CheckpointWriteError):
 
 
 def write_result(path: str | Path, data: bytes | str, what: str = "result") -> Path:
-    """``atomic_write_bytes`` of a run's result file, any ``OSError`` a ``ResultWriteError`` naming ``path``."""
+    """``common.files.write_result``, its failure a ``ResultWriteError`` (train.py exits 1 on it)."""
     try:
-        return atomic_write_bytes(path, data.encode() if isinstance(data, str) else data)
-    except OSError as error:
-        raise ResultWriteError(f"cannot write the {what} {path}: {error.strerror or error}") from None
+        return write_common_result(path, data, what)
+    except WriteFailure as error:
+        raise ResultWriteError(error.strerror) from None
 
 
 class ExportError(ValueError):
