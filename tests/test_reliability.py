@@ -7,6 +7,8 @@ checks the exit status and that the message names the file at fault."""
 from __future__ import annotations
 
 import io
+import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -25,6 +27,7 @@ from simclr_dali.pipeline.shards.shardset import (
     read_index,
     write_index,
 )
+from simclr_dali.trainer import export
 
 TINY = {
     "image_size": 32,
@@ -154,3 +157,74 @@ def test_long_member_names_pass_the_check(tmp_path):
                 archive.addfile(info, io.BytesIO(data))
     write_index(tar)
     assert check_index_matches(read_index(tar)).num_samples == 3
+
+
+# --------------------------------------------------------------------------- 2. one integrity gate for every reader
+
+
+@pytest.fixture(scope="module")
+def two_steps(shard_set, tmp_path_factory) -> Path:
+    """A finished 2-step run: checkpoints at steps 1 and 2 and its export (copy it before changing it)."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert run_train(out, shard_set, max_steps=2, checkpoint_every=1) == 0
+    return out
+
+
+def copy_run(source: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(source, out)
+    return out
+
+
+def damage_file(path: Path, kind: str) -> None:
+    if kind == "flipped byte":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif kind == "truncated":
+        path.write_bytes(path.read_bytes()[:-100])
+    else:
+        path.unlink()
+
+
+def evaluate_args(shards: Path) -> list[str]:
+    return ["--protocol", "knn", "--train_shards", str(shards), "--val_shards", str(shards), "--local_batch_size", "16"]
+
+
+@pytest.mark.parametrize("kind", ["flipped byte", "truncated", "missing"])
+@pytest.mark.parametrize("reader", ["resume", "evaluate", "export"])
+def test_a_damaged_checkpoint_is_refused_by_every_reader(two_steps, shard_set, tmp_path, capsys, reader, kind):
+    step = copy_run(two_steps, tmp_path) / "checkpoints" / "step_00000002"
+    damage_file(step / "model.safetensors", kind)
+    if reader == "resume":
+        status = run_train(tmp_path / "fresh", shard_set, "--resume", step, max_steps=3)
+    elif reader == "evaluate":
+        status = evaluate.main(["--checkpoint", str(step), *evaluate_args(shard_set)])
+    else:
+        status = export.main([str(step), "--output_dir", str(tmp_path / "exported")])
+    err = capsys.readouterr().err
+    assert status == 2 and str(step / "model.safetensors") in err and "Traceback" not in err
+    assert not (tmp_path / "exported").exists()
+
+
+@pytest.mark.parametrize("name", ["backbone.safetensors", "backbone.json", "head.safetensors", "head.json"])
+def test_a_damaged_export_is_refused_by_load_exported_and_evaluate(two_steps, shard_set, tmp_path, capsys, name):
+    backbone, head, meta = export.load_exported(two_steps)  # the intact export loads
+    assert head is not None and meta["model_name"] == "resnet18"
+    out = copy_run(two_steps, tmp_path)
+    damage_file(out / name, "flipped byte")
+    with pytest.raises(export.ExportError, match=re.escape(str(out / name))):
+        export.load_exported(out)
+    assert evaluate.main(["--checkpoint", str(out), *evaluate_args(shard_set)]) == 2
+    assert str(out / name) in capsys.readouterr().err
+
+
+def test_an_exported_checkpoint_carries_a_manifest_that_load_exported_checks(two_steps, tmp_path):
+    target = tmp_path / "exported"
+    assert export.main([str(two_steps / "checkpoints" / "step_00000001"), "--output_dir", str(target)]) == 0
+    listed = json.loads((target / "export-manifest.json").read_text())["files"]
+    assert {"backbone.safetensors", "backbone.json", "head.safetensors", "head.json"} <= listed.keys()
+    export.load_exported(target)
+    damage_file(target / "head.safetensors", "truncated")
+    with pytest.raises(export.ExportError, match="head.safetensors has"):
+        export.load_exported(target)
