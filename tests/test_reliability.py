@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
+import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_shards
+from conftest import ROOT, make_shards
 
 from simclr_dali import evaluate, train
 from simclr_dali.pipeline.loader import DaliLoader, TwoViews
@@ -228,3 +232,54 @@ def test_an_exported_checkpoint_carries_a_manifest_that_load_exported_checks(two
     damage_file(target / "head.safetensors", "truncated")
     with pytest.raises(export.ExportError, match="head.safetensors has"):
         export.load_exported(target)
+
+
+# --------------------------------------------------------------------------- 3. one process per run directory
+
+
+def files_of(directory: Path, ignore=("train.log", "run.lock")) -> dict[str, tuple[int, int]]:
+    return {
+        str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name not in ignore
+    }
+
+
+def start_training(out: Path, shards: Path, *flags, **overrides) -> subprocess.Popen:
+    """train.py in a child process, returned once it printed its "run ... started" line (it holds the lock)."""
+    config = out.parent / f"{out.name}-child.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "train_shards": str(shards), "output_dir": str(out), **overrides}))
+    child = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(config), *map(str, flags)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"},
+    )
+    for line in child.stdout:
+        if " started with " in line or " resumed from " in line:
+            return child
+    raise AssertionError(f"train.py exited with {child.wait()} before starting")
+
+
+def test_a_second_process_on_a_run_is_refused_and_a_killed_holder_leaves_no_lock(
+    two_steps, shard_set, tmp_path, capsys
+):
+    out = copy_run(two_steps, tmp_path)
+    first = start_training(out, shard_set, "--resume", "auto", max_steps=100_000, epochs=100_000)
+    try:
+        before = files_of(out)
+        for flags in (
+            ("--resume", "auto"),
+            ("--resume", out / "checkpoints" / "step_00000002"),
+            ("--overwrite", "true"),
+        ):
+            assert run_train(out, shard_set, *flags, max_steps=3) == 2
+            err = capsys.readouterr().err
+            assert f"process {first.pid} on host {socket.gethostname()}" in err and str(out) in err, err
+        assert files_of(out) == before  # nothing read-and-rewritten, nothing deleted
+    finally:
+        first.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock
+        first.wait()
+    assert run_train(out, shard_set, "--resume", "auto", max_steps=3) == 0
+    assert "resumed from" in capsys.readouterr().out
