@@ -283,3 +283,36 @@ def test_a_second_process_on_a_run_is_refused_and_a_killed_holder_leaves_no_lock
         first.wait()
     assert run_train(out, shard_set, "--resume", "auto", max_steps=3) == 0
     assert "resumed from" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- 8. rotation: complete or invisible
+
+
+class KilledMidway(BaseException):
+    """The process dies here (no handler of ours catches a BaseException that is not an Exception)."""
+
+
+def test_a_kill_during_rotation_leaves_no_incomplete_checkpoint(shard_set, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, *args, **kwargs):
+        if Path(path).parent.name == "checkpoints":  # deleting a rotated checkpoint: half of it, then death
+            for name in ("manifest.json", "model.safetensors"):
+                (Path(path) / name).unlink()
+            raise KilledMidway(path)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", killed_midway)
+    with pytest.raises(KilledMidway):
+        run_train(out, shard_set, max_steps=3, checkpoint_every=1, keep_checkpoints=2)
+    monkeypatch.undo()
+    root = out / "checkpoints"
+    finals = sorted(p for p in root.iterdir() if p.name.startswith("step_"))
+    assert [p.name for p in finals] == ["step_00000002", "step_00000003"]  # step 1 was being rotated away
+    assert all((p / "manifest.json").is_file() for p in finals)  # complete under every final name
+    (root / "step_00000042").mkdir()  # what an older version's interrupted rotation left: an empty step_N
+    assert run_train(out, shard_set, "--resume", "auto", max_steps=3, checkpoint_every=1, keep_checkpoints=2) == 0
+    printed = capsys.readouterr().out
+    assert "removed 2 temporary checkpoint(s)" in printed and "step_00000042" in printed
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
