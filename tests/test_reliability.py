@@ -21,6 +21,7 @@ import pytest
 import yaml
 from conftest import ROOT, make_shards
 
+import simclr_dali.trainer.checkpoint as checkpoint_module
 from simclr_dali import evaluate, train
 from simclr_dali.pipeline.loader import DaliLoader, TwoViews
 from simclr_dali.pipeline.shards.shardset import (
@@ -316,3 +317,85 @@ def test_a_kill_during_rotation_leaves_no_incomplete_checkpoint(shard_set, tmp_p
     printed = capsys.readouterr().out
     assert "removed 2 temporary checkpoint(s)" in printed and "step_00000042" in printed
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
+
+
+# --------------------------------------------------------------------------- 5. a full filesystem at every write
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 64 MiB tmpfs (needs root, as in the project's container; skipped elsewhere)."""
+    mount_point = tmp_path / "fs"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)], capture_output=True)
+    if result.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def fill(filesystem: Path, leave: int = 0) -> Path:
+    """Fill ``filesystem`` until ``leave`` bytes are free (for the log line that reports the failure)."""
+    filler = filesystem / "filler"
+    free = os.statvfs(filesystem).f_bavail * os.statvfs(filesystem).f_frsize
+    with open(filler, "wb") as handle:
+        try:
+            handle.write(bytes(max(0, free - leave)))
+            handle.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_at_the_export_exits_1_and_resume_finishes_it(
+    shard_set, tmp_path, small_filesystem, monkeypatch, capsys
+):
+    out = small_filesystem / "run"
+    real_export = train.export_backbone
+
+    def export_on_a_full_disk(*args, **kwargs):
+        fill(small_filesystem, leave=64 * 1024)
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(train, "export_backbone", export_on_a_full_disk)
+    assert run_train(out, shard_set, max_steps=2) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write the export in {out}" in err and "No space left on device" in err and "Traceback" not in err
+    assert f"cannot write the export in {out}" in (out / "train.log").read_text()
+    monkeypatch.undo()
+    (small_filesystem / "filler").unlink()
+    assert run_train(out, shard_set, "--resume", "auto", max_steps=2) == 0  # the checkpoint was intact
+    export.load_exported(out)
+
+
+def test_a_full_disk_at_a_checkpoint_exits_1_and_resume_finishes(
+    shard_set, tmp_path, small_filesystem, monkeypatch, capsys
+):
+    out = small_filesystem / "run"
+    real_save = checkpoint_module.Checkpointer.save
+
+    def save_on_a_full_disk(self, model, optimizer, state, loader_state):
+        if state["step"] == 2:
+            fill(small_filesystem, leave=64 * 1024)
+        return real_save(self, model, optimizer, state, loader_state)
+
+    monkeypatch.setattr(checkpoint_module.Checkpointer, "save", save_on_a_full_disk)
+    assert run_train(out, shard_set, max_steps=3, checkpoint_every=1) == 1
+    err = capsys.readouterr().err
+    assert f"cannot write checkpoint {out / 'checkpoints' / 'step_00000002'}" in err and "No space left" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]  # intact, no temporaries
+    monkeypatch.undo()
+    (small_filesystem / "filler").unlink()
+    assert run_train(out, shard_set, "--resume", "auto", max_steps=3, checkpoint_every=1) == 0
+    assert "resumed from" in capsys.readouterr().out
+
+
+def test_a_full_disk_at_the_evaluation_report_exits_1_naming_it(shard_set, small_filesystem, capsys):
+    report = small_filesystem / "report.json"
+    fill(small_filesystem)
+    status = evaluate.main(
+        ["--model", "resnet18", "--random_init", "true", "--json", str(report), *evaluate_args(shard_set)]
+    )
+    err = capsys.readouterr().err
+    assert status == 1 and f"cannot write the --json report {report}" in err and "Traceback" not in err
+    assert not report.exists()
