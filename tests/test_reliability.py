@@ -15,11 +15,14 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from conftest import ROOT, make_shards
+from PIL import Image
 
 import simclr_dali.trainer.checkpoint as checkpoint_module
 from simclr_dali import evaluate, train
@@ -399,3 +402,79 @@ def test_a_full_disk_at_the_evaluation_report_exits_1_naming_it(shard_set, small
     err = capsys.readouterr().err
     assert status == 1 and f"cannot write the --json report {report}" in err and "Traceback" not in err
     assert not report.exists()
+
+
+# --------------------------------------------------------------------------- 4. children die with their parent
+
+
+def descendants(pid: int) -> set[int]:
+    found = set()
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        for child in map(int, children.read_text().split()):
+            found |= {child} | descendants(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Running, or not yet reaped by a PID 1 that reaps nothing (a zombie has ended: it holds no pipe)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+POOL_PARENT = """
+import sys, time
+from simclr_dali.common.processes import process_pool
+pool = process_pool(2, sys.argv[1])
+futures = [pool.submit(time.sleep, 120) for _ in range(4)]
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def kill_parent_and_find_survivors(parent: subprocess.Popen, workers: int) -> list[int]:
+    """Wait for ``workers`` descendants of ``parent``, SIGKILL it, then the descendants still alive after 20 s
+    (the parent's stdout must reach EOF too: nobody may hold it)."""
+    deadline = time.monotonic() + 120
+    try:
+        while len(children := descendants(parent.pid)) < workers and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(children) >= workers, f"only {children} started"
+        time.sleep(3)  # the rest of the pool (and the spawn context's resource tracker) starting
+        children = descendants(parent.pid)
+    finally:
+        parent.kill()
+    parent.communicate(timeout=60)  # EOF on its stdout: no orphan holds the pipe
+    deadline = time.monotonic() + 20
+    while any(map(alive, children)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [pid for pid in children if alive(pid)]
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "fork"])
+def test_sigkill_of_a_pool_parent_leaves_no_worker(start_method):
+    parent = subprocess.Popen(
+        [sys.executable, "-c", POOL_PARENT, start_method], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert parent.stdout.readline().strip() == "ready"
+    assert kill_parent_and_find_survivors(parent, 2) == []
+
+
+def test_sigkill_of_simclr_shards_write_leaves_no_worker(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(240):  # noise JPEGs: slow enough to re-encode that the write is still running when killed
+        folder = tmp_path / "images" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)).save(folder / f"{i}.jpg", quality=95)
+    parent = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "simclr_dali.pipeline.shards", "write", "folder", str(tmp_path / "images")),
+            *(str(tmp_path / "out" / "s-%06d.tar"), "--max_side", "100", "--workers", "2"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+    assert kill_parent_and_find_survivors(parent, 2) == []

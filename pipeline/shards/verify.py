@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import io
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ...common.processes import process_pool
 from .shardset import (
     CLASSES_FILE,
     IMAGE_COMPONENTS,
@@ -108,7 +108,7 @@ def verify_shards(
     if workers is not None and workers < 1:
         raise ShardError(f"--workers must be >= 1, got {workers}")
     total, problems, first_seen = 0, [], {}
-    with ProcessPoolExecutor(max_workers=min(workers or os.cpu_count(), max(1, len(shards)))) as pool:
+    with process_pool(min(workers or os.cpu_count(), max(1, len(shards)))) as pool:
         results = pool.map(verify_shard, shards, [require_labels] * len(shards))
         for tar, (count, found, keys) in tqdm(
             zip(shards, results), total=len(shards), desc="verifying", unit="shard", disable=not progress
