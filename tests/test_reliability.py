@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import yaml
 from conftest import ROOT, make_shards
@@ -28,6 +29,7 @@ import simclr_dali.trainer.checkpoint as checkpoint_module
 from simclr_dali import evaluate, train
 from simclr_dali.pipeline.loader import DaliLoader, TwoViews
 from simclr_dali.pipeline.shards.shardset import (
+    MAX_IMAGE_PIXELS,
     ShardError,
     check_index_matches,
     index_path,
@@ -35,6 +37,7 @@ from simclr_dali.pipeline.shards.shardset import (
     read_index,
     write_index,
 )
+from simclr_dali.pipeline.shards.verify import verify_shard
 from simclr_dali.trainer import export
 
 TINY = {
@@ -478,3 +481,49 @@ def test_sigkill_of_simclr_shards_write_leaves_no_worker(tmp_path):
         env={**os.environ, "TQDM_DISABLE": "1"},
     )
     assert kill_parent_and_find_survivors(parent, 2) == []
+
+
+# --------------------------------------------------------------------------- 7. the loader's pixel cap
+
+
+def with_frame_size(jpeg: bytes, width: int, height: int) -> bytes:
+    """``jpeg`` with the size in its frame header changed: to every header reader (PIL, DALI, our check) a
+    ``width`` x ``height`` image, the few-KB shape of a decompression bomb."""
+    position = 2
+    while jpeg[position + 1] not in (0xC0, 0xC1, 0xC2):
+        position += 2 + int.from_bytes(jpeg[position + 2 : position + 4], "big")
+    frame = position + 5
+    return jpeg[:frame] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + jpeg[frame + 4 :]
+
+
+def shard_with_a_bomb(source: Path, target: Path) -> tuple[Path, str]:
+    """A copy of ``source``'s first shard whose 5th sample's image claims 20000 x 20000 pixels; (tar, its key)."""
+    tar = sorted(source.glob("*.tar"))[0]
+    target.mkdir()
+    out = target / tar.name
+    with tarfile.open(tar) as archive, tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as rewritten:
+        images = [m for m in archive.getmembers() if m.name.endswith(".jpg")]
+        bomb = images[4].name
+        for member in archive.getmembers():
+            data = archive.extractfile(member).read()
+            if member.name == bomb:
+                data = with_frame_size(data, 20000, 20000)
+                member.size = len(data)
+            rewritten.addfile(member, io.BytesIO(data))
+    write_index(out)
+    return out, bomb.split(".")[0]
+
+
+def test_a_decompression_bomb_is_refused_by_train_naming_shard_and_key(shard_set, tmp_path, capsys):
+    tar, key = shard_with_a_bomb(shard_set, tmp_path / "bombed")
+    assert run_train(tmp_path / "run", tar.parent) == 2
+    err = capsys.readouterr().err
+    assert f"shard {tar} key {key}: a 20000 x 20000 image" in err and "pixel cap of 178,956,970" in err
+    problems = verify_shard(tar)[1]  # the writer's check refuses it too: the same cap
+    assert any(key in problem and "DecompressionBomb" in problem for problem in problems), problems
+
+
+def test_the_pixel_cap_is_configurable_and_named(shard_set, tmp_path, capsys):
+    assert run_train(tmp_path / "run", shard_set, max_image_pixels=1000) == 2  # the set's images are 32 x 32
+    assert "over the pixel cap of 1,000 (max_image_pixels" in capsys.readouterr().err
+    assert MAX_IMAGE_PIXELS == 2 * PIL.Image.MAX_IMAGE_PIXELS  # PIL's bomb error, which write and verify get

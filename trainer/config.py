@@ -19,6 +19,7 @@ from jsonargparse import ActionConfigFile, ArgumentError, ArgumentParser, set_pa
 
 from ..common.cli import underscore_flags
 from ..common.timm_args import check_timm_kwargs
+from ..pipeline.shards.shardset import MAX_IMAGE_PIXELS
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
@@ -180,6 +181,10 @@ class TrainConfig:
     """Temperature of the in-training kNN probe's weights."""
     eval_json: str | None = None
     """Write the evaluation curve (every evaluation so far) to this JSON file."""
+    # --- issue 30 ---
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    """The most pixels a training or evaluation image may have (read from its header before DALI decodes it):
+    a larger one is refused naming its shard and key. Default: the cap simclr-shards write and verify apply."""
 
     def validate(self, world_size: int = 1) -> None:
         """Checks that need no data: ranges and divisibility (types and choices are the parser's). Raises
@@ -209,6 +214,7 @@ class TrainConfig:
             "eval_size",
             "eval_resize",
             "grad_clip",
+            "max_image_pixels",  # issue 30
         ]
         for name in positive:
             value = getattr(self, name)

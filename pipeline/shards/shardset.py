@@ -22,9 +22,11 @@ injective (distinct paths give distinct keys), stable, and ``key_path`` reverses
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import re
+import struct
 import tarfile
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -42,6 +44,10 @@ INDEX_VERSION = "v1.2"
 SET_FILE = "shardset.json"
 CLASSES_FILE = "classes.json"
 SET_FORMAT = 1
+# The most pixels an image may have: PIL's DecompressionBombError threshold (2 x Image.MAX_IMAGE_PIXELS), which
+# ``write`` and ``verify`` apply when they open an image; the loader applies the same cap before DALI decodes.
+MAX_IMAGE_PIXELS = 178_956_970
+HEADER_READ = 4096  # bytes of an image read to find its size; more only when its header is longer (EXIF)
 
 
 class ShardError(ValueError):
@@ -376,6 +382,86 @@ def _same_member_name(in_header: str, in_index: str) -> bool:
         and bool(in_header)
         and in_index.startswith(in_header[:50])
     )
+
+
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15: the markers that give the size
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _header_dimensions(data: bytes) -> tuple[int, int] | str | None:
+    """(width, height) from a JPEG's frame header or a PNG's IHDR, "more" when a JPEG's header goes on past
+    ``data``, None for other formats (PIL reads those)."""
+    if data[:8] == _PNG_SIGNATURE and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:2] != b"\xff\xd8":
+        return None
+    position = 2
+    while position + 9 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif marker in _JPEG_FRAMES:
+            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
+            return width, height
+        else:
+            position += 2 + struct.unpack(">H", data[position + 2 : position + 4])[0]
+    return "more"
+
+
+def image_size(handle, offset: int, size: int) -> tuple[int, int] | None:
+    """(width, height) of the image stored at ``offset`` (``size`` bytes) of an open shard, from its header
+    (4 KiB read first, all of it only when the header is longer, e.g. a large EXIF block); None when no header
+    can be parsed (the decode check names such images). JPEG and PNG by hand (~10x faster than PIL), other
+    formats through PIL."""
+    read = min(size, HEADER_READ)
+    while True:
+        handle.seek(offset)
+        data = handle.read(read)
+        found = _header_dimensions(data)
+        if found == "more" and read < size:
+            read = size
+            continue
+        if isinstance(found, tuple):
+            return found
+        return _pil_dimensions(data)
+
+
+def _pil_dimensions(data: bytes) -> tuple[int, int] | None:
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's own bomb warning: the caller applies the cap
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(io.BytesIO(data)).size
+        except (OSError, SyntaxError, ValueError):
+            return None
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def check_pixel_cap(index: ShardIndex, max_pixels: int = MAX_IMAGE_PIXELS) -> ShardIndex:
+    """``index`` if no image in its shard has more than ``max_pixels`` pixels (read from each image's header,
+    before any decoder sees it); else ``ShardError`` naming the shard, the key, the size and the cap: a
+    decompression bomb (a 20000 x 20000 JPEG of a few MB) would cost every epoch a 1.2 GB decode."""
+    with open(index.tar, "rb") as handle:
+        for sample in index.samples:
+            for ext, (offset, size, name) in sample.items():
+                if ext.lower() not in IMAGE_COMPONENTS:
+                    continue
+                found = image_size(handle, offset, size)
+                if found is not None and found[0] * found[1] > max_pixels:
+                    raise ShardError(
+                        f"shard {index.tar} key {sample_key(name)}: a {found[0]} x {found[1]} image "
+                        f"({found[0] * found[1]:,} pixels) is over the pixel cap of {max_pixels:,} "
+                        "(max_image_pixels; simclr-shards write and verify apply the same cap): remove it or "
+                        "rewrite the set with --max_side"
+                    )
+    return index
 
 
 def read_checked_index(tar: Path) -> ShardIndex:
