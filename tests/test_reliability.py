@@ -38,6 +38,7 @@ from simclr_dali.pipeline.shards.shardset import (
     write_index,
 )
 from simclr_dali.pipeline.shards.verify import verify_shard
+from simclr_dali.pipeline.shards.writer import ShardWriter
 from simclr_dali.trainer import export
 
 TINY = {
@@ -527,3 +528,34 @@ def test_the_pixel_cap_is_configurable_and_named(shard_set, tmp_path, capsys):
     assert run_train(tmp_path / "run", shard_set, max_image_pixels=1000) == 2  # the set's images are 32 x 32
     assert "over the pixel cap of 1,000 (max_image_pixels" in capsys.readouterr().err
     assert MAX_IMAGE_PIXELS == 2 * PIL.Image.MAX_IMAGE_PIXELS  # PIL's bomb error, which write and verify get
+
+
+# --------------------------------------------------------------------------- hostile member names
+
+
+@pytest.mark.parametrize(
+    "key,ext",
+    [("../evil", "jpg"), ("/etc/evil", "jpg"), ("a/../../evil", "jpg"), ("ok", "jpg/../../evil"), ("ok", "/x")],
+)
+def test_write_refuses_member_names_outside_the_folder(tmp_path, key, ext):
+    with pytest.raises(ShardError, match="refused|not a valid key"):
+        with ShardWriter(str(tmp_path / "s-%06d.tar")) as writer:
+            writer.add(key, {ext: b"\xff\xd8", "cls": b"1"})
+    assert not list(tmp_path.glob("*.tar"))
+
+
+@pytest.mark.parametrize("name,why", [("../evil.jpg", "a '..' part"), ("/abs/evil.jpg", "an absolute path")])
+def test_verify_names_member_names_outside_the_folder(shard_set, tmp_path, name, why):
+    source = sorted(shard_set.glob("*.tar"))[0]
+    tar = tmp_path / "hostile.tar"
+    with tarfile.open(source) as archive, tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as rewritten:
+        members = archive.getmembers()
+        for member in members:
+            rewritten.addfile(member, io.BytesIO(archive.extractfile(member).read()))
+        image = archive.extractfile(members[0]).read()
+        info = tarfile.TarInfo(name)
+        info.size = len(image)
+        rewritten.addfile(info, io.BytesIO(image))
+    write_index(tar)
+    problems = verify_shard(tar, require_labels=False)[1]
+    assert any(repr(name) in problem and why in problem for problem in problems), problems

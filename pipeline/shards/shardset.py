@@ -188,6 +188,16 @@ def check_key(key: str) -> str:
     return key
 
 
+def unsafe_member_name(name: str) -> str | None:
+    """Why a tar member name is unsafe (an absolute path, a '..' part: a tool that unpacks the shard would
+    write outside its folder), or None."""
+    if name.startswith("/"):
+        return "an absolute path"
+    if ".." in name.split("/"):
+        return "a '..' part"
+    return None
+
+
 def sample_key(member_name: str) -> str:
     """``000123.jpg`` -> ``000123`` (WebDataset: the key is the name up to the first dot of the base name)."""
     directory, _, base = member_name.rpartition("/")

@@ -23,6 +23,7 @@ from .shardset import (
     read_index,
     read_set_record,
     sample_key,
+    unsafe_member_name,
 )
 
 # Image formats DALI's decoders read (GIF is not one of them).
@@ -72,6 +73,13 @@ def verify_shard(tar: Path, require_labels: bool = True) -> tuple[int, list[str]
     except ShardError as error:
         problems.append(str(error))
     keys = []
+    for sample in actual:
+        for _, _, _, name in sample:
+            if unsafe := unsafe_member_name(name):
+                problems.append(
+                    f"shard {tar}: member {name!r} has {unsafe} (tools that unpack the tar would write outside "
+                    "its folder); rewrite the set with `simclr-shards write`"
+                )
     with open(tar, "rb") as handle:
         for sample in actual:
             key = sample_key(sample[0][3])
