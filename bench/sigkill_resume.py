@@ -1,0 +1,182 @@
+"""The SIGKILL resume loop (issue 30): one tiny training run killed with SIGKILL at random moments, again and
+again, each time restarted with ``--resume auto``, then finished; its final weights compared bit for bit with an
+uninterrupted run's. Records how many kills landed where (before the run started, while a checkpoint was being
+staged, at other moments), how each restart went (its exit status and what it resumed from), what was set aside
+or swept, and whether the end result is identical.
+
+    python bench.py sigkill-resume [--kills 30] [--seed 0] [--max_steps 120]
+
+Kill moments: half uniformly in the first 12 s of a process (import, config, run lock, data checks), half
+uniformly in the 4 s after it printed its "run ... started/resumed" line (model build, steps, checkpoints
+written at every step)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from .common import ROOT, write_result
+
+TINY = {
+    "image_size": 32,
+    "augment": "cifar",
+    "backbone": "resnet18",
+    "cifar_stem": True,
+    "timm_kwargs": {"channels": [8, 16, 32, 64]},
+    "proj_hidden": 32,
+    "proj_dim": 16,
+    "batch_size": 16,
+    "epochs": 40,
+    "warmup_epochs": 1,
+    "lr": 0.5,
+    "temperature": 0.2,
+    "precision": "no",
+    "tracker": "none",
+    "log_every": 1,
+    "checkpoint_every": 1,
+    "keep_checkpoints": 2,
+    "data_threads": 1,
+    "progress": False,
+}
+
+
+def make_shards(directory: Path) -> Path:
+    import numpy as np
+
+    from ..pipeline.shards.pixel_sources import array_samples
+    from ..pipeline.shards.writer import write_shards
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (70, 32, 32, 3), dtype=np.uint8)
+    labels = np.arange(70) % 10
+    write_shards(
+        array_samples(images, labels),
+        str(directory / "part-%06d.tar"),
+        [f"c{i}" for i in range(10)],
+        total=70,
+        max_count=30,
+        progress=False,
+    )
+    return directory
+
+
+def start(config: Path) -> tuple[subprocess.Popen, list[str]]:
+    """train.py --resume auto in a child; its output lines collected by a thread as they come."""
+    child = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "--config", str(config), "--resume", "auto"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(child.stdout), daemon=True).start()
+    return child, lines
+
+
+def kill_at_random(config: Path, out: Path, rng: random.Random) -> dict:
+    """One process, killed at a random moment; what the moment was and what the process had said."""
+    child, lines = start(config)
+    after_start = rng.random() < 0.5
+    if after_start:
+        deadline = time.monotonic() + 120
+        while not any(" started with " in line or " resumed from " in line for line in lines):
+            if child.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    time.sleep(rng.uniform(0, 4 if after_start else 12))
+    staging = [p.name for p in (out / "checkpoints").glob(".tmp-*")] if (out / "checkpoints").is_dir() else []
+    finished = child.poll() is not None
+    if not finished:
+        child.kill()
+    child.wait()
+    time.sleep(0.2)  # the output thread's last lines
+    return {
+        "window": "after start line" if after_start else "from process start",
+        "killed": not finished,
+        "exit_status": child.returncode,
+        "staging_at_kill": bool(staging),
+        "resumed_from": next(
+            (line.split(" resumed from ")[1].split()[0] for line in lines if " resumed from " in line), None
+        ),
+        "errors": [line.strip() for line in lines if line.startswith("error")],
+        "set_aside": sum("set aside as" in line for line in lines),
+        "swept": sum("temporary checkpoint(s) a crash left" in line for line in lines),
+    }
+
+
+def run_to_end(config: Path) -> tuple[int, list[str]]:
+    child, lines = start(config)
+    child.wait()
+    time.sleep(0.2)
+    return child.returncode, lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.py sigkill-resume", description=__doc__)
+    parser.add_argument("--kills", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_steps", type=int, default=120)
+    parser.add_argument("--json", default=None, help="where the result goes (default bench/results/)")
+    args = parser.parse_args(argv)
+    from safetensors.torch import load_file
+
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory(prefix="sigkill-resume-") as tmp:
+        tmp = Path(tmp)
+        shards = make_shards(tmp / "shards")
+        configs = {}
+        for name in ("reference", "killed"):
+            configs[name] = tmp / f"{name}.yaml"
+            settings = {**TINY, "train_shards": str(shards), "output_dir": str(tmp / name), "max_steps": args.max_steps}
+            configs[name].write_text(yaml.safe_dump(settings))
+        status, _ = run_to_end(configs["reference"])
+        assert status == 0, f"the uninterrupted run failed with {status}"
+        restarts = []
+        while sum(r["killed"] for r in restarts) < args.kills:
+            restarts.append(kill_at_random(configs["killed"], tmp / "killed", rng))
+            print(f"restart {len(restarts)}: {restarts[-1]}", flush=True)
+            if not restarts[-1]["killed"]:
+                break  # the run finished before its kill: nothing left to interrupt
+        status, lines = run_to_end(configs["killed"])
+        reference = load_file(str(tmp / "reference" / "backbone.safetensors"))
+        final = load_file(str(tmp / "killed" / "backbone.safetensors")) if status == 0 else {}
+        identical = (
+            bool(final) and final.keys() == reference.keys() and all(final[k].equal(reference[k]) for k in reference)
+        )
+        leftovers = sorted(
+            p.name
+            for p in (tmp / "killed" / "checkpoints").iterdir()
+            if not (p / "manifest.json").is_file() or p.name.startswith(".")
+        )
+    killed = [r for r in restarts if r["killed"]]
+    payload = {
+        "kills": len(killed),
+        "kills_from_process_start": sum(r["window"] == "from process start" for r in killed),
+        "kills_after_start_line": sum(r["window"] == "after start line" for r in killed),
+        "kills_while_a_checkpoint_was_staged": sum(r["staging_at_kill"] for r in killed),
+        "restarts_that_resumed_from_a_checkpoint": sum(r["resumed_from"] is not None for r in restarts),
+        "restarts_with_an_error_line": sum(bool(r["errors"]) for r in restarts),
+        "checkpoints_set_aside_as_unusable": sum(r["set_aside"] for r in restarts),
+        "sweeps_of_crash_leftovers": sum(r["swept"] for r in restarts),
+        "final_exit_status": status,
+        "final_weights_identical_to_uninterrupted_run": identical,
+        "incomplete_or_temporary_left_at_the_end": leftovers,
+        "max_steps": args.max_steps,
+        "seed": args.seed,
+        "restarts": restarts,
+        "final_run_errors": [line.strip() for line in lines if line.startswith("error")],
+    }
+    target = write_result("sigkill_resume", payload, args.json)
+    summary = {k: v for k, v in payload.items() if k not in ("restarts",)}
+    print(f"{summary}\n-> {target}")
+    return 0 if status == 0 and identical and not leftovers else 1
