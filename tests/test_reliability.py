@@ -270,6 +270,7 @@ def start_training(out: Path, shards: Path, *flags, **overrides) -> subprocess.P
     raise AssertionError(f"train.py exited with {child.wait()} before starting")
 
 
+@pytest.mark.slow
 def test_a_second_process_on_a_run_is_refused_and_a_killed_holder_leaves_no_lock(
     two_steps, shard_set, tmp_path, capsys
 ):
@@ -300,6 +301,7 @@ class KilledMidway(BaseException):
     """The process dies here (no handler of ours catches a BaseException that is not an Exception)."""
 
 
+@pytest.mark.slow
 def test_a_kill_during_rotation_leaves_no_incomplete_checkpoint(shard_set, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     real_rmtree = shutil.rmtree
@@ -354,6 +356,7 @@ def fill(filesystem: Path, leave: int = 0) -> Path:
     return filler
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_export_exits_1_and_resume_finishes_it(
     shard_set, tmp_path, small_filesystem, monkeypatch, capsys
 ):
@@ -375,6 +378,7 @@ def test_a_full_disk_at_the_export_exits_1_and_resume_finishes_it(
     export.load_exported(out)
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_a_checkpoint_exits_1_and_resume_finishes(
     shard_set, tmp_path, small_filesystem, monkeypatch, capsys
 ):
@@ -465,6 +469,7 @@ def test_sigkill_of_a_pool_parent_leaves_no_worker(start_method):
     assert kill_parent_and_find_survivors(parent, 2) == []
 
 
+@pytest.mark.slow
 def test_sigkill_of_simclr_shards_write_leaves_no_worker(tmp_path):
     rng = np.random.default_rng(0)
     for i in range(240):  # noise JPEGs: slow enough to re-encode that the write is still running when killed
