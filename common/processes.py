@@ -19,8 +19,9 @@ from concurrent.futures import ProcessPoolExecutor
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Pool initializer: SIGKILL this process when its parent dies; exit now if the parent already died."""
+def die_with_parent(parent_pid: int, *_worker_id) -> None:
+    """Pool initializer (or a torch DataLoader's ``worker_init_fn``, which passes the worker id): SIGKILL this
+    process when its parent dies; exit now if the parent already died."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:

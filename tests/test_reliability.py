@@ -469,6 +469,22 @@ def test_sigkill_of_a_pool_parent_leaves_no_worker(start_method):
     assert kill_parent_and_find_survivors(parent, 2) == []
 
 
+LOADER_PARENT = """
+import sys, time
+from simclr_dali.pipeline.torchvision_baseline import TorchvisionPretrainLoader
+batches = iter(TorchvisionPretrainLoader(sys.argv[1], 8, num_workers=2))
+next(batches)
+print("ready", flush=True)
+time.sleep(120)
+"""
+
+
+def test_sigkill_of_a_torch_loader_parent_leaves_no_worker(shard_set):
+    parent = subprocess.Popen([sys.executable, "-c", LOADER_PARENT, str(shard_set)], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout.readline().strip() == "ready"
+    assert kill_parent_and_find_survivors(parent, 2) == []
+
+
 @pytest.mark.slow
 def test_sigkill_of_simclr_shards_write_leaves_no_worker(tmp_path):
     rng = np.random.default_rng(0)
