@@ -4,11 +4,12 @@ uninterrupted run's. Records how many kills landed where (before the run started
 staged, at other moments), how each restart went (its exit status and what it resumed from), what was set aside
 or swept, and whether the end result is identical.
 
-    python bench.py sigkill-resume [--kills 30] [--seed 0] [--max_steps 60]
+    python bench.py sigkill-resume [--kills 30] [--seed 0] [--max_steps 40] [--minutes 30]
 
 Kill moments: half uniformly in the first 12 s of a process (import, config, run lock, data checks), half
-uniformly in the 15 s after it printed its "run ... started/resumed" line (model build, then steps with a
-checkpoint after every step: on the shared 2-core machine a few steps, so many kills land in a checkpoint write)."""
+uniformly in the 8 s after it wrote its first checkpoint (steps with a checkpoint after every one, so many kills
+land in a checkpoint write). The uninterrupted reference runs beside the loop. Results are rewritten after every
+restart (``complete`` false until the end), and ``--minutes`` bounds the loop."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import yaml
 from .common import ROOT, write_result
 
 START_WINDOW = 12.0  # seconds from the process start: import, config, run lock, data checks (~10 s here)
-AFTER_START_WINDOW = 15.0  # seconds after the start line: model build, steps, a checkpoint after every step
+AFTER_CHECKPOINT_WINDOW = 8.0  # seconds after the first checkpoint of a process: steps, a checkpoint after each
 
 TINY = {
     "image_size": 32,
@@ -86,31 +87,41 @@ def start(config: Path) -> tuple[subprocess.Popen, list[str]]:
     return child, lines
 
 
+def _wait_for(lines: list[str], child: subprocess.Popen, texts: tuple[str, ...], after: int = 0) -> int:
+    """Wait until a line (from index ``after``) holds one of ``texts``; its index, or -1 if the child ended."""
+    while True:
+        for position in range(after, len(lines)):
+            if any(text in lines[position] for text in texts):
+                return position
+        if child.poll() is not None:
+            return -1
+        time.sleep(0.05)
+
+
 def kill_at_random(config: Path, out: Path, rng: random.Random) -> dict:
-    """One process, killed at a random moment; what the moment was and what the process had said."""
+    """One process, killed at a random moment; what the moment was and what the process had said. "after a
+    checkpoint" kills come a uniform 0..AFTER_CHECKPOINT_WINDOW s after the process wrote its first checkpoint
+    (then it is stepping and writing the next ones), so every such restart has made progress."""
     child, lines = start(config)
-    after_start = rng.random() < 0.5
-    if after_start:
-        deadline = time.monotonic() + 120
-        while not any(" started with " in line or " resumed from " in line for line in lines):
-            if child.poll() is not None or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-    time.sleep(rng.uniform(0, AFTER_START_WINDOW if after_start else START_WINDOW))
+    after_checkpoint = rng.random() < 0.5
+    if after_checkpoint:
+        started = _wait_for(lines, child, (" started with ", " resumed from "))
+        _wait_for(lines, child, ("checkpoint ",), max(started, 0) + 1)
+    time.sleep(rng.uniform(0, AFTER_CHECKPOINT_WINDOW if after_checkpoint else START_WINDOW))
     staging = [p.name for p in (out / "checkpoints").glob(".tmp-*")] if (out / "checkpoints").is_dir() else []
     finished = child.poll() is not None
     if not finished:
         child.kill()
     child.wait()
     time.sleep(0.2)  # the output thread's last lines
+    resumed = [line.split(" resumed from ")[1].split()[0] for line in lines if " resumed from " in line]
     return {
-        "window": "after start line" if after_start else "from process start",
+        "window": "after a checkpoint" if after_checkpoint else "from process start",
         "killed": not finished,
         "exit_status": child.returncode,
         "staging_at_kill": bool(staging),
-        "resumed_from": next(
-            (line.split(" resumed from ")[1].split()[0] for line in lines if " resumed from " in line), None
-        ),
+        "resumed_from": resumed[0] if resumed else None,
+        "checkpoints_written": sum(line.startswith("checkpoint ") for line in lines),
         "errors": [line.strip() for line in lines if line.startswith("error")],
         "set_aside": sum("set aside as" in line for line in lines),
         "swept": sum("temporary checkpoint(s) a crash left" in line for line in lines),
@@ -128,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py sigkill-resume", description=__doc__)
     parser.add_argument("--kills", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_steps", type=int, default=60)
+    parser.add_argument("--max_steps", type=int, default=40)
+    parser.add_argument("--minutes", type=float, default=30.0, help="stop killing after this long (then finish)")
     parser.add_argument("--json", default=None, help="where the result goes (default bench/results/)")
     args = parser.parse_args(argv)
     from safetensors.torch import load_file
@@ -142,44 +154,56 @@ def main(argv: list[str] | None = None) -> int:
             configs[name] = tmp / f"{name}.yaml"
             settings = {**TINY, "train_shards": str(shards), "output_dir": str(tmp / name), "max_steps": args.max_steps}
             configs[name].write_text(yaml.safe_dump(settings))
-        status, _ = run_to_end(configs["reference"])
-        assert status == 0, f"the uninterrupted run failed with {status}"
-        restarts = []
-        while sum(r["killed"] for r in restarts) < args.kills:
+        reference_run, reference_lines = start(configs["reference"])
+        restarts, loop_end = [], time.monotonic() + 60 * args.minutes
+        while sum(r["killed"] for r in restarts) < args.kills and time.monotonic() < loop_end:
             restarts.append(kill_at_random(configs["killed"], tmp / "killed", rng))
             print(f"restart {len(restarts)}: {restarts[-1]}", flush=True)
+            record(args, restarts, None, complete=False)
             if not restarts[-1]["killed"]:
                 break  # the run finished before its kill: nothing left to interrupt
         status, lines = run_to_end(configs["killed"])
+        assert reference_run.wait() == 0, f"the uninterrupted run failed: {reference_lines[-5:]}"
         reference = load_file(str(tmp / "reference" / "backbone.safetensors"))
-        final = load_file(str(tmp / "killed" / "backbone.safetensors")) if status == 0 else {}
+        final_weights = load_file(str(tmp / "killed" / "backbone.safetensors")) if status == 0 else {}
         identical = (
-            bool(final) and final.keys() == reference.keys() and all(final[k].equal(reference[k]) for k in reference)
+            bool(final_weights)
+            and final_weights.keys() == reference.keys()
+            and all(final_weights[k].equal(reference[k]) for k in reference)
         )
         leftovers = sorted(
             p.name
             for p in (tmp / "killed" / "checkpoints").iterdir()
             if not (p / "manifest.json").is_file() or p.name.startswith(".")
         )
-    killed = [r for r in restarts if r["killed"]]
-    payload = {
-        "kills": len(killed),
-        "kills_from_process_start": sum(r["window"] == "from process start" for r in killed),
-        "kills_after_start_line": sum(r["window"] == "after start line" for r in killed),
-        "kills_while_a_checkpoint_was_staged": sum(r["staging_at_kill"] for r in killed),
-        "restarts_that_resumed_from_a_checkpoint": sum(r["resumed_from"] is not None for r in restarts),
-        "restarts_with_an_error_line": sum(bool(r["errors"]) for r in restarts),
-        "checkpoints_set_aside_as_unusable": sum(r["set_aside"] for r in restarts),
-        "sweeps_of_crash_leftovers": sum(r["swept"] for r in restarts),
+    final = {
         "final_exit_status": status,
         "final_weights_identical_to_uninterrupted_run": identical,
         "incomplete_or_temporary_left_at_the_end": leftovers,
+        "final_run_errors": [line.strip() for line in lines if line.startswith("error")],
+    }
+    target, payload = record(args, restarts, final, complete=True)
+    print(f"{ {k: v for k, v in payload.items() if k != 'restarts'} }\n-> {target}")
+    return 0 if status == 0 and identical and not leftovers else 1
+
+
+def record(args, restarts: list[dict], final: dict | None, complete: bool):
+    """Write the counts so far (every restart: an interrupted loop still leaves its counts)."""
+    killed = [r for r in restarts if r["killed"]]
+    payload = {
+        "complete": complete,
+        "kills": len(killed),
+        "kills_from_process_start": sum(r["window"] == "from process start" for r in killed),
+        "kills_after_a_checkpoint": sum(r["window"] == "after a checkpoint" for r in killed),
+        "kills_while_a_checkpoint_was_staged": sum(r["staging_at_kill"] for r in killed),
+        "restarts_that_resumed_from_a_checkpoint": sum(r["resumed_from"] is not None for r in restarts),
+        "checkpoints_written_by_killed_processes": sum(r["checkpoints_written"] for r in restarts),
+        "restarts_with_an_error_line": sum(bool(r["errors"]) for r in restarts),
+        "checkpoints_set_aside_as_unusable": sum(r["set_aside"] for r in restarts),
+        "sweeps_of_crash_leftovers": sum(r["swept"] for r in restarts),
+        **(final or {}),
         "max_steps": args.max_steps,
         "seed": args.seed,
         "restarts": restarts,
-        "final_run_errors": [line.strip() for line in lines if line.startswith("error")],
     }
-    target = write_result("sigkill_resume", payload, args.json)
-    summary = {k: v for k, v in payload.items() if k not in ("restarts",)}
-    print(f"{summary}\n-> {target}")
-    return 0 if status == 0 and identical and not leftovers else 1
+    return write_result("sigkill_resume", payload, args.json), payload
