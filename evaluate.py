@@ -58,7 +58,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from .common.errors import ExitStatus, SimclrError
-from .common.files import atomic_write_text, check_writable
+from .common.files import WriteFailure, check_writable, write_result
 from .evaluation.backbone import load_backbone
 from .evaluation.config import EvalConfig, UsageError, parse_args
 from .evaluation.features import cached_features, extract_features
@@ -328,7 +328,11 @@ def main(argv=None) -> int:
 
     print_summary(report, accelerator)
     if args.json and accelerator.is_main_process:
-        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+        try:
+            write_result(args.json, json.dumps(report, indent=1) + "\n", "--json report")
+        except WriteFailure as error:  # the scores are printed above: only the report is lost
+            print(f"error: {error.strerror}", file=sys.stderr, flush=True)
+            return ExitStatus.OTHER
     return ExitStatus.DONE
 
 

@@ -43,14 +43,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from .common.errors import ExitStatus, SimclrError
-from .common.files import atomic_write_text
 from .model.simclr import feature_dim
 from .trainer.build import build_model, prepare_for_training
 from .trainer.checkpoint import Checkpointer, TrainingState
 from .trainer.config import parse_args
 from .trainer.consensus import RankConsensus
 from .trainer.data import build_eval_loaders, build_train_loader, data_device
-from .trainer.export import export_backbone
+from .trainer.export import export_backbone, write_result
 from .trainer.health import NonFiniteWatch
 from .trainer.meters import Meters
 from .trainer.monitor import EvalMonitor
@@ -62,6 +61,7 @@ from .trainer.run import (
     check_model_config,
     claim_run,
     plan_run,
+    release_run_lock,
     started_line,
     tracker_init_kwargs,
     tracker_project,
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"error: {error}")
         return error.exit_status
     finally:
+        release_run_lock(cfg.output_dir)
         preemption.restore()
         log.close()
         accelerator.end_training()
@@ -203,7 +204,7 @@ def finish(t: Session) -> int:
             "image_size": cfg.augment.size,
         }
         export_backbone(backbone, cfg.output_dir, meta, head=accelerator.unwrap_model(t.model).head)
-        atomic_write_text(
+        write_result(
             os.path.join(cfg.output_dir, "train_summary.json"),
             json.dumps({**summary, "history": state.history}, indent=1) + "\n",
         )

@@ -148,3 +148,17 @@ def check_writable(directory: str | os.PathLike, what: str = "output directory")
     except OSError as error:
         raise OSError(f"{what} {directory} is not writable ({error.strerror or error})") from None
     return directory
+
+
+class WriteFailure(OSError):
+    """A result file (an export, a report, a summary) cannot be written; ``str()`` names the path and why."""
+
+
+def write_result(target: str | os.PathLike, data: bytes | str, what: str = "result") -> Path:
+    """``atomic_write_bytes`` for the files a command produces, the one error path for all of them: any
+    ``OSError`` (a full disk, permissions) becomes a ``WriteFailure`` naming ``what`` and ``target``, which
+    the commands turn into exit status 1 (the target keeps its previous content: the write is atomic)."""
+    try:
+        return atomic_write_bytes(target, data.encode() if isinstance(data, str) else data)
+    except OSError as error:
+        raise WriteFailure(error.errno, f"cannot write the {what} {target}: {error.strerror or error}") from None

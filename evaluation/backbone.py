@@ -17,9 +17,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..common.errors import SimclrError
+from ..common.manifest import CHECKPOINT_MANIFEST, EXPORT_MANIFEST, ManifestError, verify_directory, verify_file
 from ..common.timm_args import check_timm_kwargs
 from ..model.simclr import create_backbone
 from ..pipeline.augment_config import view_size
+
+CHECKPOINT_FORMS = (
+    "a train.py output directory, a checkpoint directory (checkpoints/step_N), an export directory, or a weights "
+    "file (.safetensors, or a torch state dict: .pt/.pth/.bin)"
+)
+WEIGHTS_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 class BackboneError(SimclrError, ValueError):
@@ -42,9 +49,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # safetensors and torch raise a variety of types for a damaged file
+        first_line = (str(error).splitlines() or [""])[0][:160]
         raise BackboneError(
-            f"weights file {path} cannot be read "
-            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+            f"weights file {path} cannot be read ({type(error).__name__}: {first_line}); expected {CHECKPOINT_FORMS}"
         ) from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
@@ -123,6 +130,26 @@ def load_weights_into(backbone: torch.nn.Module, state: dict[str, torch.Tensor],
     backbone.load_state_dict(state)
 
 
+def verify_source(path: Path) -> str:
+    """Check what ``--checkpoint`` names against its manifest before anything in it is read (``common.manifest``,
+    the gate resume and export use): a checkpoint directory must have a verifying ``manifest.json``; an export
+    directory, or a weights file, is verified by the manifest beside it when there is one (exports written
+    before manifests existed, and hand-copied weights, have none). Returns how it was checked; raises
+    ``BackboneError`` naming the damaged file."""
+    try:
+        if path.is_file():
+            return "verified by its manifest" if verify_file(path) else "no manifest"
+        if (path / EXPORT_MANIFEST).is_file():
+            verify_directory(path, EXPORT_MANIFEST)
+            return f"verified by {EXPORT_MANIFEST}"
+        if (path / "trainer_state.json").exists() and not (path / "backbone.json").exists():
+            verify_directory(path, CHECKPOINT_MANIFEST, required=("model.safetensors", "trainer_state.json"))
+            return f"verified by {CHECKPOINT_MANIFEST}"
+    except ManifestError as error:
+        raise BackboneError(f"checkpoint {path} is refused: {error}") from None
+    return "no manifest"
+
+
 def _meta_for(path: Path) -> dict:
     """Architecture metadata: backbone.json beside an export, or trainer_state.json's config in a checkpoint."""
     if (path / "backbone.json").exists():
@@ -140,9 +167,7 @@ def _meta_for(path: Path) -> dict:
             },
             path / "trainer_state.json",
         )
-    raise BackboneError(
-        f"{path} is neither a train.py output directory (backbone.json) nor a checkpoint (trainer_state.json)"
-    )
+    raise BackboneError(f"{path} holds neither backbone.json nor trainer_state.json: expected {CHECKPOINT_FORMS}")
 
 
 def load_backbone(
@@ -162,6 +187,9 @@ def load_backbone(
         path = Path(checkpoint)
         if not path.exists():
             raise BackboneError(f"checkpoint {path} does not exist")
+        if path.is_file() and path.suffix.lower() not in WEIGHTS_SUFFIXES:
+            raise BackboneError(f"checkpoint {path} is not a weights file: expected {CHECKPOINT_FORMS}")
+        verify_source(path)
         if path.is_file():
             meta = _file_meta(path)
             weights_file = path

@@ -69,10 +69,13 @@ from .augment import (
 from .decode_check import find_undecodable, rank_part
 from .shards.shardset import (
     IMAGE_COMPONENTS,
+    MAX_IMAGE_PIXELS,
     ShardError,
     ShardIndex,
     brace_notation,
+    check_pixel_cap,
     index_path,
+    read_checked_index,
     read_index,
     sample_key,
     shard_paths,
@@ -334,6 +337,7 @@ class DaliLoader:
         dtype: torch.dtype = torch.float32,
         keys: Collection[str] | None = None,
         pipelines: int | None = None,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -346,7 +350,8 @@ class DaliLoader:
         self.view, self.train, self.shuffle_buffer, self.dtype = view, train, shuffle_buffer, dtype
         self.output_names = [*view.outputs, "labels", "source"] if view.labelled else list(view.outputs)
         self.shards = shard_paths(shards)
-        self.indexes = [read_index(tar) for tar in self.shards]
+        # a stale index or a decompression bomb never reaches DALI (whose native code would abort or stall on it)
+        self.indexes = [check_pixel_cap(read_checked_index(tar), max_image_pixels) for tar in self.shards]
         if view.labelled:
             check_labels(self.indexes)
         self.index_paths = {

@@ -6,10 +6,13 @@ comparisons); training uses the DALI loader by default."""
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 
 import torch
 
+from ..common.processes import die_with_parent
 from .augment import AugmentConfig
 from .shards.shardset import IMAGE_COMPONENTS, read_index, shard_paths
 
@@ -90,6 +93,7 @@ class TorchvisionPretrainLoader:
                 persistent_workers=num_workers > 0,
                 prefetch_factor=4 if num_workers else None,
                 pin_memory=self.device.type == "cuda",
+                worker_init_fn=functools.partial(die_with_parent, os.getpid()),  # no orphan after a SIGKILL
             )
         )
 

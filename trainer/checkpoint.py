@@ -23,7 +23,6 @@ reads against the manifest and fails loudly, naming the file, when one is missin
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import random
@@ -40,9 +39,11 @@ from safetensors.torch import save as save_safetensors
 
 from ..common.errors import ExitStatus, SimclrError
 from ..common.files import fsync_directory, replace_directory, restore_replaced, write_durable
+from ..common.manifest import CHECKPOINT_MANIFEST, ManifestError, digest, read_manifest, verify_directory
+from ..common.manifest import read_verified as manifest_read_verified
 
 FORMAT = "simclr-checkpoint/1"
-MANIFEST = "manifest.json"
+MANIFEST = CHECKPOINT_MANIFEST
 STATE_FILE = "trainer_state.json"
 FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.json", STATE_FILE)
 _NAME = re.compile(r"step_(\d+)")
@@ -84,49 +85,24 @@ def manifest_run_id(path: Path) -> str | None:
 
 
 def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return digest(data)
 
 
 def verify_checkpoint(path: Path) -> dict:
-    """The checkpoint's manifest once every file it lists has its size and SHA-256; else ``CheckpointError``."""
+    """The checkpoint's manifest once every file it lists has its size and SHA-256; else ``CheckpointError``
+    naming the file (``common.manifest``: the same gate evaluation and export use)."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{path} has no {MANIFEST} (not a checkpoint of this format, or one never completed)"
-        ) from None
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path / MANIFEST} cannot be read ({error})") from None
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("format") != FORMAT
-        or not isinstance(manifest.get("files"), dict)
-    ):
-        raise CheckpointError(f"{path / MANIFEST} is not a {FORMAT} manifest")
-    missing = [name for name in FILES if name not in manifest["files"]]
-    if missing:
-        raise CheckpointError(f"{path / MANIFEST} does not list {', '.join(missing)}")
-    for name in FILES:
-        read_verified(path, name, manifest)
-    return manifest
+        return verify_directory(path, MANIFEST, (FORMAT,), FILES)
+    except ManifestError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def read_verified(path: Path, name: str, manifest: dict) -> bytes:
     """The bytes of ``path/name`` after checking them against the manifest's size and SHA-256."""
-    expected = manifest["files"].get(name)
-    if expected is None:
-        raise CheckpointError(f"{path / MANIFEST} does not list {name}")
     try:
-        data = (path / name).read_bytes()
-    except OSError as error:
-        raise CheckpointError(f"{path / name} cannot be read ({error.strerror or error})") from None
-    if len(data) != expected["bytes"]:
-        raise CheckpointError(
-            f"{path / name} has {len(data)} bytes, its manifest says {expected['bytes']} (truncated or rewritten)"
-        )
-    if _digest(data) != expected["sha256"]:
-        raise CheckpointError(f"{path / name} does not match the SHA-256 in its manifest (damaged)")
-    return data
+        return manifest_read_verified(path, name, manifest, MANIFEST)
+    except ManifestError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def read_verified_json(path: Path, name: str, manifest: dict):
@@ -333,7 +309,7 @@ class Checkpointer:
         """Delete this run's oldest checkpoints beyond ``keep``: never ``newest``, never another run's."""
         mine = [p for p in list_checkpoints(self.root.parent) if p != newest and manifest_run_id(p) == self.run_id]
         for old in mine[: max(0, len(mine) - (self.keep - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_checkpoint(old)
 
     def load(self, path: Path, model, optimizer, world_size_changed: bool) -> tuple[dict, dict]:
         """Load ``path`` (chosen by rank 0) into ``model`` and ``optimizer`` and this rank's RNG; returns
@@ -391,16 +367,9 @@ def epoch_start_state(epoch: int, rank: int, world_size: int) -> dict:
 def verify_manifest_only(path: Path) -> dict:
     """The manifest, checked for form only (each file is verified as it is read)."""
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path / MANIFEST} cannot be read ({error})") from None
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("format") != FORMAT
-        or not isinstance(manifest.get("files"), dict)
-    ):
-        raise CheckpointError(f"{path / MANIFEST} is not a {FORMAT} manifest")
-    return manifest
+        return read_manifest(path, MANIFEST, (FORMAT,))
+    except ManifestError as error:
+        raise CheckpointError(str(error)) from None
 
 
 def choose_checkpoint(output_dir: str | Path, run_id: str, say) -> tuple[Path | None, list[str]]:
@@ -427,13 +396,30 @@ def choose_checkpoint(output_dir: str | Path, run_id: str, say) -> tuple[Path | 
     return None, unusable
 
 
+def remove_checkpoint(path: Path) -> None:
+    """Delete a checkpoint so that no incomplete one is ever left under a final name: renamed to
+    ``.deleting-step_N-PID`` first (one atomic step), then removed; a crash in between leaves only the
+    hidden name, which the next start's ``clean_temporaries`` removes."""
+    aside = path.with_name(f".deleting-{path.name}-{os.getpid()}")
+    os.rename(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _incomplete(path: Path) -> bool:
+    """A ``step_N`` directory without a manifest: never completed (or emptied by a rotation of an older
+    version); never chosen for resume, so only a sweep can remove it."""
+    return path.is_dir() and bool(_NAME.fullmatch(path.name)) and not (path / MANIFEST).exists()
+
+
 def clean_temporaries(output_dir: str | Path, run_id: str | None = None) -> list[Path]:
-    """Remove the temporary checkpoints a crash left: ``run_id``'s, or every run's when it is None."""
+    """Remove what a crash left: ``run_id``'s temporary checkpoints, or, when it is None (the run holds the
+    directory's lock), every run's temporaries, checkpoints half deleted by a rotation and incomplete ``step_N``
+    directories."""
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    prefixes = (f".tmp-{run_id}-",) if run_id else (".tmp-", ".tmp_step_")
-    removed = [p for p in root.iterdir() if p.name.startswith(prefixes)]
+    prefixes = (f".tmp-{run_id}-",) if run_id else (".tmp-", ".tmp_step_", ".deleting-")
+    removed = [p for p in root.iterdir() if p.name.startswith(prefixes) or (run_id is None and _incomplete(p))]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return removed

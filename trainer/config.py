@@ -24,6 +24,7 @@ from ..common.cli import config_files, parse_dataclass, underscore_flags
 from ..common.errors import SimclrError
 from ..common.timm_args import check_timm_kwargs
 from ..pipeline.augment_config import PRESETS, AugmentConfig
+from ..pipeline.shards.shardset import MAX_IMAGE_PIXELS
 
 # a field's range, declared with the field: the parser refuses a value outside it, naming the field
 FinitePositiveFloat = restricted_number_type("FinitePositiveFloat", float, [(">", 0), ("<", math.inf)], join="and")
@@ -51,6 +52,9 @@ class LoaderConfig:
     """Where DALI decodes and augments: auto = the GPU when training on CUDA."""
     kind: Literal["dali", "torchvision"] = "dali"
     """dali, or the torchvision DataLoader baseline (time-to-accuracy comparisons; its resume is not exact)."""
+    max_image_pixels: PositiveInt = MAX_IMAGE_PIXELS
+    """The most pixels a training or evaluation image may have (read from its header before DALI decodes it):
+    a larger one is refused naming its shard and key. Default: the cap simclr-shards write and verify apply."""
 
 
 @dataclass

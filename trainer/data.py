@@ -63,6 +63,7 @@ def build_train_loader(
         prefetch=cfg.loader.prefetch,
         shuffle_buffer=cfg.loader.shuffle_buffer,
         dtype=torch.float16 if where == "gpu" else torch.float32,
+        max_image_pixels=cfg.loader.max_image_pixels,
     )
 
 
@@ -85,6 +86,7 @@ def build_eval_loaders(
             shard_id=rank,
             num_shards=world,
             num_threads=_threads(cfg, where),
+            max_image_pixels=cfg.loader.max_image_pixels,
         )
         for shards in (cfg.eval_train_shards, cfg.eval_val_shards)
     )

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save
 
 from ..common.errors import ExitStatus, SimclrError
 from ..common.files import (
+    WriteFailure,
     atomic_write_bytes,
     atomic_write_text,
     create_temporary_directory,
@@ -37,6 +38,8 @@ from ..common.files import (
     replace_directory,
     restore_replaced,
 )
+from ..common.files import write_result as write_common_result
+from ..common.manifest import EXPORT_MANIFEST, file_entry
 from ..common.timm_args import check_timm_kwargs
 from ..evaluation.backbone import BackboneError, load_backbone
 from ..model.simclr import ProjectionHead, SimCLR
@@ -44,6 +47,7 @@ from ..pipeline.augment_config import view_size
 from .checkpoint import (
     STATE_FILE,
     CheckpointError,
+    CheckpointWriteError,
     list_checkpoints,
     read_verified,
     read_verified_json,
@@ -53,6 +57,29 @@ from .export_args import parse_args
 
 HEAD_FILE = "head.safetensors"
 HEAD_META = "head.json"
+EXPORT_FORMAT = "simclr-export/1"
+EXPORT_FILES = (
+    "backbone.safetensors",
+    "backbone.json",
+    HEAD_FILE,
+    HEAD_META,
+    "backbone/config.json",
+    "backbone/model.safetensors",
+)
+
+
+class ResultWriteError(CheckpointWriteError):
+    """A result of the run (the export, the summary) cannot be written (disk full, permissions): the message
+    names the path; train.py exits 1 on it as on a checkpoint that cannot be written, and the checkpoints are
+    intact (``--resume auto`` repeats the export)."""
+
+
+def write_result(path: str | Path, data: bytes | str, what: str = "result") -> Path:
+    """``common.files.write_result``, its failure a ``ResultWriteError`` (train.py exits 1 on it)."""
+    try:
+        return write_common_result(path, data, what)
+    except WriteFailure as error:
+        raise ResultWriteError(error.strerror) from None
 
 
 class ExportError(SimclrError, ValueError):
@@ -63,9 +90,30 @@ def export_backbone(
     backbone: torch.nn.Module, output_dir: str | Path, meta: dict, head: torch.nn.Module | None = None
 ) -> Path:
     """Write the exports above for ``backbone`` (a timm model with ``num_classes=0``) and, if given, the
-    projection ``head``; returns the ``.safetensors`` path. ``meta``: model_name, num_features, cifar_stem,
-    timm_kwargs, image_size."""
+    projection ``head``, then ``export-manifest.json`` (every file's size and SHA-256, verified by every reader);
+    returns the ``.safetensors`` path. ``meta``: model_name, num_features, cifar_stem, timm_kwargs, image_size.
+    A failed write (a full disk) is a ``ResultWriteError`` naming the export directory."""
     output_dir = Path(output_dir)
+    try:
+        (output_dir / EXPORT_MANIFEST).unlink(missing_ok=True)  # never a manifest of the previous export's files
+        weights = _write_export(backbone, output_dir, meta, head)
+        _write_export_manifest(output_dir)
+    except OSError as error:
+        where = error.filename or output_dir
+        raise ResultWriteError(
+            f"cannot write the export in {output_dir} ({where}: {error.strerror or error})"
+        ) from None
+    return weights
+
+
+def _write_export_manifest(output_dir: Path) -> None:
+    """The export's manifest, written last: what ``evaluation.backbone.verify_source`` checks every file against."""
+    present = [name for name in EXPORT_FILES if (output_dir / name).is_file()]
+    files = {name: file_entry((output_dir / name).read_bytes()) for name in present}
+    atomic_write_text(output_dir / EXPORT_MANIFEST, json.dumps({"format": EXPORT_FORMAT, "files": files}, indent=1))
+
+
+def _write_export(backbone, output_dir: Path, meta: dict, head) -> Path:
     weights = output_dir / "backbone.safetensors"
     # bytes written by atomic_write_bytes: safetensors' save_file would make the file 0600
     atomic_write_bytes(weights, save(_plain_state(backbone), metadata={k: json.dumps(v) for k, v in meta.items()}))
@@ -237,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         source = resolve_checkpoint(args.checkpoint)
         out = export_checkpoint(source, args.output_dir)
-    except (SimclrError, OSError) as error:
+    except SimclrError as error:  # bad input (2), or a full disk writing the export (1)
+        print(f"simclr-export: error: {error}", file=sys.stderr)
+        return error.exit_status
+    except OSError as error:
         print(f"simclr-export: error: {error}", file=sys.stderr)
         return ExitStatus.BAD_INPUT
     files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()))

@@ -12,9 +12,10 @@ another listing) and broadcasts it; the other ranks only read the checkpoint it 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
-import shutil
+import socket
 import sys
 import time
 import uuid
@@ -34,11 +35,14 @@ from .checkpoint import (
     list_checkpoints,
     manifest_run_id,
     read_verified_json,
+    remove_checkpoint,
     verify_checkpoint,
 )
 from .config import TrainConfig, resume_changes
 
 RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
+_held_locks: dict[Path, int] = {}  # output directory -> the open lock file this process holds
 
 
 class RunError(SimclrError, ValueError):
@@ -52,14 +56,23 @@ class RunLog:
         self.is_main, self.path, self.file = is_main, Path(output_dir) / "train.log", None
 
     def _write(self, text: str) -> None:
-        if self.file is None and self.path.parent.is_dir():
+        if self.file is None and self.path.parent.is_dir():  # False: writing failed once, not tried again
             try:
                 self.file = open(self.path, "a", buffering=1)
             except OSError:  # an unwritable output_dir is reported by the start-up checks
                 return
         if self.file:
             stamp = datetime.now().isoformat(sep=" ", timespec="seconds")
-            self.file.write("".join(f"{stamp} {line}\n" for line in text.splitlines()))
+            try:
+                self.file.write("".join(f"{stamp} {line}\n" for line in text.splitlines()))
+            except OSError as error:  # a full disk must not kill the run (its checkpoint says whether it can go on)
+                self.file = False
+                print(
+                    f"warning: cannot write the log {self.path} ({error.strerror or error}); "
+                    "what follows is on the terminal only",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     def info(self, text: str) -> None:
         if self.is_main:
@@ -77,8 +90,11 @@ class RunLog:
 
     def close(self) -> None:
         if self.file:
-            self.file.close()
-            self.file = None
+            try:
+                self.file.close()
+            except OSError:  # the buffered tail of a log on a full disk
+                pass
+        self.file = None
 
 
 def check_model_config(cfg: TrainConfig) -> None:
@@ -163,6 +179,43 @@ def _claim(output_dir: Path, run_id: str, cfg: TrainConfig, world_size: int) -> 
     fsync_directory(output_dir)
 
 
+def acquire_run_lock(output_dir: Path) -> None:
+    """Hold ``OUTPUT_DIR/run.lock`` (an exclusive ``flock``) until ``release_run_lock`` or the process ends, a
+    crash or SIGKILL included (the kernel drops the lock with the process: a lock is never stale). Fresh start
+    and resume alike: a second process on the same directory is refused naming the holder's PID and host,
+    before it reads or changes anything. The file records the holder for that message."""
+    output_dir = Path(output_dir).resolve()
+    if output_dir in _held_locks:
+        return
+    path = output_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunError(
+            f"output_dir {output_dir} is in use by {holder} ({path} is locked): two processes would write the "
+            "same checkpoints; wait for it to end, or choose another --output_dir"
+        ) from None
+    except OSError:
+        os.close(fd)
+        raise
+    record = (
+        f"process {os.getpid()} on host {socket.gethostname()} since {datetime.now().isoformat(timespec='seconds')}"
+    )
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (record + "\n").encode(), 0)
+    _held_locks[output_dir] = fd
+
+
+def release_run_lock(output_dir: str | Path) -> None:
+    """Let another process use ``output_dir`` (the end of ``train.main``); a no-op where this process holds none."""
+    fd = _held_locks.pop(Path(output_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing drops the flock
+
+
 def _refuse_other_run(output_dir: Path, what: str) -> RunError:
     found = list_checkpoints(output_dir)
     held = f" ({len(found)} checkpoints, the newest step {checkpoint_step(found[-1])})" if found else ""
@@ -182,6 +235,7 @@ def _decide(cfg: TrainConfig, world_size: int, say) -> dict:
             check_writable(Path(cfg.eval_json).parent or Path("."), "eval_json's directory")
     except OSError as error:
         raise RunError(str(error)) from None
+    acquire_run_lock(output_dir)  # before anything is read or changed: a concurrent resume is refused here
     existing = _read_run_file(output_dir)
     foreign = [p for p in list_checkpoints(output_dir) if existing is None or manifest_run_id(p) != existing["run_id"]]
     explicit = Path(cfg.resume) if cfg.resume and cfg.resume != "auto" else None
@@ -242,7 +296,7 @@ def _commit(run: Run, cfg: TrainConfig, world_size: int, say) -> None:
     if run.replace_previous:
         for path in list_checkpoints(output_dir):
             if run.resume_from is None or path.resolve() != run.resume_from.resolve():
-                shutil.rmtree(path, ignore_errors=True)
+                remove_checkpoint(path)
         clean_temporaries(output_dir, None)
         (output_dir / RUN_FILE).unlink(missing_ok=True)
         say(f"--overwrite: deleted the previous run's checkpoints in {output_dir}")

@@ -22,9 +22,11 @@ injective (distinct paths give distinct keys), stable, and ``key_path`` reverses
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import re
+import struct
 import tarfile
 import urllib.parse
 from collections.abc import Callable, Iterable
@@ -43,6 +45,10 @@ INDEX_VERSION = "v1.2"
 SET_FILE = "shardset.json"
 CLASSES_FILE = "classes.json"
 SET_FORMAT = 1
+# The most pixels an image may have: PIL's DecompressionBombError threshold (2 x Image.MAX_IMAGE_PIXELS), which
+# ``write`` and ``verify`` apply when they open an image; the loader applies the same cap before DALI decodes.
+MAX_IMAGE_PIXELS = 178_956_970
+HEADER_READ = 4096  # bytes of an image read to find its size; more only when its header is longer (EXIF)
 
 
 class ShardError(SimclrError, ValueError):
@@ -183,6 +189,16 @@ def check_key(key: str) -> str:
     return key
 
 
+def unsafe_member_name(name: str) -> str | None:
+    """Why a tar member name is unsafe (an absolute path, a '..' part: a tool that unpacks the shard would
+    write outside its folder), or None."""
+    if name.startswith("/"):
+        return "an absolute path"
+    if ".." in name.split("/"):
+        return "a '..' part"
+    return None
+
+
 def sample_key(member_name: str) -> str:
     """``000123.jpg`` -> ``000123`` (WebDataset: the key is the name up to the first dot of the base name)."""
     directory, _, base = member_name.rpartition("/")
@@ -307,6 +323,163 @@ def read_index(tar: Path) -> ShardIndex:
     return ShardIndex(tar, samples)
 
 
+TAR_BLOCK = 512
+INDEX_SAMPLED_MEMBERS = 16  # members whose tar headers are compared with the index, besides the end marker
+
+
+def _header_member(header: bytes) -> tuple[str, int] | None:
+    """(name, size) of a regular file's 512-byte ustar/GNU header, None if it is not one (a bad checksum, another
+    type). A name over 100 bytes is cut short there (its full form is in a preceding GNU/pax record)."""
+    if len(header) < TAR_BLOCK or header[156:157] not in (b"0", b"\0"):
+        return None
+    try:
+        checksum = int(header[148:156].replace(b"\0", b" ").strip() or b"-1", 8)
+        size = int(header[124:136].replace(b"\0", b" ").strip() or b"0", 8)
+    except ValueError:
+        return None
+    if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:TAR_BLOCK]):
+        return None
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0] if header[257:262] == b"ustar" else b""
+    return (prefix + b"/" + name if prefix else name).decode("utf-8", "surrogateescape"), size
+
+
+def _members_to_check(index: ShardIndex, count: int) -> list[tuple[int, int, str]]:
+    members = [member for sample in index.samples for member in sample.values()]
+    if len(members) <= count:
+        return members
+    return [members[round(i * (len(members) - 1) / (count - 1))] for i in range(count)]
+
+
+def check_index_matches(index: ShardIndex, sampled: int = INDEX_SAMPLED_MEMBERS) -> ShardIndex:
+    """``index`` if it still describes its tar, checked cheaply (``sampled`` 512-byte header reads and one of
+    1 KiB, whatever the shard's size): the tar header before each of ``sampled`` members spread over the index
+    (first and last included) names that member with that size, and the end-of-archive marker follows the
+    last indexed member (an index of a shorter tar, or of an older version of this one, fails here). Else
+    ``ShardError`` naming the shard and the ``simclr-shards index`` command: DALI reading a stale index
+    would decode garbage, or abort the process in nvImageCodec. (``simclr-shards verify`` compares every
+    member.)"""
+    tar, idx = index.tar, index_path(index.tar)
+    rebuild = f"the tar changed after its index was built; rebuild it with: simclr-shards index {tar}"
+    with open(tar, "rb") as handle:
+        for offset, size, name in _members_to_check(index, sampled):
+            found = None
+            if offset >= TAR_BLOCK:
+                handle.seek(offset - TAR_BLOCK)
+                found = _header_member(handle.read(TAR_BLOCK))
+            if found is None or found[1] != size or not _same_member_name(found[0], name):
+                seen = f"{found[0]!r} of {found[1]} bytes" if found else "no tar header of a file"
+                raise ShardError(
+                    f"shard {tar}: its index {idx} does not match the tar (it lists {name!r} of {size} bytes at "
+                    f"byte {offset}, the tar has {seen} there); {rebuild}"
+                )
+        end = max(offset + size for sample in index.samples for offset, size, _ in sample.values())
+        handle.seek(-(-end // TAR_BLOCK) * TAR_BLOCK)
+        marker = handle.read(2 * TAR_BLOCK)
+    if len(marker) < 2 * TAR_BLOCK or marker.count(0) != 2 * TAR_BLOCK:
+        raise ShardError(
+            f"shard {tar}: its index {idx} does not match the tar (the tar holds more members after the last "
+            f"one the index lists, at byte {end}); {rebuild}"
+        )
+    return index
+
+
+def _same_member_name(in_header: str, in_index: str) -> bool:
+    if in_header == in_index:
+        return True
+    # a long name: the header holds a cut-down form (GNU: its first 100 bytes; pax: a shortened path)
+    return (
+        len(in_index.encode("utf-8", "surrogateescape")) > 99
+        and bool(in_header)
+        and in_index.startswith(in_header[:50])
+    )
+
+
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15: the markers that give the size
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _header_dimensions(data: bytes) -> tuple[int, int] | str | None:
+    """(width, height) from a JPEG's frame header or a PNG's IHDR, "more" when a JPEG's header goes on past
+    ``data``, None for other formats (PIL reads those)."""
+    if data[:8] == _PNG_SIGNATURE and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:2] != b"\xff\xd8":
+        return None
+    position = 2
+    while position + 9 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif marker in _JPEG_FRAMES:
+            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
+            return width, height
+        else:
+            position += 2 + struct.unpack(">H", data[position + 2 : position + 4])[0]
+    return "more"
+
+
+def image_size(handle, offset: int, size: int) -> tuple[int, int] | None:
+    """(width, height) of the image stored at ``offset`` (``size`` bytes) of an open shard, from its header
+    (4 KiB read first, all of it only when the header is longer, e.g. a large EXIF block); None when no header
+    can be parsed (the decode check names such images). JPEG and PNG by hand (~10x faster than PIL), other
+    formats through PIL."""
+    read = min(size, HEADER_READ)
+    while True:
+        handle.seek(offset)
+        data = handle.read(read)
+        found = _header_dimensions(data)
+        if found == "more" and read < size:
+            read = size
+            continue
+        if isinstance(found, tuple):
+            return found
+        return _pil_dimensions(data)
+
+
+def _pil_dimensions(data: bytes) -> tuple[int, int] | None:
+    import warnings
+
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's own bomb warning: the caller applies the cap
+        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(io.BytesIO(data)).size
+        except (OSError, SyntaxError, ValueError):
+            return None
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def check_pixel_cap(index: ShardIndex, max_pixels: int = MAX_IMAGE_PIXELS) -> ShardIndex:
+    """``index`` if no image in its shard has more than ``max_pixels`` pixels (read from each image's header,
+    before any decoder sees it); else ``ShardError`` naming the shard, the key, the size and the cap: a
+    decompression bomb (a 20000 x 20000 JPEG of a few MB) would cost every epoch a 1.2 GB decode."""
+    with open(index.tar, "rb") as handle:
+        for sample in index.samples:
+            for ext, (offset, size, name) in sample.items():
+                if ext.lower() not in IMAGE_COMPONENTS:
+                    continue
+                found = image_size(handle, offset, size)
+                if found is not None and found[0] * found[1] > max_pixels:
+                    raise ShardError(
+                        f"shard {index.tar} key {sample_key(name)}: a {found[0]} x {found[1]} image "
+                        f"({found[0] * found[1]:,} pixels) is over the pixel cap of {max_pixels:,} "
+                        "(max_image_pixels; simclr-shards write and verify apply the same cap): remove it or "
+                        "rewrite the set with --max_side"
+                    )
+    return index
+
+
+def read_checked_index(tar: Path) -> ShardIndex:
+    """``read_index`` + ``check_index_matches``: what every reader that seeks by the index uses."""
+    return check_index_matches(read_index(tar))
+
+
 # --------------------------------------------------------------------------- the set's files: classes and record
 
 
@@ -344,7 +517,7 @@ def _read_member(shards, ext: str, what: str, decode: Callable[[str, Path, str],
     bytes per sample, no image read). ``ShardError`` names a sample without it and a key that occurs twice."""
     values: dict[str, object] = {}
     for tar in shard_paths(shards):
-        index = read_index(tar)
+        index = read_checked_index(tar)
         with open(tar, "rb") as handle:
             for sample in index.samples:
                 key = sample_key(next(iter(sample.values()))[2])

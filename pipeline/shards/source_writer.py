@@ -7,17 +7,16 @@ in input order (so the shards do not depend on the number of workers), and every
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
 
 from ...common.files import check_writable
+from ...common.processes import process_pool
 from .image_policy import ImagePolicy, prepare_chunk
 from .shardset import SET_FILE, SET_FORMAT, ShardError, output_pattern, path_key, read_set_record
 from .sources import Source
@@ -47,7 +46,7 @@ def ordered_map(function: Callable, items: Iterable, workers: int, window: int, 
         return
     chunk = max(1, window // (4 * workers))
     # spawn, not fork: a fork of a process with live threads (torch, DALI, tqdm) can deadlock in the child
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = process_pool(workers, "spawn")  # workers that die with this process, SIGKILL included
     pending: deque = deque()
     in_flight = 0
     try:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import io
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ...common.processes import process_pool
 from .shardset import (
     CLASSES_FILE,
     IMAGE_COMPONENTS,
@@ -23,6 +23,7 @@ from .shardset import (
     read_index,
     read_set_record,
     sample_key,
+    unsafe_member_name,
 )
 
 # Image formats DALI's decoders read (GIF is not one of them).
@@ -72,6 +73,13 @@ def verify_shard(tar: Path, require_labels: bool = True) -> tuple[int, list[str]
     except ShardError as error:
         problems.append(str(error))
     keys = []
+    for sample in actual:
+        for _, _, _, name in sample:
+            if unsafe := unsafe_member_name(name):
+                problems.append(
+                    f"shard {tar}: member {name!r} has {unsafe} (tools that unpack the tar would write outside "
+                    "its folder); rewrite the set with `simclr-shards write`"
+                )
     with open(tar, "rb") as handle:
         for sample in actual:
             key = sample_key(sample[0][3])
@@ -108,7 +116,7 @@ def verify_shards(
     if workers is not None and workers < 1:
         raise ShardError(f"--workers must be >= 1, got {workers}")
     total, problems, first_seen = 0, [], {}
-    with ProcessPoolExecutor(max_workers=min(workers or os.cpu_count(), max(1, len(shards)))) as pool:
+    with process_pool(min(workers or os.cpu_count(), max(1, len(shards)))) as pool:
         results = pool.map(verify_shard, shards, [require_labels] * len(shards))
         for tar, (count, found, keys) in tqdm(
             zip(shards, results), total=len(shards), desc="verifying", unit="shard", disable=not progress

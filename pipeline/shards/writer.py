@@ -27,6 +27,7 @@ from .shardset import (
     index_path,
     index_text,
     output_pattern,
+    unsafe_member_name,
 )
 
 DEFAULT_MAX_COUNT = 1000
@@ -100,6 +101,10 @@ class ShardWriter:
             self._finish()
         if not self._open:
             self._start()
+        for ext in members:
+            unsafe = unsafe_member_name(f"{key}.{ext}") or ("a '/' in its extension" if "/" in ext else None)
+            if unsafe:
+                raise ShardError(f"sample key {key}: member name {key}.{ext!r} has {unsafe}; refused")
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o444  # a fixed mtime: the same inputs give the same bytes
