@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import ntxent_chunked
+from . import ntxent_chunked, supcon
 from .ntxent_common import (
     FLOAT32_MATMUL_PRECISIONS,
     MIN_TEMPERATURE,
@@ -149,15 +149,21 @@ class _NTXent(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, z1: torch.Tensor, z2: torch.Tensor, temperature: float, backend_name: str, float32_matmul_precision: str
+        ctx,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        labels: torch.Tensor | None,
+        temperature: float,
+        backend_name: str,
+        float32_matmul_precision: str,
     ):
         # The precision is chosen here, not by an enclosing autocast (which would run the chunked path's
         # float32 products in bf16).
         with torch.autocast(z1.device.type, enabled=False):
-            return _NTXent._forward(ctx, z1, z2, temperature, backend_name, float32_matmul_precision)
+            return _NTXent._forward(ctx, z1, z2, labels, temperature, backend_name, float32_matmul_precision)
 
     @staticmethod
-    def _forward(ctx, z1, z2, temperature, backend_name, float32_matmul_precision):
+    def _forward(ctx, z1, z2, labels, temperature, backend_name, float32_matmul_precision):
         rank, world = _world()
         backend = _backend(backend_name, z1)
         rows, operands, norms = backend.normalize(z1, z2, z1.dtype)
@@ -169,7 +175,14 @@ class _NTXent(torch.autograd.Function):
         partials = backend.row_negatives(operands, columns, positives, row_offset, inv_temp, float32_matmul_precision)
         loss_rows, not_positive, scale = backend.positive_stats(partials, rows, norms, inv_temp)
         scale_columns = _all_gather(scale, world)
-        ctx.save_for_backward(rows, columns, scale, scale_columns, not_positive, norms, positives)
+        ctx.supcon = labels is not None
+        supcon_terms = ()
+        if ctx.supcon:  # the per-class sums; the loss of each anchor over all its positives
+            groups, counts = supcon.class_groups(labels, rank, world)
+            sums = supcon.class_sums(rows, groups, counts.shape[0], world)
+            supcon_terms = supcon.positive_terms(rows, groups, counts, sums)
+            loss_rows = loss_rows + supcon.loss_correction(rows, *supcon_terms, inv_temp)
+        ctx.save_for_backward(rows, columns, scale, scale_columns, not_positive, norms, positives, *supcon_terms)
         ctx.temperature, ctx.row_offset, ctx.backend = temperature, row_offset, backend
         ctx.precision, ctx.input_dtype = float32_matmul_precision, z1.dtype
         return loss_rows.mean()
@@ -181,16 +194,18 @@ class _NTXent(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_loss):
-        rows, columns, scale, scale_columns, not_positive, norms, positives = ctx.saved_tensors
+        rows, columns, scale, scale_columns, not_positive, norms, positives, *supcon_terms = ctx.saved_tensors
         inv_temp = 1.0 / ctx.temperature
         num_rows = rows.shape[0]
         operands = columns[ctx.row_offset : ctx.row_offset + num_rows]  # the local rows, as the products take them
         partials = ctx.backend.row_grad(
             operands, columns, scale, scale_columns, positives, ctx.row_offset, inv_temp, ctx.precision
         )
+        if ctx.supcon:  # SupCon's positive term, as one more split of the partial sums
+            partials = torch.cat([partials, supcon.grad_split(rows, *supcon_terms)])
         grad_scale = grad_loss.to(rows.dtype) * (inv_temp / num_rows)
         grad = ctx.backend.input_grad(partials, rows, not_positive, norms, grad_scale, ctx.input_dtype)
-        return grad[: num_rows // 2], grad[num_rows // 2 :], None, None, None
+        return grad[: num_rows // 2], grad[num_rows // 2 :], None, None, None, None
 
 
 def nt_xent(
@@ -199,9 +214,14 @@ def nt_xent(
     temperature: float = 0.1,
     backend: str = "auto",
     *,
+    labels: torch.Tensor | None = None,
     float32_matmul_precision: Literal["ieee", "tf32"] = "ieee",
 ) -> torch.Tensor:
     """The SimCLR loss of projections ``z1``, ``z2`` (N, d); a scalar; see the module docstring.
+
+    ``labels``: None (NT-Xent), or an integer tensor (N,) of each pair's class: then the supervised contrastive
+    loss (SupCon, model/supcon.py), where every other row of the same label is a positive of an anchor (across
+    processes too: every process passes its own pairs' labels). With all labels distinct it is NT-Xent.
 
     ``backend``: 'auto' (fused Triton kernels for CUDA tensors, the chunked PyTorch path elsewhere),
     'triton' or 'chunked'. Inputs may be float32, bfloat16/float16 (pass the autocast output as it is:
@@ -233,7 +253,10 @@ def nt_xent(
     if z1.dtype != z2.dtype:  # as torch.cat would
         dtype = torch.promote_types(z1.dtype, z2.dtype)
         z1, z2 = z1.to(dtype), z2.to(dtype)
-    return _NTXent.apply(z1, z2, float(temperature), backend, float32_matmul_precision)
+    if labels is not None:
+        supcon.check_labels(labels, z1.shape[0])
+        labels = labels.to(z1.device)
+    return _NTXent.apply(z1, z2, labels, float(temperature), backend, float32_matmul_precision)
 
 
 def positive_pair_accuracy(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
