@@ -59,6 +59,7 @@ from .trainer.data import build_eval_loaders, build_train_loader, data_device
 from .trainer.export import export_backbone
 from .trainer.health import NonFiniteWatch
 from .trainer.loop import NON_FINITE_EXIT_STATUS, Meters, NonFinite, Probe, StepPlan
+from .trainer.online_probe import build_online_probe
 from .trainer.optim import build_optimizer, build_scheduler
 from .trainer.preemption import PREEMPTED_EXIT_STATUS, Preempted, Preemption
 from .trainer.run import (
@@ -151,6 +152,7 @@ def train(cfg, accelerator, control, preemption, log) -> int:
         Probe(cfg, backbone, eval_loaders, accelerator, log, preemption, plan),
     )
     meters = Meters(cfg, accelerator, log, plan, state.step)
+    online_probe = meters.attach_probe(build_online_probe(cfg, accelerator.unwrap_model(model), device, log))
 
     def checkpoint(loader_state=None, **extra):  # never of non-finite weights
         if (first_bad := health.first_bad_step(accelerator)) >= 0:
@@ -184,7 +186,7 @@ def train(cfg, accelerator, control, preemption, log) -> int:
         while state.step < last_step:
             meters.start_wait()
             try:
-                (view1, view2), data_error = next(batches), None
+                (view1, view2, *labels), data_error = next(batches), None
             except StopIteration:  # end of epoch: the loader moves to the next one
                 batches = iter(loader)
                 continue
@@ -207,7 +209,7 @@ def train(cfg, accelerator, control, preemption, log) -> int:
                 log.info(f"time budget of {cfg.max_train_minutes:g} training minutes reached at step {state.step + 1}")
                 last_step = state.step + 1
 
-            out = train_step(forward, optimizer, view1, view2, cfg, accelerator)
+            out = train_step(forward, optimizer, view1, view2, cfg, accelerator, *labels, probe=online_probe)
             state.step += 1
             scheduler.step_update(state.step)
             meters.end_step()

@@ -2,6 +2,7 @@
 
 One loader class, ``DaliLoader``, parametrised by its view of each sample:
 - ``TwoViews(augment)``: ``(view1, view2)``, two independent SimCLR views of each image (pretraining);
+  ``LabelledTwoViews(augment)``: ``(view1, view2, labels)`` (SupCon, the online probe);
 - ``AugmentedView(augment)``: ``(images, labels)``, one augmented view (``classifier_augment``: random
   resized crop + flip, the paper's linear-evaluation and fine-tuning augmentation), for classifiers;
 - ``EvalView(size)``: ``(images, labels)``, resize + centre crop, for feature extraction.
@@ -186,6 +187,13 @@ class TwoViews:
 
 
 @dataclass(frozen=True)
+class LabelledTwoViews(TwoViews):
+    """Pretraining with labels (SupCon, the online probe): ``(view1, view2, labels)``; every sample needs a .cls."""
+
+    labelled: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
 class AugmentedView:
     """Classifier training: one augmented view + label (by default ``classifier_augment``: crop + flip). One
     crop per image, so only its region is decoded."""
@@ -215,7 +223,7 @@ class EvalView:
         return (eval_view(decode(jpegs, device), self.size, self.resize_size, self.mean, self.std, dtype),)
 
 
-View = TwoViews | AugmentedView | EvalView
+View = TwoViews | LabelledTwoViews | AugmentedView | EvalView
 
 
 @pipeline_def(enable_conditionals=True)
@@ -366,7 +374,7 @@ class DaliLoader:
         self.pipelines = pipelines
         smallest_part = self.num_samples // (num_shards * pipelines) * pipelines  # parts differ by at most one sample
         if smallest_part < batch_size:
-            if train and not view.labelled:
+            if train and isinstance(view, TwoViews):  # pretraining: a batch is a batch
                 raise ShardError(
                     f"{self.num_samples} samples over {num_shards} rank(s) do not fill one batch of "
                     f"{batch_size} per rank"
@@ -598,7 +606,8 @@ class DaliLoader:
         for batch in self._batches():
             if self.view.labelled:
                 labels = decode_labels(batch["labels"].cpu(), batch["source"])
-                yield _channels_last(batch["images"]), labels.to(self.torch_device, non_blocking=True)
+                images = (_channels_last(batch[name]) for name in self.view.outputs)
+                yield *images, labels.to(self.torch_device, non_blocking=True)
             else:
                 yield _channels_last(batch["view1"]), _channels_last(batch["view2"])
 

@@ -180,6 +180,17 @@ class TrainConfig:
     """Temperature of the in-training kNN probe's weights."""
     eval_json: str | None = None
     """Write the evaluation curve (every evaluation so far) to this JSON file."""
+    # --- issue 31: the SimCLR family (SupCon, SimCLRv2's head, the online probe)
+    loss: Literal["ntxent", "supcon"] = "ntxent"
+    """ntxent (SimCLR's loss) or supcon (supervised contrastive, Khosla et al. 2020: every view of the same label is a
+    positive; needs labelled shards, .cls per sample)."""
+    proj_layers: int = 2
+    """Linear layers of the projection head: 2 as the first paper, 3 as SimCLRv2 (each but the last with BN + ReLU)."""
+    online_probe: bool = True
+    """A linear classifier on the detached backbone features trained in each step (its own SGD), its running top-1 in
+    the log, progress bar and tracker; only where the training shards carry labels (off, said once, otherwise)."""
+    online_probe_lr: float = 0.1
+    """Learning rate of the online probe's SGD (momentum 0.9, no weight decay), constant."""
 
     def validate(self, world_size: int = 1) -> None:
         """Checks that need no data: ranges and divisibility (types and choices are the parser's). Raises
@@ -209,6 +220,8 @@ class TrainConfig:
             "eval_size",
             "eval_resize",
             "grad_clip",
+            "proj_layers",  # issue 31
+            "online_probe_lr",  # issue 31
         ]
         for name in positive:
             value = getattr(self, name)
@@ -274,6 +287,10 @@ class TrainConfig:
             raise ConfigError(
                 "resume must be auto, a checkpoint directory, or null (a fresh start); got an empty string"
             )
+        if self.online_probe_lr == float("inf"):  # issue 31
+            raise ConfigError(f"online_probe_lr must be finite, got {self.online_probe_lr}")
+        if self.loss == "supcon" and self.data_loader != "dali":  # issue 31
+            raise ConfigError("loss supcon reads labels through the DALI loader: use --data_loader dali")
         try:
             check_timm_kwargs(self.timm_kwargs, "timm_kwargs")
         except ValueError as error:
@@ -336,6 +353,8 @@ SAFE_ON_RESUME = frozenset(
         "channels_last",
         "loss_backend",
         "loss_float32_matmul_precision",
+        "online_probe",  # issue 31: a meter, not the trained model
+        "online_probe_lr",
     }
 )
 
