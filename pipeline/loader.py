@@ -5,6 +5,7 @@ One loader class, ``DaliLoader``, parametrised by its view of each sample:
   ``LabelledTwoViews(augment)``: ``(view1, view2, labels)`` (SupCon, the online probe);
 - ``AugmentedView(augment)``: ``(images, labels)``, one augmented view (``classifier_augment``: random
   resized crop + flip, the paper's linear-evaluation and fine-tuning augmentation), for classifiers;
+- ``UnlabelledView(augment)``: ``(images,)``, one augmented view without label (distillation);
 - ``EvalView(size)``: ``(images, labels)``, resize + centre crop, for feature extraction.
 
 Every loader can read a subset of the samples (``keys``): DALI's reader follows the index beside each
@@ -209,6 +210,18 @@ class AugmentedView:
 
 
 @dataclass(frozen=True)
+class UnlabelledView:
+    """One augmented view, no label (SimCLRv2's distillation on unlabelled shards): ``(images,)``."""
+
+    augment: AugmentConfig
+    labelled: ClassVar[bool] = False
+    outputs: ClassVar[tuple[str, ...]] = ("images",)
+
+    def graph(self, jpegs, device, dtype):
+        return (augment_cropped(decode_random_crop(jpegs, self.augment, device), self.augment, dtype),)
+
+
+@dataclass(frozen=True)
 class EvalView:
     """Evaluation: resize the shorter side, centre crop ``size``, normalise; + label."""
 
@@ -223,7 +236,7 @@ class EvalView:
         return (eval_view(decode(jpegs, device), self.size, self.resize_size, self.mean, self.std, dtype),)
 
 
-View = TwoViews | LabelledTwoViews | AugmentedView | EvalView
+View = TwoViews | LabelledTwoViews | AugmentedView | UnlabelledView | EvalView
 
 
 @pipeline_def(enable_conditionals=True)
@@ -609,7 +622,7 @@ class DaliLoader:
                 images = (_channels_last(batch[name]) for name in self.view.outputs)
                 yield *images, labels.to(self.torch_device, non_blocking=True)
             else:
-                yield _channels_last(batch["view1"]), _channels_last(batch["view2"])
+                yield tuple(_channels_last(batch[name]) for name in self.view.outputs)
 
 
 def classifier_augment(
