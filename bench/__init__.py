@@ -10,6 +10,7 @@ results go to bench/results/<name>_<device>.json (+ plots: ``pip install ".[benc
     python bench.py profile --config CONFIG [train.py flags]   # where a step's time goes: stage table, trace, verdict
     python bench.py gpu-check --out DIR [--dry_run]             # everything that must be seen on a GPU, in one command
     python bench.py triton-sm90 # every Triton kernel launch compiled for Hopper (sm_90a), Triton 3.8 and 3.6, no GPU
+    python bench.py methods probe_step|report   # SupCon, SimCLRv2 head, online probe, distillation (issue 31)
 
 Each prints a summary and records device, versions, command and date beside the numbers.
 `python bench.py NAME --help` lists a benchmark's options.
@@ -29,6 +30,7 @@ COMMANDS = {
     "profile": "profile",
     "gpu-check": "gpu_check",
     "triton-sm90": "triton_sm90",
+    "methods": "methods",
 }
 
 
