@@ -189,6 +189,8 @@ def test_probe_is_on_for_labelled_shards_and_off_otherwise(tmp_path):
     assert not probe_enabled(dataclasses.replace(cfg, online_probe=False))[0]
     off, why = probe_enabled(dataclasses.replace(cfg, micro_batch=4))
     assert not off and "micro-batches" in why
+    off, why = probe_enabled(dataclasses.replace(cfg, data_loader="torchvision"))
+    assert not off and "torchvision" in why
     unlabelled = tmp_path / "unlabelled"
     unlabelled.mkdir()
     images = torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8).numpy()

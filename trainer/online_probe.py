@@ -10,7 +10,8 @@ over the steps of a log window, and are read once per window with the other mete
 Its weights and SGD state are not checkpointed (it is a meter): a resumed run starts a fresh probe.
 
 On for labelled training shards (every sample a ``.cls``, which ``LabelledTwoViews`` loads), off (said once)
-for unlabelled shards and under micro-batches (gradient caching does not keep the features)."""
+for unlabelled shards, under micro-batches (gradient caching does not keep the features) and with the
+torchvision baseline loader (no labels)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ def probe_enabled(cfg: TrainConfig) -> tuple[bool, str]:
         return False, "online probe off (--online_probe false)"
     if cfg.micro_batch:
         return False, "online probe off: micro-batches (gradient caching) do not keep the backbone features"
+    if cfg.data_loader != "dali":
+        return False, "online probe off: the torchvision baseline loader yields no labels"
     if not is_labelled(shard_paths(cfg.train_shards)):
         return False, f"online probe off: the training shards {cfg.train_shards} carry no labels"
     return True, ""
