@@ -336,10 +336,25 @@ def main(argv=None) -> int:
             "optimizer": sgd,
             "global_batch": data["train_subset"].batch_size * accelerator.num_processes,
         }
+    if "distill" in protocols:  # issue 31
+        settings["distill"] = {
+            "shards": args.distill_shards or args.train_shards,
+            "epochs": args.distill_epochs,
+            "base_lr": args.distill_lr,
+            "temperature": args.distill_temperature,
+            "optimizer": sgd,
+            "student": "the teacher's architecture (kept head layers included) at random initialisation",
+            "global_batch": data["distill"].batch_size * accelerator.num_processes,
+        }
     report = {
         "protocols": protocols,
         "settings": {p: settings[p] for p in protocols},
-        "checkpoint": {"source": info["source"], "sha256": info["sha256"], "model_name": info["model_name"]},
+        "checkpoint": {
+            "source": info["source"],
+            "sha256": info["sha256"],
+            "model_name": info["model_name"],
+            "ft_proj_selector": args.ft_proj_selector,
+        },
         "data": {
             "train_shards": [str(p) for p in data["train"].shards],
             "val_shards": [str(p) for p in data["val"].shards],

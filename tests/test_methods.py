@@ -155,6 +155,19 @@ def test_supcon_step_with_and_without_gradient_caching(micro_batch):
 # --------------------------------------------------------------------------- the online probe
 
 
+def unlabelled_shards(directory, count: int):
+    """``count`` random images without labels (no .cls members, no classes.json)."""
+    from conftest import random_images
+
+    from simclr_dali.pipeline.shards.pixel_sources import encode_jpeg
+    from simclr_dali.pipeline.shards.writer import Sample, write_shards
+
+    directory.mkdir(parents=True, exist_ok=True)
+    samples = (Sample(f"{i:08d}", encode_jpeg(image), None, f"u{i}") for i, image in enumerate(random_images(count)))
+    write_shards(samples, str(directory / "u-%06d.tar"), None, total=count, progress=False)
+    return directory
+
+
 def test_online_probe_learns_separable_features_without_host_reads(monkeypatch):
     """On features that carry the label, its running top-1 rises far above chance; ``update`` never reads a
     tensor to the host (item / tolist / bool would sync a GPU every step), ``read`` once."""
@@ -180,9 +193,6 @@ def test_online_probe_learns_separable_features_without_host_reads(monkeypatch):
 
 
 def test_probe_is_on_for_labelled_shards_and_off_otherwise(tmp_path):
-    from simclr_dali.pipeline.shards.pixel_sources import array_samples
-    from simclr_dali.pipeline.shards.writer import write_shards
-
     labelled, _ = make_shards(tmp_path / "labelled", 20, num_classes=4)
     cfg = TrainConfig(train_shards=str(labelled))
     assert probe_enabled(cfg) == (True, "") and wants_labels(cfg)
@@ -191,10 +201,7 @@ def test_probe_is_on_for_labelled_shards_and_off_otherwise(tmp_path):
     assert not off and "micro-batches" in why
     off, why = probe_enabled(dataclasses.replace(cfg, data_loader="torchvision"))
     assert not off and "torchvision" in why
-    unlabelled = tmp_path / "unlabelled"
-    unlabelled.mkdir()
-    images = torch.randint(0, 255, (8, 32, 32, 3), dtype=torch.uint8).numpy()
-    write_shards(array_samples(images, None), str(unlabelled / "u-%06d.tar"), None, total=8, progress=False)
+    unlabelled = unlabelled_shards(tmp_path / "unlabelled", 8)
     cfg = TrainConfig(train_shards=str(unlabelled))
     on, why = probe_enabled(cfg)
     assert not on and str(unlabelled) in why and "no labels" in why and not wants_labels(cfg)
@@ -252,11 +259,7 @@ def test_supcon_run_logs_the_probe_and_exports_the_deep_head(supcon_run):
 
 
 def test_supcon_on_unlabelled_shards_is_a_clear_error(tmp_path):
-    from simclr_dali.pipeline.shards.pixel_sources import array_samples
-    from simclr_dali.pipeline.shards.writer import write_shards
-
-    images = torch.randint(0, 255, (32, 32, 32, 3), dtype=torch.uint8).numpy()
-    write_shards(array_samples(images, None), str(tmp_path / "u-%06d.tar"), None, total=32, progress=False)
+    unlabelled_shards(tmp_path, 32)
     result = _run(
         "train.py", *TINY_TRAIN, "--train_shards", str(tmp_path), "--output_dir", str(tmp_path / "run"),
         "--loss", "supcon",
@@ -290,3 +293,25 @@ def test_finetune_from_head_layer_one_and_distill(supcon_run, tmp_path):
         "--ft_proj_selector", "4",
     )  # fmt: skip
     assert bad.returncode == 2 and "only 3 layers" in bad.stderr
+
+
+def test_labelled_two_views_yield_the_pairs_labels(small_shards):
+    """``LabelledTwoViews``: (view1, view2, labels) batches, the labels each sample's own (over an epoch every
+    label at most as often as the set holds it), the views as TwoViews makes them (shape, dtype, different)."""
+    from collections import Counter
+
+    from simclr_dali.pipeline.augment import AugmentConfig
+    from simclr_dali.pipeline.loader import DaliLoader, LabelledTwoViews
+
+    directory, labels = small_shards
+    loader = DaliLoader(
+        str(directory), 16, LabelledTwoViews(AugmentConfig.cifar(size=32)), train=True, device="cpu", num_threads=1,
+        shuffle_buffer=8,
+    )  # fmt: skip
+    seen = Counter()
+    for view1, view2, batch_labels in loader:
+        assert view1.shape == view2.shape == (16, 3, 32, 32) and batch_labels.shape == (16,)
+        assert batch_labels.dtype == torch.int64 and not torch.equal(view1, view2)
+        seen.update(batch_labels.tolist())
+    held = Counter(labels.tolist())
+    assert sum(seen.values()) == 16 * loader.steps_per_epoch and all(seen[k] <= held[k] for k in seen)
