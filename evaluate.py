@@ -15,6 +15,11 @@ Protocols (a comma list; 'all' = knn,linear, the quick pair the demo runs):
   finetune  the whole backbone + a linear head on a class-balanced --label_fraction subset of the
             training shards (chosen with --seed, saved to / read from --subset_file), --finetune_epochs
             (60 for <= 1% labels, 30 above), BN in train mode.
+  distill   SimCLRv2's self-distillation (with finetune: --protocol finetune,distill): a fresh student of the
+            same architecture learns the fine-tuned teacher's softened predictions (--distill_temperature 1)
+            on unlabelled --distill_shards (default the training shards, labels unused), --distill_epochs.
+--ft_proj_selector J evaluates the backbone followed by the first J layers of the pretrained projection head
+(SimCLRv2 fine-tunes from J = 1 of its 3-layer head; 0 = the backbone alone).
 Training protocols use SGD with Nesterov momentum 0.9, a cosine schedule and no weight decay, at
 lr = base lr x global batch / 256 (base 0.1 linear, 0.05 fine-tuning). All report top-1 and top-5 on the
 whole validation set. Prints a summary; --json writes a report. Bad input exits with status 2.
@@ -61,12 +66,21 @@ from .common.errors import ExitStatus, SimclrError
 from .common.files import WriteFailure, check_writable, write_result
 from .evaluation.backbone import load_backbone
 from .evaluation.config import EvalConfig, UsageError, parse_args
+from .evaluation.distill import agreement, distill
 from .evaluation.features import cached_features, extract_features
-from .evaluation.finetune import finetune
+from .evaluation.finetune import Classifier, finetune
+from .evaluation.head_layers import with_head_layers
 from .evaluation.knn import knn_predict, topk_accuracy
 from .evaluation.linear import evaluate_classifier, train_linear_augmented, train_linear_on_features
 from .evaluation.subset import LabelSubset, SubsetError, subset_for
-from .pipeline.loader import AugmentedView, DaliLoader, EvalView, classifier_augment, default_num_threads
+from .pipeline.loader import (
+    AugmentedView,
+    DaliLoader,
+    EvalView,
+    UnlabelledView,
+    classifier_augment,
+    default_num_threads,
+)
 from .pipeline.shards.shardset import ShardError, count_classes
 
 __all__ = ["EvalConfig", "UsageError", "main", "parse_args"]
@@ -106,12 +120,14 @@ def evaluate_backbone(
             identity = {
                 "weights": info["sha256"] or info["source"],
                 "model": info["model_name"],
+                "head_layers": info.get("ft_proj_selector", 0),
                 "shards": [str(p) for p in data[name].shards],
                 "view": repr(data[name].view),
                 "processes": accelerator.num_processes,
             }
             path = (
-                Path(args.features_cache) / f"{name}-{(info['sha256'] or info['source'])[:16]}.safetensors"
+                Path(args.features_cache)
+                / f"{name}-{(info['sha256'] or info['source'])[:16]}-j{info.get('ft_proj_selector', 0)}.safetensors"
                 if args.features_cache
                 else None
             )
@@ -157,7 +173,43 @@ def evaluate_backbone(
         logits, val_labels = extract_features(classifier, data["val"], accelerator, "val (fine-tuned)")
         metrics.update({f"finetune_{k}": v for k, v in topk_accuracy(logits, val_labels).items()})
         seconds["finetune"] = time.time() - started
+    if "distill" in protocols:
+        started = time.time()
+        metrics.update(distill_protocol(classifier, data, accelerator, args, num_classes))
+        seconds["distill"] = time.time() - started
     return metrics, {k: round(v, 2) for k, v in seconds.items()}
+
+
+def distill_protocol(teacher, data: dict, accelerator, args, num_classes: int) -> dict:
+    """SimCLRv2's step 3: a student of the teacher's architecture, randomly initialised (``args.student``: the
+    backbone at random init, with the same kept head layers), distilled on ``data['distill']``; its top-1/5 on the
+    val set, and its agreement with the teacher on the val set before and after (the student matches it better)."""
+    set_seed(args.seed)
+    student = Classifier(args.student, num_classes).to(accelerator.device)
+    torch.nn.init.normal_(student.fc.weight, std=0.01)  # a zero head would agree with nothing at the start
+    before = agreement(student, teacher, data["val"], accelerator)
+    student, losses = distill(
+        teacher,
+        student,
+        data["distill"],
+        accelerator,
+        epochs=args.distill_epochs,
+        lr=args.distill_lr,
+        temperature=args.distill_temperature,
+        progress=accelerator.is_main_process,
+    )
+    logits, val_labels = extract_features(student, data["val"], accelerator, "val (distilled)")
+    after = agreement(student, teacher, data["val"], accelerator)
+    accelerator.print(
+        f"distill: loss per epoch {[round(x, 4) for x in losses]}; agreement {before:.1f}% -> {after:.1f}%"
+    )
+    return {
+        **{f"distill_{k}": v for k, v in topk_accuracy(logits, val_labels).items()},
+        "distill_agreement_start": before,
+        "distill_agreement_end": after,
+        "distill_loss_first_epoch": losses[0],
+        "distill_loss_last_epoch": losses[-1],
+    }
 
 
 def versions() -> dict:
@@ -208,6 +260,15 @@ def build_loaders(
         data["train_subset"] = DaliLoader(
             args.train_shards, args.local_batch_size, augmented, train=True, seed=args.seed, keys=subset.keys, **common
         )
+    if "distill" in protocols:  # issue 31: unlabelled images, the fine-tuning augmentation
+        data["distill"] = DaliLoader(
+            args.distill_shards or args.train_shards,
+            args.local_batch_size,
+            UnlabelledView(augmented.augment),
+            train=True,
+            seed=args.seed,
+            **common,
+        )
     return data, num_classes, subset, subset_how
 
 
@@ -237,6 +298,16 @@ def protocol_settings(args, data: dict, subset, subset_how: str, processes: int)
             "base_lr": args.finetune_lr,
             "optimizer": sgd,
             "global_batch": data["train_subset"].batch_size * processes,
+        }
+    if "distill" in data:
+        settings["distill"] = {
+            "shards": args.distill_shards or args.train_shards,
+            "epochs": args.distill_epochs,
+            "base_lr": args.distill_lr,
+            "temperature": args.distill_temperature,
+            "optimizer": sgd,
+            "student": "the teacher's architecture (kept head layers included) at random initialisation",
+            "global_batch": data["distill"].batch_size * processes,
         }
     return settings
 
@@ -278,6 +349,11 @@ def main(argv=None) -> int:
             check_writable(args.features_cache, "--features_cache")
         protocols = args.protocols()
         backbone, info = load_backbone(args.checkpoint, args.model, args.weights, args.random_init, args.seed)
+        backbone = with_head_layers(backbone, args.checkpoint, args.ft_proj_selector)  # SimCLRv2's kept head layers
+        info["ft_proj_selector"] = args.ft_proj_selector
+        if "distill" in protocols:  # the student: the same architecture at random initialisation
+            student, _ = load_backbone(args.checkpoint, args.model, args.weights, True, args.seed + 1)
+            args.student = with_head_layers(student, args.checkpoint, args.ft_proj_selector, random=True)
         size = args.image_size or info.get("image_size") or 224
         data, num_classes, subset, subset_how = build_loaders(args, accelerator, size, protocols)
     except (ValueError, OSError, SimclrError) as error:
@@ -286,14 +362,21 @@ def main(argv=None) -> int:
     if subset is not None:
         args.finetune_epochs = args.finetune_epochs or (60 if subset.label_fraction <= 0.01 else 30)
     candidates = [(backbone, info)]
-    if args.compare_random_init:
-        candidates.append(load_backbone(args.checkpoint, args.model, args.weights, True, args.seed))
+    if args.compare_random_init:  # the same architecture, the kept head layers included, at random init
+        random_backbone, random_info = load_backbone(args.checkpoint, args.model, args.weights, True, args.seed)
+        random_backbone = with_head_layers(random_backbone, args.checkpoint, args.ft_proj_selector, random=True)
+        candidates.append((random_backbone, {**random_info, "ft_proj_selector": args.ft_proj_selector}))
 
     settings = protocol_settings(args, data, subset, subset_how, accelerator.num_processes)
     report = {
         "protocols": protocols,
         "settings": {p: settings[p] for p in protocols},
-        "checkpoint": {"source": info["source"], "sha256": info["sha256"], "model_name": info["model_name"]},
+        "checkpoint": {
+            "source": info["source"],
+            "sha256": info["sha256"],
+            "model_name": info["model_name"],
+            "ft_proj_selector": args.ft_proj_selector,
+        },
         "data": {
             "train_shards": [str(p) for p in data["train"].shards],
             "val_shards": [str(p) for p in data["val"].shards],

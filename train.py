@@ -53,6 +53,7 @@ from .trainer.export import export_backbone, write_result
 from .trainer.health import NonFiniteWatch
 from .trainer.meters import Meters
 from .trainer.monitor import EvalMonitor
+from .trainer.online_probe import build_online_probe
 from .trainer.optim import build_optimizer, build_scheduler
 from .trainer.plan import StepPlan
 from .trainer.preemption import Preempted, Preemption
@@ -67,7 +68,6 @@ from .trainer.run import (
     tracker_project,
 )
 from .trainer.session import STOPS, BadData, Session, stopped
-from .trainer.step import train_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,6 +148,9 @@ def setup(cfg, accelerator, consensus, preemption, log) -> Session:
         EvalMonitor(cfg, backbone, eval_loaders, accelerator, log, preemption, consensus),
     )  # fmt: skip
     session.attach_checkpointer(checkpointer)
+    session.online_probe = session.meters.attach_probe(
+        build_online_probe(cfg, accelerator.unwrap_model(model), device, log)
+    )
     return session
 
 
@@ -170,7 +173,7 @@ def train(t: Session) -> Exception | None:
                 raise BadData(consensus.all_gather_json(data_error))
             if agreed.out_of_time:
                 t.end_early(state.step + 1)
-            out = train_step(t.forward, t.optimizer, *views, cfg, t.accelerator)
+            out = t.step(views)
             step = t.after_step(out)
             if t.meters.due(step):
                 t.health.raise_if_bad(t.accelerator)

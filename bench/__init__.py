@@ -11,6 +11,7 @@ results go to bench/results/<name>_<device>.json (+ plots: ``pip install ".[benc
     python bench.py gpu-check --out DIR [--dry_run]             # everything that must be seen on a GPU, in one command
     python bench.py triton-sm90 # every Triton kernel launch compiled for Hopper (sm_90a), Triton 3.8 and 3.6, no GPU
     python bench.py sigkill-resume  # 30 SIGKILLs at random moments, chained --resume auto, final weights compared
+    python bench.py methods probe_step|report   # SupCon, SimCLRv2 head, online probe, distillation (issue 31)
 
 Each prints a summary and records device, versions, command and date beside the numbers.
 `python bench.py NAME --help` lists a benchmark's options.
@@ -33,6 +34,7 @@ COMMANDS = {
     "gpu-check": "gpu_check",
     "triton-sm90": "triton_sm90",
     "sigkill-resume": "sigkill_resume",
+    "methods": "methods",
 }
 
 

@@ -16,7 +16,7 @@ from typing import Literal
 from ..common.cli import parse_dataclass, underscore_flags
 from ..common.errors import SimclrError
 
-PROTOCOLS = ("knn", "linear", "finetune")
+PROTOCOLS = ("knn", "linear", "finetune", "distill")
 
 
 class UsageError(SimclrError, ValueError):
@@ -85,6 +85,18 @@ class EvalConfig:
     """Finetune epochs; null = 60 for <= 1% labels, 30 above."""
     finetune_lr: float = 0.05
     """Fine-tuning base lr, scaled by global batch / 256."""
+    # --- issue 31: SimCLRv2 (fine-tuning from inside the head, self-distillation)
+    ft_proj_selector: int = 0
+    """Evaluate the backbone followed by the first J layers of the pretrained projection head (SimCLRv2: 1 with its
+    3-layer head); 0 = the backbone alone. Needs --checkpoint with the head (a train.py run, export or checkpoint)."""
+    distill_shards: str | None = None
+    """Distill: the unlabelled shards the student learns from (labels, if any, unused); null = train_shards."""
+    distill_epochs: int = 10
+    """Distill: epochs of the student over distill_shards."""
+    distill_lr: float = 0.1
+    """Distill: the student's base lr (SGD Nesterov, cosine), scaled by global batch / 256."""
+    distill_temperature: float = 1.0
+    """Distill: temperature tau of the teacher's and student's softmax (the paper's 1)."""
     # --- output
     json: str | None = None
     """Write the report (settings, data, versions, every backbone's metrics) to this JSON file."""
@@ -105,9 +117,16 @@ class EvalConfig:
         if not 0 < self.min_crop_area <= 1:
             raise UsageError(f"--min_crop_area must be in (0, 1], got {self.min_crop_area}")
         self.protocols()
+        if self.ft_proj_selector < 0:  # issue 31
+            raise UsageError(f"--ft_proj_selector must be >= 0 (0 = the backbone), got {self.ft_proj_selector}")
+        for name in ("distill_epochs", "distill_lr", "distill_temperature"):
+            if not getattr(self, name) > 0 or getattr(self, name) == float("inf"):
+                raise UsageError(f"--{name} must be > 0 and finite, got {getattr(self, name)}")
+        if "distill" in self.protocols() and "finetune" not in self.protocols():
+            raise UsageError("--protocol distill distils the fine-tuned teacher: use --protocol finetune,distill")
 
     def protocols(self) -> list[str]:
-        """The requested protocols in a fixed order (knn, linear, finetune)."""
+        """The requested protocols in a fixed order (knn, linear, finetune, distill)."""
         requested = ["knn", "linear"] if self.protocol == "all" else [p.strip() for p in self.protocol.split(",")]
         requested = [p for p in requested if p]
         unknown = [p for p in requested if p not in PROTOCOLS]

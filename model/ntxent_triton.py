@@ -1,6 +1,6 @@
 """Fused Triton backend of ``model.ntxent``: the loss and its gradient without the rows x columns matrix.
 
-Same five functions, same semantics as ``model.ntxent._chunked`` (see there and ``model/ntxent.py``'s
+Same five functions, same semantics as ``model.ntxent_chunked`` (see there and ``model/ntxent.py``'s
 docstring), one kernel each:
 - ``normalize``: rows = [z1; z2] / max(||.||, eps) in float32 (IEEE sqrt and division), their copy in
   the inputs' dtype for the products, the norms.
@@ -23,7 +23,7 @@ least 2 programs per SM, the splits as even as whole tiles allow; it is a pure f
 the grid can be checked without a GPU.
 
 Precision: statistics and accumulators are float32 (float64 for float64 inputs, as
-``model.ntxent.accumulation_dtype`` has it). 16-bit inputs go to ``tl.dot`` as 16-bit operands (tensor
+``model.ntxent_common.accumulation_dtype`` has it). 16-bit inputs go to ``tl.dot`` as 16-bit operands (tensor
 cores, float32 accumulation); the gradient's weights are rounded to the inputs' dtype for the second
 product, as flash attention does with P (float16 weights are scaled by 2^14 first, an exact power of
 two, so that weights down to ~1e-9 stay normal float16 numbers; it is divided out of the float32
@@ -51,9 +51,10 @@ import torch
 import triton
 import triton.language as tl
 
+from .ntxent_common import FLOAT32_MATMUL_PRECISIONS, NORM_EPS
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.0 / math.log(2.0)
-FLOAT32_MATMUL_PRECISIONS = ("ieee", "tf32")
 PROGRAMS_PER_SM = 2  # at least this many programs per SM in every launch (latency hiding, tail effects)
 INTERPRETER_SM_COUNT = 4  # what launch_grid is told under the interpreter: small problems split their columns too
 INTERPRETER_BLOCK, INTERPRETER_BLOCK_K = 16, 32  # tile sizes under the interpreter (read at each call)
@@ -366,7 +367,7 @@ def _normalize_kernel(
     x = x.to(ACC)
     eps = tl.load(eps_ptr)
     # The squares are taken of the row divided by the power of two of its largest entry (exact: the norm is
-    # bit-identical to the plain one wherever that is finite and nonzero, as model.ntxent.row_norms): norms
+    # bit-identical to the plain one wherever that is finite and nonzero, as model.ntxent_common.row_norms): norms
     # from 1e-30 to 1e30 would under/overflow in float32 squares. The power is clamped to [2^-126, 2^126]
     # (float64: 2^-1022, 2^1022) so that its reciprocal is a normal number.
     largest = tl.max(tl.abs(x), axis=1)
@@ -428,7 +429,8 @@ def _positive_stats_kernel(
 ):
     """Per row k: neg_k = the column splits' partial sums added in split order; t_k = -(||z_k - z_pos||^2 +
     deficit_k + deficit_pos) / (2 tau) with deficit = 1 - ||z||^2 from the norms (0 for unit rows: see
-    model.ntxent.norm_deficit); r = neg e^{-t}; loss_k = log1p(r), q_k = r / (1 + r), scale_k = e^{-t} / (1 + r)."""
+    model.ntxent_chunked.norm_deficit); r = neg e^{-t}; loss_k = log1p(r), q_k = r / (1 + r),
+    scale_k = e^{-t} / (1 + r)."""
     inv_temp = tl.load(consts_ptr)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -692,7 +694,7 @@ def _check(rows: torch.Tensor, columns: torch.Tensor, row_offset: int, precision
 
 def _accumulation(dtype: torch.dtype) -> tuple[torch.dtype, object]:
     """(torch dtype, Triton dtype) of the statistics: float64 for float64 inputs, float32 otherwise
-    (as ``model.ntxent.accumulation_dtype``)."""
+    (as ``model.ntxent_common.accumulation_dtype``)."""
     return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
 
 
@@ -749,9 +751,6 @@ def _consts(inv_temp: float, dtype: torch.dtype, device: torch.device) -> torch.
     return consts
 
 
-NORM_EPS = 1e-12  # as F.normalize (and model.ntxent.NORM_EPS)
-
-
 def _row_block(d: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_D) of the per-row kernels: whole rows (d <= 2048 in registers), 4096 float32 (2048
     float64) elements a program of 4 warps: 32 a thread and a tensor, no spills."""
@@ -804,7 +803,7 @@ def normalize(z1: torch.Tensor, z2: torch.Tensor, operand_dtype: torch.dtype):
 def positive_stats(partials: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor, inv_temp: float):
     """(loss_rows, not_positive, scale), each (m,), from the negatives' partial sums (splits, m), the rows
     (m, d) and the inputs' norms (m,) as ``normalize`` returns them, m = 2N local rows whose positive is row
-    (k + N) mod m: see ``model.ntxent._chunked``."""
+    (k + N) mod m: see ``model.ntxent_chunked``."""
     m, d = rows.shape
     if partials.ndim != 2 or partials.shape[1] != m or not rows.is_contiguous() or not partials.is_contiguous():
         raise ValueError(f"contiguous partials (splits, {m}) and rows ({m}, d) expected, got {tuple(partials.shape)}")
@@ -844,7 +843,7 @@ def input_grad(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """(m, d) in ``out_dtype``: the gradient with respect to the un-normalised inputs, from the gradient's
-    partial sums (splits, m, d): see ``model.ntxent._chunked.input_grad``."""
+    partial sums (splits, m, d): see ``model.ntxent_chunked.input_grad``."""
     m, d = rows.shape
     if partials.ndim != 3 or partials.shape[1:] != (m, d) or not partials.is_contiguous() or not rows.is_contiguous():
         raise ValueError(

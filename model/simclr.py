@@ -8,22 +8,42 @@ from torch import nn
 
 
 class ProjectionHead(nn.Sequential):
-    """The paper's head: Linear -> BN -> ReLU -> Linear -> BN (no bias anywhere; the last BN has no
-    shift, as in the official code's ``linear_layer(use_bias=False, use_bn=True)``).
+    """The projection head of ``num_layers`` linear layers (2: the first paper's; 3: SimCLRv2's): each but the
+    last is Linear -> BN -> ReLU, the last Linear -> BN, no bias anywhere and no shift in the last BN, as the
+    official code's ``projection_head`` (``linear_layer(use_bias=True, use_bn=True)`` for the middle layers: the
+    bias moves into the BN's shift; ``use_bias=False`` for the last). Module indices 3 (j - 1), 3 (j - 1) + 1,
+    3 (j - 1) + 2 are layer j's (Linear, BN, ReLU): ``layers(j)`` is the head up to layer j's output, what
+    SimCLRv2 fine-tunes from (``ft_proj_selector``). Two layers keep the earlier modules' names.
 
     (B, in_dim) -> (B, out_dim)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int):
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2):
+        if num_layers < 1:
+            raise ValueError(f"a projection head needs num_layers >= 1, got {num_layers}")
+        modules: list[nn.Module] = []
+        width = in_dim
+        for _ in range(num_layers - 1):
+            modules += [nn.Linear(width, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            width = hidden_dim
         last_norm = nn.BatchNorm1d(out_dim)
         nn.init.zeros_(last_norm.bias)
         last_norm.bias.requires_grad_(False)
-        super().__init__(
-            nn.Linear(in_dim, hidden_dim, bias=False),
-            nn.BatchNorm1d(hidden_dim),
-            nn.ReLU(inplace=True),
-            nn.Linear(hidden_dim, out_dim, bias=False),
-            last_norm,
-        )
+        super().__init__(*modules, nn.Linear(width, out_dim, bias=False), last_norm)
+        self.num_layers = num_layers
+
+    def layers(self, count: int) -> nn.Sequential:
+        """The first ``count`` layers (shared modules, not copies): 0 = nothing (identity), ``num_layers`` = the
+        whole head. Middle layers end with their ReLU, as the official code's hiddens_list."""
+        if not 0 <= count <= self.num_layers:
+            raise ValueError(f"the head has {self.num_layers} layers; cannot keep {count}")
+        if count == self.num_layers:
+            return nn.Sequential(*self)
+        return nn.Sequential(*list(self)[: 3 * count])
+
+    def out_width(self, count: int) -> int | None:
+        """Width of the output of the first ``count`` layers; None for 0 (the backbone's)."""
+        linears = [m for m in self if isinstance(m, nn.Linear)]
+        return linears[count - 1].out_features if count else None
 
 
 def feature_dim(backbone: nn.Module) -> int:
@@ -52,7 +72,8 @@ def create_backbone(name: str, pretrained: bool = False, cifar_stem: bool = Fals
 class SimCLR(nn.Module):
     """``forward(x) -> (h, z)``: h (B, feature_dim) pooled backbone features, z (B, proj_dim) projections.
 
-    ``proj_hidden`` defaults to the backbone's feature width (2048 -> 2048 -> 128 for ResNet-50)."""
+    ``proj_hidden`` defaults to the backbone's feature width (2048 -> 2048 -> 128 for ResNet-50); ``proj_layers``
+    is the head's depth (2 as the first paper, 3 as SimCLRv2)."""
 
     def __init__(
         self,
@@ -61,12 +82,13 @@ class SimCLR(nn.Module):
         proj_dim: int = 128,
         pretrained: bool = False,
         cifar_stem: bool = False,
+        proj_layers: int = 2,
         **timm_kwargs,
     ):
         super().__init__()
         self.backbone = create_backbone(backbone, pretrained=pretrained, cifar_stem=cifar_stem, **timm_kwargs)
         self.feature_dim = feature_dim(self.backbone)
-        self.head = ProjectionHead(self.feature_dim, proj_hidden or self.feature_dim, proj_dim)
+        self.head = ProjectionHead(self.feature_dim, proj_hidden or self.feature_dim, proj_dim, proj_layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.backbone(x)

@@ -2,8 +2,10 @@
 
 One loader class, ``DaliLoader``, parametrised by its view of each sample:
 - ``TwoViews(augment)``: ``(view1, view2)``, two independent SimCLR views of each image (pretraining);
+  ``LabelledTwoViews(augment)``: ``(view1, view2, labels)`` (SupCon, the online probe);
 - ``AugmentedView(augment)``: ``(images, labels)``, one augmented view (``classifier_augment``: random
   resized crop + flip, the paper's linear-evaluation and fine-tuning augmentation), for classifiers;
+- ``UnlabelledView(augment)``: ``(images,)``, one augmented view without label (distillation);
 - ``EvalView(size)``: ``(images, labels)``, resize + centre crop, for feature extraction.
 
 Every loader can read a subset of the samples (``keys``): DALI's reader follows the index beside each
@@ -189,6 +191,13 @@ class TwoViews:
 
 
 @dataclass(frozen=True)
+class LabelledTwoViews(TwoViews):
+    """Pretraining with labels (SupCon, the online probe): ``(view1, view2, labels)``; every sample needs a .cls."""
+
+    labelled: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
 class AugmentedView:
     """Classifier training: one augmented view + label (by default ``classifier_augment``: crop + flip). One
     crop per image, so only its region is decoded."""
@@ -201,6 +210,18 @@ class AugmentedView:
         return (
             augment_cropped(decode_random_crop(jpegs, self.augment, device), self.augment, dtype),
         )  # the config decides the rest
+
+
+@dataclass(frozen=True)
+class UnlabelledView:
+    """One augmented view, no label (SimCLRv2's distillation on unlabelled shards): ``(images,)``."""
+
+    augment: AugmentConfig
+    labelled: ClassVar[bool] = False
+    outputs: ClassVar[tuple[str, ...]] = ("images",)
+
+    def graph(self, jpegs, device, dtype):
+        return (augment_cropped(decode_random_crop(jpegs, self.augment, device), self.augment, dtype),)
 
 
 @dataclass(frozen=True)
@@ -218,7 +239,7 @@ class EvalView:
         return (eval_view(decode(jpegs, device), self.size, self.resize_size, self.mean, self.std, dtype),)
 
 
-View = TwoViews | AugmentedView | EvalView
+View = TwoViews | LabelledTwoViews | AugmentedView | UnlabelledView | EvalView
 
 
 @pipeline_def(enable_conditionals=True)
@@ -371,7 +392,7 @@ class DaliLoader:
         self.pipelines = pipelines
         smallest_part = self.num_samples // (num_shards * pipelines) * pipelines  # parts differ by at most one sample
         if smallest_part < batch_size:
-            if train and not view.labelled:
+            if train and isinstance(view, TwoViews):  # pretraining: a batch is a batch
                 raise ShardError(
                     f"{self.num_samples} samples over {num_shards} rank(s) do not fill one batch of "
                     f"{batch_size} per rank"
@@ -603,9 +624,10 @@ class DaliLoader:
         for batch in self._batches():
             if self.view.labelled:
                 labels = decode_labels(batch["labels"].cpu(), batch["source"])
-                yield _channels_last(batch["images"]), labels.to(self.torch_device, non_blocking=True)
+                images = (_channels_last(batch[name]) for name in self.view.outputs)
+                yield *images, labels.to(self.torch_device, non_blocking=True)
             else:
-                yield _channels_last(batch["view1"]), _channels_last(batch["view2"])
+                yield tuple(_channels_last(batch[name]) for name in self.view.outputs)
 
 
 def classifier_augment(

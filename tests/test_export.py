@@ -188,5 +188,6 @@ def test_train_exports_the_head_beside_the_backbone(shards, tmp_path):
         "in_dim": 64,
         "hidden_dim": 24,
         "out_dim": 16,
+        "num_layers": 2,
     }
     assert meta["cifar_stem"] and not (run / "backbone").exists()

@@ -22,6 +22,7 @@ from ntxent_properties import (
 )
 
 import simclr_dali.model.ntxent as ntxent
+import simclr_dali.model.ntxent_chunked as ntxent_chunked
 from simclr_dali.model.ntxent import nt_xent, nt_xent_reference, positive_pair_accuracy
 
 
@@ -111,7 +112,7 @@ def relative_error(a, b):
 @pytest.mark.parametrize("chunk_bytes", [None, 200])
 def test_chunked_matches_float64_reference(n, d, temperature, chunk_bytes, monkeypatch):
     if chunk_bytes:  # force many row chunks
-        monkeypatch.setattr(ntxent, "CHUNK_BYTES", chunk_bytes * n)
+        monkeypatch.setattr(ntxent_chunked, "CHUNK_BYTES", chunk_bytes * n)
     torch.manual_seed(n * d)
     z1 = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
     z2 = torch.randn(n, d, dtype=torch.float64, requires_grad=True)
@@ -237,7 +238,7 @@ def test_memory_stays_linear():
         nt_xent(z1, z2, 0.1).backward()
     finally:
         torch.Tensor.exp_ = original
-    assert sizes and max(sizes) <= ntxent.CHUNK_BYTES
+    assert sizes and max(sizes) <= ntxent_chunked.CHUNK_BYTES
 
 
 def test_rejects_bad_inputs():

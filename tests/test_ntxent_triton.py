@@ -389,8 +389,8 @@ def _epilogue_group() -> None:
     with several column splits' partial sums, odd sizes, a zero row (its norm clamped) and near-duplicates."""
     import torch
 
+    from simclr_dali.model import ntxent_chunked as _chunked
     from simclr_dali.model import ntxent_triton
-    from simclr_dali.model.ntxent import _chunked
 
     for n, d, dtype in [
         (1, 8, torch.float32),

@@ -18,6 +18,7 @@ def build_model(cfg: TrainConfig, device_type: str, world_size: int) -> SimCLR:
         cfg.proj_dim,
         pretrained=cfg.pretrained,
         cifar_stem=cfg.cifar_stem,
+        proj_layers=cfg.proj_layers,
         **cfg.timm_kwargs,
     )
     if world_size > 1 and cfg.sync_bn:

@@ -84,6 +84,8 @@ class TrainConfig:
     """Hidden width of the projection head; null = the backbone's feature width."""
     proj_dim: PositiveInt = 128
     """Output width of the projection head (the loss's d)."""
+    proj_layers: PositiveInt = 2
+    """Linear layers of the projection head: 2 as the first paper, 3 as SimCLRv2 (each but the last with BN + ReLU)."""
     # --- optimisation (the paper's defaults)
     batch_size: PositiveInt = 4096
     """Global batch: images per step over all processes together (each process gets batch_size / processes)."""
@@ -114,6 +116,9 @@ class TrainConfig:
     """Optimiser momentum."""
     temperature: FinitePositiveFloat = 0.1
     """NT-Xent temperature tau."""
+    loss: Literal["ntxent", "supcon"] = "ntxent"
+    """ntxent (SimCLR's loss) or supcon (supervised contrastive, Khosla et al. 2020: every view of the same label is a
+    positive; needs labelled shards, .cls per sample)."""
     grad_clip: FinitePositiveFloat | None = None
     """Clip the global gradient norm to this; null = no clipping."""
     # --- system
@@ -183,6 +188,11 @@ class TrainConfig:
     """Temperature of the in-training kNN probe's weights."""
     eval_json: str | None = None
     """Write the evaluation curve (every evaluation so far) to this JSON file."""
+    online_probe: bool = True
+    """A linear classifier on the detached backbone features trained in each step (its own SGD), its running top-1 in
+    the log, progress bar and tracker; only where the training shards carry labels (off, said once, otherwise)."""
+    online_probe_lr: FinitePositiveFloat = 0.1
+    """Learning rate of the online probe's SGD (momentum 0.9, no weight decay), constant."""
 
     def check(self) -> None:
         """The checks that need neither data, nor the world size, nor torch (the parser runs them, so a bad value
@@ -201,6 +211,8 @@ class TrainConfig:
             raise ConfigError(
                 "resume must be auto, a checkpoint directory, or null (a fresh start); got an empty string"
             )
+        if self.loss == "supcon" and self.loader.kind != "dali":
+            raise ConfigError("loss supcon reads labels through the DALI loader: use --loader.kind dali")
         try:
             check_timm_kwargs(self.timm_kwargs, "timm_kwargs")
         except ValueError as error:
@@ -311,6 +323,8 @@ SAFE_ON_RESUME = frozenset(
         "channels_last",
         "loss_backend",
         "loss_float32_matmul_precision",
+        "online_probe",  # issue 31: a meter, not the trained model
+        "online_probe_lr",
     }
 )
 

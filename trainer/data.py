@@ -8,7 +8,7 @@ import os
 import torch
 
 from ..pipeline.augment import AugmentConfig
-from ..pipeline.loader import DaliLoader, EvalView, TwoViews, default_num_threads
+from ..pipeline.loader import DaliLoader, EvalView, LabelledTwoViews, TwoViews, default_num_threads
 from ..pipeline.torchvision_baseline import TorchvisionPretrainLoader
 from .config import TrainConfig
 
@@ -49,10 +49,12 @@ def build_train_loader(
             num_workers=_threads(cfg),
         )
     where = data_device(cfg, device)
+    from .online_probe import wants_labels  # issue 31: SupCon and the online probe read the labels too
+
     return DaliLoader(
         cfg.train_shards,
         local_batch,
-        TwoViews(augment),
+        (LabelledTwoViews if wants_labels(cfg) else TwoViews)(augment),
         train=True,
         device=where,
         device_id=device.index if where == "gpu" else None,

@@ -6,7 +6,8 @@ An export directory holds
 - ``backbone/`` (``config.json`` + ``model.safetensors``, timm's own local-directory convention) wherever timm
   can express the architecture, i.e. without the CIFAR stem (it replaces timm's own):
   ``timm.create_model("local-dir:EXPORT/backbone", pretrained=True)``;
-- ``head.safetensors`` + ``head.json`` (the projection head's widths), when the head is exported.
+- ``head.safetensors`` + ``head.json`` (the projection head's widths and depth), when the head is exported:
+  ``evaluate.py --ft_proj_selector J`` keeps its first J layers on top of the backbone (SimCLRv2).
 ``load_exported(EXPORT)`` rebuilds both from any export, the CIFAR stem and ``timm_kwargs`` included.
 
 train.py exports its output directory at the end of a run; ``simclr-export CHECKPOINT`` (``main`` below)
@@ -126,6 +127,7 @@ def _write_export(backbone, output_dir: Path, meta: dict, head) -> Path:
             "in_dim": linear[0].in_features,
             "hidden_dim": linear[0].out_features,
             "out_dim": linear[-1].out_features,
+            "num_layers": len(linear),  # issue 31: SimCLRv2's 3-layer head
         }
         atomic_write_bytes(
             output_dir / HEAD_FILE, save(_plain_state(head), metadata={k: json.dumps(v) for k, v in widths.items()})
@@ -215,6 +217,7 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path | None = No
         backbone=config["backbone"],
         proj_hidden=config.get("proj_hidden"),
         proj_dim=config.get("proj_dim", 128),
+        proj_layers=config.get("proj_layers", 2),
         cifar_stem=bool(config.get("cifar_stem", False)),
         **timm_kwargs,
     )
@@ -264,7 +267,7 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, torch.nn.Module | 
         widths = json.loads((path / HEAD_META).read_text())
         if not all(isinstance(widths.get(k), int) for k in ("in_dim", "hidden_dim", "out_dim")):
             raise ExportError(f"{path / HEAD_META} must give integer in_dim, hidden_dim and out_dim, got {widths}")
-        head = ProjectionHead(widths["in_dim"], widths["hidden_dim"], widths["out_dim"])
+        head = ProjectionHead(widths["in_dim"], widths["hidden_dim"], widths["out_dim"], widths.get("num_layers", 2))
         try:
             head.load_state_dict(load_file(str(path / HEAD_FILE)))
         except (OSError, RuntimeError) as error:

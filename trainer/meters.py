@@ -177,6 +177,12 @@ class Meters:
         )
         self.progress_bar = cfg.progress
         self.start_wait, self.end_wait, self.end_step = self.timer.start_wait, self.timer.end_wait, self.timer.end_step
+        self.online_probe, self.online_probe_top1 = None, None  # trainer/online_probe.py
+
+    def attach_probe(self, probe):
+        """Report ``probe``'s running top-1 (trainer/online_probe.py) with the meters; returns it."""
+        self.online_probe = probe
+        return probe
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.plan.last_step
@@ -192,6 +198,8 @@ class Meters:
         }
         if self.accelerator.device.type == "cuda":
             meters["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.online_probe is not None and (top1 := self.online_probe.read(self.accelerator)) is not None:
+            meters["online_probe_top1"] = self.online_probe_top1 = top1
         self.accelerator.log(meters, step=step)
         line = f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in meters.items())
         (self.log.file_only if self.progress_bar else self.log.info)(line)  # no bar: the meters as lines
@@ -200,6 +208,7 @@ class Meters:
             img_s=f"{meters['images_per_s']:.0f}",
             wait=f"{meters['data_wait_fraction']:.0%}",
             lr=f"{meters['lr']:.3g}",
+            **({"probe": f"{meters['online_probe_top1']:.1f}%"} if "online_probe_top1" in meters else {}),
         )
 
     def advance(self, step: int) -> None:
@@ -210,4 +219,5 @@ class Meters:
         self.progress.close()  # before any message, so that it starts on a line of its own
 
     def summary(self) -> dict:
-        return self.timer.summary()
+        extra = {} if self.online_probe_top1 is None else {"online_probe_top1": round(self.online_probe_top1, 2)}
+        return {**self.timer.summary(), **extra}

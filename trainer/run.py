@@ -119,6 +119,7 @@ def check_model_config(cfg: TrainConfig) -> None:
                 cfg.proj_dim,
                 pretrained=False,
                 cifar_stem=cfg.cifar_stem,
+                proj_layers=cfg.proj_layers,
                 **cfg.timm_kwargs,
             )
     except (TypeError, ValueError, KeyError, AssertionError) as error:

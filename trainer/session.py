@@ -20,6 +20,7 @@ from .monitor import EvalMonitor
 from .plan import StepPlan
 from .preemption import Preempted, Preemption
 from .run import Run, RunLog
+from .step import train_step
 
 
 class BadData(SimclrError):
@@ -88,6 +89,7 @@ class Session:
     monitor: EvalMonitor
     checkpointer: TrainingCheckpointer = None  # set by attach_checkpointer (it reads the session)
     clock: TrainClock = None
+    online_probe: Any = None  # trainer/online_probe.py, where the shards carry labels
 
     def __post_init__(self):
         self.batches, self.clock = iter(self.loader), TrainClock(self.state)
@@ -110,6 +112,13 @@ class Session:
                 break
         self.meters.end_wait()
         return views, error
+
+    def step(self, views) -> Any:
+        """One optimiser update on a batch: ``(view1, view2)``, or ``(view1, view2, labels)`` from labelled shards."""
+        view1, view2, *labels = views
+        return train_step(
+            self.forward, self.optimizer, view1, view2, self.cfg, self.accelerator, *labels, probe=self.online_probe
+        )
 
     def out_of_time(self) -> bool:
         return bool(self.cfg.max_train_minutes) and self.clock.elapsed() >= 60 * self.cfg.max_train_minutes
