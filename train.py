@@ -157,7 +157,7 @@ def setup(cfg, accelerator, consensus, preemption, log) -> Session:
 def train(t: Session) -> Exception | None:
     """The loop: every rank fetches its batch, all agree to go on (preemption, bad data, the clock), one step;
     then whatever is due (meters, a checkpoint, an evaluation after it). Returns why it stopped early, if it did."""
-    cfg, state, plan, consensus, preemption = t.cfg, t.state, t.plan, t.consensus, t.preemption
+    state, plan, consensus, preemption = t.state, t.plan, t.consensus, t.preemption
     try:
         t.monitor.catch_up(state, plan)  # at step 0, or the evaluation a preemption skipped
         t.clock.restart()
