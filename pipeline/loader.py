@@ -59,11 +59,10 @@ from .augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AugmentConfig,
-    augment_cropped,
     decode,
-    decode_random_crop,
     eval_view,
     gpu_decoder_sized_for,
+    roi_view,
     simclr_view,
 )
 from .decode_check import find_undecodable, rank_part
@@ -179,10 +178,11 @@ class TwoViews:
 
     def graph(self, jpegs, device, dtype):
         cfg = self.augment
+        shape = fn.peek_image_shape(jpegs)  # from the header: the views' CPU work does not wait for the decoder
         if cfg.roi_decode:  # each view decodes only its own crop's region
-            return tuple(augment_cropped(decode_random_crop(jpegs, cfg, device), cfg, dtype) for _ in range(2))
+            return tuple(roi_view(jpegs, cfg, device, dtype, shape) for _ in range(2))
         images = decode(jpegs, device)  # decoded once, cropped twice
-        return simclr_view(images, cfg, dtype), simclr_view(images, cfg, dtype)
+        return simclr_view(images, cfg, dtype, shape), simclr_view(images, cfg, dtype, shape)
 
 
 @dataclass(frozen=True)
@@ -195,9 +195,7 @@ class AugmentedView:
     outputs: ClassVar[tuple[str, ...]] = ("images",)
 
     def graph(self, jpegs, device, dtype):
-        return (
-            augment_cropped(decode_random_crop(jpegs, self.augment, device), self.augment, dtype),
-        )  # the config decides the rest
+        return (roi_view(jpegs, self.augment, device, dtype),)  # the config decides the rest
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ def run_stage(images, uniforms, cfg: AugmentConfig, form: str) -> np.ndarray:
     def stage():
         x = fn.external_source(source=_constant(list(images)), batch=True, layout="HWC", dtype=types.UINT8)
         u = fn.external_source(source=_constant(list(uniforms)), batch=True, dtype=types.FLOAT)
-        view, _ = augment.colour_stage(x.gpu() if device == "gpu" else x, cfg, augment.ViewDraws(cfg, u))
+        view, _ = augment.colour_stage(x.gpu() if device == "gpu" else x, cfg, augment.view_plan(cfg, uniform=u))
         return view
 
     previous, augment.colour_by_gpu_form = augment.colour_by_gpu_form, form == "kernel"
@@ -342,7 +342,7 @@ def run_stage_mirrored(images, uniforms, cfg: AugmentConfig, form: str) -> list[
     def stage():
         x = fn.external_source(source=_constant(list(images)), batch=True, layout="HWC", dtype=types.UINT8)
         u = fn.external_source(source=_constant(list(uniforms)), batch=True, dtype=types.FLOAT)
-        view, mirror = augment.colour_stage(x.gpu() if device == "gpu" else x, cfg, augment.ViewDraws(cfg, u))
+        view, mirror = augment.colour_stage(x.gpu() if device == "gpu" else x, cfg, augment.view_plan(cfg, uniform=u))
         return augment.normalize(view, (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255), mirror=mirror)
 
     previous, augment.colour_by_gpu_form = augment.colour_by_gpu_form, form == "kernel"
