@@ -2,7 +2,7 @@
 
 What it computes is the official code's ``random_color_jitter`` (google-research/simclr, ``tf2/data_util.py``)
 with ``tf.image`` semantics, on float32 values in [0, 1] (``x / 255``), from the view's uniforms
-(``augment.ViewDraws``):
+(``view_plan.ViewPlan.uniform``):
 - colour jitter with probability ``jitter_prob`` (0.8): brightness, contrast, saturation and hue in a random
   order per image (``color_jitter_rand``: the op with the smallest order key first), clipped to [0, 1] after
   each op;
