@@ -133,10 +133,12 @@ class AugmentConfig:
             raise ValueError(f"AugmentConfig.blur_padding must be one of {BLUR_PADDINGS}, got {self.blur_padding!r}")
 
 
-# The share of images the mixed decoder sends to the hardware JPEG decoder (A100/H100), as in NVIDIA's
-# ResNet-50 DALI example. Its buffer paddings are per DALI thread (one device buffer and one pinned host
-# buffer each), so they are sized to the data (``gpu_decoder_sizing``), not to ImageNet's largest image.
-GPU_DECODER = {"hw_decoder_load": 0.65}
+# The share of images the mixed decoder sends to the hardware JPEG decoder (A100/H100) by default, as in NVIDIA's
+# ResNet-50 DALI example (TrainConfig.hw_decoder_load). Its buffer paddings are per DALI thread (one device buffer
+# and one pinned host buffer each), so they are sized to the data (``gpu_decoder_sizing``), not to ImageNet's
+# largest image for every set.
+HW_DECODER_LOAD = 0.65
+GPU_DECODER = {"hw_decoder_load": HW_DECODER_LOAD}
 DALI_DEFAULT_HOST_PADDING = 8 * 2**20  # DALI's default host_memory_padding (device: 16 MiB)
 _GPU_DECODER_SIZING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("gpu_decoder_sizing", default=None)
 
@@ -162,9 +164,12 @@ def gpu_decoder_sizing(largest_image: tuple[int, int] | None) -> dict:
 
 
 @contextlib.contextmanager
-def gpu_decoder_sized_for(largest_image: tuple[int, int] | None) -> Iterator[dict]:
-    """While a pipeline's graph is defined inside: its GPU decoders get ``gpu_decoder_sizing(largest_image)``."""
-    sizing = gpu_decoder_sizing(largest_image)
+def gpu_decoder_sized_for(
+    largest_image: tuple[int, int] | None, hw_decoder_load: float = HW_DECODER_LOAD
+) -> Iterator[dict]:
+    """While a pipeline's graph is defined inside: its GPU decoders get ``gpu_decoder_sizing(largest_image)`` and
+    send ``hw_decoder_load`` of the images to the hardware decoder."""
+    sizing = {**gpu_decoder_sizing(largest_image), "hw_decoder_load": hw_decoder_load}
     token = _GPU_DECODER_SIZING.set(sizing)
     try:
         yield sizing

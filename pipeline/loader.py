@@ -82,18 +82,17 @@ IMAGE_EXTENSIONS = ";".join(IMAGE_COMPONENTS)  # DALI webdataset reader: any of 
 _DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
 
 
-# DALI threads of a GPU-decoding loader: the mixed decoder's CPU stage (Huffman decoding of the images the
-# hardware decoder does not take) and the reader; each thread also holds one nvJPEG device and one pinned host
-# buffer (pipeline.augment.gpu_decoder_sizing), so all cores (16 on a lent H100, per pipeline) would multiply them.
-GPU_DECODE_THREADS = 4
 LARGEST_IMAGE_CANDIDATES = 8  # image files (the largest by bytes) whose headers size the GPU decoder's buffers
 
 
 def default_num_threads(num_local_processes: int = 1, device: str = "cpu") -> int:
-    """DALI CPU threads per process: this process's share of the cores it may run on (at most
-    GPU_DECODE_THREADS when decoding on the GPU)."""
-    share = max(1, len(os.sched_getaffinity(0)) // max(1, num_local_processes))
-    return min(share, GPU_DECODE_THREADS) if device == "gpu" else share
+    """DALI CPU threads per process: this process's share of the cores it may run on (its affinity over the
+    processes on this host), on either backend. On the GPU they run the reader, the views' plan operators and
+    the hybrid Huffman decoding of the images the hardware decoder does not take; each also holds one nvJPEG
+    device and one pinned host buffer of the largest image's size (``augment.gpu_decoder_sizing``: 111 MiB each
+    for ImageNet, 1.8 GB of device memory at 16 threads, counted in docs/gpu.md's memory arithmetic)."""
+    del device  # (the same share on both backends: kept for callers that name it)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, num_local_processes))
 
 
 def largest_image(indexes: list[ShardIndex], candidates: int = LARGEST_IMAGE_CANDIDATES) -> tuple[int, int] | None:
@@ -332,6 +331,7 @@ class DaliLoader:
         dtype: torch.dtype = torch.float32,
         keys: Collection[str] | None = None,
         pipelines: int | None = None,
+        hw_decoder_load: float = 0.65,
     ):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -379,7 +379,7 @@ class DaliLoader:
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
         self.num_threads = num_threads or default_num_threads(device=device)  # over all of this rank's pipelines
         self.largest_image = largest_image(self.indexes) if device == "gpu" else None  # sizes nvJPEG's buffers
-        self.prefetch = prefetch
+        self.prefetch, self.hw_decoder_load = prefetch, hw_decoder_load
         self.torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
         self.epoch = 0
         self._position = 0  # batches of this epoch handed out
@@ -433,7 +433,7 @@ class DaliLoader:
             shards = self._epoch_shards(epoch)
             pipes = []
             for j in range(self.pipelines):
-                sized = gpu_decoder_sized_for(self.largest_image)  # the GPU decoders defined in this pipeline
+                sized = gpu_decoder_sized_for(self.largest_image, self.hw_decoder_load)  # this pipeline's decoders
                 part = self.shard_id * self.pipelines + j  # this pipeline's sub-part of the epoch
                 seed = int(np.random.SeedSequence([self.seed, epoch, part]).generate_state(1)[0] % 2**31)
                 with sized:

@@ -64,6 +64,10 @@ class TrainConfig:
     """DALI CPU threads per process; null = this process's share of the cores."""
     prefetch: int = 2
     """DALI prefetch queue depth, in batches."""
+    # --- issue 29 ---
+    hw_decoder_load: float = 0.65
+    """Share of the images the GPU decoder sends to the hardware JPEG decoder (A100/H100; the rest are decoded
+    by nvJPEG's hybrid path, Huffman on DALI's CPU threads). 0.65: NVIDIA's ResNet-50 example; in [0, 1]."""
     data_device: Literal["auto", "gpu", "cpu"] = "auto"
     """Where DALI decodes and augments: auto = the GPU when training on CUDA."""
     data_loader: Literal["dali", "torchvision"] = "dali"
@@ -268,6 +272,9 @@ class TrainConfig:
                 )
         elif self.micro_batch is not None and not self.micro_batch >= 0:
             raise ConfigError(f"micro_batch must be >= 0 (0 = off), null or auto, got {self.micro_batch}")
+        # --- issue 29 ---
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ConfigError(f"hw_decoder_load must be in [0, 1], got {self.hw_decoder_load}")
         if self.eval_every_epochs and not (self.eval_train_shards and self.eval_val_shards):
             raise ConfigError("eval_every_epochs needs eval_train_shards and eval_val_shards")
         if self.resume is not None and not self.resume:
@@ -331,6 +338,7 @@ SAFE_ON_RESUME = frozenset(
         "eval_knn_temperature",
         "eval_json",
         "data_threads",
+        "hw_decoder_load",
         "prefetch",
         "compile",
         "channels_last",

@@ -76,6 +76,7 @@ def build_train_loader(
         prefetch=cfg.prefetch,
         shuffle_buffer=cfg.shuffle_buffer,
         dtype=torch.float16 if where == "gpu" else torch.float32,
+        hw_decoder_load=cfg.hw_decoder_load,
     )
 
 
