@@ -137,7 +137,7 @@ def _colour_kernel(
     BLOCK: tl.constexpr,
 ):
     """One program per image: ``src``/``dst`` (N, pixels, 3) uint8, ``uniforms`` (N, n_uniforms) float32."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # int64: n * pixels * 3 passes 2^31 at 14,268 views of 224 px
     image, out, u = src + n * pixels * 3, dst + n * pixels * 3, uniforms + n * n_uniforms
     jitter = tl.load(u + u_jitter) < tl.load(params + 0)
     gray = tl.load(u + u_gray) < tl.load(params + 1)
