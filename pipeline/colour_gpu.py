@@ -238,7 +238,7 @@ def _dali_batch(params: np.ndarray, images, uniforms):
     x = [torch.from_dlpack(t) for t in images]
     u = [torch.from_dlpack(t) for t in uniforms]
     stream = None
-    if x and x[0].is_cuda:  # run on DALI's stream: ordered after the crop and before the blur, no host sync
+    if x and _on_gpu(x[0]):  # run on DALI's stream: ordered after the crop and before the blur, no host sync
         stream = torch.cuda.ExternalStream(PythonFunction.current_stream().ptr, device=x[0].device)
     with torch.cuda.stream(stream) if stream is not None else _no_stream():
         table = _params_on(x[0].device if x else torch.device("cpu"), params.tobytes())
@@ -251,6 +251,10 @@ def _dali_batch(params: np.ndarray, images, uniforms):
             for j, i in enumerate(indices):
                 out[i] = torch.utils.dlpack.to_dlpack(result[j])
     return out
+
+
+def _on_gpu(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda
 
 
 class _no_stream:
