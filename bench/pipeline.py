@@ -221,8 +221,20 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--epoch_stall", action="store_true", help="also time the DALI loader's epoch boundary (two whole epochs)"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="DALI threads to sweep (the DALI side runs once per value; the first is the one compared with "
+        "torchvision); default: --cores",
+    )
     parser.add_argument("--json", default=None, help="default bench/results/pipeline_<device>.json")
     args = parser.parse_args(argv)
+    if args.threads is None:
+        args.threads = [args.cores]
+    if min(args.threads) < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     results = {}
     for name in args.presets:
         preset = {**PRESETS[name], **({"batch_size": args.batch_size} if args.batch_size else {})}
@@ -238,7 +250,8 @@ def main(argv=None) -> dict:
             "data": description,
             "image_size": preset["size"],
             "batch_size": preset["batch_size"],
-            "dali_threads": args.cores,
+            "dali_threads": args.threads[0],
+            "dali_threads_swept": args.threads,
             "dataloader_workers": args.cores,
             "runs": runs,
             "speedup": {"min": min(speedups), "median": statistics.median(speedups), "max": max(speedups)},
@@ -251,22 +264,35 @@ def main(argv=None) -> dict:
                 f"[{name}] epoch boundary: first batch of epoch 2 after {stall['first_batch_of_epoch_2_s']:.3f} s "
                 f"(median batch {stall['median_batch_s']:.3f} s)"
             )
+    machine = {"load_average_at_end": list(os.getloadavg())}  # the machine may be shared: how busy it was
     path = write_result(
-        "pipeline", {"device": args.device, "seconds_per_measurement": args.seconds, "results": results}, args.json
+        "pipeline",
+        {"device": args.device, "seconds_per_measurement": args.seconds, "machine": machine, "results": results},
+        args.json,
     )
     print(f"wrote {path}")
     return results
 
 
 def compare(name: str, shards: Path, preset: dict, args) -> dict:
-    """One side-by-side run: DALI, then the torchvision DataLoader, on the same shards and cores."""
-    dali = run(shards, preset, "dali", args.cores, args.device, args.seconds)
-    print(f"[{name}] DALI:        {dali['images_per_s']:8.1f} images/s ({dali['views_per_s']:.0f} views/s)")
+    """One side-by-side run: DALI at each of ``args.threads`` threads, then the torchvision DataLoader with
+    ``args.cores`` workers, on the same shards; the speedup is DALI's at the first thread count."""
+    sweep = {}
+    for threads in args.threads:
+        sweep[threads] = result = run(shards, preset, "dali", threads, args.device, args.seconds)
+        print(
+            f"[{name}] DALI ({threads} threads): {result['images_per_s']:8.1f} images/s "
+            f"({result['views_per_s']:.0f} views/s)"
+        )
+    dali = sweep[args.threads[0]]
     tv = run(shards, preset, "torchvision", args.cores, args.device, args.seconds)
     print(f"[{name}] torchvision: {tv['images_per_s']:8.1f} images/s ({tv['views_per_s']:.0f} views/s)")
     speedup = round(dali["images_per_s"] / tv["images_per_s"], 3)
     print(f"[{name}] DALI / torchvision = {speedup:.2f}x")
-    return {"dali": dali, "torchvision": tv, "speedup": speedup}
+    row = {"dali": dali, "torchvision": tv, "speedup": speedup, "load_average": list(os.getloadavg())}
+    if len(args.threads) > 1:
+        row["dali_by_threads"] = {str(t): r for t, r in sweep.items()}
+    return row
 
 
 if __name__ == "__main__":

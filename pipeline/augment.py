@@ -18,8 +18,8 @@ after each, then ``rgb_to_grayscale``; float between the ops, rounded to uint8 o
   each however little they compute, and a per-image order with a clip after each op is no single operator;
 - on the GPU it is one Triton kernel over the batch (``colour_gpu``, called by ``dl_tensor_python_function``
   on DALI's stream), the flip fused into the final normalisation.
-- the crop is the official code's: TensorFlow's ``sample_distorted_bounding_box`` (``pipeline/crop.py``: one
-  compiled operator per view computes the window from the image's shape; an integer height drawn uniformly, so
+- the crop is the official code's: TensorFlow's ``sample_distorted_bounding_box`` (``pipeline/crop.py``, run by
+  the view's plan operator from the image's shape; an integer height drawn uniformly, so
   small crops are more frequent than with a uniform area; no crop below 0.1 of the image; after 100 failed
   attempts the whole image), then ``fn.resize`` of that window (bicubic, no antialiasing). DALI's
   ``random_resized_crop`` (uniform area, log-uniform aspect: the paper's text) is ``crop_sampler='uniform_area'``.
@@ -27,11 +27,14 @@ after each, then ``rgb_to_grayscale``; float between the ops, rounded to uint8 o
   (``blur_padding='reflect'``: reflect-101), on both backends two 1-D ``fn.filter`` passes with the per-sample
   Gaussian (DALI's ``gaussian_blur`` has no zero padding; on the CPU it is also 5-9x slower). The kernel is
   truncated at 4 sigma inside the official window (23 taps at 224 px): the weights left out are < 1e-4 of its
-  mass (within 0.07 levels of TensorFlow's, tests/test_geometry.py), and a sigma of 0.1 no longer pays for 23
-  taps. The blurred view goes to the normalisation unrounded (float). One sigma per view (the official TF2 code
-  draws one per batch, ``batch_random_blur``).
-- every random number of a view but its crop's comes from one DALI random operator (``ViewDraws``): on the
-  CPU each operator costs about a microsecond per sample however little it computes.
+  mass (within 0.07 levels of TensorFlow's, tests/test_geometry.py). The blurred view goes to the normalisation
+  unrounded (float). One sigma per view (the official TF2 code draws one per batch, ``batch_random_blur``).
+  On the CPU only the blurred views are filtered, with their radius's taps; on the GPU every view is (an
+  unblurred view's kernel is the identity, exact), so that no per-sample branch costs CPU operators.
+- every per-sample decision of a view (its draws, its crop window from the image's shape, its blur taps) comes
+  from one compiled CPU operator (``view_plan``) fed by one DALI random operator: on the CPU each DALI
+  operator costs about a microsecond per sample however little it computes, and the loader takes the shape
+  from the encoded image (``fn.peek_image_shape``), so that work does not wait for the decoder.
 Images are uint8 HWC between operators; the flip commutes with every colour operator: on the GPU it is
 fused into the final normalisation, on the CPU into the compiled colour stage. The normalisation is
 ImageNet's mean and std per channel, which the official code does not apply (it feeds [0, 1] values): a
@@ -45,10 +48,7 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
-import numpy as np
 from nvidia.dali import fn, types
-from nvidia.dali import math as dmath
-from nvidia.dali.data_node import DataNode
 
 from .augment_config import (  # noqa: F401 (re-exported: the view's parameters live there)
     BLUR_PADDINGS,
@@ -59,12 +59,14 @@ from .augment_config import (  # noqa: F401 (re-exported: the view's parameters 
     AugmentConfig,
 )
 from .colour_spec import COINS, GRAY_WEIGHTS, ORDER_KEYS, UNIFORMS, jitter_ranges  # noqa: F401 (re-exported)
-from .crop import crop_window
+from .view_plan import ViewPlan, view_plan
 
-# The share of images the mixed decoder sends to the hardware JPEG decoder (A100/H100), as in NVIDIA's
-# ResNet-50 DALI example. Its buffer paddings are per DALI thread (one device buffer and one pinned host
-# buffer each), so they are sized to the data (``gpu_decoder_sizing``), not to ImageNet's largest image.
-GPU_DECODER = {"hw_decoder_load": 0.65}
+# The share of images the mixed decoder sends to the hardware JPEG decoder (A100/H100) by default, as in NVIDIA's
+# ResNet-50 DALI example (TrainConfig.hw_decoder_load). Its buffer paddings are per DALI thread (one device buffer
+# and one pinned host buffer each), so they are sized to the data (``gpu_decoder_sizing``), not to ImageNet's
+# largest image for every set.
+HW_DECODER_LOAD = 0.65
+GPU_DECODER = {"hw_decoder_load": HW_DECODER_LOAD}
 DALI_DEFAULT_HOST_PADDING = 8 * 2**20  # DALI's default host_memory_padding (device: 16 MiB)
 _GPU_DECODER_SIZING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("gpu_decoder_sizing", default=None)
 
@@ -90,9 +92,12 @@ def gpu_decoder_sizing(largest_image: tuple[int, int] | None) -> dict:
 
 
 @contextlib.contextmanager
-def gpu_decoder_sized_for(largest_image: tuple[int, int] | None) -> Iterator[dict]:
-    """While a pipeline's graph is defined inside: its GPU decoders get ``gpu_decoder_sizing(largest_image)``."""
-    sizing = gpu_decoder_sizing(largest_image)
+def gpu_decoder_sized_for(
+    largest_image: tuple[int, int] | None, hw_decoder_load: float = HW_DECODER_LOAD
+) -> Iterator[dict]:
+    """While a pipeline's graph is defined inside: its GPU decoders get ``gpu_decoder_sizing(largest_image)`` and
+    send ``hw_decoder_load`` of the images to the hardware decoder."""
+    sizing = {**gpu_decoder_sizing(largest_image), "hw_decoder_load": hw_decoder_load}
     token = _GPU_DECODER_SIZING.set(sizing)
     try:
         yield sizing
@@ -128,7 +133,7 @@ def resized_crop(images, start, end, cfg: AugmentConfig):
     )
 
 
-def decode_random_crop(jpegs, cfg: AugmentConfig, device: str):
+def decode_random_crop(jpegs, cfg: AugmentConfig, device: str, plan: ViewPlan | None = None):
     """JPEG bytes -> the random resized crop of ``simclr_view`` (the same sampler, ``cfg.crop_sampler``), decoding
     only the crop's region (ROI decode), uint8 RGB HWC of side ``cfg.size``. ``tf``: the window from the encoded
     image's shape (``fn.peek_image_shape``), decoded by ``decoders.image_slice``; ``uniform_area``: DALI's
@@ -143,75 +148,29 @@ def decode_random_crop(jpegs, cfg: AugmentConfig, device: str):
             **_decoder_args(device),
         )
     else:
-        start, end = crop_window(fn.peek_image_shape(jpegs), cfg, dtype=types.INT32)
+        if plan is None:
+            plan = view_plan(cfg, fn.peek_image_shape(jpegs), window_dtype=types.INT32)
         region = fn.decoders.image_slice(
-            jpegs, start=start, end=end, axis_names="HW", output_type=types.RGB, **_decoder_args(device)
+            jpegs, start=plan.start, end=plan.end, axis_names="HW", output_type=types.RGB, **_decoder_args(device)
         )
     return fn.resize(region, size=[cfg.size, cfg.size], interp_type=types.INTERP_CUBIC, antialias=False)
 
 
-def _constant(value) -> DataNode:
-    """A constant for DALI arithmetic as a 1-element (or n-element) array: on the CPU an arithmetic operator
-    with a 0-d constant operand costs ~0.8 us per sample, with an array operand ~0.1 us (measured, DALI 2.4)."""
-    return types.Constant(np.atleast_1d(np.asarray(value, np.float32)))
-
-
-class ViewDraws:
-    """Every random number of one view after its crop, drawn by one DALI operator: on the CPU each DALI
-    operator costs about a microsecond per sample however little it computes (a 32 px colour pass, tens), so
-    one vector of uniforms, scaled to each range, replaces an operator per number. Attributes: the coins
-    ``jitter``, ``gray``, ``flip``, ``blur`` (booleans, ``u < p``) and ``brightness``, ``contrast``,
-    ``saturation``, ``hue`` (turns), ``sigma`` (floats); the colour stages read the raw vector ``uniform``."""
-
-    def __init__(self, cfg: AugmentConfig, uniform: DataNode | None = None):
-        coins = {"jitter": cfg.jitter_prob, "gray": cfg.gray_prob, "flip": cfg.flip_prob, "blur": cfg.blur_prob}
-        ranges = jitter_ranges(cfg)
-        assert (*coins, *ranges, *ORDER_KEYS) == UNIFORMS
-        if uniform is None:  # (tests pass their own)
-            uniform = fn.random.uniform(range=[0.0, 1.0], shape=[len(UNIFORMS)])
-        self.uniform = uniform  # the raw vector, as the colour stages read it
-        heads = uniform < _constant([*coins.values(), *[0.0] * (len(UNIFORMS) - len(coins))])
-        values = _constant([0.0] * len(coins) + [lo for lo, _ in ranges.values()] + [0.0] * len(ORDER_KEYS)) + (
-            _constant([1.0] * len(coins) + [hi - lo for lo, hi in ranges.values()] + [1.0] * len(ORDER_KEYS)) * uniform
-        )
-        for i, name in enumerate(coins):
-            setattr(self, name, heads[i])
-        for i, name in enumerate(ranges, start=len(coins)):
-            setattr(self, name, values[i])
-
-
-def _blur_radius(sigma, cfg: AugmentConfig):
-    """The blur kernel's radius for ``sigma``: ceil(4 sigma), capped at the official window's (``blur_window``)."""
-    return dmath.min(fn.cast(dmath.ceil(sigma * 4.0), dtype=types.INT32), cfg.blur_window // 2)
-
-
-def gaussian_blur(images, sigma, radius, max_window: int, padding: str = "zero"):
+def gaussian_blur(images, kernel_h, kernel_v, padding: str = "zero"):
     """Separable Gaussian blur as two ``fn.filter`` passes (horizontal, then vertical, as the official
-    ``gaussian_blur``), CPU or GPU images (the taps are computed on the CPU): per-sample kernel
-    exp(-x^2 / 2 sigma^2), x in [-radius, radius], normalised; borders padded with zeros (``padding='zero'``, the
-    official ``padding='SAME'``) or reflected without repeating the edge (``'reflect'``, reflect-101). uint8 HWC
-    -> float HWC (0..255, not rounded)."""
+    ``gaussian_blur``), CPU or GPU images, with per-sample (1, taps) and (taps, 1) CPU kernels (``view_plan``'s, or
+    ``view_plan.blur_kernels`` of given sigmas); borders padded with zeros (``padding='zero'``, the official
+    ``padding='SAME'``) or reflected without repeating the edge (``'reflect'``, reflect-101). uint8 HWC -> float
+    HWC (0..255, not rounded)."""
     border = {"zero": "constant", "reflect": "reflect_101"}[padding]
-    r = max_window // 2
-    x = types.Constant(np.arange(-r, r + 1, dtype=np.float32))
-    weights = dmath.exp(x * x * (-0.5 / (sigma * sigma)))
-    weights = fn.slice(
-        weights,
-        fn.cast(r - radius, dtype=types.FLOAT),
-        fn.cast(2 * radius + 1, dtype=types.FLOAT),
-        axes=[0],
-        normalized_anchor=False,
-        normalized_shape=False,
-    )
-    weights = weights / fn.reductions.sum(weights)
-    taps = 2 * radius + 1
-    horizontal = fn.filter(images, fn.reshape(weights, shape=fn.stack(1, taps)), dtype=types.FLOAT, border=border)
-    return fn.filter(horizontal, fn.reshape(weights, shape=fn.stack(taps, 1)), border=border)
+    horizontal = fn.filter(images, kernel_h, dtype=types.FLOAT, border=border)
+    return fn.filter(horizontal, kernel_v, border=border)
 
 
 def simclr_view(images, cfg: AugmentConfig, output_dtype=types.FLOAT, shape=None):
     """One augmented view of decoded uint8 HWC ``images`` -> normalised ``output_dtype`` HWC of side ``cfg.size``.
-    ``shape``: the images' (H, W, C) as a CPU node, for the ``tf`` crop sampler (default: ``images.shape()``)."""
+    ``shape``: the images' (H, W, C) as a CPU node for the ``tf`` crop sampler: ``fn.peek_image_shape`` of the
+    JPEGs (the loader: the view's CPU work need not wait for the decoder), default ``images.shape()``."""
     if cfg.crop_sampler == "uniform_area":
         view = fn.random_resized_crop(
             images,
@@ -222,10 +181,19 @@ def simclr_view(images, cfg: AugmentConfig, output_dtype=types.FLOAT, shape=None
             interp_type=types.INTERP_CUBIC,
             antialias=False,  # as the official code's tf.image.resize (bicubic, no antialiasing)
         )
-    else:
-        start, end = crop_window(images.shape() if shape is None else shape, cfg)
-        view = resized_crop(images, start, end, cfg)
-    return augment_cropped(view, cfg, output_dtype)
+        return augment_cropped(view, cfg, output_dtype)
+    plan = view_plan(cfg, images.shape() if shape is None else shape)
+    return augment_cropped(resized_crop(images, plan.start, plan.end, cfg), cfg, output_dtype, plan)
+
+
+def roi_view(jpegs, cfg: AugmentConfig, device: str, output_dtype=types.FLOAT, shape=None):
+    """One augmented view of JPEG bytes, decoding only its crop's region (``decode_random_crop``). ``shape``:
+    ``fn.peek_image_shape(jpegs)`` if the caller has it (one per image serves both views)."""
+    if cfg.crop_sampler == "uniform_area":
+        return augment_cropped(decode_random_crop(jpegs, cfg, device), cfg, output_dtype)
+    shape = fn.peek_image_shape(jpegs) if shape is None else shape
+    plan = view_plan(cfg, shape, window_dtype=types.INT32)
+    return augment_cropped(decode_random_crop(jpegs, cfg, device, plan), cfg, output_dtype, plan)
 
 
 # On the CPU the colour stage (jitter, grayscale, flip) is one compiled operator (``colour_cpu``); True runs the
@@ -233,7 +201,7 @@ def simclr_view(images, cfg: AugmentConfig, output_dtype=types.FLOAT, shape=None
 colour_by_gpu_form = False
 
 
-def colour_stage(view, cfg: AugmentConfig, draws: ViewDraws):
+def colour_stage(view, cfg: AugmentConfig, draws: ViewPlan):
     """Colour jitter (p), grayscale (p) and the flip (p) of uint8 HWC views -> (views, mirror), with
     ``tf.image`` semantics (``colour_cpu``'s docstring). The flip commutes with every colour op: on the CPU
     the compiled stage (``colour_cpu``) writes the pixels mirrored and ``mirror`` is 0; the GPU's kernel
@@ -244,22 +212,28 @@ def colour_stage(view, cfg: AugmentConfig, draws: ViewDraws):
         return compiled_colour_stage(view, draws.uniform, cfg), 0
     from .colour_gpu import kernel_colour_stage
 
-    return kernel_colour_stage(view, draws.uniform, cfg), fn.cast(draws.flip, dtype=types.INT32)
+    return kernel_colour_stage(view, draws.uniform, cfg), draws.mirror
 
 
-def augment_cropped(view, cfg: AugmentConfig, output_dtype=types.FLOAT):
-    """Everything of a view after its crop: colour jitter, grayscale, blur, flip + normalisation."""
-    draws = ViewDraws(cfg)
-    view, mirror = colour_stage(view, cfg, draws)
-    if cfg.blur_prob > 0:
-        radius = _blur_radius(draws.sigma, cfg)  # for every sample: the branches below must agree on types
-        if draws.blur:  # the blurred view is float: each branch ends in its own normalisation
-            blurred = gaussian_blur(view, draws.sigma, radius, cfg.blur_window, cfg.blur_padding)
-            view = normalize(blurred, cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
-        else:
-            view = normalize(view, cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
-        return view
-    return normalize(view, cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
+def augment_cropped(view, cfg: AugmentConfig, output_dtype=types.FLOAT, plan: ViewPlan | None = None):
+    """Everything of a view after its crop: colour jitter, grayscale, blur, flip + normalisation, with the draws
+    of ``plan`` (the view's ``view_plan``; default: a plan without a crop). On the GPU every view goes through
+    the blur's two filters (an unblurred view's kernel is the identity: exact), so no per-sample branch costs
+    CPU operators; on the CPU only the blurred views are filtered, with only their radius's taps."""
+    plan = view_plan(cfg) if plan is None else plan
+    view, mirror = colour_stage(view, cfg, plan)
+    if cfg.blur_prob <= 0:
+        return normalize(view, cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
+    if view.device == "gpu":
+        view = gaussian_blur(view, plan.kernel_h, plan.kernel_v, cfg.blur_padding)
+        return normalize(view, cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
+    kernels = plan.sliced_kernels()
+    if plan.blur:  # the blurred view is float: each branch ends in its own normalisation
+        blurred = gaussian_blur(view, *kernels, cfg.blur_padding)
+        view = normalize(blurred, cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
+    else:
+        view = normalize(view, cfg.mean, cfg.std, mirror=mirror, dtype=output_dtype)
+    return view
 
 
 def normalize(images, mean, std, mirror=0, dtype=types.FLOAT):

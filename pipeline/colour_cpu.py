@@ -2,7 +2,7 @@
 
 What it computes is the official code's ``random_color_jitter`` (google-research/simclr, ``tf2/data_util.py``)
 with ``tf.image`` semantics, on float32 values in [0, 1] (``x / 255``), from the view's uniforms
-(``augment.ViewDraws``):
+(``view_plan.ViewPlan.uniform``):
 - colour jitter with probability ``jitter_prob`` (0.8): brightness, contrast, saturation and hue in a random
   order per image (``color_jitter_rand``: the op with the smallest order key first), clipped to [0, 1] after
   each op;
@@ -28,7 +28,8 @@ per-sample function compiled by Numba and run by DALI's ``numba_function`` opera
 inside DALI's thread pool). The GPU runs the same algorithm as a Triton kernel (``colour_gpu``).
 
 ``colour_params(cfg)`` is the operator's second input: the coins' probabilities, the draws' ranges and the
-two switches, so that one compiled function serves every configuration. The uniforms' layout is ``ViewDraws``'s.
+two switches, so that one compiled function serves every configuration. The uniforms' layout is ``colour_spec``'s,
+read from the end of each view's vector (``view_plan.ViewPlan.uniform``: the crop's seed comes first).
 """
 
 from __future__ import annotations
@@ -47,15 +48,18 @@ from .colour_spec import (  # noqa: F401 (colour_params is part of this form's i
     U_GRAY,
     U_JITTER,
     U_ORDER,
+    UNIFORMS,
     colour_params,
 )
 
 G0, G1, G2 = (np.float32(w) for w in GRAY_WEIGHTS)
+N_DRAWS = len(UNIFORMS)
 
 
 def _colour_view(out, image, u, p):
     """One view: ``out`` (H, W, 3) uint8 from ``image`` (H, W, 3) uint8, uniforms ``u``, parameters ``p``."""
     h, w = image.shape[0], image.shape[1]
+    u = u[u.shape[0] - N_DRAWS :]  # the draws are the vector's last elements (view_plan: after the crop's seed)
     zero, one = np.float32(0.0), np.float32(1.0)
     x = np.empty((h, w, 3), np.float32)
     flat, pixels = x.reshape(h * w * 3), image.reshape(h * w * 3)  # (image: C-contiguous, as DALI passes it)
@@ -172,6 +176,6 @@ def _compiled():
 
 def compiled_colour_stage(images, uniforms, cfg):
     """Colour jitter (p), grayscale (p) and flip (p) of a batch of uint8 HWC ``images`` on the CPU, one
-    operator: ``uniforms`` are the views' ``ViewDraws.uniform``."""
+    operator: ``uniforms`` are the views' ``ViewPlan.uniform`` (the draws are its last ``len(UNIFORMS)``)."""
     out = _compiled()(images, uniforms, types.Constant(colour_params(cfg)))
     return fn.reshape(out, layout="HWC")  # numba_function's outputs carry no layout (the reshape copies nothing)

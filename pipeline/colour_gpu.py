@@ -137,7 +137,7 @@ def _colour_kernel(
     BLOCK: tl.constexpr,
 ):
     """One program per image: ``src``/``dst`` (N, pixels, 3) uint8, ``uniforms`` (N, n_uniforms) float32."""
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # int64: n * pixels * 3 passes 2^31 at 14,268 views of 224 px
     image, out, u = src + n * pixels * 3, dst + n * pixels * 3, uniforms + n * n_uniforms
     jitter = tl.load(u + u_jitter) < tl.load(params + 0)
     gray = tl.load(u + u_gray) < tl.load(params + 1)
@@ -199,7 +199,8 @@ def _colour_kernel(
 
 def colour_batch(images: torch.Tensor, uniforms: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     """The colour stage (without the flip) of ``images`` (N, H, W, 3) uint8 with per-view ``uniforms``
-    (N, len(UNIFORMS)) float32 and ``colour_params`` -> (N, H, W, 3) uint8, on the images' device (CUDA, or
+    (N, K >= len(UNIFORMS)) float32 (the draws are each row's last ``len(UNIFORMS)``: ``view_plan``) and
+    ``colour_params`` -> (N, H, W, 3) uint8, on the images' device (CUDA, or
     CPU under ``TRITON_INTERPRET=1``)."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"colour_batch: images must be (N, H, W, 3) uint8, got {tuple(images.shape)} {images.dtype}")
@@ -207,6 +208,7 @@ def colour_batch(images: torch.Tensor, uniforms: torch.Tensor, params: torch.Ten
     out = torch.empty_like(images)
     if len(images) == 0:
         return out
+    base = uniforms.shape[1] - len(UNIFORMS)  # where the draws start in a row (after the crop's seed)
     _colour_kernel[(len(images),)](
         images,
         out,
@@ -214,10 +216,10 @@ def colour_batch(images: torch.Tensor, uniforms: torch.Tensor, params: torch.Ten
         params.to(device=images.device, dtype=torch.float32),
         images.shape[1] * images.shape[2],
         n_uniforms=uniforms.shape[1],
-        u_jitter=U_JITTER,
-        u_gray=U_GRAY,
-        u_values=U_BRIGHTNESS,
-        u_order=U_ORDER,
+        u_jitter=base + U_JITTER,
+        u_gray=base + U_GRAY,
+        u_values=base + U_BRIGHTNESS,
+        u_order=base + U_ORDER,
         p_per_channel=P_PER_CHANNEL,
         p_additive=P_ADDITIVE,
         g0=GRAY_WEIGHTS[0],
@@ -236,7 +238,7 @@ def _dali_batch(params: np.ndarray, images, uniforms):
     x = [torch.from_dlpack(t) for t in images]
     u = [torch.from_dlpack(t) for t in uniforms]
     stream = None
-    if x and x[0].is_cuda:  # run on DALI's stream: ordered after the crop and before the blur, no host sync
+    if x and _on_gpu(x[0]):  # run on DALI's stream: ordered after the crop and before the blur, no host sync
         stream = torch.cuda.ExternalStream(PythonFunction.current_stream().ptr, device=x[0].device)
     with torch.cuda.stream(stream) if stream is not None else _no_stream():
         table = _params_on(x[0].device if x else torch.device("cpu"), params.tobytes())
@@ -249,6 +251,10 @@ def _dali_batch(params: np.ndarray, images, uniforms):
             for j, i in enumerate(indices):
                 out[i] = torch.utils.dlpack.to_dlpack(result[j])
     return out
+
+
+def _on_gpu(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda
 
 
 class _no_stream:
@@ -267,7 +273,7 @@ def _params_on(device: torch.device, params: bytes) -> torch.Tensor:
 
 def kernel_colour_stage(images, uniforms, cfg):
     """Colour jitter (p) and grayscale (p) of a batch of uint8 HWC ``images`` (DALI GPU data; CPU data runs the
-    kernel under the Triton interpreter) with the views' ``ViewDraws.uniform``; the flip is the caller's."""
+    kernel under the Triton interpreter) with the views' ``ViewPlan.uniform``; the flip is the caller's."""
     assert len(UNIFORMS) > U_ORDER + 3
     device = images.device
     if device == "gpu":

@@ -8,9 +8,9 @@ import numpy as np
 
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # tf.image.rgb_to_grayscale's
 
-# What each element of a view's vector of uniforms (``augment.ViewDraws.uniform``) decides: the coins, the ranges,
-# then the jitter's order (its four ops run in increasing order of their keys: iid uniforms, so every order of the
-# four is equally likely, as the official ``tf.random.shuffle(tf.range(4))``).
+# What each element of a view's draws (the last ones of ``view_plan.ViewPlan.uniform``, after the crop's seed)
+# decides: the coins, the ranges, then the jitter's order (its four ops run in increasing order of their keys: iid
+# uniforms, so every order of the four is equally likely, as the official ``tf.random.shuffle(tf.range(4))``).
 COINS = ("jitter", "gray", "flip", "blur")
 ORDER_KEYS = ("order_brightness", "order_contrast", "order_saturation", "order_hue")
 UNIFORMS = (*COINS, "brightness", "contrast", "saturation", "hue", "sigma", *ORDER_KEYS)

@@ -12,7 +12,8 @@ step up or down when rounding left the area range; the corner drawn uniformly in
 side). The attempt is kept when the crop also covers ``min_object_covered`` of the box, here the whole image: so
 with the official 0.1 the smallest area is 0.1 of the image, not 0.08. After 100 failed attempts: the whole image.
 
-``crop_window(shape, cfg)`` runs that per sample on the CPU (DALI's ``numba_function``, float32 arithmetic and
+``crop_window(shape, cfg)`` runs that per sample on the CPU (inside the view's plan operator, ``view_plan``: DALI's
+``numba_function``, float32 arithmetic and
 round-half-even like ``lrintf``) from the image's shape and a per-sample seed (two DALI uniforms: DALI's random
 operators are checkpointed with the pipeline, so a resumed loader draws the same crops), and returns the window as
 absolute ``(start, end)`` in (y, x): the same window serves ``fn.resize``'s ROI (decode, then crop; CPU or GPU) and
@@ -21,10 +22,8 @@ absolute ``(start, end)`` in (y, x): the same window serves ``fn.resize``'s ROI 
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
-from nvidia.dali import fn, types
+from nvidia.dali import types
 
 SEED_UNIFORMS = 2  # DALI uniforms per sample: 24 bits each of the sample's 48-bit seed
 
@@ -98,36 +97,13 @@ def tf_crop_window(start, end, shape, seed, p):
     end[0], end[1] = crop_y + crop_h, crop_x + crop_w
 
 
-def _window_shapes(outs, ins):
-    """numba_function's setup: two outputs of 2 values per sample."""
-    for out in outs:
-        for i in range(len(out)):
-            out[i][0] = 2
-
-
-@functools.cache
-def _compiled(dtype):
-    """The DALI operator with ``dtype`` outputs, compiled once per process (Numba compiles when the operator object
-    is made; one object may be called in any number of pipelines)."""
-    from nvidia.dali.plugin.numba import NumbaFunction  # imports Numba: only where it is used
-
-    return NumbaFunction(
-        run_fn=tf_crop_window,
-        setup_fn=_window_shapes,
-        out_types=[dtype, dtype],
-        in_types=[types.INT64, types.FLOAT, types.FLOAT],
-        outs_ndim=[1, 1],
-        ins_ndim=[1, 1, 1],
-        device="cpu",
-    )
-
-
 def crop_window(shape, cfg, seed=None, dtype=types.FLOAT):
     """The official crop window of each image of ``shape`` (an INT64 (H, W, C) CPU node: ``fn.peek_image_shape`` of
     the JPEGs, or decoded images' ``.shape()``) -> ``(start, end)``, absolute (y, x) CPU nodes of ``dtype`` (FLOAT
-    for ``fn.resize``'s ROI, INT32 for ``decoders.image_slice``). ``seed``:
-    ``SEED_UNIFORMS`` uniforms in [0, 1) per sample (default: one ``fn.random.uniform``, checkpointed with the
-    pipeline; tests pass their own)."""
-    if seed is None:
-        seed = fn.random.uniform(range=[0.0, 1.0], shape=[SEED_UNIFORMS])
-    return _compiled(dtype)(shape, seed, types.Constant(crop_params(cfg)))
+    for ``fn.resize``'s ROI, INT32 for ``decoders.image_slice``): the window of the view's plan operator
+    (``view_plan``, which the views use). ``seed``: ``SEED_UNIFORMS`` uniforms in [0, 1) per sample (default
+    drawn, checkpointed with the pipeline; tests pass their own)."""
+    from .view_plan import view_plan  # (view_plan builds on this module)
+
+    plan = view_plan(cfg, shape, seed=seed, window_dtype=dtype)
+    return plan.start, plan.end

@@ -61,11 +61,10 @@ from .augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AugmentConfig,
-    augment_cropped,
     decode,
-    decode_random_crop,
     eval_view,
     gpu_decoder_sized_for,
+    roi_view,
     simclr_view,
 )
 from .decode_check import find_undecodable, rank_part
@@ -88,18 +87,17 @@ IMAGE_EXTENSIONS = ";".join(IMAGE_COMPONENTS)  # DALI webdataset reader: any of 
 _DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
 
 
-# DALI threads of a GPU-decoding loader: the mixed decoder's CPU stage (Huffman decoding of the images the
-# hardware decoder does not take) and the reader; each thread also holds one nvJPEG device and one pinned host
-# buffer (pipeline.augment.gpu_decoder_sizing), so all cores (16 on a lent H100, per pipeline) would multiply them.
-GPU_DECODE_THREADS = 4
 LARGEST_IMAGE_CANDIDATES = 8  # image files (the largest by bytes) whose headers size the GPU decoder's buffers
 
 
 def default_num_threads(num_local_processes: int = 1, device: str = "cpu") -> int:
-    """DALI CPU threads per process: this process's share of the cores it may run on (at most
-    GPU_DECODE_THREADS when decoding on the GPU)."""
-    share = max(1, len(os.sched_getaffinity(0)) // max(1, num_local_processes))
-    return min(share, GPU_DECODE_THREADS) if device == "gpu" else share
+    """DALI CPU threads per process: this process's share of the cores it may run on (its affinity over the
+    processes on this host), on either backend. On the GPU they run the reader, the views' plan operators and
+    the hybrid Huffman decoding of the images the hardware decoder does not take; each also holds one nvJPEG
+    device and one pinned host buffer of the largest image's size (``augment.gpu_decoder_sizing``: 111 MiB each
+    for ImageNet, 1.8 GB of device memory at 16 threads, counted in docs/gpu.md's memory arithmetic)."""
+    del device  # (the same share on both backends: kept for callers that name it)
+    return max(1, len(os.sched_getaffinity(0)) // max(1, num_local_processes))
 
 
 def largest_image(indexes: list[ShardIndex], candidates: int = LARGEST_IMAGE_CANDIDATES) -> tuple[int, int] | None:
@@ -184,10 +182,11 @@ class TwoViews:
 
     def graph(self, jpegs, device, dtype):
         cfg = self.augment
+        shape = fn.peek_image_shape(jpegs)  # from the header: the views' CPU work does not wait for the decoder
         if cfg.roi_decode:  # each view decodes only its own crop's region
-            return tuple(augment_cropped(decode_random_crop(jpegs, cfg, device), cfg, dtype) for _ in range(2))
+            return tuple(roi_view(jpegs, cfg, device, dtype, shape) for _ in range(2))
         images = decode(jpegs, device)  # decoded once, cropped twice
-        return simclr_view(images, cfg, dtype), simclr_view(images, cfg, dtype)
+        return simclr_view(images, cfg, dtype, shape), simclr_view(images, cfg, dtype, shape)
 
 
 @dataclass(frozen=True)
@@ -207,9 +206,7 @@ class AugmentedView:
     outputs: ClassVar[tuple[str, ...]] = ("images",)
 
     def graph(self, jpegs, device, dtype):
-        return (
-            augment_cropped(decode_random_crop(jpegs, self.augment, device), self.augment, dtype),
-        )  # the config decides the rest
+        return (roi_view(jpegs, self.augment, device, dtype),)  # the config decides the rest
 
 
 @dataclass(frozen=True)
@@ -221,7 +218,7 @@ class UnlabelledView:
     outputs: ClassVar[tuple[str, ...]] = ("images",)
 
     def graph(self, jpegs, device, dtype):
-        return (augment_cropped(decode_random_crop(jpegs, self.augment, device), self.augment, dtype),)
+        return (roi_view(jpegs, self.augment, device, dtype),)  # as AugmentedView, without the label
 
 
 @dataclass(frozen=True)
@@ -359,6 +356,7 @@ class DaliLoader:
         keys: Collection[str] | None = None,
         pipelines: int | None = None,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
+        hw_decoder_load: float = 0.65,
     ):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -407,7 +405,7 @@ class DaliLoader:
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
         self.num_threads = num_threads or default_num_threads(device=device)  # over all of this rank's pipelines
         self.largest_image = largest_image(self.indexes) if device == "gpu" else None  # sizes nvJPEG's buffers
-        self.prefetch = prefetch
+        self.prefetch, self.hw_decoder_load = prefetch, hw_decoder_load
         self.torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
         self.epoch = 0
         self._position = 0  # batches of this epoch handed out
@@ -461,7 +459,7 @@ class DaliLoader:
             shards = self._epoch_shards(epoch)
             pipes = []
             for j in range(self.pipelines):
-                sized = gpu_decoder_sized_for(self.largest_image)  # the GPU decoders defined in this pipeline
+                sized = gpu_decoder_sized_for(self.largest_image, self.hw_decoder_load)  # this pipeline's decoders
                 part = self.shard_id * self.pipelines + j  # this pipeline's sub-part of the epoch
                 seed = int(np.random.SeedSequence([self.seed, epoch, part]).generate_state(1)[0] % 2**31)
                 with sized:

@@ -1,6 +1,6 @@
 """Global BN on CUDA with a timm model whose norm layers are ``BatchNormAct2d``: one process on the whole batch
 (plain batch norm: full-batch statistics) against torchrun ranks holding parts of it, converted by
-``trainer.global_bn.convert_to_global_bn`` (timm's ``SyncBatchNormAct``; gloo, every rank on cuda:0, since NCCL
+``trainer.global_bn.convert_to_global_bn`` (``GlobalBatchNormAct``; gloo, every rank on cuda:0, since NCCL
 refuses two ranks on one GPU). Saves this rank's outputs, the summed gradients and the running statistics.
 
     python tests/global_bn_cuda.py OUT_PREFIX
@@ -15,10 +15,9 @@ import timm
 import torch
 import torch.distributed as dist
 from timm.layers import BatchNormAct2d
-from timm.layers.norm_act import SyncBatchNormAct
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from simclr_dali.trainer.global_bn import convert_to_global_bn  # noqa: E402
+from simclr_dali.trainer.global_bn import GlobalBatchNormAct, convert_to_global_bn  # noqa: E402
 
 MODEL, GLOBAL_BATCH, SIDE = "mobilenetv3_small_050", 16, 64
 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 comparisons
@@ -31,7 +30,7 @@ assert norm_act, f"{MODEL} has no BatchNormAct2d layer"
 if world > 1:
     dist.init_process_group("gloo")
     model = convert_to_global_bn(model, "cuda")
-    converted = [type(m.act) for m in model.modules() if isinstance(m, SyncBatchNormAct)]
+    converted = [type(m.act) for m in model.modules() if isinstance(m, GlobalBatchNormAct)]
     assert converted == norm_act, f"conversion lost norm+act layers or their activations: {converted} vs {norm_act}"
 model.train()
 inputs = torch.Generator().manual_seed(1)

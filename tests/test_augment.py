@@ -174,6 +174,7 @@ def test_blur_is_the_truncated_gaussian(padding):
     """The blur (two 1-D ``fn.filter`` passes) against a float64 separable Gaussian: radius ceil(4 sigma) capped at
     the window, borders padded with zeros (the official SAME padding) or reflect-101 (the option)."""
     from simclr_dali.pipeline.augment import gaussian_blur
+    from simclr_dali.pipeline.view_plan import blur_kernels
 
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, (40, 36, 3), dtype=np.uint8) for _ in range(4)]
@@ -183,10 +184,9 @@ def test_blur_is_the_truncated_gaussian(padding):
     def blur():
         x = fn.external_source(source=lambda: images, batch=True, layout="HWC", dtype=types.UINT8)
         sigma = fn.external_source(source=lambda: [np.float32(v) for v in sigmas], batch=True)
-        radius = fn.external_source(
-            source=lambda: [np.int32(min(np.ceil(4 * v), window // 2)) for v in sigmas], batch=True
-        )
-        return gaussian_blur(x, sigma, radius, window, padding)
+        cfg = AugmentConfig(size=230)  # the official window of 230 px: 23 taps
+        assert cfg.blur_window == window
+        return gaussian_blur(x, *blur_kernels(sigma, cfg), padding)
 
     (out,) = blur().run()
     for image, sigma, got in zip(images, sigmas, out):

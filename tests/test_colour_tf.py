@@ -102,7 +102,7 @@ def run_stage(images, uniforms, cfg: AugmentConfig, form: str) -> np.ndarray:
     def stage():
         x = fn.external_source(source=_constant(list(images)), batch=True, layout="HWC", dtype=types.UINT8)
         u = fn.external_source(source=_constant(list(uniforms)), batch=True, dtype=types.FLOAT)
-        view, _ = augment.colour_stage(x.gpu() if device == "gpu" else x, cfg, augment.ViewDraws(cfg, u))
+        view, _ = augment.colour_stage(x.gpu() if device == "gpu" else x, cfg, augment.view_plan(cfg, uniform=u))
         return view
 
     previous, augment.colour_by_gpu_form = augment.colour_by_gpu_form, form == "kernel"
@@ -342,7 +342,7 @@ def run_stage_mirrored(images, uniforms, cfg: AugmentConfig, form: str) -> list[
     def stage():
         x = fn.external_source(source=_constant(list(images)), batch=True, layout="HWC", dtype=types.UINT8)
         u = fn.external_source(source=_constant(list(uniforms)), batch=True, dtype=types.FLOAT)
-        view, mirror = augment.colour_stage(x.gpu() if device == "gpu" else x, cfg, augment.ViewDraws(cfg, u))
+        view, mirror = augment.colour_stage(x.gpu() if device == "gpu" else x, cfg, augment.view_plan(cfg, uniform=u))
         return augment.normalize(view, (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255), mirror=mirror)
 
     previous, augment.colour_by_gpu_form = augment.colour_by_gpu_form, form == "kernel"
@@ -370,3 +370,53 @@ def test_tied_order_keys_run_the_ops_in_their_listed_order(form):
         images.append(rng.integers(0, 256, (9, 13, 3), dtype=np.uint8))
     for image, u, got in zip(images, uniforms, run_stage(images, uniforms, cfg, form)):
         assert np.abs(got - reference_stage(image, u, cfg)).max() <= 1
+
+
+def test_the_dali_batch_runs_on_dalis_stream_one_launch_per_shape(monkeypatch):
+    """``dl_tensor_python_function``'s body with the stream functions mocked: on GPU data it wraps DALI's current
+    stream (``PythonFunction.current_stream().ptr``) as a torch ``ExternalStream`` on the data's device and runs
+    every launch inside it (no host sync, ordered after the crop); one launch per shape of view, whose results
+    go back in the samples' order."""
+    import types as pytypes
+
+    import torch
+    from nvidia.dali.ops._operators.python_function import PythonFunction
+
+    from simclr_dali.pipeline import colour_gpu
+    from simclr_dali.pipeline.colour_spec import colour_params
+
+    events, inside = [], []
+    monkeypatch.setattr(colour_gpu, "_on_gpu", lambda tensor: True)
+    monkeypatch.setattr(PythonFunction, "current_stream", staticmethod(lambda: pytypes.SimpleNamespace(ptr=0xDA11)))
+    monkeypatch.setattr(
+        torch.cuda, "ExternalStream", lambda ptr, device=None: events.append(("external", ptr, device)) or "dali"
+    )
+
+    class Entered:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            inside.append(self.stream)
+
+        def __exit__(self, *exc):
+            inside.pop()
+            return False
+
+    monkeypatch.setattr(torch.cuda, "stream", Entered)
+
+    def launch(images, uniforms, params):
+        events.append(("launch", tuple(images.shape), list(inside)))
+        return images + 1
+
+    monkeypatch.setattr(colour_gpu, "colour_batch", launch)
+    rng = np.random.default_rng(0)
+    shapes = [(4, 4, 3), (2, 6, 3), (4, 4, 3)]
+    images = [torch.from_numpy(rng.integers(0, 200, s, dtype=np.uint8)) for s in shapes]
+    uniforms = [torch.full((15,), 0.5) for _ in shapes]
+    out = colour_gpu._dali_batch(colour_params(stage_cfg()), images, uniforms)
+    assert events[0] == ("external", 0xDA11, images[0].device)
+    launches = [e for e in events if e[0] == "launch"]
+    assert [(e[1], e[2]) for e in launches] == [((2, 4, 4, 3), ["dali"]), ((1, 2, 6, 3), ["dali"])]
+    for image, result in zip(images, out):
+        assert torch.equal(torch.from_dlpack(result), image + 1)

@@ -18,13 +18,13 @@ from nvidia.dali import fn, pipeline_def, types
 
 from simclr_dali.pipeline.augment import (
     AugmentConfig,
-    _blur_radius,
     decode_random_crop,
     gaussian_blur,
     resized_crop,
     simclr_view,
 )
 from simclr_dali.pipeline.crop import crop_window
+from simclr_dali.pipeline.view_plan import blur_kernels
 
 GOLDEN = np.load(Path(__file__).resolve().parent / "goldens" / "tf_geometry.npz")
 KS_THRESHOLD = 0.0195  # the two-sample KS critical value at alpha = 0.001 for 20,000 + 20,000 draws
@@ -244,8 +244,8 @@ BLUR_CASES = ["cifar", "imagenet", "imagenet224"]
 
 
 def _blur_outputs(images: np.ndarray, sigmas: np.ndarray, kernel_size: int, padding: str, device: str) -> np.ndarray:
-    """The product's blur (``gaussian_blur`` with ``_blur_radius``) on ``images`` with TensorFlow's recorded sigmas,
-    for the view size whose window is the official ``kernel_size`` (side // 10, made odd)."""
+    """The product's blur (``gaussian_blur``, the view plan's taps: ``blur_kernels``) on ``images`` with TensorFlow's
+    recorded sigmas, for the view size whose window is the official ``kernel_size`` (side // 10, made odd)."""
     cfg = AugmentConfig(size=10 * kernel_size, blur_padding=padding)
     assert cfg.blur_window == 2 * (kernel_size // 2) + 1  # the official window: radius int(kernel_size / 2)
 
@@ -253,9 +253,7 @@ def _blur_outputs(images: np.ndarray, sigmas: np.ndarray, kernel_size: int, padd
     def blur():
         x = fn.external_source(source=lambda: list(images), batch=True, layout="HWC", dtype=types.UINT8)
         sigma = fn.external_source(source=lambda: [np.float32(s) for s in sigmas], batch=True)
-        out = gaussian_blur(
-            x.gpu() if device == "gpu" else x, sigma, _blur_radius(sigma, cfg), cfg.blur_window, padding
-        )
+        out = gaussian_blur(x.gpu() if device == "gpu" else x, *blur_kernels(sigma, cfg), padding)
         return out
 
     (out,) = blur().run()

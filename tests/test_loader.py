@@ -387,8 +387,22 @@ def test_largest_image_is_read_from_the_headers_of_the_largest_files(tmp_path):
     assert largest_image([read_index(tar) for tar in mixed], candidates=10) == (96, 48)
 
 
-def test_gpu_loaders_use_at_most_a_few_decode_threads():
-    from simclr_dali.pipeline.loader import GPU_DECODE_THREADS, default_num_threads
+def test_loaders_take_their_share_of_the_cores_on_both_backends():
+    """DALI threads from the affinity and the local process count, GPU decoding included (no fixed cap)."""
+    from simclr_dali.pipeline.loader import default_num_threads
 
-    assert 1 <= default_num_threads(device="gpu") <= GPU_DECODE_THREADS
-    assert default_num_threads(device="cpu") == max(1, len(os.sched_getaffinity(0)))
+    cores = len(os.sched_getaffinity(0))
+    for device in ("gpu", "cpu"):
+        assert default_num_threads(device=device) == max(1, cores)
+        assert default_num_threads(2, device) == max(1, cores // 2)
+        assert default_num_threads(10 * cores, device) == 1
+
+
+def test_hw_decoder_load_is_a_knob():
+    from simclr_dali.pipeline.augment import _decoder_args, gpu_decoder_sized_for
+
+    with gpu_decoder_sized_for((32, 32), hw_decoder_load=0.9):
+        assert _decoder_args("gpu") == {"device": "mixed", "hw_decoder_load": 0.9}
+    with gpu_decoder_sized_for((5980, 6430), hw_decoder_load=0.0):
+        assert _decoder_args("gpu")["hw_decoder_load"] == 0.0
+        assert _decoder_args("gpu")["device_memory_padding"] == 111 * 2**20

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import traceback
+import types
 
 import pytest
 import torch
@@ -313,7 +314,7 @@ def test_auto_without_cuda_is_a_clear_error(make_accelerator):
     accelerator = make_accelerator()
     cfg = dataclasses.replace(TINY, micro_batch="auto")
     model, optimizer = prepared(cfg, accelerator)
-    with pytest.raises(ValueError, match="micro_batch auto probes GPU memory and needs CUDA"):
+    with pytest.raises(ValueError, match="micro_batch auto measures GPU memory and needs CUDA"):
         train_step(model, optimizer, *global_views(), cfg, accelerator)
 
 
@@ -376,15 +377,15 @@ def test_auto_probe_on_cuda_picks_a_micro_batch_that_fits():
     views = [v.cuda() for v in global_views(batch=4096, size=32)]
     train_step(model, optimizer, *views, cfg, accelerator)
     key = (4096, tuple(views[0].shape[1:]), views[0].dtype)
-    chosen = gradcache._PROBED[model][key]
+    chosen = gradcache._MEASURED[model][key]
     assert 1 <= chosen <= 4096
     probes = []
-    original = gradcache.probe_micro_batch
-    gradcache.probe_micro_batch = lambda *args: probes.append(args) or 1
+    original = gradcache.measure_micro_batch
+    gradcache.measure_micro_batch = lambda *args: probes.append(args) or 1
     try:
         train_step(model, optimizer, *views, cfg, accelerator)
     finally:
-        gradcache.probe_micro_batch = original
+        gradcache.measure_micro_batch = original
     assert not probes
     AcceleratorState._reset_state(True)
 
@@ -546,3 +547,47 @@ def test_prepare_for_training_sets_cudnn_benchmark_on_cuda(monkeypatch, device_t
     model = torch.nn.Linear(2, 2)
     prepare_for_training(Prepared(), model, torch.optim.SGD(model.parameters(), lr=0.1))
     assert torch.backends.cudnn.benchmark == (device_type == "cuda")
+
+
+def test_auto_budget_counts_what_dali_holds_and_frees_nothing(monkeypatch):
+    """The budget of ``micro_batch auto`` from mocked memory queries: this process's tensors (allocated) plus
+    the fraction of the device's free memory, less the optimiser state; PyTorch's cached, unallocated blocks
+    (e.g. the DALI stream's colour-stage blocks) are not counted; nothing calls ``empty_cache``; and the whole
+    measurement, run with mocked CUDA queries on a CPU model, stays inside that budget."""
+    from simclr_dali.trainer import gradcache
+
+    gib = 2**30
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 15 * gib)  # 12 GiB cached: not counted
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: pytest.fail("empty_cache frees DALI's cached blocks"))
+    budget = gradcache.micro_batch_budget(torch.device("cuda", 0), optimizer_state=1 * gib)
+    assert budget == 3 * gib + int(gradcache.AUTO_MEMORY_FRACTION * 20 * gib) - 1 * gib
+    assert "sync" in calls  # the free memory is read after the device's queued work
+
+    # the measurement loop: peak = allocated + 0.1 GiB per image; 20 GiB free, 0.9 of it -> 180 images fit
+    sizes = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * gib + sizes[-1] * gib // 10)
+    monkeypatch.setattr(torch.random, "fork_rng", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    accelerator = types.SimpleNamespace(
+        unwrap_model=lambda m: m, autocast=contextlib.nullcontext, print=lambda *a: None
+    )
+
+    class Recording(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            sizes.append(x.shape[0] // 2)
+            z = self.linear(x.flatten(1)[:, :4])
+            return z, z
+
+    views = torch.zeros(400, 3, 2, 2), torch.zeros(400, 3, 2, 2)
+    optimizer = types.SimpleNamespace(state={"step": 1})  # state exists: no optimiser room reserved
+    best = gradcache.measure_micro_batch(Recording(), *views, optimizer, accelerator)
+    assert best == 180 and max(sizes) <= 400

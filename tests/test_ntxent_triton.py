@@ -140,14 +140,66 @@ def test_launch_grid_splits_are_balanced(dtype_name, precision, rows, world, d):
 
 
 def test_launch_grid_balanced_at_8192():
-    """2N = 8,192 in bf16, d = 128: the negatives' 128 column tiles in 5 splits of 26, 26, 26, 26, 24 tiles."""
+    """2N = 8,192 in bf16, d = 128, an H100: the negatives' 128 column tiles in 8 even splits of 16 tiles, 512
+    programs in 2 whole waves of 264 (5 splits of 26 tiles gave 320 programs: 1.21 waves, a second wave as long
+    as the first for 56 programs)."""
     import torch
 
     from simclr_dali.model.ntxent_triton import launch_grid
 
     negatives = launch_grid(8192, 8192, 128, torch.bfloat16, H100_SMS).negatives
-    assert negatives.column_splits == 5 and negatives.split_columns == 26 * negatives.block_n
-    assert 8192 - 4 * negatives.split_columns == 24 * negatives.block_n
+    assert negatives.column_splits == 8 and negatives.split_columns == 16 * negatives.block_n
+    assert negatives.programs == 512  # 1.94 x 264
+
+
+def _wave_time(launch, columns: int, slots: int) -> float:
+    """A launch's length in column tiles' work: whole waves of ``slots`` programs, each as long as its widest."""
+    import triton
+
+    from simclr_dali.model.ntxent_triton import PROGRAM_OVERHEAD_TILES
+
+    widest = min(launch.split_columns, columns) // launch.block_n + (
+        min(launch.split_columns, columns) % launch.block_n > 0
+    )
+    return triton.cdiv(launch.programs, slots) * (widest + PROGRAM_OVERHEAD_TILES)
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("sms", [108, 132, 114])  # A100, H100 SXM, H100 PCIe
+def test_launch_grid_ends_in_whole_waves(dtype_name, sms):
+    """Over many sizes: each launch ends no later (in whole waves of 2 programs per SM) than the fewest even
+    splits reaching 2 programs per SM (the previous rule) would, and still has >= 2 programs per SM."""
+    import torch
+    import triton
+
+    from simclr_dali.model.ntxent_triton import CUDA_TILES, _balanced_split, launch_grid
+
+    slots = 2 * sms
+    for rows in (256, 512, 1024, 2048, 4096, 8192, 16384):
+        for world in (1, 2, 8):
+            columns = world * rows
+            plan = launch_grid(rows, columns, 128, getattr(torch, dtype_name), sms)
+            for launch in (plan.negatives, plan.grad):
+                blocks = launch.programs // launch.column_splits
+                column_tiles = triton.cdiv(columns, launch.block_n)
+                least = max(1, min(triton.cdiv(slots, blocks), column_tiles))
+                fewest = _balanced_split(column_tiles, least)
+                baseline = _with_split(launch, fewest, column_tiles, blocks)
+                assert _wave_time(launch, columns, slots) <= _wave_time(baseline, columns, slots), (rows, world, launch)
+                assert launch.programs >= slots or launch.column_splits == column_tiles
+    assert CUDA_TILES  # (the default table: what launch_grid used)
+
+
+def _with_split(launch, tiles_per_split: int, column_tiles: int, blocks: int):
+    """``launch`` with ``tiles_per_split`` tiles per column split instead (the grid's split count follows)."""
+    import dataclasses
+
+    import triton
+
+    splits = triton.cdiv(column_tiles, tiles_per_split)
+    grid = (*launch.grid[:-1], splits)
+    assert blocks * splits == dataclasses.replace(launch, grid=grid).programs
+    return dataclasses.replace(launch, grid=grid, column_splits=splits, split_columns=tiles_per_split * launch.block_n)
 
 
 def test_launch_grid_splits_only_when_needed():

@@ -52,6 +52,9 @@ class LoaderConfig:
     """Where DALI decodes and augments: auto = the GPU when training on CUDA."""
     kind: Literal["dali", "torchvision"] = "dali"
     """dali, or the torchvision DataLoader baseline (time-to-accuracy comparisons; its resume is not exact)."""
+    hw_decoder_load: FiniteNonNegativeFloat = 0.65
+    """Share of the images the GPU decoder sends to the hardware JPEG decoder (A100/H100; the rest are decoded
+    by nvJPEG's hybrid path, Huffman on DALI's CPU threads). 0.65: NVIDIA's ResNet-50 example; in [0, 1]."""
     max_image_pixels: PositiveInt = MAX_IMAGE_PIXELS
     """The most pixels a training or evaluation image may have (read from its header before DALI decodes it):
     a larger one is refused naming its shard and key. Default: the cap simclr-shards write and verify apply."""
@@ -211,6 +214,8 @@ class TrainConfig:
             raise ConfigError(
                 "resume must be auto, a checkpoint directory, or null (a fresh start); got an empty string"
             )
+        if not self.loader.hw_decoder_load <= 1.0:
+            raise ConfigError(f"loader.hw_decoder_load must be in [0, 1], got {self.loader.hw_decoder_load}")
         if self.loss == "supcon" and self.loader.kind != "dali":
             raise ConfigError("loss supcon reads labels through the DALI loader: use --loader.kind dali")
         try:
@@ -319,6 +324,7 @@ SAFE_ON_RESUME = frozenset(
         "eval_json",
         "loader.threads",
         "loader.prefetch",
+        "loader.hw_decoder_load",
         "compile",
         "channels_last",
         "loss_backend",

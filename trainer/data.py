@@ -66,6 +66,7 @@ def build_train_loader(
         shuffle_buffer=cfg.loader.shuffle_buffer,
         dtype=torch.float16 if where == "gpu" else torch.float32,
         max_image_pixels=cfg.loader.max_image_pixels,
+        hw_decoder_load=cfg.loader.hw_decoder_load,
     )
 
 

@@ -1,17 +1,20 @@
 """Global ("sync") batch norm: statistics over the whole global batch, as the paper requires (a
 per-device BN lets the model cheat through batch statistics).
 
-On CUDA this is ``torch.nn.SyncBatchNorm`` (fused kernels) through timm's conversion, which keeps timm's
-norm + activation layers (``BatchNormAct2d``: EfficientNet, ResNetV2, RegNet, ...) whole. PyTorch's
-SyncBatchNorm refuses CPU tensors, so on CPU (gloo; tests and laptops) ``GlobalBatchNorm`` computes the
-same thing with a differentiable all-reduce of per-channel sums, with the same coverage."""
+On every device this is ``GlobalBatchNorm``: one differentiable all-reduce of per-channel sums (sum, sum of
+squares, count) per layer and forward, and nothing that waits for the device. It keeps timm's norm + activation
+layers (``BatchNormAct2d``: EfficientNet, ResNetV2, RegNet, ...) whole. Not ``torch.nn.SyncBatchNorm``, whose
+fused kernels are faster per layer but whose forward indexes its gathered statistics with a boolean mask (a
+host sync per BN layer per forward: ~54 a forward of a ResNet-50, times every micro-batch under gradient
+caching), and which refuses CPU tensors: tests/test_no_host_sync.py runs the step under a dispatch mode that
+fails on any host sync."""
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
-from timm.layers import BatchNormAct2d, convert_sync_batchnorm
+from timm.layers import BatchNormAct2d
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -49,7 +52,9 @@ class GlobalBatchNorm(_BatchNorm):
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                momentum = self.momentum  # None: the cumulative average, 1 / count as a tensor (float() would sync)
+                if momentum is None:
+                    momentum = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
                 self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), momentum)
         shape = [1, channels] + [1] * (input.dim() - 2)
@@ -67,13 +72,9 @@ class GlobalBatchNormAct(GlobalBatchNorm):
         return self.act(self.drop(super().forward(input)))
 
 
-def convert_to_global_bn(module: nn.Module, device_type: str) -> nn.Module:
-    """Every batch-norm layer of ``module`` made global, keeping timm's norm + activation layers whole.
-
-    CUDA: timm's ``convert_sync_batchnorm`` (torch's SyncBatchNorm; ``BatchNormAct2d`` -> ``SyncBatchNormAct``).
-    Elsewhere: the same conversion with ``GlobalBatchNorm`` / ``GlobalBatchNormAct``."""
-    if device_type == "cuda":
-        return convert_sync_batchnorm(module)
+def convert_to_global_bn(module: nn.Module, device_type: str = "cpu") -> nn.Module:
+    """Every batch-norm layer of ``module`` made global (``GlobalBatchNorm``; ``BatchNormAct2d`` ->
+    ``GlobalBatchNormAct``, its activation and drop kept), the same on every ``device_type``: no host sync."""
     converted = module
     if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
         act = isinstance(module, BatchNormAct2d)

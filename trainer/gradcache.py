@@ -36,9 +36,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.profiler import record_function
 
 # Share of the GPU memory available to this process that ``auto`` lets a micro-batch's peak use (the rest:
-# allocator fragmentation and what the probe does not see: the BN layers' train-mode statistics).
+# allocator fragmentation and what the measurement does not see: the BN layers' train-mode statistics).
 AUTO_MEMORY_FRACTION = 0.9
-AUTO_FIRST_PROBES = (8, 16)  # images per view of the two probes the memory line is fitted to
+AUTO_FIRST_SIZES = (8, 16)  # images per view of the two measurements the memory line is fitted to
 
 
 # --------------------------------------------------------------------------- micro-batches
@@ -229,20 +229,20 @@ def fit_micro_batch(
     peak_bytes: Callable[[int], int | None],
     num_images: int,
     budget_bytes: int,
-    first_probes: tuple[int, int] = AUTO_FIRST_PROBES,
-    max_probes: int = 10,
+    first_sizes: tuple[int, int] = AUTO_FIRST_SIZES,
+    max_measurements: int = 10,
 ) -> int:
     """The largest micro-batch (images per view, <= num_images) whose measured peak fits ``budget_bytes``,
     to within 2%.
 
     ``peak_bytes(m)``: the peak memory of one micro-batch's forward + backward at m images per view, or None
-    when it ran out of memory. Two small probes fit the line peak = base + slope x m (activations grow
+    when it ran out of memory. Two small measurements fit the line peak = base + slope x m (activations grow
     linearly with m); its answer is tried, then the line through the two largest measurements (or, after
     an out-of-memory, the midpoint of the gap) until that line crosses the budget at the best size found,
-    or the best is within 2% of the smallest size known not to fit: 3-4 probes on a straight line, never
-    more than ``max_probes`` after the first. Raises RuntimeError when one image does not fit."""
+    or the best is within 2% of the smallest size known not to fit: 3-4 measurements on a straight line, never
+    more than ``max_measurements`` after the first. Raises RuntimeError when one image does not fit."""
     fits = lambda peak: peak is not None and peak <= budget_bytes  # noqa: E731
-    size = min(first_probes[0], num_images)
+    size = min(first_sizes[0], num_images)
     while not fits(peak := peak_bytes(size)):
         if size == 1:
             raise RuntimeError(
@@ -255,8 +255,8 @@ def fit_micro_batch(
             )
         size = max(1, size // 2)
     best, too_big, measured = size, None, {size: peak}
-    guess = min(max(first_probes[1], 2 * size), num_images)
-    for _ in range(max_probes):
+    guess = min(max(first_sizes[1], 2 * size), num_images)
+    for _ in range(max_measurements):
         if guess <= best or (too_big is not None and guess >= too_big):
             break
         peak = peak_bytes(guess)
@@ -287,27 +287,27 @@ def _gib(value: float | None) -> str:
     return "?" if value is None else f"{value / 2**30:.1f} GiB"
 
 
-_PROBED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def resolve_micro_batch(
     setting, model: nn.Module, view1: torch.Tensor, view2: torch.Tensor, optimizer, accelerator
 ) -> int:
     """The micro-batch of this step in images per view, 0 for a plain step: ``setting`` (cfg.micro_batch:
-    None/0 = off, an int, or "auto") against the local batch N; M >= N is a plain step. "auto" probes the
-    GPU once per (model, batch shape) and remembers the answer; it needs CUDA."""
+    None/0 = off, an int, or "auto") against the local batch N; M >= N is a plain step. "auto" measures the
+    GPU once per (model, batch shape) and remembers the answer (``measure_micro_batch``); it needs CUDA."""
     num_images = view1.shape[0]
     if setting == "auto":
         if view1.device.type != "cuda":
             raise ValueError(
-                f"micro_batch auto probes GPU memory and needs CUDA tensors (these are on "
+                f"micro_batch auto measures GPU memory and needs CUDA tensors (these are on "
                 f"{view1.device.type}); give a number of images per view instead (e.g. --micro_batch "
                 "256) or 0 for off"
             )
         key = (num_images, tuple(view1.shape[1:]), view1.dtype)
-        known = _PROBED.setdefault(model, {})
+        known = _MEASURED.setdefault(model, {})
         if key not in known:
-            known[key] = probe_micro_batch(model, view1, view2, optimizer, accelerator)
+            known[key] = measure_micro_batch(model, view1, view2, optimizer, accelerator)
         setting = known[key]
     micro_batch = int(setting or 0)
     if micro_batch < 0:
@@ -315,22 +315,34 @@ def resolve_micro_batch(
     return micro_batch if 0 < micro_batch < num_images else 0
 
 
-def probe_micro_batch(model: nn.Module, view1: torch.Tensor, view2: torch.Tensor, optimizer, accelerator) -> int:
+def micro_batch_budget(device: torch.device, optimizer_state: int) -> int:
+    """The bytes a micro-batch's forward + backward peak (``torch.cuda.max_memory_allocated``: this process's
+    live tensors included) may reach: what this process's tensors hold now, plus ``AUTO_MEMORY_FRACTION`` of the
+    device memory free now (``torch.cuda.mem_get_info``), less the optimiser state still to come. PyTorch's
+    cached but unallocated blocks are not counted: with a DALI loader on this GPU some of them are the colour
+    stage's, on DALI's stream, which a training-stream tensor cannot reuse; and DALI's own pools (decoded
+    batches, the prefetch queue) are outside PyTorch, already missing from the free memory. So it is called
+    after the loader has produced its first batches (in the first step), when those pools exist."""
+    torch.cuda.synchronize(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return torch.cuda.memory_allocated(device) + int(AUTO_MEMORY_FRACTION * free) - optimizer_state
+
+
+def measure_micro_batch(model: nn.Module, view1: torch.Tensor, view2: torch.Tensor, optimizer, accelerator) -> int:
     """micro_batch auto on CUDA: the largest micro-batch whose forward + backward peak fits
-    ``AUTO_MEMORY_FRACTION`` of the memory this process can have (free + what PyTorch already holds), after
-    room for the optimiser state not yet allocated (two parameter-sized buffers per parameter before the
-    first optimiser step). The probes run the unwrapped model with every layer in eval mode (no cross-process
-    BN statistics, so a probe that runs out of memory on one process cannot hang the others; no running-
-    statistics updates), in a forked RNG; gradients are dropped afterwards. Every process takes the
-    smallest answer of all processes (micro-batch counts must agree for global BN and DDP)."""
+    ``micro_batch_budget``, after room for the optimiser state not yet allocated (two parameter-sized buffers
+    per parameter before the first optimiser step). The measurements run the unwrapped model with every layer
+    in eval mode (no cross-process BN statistics, so one that runs out of memory on one process cannot hang
+    the others; no running-statistics updates), in a forked RNG; gradients are dropped afterwards. Nothing is
+    handed back to the driver (no ``empty_cache``: it would free the DALI stream's cached blocks, which DALI's
+    next batch would then allocate again, a device sync each). Every process takes the smallest answer of all
+    processes (micro-batch counts must agree for global BN and DDP)."""
     module = accelerator.unwrap_model(model) if hasattr(accelerator, "unwrap_model") else model
     device = view1.device
     parameters = [p for p in module.parameters() if p.requires_grad]
     parameter_bytes = sum(p.numel() * p.element_size() for p in parameters)
     optimizer_state = 0 if optimizer is not None and len(optimizer.state) else 2 * parameter_bytes
-    torch.cuda.synchronize(device)
-    free, _ = torch.cuda.mem_get_info(device)
-    budget = int(AUTO_MEMORY_FRACTION * (free + torch.cuda.memory_reserved(device))) - optimizer_state
+    budget = micro_batch_budget(device, optimizer_state)
     modes = {m: m.training for m in module.modules()}
 
     def peak_bytes(m: int) -> int | None:
@@ -350,7 +362,6 @@ def probe_micro_batch(model: nn.Module, view1: torch.Tensor, view2: torch.Tensor
         finally:
             for p in parameters:
                 p.grad = None
-            torch.cuda.empty_cache()
 
     module.eval()
     try:
