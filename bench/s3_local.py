@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 READY_SECONDS = 60.0
+SLOW_DOWN = b'<?xml version="1.0"?><Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>'
 
 
 def free_port(reserve_grpc: bool = True) -> int:
@@ -135,7 +136,9 @@ class SeaweedServer:
             except Exception:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"weed not ready in {READY_SECONDS:g} s: see {self.directory / 'weed.log'}")
+                    raise RuntimeError(
+                        f"weed not ready in {READY_SECONDS:g} s: see {self.directory / 'weed.log'}"
+                    ) from None
                 time.sleep(0.3)
 
     def stop(self) -> None:
@@ -205,7 +208,7 @@ class DelayProxy:
                 connection.close()
 
             def _slow_down(self):
-                body = b'<?xml version="1.0"?><Error><Code>SlowDown</Code><Message>Reduce your request rate.</Message></Error>'
+                body = SLOW_DOWN
                 self.send_response(503)
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(body)))

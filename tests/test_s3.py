@@ -245,17 +245,17 @@ def test_throttling_is_retried(s3_env, id_shards, monkeypatch):
 def test_prefetcher_bound_holds_for_any_plan():
     """A property over many plans: the bytes held never exceed the bound, every shard arrives intact, in order."""
     rng = np.random.default_rng(0)
-    for trial in range(30):
+    for _ in range(30):
         sizes = rng.integers(1, 100, rng.integers(1, 30)).tolist()
         bound = int(rng.integers(max(sizes), 3 * max(sizes) + 1))
         data = {ObjectPath(f"s3://b-x/k{i}.tar"): bytes([i % 256]) * size for i, size in enumerate(sizes)}
 
-        def fetch(url):
+        def fetch(url, data=data):
             time.sleep(rng.random() * 0.001)
             return data[url]
 
         prefetcher = remote.ShardPrefetcher(list((u, len(d)) for u, d in data.items()), bound, 3, fetch)
-        for i, (url, payload) in enumerate(data.items()):
+        for i, payload in enumerate(data.values()):
             assert prefetcher.take(i) == payload
             prefetcher.release(i)
         assert prefetcher.peak_bytes <= bound and prefetcher.held == 0

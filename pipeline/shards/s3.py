@@ -254,3 +254,29 @@ def check_shard_location(spec: str) -> None:
     if is_s3(spec):
         for item in [s for s in str(spec).split(",") if s]:
             split_url(item)
+
+
+def upload_set(local: Path, url: str) -> int:
+    """Every file of the local shard directory ``local`` (tars, indexes, classes.json, shardset.json) to the
+    location ``url`` (``s3://bucket/prefix/``), tars last so that a reader listing the prefix finds each tar's
+    ``.idx`` already there; returns the number of files."""
+    bucket, prefix = split_url(url)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    files = sorted((p for p in Path(local).iterdir() if p.is_file()), key=lambda p: (p.suffix == ".tar", p.name))
+    for path in files:
+        upload_file(path, ObjectPath(f"s3://{bucket}/{prefix}{path.name}"))
+    return len(files)
+
+
+def ensure_bucket(bucket: str) -> None:
+    """Create ``bucket`` if it does not exist (benchmarks and tests on a local server)."""
+    from botocore.exceptions import ClientError
+
+    try:
+        retrying(lambda: client().head_bucket(Bucket=bucket), bucket, "", "checking")
+    except ObjectStoreError:
+        try:
+            client().create_bucket(Bucket=bucket)
+        except ClientError as error:
+            raise explain(error, bucket, "", "creating") from None
