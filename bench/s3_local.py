@@ -105,6 +105,8 @@ class SeaweedServer:
             f"-filer.port={p['filer']}",
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
+            "-s3.port.iceberg=0",  # no fixed-port side services (8181, 9101): several servers may run at once
+            "-s3.port.lance=0",
             "-master.volumeSizeLimitMB=64",
             "-volume.max=0",
         ]
@@ -127,7 +129,7 @@ class SeaweedServer:
         bucket = "ready-" + secrets.token_hex(4)
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.process.returncode}: see {self.directory / 'weed.log'}")
+                raise RuntimeError(f"weed exited with {self.process.returncode}: {self._log_tail()}")
             try:  # ready = a bucket can be made and written (the volume server is up, not only the gateway)
                 client.create_bucket(Bucket=bucket)
                 client.put_object(Bucket=bucket, Key="probe", Body=b"x")
@@ -137,15 +139,19 @@ class SeaweedServer:
                 if time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(
-                        f"weed not ready in {READY_SECONDS:g} s: see {self.directory / 'weed.log'}"
+                        f"weed not ready in {READY_SECONDS:g} s: {self._log_tail()}"
                     ) from None
                 time.sleep(0.3)
+
+    def _log_tail(self) -> str:
+        lines = (self.directory / "weed.log").read_text(errors="replace").splitlines()
+        return " | ".join(line for line in lines[-40:] if line.strip() and not line.startswith("\t"))[-1500:]
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(20)
+                self.process.wait(3)  # weed can take long to drain on SIGTERM: nothing here needs it to
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)

@@ -506,8 +506,8 @@ class DaliLoader:
         ``epoch``; augmentation seeds per (seed, epoch, sub-part, position)."""
         from .remote import ZippedIterators, remote_sources
 
-        pipes = []
-        for source in remote_sources(self, epoch, self._position):
+        pipes, sources = [], remote_sources(self, epoch, self._position)
+        for source in sources:
             seed = int(np.random.SeedSequence([self.seed, epoch, source.part, self._position]).generate_state(1)[0])
             with gpu_decoder_sized_for(None):
                 pipes.append(
@@ -527,7 +527,8 @@ class DaliLoader:
                     [pipe], self.output_names, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
                 )
                 for pipe in pipes
-            ]
+            ],
+            sources,
         )
 
     def _translate(self, error: Exception) -> Exception:
@@ -653,6 +654,8 @@ class DaliLoader:
                 f"loader state holds {len(checkpoints)} DALI pipeline checkpoint(s), this loader runs "
                 f"{self.pipelines} pipeline(s) per rank: resume with the same pipelines and batch size"
             )
+        if self.remote:
+            self._iterator.close()  # its producer threads
         del self._iterator
         self.epoch, self._position, self._drained = state["epoch"], state.get("position", 0), False
         start = state.get("pipeline_epoch", self.epoch) if checkpoints else self.epoch

@@ -21,6 +21,7 @@ random draws after a resume differ: they are seeded by (seed, epoch, part, posit
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -145,10 +146,11 @@ class SampleStream:
         cache_bytes: int,
         in_flight: int,
         shard_sizes: Sequence[int],
+        outputs: int = 3,
     ):
-        self.indexes, self.order, self.at = indexes, order, skip
+        self.indexes, self.order, self.at, self.outputs = indexes, order.tolist(), skip, outputs
         self.starts = np.cumsum([0] + [index.num_samples for index in indexes])
-        wanted = order[skip:]
+        wanted = np.asarray(order[skip:], dtype=np.int64)
         shard_of = np.searchsorted(self.starts, wanted, side="right") - 1
         self.needed = sorted(set(shard_of.tolist()))  # shards holding a sample still to come, in load order
         self.wanted = set(wanted.tolist())
@@ -161,13 +163,12 @@ class SampleStream:
         """Copy every still-wanted sample of the next needed shard into the buffer, then free the shard."""
         i = self.next_shard
         shard = self.needed[i]
-        data = self.prefetcher.take(i)
-        index = self.indexes[shard]
+        data = np.frombuffer(self.prefetcher.take(i), dtype=np.uint8)
+        index, first = self.indexes[shard], int(self.starts[shard])
         for j, sample in enumerate(index.samples):
-            q = int(self.starts[shard]) + j
-            if q not in self.wanted:  # seen before a resume, or another part's
-                continue
-            self.buffered[q] = sample_arrays(data, sample, index.tar)
+            if first + j in self.wanted:  # not: seen before a resume, or another part's
+                self.buffered[first + j] = sample_arrays(data, sample, index.tar, self.outputs)
+        del data
         self.prefetcher.release(i)
         self.next_shard += 1
 
@@ -175,7 +176,6 @@ class SampleStream:
         """The next ``count`` samples (fewer at the end of the order)."""
         out = []
         for q in self.order[self.at : self.at + count]:
-            q = int(q)
             while q not in self.buffered:
                 self._load_next_shard()
             out.append(self.buffered.pop(q))
@@ -187,18 +187,19 @@ class SampleStream:
             self.prefetcher.close()
 
 
-def sample_arrays(data: bytes, sample: dict, tar) -> tuple[np.ndarray, ...]:
-    """(image bytes, label bytes, 'shard:offset:member') of one sample, as uint8 arrays (copies: the shard's bytes
-    are freed once its samples are taken)."""
+def sample_arrays(data: np.ndarray, sample: dict, tar, outputs: int = 3) -> tuple[np.ndarray, ...]:
+    """The first ``outputs`` of (image bytes, label bytes, 'shard:offset:member') of one sample, as uint8 arrays
+    (copies: the shard's bytes are freed once its samples are taken)."""
     image = next((ext for ext in sample if ext.lower() in IMAGE_COMPONENTS), None)
     if image is None:
         raise ObjectStoreError(f"shard {tar}: a sample has no image member (it has {sorted(sample)})")
     offset, size, name = sample[image]
+    if outputs == 1:
+        return (data[offset : offset + size].copy(),)
     label = sample.get("cls")
-    label_bytes = data[label[0] : label[0] + label[1]] if label else b""
     return (
-        np.frombuffer(data[offset : offset + size], dtype=np.uint8).copy(),
-        np.frombuffer(label_bytes, dtype=np.uint8).copy(),
+        data[offset : offset + size].copy(),
+        data[label[0] : label[0] + label[1]].copy() if label else np.zeros(0, np.uint8),
         np.frombuffer(f"{tar}:{offset}:{name}".encode(), dtype=np.uint8).copy(),
     )
 
@@ -206,40 +207,81 @@ def sample_arrays(data: bytes, sample: dict, tar) -> tuple[np.ndarray, ...]:
 class RemoteSource:
     """DALI ``external_source`` callable for one pipeline: batches of ``batch_size`` samples of part ``part``, epoch
     after epoch; raises StopIteration at each epoch's end (``batches_per_epoch`` whole batches when training, every
-    sample when evaluating). ``outputs``: 1 (images) or 3 (images, labels, sources)."""
+    sample when evaluating). ``outputs``: 1 (images) or 3 (images, labels, sources).
+
+    A producer thread cuts the batches ahead of DALI (``READY_BATCHES`` of them, across epoch ends too), so that the
+    callback, which DALI runs on the training thread, only hands one over."""
+
+    READY_BATCHES = 3
+    END = object()  # an epoch's end in the queue
 
     def __init__(self, loader, part: int, num_parts: int, epoch: int, position: int, outputs: int):
         self.loader, self.part, self.num_parts, self.outputs = loader, part, num_parts, outputs
         self.batch_size = loader.batch_size // loader.pipelines
         self.epoch, self.skip = epoch, position * self.batch_size
-        self.stream: SampleStream | None = None
+        self.ready: queue.Queue = queue.Queue(self.READY_BATCHES)
+        self.stopped = threading.Event()
+        self.producer = threading.Thread(target=self._produce, name=f"remote-part-{part}", daemon=True)
+        self.producer.start()
 
-    def _open(self) -> SampleStream:
+    def _open(self, epoch: int, skip: int) -> SampleStream:
         loader = self.loader
-        shards = loader._epoch_shards(self.epoch)
+        shards = loader._epoch_shards(epoch)
         by_tar = dict(zip(loader.shards, loader.indexes))
         indexes = [by_tar[tar] for tar in shards]
         total = sum(index.num_samples for index in indexes)
         lo, hi = part_range(total, self.part, self.num_parts)
         if loader.train:
-            rng = np.random.default_rng([loader.seed, self.epoch, self.part])
+            rng = np.random.default_rng([loader.seed, epoch, self.part])
             order = lo + buffer_shuffle(hi - lo, max(1, loader.shuffle_buffer // loader.pipelines), rng)
             order = order[: loader.steps_per_epoch * self.batch_size]
         else:
             order = np.arange(lo, hi)
         sizes = [loader.shard_sizes[tar] for tar in shards]
-        return SampleStream(indexes, order, self.skip, loader.cache_bytes // loader.pipelines, loader.in_flight, sizes)
+        cache = loader.cache_bytes // loader.pipelines
+        return SampleStream(indexes, order, skip, cache, loader.in_flight, sizes, self.outputs)
+
+    def _put(self, item) -> bool:
+        """Queue ``item`` unless stopped; False once stopped."""
+        while not self.stopped.is_set():
+            try:
+                self.ready.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        epoch, skip = self.epoch, self.skip
+        while not self.stopped.is_set():
+            stream = None
+            try:
+                stream = self._open(epoch, skip)
+                while samples := stream.take(self.batch_size):
+                    if not self._put(tuple([sample[k] for sample in samples] for k in range(self.outputs))):
+                        return
+            except BaseException as error:  # raised on the training thread by __call__
+                self._put(error)
+                return
+            finally:
+                if stream is not None:
+                    stream.close()
+            if not self._put(self.END):
+                return
+            epoch, skip = epoch + 1, 0
 
     def __call__(self):
-        if self.stream is None:
-            self.stream = self._open()
-        samples = self.stream.take(self.batch_size)
-        if not samples:
-            self.stream.close()
-            self.stream, self.skip = None, 0
+        item = self.ready.get()
+        if item is self.END:
             self.epoch += 1
             raise StopIteration
-        return tuple([sample[k] for sample in samples] for k in range(self.outputs))
+        if isinstance(item, BaseException):
+            self.ready.put(item)  # every later call fails the same way
+            raise item
+        return item
+
+    def close(self) -> None:
+        self.stopped.set()
 
 
 def remote_sources(loader, epoch: int, position: int) -> list[RemoteSource]:
@@ -258,8 +300,15 @@ class ZippedIterators:
     batch (what ``DALIGenericIterator`` over several pipelines gives, which needs a reader to know its epoch's end:
     an external source ends it by StopIteration, and every pipeline's source ends at the same batch)."""
 
-    def __init__(self, iterators: list):
-        self.iterators = iterators
+    def __init__(self, iterators: list, sources: list[RemoteSource]):
+        self.iterators, self.sources = iterators, sources
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.close()
+
+    def __del__(self):
+        self.close()
 
     def __iter__(self):
         return self
