@@ -21,28 +21,6 @@ CIFAR = AugmentConfig.cifar()
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """One SeaweedFS for the session; skipped (with the reason) only where its binary cannot run."""
-    from simclr_dali.bench.s3_local import SeaweedServer
-
-    try:
-        server = SeaweedServer().start()
-    except (RuntimeError, OSError) as error:
-        pytest.skip(f"SeaweedFS cannot run here: {error}")
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def s3_env(s3_server, monkeypatch):
-    for key, value in s3_server.env().items():
-        monkeypatch.setenv(key, value)
-    s3.client.cache_clear()
-    yield s3_server
-    s3.client.cache_clear()
-
-
-@pytest.fixture(scope="session")
 def id_shards(tmp_path_factory):
     """96 samples whose labels are their ids (96 classes), 10 per shard: 10 shards."""
     directory, labels = make_shards(tmp_path_factory.mktemp("ids"), 96, num_classes=96, per_shard=10)
