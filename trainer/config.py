@@ -68,6 +68,11 @@ class TrainConfig:
     """Where DALI decodes and augments: auto = the GPU when training on CUDA."""
     data_loader: Literal["dali", "torchvision"] = "dali"
     """dali, or the torchvision DataLoader baseline (time-to-accuracy comparisons; its resume is not exact)."""
+    # --- issue 28 ---
+    shard_cache_mb: int = 1024
+    """Shards in object storage (s3://): memory per process for whole shards fetched ahead of the loader, MiB."""
+    shard_fetches: int = 4
+    """Shards in object storage (s3://): concurrent whole-shard GETs per DALI pipeline."""
     # --- model
     backbone: str = "resnet50"
     """Any timm model name (the encoder f; its classifier is removed)."""
@@ -186,6 +191,8 @@ class TrainConfig:
         ``ConfigError`` naming the field."""
         if not self.train_shards:
             raise ConfigError("train_shards is required (a shard directory, brace pattern or glob)")
+        # --- issue 28 ---
+        check_remote_settings(self)
         positive = [
             "image_size",
             "batch_size",
@@ -299,6 +306,22 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+
+def check_remote_settings(cfg: TrainConfig) -> None:
+    """Issue 28: well-formed ``s3://`` shard locations and a positive cache and fetch count."""
+    from ..pipeline.shards.s3 import check_shard_location
+    from ..pipeline.shards.shardset import ShardError
+
+    for name in ("train_shards", "eval_train_shards", "eval_val_shards"):
+        try:
+            check_shard_location(getattr(cfg, name) or "")
+        except ShardError as error:
+            raise ConfigError(f"{name}: {error}") from None
+    for name in ("shard_cache_mb", "shard_fetches"):
+        if not getattr(cfg, name) >= 1:
+            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+
+
 # Fields a resumed run may change: they decide what is done next, not what the saved state means. Any other
 # field (the data, its augmentations and order, the model, the optimiser and its schedule, precision) that
 # differs from the checkpoint's refuses the resume; a field added later is refused until it is listed here.
@@ -315,6 +338,8 @@ SAFE_ON_RESUME = frozenset(
         "checkpoint_every_minutes",
         "keep_checkpoints",
         "log_every",
+        "shard_cache_mb",
+        "shard_fetches",
         "tracker",
         "tracker_project",
         "tracker_run_name",

@@ -76,6 +76,8 @@ def build_train_loader(
         prefetch=cfg.prefetch,
         shuffle_buffer=cfg.shuffle_buffer,
         dtype=torch.float16 if where == "gpu" else torch.float32,
+        cache_bytes=cfg.shard_cache_mb << 20,  # issue 28: s3:// shards only
+        in_flight=cfg.shard_fetches,
     )
 
 
