@@ -230,19 +230,25 @@ def main(argv=None) -> dict:
         "torchvision); default: --cores",
     )
     parser.add_argument("--json", default=None, help="default bench/results/pipeline_<device>.json")
+    parser.add_argument("--bucket", default=None, help="s3://BUCKET/PREFIX/: local vs streamed (bench.pipeline_s3)")
+    parser.add_argument("--seaweedfs", action="store_true", help="with --bucket: a SeaweedFS on 127.0.0.1")
+    parser.add_argument("--delays_ms", type=int, nargs="+", default=[0, 20], help="with --bucket: added latencies")
     args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = [args.cores]
     if min(args.threads) < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.bucket:
+        from .pipeline_s3 import main_s3
+
+        presets = {
+            n: {**PRESETS[n], **({"batch_size": args.batch_size} if args.batch_size else {})} for n in args.presets
+        }
+        return main_s3(args, presets, lambda name: preset_shards(name, args))
     results = {}
     for name in args.presets:
         preset = {**PRESETS[name], **({"batch_size": args.batch_size} if args.batch_size else {})}
-        given = args.imagenet_shards if name == "imagenet224" else args.cifar_shards
-        if given:
-            shards, description = Path(given), f"shards {given}"
-        else:
-            shards, description = imagenet_shards() if name == "imagenet224" else cifar_shards()
+        shards, description = preset_shards(name, args)
         print(f"[{name}] data: {description}")
         runs = [compare(name, shards, preset, args) for _ in range(args.runs)]
         speedups = [r["speedup"] for r in runs]
@@ -272,6 +278,14 @@ def main(argv=None) -> dict:
     )
     print(f"wrote {path}")
     return results
+
+
+def preset_shards(name: str, args) -> tuple[Path, str]:
+    """The preset's shards: the flag's, else the shared data written once under data/bench/."""
+    given = args.imagenet_shards if name == "imagenet224" else args.cifar_shards
+    if given:
+        return Path(given), f"shards {given}"
+    return imagenet_shards() if name == "imagenet224" else cifar_shards()
 
 
 def compare(name: str, shards: Path, preset: dict, args) -> dict:

@@ -68,6 +68,7 @@ from .augment import (
     simclr_view,
 )
 from .decode_check import find_undecodable, rank_part
+from .shards.s3 import is_s3
 from .shards.shardset import (
     IMAGE_COMPONENTS,
     MAX_IMAGE_PIXELS,
@@ -241,17 +242,32 @@ View = TwoViews | LabelledTwoViews | AugmentedView | UnlabelledView | EvalView
 
 @pipeline_def(enable_conditionals=True)
 def _pipeline(
-    shards, index_paths, view: View, device, shard_id, num_shards, shuffle, shuffle_buffer, shuffle_seed, dtype
+    shards,
+    index_paths,
+    view: View,
+    device,
+    shard_id,
+    num_shards,
+    shuffle,
+    shuffle_buffer,
+    shuffle_seed,
+    dtype,
+    remote=None,
 ):
-    ext = [IMAGE_EXTENSIONS, "cls"] if view.labelled else [IMAGE_EXTENSIONS]
-    read = _reader(shards, index_paths, ext, shard_id, num_shards, shuffle, shuffle_buffer, shuffle_seed)
-    jpegs = read[0] if view.labelled else read
+    if remote is not None:  # shards in object storage: samples from pipeline.remote (image, label, source bytes)
+        read = fn.external_source(source=remote, num_outputs=remote.outputs, batch=True, dtype=types.UINT8, ndim=1)
+        jpegs, sources = read[0], (read[2] if view.labelled else None)
+    else:
+        ext = [IMAGE_EXTENSIONS, "cls"] if view.labelled else [IMAGE_EXTENSIONS]
+        read = _reader(shards, index_paths, ext, shard_id, num_shards, shuffle, shuffle_buffer, shuffle_seed)
+        jpegs = read[0] if view.labelled else read
+        sources = fn.get_property(jpegs, key="source_info") if view.labelled else None
     outputs = view.graph(jpegs, device, dtype)
     if not view.labelled:
         return outputs
     # Labels are ASCII digits of varying length: pad with zero bytes to a dense (batch, width) tensor; the
     # source (shard:offset:member) names a bad sample in errors.
-    return *outputs, fn.pad(read[1], fill_value=0), fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
+    return *outputs, fn.pad(read[1], fill_value=0), fn.pad(sources, fill_value=0)
 
 
 def _joined(parts: list[dict]) -> dict:
@@ -357,6 +373,8 @@ class DaliLoader:
         pipelines: int | None = None,
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         hw_decoder_load: float = 0.65,
+        cache_bytes: int = 1 << 30,
+        in_flight: int = 4,
     ):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -368,9 +386,15 @@ class DaliLoader:
             raise ValueError(f"shuffle_buffer must be >= 1 sample, got {shuffle_buffer}")
         self.view, self.train, self.shuffle_buffer, self.dtype = view, train, shuffle_buffer, dtype
         self.output_names = [*view.outputs, "labels", "source"] if view.labelled else list(view.outputs)
-        self.shards = shard_paths(shards)
-        # a stale index or a decompression bomb never reaches DALI (whose native code would abort or stall on it)
-        self.indexes = [check_pixel_cap(read_checked_index(tar), max_image_pixels) for tar in self.shards]
+        self.remote, self.cache_bytes, self.in_flight = is_s3(shards), cache_bytes, in_flight
+        if self.remote:  # s3://bucket/prefix/: streamed by pipeline.remote
+            from .shards.s3 import remote_shard_set
+
+            self.shards, self.indexes, self.shard_sizes = remote_shard_set(shards)
+        else:
+            self.shards = shard_paths(shards)
+            # a stale index or a decompression bomb never reaches DALI (whose native code would abort or stall on it)
+            self.indexes = [check_pixel_cap(read_checked_index(tar), max_image_pixels) for tar in self.shards]
         if view.labelled:
             check_labels(self.indexes)
         self.index_paths = {
@@ -404,7 +428,9 @@ class DaliLoader:
         self.batch_size, self.device, self.device_id = batch_size, device, device_id
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
         self.num_threads = num_threads or default_num_threads(device=device)  # over all of this rank's pipelines
-        self.largest_image = largest_image(self.indexes) if device == "gpu" else None  # sizes nvJPEG's buffers
+        self.largest_image = (
+            largest_image(self.indexes) if device == "gpu" and not self.remote else None
+        )  # sizes nvJPEG's buffers
         self.prefetch, self.hw_decoder_load = prefetch, hw_decoder_load
         self.torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
         self.epoch = 0
@@ -432,10 +458,12 @@ class DaliLoader:
                 f"{len(missing)} of the {len(keys)} requested keys are not in "
                 f"{brace_notation(self.shards)}, e.g. {missing[:5]}"
             )
-        self._subset_dir = tempfile.TemporaryDirectory(prefix="dali-subset-")  # removed with the loader
         kept = [(tar, _subset_index(index, keys)) for tar, index in zip(self.shards, self.indexes)]
         kept = [(tar, index) for tar, index in kept if index.num_samples]
         self.shards, self.indexes = [tar for tar, _ in kept], [index for _, index in kept]
+        if self.remote:  # the stream reads by the (filtered) indexes in memory
+            return
+        self._subset_dir = tempfile.TemporaryDirectory(prefix="dali-subset-")  # removed with the loader
         self.index_paths = {}
         for position, (tar, index) in enumerate(kept):
             self.index_paths[tar] = Path(self._subset_dir.name) / f"{position:06d}-{tar.stem}.idx"
@@ -454,6 +482,8 @@ class DaliLoader:
         and their iterator. Random streams per (seed, start epoch, sub-part): shuffle buffer and augmentations;
         the tar order's seed per (seed, start epoch), shared by all ranks and pipelines."""
         self._start_epoch = epoch
+        if self.remote:
+            return self._make_remote_iterator(epoch)
         shuffle_seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0] % 2**31)
         try:
             shards = self._epoch_shards(epoch)
@@ -494,6 +524,36 @@ class DaliLoader:
             )
         except RuntimeError as error:
             raise self._translate(error) from None
+
+    def _make_remote_iterator(self, epoch: int) -> DALIGenericIterator:
+        """Pipelines fed by ``pipeline.remote`` (one source per pipeline), from batch ``self._position`` of
+        ``epoch``; augmentation seeds per (seed, epoch, sub-part, position)."""
+        from .remote import ZippedIterators, remote_sources
+
+        pipes, sources = [], remote_sources(self, epoch, self._position)
+        for source in sources:
+            seed = int(np.random.SeedSequence([self.seed, epoch, source.part, self._position]).generate_state(1)[0])
+            with gpu_decoder_sized_for(None):
+                pipes.append(
+                    _pipeline(
+                        *(None, None, self.view, self.device, 0, 1, False, 1, 0, _DALI_DTYPES[self.dtype]),
+                        remote=source,
+                        batch_size=self.batch_size // self.pipelines,
+                        num_threads=max(1, self.num_threads // self.pipelines),
+                        device_id=self.device_id if self.device == "gpu" else None,
+                        seed=seed % 2**31,
+                        prefetch_queue_depth=self.prefetch,
+                    )
+                )
+        return ZippedIterators(
+            [
+                DALIGenericIterator(
+                    [pipe], self.output_names, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
+                )
+                for pipe in pipes
+            ],
+            sources,
+        )
 
     def _translate(self, error: Exception) -> Exception:
         """Restate DALI's errors naming the shard and key at fault (DALI names the index line of a
@@ -547,6 +607,8 @@ class DaliLoader:
         )
 
     def __len__(self) -> int:
+        if self.remote and not self.train:  # an external source's iterator does not know its length
+            return -(-self.num_samples // self.num_shards // self.batch_size) if self.num_samples else 0
         return self.steps_per_epoch if self.train else len(self._iterator)
 
     def _batches(self):
@@ -585,9 +647,14 @@ class DaliLoader:
             except RuntimeError as error:
                 raise self._translate(error) from None
             epoch, position = self.epoch + 1, 0
-        checkpoints = [  # DALI's serialised protobufs, one per pipeline: bytes, base64 for JSON
-            base64.b64encode(c if isinstance(c, bytes) else c.encode()).decode() for c in self._iterator.checkpoints()
-        ]
+        checkpoints = (
+            [  # DALI's serialised protobufs, one per pipeline: bytes, base64 for JSON
+                base64.b64encode(c if isinstance(c, bytes) else c.encode()).decode()
+                for c in self._iterator.checkpoints()
+            ]
+            if not self.remote
+            else []
+        )  # a remote stream restarts from (epoch, position): pipeline.remote
         return {
             **state,
             "epoch": epoch,
@@ -611,6 +678,8 @@ class DaliLoader:
                 f"loader state holds {len(checkpoints)} DALI pipeline checkpoint(s), this loader runs "
                 f"{self.pipelines} pipeline(s) per rank: resume with the same pipelines and batch size"
             )
+        if self.remote:
+            self._iterator.close()  # its producer threads
         del self._iterator
         self.epoch, self._position, self._drained = state["epoch"], state.get("position", 0), False
         start = state.get("pipeline_epoch", self.epoch) if checkpoints else self.epoch

@@ -77,3 +77,31 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
+
+
+# --------------------------------------------------------------------------- a real S3 server (issue 28)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One SeaweedFS for the session; skipped (with the reason) only where its binary cannot run."""
+    from simclr_dali.bench.s3_local import SeaweedServer
+
+    try:
+        server = SeaweedServer().start()
+    except (RuntimeError, OSError) as error:
+        pytest.skip(f"SeaweedFS cannot run here: {error}")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """The server's credentials and endpoint in the standard AWS variables, for this test only."""
+    from simclr_dali.pipeline.shards import s3
+
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    s3.client.cache_clear()
+    yield s3_server
+    s3.client.cache_clear()

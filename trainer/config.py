@@ -55,6 +55,10 @@ class LoaderConfig:
     hw_decoder_load: FiniteNonNegativeFloat = 0.65
     """Share of the images the GPU decoder sends to the hardware JPEG decoder (A100/H100; the rest are decoded
     by nvJPEG's hybrid path, Huffman on DALI's CPU threads). 0.65: NVIDIA's ResNet-50 example; in [0, 1]."""
+    shard_cache_mb: PositiveInt = 1024
+    """Shards in object storage (s3://): memory per process for whole shards fetched ahead of the loader, MiB."""
+    shard_fetches: PositiveInt = 4
+    """Shards in object storage (s3://): concurrent whole-shard GETs per DALI pipeline."""
     max_image_pixels: PositiveInt = MAX_IMAGE_PIXELS
     """The most pixels a training or evaluation image may have (read from its header before DALI decodes it):
     a larger one is refused naming its shard and key. Default: the cap simclr-shards write and verify apply."""
@@ -229,6 +233,7 @@ class TrainConfig:
         if not self.train_shards:
             raise ConfigError("train_shards is required (a shard directory, brace pattern or glob)")
         self.check()
+        check_shard_locations(self)
         from ..model.ntxent import MIN_TEMPERATURE  # here: the parser (and --help) stays free of torch
 
         if self.temperature < MIN_TEMPERATURE:
@@ -291,6 +296,19 @@ def typed_field_problems(config, prefix: str = "") -> typing.Iterator[tuple[str,
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
+
+def check_shard_locations(cfg: TrainConfig) -> None:
+    """Well-formed ``s3://`` shard locations (object storage: pipeline/shards/s3.py)."""
+    from ..pipeline.shards.s3 import check_shard_location
+    from ..pipeline.shards.shardset import ShardError
+
+    for name in ("train_shards", "eval_train_shards", "eval_val_shards"):
+        try:
+            check_shard_location(getattr(cfg, name) or "")
+        except ShardError as error:
+            raise ConfigError(f"{name}: {error}") from None
+
+
 # Fields a resumed run may change: they decide what is done next, not what the saved state means. Any other
 # field (the data, its augmentations and order, the model, the optimiser and its schedule, precision) that
 # differs from the checkpoint's refuses the resume; a field added later is refused until it is listed here.
@@ -307,6 +325,8 @@ SAFE_ON_RESUME = frozenset(
         "checkpoint_every_minutes",
         "keep_checkpoints",
         "log_every",
+        "loader.shard_cache_mb",
+        "loader.shard_fetches",
         "tracker",
         "tracker_project",
         "tracker_run_name",

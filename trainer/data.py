@@ -67,6 +67,8 @@ def build_train_loader(
         dtype=torch.float16 if where == "gpu" else torch.float32,
         max_image_pixels=cfg.loader.max_image_pixels,
         hw_decoder_load=cfg.loader.hw_decoder_load,
+        cache_bytes=cfg.loader.shard_cache_mb << 20,  # issue 28: s3:// shards only
+        in_flight=cfg.loader.shard_fetches,
     )
 
 

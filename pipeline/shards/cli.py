@@ -26,6 +26,8 @@ from ...common.cli import ArgumentParser
 from ...common.errors import ExitStatus, SimclrError
 from .image_policy import SUBSAMPLING_CHOICES, ImagePolicy
 from .pixel_sources import arrays_source, cifar_source, synthetic_source
+from .s3 import is_s3
+from .s3_cli import index_remote, verify_remote, write_remote
 from .shardset import ShardError, brace_notation, index_shards, is_labelled, output_pattern, shard_paths
 from .source_writer import check_outside, writable_directory, write_source
 from .sources import folder_source, images_source, list_source
@@ -249,6 +251,8 @@ def make_source(args):
 
 
 def write(args) -> int:
+    if is_s3(args.out):  # staged locally, then uploaded: pipeline.shards.s3_cli
+        return write_remote(args, write)
     pattern = output_pattern(args.out)
     if args.source in ("images", "folder"):
         check_outside(Path(pattern).parent, args.root)
@@ -294,6 +298,8 @@ def write(args) -> int:
 
 
 def verify(args) -> int:
+    if is_s3(args.shards):
+        return verify_remote(",".join(args.shards), args.no_labels)
     shards = shard_paths(args.shards)
     description = describe_set(shards)
     for line in description:
@@ -317,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "write":
             return write(args)
+        if args.command == "index" and is_s3(args.shards):
+            return index_remote(",".join(args.shards))
         if args.command == "index":
             shards = shard_paths(args.shards)
             index_shards(shards, progress=not args.quiet)

@@ -301,7 +301,13 @@ def read_index(tar: Path) -> ShardIndex:
     idx = index_path(tar)
     if not idx.exists():
         raise ShardError(f"shard {tar} has no index {idx}; create it with: simclr-shards index {tar}")
-    lines = idx.read_text().splitlines()
+    return parse_index(idx.read_text(), tar, idx, tar.stat().st_size)
+
+
+def parse_index(text: str, tar, idx, size: int) -> ShardIndex:
+    """The index ``text`` of ``tar`` (read from ``idx``; the tar has ``size`` bytes), checked: well formed and
+    within the tar. Shared by local shards and shards in object storage (``pipeline.shards.s3``)."""
+    lines = text.splitlines()
     header = lines[0].split() if lines else []
     if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit():
         raise ShardError(f"index {idx} has a bad header {lines[:1]}; rebuild it with: simclr-shards index {tar}")
@@ -316,7 +322,6 @@ def read_index(tar: Path) -> ShardIndex:
         samples.append(
             {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)}
         )
-    size = tar.stat().st_size
     end = max(offset + length for sample in samples for offset, length, _ in sample.values())
     if end > size:
         raise ShardError(f"shard {tar} is truncated: its index reaches byte {end} but the file has {size} bytes")

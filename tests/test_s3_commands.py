@@ -1,0 +1,129 @@
+"""The commands on sets in object storage, against SeaweedFS on 127.0.0.1: ``simclr-shards write|index|verify``
+with ``s3://`` locations, a training run from a bucket (no credential string in anything it writes or prints), and
+a store that goes away mid-run (a checkpoint of the last good step, a clear error, exit 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import ROOT
+from test_s3 import boto
+
+from simclr_dali.pipeline.shards import s3
+from simclr_dali.pipeline.shards.cli import main as shards_main
+
+TINY = {
+    "image_size": 32,
+    "augment": "cifar",
+    "backbone": "resnet18",
+    "cifar_stem": True,
+    "timm_kwargs": {"channels": [8, 16, 32, 64]},
+    "proj_hidden": 32,
+    "proj_dim": 16,
+    "batch_size": 16,
+    "epochs": 40,
+    "warmup_epochs": 1,
+    "lr": 0.5,
+    "temperature": 0.2,
+    "precision": "no",
+    "tracker": "none",
+    "log_every": 1,
+    "checkpoint_every": None,
+    "data_threads": 1,
+}
+
+
+@pytest.fixture
+def written(s3_env, tmp_path, monkeypatch):
+    """A synthetic labelled set written straight to a bucket by ``simclr-shards write``."""
+    monkeypatch.setenv("SIMCLR_SHARDS_STAGING", str(tmp_path / "staging"))
+    url = f"s3://simclr-cmd/{tmp_path.name}/"
+    args = ["write", "synthetic", url + "train-%06d.tar", "--num_classes", "4", "--per_class", "20", "--quiet"]
+    assert shards_main([*args, "--max_count", "10"]) == 0
+    return url
+
+
+def test_write_puts_every_shard_index_and_record_in_the_bucket(written, s3_env, capsys):
+    bucket, prefix = s3.split_url(written)
+    names = sorted(key[len(prefix) :] for key in s3.list_objects(bucket, prefix))
+    assert names == sorted(
+        [f"train-{i:06d}.{ext}" for i in range(8) for ext in ("tar", "idx")] + ["classes.json", "shardset.json"]
+    )
+    assert shards_main(["write", "synthetic", written + "train-%06d.tar", "--num_classes", "4", "--per_class", "20",
+                        "--quiet", "--max_count", "10"]) == 0  # fmt: skip
+    assert "uploaded 0 of 18 file(s)" in capsys.readouterr().out  # a rerun finds everything there: nothing sent
+    assert shards_main(["verify", written, "--quiet"]) == 0
+    assert "verified 80 samples in 8 shard(s): 0 problem(s)" in capsys.readouterr().out
+
+
+def test_index_rebuilds_a_missing_index_in_the_bucket(written, s3_env, capsys):
+    bucket, prefix = s3.split_url(written)
+    boto(s3_env).delete_object(Bucket=bucket, Key=prefix + "train-000002.idx")
+    assert shards_main(["verify", written, "--quiet"]) == 2
+    assert "train-000002.tar has no index" in capsys.readouterr().err
+    assert shards_main(["index", written, "--quiet"]) == 0
+    assert shards_main(["verify", written, "--quiet"]) == 0
+
+
+def test_verify_names_a_damaged_shard_by_its_url(written, s3_env, capsys):
+    bucket, prefix = s3.split_url(written)
+    client = boto(s3_env)
+    data = bytearray(client.get_object(Bucket=bucket, Key=prefix + "train-000001.tar")["Body"].read())
+    data[1024:1400] = b"\0" * 376  # inside the first sample's image
+    client.put_object(Bucket=bucket, Key=prefix + "train-000001.tar", Body=bytes(data))
+    assert shards_main(["verify", written, "--quiet"]) == 1
+    out = capsys.readouterr().out
+    assert f"{written}train-000001.tar" in out and "1 problem" in out
+
+
+def train_command(tmp_path, url, **overrides) -> list[str]:
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**TINY, "train_shards": url, "output_dir": str(tmp_path / "run"), **overrides}))
+    return [sys.executable, "train.py", "--config", str(config)]
+
+
+def test_training_from_a_bucket_writes_no_credential(written, s3_env, tmp_path):
+    env = {**__import__("os").environ, **s3_env.env()}
+    result = subprocess.run(
+        train_command(tmp_path, written, max_steps=6), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    secrets = [s3_env.secret_key, s3_env.access_key]
+    files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert any(p.name.endswith(".safetensors") for p in files) and any(p.suffix == ".json" for p in files)
+    for text in [result.stdout, result.stderr] + [p.read_bytes().decode("latin-1") for p in files]:
+        assert not any(secret in text for secret in secrets)
+
+
+def test_a_store_that_goes_away_mid_run_ends_with_a_checkpoint(written, s3_env, tmp_path):
+    env = {**__import__("os").environ, **s3_env.env(), "SIMCLR_S3_RETRY_SECONDS": "3"}
+    process = subprocess.Popen(
+        train_command(tmp_path, written, max_steps=200, checkpoint_every=2),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines, deadline = [], time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:  # wait for two steps, then take the store away
+            line = process.stdout.readline()
+            lines.append(line)
+            if "step 3" in line or "step=3" in line or not line:
+                break
+        s3_env.stop()
+        out, _ = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        s3_env.start()
+    output = "".join(lines) + out
+    assert process.returncode == 2, output[-3000:]
+    assert "did not answer" in output and written.split("/")[2] in output
+    assert list((tmp_path / "run" / "checkpoints").glob("step_*")), output[-3000:]
+    assert s3_env.secret_key not in output
