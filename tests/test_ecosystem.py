@@ -20,8 +20,8 @@ import torch
 import yaml
 from conftest import ROOT, make_shards
 
+from simclr_dali.model.global_bn import GlobalBatchNorm, GlobalBatchNormAct, convert_to_global_bn
 from simclr_dali.trainer.config import TrainConfig
-from simclr_dali.trainer.global_bn import GlobalBatchNorm, GlobalBatchNormAct, convert_to_global_bn
 
 PROJECT_MODULES = ["evaluate", "train", "bench", "pipeline", "model", "trainer", "evaluation", "common"]
 CONSOLE_SCRIPTS = ["simclr-train", "simclr-evaluate", "simclr-shards", "simclr-bench", "simclr-export"]
