@@ -57,20 +57,21 @@ goldens:
 cifar10: $(VENV)/.installed
 	$(BIN)/python bench.py cifar10 $(CIFAR10_ARGS)
 
-# The GPU check (bench/GPU_CHECK.md). gpu-stage, here: the pieces that bring DALI, webdataset, jsonargparse and an
-# ImageNet subset to the GPU machine (.gpu/simclr/lite, pNNN; git-ignored), and the call plan. gpu-check, there
-# (its own python3 has torch; no venv is built): one group of stages (GPU_CHECK_GROUP: first, dali, extra), rows
-# appended under GPU_CHECK_OUT as they land. gpu-plan: the device-time plan, checked against the stage caps.
+# The GPU check of a lent device session (bench/GPU_CHECK.md; tools/gpu_check, never installed). gpu-stage, here: the
+# pieces that bring DALI, webdataset, jsonargparse and an ImageNet subset to the GPU machine (.gpu/simclr/lite, pNNN;
+# git-ignored), and the call plan. gpu-check, there (its own python3 has torch; no venv is built): one group of
+# stages (GPU_CHECK_GROUP: data, torch, extra; the data path first), rows appended under GPU_CHECK_OUT as they land.
+# gpu-plan: the device-time plan, checked against the stage caps. A user's own GPU: `simclr-bench gpu-check`.
 GPU_CHECK_OUT ?= runs/gpu_check
-GPU_CHECK_GROUP ?= first
+GPU_CHECK_GROUP ?= data
 GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 .PHONY: gpu-check gpu-stage gpu-plan
 
 gpu-stage:
-	PYTHON=$(GPU_PYTHON) bash bench/gpu_stage.sh
+	PYTHON=$(GPU_PYTHON) bash tools/gpu_check/stage.sh
 
 gpu-check:
-	$(GPU_PYTHON) bench.py gpu-check --group $(GPU_CHECK_GROUP) --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+	$(GPU_PYTHON) -m tools.gpu_check --group $(GPU_CHECK_GROUP) --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 gpu-plan:
-	$(GPU_PYTHON) bench.py gpu-check --plan
+	$(GPU_PYTHON) -m tools.gpu_check --plan
