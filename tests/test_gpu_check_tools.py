@@ -46,6 +46,106 @@ def test_the_kernel_check_compiles_at_most_twelve_triton_specialisations():
     assert {"bfloat16", "float32"} <= dtypes and any(case[3] >= 131072 for case in product_check.KERNEL_CASES)
 
 
+def test_the_data_path_comes_first():
+    """Issue 29: the plan's first measuring call is the data group, whose first stages build the GPU graphs (after
+    DALI's numba plugin) and sweep the pipeline's DALI threads; the torch group comes after; the default group is
+    the data one; the environment records the device's own torch, Triton and numba."""
+    assert gpu_plan.PLANNED_GROUPS == ("data", "torch")
+    calls = list(gpu_plan.check_plan(gpu_stages.STAGES)["calls"])
+    data_call = next(i for i, c in enumerate(calls) if "group 'data'" in c)
+    torch_call = next(i for i, c in enumerate(calls) if "group 'torch'" in c)
+    assert data_call < torch_call and all("bundle part" in c for c in calls[1:data_call])
+    order = [s.name for s in gpu_stages.STAGES if s.group in ("data", "torch")]
+    assert order[:3] == ["data", "dali_graphs", "pipeline"]
+    assert max(order.index(s.name) for s in gpu_stages.STAGES if s.group == "data") < min(
+        order.index(s.name) for s in gpu_stages.STAGES if s.group == "torch"
+    )
+    assert gpu_main.parse([], gpu_stages.STAGES).group == "data"
+    selected = gpu_main.select(gpu_main.parse([], gpu_stages.STAGES), gpu_stages.STAGES, gpu_stages.ALWAYS)
+    assert [s.name for s in selected][:5] == ["pieces", "environment", "data", "dali_graphs", "pipeline"]
+    assert set(gpu_stages.RUNS_WITH) == {"torch", "triton", "numba"} <= set(gpu_stages.PACKAGES)
+
+
+def test_the_pipeline_sweep_passes_every_thread_count():
+    """Either form of the sweep (bench.py pipeline --threads, or one call per --cores) covers every count."""
+    commands = product_check.pipeline_commands(["--device", "cuda"], [4, 8, 16])
+    if len(commands) == 1:
+        assert commands[0][-4:] == ["--threads", "4", "8", "16"]
+    else:
+        assert [c[c.index("--cores") + 1] for c in commands] == ["4", "8", "16"]
+    assert all(c[:2] == ["--device", "cuda"] for c in commands)
+    assert product_check.default_threads() and max(product_check.default_threads()) <= len(os.sched_getaffinity(0))
+
+
+STAGING_MARKERS = (
+    "DEVICE_BUDGET_S",
+    "MACHINE_START_S",
+    "CALL_OVERHEAD_S",
+    "GROUP_BUDGET_S",
+    "install_pieces",
+    "/tmp/stage",
+)
+
+
+def test_the_wheel_holds_no_gpu_check_staging(tmp_path):
+    """The device-lending tooling stays in the checkout: no tools/ module and no file whose text carries the
+    staging or the device-time plan in the wheel; the user's command (bench/gpu_check.py) is there."""
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+        + ["-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    with zipfile.ZipFile(next(tmp_path.glob("simclr_dali-*.whl"))) as archive:
+        names = archive.namelist()
+        texts = {n: archive.read(n).decode(errors="replace") for n in names if n.endswith((".py", ".sh"))}
+    assert "simclr_dali/bench/gpu_check.py" in names
+    assert not [n for n in names if "/tools/" in n or n.rsplit("/", 1)[-1] in ("gpu_stages.py", "gpu_rows.py")]
+    assert not [n for n in names if n.endswith(".sh")]
+    carrying = {n: [m for m in STAGING_MARKERS if m in t] for n, t in texts.items()}
+    assert {n: m for n, m in carrying.items() if m} == {}
+    # the markers do find the staging code (a marker list that matched nothing would pass the test above)
+    staging = "".join((ROOT / "tools" / "gpu_check" / f).read_text() for f in ("plan.py", "check.py", "stages.py"))
+    assert all(m in staging for m in STAGING_MARKERS)
+
+
+def test_the_users_gpu_check_refuses_a_machine_without_cuda():
+    result = subprocess.run(
+        [sys.executable, "bench.py", "gpu-check"],
+        cwd=ROOT,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "no CUDA device" in result.stderr and "--small" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_users_gpu_check_runs_its_three_parts_small_on_the_cpu(tmp_path):
+    """simclr-bench gpu-check --small: the data path (numba plugin, both presets' graphs timed), every kernel case
+    against float64 under the Triton interpreter, the synthetic-feed throughput; one JSON."""
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run(
+        [sys.executable, "bench.py", "gpu-check", "--small", "--seconds", "0.5", "--threads", "1", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["parts"]) == ["data", "kernels", "throughput"]  # the data path first
+    assert report["parts"]["data"]["numba_plugin"].startswith("ok")
+    (run,) = report["parts"]["data"]["runs"]
+    assert set(run["results"]) == {"imagenet224", "cifar32"}
+    assert len(report["parts"]["kernels"]) == len(product_check.KERNEL_CASES) and report["kernels_ok"]
+    assert report["parts"]["throughput"]["results"]["synthetic"]["images_per_s"] > 0
+
+
 def _read_report(path):
     try:
         return json.loads(path.read_text())
@@ -232,6 +332,12 @@ def test_gpu_check_dry_run_runs_every_stage_and_says_what_needs_cuda(tmp_path):
         assert tests["note"].startswith("no CUDA device") and tests["summary"]["failed"] == 0
     dali_tests = report["stages"]["tests_dali"]["summary"]
     assert dali_tests["skipped"] >= 10 and any("test_augment" in t["test"] for t in dali_tests["skipped_tests"])
+    graphs = [r for r in report["stages"]["dali_graphs"]["rows"] if r["event"] == "row"]
+    assert graphs[0]["case"] == "nvidia.dali.plugin.numba" and all(r["ok"] for r in graphs)
+    assert [r["case"] for r in graphs[1:]] == ["imagenet224", "cifar32"]
+    assert set(report["stages"]["environment"]["summary"]["runs_with"]) == {"torch", "triton", "numba"}
+    pipeline_rows = report["stages"]["pipeline"]["summary"]["rows"]
+    assert {(r["preset"], r["dali_threads"]) for r in pipeline_rows} >= {("imagenet224", 1), ("cifar32", 2)}
     kernels = [r for r in report["stages"]["kernels"]["rows"] if r["event"] == "row"]
     assert len(kernels) == len(product_check.KERNEL_CASES) and all(r["ok"] for r in kernels)
     loss = {(r["method"], r["status"]) for r in report["stages"]["loss"]["rows"]}

@@ -740,7 +740,8 @@ def worker_dali_graphs(spec: dict) -> None:
         try:
             batches = loader(Path(shards), {**preset, "batch_size": 16}, "dali", 2, device)
             batch = next(iter(batches))
-            shapes = {k: list(v.shape) for k, v in batch.items()} if isinstance(batch, dict) else None
+            parts = batch.items() if isinstance(batch, dict) else enumerate(batch)
+            shapes = {str(k): list(getattr(v, "shape", ())) for k, v in parts}
             emit(
                 {
                     "case": name,
