@@ -47,7 +47,7 @@ def kernel_specialisations(cases=KERNEL_CASES, sm_count: int = 132) -> list[tupl
 
     from ..model import ntxent_triton as nt
 
-    keys = set()
+    keys: set[tuple] = set()
     for dtype_name, precision, d, two_n, _ in cases:
         dtype = getattr(torch, dtype_name)
         operands = dtype if dtype != torch.float32 else torch.float32
@@ -70,23 +70,27 @@ def kernel_specialisations(cases=KERNEL_CASES, sm_count: int = 132) -> list[tupl
     return sorted(keys)
 
 
+KERNEL_NAMES = (
+    "_normalize_kernel",
+    "_row_negatives_kernel",
+    "_positive_stats_kernel",
+    "_row_grad_kernel",
+    "_input_grad_kernel",
+)
+
+
 def compiled_count() -> dict:
     """Specialisations in each Triton kernel's in-memory cache, after the cases ran on CUDA (None where this
     Triton keeps them elsewhere). Triton 3.x: ``device_caches[device][0]`` maps a specialisation to its kernel."""
     from ..model import ntxent_triton as nt
 
-    counts = {}
-    for name in ("_normalize_kernel", "_row_negatives_kernel", "_positive_stats_kernel", "_row_grad_kernel"):
+    counts: dict[str, int | None] = {}
+    for name in KERNEL_NAMES:
         caches = getattr(getattr(nt, name, None), "device_caches", None)
         try:
-            counts[name] = sum(len(v[0]) for v in caches.values())
+            counts[name] = None if caches is None else sum(len(v[0]) for v in caches.values())
         except (AttributeError, TypeError, IndexError):
             counts[name] = None
-    caches = getattr(getattr(nt, "_input_grad_kernel", None), "device_caches", None)
-    try:
-        counts["_input_grad_kernel"] = sum(len(v[0]) for v in caches.values())
-    except (AttributeError, TypeError, IndexError):
-        counts["_input_grad_kernel"] = None
     return counts
 
 
@@ -190,7 +194,7 @@ def data_path(device: str, threads: list[int], seconds: float, small: bool, work
     then the training graphs of both presets built on ``device`` and timed against torchvision per thread count."""
     from . import pipeline
 
-    result = {"numba_plugin": import_numba_plugin(), "runs": []}
+    result: dict = {"numba_plugin": import_numba_plugin(), "runs": []}
     base = ["--device", device, "--runs", "1", "--seconds", str(seconds)]
     if small:
         imagenet, _ = pipeline.synthetic_shards(work / "imagenet", 32, 96, "generated")
@@ -243,7 +247,8 @@ def main(argv=None) -> int:
     if not (torch.cuda.is_available() or args.small):
         print("simclr-bench gpu-check: no CUDA device here (--small runs it on the CPU at tiny sizes)", file=sys.stderr)
         return 2
-    device, report, start = ("cpu" if args.small else "cuda"), {"parts": {}}, time.time()
+    device, start = ("cpu" if args.small else "cuda"), time.time()
+    report: dict = {"parts": {}}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         steps = {
             "data": lambda: data_path(device, args.threads or default_threads(), args.seconds, args.small, Path(work)),
