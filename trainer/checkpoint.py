@@ -86,20 +86,7 @@ def _digest(data: bytes) -> str:
 
 def verify_checkpoint(path: Path) -> dict:
     """The checkpoint's manifest once every file it lists has its size and SHA-256; else ``CheckpointError``."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(
-            f"{path} has no {MANIFEST} (not a checkpoint of this format, or one never completed)"
-        ) from None
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"{path / MANIFEST} cannot be read ({error})") from None
-    if (
-        not isinstance(manifest, dict)
-        or manifest.get("format") != FORMAT
-        or not isinstance(manifest.get("files"), dict)
-    ):
-        raise CheckpointError(f"{path / MANIFEST} is not a {FORMAT} manifest")
+    manifest = verify_manifest_only(path)
     missing = [name for name in FILES if name not in manifest["files"]]
     if missing:
         raise CheckpointError(f"{path / MANIFEST} does not list {', '.join(missing)}")
@@ -389,6 +376,10 @@ def verify_manifest_only(path: Path) -> dict:
     """The manifest, checked for form only (each file is verified as it is read)."""
     try:
         manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(
+            f"{path} has no {MANIFEST} (not a checkpoint of this format, or one never completed)"
+        ) from None
     except (OSError, ValueError) as error:
         raise CheckpointError(f"{path / MANIFEST} cannot be read ({error})") from None
     if (
