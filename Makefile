@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # matplotlib, the same versions): what docker/Dockerfile installs.
 LOCK ?= requirements/lock.txt
 
-.PHONY: demo test lint lock cifar10 goldens
+.PHONY: demo test test-slow lint lock cifar10 goldens
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,13 @@ demo: $(VENV)/.installed
 	$(BIN)/python evaluate.py --checkpoint runs/demo --train_shards data/demo/train --val_shards data/demo/val \
 		--protocol all --k 20,200 --compare_random_init true --json runs/demo/eval.json
 
+# make test: everything but the tests marked slow (end-to-end runs of minutes each: fresh-venv install, both-Triton
+# sm_90a compiles, the GPU check's dry runs, long training and fault matrices); make test-slow: those. CI runs both.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m slow tests
 
 # mypy over the package simclr_dali from this checkout (tools/typecheck.py): no unresolved import, and the remaining
 # type errors counted against tools/mypy_baseline.json (the count may only go down).
