@@ -188,3 +188,15 @@ def test_the_type_check_counts_unresolved_imports_apart():
     errors = [m.groupdict() for m in map(ERROR.match, lines) if m]
     assert [e["code"] for e in errors] == ["import-not-found", "attr-defined", "attr-defined", "return-value"]
     assert [e["line"] for e in unresolved(errors)] == ["3", "9"]
+
+
+def test_the_product_never_imports_the_tools():
+    """tools/ is not packaged: an import of it from the product would fail in every installed copy."""
+    modules = product_modules()
+    importers = [
+        m
+        for m, path in modules.items()
+        for candidates in imported_names(m, path)
+        if any(c == "tools" or c.startswith(("tools.", f"{PACKAGE}.tools")) for c in candidates)
+    ]
+    assert importers == []
