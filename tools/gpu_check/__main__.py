@@ -1,6 +1,7 @@
-"""``python -m tools.gpu_check``: what only a GPU can show, in groups that each fit one device call of a lent
-session (bench/GPU_CHECK.md). A developer's tool beside the product, never installed with it; what a user with a GPU
-wants (kernels against float64, the data path, throughput) is the product's ``simclr-bench gpu-check``.
+"""``python -m tools.gpu_check``: what only a GPU can show, in groups that each fit one lent device call.
+
+The lent session's check (bench/GPU_CHECK.md): a developer's tool beside the product, never installed with it;
+what a user with a GPU wants (the data path, kernels against float64, throughput) is ``simclr-bench gpu-check``.
 
     python -m tools.gpu_check --stage_only --out DIR   # a call that brings a bundle part: install it; what is missing
     python -m tools.gpu_check --group data --out DIR   # the call that brings the last part: the data path, first
