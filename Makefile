@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 # matplotlib, the same versions): what docker/Dockerfile installs.
 LOCK ?= requirements/lock.txt
 
-.PHONY: demo test lint lock cifar10 goldens
+.PHONY: demo test test-slow lint lock cifar10 goldens
 
 $(BIN)/activate:
 	$(PYTHON) -m venv $(VENV)
@@ -38,12 +38,20 @@ demo: $(VENV)/.installed
 	$(BIN)/python evaluate.py --checkpoint runs/demo --train_shards data/demo/train --val_shards data/demo/val \
 		--protocol all --k 20,200 --compare_random_init true --json runs/demo/eval.json
 
+# make test: everything but the tests marked slow (end-to-end runs of minutes each: fresh-venv install, both-Triton
+# sm_90a compiles, the GPU check's dry runs, long training and fault matrices); make test-slow: those. CI runs both.
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
+test-slow: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m slow tests
+
+# mypy over the package simclr_dali from this checkout (tools/typecheck.py): no unresolved import, and the remaining
+# type errors counted against tools/mypy_baseline.json (the count may only go down).
 lint: $(VENV)/.installed
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+	$(BIN)/python tools/typecheck.py
 
 # TensorFlow's own image ops on real images (tests/goldens/tf_*.py), written as the small .npz files the
 # augmentation tests compare with. tensorflow-cpu lives in a throwaway venv: never a project dependency.
@@ -57,20 +65,21 @@ goldens:
 cifar10: $(VENV)/.installed
 	$(BIN)/python bench.py cifar10 $(CIFAR10_ARGS)
 
-# The GPU check (bench/GPU_CHECK.md). gpu-stage, here: the pieces that bring DALI, webdataset, jsonargparse and an
-# ImageNet subset to the GPU machine (.gpu/simclr/lite, pNNN; git-ignored), and the call plan. gpu-check, there
-# (its own python3 has torch; no venv is built): one group of stages (GPU_CHECK_GROUP: first, dali, extra), rows
-# appended under GPU_CHECK_OUT as they land. gpu-plan: the device-time plan, checked against the stage caps.
+# The GPU check of a lent device session (bench/GPU_CHECK.md; tools/gpu_check, never installed). gpu-stage, here: the
+# pieces that bring DALI, webdataset, jsonargparse and an ImageNet subset to the GPU machine (.gpu/simclr/lite, pNNN;
+# git-ignored), and the call plan. gpu-check, there (its own python3 has torch; no venv is built): one group of
+# stages (GPU_CHECK_GROUP: data, torch, extra; the data path first), rows appended under GPU_CHECK_OUT as they land.
+# gpu-plan: the device-time plan, checked against the stage caps. A user's own GPU: `simclr-bench gpu-check`.
 GPU_CHECK_OUT ?= runs/gpu_check
-GPU_CHECK_GROUP ?= first
+GPU_CHECK_GROUP ?= data
 GPU_PYTHON := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 .PHONY: gpu-check gpu-stage gpu-plan
 
 gpu-stage:
-	PYTHON=$(GPU_PYTHON) bash bench/gpu_stage.sh
+	PYTHON=$(GPU_PYTHON) bash tools/gpu_check/stage.sh
 
 gpu-check:
-	$(GPU_PYTHON) bench.py gpu-check --group $(GPU_CHECK_GROUP) --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+	$(GPU_PYTHON) -m tools.gpu_check --group $(GPU_CHECK_GROUP) --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 gpu-plan:
-	$(GPU_PYTHON) bench.py gpu-check --plan
+	$(GPU_PYTHON) -m tools.gpu_check --plan

@@ -8,7 +8,7 @@ results go to bench/results/<name>_<device>.json (+ plots: ``pip install ".[benc
     python bench.py cifar10    # the CIFAR-10 recipe end to end: accuracy against wall-clock, DALI vs torchvision-fed
     python bench.py writer     # the shard writer: peak memory against data-set size, CIFAR storage formats
     python bench.py profile --config CONFIG [train.py flags]   # where a step's time goes: stage table, trace, verdict
-    python bench.py gpu-check --out DIR [--dry_run]             # everything that must be seen on a GPU, in one command
+    python bench.py gpu-check [--threads N ...]  # on a GPU: the data path, the kernels against float64, throughput
     python bench.py triton-sm90 # every Triton kernel launch compiled for Hopper (sm_90a), Triton 3.8 and 3.6, no GPU
     python bench.py sigkill-resume  # 30 SIGKILLs at random moments, chained --resume auto, final weights compared
     python bench.py methods probe_step|report   # SupCon, SimCLRv2 head, online probe, distillation (issue 31)

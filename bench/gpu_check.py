@@ -1,382 +1,266 @@
-"""`bench.py gpu-check`: what only a GPU can show, in groups that each fit one device call (bench/GPU_CHECK.md).
+"""``simclr-bench gpu-check``: the data path, the kernels and the throughput on your own GPU, in one command.
 
-    python bench.py gpu-check --group first --out DIR   # call 1: nothing staged but a < 1 MiB wheel piece
-    python bench.py gpu-check --group dali --out DIR    # the call that brings the bundle's last part
-    python bench.py gpu-check --stage_only --out DIR    # a call that brings a part: install it, say what is missing
-    python bench.py gpu-check --dry_run [--group G]     # the same on the CPU at tiny sizes (tests run it)
-    python bench.py gpu-check --plan                    # the device-time plan and the caps, checked; runs nothing
+What a user with a GPU wants to see on their own machine, in this order: the data path (DALI's numba plugin,
+the training graphs of both presets built on the GPU and timed against torchvision over a DALI threads sweep:
+``bench.py pipeline --device cuda``), the fused Triton NT-Xent kernels against float64 in the production
+configurations, and the model's training throughput on a synthetic feed.
+No fixed time budget: each part takes what it takes; results go to bench/results/gpu_check_<device>.json.
 
-The stages are a table (``bench.gpu_stages.STAGES``: name, group, cap, what it needs); each runs in its own process
-under its cap, and a stage that cannot run (no CUDA, DALI or its data missing, out of time) is recorded as skipped
-with the reason. Every row (a kernel case, a benchmark configuration, a test result) is appended to
-``gpu_check.jsonl`` as it lands and merged into ``gpu_check.json`` (rewritten atomically every second while a stage
-runs), so a call killed at its limit keeps everything finished before. The caps of each group add up to at most
-its budget, and the calls of the plan (machine start, the first group, the piece calls, the DALI group, one rerun)
-to at most the session's 15 device-minutes: ``--plan`` and the dry run refuse a table that does not fit.
-Exit status 0 when no stage failed.
+    simclr-bench gpu-check                      # all three parts, on the GPU
+    simclr-bench gpu-check --threads 4 8 16     # the DALI threads to sweep (default: 4, 8 and the usable cores)
+    simclr-bench gpu-check --small              # the same on the CPU at tiny sizes (kernels: Triton interpreter)
+
+The device-lending tooling (staging pieces onto a bare machine, the 15-minute plan) is tools/gpu_check in the
+checkout, never installed (bench/GPU_CHECK.md); it runs these same kernel cases.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..common.cli import ArgumentParser
-from ..common.files import atomic_write_text
-from .gpu_rows import ROWS_ENV, STAGE_ENV, read_rows
+from .common import write_result
 
-ROOT = Path(__file__).resolve().parents[1]
-MAX_FILES, MAX_FILE_BYTES = 8, 16 * 2**20  # what a device call brings back from $OUT: files, bytes per file
-STAGING = Path("/tmp/stage")  # where the carried pieces are kept and unpacked on the GPU machine
-SITE = STAGING / "site"  # the staged wheels' install target (PYTHONPATH)
-PIECES = ROOT / ".gpu" / "simclr"  # carried piece folders (bench/gpu_stage.sh writes them; git-ignored)
-
-# The session's device time and what each call costs beside its stages (planned, not yet measured: write the
-# real figures here after the first run). The machine start is "a minute or more" (the device README): 2 min.
-DEVICE_BUDGET_S = 900
-MACHINE_START_S = 120
-CALL_OVERHEAD_S = 25  # per call: the working tree and the carried piece up, $OUT back, the reply, the next call
-PIECE_INSTALL_S = 15  # a piece-only call: copy and checksum one ~60 MiB part (the last one also unpacks)
-PLANNED_BUNDLE_PARTS = 3  # DALI + codecs + deps + the ImageNet subset, xz-compressed (~185 MB), when none is staged
-GROUP_BUDGET_S = {"first": 230, "dali": 230, "extra": 480}  # "extra": a later session or time left over
-PLANNED_GROUPS = ("first", "dali")  # what the plan spends the session on; "extra" only runs when asked for
+# The production configurations only (each a (dtype, float32 matmul precision, d, 2N) the presets or the
+# benchmarks run): at most ~12 Triton specialisations compiled cold (KERNEL_SPECIALISATIONS_MAX).
+KERNEL_CASES = (
+    ("bfloat16", "ieee", 128, 8192, "configs/imagenet.yaml: batch 4096, bf16"),
+    ("bfloat16", "ieee", 128, 1024, "configs/cifar10.yaml: batch 512, bf16"),
+    ("bfloat16", "ieee", 128, 131072, "bench.py loss's largest 2N"),
+    ("float32", "ieee", 128, 1024, "precision: no"),
+)
+KERNEL_SPECIALISATIONS_MAX = 12
+KERNEL_TOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-4, "tf32": 5e-2}  # as tests/test_ntxent_triton.py
+FP16_LOSS_SCALE = 2.0**16  # as GradScaler: float16 gradients of a large batch underflow unscaled
+DRY_KERNEL_SIZE = (64, 32)  # (2N, d) of each case under the interpreter
 
 
-class PlanError(ValueError):
-    pass
+def kernel_specialisations(cases=KERNEL_CASES, sm_count: int = 132) -> list[tuple]:
+    """The distinct compiled kernels the cases need (kernel, dtype, constexpr tiles), from the pure launch plan:
+    what the check compiles cold, counted without a GPU."""
+    import torch
 
+    from ..model import ntxent_triton as nt
 
-def stage_caps(stages, group: str, dry_run: bool = False) -> list[tuple[str, float]]:
-    """(name, cap) of the stages a group runs: its own and those of every group ("*")."""
-    return [(s.name, s.dry_cap_s if dry_run else s.cap_s) for s in stages if s.group in (group, "*")]
-
-
-def check_plan(stages, group_budgets=None, parts: int | None = None) -> dict:
-    """The device-time plan: every group's caps within its budget, and machine start + the planned groups' calls +
-    the piece-only calls + one rerun of the largest stage within the session's device time. Raises PlanError."""
-    budgets = group_budgets or GROUP_BUDGET_S
-    parts = parts or PLANNED_BUNDLE_PARTS
-    problems, groups = [], {}
-    for group, budget in budgets.items():
-        caps = stage_caps(stages, group)
-        total = sum(cap for _, cap in caps)
-        groups[group] = {"budget_s": budget, "caps_s": dict(caps), "sum_caps_s": total}
-        if total > budget:
-            problems.append(f"group {group!r}: stage caps add up to {total:.0f} s, over its {budget:.0f} s budget")
-    unknown = {s.group for s in stages} - set(budgets) - {"*"}
-    if unknown:
-        problems.append(f"stages in groups without a budget: {sorted(unknown)}")
-    rerun = max((s.cap_s for s in stages if s.group in PLANNED_GROUPS), default=0) + CALL_OVERHEAD_S
-    calls = [("machine start", MACHINE_START_S)]
-    calls.append(("call 1: group 'first'", budgets["first"] + CALL_OVERHEAD_S))
-    calls += [
-        (f"call {k + 2}: bundle part {k + 1} of {parts}", PIECE_INSTALL_S + CALL_OVERHEAD_S) for k in range(parts - 1)
-    ]
-    calls.append((f"call {parts + 1}: last part + group 'dali'", PIECE_INSTALL_S + budgets["dali"] + CALL_OVERHEAD_S))
-    calls.append(("one rerun of the largest stage", rerun))
-    total = sum(seconds for _, seconds in calls)
-    if total > DEVICE_BUDGET_S:
-        problems.append(f"the plan needs {total:.0f} s of device time, over the session's {DEVICE_BUDGET_S} s")
-    plan = {"device_budget_s": DEVICE_BUDGET_S, "calls": dict(calls), "total_s": total, "groups": groups}
-    if problems:
-        raise PlanError("; ".join(problems))
-    return plan
-
-
-def plan_table(plan: dict) -> str:
-    lines = [f"{name:<44} {seconds:5.0f} s" for name, seconds in plan["calls"].items()]
-    lines.append(f"{'total (of ' + str(plan['device_budget_s']) + ' s)':<44} {plan['total_s']:5.0f} s")
-    for group, g in plan["groups"].items():
-        caps = ", ".join(f"{n} {c:.0f}" for n, c in g["caps_s"].items())
-        lines.append(f"group {group}: {g['sum_caps_s']:.0f} of {g['budget_s']:.0f} s ({caps})")
-    return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- the check's state
-
-
-@dataclass
-class Check:
-    out: Path
-    work: Path
-    dry_run: bool
-    deadline: float
-    group: str
-    cuda: bool = False
-    dali: bool = False
-    shards: dict = field(default_factory=dict)
-    report: dict = field(default_factory=dict)
-    rows_read: int = 0
-    last_save: float = 0.0
-
-    @property
-    def log(self) -> Path:
-        return self.out / "gpu_check.log"
-
-    @property
-    def rows_path(self) -> Path:
-        return self.out / "gpu_check.jsonl"
-
-    def save(self) -> None:
-        self.report["elapsed_s"] = round(time.time() - self.report["started_unix"], 1)
-        atomic_write_text(self.out / "gpu_check.json", json.dumps(self.report, indent=1, default=str) + "\n")
-        self.last_save = time.time()
-
-    def merge_rows(self) -> list[dict]:
-        """New rows of the rows file into their stages' entries in the report."""
-        rows, self.rows_read = read_rows(self.rows_path, self.rows_read)
-        for row in rows:
-            entry = self.report["stages"].setdefault(row.get("stage", "?"), {"status": "running"})
-            entry.setdefault("rows", []).append(row)
-        return rows
-
-    def stage_rows(self, name: str) -> list[dict]:
-        self.merge_rows()
-        return self.report["stages"].get(name, {}).get("rows", [])
-
-    def env(self, stage: str) -> dict:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", ROWS_ENV: str(self.rows_path)}
-        env[STAGE_ENV] = stage
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(SITE), env.get("PYTHONPATH", "")) if p)
-        return env
-
-    def run(self, name: str, command: list[str], timeout: float, env: dict | None = None) -> dict:
-        """Run ``command`` (cwd: the repository), its output streamed into the log; the report is rewritten with
-        the rows that land while it runs; its whole process group is killed at ``timeout`` seconds.
-        Returns {returncode, timed_out, seconds, command, output_tail}."""
-        env = env or self.env(name)
-        with open(self.log, "a") as log:
-            log.write(f"\n===== {name}: {' '.join(command)}\n")
-            log.flush()
-            offset = log.tell()
-            start = time.time()
-            process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    keys: set[tuple] = set()
+    for dtype_name, precision, d, two_n, _ in cases:
+        dtype = getattr(torch, dtype_name)
+        operands = dtype if dtype != torch.float32 else torch.float32
+        plan = nt.launch_grid(two_n, two_n, d, dtype, sm_count, float32_matmul_precision=precision)
+        prec = precision if dtype == torch.float32 else "16-bit"
+        for kernel, launch in (("row_negatives", plan.negatives), ("row_grad", plan.grad)):
+            tiles = (
+                launch.block_m,
+                launch.block_n,
+                launch.block_k,
+                launch.block_d,
+                launch.num_warps,
+                launch.num_stages,
             )
-            timed_out = False
-            while True:
-                try:
-                    returncode = process.wait(timeout=1.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    if self.merge_rows() or time.time() - self.last_save > 5:
-                        self.save()
-                    if time.time() - start > max(1.0, timeout):
-                        _kill_group(process)
-                        returncode, timed_out = process.returncode, True
-                        break
-            seconds = time.time() - start
-            log.write(f"===== {name}: rc {returncode}{' (timed out)' if timed_out else ''} after {seconds:.1f} s\n")
-        with open(self.log, "rb") as log:
-            log.seek(offset)
-            tail = log.read()[-1500:].decode(errors="replace")
-        return {
-            "returncode": returncode,
-            "timed_out": timed_out,
-            "seconds": round(seconds, 1),
-            "command": " ".join(Path(c).name if c == sys.executable else c for c in command),
-            "output_tail": tail,
+            keys.add((kernel, dtype_name, prec, tiles))
+        row_block = nt._row_block(d, torch.float32)
+        keys.add(("normalize", dtype_name, str(operands), row_block))
+        keys.add(("positive_stats", "float32", "", row_block))
+        keys.add(("input_grad", dtype_name, "", row_block))
+    return sorted(keys)
+
+
+KERNEL_NAMES = (
+    "_normalize_kernel",
+    "_row_negatives_kernel",
+    "_positive_stats_kernel",
+    "_row_grad_kernel",
+    "_input_grad_kernel",
+)
+
+
+def compiled_count() -> dict:
+    """Specialisations in each Triton kernel's in-memory cache, after the cases ran on CUDA (None where this
+    Triton keeps them elsewhere). Triton 3.x: ``device_caches[device][0]`` maps a specialisation to its kernel."""
+    from ..model import ntxent_triton as nt
+
+    counts: dict[str, int | None] = {}
+    for name in KERNEL_NAMES:
+        caches = getattr(getattr(nt, name, None), "device_caches", None)
+        try:
+            counts[name] = None if caches is None else sum(len(v[0]) for v in caches.values())
+        except (AttributeError, TypeError, IndexError):
+            counts[name] = None
+    return counts
+
+
+def kernel_case(torch, device: str, i: int, dtype_name: str, precision: str, d: int, two_n: int, why: str) -> dict:
+    """One production configuration: the fused loss and gradients against float64 on the same inputs."""
+    from ..model.ntxent import nt_xent, nt_xent_reference
+
+    dtype, n, tau = getattr(torch, dtype_name), two_n // 2, 0.1
+    gen = torch.Generator(device=device).manual_seed(100 + i)
+    z1 = torch.randn(n, d, generator=gen, device=device).to(dtype)
+    z2 = (0.2 * z1.float() + torch.randn(n, d, generator=gen, device=device)).to(dtype)
+    a1, a2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    scale = FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    loss = nt_xent(a1, a2, tau, backend="triton", float32_matmul_precision=precision)
+    (loss * scale).backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    first_call_s = time.perf_counter() - start  # compile (cold) + run
+    r1, r2 = z1.double().requires_grad_(), z2.double().requires_grad_()
+    if two_n <= 16384:
+        ref, reference = nt_xent_reference(r1, r2, tau), "nt_xent_reference, float64"
+    else:  # the dense float64 matrix would not fit: the row-chunked PyTorch backend in float64
+        ref, reference = nt_xent(r1, r2, tau, backend="chunked"), "chunked backend, float64"
+    ref.backward()
+
+    def rel(a, b):
+        return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
+
+    errors = {
+        "rel_err_loss": rel(loss.detach(), ref.detach()),
+        "rel_err_grad": max(rel(a1.grad / scale, r1.grad), rel(a2.grad / scale, r2.grad)),
+    }
+    tol = KERNEL_TOL["tf32" if precision == "tf32" else dtype_name]
+    finite = bool(torch.isfinite(loss).item() and torch.isfinite(a1.grad).all().item())
+    return {
+        "why": why,
+        "dtype": dtype_name,
+        "precision": precision,
+        "d": d,
+        "two_n": two_n,
+        "device": device,
+        "reference": reference,
+        "first_call_s": round(first_call_s, 3),
+        **errors,
+        "tol": tol,
+        "ok": finite and max(errors.values()) < tol,
+    }
+
+
+def kernel_rows(small: bool = False):
+    """One row per production case (the loss and gradients against float64), then, on CUDA, the number of
+    compiled specialisations: what the fused kernels are worth on this device. ``small``: 2N, d = DRY_KERNEL_SIZE."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for i, (dtype_name, precision, d, two_n, why) in enumerate(KERNEL_CASES):
+        if small:
+            two_n, d = DRY_KERNEL_SIZE
+        case = f"{dtype_name} {precision} d={d} 2N={two_n}"
+        try:
+            yield {"case": case, **kernel_case(torch, device, i, dtype_name, precision, d, two_n, why)}
+        except Exception as error:  # recorded; the next case still runs
+            yield {"case": case, "ok": False, "error": f"{type(error).__name__}: {str(error)[:1500]}"}
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if device == "cuda":
+        counts = compiled_count()
+        known = [c for c in counts.values() if c is not None]
+        yield {
+            "case": "compiled specialisations",
+            "per_kernel": counts,
+            "total": sum(known) if known else None,
+            "predicted": len(kernel_specialisations()),
+            "max": KERNEL_SPECIALISATIONS_MAX,
+            # informational, not a pass/fail: Triton also specialises integer arguments equal to 1 (a launch
+            # with one column split), which the prediction from the tile table does not count
+            "note": "predicted from the tile table; integer arguments equal to 1 add specialisations",
         }
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+def default_threads() -> list[int]:
+    """The DALI threads to sweep: 4 (the loader's old cap), 8 and every usable core, as far as the host has them."""
+    cores = len(os.sched_getaffinity(0))
+    return sorted({t for t in (4, 8, cores) if t <= cores} or {cores})
 
 
-def check_files(out: Path) -> dict:
-    files = sorted(p for p in out.rglob("*") if p.is_file() and not p.name.endswith(".tmp"))
-    too_big = [str(p.relative_to(out)) for p in files if p.stat().st_size > MAX_FILE_BYTES]
-    return {
-        "count": len(files),
-        "names": [str(p.relative_to(out)) for p in files],
-        "over_16_mib": too_big,
-        "ok": len(files) <= MAX_FILES and not too_big,
-    }
+def pipeline_commands(base: list[str], threads: list[int]) -> list[list[str]]:
+    """``bench.py pipeline`` argument lists for a DALI threads sweep: one call with ``--threads`` where the
+    benchmark takes it (it then sweeps itself), else one call per count with ``--cores``."""
+    source = (Path(__file__).with_name("pipeline.py")).read_text()
+    if '"--threads"' in source:
+        return [[*base, "--threads", *map(str, threads)]]
+    return [[*base, "--cores", str(t)] for t in threads]
 
 
-def trim_log(path: Path, limit: int = MAX_FILE_BYTES - 2**20) -> None:
-    """Keep the log under the size a returned file may have: its first MiB and its last part."""
-    if path.exists() and path.stat().st_size > limit:
-        data = path.read_bytes()
-        path.write_bytes(data[: 2**20] + b"\n[... trimmed ...]\n" + data[-(limit - 2**20) :])
+def data_path(device: str, threads: list[int], seconds: float, small: bool, work: Path) -> dict:
+    """DALI's numba plugin imported first (the CPU colour stage needs it; a broken numba shows here, not mid-run),
+    then the training graphs of both presets built on ``device`` and timed against torchvision per thread count."""
+    from . import pipeline
 
-
-# --------------------------------------------------------------------------- running a group
-
-
-def parse(argv, stages):
-    parser = ArgumentParser(prog="bench.py gpu-check", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=None, help="output folder (default runs/gpu_check[_dry])")
-    parser.add_argument("--dry_run", action="store_true", help="on the CPU at tiny sizes; skips what needs CUDA")
-    parser.add_argument("--group", default="first", choices=sorted(GROUP_BUDGET_S), help="which stages to run")
-    parser.add_argument(
-        "--only", nargs="+", default=None, choices=[s.name for s in stages], help="run only these stages (any group)"
-    )
-    parser.add_argument("--budget_s", type=float, default=None, help="time for the stages (default: the group's)")
-    parser.add_argument("--stage_only", action="store_true", help="install the carried pieces, report, run nothing")
-    parser.add_argument("--plan", action="store_true", help="print the checked device-time plan; run nothing")
-    return parser.parse_args(argv)
-
-
-def start_check(args, group: str, dry_budget: float = 0.0) -> Check:
-    out = Path(args.out or ROOT / "runs" / ("gpu_check_dry" if args.dry_run else "gpu_check"))
-    out.mkdir(parents=True, exist_ok=True)
-    for path in out.iterdir():  # nothing left over from an earlier run (this folder comes back whole)
-        if path.is_file():
-            path.unlink()
-    budget = args.budget_s if args.budget_s is not None else dry_budget if args.dry_run else GROUP_BUDGET_S[group]
-    start = time.time()
-    check = Check(
-        out=out,
-        work=Path(tempfile.mkdtemp(prefix="gpu-check-")),
-        dry_run=args.dry_run,
-        deadline=start + budget,
-        group=group,
-    )
-    check.rows_path.touch()
-    check.report = {
-        "check": "bench.py gpu-check",
-        "group": group,
-        "dry_run": args.dry_run,
-        "budget_s": budget,
-        "started_unix": start,
-        "command": " ".join(["bench.py", "gpu-check", *sys.argv[2:]]),
-        "stages": {},
-        "status": "running",
-    }
-    check.save()
-    return check
-
-
-def missing_needs(check: Check, needs: tuple[str, ...]) -> list[str]:
-    missing = []
-    for need in needs:
-        if need == "cuda" and not (check.cuda or check.dry_run):
-            missing.append("CUDA")
-        elif need == "dali" and not check.dali:
-            missing.append("DALI (not importable: its bundle is not staged; see the pieces stage)")
-        elif need not in ("cuda", "dali") and check.report["stages"].get(need, {}).get("status") != "passed":
-            missing.append(f"the {need} stage")
-    return missing
-
-
-def run_stage(check: Check, stage) -> dict:
-    """One stage: skipped (with the reason) when what it needs is missing or its cap no longer fits, else run under
-    its cap; an exception is recorded as a failure, so the next stage still runs."""
-    cap = stage.dry_cap_s if check.dry_run else stage.cap_s
-    left = check.deadline - time.time()
-    missing = missing_needs(check, stage.needs)
-    if missing:
-        return {"status": "skipped", "note": "needs " + " and ".join(missing)}
-    if left < min(cap, stage.min_s):
-        return {"status": "skipped", "note": f"out of time: {left:.0f} s of the {check.report['budget_s']:.0f} s left"}
-    cap = min(cap, left)
-    entry = check.report["stages"].setdefault(stage.name, {})
-    entry.update(status="running", cap_s=round(cap, 1))
-    check.save()
-    stage_start = time.time()
-    try:
-        result = stage.run(check, cap)
-    except Exception as error:  # recorded, and the next stage runs
-        result = {"status": "failed", "note": f"{type(error).__name__}: {error}"}
-    result.setdefault("seconds", round(time.time() - stage_start, 1))
-    result["cap_s"] = round(cap, 1)
-    result["rows"] = check.stage_rows(stage.name)
+    result: dict = {"numba_plugin": import_numba_plugin(), "runs": []}
+    base = ["--device", device, "--runs", "1", "--seconds", str(seconds)]
+    if small:
+        imagenet, _ = pipeline.synthetic_shards(work / "imagenet", 32, 96, "generated")
+        cifar, _ = pipeline.synthetic_shards(work / "cifar", 64, 32, "generated")
+        base += ["--imagenet_shards", str(imagenet), "--cifar_shards", str(cifar), "--batch_size", "16"]
+    for k, argv in enumerate(pipeline_commands(base, threads)):
+        saved = pipeline.main([*argv, "--json", str(work / f"pipeline_{k}.json")])
+        result["runs"].append({"argv": argv, "results": saved})
     return result
 
 
-def finish_check(check: Check) -> int:
-    trim_log(check.log)
-    check.merge_rows()
-    failed = [n for n, s in check.report["stages"].items() if s["status"] in ("failed", "timeout")]
-    check.report["status"] = "failed: " + ", ".join(failed) if failed else "complete"
-    check.report["notes"] = {
-        n: f"{s['status']}: {s['note']}" for n, s in check.report["stages"].items() if s.get("note")
-    }
-    check.save()
-    check.report["files"] = check_files(check.out)
-    check.save()
-    shutil.rmtree(check.work, ignore_errors=True)
-    print(
-        f"gpu-check {check.report['status']} in {check.report['elapsed_s']:.0f} s; "
-        f"files: {check.report['files']['count']} "
-        f"({'ok' if check.report['files']['ok'] else 'over the limit'}); {check.out / 'gpu_check.json'}",
-        flush=True,
-    )
-    return 1 if failed or not check.report["files"]["ok"] else 0
+def import_numba_plugin() -> str:
+    try:
+        import numba
+        import nvidia.dali.plugin.numba  # noqa: F401
+
+        return f"ok (numba {numba.__version__})"
+    except Exception as error:  # recorded: the data path below names what breaks
+        return f"{type(error).__name__}: {error}"
+
+
+def throughput(small: bool) -> dict:
+    """The model's training images/s on a synthetic device-resident feed (bench.py model): the upper bound the
+    data path has to feed."""
+    from .train import main as train_main
+
+    args = ["--feeds", "synthetic", "--json", os.devnull]
+    if small:
+        tiny = {"backbone": "resnet18", "image_size": 32, "timm_kwargs": {"channels": [8, 16, 32, 64]}}
+        args += ["--preset", "cifar", "--batch_size", "8", "--steps", "2", "--warmup", "1"]
+        args += ["--overrides", json.dumps(tiny)]
+    return train_main(args)
+
+
+PARTS = ("data", "kernels", "throughput")
 
 
 def main(argv=None) -> int:
-    from .gpu_stages import ALWAYS, STAGES
+    parser = ArgumentParser(prog="simclr-bench gpu-check", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=None, help="DALI threads to sweep")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per pipeline and thread count")
+    parser.add_argument("--skip", nargs="+", default=[], choices=PARTS, help="parts not to run")
+    parser.add_argument("--small", action="store_true", help="on the CPU at tiny sizes (a check of the command)")
+    parser.add_argument("--json", default=None, help="default bench/results/gpu_check_<device>.json")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.small:  # before torch and Triton are imported: CPU devices, kernels under the interpreter
+        os.environ["CUDA_VISIBLE_DEVICES"], os.environ["TRITON_INTERPRET"] = "", "1"
+    import torch
 
-    args = parse(sys.argv[1:] if argv is None else argv, STAGES)
-    try:
-        plan = check_plan(STAGES, parts=_staged_parts())
-    except PlanError as error:
-        print(f"gpu-check: the stage table does not fit the device time: {error}", file=sys.stderr)
+    if not (torch.cuda.is_available() or args.small):
+        print("simclr-bench gpu-check: no CUDA device here (--small runs it on the CPU at tiny sizes)", file=sys.stderr)
         return 2
-    if args.plan:
-        print(plan_table(plan))
-        return 0
-    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the summary in the device tool's output tail
-    if args.dry_run:  # CPU devices even where a GPU is present (read at CUDA's initialisation, not yet happened)
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    group = args.group
-    if args.stage_only:
-        selected = [s for s in STAGES if s.name in ALWAYS]
-    elif args.only:  # with the stages they need (a rerun of train_dali regenerates its data first)
-        wanted, names = set(args.only), {s.name for s in STAGES}
-        for stage in reversed(STAGES):
-            if stage.name in wanted:
-                wanted |= {n for n in stage.needs if n in names}
-        selected = [s for s in STAGES if s.name in ALWAYS or s.name in wanted]
-    else:
-        selected = [s for s in STAGES if s.name in ALWAYS or s.group == group]
-    # the dry run's CPU is slower than its caps say nothing about the device: its budget is its own caps' sum
-    check = start_check(args, group, dry_budget=sum(s.dry_cap_s for s in selected))
-    check.report["plan"] = plan
-    print(
-        f"gpu-check{' (dry run)' if args.dry_run else ''} group {group}: {check.out}, "
-        f"budget {check.report['budget_s']:.0f} s; stages: {', '.join(s.name for s in selected)}",
-        flush=True,
-    )
-    for stage in selected:
-        result = run_stage(check, stage)
-        check.report["stages"][stage.name] = result
-        check.save()
-        print(
-            f"  {stage.name:<14} {result['status']:<8} {result.get('seconds', 0):6.1f} s  {result.get('note', '')}",
-            flush=True,
-        )
-    return finish_check(check)
-
-
-def _staged_parts() -> int | None:
-    """The number of bundle parts of the pieces staged here (their manifest), if any."""
-    for manifest in sorted(PIECES.glob("p*/MANIFEST.json")):
-        try:
-            return len(json.loads(manifest.read_text())["parts"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return None
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    device, start = ("cpu" if args.small else "cuda"), time.time()
+    report: dict = {"parts": {}}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
+        steps = {
+            "data": lambda: data_path(device, args.threads or default_threads(), args.seconds, args.small, Path(work)),
+            "kernels": lambda: list(kernel_rows(args.small)),
+            "throughput": lambda: throughput(args.small),
+        }
+        for part in (p for p in PARTS if p not in args.skip):
+            print(f"[gpu-check] {part} ...", flush=True)
+            report["parts"][part] = steps[part]()
+    kernels = report["parts"].get("kernels", [])
+    report["kernels_ok"] = all(row.get("ok", True) for row in kernels)
+    report["seconds"] = round(time.time() - start, 1)
+    path = write_result("gpu_check", {"device": device, **report}, args.json)
+    print(f"[gpu-check] kernels {'within' if report['kernels_ok'] else 'OUT OF'} tolerance; wrote {path}")
+    return 0 if report["kernels_ok"] else 1

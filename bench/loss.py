@@ -384,6 +384,7 @@ def run(
                     elif need > 0.9 * free:
                         record.update(status="skipped", reason=f"{method} would need ~{_gib(need)}, {_gib(free)} free")
                     else:
+                        # `duplicates` pair kept (shape only): keywords like colour_gpu's kernel launch
                         cfg = dict(
                             method=method,
                             two_n=two_n,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..trainer.optim import sgd_cosine
+from .optim import sgd_cosine
 
 
 class FrozenBackbone(torch.nn.Module):

@@ -11,8 +11,8 @@ import copy
 
 import torch
 
+from ..model.global_bn import convert_to_global_bn
 from ..model.simclr import feature_dim
-from ..trainer.global_bn import convert_to_global_bn
 from .classifier import train_classifier
 
 

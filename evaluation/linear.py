@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..model.simclr import feature_dim
-from ..trainer.optim import sgd_cosine
 from .classifier import FrozenBackbone, train_classifier
 from .knn import topk_accuracy
+from .optim import sgd_cosine
 
 
 def train_linear_on_features(

@@ -284,6 +284,8 @@ def _row_grad_kernel(
             else:
                 s = tl.dot(q, tl.trans(v), input_precision=PRECISION)
         else:
+            # `duplicates` pair kept: the same _scores call as _row_negatives_kernel's. A @triton.jit helper takes its
+            # tiles as separate constexpr arguments (no struct passes them as one), so the two kernels repeat the list.
             s = _scores(
                 q,
                 rows_ptr,

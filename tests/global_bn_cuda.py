@@ -1,6 +1,6 @@
 """Global BN on CUDA with a timm model whose norm layers are ``BatchNormAct2d``: one process on the whole batch
 (plain batch norm: full-batch statistics) against torchrun ranks holding parts of it, converted by
-``trainer.global_bn.convert_to_global_bn`` (``GlobalBatchNormAct``; gloo, every rank on cuda:0, since NCCL
+``model.global_bn.convert_to_global_bn`` (``GlobalBatchNormAct``; gloo, every rank on cuda:0, since NCCL
 refuses two ranks on one GPU). Saves this rank's outputs, the summed gradients and the running statistics.
 
     python tests/global_bn_cuda.py OUT_PREFIX
@@ -17,7 +17,7 @@ import torch.distributed as dist
 from timm.layers import BatchNormAct2d
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from simclr_dali.trainer.global_bn import GlobalBatchNormAct, convert_to_global_bn  # noqa: E402
+from simclr_dali.model.global_bn import GlobalBatchNormAct, convert_to_global_bn  # noqa: E402
 
 MODEL, GLOBAL_BATCH, SIDE = "mobilenetv3_small_050", 16, 64
 torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 comparisons

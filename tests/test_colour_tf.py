@@ -38,6 +38,7 @@ FORMS = [
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this is that run")
+@pytest.mark.slow
 def test_the_gpu_kernel_under_the_triton_interpreter():
     """The kernel form's tests of this file, in a fresh process with TRITON_INTERPRET=1 (it is read when triton
     is first imported, and other test modules may have imported it here already)."""

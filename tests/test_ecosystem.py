@@ -20,8 +20,8 @@ import torch
 import yaml
 from conftest import ROOT, make_shards
 
+from simclr_dali.model.global_bn import GlobalBatchNorm, GlobalBatchNormAct, convert_to_global_bn
 from simclr_dali.trainer.config import TrainConfig
-from simclr_dali.trainer.global_bn import GlobalBatchNorm, GlobalBatchNormAct, convert_to_global_bn
 
 PROJECT_MODULES = ["evaluate", "train", "bench", "pipeline", "model", "trainer", "evaluation", "common"]
 CONSOLE_SCRIPTS = ["simclr-train", "simclr-evaluate", "simclr-shards", "simclr-bench", "simclr-export"]
@@ -246,6 +246,7 @@ def test_global_bn_keeps_timm_norm_act_layers_whole(name):
         assert torch.equal(getattr(converted, mode)()(x), reference[mode]), mode
 
 
+@pytest.mark.slow
 def test_norm_act_model_two_processes_match_one_process(tmp_path):
     """A model made of BatchNormAct2d layers (MobileNetV3) trained by 2 gloo ranks with global BN equals 1
     process on the whole batch (tests/distributed_steps.py with another backbone)."""
@@ -282,6 +283,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_multinode_recipe_starts_two_machines_on_localhost(tmp_path):
     """configs/accelerate/multinode.yaml launched as two machines of one process each on this host (what
     docker/slurm.sbatch runs once per node). Overrides for a CPU host: --num_processes 2 (one process per

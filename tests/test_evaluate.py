@@ -248,6 +248,7 @@ def test_augmented_linear_and_finetune_report(data, exported, tmp_path, capsys):
     assert saved["seed"] == 5 and sorted(map(len, saved["classes"].values())) == [3, 3, 3, 3]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(data, exported, tmp_path):
     """kNN and the fast linear probe on features gathered from 2 gloo ranks (22 + 21 val samples) equal
     one process's exactly: no validation sample duplicated or dropped. Fine-tuning runs under DDP too

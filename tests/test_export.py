@@ -119,6 +119,7 @@ def load_in_fresh_process(export: Path, x: torch.Tensor, work: Path) -> dict[str
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+@pytest.mark.slow
 def test_every_presets_export_loads_in_a_fresh_process_with_the_checkpoints_features(preset, shards, tmp_path):
     run = tmp_path / "run"
     assert train_preset(preset, shards, run, max_steps=1) == 0
@@ -138,6 +139,7 @@ def test_every_presets_export_loads_in_a_fresh_process_with_the_checkpoints_feat
         assert set(loaded) == {"h", "z"}
 
 
+@pytest.mark.slow
 def test_export_takes_any_checkpoint_and_falls_back_past_a_damaged_one(shards, tmp_path):
     """A mid-run checkpoint by its path; from the output directory, the newest checkpoint that verifies
     (the final one damaged: the one before it); errors name the path."""

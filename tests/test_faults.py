@@ -192,6 +192,7 @@ def test_two_runs_in_one_directory_never_touch_each_other(shards, tmp_path, caps
     assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 1  # the resolved config of this start
 
 
+@pytest.mark.slow
 def test_ranks_that_list_different_newest_checkpoints_load_rank_0s_choice(shards, tmp_path):
     """Rank 1 sees a stale directory listing without the newest checkpoint; both ranks still load
     the one rank 0 chose."""
@@ -652,6 +653,7 @@ def boundary_steps(last: int, log_every: int, checkpoint_every: int, eval_every:
     return kinds
 
 
+@pytest.mark.slow
 def test_sigterm_under_torchrun_at_seeded_steps_resumes_bit_identical(shards, tmp_path):
     """2 gloo ranks, 12 steps, log every 2, checkpoint every 3, evaluate every 5 steps. A SIGTERM reaches one rank (or
     the launcher, which forwards it to both) at seeded steps between and on each kind of boundary; every time both
@@ -759,6 +761,7 @@ def steps_done(out: Path) -> int:
 # --------------------------------------------------------------------------- bad data
 
 
+@pytest.mark.slow
 def test_a_corrupt_jpeg_mid_epoch_stops_every_rank_with_a_checkpoint(shards, tmp_path):
     """An image of rank 1's last batch of the epoch does not decode: both ranks stop cleanly (no hang), the shard and
     key

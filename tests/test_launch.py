@@ -453,6 +453,7 @@ def launch_command(how: str, tmp_path: Path, spec: dict, config: Path) -> tuple[
     "how, sig",
     [("accelerate", "SIGUSR1"), ("accelerate", "SIGTERM"), ("entrypoint", "SIGUSR1"), ("sbatch", "SIGUSR1")],
 )
+@pytest.mark.slow
 def test_a_signal_to_the_launcher_checkpoints_every_worker_and_exits_75(how, sig, launch_shards, tmp_path):
     """SIGUSR1 (SLURM's time-limit warning) or SIGTERM (scancel, docker stop) sent to the launcher only, as srun
     and tini deliver it: torchrun's agent (under `accelerate launch`) forwards it to both workers, each stops

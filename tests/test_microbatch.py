@@ -264,6 +264,7 @@ def two_processes(tmp_path_factory):
     return torch.load(out)
 
 
+@pytest.mark.slow
 def test_two_processes_micro_batched_gradients_equal_the_plain_step(two_processes, make_accelerator):
     """2 ranks x 8 images, micro-batches of 2 (and of 3: 3+3+2), BN in eval mode, float32: the gradients after
     DDP's averaging equal the 2-process plain step's and the 1-process plain step's on the global batch."""
@@ -276,6 +277,7 @@ def test_two_processes_micro_batched_gradients_equal_the_plain_step(two_processe
 
 
 @pytest.mark.parametrize("key, momentum", [("ghost_micro", 0.1), ("ghost_micro_cumulative", None)])
+@pytest.mark.slow
 def test_two_processes_global_ghost_bn_matches_the_direct_reference(two_processes, key, momentum):
     """Global BN over each micro-batch across ranks (float64): gradients and running statistics are the
     micro-batch-BN objective's, micro-batch j's BN batch being both ranks' j-th micro-batches."""

@@ -289,6 +289,7 @@ def _rank_worker(rank, world, port, z1_all, z2_all, temperature, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_match_single_process_global_batch():
     torch.manual_seed(3)
     world, n, d, temperature = 2, 6, 5, 0.2

@@ -179,6 +179,7 @@ def test_export_loads_with_timm(tmp_path, shards):
     assert local.num_classes == 0 and all(torch.equal(local.state_dict()[k], trained[k]) for k in trained)
 
 
+@pytest.mark.slow
 def test_resume_is_exact_mid_epoch_and_at_epoch_end(tmp_path, shards):
     """70 samples / batch 16 = 4 steps per epoch: stop at step 3 (mid-epoch), resume and stop at 4
     (the epoch's end), resume to step 7: the parameters equal an uninterrupted 7-step run exactly."""
@@ -192,6 +193,7 @@ def test_resume_is_exact_mid_epoch_and_at_epoch_end(tmp_path, shards):
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_matches(tmp_path, shards):
     """Preemption: SIGTERM to a plain `python train.py` mid-run writes a checkpoint and exits with status 75;
     resuming gives exactly the parameters of an uninterrupted run."""
@@ -272,6 +274,7 @@ def test_batch_must_divide_over_processes():
         TrainConfig(train_shards="x", batch_size=30).validate(world_size=4)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(tmp_path):
     """Global BN + gathered NT-Xent + DDP averaging: 2 gloo ranks holding half the batch each end with
     the parameters of 1 process on the whole batch."""
@@ -303,6 +306,7 @@ def test_two_processes_match_one_process(tmp_path):
     assert any(not torch.equal(one[k], torch.zeros_like(one[k])) for k in one if "running_mean" in k)
 
 
+@pytest.mark.slow
 def test_two_process_training_run_with_the_real_loader(tmp_path, shards):
     """torchrun + Accelerate(cpu) + DALI loaders sharded by rank + per-rank loader checkpoints + resume."""
     config = write_config(tmp_path / "ddp.yaml", shards, output_dir=str(tmp_path / "ddp"), max_steps=2)

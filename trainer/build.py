@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from ..model.global_bn import convert_to_global_bn
 from ..model.simclr import SimCLR
 from .config import TrainConfig
-from .global_bn import convert_to_global_bn
 
 
 def build_model(cfg: TrainConfig, device_type: str, world_size: int) -> SimCLR:

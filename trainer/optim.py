@@ -1,5 +1,5 @@
-"""Optimisers and learning-rate schedules, in one place: pretraining's (timm's LARS with warm-up + cosine)
-and the evaluation protocols' (SGD with Nesterov momentum + cosine)."""
+"""Pretraining's optimiser and learning-rate schedule: timm's LARS with linear warm-up + cosine (the evaluation
+protocols' SGD lives in evaluation/optim.py, so that evaluation never imports the trainer)."""
 
 from __future__ import annotations
 
@@ -29,14 +29,3 @@ def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_s
         lr_min=0.0,
         t_in_epochs=False,
     )
-
-
-def sgd_cosine(
-    parameters, base_lr: float, batch_size: int, steps: int, momentum: float = 0.9, weight_decay: float = 0.0
-):
-    """The evaluation protocols' optimiser: SGD with Nesterov momentum at ``base_lr x batch_size / 256``,
-    cosine over ``steps`` (no warm-up)."""
-    optimizer = torch.optim.SGD(
-        parameters, lr=base_lr * batch_size / 256, momentum=momentum, nesterov=True, weight_decay=weight_decay
-    )
-    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))

@@ -178,18 +178,10 @@ def write_options() -> ArgumentParser:
         "(default auto: a JPEG's own, 4:4:4 for other formats and raw pixels)",
     )
     size = common.add_mutually_exclusive_group()
-    size.add_argument(
-        "--max_side",
-        type=at_least(1),
-        default=None,
-        help="shrink images whose longer side exceeds N px (at write time)",
-    )
-    size.add_argument(
-        "--shorter_side",
-        type=at_least(1),
-        default=None,
-        help="shrink images whose shorter side exceeds N px (at write time)",
-    )
+    for flag, side in (("--max_side", "longer"), ("--shorter_side", "shorter")):
+        size.add_argument(
+            flag, type=at_least(1), default=None, help=f"shrink images whose {side} side exceeds N px (at write time)"
+        )
     common.add_argument(
         "--workers", type=at_least(1), default=None, help="processes reading and encoding images (default: all cores)"
     )
@@ -263,6 +255,7 @@ def write(args) -> int:
         policy = ImagePolicy(args.quality, args.subsampling, args.max_side, args.shorter_side, pixel_format)
     except ValueError as error:
         raise ShardError(str(error)) from None
+    # `duplicates` pair kept (shape only): keyword arguments shaped like evaluate.py's linear-probe call
     report = write_source(
         source,
         pattern,

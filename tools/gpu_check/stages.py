@@ -1,12 +1,13 @@
-"""The stages of ``bench.py gpu-check`` (``bench.gpu_check``) and their table, ``STAGES``.
+"""The stages of the GPU check (``python -m tools.gpu_check``) and their table, ``STAGES``.
 
 A stage is one ``Stage`` entry (name, group, cap on the GPU, cap in the dry run, what it needs, what it shows) and a
 function ``run(check, cap) -> {"status": passed|failed|timeout|skipped, "note", "summary", ...}`` that runs its work
 in a child process under ``cap`` seconds. Heavy work runs in this module's workers
-(``python -m bench.gpu_stages worker NAME SPEC``), which append one row per case to the check's rows file as it
-lands (``bench.gpu_rows.emit``); pytest stages append one row per test through the ``bench.gpu_rows`` plugin.
-Adding a stage: a function and one ``Stage(...)`` line in ``STAGES``, within its group's budget (the dry run and
-``--plan`` check the sums, ``bench.gpu_check.GROUP_BUDGET_S``).
+(``python -m tools.gpu_check.stages worker NAME SPEC``), which append one row per case to the check's rows file as it
+lands (``rows.emit``); pytest stages append one row per test through the ``tools.gpu_check.rows`` plugin. What the
+stages measure is the product's own code (``simclr_dali.bench``: the kernel cases, the pipeline, train and loss
+benchmarks); this module adds only the staging and the caps. Adding a stage: a function and one ``Stage(...)`` line
+in ``STAGES``, within its group's budget (the dry run and ``--plan`` check the sums, ``plan.GROUP_BUDGET_S``).
 """
 
 from __future__ import annotations
@@ -23,14 +24,20 @@ import time
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .gpu_rows import emit
+from simclr_dali.bench.gpu_check import (
+    DRY_KERNEL_SIZE,
+    default_threads,
+    kernel_rows,
+    kernel_specialisations,
+    pipeline_commands,
+)
+from simclr_dali.common.files import atomic_write_text
 
-if TYPE_CHECKING:
-    from .gpu_check import Check
+from .check import PIECES, SITE, STAGING, Check
+from .rows import append_row, emit
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
 SHARED_DATA = ROOT.parent / "shared" / "data"
 MAX_FILE_BYTES = 16 * 2**20
 PACKAGES = (
@@ -46,9 +53,12 @@ PACKAGES = (
     "jsonargparse",
     "docstring-parser",
     "numpy",
+    "numba",
+    "llvmlite",
     "pillow",
     "pytest",
 )
+RUNS_WITH = ("torch", "triton", "numba")  # the device's own versions, recorded and used as they are (no install)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +79,7 @@ def _python(*args: str) -> list[str]:
 
 def _worker(check: Check, name: str, cap: float, spec: dict, env: dict | None = None) -> dict:
     """Run worker ``name`` in a child process; its rows land in the rows file as it goes."""
-    result = check.run(name, _python("-m", "simclr_dali.bench.gpu_stages", "worker", name, json.dumps(spec)), cap, env)
+    result = check.run(name, _python("-m", "tools.gpu_check.stages", "worker", name, json.dumps(spec)), cap, env)
     rows = [r for r in check.stage_rows(name) if r.get("event") == "row"]
     status = "timeout" if result["timed_out"] else "passed" if result["returncode"] == 0 else "failed"
     failed = [r for r in rows if r.get("ok") is False]
@@ -197,8 +207,6 @@ def install_pieces(pieces: Path, staging: Path) -> dict:
 
 
 def stage_pieces(check: Check, cap: float) -> dict:
-    from .gpu_check import PIECES, SITE, STAGING
-
     if check.dry_run:
         found = sorted(p.parent.name for p in PIECES.glob("*/MANIFEST.json")) if PIECES.is_dir() else []
         return {"status": "passed", "summary": {"carried": found}, "note": "dry run: pieces listed, not installed"}
@@ -206,8 +214,6 @@ def stage_pieces(check: Check, cap: float) -> dict:
     if str(SITE) not in sys.path:
         sys.path.insert(0, str(SITE))  # this process checks DALI's import next (environment)
     emit_row = {"event": "row", "stage": "pieces", **summary}
-    from .gpu_rows import append_row
-
     append_row(check.rows_path, emit_row)
     if not summary["sets"]:
         note = "no pieces carried or staged: run make gpu-stage here and carry .gpu/simclr/pNNN (bench/GPU_CHECK.md)"
@@ -241,7 +247,7 @@ def stage_environment(check: Check, cap: float) -> dict:
         "python": sys.version.split()[0],
         "cuda_available": check.cuda,
         "features": {
-            "pipeline.colour_gpu": importlib.util.find_spec("pipeline.colour_gpu") is not None,
+            "pipeline.colour_gpu": importlib.util.find_spec("simclr_dali.pipeline.colour_gpu") is not None,
             "decode choice (TrainConfig)": _literal_field(lambda v: "roi" in v.lower()),
             "colour choice (TrainConfig)": _literal_field(
                 lambda v: any(k in v.lower() for k in ("gpu", "triton", "kernel")), ("colour", "color")
@@ -254,6 +260,7 @@ def stage_environment(check: Check, cap: float) -> dict:
         check.dali, summary["dali"] = True, nvidia.dali.__version__
     except ImportError as error:
         summary["dali"] = f"not importable: {error}"
+    summary["runs_with"] = {name: versions.get(name, "not installed") for name in RUNS_WITH}
     if check.cuda:
         properties = torch.cuda.get_device_properties(0)
         summary["gpu"] = {
@@ -279,7 +286,7 @@ def _literal_field(matches, name_has: tuple[str, ...] = ()) -> dict | None:
     """A TrainConfig field typed Literal[...] with a choice that ``matches`` (and a name containing one of
     ``name_has``): {field, choices, default}, or None (issue 23's crop-sampler and colour choices, when they land)."""
     try:
-        from ..trainer.config import TrainConfig
+        from simclr_dali.trainer.config import TrainConfig
 
         hints = typing.get_type_hints(TrainConfig)
     except Exception:  # jsonargparse not staged yet, or the config does not import: no choice to measure
@@ -294,148 +301,10 @@ def _literal_field(matches, name_has: tuple[str, ...] = ()) -> dict | None:
 
 # --------------------------------------------------------------------------- the Triton kernels against float64
 
-# The production configurations only (each a (dtype, float32 matmul precision, d, 2N) the presets or the
-# benchmarks run): at most ~12 Triton specialisations compiled cold (KERNEL_SPECIALISATIONS_MAX).
-KERNEL_CASES = (
-    ("bfloat16", "ieee", 128, 8192, "configs/imagenet.yaml: batch 4096, bf16"),
-    ("bfloat16", "ieee", 128, 1024, "configs/cifar10.yaml: batch 512, bf16"),
-    ("bfloat16", "ieee", 128, 131072, "bench.py loss's largest 2N"),
-    ("float32", "ieee", 128, 1024, "precision: no"),
-)
-KERNEL_SPECIALISATIONS_MAX = 12
-KERNEL_TOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-4, "tf32": 5e-2}  # as tests/test_ntxent_triton.py
-FP16_LOSS_SCALE = 2.0**16  # as GradScaler: float16 gradients of a large batch underflow unscaled
-DRY_KERNEL_SIZE = (64, 32)  # (2N, d) of each case under the interpreter
-
-
-def kernel_specialisations(cases=KERNEL_CASES, sm_count: int = 132) -> list[tuple]:
-    """The distinct compiled kernels the cases need (kernel, dtype, constexpr tiles), from the pure launch plan:
-    what the check compiles cold, counted without a GPU."""
-    import torch
-
-    from ..model import ntxent_triton as nt
-
-    keys = set()
-    for dtype_name, precision, d, two_n, _ in cases:
-        dtype = getattr(torch, dtype_name)
-        operands = dtype if dtype != torch.float32 else torch.float32
-        plan = nt.launch_grid(two_n, two_n, d, dtype, sm_count, float32_matmul_precision=precision)
-        prec = precision if dtype == torch.float32 else "16-bit"
-        for kernel, launch in (("row_negatives", plan.negatives), ("row_grad", plan.grad)):
-            tiles = (
-                launch.block_m,
-                launch.block_n,
-                launch.block_k,
-                launch.block_d,
-                launch.num_warps,
-                launch.num_stages,
-            )
-            keys.add((kernel, dtype_name, prec, tiles))
-        row_block = nt._row_block(d, torch.float32)
-        keys.add(("normalize", dtype_name, str(operands), row_block))
-        keys.add(("positive_stats", "float32", "", row_block))
-        keys.add(("input_grad", dtype_name, "", row_block))
-    return sorted(keys)
-
-
-def _compiled_count() -> dict:
-    """Specialisations in each Triton kernel's in-memory cache, after the cases ran on CUDA (None where this
-    Triton keeps them elsewhere). Triton 3.x: ``device_caches[device][0]`` maps a specialisation to its kernel."""
-    from ..model import ntxent_triton as nt
-
-    counts = {}
-    for name in ("_normalize_kernel", "_row_negatives_kernel", "_positive_stats_kernel", "_row_grad_kernel"):
-        caches = getattr(getattr(nt, name, None), "device_caches", None)
-        try:
-            counts[name] = sum(len(v[0]) for v in caches.values())
-        except (AttributeError, TypeError, IndexError):
-            counts[name] = None
-    caches = getattr(getattr(nt, "_input_grad_kernel", None), "device_caches", None)
-    try:
-        counts["_input_grad_kernel"] = sum(len(v[0]) for v in caches.values())
-    except (AttributeError, TypeError, IndexError):
-        counts["_input_grad_kernel"] = None
-    return counts
-
-
-def _kernel_case(torch, device: str, i: int, dtype_name: str, precision: str, d: int, two_n: int, why: str) -> dict:
-    """One production configuration: the fused loss and gradients against float64 on the same inputs."""
-    from ..model.ntxent import nt_xent, nt_xent_reference
-
-    dtype, n, tau = getattr(torch, dtype_name), two_n // 2, 0.1
-    gen = torch.Generator(device=device).manual_seed(100 + i)
-    z1 = torch.randn(n, d, generator=gen, device=device).to(dtype)
-    z2 = (0.2 * z1.float() + torch.randn(n, d, generator=gen, device=device)).to(dtype)
-    a1, a2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
-    scale = FP16_LOSS_SCALE if dtype == torch.float16 else 1.0
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    loss = nt_xent(a1, a2, tau, backend="triton", float32_matmul_precision=precision)
-    (loss * scale).backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    first_call_s = time.perf_counter() - start  # compile (cold) + run
-    r1, r2 = z1.double().requires_grad_(), z2.double().requires_grad_()
-    if two_n <= 16384:
-        ref, reference = nt_xent_reference(r1, r2, tau), "nt_xent_reference, float64"
-    else:  # the dense float64 matrix would not fit: the row-chunked PyTorch backend in float64
-        ref, reference = nt_xent(r1, r2, tau, backend="chunked"), "chunked backend, float64"
-    ref.backward()
-
-    def rel(a, b):
-        return float((a.double() - b).norm() / b.norm().clamp_min(1e-30))
-
-    errors = {
-        "rel_err_loss": rel(loss.detach(), ref.detach()),
-        "rel_err_grad": max(rel(a1.grad / scale, r1.grad), rel(a2.grad / scale, r2.grad)),
-    }
-    tol = KERNEL_TOL["tf32" if precision == "tf32" else dtype_name]
-    finite = bool(torch.isfinite(loss).item() and torch.isfinite(a1.grad).all().item())
-    return {
-        "why": why,
-        "dtype": dtype_name,
-        "precision": precision,
-        "d": d,
-        "two_n": two_n,
-        "device": device,
-        "reference": reference,
-        "first_call_s": round(first_call_s, 3),
-        **errors,
-        "tol": tol,
-        "ok": finite and max(errors.values()) < tol,
-    }
-
 
 def worker_kernels(spec: dict) -> None:
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    for i, (dtype_name, precision, d, two_n, why) in enumerate(KERNEL_CASES):
-        if spec["dry_run"]:
-            two_n, d = DRY_KERNEL_SIZE
-        case = f"{dtype_name} {precision} d={d} 2N={two_n}"
-        try:
-            emit({"case": case, **_kernel_case(torch, device, i, dtype_name, precision, d, two_n, why)})
-        except Exception as error:  # recorded; the next case still runs
-            emit({"case": case, "ok": False, "error": f"{type(error).__name__}: {str(error)[:1500]}"})
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    if device == "cuda":
-        counts = _compiled_count()
-        known = [c for c in counts.values() if c is not None]
-        emit(
-            {
-                "case": "compiled specialisations",
-                "per_kernel": counts,
-                "total": sum(known) if known else None,
-                "predicted": len(kernel_specialisations()),
-                "max": KERNEL_SPECIALISATIONS_MAX,
-                # informational, not a pass/fail: Triton also specialises integer arguments equal to 1 (a launch
-                # with one column split), which the prediction from the tile table does not count
-                "note": "predicted from the tile table; integer arguments equal to 1 add specialisations",
-            }
-        )
+    for row in kernel_rows(small=spec["dry_run"]):
+        emit(row)
 
 
 def stage_kernels(check: Check, cap: float) -> dict:
@@ -509,7 +378,7 @@ def _emit_or_error(label: str, measure) -> None:
 
 
 def worker_resnet50(spec: dict) -> None:
-    from .train import main as train_main
+    from simclr_dali.bench.train import main as train_main
 
     for label, micro_batch in TRAIN_VARIANTS:
         args = _train_args(spec["dry_run"], spec["shards"], Path(spec["work"]) / "resnet50.json", ["synthetic"])
@@ -540,7 +409,7 @@ DRY_LOSS_ROWS = ((256, "fused"), (256, "chunked"), (256, "reference"))
 
 
 def worker_loss(spec: dict) -> None:
-    from .loss import run
+    from simclr_dali.bench.loss import run
 
     dry = spec["dry_run"]
     for two_n, method in DRY_LOSS_ROWS if dry else spec.get("rows", LOSS_ROWS):
@@ -570,7 +439,7 @@ def stage_loss_compiled(check: Check, cap: float) -> dict:
 
 
 def worker_loss_compiled(spec: dict) -> None:
-    from .loss import run
+    from simclr_dali.bench.loss import run
 
     device = "cpu" if spec.get("cpu") else "cuda"
     for two_n, method in spec["rows"]:
@@ -624,25 +493,25 @@ def summarise_tests(rows: list[dict], result: dict, cap: float) -> dict:
 
 
 def run_pytest(check: Check, name: str, cap: float, selection: list[str]) -> dict:
-    command = _python("-m", "pytest", "-p", "bench.gpu_rows", "-p", "no:cacheprovider", "-q", *selection)
+    command = _python("-m", "pytest", "-p", "tools.gpu_check.rows", "-p", "no:cacheprovider", "-q", *selection)
     result = check.run(name, command, cap)
     return summarise_tests(check.stage_rows(name), result, cap)
 
 
-# The GPU tests of the first call (no DALI needed); the DALI call runs every other GPU test but the Triton group
+# The GPU tests of the torch group (no DALI needed); the data group runs every other GPU test but the Triton group
 # (the kernels stage checks the production configurations; tests_all runs the whole group's 100+ specialisations).
-FIRST_TESTS = "test_bf16_autocast or test_cuda_events_measure or test_auto_probe_on_cuda or test_global_bn_on_cuda"
-FIRST_TEST_FILES = ("tests/test_gpu.py", "tests/test_microbatch.py", "tests/test_profile.py")  # import without DALI
+TORCH_TESTS = "test_bf16_autocast or test_cuda_events_measure or test_auto_probe_on_cuda or test_global_bn_on_cuda"
+TORCH_TEST_FILES = ("tests/test_gpu.py", "tests/test_microbatch.py", "tests/test_profile.py")  # import without DALI
 TRITON_GROUP = "tests/test_ntxent_triton.py::test_compiled_kernels_cuda"
 
 
 def stage_tests_torch(check: Check, cap: float) -> dict:
-    return run_pytest(check, "tests_torch", cap, ["-m", "gpu", "-k", FIRST_TESTS, *FIRST_TEST_FILES])
+    return run_pytest(check, "tests_torch", cap, ["-m", "gpu", "-k", TORCH_TESTS, *TORCH_TEST_FILES])
 
 
 def stage_tests_dali(check: Check, cap: float) -> dict:
     return run_pytest(
-        check, "tests_dali", cap, ["-m", "gpu", "-k", f"not ({FIRST_TESTS})", f"--deselect={TRITON_GROUP}", "tests"]
+        check, "tests_dali", cap, ["-m", "gpu", "-k", f"not ({TORCH_TESTS})", f"--deselect={TRITON_GROUP}", "tests"]
     )
 
 
@@ -715,8 +584,8 @@ def _cifar_like_shards(subset_dir: Path, out: Path, count: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from ..pipeline.shards.pixel_sources import array_samples
-    from ..pipeline.shards.writer import write_shards
+    from simclr_dali.pipeline.shards.pixel_sources import array_samples
+    from simclr_dali.pipeline.shards.writer import write_shards
 
     rng = np.random.default_rng(0)
     sources = [np.asarray(Image.open(p).convert("RGB").resize((128, 96))) for p in sorted(subset_dir.glob("*.JPEG"))]
@@ -738,8 +607,7 @@ def _cifar_like_shards(subset_dir: Path, out: Path, count: int) -> Path:
 
 
 def stage_data(check: Check, cap: float) -> dict:
-    from .gpu_check import STAGING
-    from .pipeline import imagenet_shards, synthetic_shards
+    from simclr_dali.bench.pipeline import imagenet_shards, synthetic_shards
 
     data = check.work / "data"
     if check.dry_run:
@@ -767,8 +635,6 @@ def stage_data(check: Check, cap: float) -> dict:
         check.shards["cifar_train"] = _cifar_like_shards(subset, data / "cifar-like", CIFAR_LIKE)
         summary["cifar"] = f"{CIFAR_LIKE} generated 32 px JPEGs (the CIFAR-10 piece is not staged: no cifar10 stage)"
     emit_path = check.rows_path
-    from .gpu_rows import append_row
-
     append_row(emit_path, {"stage": "data", "event": "row", **summary})
     return {"status": "passed", "summary": summary | {k: str(v) for k, v in check.shards.items()}}
 
@@ -793,7 +659,7 @@ def _train_dali_variants() -> list[tuple[str, dict]]:
 
 
 def worker_train_dali(spec: dict) -> None:
-    from .train import main as train_main
+    from simclr_dali.bench.train import main as train_main
 
     for i, (label, overrides) in enumerate(_train_dali_variants()):
         args = _train_args(
@@ -817,26 +683,81 @@ def stage_train_dali(check: Check, cap: float) -> dict:
     return stage
 
 
-def stage_pipeline(check: Check, cap: float) -> dict:
-    out = check.out / "pipeline.json"
-    command = _python("bench.py", "pipeline", "--imagenet_shards", str(check.shards["imagenet"]))
-    command += ["--cifar_shards", str(check.shards["cifar_train"]), "--json", str(out), "--runs", "1"]
-    command += ["--seconds", "0.5", "--batch_size", "16", "--cores", "2"] if check.dry_run else ["--seconds", "3"]
-    result = check.run("pipeline", command, cap)
-    saved = _read_json(out) or {}
-    summary = {
-        name: {
-            "dali_images_per_s": round(r["runs"][0]["dali"]["images_per_s"], 1),
-            "torchvision_images_per_s": round(r["runs"][0]["torchvision"]["images_per_s"], 1),
-            "speedup": r["runs"][0]["speedup"],
-        }
-        for name, r in saved.get("results", {}).items()
-    }
-    from .gpu_rows import append_row
+def _pipeline_rows(saved: dict) -> list[dict]:
+    """One row per preset and DALI thread count of a ``bench.py pipeline`` result (either form of its sweep)."""
+    rows = []
+    for name, r in saved.get("results", {}).items():
+        for run in r.get("runs", []):
+            rows.append(
+                {
+                    "preset": name,
+                    "dali_threads": run.get("dali_threads", r.get("dali_threads")),
+                    "dali_images_per_s": round(run["dali"]["images_per_s"], 1),
+                    "torchvision_images_per_s": round(run["torchvision"]["images_per_s"], 1),
+                    "speedup": run["speedup"],
+                }
+            )
+    return rows
 
-    for name, row in summary.items():
-        append_row(check.rows_path, {"stage": "pipeline", "event": "row", "preset": name, **row})
-    return _subprocess_result(result, summary | ({"device": saved["device"]} if saved else {}))
+
+def stage_pipeline(check: Check, cap: float) -> dict:
+    """``bench.py pipeline --device cuda`` over a DALI threads sweep, the GPU graphs of both presets against
+    torchvision; the rows of every thread count in one pipeline.json."""
+    base = ["--device", "cpu" if check.dry_run else "cuda", "--runs", "1"]
+    base += ["--imagenet_shards", str(check.shards["imagenet"]), "--cifar_shards", str(check.shards["cifar_train"])]
+    base += ["--seconds", "0.5", "--batch_size", "16"] if check.dry_run else ["--seconds", "2"]
+    commands = pipeline_commands(base, [1, 2] if check.dry_run else default_threads())
+    results, rows, start = [], [], time.time()
+    for k, argv in enumerate(commands):
+        json_path = check.work / f"pipeline_{k}.json"
+        left = cap - (time.time() - start)
+        result = check.run("pipeline", _python("bench.py", "pipeline", *argv, "--json", str(json_path)), left)
+        saved = _read_json(json_path) or {}
+        results.append({"argv": argv, **saved})
+        rows += _pipeline_rows(saved)
+        if result["returncode"] != 0 or result["timed_out"]:
+            break
+    for row in rows:
+        append_row(check.rows_path, {"stage": "pipeline", "event": "row", **row})
+    atomic_write_text(check.out / "pipeline.json", json.dumps({"sweep": results}, indent=1) + "\n")
+    return _subprocess_result(result, {"rows": rows, "commands": len(commands)})
+
+
+def worker_dali_graphs(spec: dict) -> None:
+    """DALI's numba plugin first, then each preset's training graph built on the device and one batch taken: a
+    row per preset with the seconds to the first batch (the graph's build included)."""
+    import torch
+
+    from simclr_dali.bench.gpu_check import import_numba_plugin
+    from simclr_dali.bench.pipeline import PRESETS, loader
+
+    plugin = import_numba_plugin()
+    emit({"case": "nvidia.dali.plugin.numba", "ok": plugin.startswith("ok"), "import": plugin})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, preset in PRESETS.items():
+        shards = spec["shards"]["imagenet" if not preset["cifar"] else "cifar_train"]
+        start = time.perf_counter()
+        try:
+            batches = loader(Path(shards), {**preset, "batch_size": 16}, "dali", 2, device)
+            batch = next(iter(batches))
+            parts = batch.items() if isinstance(batch, dict) else enumerate(batch)
+            shapes = {str(k): list(getattr(v, "shape", ())) for k, v in parts}
+            emit(
+                {
+                    "case": name,
+                    "device": device,
+                    "ok": True,
+                    "first_batch_s": round(time.perf_counter() - start, 2),
+                    "shapes": shapes,
+                }
+            )
+        except Exception as error:  # recorded; the next preset still builds
+            emit({"case": name, "device": device, "ok": False, "error": f"{type(error).__name__}: {str(error)[:1500]}"})
+
+
+def stage_dali_graphs(check: Check, cap: float) -> dict:
+    spec = {"shards": {k: str(v) for k, v in check.shards.items()}}
+    return _worker(check, "dali_graphs", cap, spec)
 
 
 def stage_profile(check: Check, cap: float) -> dict:
@@ -923,26 +844,28 @@ def stage_cifar10(check: Check, cap: float) -> dict:
 ALWAYS = ("pieces", "environment")
 STAGES = (
     Stage("pieces", "*", 30, 10, stage_pieces, shows="the carried pieces installed; which are missing"),
-    Stage("environment", "*", 10, 20, stage_environment, shows="versions, GPU, driver, DALI, issue 23's choices"),
-    # group first: nothing staged but the < 1 MiB wheel piece
-    Stage("kernels", "first", 45, 120, stage_kernels, ("cuda",), "Triton vs float64, production configs"),
-    Stage("tests_torch", "first", 55, 90, stage_tests_torch, (), "bf16 autocast, global BN, step timer, probe"),
-    Stage("resnet50", "first", 55, 180, stage_resnet50, ("cuda",), "ResNet-50 images/s, batch 256, micro-batches"),
-    Stage("loss", "first", 35, 120, stage_loss, ("cuda",), "fused/chunked/reference ms at 2N 8,192 and 131,072"),
-    # group dali: the call that brings the bundle's last part
-    Stage("data", "dali", 20, 30, stage_data, ("dali",), "ImageNet-sized JPEGs generated from the subset"),
-    Stage("tests_dali", "dali", 40, 90, stage_tests_dali, ("dali",), "DALI GPU augmentation statistics, train.py"),
+    Stage("environment", "*", 10, 20, stage_environment, shows="versions (torch, Triton, numba: run as found), GPU"),
+    # group data, first: the call that brings the bundle's last part; the data path before anything else
+    Stage("data", "data", 20, 30, stage_data, ("dali",), "ImageNet-sized JPEGs generated from the subset"),
+    Stage("dali_graphs", "data", 20, 60, stage_dali_graphs, ("data", "dali"), "numba plugin; GPU graph per preset"),
+    Stage("pipeline", "data", 50, 240, stage_pipeline, ("data", "dali"), "DALI vs torchvision, DALI threads sweep"),
+    Stage("tests_dali", "data", 30, 90, stage_tests_dali, ("dali",), "DALI GPU augmentation statistics, train.py"),
     Stage(
-        "train_dali", "dali", 45, 180, stage_train_dali, ("data", "dali"), "DALI feed vs synthetic; issue 23 choices"
+        "train_dali", "data", 35, 180, stage_train_dali, ("data", "dali"), "DALI feed vs synthetic; issue 23 choices"
     ),
-    Stage("pipeline", "dali", 35, 180, stage_pipeline, ("data", "dali"), "DALI vs torchvision images/s, 224/32 px"),
-    Stage("profile", "dali", 40, 180, stage_profile, ("data", "dali"), "stage table, GPU utilisation, trace"),
+    Stage("profile", "data", 30, 180, stage_profile, ("data", "dali"), "stage table, GPU utilisation, trace"),
+    # group torch, second: no DALI needed
+    Stage("kernels", "torch", 45, 120, stage_kernels, ("cuda",), "Triton vs float64, production configs"),
+    Stage("tests_torch", "torch", 55, 90, stage_tests_torch, (), "bf16 autocast, global BN, step timer, probe"),
+    Stage("resnet50", "torch", 55, 180, stage_resnet50, ("cuda",), "ResNet-50 images/s, batch 256, micro-batches"),
+    Stage("loss", "torch", 35, 120, stage_loss, ("cuda",), "fused/chunked/reference ms at 2N 8,192 and 131,072"),
     # group extra: a later session, or the time a plan leaves over
     Stage("loss_compiled", "extra", 60, 90, stage_loss_compiled, ("cuda",), "one cold torch.compile, capped"),
     Stage("tests_all", "extra", 230, 120, stage_tests_all, (), "every GPU test (the Triton group's 100+ compiles)"),
     Stage("cifar10", "extra", 150, 300, stage_cifar10, ("data", "dali"), "CIFAR-10 kNN by epoch (its piece)", 60),
 )
 WORKERS = {
+    "dali_graphs": worker_dali_graphs,
     "kernels": worker_kernels,
     "resnet50": worker_resnet50,
     "loss": worker_loss,
@@ -953,7 +876,7 @@ WORKERS = {
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] != "worker" or argv[1] not in WORKERS:
-        print(f"usage: python -m bench.gpu_stages worker {{{','.join(WORKERS)}}} SPEC_JSON", file=sys.stderr)
+        print(f"usage: python -m tools.gpu_check.stages worker {{{','.join(WORKERS)}}} SPEC_JSON", file=sys.stderr)
         return 2
     WORKERS[argv[1]](json.loads(argv[2]))
     return 0

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# bench/gpu_stage.sh — prepare, on this machine, the pieces that bring what the GPU machine lacks for
-# `bench.py gpu-check` (bench/GPU_CHECK.md), as few as the 64 MiB a call carries allows:
+# tools/gpu_check/stage.sh — prepare, on this machine, the pieces that bring what the GPU machine lacks for
+# `python -m tools.gpu_check` (bench/GPU_CHECK.md), as few as the 64 MiB a call carries allows:
 #   .gpu/simclr/lite   jsonargparse, docstring-parser, webdataset, braceexpand wheels (< 1 MiB): call 1
 #   .gpu/simclr/pNNN   equal parts of one xz tar: site/ (DALI 2.4.0, nvimgcodec, nvjpeg, ... unpacked, pinned,
 #                      binaries for CPython 3.12 only) + data/imagenet-subset (SUBSET JPEGs + every sample's size)
 #   .gpu/simclr/cifar  (WITH_CIFAR=1) the CIFAR-10 shards, for the extra group's cifar10 stage
-# Each piece has a MANIFEST.json naming every piece of its set; `bench.py gpu-check` installs whatever pieces a call
+# Each piece has a MANIFEST.json naming every piece of its set; the check's pieces stage installs whatever pieces a call
 # carries (idempotent, any order; the bundle unpacks when its last part lands) and reports which are missing.
 #
-#   bash bench/gpu_stage.sh          (or: make gpu-stage)      REBUILD=1 to repack, SUBSET=N images (default 24)
+#   bash tools/gpu_check/stage.sh    (or: make gpu-stage)      REBUILD=1 to repack, SUBSET=N images (default 24)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 root=$PWD
 python=${PYTHON:-$root/.venv/bin/python}
 [ -x "$python" ] || python=python3
@@ -123,11 +123,12 @@ done
 last=$(printf 'p%03d' $((parts - 1)))
 # The checkout runs uninstalled there: each command first puts a simclr_dali symlink to it on PYTHONPATH.
 ns='mkdir -p /tmp/ns && ln -sfn $PWD /tmp/ns/simclr_dali && export PYTHONPATH=/tmp/site:/tmp/ns:$PYTHONPATH &&'
-echo "Device calls (bench/GPU_CHECK.md; back to back: the machine is given back after 30 s idle):"
-echo "  1: carry [\".gpu/simclr/lite\"]   $ns python3 bench.py gpu-check --group first --out \$OUT/gc"
+echo "Device calls (bench/GPU_CHECK.md; back to back: the machine is given back after 30 s idle); the data path first:"
 for k in $(seq 0 $((parts - 2))); do
-  printf '  %d: carry [".gpu/simclr/p%03d"]   %s python3 bench.py gpu-check --stage_only --out $OUT/gc\n' $((k + 2)) "$k" "$ns"
+  extra=""; [ "$k" = 0 ] && extra=', ".gpu/simclr/lite"'
+  printf '  %d: carry [".gpu/simclr/p%03d"%s]   %s python3 -m tools.gpu_check --stage_only --out $OUT/gc\n' $((k + 1)) "$k" "$extra" "$ns"
 done
-echo "  $((parts + 1)): carry [\".gpu/simclr/$last\"]   $ns python3 bench.py gpu-check --group dali --out \$OUT/gc"
-echo "plan: $(cd "$root" && "$python" bench.py gpu-check --plan | grep '^total')"
+echo "  $parts: carry [\".gpu/simclr/$last\"]   $ns python3 -m tools.gpu_check --group data --out \$OUT/gc"
+echo "  $((parts + 1)): (nothing carried)   $ns python3 -m tools.gpu_check --group torch --out \$OUT/gc"
+echo "plan: $(cd "$root" && "$python" -m tools.gpu_check --plan | grep '^total')"
 exit $status

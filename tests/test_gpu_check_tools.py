@@ -1,5 +1,5 @@
-"""`bench.py gpu-check` without a GPU: its device-time plan, rows that survive a kill, a killed pytest reported as
-failed, and the dry run of every stage (bench/GPU_CHECK.md)."""
+"""The GPU check of a lent session (tools/gpu_check, bench/GPU_CHECK.md) without a GPU: its device-time plan, the data
+path first, rows that survive a kill, a killed pytest reported as failed, and the dry run of every stage."""
 
 from __future__ import annotations
 
@@ -15,31 +15,135 @@ from types import SimpleNamespace
 import pytest
 from conftest import ROOT, SHARED_DATA
 
-from simclr_dali.bench import gpu_check, gpu_stages
+from simclr_dali.bench import gpu_check as product_check
+from tools.gpu_check import __main__ as gpu_main
+from tools.gpu_check import check as gpu_state
+from tools.gpu_check import plan as gpu_plan
+from tools.gpu_check import stages as gpu_stages
 
 
 def test_the_stage_table_fits_the_device_time_and_an_oversized_cap_is_refused(monkeypatch, capsys):
-    plan = gpu_check.check_plan(gpu_stages.STAGES)
-    assert plan["total_s"] <= gpu_check.DEVICE_BUDGET_S == 900
+    plan = gpu_plan.check_plan(gpu_stages.STAGES)
+    assert plan["total_s"] <= gpu_plan.DEVICE_BUDGET_S == 900
     for group, g in plan["groups"].items():
         assert g["sum_caps_s"] <= g["budget_s"], group
-    assert gpu_check.main(["--plan"]) == 0 and "total (of 900 s)" in capsys.readouterr().out
+    assert gpu_main.main(["--plan"]) == 0 and "total (of 900 s)" in capsys.readouterr().out
     # one stage 60 s over: its group no longer fits, and the dry run refuses to start
     bigger = tuple(dataclasses.replace(s, cap_s=s.cap_s + 60) if s.name == "loss" else s for s in gpu_stages.STAGES)
-    with pytest.raises(gpu_check.PlanError, match="group 'first'"):
-        gpu_check.check_plan(bigger)
+    with pytest.raises(gpu_plan.PlanError, match="group 'torch'"):
+        gpu_plan.check_plan(bigger)
     monkeypatch.setattr(gpu_stages, "STAGES", bigger)
-    assert gpu_check.main(["--dry_run", "--out", "/nonexistent/never-written"]) == 2
+    assert gpu_main.main(["--dry_run", "--out", "/nonexistent/never-written"]) == 2
     assert "does not fit" in capsys.readouterr().err
     # a plan of more parts than the session can bring is refused too
-    with pytest.raises(gpu_check.PlanError, match="device time"):
-        gpu_check.check_plan(gpu_stages.STAGES, parts=12)
+    with pytest.raises(gpu_plan.PlanError, match="device time"):
+        gpu_plan.check_plan(gpu_stages.STAGES, parts=12)
 
 
-def test_the_first_group_compiles_at_most_twelve_triton_specialisations():
-    assert len(gpu_stages.kernel_specialisations()) <= gpu_stages.KERNEL_SPECIALISATIONS_MAX == 12
-    dtypes = {case[0] for case in gpu_stages.KERNEL_CASES}
-    assert {"bfloat16", "float32"} <= dtypes and any(case[3] >= 131072 for case in gpu_stages.KERNEL_CASES)
+def test_the_kernel_check_compiles_at_most_twelve_triton_specialisations():
+    assert len(product_check.kernel_specialisations()) <= product_check.KERNEL_SPECIALISATIONS_MAX == 12
+    dtypes = {case[0] for case in product_check.KERNEL_CASES}
+    assert {"bfloat16", "float32"} <= dtypes and any(case[3] >= 131072 for case in product_check.KERNEL_CASES)
+
+
+def test_the_data_path_comes_first():
+    """Issue 29: the plan's first measuring call is the data group, whose first stages build the GPU graphs (after
+    DALI's numba plugin) and sweep the pipeline's DALI threads; the torch group comes after; the default group is
+    the data one; the environment records the device's own torch, Triton and numba."""
+    assert gpu_plan.PLANNED_GROUPS == ("data", "torch")
+    calls = list(gpu_plan.check_plan(gpu_stages.STAGES)["calls"])
+    data_call = next(i for i, c in enumerate(calls) if "group 'data'" in c)
+    torch_call = next(i for i, c in enumerate(calls) if "group 'torch'" in c)
+    assert data_call < torch_call and all("bundle part" in c for c in calls[1:data_call])
+    order = [s.name for s in gpu_stages.STAGES if s.group in ("data", "torch")]
+    assert order[:3] == ["data", "dali_graphs", "pipeline"]
+    assert max(order.index(s.name) for s in gpu_stages.STAGES if s.group == "data") < min(
+        order.index(s.name) for s in gpu_stages.STAGES if s.group == "torch"
+    )
+    assert gpu_main.parse([], gpu_stages.STAGES).group == "data"
+    selected = gpu_main.select(gpu_main.parse([], gpu_stages.STAGES), gpu_stages.STAGES, gpu_stages.ALWAYS)
+    assert [s.name for s in selected][:5] == ["pieces", "environment", "data", "dali_graphs", "pipeline"]
+    assert set(gpu_stages.RUNS_WITH) == {"torch", "triton", "numba"} <= set(gpu_stages.PACKAGES)
+
+
+def test_the_pipeline_sweep_passes_every_thread_count():
+    """Either form of the sweep (bench.py pipeline --threads, or one call per --cores) covers every count."""
+    commands = product_check.pipeline_commands(["--device", "cuda"], [4, 8, 16])
+    if len(commands) == 1:
+        assert commands[0][-4:] == ["--threads", "4", "8", "16"]
+    else:
+        assert [c[c.index("--cores") + 1] for c in commands] == ["4", "8", "16"]
+    assert all(c[:2] == ["--device", "cuda"] for c in commands)
+    assert product_check.default_threads() and max(product_check.default_threads()) <= len(os.sched_getaffinity(0))
+
+
+STAGING_MARKERS = (
+    "DEVICE_BUDGET_S",
+    "MACHINE_START_S",
+    "CALL_OVERHEAD_S",
+    "GROUP_BUDGET_S",
+    "install_pieces",
+    "/tmp/stage",
+)
+
+
+def test_the_wheel_holds_no_gpu_check_staging(tmp_path):
+    """The device-lending tooling stays in the checkout: no tools/ module and no file whose text carries the
+    staging or the device-time plan in the wheel; the user's command (bench/gpu_check.py) is there."""
+    import zipfile
+
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+        + ["-w", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    with zipfile.ZipFile(next(tmp_path.glob("simclr_dali-*.whl"))) as archive:
+        names = archive.namelist()
+        texts = {n: archive.read(n).decode(errors="replace") for n in names if n.endswith((".py", ".sh"))}
+    assert "simclr_dali/bench/gpu_check.py" in names
+    assert not [n for n in names if "/tools/" in n or n.rsplit("/", 1)[-1] in ("gpu_stages.py", "gpu_rows.py")]
+    assert not [n for n in names if n.endswith(".sh")]
+    carrying = {n: [m for m in STAGING_MARKERS if m in t] for n, t in texts.items()}
+    assert {n: m for n, m in carrying.items() if m} == {}
+    # the markers do find the staging code (a marker list that matched nothing would pass the test above)
+    staging = "".join((ROOT / "tools" / "gpu_check" / f).read_text() for f in ("plan.py", "check.py", "stages.py"))
+    assert all(m in staging for m in STAGING_MARKERS)
+
+
+def test_the_users_gpu_check_refuses_a_machine_without_cuda():
+    result = subprocess.run(
+        [sys.executable, "bench.py", "gpu-check"],
+        cwd=ROOT,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "no CUDA device" in result.stderr and "--small" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_users_gpu_check_runs_its_three_parts_small_on_the_cpu(tmp_path):
+    """simclr-bench gpu-check --small: the data path (numba plugin, both presets' graphs timed), every kernel case
+    against float64 under the Triton interpreter, the synthetic-feed throughput; one JSON."""
+    out = tmp_path / "gpu_check.json"
+    result = subprocess.run(
+        [sys.executable, "bench.py", "gpu-check", "--small", "--seconds", "0.5", "--threads", "1", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["parts"]) == ["data", "kernels", "throughput"]  # the data path first
+    assert report["parts"]["data"]["numba_plugin"].startswith("ok")
+    (run,) = report["parts"]["data"]["runs"]
+    assert set(run["results"]) == {"imagenet224", "cifar32"}
+    assert len(report["parts"]["kernels"]) == len(product_check.KERNEL_CASES) and report["kernels_ok"]
+    assert report["parts"]["throughput"]["results"]["synthetic"]["images_per_s"] > 0
 
 
 def _read_report(path):
@@ -54,7 +158,7 @@ def test_a_check_killed_mid_stage_keeps_the_rows_that_landed(tmp_path):
     gpu_check.jsonl (no end-of-stage write needed)."""
     out = tmp_path / "check"
     process = subprocess.Popen(
-        [sys.executable, "bench.py", "gpu-check", "--dry_run", "--only", "loss", "--out", str(out)],
+        [sys.executable, "-m", "tools.gpu_check", "--dry_run", "--only", "loss", "--out", str(out)],
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -82,7 +186,7 @@ def test_a_check_killed_mid_stage_keeps_the_rows_that_landed(tmp_path):
 
 def _check(tmp_path):
     args = SimpleNamespace(out=str(tmp_path / "out"), dry_run=True, budget_s=120.0)
-    return gpu_check.start_check(args, "first")
+    return gpu_state.start_check(args, "torch")
 
 
 def test_a_pytest_killed_at_its_cap_is_reported_failed_with_what_finished(tmp_path):
@@ -104,7 +208,7 @@ def test_a_pytest_killed_at_its_cap_is_reported_failed_with_what_finished(tmp_pa
     assert [t.split("::")[1] for t in summary["not_run"]] == ["test_never_reached"]
     assert "killed at its 12 s cap" in stage["note"] and "1 of 5 not run" in stage["note"]
     check.report["stages"]["tests_probe"] = stage
-    assert gpu_check.finish_check(check) == 1
+    assert gpu_state.finish_check(check) == 1
     assert _read_report(check.out / "gpu_check.json")["status"] == "failed: tests_probe"
 
 
@@ -165,18 +269,20 @@ sys.meta_path.insert(0, _NoDali())
 """
 
 
-def test_the_first_group_needs_no_dali(tmp_path):
-    """What call 1 runs imports without DALI (not staged yet): the workers' modules and the GPU tests it selects."""
+def test_the_torch_group_needs_no_dali(tmp_path):
+    """What the torch group runs imports without DALI (a rerun on a fresh machine has none staged): the workers'
+    modules and the GPU tests it selects."""
     (tmp_path / "sitecustomize.py").write_text(BLOCK_DALI)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     code = (
-        "import sys, bench.gpu_check, bench.gpu_stages, bench.train, bench.loss, model.ntxent, trainer.step, "
-        "trainer.build, trainer.optim\n"
+        "import sys, tools.gpu_check.__main__, tools.gpu_check.stages, simclr_dali.bench.gpu_check, "
+        "simclr_dali.bench.train, simclr_dali.bench.loss, simclr_dali.model.ntxent, simclr_dali.trainer.step, "
+        "simclr_dali.trainer.build, simclr_dali.trainer.optim\n"
         "try:\n    import nvidia.dali\nexcept ImportError:\n    print('blocked')"
     )
     probe = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert probe.returncode == 0 and probe.stdout.strip() == "blocked", probe.stderr[-2000:]
-    selection = ["-m", "gpu", "-k", gpu_stages.FIRST_TESTS, *gpu_stages.FIRST_TEST_FILES]
+    selection = ["-m", "gpu", "-k", gpu_stages.TORCH_TESTS, *gpu_stages.TORCH_TEST_FILES]
     collect = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *selection],
         cwd=ROOT,
@@ -194,10 +300,20 @@ def test_gpu_check_dry_run_runs_every_stage_and_says_what_needs_cuda(tmp_path):
     """The check end to end on the CPU at tiny sizes, every stage of both planned groups and cifar10: it cannot
     rot between GPU loans."""
     out = tmp_path / "gpu-check"
-    stages = ["kernels", "tests_torch", "resnet50", "loss", "data", "tests_dali", "train_dali", "pipeline"]
+    stages = [
+        "kernels",
+        "tests_torch",
+        "resnet50",
+        "loss",
+        "data",
+        "dali_graphs",
+        "tests_dali",
+        "train_dali",
+        "pipeline",
+    ]
     stages += ["profile", "cifar10"]
     result = subprocess.run(
-        [sys.executable, "bench.py", "gpu-check", "--dry-run", "--only", *stages, "--out", str(out)],
+        [sys.executable, "-m", "tools.gpu_check", "--dry-run", "--only", *stages, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -216,8 +332,14 @@ def test_gpu_check_dry_run_runs_every_stage_and_says_what_needs_cuda(tmp_path):
         assert tests["note"].startswith("no CUDA device") and tests["summary"]["failed"] == 0
     dali_tests = report["stages"]["tests_dali"]["summary"]
     assert dali_tests["skipped"] >= 10 and any("test_augment" in t["test"] for t in dali_tests["skipped_tests"])
+    graphs = [r for r in report["stages"]["dali_graphs"]["rows"] if r["event"] == "row"]
+    assert graphs[0]["case"] == "nvidia.dali.plugin.numba" and all(r["ok"] for r in graphs)
+    assert [r["case"] for r in graphs[1:]] == ["imagenet224", "cifar32"]
+    assert set(report["stages"]["environment"]["summary"]["runs_with"]) == {"torch", "triton", "numba"}
+    pipeline_rows = report["stages"]["pipeline"]["summary"]["rows"]
+    assert {(r["preset"], r["dali_threads"]) for r in pipeline_rows} >= {("imagenet224", 1), ("cifar32", 2)}
     kernels = [r for r in report["stages"]["kernels"]["rows"] if r["event"] == "row"]
-    assert len(kernels) == len(gpu_stages.KERNEL_CASES) and all(r["ok"] for r in kernels)
+    assert len(kernels) == len(product_check.KERNEL_CASES) and all(r["ok"] for r in kernels)
     loss = {(r["method"], r["status"]) for r in report["stages"]["loss"]["rows"]}
     assert {("fused", "skipped"), ("chunked", "ok"), ("reference", "ok")} <= loss
     resnet = [r for r in report["stages"]["resnet50"]["rows"] if r["event"] == "row"]
