@@ -118,7 +118,7 @@ def decode(jpegs, device: str):
 
 
 def resized_crop(images, start, end, cfg: AugmentConfig):
-    """The window ``[start, end)`` (absolute (y, x) per sample: ``crop.crop_window``) of each image, resized to
+    """The window ``[start, end)`` (absolute (y, x) per sample: ``view_plan.crop_window``) of each image, resized to
     ``cfg.size`` square: bicubic without antialiasing, as the official code's ``tf.image.resize``. (DALI resamples
     the window inside the whole image: its edge pixels' filter taps may reach just outside it, where TensorFlow,
     having cut the crop out first, repeats the crop's own edge.)"""

@@ -12,7 +12,7 @@ step up or down when rounding left the area range; the corner drawn uniformly in
 side). The attempt is kept when the crop also covers ``min_object_covered`` of the box, here the whole image: so
 with the official 0.1 the smallest area is 0.1 of the image, not 0.08. After 100 failed attempts: the whole image.
 
-``crop_window(shape, cfg)`` runs that per sample on the CPU (inside the view's plan operator, ``view_plan``: DALI's
+``view_plan.crop_window(shape, cfg)`` runs that per sample on the CPU (inside the view's plan operator, ``view_plan``: DALI's
 ``numba_function``, float32 arithmetic and
 round-half-even like ``lrintf``) from the image's shape and a per-sample seed (two DALI uniforms: DALI's random
 operators are checkpointed with the pipeline, so a resumed loader draws the same crops), and returns the window as
@@ -95,15 +95,3 @@ def tf_crop_window(start, end, shape, seed, p):
         break
     start[0], start[1] = crop_y, crop_x
     end[0], end[1] = crop_y + crop_h, crop_x + crop_w
-
-
-def crop_window(shape, cfg, seed=None, dtype=types.FLOAT):
-    """The official crop window of each image of ``shape`` (an INT64 (H, W, C) CPU node: ``fn.peek_image_shape`` of
-    the JPEGs, or decoded images' ``.shape()``) -> ``(start, end)``, absolute (y, x) CPU nodes of ``dtype`` (FLOAT
-    for ``fn.resize``'s ROI, INT32 for ``decoders.image_slice``): the window of the view's plan operator
-    (``view_plan``, which the views use). ``seed``: ``SEED_UNIFORMS`` uniforms in [0, 1) per sample (default
-    drawn, checkpointed with the pipeline; tests pass their own)."""
-    from .view_plan import view_plan  # (view_plan builds on this module)
-
-    plan = view_plan(cfg, shape, seed=seed, window_dtype=dtype)
-    return plan.start, plan.end

@@ -207,3 +207,13 @@ def blur_kernels(sigma, cfg):
     the plan operator's taps (``gaussian_taps``) for given sigmas (tests compare them with TensorFlow's blur)."""
     kernel_h, kernel_v, blur = _compiled_taps(cfg.blur_window)(fn.reshape(sigma, shape=[1]))
     return sliced_kernels(kernel_h, kernel_v, blur[1:2], blur[2:3])
+
+
+def crop_window(shape, cfg, seed=None, dtype=types.FLOAT):
+    """The official crop window of each image of ``shape`` (an INT64 (H, W, C) CPU node: ``fn.peek_image_shape`` of
+    the JPEGs, or decoded images' ``.shape()``) -> ``(start, end)``, absolute (y, x) CPU nodes of ``dtype`` (FLOAT
+    for ``fn.resize``'s ROI, INT32 for ``decoders.image_slice``): the window of the view's plan operator
+    (``view_plan`` above, which the views use). ``seed``: ``SEED_UNIFORMS`` uniforms in [0, 1) per sample (default
+    drawn, checkpointed with the pipeline; tests pass their own)."""
+    plan = view_plan(cfg, shape, seed=seed, window_dtype=dtype)
+    return plan.start, plan.end

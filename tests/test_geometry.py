@@ -23,7 +23,7 @@ from simclr_dali.pipeline.augment import (
     resized_crop,
     simclr_view,
 )
-from simclr_dali.pipeline.crop import crop_window
+from simclr_dali.pipeline.view_plan import crop_window
 from simclr_dali.pipeline.view_plan import blur_kernels
 
 GOLDEN = np.load(Path(__file__).resolve().parent / "goldens" / "tf_geometry.npz")
