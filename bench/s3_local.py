@@ -138,9 +138,7 @@ class SeaweedServer:
             except Exception:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(
-                        f"weed not ready in {READY_SECONDS:g} s: {self._log_tail()}"
-                    ) from None
+                    raise RuntimeError(f"weed not ready in {READY_SECONDS:g} s: {self._log_tail()}") from None
                 time.sleep(0.3)
 
     def _log_tail(self) -> str:
