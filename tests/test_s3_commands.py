@@ -4,6 +4,7 @@ a store that goes away mid-run (a checkpoint of the last good step, a clear erro
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -87,7 +88,7 @@ def train_command(tmp_path, url, **overrides) -> list[str]:
 
 
 def test_training_from_a_bucket_writes_no_credential(written, s3_env, tmp_path):
-    env = {**__import__("os").environ, **s3_env.env()}
+    env = {**os.environ, **s3_env.env()}
     result = subprocess.run(
         train_command(tmp_path, written, max_steps=6), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
@@ -100,7 +101,7 @@ def test_training_from_a_bucket_writes_no_credential(written, s3_env, tmp_path):
 
 
 def test_a_store_that_goes_away_mid_run_ends_with_a_checkpoint(written, s3_env, tmp_path):
-    env = {**__import__("os").environ, **s3_env.env(), "SIMCLR_S3_RETRY_SECONDS": "3"}
+    env = {**os.environ, **s3_env.env(), "SIMCLR_S3_RETRY_SECONDS": "3", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         train_command(tmp_path, written, max_steps=200, checkpoint_every=2),
         cwd=ROOT,
@@ -114,7 +115,7 @@ def test_a_store_that_goes_away_mid_run_ends_with_a_checkpoint(written, s3_env, 
         while time.monotonic() < deadline:  # wait for two steps, then take the store away
             line = process.stdout.readline()
             lines.append(line)
-            if "step 3" in line or "step=3" in line or not line:
+            if line.startswith("step 3:") or " step 3:" in line or not line:
                 break
         s3_env.stop()
         out, _ = process.communicate(timeout=300)
