@@ -16,11 +16,10 @@ export -f ev
 hold() { echo "=== waiting for the lock $(date -u +%FT%TZ)"; flock /work/wt/heavy.lock bash -c "$1"; }
 hold 'ev simclr knn_linear --train_shards "$TRAIN5" --protocol knn,linear --k 20,200
       ev supcon knn_linear --train_shards "$TRAIN5" --protocol knn,linear --k 20,200
-      nice -n 0 .venv/bin/python bench.py methods probe_step --rounds 4 --steps 1 > $R/probe_step.log 2>&1
-      echo "=== probe_step rc $? $(date -u +%FT%TZ)"'
-while pgrep -f /tmp/i31/pretrain_arms.sh > /dev/null; do sleep 10; done
-hold 'ev simclrv2 knn_linear --train_shards "$TRAIN5" --protocol knn,linear --k 20,200
-      ev simclr ft1_j0 --train_shards $ALLTRAIN --protocol finetune --label_fraction 0.01 --finetune_epochs 20 --ft_proj_selector 0
+      nice -n 0 .venv/bin/python bench.py methods probe_step --rounds 4 --steps 2 --batch_size 64 > $R/probe_step.log 2>&1
+      echo "=== probe_step rc $? $(date -u +%FT%TZ)"
+      ev simclrv2 knn_linear --train_shards "$TRAIN5" --protocol knn,linear --k 20,200'
+hold 'ev simclr ft1_j0 --train_shards $ALLTRAIN --protocol finetune --label_fraction 0.01 --finetune_epochs 20 --ft_proj_selector 0
       ev simclrv2 ft1_j1 --train_shards $ALLTRAIN --protocol finetune --label_fraction 0.01 --finetune_epochs 20 --ft_proj_selector 1'
 hold 'ev simclr ft10_j0 --train_shards $ALLTRAIN --protocol finetune --label_fraction 0.1 --finetune_epochs 1 --ft_proj_selector 0
       ev simclrv2 ft10_j1_distill --train_shards $ALLTRAIN --protocol finetune,distill --label_fraction 0.1 --finetune_epochs 1 --ft_proj_selector 1 --distill_shards "$TRAIN5" --distill_epochs 1'
