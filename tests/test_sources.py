@@ -103,6 +103,7 @@ def test_key_escaping_rule_is_reversible_injective_and_safe():
             check_key(bad)
 
 
+@pytest.mark.slow
 def test_strange_names_round_trip_through_tar_index_dali_and_webdataset(tmp_path):
     visible = [
         path for path in STRANGE_PATHS if not any(part.startswith(".") for part in path.split("/"))
