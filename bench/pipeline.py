@@ -244,7 +244,7 @@ def main(argv=None) -> dict:
         presets = {
             n: {**PRESETS[n], **({"batch_size": args.batch_size} if args.batch_size else {})} for n in args.presets
         }
-        return main_s3(args, presets, lambda name: preset_shards(name, args))
+        return main_s3(args, presets, lambda name: preset_shards(name, args), run)
     results = {}
     for name in args.presets:
         preset = {**PRESETS[name], **({"batch_size": args.batch_size} if args.batch_size else {})}

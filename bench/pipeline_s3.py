@@ -44,9 +44,9 @@ def _use_endpoint(endpoint: str) -> None:
     s3.client.cache_clear()
 
 
-def compare_s3(name: str, shards: Path, preset: dict, args, endpoints: dict[str, str]) -> dict:
-    """One interleaved run: local disk, then the bucket through each endpoint (direct, each delay)."""
-    from .pipeline import run
+def compare_s3(name: str, shards: Path, preset: dict, args, endpoints: dict[str, str], run) -> dict:
+    """One interleaved run: local disk, then the bucket through each endpoint (direct, each delay); ``run``:
+    ``bench.pipeline.run``, passed in (this module is its helper, not its importer)."""
 
     url = _preset_url(args.bucket, name)
     local = run(shards, preset, "dali", args.cores, args.device, args.seconds)
@@ -61,7 +61,7 @@ def compare_s3(name: str, shards: Path, preset: dict, args, endpoints: dict[str,
     return row
 
 
-def main_s3(args, presets: dict, shards_for) -> dict:
+def main_s3(args, presets: dict, shards_for, run) -> dict:
     """``bench.py pipeline --bucket``: every preset, ``args.runs`` interleaved runs; writes the JSON result."""
     from .s3_local import DelayProxy, SeaweedServer, apply_env
 
@@ -79,7 +79,7 @@ def main_s3(args, presets: dict, shards_for) -> dict:
             shards, description = shards_for(name)
             _use_endpoint(endpoint)
             _upload(shards, _preset_url(args.bucket, name))
-            runs = [compare_s3(name, shards, preset, args, endpoints) for _ in range(args.runs)]
+            runs = [compare_s3(name, shards, preset, args, endpoints, run) for _ in range(args.runs)]
             ratios = {c: [r[c]["ratio_to_local"] for r in runs] for c in endpoints}
             results[name] = {
                 "data": description,

@@ -12,8 +12,8 @@ step up or down when rounding left the area range; the corner drawn uniformly in
 side). The attempt is kept when the crop also covers ``min_object_covered`` of the box, here the whole image: so
 with the official 0.1 the smallest area is 0.1 of the image, not 0.08. After 100 failed attempts: the whole image.
 
-``view_plan.crop_window(shape, cfg)`` runs that per sample on the CPU (inside the view's plan operator, ``view_plan``: DALI's
-``numba_function``, float32 arithmetic and
+``view_plan.crop_window(shape, cfg)`` runs that per sample on the CPU (inside the view's plan operator,
+``view_plan``: DALI's ``numba_function``, float32 arithmetic and
 round-half-even like ``lrintf``) from the image's shape and a per-sample seed (two DALI uniforms: DALI's random
 operators are checkpointed with the pipeline, so a resumed loader draws the same crops), and returns the window as
 absolute ``(start, end)`` in (y, x): the same window serves ``fn.resize``'s ROI (decode, then crop; CPU or GPU) and
@@ -23,7 +23,6 @@ absolute ``(start, end)`` in (y, x): the same window serves ``fn.resize``'s ROI 
 from __future__ import annotations
 
 import numpy as np
-from nvidia.dali import types
 
 SEED_UNIFORMS = 2  # DALI uniforms per sample: 24 bits each of the sample's 48-bit seed
 

@@ -23,8 +23,7 @@ from simclr_dali.pipeline.augment import (
     resized_crop,
     simclr_view,
 )
-from simclr_dali.pipeline.view_plan import crop_window
-from simclr_dali.pipeline.view_plan import blur_kernels
+from simclr_dali.pipeline.view_plan import blur_kernels, crop_window
 
 GOLDEN = np.load(Path(__file__).resolve().parent / "goldens" / "tf_geometry.npz")
 KS_THRESHOLD = 0.0195  # the two-sample KS critical value at alpha = 0.001 for 20,000 + 20,000 draws
