@@ -30,7 +30,8 @@ lock:
 	$(PIP_COMPILE) --extra cuda13 --constraint requirements/lock.txt --output-file requirements/runtime.txt pyproject.toml requirements/lock.in
 
 # The demo starts a fresh run every time (--overwrite true): a rerun, after editing configs/demo.yaml too, shows
-# the whole pipeline again with the same seeded result instead of refusing a changed config or resuming a finished run.
+# the whole pipeline again (seeded: the same numbers on one machine, a little different on another CPU) instead of
+# refusing a changed config or resuming a finished run.
 demo: $(VENV)/.installed
 	$(BIN)/simclr-shards write synthetic "data/demo/train/train-%06d.tar" --per_class 300 --seed 0 --quiet
 	$(BIN)/simclr-shards write synthetic "data/demo/val/val-%06d.tar" --per_class 100 --seed 1 --quiet

@@ -1,56 +1,15 @@
 """NT-Xent (the SimCLR loss) without the 2N x 2N similarity matrix, exact across ranks.
 
-``nt_xent(z1, z2, temperature)``: z1, z2 are (N, d) projections of the two views (row i of each is a
-positive pair). The rows are L2-normalised as F.normalize does, x / max(||x||, 1e-12) (a zero row stays a
-zero vector; the norm is taken without over/underflow of the squares: ``row_norms``), the 2N anchors each
-score the 2N - 1 others (itself excluded), and the loss is the mean over anchors of ``-log softmax`` of the
-positive: the paper's L.
-
-How it is computed (one mechanism, two backends for the heavy part). With rows of norm <= 1 every logit
-s_kj / tau is at most 1/tau, so E_kj = exp((s_kj - 1) / tau) <= 1 needs no running maximum, and:
-- forward: per anchor k, the sum over its *negatives* only, neg_k = sum_{j not in {k, pos(k)}} E_kj
-  (``row_negatives``, O(2N) memory). The positive stays out of the sum: its shifted logit
-  t_k = (s_k,pos - 1) / tau = -(||z_k - z_pos||^2 + deficit_k + deficit_pos) / (2 tau), deficit = 1 - ||z||^2
-  (exactly 0 for unit rows, from the input norms for rows divided by eps: ``norm_deficit``), is computed
-  separately in float32, exact even for near-duplicate views, and with r_k = neg_k e^{-t_k} (the negatives'
-  weight relative to the positive's):
-  loss_k = log1p(r_k),  1 - p_k,pos = r_k / (1 + r_k),  lse_k = 1/tau + t_k + log1p(r_k).
-  Nothing is formed as a difference of two numbers near 1/tau, so the loss and its gradient keep
-  float32's relative precision when positives are strong (late training, small tau), where
-  ``lse - positive_logit`` and ``p_pos - 1`` would cancel.
-- backward: dL/dz_k = 1/(M tau) [sum_{j not in {k, pos}} (p_kj + p_jk) z_j - (q_k + q_pos(k)) z_pos(k)],
-  q = 1 - p_pos = r / (1 + r). With scale_k = e^{-t_k} / (1 + r_k) = 1 / sum_{j != k} E_kj, the
-  probabilities are p_kj = E_kj scale_k and p_jk = E_kj scale_j: one exp per pair, computed
-  row-parallel over column tiles (``row_grad``) without atomics and without the matrix.
-The backends: ``ntxent_triton`` (fused Triton kernels, CUDA tensors; 16-bit operands on the tensor
-cores) and ``ntxent_chunked`` (PyTorch, row chunks of bounded memory, float32 everywhere else). Both
-provide the same five functions: ``normalize`` (the rows, their 16-bit copy for the products, the
-norms), ``row_negatives`` (neg_k, as partial sums over column splits), ``positive_stats`` (merges the
-splits in a fixed order; t_k, loss_k, q_k, scale_k), ``row_grad`` (partial sums again) and ``input_grad``
-(merge, positive term, the normalisation's backward, the inputs' dtype). On CUDA that is one kernel
-each, plus the loss's mean and the gradient's scale: 7 launches a step instead of ~40 small PyTorch ops
-(at 2N = 8,192 the kernels' work is ~0.1 ms, the order of 20 launches).
-
-Precision: the rows are normalised in float32 (float64 for float64 inputs) whatever the input dtype;
-the positive term and every statistic stay in that dtype. Only the two products (scores, and weights
-times rows) of the Triton backend take 16-bit operands when the inputs are bfloat16/float16, with
-float32 accumulation; float32 inputs use exact float32 products unless ``float32_matmul_precision``
-is "tf32".
-
-Temperature floor: the fixed shift keeps one exp per pair in both passes, and needs exp(+-2/tau) in
-float32's normal range (E_kj >= exp(-2/tau), scale_k <= exp(2/tau)); MIN_TEMPERATURE = 0.03 keeps
-2/tau <= 67 (float32 overflows past 88). A per-row maximum would lift the floor but the backward would
-then need two exps per pair (p_kj and p_jk no longer share a shift): see ``MIN_TEMPERATURE``.
-
-Under torch.distributed (world size W > 1): each rank's anchors are its 2N local rows; the columns are
-all ranks' rows (gathered without autograd, W * 2N); the value returned is the mean over the local
-anchors. The backward returns, for the local rows, the gradient of the sum of all ranks' losses, so
-that averaging gradients over ranks (what DDP does) gives exactly the gradient of the global-batch
-loss. This assumes every rank's upstream gradient (``grad_loss``) is the same, as it is when each rank
-backpropagates the same function of its loss (``loss.backward()`` or a loss scale shared by all
-ranks): rank r's backward uses its own grad_loss for the terms that other ranks' losses contribute to
-its rows. Only the rows and one float per row (scale_k, W * 2N floats) cross the wire; no rank
-materialises another rank's statistics.
+``nt_xent(z1, z2, temperature)`` returns the paper's L: the rows L2-normalised as F.normalize does, each of the
+2N anchors scoring the 2N - 1 others, the mean over anchors of ``-log softmax`` of the positive. With unit rows
+every logit is at most 1/tau, so a fixed shift replaces the running maximum: one exp per pair in the forward
+(the negatives' sum per row) and in the backward (both probabilities from one exp), the positive's term computed
+apart and exactly, so the loss and its gradient keep float32's relative precision for near-duplicate views.
+Two backends share five functions (``normalize``, ``row_negatives``, ``positive_stats``, ``row_grad``,
+``input_grad``): the fused Triton kernels (``ntxent_triton``, CUDA) and ``ntxent_chunked`` (PyTorch, bounded
+memory). Under torch.distributed the columns are every rank's rows and averaging gradients over ranks gives the
+global-batch gradient exactly. The derivation, precision, temperature floor and distributed contract:
+docs/design.md (*The loss*).
 """
 
 from __future__ import annotations

@@ -1,44 +1,13 @@
 """Fused Triton backend of ``model.ntxent``: the loss and its gradient without the rows x columns matrix.
 
-Same five functions, same semantics as ``model.ntxent_chunked`` (see there and ``model/ntxent.py``'s
-docstring), one kernel each:
-- ``normalize``: rows = [z1; z2] / max(||.||, eps) in float32 (IEEE sqrt and division), their copy in
-  the inputs' dtype for the products, the norms.
-- ``row_negatives``: per row k, the sum over its negatives j (not its own column, not its positive) of
-  E_kj = exp(s_kj/tau - 1/tau) <= 1 (unit rows; fixed shift, one exp per pair, no running max).
-  Flash-attention style: a program takes a block of rows and loops over a range of column blocks, the
-  scores tile lives in registers only.
-- ``positive_stats``: merges the column splits, and the exact positive term per row (float32).
-- ``row_grad``: per row k, the sum over the same j of E_kj (scale_k + scale_j) c_j = sum (p_kj + p_jk) c_j.
-  The output's d dimension can be split across programs (BLOCK_D): each program recomputes its scores,
-  so d = 2048 needs no (rows x d) tile per program.
-- ``input_grad``: merges the splits, adds the positive pair's term, applies the normalisation's backward
-  and writes the inputs' dtype.
-
-Filling the GPU: the columns are split too. A program of ``row_negatives``/``row_grad`` handles (row
-block, column split[, d slice]), and its partial sums land in a (splits, m[, d]) float32 buffer that the
-next kernel adds in split order (deterministic: resumed runs stay bit-identical; no float atomics).
-``launch_grid`` picks the tiles (``CUDA_TILES``) and the number of splits so that every launch has at
-least 2 programs per SM, the splits as even as whole tiles allow, in whole waves of the device's SMs (the
-split count that ends the launch soonest, ``_whole_wave_split``); it is a pure function of the sizes, so
-the grid can be checked without a GPU.
-
-Precision: statistics and accumulators are float32 (float64 for float64 inputs, as
-``model.ntxent_common.accumulation_dtype`` has it). 16-bit inputs go to ``tl.dot`` as 16-bit operands (tensor
-cores, float32 accumulation); the gradient's weights are rounded to the inputs' dtype for the second
-product, as flash attention does with P (float16 weights are scaled by 2^14 first, an exact power of
-two, so that weights down to ~1e-9 stay normal float16 numbers; it is divided out of the float32
-accumulator). Float32 inputs multiply in exact float32 ("ieee", FMA units) unless the caller passes
-``float32_matmul_precision="tf32"`` (tensor cores, ~1e-3 relative error per logit).
-
-Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before
-``triton`` is imported), with the small ``INTERPRETER_TILES`` so that tests cover several row, column,
-K and d tiles and several column splits with few rows. Two interpreter differences are bridged: its
-``tl.dot`` multiplies the raw bit patterns of bfloat16 (numpy has no bfloat16: it stores them as
-uint16), so 16-bit tiles are widened to float32 before each product (exact: a product of two 16-bit
-floats is exact in float32); and its float32 -> 16-bit conversion truncates where the GPU rounds to
-nearest, so values are rounded first (``_round_to_nearest``) and interpreted runs see the GPU's 16-bit
-values. The interpreter ignores ``input_precision``: its "tf32" is exact float32.
+The same five functions and semantics as ``model.ntxent_chunked``, one kernel each, flash-attention style (a
+program takes a block of rows and loops over column blocks; the scores tile lives in registers only). The
+columns are split across programs too, so every launch has at least 2 programs per SM (``launch_grid``, a pure
+function of the sizes, testable without a GPU), and the splits' partial sums are merged in a fixed order:
+deterministic, no float atomics, resumed runs bit-identical. 16-bit inputs feed the tensor cores with float32
+accumulation; float32 inputs multiply exactly unless ``float32_matmul_precision="tf32"``. It also runs on CPU
+tensors under ``TRITON_INTERPRET=1`` (small ``INTERPRETER_TILES``; two interpreter differences bridged). Each
+kernel, the precision rules and the interpreter's differences: docs/design.md (*The Triton backend*).
 """
 
 from __future__ import annotations

@@ -1,46 +1,12 @@
 """SimCLR augmentations as DALI graph fragments: one definition for the ``cpu`` and ``gpu`` backends.
 
-A view is ``crop -> flip -> colour jitter (p) -> grayscale (p) -> blur (p) -> normalise``, with the
-parameters of the official SimCLR code (``AugmentConfig``). The functions here take and return DALI
-``DataNode`` s and must be called inside a DALI pipeline definition built with
-``enable_conditionals=True``: the random choices are per-sample ``if`` statements, so a sample only
-pays for the operators it goes through.
-
-The colour stage (jitter, grayscale) has the official code's ``tf.image`` semantics (``random_color_jitter``
-of google-research/simclr ``tf2/data_util.py``; the tests compare it with TensorFlow's own outputs,
-tests/goldens/tf_colour.py): brightness (multiplicative, ``brightness_impl='simclrv2'``; additive
-``'simclrv1'``), ``adjust_contrast`` (pivot: each channel's mean of the image at that point),
-``adjust_saturation`` and ``adjust_hue`` in HSV, the four in a random order per image with a clip to [0, 1]
-after each, then ``rgb_to_grayscale``; float between the ops, rounded to uint8 once. DALI's own ``hsv`` /
-``saturation`` / ``hue`` operators are one linear map in YIQ, not HSV, so neither backend uses them:
-- on the CPU the whole colour stage (jitter, grayscale and the flip) is one compiled operator
-  (``colour_cpu``, DALI's ``numba_function``): DALI's CPU operators cost about a microsecond per sample
-  each however little they compute, and a per-image order with a clip after each op is no single operator;
-- on the GPU it is one Triton kernel over the batch (``colour_gpu``, called by ``dl_tensor_python_function``
-  on DALI's stream), the flip fused into the final normalisation.
-- the crop is the official code's: TensorFlow's ``sample_distorted_bounding_box`` (``pipeline/crop.py``, run by
-  the view's plan operator from the image's shape; an integer height drawn uniformly, so
-  small crops are more frequent than with a uniform area; no crop below 0.1 of the image; after 100 failed
-  attempts the whole image), then ``fn.resize`` of that window (bicubic, no antialiasing). DALI's
-  ``random_resized_crop`` (uniform area, log-uniform aspect: the paper's text) is ``crop_sampler='uniform_area'``.
-- the blur is the official ``gaussian_blur``: a horizontal then a vertical pass with zero (SAME) padding
-  (``blur_padding='reflect'``: reflect-101), on both backends two 1-D ``fn.filter`` passes with the per-sample
-  Gaussian (DALI's ``gaussian_blur`` has no zero padding; on the CPU it is also 5-9x slower). The kernel is
-  truncated at 4 sigma inside the official window (23 taps at 224 px): the weights left out are < 1e-4 of its
-  mass (within 0.07 levels of TensorFlow's, tests/test_geometry.py). The blurred view goes to the normalisation
-  unrounded (float). One sigma per view (the official TF2 code draws one per batch, ``batch_random_blur``).
-  On the CPU only the blurred views are filtered, with their radius's taps; on the GPU every view is (an
-  unblurred view's kernel is the identity, exact), so that no per-sample branch costs CPU operators.
-- every per-sample decision of a view (its draws, its crop window from the image's shape, its blur taps) comes
-  from one compiled CPU operator (``view_plan``) fed by one DALI random operator: on the CPU each DALI
-  operator costs about a microsecond per sample however little it computes, and the loader takes the shape
-  from the encoded image (``fn.peek_image_shape``), so that work does not wait for the decoder.
-Images are uint8 HWC between operators; the flip commutes with every colour operator: on the GPU it is
-fused into the final normalisation, on the CPU into the compiled colour stage. The normalisation is
-ImageNet's mean and std per channel, which the official code does not apply (it feeds [0, 1] values): a
-per-channel affine map before the first convolution, which that convolution and its batch norm absorb (the
-same function class; only the zero padding at the borders and the initial scale of the inputs differ).
-"""
+A view is the official SimCLR code's ``crop -> flip -> colour jitter (p) -> grayscale (p) -> blur (p) -> normalise``
+(``AugmentConfig``), with ``tf.image`` semantics that the tests compare with TensorFlow's own outputs. The functions
+take and return DALI ``DataNode`` s inside a pipeline built with ``enable_conditionals=True``, so a sample only pays
+for the operators its coins choose; per-sample work that DALI would spread over dozens of operators runs as one
+compiled operator per view: the view's plan (``view_plan``: its draws, its crop window from the encoded image's
+shape, its blur taps), the colour stage (``colour_cpu`` on the CPU, one Triton kernel, ``colour_gpu``, on the GPU).
+Each stage, how it matches TensorFlow and why it is built so: docs/design.md (*The view*)."""
 
 from __future__ import annotations
 

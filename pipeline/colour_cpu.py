@@ -1,35 +1,13 @@
 """The colour stage of a SimCLR view on DALI's CPU backend as one compiled operator (``numba_function``).
 
-What it computes is the official code's ``random_color_jitter`` (google-research/simclr, ``tf2/data_util.py``)
-with ``tf.image`` semantics, on float32 values in [0, 1] (``x / 255``), from the view's uniforms
-(``view_plan.ViewPlan.uniform``):
-- colour jitter with probability ``jitter_prob`` (0.8): brightness, contrast, saturation and hue in a random
-  order per image (``color_jitter_rand``: the op with the smallest order key first), clipped to [0, 1] after
-  each op;
-  - brightness ``x * f`` (``brightness_impl='simclrv2'``, the official default) or ``x + delta``
-    (``'simclrv1'``: ``tf.image.adjust_brightness``);
-  - contrast ``(x - m) f + m``, ``m`` each channel's mean of the image as it is at that point
-    (``adjust_contrast``; ``contrast_per_channel=False``: one mean over all channels);
-  - saturation as ``adjust_saturation``: HSV's S scaled by ``f`` and clipped to [0, 1], H and V (the max
-    channel) kept. Written in closed form, each channel is ``v - (v - x) min(f, v / (v - min))``: the same
-    value as TF's hexcone round trip (to float32 rounding), without its six-way branch;
-  - hue as ``adjust_hue``: the hexcone hue shifted by ``delta`` turns, min and max of the pixel kept
-    (``rgb_to_hv_range`` / ``hv_range_to_rgb`` of TF's kernel, the middle channel recomputed);
-- grayscale with probability ``gray_prob`` (0.2; independent of the jitter's coin, as the official code):
-  ``rgb_to_grayscale``'s ``0.2989 R + 0.5870 G + 0.1140 B`` in all three channels;
-- the flip (``flip_prob``), fused: the pixels are written mirrored.
-Values stay float between the ops and are rounded to uint8 once, at the end (half up). uint8 HWC in, uint8
-HWC out (same shape). The tests compare it with TensorFlow's own ops (tests/goldens/tf_colour.py).
-
-Why one compiled operator: on the CPU, DALI runs every operator sample by sample with a fixed cost of about a
-microsecond per sample and operator, however little it computes, and a random order with a clip after each
-op cannot be one affine map (what DALI's operators could have done cheaply). Here the whole stage is one
-per-sample function compiled by Numba and run by DALI's ``numba_function`` operator (no Python, no GIL,
-inside DALI's thread pool). The GPU runs the same algorithm as a Triton kernel (``colour_gpu``).
-
-``colour_params(cfg)`` is the operator's second input: the coins' probabilities, the draws' ranges and the
-two switches, so that one compiled function serves every configuration. The uniforms' layout is ``colour_spec``'s,
-read from the end of each view's vector (``view_plan.ViewPlan.uniform``: the crop's seed comes first).
+It computes the official code's ``random_color_jitter`` with ``tf.image`` semantics (brightness, contrast,
+saturation and hue in a random order per image with a clip after each, then grayscale, then the flip, float
+between the ops and rounded to uint8 once) from the view's uniforms (``colour_spec``, ``view_plan``);
+the tests compare it with TensorFlow's own ops. Why one compiled operator: DALI's CPU executor costs about a
+microsecond per sample and operator however little the operator computes, and a random order with a clip after
+each op is no single affine map; here the whole stage is one per-sample function compiled by Numba and run in
+DALI's thread pool (no Python, no GIL). ``colour_params(cfg)`` is its second input, so one compiled function
+serves every configuration. The ops one by one: docs/design.md (*The view*).
 """
 
 from __future__ import annotations

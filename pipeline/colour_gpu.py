@@ -1,38 +1,13 @@
 """The colour stage of a SimCLR view on the GPU: one Triton kernel over the batch, inside the DALI pipeline.
 
-Same semantics, same uniforms and same parameters as the CPU's compiled stage (``colour_cpu``: see its
-docstring for the ``tf.image`` ops it reproduces): colour jitter (p) with the four ops in the order of the
-view's order keys and a clip to [0, 1] after each, grayscale (p) with ``rgb_to_grayscale``'s weights, float32
-between the ops, rounded to uint8 once. The flip is not applied here: ``augment.colour_stage`` hands its coin
-to the final normalisation (``crop_mirror_normalize``'s ``mirror``), as the GPU pipeline always did.
-
-Why a kernel of our own: DALI's ``hsv``, ``saturation`` and ``hue`` operators are one linear map in YIQ (a
-chroma scale and rotation), not the HSV hexcone of ``adjust_saturation`` / ``adjust_hue``; and a random order
-with a clip after each op is not an affine map either. Why Triton (decided on paper: no GPU was available
-to measure; the figures below are estimates, not measurements):
-- one launch per batch, one program per image (``grid = (N,)``): a program streams its image twice in blocks
-  of ``BLOCK`` pixels, the first pass summing the channels of the image as it is just before the contrast op
-  (the pivot ``adjust_contrast`` needs: the mean of the current image), the second applying all four ops and
-  the grayscale and storing uint8. At 224 px and 256 views that is ~115 MB of traffic, ~0.1-0.2 ms on an
-  H100 at a third of its bandwidth;
-- torch ops on the batch would need ~50 element-wise kernels per call with float32 intermediates (HSV's
-  branches as ``where`` chains, the four ops evaluated at each of the four positions for a per-image order):
-  ~15 GB of traffic per call at 224 px, milliseconds;
-- DALI's GPU ``numba_function`` launches its kernel once per sample (``batch_processing`` is CPU-only in DALI
-  2.4), one image per launch in one stream: the contrast mean needs the whole image in one block, so 512
-  serial single-block launches per batch; it also needs ``numba-cuda``, not in the lock;
-- Triton is already a dependency (the fused loss) and runs under ``TRITON_INTERPRET=1`` on CPU tensors, so
-  the kernel itself is tested against TensorFlow's outputs without a GPU (tests/test_colour_tf.py).
-Compiled for an H100 ahead of time (sm_90a, no GPU; bench/triton_sm90.py): 122 registers, no spill (Triton 3.8);
-128 registers, 20 B of spill stores (3.6); 16 B of shared memory, 4 CTAs of 4 warps per SM (25%, register-bound).
-The kernel is called through DALI's ``dl_tensor_python_function`` (``batch_processing=True``: the whole batch
-at once, as DLPack tensors, zero-copy into torch). It runs on DALI's own CUDA stream (``current_dali_stream``,
-``synchronize_stream=False``): DALI orders it after the crop and before the blur with no host synchronisation.
-With DALI 2.4's default (dynamic) executor, prefetching and ``enable_checkpointing`` as the loader builds its
-pipelines, the operator runs and restores from a checkpoint on the CPU backend (checked here, under the
-interpreter); on the GPU backend this is unverified (no GPU was available). The host cost is the Python call
-under the GIL, ~N DLPack conversions and a ``torch.stack`` per call (estimate: 1-2 ms per 256 views, against
-a ~100 ms training step of a ResNet-50 at 224 px).
+Same semantics, uniforms and parameters as the CPU's compiled stage (``colour_cpu``), the flip left to the final
+normalisation. Why a kernel of our own: DALI's colour operators are a linear map in YIQ, not ``tf.image``'s HSV
+hexcone, and a per-image order with a clip after each op is no affine map; Triton because it is one launch per
+batch (one program per image, two passes for the contrast's mean), already a dependency, and testable on the CPU
+under ``TRITON_INTERPRET=1`` (decided on paper: no GPU was available). It runs through DALI's
+``dl_tensor_python_function`` on DALI's own CUDA stream, with no host synchronisation. The alternatives'
+estimated costs, its compiled resources and what is unverified on a GPU: docs/design.md (*The GPU colour
+kernel*).
 """
 
 from __future__ import annotations

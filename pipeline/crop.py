@@ -1,24 +1,12 @@
-"""The official SimCLR crop window: TensorFlow's ``sample_distorted_bounding_box`` as one compiled DALI operator.
+"""The official SimCLR crop window: TensorFlow's ``sample_distorted_bounding_box``, compiled into the view's plan.
 
-The official code (google-research/simclr ``crop_and_resize``) draws each view's crop with
-``tf.image.sample_distorted_bounding_box(shape, bbox=whole image, min_object_covered=0.1, aspect_ratio_range=(3/4,
-4/3), area_range=(0.08, 1), max_attempts=100)``. Its kernel (tensorflow/core/kernels/image/
-sample_distorted_bounding_box_op.cc, ``GenerateRandomCrop``), per attempt: an aspect ratio ``r`` drawn linearly in
-the range; the height bounds ``lrintf(sqrt(area / r))`` of the smallest and largest area, the largest lowered until
-``lrintf(h r)`` fits the width and capped at the image's height; an integer height drawn uniformly between them
-(so the area's density falls as ~1/sqrt(a), not DALI's or torchvision's uniform area), ``w = lrintf(h r)``; one
-step up or down when rounding left the area range; the corner drawn uniformly in ``[0, H - h)`` x ``[0, W - w)``
-(TensorFlow's ``Uniform(n)`` is in [0, n): a crop touches the bottom or right edge only when it spans the whole
-side). The attempt is kept when the crop also covers ``min_object_covered`` of the box, here the whole image: so
-with the official 0.1 the smallest area is 0.1 of the image, not 0.08. After 100 failed attempts: the whole image.
-
-``view_plan.crop_window(shape, cfg)`` runs that per sample on the CPU (inside the view's plan operator,
-``view_plan``: DALI's ``numba_function``, float32 arithmetic and
-round-half-even like ``lrintf``) from the image's shape and a per-sample seed (two DALI uniforms: DALI's random
-operators are checkpointed with the pipeline, so a resumed loader draws the same crops), and returns the window as
-absolute ``(start, end)`` in (y, x): the same window serves ``fn.resize``'s ROI (decode, then crop; CPU or GPU) and
-``fn.decoders.image_slice`` (ROI decode).
-"""
+The official ``crop_and_resize`` draws each view's window with TensorFlow's kernel (an integer height drawn
+uniformly, so the area's density falls as ~1/sqrt(a); no crop below 0.1 of the image; the whole image after 100
+failed attempts), which no DALI operator reproduces. ``tf_crop_window`` is that kernel's arithmetic, run per sample
+on the CPU inside the view's plan operator (``view_plan.crop_window``; DALI's ``numba_function``, float32 and round-
+half-even like ``lrintf``) from the image's shape and two DALI uniforms (checkpointed with the pipeline, so a
+resumed loader draws the same crops), and returns absolute ``(start, end)`` in (y, x) for ``fn.resize``'s ROI or ROI
+decoding. The kernel step by step: docs/design.md (*The crop window*)."""
 
 from __future__ import annotations
 

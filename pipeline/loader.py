@@ -1,41 +1,12 @@
 """DALI loaders over WebDataset shards, yielding torch tensors on the training device.
 
-One loader class, ``DaliLoader``, parametrised by its view of each sample:
-- ``TwoViews(augment)``: ``(view1, view2)``, two independent SimCLR views of each image (pretraining);
-  ``LabelledTwoViews(augment)``: ``(view1, view2, labels)`` (SupCon, the online probe);
-- ``AugmentedView(augment)``: ``(images, labels)``, one augmented view (``classifier_augment``: random
-  resized crop + flip, the paper's linear-evaluation and fine-tuning augmentation), for classifiers;
-- ``UnlabelledView(augment)``: ``(images,)``, one augmented view without label (distillation);
-- ``EvalView(size)``: ``(images, labels)``, resize + centre crop, for feature extraction.
-
-Every loader can read a subset of the samples (``keys``): DALI's reader follows the index beside each
-tar, so the loader writes filtered copies of the indexes to a temporary directory and points DALI at
-them; no image data is copied.
-
-It reads with DALI's webdataset reader, sharded by rank (``shard_id``/``num_shards``, e.g. from
-Accelerate's ``process_index``/``num_processes``), and decodes on the GPU ("mixed") or the CPU by one
-argument, ``device``. Images come out channels-last: an NCHW tensor whose memory is NHWC.
-
-Epoch semantics (per global run, every rank together):
-- ``train=True``: each epoch, the shard order is reshuffled and the samples split into
-  ``num_shards`` contiguous parts; every rank takes ``steps_per_epoch = min part // batch_size``
-  batches. Every sample is seen at most once per epoch; the few samples of each part beyond the last
-  full batch are dropped *for that epoch only* (the order changes every epoch, so different samples
-  are dropped). All ranks take the same number of steps, as DDP requires.
-- ``train=False``: every sample exactly once per epoch across ranks; a rank's last batch may be partial
-  (padding is removed), and ranks may differ by one sample.
-Shuffling: the shard order is reshuffled every epoch (first from ``seed``, then by DALI's
-``shuffle_after_epoch`` with a seed shared by all ranks, so the ranks' parts stay disjoint), and samples
-are shuffled within a buffer of ``shuffle_buffer`` samples (DALI's reader shuffles locally, which is why
-the shard writer shuffles the sample order once when writing).
-
-A training loader keeps one DALI pipeline for the whole run: no epoch waits for a new pipeline's
-decoder start-up and shuffle-buffer fill. It stays exact because the reader pads every rank's part to
-whole batches with its last sample (``pad_last_batch``: DALI's shuffle buffer then never mixes two
-epochs) and the iterator hands over every batch of the reader's epoch (``PARTIAL``): the loader yields
-the first ``steps_per_epoch`` of them (real samples only: the padding comes after them) and drains the
-rest (at most the remainder and the padding, one or two batches), so that every rank starts the next
-epoch aligned. Member extensions match case-insensitively (``.JPEG`` as ImageNet names them).
+One loader class, ``DaliLoader``, parametrised by its view of each sample (``TwoViews`` for pretraining,
+``AugmentedView`` for classifiers, ``EvalView`` for feature extraction), reading with DALI's webdataset reader
+sharded by rank and decoding on the GPU or the CPU by one argument. A training loader keeps one DALI pipeline
+for the whole run, so no epoch waits for a decoder start-up or a shuffle-buffer refill, and stays exact: every
+sample at most once per epoch, every rank the same number of steps (the reader pads each part to whole batches
+and the loader drains the padding). Subsets are read through filtered copies of the DALI indexes, with no image
+copied. Epoch and shuffling semantics in full: docs/design.md (*The loader*).
 """
 
 from __future__ import annotations

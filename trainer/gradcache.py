@@ -1,25 +1,11 @@
-"""Gradient caching (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory Limited
-Setup"): batches larger than memory, with the exact NT-Xent gradient of the whole batch.
+"""Gradient caching (Gao et al. 2021): batches larger than memory, with the exact NT-Xent gradient of the batch.
 
-``cached_forward_backward`` splits a process's N images into k = ceil(N / M) micro-batches of at most M
-images per view (near-equal sizes, ``tensor_split``) and runs:
-
-1. ``forward (no grad)``: every micro-batch through the model without autograd, saving the RNG state in
-   front of each one; the projections are cached (2N x d, a few MB even at N = 4,096).
-2. ``loss``: NT-Xent over all 2N cached projections (and every process's, as ``nt_xent`` gathers them),
-   and its gradient dL/dz with respect to each cached projection.
-3. ``forward + backward (micro-batch)``: each micro-batch again, with autograd, from its saved RNG state
-   (drop-path, stochastic depth and dropout draw exactly what they drew in pass 1, so the re-computed
-   projections are bitwise those of pass 1), then ``z.backward(dL/dz of its rows)``. Under DDP every
-   micro-batch but the last runs in ``no_sync``: one gradient all-reduce per step.
-
-Peak memory is that of one micro-batch's forward + backward (2M images), not of the batch; the price is a
-second forward (~1.3x the compute of a plain step).
-
-Batch norm: each micro-batch is normalised with its own statistics ("ghost" BN over its 2M views; across
-processes with global BN, 2M x processes). Pass 1 leaves the running statistics untouched; pass 2
-updates them ONCE per step, with the mean of the k micro-batches' statistics (each image counted once) and
-the layer's own momentum, so their decay per step is that of a plain step (``RunningStatsOnce``).
+``cached_forward_backward`` runs every micro-batch of at most M images per view through the model without
+autograd (saving the RNG state before each), takes the loss and its gradient with respect to all 2N cached
+projections at once (every process's negatives included), then recomputes each micro-batch with autograd from
+its saved RNG state and back-propagates its rows' cached gradient (one all-reduce per step under DDP). Peak
+memory is one micro-batch's, for a second forward; batch norm is ghost BN per micro-batch, its running
+statistics updated once per step (``RunningStatsOnce``). The passes in detail: docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
-"""What the shard writer does to each image before it is stored. Runs in the writer's worker processes, so it
-imports nothing but PIL and numpy (a spawned worker that imported torch would cost ~700 MB and seconds).
+"""What the shard writer does to each image before it is stored (``prepare_file``, ``prepare_pixels``).
 
-The policy (``prepare_file`` for files, ``prepare_pixels`` for raw arrays such as CIFAR's):
-- a *baseline* JPEG (SOF0), RGB or grayscale, without an EXIF rotation and within the size limit is stored
-  byte-identical: no generation loss, and nvJPEG's hardware decoder takes it as it is;
-- every other image PIL opens -- PNG, WebP, GIF (first frame), TIFF, BMP, PNM, progressive, CMYK or
-  arithmetic-coded JPEG, palette, 16-bit, with alpha -- is decoded, turned upright by its EXIF orientation,
-  converted to RGB (grayscale stays one channel; alpha is dropped, as ``convert("RGB")`` does in torchvision's
-  and timm's folder loaders; 16-bit samples are scaled by 255/65535) and re-encoded as a baseline JPEG at
-  ``quality`` with ``subsampling`` chroma ('auto', the default: a JPEG's own subsampling, 4:4:4 for every
-  other source, so re-encoding never subsamples colour the source had at full resolution);
-- ``max_side`` / ``shorter_side`` shrink larger images at write time (Lanczos; JPEGs are first reduced by
-  libjpeg's DCT scaling where that stays above the target), so every epoch decodes fewer pixels (FFCV's
-  ``max_resolution``). Images are never enlarged.
-Raw pixels are encoded as JPEG (``quality``, ``subsampling``) or PNG (lossless), by ``pixel_format``.
+Baseline JPEGs within the limits are kept byte-identical (no generation loss, nvJPEG's hardware path takes
+them); everything else PIL opens is decoded, turned upright, converted to RGB and re-encoded as a baseline JPEG
+(or PNG for raw pixels, by ``pixel_format``), optionally shrunk at write time so every epoch decodes fewer
+pixels. Runs in the writer's worker processes, so it imports nothing but PIL and numpy (a worker that imported
+torch would cost ~700 MB and seconds). The rules case by case: docs/data.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
-"""The shard set on disk, read side: WebDataset tars, their DALI indexes, class names and the set's record;
-shard names, sample keys, indexes, labels and source paths. Writing shards lives in ``pipeline.shards.writer``,
-checking them in ``pipeline.shards.verify``.
+"""The shard set on disk, read side: WebDataset tars, their DALI indexes, class names and the set's record.
 
-A shard is a POSIX tar of samples, each three members sharing the sample's key:
-- ``{key}.jpg`` (or ``.png`` for raw pixels stored losslessly): the image;
-- ``{key}.cls``: the label as ASCII digits (the WebDataset convention); labelled sets only;
-- ``{key}.json``: ``{"path": SOURCE_PATH}``, where the sample came from (a path relative to the source
-  folder or list, ``data_batch_3/01234`` for CIFAR, the index for arrays).
-Beside each ``NAME.tar`` lies ``NAME.idx``, DALI's index (format v1.2), so DALI's reader never scans tars
-at start-up; beside the set a ``classes.json`` (labelled sets: class names in label order) and a
-``shardset.json`` (what was written from what, how images were stored, per-shard progress: the journal
-that lets an interrupted ``write`` resume).
-
-Keys. WebDataset cuts a key at the first dot of a member's base name and DALI's index is split at
-spaces, so a key derived from a source path escapes every byte of its UTF-8 form outside
-``[A-Za-z0-9_-/]`` as ``%XX`` (uppercase hex): ``n01440764/n01440764_10026.JPEG`` ->
-``n01440764/n01440764_10026%2EJPEG``, ``my photos/é.png`` -> ``my%20photos/%C3%A9%2Epng``. The rule is
-injective (distinct paths give distinct keys), stable, and ``key_path`` reverses it.
+Shard names, sample keys, indexes, labels and source paths, so that every reader (loader, verify, evaluation
+subsets) agrees on one format: each sample is a ``.jpg`` (or ``.png``), an optional ``.cls`` label and a ``.json``
+with its source path, under a key escaped from that path (injective, stable, reversed by ``key_path``); each tar
+has DALI's ``.idx`` beside it, and the set a ``classes.json`` and a ``shardset.json``. Writing lives in
+``pipeline.shards.writer``, checking in ``pipeline.shards.verify``. The format in full: docs/data.md.
 """
 
 from __future__ import annotations
