@@ -161,7 +161,7 @@ def estimate_bytes(method: str, two_n: int, d: int, dtype: str) -> int:
     if method in ("reference", "compiled"):
         return 4 * two_n**2 * _itemsize(dtype) + vectors
     if method == "chunked":
-        from ..model.ntxent import CHUNK_BYTES
+        from ..model.ntxent_chunked import CHUNK_BYTES
 
         return 3 * min(CHUNK_BYTES, 8 * two_n**2) + vectors
     return vectors
