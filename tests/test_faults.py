@@ -165,6 +165,7 @@ def no_heavy_work(monkeypatch):
 # --------------------------------------------------------------------------- run identity
 
 
+@pytest.mark.slow
 def test_two_runs_in_one_directory_never_touch_each_other(shards, tmp_path, capsys):
     out = tmp_path / "shared"
     assert run_train(out, shards, max_steps=3, checkpoint_every=1, keep_checkpoints=5) == 0
@@ -248,6 +249,7 @@ def test_every_file_and_the_directory_are_fsynced_before_the_rename(shards, tmp_
         assert sorted(os.listdir(final)) == sorted([*FILES, "manifest.json"])
 
 
+@pytest.mark.slow
 def test_a_crash_between_write_and_rename_leaves_no_visible_partial(shards, tmp_path, reference, capsys):
     out = tmp_path / "crash"
     config = write_config(tmp_path / "crash.yaml", shards, output_dir=str(out), checkpoint_every=1)
@@ -712,6 +714,7 @@ def test_sigterm_under_torchrun_at_seeded_steps_resumes_bit_identical(shards, tm
     assert history(out) == history(reference) and [h[0] for h in history(out)] == [0, 5, 10, 12]
 
 
+@pytest.mark.slow
 def test_sigterm_while_an_evaluation_is_due(shards, tmp_path, reference, monkeypatch, capsys):
     """The signal arrives as step 5 (an evaluation step) is fetched: step 5 is checkpointed, the evaluation is not run
     (it could outlast the launcher's grace period) and the resumed run evaluates first. A signal during an evaluation
