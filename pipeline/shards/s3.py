@@ -132,10 +132,18 @@ def explain(error: Exception, bucket: str, key: str, action: str) -> ObjectStore
         if code in _MISSING_CODES:
             return ObjectStoreError(f"{action} {where}: no such object")
         return ObjectStoreError(f"{action} {where}: {code or 'error'}: {_scrub(str(error))}")
+    return unavailable(error, bucket, key, action, RETRY_SECONDS)
+
+
+def unavailable(error: Exception, bucket: str, key: str, action: str, seconds: float) -> ObjectStoreError:
+    """The store kept failing transiently (no answer, 5xx, throttling) for ``seconds`` of retries."""
+    from botocore.exceptions import ClientError
+
     endpoint = os.environ.get("AWS_ENDPOINT_URL", "the AWS endpoint")
+    what = error.response.get("Error", {}).get("Code", "") if isinstance(error, ClientError) else ""
     return ObjectStoreError(
-        f"{action} {where}: the store at {_scrub(endpoint)} did not answer ({type(error).__name__}) "
-        f"within {RETRY_SECONDS:g} s of retries; check that it is up (AWS_ENDPOINT_URL)"
+        f"{action} s3://{bucket}/{key}: the store at {_scrub(endpoint)} did not answer ({what or type(error).__name__})"
+        f" within {seconds:g} s of retries; check that it is up (AWS_ENDPOINT_URL)"
     )
 
 
@@ -144,14 +152,17 @@ def retrying(call: Callable[[], T], bucket: str, key: str, action: str, seconds:
     ``RETRY_SECONDS``); any other fault, or the last transient one, raised as an ``ObjectStoreError``."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    deadline = time.monotonic() + (RETRY_SECONDS if seconds is None else seconds)
+    seconds = RETRY_SECONDS if seconds is None else seconds
+    deadline = time.monotonic() + seconds
     backoff = FIRST_BACKOFF
     while True:
         try:
             return call()
         except (BotoCoreError, ClientError) as error:
-            if not _is_transient(error) or time.monotonic() + backoff > deadline:
+            if not _is_transient(error):
                 raise explain(error, bucket, key, action) from None
+            if time.monotonic() + backoff > deadline:
+                raise unavailable(error, bucket, key, action, seconds) from None
         time.sleep(backoff)
         backoff = min(2 * backoff, MAX_BACKOFF)
 
