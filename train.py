@@ -68,6 +68,7 @@ from .trainer.run import (
     tracker_project,
 )
 from .trainer.session import STOPS, BadData, Session, stopped
+from .trainer.step import train_step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +158,7 @@ def setup(cfg, accelerator, consensus, preemption, log) -> Session:
 def train(t: Session) -> Exception | None:
     """The loop: every rank fetches its batch, all agree to go on (preemption, bad data, the clock), one step;
     then whatever is due (meters, a checkpoint, an evaluation after it). Returns why it stopped early, if it did."""
-    state, plan, consensus, preemption = t.state, t.plan, t.consensus, t.preemption
+    cfg, state, plan, consensus, preemption = t.cfg, t.state, t.plan, t.consensus, t.preemption
     try:
         t.monitor.catch_up(state, plan)  # at step 0, or the evaluation a preemption skipped
         t.clock.restart()
@@ -173,7 +174,8 @@ def train(t: Session) -> Exception | None:
                 raise BadData(consensus.all_gather_json(data_error))
             if agreed.out_of_time:
                 t.end_early(state.step + 1)
-            out = t.step(views)
+            view1, view2, *labels = views  # labels: from labelled shards (SupCon, the online probe)
+            out = train_step(t.forward, t.optimizer, view1, view2, cfg, t.accelerator, *labels, probe=t.online_probe)
             step = t.after_step(out)
             if t.meters.due(step):
                 t.health.raise_if_bad(t.accelerator)

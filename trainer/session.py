@@ -20,7 +20,6 @@ from .monitor import EvalMonitor
 from .plan import StepPlan
 from .preemption import Preempted, Preemption
 from .run import Run, RunLog
-from .step import train_step
 
 
 class BadData(SimclrError):
@@ -112,13 +111,6 @@ class Session:
                 break
         self.meters.end_wait()
         return views, error
-
-    def step(self, views) -> Any:
-        """One optimiser update on a batch: ``(view1, view2)``, or ``(view1, view2, labels)`` from labelled shards."""
-        view1, view2, *labels = views
-        return train_step(
-            self.forward, self.optimizer, view1, view2, self.cfg, self.accelerator, *labels, probe=self.online_probe
-        )
 
     def out_of_time(self) -> bool:
         return bool(self.cfg.max_train_minutes) and self.clock.elapsed() >= 60 * self.cfg.max_train_minutes
