@@ -378,9 +378,7 @@ def test_a_crafted_pickle_is_never_executed(two_steps, tmp_path, capsys, data_fo
 
 
 def test_non_finite_parameters_after_a_finite_loss_step_are_not_checkpointed(shards, tmp_path, monkeypatch, capsys):
-    from simclr_dali.trainer import session  # the loop's step: Session.step calls session.train_step
-
-    real_step, losses = session.train_step, []
+    real_step, losses = train.train_step, []
 
     def poisoned_step(model, *args, **kwargs):
         out = real_step(model, *args, **kwargs)
@@ -391,7 +389,7 @@ def test_non_finite_parameters_after_a_finite_loss_step_are_not_checkpointed(sha
                 weight[(0,) * weight.dim()] = float("nan")
         return out
 
-    monkeypatch.setattr(session, "train_step", poisoned_step)
+    monkeypatch.setattr(train, "train_step", poisoned_step)
     out = tmp_path / "nan"
     assert run_train(out, shards, checkpoint_every=1, keep_checkpoints=1, log_every=100) == 3
     assert all(torch.isfinite(torch.tensor(losses)))
