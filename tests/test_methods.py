@@ -199,7 +199,7 @@ def test_probe_is_on_for_labelled_shards_and_off_otherwise(tmp_path):
     assert not probe_enabled(dataclasses.replace(cfg, online_probe=False))[0]
     off, why = probe_enabled(dataclasses.replace(cfg, micro_batch=4))
     assert not off and "micro-batches" in why
-    off, why = probe_enabled(dataclasses.replace(cfg, data_loader="torchvision"))
+    off, why = probe_enabled(dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, kind="torchvision")))
     assert not off and "torchvision" in why
     unlabelled = unlabelled_shards(tmp_path / "unlabelled", 8)
     cfg = TrainConfig(train_shards=str(unlabelled))

@@ -194,8 +194,8 @@ def test_server_restarted_mid_epoch_is_retried(s3_env, id_shards):
 
 def test_server_that_does_not_come_back_is_a_clear_error(s3_env, id_shards, monkeypatch):
     url = uploaded(s3_env, id_shards, "ids")
+    monkeypatch.setattr(s3, "RETRY_SECONDS", 2.0)  # before the loader: its fetch threads start at once
     loader = train_loader(url, in_flight=1)
-    monkeypatch.setattr(s3, "RETRY_SECONDS", 2.0)
     s3_env.stop()
     try:
         with pytest.raises(ObjectStoreError, match=r"did not answer .* within 2 s of retries; check that it is up"):
