@@ -157,10 +157,10 @@ class TrainingLoop:
             if self.allreduce:
                 self.allreduce.begin_step()
         with record_function(DATA_WAIT):
-            view1, view2 = self.next_batch()
+            view1, view2, *labels = self.next_batch()  # labels: from labelled shards (SupCon)
         if timer:
             timer.end_wait()
-        self.train_step(self.forward, self.optimizer, view1, view2, self.cfg, self.accelerator)
+        self.train_step(self.forward, self.optimizer, view1, view2, self.cfg, self.accelerator, *labels)
         self.steps_done += 1
         self.scheduler.step_update(self.steps_done)
         if timer:

@@ -96,9 +96,9 @@ def measure(batches, cfg, accelerator, model, optimizer, steps: int, warmup: int
             timer = StepTimer(images_per_step=cfg.batch_size, device=accelerator.device)
             start = time.perf_counter()
         timer.start_wait()
-        view1, view2 = next(iterator)
+        view1, view2, *labels = next(iterator)  # labels: from labelled shards (SupCon)
         timer.end_wait()
-        out = train_step(model, optimizer, view1, view2, cfg, accelerator)
+        out = train_step(model, optimizer, view1, view2, cfg, accelerator, *labels)
         timer.end_step()
     out.loss.item()  # the last step's work has finished
     elapsed = time.perf_counter() - start
