@@ -152,7 +152,7 @@ def _timed(batches, seconds: float, on_gpu: bool, restart) -> dict:
     images, batch_times = 0, []
     start = last = time.perf_counter()
     while time.perf_counter() - start < seconds:
-        view1, _ = next_batch()
+        view1, *_ = next_batch()  # (labels too, from labelled shards)
         if on_gpu:
             torch.cuda.synchronize()
         now = time.perf_counter()
