@@ -38,7 +38,7 @@ def probe_enabled(cfg: TrainConfig) -> tuple[bool, str]:
         return False, "online probe off: micro-batches (gradient caching) do not keep the backbone features"
     if cfg.loader.kind != "dali":
         return False, "online probe off: the torchvision baseline loader yields no labels"
-    if not is_labelled(shard_paths(cfg.train_shards)):
+    if not shards_are_labelled(cfg.train_shards):
         return False, f"online probe off: the training shards {cfg.train_shards} carry no labels"
     return True, ""
 
@@ -91,3 +91,10 @@ def build_online_probe(cfg: TrainConfig, model: nn.Module, device: torch.device,
         f"{cfg.online_probe_lr:g}"
     )
     return OnlineProbe(model.feature_dim, num_classes, cfg.online_probe_lr, device)
+
+
+def shards_are_labelled(spec: str) -> bool:
+    """Whether the set ``spec`` names (a local location or ``s3://bucket/prefix/``) carries labels."""
+    from ..pipeline.shards.s3 import is_s3, remote_is_labelled
+
+    return remote_is_labelled(spec) if is_s3(spec) else is_labelled(shard_paths(spec))

@@ -13,6 +13,7 @@ a missing bucket or key) fail at once.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -21,7 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import TypeVar
 
-from .shardset import ShardError, ShardIndex, parse_index
+from .shardset import CLASSES_FILE, SET_FILE, ShardError, ShardIndex, parse_index
 
 SCHEME = "s3://"
 RETRY_SECONDS = float(os.environ.get("SIMCLR_S3_RETRY_SECONDS", "120"))  # transient faults, all attempts together
@@ -239,6 +240,18 @@ def remote_shard_set(spec: str) -> tuple[list[ObjectPath], list[ShardIndex], dic
         sizes.update({f"s3://{bucket}/{k}": v for k, v in list_objects(bucket, prefixes).items()})
     sizes = {tar: sizes.get(tar) or object_size(tar) for tar in shards}
     return shards, [read_remote_index(tar, sizes[tar]) for tar in shards], sizes
+
+
+def remote_is_labelled(spec: str) -> bool:
+    """``shardset.is_labelled`` for a remote set: its ``shardset.json`` says so; without one, a ``classes.json``
+    beside the first shard marks a labelled set."""
+    first = remote_shards(spec)[0]
+    folder = first.key.rsplit("/", 1)[0] + "/" if "/" in first.key else ""
+    beside = list_objects(first.bucket, folder)
+    if folder + SET_FILE in beside:
+        record = json.loads(get_bytes(ObjectPath(f"s3://{first.bucket}/{folder}{SET_FILE}")).decode())
+        return bool(record.get("labelled"))
+    return folder + CLASSES_FILE in beside
 
 
 # --------------------------------------------------------------------------- writing
