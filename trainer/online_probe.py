@@ -85,7 +85,10 @@ def build_online_probe(cfg: TrainConfig, model: nn.Module, device: torch.device,
     if not on:
         log.info(why_not)
         return None
-    num_classes = count_classes(cfg.train_shards)
+    num_classes = class_count(cfg.train_shards)
+    if num_classes is None:
+        log.info(f"online probe off: the s3:// shards {cfg.train_shards} have no classes.json to count classes from")
+        return None
     log.info(
         f"online probe: linear {model.feature_dim} -> {num_classes} classes on detached features, SGD lr "
         f"{cfg.online_probe_lr:g}"
@@ -98,3 +101,10 @@ def shards_are_labelled(spec: str) -> bool:
     from ..pipeline.shards.s3 import is_s3, remote_is_labelled
 
     return remote_is_labelled(spec) if is_s3(spec) else is_labelled(shard_paths(spec))
+
+
+def class_count(spec: str) -> int | None:
+    """The set's number of classes (``count_classes``; for ``s3://`` shards, from the bucket's ``classes.json``)."""
+    from ..pipeline.shards.s3 import is_s3, remote_class_count
+
+    return remote_class_count(spec) if is_s3(spec) else count_classes(spec)

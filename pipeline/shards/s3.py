@@ -254,6 +254,15 @@ def remote_is_labelled(spec: str) -> bool:
     return folder + CLASSES_FILE in beside
 
 
+def remote_class_count(spec: str) -> int | None:
+    """The number of names in the ``classes.json`` beside a remote set's first shard; None without one."""
+    first = remote_shards(spec)[0]
+    folder = first.key.rsplit("/", 1)[0] + "/" if "/" in first.key else ""
+    if folder + CLASSES_FILE not in list_objects(first.bucket, folder):
+        return None
+    return len(json.loads(get_bytes(ObjectPath(f"s3://{first.bucket}/{folder}{CLASSES_FILE}")).decode()))
+
+
 # --------------------------------------------------------------------------- writing
 
 
