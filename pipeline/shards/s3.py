@@ -260,7 +260,7 @@ def remote_class_count(spec: str) -> int | None:
     folder = first.key.rsplit("/", 1)[0] + "/" if "/" in first.key else ""
     if folder + CLASSES_FILE not in list_objects(first.bucket, folder):
         return None
-    return len(json.loads(get_bytes(ObjectPath(f"s3://{first.bucket}/{folder}{CLASSES_FILE}")).decode()))
+    return len(json.loads(get_bytes(ObjectPath(f"s3://{first.bucket}/{folder}{CLASSES_FILE}")).decode())["classes"])
 
 
 # --------------------------------------------------------------------------- writing
