@@ -163,9 +163,13 @@ def stopped(stop: Exception, session: Session) -> int:
         )
         return stop.exit_status
     preemption = session.preemption
-    since = f", {time.monotonic() - preemption.received_at:.1f} s after {preemption.signal_name}"
+    since = (  # a rank the signal did not reach stops on the others' word: no time of its own
+        f", {time.monotonic() - preemption.received_at:.1f} s after {preemption.signal_name}"
+        if preemption.received_at
+        else ""
+    )
     log.info(
-        f"preempted at step {state.step}: {where}{since if preemption.received_at else ''}; exiting with status "
+        f"preempted at step {state.step}: {where}{since}; exiting with status "
         f"{stop.exit_status:d}. Rerun the same command with --resume auto to continue run {session.run.run_id}"
     )
     return stop.exit_status
