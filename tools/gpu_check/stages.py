@@ -688,15 +688,19 @@ def _pipeline_rows(saved: dict) -> list[dict]:
     rows = []
     for name, r in saved.get("results", {}).items():
         for run in r.get("runs", []):
-            rows.append(
-                {
-                    "preset": name,
-                    "dali_threads": run.get("dali_threads", r.get("dali_threads")),
-                    "dali_images_per_s": round(run["dali"]["images_per_s"], 1),
-                    "torchvision_images_per_s": round(run["torchvision"]["images_per_s"], 1),
-                    "speedup": run["speedup"],
-                }
-            )
+            tv = run["torchvision"]["images_per_s"]
+            # bench.py pipeline --threads A B ...: one DALI result per thread count (dali_by_threads); else one
+            by_threads = run.get("dali_by_threads") or {run.get("dali_threads", r.get("dali_threads")): run["dali"]}
+            for threads, dali in by_threads.items():
+                rows.append(
+                    {
+                        "preset": name,
+                        "dali_threads": None if threads is None else int(threads),
+                        "dali_images_per_s": round(dali["images_per_s"], 1),
+                        "torchvision_images_per_s": round(tv, 1),
+                        "speedup": round(dali["images_per_s"] / tv, 3),
+                    }
+                )
     return rows
 
 
