@@ -88,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     consensus = RankConsensus(accelerator.num_processes, accelerator.process_index)
     preemption, log = Preemption(), RunLog(cfg.output_dir, accelerator.is_main_process)
+    session = None
     try:
         session = setup(cfg, accelerator, consensus, preemption, log)
         stop = train(session)
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error(f"error: {error}")
         return error.exit_status
     finally:
+        if session is not None:
+            session.close()  # the DALI pipelines' threads and buffers go now (DaliLoader.close)
         release_run_lock(cfg.output_dir)
         preemption.restore()
         log.close()

@@ -30,9 +30,12 @@ def die_with_parent(parent_pid: int, *_worker_id) -> None:
         os._exit(1)
 
 
-def process_pool(workers: int, start_method: str | None = None) -> ProcessPoolExecutor:
-    """A ``ProcessPoolExecutor`` of ``workers`` processes (``start_method``: "spawn", "fork", or the default)
-    whose workers die with this process."""
+def process_pool(workers: int, start_method: str = "spawn") -> ProcessPoolExecutor:
+    """A ``ProcessPoolExecutor`` of ``workers`` processes whose workers die with this process.
+
+    Spawned by default, never forked from a caller that may hold DALI's threads and GBs of reserved address
+    space (a fork must commit the parent's whole private mapping: it failed with ENOMEM in a long test session);
+    ``start_method="fork"`` where a caller knows better."""
     context = multiprocessing.get_context(start_method)
     return ProcessPoolExecutor(
         max_workers=workers, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)

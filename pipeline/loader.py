@@ -649,16 +649,36 @@ class DaliLoader:
                 f"loader state holds {len(checkpoints)} DALI pipeline checkpoint(s), this loader runs "
                 f"{self.pipelines} pipeline(s) per rank: resume with the same pipelines and batch size"
             )
-        if self.remote:
-            self._iterator.close()  # its producer threads
-        del self._iterator
+        self._release_iterator()
         self.epoch, self._position, self._drained = state["epoch"], state.get("position", 0), False
         start = state.get("pipeline_epoch", self.epoch) if checkpoints else self.epoch
         self._iterator = self._make_iterator(
             start, checkpoints=[base64.b64decode(c) for c in checkpoints] if checkpoints else None
         )
 
+    def close(self) -> None:
+        """Shut this loader's DALI pipelines down now (idempotent; the loader cannot be iterated afterwards).
+
+        DALI's pipeline objects sit in reference cycles, so without this their native threads and buffers go only
+        when Python's cycle collector next runs (measured on the CPU backend: 6 threads of a tiny training run
+        left behind, and its heap kept growing over a test session that trained in-process many times)."""
+        self._release_iterator()
+        self._iterator = None
+
+    def _release_iterator(self) -> None:
+        iterator = getattr(self, "_iterator", None)
+        if iterator is None:
+            return
+        if self.remote:
+            iterator.close()  # its producer threads
+        for inner in getattr(iterator, "iterators", [iterator]):  # ZippedIterators holds one iterator a pipeline
+            for pipe in getattr(inner, "_pipes", []):
+                pipe._shutdown()  # DALI's own release (Pipeline.__del__ and its atexit hook call it)
+        self._iterator = None
+
     def __iter__(self):
+        if self._iterator is None:
+            raise RuntimeError("this DaliLoader was closed")
         for batch in self._batches():
             if self.view.labelled:
                 labels = decode_labels(batch["labels"].cpu(), batch["source"])

@@ -559,6 +559,7 @@ def _generate_chunk(args) -> list[tuple[str, int]]:
 def generate_imagenet_like(subset_dir: Path, out: Path, count: int, workers: int, quality: int = 90) -> dict:
     """``count`` JPEGs with the ImageNet sample's sizes and classes (subset_dir/sizes.json: [wnid, w, h, bytes]
     per sample image), each a random crop of one of the carried subset images, resized, flipped, re-encoded."""
+    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     meta = json.loads((subset_dir / "sizes.json").read_text())
@@ -567,7 +568,8 @@ def generate_imagenet_like(subset_dir: Path, out: Path, count: int, workers: int
     out.mkdir(parents=True, exist_ok=True)
     step = max(1, count // (4 * workers))
     chunks = [(subset, sizes, s, min(count, s + step), str(out), quality) for s in range(0, count, step)]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawned, not forked: a fork must commit the caller's whole address space (ENOMEM in a long test session)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         written = [w for chunk in pool.map(_generate_chunk, chunks) for w in chunk]
     pixels = sum(sizes[i % len(sizes)][1] * sizes[i % len(sizes)][2] for i in range(count))
     sample_pixels = sum(w * h for _, w, h, _ in meta)
