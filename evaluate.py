@@ -81,7 +81,8 @@ from .pipeline.loader import (
     classifier_augment,
     default_num_threads,
 )
-from .pipeline.shards.shardset import ShardError, count_classes
+from .pipeline.shards.location import count_classes
+from .pipeline.shards.shardset import ShardError
 
 __all__ = ["EvalConfig", "UsageError", "main", "parse_args"]
 

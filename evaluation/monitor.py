@@ -7,7 +7,7 @@ import torch
 from accelerate import Accelerator
 
 from ..pipeline.loader import DaliLoader
-from ..pipeline.shards.shardset import count_classes
+from ..pipeline.shards.location import count_classes
 from .features import extract_features
 from .knn import knn_predict, topk_accuracy
 from .linear import evaluate_classifier, train_linear_on_features

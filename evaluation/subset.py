@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ..common.errors import SimclrError
-from ..pipeline.shards.shardset import read_classes, read_labels, read_source_paths, shard_paths
+from ..pipeline.shards.location import read_classes, read_labels, read_source_paths, set_shards
 
 
 class SubsetError(SimclrError, ValueError):
@@ -228,7 +228,7 @@ def subset_for(
     if subset_list and subset_file:
         raise SubsetError("give --subset_list (a text list of file names) or --subset_file (a JSON of keys), not both")
     list_file = subset_list or (subset_file if subset_file and Path(subset_file).suffix.lower() == ".txt" else None)
-    paths = shard_paths(train_shards)
+    paths = set_shards(train_shards)
     if list_file:
         names = read_name_list(list_file)
         subset = listed_subset(names, read_source_paths(paths), read_labels(paths), list_file, [p.name for p in paths])

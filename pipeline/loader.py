@@ -613,8 +613,9 @@ class DaliLoader:
         state = {"shard_id": self.shard_id, "num_shards": self.num_shards}
         epoch, position = self.epoch, self._position
         if self.train and self._position >= self.steps_per_epoch:  # the epoch is used up: state at the next one's start
-            try:
-                self._drain()
+            try:  # a remote stream needs no drain (it restarts from (epoch, position)), and must not fetch here:
+                if not self.remote:  # a store fault belongs to the next batch, not to the checkpoint
+                    self._drain()
             except RuntimeError as error:
                 raise self._translate(error) from None
             epoch, position = self.epoch + 1, 0

@@ -100,7 +100,19 @@ def test_training_from_a_bucket_writes_no_credential(written, s3_env, tmp_path):
         assert not any(secret in text for secret in secrets)
 
 
-def test_a_store_that_goes_away_mid_run_ends_with_a_checkpoint(written, s3_env, tmp_path):
+def take_away(how: str, server, url: str) -> None:
+    """The store goes away mid-run: the server stopped, or every shard of the set deleted."""
+    if how == "server stopped":
+        server.stop()
+        return
+    bucket, prefix = s3.split_url(url)
+    client = boto(server)
+    for key in [k for k in s3.list_objects(bucket, prefix) if k.endswith(".tar")]:
+        client.delete_object(Bucket=bucket, Key=key)
+
+
+@pytest.mark.parametrize("how, cause", [("server stopped", "did not answer"), ("shards deleted", "no such object")])
+def test_a_store_that_goes_away_mid_run_ends_with_a_checkpoint(written, s3_env, tmp_path, how, cause):
     env = {**os.environ, **s3_env.env(), "SIMCLR_S3_RETRY_SECONDS": "3", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         train_command(tmp_path, written, max_steps=200, checkpoint_every=2),
@@ -116,14 +128,17 @@ def test_a_store_that_goes_away_mid_run_ends_with_a_checkpoint(written, s3_env, 
             if log.exists() and " step 3:" in log.read_text():
                 break
             time.sleep(0.2)
-        s3_env.stop()
+        take_away(how, s3_env, written)
         out, _ = process.communicate(timeout=300)
     finally:
         if process.poll() is None:
             process.kill()
-        s3_env.start()
+        if how == "server stopped":
+            s3_env.start()
     output = out
     assert process.returncode == 2, output[-3000:]
-    assert "did not answer" in output and written.split("/")[2] in output
+    assert "object store failure on rank 0" in output and cause in output, output[-3000:]
+    assert written.split("/")[2] in output and "--resume auto" in output
+    assert "bad data" not in output and "rewrite" not in output  # named as an outage, not as a damaged sample
     assert list((tmp_path / "run" / "checkpoints").glob("step_*")), output[-3000:]
     assert s3_env.secret_key not in output

@@ -20,7 +20,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..pipeline.shards.shardset import count_classes, is_labelled, shard_paths
+from ..pipeline.shards.location import count_classes
+from ..pipeline.shards.shardset import is_labelled, shard_paths
 from .config import TrainConfig
 
 

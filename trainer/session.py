@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..common.errors import SimclrError
+from ..pipeline.shards.s3 import ObjectStoreError
 from ..pipeline.shards.shardset import ShardError
 from .checkpoint import Checkpointer, TrainingState, epoch_start_state
 from .config import TrainConfig
@@ -23,11 +24,22 @@ from .run import Run, RunLog
 
 
 class BadData(SimclrError):
-    """A rank could not decode its batch; ``errors``: every rank's message (None where it had none)."""
+    """A rank could not get its batch; ``errors``: every rank's ``batch_error`` (None where it had none). Either
+    the data is bad (an image it cannot decode) or the object store failed (``store``: down past its retries, or
+    a bucket or key gone mid-run): two causes with different remedies, so the message names which."""
 
-    def __init__(self, errors: list[str | None]):
-        super().__init__("; ".join(e for e in errors if e))
+    def __init__(self, errors: list[dict | None]):
+        super().__init__("; ".join(e["message"] for e in errors if e))
         self.errors = errors
+
+    @property
+    def store(self) -> bool:
+        return any(e and e["store"] for e in self.errors)
+
+
+def batch_error(error: ShardError) -> dict:
+    """What a rank tells the others (as JSON) about the batch it could not get."""
+    return {"message": str(error), "store": isinstance(error, ObjectStoreError)}
 
 
 STOPS = (Preempted, BadData, NonFinite)
@@ -100,15 +112,15 @@ class Session:
         """(the two views, None), or (None, the message) when this rank cannot decode its batch; a new epoch
         begins where the last one ended."""
         self.meters.start_wait()
-        while True:
-            try:
-                views, error = next(self.batches), None
-                break
-            except StopIteration:
-                self.batches = iter(self.loader)
-            except ShardError as bad:  # an image this rank cannot decode
-                views, error = None, str(bad)
-                break
+        views, error = None, None
+        try:  # one try around both: a new epoch's iterator fetches (and decodes) its first batches at once
+            while views is None:
+                try:
+                    views = next(self.batches)
+                except StopIteration:
+                    self.batches = iter(self.loader)
+        except ShardError as bad:  # an image this rank cannot decode, or the object store failed
+            error = batch_error(bad)
         self.meters.end_wait()
         return views, error
 
@@ -152,8 +164,9 @@ def stopped(stop: Exception, session: Session) -> int:
             restart = epoch_start_state(
                 getattr(session.loader, "epoch", 0), session.consensus.rank, session.consensus.world_size
             )
+            cause = "the object store failed" if stop.store else "bad data"
             checkpointer.save(
-                restart, data_position="the epoch restarts from its beginning (the run stopped on bad data)"
+                restart, data_position=f"the epoch restarts from its beginning (the run stopped: {cause})"
             )
     except NonFinite as bad:
         log.error(f"error: {bad}; nothing checkpointed")
@@ -161,13 +174,7 @@ def stopped(stop: Exception, session: Session) -> int:
     last = checkpointer.checkpointer.last_path
     where = f"checkpoint {last}" if state.step else "nothing to checkpoint (no step was taken)"
     if isinstance(stop, BadData):
-        for rank, message in enumerate(stop.errors):
-            if message:
-                log.error(f"error: bad data on rank {rank}: {message}")
-        log.error(
-            f"stopped after step {state.step} on bad data ({where} holds the last good step); remove or rewrite "
-            "that sample (simclr-shards verify names every bad one), then rerun with --resume auto"
-        )
+        report_bad_data(stop, session, where)
         return stop.exit_status
     preemption = session.preemption
     since = (  # a rank the signal did not reach stops on the others' word: no time of its own
@@ -180,3 +187,24 @@ def stopped(stop: Exception, session: Session) -> int:
         f"{stop.exit_status:d}. Rerun the same command with --resume auto to continue run {session.run.run_id}"
     )
     return stop.exit_status
+
+
+def report_bad_data(stop: BadData, session: Session, where: str) -> None:
+    """Each rank's message, then what to do: a store outage is named as one (bring the store back, resume), not
+    as bad data (rewrite the sample)."""
+    log, step = session.log, session.state.step
+    what = "object store failure" if stop.store else "bad data"
+    for rank, error in enumerate(stop.errors):
+        if error:
+            kind = "object store failure" if error["store"] else "bad data"
+            log.error(f"error: {kind} on rank {rank}: {error['message']}")
+    if stop.store:
+        log.error(
+            f"stopped after step {step} on an {what} ({where} holds the last good step; the epoch restarts from its "
+            "beginning); when the store answers again and the objects named above are there, rerun with --resume auto"
+        )
+    else:
+        log.error(
+            f"stopped after step {step} on {what} ({where} holds the last good step); remove or rewrite "
+            "that sample (simclr-shards verify names every bad one), then rerun with --resume auto"
+        )

@@ -17,7 +17,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
 from pathlib import Path
 from typing import TypeVar
@@ -254,13 +254,26 @@ def remote_is_labelled(spec: str) -> bool:
     return folder + CLASSES_FILE in beside
 
 
-def remote_class_count(spec: str) -> int | None:
-    """The number of names in the ``classes.json`` beside a remote set's first shard; None without one."""
-    first = remote_shards(spec)[0]
+def remote_classes(first: ObjectPath) -> list[str] | None:
+    """The class names in the ``classes.json`` beside a remote set's first shard; None without one."""
     folder = first.key.rsplit("/", 1)[0] + "/" if "/" in first.key else ""
     if folder + CLASSES_FILE not in list_objects(first.bucket, folder):
         return None
-    return len(json.loads(get_bytes(ObjectPath(f"s3://{first.bucket}/{folder}{CLASSES_FILE}")).decode())["classes"])
+    return json.loads(get_bytes(ObjectPath(f"s3://{first.bucket}/{folder}{CLASSES_FILE}")).decode())["classes"]
+
+
+def remote_class_count(spec: str) -> int | None:
+    """The number of names in the ``classes.json`` beside a remote set's first shard; None without one."""
+    names = remote_classes(remote_shards(spec)[0])
+    return None if names is None else len(names)
+
+
+def opened_remote(shards: list[ObjectPath]) -> Iterator[tuple[ObjectPath, ShardIndex, Callable[[int, int], bytes]]]:
+    """``shardset.opened_local`` for shards in a bucket: (tar, its index, read(offset, size)), each shard fetched
+    whole in one GET as the training stream fetches it (retried, faults named), one shard in memory at a time."""
+    for tar in shards:
+        data = get_bytes(tar)
+        yield tar, read_remote_index(tar, len(data)), lambda offset, size, data=data: data[offset : offset + size]
 
 
 # --------------------------------------------------------------------------- writing

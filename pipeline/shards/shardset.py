@@ -17,7 +17,7 @@ import re
 import struct
 import tarfile
 import urllib.parse
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -505,28 +505,40 @@ def is_labelled(shards: list[Path]) -> bool:
     return (shards[0].parent / CLASSES_FILE).exists()
 
 
-def _read_member(shards, ext: str, what: str, decode: Callable[[str, Path, str], object]) -> dict[str, object]:
-    """key -> decode(text, tar, key) of member ``ext`` of every sample, read through the DALI indexes (a few
-    bytes per sample, no image read). ``ShardError`` names a sample without it and a key that occurs twice."""
-    values: dict[str, object] = {}
+def opened_local(shards) -> Iterator[tuple[Path, ShardIndex, Callable[[int, int], bytes]]]:
+    """(tar, its checked index, read(offset, size)) for every local shard ``shards`` names, one open at a time."""
     for tar in shard_paths(shards):
         index = read_checked_index(tar)
         with open(tar, "rb") as handle:
-            for sample in index.samples:
-                key = sample_key(next(iter(sample.values()))[2])
-                if ext not in sample:
-                    raise ShardError(
-                        f"shard {tar}: sample key {key} has no {what} (.{ext}); {MISSING_MEMBER_HINT[ext]}"
-                    )
-                offset, size, _ = sample[ext]
+
+            def read(offset: int, size: int, handle=handle) -> bytes:
                 handle.seek(offset)
-                value = decode(handle.read(size).decode("utf-8", errors="replace"), tar, key)
-                if key in values:
-                    raise ShardError(
-                        f"shard {tar}: key {key} occurs twice in the shard set; samples are looked up by key"
-                    )
-                values[key] = value
+                return handle.read(size)
+
+            yield tar, index, read
+
+
+def read_members(opened, ext: str, what: str, decode: Callable[[str, Path, str], object]) -> dict[str, object]:
+    """key -> decode(text, tar, key) of member ``ext`` of every sample of the ``opened`` shards ((tar, index,
+    read) triples: ``opened_local``, or ``s3.opened_remote`` for a bucket), read through the indexes.
+    ``ShardError`` names a sample without it and a key that occurs twice."""
+    values: dict[str, object] = {}
+    for tar, index, read in opened:
+        for sample in index.samples:
+            key = sample_key(next(iter(sample.values()))[2])
+            if ext not in sample:
+                raise ShardError(f"shard {tar}: sample key {key} has no {what} (.{ext}); {MISSING_MEMBER_HINT[ext]}")
+            offset, size, _ = sample[ext]
+            value = decode(read(offset, size).decode("utf-8", errors="replace"), tar, key)
+            if key in values:
+                raise ShardError(f"shard {tar}: key {key} occurs twice in the shard set; samples are looked up by key")
+            values[key] = value
     return values
+
+
+def _read_member(shards, ext: str, what: str, decode: Callable[[str, Path, str], object]) -> dict[str, object]:
+    """``read_members`` of local shards (a few bytes per sample, no image read)."""
+    return read_members(opened_local(shards), ext, what, decode)
 
 
 MISSING_MEMBER_HINT = {
@@ -535,7 +547,8 @@ MISSING_MEMBER_HINT = {
 }
 
 
-def _label(text: str, tar: Path, key: str) -> int:
+def parse_label(text: str, tar: Path, key: str) -> int:
+    """A sample's ``.cls`` text as its label (``ShardError`` naming shard and key if it is not one)."""
     text = text.strip()
     if not text.isdigit():
         raise ShardError(f"shard {tar} key {key}: label {text!r} is not a non-negative integer")
@@ -552,20 +565,9 @@ def parse_source_path(text: str, tar: Path, key: str) -> str:
 
 def read_labels(shards) -> dict[str, int]:
     """key -> label of every sample, from the ``.cls`` members (``ShardError`` names a sample without one)."""
-    return _read_member(shards, "cls", "label", _label)
+    return _read_member(shards, "cls", "label", parse_label)
 
 
 def read_source_paths(shards) -> dict[str, str]:
     """key -> source path of every sample, from the ``.json`` members."""
     return _read_member(shards, "json", "source path", parse_source_path)
-
-
-def count_classes(*shard_sets) -> int:
-    """The number of classes of labelled shard sets: the names in ``classes.json`` beside the first set's
-    shards when present, else one more than the largest label of any set (read through the indexes: a few
-    bytes per sample, no image decoded)."""
-    paths = [shard_paths(shards) for shards in shard_sets]
-    names = read_classes(paths[0])
-    if names:
-        return len(names)
-    return 1 + max(max(read_labels(p).values()) for p in paths)
