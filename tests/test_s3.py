@@ -74,6 +74,32 @@ def test_training_from_s3_sees_the_same_keys_per_epoch_as_local(s3_env, id_shard
     assert streamed[0] != streamed[1]  # reshuffled every epoch
 
 
+@pytest.mark.slow
+def test_two_gloo_ranks_from_s3_see_disjoint_parts_and_the_local_keys(s3_env, id_shards, tmp_path):
+    """torchrun, 2 gloo processes: per epoch, the ranks' samples from the bucket are disjoint, equal in number,
+    and together exactly the samples the same 2-rank run reads from local shards."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    url, out = uploaded(s3_env, id_shards, "ids"), tmp_path / "keys.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(ROOT / "tests" / "s3_rank_keys.py"), str(id_shards), url, str(out)]
+    env = {**os.environ, **s3_env.env(), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    ranks = json.loads(out.read_text())
+    for epoch in range(2):
+        local = [ids for rank in ranks for ids in rank["local"][epoch]]
+        parts = [rank["s3"][epoch] for rank in ranks]
+        assert len(parts[0]) == len(parts[1]) == 48 and not set(parts[0]) & set(parts[1])  # disjoint, equal steps
+        assert sorted(parts[0] + parts[1]) == sorted(local) == list(range(96))
+    assert ranks[0]["s3"][0] != ranks[0]["s3"][1]  # reshuffled every epoch
+
+
 def test_evaluation_from_s3_reads_the_local_order(s3_env, id_shards):
     url = uploaded(s3_env, id_shards, "ids")
     make = lambda where, rank: DaliLoader(where, 7, EvalView(16, 16), train=False, shard_id=rank, num_shards=2)
