@@ -61,6 +61,46 @@ def test_write_puts_every_shard_index_and_record_in_the_bucket(written, s3_env, 
     assert "verified 80 samples in 8 shard(s): 0 problem(s)" in capsys.readouterr().out
 
 
+WRITE = ["write", "synthetic", "--num_classes", "4", "--per_class", "20", "--quiet", "--max_count", "10"]
+
+
+def test_write_ships_shard_by_shard_and_resumes_an_interrupted_write(s3_env, tmp_path, monkeypatch, capsys):
+    """Local space: staging never holds more than the shard being shipped (bounded, not the set); a write that
+    dies after 3 shards went up resumes after them, sending nothing twice, and the set verifies."""
+    from simclr_dali.pipeline.shards import s3_cli
+
+    monkeypatch.setenv("SIMCLR_SHARDS_STAGING", str(tmp_path / "staging"))
+    url = f"s3://simclr-cmd/ship-{tmp_path.name}/"
+    staging = s3_cli.staging_directory(url + "train-%06d.tar")
+    held, shipped, ship = [], [], s3_cli.ShardShipper.ship
+
+    def counting(self, tar):
+        held.append(len(list(staging.glob("*.tar"))))
+        if len(shipped) == 3 and fail:
+            raise s3.ObjectStoreError("the store went away (simulated)")
+        ship(self, tar)
+        shipped.append(tar.name)
+
+    monkeypatch.setattr(s3_cli.ShardShipper, "ship", counting)
+    fail = True
+    assert shards_main([WRITE[0], WRITE[1], url + "train-%06d.tar", *WRITE[2:]]) == 2
+    bucket, prefix = s3.split_url(url)
+    assert sorted(k[len(prefix) :] for k in s3.list_objects(bucket, prefix)) == [
+        f"train-{i:06d}.{ext}" for i in range(3) for ext in ("idx", "tar")
+    ]
+    assert max(held) == 1  # the first run: only the shard being shipped
+    fail, held = False, []
+    capsys.readouterr()
+    assert shards_main([WRITE[0], WRITE[1], url + "train-%06d.tar", *WRITE[2:]]) == 0
+    out = capsys.readouterr().out
+    # shard 3 was in the journal, not yet shipped, when the write died: kept here, sent with the records at the end
+    assert "4 kept from an interrupted write" in out and "uploaded 12 of 12 file(s)" in out, out
+    assert shipped == [f"train-{i:06d}.tar" for i in (0, 1, 2, 4, 5, 6, 7)]  # nothing shipped twice
+    assert max(held) == 2 and not staging.exists()  # shard 3 waiting + the one being shipped
+    assert shards_main(["verify", url, "--quiet"]) == 0
+    assert "verified 80 samples in 8 shard(s): 0 problem(s)" in capsys.readouterr().out
+
+
 def test_index_rebuilds_a_missing_index_in_the_bucket(written, s3_env, capsys):
     bucket, prefix = s3.split_url(written)
     boto(s3_env).delete_object(Bucket=bucket, Key=prefix + "train-000002.idx")

@@ -268,6 +268,7 @@ def write(args) -> int:
         overwrite=args.overwrite,
         index=not args.no_index,
         progress=not args.quiet,
+        shipper=getattr(args, "shipper", None),  # writing to a bucket: pipeline.shards.s3_cli
     )
     if report.finished_before:
         print(

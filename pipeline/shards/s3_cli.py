@@ -2,12 +2,13 @@
 
 - ``index`` and ``verify`` fetch one shard at a time into a temporary directory (local disk used: one shard), run
   the local tool on it, upload the new ``.idx`` (index) and remove the copy; names in messages are the object URLs.
-- ``write`` writes the set to a local staging directory (``SIMCLR_SHARDS_STAGING``, default
-  ``~/.cache/simclr-shards/``, one folder per output location) with the local writer, then uploads indexes and
-  records, then each shard (large ones in parts: a shard appears under its key only when complete). An interrupted
-  write or upload resumes when run again with the same arguments: the local writer resumes its journal and the
-  upload skips objects already there with the right size. The staging folder is removed once every object is up,
-  so writing needs local disk for the whole set (a limit stated in docs/object_storage.md).
+- ``write`` runs the local writer into a staging directory (``SIMCLR_SHARDS_STAGING``, default
+  ``~/.cache/simclr-shards/``, one folder per output location) and ships each shard as it is finished (its index,
+  then the tar, large ones in parts: a shard appears under its key only when complete), removing the local copy:
+  local disk used is about two shards, not the set. The set's records go up last. An interrupted write resumes
+  when run again with the same arguments: the local writer resumes its journal (``shardset.json``, kept in
+  staging until the end), counting a shipped shard as finished when the bucket holds it with its recorded size;
+  objects already there with the right size are not sent again. The staging folder is removed at the end.
 """
 
 from __future__ import annotations
@@ -89,25 +90,55 @@ def staging_directory(out: str) -> Path:
     return root / hashlib.sha256(out.rsplit("/", 1)[0].encode()).hexdigest()[:16]
 
 
+class ShardShipper:
+    """Ships each shard to ``s3://bucket/prefix/`` as the local writer finishes it: its ``.idx``, then the tar
+    (a reader listing the prefix finds a tar's index first; a large tar goes up in parts and appears only when
+    complete), then removes both local files, so that staging holds the shard being written and the one being
+    shipped, not the set. An object already there with the same size is not sent again (a rerun)."""
+
+    def __init__(self, bucket: str, prefix: str):
+        self.bucket, self.prefix = bucket, prefix
+        self.present = list_objects(bucket, prefix)
+        self.files = self.uploaded = 0
+
+    def has(self, name: str, size: int) -> bool:
+        """Whether shard ``name`` is in the bucket with ``size`` bytes, and its index beside it."""
+        key = self.prefix + name
+        return self.present.get(key) == size and key.rsplit(".", 1)[0] + ".idx" in self.present
+
+    def send(self, path: Path) -> None:
+        key, size = self.prefix + path.name, path.stat().st_size
+        self.files += 1
+        if self.present.get(key) != size:
+            upload_file(path, ObjectPath(f"s3://{self.bucket}/{key}"))
+            self.present[key] = size
+            self.uploaded += 1
+
+    def ship(self, tar: Path) -> None:
+        index = tar.with_suffix(".idx")
+        for path in ([index] if index.exists() else []) + [tar]:
+            self.send(path)
+        for path in (index, tar):
+            path.unlink(missing_ok=True)
+
+
 def write_remote(args, write_local) -> int:
-    """``write`` with an ``s3://`` output: the local writer into the staging directory, then the upload."""
+    """``write`` with an ``s3://`` output: the local writer into the staging directory, each shard shipped as it
+    is finished (``ShardShipper``), then the set's records and anything a crash left unshipped."""
     out = str(args.out)
     bucket, key_pattern = split_url(out)
     staging = staging_directory(out)
     staging.mkdir(parents=True, exist_ok=True)
+    ensure_bucket(bucket)
+    prefix = key_pattern.rsplit("/", 1)[0] + "/" if "/" in key_pattern else ""
     args.out = str(staging / key_pattern.rsplit("/", 1)[-1])
+    args.shipper = shipper = ShardShipper(bucket, prefix)
     status = write_local(args)
     if status:
         return status
-    ensure_bucket(bucket)
-    prefix = key_pattern.rsplit("/", 1)[0] + "/" if "/" in key_pattern else ""
-    present = list_objects(bucket, prefix)
     files = sorted((p for p in staging.iterdir() if p.is_file()), key=lambda p: (p.suffix == ".tar", p.name))
-    uploaded = 0
     for path in files:
-        if present.get(prefix + path.name) != path.stat().st_size:
-            upload_file(path, ObjectPath(f"s3://{bucket}/{prefix}{path.name}"))
-            uploaded += 1
+        shipper.send(path)
     shutil.rmtree(staging)
-    print(f"uploaded {uploaded} of {len(files)} file(s) to s3://{bucket}/{prefix}")
+    print(f"uploaded {shipper.uploaded} of {shipper.files} file(s) to s3://{bucket}/{prefix}")
     return 0

@@ -141,9 +141,12 @@ def _differences(record: dict, new: dict) -> list[str]:
     return details
 
 
-def _resume_point(directory: Path, pattern: str, record: dict | None, new: dict, overwrite: bool) -> list[dict]:
-    """The finished shards to keep: those of an interrupted identical write (listed, present, the recorded
-    size). ``ShardError`` when ``directory`` holds another write's shards and ``overwrite`` is not set."""
+def _resume_point(
+    directory: Path, pattern: str, record: dict | None, new: dict, overwrite: bool, shipper=None
+) -> list[dict]:
+    """The finished shards to keep: those of an interrupted identical write (listed, present with the recorded
+    size here, or shipped: ``shipper.has``). ``ShardError`` when ``directory`` holds another write's shards and
+    ``overwrite`` is not set."""
     name = Path(pattern).name
     if overwrite:
         _clear(directory, [name] + ([record["pattern"]] if record else []))
@@ -165,7 +168,8 @@ def _resume_point(directory: Path, pattern: str, record: dict | None, new: dict,
     kept = []
     for shard in record.get("shards", []):
         path = directory / shard["name"]
-        if not path.is_file() or path.stat().st_size != shard["bytes"]:
+        here = path.is_file() and path.stat().st_size == shard["bytes"]
+        if not here and not (shipper and shipper.has(shard["name"], shard["bytes"])):
             break
         kept.append(shard)
     for path in _pattern_files(pattern):  # anything after the kept shards is redone
@@ -187,6 +191,7 @@ def write_source(
     overwrite: bool = False,
     index: bool = True,
     progress: bool = True,
+    shipper=None,
 ) -> WriteReport:
     """Write ``source`` into shards named by ``out`` (printf ``%06d`` or brace pattern), each with its DALI index,
     plus ``classes.json`` (labelled sources) and ``shardset.json`` (the record; see ``pipeline.shards.shardset``).
@@ -195,7 +200,12 @@ def write_source(
     them in the report and the record. ``workers`` processes prepare images with at most ``window`` inputs in
     flight (default 32 per worker). An interrupted write of the same source with the same settings resumes
     after its last finished shard; a finished one is left as it is; shards of a different write are refused
-    unless ``overwrite``."""
+    unless ``overwrite``.
+
+    ``shipper`` (writing to a bucket: ``s3_cli.ShardShipper``): each finished shard is handed to
+    ``shipper.ship(path)`` once it is in the record, which uploads it and removes the local copy (local space: the
+    shard being written and the one being shipped); a shard the record lists that is gone from here counts as
+    finished where ``shipper.has(name, size)``."""
     if on_error not in ("stop", "skip"):
         raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
     if workers < 1 or (window is not None and window < 1):
@@ -216,7 +226,7 @@ def write_source(
         if not overwrite:
             raise
         existing = None  # an unreadable record is replaced with the rest
-    kept = _resume_point(directory, pattern, existing, record, overwrite)
+    kept = _resume_point(directory, pattern, existing, record, overwrite, shipper)
     _remove_stale_temporaries(directory, pattern)
     if existing is not None and existing.get("complete") and not overwrite:
         return _report(directory, existing, resumed=len(kept), finished_before=True)
@@ -231,7 +241,7 @@ def write_source(
         max_count=max_count,
         max_bytes=max_bytes,
         index=index,
-        on_shard=lambda shard: _record_shard(directory, record, shard),
+        on_shard=lambda shard: _record_shard(directory, record, shard, shipper),
     )
     _stream(source, writer, policy, record["inputs_done"], on_error, workers, window or 32 * workers, progress)
     if not record["shards"]:
@@ -260,11 +270,14 @@ def _new_record(source: Source, pattern: str, settings: dict) -> dict:
     }
 
 
-def _record_shard(directory: Path, record: dict, shard: ShardRecord) -> None:
-    """A finished shard into the record, written at once: the journal an interrupted write resumes from."""
+def _record_shard(directory: Path, record: dict, shard: ShardRecord, shipper=None) -> None:
+    """A finished shard into the record, written at once: the journal an interrupted write resumes from; then,
+    writing to a bucket, shipped (a crash between the two leaves the shard here, where the resume keeps it)."""
     record["shards"].append(asdict(shard))
     record.update(summarize_shards(record["shards"]))
     write_set_record(directory, record)
+    if shipper is not None:
+        shipper.ship(directory / shard.name)
 
 
 def _stream(
