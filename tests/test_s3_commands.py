@@ -128,11 +128,15 @@ def train_command(tmp_path, url, **overrides) -> list[str]:
 
 
 def test_training_from_a_bucket_writes_no_credential(written, s3_env, tmp_path):
+    """Training and its in-training evaluations (kNN + linear on eval shards in the bucket) from s3://; nothing
+    the run writes or prints holds a credential."""
     env = {**os.environ, **s3_env.env()}
-    result = subprocess.run(
-        train_command(tmp_path, written, max_steps=6), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-    )
+    evaluations = dict(eval_every_epochs=1, eval_train_shards=written, eval_val_shards=written)
+    command = train_command(tmp_path, written, max_steps=6, **evaluations)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "eval @ epoch 1.00: knn_top1" in log and "linear_top1" in log, log[-2000:]
     secrets = [s3_env.secret_key, s3_env.access_key]
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert any(p.name.endswith(".safetensors") for p in files) and any(p.suffix == ".json" for p in files)
