@@ -195,7 +195,8 @@ def epoch_stall(shards: Path, preset: dict, cores: int, device: str) -> dict:
 # ------------------------------------------------------------------ command line
 
 
-def main(argv=None) -> dict:
+def _parser() -> ArgumentParser:
+    """The flags of `bench.py pipeline` (the S3 ones are read by bench.pipeline_s3)."""
     parser = ArgumentParser(prog="bench.py pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument(
@@ -233,6 +234,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--bucket", default=None, help="s3://BUCKET/PREFIX/: local vs streamed (bench.pipeline_s3)")
     parser.add_argument("--seaweedfs", action="store_true", help="with --bucket: a SeaweedFS on 127.0.0.1")
     parser.add_argument("--delays_ms", type=int, nargs="+", default=[0, 20], help="with --bucket: added latencies")
+    return parser
+
+
+def main(argv=None) -> dict:
+    """CLI of `bench.py pipeline`: DALI vs torchvision per preset (or local vs S3 with --bucket), JSON written."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = [args.cores]
