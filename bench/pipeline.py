@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..common.cli import ArgumentParser
-from .common import ROOT, write_result
+from .common import ROOT, write_result, write_ten_class_shards
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CACHE = ROOT / "data" / "bench"
@@ -81,9 +81,6 @@ def cifar_shards() -> tuple[Path, str]:
 
 
 def synthetic_shards(out: Path, count: int, side: int, description: str) -> tuple[Path, str]:
-    from ..pipeline.shards.pixel_sources import array_samples
-    from ..pipeline.shards.writer import write_shards
-
     rng = np.random.default_rng(0)
     coarse = rng.integers(0, 256, (count, 8, 8, 3)).astype(np.uint8)
     images = np.stack(
@@ -98,13 +95,7 @@ def synthetic_shards(out: Path, count: int, side: int, description: str) -> tupl
             for c in coarse
         ]
     )
-    write_shards(
-        array_samples(images, np.arange(count) % 10),
-        str(out / "train-%06d.tar"),
-        [str(i) for i in range(10)],
-        count,
-        max_count=2000,
-    )
+    write_ten_class_shards(images, out, max_count=2000)
     return out, description
 
 
