@@ -33,6 +33,8 @@ from __future__ import annotations
 import sys
 
 # ruff: noqa: E402 (the imports below come after the early parse on purpose)
+# `duplicates` pair kept (shape only): the same prologue as train.py's (script -> module, then the early parse).
+# It runs before any relative import can (a script has no package), so no shared helper can hold it.
 if __name__ == "__main__" and not __package__:  # `python evaluate.py` runs this file as the package's module
     import runpy
 
@@ -152,6 +154,7 @@ def evaluate_backbone(
             result = evaluate_classifier(head, val_features, val_labels)
         else:
             (train_features, train_labels), (val_features, val_labels) = features("train"), features("val")
+            # `duplicates` pair kept (shape only): keyword arguments shaped like simclr-shards' write_source call
             classifier = train_linear_on_features(
                 train_features,
                 train_labels,
