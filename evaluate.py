@@ -33,6 +33,8 @@ from __future__ import annotations
 import sys
 
 # ruff: noqa: E402 (the imports below come after the early parse on purpose)
+# `duplicates` pair kept (shape only): the same prologue as train.py's (script -> module, then the early parse).
+# It runs before any relative import can (a script has no package), so no shared helper can hold it.
 if __name__ == "__main__" and not __package__:  # `python evaluate.py` runs this file as the package's module
     import runpy
 
@@ -153,6 +155,7 @@ def evaluate_backbone(
             result = evaluate_classifier(head, val_features, val_labels)
         else:
             (train_features, train_labels), (val_features, val_labels) = features("train"), features("val")
+            # `duplicates` pair kept (shape only): keyword arguments shaped like simclr-shards' write_source call
             classifier = train_linear_on_features(
                 train_features,
                 train_labels,
@@ -328,7 +331,34 @@ def print_summary(report: dict, accelerator) -> None:
     )
 
 
+def report_header(args, info: dict, protocols, settings: dict, data: dict, num_classes: int, size: int, processes: int):
+    """The --json report before any result: protocols and their settings, the checkpoint, the data, the run."""
+    return {
+        "protocols": protocols,
+        "settings": {p: settings[p] for p in protocols},
+        "checkpoint": {
+            "source": info["source"],
+            "sha256": info["sha256"],
+            "model_name": info["model_name"],
+            "ft_proj_selector": args.ft_proj_selector,
+        },
+        "data": {
+            "train_shards": [str(p) for p in data["train"].shards],
+            "val_shards": [str(p) for p in data["val"].shards],
+            "num_train": data["train"].num_samples,
+            "num_val": data["val"].num_samples,
+            "num_classes": num_classes,
+            "image_size": size,
+        },
+        "processes": processes,
+        "seed": args.seed,
+        "precision": args.precision,
+        "results": [],
+    }
+
+
 def main(argv=None) -> int:
+    """CLI of evaluate.py: check every input, evaluate each backbone, print and write the report (exit status)."""
     try:
         args = parse_args(argv, __doc__)
     except SimclrError as error:
@@ -369,28 +399,7 @@ def main(argv=None) -> int:
         candidates.append((random_backbone, {**random_info, "ft_proj_selector": args.ft_proj_selector}))
 
     settings = protocol_settings(args, data, subset, subset_how, accelerator.num_processes)
-    report = {
-        "protocols": protocols,
-        "settings": {p: settings[p] for p in protocols},
-        "checkpoint": {
-            "source": info["source"],
-            "sha256": info["sha256"],
-            "model_name": info["model_name"],
-            "ft_proj_selector": args.ft_proj_selector,
-        },
-        "data": {
-            "train_shards": [str(p) for p in data["train"].shards],
-            "val_shards": [str(p) for p in data["val"].shards],
-            "num_train": data["train"].num_samples,
-            "num_val": data["val"].num_samples,
-            "num_classes": num_classes,
-            "image_size": size,
-        },
-        "processes": accelerator.num_processes,
-        "seed": args.seed,
-        "precision": args.precision,
-        "results": [],
-    }
+    report = report_header(args, info, protocols, settings, data, num_classes, size, accelerator.num_processes)
 
     # ---- evaluate each backbone
     try:

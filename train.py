@@ -17,6 +17,8 @@ SIGINT or SIGUSR1: a checkpoint was written; rerun the same command with --resum
 from __future__ import annotations
 
 # ruff: noqa: E402 (the imports below come after the early parse on purpose)
+# `duplicates` pair kept (shape only): the same prologue as evaluate.py's (script -> module, then the early
+# parse). It runs before any relative import can (a script has no package), so no shared helper can hold it.
 import sys
 
 if __name__ == "__main__" and not __package__:  # `python train.py` runs this file as the package's module

@@ -81,3 +81,21 @@ def write_result(name: str, payload: dict, path: str | Path | None = None) -> Pa
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps({"benchmark": name, "environment": environment(), **payload}, indent=1) + "\n")
     return target
+
+
+def write_ten_class_shards(images, out: Path, max_count: int) -> None:
+    """uint8 HWC ``images`` as JPEG shards out/train-%06d.tar, labelled ``i % 10`` (classes "0".."9"): the
+    CIFAR-like training data of `bench.py pipeline` and gpu-check, generated without a download."""
+    import numpy as np
+
+    from ..pipeline.shards.pixel_sources import array_samples
+    from ..pipeline.shards.writer import write_shards
+
+    count = len(images)
+    write_shards(
+        array_samples(images, np.arange(count) % 10),
+        str(out / "train-%06d.tar"),
+        [str(i) for i in range(10)],
+        count,
+        max_count=max_count,
+    )

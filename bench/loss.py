@@ -500,11 +500,8 @@ def _device_name(device: str) -> str:
     )
 
 
-def main(argv=None) -> list[dict]:
-    """CLI of `bench.py loss`: measure, write the JSON (and the plot), print a table."""
-    import torch
-
-    cuda = torch.cuda.is_available()
+def _parser(cuda: bool) -> ArgumentParser:
+    """The flags of `bench.py loss` (defaults depend on whether CUDA is there)."""
     parser = ArgumentParser(prog="bench.py loss", description=__doc__.splitlines()[0])
     parser.add_argument(
         "--sizes",
@@ -527,36 +524,16 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--json", default=None, help="default bench/results/loss_<device tag>.json (cpu, h100, ...)")
     parser.add_argument("--plot", default=None, help="default: the JSON path with .png")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.child:  # one CPU configuration in a fresh process (see the module docstring)
-        try:
-            out = measure(**json.loads(args.child))
-        except Exception as error:  # reported, not raised: the parent records it
-            out = {"status": "error", "reason": f"{type(error).__name__}: {error}"}
-        print("RESULT " + json.dumps(out), flush=True)
-        return [out]
-    from .common import device_tag, environment
+    return parser
 
-    device = torch.device(args.device).type
-    on_cuda = device == "cuda"
-    cpu_sizes = [1024, 4096, 8192, 32768, 65536, 131072]
-    sizes = args.sizes or ([4096, 8192, 16384, 32768, 65536, 131072] if on_cuda else cpu_sizes)
-    ds = args.d or ([128, 256] if on_cuda else [128])
-    repeats = args.repeats or (20 if on_cuda else 5)
-    results = run(
-        sizes,
-        args.dtypes,
-        args.methods,
-        device,
-        repeats,
-        ds=ds,
-        temperature=args.temperature,
-        timeout_s=args.timeout,
-        check_max=args.check_max,
-    )
-    json_path = Path(args.json or ROOT / "bench" / "results" / f"loss_{device_tag() if on_cuda else 'cpu'}.json")
-    plot_path = Path(args.plot or json_path.with_suffix(".png"))
-    payload = {
+
+def _payload(args, device: str, ds: list[int], repeats: int, results: list[dict]) -> dict:
+    """The JSON written by `bench.py loss`: the environment, the methods and constants, then the results."""
+    import torch
+
+    from .common import environment
+
+    return {
         "benchmark": "NT-Xent loss, forward+backward",
         "environment": environment(),
         "device": device,
@@ -582,6 +559,42 @@ def main(argv=None) -> list[dict]:
         },
         "results": results,
     }
+
+
+def main(argv=None) -> list[dict]:
+    """CLI of `bench.py loss`: measure, write the JSON (and the plot), print a table."""
+    import torch
+
+    args = _parser(torch.cuda.is_available()).parse_args(argv)
+    if args.child:  # one CPU configuration in a fresh process (see the module docstring)
+        try:
+            out = measure(**json.loads(args.child))
+        except Exception as error:  # reported, not raised: the parent records it
+            out = {"status": "error", "reason": f"{type(error).__name__}: {error}"}
+        print("RESULT " + json.dumps(out), flush=True)
+        return [out]
+    from .common import device_tag
+
+    device = torch.device(args.device).type
+    on_cuda = device == "cuda"
+    cpu_sizes = [1024, 4096, 8192, 32768, 65536, 131072]
+    sizes = args.sizes or ([4096, 8192, 16384, 32768, 65536, 131072] if on_cuda else cpu_sizes)
+    ds = args.d or ([128, 256] if on_cuda else [128])
+    repeats = args.repeats or (20 if on_cuda else 5)
+    results = run(
+        sizes,
+        args.dtypes,
+        args.methods,
+        device,
+        repeats,
+        ds=ds,
+        temperature=args.temperature,
+        timeout_s=args.timeout,
+        check_max=args.check_max,
+    )
+    json_path = Path(args.json or ROOT / "bench" / "results" / f"loss_{device_tag() if on_cuda else 'cpu'}.json")
+    plot_path = Path(args.plot or json_path.with_suffix(".png"))
+    payload = _payload(args, device, ds, repeats, results)
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     plot(results, plot_path, title=f"NT-Xent forward+backward, {payload['device_name']}")

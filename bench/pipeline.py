@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..common.cli import ArgumentParser
-from .common import ROOT, write_result
+from .common import ROOT, write_result, write_ten_class_shards
 
 SHARED_DATA = ROOT.parent / "shared" / "data"
 CACHE = ROOT / "data" / "bench"
@@ -81,9 +81,6 @@ def cifar_shards() -> tuple[Path, str]:
 
 
 def synthetic_shards(out: Path, count: int, side: int, description: str) -> tuple[Path, str]:
-    from ..pipeline.shards.pixel_sources import array_samples
-    from ..pipeline.shards.writer import write_shards
-
     rng = np.random.default_rng(0)
     coarse = rng.integers(0, 256, (count, 8, 8, 3)).astype(np.uint8)
     images = np.stack(
@@ -98,13 +95,7 @@ def synthetic_shards(out: Path, count: int, side: int, description: str) -> tupl
             for c in coarse
         ]
     )
-    write_shards(
-        array_samples(images, np.arange(count) % 10),
-        str(out / "train-%06d.tar"),
-        [str(i) for i in range(10)],
-        count,
-        max_count=2000,
-    )
+    write_ten_class_shards(images, out, max_count=2000)
     return out, description
 
 
@@ -195,7 +186,8 @@ def epoch_stall(shards: Path, preset: dict, cores: int, device: str) -> dict:
 # ------------------------------------------------------------------ command line
 
 
-def main(argv=None) -> dict:
+def _parser() -> ArgumentParser:
+    """The flags of `bench.py pipeline` (the S3 ones are read by bench.pipeline_s3)."""
     parser = ArgumentParser(prog="bench.py pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument(
@@ -233,6 +225,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--bucket", default=None, help="s3://BUCKET/PREFIX/: local vs streamed (bench.pipeline_s3)")
     parser.add_argument("--seaweedfs", action="store_true", help="with --bucket: a SeaweedFS on 127.0.0.1")
     parser.add_argument("--delays_ms", type=int, nargs="+", default=[0, 20], help="with --bucket: added latencies")
+    return parser
+
+
+def main(argv=None) -> dict:
+    """CLI of `bench.py pipeline`: DALI vs torchvision per preset (or local vs S3 with --bucket), JSON written."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.threads is None:
         args.threads = [args.cores]

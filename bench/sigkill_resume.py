@@ -30,27 +30,13 @@ from .common import ROOT, write_result
 START_WINDOW = 12.0  # seconds from the process start: import, config, run lock, data checks (~10 s here)
 AFTER_CHECKPOINT_WINDOW = 8.0  # seconds after the first checkpoint of a process: steps, a checkpoint after each
 
-TINY = {
-    "image_size": 32,
-    "augment": "cifar",
-    "backbone": "resnet18",
-    "cifar_stem": True,
-    "timm_kwargs": {"channels": [8, 16, 32, 64]},
-    "proj_hidden": 32,
-    "proj_dim": 16,
-    "batch_size": 16,
-    "epochs": 40,
-    "warmup_epochs": 1,
-    "lr": 0.5,
-    "temperature": 0.2,
-    "precision": "no",
-    "tracker": "none",
-    "log_every": 1,
-    "checkpoint_every": 1,
-    "keep_checkpoints": 2,
-    "data_threads": 1,
-    "progress": False,
-}
+
+def tiny_config(**values) -> dict:
+    """The tests' tiny training run (configs/smoke/tiny.yaml, shared with tests/conftest.py) with ``values``."""
+    return {**yaml.safe_load((ROOT / "configs" / "smoke" / "tiny.yaml").read_text()), **values}
+
+
+TINY = tiny_config(epochs=40, checkpoint_every=1, keep_checkpoints=2, progress=False)
 
 
 def make_shards(directory: Path) -> Path:

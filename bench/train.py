@@ -263,7 +263,8 @@ def memory_sweep(
     return payload
 
 
-def main(argv=None, result_name: str = "train") -> dict:
+def _parser(result_name: str) -> ArgumentParser:
+    """The flags of `bench.py train` (and of `bench.py model`, which fixes --feeds)."""
     parser = ArgumentParser(prog=f"bench.py {result_name}", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=list(PRESETS), default="imagenet" if torch.cuda.is_available() else "cifar")
     parser.add_argument("--batch_size", type=int, default=None)
@@ -301,7 +302,12 @@ def main(argv=None, result_name: str = "train") -> dict:
     )
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None, result_name: str = "train") -> dict:
+    """CLI of `bench.py train`: images/s of training steps per feed (or the memory sweep), JSON written."""
+    args = _parser(result_name).parse_args(argv)
     if args.child:  # one --configs entry in a fresh process
         print("RESULT " + json.dumps(measure_configuration(**json.loads(args.child))), flush=True)
         return {}

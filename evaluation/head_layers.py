@@ -35,7 +35,9 @@ class BackboneWithHead(nn.Module):
         return self.head_layers(self.backbone(images))
 
 
-def _head_from_export(path: Path) -> ProjectionHead:
+def head_from_export(path: Path) -> ProjectionHead:
+    """The projection head an export directory holds (``head.json``'s widths, ``head.safetensors``' weights);
+    a BackboneError naming the file if they are malformed or do not fit (simclr-export's loader reads it too)."""
     widths = json.loads((path / HEAD_META).read_text())
     if not all(isinstance(widths.get(k), int) for k in ("in_dim", "hidden_dim", "out_dim")):
         raise BackboneError(f"{path / HEAD_META} must give integer in_dim, hidden_dim and out_dim, got {widths}")
@@ -67,7 +69,7 @@ def load_head(checkpoint: str | Path, feature_width: int) -> ProjectionHead:
     """The pretrained projection head beside ``checkpoint`` (export, train.py output dir or checkpoint dir)."""
     path = Path(checkpoint)
     if (path / HEAD_META).is_file():
-        return _head_from_export(path)
+        return head_from_export(path)
     if (path / "trainer_state.json").is_file() and (path / "model.safetensors").is_file():
         return _head_from_checkpoint(path, feature_width)
     raise BackboneError(

@@ -163,6 +163,8 @@ def _row_negatives_kernel(
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         col_ok = offs_n < stop
+        # `duplicates` pair kept: the same _scores call as _row_grad_kernel's (the shared @triton.jit helper); its
+        # tiles are separate constexpr arguments (no struct passes them as one), so both kernels repeat the list.
         s = _scores(
             q,
             rows_ptr,
@@ -539,6 +541,7 @@ def _interpreter_tiles(d: int, dtype: torch.dtype, precision: str) -> dict:
     with few rows. The interpreter's time goes per operation, not per element: larger problems run
     faster with larger tiles, which a test may set."""
     k = INTERPRETER_BLOCK_K if d <= 128 else 256
+    # `duplicates` pair kept (shape only): keyword arguments shaped like a DaliLoader call in tests/test_loader.py
     tiles = dict(
         block_m=INTERPRETER_BLOCK,
         block_n=INTERPRETER_BLOCK,

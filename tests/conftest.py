@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -15,6 +16,13 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 from simclr_dali.pipeline.shards.pixel_sources import array_samples  # noqa: E402
 from simclr_dali.pipeline.shards.writer import write_shards  # noqa: E402
+
+
+def tiny(*without: str, **values) -> dict:
+    """The tests' tiny training run (configs/smoke/tiny.yaml, shared with bench.py sigkill_resume) as a flat
+    config dict: less the keys ``without`` (whose defaults then apply), with ``values`` over it."""
+    base = yaml.safe_load((ROOT / "configs" / "smoke" / "tiny.yaml").read_text())
+    return {**{key: value for key, value in base.items() if key not in without}, **values}
 
 
 def random_images(count: int, size: int = 32, seed: int = 0) -> np.ndarray:

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, make_shards
+from conftest import ROOT, make_shards, tiny
 
 from simclr_dali.model.global_bn import GlobalBatchNorm, GlobalBatchNormAct, convert_to_global_bn
 from simclr_dali.trainer.config import TrainConfig
@@ -293,25 +293,16 @@ def test_multinode_recipe_starts_two_machines_on_localhost(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(
         yaml.safe_dump(
-            {
-                "train_shards": str(shards),
-                "image_size": 32,
-                "augment": "cifar",
-                "backbone": "resnet18",
-                "cifar_stem": True,
-                "timm_kwargs": {"channels": [8, 16, 32, 64]},
-                "proj_hidden": 32,
-                "proj_dim": 16,
-                "batch_size": 8,
-                "epochs": 2,
-                "warmup_epochs": 1,
-                "precision": "no",
-                "tracker": "none",
-                "max_steps": 2,
-                "log_every": 1,
-                "data_threads": 1,
-                "output_dir": str(tmp_path / "run"),
-            }
+            tiny(
+                "lr",
+                "temperature",
+                "checkpoint_every",
+                train_shards=str(shards),
+                batch_size=8,
+                epochs=2,
+                max_steps=2,
+                output_dir=str(tmp_path / "run"),
+            )
         )
     )
     port = _free_port()

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, make_shards
+from conftest import ROOT, make_shards, tiny
 from safetensors.torch import load_file
 
 import simclr_dali.trainer.checkpoint as checkpoint_module
@@ -31,26 +31,7 @@ from simclr_dali.pipeline.shards.shardset import read_index
 from simclr_dali.trainer.checkpoint import FILES, list_checkpoints
 from simclr_dali.trainer.optim import build_scheduler
 
-TINY = {
-    "image_size": 32,
-    "augment": "cifar",
-    "backbone": "resnet18",
-    "cifar_stem": True,
-    "timm_kwargs": {"channels": [8, 16, 32, 64]},
-    "proj_hidden": 32,
-    "proj_dim": 16,
-    "batch_size": 16,
-    "epochs": 3,
-    "warmup_epochs": 1,
-    "lr": 0.5,
-    "temperature": 0.2,
-    "precision": "no",
-    "tracker": "none",
-    "log_every": 1,
-    "checkpoint_every": None,
-    "data_threads": 1,
-    "max_steps": 6,
-}
+TINY = tiny(max_steps=6)
 WORKER = ROOT / "tests" / "fault_worker.py"
 STEPS_PER_EPOCH = 4  # 70 samples, batches of 16 (one process) or 2 x 8
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "docker" / "slurm.sbatch"
@@ -343,26 +344,8 @@ def test_a_requeued_job_resumes_its_run(tmp_path):
 # --------------------------------------------------------------------------- signals under the real launchers
 
 WORKER = ROOT / "tests" / "fault_worker.py"
-TINY_RUN = {
-    "image_size": 32,
-    "augment": "cifar",
-    "backbone": "resnet18",
-    "cifar_stem": True,
-    "timm_kwargs": {"channels": [8, 16, 32, 64]},
-    "proj_hidden": 32,
-    "proj_dim": 16,
-    "batch_size": 16,
-    "epochs": 100,
-    "max_steps": 60,  # a lost signal lets the run end by itself (status 0), never hang
-    "warmup_epochs": 1,
-    "lr": 0.5,
-    "precision": "no",
-    "tracker": "none",
-    "log_every": 1,
-    "checkpoint_every": None,
-    "data_threads": 1,
-    "shuffle_buffer": 64,
-}
+# the default temperature; max_steps: a lost signal lets the run end by itself (status 0), never hang
+TINY_RUN = tiny("temperature", epochs=100, max_steps=60, shuffle_buffer=64)
 # One node, 2 processes, through torchrun's launcher (Accelerate's multi-GPU path); on a machine without CUDA
 # each worker trains on the CPU over gloo. (--cpu would take Accelerate's one-process launcher instead.)
 CPU_ACCELERATE_CONFIG = {

@@ -94,6 +94,7 @@ def test_pretrain_epochs_see_each_sample_at_most_once_with_equal_steps(identity_
     directory, count = identity_shards
     plain = AugmentConfig(size=16, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
     world, batch = 2, 8
+    # `duplicates` pair kept (shape only): keyword arguments shaped like ntxent_triton._interpreter_tiles' dict
     loaders = [
         DaliLoader(
             directory,

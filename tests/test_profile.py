@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import ROOT, make_shards
+from conftest import ROOT, make_shards, tiny
 from torch.autograd.profiler import record_function
 
 from simclr_dali.bench.profile import verdict
@@ -261,23 +261,7 @@ def test_verdict():
 
 # --------------------------------------------------------------------------- bench.py profile end to end
 
-TINY = {
-    "image_size": 32,
-    "augment": "cifar",
-    "backbone": "resnet18",
-    "cifar_stem": True,
-    "timm_kwargs": {"channels": [8, 16, 32, 64]},
-    "proj_hidden": 32,
-    "proj_dim": 16,
-    "batch_size": 32,
-    "epochs": 10,
-    "warmup_epochs": 1,
-    "lr": 0.5,
-    "temperature": 0.2,
-    "precision": "no",
-    "data_threads": 1,
-    "shuffle_buffer": 64,
-}
+TINY = tiny("tracker", "log_every", "checkpoint_every", batch_size=32, epochs=10, shuffle_buffer=64)
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import yaml
-from conftest import ROOT, make_shards
+from conftest import ROOT, make_shards, tiny
 from PIL import Image
 
 import simclr_dali.trainer.checkpoint as checkpoint_module
@@ -41,26 +41,7 @@ from simclr_dali.pipeline.shards.verify import verify_shard
 from simclr_dali.pipeline.shards.writer import ShardWriter
 from simclr_dali.trainer import export
 
-TINY = {
-    "image_size": 32,
-    "augment": "cifar",
-    "backbone": "resnet18",
-    "cifar_stem": True,
-    "timm_kwargs": {"channels": [8, 16, 32, 64]},
-    "proj_hidden": 32,
-    "proj_dim": 16,
-    "batch_size": 16,
-    "epochs": 3,
-    "warmup_epochs": 1,
-    "lr": 0.5,
-    "temperature": 0.2,
-    "precision": "no",
-    "tracker": "none",
-    "log_every": 1,
-    "checkpoint_every": None,
-    "data_threads": 1,
-    "max_steps": 2,
-}
+TINY = tiny(max_steps=2)
 
 
 def run_train(out: Path, shards, *flags, **overrides) -> int:

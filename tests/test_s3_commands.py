@@ -11,31 +11,13 @@ import time
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, tiny
 from test_s3 import boto
 
 from simclr_dali.pipeline.shards import s3
 from simclr_dali.pipeline.shards.cli import main as shards_main
 
-TINY = {
-    "image_size": 32,
-    "augment": "cifar",
-    "backbone": "resnet18",
-    "cifar_stem": True,
-    "timm_kwargs": {"channels": [8, 16, 32, 64]},
-    "proj_hidden": 32,
-    "proj_dim": 16,
-    "batch_size": 16,
-    "epochs": 40,
-    "warmup_epochs": 1,
-    "lr": 0.5,
-    "temperature": 0.2,
-    "precision": "no",
-    "tracker": "none",
-    "log_every": 1,
-    "checkpoint_every": None,
-    "data_threads": 1,
-}
+TINY = tiny(epochs=40)
 
 
 @pytest.fixture

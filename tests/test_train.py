@@ -12,31 +12,13 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import ROOT, make_shards
+from conftest import ROOT, make_shards, tiny
 from safetensors.torch import load_file
 
 from simclr_dali import evaluate, train
 from simclr_dali.trainer.config import ConfigError, TrainConfig, load_config
 
-TINY = {
-    "image_size": 32,
-    "augment": "cifar",
-    "backbone": "resnet18",
-    "cifar_stem": True,
-    "timm_kwargs": {"channels": [8, 16, 32, 64]},
-    "proj_hidden": 32,
-    "proj_dim": 16,
-    "batch_size": 16,
-    "epochs": 3,
-    "warmup_epochs": 1,
-    "lr": 0.5,
-    "temperature": 0.2,
-    "precision": "no",
-    "tracker": "none",
-    "log_every": 1,
-    "checkpoint_every": None,
-    "data_threads": 1,
-}
+TINY = tiny()
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from ..common.errors import ExitStatus, SimclrError
 from ..common.files import (
@@ -43,7 +43,8 @@ from ..common.files import write_result as write_common_result
 from ..common.manifest import EXPORT_MANIFEST, file_entry
 from ..common.timm_args import check_timm_kwargs
 from ..evaluation.backbone import BackboneError, load_backbone
-from ..model.simclr import ProjectionHead, SimCLR
+from ..evaluation.head_layers import head_from_export
+from ..model.simclr import SimCLR
 from ..pipeline.augment_config import view_size
 from .checkpoint import (
     STATE_FILE,
@@ -264,16 +265,10 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, torch.nn.Module | 
     meta = json.loads((path / "backbone.json").read_text()) if (path / "backbone.json").is_file() else {}
     head = None
     if (path / HEAD_META).is_file():
-        widths = json.loads((path / HEAD_META).read_text())
-        if not all(isinstance(widths.get(k), int) for k in ("in_dim", "hidden_dim", "out_dim")):
-            raise ExportError(f"{path / HEAD_META} must give integer in_dim, hidden_dim and out_dim, got {widths}")
-        head = ProjectionHead(widths["in_dim"], widths["hidden_dim"], widths["out_dim"], widths.get("num_layers", 2))
         try:
-            head.load_state_dict(load_file(str(path / HEAD_FILE)))
-        except (OSError, RuntimeError) as error:
-            raise ExportError(
-                f"{path / HEAD_FILE} does not fit the head {path / HEAD_META} describes: {error}"
-            ) from None
+            head = head_from_export(path)
+        except BackboneError as error:
+            raise ExportError(str(error)) from None
         head.eval()
     return backbone.eval(), head, meta
 

@@ -92,6 +92,8 @@ class Prepared:
 def jpeg_frame_type(data: bytes) -> str | None:
     """The frame type of a JPEG stream from its start-of-frame marker ('baseline', 'progressive', ...), None if
     no SOF marker comes before the scan data."""
+    # `duplicates` pair kept (shape only): shardset._header_dimensions walks the markers too, for the size, and
+    # differs at the edges (standalone markers, "more" when its 4 KiB read ends inside the header).
     position = 2
     while position + 4 <= len(data):
         if data[position] != 0xFF:

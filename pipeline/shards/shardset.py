@@ -399,6 +399,8 @@ def _header_dimensions(data: bytes) -> tuple[int, int] | str | None:
         return struct.unpack(">II", data[16:24])
     if data[:2] != b"\xff\xd8":
         return None
+    # `duplicates` pair kept (shape only): image_policy.jpeg_frame_type walks the markers too, for the frame
+    # type, and stops at the scan; here a header cut by the 4 KiB read answers "more".
     position = 2
     while position + 9 <= len(data):
         if data[position] != 0xFF:

@@ -228,17 +228,13 @@ def stage_pieces(check: Check, cap: float) -> dict:
 
 
 def stage_environment(check: Check, cap: float) -> dict:
-    import importlib.metadata
     import importlib.util
 
     import torch
 
-    versions = {}
-    for package in PACKAGES:
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            pass
+    from simclr_dali.bench.common import installed_versions
+
+    versions = installed_versions(PACKAGES)
     check.cuda = torch.cuda.is_available()
     summary = {
         "versions": versions,
@@ -586,8 +582,7 @@ def _cifar_like_shards(subset_dir: Path, out: Path, count: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from simclr_dali.pipeline.shards.pixel_sources import array_samples
-    from simclr_dali.pipeline.shards.writer import write_shards
+    from simclr_dali.bench.common import write_ten_class_shards
 
     rng = np.random.default_rng(0)
     sources = [np.asarray(Image.open(p).convert("RGB").resize((128, 96))) for p in sorted(subset_dir.glob("*.JPEG"))]
@@ -598,13 +593,7 @@ def _cifar_like_shards(subset_dir: Path, out: Path, count: int) -> Path:
         y, x = rng.integers(0, source.shape[0] - side + 1), rng.integers(0, source.shape[1] - side + 1)
         tile = Image.fromarray(source[y : y + side, x : x + side]).resize((32, 32), Image.BILINEAR)
         images[i] = np.asarray(tile)
-    write_shards(
-        array_samples(images, np.arange(count) % 10),
-        str(out / "train-%06d.tar"),
-        [str(i) for i in range(10)],
-        count,
-        max_count=10_000,
-    )
+    write_ten_class_shards(images, out, max_count=10_000)
     return out
 
 
