@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from ...common.errors import SimclrError
+from .shardset import jpeg_frame
 
 # PIL's `subsampling` argument for each flag value ('auto' is resolved per image).
 JPEG_SUBSAMPLING = {"444": 0, "422": 1, "420": 2}
@@ -92,25 +93,8 @@ class Prepared:
 def jpeg_frame_type(data: bytes) -> str | None:
     """The frame type of a JPEG stream from its start-of-frame marker ('baseline', 'progressive', ...), None if
     no SOF marker comes before the scan data."""
-    # `duplicates` pair kept (shape only): shardset._header_dimensions walks the markers too, for the size, and
-    # differs at the edges (standalone markers, "more" when its 4 KiB read ends inside the header).
-    position = 2
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-            continue
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # no length field
-            position += 2
-            continue
-        if marker in SOF_MARKERS:
-            return SOF_MARKERS[marker]
-        if marker == 0xDA:  # start of scan: no frame header was found
-            return None
-        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
-    return None
+    frame = jpeg_frame(data)
+    return SOF_MARKERS.get(frame[0]) if isinstance(frame, tuple) else None
 
 
 def to_rgb_or_gray(image: Image.Image) -> Image.Image:

@@ -392,6 +392,28 @@ _JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15:
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def jpeg_frame(data: bytes) -> tuple[int, int] | str | None:
+    """(marker, position) of a JPEG stream's start-of-frame marker (SOF0..SOF15); None when the scan starts
+    first or the bytes are no marker stream, "more" when ``data`` ends inside the header. The one marker walk:
+    the size here, the frame type in ``image_policy.jpeg_frame_type``."""
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            return None
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+        elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # standalone markers: no length field
+            position += 2
+        elif marker in _JPEG_FRAMES:
+            return marker, position
+        elif marker == 0xDA:  # start of scan: no frame header came first
+            return None
+        else:
+            position += 2 + struct.unpack(">H", data[position + 2 : position + 4])[0]
+    return "more"
+
+
 def _header_dimensions(data: bytes) -> tuple[int, int] | str | None:
     """(width, height) from a JPEG's frame header or a PNG's IHDR, "more" when a JPEG's header goes on past
     ``data``, None for other formats (PIL reads those)."""
@@ -399,21 +421,14 @@ def _header_dimensions(data: bytes) -> tuple[int, int] | str | None:
         return struct.unpack(">II", data[16:24])
     if data[:2] != b"\xff\xd8":
         return None
-    # `duplicates` pair kept (shape only): image_policy.jpeg_frame_type walks the markers too, for the frame
-    # type, and stops at the scan; here a header cut by the 4 KiB read answers "more".
-    position = 2
-    while position + 9 <= len(data):
-        if data[position] != 0xFF:
-            return None
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-        elif marker in _JPEG_FRAMES:
-            height, width = struct.unpack(">HH", data[position + 5 : position + 9])
-            return width, height
-        else:
-            position += 2 + struct.unpack(">H", data[position + 2 : position + 4])[0]
-    return "more"
+    frame = jpeg_frame(data)
+    if not isinstance(frame, tuple):
+        return frame
+    position = frame[1]
+    if position + 9 > len(data):
+        return "more"
+    height, width = struct.unpack(">HH", data[position + 5 : position + 9])
+    return width, height
 
 
 def image_size(handle, offset: int, size: int) -> tuple[int, int] | None:
