@@ -7,8 +7,8 @@ Presets:
 - ``cifar32``: CIFAR-10's 50,000 training JPEGs (../shared/data/cifar10/train), 32 px, the CIFAR preset.
 Without ../shared/data a preset falls back to generated images, and says so in the result.
 
-Both sides get the same cores: DALI ``num_threads`` = cores in all (the training loader's default on the CPU:
-two pipelines of cores / 2 threads each), DataLoader ``num_workers`` = cores; the
+Both sides get the same cores: DALI ``num_threads`` = cores in all (the training loader's default: one
+pipeline of that many threads), DataLoader ``num_workers`` = cores; the
 same augmentation parameters (crop area [0.08, 1] and aspect [3/4, 4/3], bicubic; flip 0.5; colour
 jitter p=0.8 with strength s; grayscale p=0.2; blur p=0.5, sigma [0.1, 2], 23 taps at 224 px;
 normalisation); the same shard files (torchvision reads them with the ``webdataset`` library). The

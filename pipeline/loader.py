@@ -103,14 +103,16 @@ def largest_image(indexes: list[ShardIndex], candidates: int = LARGEST_IMAGE_CAN
 
 
 def default_pipelines(device: str, train: bool, batch_size: int) -> int:
-    """DALI pipelines per rank: 2 for a training loader on the CPU (with an even batch), else 1.
+    """DALI pipelines per rank: 1 on either backend (``pipelines=2`` still splits a rank's part and batch).
 
-    DALI runs a pipeline's CPU operators one after another, each spread over the thread pool and ended by a
-    barrier, so the cores idle at every barrier (1.5 of 2 cores busy on the CIFAR preset, measured); two
-    pipelines with half the threads each, each making half of every batch, fill those gaps (2 cores busy,
-    ~30% more images/s at 32 px, same cores). On the GPU one pipeline keeps the device busy and a second
-    would double the decoder's preallocated buffers."""
-    return 2 if device == "cpu" and train and batch_size % 2 == 0 else 1
+    Two pipelines with half the threads each once filled the cores that idled at the barriers between a long
+    chain of small CPU operators; with a view's per-sample work in a few compiled operators (``view_plan``,
+    ``colour_cpu``) the second pipeline only adds work: on 2 AMD EPYC cores (bench.py's presets, 2 threads,
+    measured under the bench lock) one pipeline made 6,900-7,200 images/s at 32 px against 4,700-5,200 for two
+    (117-119 against 186-202 us of CPU time per image) and 87-104 against 66-68 images/s at 224 px. On the GPU
+    a second pipeline would also double the decoder's preallocated buffers."""
+    del device, train, batch_size  # (one rule for every loader: kept for callers that name them)
+    return 1
 
 
 def _reader(

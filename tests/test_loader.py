@@ -86,7 +86,7 @@ def expected_steps(count: int, world: int, batch: int, pipelines: int) -> int:
     return count // (world * pipelines) // (batch // pipelines)
 
 
-PIPELINES = [1, 2]  # per rank: one pipeline, and the CPU default of two, each making half of every batch
+PIPELINES = [1, 2]  # per rank: one pipeline (the default), and two, each making half of every batch
 
 
 @pytest.mark.parametrize("pipelines", PIPELINES)
