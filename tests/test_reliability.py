@@ -593,6 +593,48 @@ def test_the_pixel_cap_is_configurable_and_named(shard_set, tmp_path, capsys):
     assert MAX_IMAGE_PIXELS == 2 * PIL.Image.MAX_IMAGE_PIXELS  # PIL's bomb error, which write and verify get
 
 
+# --------------------------------------------------------------------------- 1 and 7 in a bucket (SeaweedFS)
+
+BUCKET_FAULTS = [*INDEX_FAULTS, "bomb"]
+
+
+def bucket_with_a_fault(s3_env, shard_set: Path, tmp_path: Path, kind: str) -> tuple[str, str, str]:
+    """A copy of ``shard_set`` with one fault (a wrong ``.idx`` or a 20000 x 20000 JPEG) uploaded to its own
+    prefix of a real SeaweedFS bucket: (the set's URL, the faulty shard's URL, what the error must say)."""
+    from simclr_dali.bench.s3_local import upload_directory
+
+    url = f"s3://simclr-faults/{kind}-{tmp_path.name}/"
+    if kind == "bomb":
+        tar, key = shard_with_a_bomb(shard_set, tmp_path / "shards")
+        expected = f"key {key}: a 20000 x 20000 image ({20000**2:,} pixels) is over the pixel cap"
+    else:
+        tar = _damage(copy_set(shard_set, tmp_path), kind)
+        expected = "does not match the tar"
+    upload_directory(tar.parent, url, s3_env.env())
+    return url, url + tar.name, expected
+
+
+@pytest.mark.parametrize("kind", BUCKET_FAULTS)
+def test_a_wrong_index_or_a_bomb_in_a_bucket_is_refused_before_dali_reads_it(s3_env, shard_set, tmp_path, kind):
+    url, shard, expected = bucket_with_a_fault(s3_env, shard_set, tmp_path, kind)
+    with pytest.raises(ShardError) as caught:
+        for _ in DaliLoader(url, 8, TwoViews(), train=True, shuffle_buffer=8):  # one epoch: reads every shard
+            pass
+    assert f"shard {shard}" in str(caught.value) and expected in str(caught.value), caught.value
+    if kind != "bomb":  # the fix it names, for the bucket: simclr-shards index s3://.../part.tar
+        assert f"rebuild it with: simclr-shards index {shard}" in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", BUCKET_FAULTS)
+def test_train_from_a_bucket_exits_2_naming_the_shard_of_a_wrong_index_or_a_bomb(
+    s3_env, shard_set, tmp_path, capsys, kind
+):
+    url, shard, expected = bucket_with_a_fault(s3_env, shard_set, tmp_path, kind)
+    assert run_train(tmp_path / "run", url, max_steps=6) == 2
+    err = capsys.readouterr().err
+    assert f"shard {shard}" in err and expected in err and "Traceback" not in err, err[-3000:]
+
+
 # --------------------------------------------------------------------------- hostile member names
 
 
