@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -410,6 +411,41 @@ def test_a_full_disk_at_the_evaluation_report_exits_1_naming_it(shard_set, small
     err = capsys.readouterr().err
     assert status == 1 and f"cannot write the --json report {report}" in err and "Traceback" not in err
     assert not report.exists()
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_the_tracker_exits_1_naming_its_directory_and_resume_finishes(
+    shard_set, tmp_path, small_filesystem, monkeypatch, capsys
+):
+    """TensorBoard's directory alone on a filesystem that fills at step 2: a later step's event write fails
+    (a full tmpfs still takes records into its last page, so not at once); exit 1 naming the directory."""
+    from simclr_dali.trainer.meters import Meters
+
+    out, board = tmp_path / "run", small_filesystem / "board"
+    real_log_step = Meters.log_step
+
+    def log_step_on_a_full_disk(self, step, *args):
+        if step == 2:
+            fill(small_filesystem)
+        return real_log_step(self, step, *args)
+
+    monkeypatch.setattr(Meters, "log_step", log_step_on_a_full_disk)
+    thread_tracebacks = []  # what threading.excepthook would print: TensorBoard's writer thread fails first
+    monkeypatch.setattr(threading, "excepthook", thread_tracebacks.append)
+    flags = {"epochs": 20, "max_steps": 30, "checkpoint_every": 1, "tracker": "tensorboard"}
+    flags["tracker_project"] = str(board)
+    assert run_train(out, shard_set, **flags) == 1
+    assert thread_tracebacks == []
+    err = capsys.readouterr().err
+    assert f"cannot write the tracker's files in {board} while logging step " in err, err[-3000:]
+    assert "No space left on device" in err and "Traceback" not in err, err[-3000:]
+    assert f"cannot write the tracker's files in {board}" in (out / "train.log").read_text()
+    failed_at = int(re.search(r"while logging step (\d+)", err).group(1))
+    assert 2 <= failed_at < 30 and (out / "checkpoints" / f"step_{failed_at - 1:08d}" / "manifest.json").is_file()
+    monkeypatch.undo()
+    (small_filesystem / "filler").unlink()
+    assert run_train(out, shard_set, "--resume", "auto", **flags) == 0  # the checkpoint was intact
+    assert f"resumed from {out / 'checkpoints' / f'step_{failed_at - 1:08d}'} " in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- 4. children die with their parent
