@@ -364,7 +364,8 @@ class DaliLoader:
             from .shards.s3 import remote_shard_set
 
             self.shards, self.indexes, self.shard_sizes = remote_shard_set(shards)
-            self._checked: set[str] = set()  # remote shards that passed check_shard in this process
+            # remote shards not yet checked, by their whole index (a subset's filtered copy would fail the check)
+            self._unchecked: dict[str, ShardIndex] = dict(zip(self.shards, self.indexes))
         else:
             self.shards = shard_paths(shards)
             self.indexes = [check_shard(read_index(tar), max_image_pixels) for tar in self.shards]
@@ -412,14 +413,15 @@ class DaliLoader:
         self._start_epoch = 0  # the epoch the current pipeline started in: its tar order and seeds come from it
         self._iterator = self._make_iterator(self.epoch, checkpoints=None)
 
-    def check_fetched(self, index: ShardIndex, data: bytes) -> None:
+    def check_fetched(self, tar: str, data: bytes) -> None:
         """``check_shard`` on a remote shard's fetched bytes, the first time this process fetches it (as the local
-        path checks each tar once, at start): pipeline.remote calls it before cutting any sample out, so a stale
-        index or a decompression bomb in a bucket stops the run with the same ``ShardError`` naming the shard
-        (exit 2, with a checkpoint of the last good step) before DALI sees a byte of it."""
-        if index.tar not in self._checked:
+        path checks each tar once, at start), against its whole index: pipeline.remote calls it before cutting any
+        sample out, so a stale index or a decompression bomb in a bucket stops the run with the same
+        ``ShardError`` naming the shard (exit 2, with a checkpoint of the last good step) before DALI sees it."""
+        index = self._unchecked.get(tar)
+        if index is not None:
             check_shard(index, self.max_image_pixels, io.BytesIO(data))
-            self._checked.add(index.tar)
+            self._unchecked.pop(tar, None)
 
     def _restrict(self, keys: Collection[str]) -> None:
         """Read only the samples whose keys are in ``keys`` (each must occur exactly once in the shards)."""

@@ -153,7 +153,7 @@ class SampleStream:
         in_flight: int,
         shard_sizes: Sequence[int],
         outputs: int = 3,
-        check: Callable[[ShardIndex, bytes], None] | None = None,
+        check: Callable[[str, bytes], None] | None = None,
     ):
         self.indexes, self.order, self.at, self.outputs = indexes, order.tolist(), skip, outputs
         self.check = check  # called on each fetched shard before any sample is cut out (DaliLoader.check_fetched)
@@ -174,7 +174,7 @@ class SampleStream:
         raw = self.prefetcher.take(i)
         index, first = self.indexes[shard], int(self.starts[shard])
         if self.check is not None:
-            self.check(index, raw)
+            self.check(index.tar, raw)
         data = np.frombuffer(raw, dtype=np.uint8)
         del raw
         for j, sample in enumerate(index.samples):

@@ -671,6 +671,21 @@ def test_train_from_a_bucket_exits_2_naming_the_shard_of_a_wrong_index_or_a_bomb
     assert f"shard {shard}" in err and expected in err and "Traceback" not in err, err[-3000:]
 
 
+def test_a_subset_of_a_bucket_is_checked_against_its_whole_shards(s3_env, shard_set, tmp_path):
+    """A subset by key filters the indexes in memory; the check of a fetched shard uses its whole index (a
+    filtered one ends before the tar's last member and would be refused as a longer tar's)."""
+    from simclr_dali.bench.s3_local import upload_directory
+    from simclr_dali.pipeline.loader import EvalView
+    from simclr_dali.pipeline.shards.shardset import sample_key
+
+    url = f"s3://simclr-faults/subset-{tmp_path.name}/"
+    upload_directory(shard_set, url, s3_env.env())
+    first = read_index(sorted(shard_set.glob("*.tar"))[0])
+    keys = [sample_key(next(iter(sample.values()))[2]) for sample in first.samples[:10]]
+    loader = DaliLoader(url, 5, EvalView(16, 16), train=False, keys=keys)
+    assert sum(len(labels) for _, labels in loader) == 10
+
+
 # --------------------------------------------------------------------------- hostile member names
 
 
