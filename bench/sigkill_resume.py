@@ -4,12 +4,15 @@ uninterrupted run's. Records how many kills landed where (before the run started
 staged, at other moments), how each restart went (its exit status and what it resumed from), what was set aside
 or swept, and whether the end result is identical.
 
-    python bench.py sigkill-resume [--kills 30] [--seed 0] [--max_steps 40] [--minutes 30]
+    python bench.py sigkill-resume [--kills 30] [--seed 0] [--max_steps 160] [--minutes 30]
 
 Kill moments: half uniformly in the first 12 s of a process (import, config, run lock, data checks), half
 uniformly in the 8 s after it wrote its first checkpoint (steps with a checkpoint after every one, so many kills
 land in a checkpoint write). The uninterrupted reference runs beside the loop. Results are rewritten after every
-restart (``complete`` false until the end), and ``--minutes`` bounds the loop."""
+restart (``complete`` false until the end), and ``--minutes`` bounds the loop. The loop also ends when a process
+finishes the run before its kill comes (``ended_by`` says which): each kill after a checkpoint lets a few steps
+happen, so ``--max_steps`` must leave room for the kills asked (40 steps ended the loop after 15-20 kills; the
+tiny config's 160 steps, all its 40 epochs, leave room for 30)."""
 
 from __future__ import annotations
 
@@ -139,10 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py sigkill-resume", description=__doc__)
     parser.add_argument("--kills", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_steps", type=int, default=40)
+    parser.add_argument("--max_steps", type=int, default=160, help="at most 160 (the tiny config's 40 epochs)")
     parser.add_argument("--minutes", type=float, default=30.0, help="stop killing after this long (then finish)")
     parser.add_argument("--json", default=None, help="where the result goes (default bench/results/)")
     args = parser.parse_args(argv)
+    if not 1 <= args.max_steps <= 160:  # 70 images, batches of 16: 4 steps per epoch, 40 epochs
+        parser.error(f"--max_steps must be in [1, 160] (the tiny config's 40 epochs), got {args.max_steps}")
     from safetensors.torch import load_file
 
     rng = random.Random(args.seed)
@@ -162,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
             record(args, restarts, None, complete=False)
             if not restarts[-1]["killed"]:
                 break  # the run finished before its kill: nothing left to interrupt
+        killed = sum(r["killed"] for r in restarts)
+        ended_by = (
+            "kills reached"
+            if killed >= args.kills
+            else "minutes"
+            if not restarts or restarts[-1]["killed"]
+            else "run finished"
+        )
         status, lines = run_to_end(configs["killed"])
         assert reference_run.wait() == 0, f"the uninterrupted run failed: {reference_lines[-5:]}"
         reference = load_file(str(tmp / "reference" / "backbone.safetensors"))
@@ -177,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (p / "manifest.json").is_file() or p.name.startswith(".")
         )
     final = {
+        "ended_by": ended_by,  # kills reached, minutes (--minutes), or run finished (a process ended before its kill)
         "final_exit_status": status,
         "final_weights_identical_to_uninterrupted_run": identical,
         "incomplete_or_temporary_left_at_the_end": leftovers,
