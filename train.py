@@ -66,11 +66,10 @@ from .trainer.run import (
     plan_run,
     release_run_lock,
     started_line,
-    tracker_init_kwargs,
-    tracker_project,
 )
 from .trainer.session import STOPS, BadData, Session, stopped
 from .trainer.step import train_step
+from .trainer.trackers import end_trackers, start_trackers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         release_run_lock(cfg.output_dir)
         preemption.restore()
         log.close()
-        accelerator.end_training()
+        end_trackers(accelerator)  # closes the trackers' files; a failure is a warning naming them
 
 
 def setup(cfg, accelerator, consensus, preemption, log) -> Session:
@@ -137,12 +136,7 @@ def setup(cfg, accelerator, consensus, preemption, log) -> Session:
         position = f" ({saved['data_position']})" if "data_position" in saved else ""
         log.info(f"resumed from {run.resume_from} at step {state.step}{position}")
     scheduler.step_update(state.step)
-    if cfg.tracker != "none":
-        accelerator.init_trackers(
-            tracker_project(cfg),
-            config=cfg.tracker_config(),
-            init_kwargs=tracker_init_kwargs(cfg, run, state.step),
-        )
+    start_trackers(accelerator, cfg, run, state.step)  # a write failure: exit 1 naming its directory
     log.info(
         f"{world} process(es) on {device.type}, data on {data_device(cfg, device)}; {loader.num_samples} images, "
         f"{plan.steps_per_epoch} steps/epoch of {cfg.batch_size}, {plan.total_steps} steps, lr {cfg.scaled_lr:.4g}"

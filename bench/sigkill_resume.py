@@ -4,12 +4,15 @@ uninterrupted run's. Records how many kills landed where (before the run started
 staged, at other moments), how each restart went (its exit status and what it resumed from), what was set aside
 or swept, and whether the end result is identical.
 
-    python bench.py sigkill-resume [--kills 30] [--seed 0] [--max_steps 40] [--minutes 30]
+    python bench.py sigkill-resume [--kills 30] [--seed 0] [--max_steps 400] [--minutes 30]
 
 Kill moments: half uniformly in the first 12 s of a process (import, config, run lock, data checks), half
 uniformly in the 8 s after it wrote its first checkpoint (steps with a checkpoint after every one, so many kills
 land in a checkpoint write). The uninterrupted reference runs beside the loop. Results are rewritten after every
-restart (``complete`` false until the end), and ``--minutes`` bounds the loop."""
+restart (``complete`` false until the end), and ``--minutes`` bounds the loop. The loop also ends when a process
+finishes the run before its kill comes (``ended_by`` says which): each kill after a checkpoint lets a few steps
+happen (up to ~30 on an idle 2-core AMD EPYC), so ``--max_steps`` must leave room for the kills asked: 40 steps
+ended the loop after 15 and 20 kills, 160 after 23; the default is 400 (the epochs follow from it)."""
 
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import yaml
 from .common import ROOT, write_result
 
 START_WINDOW = 12.0  # seconds from the process start: import, config, run lock, data checks (~10 s here)
+STEPS_PER_EPOCH = 4  # make_shards' 70 images in batches of 16
 AFTER_CHECKPOINT_WINDOW = 8.0  # seconds after the first checkpoint of a process: steps, a checkpoint after each
 
 
@@ -125,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.py sigkill-resume", description=__doc__)
     parser.add_argument("--kills", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_steps", type=int, default=40)
+    parser.add_argument("--max_steps", type=int, default=400)
     parser.add_argument("--minutes", type=float, default=30.0, help="stop killing after this long (then finish)")
     parser.add_argument("--json", default=None, help="where the result goes (default bench/results/)")
     args = parser.parse_args(argv)
+    if args.max_steps < 1:
+        parser.error(f"--max_steps must be >= 1, got {args.max_steps}")
     from safetensors.torch import load_file
 
     rng = random.Random(args.seed)
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("reference", "killed"):
             configs[name] = tmp / f"{name}.yaml"
             settings = {**TINY, "train_shards": str(shards), "output_dir": str(tmp / name), "max_steps": args.max_steps}
+            settings["epochs"] = max(TINY["epochs"], -(-args.max_steps // STEPS_PER_EPOCH))  # max_steps is the end
             configs[name].write_text(yaml.safe_dump(settings))
         reference_run, reference_lines = start(configs["reference"])
         restarts, loop_end = [], time.monotonic() + 60 * args.minutes
@@ -148,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
             record(args, restarts, None, complete=False)
             if not restarts[-1]["killed"]:
                 break  # the run finished before its kill: nothing left to interrupt
+        killed = sum(r["killed"] for r in restarts)
+        ended_by = (
+            "kills reached"
+            if killed >= args.kills
+            else "minutes"
+            if not restarts or restarts[-1]["killed"]
+            else "run finished"
+        )
         status, lines = run_to_end(configs["killed"])
         assert reference_run.wait() == 0, f"the uninterrupted run failed: {reference_lines[-5:]}"
         reference = load_file(str(tmp / "reference" / "backbone.safetensors"))
@@ -163,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             if not (p / "manifest.json").is_file() or p.name.startswith(".")
         )
     final = {
+        "ended_by": ended_by,  # kills reached, minutes (--minutes), or run finished (a process ended before its kill)
         "final_exit_status": status,
         "final_weights_identical_to_uninterrupted_run": identical,
         "incomplete_or_temporary_left_at_the_end": leftovers,

@@ -46,9 +46,8 @@ from .shards.shardset import (
     ShardError,
     ShardIndex,
     brace_notation,
-    check_pixel_cap,
+    check_shard,
     index_path,
-    read_checked_index,
     read_index,
     sample_key,
     shard_paths,
@@ -360,14 +359,18 @@ class DaliLoader:
         self.view, self.train, self.shuffle_buffer, self.dtype = view, train, shuffle_buffer, dtype
         self.output_names = [*view.outputs, "labels", "source"] if view.labelled else list(view.outputs)
         self.remote, self.cache_bytes, self.in_flight = is_s3(shards), cache_bytes, in_flight
+        self.max_image_pixels = max_image_pixels
+        # a stale index or a decompression bomb never reaches DALI (whose native code would abort or stall on it):
+        # check_shard on every local shard now, on every remote shard's fetched bytes (check_fetched)
         if self.remote:  # s3://bucket/prefix/: streamed by pipeline.remote
             from .shards.s3 import remote_shard_set
 
             self.shards, self.indexes, self.shard_sizes = remote_shard_set(shards)
+            # remote shards not yet checked, by their whole index (a subset's filtered copy would fail the check)
+            self._unchecked: dict[str, ShardIndex] = dict(zip(self.shards, self.indexes))
         else:
             self.shards = shard_paths(shards)
-            # a stale index or a decompression bomb never reaches DALI (whose native code would abort or stall on it)
-            self.indexes = [check_pixel_cap(read_checked_index(tar), max_image_pixels) for tar in self.shards]
+            self.indexes = [check_shard(read_index(tar), max_image_pixels) for tar in self.shards]
         if view.labelled:
             check_labels(self.indexes)
         self.index_paths = {
@@ -411,6 +414,16 @@ class DaliLoader:
         self._drained = False  # training: the rest of the reader's epoch consumed
         self._start_epoch = 0  # the epoch the current pipeline started in: its tar order and seeds come from it
         self._iterator = self._make_iterator(self.epoch, checkpoints=None)
+
+    def check_fetched(self, tar: str, data: bytes) -> None:
+        """``check_shard`` on a remote shard's fetched bytes, the first time this process fetches it (as the local
+        path checks each tar once, at start), against its whole index: pipeline.remote calls it before cutting any
+        sample out, so a stale index or a decompression bomb in a bucket stops the run with the same
+        ``ShardError`` naming the shard (exit 2, with a checkpoint of the last good step) before DALI sees it."""
+        index = self._unchecked.get(tar)
+        if index is not None:
+            check_shard(index, self.max_image_pixels, io.BytesIO(data))
+            self._unchecked.pop(tar, None)
 
     def _restrict(self, keys: Collection[str]) -> None:
         """Read only the samples whose keys are in ``keys`` (each must occur exactly once in the shards)."""

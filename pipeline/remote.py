@@ -10,6 +10,12 @@ of each shard by its index (no tar parsing), shuffles them within a buffer of ``
 them to DALI's ``external_source``, which feeds the same decode + view graph as the reader does. Memory used:
 ``cache_bytes`` of shards + the shuffle buffer's samples (``shuffle_buffer`` x the mean sample size).
 
+Checks: each shard's fetched bytes pass the local loader's gate (``shardset.check_shard``: the index matches the
+tar, no image over the pixel cap) before any sample is cut out of them, the first time the process fetches that
+shard; a stale, shorter, longer or foreign ``.idx`` or a decompression bomb in a bucket is a ``ShardError`` naming
+the shard's URL, as for a local shard (raised where the stream reaches that shard, not at loader start: checking
+before would cost a GET per image).
+
 Epochs (the same rules as the local loader, ``pipeline.loader``): each epoch the shard order is the permutation of
 (seed, epoch) (every epoch, where DALI reshuffles after the first), the samples split into contiguous parts per rank
 (and per pipeline) as DALI splits them, each part shuffled in a buffer with an RNG of (seed, epoch, part); training
@@ -147,8 +153,10 @@ class SampleStream:
         in_flight: int,
         shard_sizes: Sequence[int],
         outputs: int = 3,
+        check: Callable[[str, bytes], None] | None = None,
     ):
         self.indexes, self.order, self.at, self.outputs = indexes, order.tolist(), skip, outputs
+        self.check = check  # called on each fetched shard before any sample is cut out (DaliLoader.check_fetched)
         self.starts = np.cumsum([0] + [index.num_samples for index in indexes])
         wanted = np.asarray(order[skip:], dtype=np.int64)
         shard_of = np.searchsorted(self.starts, wanted, side="right") - 1
@@ -163,8 +171,12 @@ class SampleStream:
         """Copy every still-wanted sample of the next needed shard into the buffer, then free the shard."""
         i = self.next_shard
         shard = self.needed[i]
-        data = np.frombuffer(self.prefetcher.take(i), dtype=np.uint8)
+        raw = self.prefetcher.take(i)
         index, first = self.indexes[shard], int(self.starts[shard])
+        if self.check is not None:
+            self.check(index.tar, raw)
+        data = np.frombuffer(raw, dtype=np.uint8)
+        del raw
         for j, sample in enumerate(index.samples):
             if first + j in self.wanted:  # not: seen before a resume, or another part's
                 self.buffered[first + j] = sample_arrays(data, sample, index.tar, self.outputs)
@@ -239,7 +251,7 @@ class RemoteSource:
             order = np.arange(lo, hi)
         sizes = [loader.shard_sizes[tar] for tar in shards]
         cache = loader.cache_bytes // loader.pipelines
-        return SampleStream(indexes, order, skip, cache, loader.in_flight, sizes, self.outputs)
+        return SampleStream(indexes, order, skip, cache, loader.in_flight, sizes, self.outputs, loader.check_fetched)
 
     def _put(self, item) -> bool:
         """Queue ``item`` unless stopped; False once stopped."""

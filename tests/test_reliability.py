@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -393,6 +394,41 @@ def test_a_full_disk_at_the_evaluation_report_exits_1_naming_it(shard_set, small
     assert not report.exists()
 
 
+@pytest.mark.slow
+def test_a_full_disk_under_the_tracker_exits_1_naming_its_directory_and_resume_finishes(
+    shard_set, tmp_path, small_filesystem, monkeypatch, capsys
+):
+    """TensorBoard's directory alone on a filesystem that fills at step 2: a later step's event write fails
+    (a full tmpfs still takes records into its last page, so not at once); exit 1 naming the directory."""
+    from simclr_dali.trainer.meters import Meters
+
+    out, board = tmp_path / "run", small_filesystem / "board"
+    real_log_step = Meters.log_step
+
+    def log_step_on_a_full_disk(self, step, *args):
+        if step == 2:
+            fill(small_filesystem)
+        return real_log_step(self, step, *args)
+
+    monkeypatch.setattr(Meters, "log_step", log_step_on_a_full_disk)
+    thread_tracebacks = []  # what threading.excepthook would print: TensorBoard's writer thread fails first
+    monkeypatch.setattr(threading, "excepthook", thread_tracebacks.append)
+    flags = {"epochs": 20, "max_steps": 30, "checkpoint_every": 1, "tracker": "tensorboard"}
+    flags["tracker_project"] = str(board)
+    assert run_train(out, shard_set, **flags) == 1
+    assert thread_tracebacks == []
+    err = capsys.readouterr().err
+    assert f"cannot write the tracker's files in {board} while logging step " in err, err[-3000:]
+    assert "No space left on device" in err and "Traceback" not in err, err[-3000:]
+    assert f"cannot write the tracker's files in {board}" in (out / "train.log").read_text()
+    failed_at = int(re.search(r"while logging step (\d+)", err).group(1))
+    assert 2 <= failed_at < 30 and (out / "checkpoints" / f"step_{failed_at - 1:08d}" / "manifest.json").is_file()
+    monkeypatch.undo()
+    (small_filesystem / "filler").unlink()
+    assert run_train(out, shard_set, "--resume", "auto", **flags) == 0  # the checkpoint was intact
+    assert f"resumed from {out / 'checkpoints' / f'step_{failed_at - 1:08d}'} " in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- 4. children die with their parent
 
 
@@ -572,6 +608,63 @@ def test_the_pixel_cap_is_configurable_and_named(shard_set, tmp_path, capsys):
     )  # the set's images are 32 x 32
     assert "over the pixel cap of 1,000 (max_image_pixels" in capsys.readouterr().err
     assert MAX_IMAGE_PIXELS == 2 * PIL.Image.MAX_IMAGE_PIXELS  # PIL's bomb error, which write and verify get
+
+
+# --------------------------------------------------------------------------- 1 and 7 in a bucket (SeaweedFS)
+
+BUCKET_FAULTS = [*INDEX_FAULTS, "bomb"]
+
+
+def bucket_with_a_fault(s3_env, shard_set: Path, tmp_path: Path, kind: str) -> tuple[str, str, str]:
+    """A copy of ``shard_set`` with one fault (a wrong ``.idx`` or a 20000 x 20000 JPEG) uploaded to its own
+    prefix of a real SeaweedFS bucket: (the set's URL, the faulty shard's URL, what the error must say)."""
+    from simclr_dali.bench.s3_local import upload_directory
+
+    url = f"s3://simclr-faults/{kind}-{tmp_path.name}/"
+    if kind == "bomb":
+        tar, key = shard_with_a_bomb(shard_set, tmp_path / "shards")
+        expected = f"key {key}: a 20000 x 20000 image ({20000**2:,} pixels) is over the pixel cap"
+    else:
+        tar = _damage(copy_set(shard_set, tmp_path), kind)
+        expected = "does not match the tar"
+    upload_directory(tar.parent, url, s3_env.env())
+    return url, url + tar.name, expected
+
+
+@pytest.mark.parametrize("kind", BUCKET_FAULTS)
+def test_a_wrong_index_or_a_bomb_in_a_bucket_is_refused_before_dali_reads_it(s3_env, shard_set, tmp_path, kind):
+    url, shard, expected = bucket_with_a_fault(s3_env, shard_set, tmp_path, kind)
+    with pytest.raises(ShardError) as caught:
+        for _ in DaliLoader(url, 8, TwoViews(), train=True, shuffle_buffer=8):  # one epoch: reads every shard
+            pass
+    assert f"shard {shard}" in str(caught.value) and expected in str(caught.value), caught.value
+    if kind != "bomb":  # the fix it names, for the bucket: simclr-shards index s3://.../part.tar
+        assert f"rebuild it with: simclr-shards index {shard}" in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", BUCKET_FAULTS)
+def test_train_from_a_bucket_exits_2_naming_the_shard_of_a_wrong_index_or_a_bomb(
+    s3_env, shard_set, tmp_path, capsys, kind
+):
+    url, shard, expected = bucket_with_a_fault(s3_env, shard_set, tmp_path, kind)
+    assert run_train(tmp_path / "run", url, max_steps=6) == 2
+    err = capsys.readouterr().err
+    assert f"shard {shard}" in err and expected in err and "Traceback" not in err, err[-3000:]
+
+
+def test_a_subset_of_a_bucket_is_checked_against_its_whole_shards(s3_env, shard_set, tmp_path):
+    """A subset by key filters the indexes in memory; the check of a fetched shard uses its whole index (a
+    filtered one ends before the tar's last member and would be refused as a longer tar's)."""
+    from simclr_dali.bench.s3_local import upload_directory
+    from simclr_dali.pipeline.loader import EvalView
+    from simclr_dali.pipeline.shards.shardset import sample_key
+
+    url = f"s3://simclr-faults/subset-{tmp_path.name}/"
+    upload_directory(shard_set, url, s3_env.env())
+    first = read_index(sorted(shard_set.glob("*.tar"))[0])
+    keys = [sample_key(next(iter(sample.values()))[2]) for sample in first.samples[:10]]
+    loader = DaliLoader(url, 5, EvalView(16, 16), train=False, keys=keys)
+    assert sum(len(labels) for _, labels in loader) == 10
 
 
 # --------------------------------------------------------------------------- hostile member names

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from ..model.ntxent import positive_pair_accuracy
 from .config import TrainConfig
 from .plan import StepPlan
+from .trackers import log_to_trackers
 
 
 class HostClock:
@@ -200,7 +201,7 @@ class Meters:
             meters["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if self.online_probe is not None and (top1 := self.online_probe.read(self.accelerator)) is not None:
             meters["online_probe_top1"] = self.online_probe_top1 = top1
-        self.accelerator.log(meters, step=step)
+        log_to_trackers(self.accelerator, meters, step)
         line = f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in meters.items())
         (self.log.file_only if self.progress_bar else self.log.info)(line)  # no bar: the meters as lines
         self.progress.set_postfix(

@@ -13,6 +13,7 @@ from ..common.files import atomic_write_text
 from .config import TrainConfig
 from .plan import StepPlan
 from .preemption import Preempted
+from .trackers import log_to_trackers
 
 
 class EvalMonitor:
@@ -52,7 +53,7 @@ class EvalMonitor:
             {"step": state.step, "epoch": epoch, "train_seconds": round(state.train_seconds, 2), **result}
         )
         self.log.info(f"eval @ epoch {epoch:.2f}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
-        self.accelerator.log(result, step=state.step)
+        log_to_trackers(self.accelerator, result, state.step)
         if self.cfg.eval_json and self.accelerator.is_main_process:
             atomic_write_text(
                 self.cfg.eval_json,

@@ -18,8 +18,10 @@ import struct
 import tarfile
 import urllib.parse
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import braceexpand
 from tqdm import tqdm
@@ -344,17 +346,29 @@ def _members_to_check(index: ShardIndex, count: int) -> list[tuple[int, int, str
     return [members[round(i * (len(members) - 1) / (count - 1))] for i in range(count)]
 
 
-def check_index_matches(index: ShardIndex, sampled: int = INDEX_SAMPLED_MEMBERS) -> ShardIndex:
+@contextmanager
+def _shard_bytes(index: ShardIndex, handle: BinaryIO | None) -> Iterator[BinaryIO]:
+    """``handle`` (a shard's bytes already at hand, e.g. fetched from object storage), else the local tar opened."""
+    if handle is not None:
+        yield handle
+        return
+    with open(index.tar, "rb") as opened:
+        yield opened
+
+
+def check_index_matches(
+    index: ShardIndex, sampled: int = INDEX_SAMPLED_MEMBERS, handle: BinaryIO | None = None
+) -> ShardIndex:
     """``index`` if it still describes its tar, checked cheaply (``sampled`` 512-byte header reads and one of
     1 KiB, whatever the shard's size): the tar header before each of ``sampled`` members spread over the index
     (first and last included) names that member with that size, and the end-of-archive marker follows the
     last indexed member (an index of a shorter tar, or of an older version of this one, fails here). Else
     ``ShardError`` naming the shard and the ``simclr-shards index`` command: DALI reading a stale index
     would decode garbage, or abort the process in nvImageCodec. (``simclr-shards verify`` compares every
-    member.)"""
+    member.) The tar is read from ``handle`` when given (a shard fetched from object storage), else opened."""
     tar, idx = index.tar, index_path(index.tar)
     rebuild = f"the tar changed after its index was built; rebuild it with: simclr-shards index {tar}"
-    with open(tar, "rb") as handle:
+    with _shard_bytes(index, handle) as handle:
         for offset, size, name in _members_to_check(index, sampled):
             found = None
             if offset >= TAR_BLOCK:
@@ -465,11 +479,14 @@ def _pil_dimensions(data: bytes) -> tuple[int, int] | None:
             Image.MAX_IMAGE_PIXELS = previous
 
 
-def check_pixel_cap(index: ShardIndex, max_pixels: int = MAX_IMAGE_PIXELS) -> ShardIndex:
+def check_pixel_cap(
+    index: ShardIndex, max_pixels: int = MAX_IMAGE_PIXELS, handle: BinaryIO | None = None
+) -> ShardIndex:
     """``index`` if no image in its shard has more than ``max_pixels`` pixels (read from each image's header,
     before any decoder sees it); else ``ShardError`` naming the shard, the key, the size and the cap: a
-    decompression bomb (a 20000 x 20000 JPEG of a few MB) would cost every epoch a 1.2 GB decode."""
-    with open(index.tar, "rb") as handle:
+    decompression bomb (a 20000 x 20000 JPEG of a few MB) would cost every epoch a 1.2 GB decode. The tar is
+    read from ``handle`` when given (a shard fetched from object storage), else opened."""
+    with _shard_bytes(index, handle) as handle:
         for sample in index.samples:
             for ext, (offset, size, name) in sample.items():
                 if ext.lower() not in IMAGE_COMPONENTS:
@@ -488,6 +505,14 @@ def check_pixel_cap(index: ShardIndex, max_pixels: int = MAX_IMAGE_PIXELS) -> Sh
 def read_checked_index(tar: Path) -> ShardIndex:
     """``read_index`` + ``check_index_matches``: what every reader that seeks by the index uses."""
     return check_index_matches(read_index(tar))
+
+
+def check_shard(index: ShardIndex, max_pixels: int = MAX_IMAGE_PIXELS, handle: BinaryIO | None = None) -> ShardIndex:
+    """Everything the loader checks of a shard before DALI sees any of it: its index matches the tar
+    (``check_index_matches``) and no image is over the pixel cap (``check_pixel_cap``). One gate for both
+    kinds of shard: a local tar is opened here (at loader start); a shard in object storage is checked on its
+    fetched bytes (``handle``), before its samples are cut out (``pipeline.remote``)."""
+    return check_pixel_cap(check_index_matches(index, handle=handle), max_pixels, handle)
 
 
 # --------------------------------------------------------------------------- the set's files: classes and record
