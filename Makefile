@@ -33,7 +33,7 @@ lock:
 # the whole pipeline again (seeded: the same numbers on one machine, a little different on another CPU) instead of
 # refusing a changed config or resuming a finished run.
 demo: $(VENV)/.installed
-	$(BIN)/simclr-shards write synthetic "data/demo/train/train-%06d.tar" --per_class 300 --seed 0 --quiet
+	$(BIN)/simclr-shards write synthetic "data/demo/train/train-%06d.tar" --per_class 1770 --seed 0 --quiet
 	$(BIN)/simclr-shards write synthetic "data/demo/val/val-%06d.tar" --per_class 100 --seed 1 --quiet
 	$(BIN)/python train.py --config configs/demo.yaml --overwrite true
 	$(BIN)/python evaluate.py --checkpoint runs/demo --train_shards data/demo/train --val_shards data/demo/val \
