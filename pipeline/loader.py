@@ -101,17 +101,14 @@ def largest_image(indexes: list[ShardIndex], candidates: int = LARGEST_IMAGE_CAN
     return best
 
 
-def default_pipelines(device: str, train: bool, batch_size: int) -> int:
-    """DALI pipelines per rank: 1 on either backend (``pipelines=2`` still splits a rank's part and batch).
-
-    Two pipelines with half the threads each once filled the cores that idled at the barriers between a long
-    chain of small CPU operators; with a view's per-sample work in a few compiled operators (``view_plan``,
-    ``colour_cpu``) the second pipeline only adds work: on 2 AMD EPYC cores (bench.py's presets, 2 threads,
-    measured under the bench lock) one pipeline made 6,900-7,200 images/s at 32 px against 4,700-5,200 for two
-    (117-119 against 186-202 us of CPU time per image) and 87-104 against 66-68 images/s at 224 px. On the GPU
-    a second pipeline would also double the decoder's preallocated buffers."""
-    del device, train, batch_size  # (one rule for every loader: kept for callers that name them)
-    return 1
+# DALI pipelines per training rank (``pipelines=2`` still splits a rank's part and batch). Two pipelines with half
+# the threads each once filled the cores that idled at the barriers between a long chain of small CPU operators;
+# with a view's per-sample work in a few compiled operators (``view_plan``, ``colour_cpu``) the second pipeline only
+# adds work: on 2 AMD EPYC cores (bench.py's presets, 2 threads, measured under the bench lock) one pipeline made
+# 6,900-7,200 images/s at 32 px against 4,700-5,200 for two (117-119 against 186-202 us of CPU time per image) and
+# 87-104 against 66-68 images/s at 224 px. On the GPU a second pipeline would also double the decoder's buffers.
+# A checkpoint of a run with another count resumes with that count (``load_state_dict``).
+DEFAULT_PIPELINES = 1
 
 
 def _reader(
@@ -384,7 +381,7 @@ class DaliLoader:
         # Each rank's part is read by ``pipelines`` DALI pipelines, each reading one contiguous sub-part and making
         # 1/pipelines of every batch; DALI's split into num_shards * pipelines parts refines its split into
         # num_shards parts, so a rank's sub-parts are exactly its part.
-        pipelines = (pipelines or default_pipelines(device, train, batch_size)) if train else 1
+        pipelines = (pipelines or DEFAULT_PIPELINES) if train else 1
         if batch_size % pipelines or self.num_samples // (num_shards * pipelines) < batch_size // pipelines:
             pipelines = 1  # a batch that does not split evenly, or sub-parts smaller than their share of a batch
         self.pipelines = pipelines
@@ -661,10 +658,7 @@ class DaliLoader:
         checkpoints = state["dali_checkpoint"]
         checkpoints = [checkpoints] if isinstance(checkpoints, str) else checkpoints  # one pipeline (older states)
         if checkpoints and len(checkpoints) != self.pipelines:
-            raise ValueError(
-                f"loader state holds {len(checkpoints)} DALI pipeline checkpoint(s), this loader runs "
-                f"{self.pipelines} pipeline(s) per rank: resume with the same pipelines and batch size"
-            )
+            self._adopt_pipelines(len(checkpoints))
         self._release_iterator()
         self.epoch, self._position, self._drained = state["epoch"], state.get("position", 0), False
         start = state.get("pipeline_epoch", self.epoch) if checkpoints else self.epoch
@@ -691,6 +685,17 @@ class DaliLoader:
             for pipe in getattr(inner, "_pipes", []):
                 pipe._shutdown()  # DALI's own release (Pipeline.__del__ and its atexit hook call it)
         self._iterator = None
+
+    def _adopt_pipelines(self, count: int) -> None:
+        """Run ``count`` pipelines per rank, as the checkpoint being resumed did (a run from before the default
+        changed): the same sub-parts and seeds, so the resume is exact, where the steps per epoch stay the same."""
+        smallest_part = self.num_samples // (self.num_shards * count) * count
+        if not self.train or self.batch_size % count or smallest_part // self.batch_size != self.steps_per_epoch:
+            raise ValueError(
+                f"loader state holds {count} DALI pipeline checkpoint(s), this loader runs {self.pipelines} "
+                "pipeline(s) per rank and cannot take that many: resume with the same pipelines and batch size"
+            )
+        self.pipelines = count
 
     def __iter__(self):
         if self._iterator is None:

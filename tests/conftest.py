@@ -34,6 +34,34 @@ def random_images(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
     ).astype(np.uint8)
 
 
+def build_wheel(out: Path) -> Path:
+    """The distribution as ``pip install .`` builds it (no build isolation: setuptools from this venv), built from
+    a copy of the checkout's files (tracked, and untracked but not ignored): setuptools reuses a ``build/lib`` it
+    finds, so a build in the checkout itself would ship modules that an earlier tree had and this one lost."""
+    import shutil
+    import subprocess
+
+    listed = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "-co", "--exclude-standard", "-z"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split("\0")
+    source = out / "source"
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+        + ["-w", str(out), str(source)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return next(out.glob("simclr_dali-*.whl"))
+
+
 def make_shards(
     directory: Path,
     count: int,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, make_shards, tiny
+from conftest import ROOT, build_wheel, make_shards, tiny
 
 from simclr_dali.model.global_bn import GlobalBatchNorm, GlobalBatchNormAct, convert_to_global_bn
 from simclr_dali.trainer.config import TrainConfig
@@ -75,26 +75,7 @@ def test_installed_project_shadows_no_other_distribution(tmp_path):
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The distribution as `pip install .` builds it (no build isolation: setuptools comes from this venv)."""
-    out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "-w",
-            str(out),
-            str(ROOT),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    return next(out.glob("simclr_dali-*.whl"))
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def test_wheel_holds_one_namespace_with_the_layout_and_the_console_scripts(wheel):

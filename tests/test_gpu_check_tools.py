@@ -13,7 +13,7 @@ import time
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, build_wheel
 
 from simclr_dali.bench import gpu_check as product_check
 from tools.gpu_check import __main__ as gpu_main
@@ -92,14 +92,7 @@ def test_the_wheel_holds_no_gpu_check_staging(tmp_path):
     staging or the device-time plan in the wheel; the user's command (bench/gpu_check.py) is there."""
     import zipfile
 
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
-        + ["-w", str(tmp_path), str(ROOT)],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    with zipfile.ZipFile(next(tmp_path.glob("simclr_dali-*.whl"))) as archive:
+    with zipfile.ZipFile(build_wheel(tmp_path)) as archive:
         names = archive.namelist()
         texts = {n: archive.read(n).decode(errors="replace") for n in names if n.endswith((".py", ".sh"))}
     assert "simclr_dali/bench/gpu_check.py" in names

@@ -214,12 +214,26 @@ def test_small_shuffle_buffers_split_between_pipelines(small_shards, buffer):
         DaliLoader(directory, 8, TwoViews(CIFAR), train=True, shuffle_buffer=0)
 
 
-def test_a_state_resumes_only_with_the_same_pipelines(small_shards):
+def test_a_state_of_another_pipeline_count_resumes_exactly_or_is_refused(small_shards):
+    """A checkpoint from a run with two pipelines per rank (the CPU default before it became one) resumes
+    exactly in a loader built with the default; a count the batch cannot be split into is refused."""
     directory, _ = small_shards
-    state = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=4, pipelines=2).state_dict()
+    make = lambda **kw: DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=4, **kw)
+    old = make(pipelines=2)
+    batches = iter(old)
+    next(batches)
+    state = old.state_dict()
     assert len(state["dali_checkpoint"]) == 2
-    with pytest.raises(ValueError, match="2 DALI pipeline checkpoint.*1 pipeline"):
-        DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=4, pipelines=1).load_state_dict(state)
+    reference = [v1 for v1, _ in batches]
+    restored = make()
+    assert restored.pipelines == 1
+    restored.load_state_dict(state)
+    resumed = [v1 for v1, _ in restored]
+    assert restored.pipelines == 2 and len(resumed) == len(reference) > 0
+    assert all(torch.equal(a, b) for a, b in zip(resumed, reference))
+    three = {**state, "dali_checkpoint": [*state["dali_checkpoint"], state["dali_checkpoint"][0]]}
+    with pytest.raises(ValueError, match="3 DALI pipeline checkpoint.*1 pipeline"):
+        make().load_state_dict(three)
 
 
 def test_upper_case_member_extensions_are_read(tmp_path):
