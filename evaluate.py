@@ -35,13 +35,17 @@ import sys
 # ruff: noqa: E402 (the imports below come after the early parse on purpose)
 # `duplicates` pair kept (shape only): the same prologue as train.py's (script -> module, then the early parse).
 # It runs before any relative import can (a script has no package), so no shared helper can hold it.
-if __name__ == "__main__" and not __package__:  # `python evaluate.py` runs this file as the package's module
+if (
+    __name__ == "__main__" and not __package__
+):  # `python evaluate.py` runs this file as the package's module
     import runpy
 
     runpy.run_module("simclr_dali.evaluate", run_name="__main__", alter_sys=True)
     sys.exit(0)
 
-if __name__ == "__main__":  # --help, --print_config and usage errors answer before torch and DALI are imported
+if (
+    __name__ == "__main__"
+):  # --help, --print_config and usage errors answer before torch and DALI are imported
     from .common.errors import SimclrError
     from .evaluation.config import parse_args
 
@@ -108,7 +112,9 @@ def choose_subset(args, accelerator, num_classes: int | None) -> tuple[LabelSubs
     if accelerator.num_processes > 1:
         broadcast_object_list(payload)
     if "error" in payload[0]:
-        raise (ShardError if payload[0]["type"] == "ShardError" else SubsetError)(payload[0]["error"])
+        raise (ShardError if payload[0]["type"] == "ShardError" else SubsetError)(
+            payload[0]["error"]
+        )
     return LabelSubset.from_json(payload[0]["subset"]), payload[0]["how"]
 
 
@@ -134,27 +140,44 @@ def evaluate_backbone(
                 if args.features_cache
                 else None
             )
-            cache[name] = cached_features(backbone, data[name], accelerator, f"{name} features", path, identity)
+            cache[name] = cached_features(
+                backbone, data[name], accelerator, f"{name} features", path, identity
+            )
         return cache[name]
 
     if "knn" in protocols:
         started = time.time()
-        (train_features, train_labels), (val_features, val_labels) = features("train"), features("val")
-        scores = knn_predict(train_features, train_labels, val_features, num_classes, args.k, args.knn_temperature)
+        (train_features, train_labels), (val_features, val_labels) = (
+            features("train"),
+            features("val"),
+        )
+        scores = knn_predict(
+            train_features, train_labels, val_features, num_classes, args.k, args.knn_temperature
+        )
         for k in args.k:
-            metrics.update({f"knn{k}_{top}": v for top, v in topk_accuracy(scores[k], val_labels).items()})
+            metrics.update(
+                {f"knn{k}_{top}": v for top, v in topk_accuracy(scores[k], val_labels).items()}
+            )
         seconds["knn"] = time.time() - started
     if "linear" in protocols:
         started = time.time()
         set_seed(args.seed)
         if args.augment:
             head = train_linear_augmented(
-                backbone, data["train_augmented"], num_classes, accelerator, epochs=args.epochs, lr=args.lr
+                backbone,
+                data["train_augmented"],
+                num_classes,
+                accelerator,
+                epochs=args.epochs,
+                lr=args.lr,
             )
             val_features, val_labels = features("val")
             result = evaluate_classifier(head, val_features, val_labels)
         else:
-            (train_features, train_labels), (val_features, val_labels) = features("train"), features("val")
+            (train_features, train_labels), (val_features, val_labels) = (
+                features("train"),
+                features("val"),
+            )
             # `duplicates` pair kept (shape only): keyword arguments shaped like simclr-shards' write_source call
             classifier = train_linear_on_features(
                 train_features,
@@ -172,9 +195,16 @@ def evaluate_backbone(
         started = time.time()
         set_seed(args.seed)
         classifier = finetune(
-            backbone, data["train_subset"], num_classes, accelerator, epochs=args.finetune_epochs, lr=args.finetune_lr
+            backbone,
+            data["train_subset"],
+            num_classes,
+            accelerator,
+            epochs=args.finetune_epochs,
+            lr=args.finetune_lr,
         )
-        logits, val_labels = extract_features(classifier, data["val"], accelerator, "val (fine-tuned)")
+        logits, val_labels = extract_features(
+            classifier, data["val"], accelerator, "val (fine-tuned)"
+        )
         metrics.update({f"finetune_{k}": v for k, v in topk_accuracy(logits, val_labels).items()})
         seconds["finetune"] = time.time() - started
     if "distill" in protocols:
@@ -190,7 +220,9 @@ def distill_protocol(teacher, data: dict, accelerator, args, num_classes: int) -
     val set, and its agreement with the teacher on the val set before and after (the student matches it better)."""
     set_seed(args.seed)
     student = Classifier(args.student, num_classes).to(accelerator.device)
-    torch.nn.init.normal_(student.fc.weight, std=0.01)  # a zero head would agree with nothing at the start
+    torch.nn.init.normal_(
+        student.fc.weight, std=0.01
+    )  # a zero head would agree with nothing at the start
     before = agreement(student, teacher, data["val"], accelerator)
     student, losses = distill(
         teacher,
@@ -250,19 +282,33 @@ def build_loaders(
     augmented = AugmentedView(classifier_augment(size, (args.min_crop_area, 1.0)))
     if "linear" in protocols and args.augment:
         data["train_augmented"] = DaliLoader(
-            args.train_shards, args.local_batch_size, augmented, train=True, seed=args.seed, **common
+            args.train_shards,
+            args.local_batch_size,
+            augmented,
+            train=True,
+            seed=args.seed,
+            **common,
         )
     subset, subset_how = None, None
     if "finetune" in protocols:
         subset, subset_how = choose_subset(args, accelerator, num_classes)
-        if args.label_fraction is not None and abs(args.label_fraction - subset.label_fraction) > 1e-12:
+        if (
+            args.label_fraction is not None
+            and abs(args.label_fraction - subset.label_fraction) > 1e-12
+        ):
             accelerator.print(
                 f"note: {subset.list_file or args.subset_file} holds a {subset.label_fraction:g} subset "
                 f"(seed {subset.seed}); "
                 f"--label_fraction {args.label_fraction:g} is not used"
             )
         data["train_subset"] = DaliLoader(
-            args.train_shards, args.local_batch_size, augmented, train=True, seed=args.seed, keys=subset.keys, **common
+            args.train_shards,
+            args.local_batch_size,
+            augmented,
+            train=True,
+            seed=args.seed,
+            keys=subset.keys,
+            **common,
         )
     if "distill" in protocols:  # issue 31: unlabelled images, the fine-tuning augmentation
         data["distill"] = DaliLoader(
@@ -286,7 +332,9 @@ def protocol_settings(args, data: dict, subset, subset_how: str, processes: int)
             "epochs": args.epochs,
             "base_lr": args.lr,
             "optimizer": sgd,
-            "global_batch": data["train_augmented"].batch_size * processes if args.augment else 1024,
+            "global_batch": data["train_augmented"].batch_size * processes
+            if args.augment
+            else 1024,
         },
     }
     if subset is not None:
@@ -323,7 +371,8 @@ def print_summary(report: dict, accelerator) -> None:
     accelerator.print(f"\n{'backbone':<40} " + " ".join(f"{k:>15}" for k in names))
     for result in report["results"]:
         accelerator.print(
-            f"{result['backbone']['source'][-40:]:<40} " + " ".join(f"{result['metrics'][k]:>14.2f}%" for k in names)
+            f"{result['backbone']['source'][-40:]:<40} "
+            + " ".join(f"{result['metrics'][k]:>14.2f}%" for k in names)
         )
     accelerator.print(
         f"{report['data']['num_train']} train / {report['data']['num_val']} val samples, {num_classes} classes, "
@@ -331,7 +380,16 @@ def print_summary(report: dict, accelerator) -> None:
     )
 
 
-def report_header(args, info: dict, protocols, settings: dict, data: dict, num_classes: int, size: int, processes: int):
+def report_header(
+    args,
+    info: dict,
+    protocols,
+    settings: dict,
+    data: dict,
+    num_classes: int,
+    size: int,
+    processes: int,
+):
     """The --json report before any result: protocols and their settings, the checkpoint, the data, the run."""
     return {
         "protocols": protocols,
@@ -379,12 +437,20 @@ def main(argv=None) -> int:
         if args.features_cache:
             check_writable(args.features_cache, "--features_cache")
         protocols = args.protocols()
-        backbone, info = load_backbone(args.checkpoint, args.model, args.weights, args.random_init, args.seed)
-        backbone = with_head_layers(backbone, args.checkpoint, args.ft_proj_selector)  # SimCLRv2's kept head layers
+        backbone, info = load_backbone(
+            args.checkpoint, args.model, args.weights, args.random_init, args.seed
+        )
+        backbone = with_head_layers(
+            backbone, args.checkpoint, args.ft_proj_selector
+        )  # SimCLRv2's kept head layers
         info["ft_proj_selector"] = args.ft_proj_selector
         if "distill" in protocols:  # the student: the same architecture at random initialisation
-            student, _ = load_backbone(args.checkpoint, args.model, args.weights, True, args.seed + 1)
-            args.student = with_head_layers(student, args.checkpoint, args.ft_proj_selector, random=True)
+            student, _ = load_backbone(
+                args.checkpoint, args.model, args.weights, True, args.seed + 1
+            )
+            args.student = with_head_layers(
+                student, args.checkpoint, args.ft_proj_selector, random=True
+            )
         size = args.image_size or info.get("image_size") or 224
         data, num_classes, subset, subset_how = build_loaders(args, accelerator, size, protocols)
     except (ValueError, OSError, SimclrError) as error:
@@ -393,13 +459,23 @@ def main(argv=None) -> int:
     if subset is not None:
         args.finetune_epochs = args.finetune_epochs or (60 if subset.label_fraction <= 0.01 else 30)
     candidates = [(backbone, info)]
-    if args.compare_random_init:  # the same architecture, the kept head layers included, at random init
-        random_backbone, random_info = load_backbone(args.checkpoint, args.model, args.weights, True, args.seed)
-        random_backbone = with_head_layers(random_backbone, args.checkpoint, args.ft_proj_selector, random=True)
-        candidates.append((random_backbone, {**random_info, "ft_proj_selector": args.ft_proj_selector}))
+    if (
+        args.compare_random_init
+    ):  # the same architecture, the kept head layers included, at random init
+        random_backbone, random_info = load_backbone(
+            args.checkpoint, args.model, args.weights, True, args.seed
+        )
+        random_backbone = with_head_layers(
+            random_backbone, args.checkpoint, args.ft_proj_selector, random=True
+        )
+        candidates.append(
+            (random_backbone, {**random_info, "ft_proj_selector": args.ft_proj_selector})
+        )
 
     settings = protocol_settings(args, data, subset, subset_how, accelerator.num_processes)
-    report = report_header(args, info, protocols, settings, data, num_classes, size, accelerator.num_processes)
+    report = report_header(
+        args, info, protocols, settings, data, num_classes, size, accelerator.num_processes
+    )
 
     # ---- evaluate each backbone
     try:
@@ -408,7 +484,9 @@ def main(argv=None) -> int:
             metrics, seconds = evaluate_backbone(
                 candidate, candidate_info, data, protocols, accelerator, args, num_classes
             )
-            report["results"].append({"backbone": candidate_info, "metrics": metrics, "seconds": seconds})
+            report["results"].append(
+                {"backbone": candidate_info, "metrics": metrics, "seconds": seconds}
+            )
     except ShardError as error:  # bad data found while reading (e.g. an image that does not decode)
         return fail(str(error))
     report.update(

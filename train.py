@@ -21,13 +21,17 @@ from __future__ import annotations
 # parse). It runs before any relative import can (a script has no package), so no shared helper can hold it.
 import sys
 
-if __name__ == "__main__" and not __package__:  # `python train.py` runs this file as the package's module
+if (
+    __name__ == "__main__" and not __package__
+):  # `python train.py` runs this file as the package's module
     import runpy
 
     runpy.run_module("simclr_dali.train", run_name="__main__", alter_sys=True)
     sys.exit(0)
 
-if __name__ == "__main__":  # --help, --print_config and config errors answer before torch and DALI are imported
+if (
+    __name__ == "__main__"
+):  # --help, --print_config and config errors answer before torch and DALI are imported
     from .common.errors import SimclrError
     from .trainer.config import parse_args
 
@@ -126,17 +130,26 @@ def setup(cfg, accelerator, consensus, preemption, log) -> Session:
     backbone = accelerator.unwrap_model(model).backbone
     # ---- resume: weights, optimiser state, every rank's RNG and data position, each file verified; same tracker run
     checkpointer = Checkpointer(
-        accelerator, consensus, run.run_id, cfg.output_dir, cfg.keep_checkpoints, cfg.checkpoint_every_minutes
+        accelerator,
+        consensus,
+        run.run_id,
+        cfg.output_dir,
+        cfg.keep_checkpoints,
+        cfg.checkpoint_every_minutes,
     )
     state = TrainingState()
     if run.resume_from is not None:
-        saved, loader_state = checkpointer.load(run.resume_from, model, optimizer, run.world_size_changed)
+        saved, loader_state = checkpointer.load(
+            run.resume_from, model, optimizer, run.world_size_changed
+        )
         state = TrainingState(saved["step"], saved["train_seconds"], saved.get("history", []))
         loader.load_state_dict(loader_state)
         position = f" ({saved['data_position']})" if "data_position" in saved else ""
         log.info(f"resumed from {run.resume_from} at step {state.step}{position}")
     scheduler.step_update(state.step)
-    start_trackers(accelerator, cfg, run, state.step)  # a write failure: exit 1 naming its directory
+    start_trackers(
+        accelerator, cfg, run, state.step
+    )  # a write failure: exit 1 naming its directory
     log.info(
         f"{world} process(es) on {device.type}, data on {data_device(cfg, device)}; {loader.num_samples} images, "
         f"{plan.steps_per_epoch} steps/epoch of {cfg.batch_size}, {plan.total_steps} steps, lr {cfg.scaled_lr:.4g}"
@@ -174,7 +187,16 @@ def train(t: Session) -> Exception | None:
             if agreed.out_of_time:
                 t.end_early(state.step + 1)
             view1, view2, *labels = views  # labels: from labelled shards (SupCon, the online probe)
-            out = train_step(t.forward, t.optimizer, view1, view2, cfg, t.accelerator, *labels, probe=t.online_probe)
+            out = train_step(
+                t.forward,
+                t.optimizer,
+                view1,
+                view2,
+                cfg,
+                t.accelerator,
+                *labels,
+                probe=t.online_probe,
+            )
             step = t.after_step(out)
             if t.meters.due(step):
                 t.health.raise_if_bad(t.accelerator)
@@ -182,7 +204,9 @@ def train(t: Session) -> Exception | None:
             t.meters.advance(step)
             evaluate = t.monitor.due(step, plan) and not agreed.preempted
             t.checkpointer.maybe_save(step, force=evaluate or agreed.preempted or agreed.clock_due)
-            if agreed.preempted and step < plan.last_step:  # the batch was used: the checkpoint is exact
+            if (
+                agreed.preempted and step < plan.last_step
+            ):  # the batch was used: the checkpoint is exact
                 raise Preempted(preemption.signal_name)
             if evaluate:
                 t.monitor.evaluate(state, plan)
@@ -197,7 +221,11 @@ def train(t: Session) -> Exception | None:
 def finish(t: Session) -> int:
     """The end of a complete run: the exported backbone and head, train_summary.json, the summary line."""
     cfg, state, accelerator = t.cfg, t.state, t.accelerator
-    summary = {"steps": state.step, "train_seconds": round(state.train_seconds, 2), **t.meters.summary()}
+    summary = {
+        "steps": state.step,
+        "train_seconds": round(state.train_seconds, 2),
+        **t.meters.summary(),
+    }
     if accelerator.is_main_process:
         backbone = accelerator.unwrap_model(t.model).backbone
         meta = {

@@ -51,4 +51,6 @@ def main(argv: list[str] | None = None) -> int:
 
     module, _, function = COMMANDS[name].partition(":")
     result = getattr(importlib.import_module(f".{module}", __name__), function or "main")(rest)
-    return result if isinstance(result, int) else 0  # a command that returns an exit status (gpu-check) passes it on
+    return (
+        result if isinstance(result, int) else 0
+    )  # a command that returns an exit status (gpu-check) passes it on

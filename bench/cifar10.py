@@ -33,16 +33,35 @@ def write_shards(out: Path, tarball: str | None) -> str:
         return f"existing shards in {out}"
     for split in ("train", "test"):
         if SHARED_CIFAR.is_dir():
-            command = ["write", "folder", str(SHARED_CIFAR / split), str(out / split / f"{split}-%06d.tar")]
+            command = [
+                "write",
+                "folder",
+                str(SHARED_CIFAR / split),
+                str(out / split / f"{split}-%06d.tar"),
+            ]
         elif tarball:
-            command = ["write", "cifar", tarball, str(out / split / f"{split}-%06d.tar"), "--split", split]
+            command = [
+                "write",
+                "cifar",
+                tarball,
+                str(out / split / f"{split}-%06d.tar"),
+                "--split",
+                split,
+            ]
         else:
             raise SystemExit(
                 "no CIFAR-10 source: ../shared/data/cifar10 is absent; download cifar-10-python.tar.gz "
                 "(https://www.cs.toronto.edu/~kriz/cifar.html) and pass --tarball PATH"
             )
         subprocess.run(
-            [sys.executable, "-m", "simclr_dali.pipeline.shards.cli", *command, "--max_count", "10000"],
+            [
+                sys.executable,
+                "-m",
+                "simclr_dali.pipeline.shards.cli",
+                *command,
+                "--max_count",
+                "10000",
+            ],
             cwd=ROOT,
             check=True,
         )
@@ -73,13 +92,18 @@ def train_command(config: Path, shards: Path, output_dir: Path, extra: list[str]
     ]
 
 
-def pretrain(config: Path, shards: Path, output_dir: Path, extra: list[str], run: bool = True) -> dict:
+def pretrain(
+    config: Path, shards: Path, output_dir: Path, extra: list[str], run: bool = True
+) -> dict:
     """Run train.py (``run=False``: read the curve an earlier identical run left) -> {command, config, history}."""
     command = train_command(config, shards, output_dir, extra)
     if run:
         print("$", " ".join(command), flush=True)
         subprocess.run(command, cwd=ROOT, check=True)
-    return {"command": " ".join(command[1:]), **json.loads((output_dir / "eval_curve.json").read_text())}
+    return {
+        "command": " ".join(command[1:]),
+        **json.loads((output_dir / "eval_curve.json").read_text()),
+    }
 
 
 def plot(curves: dict, path: Path, title: str) -> None:
@@ -96,7 +120,11 @@ def plot(curves: dict, path: Path, title: str) -> None:
         for axis, x in zip(axes, (minutes, epochs)):
             axis.plot(x, [h["knn_top1"] for h in history], marker="o", label=f"{label}: kNN top-1")
             axis.plot(
-                x, [h["linear_top1"] for h in history], marker=".", linestyle="--", label=f"{label}: linear top-1"
+                x,
+                [h["linear_top1"] for h in history],
+                marker=".",
+                linestyle="--",
+                label=f"{label}: linear top-1",
             )
     axes[0].set_xlabel("training wall-clock (minutes, evaluation excluded)")
     axes[1].set_xlabel("epochs")
@@ -113,21 +141,38 @@ def plot(curves: dict, path: Path, title: str) -> None:
 def main(argv=None) -> dict:
     on_gpu = torch.cuda.is_available()
     parser = ArgumentParser(prog="bench.py cifar10", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / ("cifar10.yaml" if on_gpu else "cifar10_cpu.yaml")))
+    parser.add_argument(
+        "--config",
+        default=str(ROOT / "configs" / ("cifar10.yaml" if on_gpu else "cifar10_cpu.yaml")),
+    )
     parser.add_argument("--shards", default=str(ROOT / "data" / "cifar10"))
-    parser.add_argument("--tarball", default=None, help="cifar-10-python.tar.gz, when ../shared/data/cifar10 is absent")
+    parser.add_argument(
+        "--tarball",
+        default=None,
+        help="cifar-10-python.tar.gz, when ../shared/data/cifar10 is absent",
+    )
     parser.add_argument("--output", default=str(ROOT / "runs" / f"cifar10_{device_tag()}"))
     parser.add_argument("--no_baseline", action="store_true", help="skip the torchvision-fed run")
-    parser.add_argument("--train_args", default="", help="extra train.py flags for both runs, e.g. '--epochs 2'")
     parser.add_argument(
-        "--baseline_only", action="store_true", help="reuse the DALI run's curve in OUTPUT/dali, run the baseline only"
+        "--train_args", default="", help="extra train.py flags for both runs, e.g. '--epochs 2'"
+    )
+    parser.add_argument(
+        "--baseline_only",
+        action="store_true",
+        help="reuse the DALI run's curve in OUTPUT/dali, run the baseline only",
     )
     args = parser.parse_args(argv)
     shards, output = Path(args.shards), Path(args.output)
     source = write_shards(shards, args.tarball)
     extra = args.train_args.split()
-    curves = {"DALI": pretrain(Path(args.config), shards, output / "dali", extra, run=not args.baseline_only)}
-    if not args.no_baseline:  # the same training time as the DALI run (its schedule, cut where that time runs out)
+    curves = {
+        "DALI": pretrain(
+            Path(args.config), shards, output / "dali", extra, run=not args.baseline_only
+        )
+    }
+    if (
+        not args.no_baseline
+    ):  # the same training time as the DALI run (its schedule, cut where that time runs out)
         budget = curves["DALI"]["history"][-1]["train_seconds"] / 60
         curves["torchvision DataLoader"] = pretrain(
             Path(args.config),

@@ -79,7 +79,9 @@ def write_result(name: str, payload: dict, path: str | Path | None = None) -> Pa
     """Write ``{environment, **payload}`` to bench/results/<name>_<device>.json (or ``path``)."""
     target = Path(path) if path else RESULTS / f"{name}_{device_tag()}.json"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps({"benchmark": name, "environment": environment(), **payload}, indent=1) + "\n")
+    target.write_text(
+        json.dumps({"benchmark": name, "environment": environment(), **payload}, indent=1) + "\n"
+    )
     return target
 
 

@@ -35,7 +35,12 @@ KERNEL_CASES = (
     ("float32", "ieee", 128, 1024, "precision: no"),
 )
 KERNEL_SPECIALISATIONS_MAX = 12
-KERNEL_TOL = {"bfloat16": 2e-2, "float16": 5e-3, "float32": 1e-4, "tf32": 5e-2}  # as tests/test_ntxent_triton.py
+KERNEL_TOL = {
+    "bfloat16": 2e-2,
+    "float16": 5e-3,
+    "float32": 1e-4,
+    "tf32": 5e-2,
+}  # as tests/test_ntxent_triton.py
 FP16_LOSS_SCALE = 2.0**16  # as GradScaler: float16 gradients of a large batch underflow unscaled
 DRY_KERNEL_SIZE = (64, 32)  # (2N, d) of each case under the interpreter
 
@@ -94,7 +99,9 @@ def compiled_count() -> dict:
     return counts
 
 
-def kernel_case(torch, device: str, i: int, dtype_name: str, precision: str, d: int, two_n: int, why: str) -> dict:
+def kernel_case(
+    torch, device: str, i: int, dtype_name: str, precision: str, d: int, two_n: int, why: str
+) -> dict:
     """One production configuration: the fused loss and gradients against float64 on the same inputs."""
     from ..model.ntxent import nt_xent, nt_xent_reference
 
@@ -154,9 +161,16 @@ def kernel_rows(small: bool = False):
             two_n, d = DRY_KERNEL_SIZE
         case = f"{dtype_name} {precision} d={d} 2N={two_n}"
         try:
-            yield {"case": case, **kernel_case(torch, device, i, dtype_name, precision, d, two_n, why)}
+            yield {
+                "case": case,
+                **kernel_case(torch, device, i, dtype_name, precision, d, two_n, why),
+            }
         except Exception as error:  # recorded; the next case still runs
-            yield {"case": case, "ok": False, "error": f"{type(error).__name__}: {str(error)[:1500]}"}
+            yield {
+                "case": case,
+                "ok": False,
+                "error": f"{type(error).__name__}: {str(error)[:1500]}",
+            }
         if device == "cuda":
             torch.cuda.empty_cache()
     if device == "cuda":
@@ -199,7 +213,14 @@ def data_path(device: str, threads: list[int], seconds: float, small: bool, work
     if small:
         imagenet, _ = pipeline.synthetic_shards(work / "imagenet", 32, 96, "generated")
         cifar, _ = pipeline.synthetic_shards(work / "cifar", 64, 32, "generated")
-        base += ["--imagenet_shards", str(imagenet), "--cifar_shards", str(cifar), "--batch_size", "16"]
+        base += [
+            "--imagenet_shards",
+            str(imagenet),
+            "--cifar_shards",
+            str(cifar),
+            "--batch_size",
+            "16",
+        ]
     for k, argv in enumerate(pipeline_commands(base, threads)):
         saved = pipeline.main([*argv, "--json", str(work / f"pipeline_{k}.json")])
         result["runs"].append({"argv": argv, "results": saved})
@@ -223,7 +244,11 @@ def throughput(small: bool) -> dict:
 
     args = ["--feeds", "synthetic", "--json", os.devnull]
     if small:
-        tiny = {"backbone": "resnet18", "image_size": 32, "timm_kwargs": {"channels": [8, 16, 32, 64]}}
+        tiny = {
+            "backbone": "resnet18",
+            "image_size": 32,
+            "timm_kwargs": {"channels": [8, 16, 32, 64]},
+        }
         args += ["--preset", "cifar", "--batch_size", "8", "--steps", "2", "--warmup", "1"]
         args += ["--overrides", json.dumps(tiny)]
     return train_main(args)
@@ -234,24 +259,39 @@ PARTS = ("data", "kernels", "throughput")
 
 def main(argv=None) -> int:
     parser = ArgumentParser(prog="simclr-bench gpu-check", description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, nargs="+", default=None, help="DALI threads to sweep")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured time per pipeline and thread count")
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=None, help="DALI threads to sweep"
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=5.0, help="measured time per pipeline and thread count"
+    )
     parser.add_argument("--skip", nargs="+", default=[], choices=PARTS, help="parts not to run")
-    parser.add_argument("--small", action="store_true", help="on the CPU at tiny sizes (a check of the command)")
-    parser.add_argument("--json", default=None, help="default bench/results/gpu_check_<device>.json")
+    parser.add_argument(
+        "--small", action="store_true", help="on the CPU at tiny sizes (a check of the command)"
+    )
+    parser.add_argument(
+        "--json", default=None, help="default bench/results/gpu_check_<device>.json"
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.small:  # before torch and Triton are imported: CPU devices, kernels under the interpreter
+    if (
+        args.small
+    ):  # before torch and Triton are imported: CPU devices, kernels under the interpreter
         os.environ["CUDA_VISIBLE_DEVICES"], os.environ["TRITON_INTERPRET"] = "", "1"
     import torch
 
     if not (torch.cuda.is_available() or args.small):
-        print("simclr-bench gpu-check: no CUDA device here (--small runs it on the CPU at tiny sizes)", file=sys.stderr)
+        print(
+            "simclr-bench gpu-check: no CUDA device here (--small runs it on the CPU at tiny sizes)",
+            file=sys.stderr,
+        )
         return 2
     device, start = ("cpu" if args.small else "cuda"), time.time()
     report: dict = {"parts": {}}
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as work:
         steps = {
-            "data": lambda: data_path(device, args.threads or default_threads(), args.seconds, args.small, Path(work)),
+            "data": lambda: data_path(
+                device, args.threads or default_threads(), args.seconds, args.small, Path(work)
+            ),
             "kernels": lambda: list(kernel_rows(args.small)),
             "throughput": lambda: throughput(args.small),
         }
@@ -262,5 +302,7 @@ def main(argv=None) -> int:
     report["kernels_ok"] = all(row.get("ok", True) for row in kernels)
     report["seconds"] = round(time.time() - start, 1)
     path = write_result("gpu_check", {"device": device, **report}, args.json)
-    print(f"[gpu-check] kernels {'within' if report['kernels_ok'] else 'OUT OF'} tolerance; wrote {path}")
+    print(
+        f"[gpu-check] kernels {'within' if report['kernels_ok'] else 'OUT OF'} tolerance; wrote {path}"
+    )
     return 0 if report["kernels_ok"] else 1

@@ -94,15 +94,21 @@ def work(method: str, two_n: int, d: int, dtype: str) -> dict:
     exps, the fewest device-memory bytes, and the H100 rate its products run at."""
     pairs = float(two_n) ** 2
     itemsize = _itemsize(dtype)
-    vectors = 2 * two_n * d * itemsize + 2 * two_n * d * 4  # inputs in, gradients out (float32 inside)
+    vectors = (
+        2 * two_n * d * itemsize + 2 * two_n * d * 4
+    )  # inputs in, gradients out (float32 inside)
     if method in FUSED:
         import torch
 
         from ..model.ntxent_triton import launch_grid
 
         precision = "tf32" if method == "fused_tf32" else "ieee"
-        plan = launch_grid(two_n, two_n, d, getattr(torch, dtype), H100_SXM_SMS, float32_matmul_precision=precision)
-        d_slices = plan.grad.grid[1]  # each d slice of the gradient recomputes its scores (and their exps)
+        plan = launch_grid(
+            two_n, two_n, d, getattr(torch, dtype), H100_SXM_SMS, float32_matmul_precision=precision
+        )
+        d_slices = plan.grad.grid[
+            1
+        ]  # each d slice of the gradient recomputes its scores (and their exps)
         flops = 2 * pairs * d + d_slices * 2 * pairs * d + 2 * pairs * d
         exps = pairs + d_slices * pairs
         partials = (
@@ -124,7 +130,13 @@ def work(method: str, two_n: int, d: int, dtype: str) -> dict:
         rate, unit = H100_SXM_TF32_DENSE_FLOPS, "tf32 tensor cores"
     else:
         rate, unit = H100_SXM_FP32_FLOPS, "fp32 FMA"
-    return {"matmul_flops": flops, "exps": exps, "bytes": moved, "matmul_rate": rate, "matmul_unit": unit}
+    return {
+        "matmul_flops": flops,
+        "exps": exps,
+        "bytes": moved,
+        "matmul_rate": rate,
+        "matmul_unit": unit,
+    }
 
 
 def floor(method: str, two_n: int, d: int, dtype: str) -> dict:
@@ -203,7 +215,9 @@ def _loss_fn(method: str, temperature: float):
     if method == "fused":
         return lambda z1, z2: nt_xent(z1, z2, temperature, backend="triton")
     if method == "fused_tf32":
-        return lambda z1, z2: nt_xent(z1, z2, temperature, backend="triton", float32_matmul_precision="tf32")
+        return lambda z1, z2: nt_xent(
+            z1, z2, temperature, backend="triton", float32_matmul_precision="tf32"
+        )
     raise ValueError(f"unknown method {method!r}: use one of {METHODS}")
 
 
@@ -336,7 +350,10 @@ def _measure_subprocess(cfg: dict, timeout_s: float) -> dict:
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
-    return {"status": "error", "reason": f"child exited {proc.returncode}: {proc.stderr.strip()[-1500:]}"}
+    return {
+        "status": "error",
+        "reason": f"child exited {proc.returncode}: {proc.stderr.strip()[-1500:]}",
+    }
 
 
 # --------------------------------------------------------------------------- driver
@@ -375,14 +392,23 @@ def run(
                         "device": device,
                         "temperature": temperature,
                     }
-                    record["floor"] = floor(method, two_n, d, dtype)  # H100 estimate, recorded on every device
+                    record["floor"] = floor(
+                        method, two_n, d, dtype
+                    )  # H100 estimate, recorded on every device
                     need, free = estimate_bytes(method, two_n, d, dtype), _available_bytes(device)
                     if method in FUSED and device != "cuda":
-                        record.update(status="skipped", reason="the fused Triton backend needs CUDA")
+                        record.update(
+                            status="skipped", reason="the fused Triton backend needs CUDA"
+                        )
                     elif method == "fused_tf32" and dtype != "float32":
-                        record.update(status="skipped", reason="TF32 applies to float32 inputs only")
+                        record.update(
+                            status="skipped", reason="TF32 applies to float32 inputs only"
+                        )
                     elif need > 0.9 * free:
-                        record.update(status="skipped", reason=f"{method} would need ~{_gib(need)}, {_gib(free)} free")
+                        record.update(
+                            status="skipped",
+                            reason=f"{method} would need ~{_gib(need)}, {_gib(free)} free",
+                        )
                     else:
                         # `duplicates` pair kept (shape only): keywords like colour_gpu's kernel launch
                         cfg = dict(
@@ -401,21 +427,31 @@ def run(
                             try:
                                 record.update(measure(**cfg))
                             except torch.cuda.OutOfMemoryError as error:
-                                record.update(status="error", reason=f"out of memory: {str(error).splitlines()[0]}")
+                                record.update(
+                                    status="error",
+                                    reason=f"out of memory: {str(error).splitlines()[0]}",
+                                )
                             except Exception as error:  # recorded, and the sweep goes on
-                                record.update(status="error", reason=f"{type(error).__name__}: {str(error)[:1500]}")
+                                record.update(
+                                    status="error",
+                                    reason=f"{type(error).__name__}: {str(error)[:1500]}",
+                                )
                             gc.collect()
                             torch.cuda.empty_cache()
                         record.setdefault("status", "ok")
                     if record["status"] == "ok":
-                        record["achieved_tflops"] = record["floor"]["matmul_flops"] / (record["time_ms"] * 1e-3) / 1e12
+                        record["achieved_tflops"] = (
+                            record["floor"]["matmul_flops"] / (record["time_ms"] * 1e-3) / 1e12
+                        )
                     results.append(record)
                     log(_line(record))
     return results
 
 
 def _line(record: dict) -> str:
-    head = f"{record['method']:10s} {record['dtype']:8s} d={record['d']:<4d} 2N={record['two_n']:7d}:"
+    head = (
+        f"{record['method']:10s} {record['dtype']:8s} d={record['d']:<4d} 2N={record['two_n']:7d}:"
+    )
     if record["status"] != "ok":
         return f"{head} {record['status']}: {record['reason']}"
     errors = ""
@@ -470,13 +506,17 @@ def plot(results: list[dict], path, title: str = "") -> None:
         memory = [max(r["peak_extra_mib"], 1e-3) for r in rs]
         ax_m.plot(x, memory, style, marker="o", label=label, color=line.get_color())
         if rs[0]["device"] == "cuda":  # an H100 line belongs on an H100 plot only
-            ax_t.plot(x, [r["floor"]["floor_ms"] for r in rs], ":", color=line.get_color(), alpha=0.6)
+            ax_t.plot(
+                x, [r["floor"]["floor_ms"] for r in rs], ":", color=line.get_color(), alpha=0.6
+            )
     on_cuda = any(r["device"] == "cuda" for rs in series.values() for r in rs)
     time_label = "forward+backward time (ms)" + ("; dotted: H100 floor" if on_cuda else "")
     for ax, label in ((ax_t, time_label), (ax_m, "peak extra memory (MiB)")):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xlabel(f"2N (anchors), d = {', '.join(str(d) for d in sorted({key[2] for key in series}))}")
+        ax.set_xlabel(
+            f"2N (anchors), d = {', '.join(str(d) for d in sorted({key[2] for key in series}))}"
+        )
         ax.set_ylabel(label)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -495,9 +535,8 @@ def _device_name(device: str) -> str:
 
     if device == "cuda":
         return torch.cuda.get_device_name()
-    return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-    )
+    cpu = platform.processor() or platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
 
 
 def _parser(cuda: bool) -> ArgumentParser:
@@ -510,18 +549,37 @@ def _parser(cuda: bool) -> ArgumentParser:
         help="values of 2N (default: 4096 ... 131072 on CUDA, 1024 4096 8192 32768 65536 131072 on the CPU)",
     )
     parser.add_argument(
-        "--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16", "float16"]
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16", "float16"],
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--repeats", type=int, help="timed steps per configuration (default 20 on CUDA, 5 on the CPU)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        help="timed steps per configuration (default 20 on CUDA, 5 on the CPU)",
+    )
     parser.add_argument("--device", default="cuda" if cuda else "cpu")
-    parser.add_argument("--d", type=int, nargs="+", help="projection widths (default 128 256 on CUDA, 128 on the CPU)")
+    parser.add_argument(
+        "--d",
+        type=int,
+        nargs="+",
+        help="projection widths (default 128 256 on CUDA, 128 on the CPU)",
+    )
     parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument(
-        "--check_max", type=int, default=8192, help="largest 2N whose errors against float64 are measured"
+        "--check_max",
+        type=int,
+        default=8192,
+        help="largest 2N whose errors against float64 are measured",
     )
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per CPU configuration")
-    parser.add_argument("--json", default=None, help="default bench/results/loss_<device tag>.json (cpu, h100, ...)")
+    parser.add_argument(
+        "--timeout", type=float, default=1800.0, help="seconds per CPU configuration"
+    )
+    parser.add_argument(
+        "--json", default=None, help="default bench/results/loss_<device tag>.json (cpu, h100, ...)"
+    )
     parser.add_argument("--plot", default=None, help="default: the JSON path with .png")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser
@@ -544,7 +602,9 @@ def _payload(args, device: str, ds: list[int], repeats: int, results: list[dict]
         "temperature": args.temperature,
         "repeats": repeats,
         "timing_method": TIMING_METHOD,
-        "memory_method": MEMORY_METHOD[device] if device in MEMORY_METHOD else MEMORY_METHOD["cuda"],
+        "memory_method": MEMORY_METHOD[device]
+        if device in MEMORY_METHOD
+        else MEMORY_METHOD["cuda"],
         "accuracy_method": f"2N <= {args.check_max}: ||x - ref|| / ||ref|| of the loss and of the worse of the two "
         "input gradients, ref = nt_xent_reference in float64 on the same input values",
         "floor_method": FLOOR_METHOD,
@@ -592,7 +652,9 @@ def main(argv=None) -> list[dict]:
         timeout_s=args.timeout,
         check_max=args.check_max,
     )
-    json_path = Path(args.json or ROOT / "bench" / "results" / f"loss_{device_tag() if on_cuda else 'cpu'}.json")
+    json_path = Path(
+        args.json or ROOT / "bench" / "results" / f"loss_{device_tag() if on_cuda else 'cpu'}.json"
+    )
     plot_path = Path(args.plot or json_path.with_suffix(".png"))
     payload = _payload(args, device, ds, repeats, results)
     json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,9 @@ from .common import RESULTS, write_result
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _timed_steps(model, optimizer, views, labels, cfg, accelerator, probe, steps: int) -> list[float]:
+def _timed_steps(
+    model, optimizer, views, labels, cfg, accelerator, probe, steps: int
+) -> list[float]:
     from ..trainer.step import train_step
 
     times = []
@@ -59,16 +61,23 @@ def probe_step(argv: list[str]) -> int:
     optimizer = build_optimizer(model, cfg)
     model, optimizer = prepare_for_training(accelerator, model, optimizer)
     n = cfg.batch_size
-    views = [torch.randn(n, 3, cfg.augment.size, cfg.augment.size).to(memory_format=torch.channels_last) for _ in "12"]
+    views = [
+        torch.randn(n, 3, cfg.augment.size, cfg.augment.size).to(memory_format=torch.channels_last)
+        for _ in "12"
+    ]
     labels = torch.randint(0, 10, (n,))
-    probe = OnlineProbe(accelerator.unwrap_model(model).feature_dim, 10, cfg.online_probe_lr, torch.device("cpu"))
+    probe = OnlineProbe(
+        accelerator.unwrap_model(model).feature_dim, 10, cfg.online_probe_lr, torch.device("cpu")
+    )
     _timed_steps(model, optimizer, views, labels, cfg, accelerator, probe, 1)  # warm-up, both paths
     _timed_steps(model, optimizer, views, labels, cfg, accelerator, None, 1)
     times = {"off": [], "on": []}
     for round_index in range(args.rounds):
         for mode in ("off", "on") if round_index % 2 == 0 else ("on", "off"):
             chosen = probe if mode == "on" else None
-            times[mode] += _timed_steps(model, optimizer, views, labels, cfg, accelerator, chosen, args.steps)
+            times[mode] += _timed_steps(
+                model, optimizer, views, labels, cfg, accelerator, chosen, args.steps
+            )
     h = torch.randn(2 * n, accelerator.unwrap_model(model).feature_dim)
     update = []
     for _ in range(50):
@@ -117,14 +126,20 @@ def _arm(run_dir: Path, eval_reports: dict[str, Path]) -> dict:
 
 def report(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench.py methods report")
-    parser.add_argument("--runs", required=True, help="the directory bench/methods_cifar10.sh wrote to")
+    parser.add_argument(
+        "--runs", required=True, help="the directory bench/methods_cifar10.sh wrote to"
+    )
     parser.add_argument("--budget_minutes", type=float, required=True)
     parser.add_argument("--note", default="")
     args = parser.parse_args(argv)
     runs = Path(args.runs)
     arms = {}
-    for run_dir in sorted(p for p in runs.iterdir() if p.is_dir() and (runs / f"{p.name}.log").exists()):
-        arms[run_dir.name] = _arm(run_dir, {p.stem.split(".", 1)[1]: p for p in runs.glob(f"{run_dir.name}.*.json")})
+    for run_dir in sorted(
+        p for p in runs.iterdir() if p.is_dir() and (runs / f"{p.name}.log").exists()
+    ):
+        arms[run_dir.name] = _arm(
+            run_dir, {p.stem.split(".", 1)[1]: p for p in runs.glob(f"{run_dir.name}.*.json")}
+        )
     probe = RESULTS / "methods_probe_step_cpu.json"
     payload = {
         "data": "CIFAR-10 re-encoded as 32x32 JPEG (../shared/data/cifar10), official train/test split",
@@ -155,7 +170,9 @@ def _plot(arms: dict, path: Path) -> None:
                 if metric.endswith("top1"):
                     rows.append((f"{arm}\n{evaluation}:{metric.replace('_top1', '')}", value))
         if "online_probe_top1" in summary.get("last_meters", {}):
-            rows.append((f"{arm}\nonline probe (train views)", summary["last_meters"]["online_probe_top1"]))
+            rows.append(
+                (f"{arm}\nonline probe (train views)", summary["last_meters"]["online_probe_top1"])
+            )
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(rows)), 4.5))
     ax.bar(range(len(rows)), [v for _, v in rows])
     ax.set_xticks(range(len(rows)), [label for label, _ in rows], rotation=75, fontsize=7)

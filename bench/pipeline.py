@@ -39,7 +39,9 @@ PRESETS = {
 # ------------------------------------------------------------------ data
 
 
-def imagenet_shards(repeats: int = 5, source: Path | None = None, out: Path | None = None) -> tuple[Path, str]:
+def imagenet_shards(
+    repeats: int = 5, source: Path | None = None, out: Path | None = None
+) -> tuple[Path, str]:
     """The ImageNet sample (``source``, default ../shared/data/imagenet-sample) as shards, written once to
     ``out`` (default under data/bench/)."""
     from ..pipeline.shards.writer import Sample, write_shards
@@ -50,7 +52,11 @@ def imagenet_shards(repeats: int = 5, source: Path | None = None, out: Path | No
     source = source or SHARED_DATA / "imagenet-sample"
     if source.is_dir():
         files = sorted(source.glob("*.JPEG"))
-        label = "../shared/data/imagenet-sample" if source == SHARED_DATA / "imagenet-sample" else str(source)
+        label = (
+            "../shared/data/imagenet-sample"
+            if source == SHARED_DATA / "imagenet-sample"
+            else str(source)
+        )
         description = f"{label} ({len(files)} full-size JPEGs) x{repeats}"
         samples = (
             Sample(f"{r:02d}{i:06d}", path.read_bytes(), i, str(path))
@@ -58,7 +64,9 @@ def imagenet_shards(repeats: int = 5, source: Path | None = None, out: Path | No
             for i, path in enumerate(files)
         )
         classes = [path.stem.split("_", 1)[0] for path in files]
-        write_shards(samples, str(out / "train-%06d.tar"), classes, len(files) * repeats, max_count=1000)
+        write_shards(
+            samples, str(out / "train-%06d.tar"), classes, len(files) * repeats, max_count=1000
+        )
         return out, description
     return synthetic_shards(out, 5000, 500, "generated 500x375 images (../shared/data absent)")
 
@@ -74,7 +82,10 @@ def cifar_shards() -> tuple[Path, str]:
     if source.is_dir():
         # 10,000 per shard: the layout the recorded results were measured on (the writer's default is 1,000)
         write_source(
-            folder_source(source), str(out / "train-%06d.tar"), max_count=10_000, workers=len(os.sched_getaffinity(0))
+            folder_source(source),
+            str(out / "train-%06d.tar"),
+            max_count=10_000,
+            workers=len(os.sched_getaffinity(0)),
         )
         return out, "../shared/data/cifar10/train (50,000 32x32 JPEGs)"
     return synthetic_shards(out, 20000, 32, "generated 32x32 images (../shared/data absent)")
@@ -87,7 +98,9 @@ def synthetic_shards(out: Path, count: int, side: int, description: str) -> tupl
         [
             np.asarray(
                 torch.nn.functional.interpolate(
-                    torch.from_numpy(c).permute(2, 0, 1)[None].float(), size=(side * 3 // 4, side), mode="bilinear"
+                    torch.from_numpy(c).permute(2, 0, 1)[None].float(),
+                    size=(side * 3 // 4, side),
+                    mode="bilinear",
                 )[0]
                 .permute(1, 2, 0)
                 .byte()
@@ -111,7 +124,9 @@ def loader(shards: Path, preset: dict, kind: str, cores: int, device: str):
 
     cfg = TrainConfig(
         train_shards=str(shards),
-        augment=AugmentConfig(preset="cifar" if preset["cifar"] else "imagenet", size=preset["size"]),
+        augment=AugmentConfig(
+            preset="cifar" if preset["cifar"] else "imagenet", size=preset["size"]
+        ),
         batch_size=preset["batch_size"],
         loader=LoaderConfig(threads=cores),
     )
@@ -191,17 +206,29 @@ def _parser() -> ArgumentParser:
     parser = ArgumentParser(prog="bench.py pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument(
-        "--seconds", type=float, default=30.0, help="measured time per pipeline and preset (after warm-up)"
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument(
-        "--cores", type=int, default=len(os.sched_getaffinity(0)), help="DALI threads = DataLoader workers"
-    )
-    parser.add_argument(
-        "--imagenet_shards", default=None, help="shards for imagenet224 (default: the ImageNet sample x5, written once)"
+        "--seconds",
+        type=float,
+        default=30.0,
+        help="measured time per pipeline and preset (after warm-up)",
     )
     parser.add_argument(
-        "--cifar_shards", default=None, help="shards for cifar32 (default: CIFAR-10's training JPEGs, written once)"
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"]
+    )
+    parser.add_argument(
+        "--cores",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="DALI threads = DataLoader workers",
+    )
+    parser.add_argument(
+        "--imagenet_shards",
+        default=None,
+        help="shards for imagenet224 (default: the ImageNet sample x5, written once)",
+    )
+    parser.add_argument(
+        "--cifar_shards",
+        default=None,
+        help="shards for cifar32 (default: CIFAR-10's training JPEGs, written once)",
     )
     parser.add_argument("--batch_size", type=int, default=None, help="default: the preset's")
     parser.add_argument(
@@ -211,7 +238,9 @@ def _parser() -> ArgumentParser:
         help="side-by-side runs per preset (the torchvision side varies: report the spread)",
     )
     parser.add_argument(
-        "--epoch_stall", action="store_true", help="also time the DALI loader's epoch boundary (two whole epochs)"
+        "--epoch_stall",
+        action="store_true",
+        help="also time the DALI loader's epoch boundary (two whole epochs)",
     )
     parser.add_argument(
         "--threads",
@@ -222,9 +251,15 @@ def _parser() -> ArgumentParser:
         "torchvision); default: --cores",
     )
     parser.add_argument("--json", default=None, help="default bench/results/pipeline_<device>.json")
-    parser.add_argument("--bucket", default=None, help="s3://BUCKET/PREFIX/: local vs streamed (bench.pipeline_s3)")
-    parser.add_argument("--seaweedfs", action="store_true", help="with --bucket: a SeaweedFS on 127.0.0.1")
-    parser.add_argument("--delays_ms", type=int, nargs="+", default=[0, 20], help="with --bucket: added latencies")
+    parser.add_argument(
+        "--bucket", default=None, help="s3://BUCKET/PREFIX/: local vs streamed (bench.pipeline_s3)"
+    )
+    parser.add_argument(
+        "--seaweedfs", action="store_true", help="with --bucket: a SeaweedFS on 127.0.0.1"
+    )
+    parser.add_argument(
+        "--delays_ms", type=int, nargs="+", default=[0, 20], help="with --bucket: added latencies"
+    )
     return parser
 
 
@@ -240,7 +275,8 @@ def main(argv=None) -> dict:
         from .pipeline_s3 import main_s3
 
         presets = {
-            n: {**PRESETS[n], **({"batch_size": args.batch_size} if args.batch_size else {})} for n in args.presets
+            n: {**PRESETS[n], **({"batch_size": args.batch_size} if args.batch_size else {})}
+            for n in args.presets
         }
         return main_s3(args, presets, lambda name: preset_shards(name, args), run)
     results = {}
@@ -258,20 +294,35 @@ def main(argv=None) -> dict:
             "dali_threads_swept": args.threads,
             "dataloader_workers": args.cores,
             "runs": runs,
-            "speedup": {"min": min(speedups), "median": statistics.median(speedups), "max": max(speedups)},
+            "speedup": {
+                "min": min(speedups),
+                "median": statistics.median(speedups),
+                "max": max(speedups),
+            },
         }
         if len(runs) > 1:
-            print(f"[{name}] DALI / torchvision over {len(runs)} runs: {min(speedups):.2f}x .. {max(speedups):.2f}x")
+            print(
+                f"[{name}] DALI / torchvision over {len(runs)} runs: {min(speedups):.2f}x .. {max(speedups):.2f}x"
+            )
         if args.epoch_stall:
-            stall = results[name]["epoch_stall"] = epoch_stall(shards, preset, args.cores, args.device)
+            stall = results[name]["epoch_stall"] = epoch_stall(
+                shards, preset, args.cores, args.device
+            )
             print(
                 f"[{name}] epoch boundary: first batch of epoch 2 after {stall['first_batch_of_epoch_2_s']:.3f} s "
                 f"(median batch {stall['median_batch_s']:.3f} s)"
             )
-    machine = {"load_average_at_end": list(os.getloadavg())}  # the machine may be shared: how busy it was
+    machine = {
+        "load_average_at_end": list(os.getloadavg())
+    }  # the machine may be shared: how busy it was
     path = write_result(
         "pipeline",
-        {"device": args.device, "seconds_per_measurement": args.seconds, "machine": machine, "results": results},
+        {
+            "device": args.device,
+            "seconds_per_measurement": args.seconds,
+            "machine": machine,
+            "results": results,
+        },
         args.json,
     )
     print(f"wrote {path}")
@@ -298,10 +349,17 @@ def compare(name: str, shards: Path, preset: dict, args) -> dict:
         )
     dali = sweep[args.threads[0]]
     tv = run(shards, preset, "torchvision", args.cores, args.device, args.seconds)
-    print(f"[{name}] torchvision: {tv['images_per_s']:8.1f} images/s ({tv['views_per_s']:.0f} views/s)")
+    print(
+        f"[{name}] torchvision: {tv['images_per_s']:8.1f} images/s ({tv['views_per_s']:.0f} views/s)"
+    )
     speedup = round(dali["images_per_s"] / tv["images_per_s"], 3)
     print(f"[{name}] DALI / torchvision = {speedup:.2f}x")
-    row = {"dali": dali, "torchvision": tv, "speedup": speedup, "load_average": list(os.getloadavg())}
+    row = {
+        "dali": dali,
+        "torchvision": tv,
+        "speedup": speedup,
+        "load_average": list(os.getloadavg()),
+    }
     if len(args.threads) > 1:
         row["dali_by_threads"] = {str(t): r for t, r in sweep.items()}
     return row

@@ -32,7 +32,9 @@ def _upload(shards: Path, url: str) -> None:
     s3.ensure_bucket(bucket)
     present = s3.list_objects(bucket, prefix)
     local = [p for p in Path(shards).iterdir() if p.is_file()]
-    if len(present) != len(local) or any(present.get(prefix + p.name) != p.stat().st_size for p in local):
+    if len(present) != len(local) or any(
+        present.get(prefix + p.name) != p.stat().st_size for p in local
+    ):
         print(f"uploading {shards} to {url}")
         s3.upload_set(shards, url)
 
@@ -56,7 +58,9 @@ def compare_s3(name: str, shards: Path, preset: dict, args, endpoints: dict[str,
         _use_endpoint(endpoint)
         streamed = run(url, preset, "dali", args.cores, args.device, args.seconds)
         ratio = round(streamed["images_per_s"] / local["images_per_s"], 3)
-        print(f"[{name}] {condition:18s} {streamed['images_per_s']:8.1f} images/s ({ratio:.2f}x local)")
+        print(
+            f"[{name}] {condition:18s} {streamed['images_per_s']:8.1f} images/s ({ratio:.2f}x local)"
+        )
         row[condition] = {**streamed, "ratio_to_local": ratio}
     return row
 
@@ -70,27 +74,37 @@ def main_s3(args, presets: dict, shards_for, run) -> dict:
         apply_env(server.env())
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
     if endpoint is None and any(args.delays_ms):
-        raise SystemExit("error: --delays_ms needs AWS_ENDPOINT_URL (or --seaweedfs): the proxy forwards to it")
+        raise SystemExit(
+            "error: --delays_ms needs AWS_ENDPOINT_URL (or --seaweedfs): the proxy forwards to it"
+        )
     proxies = {d: DelayProxy(endpoint, d / 1000) for d in args.delays_ms if d}
-    endpoints = {(f"s3_delay_{d}ms" if d else "s3"): (proxies[d].endpoint if d else endpoint) for d in args.delays_ms}
+    endpoints = {
+        (f"s3_delay_{d}ms" if d else "s3"): (proxies[d].endpoint if d else endpoint)
+        for d in args.delays_ms
+    }
     results = {}
     try:
         for name, preset in presets.items():
             shards, description = shards_for(name)
             _use_endpoint(endpoint)
             _upload(shards, _preset_url(args.bucket, name))
-            runs = [compare_s3(name, shards, preset, args, endpoints, run) for _ in range(args.runs)]
+            runs = [
+                compare_s3(name, shards, preset, args, endpoints, run) for _ in range(args.runs)
+            ]
             ratios = {c: [r[c]["ratio_to_local"] for r in runs] for c in endpoints}
             results[name] = {
                 "data": description,
                 "bucket": _preset_url(args.bucket, name),
-                "store": "SeaweedFS on 127.0.0.1 (bench.s3_local)" if server else "AWS_ENDPOINT_URL's store",
+                "store": "SeaweedFS on 127.0.0.1 (bench.s3_local)"
+                if server
+                else "AWS_ENDPOINT_URL's store",
                 "image_size": preset["size"],
                 "batch_size": preset["batch_size"],
                 "dali_threads": args.cores,
                 "runs": runs,
                 "ratio_to_local": {
-                    c: {"min": min(v), "median": statistics.median(v), "max": max(v)} for c, v in ratios.items()
+                    c: {"min": min(v), "median": statistics.median(v), "max": max(v)}
+                    for c, v in ratios.items()
                 },
             }
             for c, v in ratios.items():
@@ -100,7 +114,11 @@ def main_s3(args, presets: dict, shards_for, run) -> dict:
             proxy.close()
         if server is not None:
             server.close()
-    payload = {"device": args.device, "seconds_per_measurement": args.seconds, "delays_ms": args.delays_ms}
+    payload = {
+        "device": args.device,
+        "seconds_per_measurement": args.seconds,
+        "delays_ms": args.delays_ms,
+    }
     path = write_result("pipeline_s3", {**payload, "results": results}, args.json)
     print(f"wrote {path}")
     return results

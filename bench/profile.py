@@ -47,7 +47,14 @@ from torch.autograd.profiler import record_function
 
 from ..common.cli import ArgumentParser
 from .common import ROOT, write_result
-from .step_marks import AllReduceRecorder, StageRecorder, gpu_utilisation, read_trace, resolve, stage_table
+from .step_marks import (
+    AllReduceRecorder,
+    StageRecorder,
+    gpu_utilisation,
+    read_trace,
+    resolve,
+    stage_table,
+)
 
 DATA_WAIT = "data wait"
 INPUT_BOUND_WAIT = 0.10  # data-wait share of the step above which the run is input-bound
@@ -69,7 +76,9 @@ def peak_memory(device: torch.device) -> dict:
     }
 
 
-def pipeline_alone(cfg, device: torch.device, rank: int, world: int, loader_factory, seconds: float) -> dict:
+def pipeline_alone(
+    cfg, device: torch.device, rank: int, world: int, loader_factory, seconds: float
+) -> dict:
     """The training loader alone (same factory, shards, batch and threads), drained for ``seconds``."""
     from .pipeline import _timed
 
@@ -77,7 +86,9 @@ def pipeline_alone(cfg, device: torch.device, rank: int, world: int, loader_fact
     return _timed(loader, seconds, device.type == "cuda", restart=lambda: loader)
 
 
-def verdict(images_per_step: float, mean_step: float, mean_wait: float, pipeline_images_per_s: float | None) -> dict:
+def verdict(
+    images_per_step: float, mean_step: float, mean_wait: float, pipeline_images_per_s: float | None
+) -> dict:
     """Input- or compute-bound: the step's demand (images/s it would consume with data always ready) against
     the pipeline's ceiling, and the data wait the loop actually saw."""
     compute = mean_step - mean_wait
@@ -85,7 +96,11 @@ def verdict(images_per_step: float, mean_step: float, mean_wait: float, pipeline
     wait_fraction = mean_wait / mean_step if mean_step else 0.0
     too_slow = pipeline_images_per_s is not None and pipeline_images_per_s < 0.9 * demand
     bound = "input-bound" if wait_fraction > INPUT_BOUND_WAIT or too_slow else "compute-bound"
-    pipeline = f"{pipeline_images_per_s:.0f} img/s" if pipeline_images_per_s is not None else "(not measured)"
+    pipeline = (
+        f"{pipeline_images_per_s:.0f} img/s"
+        if pipeline_images_per_s is not None
+        else "(not measured)"
+    )
     if bound == "input-bound":
         line = (
             f"input-bound: the pipeline delivers {pipeline}, the step consumes {demand:.0f} img/s; "
@@ -93,7 +108,8 @@ def verdict(images_per_step: float, mean_step: float, mean_wait: float, pipeline
         )
         if pipeline_images_per_s is not None and not too_slow:
             line += (
-                " (alone, the pipeline keeps up: in training it competes with the step for the same cores or device)"
+                " (alone, the pipeline keeps up: in training it competes with the step"
+                " for the same cores or device)"
             )
     else:
         line = (
@@ -124,14 +140,20 @@ class TrainingLoop:
         from ..trainer.step import train_step
 
         self.cfg, self.accelerator, self.train_step = cfg, accelerator, train_step
-        world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
+        world, rank, device = (
+            accelerator.num_processes,
+            accelerator.process_index,
+            accelerator.device,
+        )
         self.loader = loader_factory(cfg, device, rank, world)
         steps_per_epoch = len(self.loader)
         total_steps = max(1, round(cfg.epochs * steps_per_epoch))
         set_seed(cfg.seed)
         model = model_factory(cfg, device.type, world)
         optimizer = build_optimizer(model, cfg)
-        self.scheduler = build_scheduler(optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+        self.scheduler = build_scheduler(
+            optimizer, total_steps, round(cfg.warmup_epochs * steps_per_epoch)
+        )
         model, self.optimizer = prepare_for_training(accelerator, model, optimizer)
         self.forward = torch.compile(model) if cfg.compile else model
         self.clock = device_clock(device)
@@ -145,7 +167,9 @@ class TrainingLoop:
         while True:
             try:
                 return next(self.batches)
-            except StopIteration:  # end of epoch: the loader moves to the next one (its cost stays in the data wait)
+            except (
+                StopIteration
+            ):  # end of epoch: the loader moves to the next one (its cost stays in the data wait)
                 self.batches, self.epoch_ends = iter(self.loader), self.epoch_ends + 1
 
     def step(self, timer=None, recorder=None) -> None:
@@ -160,7 +184,9 @@ class TrainingLoop:
             view1, view2, *labels = self.next_batch()  # labels: from labelled shards (SupCon)
         if timer:
             timer.end_wait()
-        self.train_step(self.forward, self.optimizer, view1, view2, self.cfg, self.accelerator, *labels)
+        self.train_step(
+            self.forward, self.optimizer, view1, view2, self.cfg, self.accelerator, *labels
+        )
         self.steps_done += 1
         self.scheduler.step_update(self.steps_done)
         if timer:
@@ -193,7 +219,9 @@ def run(
     from ..trainer.data import build_train_loader, data_device
 
     loader_factory = loader_factory or build_train_loader
-    accelerator = accelerator or Accelerator(mixed_precision=cfg.precision, cpu=not torch.cuda.is_available())
+    accelerator = accelerator or Accelerator(
+        mixed_precision=cfg.precision, cpu=not torch.cuda.is_available()
+    )
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     loop = TrainingLoop(cfg, accelerator, loader_factory, model_factory or build_model)
     if not quiet:
@@ -203,12 +231,18 @@ def run(
         )
     for _ in range(warmup_steps):
         loop.step()
-    profiler, step_seconds, waits, table, epoch_boundaries = profile_window(loop, profile_steps, world)
+    profiler, step_seconds, waits, table, epoch_boundaries = profile_window(
+        loop, profile_steps, world
+    )
     memory = peak_memory(device)
-    trace_path, utilisation = export_trace(profiler, trace_dir, rank, device) if trace_dir is not None else (None, None)
+    trace_path, utilisation = (
+        export_trace(profiler, trace_dir, rank, device) if trace_dir is not None else (None, None)
+    )
     loop.release_loader()
     pipeline = (
-        pipeline_alone(cfg, device, rank, world, loader_factory, pipeline_seconds) if pipeline_seconds > 0 else None
+        pipeline_alone(cfg, device, rank, world, loader_factory, pipeline_seconds)
+        if pipeline_seconds > 0
+        else None
     )
     local_batch = cfg.batch_size // world
     mean_step, mean_wait = float(np.mean(step_seconds)), float(np.mean(waits))
@@ -226,7 +260,9 @@ def run(
         "gpu_utilisation": utilisation,
         "trace": str(trace_path) if trace_path else None,
         "pipeline_alone": pipeline,
-        "verdict": verdict(local_batch, mean_step, mean_wait, pipeline["images_per_s"] if pipeline else None),
+        "verdict": verdict(
+            local_batch, mean_step, mean_wait, pipeline["images_per_s"] if pipeline else None
+        ),
     }
 
 
@@ -242,7 +278,8 @@ def profile_window(loop: TrainingLoop, profile_steps: int, world: int):
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
     )
     profiler = torch.profiler.profile(
-        activities=activities, schedule=torch.profiler.schedule(wait=0, warmup=1, active=profile_steps, repeat=1)
+        activities=activities,
+        schedule=torch.profiler.schedule(wait=0, warmup=1, active=profile_steps, repeat=1),
     )
     timer = StepTimer(images_per_step=cfg.batch_size // world, clock=clock, keep_steps=True)
     recorder = StageRecorder(clock)
@@ -273,7 +310,9 @@ def profile_window(loop: TrainingLoop, profile_steps: int, world: int):
     return profiler, step_seconds, waits, table, loop.epoch_ends - epoch_ends_before
 
 
-def export_trace(profiler, trace_dir: str | Path, rank: int, device: torch.device) -> tuple[Path, dict | None]:
+def export_trace(
+    profiler, trace_dir: str | Path, rank: int, device: torch.device
+) -> tuple[Path, dict | None]:
     """This rank's Chrome trace, ``trace_dir/rank<r>.pt.trace.json.gz``, and on CUDA the GPU utilisation read off it."""
     trace_path = Path(trace_dir) / f"rank{rank}.pt.trace.json.gz"
     trace_path.parent.mkdir(parents=True, exist_ok=True)
@@ -301,7 +340,9 @@ def format_table(result: dict) -> str:
         lines.append(line(row["name"] + count, row))
     if table["allreduce"]:
         for key in ("in_flight", "exposed"):
-            lines.append(line("  [" + table["allreduce"][key]["name"] + "]", table["allreduce"][key]))
+            lines.append(
+                line("  [" + table["allreduce"][key]["name"] + "]", table["allreduce"][key])
+            )
     lines.append(line("unattributed (step - stages)", table["unattributed"]))
     lines.append(line(table["step"]["name"], table["step"]))
     lines.append(
@@ -310,7 +351,9 @@ def format_table(result: dict) -> str:
     )
     memory = result["memory"]
     lines.append(
-        "  peak memory: " + ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "what") + f" ({memory['what']})"
+        "  peak memory: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in memory.items() if k != "what")
+        + f" ({memory['what']})"
     )
     if result["gpu_utilisation"]:
         lines.append(
@@ -343,14 +386,24 @@ def parse(argv):
         epilog="Every other flag is train.py's (python train.py --help).",
     )
     parser.add_argument(
-        "--warmup_steps", type=int, default=5, help="untimed steps first (DALI and the allocator warm up)"
+        "--warmup_steps",
+        type=int,
+        default=5,
+        help="untimed steps first (DALI and the allocator warm up)",
     )
-    parser.add_argument("--profile_steps", type=int, default=10, help="steps in the trace and the table")
     parser.add_argument(
-        "--pipeline_seconds", type=float, default=10.0, help="the pipeline alone, measured for this long (0: skip)"
+        "--profile_steps", type=int, default=10, help="steps in the trace and the table"
+    )
+    parser.add_argument(
+        "--pipeline_seconds",
+        type=float,
+        default=10.0,
+        help="the pipeline alone, measured for this long (0: skip)",
     )
     parser.add_argument("--trace_dir", default=None, help="default runs/profile_<config>/")
-    parser.add_argument("--json", default=None, help="default bench/results/profile_<config>_<device>.json")
+    parser.add_argument(
+        "--json", default=None, help="default bench/results/profile_<config>_<device>.json"
+    )
     options, rest = parser.parse_known_args(argv)
     if options.profile_steps < 1 or options.warmup_steps < 0:
         parser.error("--profile_steps must be >= 1 and --warmup_steps >= 0")
@@ -371,9 +424,13 @@ def main(argv=None) -> dict | None:
     from ..pipeline.shards.shardset import ShardError
 
     options, cfg = parse(sys.argv[1:] if argv is None else argv)
-    trace_dir = Path(options.trace_dir) if options.trace_dir else ROOT / "runs" / f"profile_{options.name}"
+    trace_dir = (
+        Path(options.trace_dir) if options.trace_dir else ROOT / "runs" / f"profile_{options.name}"
+    )
     try:
-        result = run(cfg, options.warmup_steps, options.profile_steps, options.pipeline_seconds, trace_dir)
+        result = run(
+            cfg, options.warmup_steps, options.profile_steps, options.pipeline_seconds, trace_dir
+        )
     except ShardError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -399,12 +456,17 @@ def main(argv=None) -> dict | None:
         "world_size": len(per_rank),
         "verdict": overall,
         "per_rank": per_rank,
-        "images_per_s": cfg.batch_size / (float(np.mean([r["table"]["step"]["mean_ms"] for r in per_rank])) / 1000),
+        "images_per_s": cfg.batch_size
+        / (float(np.mean([r["table"]["step"]["mean_ms"] for r in per_rank])) / 1000),
         "trace_dir": str(trace_dir),
-        "clock": "CUDA events (device time)" if per_rank[0]["device"].startswith("cuda") else "host perf_counter",
+        "clock": "CUDA events (device time)"
+        if per_rank[0]["device"].startswith("cuda")
+        else "host perf_counter",
     }
     path = write_result(f"profile_{options.name}", payload, options.json)
-    print(f"trace: {trace_dir}/rank*.pt.trace.json.gz (Perfetto / chrome://tracing / TensorBoard); wrote {path}")
+    print(
+        f"trace: {trace_dir}/rank*.pt.trace.json.gz (Perfetto / chrome://tracing / TensorBoard); wrote {path}"
+    )
     return payload
 
 

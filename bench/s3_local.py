@@ -129,7 +129,9 @@ class SeaweedServer:
         bucket = "ready-" + secrets.token_hex(4)
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"weed exited with {self.process.returncode}: {self._log_tail()}")
+                raise RuntimeError(
+                    f"weed exited with {self.process.returncode}: {self._log_tail()}"
+                )
             try:  # ready = a bucket can be made and written (the volume server is up, not only the gateway)
                 client.create_bucket(Bucket=bucket)
                 client.put_object(Bucket=bucket, Key="probe", Body=b"x")
@@ -138,18 +140,24 @@ class SeaweedServer:
             except Exception:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"weed not ready in {READY_SECONDS:g} s: {self._log_tail()}") from None
+                    raise RuntimeError(
+                        f"weed not ready in {READY_SECONDS:g} s: {self._log_tail()}"
+                    ) from None
                 time.sleep(0.3)
 
     def _log_tail(self) -> str:
         lines = (self.directory / "weed.log").read_text(errors="replace").splitlines()
-        return " | ".join(line for line in lines[-40:] if line.strip() and not line.startswith("\t"))[-1500:]
+        return " | ".join(
+            line for line in lines[-40:] if line.strip() and not line.startswith("\t")
+        )[-1500:]
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(3)  # weed can take long to drain on SIGTERM: nothing here needs it to
+                self.process.wait(
+                    3
+                )  # weed can take long to drain on SIGTERM: nothing here needs it to
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(10)
@@ -221,7 +229,9 @@ class DelayProxy:
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port(reserve_grpc=False)), Handler)
+        self.server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", free_port(reserve_grpc=False)), Handler
+        )
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()

@@ -30,9 +30,13 @@ import yaml
 
 from .common import ROOT, write_result
 
-START_WINDOW = 12.0  # seconds from the process start: import, config, run lock, data checks (~10 s here)
+START_WINDOW = (
+    12.0  # seconds from the process start: import, config, run lock, data checks (~10 s here)
+)
 STEPS_PER_EPOCH = 4  # make_shards' 70 images in batches of 16
-AFTER_CHECKPOINT_WINDOW = 8.0  # seconds after the first checkpoint of a process: steps, a checkpoint after each
+AFTER_CHECKPOINT_WINDOW = (
+    8.0  # seconds after the first checkpoint of a process: steps, a checkpoint after each
+)
 
 
 def tiny_config(**values) -> dict:
@@ -77,7 +81,9 @@ def start(config: Path) -> tuple[subprocess.Popen, list[str]]:
     return child, lines
 
 
-def _wait_for(lines: list[str], child: subprocess.Popen, texts: tuple[str, ...], after: int = 0) -> int:
+def _wait_for(
+    lines: list[str], child: subprocess.Popen, texts: tuple[str, ...], after: int = 0
+) -> int:
     """Wait until a line (from index ``after``) holds one of ``texts``; its index, or -1 if the child ended."""
     while True:
         for position in range(after, len(lines)):
@@ -98,13 +104,19 @@ def kill_at_random(config: Path, out: Path, rng: random.Random) -> dict:
         started = _wait_for(lines, child, (" started with ", " resumed from "))
         _wait_for(lines, child, ("checkpoint ",), max(started, 0) + 1)
     time.sleep(rng.uniform(0, AFTER_CHECKPOINT_WINDOW if after_checkpoint else START_WINDOW))
-    staging = [p.name for p in (out / "checkpoints").glob(".tmp-*")] if (out / "checkpoints").is_dir() else []
+    staging = (
+        [p.name for p in (out / "checkpoints").glob(".tmp-*")]
+        if (out / "checkpoints").is_dir()
+        else []
+    )
     finished = child.poll() is not None
     if not finished:
         child.kill()
     child.wait()
     time.sleep(0.2)  # the output thread's last lines
-    resumed = [line.split(" resumed from ")[1].split()[0] for line in lines if " resumed from " in line]
+    resumed = [
+        line.split(" resumed from ")[1].split()[0] for line in lines if " resumed from " in line
+    ]
     return {
         "window": "after a checkpoint" if after_checkpoint else "from process start",
         "killed": not finished,
@@ -130,8 +142,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kills", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max_steps", type=int, default=400)
-    parser.add_argument("--minutes", type=float, default=30.0, help="stop killing after this long (then finish)")
-    parser.add_argument("--json", default=None, help="where the result goes (default bench/results/)")
+    parser.add_argument(
+        "--minutes", type=float, default=30.0, help="stop killing after this long (then finish)"
+    )
+    parser.add_argument(
+        "--json", default=None, help="where the result goes (default bench/results/)"
+    )
     args = parser.parse_args(argv)
     if args.max_steps < 1:
         parser.error(f"--max_steps must be >= 1, got {args.max_steps}")
@@ -144,8 +160,15 @@ def main(argv: list[str] | None = None) -> int:
         configs = {}
         for name in ("reference", "killed"):
             configs[name] = tmp / f"{name}.yaml"
-            settings = {**TINY, "train_shards": str(shards), "output_dir": str(tmp / name), "max_steps": args.max_steps}
-            settings["epochs"] = max(TINY["epochs"], -(-args.max_steps // STEPS_PER_EPOCH))  # max_steps is the end
+            settings = {
+                **TINY,
+                "train_shards": str(shards),
+                "output_dir": str(tmp / name),
+                "max_steps": args.max_steps,
+            }
+            settings["epochs"] = max(
+                TINY["epochs"], -(-args.max_steps // STEPS_PER_EPOCH)
+            )  # max_steps is the end
             configs[name].write_text(yaml.safe_dump(settings))
         reference_run, reference_lines = start(configs["reference"])
         restarts, loop_end = [], time.monotonic() + 60 * args.minutes
@@ -166,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         status, lines = run_to_end(configs["killed"])
         assert reference_run.wait() == 0, f"the uninterrupted run failed: {reference_lines[-5:]}"
         reference = load_file(str(tmp / "reference" / "backbone.safetensors"))
-        final_weights = load_file(str(tmp / "killed" / "backbone.safetensors")) if status == 0 else {}
+        final_weights = (
+            load_file(str(tmp / "killed" / "backbone.safetensors")) if status == 0 else {}
+        )
         identical = (
             bool(final_weights)
             and final_weights.keys() == reference.keys()
@@ -198,7 +223,9 @@ def record(args, restarts: list[dict], final: dict | None, complete: bool):
         "kills_from_process_start": sum(r["window"] == "from process start" for r in killed),
         "kills_after_a_checkpoint": sum(r["window"] == "after a checkpoint" for r in killed),
         "kills_while_a_checkpoint_was_staged": sum(r["staging_at_kill"] for r in killed),
-        "restarts_that_resumed_from_a_checkpoint": sum(r["resumed_from"] is not None for r in restarts),
+        "restarts_that_resumed_from_a_checkpoint": sum(
+            r["resumed_from"] is not None for r in restarts
+        ),
         "checkpoints_written_by_killed_processes": sum(r["checkpoints_written"] for r in restarts),
         "restarts_with_an_error_line": sum(bool(r["errors"]) for r in restarts),
         "checkpoints_set_aside_as_unusable": sum(r["set_aside"] for r in restarts),

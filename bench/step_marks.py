@@ -34,7 +34,9 @@ class StageRecorder:
         self.steps.append([])
 
     def _enter(self, rf) -> None:
-        tracked = threading.get_ident() == self._thread and not rf.name.startswith(TRANSPARENT_RANGES)
+        tracked = threading.get_ident() == self._thread and not rf.name.startswith(
+            TRANSPARENT_RANGES
+        )
         rf._stage_tracked = tracked
         if tracked:
             self._depth += 1
@@ -92,7 +94,9 @@ class AllReduceRecorder:
             future = default_hooks.allreduce_hook(process_group, bucket)
 
         def done(fut):
-            intervals.append((launched, self.clock.mark()))  # on CUDA: ordered after the collective's kernels
+            intervals.append(
+                (launched, self.clock.mark())
+            )  # on CUDA: ordered after the collective's kernels
             return fut.value()
 
         return future.then(done)
@@ -123,7 +127,9 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
 def stage_order(names: list[str]) -> list[str]:
     """Canonical stages first (in their order), then the others in order of first appearance."""
     seen = list(dict.fromkeys(names))
-    return [n for n in CANONICAL_STAGES if n in seen] + [n for n in seen if n not in CANONICAL_STAGES]
+    return [n for n in CANONICAL_STAGES if n in seen] + [
+        n for n in seen if n not in CANONICAL_STAGES
+    ]
 
 
 def stage_table(
@@ -138,7 +144,9 @@ def stage_table(
     Returns ``{"stages": [{name, mean_ms, p90_ms, share, per_step}], "step": {...}, "unattributed": {...},
     "allreduce": {...} | None, "attributed_share": float}``."""
     if len(stage_steps) != len(step_seconds):
-        raise ValueError(f"{len(stage_steps)} steps of stage marks but {len(step_seconds)} clocked steps")
+        raise ValueError(
+            f"{len(stage_steps)} steps of stage marks but {len(step_seconds)} clocked steps"
+        )
     names = stage_order([name for step in stage_steps for name, _, _ in step])
     per_step = {name: [0.0] * len(step_seconds) for name in names}
     counts = {name: 0 for name in names}
@@ -158,14 +166,19 @@ def stage_table(
             **extra,
         }
 
-    stages = [row(name, per_step[name], ranges_per_step=counts[name] / max(1, len(step_seconds))) for name in names]
+    stages = [
+        row(name, per_step[name], ranges_per_step=counts[name] / max(1, len(step_seconds)))
+        for name in names
+    ]
     attributed = [sum(per_step[name][i] for name in names) for i in range(len(step_seconds))]
     unattributed = [step - covered for step, covered in zip(step_seconds, attributed)]
     table = {
         "stages": stages,
         "unattributed": row("unattributed", unattributed),
         "step": row("step (independent clock)", list(step_seconds)),
-        "attributed_share": float(np.sum(attributed) / np.sum(step_seconds)) if np.sum(step_seconds) else 0.0,
+        "attributed_share": float(np.sum(attributed) / np.sum(step_seconds))
+        if np.sum(step_seconds)
+        else 0.0,
         "allreduce": None,
     }
     if allreduce_steps is not None:
@@ -177,7 +190,9 @@ def stage_table(
                 exposed.append(0.0)
                 continue
             last_launch = max(launch for launch, _ in intervals)
-            stage_end = next((end for _, start, end in step if start <= last_launch <= end), last_launch)
+            stage_end = next(
+                (end for _, start, end in step if start <= last_launch <= end), last_launch
+            )
             exposed.append(
                 union_length(
                     [
@@ -236,10 +251,15 @@ def gpu_utilisation(events: list[dict]) -> dict | None:
     end = max(float(e["ts"]) + float(e.get("dur", 0)) for e in steps)
 
     def busy(selected):
-        clipped = [(max(start, float(e["ts"])), min(end, float(e["ts"]) + float(e.get("dur", 0)))) for e in selected]
+        clipped = [
+            (max(start, float(e["ts"])), min(end, float(e["ts"]) + float(e.get("dur", 0))))
+            for e in selected
+        ]
         return union_length([(a, b) for a, b in clipped if b > a])
 
-    copies = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("gpu_memcpy", "gpu_memset")]
+    copies = [
+        e for e in events if e.get("ph") == "X" and e.get("cat") in ("gpu_memcpy", "gpu_memset")
+    ]
     wall = end - start
     return {
         "kernel_busy_fraction": busy(kernels) / wall if wall else 0.0,

@@ -139,11 +139,17 @@ def parse_configuration(text: str) -> tuple[int, int | None]:
     try:
         return int(batch), (int(micro) if micro else None)
     except ValueError:
-        raise SystemExit(f"--configs: {text!r} is not BATCH or BATCH:MICRO_BATCH (e.g. 4096:256)") from None
+        raise SystemExit(
+            f"--configs: {text!r} is not BATCH or BATCH:MICRO_BATCH (e.g. 4096:256)"
+        ) from None
 
 
 def measure_configuration(
-    preset_name: str, batch_size: int, micro_batch: int | None, timed_images: int, warmup_images: int
+    preset_name: str,
+    batch_size: int,
+    micro_batch: int | None,
+    timed_images: int,
+    warmup_images: int,
 ) -> dict:
     """In this (fresh) process: time per image of train.py's step on the synthetic feed, then the peak
     memory of one more step (see the module docstring)."""
@@ -151,8 +157,19 @@ def measure_configuration(
     cfg, accelerator, model, optimizer = build(
         PRESETS[preset_name], batch_size, device, Path("unused"), {"micro_batch": micro_batch}
     )
-    steps, warmup = max(2, math.ceil(timed_images / batch_size)), max(1, math.ceil(warmup_images / batch_size))
-    timing = measure(synthetic_batches(cfg, accelerator.device), cfg, accelerator, model, optimizer, steps, warmup)
+    steps, warmup = (
+        max(2, math.ceil(timed_images / batch_size)),
+        max(1, math.ceil(warmup_images / batch_size)),
+    )
+    timing = measure(
+        synthetic_batches(cfg, accelerator.device),
+        cfg,
+        accelerator,
+        model,
+        optimizer,
+        steps,
+        warmup,
+    )
     view1, view2 = next(synthetic_batches(cfg, accelerator.device))
 
     def step():
@@ -210,7 +227,9 @@ def memory_sweep(
         )
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(
+                os.pathsep
+            ),
         }
         proc = subprocess.run(
             [sys.executable, "-m", "simclr_dali.bench.train", "--child", spec],
@@ -220,9 +239,18 @@ def memory_sweep(
             text=True,
             timeout=timeout_s,
         )
-        result = next((json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")), None)
+        result = next(
+            (
+                json.loads(line[7:])
+                for line in proc.stdout.splitlines()
+                if line.startswith("RESULT ")
+            ),
+            None,
+        )
         if result is None:
-            raise SystemExit(f"configuration {text} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+            raise SystemExit(
+                f"configuration {text} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}"
+            )
         rows.append(result)
         print(
             f"batch {batch_size:6d}  micro-batch {micro_batch or '-':>5}: {result['ms_per_image']:7.3f} ms/image, "
@@ -236,9 +264,13 @@ def memory_sweep(
             "peak": row["peak_bytes"] / base["peak_bytes"],
             "step_extra": row["step_extra_bytes"] / base["step_extra_bytes"],
         }
-    print(f"\n{'configuration':>22} {'ms/image':>9} {'x':>6} {'peak MiB':>9} {'x':>6} {'step MiB':>9} {'x':>6}")
+    print(
+        f"\n{'configuration':>22} {'ms/image':>9} {'x':>6} {'peak MiB':>9} {'x':>6} {'step MiB':>9} {'x':>6}"
+    )
     for row in rows:
-        name = f"{row['batch_size']}" + (f" (M={row['micro_batch']})" if row["micro_batch"] else " (plain)")
+        name = f"{row['batch_size']}" + (
+            f" (M={row['micro_batch']})" if row["micro_batch"] else " (plain)"
+        )
         ratio = row["vs_first"]
         print(
             f"{name:>22} {row['ms_per_image']:9.3f} {ratio['ms_per_image']:6.2f} "
@@ -266,19 +298,34 @@ def memory_sweep(
 def _parser(result_name: str) -> ArgumentParser:
     """The flags of `bench.py train` (and of `bench.py model`, which fixes --feeds)."""
     parser = ArgumentParser(prog=f"bench.py {result_name}", description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=list(PRESETS), default="imagenet" if torch.cuda.is_available() else "cifar")
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        default="imagenet" if torch.cuda.is_available() else "cifar",
+    )
     parser.add_argument("--batch_size", type=int, default=None)
     parser.add_argument(
-        "--steps", type=int, default=None, help="measured steps per feed (default 50 on a GPU, 20 on the CPU)"
+        "--steps",
+        type=int,
+        default=None,
+        help="measured steps per feed (default 50 on a GPU, 20 on the CPU)",
     )
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument(
-        "--feeds", nargs="+", default=["synthetic", "dali", "torchvision"], choices=["synthetic", "dali", "torchvision"]
+        "--feeds",
+        nargs="+",
+        default=["synthetic", "dali", "torchvision"],
+        choices=["synthetic", "dali", "torchvision"],
     )
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--shards", default=None, help="training shards (default: the preset's, written once)")
     parser.add_argument(
-        "--overrides", type=json.loads, default=None, help='config fields as JSON, e.g. \'{"backbone": "resnet18"}\''
+        "--shards", default=None, help="training shards (default: the preset's, written once)"
+    )
+    parser.add_argument(
+        "--overrides",
+        type=json.loads,
+        default=None,
+        help='config fields as JSON, e.g. \'{"backbone": "resnet18"}\'',
     )
     parser.add_argument(
         "--micro_batch",
@@ -295,10 +342,16 @@ def _parser(result_name: str) -> ArgumentParser:
         "fresh process on the synthetic feed, e.g. 256 512 4096:256",
     )
     parser.add_argument(
-        "--timed_images", type=int, default=8192, help="--configs: images timed per configuration (>= 2 steps)"
+        "--timed_images",
+        type=int,
+        default=8192,
+        help="--configs: images timed per configuration (>= 2 steps)",
     )
     parser.add_argument(
-        "--warmup_images", type=int, default=1024, help="--configs: warm-up images per configuration (>= 1 step)"
+        "--warmup_images",
+        type=int,
+        default=1024,
+        help="--configs: warm-up images per configuration (>= 1 step)",
     )
     parser.add_argument("--json", default=None)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -312,17 +365,25 @@ def main(argv=None, result_name: str = "train") -> dict:
         print("RESULT " + json.dumps(measure_configuration(**json.loads(args.child))), flush=True)
         return {}
     if args.configs:
-        return memory_sweep(args.preset, args.configs, args.timed_images, args.warmup_images, args.json)
+        return memory_sweep(
+            args.preset, args.configs, args.timed_images, args.warmup_images, args.json
+        )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     preset = PRESETS[args.preset]
     steps = args.steps or (50 if device == "cuda" else 20)
     if args.shards:
         shards, description = Path(args.shards), f"shards {args.shards}"
     else:
-        shards, description = imagenet_shards() if preset["pipeline"] == "imagenet224" else cifar_shards()
+        shards, description = (
+            imagenet_shards() if preset["pipeline"] == "imagenet224" else cifar_shards()
+        )
     batch_size = args.batch_size or preset["batch_size"]
     cfg, accelerator, model, optimizer = build(
-        preset, batch_size, device, shards, {**(args.overrides or {}), "micro_batch": args.micro_batch}
+        preset,
+        batch_size,
+        device,
+        shards,
+        {**(args.overrides or {}), "micro_batch": args.micro_batch},
     )
     cfg.loader.threads = args.cores
     results = {}
@@ -347,10 +408,14 @@ def main(argv=None, result_name: str = "train") -> dict:
         "results": results,
     }
     if "synthetic" in results and "dali" in results:
-        payload["pipeline_efficiency"] = results["dali"]["images_per_s"] / results["synthetic"]["images_per_s"]
+        payload["pipeline_efficiency"] = (
+            results["dali"]["images_per_s"] / results["synthetic"]["images_per_s"]
+        )
         print(f"pipeline efficiency (dali / synthetic): {payload['pipeline_efficiency']:.3f}")
     if "torchvision" in results and "dali" in results:
-        payload["dali_over_torchvision"] = results["dali"]["images_per_s"] / results["torchvision"]["images_per_s"]
+        payload["dali_over_torchvision"] = (
+            results["dali"]["images_per_s"] / results["torchvision"]["images_per_s"]
+        )
     path = write_result(f"{result_name}_{args.preset}", payload, args.json)
     print(f"wrote {path}")
     return payload

@@ -83,8 +83,14 @@ class CompileCase:
 
     def key(self) -> str:
         """Identical compilations share a key (configs that launch the same specialisation compile once)."""
-        parts = (self.name, sorted(self.signature.items()), sorted(map(str, self.constexprs.items())))
-        return hashlib.sha256(repr((parts, sorted(self.options.items()), sorted(self.aligned))).encode()).hexdigest()
+        parts = (
+            self.name,
+            sorted(self.signature.items()),
+            sorted(map(str, self.constexprs.items())),
+        )
+        return hashlib.sha256(
+            repr((parts, sorted(self.options.items()), sorted(self.aligned))).encode()
+        ).hexdigest()
 
 
 def _resolve(kernel):
@@ -100,7 +106,9 @@ def case_from_launch(kernel, args: tuple, kwargs: dict, **fields) -> CompileCase
     from triton.backends.nvidia.compiler import CUDABackend
     from triton.runtime.jit import native_specialize_impl
 
-    values = dict(zip(kernel.arg_names, args), **{k: v for k, v in kwargs.items() if k in kernel.arg_names})
+    values = dict(
+        zip(kernel.arg_names, args), **{k: v for k, v in kwargs.items() if k in kernel.arg_names}
+    )
     signature, constexprs, aligned = {}, {}, []
     for param in kernel.params:
         value = values[param.name]
@@ -108,7 +116,11 @@ def case_from_launch(kernel, args: tuple, kwargs: dict, **fields) -> CompileCase
             signature[param.name], constexprs[param.name] = "constexpr", value
             continue
         kind, spec = native_specialize_impl(
-            CUDABackend, value, False, not param.do_not_specialize, not param.do_not_specialize_on_alignment
+            CUDABackend,
+            value,
+            False,
+            not param.do_not_specialize,
+            not param.do_not_specialize_on_alignment,
         )[:2]
         signature[param.name] = kind
         if kind == "constexpr":
@@ -121,7 +133,12 @@ def case_from_launch(kernel, args: tuple, kwargs: dict, **fields) -> CompileCase
 
 # --------------------------------------------------------------------------- the NT-Xent kernels
 
-NTXENT_PRECISIONS = (("bfloat16", "ieee"), ("float16", "ieee"), ("float32", "ieee"), ("float32", "tf32"))
+NTXENT_PRECISIONS = (
+    ("bfloat16", "ieee"),
+    ("float16", "ieee"),
+    ("float32", "ieee"),
+    ("float32", "tf32"),
+)
 NTXENT_CONFIGS = [
     {"dtype": dtype, "precision": precision, "d": d, "rows": rows}
     for dtype, precision in NTXENT_PRECISIONS
@@ -145,7 +162,9 @@ def ntxent_cases(configs=None) -> list[CompileCase]:
 
     captured = []
     hooks = {
-        "_launch": lambda kernel, grid, *args, **kwargs: captured.append((kernel, tuple(grid), args, kwargs)),
+        "_launch": lambda kernel, grid, *args, **kwargs: captured.append(
+            (kernel, tuple(grid), args, kwargs)
+        ),
         "_require_cuda": lambda *tensors: None,
         "_sm_count": lambda device: H100["sms"],
     }
@@ -157,8 +176,13 @@ def ntxent_cases(configs=None) -> list[CompileCase]:
         for config in configs or NTXENT_CONFIGS:
             dtype = getattr(torch, config["dtype"])
             captured.clear()
-            z1, z2 = (torch.ones(config["rows"] // 2, config["d"], dtype=dtype).requires_grad_() for _ in range(2))
-            loss = ntxent.nt_xent(z1, z2, 0.1, backend="triton", float32_matmul_precision=config["precision"])
+            z1, z2 = (
+                torch.ones(config["rows"] // 2, config["d"], dtype=dtype).requires_grad_()
+                for _ in range(2)
+            )
+            loss = ntxent.nt_xent(
+                z1, z2, 0.1, backend="triton", float32_matmul_precision=config["precision"]
+            )
             loss.backward()
             tensor_cores = config["dtype"] != "float32" or config["precision"] == "tf32"
             for kernel, grid, args, kwargs in captured:
@@ -215,18 +239,27 @@ def colour_cases(configs=None) -> list[CompileCase]:
         colour_gpu._colour_kernel, colour_gpu._INTERPRET = _Recorder(), False
         for config in configs or COLOUR_CONFIGS:
             preset = (
-                augment.AugmentConfig.cifar if config["preset"] == "cifar" else augment.AugmentConfig
+                augment.AugmentConfig.cifar
+                if config["preset"] == "cifar"
+                else augment.AugmentConfig
             )  # as trainer/data.py
             cfg = preset(size=config["size"])
             captured.clear()
-            images = torch.empty(config["views"], config["size"], config["size"], 3, dtype=torch.uint8)
+            images = torch.empty(
+                config["views"], config["size"], config["size"], 3, dtype=torch.uint8
+            )
             uniforms = torch.empty(config["views"], len(augment.UNIFORMS), dtype=torch.float32)
             # a torch copy of the table: aligned as the CUDA copy the DALI operator makes (_params_on)
             colour_gpu.colour_batch(images, uniforms, torch.from_numpy(colour_params(cfg)).clone())
             for grid, args, kwargs in captured:
                 cases.append(
                     case_from_launch(
-                        kernel, args, kwargs, config=dict(config), grid=grid, max_spill_bytes=COLOUR_MAX_SPILL_BYTES
+                        kernel,
+                        args,
+                        kwargs,
+                        config=dict(config),
+                        grid=grid,
+                        max_spill_bytes=COLOUR_MAX_SPILL_BYTES,
                     )
                 )
     finally:
@@ -235,7 +268,10 @@ def colour_cases(configs=None) -> list[CompileCase]:
 
 
 # The table: one entry per kernel family (see the module docstring).
-CASE_SOURCES: dict[str, Callable[[], list[CompileCase]]] = {"ntxent": ntxent_cases, "colour": colour_cases}
+CASE_SOURCES: dict[str, Callable[[], list[CompileCase]]] = {
+    "ntxent": ntxent_cases,
+    "colour": colour_cases,
+}
 
 
 # --------------------------------------------------------------------------- compile and read
@@ -246,17 +282,26 @@ def h100_occupancy(registers: int, shared_bytes: int, num_warps: int) -> dict:
     h = H100
     round_up = lambda x, unit: -(-x // unit) * unit  # noqa: E731
     registers_per_warp = round_up(max(registers, 1) * 32, h["register_granularity"])
-    warps_per_partition = h["registers_per_sm"] // h["register_sub_partitions"] // registers_per_warp
+    warps_per_partition = (
+        h["registers_per_sm"] // h["register_sub_partitions"] // registers_per_warp
+    )
     fits_one = (
         registers <= h["max_registers_per_thread"]
-        and registers_per_warp * round_up(num_warps, h["register_sub_partitions"]) <= h["registers_per_sm"]
+        and registers_per_warp * round_up(num_warps, h["register_sub_partitions"])
+        <= h["registers_per_sm"]
     )
-    shared_allocated = round_up(shared_bytes + h["shared_reserved_per_block"], h["shared_granularity"])
+    shared_allocated = round_up(
+        shared_bytes + h["shared_reserved_per_block"], h["shared_granularity"]
+    )
     limits = {
-        "registers": warps_per_partition * h["register_sub_partitions"] // num_warps if fits_one else 0,
+        "registers": warps_per_partition * h["register_sub_partitions"] // num_warps
+        if fits_one
+        else 0,
         "warps": h["max_warps_per_sm"] // num_warps,
         "ctas": h["max_ctas_per_sm"],
-        "shared": h["shared_per_sm"] // shared_allocated if shared_bytes <= h["shared_per_block"] else 0,
+        "shared": h["shared_per_sm"] // shared_allocated
+        if shared_bytes <= h["shared_per_block"]
+        else 0,
     }
     ctas = min(limits.values())
     return {
@@ -280,8 +325,12 @@ def compile_case(case: CompileCase) -> dict:
     backend = triton.compiler.make_backend(target)
     options = backend.parse_options(dict(case.options))
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in case.aligned}
-    source = triton.compiler.ASTSource(fn=kernel, signature=case.signature, constexprs=case.constexprs, attrs=attrs)
-    triton.knobs.nvidia.dump_ptxas_log = True  # Triton's own ptxas -v run prints its log: read it, not a rerun
+    source = triton.compiler.ASTSource(
+        fn=kernel, signature=case.signature, constexprs=case.constexprs, attrs=attrs
+    )
+    triton.knobs.nvidia.dump_ptxas_log = (
+        True  # Triton's own ptxas -v run prints its log: read it, not a rerun
+    )
     triton.knobs.compilation.always_compile = True  # the log exists only when ptxas runs
     log = io.StringIO()
     start = time.perf_counter()
@@ -293,10 +342,14 @@ def compile_case(case: CompileCase) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        sass = subprocess.run([str(tools / "nvdisasm"), str(cubin)], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run(
+            [str(tools / "nvdisasm"), str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
     registers = re.search(r"Used (\d+) registers", ptxas_log)
     if registers is None:
-        raise RuntimeError(f"no 'Used N registers' in the ptxas log of {case.name}:\n{ptxas_log[-2000:]}")
+        raise RuntimeError(
+            f"no 'Used N registers' in the ptxas log of {case.name}:\n{ptxas_log[-2000:]}"
+        )
     largest = lambda pattern: max([int(x) for x in re.findall(pattern, ptxas_log)] or [0])  # noqa: E731
     num_warps = compiled.metadata.num_warps
     report = {
@@ -377,10 +430,15 @@ def triton_site(version: str, cache: Path = TRITON_CACHE) -> Path:
     wheels = cache / "wheels"
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     run = dict(check=True, capture_output=True, text=True)
-    subprocess.run([*pip, "download", f"triton=={version}", "--no-deps", "--only-binary=:all:", "-d", wheels], **run)
+    subprocess.run(
+        [*pip, "download", f"triton=={version}", "--no-deps", "--only-binary=:all:", "-d", wheels],
+        **run,
+    )
     wheel = sorted(wheels.glob(f"triton-{version}-*.whl"))[-1]
     partial = Path(tempfile.mkdtemp(prefix=f"triton-{version}-", dir=cache))
-    subprocess.run([*pip, "install", "--no-deps", "--no-compile", "--target", partial, wheel], **run)
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-compile", "--target", partial, wheel], **run
+    )
     try:
         partial.rename(site)  # atomic: a concurrent run sees a whole install or none
     except OSError:  # another run installed it first
@@ -394,15 +452,21 @@ def compile_in_subprocess(site: Path | None = None, sources=None, timeout_s: int
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)  # compiled kernels, not the interpreter
     paths = ([str(site)] if site else []) + [str(ROOT)]
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join(
+        paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     with tempfile.TemporaryDirectory(prefix="triton-sm90-") as tmp:
         env["TRITON_CACHE_DIR"] = str(Path(tmp) / "cache")
         out = Path(tmp) / "report.json"
         command = [sys.executable, "-m", "simclr_dali.bench.triton_sm90", "--child", str(out)]
         command += ["--sources", *(sources or CASE_SOURCES)]
-        proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+        proc = subprocess.run(
+            command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(command)} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+            raise RuntimeError(
+                f"{' '.join(command)} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}"
+            )
         return json.loads(out.read_text())
 
 
@@ -410,10 +474,14 @@ def compile_in_subprocess(site: Path | None = None, sources=None, timeout_s: int
 
 
 def _summary(report: dict) -> str:
-    lines = [f"Triton {report['triton']}: {report['distinct_compilations']} compilations in {report['seconds']} s"]
+    lines = [
+        f"Triton {report['triton']}: {report['distinct_compilations']} compilations in {report['seconds']} s"
+    ]
     for row in report["cases"]:
         config = " ".join(
-            f"{k}={row[k]}" for k in ("dtype", "precision", "d", "rows", "preset", "size", "views") if k in row
+            f"{k}={row[k]}"
+            for k in ("dtype", "precision", "d", "rows", "preset", "size", "views")
+            if k in row
         )
         if "error" in row:
             lines.append(f"  {row['kernel']:22s} {config}: ERROR {row['error'][:200]}")
@@ -432,10 +500,19 @@ def main(argv: list[str] | None = None) -> int:
     from ..common.cli import ArgumentParser
 
     parser = ArgumentParser(prog="bench.py triton-sm90", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--versions", nargs="*", default=[GPU_MACHINE_TRITON], help="Triton versions beside the pinned")
-    parser.add_argument("--sources", nargs="*", default=list(CASE_SOURCES), choices=list(CASE_SOURCES))
+    parser.add_argument(
+        "--versions",
+        nargs="*",
+        default=[GPU_MACHINE_TRITON],
+        help="Triton versions beside the pinned",
+    )
+    parser.add_argument(
+        "--sources", nargs="*", default=list(CASE_SOURCES), choices=list(CASE_SOURCES)
+    )
     parser.add_argument("--out", default=str(RESULT), help="the JSON report")
-    parser.add_argument("--child", metavar="PATH", help=argparse.SUPPRESS)  # compile here, write PATH
+    parser.add_argument(
+        "--child", metavar="PATH", help=argparse.SUPPRESS
+    )  # compile here, write PATH
     args = parser.parse_args(argv)
     if args.child:
         Path(args.child).write_text(json.dumps(compile_all(args.sources)))
@@ -443,7 +520,9 @@ def main(argv: list[str] | None = None) -> int:
     from .common import write_result
 
     reports = [compile_in_subprocess(None, args.sources)]
-    reports += [compile_in_subprocess(triton_site(version), args.sources) for version in args.versions]
+    reports += [
+        compile_in_subprocess(triton_site(version), args.sources) for version in args.versions
+    ]
     for report in reports:
         print(_summary(report))
     payload = {

@@ -63,7 +63,9 @@ def dali_decode_seconds(encoded: list[bytes], batch: int = 256, repeats: int = 3
 
     @pipeline_def(batch_size=batch, num_threads=1, device_id=None, prefetch_queue_depth=1)
     def decode_pipe():
-        return fn.decoders.image(fn.external_source(source=source, batch=True), device="cpu", output_type=types.RGB)
+        return fn.decoders.image(
+            fn.external_source(source=source, batch=True), device="cpu", output_type=types.RGB
+        )
 
     pipe = decode_pipe()
     pipe.build()
@@ -124,7 +126,11 @@ def storage(args) -> dict:
             f"PIL {row['pil_decode_us_per_image']:6.1f} us",
             flush=True,
         )
-    return {"images": len(pixels), "source": "../shared/data/cifar10/test decoded to pixels", "encodings": results}
+    return {
+        "images": len(pixels),
+        "source": "../shared/data/cifar10/test decoded to pixels",
+        "encodings": results,
+    }
 
 
 # ------------------------------------------------------------------ writer peak memory
@@ -154,7 +160,9 @@ def tree_rss_bytes(pid: int) -> int:
 
 def peak_rss(command: list[str], interval: float = 0.05, cwd: Path = ROOT) -> dict:
     start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     peak, samples = 0, 0
     while process.poll() is None:
         peak = max(peak, tree_rss_bytes(process.pid))
@@ -227,7 +235,9 @@ def rss(args) -> dict:
                 }
                 print(results["cifar10_train_folder_50k_compared"], flush=True)
         folder = args.generated_dir or tmp / "generated"
-        if not (folder / ".complete").exists():  # generated once; reused when --generated_dir names an earlier folder
+        if not (
+            folder / ".complete"
+        ).exists():  # generated once; reused when --generated_dir names an earlier folder
             generated_folder(folder, args.generated)
             (folder / ".complete").write_text(str(args.generated))
         if args.generate_only:
@@ -251,20 +261,35 @@ def rss(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="bench.py writer", description=__doc__)
     parser.add_argument("what", choices=["storage", "rss"])
-    parser.add_argument("--images", type=int, default=10_000, help="storage: CIFAR images to encode")
-    parser.add_argument("--generated", type=int, default=200_000, help="rss: images in the generated folder")
+    parser.add_argument(
+        "--images", type=int, default=10_000, help="storage: CIFAR images to encode"
+    )
+    parser.add_argument(
+        "--generated", type=int, default=200_000, help="rss: images in the generated folder"
+    )
     parser.add_argument("--workers", type=int, default=2, help="rss: writer worker processes")
     parser.add_argument(
-        "--generated_dir", type=Path, default=None, help="rss: keep the generated folder here (reused if complete)"
+        "--generated_dir",
+        type=Path,
+        default=None,
+        help="rss: keep the generated folder here (reused if complete)",
     )
-    parser.add_argument("--generate_only", action="store_true", help="rss: only generate the folder (no measurement)")
+    parser.add_argument(
+        "--generate_only",
+        action="store_true",
+        help="rss: only generate the folder (no measurement)",
+    )
     parser.add_argument(
         "--compare_with",
         type=Path,
         default=None,
         help="rss: another checkout whose writer to measure on the CIFAR folder",
     )
-    parser.add_argument("--json", default=None, help="result file (default bench/results/writer_<what>_<device>.json)")
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="result file (default bench/results/writer_<what>_<device>.json)",
+    )
     args = parser.parse_args(argv)
     payload = storage(args) if args.what == "storage" else rss(args)
     if not payload:

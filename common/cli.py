@@ -32,7 +32,9 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         import sys
 
-        return super().parse_known_args(underscore_flags(sys.argv[1:] if args is None else args), namespace)
+        return super().parse_known_args(
+            underscore_flags(sys.argv[1:] if args is None else args), namespace
+        )
 
 
 def config_files(argv: Sequence[str]) -> list[str]:
@@ -60,8 +62,14 @@ def parse_dataclass(
     from jsonargparse import ArgumentParser as ConfigParser
 
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-    parser = ConfigParser(prog=prog, description=description, exit_on_error=False, env_prefix=None, default_env=False)
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML file of these fields; flags after it override")
+    parser = ConfigParser(
+        prog=prog, description=description, exit_on_error=False, env_prefix=None, default_env=False
+    )
+    parser.add_argument(
+        "--config",
+        action=ActionConfigFile,
+        help="YAML file of these fields; flags after it override",
+    )
     parser.add_class_arguments(cls, as_group=False)
     if defaults:
         parser.set_defaults(defaults)
@@ -99,7 +107,9 @@ def light_first(check: str, command: str, prefix: str, argv: Sequence[str] | Non
     package = __name__.rsplit(".", 2)[0]
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        import_module(f"{package}.{check}").parse_args(argv, module_docstring(f"{package}.{command}"))
+        import_module(f"{package}.{check}").parse_args(
+            argv, module_docstring(f"{package}.{command}")
+        )
     except SimclrError as error:
         print(f"{prefix}{error}", file=sys.stderr)
         return error.exit_status

@@ -15,7 +15,9 @@ class ExitStatus(IntEnum):
 
     DONE = 0
     OTHER = 1  # anything else: a crash, a checkpoint that cannot be written (a full disk, ...)
-    BAD_INPUT = 2  # a config value, data, an output directory, an incompatible resume: the message names it
+    BAD_INPUT = (
+        2  # a config value, data, an output directory, an incompatible resume: the message names it
+    )
     NON_FINITE = 3  # the loss or the weights became non-finite: nothing of them is checkpointed
     PREEMPTED = 75  # a signal asked to stop: a checkpoint was written; rerun with --resume auto
 

@@ -161,4 +161,6 @@ def write_result(target: str | os.PathLike, data: bytes | str, what: str = "resu
     try:
         return atomic_write_bytes(target, data.encode() if isinstance(data, str) else data)
     except OSError as error:
-        raise WriteFailure(error.errno, f"cannot write the {what} {target}: {error.strerror or error}") from None
+        raise WriteFailure(
+            error.errno, f"cannot write the {what} {target}: {error.strerror or error}"
+        ) from None

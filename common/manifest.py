@@ -31,7 +31,9 @@ def file_entry(data: bytes) -> dict:
     return {"bytes": len(data), "sha256": digest(data)}
 
 
-def read_manifest(directory: Path, name: str = CHECKPOINT_MANIFEST, formats: tuple[str, ...] = ()) -> dict:
+def read_manifest(
+    directory: Path, name: str = CHECKPOINT_MANIFEST, formats: tuple[str, ...] = ()
+) -> dict:
     """The manifest ``directory/name``, checked for form (a JSON object whose ``format`` is one of ``formats``
     and whose ``files`` is an object); the files themselves are checked by ``read_verified``."""
     path = Path(directory) / name
@@ -46,11 +48,15 @@ def read_manifest(directory: Path, name: str = CHECKPOINT_MANIFEST, formats: tup
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
         raise ManifestError(f"{path} is not a manifest (a JSON object with a 'files' object)")
     if formats and manifest.get("format") not in formats:
-        raise ManifestError(f"{path} is not a {' or '.join(formats)} manifest (format {manifest.get('format')!r})")
+        raise ManifestError(
+            f"{path} is not a {' or '.join(formats)} manifest (format {manifest.get('format')!r})"
+        )
     return manifest
 
 
-def read_verified(directory: Path, name: str, manifest: dict, manifest_name: str = CHECKPOINT_MANIFEST) -> bytes:
+def read_verified(
+    directory: Path, name: str, manifest: dict, manifest_name: str = CHECKPOINT_MANIFEST
+) -> bytes:
     """The bytes of ``directory/name`` after checking them against the manifest's size and SHA-256."""
     directory = Path(directory)
     expected = manifest["files"].get(name)
@@ -59,19 +65,26 @@ def read_verified(directory: Path, name: str, manifest: dict, manifest_name: str
     try:
         data = (directory / name).read_bytes()
     except OSError as error:
-        raise ManifestError(f"{directory / name} cannot be read ({error.strerror or error})") from None
+        raise ManifestError(
+            f"{directory / name} cannot be read ({error.strerror or error})"
+        ) from None
     if len(data) != expected.get("bytes"):
         raise ManifestError(
             f"{directory / name} has {len(data)} bytes, its manifest says {expected.get('bytes')} "
             "(truncated or rewritten)"
         )
     if digest(data) != expected.get("sha256"):
-        raise ManifestError(f"{directory / name} does not match the SHA-256 in its manifest (damaged)")
+        raise ManifestError(
+            f"{directory / name} does not match the SHA-256 in its manifest (damaged)"
+        )
     return data
 
 
 def verify_directory(
-    directory: Path, name: str = CHECKPOINT_MANIFEST, formats: tuple[str, ...] = (), required: tuple[str, ...] = ()
+    directory: Path,
+    name: str = CHECKPOINT_MANIFEST,
+    formats: tuple[str, ...] = (),
+    required: tuple[str, ...] = (),
 ) -> dict:
     """The manifest of ``directory`` once every file it lists (and every one of ``required``) has its size and
     SHA-256; else ``ManifestError`` naming the first file at fault."""

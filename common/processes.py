@@ -38,5 +38,8 @@ def process_pool(workers: int, start_method: str = "spawn") -> ProcessPoolExecut
     ``start_method="fork"`` where a caller knows better."""
     context = multiprocessing.get_context(start_method)
     return ProcessPoolExecutor(
-        max_workers=workers, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)
+        max_workers=workers,
+        mp_context=context,
+        initializer=die_with_parent,
+        initargs=(os.getpid(),),
     )

@@ -92,7 +92,9 @@ def check_timm_kwargs(kwargs, where: str = "timm_kwargs") -> dict:
     """``kwargs`` if every key is an architecture argument with a JSON value; else ``ValueError`` naming the
     key and ``where`` it came from (a flag, a field or a file)."""
     if not isinstance(kwargs, dict):
-        raise ValueError(f"{where}: expected a mapping of timm arguments, got {type(kwargs).__name__}")
+        raise ValueError(
+            f"{where}: expected a mapping of timm arguments, got {type(kwargs).__name__}"
+        )
     for key, value in kwargs.items():
         if key in REFUSED:
             raise ValueError(f"{where}: {key!r} is not accepted in timm_kwargs ({REFUSED[key]})")

@@ -17,7 +17,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from ..common.errors import SimclrError
-from ..common.manifest import CHECKPOINT_MANIFEST, EXPORT_MANIFEST, ManifestError, verify_directory, verify_file
+from ..common.manifest import (
+    CHECKPOINT_MANIFEST,
+    EXPORT_MANIFEST,
+    ManifestError,
+    verify_directory,
+    verify_file,
+)
 from ..common.timm_args import check_timm_kwargs
 from ..model.simclr import create_backbone
 from ..pipeline.augment_config import view_size
@@ -77,9 +83,13 @@ def _checked_meta(meta: dict, source: Path) -> dict:
     if "model_name" in meta and not isinstance(meta["model_name"], str):
         raise BackboneError(f"{source}: model_name must be a string, got {meta['model_name']!r}")
     if not isinstance(meta.get("cifar_stem", False), bool):
-        raise BackboneError(f"{source}: cifar_stem must be true or false, got {meta['cifar_stem']!r}")
+        raise BackboneError(
+            f"{source}: cifar_stem must be true or false, got {meta['cifar_stem']!r}"
+        )
     try:
-        meta["timm_kwargs"] = check_timm_kwargs(meta.get("timm_kwargs") or {}, f"{source}: timm_kwargs")
+        meta["timm_kwargs"] = check_timm_kwargs(
+            meta.get("timm_kwargs") or {}, f"{source}: timm_kwargs"
+        )
     except ValueError as error:
         raise BackboneError(str(error)) from None
     return meta
@@ -104,7 +114,9 @@ def _file_meta(weights_file: Path) -> dict:
     return {}
 
 
-def load_weights_into(backbone: torch.nn.Module, state: dict[str, torch.Tensor], source: str, description: str) -> None:
+def load_weights_into(
+    backbone: torch.nn.Module, state: dict[str, torch.Tensor], source: str, description: str
+) -> None:
     """``backbone.load_state_dict(state)`` after checking names and shapes, so that a checkpoint of another
     architecture is a ``BackboneError`` naming the file and the keys that do not fit (not a traceback)."""
     expected = backbone.state_dict()
@@ -118,7 +130,9 @@ def load_weights_into(backbone: torch.nn.Module, state: dict[str, torch.Tensor],
     if missing or unexpected or mismatched:
         problems = []
         if mismatched:
-            problems.append(f"{len(mismatched)} tensors of another shape (e.g. {'; '.join(mismatched[:3])})")
+            problems.append(
+                f"{len(mismatched)} tensors of another shape (e.g. {'; '.join(mismatched[:3])})"
+            )
         if missing:
             problems.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
         if unexpected:
@@ -143,7 +157,9 @@ def verify_source(path: Path) -> str:
             verify_directory(path, EXPORT_MANIFEST)
             return f"verified by {EXPORT_MANIFEST}"
         if (path / "trainer_state.json").exists() and not (path / "backbone.json").exists():
-            verify_directory(path, CHECKPOINT_MANIFEST, required=("model.safetensors", "trainer_state.json"))
+            verify_directory(
+                path, CHECKPOINT_MANIFEST, required=("model.safetensors", "trainer_state.json")
+            )
             return f"verified by {CHECKPOINT_MANIFEST}"
     except ManifestError as error:
         raise BackboneError(f"checkpoint {path} is refused: {error}") from None
@@ -157,7 +173,9 @@ def _meta_for(path: Path) -> dict:
     if (path / "trainer_state.json").exists():
         config = _read_json(path / "trainer_state.json").get("config")
         if not isinstance(config, dict) or not isinstance(config.get("backbone"), str):
-            raise BackboneError(f"{path / 'trainer_state.json'} holds no config with a backbone name")
+            raise BackboneError(
+                f"{path / 'trainer_state.json'} holds no config with a backbone name"
+            )
         return _checked_meta(
             {
                 "model_name": config["backbone"],
@@ -167,7 +185,9 @@ def _meta_for(path: Path) -> dict:
             },
             path / "trainer_state.json",
         )
-    raise BackboneError(f"{path} holds neither backbone.json nor trainer_state.json: expected {CHECKPOINT_FORMS}")
+    raise BackboneError(
+        f"{path} holds neither backbone.json nor trainer_state.json: expected {CHECKPOINT_FORMS}"
+    )
 
 
 def load_backbone(
@@ -188,7 +208,9 @@ def load_backbone(
         if not path.exists():
             raise BackboneError(f"checkpoint {path} does not exist")
         if path.is_file() and path.suffix.lower() not in WEIGHTS_SUFFIXES:
-            raise BackboneError(f"checkpoint {path} is not a weights file: expected {CHECKPOINT_FORMS}")
+            raise BackboneError(
+                f"checkpoint {path} is not a weights file: expected {CHECKPOINT_FORMS}"
+            )
         verify_source(path)
         if path.is_file():
             meta = _file_meta(path)
@@ -211,7 +233,9 @@ def load_backbone(
                 raise BackboneError(f"{path}: no weights file {weights_file.name}")
             state = _read_weights(weights_file)
             if weights_file.name == "model.safetensors":  # a full SimCLR state from a checkpoint
-                state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+                state = {
+                    k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")
+                }
             source = str(weights_file)
     elif model_name:
         meta = {"model_name": model_name, "cifar_stem": False, "timm_kwargs": {}}
@@ -222,13 +246,21 @@ def load_backbone(
             state = _read_weights(weights_path)
             source = str(weights_path)
     else:
-        raise BackboneError("say which backbone to evaluate: --checkpoint PATH or --model NAME [--weights FILE]")
+        raise BackboneError(
+            "say which backbone to evaluate: --checkpoint PATH or --model NAME [--weights FILE]"
+        )
     torch.manual_seed(seed)
     try:
         backbone = create_backbone(
-            meta["model_name"], cifar_stem=meta.get("cifar_stem", False), **meta.get("timm_kwargs", {})
+            meta["model_name"],
+            cifar_stem=meta.get("cifar_stem", False),
+            **meta.get("timm_kwargs", {}),
         )
-    except (RuntimeError, TypeError, ValueError) as error:  # timm: unknown model name, arguments it does not take
+    except (
+        RuntimeError,
+        TypeError,
+        ValueError,
+    ) as error:  # timm: unknown model name, arguments it does not take
         raise BackboneError(
             f"cannot create the backbone {meta['model_name']!r} with timm_kwargs {meta.get('timm_kwargs', {})}: "
             f"{type(error).__name__}: {error}"
@@ -239,7 +271,12 @@ def load_backbone(
             if not meta.get("cifar_stem")
             else state
         )
-        load_weights_into(backbone, state, source, f"{meta['model_name']} (cifar_stem={meta.get('cifar_stem', False)})")
+        load_weights_into(
+            backbone,
+            state,
+            source,
+            f"{meta['model_name']} (cifar_stem={meta.get('cifar_stem', False)})",
+        )
     info = {
         "model_name": meta["model_name"],
         "source": "random-init" if random_init else (source or "timm default init"),

@@ -45,10 +45,17 @@ def train_classifier(
     model = model.to(accelerator.device)
     global_batch = loader.batch_size * accelerator.num_processes
     learnable = [p for p in model.parameters() if p.requires_grad]
-    optimizer, scheduler = sgd_cosine(learnable, base_lr, global_batch, epochs * len(loader), momentum)
+    optimizer, scheduler = sgd_cosine(
+        learnable, base_lr, global_batch, epochs * len(loader), momentum
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    for _ in tqdm(range(epochs), desc=desc, unit="epoch", disable=not (progress and accelerator.is_main_process)):
+    for _ in tqdm(
+        range(epochs),
+        desc=desc,
+        unit="epoch",
+        disable=not (progress and accelerator.is_main_process),
+    ):
         for images, labels in loader:
             with accelerator.autocast():
                 logits = model(images)

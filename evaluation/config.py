@@ -105,7 +105,9 @@ class EvalConfig:
         """Checks the parser's types cannot express; raises ``UsageError`` naming the flag."""
         for name in ("train_shards", "val_shards"):
             if not getattr(self, name):
-                raise UsageError(f"--{name} is required (a shard directory, brace pattern, glob or comma list)")
+                raise UsageError(
+                    f"--{name} is required (a shard directory, brace pattern, glob or comma list)"
+                )
         for name in ("image_size", "resize", "local_batch_size", "epochs", "finetune_epochs"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -118,16 +120,24 @@ class EvalConfig:
             raise UsageError(f"--min_crop_area must be in (0, 1], got {self.min_crop_area}")
         self.protocols()
         if self.ft_proj_selector < 0:  # issue 31
-            raise UsageError(f"--ft_proj_selector must be >= 0 (0 = the backbone), got {self.ft_proj_selector}")
+            raise UsageError(
+                f"--ft_proj_selector must be >= 0 (0 = the backbone), got {self.ft_proj_selector}"
+            )
         for name in ("distill_epochs", "distill_lr", "distill_temperature"):
             if not getattr(self, name) > 0 or getattr(self, name) == float("inf"):
                 raise UsageError(f"--{name} must be > 0 and finite, got {getattr(self, name)}")
         if "distill" in self.protocols() and "finetune" not in self.protocols():
-            raise UsageError("--protocol distill distils the fine-tuned teacher: use --protocol finetune,distill")
+            raise UsageError(
+                "--protocol distill distils the fine-tuned teacher: use --protocol finetune,distill"
+            )
 
     def protocols(self) -> list[str]:
         """The requested protocols in a fixed order (knn, linear, finetune, distill)."""
-        requested = ["knn", "linear"] if self.protocol == "all" else [p.strip() for p in self.protocol.split(",")]
+        requested = (
+            ["knn", "linear"]
+            if self.protocol == "all"
+            else [p.strip() for p in self.protocol.split(",")]
+        )
         requested = [p for p in requested if p]
         unknown = [p for p in requested if p not in PROTOCOLS]
         if unknown or not requested:

@@ -18,7 +18,9 @@ from tqdm import tqdm
 from .optim import sgd_cosine
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
     """Mean over the batch of the cross-entropy between the teacher's and the student's softened predictions."""
     targets = F.softmax(teacher_logits.float() / temperature, dim=1)
     return -(targets * F.log_softmax(student_logits.float() / temperature, dim=1)).sum(1).mean()
@@ -54,11 +56,18 @@ def distill(
     teacher = teacher.to(accelerator.device).eval().requires_grad_(False)
     model = copy.deepcopy(student).to(accelerator.device).requires_grad_(True)
     global_batch = loader.batch_size * accelerator.num_processes
-    optimizer, scheduler = sgd_cosine(list(model.parameters()), lr, global_batch, epochs * len(loader))
+    optimizer, scheduler = sgd_cosine(
+        list(model.parameters()), lr, global_batch, epochs * len(loader)
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     losses = []
-    for _ in tqdm(range(epochs), desc="distill", unit="epoch", disable=not (progress and accelerator.is_main_process)):
+    for _ in tqdm(
+        range(epochs),
+        desc="distill",
+        unit="epoch",
+        disable=not (progress and accelerator.is_main_process),
+    ):
         total = torch.zeros((), device=accelerator.device)
         steps = 0
         for batch in loader:

@@ -27,8 +27,14 @@ def extract_features(
     backbone.eval()
     features, labels = [], []
     show = progress and (accelerator is None or accelerator.is_main_process)
-    for images, batch_labels in tqdm(loader, total=len(loader), desc=desc, unit="batch", disable=not show, leave=False):
-        with accelerator.autocast() if accelerator is not None else torch.autocast("cpu", enabled=False):
+    for images, batch_labels in tqdm(
+        loader, total=len(loader), desc=desc, unit="batch", disable=not show, leave=False
+    ):
+        with (
+            accelerator.autocast()
+            if accelerator is not None
+            else torch.autocast("cpu", enabled=False)
+        ):
             features.append(backbone(images).float())
         labels.append(batch_labels)
     backbone.train(was_training)
@@ -39,10 +45,16 @@ def extract_features(
     counts = accelerator.gather(torch.tensor([len(labels_local)], device=features_local.device))
     padded_features = accelerator.pad_across_processes(features_local, dim=0)
     padded_labels = accelerator.pad_across_processes(labels_local, dim=0)
-    all_features, all_labels = accelerator.gather(padded_features), accelerator.gather(padded_labels)
+    all_features, all_labels = (
+        accelerator.gather(padded_features),
+        accelerator.gather(padded_labels),
+    )
     width = padded_labels.shape[0]
     keep = torch.cat(
-        [torch.arange(int(c), device=all_labels.device) + r * width for r, c in enumerate(counts.tolist())]
+        [
+            torch.arange(int(c), device=all_labels.device) + r * width
+            for r, c in enumerate(counts.tolist())
+        ]
     )
     return all_features[keep], all_labels[keep]
 
@@ -72,7 +84,9 @@ def cached_features(
             tensors = load_file(str(cache), device=str(accelerator.device))
             accelerator.print(f"{desc}: loaded from {cache}")
             return tensors["features"], tensors["labels"]
-        accelerator.print(f"{desc}: {cache} holds features of another backbone or data set; recomputing")
+        accelerator.print(
+            f"{desc}: {cache} holds features of another backbone or data set; recomputing"
+        )
     features, labels = extract_features(backbone, loader, accelerator, desc)
     if cache is not None and accelerator.is_main_process:
         tensors = {"features": features.cpu().contiguous(), "labels": labels.cpu().contiguous()}

@@ -23,7 +23,9 @@ class Classifier(torch.nn.Module):
         super().__init__()
         self.backbone = backbone
         self.fc = torch.nn.Linear(feature_dim(backbone), num_classes)
-        torch.nn.init.zeros_(self.fc.weight)  # the official code's supervised head starts at (near) zero
+        torch.nn.init.zeros_(
+            self.fc.weight
+        )  # the official code's supervised head starts at (near) zero
         torch.nn.init.zeros_(self.fc.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -47,4 +49,6 @@ def finetune(
     model.requires_grad_(True)
     if accelerator.num_processes > 1:
         model = convert_to_global_bn(model, accelerator.device.type)
-    return train_classifier(model, loader, accelerator, epochs, lr, momentum, desc="fine-tune", progress=progress)
+    return train_classifier(
+        model, loader, accelerator, epochs, lr, momentum, desc="fine-tune", progress=progress
+    )

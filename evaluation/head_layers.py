@@ -40,12 +40,18 @@ def head_from_export(path: Path) -> ProjectionHead:
     a BackboneError naming the file if they are malformed or do not fit (simclr-export's loader reads it too)."""
     widths = json.loads((path / HEAD_META).read_text())
     if not all(isinstance(widths.get(k), int) for k in ("in_dim", "hidden_dim", "out_dim")):
-        raise BackboneError(f"{path / HEAD_META} must give integer in_dim, hidden_dim and out_dim, got {widths}")
-    head = ProjectionHead(widths["in_dim"], widths["hidden_dim"], widths["out_dim"], widths.get("num_layers", 2))
+        raise BackboneError(
+            f"{path / HEAD_META} must give integer in_dim, hidden_dim and out_dim, got {widths}"
+        )
+    head = ProjectionHead(
+        widths["in_dim"], widths["hidden_dim"], widths["out_dim"], widths.get("num_layers", 2)
+    )
     try:
         head.load_state_dict(load_file(str(path / HEAD_FILE)))
     except (OSError, RuntimeError) as error:
-        raise BackboneError(f"{path / HEAD_FILE} does not fit the head {path / HEAD_META} describes: {error}") from None
+        raise BackboneError(
+            f"{path / HEAD_FILE} does not fit the head {path / HEAD_META} describes: {error}"
+        ) from None
     return head
 
 
@@ -59,9 +65,13 @@ def _head_from_checkpoint(path: Path, feature_width: int) -> ProjectionHead:
     )
     state = load_file(str(path / "model.safetensors"))
     try:
-        head.load_state_dict({k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")})
+        head.load_state_dict(
+            {k[len("head.") :]: v for k, v in state.items() if k.startswith("head.")}
+        )
     except RuntimeError as error:
-        raise BackboneError(f"{path / 'model.safetensors'}: the head does not fit the run's config: {error}") from None
+        raise BackboneError(
+            f"{path / 'model.safetensors'}: the head does not fit the run's config: {error}"
+        ) from None
     return head
 
 
@@ -78,19 +88,25 @@ def load_head(checkpoint: str | Path, feature_width: int) -> ProjectionHead:
     )
 
 
-def with_head_layers(backbone: nn.Module, checkpoint: str | None, count: int, random: bool = False) -> nn.Module:
+def with_head_layers(
+    backbone: nn.Module, checkpoint: str | None, count: int, random: bool = False
+) -> nn.Module:
     """``backbone`` itself for ``count`` 0, else the backbone followed by the first ``count`` pretrained head
     layers (BackboneErrors name the checkpoint and the head's depth); ``random``: the same layers freshly
     initialised (a distillation student, a random-init baseline)."""
     if count == 0:
         return backbone
     if not checkpoint:
-        raise BackboneError("--ft_proj_selector > 0 needs --checkpoint (the head comes from the pretrained run)")
+        raise BackboneError(
+            "--ft_proj_selector > 0 needs --checkpoint (the head comes from the pretrained run)"
+        )
     from ..model.simclr import feature_dim
 
     head = load_head(checkpoint, feature_dim(backbone))
     if count > head.num_layers:
-        raise BackboneError(f"--ft_proj_selector {count}: the head of {checkpoint} has only {head.num_layers} layers")
+        raise BackboneError(
+            f"--ft_proj_selector {count}: the head of {checkpoint} has only {head.num_layers} layers"
+        )
     layers = head.layers(count)
     if random:
         for module in layers.modules():

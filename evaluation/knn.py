@@ -34,7 +34,9 @@ def knn_predict(
         )  # sorted, most similar first
         weights, neighbour_labels = (top_similarity / temperature).exp(), train_labels[top_index]
         for k in ks:
-            scores[k][start : start + chunk].scatter_add_(1, neighbour_labels[:, :k], weights[:, :k])
+            scores[k][start : start + chunk].scatter_add_(
+                1, neighbour_labels[:, :k], weights[:, :k]
+            )
     return scores
 
 

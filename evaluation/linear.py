@@ -43,10 +43,21 @@ def train_linear_on_features(
     torch.nn.init.zeros_(linear.weight)
     torch.nn.init.zeros_(linear.bias)
     optimizer, scheduler = sgd_cosine(
-        linear.parameters(), lr, batch_size, epochs * math.ceil(len(train_labels) / batch_size), momentum, weight_decay
+        linear.parameters(),
+        lr,
+        batch_size,
+        epochs * math.ceil(len(train_labels) / batch_size),
+        momentum,
+        weight_decay,
     )
     standardised = (train_features - mean) / std
-    for _ in tqdm(range(epochs), desc="linear (cached features)", unit="epoch", disable=not progress, leave=False):
+    for _ in tqdm(
+        range(epochs),
+        desc="linear (cached features)",
+        unit="epoch",
+        disable=not progress,
+        leave=False,
+    ):
         order = torch.randperm(len(train_labels), generator=generator).to(train_features.device)
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
@@ -72,7 +83,9 @@ class _Standardise(torch.nn.Module):
 def evaluate_classifier(
     classifier: torch.nn.Module, features: torch.Tensor, labels: torch.Tensor, chunk: int = 8192
 ) -> dict[str, float]:
-    scores = torch.cat([classifier(features[i : i + chunk]) for i in range(0, len(features), chunk)])
+    scores = torch.cat(
+        [classifier(features[i : i + chunk]) for i in range(0, len(features), chunk)]
+    )
     return topk_accuracy(scores, labels)
 
 
@@ -82,7 +95,9 @@ class LinearHead(torch.nn.Sequential):
     test time, so the classifier stays linear in the features."""
 
     def __init__(self, in_dim: int, num_classes: int):
-        super().__init__(torch.nn.BatchNorm1d(in_dim, affine=False), torch.nn.Linear(in_dim, num_classes))
+        super().__init__(
+            torch.nn.BatchNorm1d(in_dim, affine=False), torch.nn.Linear(in_dim, num_classes)
+        )
         torch.nn.init.zeros_(self[1].weight)
         torch.nn.init.zeros_(self[1].bias)
 
@@ -103,5 +118,12 @@ def train_linear_augmented(
     head = LinearHead(feature_dim(backbone), num_classes)
     model = torch.nn.Sequential(FrozenBackbone(backbone), head)
     return train_classifier(
-        model, loader, accelerator, epochs, lr, momentum, desc="linear (augmented)", progress=progress
+        model,
+        loader,
+        accelerator,
+        epochs,
+        lr,
+        momentum,
+        desc="linear (augmented)",
+        progress=progress,
     )[1]

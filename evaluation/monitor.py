@@ -24,12 +24,21 @@ def frozen_metrics(
     progress: bool = True,
 ) -> dict[str, float]:
     """{'knn_top1', 'linear_top1', 'linear_top5'} in percent, on the validation shards."""
-    train_features, train_labels = extract_features(backbone, train_loader, accelerator, "train features", progress)
-    val_features, val_labels = extract_features(backbone, val_loader, accelerator, "val features", progress)
+    train_features, train_labels = extract_features(
+        backbone, train_loader, accelerator, "train features", progress
+    )
+    val_features, val_labels = extract_features(
+        backbone, val_loader, accelerator, "val features", progress
+    )
     num_classes = count_classes(train_loader.shards, val_loader.shards)
     knn = topk_accuracy(
-        knn_predict(train_features, train_labels, val_features, num_classes, [k], knn_temperature)[k], val_labels
+        knn_predict(train_features, train_labels, val_features, num_classes, [k], knn_temperature)[
+            k
+        ],
+        val_labels,
     )
-    classifier = train_linear_on_features(train_features, train_labels, num_classes, epochs=linear_epochs)
+    classifier = train_linear_on_features(
+        train_features, train_labels, num_classes, epochs=linear_epochs
+    )
     linear = evaluate_classifier(classifier, val_features, val_labels)
     return {"knn_top1": knn["top1"], "linear_top1": linear["top1"], "linear_top5": linear["top5"]}

@@ -7,11 +7,20 @@ import torch
 
 
 def sgd_cosine(
-    parameters, base_lr: float, batch_size: int, steps: int, momentum: float = 0.9, weight_decay: float = 0.0
+    parameters,
+    base_lr: float,
+    batch_size: int,
+    steps: int,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
 ):
     """The evaluation protocols' optimiser: SGD with Nesterov momentum at ``base_lr x batch_size / 256``,
     cosine over ``steps`` (no warm-up)."""
     optimizer = torch.optim.SGD(
-        parameters, lr=base_lr * batch_size / 256, momentum=momentum, nesterov=True, weight_decay=weight_decay
+        parameters,
+        lr=base_lr * batch_size / 256,
+        momentum=momentum,
+        nesterov=True,
+        weight_decay=weight_decay,
     )
     return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, steps))

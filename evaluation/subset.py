@@ -65,7 +65,9 @@ class LabelSubset:
     @classmethod
     def from_json(cls, data: dict) -> LabelSubset:
         per_class = data.get("per_class", 0)
-        keys_per_class = {int(label): [str(k) for k in keys] for label, keys in data["classes"].items()}
+        keys_per_class = {
+            int(label): [str(k) for k in keys] for label, keys in data["classes"].items()
+        }
         return cls(
             keys_per_class,
             float(data.get("label_fraction", 0.0)),
@@ -88,7 +90,11 @@ class LabelSubset:
         try:
             return cls.from_json(json.loads(path.read_text()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            hint = "; a text list of file names goes to --subset_list" if path.suffix.lower() != ".json" else ""
+            hint = (
+                "; a text list of file names goes to --subset_list"
+                if path.suffix.lower() != ".json"
+                else ""
+            )
             raise SubsetError(
                 f"subset file {path} is not a subset written by evaluate.py ({type(error).__name__}: {error}){hint}"
             ) from None
@@ -156,7 +162,9 @@ def check_subset(
                     f"subset file {source}: key {key} is filed under class {label} but its label is {labels[key]}"
                 )
         if not keys:
-            raise SubsetError(f"subset file {source}: class {class_name(label, class_names)} has no samples")
+            raise SubsetError(
+                f"subset file {source}: class {class_name(label, class_names)} has no samples"
+            )
 
 
 def read_name_list(path: str | Path) -> list[str]:
@@ -226,12 +234,18 @@ def subset_for(
     - ``subset_file`` that exists: read (and checked against the shards);
     - else chosen with ``select_subset`` (and written to ``subset_file`` if given)."""
     if subset_list and subset_file:
-        raise SubsetError("give --subset_list (a text list of file names) or --subset_file (a JSON of keys), not both")
-    list_file = subset_list or (subset_file if subset_file and Path(subset_file).suffix.lower() == ".txt" else None)
+        raise SubsetError(
+            "give --subset_list (a text list of file names) or --subset_file (a JSON of keys), not both"
+        )
+    list_file = subset_list or (
+        subset_file if subset_file and Path(subset_file).suffix.lower() == ".txt" else None
+    )
     paths = set_shards(train_shards)
     if list_file:
         names = read_name_list(list_file)
-        subset = listed_subset(names, read_source_paths(paths), read_labels(paths), list_file, [p.name for p in paths])
+        subset = listed_subset(
+            names, read_source_paths(paths), read_labels(paths), list_file, [p.name for p in paths]
+        )
         return subset, "listed"
     labels = read_labels(paths)
     names = read_classes(paths)
@@ -240,7 +254,12 @@ def subset_for(
         check_subset(subset, labels, subset_file, names)
         return subset, "loaded"
     subset = select_subset(
-        labels, label_fraction, seed, num_classes or (len(names) if names else None), names, [p.name for p in paths]
+        labels,
+        label_fraction,
+        seed,
+        num_classes or (len(names) if names else None),
+        names,
+        [p.name for p in paths],
     )
     if subset_file:
         subset.save(subset_file)

@@ -36,23 +36,36 @@ class GlobalBatchNorm(_BatchNorm):
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
-            raise ValueError(f"GlobalBatchNorm expects (B, C, ...) input, got shape {tuple(input.shape)}")
+            raise ValueError(
+                f"GlobalBatchNorm expects (B, C, ...) input, got shape {tuple(input.shape)}"
+            )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (
+            self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
             return super().forward(input)
         channels = input.shape[1]
         dims = [0, *range(2, input.dim())]
-        x = input.to(torch.promote_types(input.dtype, torch.float32))  # 16-bit -> float32; float64 stays float64
+        x = input.to(
+            torch.promote_types(input.dtype, torch.float32)
+        )  # 16-bit -> float32; float64 stays float64
         count = torch.full((1,), x.numel() / channels, dtype=x.dtype, device=x.device)
-        totals = dist_fn.all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]), group=_statistics_group())
+        totals = dist_fn.all_reduce(
+            torch.cat([x.sum(dims), (x * x).sum(dims), count]), group=_statistics_group()
+        )
         n = totals[-1]
         mean = totals[:channels] / n
         var = (totals[channels : 2 * channels] / n - mean * mean).clamp_min(0)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
-                momentum = self.momentum  # None: the cumulative average, 1 / count as a tensor (float() would sync)
+                momentum = (
+                    self.momentum
+                )  # None: the cumulative average, 1 / count as a tensor (float() would sync)
                 if momentum is None:
                     momentum = 1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
@@ -79,12 +92,19 @@ def convert_to_global_bn(module: nn.Module, device_type: str = "cpu") -> nn.Modu
     if isinstance(module, _BatchNorm) and not isinstance(module, GlobalBatchNorm):
         act = isinstance(module, BatchNormAct2d)
         converted = (GlobalBatchNormAct if act else GlobalBatchNorm)(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
         )
         if act:
             converted.act, converted.drop = module.act, module.drop
         if module.affine:
-            converted.weight, converted.bias = module.weight, module.bias  # the same parameters (requires_grad kept)
+            converted.weight, converted.bias = (
+                module.weight,
+                module.bias,
+            )  # the same parameters (requires_grad kept)
         if module.track_running_stats:
             converted.running_mean, converted.running_var = module.running_mean, module.running_var
             converted.num_batches_tracked = module.num_batches_tracked

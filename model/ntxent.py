@@ -88,7 +88,9 @@ def _all_gather(tensor: torch.Tensor, world: int) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0 (no autograd: the backward handles the columns)."""
     if world == 1:
         return tensor
-    out = torch.empty((world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    out = torch.empty(
+        (world * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device
+    )
     dist.all_gather_into_tensor(out, tensor.contiguous())
     return out
 
@@ -119,7 +121,9 @@ class _NTXent(torch.autograd.Function):
         # The precision is chosen here, not by an enclosing autocast (which would run the chunked path's
         # float32 products in bf16).
         with torch.autocast(z1.device.type, enabled=False):
-            return _NTXent._forward(ctx, z1, z2, labels, temperature, backend_name, float32_matmul_precision)
+            return _NTXent._forward(
+                ctx, z1, z2, labels, temperature, backend_name, float32_matmul_precision
+            )
 
     @staticmethod
     def _forward(ctx, z1, z2, labels, temperature, backend_name, float32_matmul_precision):
@@ -131,7 +135,9 @@ class _NTXent(torch.autograd.Function):
         row_offset = rank * num_rows
         inv_temp = 1.0 / temperature
         positives = _positives(num_rows, row_offset, rows.device)
-        partials = backend.row_negatives(operands, columns, positives, row_offset, inv_temp, float32_matmul_precision)
+        partials = backend.row_negatives(
+            operands, columns, positives, row_offset, inv_temp, float32_matmul_precision
+        )
         loss_rows, not_positive, scale = backend.positive_stats(partials, rows, norms, inv_temp)
         scale_columns = _all_gather(scale, world)
         ctx.supcon = labels is not None
@@ -141,7 +147,9 @@ class _NTXent(torch.autograd.Function):
             sums = supcon.class_sums(rows, groups, counts.shape[0], world)
             supcon_terms = supcon.positive_terms(rows, groups, counts, sums)
             loss_rows = loss_rows + supcon.loss_correction(rows, *supcon_terms, inv_temp)
-        ctx.save_for_backward(rows, columns, scale, scale_columns, not_positive, norms, positives, *supcon_terms)
+        ctx.save_for_backward(
+            rows, columns, scale, scale_columns, not_positive, norms, positives, *supcon_terms
+        )
         ctx.temperature, ctx.row_offset, ctx.backend = temperature, row_offset, backend
         ctx.precision, ctx.input_dtype = float32_matmul_precision, z1.dtype
         return loss_rows.mean()
@@ -153,17 +161,30 @@ class _NTXent(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_loss):
-        rows, columns, scale, scale_columns, not_positive, norms, positives, *supcon_terms = ctx.saved_tensors
+        rows, columns, scale, scale_columns, not_positive, norms, positives, *supcon_terms = (
+            ctx.saved_tensors
+        )
         inv_temp = 1.0 / ctx.temperature
         num_rows = rows.shape[0]
-        operands = columns[ctx.row_offset : ctx.row_offset + num_rows]  # the local rows, as the products take them
+        operands = columns[
+            ctx.row_offset : ctx.row_offset + num_rows
+        ]  # the local rows, as the products take them
         partials = ctx.backend.row_grad(
-            operands, columns, scale, scale_columns, positives, ctx.row_offset, inv_temp, ctx.precision
+            operands,
+            columns,
+            scale,
+            scale_columns,
+            positives,
+            ctx.row_offset,
+            inv_temp,
+            ctx.precision,
         )
         if ctx.supcon:  # SupCon's positive term, as one more split of the partial sums
             partials = torch.cat([partials, supcon.grad_split(rows, *supcon_terms)])
         grad_scale = grad_loss.to(rows.dtype) * (inv_temp / num_rows)
-        grad = ctx.backend.input_grad(partials, rows, not_positive, norms, grad_scale, ctx.input_dtype)
+        grad = ctx.backend.input_grad(
+            partials, rows, not_positive, norms, grad_scale, ctx.input_dtype
+        )
         return grad[: num_rows // 2], grad[num_rows // 2 :], None, None, None, None
 
 

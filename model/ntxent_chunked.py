@@ -37,7 +37,9 @@ def _exp_scores(
     shift = torch.full((1,), -inv_temp, dtype=out.dtype, device=rows.device)
     torch.addmm(shift, rows[start:stop], columns.T, alpha=inv_temp, out=scores)
     local = torch.arange(stop - start, device=rows.device)
-    scores[local, row_offset + start + local] = float("-inf")  # masked by index: exp gives exactly 0
+    scores[local, row_offset + start + local] = float(
+        "-inf"
+    )  # masked by index: exp gives exactly 0
     scores[local, positives[start:stop]] = float("-inf")
     return scores.exp_()
 
@@ -60,7 +62,13 @@ def normalize(z1, z2, operand_dtype):
 
 
 def row_negatives(
-    rows, columns, positives, row_offset: int, inv_temp: float, float32_matmul_precision="ieee", column_splits=None
+    rows,
+    columns,
+    positives,
+    row_offset: int,
+    inv_temp: float,
+    float32_matmul_precision="ieee",
+    column_splits=None,
 ) -> torch.Tensor:
     """(1, m): per row k, sum over columns j other than row_offset + k and positives[k] of exp((s_kj - 1)/tau)."""
     dtype = accumulation_dtype(rows)
@@ -113,7 +121,9 @@ def row_grad(
         stop = min(start + chunk, rows.shape[0])
         exp_scores = _exp_scores(rows, columns, positives, start, stop, row_offset, inv_temp, tile)
         # weights E_kj (scale_k + scale_j), built in the second tile (no temporary)
-        weights = torch.add(scale_rows[start:stop, None], scale_columns[None, :], out=weights_tile[: stop - start])
+        weights = torch.add(
+            scale_rows[start:stop, None], scale_columns[None, :], out=weights_tile[: stop - start]
+        )
         torch.mm(weights.mul_(exp_scores), columns, out=grad[start:stop])
     return grad[None]
 
@@ -128,5 +138,7 @@ def input_grad(partials, rows, not_positive, norms, grad_scale, out_dtype):
     grad -= (not_positive + not_positive.roll(-half, 0))[:, None] * rows.roll(-half, 0)
     grad *= grad_scale
     # d(x / max(||x||, eps)) / dx: the projection away from the row, or nothing where the norm is clamped
-    projected = torch.where((norms > NORM_EPS)[:, None], grad - rows * (rows * grad).sum(1, keepdim=True), grad)
+    projected = torch.where(
+        (norms > NORM_EPS)[:, None], grad - rows * (rows * grad).sum(1, keepdim=True), grad
+    )
     return (projected / norms.clamp_min(NORM_EPS)[:, None]).to(out_dtype)

@@ -25,9 +25,16 @@ from .ntxent_common import FLOAT32_MATMUL_PRECISIONS, NORM_EPS
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.0 / math.log(2.0)
-PROGRAMS_PER_SM = 2  # at least this many programs per SM in every launch (latency hiding, tail effects)
-INTERPRETER_SM_COUNT = 4  # what launch_grid is told under the interpreter: small problems split their columns too
-INTERPRETER_BLOCK, INTERPRETER_BLOCK_K = 16, 32  # tile sizes under the interpreter (read at each call)
+PROGRAMS_PER_SM = (
+    2  # at least this many programs per SM in every launch (latency hiding, tail effects)
+)
+INTERPRETER_SM_COUNT = (
+    4  # what launch_grid is told under the interpreter: small problems split their columns too
+)
+INTERPRETER_BLOCK, INTERPRETER_BLOCK_K = (
+    16,
+    32,
+)  # tile sizes under the interpreter (read at each call)
 _FP16_WEIGHT_SCALE = 2.0**14  # weights <= 2, so scaled weights stay below float16's 65504
 
 
@@ -188,7 +195,11 @@ def _row_negatives_kernel(
         e = tl.exp2(s * scale_log2 - scale_log2)
         if _needs_mask(n0, stop, own_lo, own_hi, pos_lo, pos_hi, BLOCK_N):
             # the diagonal, the positive and padding masked by index (a large negative logit would not do in bf16)
-            keep = col_ok[None, :] & (offs_n[None, :] != own[:, None]) & (offs_n[None, :].to(tl.int64) != pos[:, None])
+            keep = (
+                col_ok[None, :]
+                & (offs_n[None, :] != own[:, None])
+                & (offs_n[None, :].to(tl.int64) != pos[:, None])
+            )
             e = tl.where(keep, e, 0.0)
         total += tl.sum(e, axis=1)
     tl.store(out_ptr + split.to(tl.int64) * m + offs_m, total, mask=row_ok)
@@ -249,7 +260,9 @@ def _row_grad_kernel(
         col_base = cols_ptr + offs_n.to(tl.int64)[:, None] * stride_c
         if SHARE:
             # d fits one tile and one program covers it: the column tile serves both products.
-            v = tl.load(col_base + offs_d[None, :], mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(
+                col_base + offs_d[None, :], mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0
+            )
             if UPCAST:
                 s = tl.dot(q, tl.trans(v.to(tl.float32)), input_precision=PRECISION)
             else:
@@ -276,12 +289,18 @@ def _row_grad_kernel(
                 PRECISION,
                 ACC,
             )
-            v = tl.load(col_base + offs_d[None, :], mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(
+                col_base + offs_d[None, :], mask=col_ok[:, None] & (offs_d[None, :] < D), other=0.0
+            )
         e = tl.exp2(s * scale_log2 - scale_log2)
         b = tl.load(scale_cols_ptr + offs_n, mask=col_ok, other=0.0)
         w = e * (a[:, None] + b[None, :])
         if _needs_mask(n0, stop, own_lo, own_hi, pos_lo, pos_hi, BLOCK_N):
-            keep = col_ok[None, :] & (offs_n[None, :] != own[:, None]) & (offs_n[None, :].to(tl.int64) != pos[:, None])
+            keep = (
+                col_ok[None, :]
+                & (offs_n[None, :] != own[:, None])
+                & (offs_n[None, :].to(tl.int64) != pos[:, None])
+            )
             w = tl.where(keep, w, 0.0)
         if W_LOW:
             # 16-bit weights for the tensor-core product (float16: scaled into its normal range first).
@@ -297,7 +316,12 @@ def _row_grad_kernel(
         acc = tl.dot(w, v, acc, input_precision=PRECISION)
     if W_SCALE != 1.0:
         acc = acc * (1.0 / W_SCALE)
-    out = out_ptr + split.to(tl.int64) * stride_split + offs_m.to(tl.int64)[:, None] * stride_o + offs_d[None, :]
+    out = (
+        out_ptr
+        + split.to(tl.int64) * stride_split
+        + offs_m.to(tl.int64)[:, None] * stride_o
+        + offs_d[None, :]
+    )
     tl.store(out, acc, mask=row_ok[:, None] & (offs_d[None, :] < D))
 
 
@@ -345,8 +369,12 @@ def _normalize_kernel(
     # from 1e-30 to 1e30 would under/overflow in float32 squares. The power is clamped to [2^-126, 2^126]
     # (float64: 2^-1022, 2^1022) so that its reciprocal is a normal number.
     largest = tl.max(tl.abs(x), axis=1)
-    if ACC == tl.float32:  # IEEE-rounded sqrt and division (Triton's plain float32 ones are approximate)
-        power_bits = tl.minimum(tl.maximum(largest.to(tl.int32, bitcast=True) & 0x7F800000, 0x00800000), 0x7E800000)
+    if (
+        ACC == tl.float32
+    ):  # IEEE-rounded sqrt and division (Triton's plain float32 ones are approximate)
+        power_bits = tl.minimum(
+            tl.maximum(largest.to(tl.int32, bitcast=True) & 0x7F800000, 0x00800000), 0x7E800000
+        )
         power = power_bits.to(tl.float32, bitcast=True)
         scaled = x * tl.div_rn(1.0, power)[:, None]
         norm = tl.sqrt_rn(tl.sum(scaled * scaled, axis=1)) * power
@@ -415,12 +443,17 @@ def _positive_stats_kernel(
     partner = (offs_m + half) % m
     mask = row_ok[:, None] & (offs_d[None, :] < D)
     z = tl.load(rows_ptr + offs_m.to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
-    z_pos = tl.load(rows_ptr + partner.to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    z_pos = tl.load(
+        rows_ptr + partner.to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask, other=0.0
+    )
     diff = z - z_pos
     eps = tl.load(eps_ptr)
     norm = tl.load(norms_ptr + offs_m, mask=row_ok, other=1.0)
     norm_pos = tl.load(norms_ptr + partner, mask=row_ok, other=1.0)
-    ratio, ratio_pos = tl.minimum(norm, eps) / eps, tl.minimum(norm_pos, eps) / eps  # no overflow for huge norms
+    ratio, ratio_pos = (
+        tl.minimum(norm, eps) / eps,
+        tl.minimum(norm_pos, eps) / eps,
+    )  # no overflow for huge norms
     deficit = tl.where(norm > eps, 0.0, 1.0 - ratio * ratio) + tl.where(
         norm_pos > eps, 0.0, 1.0 - ratio_pos * ratio_pos
     )
@@ -462,7 +495,9 @@ def _input_grad_kernel(
     partner = (offs_m + half) % m
     weight = tl.load(not_positive_ptr + offs_m, mask=row_ok, other=0.0)
     weight += tl.load(not_positive_ptr + partner, mask=row_ok, other=0.0)
-    z_pos = tl.load(rows_ptr + partner.to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    z_pos = tl.load(
+        rows_ptr + partner.to(tl.int64)[:, None] * D + offs_d[None, :], mask=mask, other=0.0
+    )
     grad = (grad - weight[:, None] * z_pos) * tl.load(grad_scale_ptr)
     z = tl.load(rows_ptr + offsets, mask=mask, other=0.0)
     norm = tl.load(norms_ptr + offs_m, mask=row_ok, other=1.0)
@@ -518,21 +553,38 @@ def _cuda_tiles(d: int, dtype: torch.dtype, precision: str) -> dict:
     128-wide slices. Float32 "ieee" (FMA units) walks d in 32-wide chunks with 64-wide output slices;
     float64 likewise with 16/32-wide tiles. ``min_m``/``min_n``: how far launch_grid may shrink a tile
     when the problem has too few tiles to fill the GPU."""
-    tensor_cores = dtype in (torch.bfloat16, torch.float16) or (dtype == torch.float32 and precision == "tf32")
+    tensor_cores = dtype in (torch.bfloat16, torch.float16) or (
+        dtype == torch.float32 and precision == "tf32"
+    )
     if dtype == torch.float64:
         k, block_d = (max(16, _pow2(d)) if d <= 16 else 16), (max(16, _pow2(d)) if d <= 32 else 32)
-        negatives = dict(block_m=32, block_n=32, block_k=k, num_warps=4, num_stages=2, min_m=16, min_n=16)
+        negatives = dict(
+            block_m=32, block_n=32, block_k=k, num_warps=4, num_stages=2, min_m=16, min_n=16
+        )
         grad = dict(negatives, block_d=block_d)
     elif not tensor_cores:  # float32, "ieee"
         k, block_d = (max(16, _pow2(d)) if d <= 32 else 32), (max(16, _pow2(d)) if d <= 64 else 64)
-        negatives = dict(block_m=64, block_n=64, block_k=k, num_warps=8, num_stages=2, min_m=32, min_n=32)
+        negatives = dict(
+            block_m=64, block_n=64, block_k=k, num_warps=8, num_stages=2, min_m=32, min_n=32
+        )
         grad = dict(negatives, block_d=block_d)
     else:
         one_k = d <= (128 if dtype != torch.float32 else 64)  # TF32 tiles take twice the registers
         k = max(16, _pow2(d)) if one_k else 64
         block_d = max(16, _pow2(d)) if d <= 128 else 128
-        negatives = dict(block_m=128, block_n=64, block_k=k, num_warps=8, num_stages=3, min_m=64, min_n=32)
-        grad = dict(block_m=64, block_n=64, block_k=k, block_d=block_d, num_warps=8, num_stages=3, min_m=64, min_n=32)
+        negatives = dict(
+            block_m=128, block_n=64, block_k=k, num_warps=8, num_stages=3, min_m=64, min_n=32
+        )
+        grad = dict(
+            block_m=64,
+            block_n=64,
+            block_k=k,
+            block_d=block_d,
+            num_warps=8,
+            num_stages=3,
+            min_m=64,
+            min_n=32,
+        )
     return {"negatives": negatives, "grad": grad}
 
 
@@ -569,7 +621,9 @@ def _balanced_split(column_tiles: int, wanted: int) -> int:
     return tiles_per_split
 
 
-PROGRAM_OVERHEAD_TILES = 0.5  # a program's fixed cost (row loads, the partial sums' store) in column tiles' work
+PROGRAM_OVERHEAD_TILES = (
+    0.5  # a program's fixed cost (row loads, the partial sums' store) in column tiles' work
+)
 WAVE_GAIN = 0.05  # more splits only where they end the launch at least this much sooner (each costs a merge)
 
 
@@ -594,13 +648,22 @@ def _whole_wave_split(column_tiles: int, blocks: int, slots: int, least: int) ->
 
 
 def _plan_kernel(
-    rows: int, columns: int, d_slices_of, tiles: dict, target: int, column_splits: int | None, grad: bool
+    rows: int,
+    columns: int,
+    d_slices_of,
+    tiles: dict,
+    target: int,
+    column_splits: int | None,
+    grad: bool,
 ) -> KernelLaunch:
     block_m, block_n = tiles["block_m"], tiles["block_n"]
     block_d = tiles.get("block_d", 0)
     d_slices = d_slices_of(block_d) if grad else 1
     # Too few tiles to reach the target even with one column tile per split: shrink BLOCK_N, then BLOCK_M.
-    while column_splits is None and triton.cdiv(rows, block_m) * triton.cdiv(columns, block_n) * d_slices < target:
+    while (
+        column_splits is None
+        and triton.cdiv(rows, block_m) * triton.cdiv(columns, block_n) * d_slices < target
+    ):
         if block_n > tiles["min_n"]:
             block_n //= 2
         elif block_m > tiles["min_m"]:
@@ -658,8 +721,12 @@ def launch_grid(
     target = programs_per_sm * sm_count
     d_slices_of = lambda block_d: triton.cdiv(d, block_d)  # noqa: E731
     return LaunchPlan(
-        negatives=_plan_kernel(rows, columns, d_slices_of, table["negatives"], target, column_splits, grad=False),
-        grad=_plan_kernel(rows, columns, d_slices_of, table["grad"], target, column_splits, grad=True),
+        negatives=_plan_kernel(
+            rows, columns, d_slices_of, table["negatives"], target, column_splits, grad=False
+        ),
+        grad=_plan_kernel(
+            rows, columns, d_slices_of, table["grad"], target, column_splits, grad=True
+        ),
     )
 
 
@@ -675,23 +742,31 @@ def _launch(kernel, grid, *args, **kwargs):
 
 def _require_cuda(*tensors: torch.Tensor):
     if not _INTERPRET and not all(t.is_cuda for t in tensors):
-        raise ValueError("the Triton NT-Xent backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)")
+        raise ValueError(
+            "the Triton NT-Xent backend needs CUDA tensors (or TRITON_INTERPRET=1 on CPU)"
+        )
 
 
 def _check(rows: torch.Tensor, columns: torch.Tensor, row_offset: int, precision: str):
     if rows.ndim != 2 or columns.ndim != 2 or rows.shape[1] != columns.shape[1]:
-        raise ValueError(f"rows (m, d) and columns (M, d) expected, got {tuple(rows.shape)} and {tuple(columns.shape)}")
+        raise ValueError(
+            f"rows (m, d) and columns (M, d) expected, got {tuple(rows.shape)} and {tuple(columns.shape)}"
+        )
     if rows.dtype != columns.dtype or rows.dtype not in _DTYPES:
         raise TypeError(
             f"rows and columns must share a float32/bfloat16/float16/float64 dtype, got {rows.dtype}, {columns.dtype}"
         )
     if not 0 <= row_offset <= columns.shape[0] - rows.shape[0]:
-        raise ValueError(f"row_offset {row_offset} out of range for {rows.shape[0]} rows in {columns.shape[0]} columns")
+        raise ValueError(
+            f"row_offset {row_offset} out of range for {rows.shape[0]} rows in {columns.shape[0]} columns"
+        )
     _require_cuda(rows, columns)
     if rows.device != columns.device:
         raise ValueError(f"rows on {rows.device}, columns on {columns.device}")
     if precision not in FLOAT32_MATMUL_PRECISIONS:
-        raise ValueError(f"float32_matmul_precision must be one of {FLOAT32_MATMUL_PRECISIONS}, got {precision!r}")
+        raise ValueError(
+            f"float32_matmul_precision must be one of {FLOAT32_MATMUL_PRECISIONS}, got {precision!r}"
+        )
 
 
 def _accumulation(dtype: torch.dtype) -> tuple[torch.dtype, object]:
@@ -706,9 +781,16 @@ def _precisions(dtype: torch.dtype, precision: str) -> tuple[bool, bool, float, 
         return False, False, 1.0, precision
     if dtype == torch.float64:
         return False, False, 1.0, "ieee"
-    upcast = _INTERPRET  # see the module docstring: the interpreter's tl.dot cannot take 16-bit tiles
+    upcast = (
+        _INTERPRET  # see the module docstring: the interpreter's tl.dot cannot take 16-bit tiles
+    )
     # 16-bit operands ignore input_precision on the GPU; the interpreter's widened float32 tiles multiply exactly
-    return upcast, True, (_FP16_WEIGHT_SCALE if dtype == torch.float16 else 1.0), ("ieee" if upcast else "tf32")
+    return (
+        upcast,
+        True,
+        (_FP16_WEIGHT_SCALE if dtype == torch.float16 else 1.0),
+        ("ieee" if upcast else "tf32"),
+    )
 
 
 def _drop_bits(dtype: torch.dtype) -> int:
@@ -725,7 +807,9 @@ def _sm_count(device: torch.device) -> int:
     return INTERPRETER_SM_COUNT if _INTERPRET else _cuda_sm_count(device)
 
 
-def _plan(rows: torch.Tensor, columns: torch.Tensor, precision: str, column_splits: int | None) -> LaunchPlan:
+def _plan(
+    rows: torch.Tensor, columns: torch.Tensor, precision: str, column_splits: int | None
+) -> LaunchPlan:
     return launch_grid(
         rows.shape[0],
         columns.shape[0],
@@ -802,16 +886,29 @@ def normalize(z1: torch.Tensor, z2: torch.Tensor, operand_dtype: torch.dtype):
     return rows, operands, norms
 
 
-def positive_stats(partials: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor, inv_temp: float):
+def positive_stats(
+    partials: torch.Tensor, rows: torch.Tensor, norms: torch.Tensor, inv_temp: float
+):
     """(loss_rows, not_positive, scale), each (m,), from the negatives' partial sums (splits, m), the rows
     (m, d) and the inputs' norms (m,) as ``normalize`` returns them, m = 2N local rows whose positive is row
     (k + N) mod m: see ``model.ntxent_chunked``."""
     m, d = rows.shape
-    if partials.ndim != 2 or partials.shape[1] != m or not rows.is_contiguous() or not partials.is_contiguous():
-        raise ValueError(f"contiguous partials (splits, {m}) and rows ({m}, d) expected, got {tuple(partials.shape)}")
+    if (
+        partials.ndim != 2
+        or partials.shape[1] != m
+        or not rows.is_contiguous()
+        or not partials.is_contiguous()
+    ):
+        raise ValueError(
+            f"contiguous partials (splits, {m}) and rows ({m}, d) expected, got {tuple(partials.shape)}"
+        )
     if norms.shape != (m,) or norms.dtype != rows.dtype:
-        raise ValueError(f"norms ({m},) of {rows.dtype} expected, got {tuple(norms.shape)} {norms.dtype}")
-    loss_rows, not_positive, scale = (torch.empty(m, dtype=rows.dtype, device=rows.device) for _ in range(3))
+        raise ValueError(
+            f"norms ({m},) of {rows.dtype} expected, got {tuple(norms.shape)} {norms.dtype}"
+        )
+    loss_rows, not_positive, scale = (
+        torch.empty(m, dtype=rows.dtype, device=rows.device) for _ in range(3)
+    )
     if m > 0:
         block_m, block_d = _row_block(d, rows.dtype)
         _launch(
@@ -847,7 +944,12 @@ def input_grad(
     """(m, d) in ``out_dtype``: the gradient with respect to the un-normalised inputs, from the gradient's
     partial sums (splits, m, d): see ``model.ntxent_chunked.input_grad``."""
     m, d = rows.shape
-    if partials.ndim != 3 or partials.shape[1:] != (m, d) or not partials.is_contiguous() or not rows.is_contiguous():
+    if (
+        partials.ndim != 3
+        or partials.shape[1:] != (m, d)
+        or not partials.is_contiguous()
+        or not rows.is_contiguous()
+    ):
         raise ValueError(
             f"contiguous partials (splits, {m}, {d}) and rows ({m}, {d}) expected, got {tuple(partials.shape)}"
         )

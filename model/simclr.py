@@ -23,7 +23,11 @@ class ProjectionHead(nn.Sequential):
         modules: list[nn.Module] = []
         width = in_dim
         for _ in range(num_layers - 1):
-            modules += [nn.Linear(width, hidden_dim, bias=False), nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            modules += [
+                nn.Linear(width, hidden_dim, bias=False),
+                nn.BatchNorm1d(hidden_dim),
+                nn.ReLU(inplace=True),
+            ]
             width = hidden_dim
         last_norm = nn.BatchNorm1d(out_dim)
         nn.init.zeros_(last_norm.bias)
@@ -52,7 +56,9 @@ def feature_dim(backbone: nn.Module) -> int:
     return getattr(backbone, "head_hidden_size", None) or backbone.num_features
 
 
-def create_backbone(name: str, pretrained: bool = False, cifar_stem: bool = False, **timm_kwargs) -> nn.Module:
+def create_backbone(
+    name: str, pretrained: bool = False, cifar_stem: bool = False, **timm_kwargs
+) -> nn.Module:
     """A timm model with its classifier removed (``num_classes=0``): (B, 3, H, W) -> (B, feature_dim(model)).
 
     ``cifar_stem`` replaces a ResNet-family stem (7x7 stride-2 conv + max-pool) with the 3x3 stride-1
@@ -64,7 +70,9 @@ def create_backbone(name: str, pretrained: bool = False, cifar_stem: bool = Fals
             raise ValueError(
                 f"cifar_stem needs a ResNet-style model with a single conv1 and a maxpool; {name!r} has no such stem"
             )
-        backbone.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
+        backbone.conv1 = nn.Conv2d(
+            conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False
+        )
         backbone.maxpool = nn.Identity()
     return backbone
 
@@ -86,9 +94,13 @@ class SimCLR(nn.Module):
         **timm_kwargs,
     ):
         super().__init__()
-        self.backbone = create_backbone(backbone, pretrained=pretrained, cifar_stem=cifar_stem, **timm_kwargs)
+        self.backbone = create_backbone(
+            backbone, pretrained=pretrained, cifar_stem=cifar_stem, **timm_kwargs
+        )
         self.feature_dim = feature_dim(self.backbone)
-        self.head = ProjectionHead(self.feature_dim, proj_hidden or self.feature_dim, proj_dim, proj_layers)
+        self.head = ProjectionHead(
+            self.feature_dim, proj_hidden or self.feature_dim, proj_dim, proj_layers
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.backbone(x)

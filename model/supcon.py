@@ -27,7 +27,9 @@ from .ntxent_common import NORM_EPS, row_norms
 def check_labels(labels: torch.Tensor, num_pairs: int) -> None:
     """Labels for ``num_pairs`` pairs: an integer tensor of shape (num_pairs,); else ValueError."""
     if labels.shape != (num_pairs,):
-        raise ValueError(f"SupCon needs one label per pair: labels of shape ({num_pairs},), got {tuple(labels.shape)}")
+        raise ValueError(
+            f"SupCon needs one label per pair: labels of shape ({num_pairs},), got {tuple(labels.shape)}"
+        )
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"SupCon labels must be an integer tensor, got {labels.dtype}")
 
@@ -38,7 +40,9 @@ def class_groups(labels: torch.Tensor, rank: int, world: int) -> tuple[torch.Ten
     row_labels = torch.cat([labels, labels]).to(torch.int64)
     all_labels = row_labels
     if world > 1:
-        all_labels = torch.empty(world * row_labels.shape[0], dtype=torch.int64, device=labels.device)
+        all_labels = torch.empty(
+            world * row_labels.shape[0], dtype=torch.int64, device=labels.device
+        )
         dist.all_gather_into_tensor(all_labels, row_labels.contiguous())
     sorted_labels, order = torch.sort(all_labels)
     starts = torch.ones_like(sorted_labels, dtype=torch.bool)
@@ -51,7 +55,9 @@ def class_groups(labels: torch.Tensor, rank: int, world: int) -> tuple[torch.Ten
     return groups[rank * m : (rank + 1) * m], counts
 
 
-def class_sums(rows: torch.Tensor, groups: torch.Tensor, num_groups: int, world: int) -> torch.Tensor:
+def class_sums(
+    rows: torch.Tensor, groups: torch.Tensor, num_groups: int, world: int
+) -> torch.Tensor:
     """(num_groups, d) in float64: the sum of every process's normalised rows of each class (all-reduced).
     float64 (C x d, cheap) so that S_c - z_k keeps the rows' precision in large classes."""
     sums = torch.zeros((num_groups, rows.shape[1]), dtype=torch.float64, device=rows.device)
@@ -61,27 +67,35 @@ def class_sums(rows: torch.Tensor, groups: torch.Tensor, num_groups: int, world:
     return sums
 
 
-def positive_terms(rows: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor):
+def positive_terms(
+    rows: torch.Tensor, groups: torch.Tensor, counts: torch.Tensor, sums: torch.Tensor
+):
     """(others (m, d), num_positives (m,)): per local row k, S_c - z_k (the sum of its positives) and |P(k)|,
     in the rows' dtype (the difference taken in float64)."""
     return (sums[groups] - rows.double()).to(rows.dtype), (counts[groups] - 1).to(rows.dtype)
 
 
-def loss_correction(rows: torch.Tensor, others: torch.Tensor, num_positives: torch.Tensor, inv_temp: float):
+def loss_correction(
+    rows: torch.Tensor, others: torch.Tensor, num_positives: torch.Tensor, inv_temp: float
+):
     """(m,): (s_k,pos - mean_{p in P(k)} s_kp) / tau, what turns NT-Xent's loss_k into SupCon's."""
     half = rows.shape[0] // 2
     paired = rows.roll(-half, 0)
     return (rows * (paired * num_positives[:, None] - others)).sum(1) * (inv_temp / num_positives)
 
 
-def grad_split(rows: torch.Tensor, others: torch.Tensor, num_positives: torch.Tensor) -> torch.Tensor:
+def grad_split(
+    rows: torch.Tensor, others: torch.Tensor, num_positives: torch.Tensor
+) -> torch.Tensor:
     """(1, m, d): 2 z_pos - 2 (S_c - z_k) / |P(k)|, added to the row gradient's partial sums (before the
     scale 1/(tau m) and the normalisation's backward, both applied by the backend's input_grad)."""
     half = rows.shape[0] // 2
     return (2.0 * (rows.roll(-half, 0) - others / num_positives[:, None]))[None]
 
 
-def supcon_reference(z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1):
+def supcon_reference(
+    z1: torch.Tensor, z2: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1
+):
     """The plain formulation (the 2N x 2N logits and the same-label mask), for tests: per anchor, minus the mean
     over its positives of log softmax over all other rows; the mean over the 2N anchors."""
     both = torch.cat([z1, z2])

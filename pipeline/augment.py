@@ -34,7 +34,9 @@ from .view_plan import ViewPlan, view_plan
 HW_DECODER_LOAD = 0.65
 GPU_DECODER = {"hw_decoder_load": HW_DECODER_LOAD}
 DALI_DEFAULT_HOST_PADDING = 8 * 2**20  # DALI's default host_memory_padding (device: 16 MiB)
-_GPU_DECODER_SIZING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("gpu_decoder_sizing", default=None)
+_GPU_DECODER_SIZING: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "gpu_decoder_sizing", default=None
+)
 
 
 def gpu_decoder_sizing(largest_image: tuple[int, int] | None) -> dict:
@@ -117,9 +119,16 @@ def decode_random_crop(jpegs, cfg: AugmentConfig, device: str, plan: ViewPlan | 
         if plan is None:
             plan = view_plan(cfg, fn.peek_image_shape(jpegs), window_dtype=types.INT32)
         region = fn.decoders.image_slice(
-            jpegs, start=plan.start, end=plan.end, axis_names="HW", output_type=types.RGB, **_decoder_args(device)
+            jpegs,
+            start=plan.start,
+            end=plan.end,
+            axis_names="HW",
+            output_type=types.RGB,
+            **_decoder_args(device),
         )
-    return fn.resize(region, size=[cfg.size, cfg.size], interp_type=types.INTERP_CUBIC, antialias=False)
+    return fn.resize(
+        region, size=[cfg.size, cfg.size], interp_type=types.INTERP_CUBIC, antialias=False
+    )
 
 
 def gaussian_blur(images, kernel_h, kernel_v, padding: str = "zero"):
@@ -181,7 +190,9 @@ def colour_stage(view, cfg: AugmentConfig, draws: ViewPlan):
     return kernel_colour_stage(view, draws.uniform, cfg), draws.mirror
 
 
-def augment_cropped(view, cfg: AugmentConfig, output_dtype=types.FLOAT, plan: ViewPlan | None = None):
+def augment_cropped(
+    view, cfg: AugmentConfig, output_dtype=types.FLOAT, plan: ViewPlan | None = None
+):
     """Everything of a view after its crop: colour jitter, grayscale, blur, flip + normalisation, with the draws
     of ``plan`` (the view's ``view_plan``; default: a plan without a crop). On the GPU every view goes through
     the blur's two filters (an unblurred view's kernel is the identity: exact), so no per-sample branch costs
@@ -222,7 +233,12 @@ def eval_resize(size: int) -> int:
 
 
 def eval_view(
-    images, size: int, resize_size: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD, output_dtype=types.FLOAT
+    images,
+    size: int,
+    resize_size: int | None = None,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    output_dtype=types.FLOAT,
 ):
     """Evaluation view: resize the shorter side to ``resize_size`` (default ``eval_resize(size)``), centre
     crop ``size``, normalise."""

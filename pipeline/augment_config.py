@@ -12,11 +12,17 @@ from typing import Literal
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-BRIGHTNESS_IMPLS = ("simclrv2", "simclrv1")  # the official code's impl flag: multiplicative, additive
+BRIGHTNESS_IMPLS = (
+    "simclrv2",
+    "simclrv1",
+)  # the official code's impl flag: multiplicative, additive
 CROP_SAMPLERS = ("tf", "uniform_area")
 BLUR_PADDINGS = ("zero", "reflect")
 # what each preset sets where a field is left null: the paper's ImageNet view, and its CIFAR-10 one (App. B.9)
-PRESETS = {"imagenet": {"jitter_strength": 1.0, "blur_prob": 0.5}, "cifar": {"jitter_strength": 0.5, "blur_prob": 0.0}}
+PRESETS = {
+    "imagenet": {"jitter_strength": 1.0, "blur_prob": 0.5},
+    "cifar": {"jitter_strength": 0.5, "blur_prob": 0.0},
+}
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,13 @@ class AugmentConfig:
         return 2 * (self.size // 20) + 1
 
     def __post_init__(self):
-        for name in ("crop_area", "crop_aspect", "blur_sigma", "mean", "std"):  # lists from YAML / JSON
+        for name in (
+            "crop_area",
+            "crop_aspect",
+            "blur_sigma",
+            "mean",
+            "std",
+        ):  # lists from YAML / JSON
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.preset not in PRESETS:
             raise ValueError(f"augment.preset must be one of {tuple(PRESETS)}, got {self.preset!r}")

@@ -15,7 +15,9 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-from numba.extending import register_jitable  # imports Numba (~2.5 s): this module is imported where it is used
+from numba.extending import (
+    register_jitable,
+)  # imports Numba (~2.5 s): this module is imported where it is used
 from nvidia.dali import fn, types
 
 from .colour_spec import (  # noqa: F401 (colour_params is part of this form's interface)
@@ -78,7 +80,9 @@ def _saturation(x, value):
             r, g, b = x[y, i, 0], x[y, i, 1], x[y, i, 2]
             hi, lo = max(r, max(g, b)), min(r, min(g, b))
             if hi > lo:  # grey (and black) pixels have S = 0: unchanged
-                chroma = hi - lo  # S' = min(S f, 1) with S = chroma / hi: the scale is min(f, hi / chroma)
+                chroma = (
+                    hi - lo
+                )  # S' = min(S f, 1) with S = chroma / hi: the scale is min(f, hi / chroma)
                 scale = hi / chroma if value * chroma > hi else value
                 x[y, i, 0] = min(max(hi - (hi - r) * scale, zero), one)
                 x[y, i, 1] = min(max(hi - (hi - g) * scale, zero), one)
@@ -141,9 +145,14 @@ def _colour_view(out, image, u, p):
     """One view: ``out`` (H, W, 3) uint8 from ``image`` (H, W, 3) uint8, uniforms ``u``, parameters ``p``.
     The ops are the helpers above, inlined into this one compiled function by Numba (``register_jitable``)."""
     h, w = image.shape[0], image.shape[1]
-    u = u[u.shape[0] - N_DRAWS :]  # the draws are the vector's last elements (view_plan: after the crop's seed)
+    u = u[
+        u.shape[0] - N_DRAWS :
+    ]  # the draws are the vector's last elements (view_plan: after the crop's seed)
     x = np.empty((h, w, 3), np.float32)
-    flat, pixels = x.reshape(h * w * 3), image.reshape(h * w * 3)  # (image: C-contiguous, as DALI passes it)
+    flat, pixels = (
+        x.reshape(h * w * 3),
+        image.reshape(h * w * 3),
+    )  # (image: C-contiguous, as DALI passes it)
     for j in range(h * w * 3):
         flat[j] = np.float32(pixels[j]) / np.float32(255.0)
     if u[U_JITTER] < p[0]:
@@ -158,7 +167,9 @@ def _colour_view(out, image, u, p):
             if gray:
                 o0 = o1 = o2 = G0 * o0 + G1 * o1 + G2 * o2
             xo = start + step * i
-            out[y, xo, 0] = np.uint8(np.int32(o0 * top + half))  # round half up, once (values in [0, 1])
+            out[y, xo, 0] = np.uint8(
+                np.int32(o0 * top + half)
+            )  # round half up, once (values in [0, 1])
             out[y, xo, 1] = np.uint8(np.int32(o1 * top + half))
             out[y, xo, 2] = np.uint8(np.int32(o2 * top + half))
 
@@ -191,4 +202,6 @@ def compiled_colour_stage(images, uniforms, cfg):
     """Colour jitter (p), grayscale (p) and flip (p) of a batch of uint8 HWC ``images`` on the CPU, one
     operator: ``uniforms`` are the views' ``ViewPlan.uniform`` (the draws are its last ``len(UNIFORMS)``)."""
     out = _compiled()(images, uniforms, types.Constant(colour_params(cfg)))
-    return fn.reshape(out, layout="HWC")  # numba_function's outputs carry no layout (the reshape copies nothing)
+    return fn.reshape(
+        out, layout="HWC"
+    )  # numba_function's outputs carry no layout (the reshape copies nothing)

@@ -35,7 +35,9 @@ from .colour_spec import (
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK = 1024  # pixels per block on the GPU (4 warps: 8 pixels a thread)
-INTERPRETER_BLOCK = 1024  # under the interpreter too: the 64x64 goldens take 4 blocks (the loop is tested)
+INTERPRETER_BLOCK = (
+    1024  # under the interpreter too: the 64x64 goldens take 4 blocks (the loop is tested)
+)
 
 
 @triton.jit
@@ -80,9 +82,15 @@ def _apply_op(op, r, g, b, value, m0, m1, m2, additive):
             g = tl.where(coloured, hi - (hi - g) * scale, g)
             b = tl.where(coloured, hi - (hi - b) * scale, b)
         else:
-            hue = tl.where(hi == r, (g - b) / safe, tl.where(hi == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+            hue = tl.where(
+                hi == r,
+                (g - b) / safe,
+                tl.where(hi == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0),
+            )
             hue = hue + value * 6.0
-            hue = hue - 6.0 * tl.floor(hue / 6.0)  # to [0, 6] (6 is 0: the channel curves agree there)
+            hue = hue - 6.0 * tl.floor(
+                hue / 6.0
+            )  # to [0, 6] (6 is 0: the channel curves agree there)
             fr = _clip01(tl.abs(hue - 3.0) - 1.0)
             fg = _clip01(2.0 - tl.abs(hue - 2.0))
             fb = _clip01(2.0 - tl.abs(hue - 4.0))
@@ -128,7 +136,9 @@ def _colour_kernel(
     vc = tl.load(params + 5) + tl.load(params + 6) * tl.load(u + u_values + 1)
     vs = tl.load(params + 7) + tl.load(params + 8) * tl.load(u + u_values + 2)
     vh = tl.load(params + 9) + tl.load(params + 10) * tl.load(u + u_values + 3)
-    m0 = tl.zeros([], tl.float32)  # the contrast pivot: the channel means just before the contrast op
+    m0 = tl.zeros(
+        [], tl.float32
+    )  # the contrast pivot: the channel means just before the contrast op
     m1 = tl.zeros([], tl.float32)
     m2 = tl.zeros([], tl.float32)
     if jitter:
@@ -172,18 +182,24 @@ def _colour_kernel(
         tl.store(out + offs * 3 + 2, _to_level(b), mask=mask)
 
 
-def colour_batch(images: torch.Tensor, uniforms: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+def colour_batch(
+    images: torch.Tensor, uniforms: torch.Tensor, params: torch.Tensor
+) -> torch.Tensor:
     """The colour stage (without the flip) of ``images`` (N, H, W, 3) uint8 with per-view ``uniforms``
     (N, K >= len(UNIFORMS)) float32 (the draws are each row's last ``len(UNIFORMS)``: ``view_plan``) and
     ``colour_params`` -> (N, H, W, 3) uint8, on the images' device (CUDA, or
     CPU under ``TRITON_INTERPRET=1``)."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"colour_batch: images must be (N, H, W, 3) uint8, got {tuple(images.shape)} {images.dtype}")
+        raise ValueError(
+            f"colour_batch: images must be (N, H, W, 3) uint8, got {tuple(images.shape)} {images.dtype}"
+        )
     images, uniforms = images.contiguous(), uniforms.to(torch.float32).contiguous()
     out = torch.empty_like(images)
     if len(images) == 0:
         return out
-    base = uniforms.shape[1] - len(UNIFORMS)  # where the draws start in a row (after the crop's seed)
+    base = uniforms.shape[1] - len(
+        UNIFORMS
+    )  # where the draws start in a row (after the crop's seed)
     _colour_kernel[(len(images),)](
         images,
         out,
@@ -213,7 +229,9 @@ def _dali_batch(params: np.ndarray, images, uniforms):
     x = [torch.from_dlpack(t) for t in images]
     u = [torch.from_dlpack(t) for t in uniforms]
     stream = None
-    if x and _on_gpu(x[0]):  # run on DALI's stream: ordered after the crop and before the blur, no host sync
+    if x and _on_gpu(
+        x[0]
+    ):  # run on DALI's stream: ordered after the crop and before the blur, no host sync
         stream = torch.cuda.ExternalStream(PythonFunction.current_stream().ptr, device=x[0].device)
     with torch.cuda.stream(stream) if stream is not None else _no_stream():
         table = _params_on(x[0].device if x else torch.device("cpu"), params.tobytes())
@@ -222,7 +240,9 @@ def _dali_batch(params: np.ndarray, images, uniforms):
             groups.setdefault(tuple(t.shape), []).append(i)
         out: list = [None] * len(x)
         for indices in groups.values():
-            result = colour_batch(torch.stack([x[i] for i in indices]), torch.stack([u[i] for i in indices]), table)
+            result = colour_batch(
+                torch.stack([x[i] for i in indices]), torch.stack([u[i] for i in indices]), table
+            )
             for j, i in enumerate(indices):
                 out[i] = torch.utils.dlpack.to_dlpack(result[j])
     return out

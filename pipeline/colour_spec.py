@@ -20,7 +20,12 @@ U_JITTER, U_GRAY, U_FLIP = (UNIFORMS.index(name) for name in ("jitter", "gray", 
 U_BRIGHTNESS = UNIFORMS.index("brightness")  # then contrast, saturation, hue: the ops 0..3
 U_ORDER = UNIFORMS.index("order_brightness")  # the four order keys, same op order
 assert UNIFORMS[U_BRIGHTNESS : U_BRIGHTNESS + 4] == ("brightness", "contrast", "saturation", "hue")
-assert UNIFORMS[U_ORDER : U_ORDER + 4] == ("order_brightness", "order_contrast", "order_saturation", "order_hue")
+assert UNIFORMS[U_ORDER : U_ORDER + 4] == (
+    "order_brightness",
+    "order_contrast",
+    "order_saturation",
+    "order_hue",
+)
 P_PER_CHANNEL, P_ADDITIVE = 11, 12  # the two switches' places in colour_params
 
 
@@ -33,7 +38,9 @@ def jitter_ranges(cfg) -> dict[str, tuple[float, float]]:
     factor = lambda amount: (max(0.0, 1.0 - amount * s), 1.0 + amount * s)
     additive = cfg.brightness_impl == "simclrv1"
     return {
-        "brightness": (-cfg.brightness * s, cfg.brightness * s) if additive else factor(cfg.brightness),
+        "brightness": (-cfg.brightness * s, cfg.brightness * s)
+        if additive
+        else factor(cfg.brightness),
         "contrast": factor(cfg.contrast),
         "saturation": factor(cfg.saturation),
         "hue": (-cfg.hue * s, cfg.hue * s),
@@ -50,5 +57,8 @@ def colour_params(cfg) -> np.ndarray:
     for name in ("brightness", "contrast", "saturation", "hue"):
         lo, hi = ranges[name]
         values += [lo, hi - lo]
-    values += [1.0 if cfg.contrast_per_channel else 0.0, 1.0 if cfg.brightness_impl == "simclrv1" else 0.0]
+    values += [
+        1.0 if cfg.contrast_per_channel else 0.0,
+        1.0 if cfg.brightness_impl == "simclrv1" else 0.0,
+    ]
     return np.array(values, np.float32)

@@ -27,7 +27,10 @@ def crop_params(cfg) -> np.ndarray:
     image), aspect range (width / height), the coverage of the whole image a crop needs (``min_object_covered``)
     and the number of attempts."""
     (area_lo, area_hi), (aspect_lo, aspect_hi) = cfg.crop_area, cfg.crop_aspect
-    return np.array([area_lo, area_hi, aspect_lo, aspect_hi, cfg.crop_min_covered, cfg.crop_attempts], np.float32)
+    return np.array(
+        [area_lo, area_hi, aspect_lo, aspect_hi, cfg.crop_min_covered, cfg.crop_attempts],
+        np.float32,
+    )
 
 
 def tf_crop_window(start, end, shape, seed, p):
@@ -40,9 +43,16 @@ def tf_crop_window(start, end, shape, seed, p):
     min_area = np.float32(np.float32(p[0] * np.float32(image_w)) * np.float32(image_h))
     max_area = np.float32(np.float32(p[1] * np.float32(image_w)) * np.float32(image_h))
     image_area = np.float32(image_w * image_h)
-    state = (np.uint64(seed[0] * np.float32(16777216.0)) << np.uint64(24)) | np.uint64(seed[1] * np.float32(16777216.0))
+    state = (np.uint64(seed[0] * np.float32(16777216.0)) << np.uint64(24)) | np.uint64(
+        seed[1] * np.float32(16777216.0)
+    )
     u = np.empty(4, np.float32)  # this attempt's aspect, height, y, x uniforms
-    crop_y, crop_x, crop_h, crop_w = 0, 0, image_h, image_w  # TensorFlow's fallback: the whole image
+    crop_y, crop_x, crop_h, crop_w = (
+        0,
+        0,
+        image_h,
+        image_w,
+    )  # TensorFlow's fallback: the whole image
     for _ in range(int(p[5])):
         for k in range(4):
             state = state + _GAMMA
@@ -54,7 +64,9 @@ def tf_crop_window(start, end, shape, seed, p):
         height = int(np.rint(np.sqrt(np.float32(min_area / aspect))))
         max_height = int(np.rint(np.sqrt(np.float32(max_area / aspect))))
         if int(np.rint(np.float32(np.float32(max_height) * aspect))) > image_w:
-            max_height = int((image_w + 0.5 - np.float64(np.float32(1e-7))) / np.float64(aspect))  # double, as TF
+            max_height = int(
+                (image_w + 0.5 - np.float64(np.float32(1e-7))) / np.float64(aspect)
+            )  # double, as TF
             if int(np.rint(np.float32(np.float32(max_height) * aspect))) > image_w:
                 max_height -= 1
         max_height = min(max_height, image_h)
@@ -72,12 +84,29 @@ def tf_crop_window(start, end, shape, seed, p):
             height -= 1
             width = int(np.rint(np.float32(np.float32(height) * aspect)))
             area = np.float32(width * height)
-        if area < min_area or area > max_area or width > image_w or height > image_h or width <= 0 or height <= 0:
+        if (
+            area < min_area
+            or area > max_area
+            or width > image_w
+            or height > image_h
+            or width <= 0
+            or height <= 0
+        ):
             continue
-        if area < np.float32(1.0) or np.float32(area / image_area) < p[4]:  # the box is the whole image
+        if (
+            area < np.float32(1.0) or np.float32(area / image_area) < p[4]
+        ):  # the box is the whole image
             continue
-        crop_y = min(int(u[2] * np.float32(image_h - height)), image_h - height - 1) if height < image_h else 0
-        crop_x = min(int(u[3] * np.float32(image_w - width)), image_w - width - 1) if width < image_w else 0
+        crop_y = (
+            min(int(u[2] * np.float32(image_h - height)), image_h - height - 1)
+            if height < image_h
+            else 0
+        )
+        crop_x = (
+            min(int(u[3] * np.float32(image_w - width)), image_w - width - 1)
+            if width < image_w
+            else 0
+        )
         crop_h, crop_w = height, width
         break
     start[0], start[1] = crop_y, crop_x

@@ -15,14 +15,22 @@ import numpy as np
 from .shards.shardset import IMAGE_COMPONENTS, ShardIndex, sample_key
 
 
-def rank_part(indexes: list[ShardIndex], shard_id: int, num_shards: int) -> list[tuple[Path, str, int, int]]:
+def rank_part(
+    indexes: list[ShardIndex], shard_id: int, num_shards: int
+) -> list[tuple[Path, str, int, int]]:
     """(tar, key, offset, size) of the image of every sample rank ``shard_id`` reads from ``indexes`` (in
     the reader's shard order), as DALI splits them: samples [N*i // n, N*(i+1) // n)."""
     samples = []
     for index in indexes:
         for sample in index.samples:
-            ext = next((e for e in IMAGE_COMPONENTS for found in sample if found.lower() == e), None)
-            image = next((sample[found] for found in sample if found.lower() == ext), None) if ext else None
+            ext = next(
+                (e for e in IMAGE_COMPONENTS for found in sample if found.lower() == e), None
+            )
+            image = (
+                next((sample[found] for found in sample if found.lower() == ext), None)
+                if ext
+                else None
+            )
             if image is not None:
                 samples.append((index.tar, sample_key(image[2]), image[0], image[1]))
     total = len(samples)
@@ -40,7 +48,9 @@ def find_undecodable(
             ndd.decoders.image(ndd.batch(encoded), device="cpu").evaluate()
             return None
         except RuntimeError as error:
-            detail = str(error.__cause__ or error).strip()  # DALI's reason is the cause of its generic error
+            detail = str(
+                error.__cause__ or error
+            ).strip()  # DALI's reason is the cause of its generic error
             return detail.splitlines()[0].rstrip(" :") if detail else type(error).__name__
 
     problems, handles = [], {}
@@ -58,7 +68,9 @@ def find_undecodable(
                 for (tar, key, _, size), data in zip(chunk, encoded):
                     reason = "empty" if size == 0 else decodes([data])
                     if reason is not None:
-                        problems.append(f"shard {tar} key {key}: image does not decode with DALI ({reason})")
+                        problems.append(
+                            f"shard {tar} key {key}: image does not decode with DALI ({reason})"
+                        )
     finally:
         for handle in handles.values():
             handle.close()

@@ -58,7 +58,9 @@ IMAGE_EXTENSIONS = ";".join(IMAGE_COMPONENTS)  # DALI webdataset reader: any of 
 _DALI_DTYPES = {torch.float32: types.FLOAT, torch.float16: types.FLOAT16}
 
 
-LARGEST_IMAGE_CANDIDATES = 8  # image files (the largest by bytes) whose headers size the GPU decoder's buffers
+LARGEST_IMAGE_CANDIDATES = (
+    8  # image files (the largest by bytes) whose headers size the GPU decoder's buffers
+)
 
 
 def default_num_threads(num_local_processes: int = 1, device: str = "cpu") -> int:
@@ -71,7 +73,9 @@ def default_num_threads(num_local_processes: int = 1, device: str = "cpu") -> in
     return max(1, len(os.sched_getaffinity(0)) // max(1, num_local_processes))
 
 
-def largest_image(indexes: list[ShardIndex], candidates: int = LARGEST_IMAGE_CANDIDATES) -> tuple[int, int] | None:
+def largest_image(
+    indexes: list[ShardIndex], candidates: int = LARGEST_IMAGE_CANDIDATES
+) -> tuple[int, int] | None:
     """(width, height) of the largest (in pixels) of the ``candidates`` largest image files (in bytes) that the
     indexes list, read from their headers: what the GPU decoder's buffers are sized for (a hint: a larger image
     costs a reallocation, nothing else). None if none of them has a readable header."""
@@ -122,7 +126,9 @@ def _reader(
     shuffle_seed: int,
 ):
     # A shuffling reader is persistent: DALI reorders the tars after each epoch with a seed all ranks share.
-    epochs = {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if shuffle else {}
+    epochs = (
+        {"shuffle_after_epoch": True, "shuffle_after_epoch_seed": shuffle_seed} if shuffle else {}
+    )
     return fn.readers.webdataset(
         paths=[str(p) for p in shards],
         index_paths=[str(p) for p in index_paths],
@@ -152,7 +158,9 @@ class TwoViews:
 
     def graph(self, jpegs, device, dtype):
         cfg = self.augment
-        shape = fn.peek_image_shape(jpegs)  # from the header: the views' CPU work does not wait for the decoder
+        shape = fn.peek_image_shape(
+            jpegs
+        )  # from the header: the views' CPU work does not wait for the decoder
         if cfg.roi_decode:  # each view decodes only its own crop's region
             return tuple(roi_view(jpegs, cfg, device, dtype, shape) for _ in range(2))
         images = decode(jpegs, device)  # decoded once, cropped twice
@@ -188,7 +196,9 @@ class UnlabelledView:
     outputs: ClassVar[tuple[str, ...]] = ("images",)
 
     def graph(self, jpegs, device, dtype):
-        return (roi_view(jpegs, self.augment, device, dtype),)  # as AugmentedView, without the label
+        return (
+            roi_view(jpegs, self.augment, device, dtype),
+        )  # as AugmentedView, without the label
 
 
 @dataclass(frozen=True)
@@ -196,14 +206,20 @@ class EvalView:
     """Evaluation: resize the shorter side, centre crop ``size``, normalise; + label."""
 
     size: int
-    resize_size: int | None = None  # shorter side before the crop; default ``pipeline.augment.eval_resize(size)``
+    resize_size: int | None = (
+        None  # shorter side before the crop; default ``pipeline.augment.eval_resize(size)``
+    )
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     labelled: ClassVar[bool] = True
     outputs: ClassVar[tuple[str, ...]] = ("images",)
 
     def graph(self, jpegs, device, dtype):
-        return (eval_view(decode(jpegs, device), self.size, self.resize_size, self.mean, self.std, dtype),)
+        return (
+            eval_view(
+                decode(jpegs, device), self.size, self.resize_size, self.mean, self.std, dtype
+            ),
+        )
 
 
 View = TwoViews | LabelledTwoViews | AugmentedView | UnlabelledView | EvalView
@@ -223,12 +239,18 @@ def _pipeline(
     dtype,
     remote=None,
 ):
-    if remote is not None:  # shards in object storage: samples from pipeline.remote (image, label, source bytes)
-        read = fn.external_source(source=remote, num_outputs=remote.outputs, batch=True, dtype=types.UINT8, ndim=1)
+    if (
+        remote is not None
+    ):  # shards in object storage: samples from pipeline.remote (image, label, source bytes)
+        read = fn.external_source(
+            source=remote, num_outputs=remote.outputs, batch=True, dtype=types.UINT8, ndim=1
+        )
         jpegs, sources = read[0], (read[2] if view.labelled else None)
     else:
         ext = [IMAGE_EXTENSIONS, "cls"] if view.labelled else [IMAGE_EXTENSIONS]
-        read = _reader(shards, index_paths, ext, shard_id, num_shards, shuffle, shuffle_buffer, shuffle_seed)
+        read = _reader(
+            shards, index_paths, ext, shard_id, num_shards, shuffle, shuffle_buffer, shuffle_seed
+        )
         jpegs = read[0] if view.labelled else read
         sources = fn.get_property(jpegs, key="source_info") if view.labelled else None
     outputs = view.graph(jpegs, device, dtype)
@@ -249,7 +271,10 @@ def _joined(parts: list[dict]) -> dict:
 def _same_width(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
     """Zero-padded byte strings (labels, sources) of different widths padded to the widest."""
     width = max(t.shape[-1] for t in tensors)
-    return [torch.nn.functional.pad(t, (0, width - t.shape[-1])) if t.shape[-1] != width else t for t in tensors]
+    return [
+        torch.nn.functional.pad(t, (0, width - t.shape[-1])) if t.shape[-1] != width else t
+        for t in tensors
+    ]
 
 
 def _channels_last(nhwc: torch.Tensor) -> torch.Tensor:
@@ -296,7 +321,9 @@ def decode_labels(padded: torch.Tensor, source_info: torch.Tensor | None = None)
 
 def _subset_index(index: ShardIndex, keys: Collection[str]) -> ShardIndex:
     """The samples of ``index`` whose keys are in ``keys``, in shard order."""
-    return ShardIndex(index.tar, [s for s in index.samples if sample_key(next(iter(s.values()))[2]) in keys])
+    return ShardIndex(
+        index.tar, [s for s in index.samples if sample_key(next(iter(s.values()))[2]) in keys]
+    )
 
 
 def check_labels(indexes: list[ShardIndex]) -> None:
@@ -354,20 +381,12 @@ class DaliLoader:
         if shuffle_buffer < 1:  # DALI's reader crashes the process (SIGSEGV) on initial_fill=0
             raise ValueError(f"shuffle_buffer must be >= 1 sample, got {shuffle_buffer}")
         self.view, self.train, self.shuffle_buffer, self.dtype = view, train, shuffle_buffer, dtype
-        self.output_names = [*view.outputs, "labels", "source"] if view.labelled else list(view.outputs)
+        self.output_names = (
+            [*view.outputs, "labels", "source"] if view.labelled else list(view.outputs)
+        )
         self.remote, self.cache_bytes, self.in_flight = is_s3(shards), cache_bytes, in_flight
         self.max_image_pixels = max_image_pixels
-        # a stale index or a decompression bomb never reaches DALI (whose native code would abort or stall on it):
-        # check_shard on every local shard now, on every remote shard's fetched bytes (check_fetched)
-        if self.remote:  # s3://bucket/prefix/: streamed by pipeline.remote
-            from .shards.s3 import remote_shard_set
-
-            self.shards, self.indexes, self.shard_sizes = remote_shard_set(shards)
-            # remote shards not yet checked, by their whole index (a subset's filtered copy would fail the check)
-            self._unchecked: dict[str, ShardIndex] = dict(zip(self.shards, self.indexes))
-        else:
-            self.shards = shard_paths(shards)
-            self.indexes = [check_shard(read_index(tar), max_image_pixels) for tar in self.shards]
+        self._open_shards(shards)
         if view.labelled:
             check_labels(self.indexes)
         self.index_paths = {
@@ -382,35 +401,61 @@ class DaliLoader:
         # 1/pipelines of every batch; DALI's split into num_shards * pipelines parts refines its split into
         # num_shards parts, so a rank's sub-parts are exactly its part.
         pipelines = (pipelines or DEFAULT_PIPELINES) if train else 1
-        if batch_size % pipelines or self.num_samples // (num_shards * pipelines) < batch_size // pipelines:
+        if (
+            batch_size % pipelines
+            or self.num_samples // (num_shards * pipelines) < batch_size // pipelines
+        ):
             pipelines = 1  # a batch that does not split evenly, or sub-parts smaller than their share of a batch
         self.pipelines = pipelines
-        smallest_part = self.num_samples // (num_shards * pipelines) * pipelines  # parts differ by at most one sample
+        smallest_part = (
+            self.num_samples // (num_shards * pipelines) * pipelines
+        )  # parts differ by at most one sample
         if smallest_part < batch_size:
             if train and isinstance(view, TwoViews):  # pretraining: a batch is a batch
                 raise ShardError(
                     f"{self.num_samples} samples over {num_shards} rank(s) do not fill one batch of "
                     f"{batch_size} per rank"
                 )
-            batch_size = (
-                smallest_part  # smaller batches change nothing but speed (evaluation) or the lr scale (subsets)
-            )
+            # smaller batches change nothing but speed (evaluation) or the lr scale (subsets)
+            batch_size = smallest_part
         self.steps_per_epoch = (
             smallest_part // batch_size if train else None
         )  # whole batches of real samples on every rank (and from every sub-part)
         self.batch_size, self.device, self.device_id = batch_size, device, device_id
         self.shard_id, self.num_shards, self.seed = shard_id, num_shards, seed
-        self.num_threads = num_threads or default_num_threads(device=device)  # over all of this rank's pipelines
+        self.num_threads = num_threads or default_num_threads(
+            device=device
+        )  # over all of this rank's pipelines
         self.largest_image = (
             largest_image(self.indexes) if device == "gpu" and not self.remote else None
         )  # sizes nvJPEG's buffers
         self.prefetch, self.hw_decoder_load = prefetch, hw_decoder_load
-        self.torch_device = torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
+        self.torch_device = (
+            torch.device("cuda", device_id) if device == "gpu" else torch.device("cpu")
+        )
         self.epoch = 0
         self._position = 0  # batches of this epoch handed out
         self._drained = False  # training: the rest of the reader's epoch consumed
-        self._start_epoch = 0  # the epoch the current pipeline started in: its tar order and seeds come from it
+        self._start_epoch = (
+            0  # the epoch the current pipeline started in: its tar order and seeds come from it
+        )
         self._iterator = self._make_iterator(self.epoch, checkpoints=None)
+
+    def _open_shards(self, shards) -> None:
+        """The shard list and indexes. A stale index or a decompression bomb never reaches DALI (whose native
+        code would abort or stall on it): ``check_shard`` on every local shard now, on every remote shard's
+        fetched bytes (``check_fetched``)."""
+        if self.remote:  # s3://bucket/prefix/: streamed by pipeline.remote
+            from .shards.s3 import remote_shard_set
+
+            self.shards, self.indexes, self.shard_sizes = remote_shard_set(shards)
+            # remote shards not yet checked, by their whole index (a subset's filtered copy would fail the check)
+            self._unchecked: dict[str, ShardIndex] = dict(zip(self.shards, self.indexes))
+        else:
+            self.shards = shard_paths(shards)
+            self.indexes = [
+                check_shard(read_index(tar), self.max_image_pixels) for tar in self.shards
+            ]
 
     def check_fetched(self, tar: str, data: bytes) -> None:
         """``check_shard`` on a remote shard's fetched bytes, the first time this process fetches it (as the local
@@ -446,7 +491,9 @@ class DaliLoader:
         self.shards, self.indexes = [tar for tar, _ in kept], [index for _, index in kept]
         if self.remote:  # the stream reads by the (filtered) indexes in memory
             return
-        self._subset_dir = tempfile.TemporaryDirectory(prefix="dali-subset-")  # removed with the loader
+        self._subset_dir = tempfile.TemporaryDirectory(
+            prefix="dali-subset-"
+        )  # removed with the loader
         self.index_paths = {}
         for position, (tar, index) in enumerate(kept):
             self.index_paths[tar] = Path(self._subset_dir.name) / f"{position:06d}-{tar.stem}.idx"
@@ -472,9 +519,13 @@ class DaliLoader:
             shards = self._epoch_shards(epoch)
             pipes = []
             for j in range(self.pipelines):
-                sized = gpu_decoder_sized_for(self.largest_image, self.hw_decoder_load)  # this pipeline's decoders
+                sized = gpu_decoder_sized_for(
+                    self.largest_image, self.hw_decoder_load
+                )  # this pipeline's decoders
                 part = self.shard_id * self.pipelines + j  # this pipeline's sub-part of the epoch
-                seed = int(np.random.SeedSequence([self.seed, epoch, part]).generate_state(1)[0] % 2**31)
+                seed = int(
+                    np.random.SeedSequence([self.seed, epoch, part]).generate_state(1)[0] % 2**31
+                )
                 with sized:
                     pipe = _pipeline(
                         shards,
@@ -515,11 +566,26 @@ class DaliLoader:
 
         pipes, sources = [], remote_sources(self, epoch, self._position)
         for source in sources:
-            seed = int(np.random.SeedSequence([self.seed, epoch, source.part, self._position]).generate_state(1)[0])
+            seed = int(
+                np.random.SeedSequence(
+                    [self.seed, epoch, source.part, self._position]
+                ).generate_state(1)[0]
+            )
             with gpu_decoder_sized_for(None):
                 pipes.append(
                     _pipeline(
-                        *(None, None, self.view, self.device, 0, 1, False, 1, 0, _DALI_DTYPES[self.dtype]),
+                        *(
+                            None,
+                            None,
+                            self.view,
+                            self.device,
+                            0,
+                            1,
+                            False,
+                            1,
+                            0,
+                            _DALI_DTYPES[self.dtype],
+                        ),
                         remote=source,
                         batch_size=self.batch_size // self.pipelines,
                         num_threads=max(1, self.num_threads // self.pipelines),
@@ -531,7 +597,10 @@ class DaliLoader:
         return ZippedIterators(
             [
                 DALIGenericIterator(
-                    [pipe], self.output_names, last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True
+                    [pipe],
+                    self.output_names,
+                    last_batch_policy=LastBatchPolicy.PARTIAL,
+                    auto_reset=True,
                 )
                 for pipe in pipes
             ],
@@ -550,8 +619,14 @@ class DaliLoader:
         underfull = re.search(r'index file at "([^"]+\.idx)" line (\d+)', text)
         if underfull:
             idx, line = Path(underfull.group(1)), int(underfull.group(2))
-            position = next((i for i, t in enumerate(self.shards) if self.index_paths[t] == idx), None)
-            index = self.indexes[position] if position is not None else read_index(idx.with_suffix(".tar"))
+            position = next(
+                (i for i, t in enumerate(self.shards) if self.index_paths[t] == idx), None
+            )
+            index = (
+                self.indexes[position]
+                if position is not None
+                else read_index(idx.with_suffix(".tar"))
+            )
             tar = index.tar
             sample = index.samples[line - 1]  # DALI counts the header as line 0
             key = sample_key(next(iter(sample.values()))[2])
@@ -582,7 +657,9 @@ class DaliLoader:
         if not problems and (self.num_shards > 1 or self.epoch != self._start_epoch):
             problems = find_undecodable(rank_part(in_order, 0, 1), self.num_threads)
         if problems:
-            listed = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+            listed = "; ".join(problems[:5]) + (
+                f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+            )
             return ShardError(f"an image failed to decode ({reason}): {listed}")
         return ShardError(
             f"an image failed to decode ({reason}) but every image in {brace_notation(self.shards)} decodes "
@@ -591,7 +668,11 @@ class DaliLoader:
 
     def __len__(self) -> int:
         if self.remote and not self.train:  # an external source's iterator does not know its length
-            return -(-self.num_samples // self.num_shards // self.batch_size) if self.num_samples else 0
+            return (
+                -(-self.num_samples // self.num_shards // self.batch_size)
+                if self.num_samples
+                else 0
+            )
         return self.steps_per_epoch if self.train else len(self._iterator)
 
     def _batches(self):
@@ -624,9 +705,13 @@ class DaliLoader:
         """Epoch, reader position and augmentation RNG state: restoring continues with exactly the next batch."""
         state = {"shard_id": self.shard_id, "num_shards": self.num_shards}
         epoch, position = self.epoch, self._position
-        if self.train and self._position >= self.steps_per_epoch:  # the epoch is used up: state at the next one's start
+        if (
+            self.train and self._position >= self.steps_per_epoch
+        ):  # the epoch is used up: state at the next one's start
             try:  # a remote stream needs no drain (it restarts from (epoch, position)), and must not fetch here:
-                if not self.remote:  # a store fault belongs to the next batch, not to the checkpoint
+                if (
+                    not self.remote
+                ):  # a store fault belongs to the next batch, not to the checkpoint
                     self._drain()
             except RuntimeError as error:
                 raise self._translate(error) from None
@@ -656,7 +741,9 @@ class DaliLoader:
                 f"this loader is rank {self.shard_id} of {self.num_shards}"
             )
         checkpoints = state["dali_checkpoint"]
-        checkpoints = [checkpoints] if isinstance(checkpoints, str) else checkpoints  # one pipeline (older states)
+        checkpoints = (
+            [checkpoints] if isinstance(checkpoints, str) else checkpoints
+        )  # one pipeline (older states)
         if checkpoints and len(checkpoints) != self.pipelines:
             self._adopt_pipelines(len(checkpoints))
         self._release_iterator()
@@ -681,7 +768,9 @@ class DaliLoader:
             return
         if self.remote:
             iterator.close()  # its producer threads
-        for inner in getattr(iterator, "iterators", [iterator]):  # ZippedIterators holds one iterator a pipeline
+        for inner in getattr(
+            iterator, "iterators", [iterator]
+        ):  # ZippedIterators holds one iterator a pipeline
             for pipe in getattr(inner, "_pipes", []):
                 pipe._shutdown()  # DALI's own release (Pipeline.__del__ and its atexit hook call it)
         self._iterator = None
@@ -690,7 +779,11 @@ class DaliLoader:
         """Run ``count`` pipelines per rank, as the checkpoint being resumed did (a run from before the default
         changed): the same sub-parts and seeds, so the resume is exact, where the steps per epoch stay the same."""
         smallest_part = self.num_samples // (self.num_shards * count) * count
-        if not self.train or self.batch_size % count or smallest_part // self.batch_size != self.steps_per_epoch:
+        if (
+            not self.train
+            or self.batch_size % count
+            or smallest_part // self.batch_size != self.steps_per_epoch
+        ):
             raise ValueError(
                 f"loader state holds {count} DALI pipeline checkpoint(s), this loader runs {self.pipelines} "
                 "pipeline(s) per rank and cannot take that many: resume with the same pipelines and batch size"
@@ -714,5 +807,11 @@ def classifier_augment(
 ) -> AugmentConfig:
     """The augmentation of the paper's linear evaluation and fine-tuning: random resized crop + flip only."""
     return AugmentConfig(
-        size=size, crop_area=crop_area, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, mean=mean, std=std
+        size=size,
+        crop_area=crop_area,
+        jitter_prob=0.0,
+        gray_prob=0.0,
+        blur_prob=0.0,
+        mean=mean,
+        std=std,
     )

@@ -160,7 +160,9 @@ class SampleStream:
         self.starts = np.cumsum([0] + [index.num_samples for index in indexes])
         wanted = np.asarray(order[skip:], dtype=np.int64)
         shard_of = np.searchsorted(self.starts, wanted, side="right") - 1
-        self.needed = sorted(set(shard_of.tolist()))  # shards holding a sample still to come, in load order
+        self.needed = sorted(
+            set(shard_of.tolist())
+        )  # shards holding a sample still to come, in load order
         self.wanted = set(wanted.tolist())
         self.buffered: dict[int, tuple[np.ndarray, ...]] = {}
         self.next_shard = 0  # position in self.needed
@@ -204,7 +206,9 @@ def sample_arrays(data: np.ndarray, sample: dict, tar, outputs: int = 3) -> tupl
     (copies: the shard's bytes are freed once its samples are taken)."""
     image = next((ext for ext in sample if ext.lower() in IMAGE_COMPONENTS), None)
     if image is None:
-        raise ObjectStoreError(f"shard {tar}: a sample has no image member (it has {sorted(sample)})")
+        raise ObjectStoreError(
+            f"shard {tar}: a sample has no image member (it has {sorted(sample)})"
+        )
     offset, size, name = sample[image]
     if outputs == 1:
         return (data[offset : offset + size].copy(),)
@@ -233,7 +237,9 @@ class RemoteSource:
         self.epoch, self.skip = epoch, position * self.batch_size
         self.ready: queue.Queue = queue.Queue(self.READY_BATCHES)
         self.stopped = threading.Event()
-        self.producer = threading.Thread(target=self._produce, name=f"remote-part-{part}", daemon=True)
+        self.producer = threading.Thread(
+            target=self._produce, name=f"remote-part-{part}", daemon=True
+        )
         self.producer.start()
 
     def _open(self, epoch: int, skip: int) -> SampleStream:
@@ -245,13 +251,17 @@ class RemoteSource:
         lo, hi = part_range(total, self.part, self.num_parts)
         if loader.train:
             rng = np.random.default_rng([loader.seed, epoch, self.part])
-            order = lo + buffer_shuffle(hi - lo, max(1, loader.shuffle_buffer // loader.pipelines), rng)
+            order = lo + buffer_shuffle(
+                hi - lo, max(1, loader.shuffle_buffer // loader.pipelines), rng
+            )
             order = order[: loader.steps_per_epoch * self.batch_size]
         else:
             order = np.arange(lo, hi)
         sizes = [loader.shard_sizes[tar] for tar in shards]
         cache = loader.cache_bytes // loader.pipelines
-        return SampleStream(indexes, order, skip, cache, loader.in_flight, sizes, self.outputs, loader.check_fetched)
+        return SampleStream(
+            indexes, order, skip, cache, loader.in_flight, sizes, self.outputs, loader.check_fetched
+        )
 
     def _put(self, item) -> bool:
         """Queue ``item`` unless stopped; False once stopped."""
@@ -270,7 +280,9 @@ class RemoteSource:
             try:
                 stream = self._open(epoch, skip)
                 while samples := stream.take(self.batch_size):
-                    if not self._put(tuple([sample[k] for sample in samples] for k in range(self.outputs))):
+                    if not self._put(
+                        tuple([sample[k] for sample in samples] for k in range(self.outputs))
+                    ):
                         return
             except BaseException as error:  # raised on the training thread by __call__
                 self._put(error)
@@ -302,7 +314,9 @@ def remote_sources(loader, epoch: int, position: int) -> list[RemoteSource]:
     outputs = 3 if loader.view.labelled else 1
     parts = loader.num_shards * loader.pipelines
     return [
-        RemoteSource(loader, loader.shard_id * loader.pipelines + j, parts, epoch, position, outputs)
+        RemoteSource(
+            loader, loader.shard_id * loader.pipelines + j, parts, epoch, position, outputs
+        )
         for j in range(loader.pipelines)
     ]
 
@@ -334,6 +348,8 @@ class ZippedIterators:
                 stopped += 1
         if stopped:
             if stopped != len(self.iterators):
-                raise RuntimeError(f"remote pipelines out of step: {stopped} of {len(self.iterators)} ended an epoch")
+                raise RuntimeError(
+                    f"remote pipelines out of step: {stopped} of {len(self.iterators)} ended an epoch"
+                )
             raise StopIteration
         return parts

@@ -25,16 +25,22 @@ def simclr_transform(cfg: AugmentConfig):
     s = cfg.jitter_strength
     steps = [
         T.RandomResizedCrop(
-            cfg.size, scale=cfg.crop_area, ratio=cfg.crop_aspect, interpolation=T.InterpolationMode.BICUBIC
+            cfg.size,
+            scale=cfg.crop_area,
+            ratio=cfg.crop_aspect,
+            interpolation=T.InterpolationMode.BICUBIC,
         ),
         T.RandomHorizontalFlip(cfg.flip_prob),
         T.RandomApply(
-            [T.ColorJitter(cfg.brightness * s, cfg.contrast * s, cfg.saturation * s, cfg.hue * s)], p=cfg.jitter_prob
+            [T.ColorJitter(cfg.brightness * s, cfg.contrast * s, cfg.saturation * s, cfg.hue * s)],
+            p=cfg.jitter_prob,
         ),
         T.RandomGrayscale(cfg.gray_prob),
     ]
     if cfg.blur_prob > 0:
-        steps.append(T.RandomApply([T.GaussianBlur(cfg.blur_window, sigma=cfg.blur_sigma)], p=cfg.blur_prob))
+        steps.append(
+            T.RandomApply([T.GaussianBlur(cfg.blur_window, sigma=cfg.blur_sigma)], p=cfg.blur_prob)
+        )
     steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     return T.Compose(steps)
 
@@ -93,7 +99,9 @@ class TorchvisionPretrainLoader:
                 persistent_workers=num_workers > 0,
                 prefetch_factor=4 if num_workers else None,
                 pin_memory=self.device.type == "cuda",
-                worker_init_fn=functools.partial(die_with_parent, os.getpid()),  # no orphan after a SIGKILL
+                worker_init_fn=functools.partial(
+                    die_with_parent, os.getpid()
+                ),  # no orphan after a SIGKILL
             )
         )
 
@@ -104,8 +112,12 @@ class TorchvisionPretrainLoader:
         for _ in range(self.steps):
             view1, view2 = next(self._batches)
             yield (
-                view1.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
-                view2.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last),
+                view1.to(self.device, non_blocking=True).contiguous(
+                    memory_format=torch.channels_last
+                ),
+                view2.to(self.device, non_blocking=True).contiguous(
+                    memory_format=torch.channels_last
+                ),
             )
 
     def state_dict(self) -> dict:

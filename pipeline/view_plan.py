@@ -33,8 +33,12 @@ from .colour_spec import UNIFORMS, jitter_ranges
 from .crop import SEED_UNIFORMS, crop_params, tf_crop_window
 
 PLAN_UNIFORMS = SEED_UNIFORMS + len(UNIFORMS)  # the crop's seed, then the colour stage's draws
-_U_FLIP, _U_BLUR, _U_SIGMA = (SEED_UNIFORMS + UNIFORMS.index(name) for name in ("flip", "blur", "sigma"))
-_P_FLIP = 6  # after crop_params' 6 values: the flip and blur probabilities, the sigma's low and span
+_U_FLIP, _U_BLUR, _U_SIGMA = (
+    SEED_UNIFORMS + UNIFORMS.index(name) for name in ("flip", "blur", "sigma")
+)
+_P_FLIP = (
+    6  # after crop_params' 6 values: the flip and blur probabilities, the sigma's low and span
+)
 
 
 def plan_params(cfg) -> np.ndarray:
@@ -81,7 +85,11 @@ def _compiled(window_dtype, window: int):
         kernel = np.zeros(2 * radius_max + 1, np.float32)
         radius = 0
         if blurred:
-            radius = taps(kernel, np.float32(p[p_flip + 2] + np.float32(p[p_flip + 3] * u[u_sigma])), radius_max)
+            radius = taps(
+                kernel,
+                np.float32(p[p_flip + 2] + np.float32(p[p_flip + 3] * u[u_sigma])),
+                radius_max,
+            )
         else:
             kernel[radius_max] = np.float32(1.0)
         for k in range(2 * radius_max + 1):
@@ -134,7 +142,9 @@ class ViewPlan:
 
     def sliced_kernels(self):
         """The (1, taps) and (taps, 1) kernels of the radius's taps, cut out of the window-wide ones."""
-        return sliced_kernels(self.kernel_h, self.kernel_v, self.blur_taps[1:2], self.blur_taps[2:3])
+        return sliced_kernels(
+            self.kernel_h, self.kernel_v, self.blur_taps[1:2], self.blur_taps[2:3]
+        )
 
 
 def view_plan(cfg, shape=None, uniform=None, window_dtype=types.FLOAT, seed=None) -> ViewPlan:
@@ -150,9 +160,12 @@ def view_plan(cfg, shape=None, uniform=None, window_dtype=types.FLOAT, seed=None
     else:
         fixed = lambda n: types.Constant(np.full(n, 0.5, np.float32))  # noqa: E731
         draws = fn.cat(
-            fixed(SEED_UNIFORMS) if seed is None else seed, fixed(len(UNIFORMS)) if uniform is None else uniform
+            fixed(SEED_UNIFORMS) if seed is None else seed,
+            fixed(len(UNIFORMS)) if uniform is None else uniform,
         )
-    outputs = _compiled(window_dtype, cfg.blur_window)(shape, draws, types.Constant(plan_params(cfg)))
+    outputs = _compiled(window_dtype, cfg.blur_window)(
+        shape, draws, types.Constant(plan_params(cfg))
+    )
     return ViewPlan(draws, *outputs)
 
 

@@ -30,7 +30,10 @@ def random_images(count: int, size: int = 32, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, (count, 4, 4, 3)).astype(np.float32)
     return np.clip(
-        np.kron(coarse, np.ones((1, size // 4, size // 4, 1))) + rng.normal(0, 8, (count, size, size, 3)), 0, 255
+        np.kron(coarse, np.ones((1, size // 4, size // 4, 1)))
+        + rng.normal(0, 8, (count, size, size, 3)),
+        0,
+        255,
     ).astype(np.uint8)
 
 
@@ -53,7 +56,16 @@ def build_wheel(out: Path) -> Path:
             (source / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, source / name)
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+        ]
         + ["-w", str(out), str(source)],
         check=True,
         capture_output=True,

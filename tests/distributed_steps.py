@@ -50,7 +50,10 @@ inputs = torch.Generator().manual_seed(1)
 local = GLOBAL_BATCH // world
 for step in range(STEPS):
     view1, view2 = (torch.randn(GLOBAL_BATCH, 3, SIZE, SIZE, generator=inputs) for _ in range(2))
-    view1, view2 = view1[rank * local : (rank + 1) * local], view2[rank * local : (rank + 1) * local]
+    view1, view2 = (
+        view1[rank * local : (rank + 1) * local],
+        view2[rank * local : (rank + 1) * local],
+    )
     train_step(
         model,
         optimizer,

@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simclr_dali.model.global_bn import GlobalBatchNormAct, convert_to_global_bn  # noqa: E402
 
 MODEL, GLOBAL_BATCH, SIDE = "mobilenetv3_small_050", 16, 64
-torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 comparisons
+torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = (
+    False  # exact fp32 comparisons
+)
 world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
 device = torch.device("cuda", 0)
 torch.manual_seed(0)
@@ -31,7 +33,9 @@ if world > 1:
     dist.init_process_group("gloo")
     model = convert_to_global_bn(model, "cuda")
     converted = [type(m.act) for m in model.modules() if isinstance(m, GlobalBatchNormAct)]
-    assert converted == norm_act, f"conversion lost norm+act layers or their activations: {converted} vs {norm_act}"
+    assert converted == norm_act, (
+        f"conversion lost norm+act layers or their activations: {converted} vs {norm_act}"
+    )
 model.train()
 inputs = torch.Generator().manual_seed(1)
 images = torch.randn(GLOBAL_BATCH, 3, SIDE, SIDE, generator=inputs)

@@ -41,7 +41,9 @@ TINY = TrainConfig(
 )
 
 
-def global_views(seed: int = 1, batch: int = GLOBAL_BATCH, size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def global_views(
+    seed: int = 1, batch: int = GLOBAL_BATCH, size: int = IMAGE_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Two (batch, 3, size, size) channels-last views, the same in every process."""
     generator = torch.Generator().manual_seed(seed)
     views = [torch.randn(batch, 3, size, size, generator=generator) for _ in range(2)]
@@ -86,7 +88,9 @@ def recorded_step(
     grads, forwards, reductions = {}, [0], []
     inner = accelerator.unwrap_model(model)
     optimizer.optimizer.register_step_pre_hook(
-        lambda *_: grads.update({n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None})
+        lambda *_: grads.update(
+            {n: p.grad.clone() for n, p in inner.named_parameters() if p.grad is not None}
+        )
     )
     if count_reductions:
         model.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
@@ -128,7 +132,9 @@ def ghost_bn_reference(
     what one update of the running statistics with the mean of the micro-batches' statistics gives (the
     BN ``momentum`` (None: a cumulative average); unbiased variances), num_batches_tracked + 1."""
     share = view1.shape[0] // world
-    assert share * world == view1.shape[0] and share % micro_batch == 0, "the reference needs equal micro-batches"
+    assert share * world == view1.shape[0] and share % micro_batch == 0, (
+        "the reference needs equal micro-batches"
+    )
     torch.manual_seed(seed)
     model = build_model(dataclasses.replace(cfg, sync_bn=False), "cpu", 1).to(dtype)
     model.train()
@@ -149,7 +155,10 @@ def ghost_bn_reference(
     rows, first, second = [], [], []
     for j in range(share // micro_batch):
         index = torch.cat(
-            [torch.arange(r * share + j * micro_batch, r * share + (j + 1) * micro_batch) for r in range(world)]
+            [
+                torch.arange(r * share + j * micro_batch, r * share + (j + 1) * micro_batch)
+                for r in range(world)
+            ]
         )
         _, z = model(torch.cat([view1[index], view2[index]]).to(dtype))
         rows.append(index)
@@ -166,8 +175,12 @@ def ghost_bn_reference(
         weight = momentum if momentum is not None else 1.0 / (count + 1)
         mean = torch.stack([m for m, _ in seen[name]]).mean(0)
         var = torch.stack([v for _, v in seen[name]]).mean(0)
-        buffers[f"{name}.running_mean"] = initial[f"{name}.running_mean"].double().lerp(mean, weight).to(dtype)
-        buffers[f"{name}.running_var"] = initial[f"{name}.running_var"].double().lerp(var, weight).to(dtype)
+        buffers[f"{name}.running_mean"] = (
+            initial[f"{name}.running_mean"].double().lerp(mean, weight).to(dtype)
+        )
+        buffers[f"{name}.running_var"] = (
+            initial[f"{name}.running_var"].double().lerp(var, weight).to(dtype)
+        )
         buffers[f"{name}.num_batches_tracked"] = initial[f"{name}.num_batches_tracked"] + 1
     return {"grads": grads, "loss": loss.item(), "buffers": buffers}
 
@@ -195,7 +208,9 @@ def main(path: str) -> None:
         "train_plain": recorded_step(TINY, accelerator, view1, view2, count_reductions=world > 1),
         # float64, global BN in train mode: the micro-batch-BN objective and its running statistics
         "ghost_micro": recorded_step(micro, accelerator, view1, view2, dtype=torch.float64),
-        "ghost_micro_cumulative": recorded_step(micro, accelerator, view1, view2, dtype=torch.float64, momentum=None),
+        "ghost_micro_cumulative": recorded_step(
+            micro, accelerator, view1, view2, dtype=torch.float64, momentum=None
+        ),
     }
     if accelerator.is_main_process:
         torch.save(results, path)

@@ -27,8 +27,18 @@ from simclr_dali.trainer.optim import build_optimizer  # noqa: E402
 from simclr_dali.trainer.step import train_step  # noqa: E402
 
 aten = torch.ops.aten
-SYNCS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.item.default}
-MASK_INDEXING = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default, aten._index_put_impl_.default}
+SYNCS = {
+    aten._local_scalar_dense.default,
+    aten.nonzero.default,
+    aten.masked_select.default,
+    aten.item.default,
+}
+MASK_INDEXING = {
+    aten.index.Tensor,
+    aten.index_put.default,
+    aten.index_put_.default,
+    aten._index_put_impl_.default,
+}
 
 
 class NoHostSync(TorchDispatchMode):
@@ -65,8 +75,13 @@ def main(out: Path, kind: str) -> None:
     optimizer = build_optimizer(model, cfg)
     model, optimizer = prepare_for_training(accelerator, model, optimizer)
     view1, view2 = global_views()
-    view1, view2 = view1[rank * share : (rank + 1) * share], view2[rank * share : (rank + 1) * share]
-    train_step(model, optimizer, view1, view2, cfg, accelerator)  # a warm-up outside the mode (lazy state)
+    view1, view2 = (
+        view1[rank * share : (rank + 1) * share],
+        view2[rank * share : (rank + 1) * share],
+    )
+    train_step(
+        model, optimizer, view1, view2, cfg, accelerator
+    )  # a warm-up outside the mode (lazy state)
     guard = NoHostSync()
     with guard:
         for _ in range(2):

@@ -16,7 +16,9 @@ import torch
 NORM_EPS = 1e-12
 
 
-def independent_loss_and_grads(z1: torch.Tensor, z2: torch.Tensor, temperature: float, grad_loss: float = 1.0):
+def independent_loss_and_grads(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float, grad_loss: float = 1.0
+):
     """(loss, dz1, dz2) in float64 from the definitions, sharing no code with model/ntxent.py: rows
     x / max(||x||, eps) with ||x|| from math.hypot (no overflow), the dense logits, a max-shifted log-sum-exp,
     and the gradient dL/ds_kj = (p_kj - [j = pos(k)]) / M pushed through the logits and the normalisation."""
@@ -52,12 +54,15 @@ def adversarial_batches(dtype: torch.dtype, seed: int, sizes=((1, 1), (3, 5), (9
     for n, d in sizes:
         directions = [torch.randn(n, d, generator=gen, dtype=torch.float64) for _ in range(2)]
         norms = [
-            10.0 ** ((torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * exponent_range) for _ in range(2)
+            10.0 ** ((torch.rand(n, generator=gen, dtype=torch.float64) * 2 - 1) * exponent_range)
+            for _ in range(2)
         ]
         if n >= 3:
             norms[0][0] = 0.0
             norms[1][1] = 1e-13  # clamped, not zero: divided by eps, a row of norm 0.1
-            norms[0][2] = 2e-12  # just above the clamp (at it the gradient has a kink: both sides are right)
+            norms[0][2] = (
+                2e-12  # just above the clamp (at it the gradient has a kink: both sides are right)
+            )
         if n >= 9:
             norms[1][3] = 0.0
             norms[0][4], norms[1][4] = 1e30, 1e-30  # a positive pair 60 orders of magnitude apart
@@ -69,7 +74,11 @@ def adversarial_batches(dtype: torch.dtype, seed: int, sizes=((1, 1), (3, 5), (9
         z1, z2 = z1.to(dtype).double(), z2.to(dtype).double()
         yield f"norms N={n} d={d}", z1, z2
         yield f"identical views N={n} d={d}", z1, z1.clone()
-        yield f"all zero N={n} d={d}", torch.zeros(n, d, dtype=torch.float64), torch.zeros(n, d, dtype=torch.float64)
+        yield (
+            f"all zero N={n} d={d}",
+            torch.zeros(n, d, dtype=torch.float64),
+            torch.zeros(n, d, dtype=torch.float64),
+        )
         if n >= 3:
             both_zero = z2.clone()
             both_zero[0] = 0.0
@@ -91,7 +100,9 @@ def row_relative_errors(got: torch.Tensor, want: torch.Tensor, floor: torch.Tens
     return diff / torch.maximum(want.double().norm(dim=1), floor)
 
 
-def check_against_reference(nt_xent, nt_xent_reference, dtype, seeds, tol, device="cpu", log=print, **kwargs):
+def check_against_reference(
+    nt_xent, nt_xent_reference, dtype, seeds, tol, device="cpu", log=print, **kwargs
+):
     """nt_xent(**kwargs) on ``dtype`` inputs against nt_xent_reference in float64 on the same values: the loss and
     each row of both gradients within ``tol`` (relative); all-zero batches give log(2N - 1). Returns the worst."""
     worst = 0.0
@@ -101,17 +112,26 @@ def check_against_reference(nt_xent, nt_xent_reference, dtype, seeds, tol, devic
             r1, r2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
             ref = nt_xent_reference(r1, r2, temperature)
             ref_grads = torch.autograd.grad(ref * 3.0, [r1, r2])  # a non-unit upstream gradient
-            a1, a2 = (z.to(device=device, dtype=dtype, copy=True).requires_grad_() for z in (z1, z2))
+            a1, a2 = (
+                z.to(device=device, dtype=dtype, copy=True).requires_grad_() for z in (z1, z2)
+            )
             loss = nt_xent(a1, a2, temperature, **kwargs)
             grads = torch.autograd.grad(loss * 3.0, [a1, a2])
             loss_err = abs(loss.item() - ref.item()) / max(abs(ref.item()), 1e-300)
             if ref.item() == 0.0:  # N = 1: the only other row is the positive, the loss is log 1
                 loss_err = abs(loss.item())
             floors = [gradient_scales(z, temperature, 3.0) for z in (z1, z2)]
-            grad_err = max(row_relative_errors(g.cpu(), r, f).max().item() for g, r, f in zip(grads, ref_grads, floors))
+            grad_err = max(
+                row_relative_errors(g.cpu(), r, f).max().item()
+                for g, r, f in zip(grads, ref_grads, floors)
+            )
             if name.startswith("all zero"):  # every logit 0: the positive is one of 2N - 1 equals
                 expected = math.log(2 * z1.shape[0] - 1)
-                assert abs(loss.item() - expected) <= tol * max(expected, 1.0), (name, loss.item(), expected)
+                assert abs(loss.item() - expected) <= tol * max(expected, 1.0), (
+                    name,
+                    loss.item(),
+                    expected,
+                )
             worst = max(worst, loss_err, grad_err)
             log(
                 f"{str(dtype):14s} seed {seed} {name:28s} loss {ref.item():9.5f} "
@@ -146,4 +166,6 @@ def check_rejections(nt_xent, backends=("chunked", "triton")):
                 nt_xent(z, z, 0.1, backend=backend)
             messages.setdefault(name, set()).add(str(raised.value))
     assert all(len(found) == 1 for found in messages.values()), messages
-    assert "d >= 1" in next(iter(messages["d=0"])) and "torch.int64" in next(iter(messages["int64"]))
+    assert "d >= 1" in next(iter(messages["d=0"])) and "torch.int64" in next(
+        iter(messages["int64"])
+    )

@@ -14,7 +14,9 @@ from simclr_dali.pipeline.loader import AugmentedView, DaliLoader, classifier_au
 
 def rank_ids(location: str, rank: int, world: int) -> list[list[int]]:
     view = AugmentedView(classifier_augment(16))
-    loader = DaliLoader(location, 8, view, train=True, seed=5, shuffle_buffer=16, shard_id=rank, num_shards=world)
+    loader = DaliLoader(
+        location, 8, view, train=True, seed=5, shuffle_buffer=16, shard_id=rank, num_shards=world
+    )
     try:
         return [[i for _, labels in loader for i in labels.tolist()] for _ in range(2)]
     finally:

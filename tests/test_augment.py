@@ -14,7 +14,9 @@ from nvidia.dali import fn, pipeline_def, types
 
 from simclr_dali.pipeline.augment import AugmentConfig, eval_view, simclr_view
 
-IDENTITY_NORM = dict(mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255))  # outputs in 0..255 units
+IDENTITY_NORM = dict(
+    mean=(0.0, 0.0, 0.0), std=(1 / 255, 1 / 255, 1 / 255)
+)  # outputs in 0..255 units
 PLAIN = dict(jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, flip_prob=0.0, **IDENTITY_NORM)
 BATCH = 250
 # DALI backends: the CPU (its colour stage: the compiled operator of pipeline/colour_cpu.py) and the GPU (needs
@@ -28,7 +30,9 @@ def device(request) -> str:
     return request.param
 
 
-def run_views(image: np.ndarray, cfg: AugmentConfig, count: int, seed: int = 0, device: str = "cpu") -> np.ndarray:
+def run_views(
+    image: np.ndarray, cfg: AugmentConfig, count: int, seed: int = 0, device: str = "cpu"
+) -> np.ndarray:
     """``count`` independent views of ``image`` (H, W, 3 uint8), augmented on DALI's ``device`` backend
     ('cpu' or 'gpu') -> float array (count, S, S, 3)."""
     pipe = _views_pipeline(image, cfg, seed, device)
@@ -51,7 +55,9 @@ def _views_pipeline(image, cfg, seed, device):
         prefetch_queue_depth=1,
     )
     def views():
-        images = fn.external_source(source=lambda: [image] * BATCH, batch=True, layout="HWC", dtype=types.UINT8)
+        images = fn.external_source(
+            source=lambda: [image] * BATCH, batch=True, layout="HWC", dtype=types.UINT8
+        )
         return simclr_view(images.gpu() if device == "gpu" else images, cfg)
 
     return views()
@@ -83,9 +89,9 @@ def reference_crops(count, area=(0.08, 1.0), aspect=(3 / 4, 4 / 3), side=256, at
     return np.array(areas), np.array(aspects)
 
 
-COORDINATES = np.stack([*np.meshgrid(np.arange(256), np.arange(256)), np.full((256, 256), 128)], -1).astype(
-    np.uint8
-)  # R=x, G=y
+COORDINATES = np.stack(
+    [*np.meshgrid(np.arange(256), np.arange(256)), np.full((256, 256), 128)], -1
+).astype(np.uint8)  # R=x, G=y
 
 
 def measure_crops(views: np.ndarray, size: int):
@@ -130,7 +136,9 @@ def two_tone(left, right, size=32):
     return image
 
 
-FULL_FRAME = dict(size=32, crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0))  # the view is the whole image
+FULL_FRAME = dict(
+    size=32, crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0)
+)  # the view is the whole image
 
 
 @pytest.mark.parametrize("prob", [0.8, 0.3])
@@ -149,24 +157,32 @@ def uniform_ks(values, lo, hi):
 def only(op: str, strength: float = 1.0) -> AugmentConfig:
     ranges = {"brightness": 0.0, "contrast": 0.0, "saturation": 0.0, "hue": 0.0}
     ranges[op] = AugmentConfig.__dataclass_fields__[op].default
-    return AugmentConfig(**FULL_FRAME, **{**PLAIN, "jitter_prob": 1.0}, jitter_strength=strength, **ranges)
+    return AugmentConfig(
+        **FULL_FRAME, **{**PLAIN, "jitter_prob": 1.0}, jitter_strength=strength, **ranges
+    )
 
 
 def test_brightness_range(device):
-    views = run_views(np.full((32, 32, 3), 100, np.uint8), only("brightness"), 1000, seed=3, device=device)
+    views = run_views(
+        np.full((32, 32, 3), 100, np.uint8), only("brightness"), 1000, seed=3, device=device
+    )
     factors = views[:, 5, 5, 0] / 100
     assert uniform_ks(factors, 0.2, 1.8) < 0.07  # [1 - 0.8 s, 1 + 0.8 s], s = 1
 
 
 def test_contrast_range_pivots_on_the_mean(device):
-    views = run_views(two_tone(60, 140), only("contrast", 0.5), 1000, seed=4, device=device)  # CIFAR strength 0.5
+    views = run_views(
+        two_tone(60, 140), only("contrast", 0.5), 1000, seed=4, device=device
+    )  # CIFAR strength 0.5
     low, high = views[:, 5, 5, 0], views[:, 5, 25, 0]
     assert np.allclose((low + high) / 2, 100, atol=1.0)  # the mean stays
     assert uniform_ks((high - low) / 80, 0.6, 1.4) < 0.07
 
 
 def _constant(batch):
-    return lambda: batch  # (a source that takes an argument is given the iteration number: bind by value)
+    return lambda: (
+        batch
+    )  # (a source that takes an argument is given the iteration number: bind by value)
 
 
 @pytest.mark.parametrize("padding", ["zero", "reflect"])
@@ -194,10 +210,14 @@ def test_blur_is_the_truncated_gaussian(padding):
         taps = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
         taps /= taps.sum()
         mode = "constant" if padding == "zero" else "reflect"  # numpy's "reflect" is reflect-101
-        padded = np.pad(image.astype(np.float64), ((radius, radius), (radius, radius), (0, 0)), mode=mode)
+        padded = np.pad(
+            image.astype(np.float64), ((radius, radius), (radius, radius), (0, 0)), mode=mode
+        )
         rows = sum(t * padded[:, k : k + image.shape[1]] for k, t in enumerate(taps))
         expected = sum(t * rows[k : k + image.shape[0]] for k, t in enumerate(taps))
-        assert np.asarray(got).dtype == np.float32 and np.abs(np.asarray(got) - expected).max() < 0.05
+        assert (
+            np.asarray(got).dtype == np.float32 and np.abs(np.asarray(got) - expected).max() < 0.05
+        )
 
 
 def test_saturation_range(device):
@@ -216,7 +236,9 @@ def hexcone_hue(rgb: np.ndarray) -> np.ndarray:
     """HSV's hue in turns ([0, 1)) of float RGB values (..., 3)."""
     r, g, b = np.moveaxis(rgb.astype(np.float64), -1, 0)
     hi, chroma = rgb.max(-1), np.ptp(rgb, axis=-1)
-    sector = np.where(hi == r, (g - b) / chroma, np.where(hi == g, (b - r) / chroma + 2, (r - g) / chroma + 4))
+    sector = np.where(
+        hi == r, (g - b) / chroma, np.where(hi == g, (b - r) / chroma + 2, (r - g) / chroma + 4)
+    )
     return (sector / 6) % 1.0
 
 
@@ -233,7 +255,13 @@ def test_hue_range(device):
 
 def test_grayscale_rate_and_luma(device):
     image = np.broadcast_to(np.array([200, 50, 100], np.uint8), (32, 32, 3)).copy()
-    views = run_views(image, AugmentConfig(**FULL_FRAME, **{**PLAIN, "gray_prob": 0.2}), 2000, seed=7, device=device)
+    views = run_views(
+        image,
+        AugmentConfig(**FULL_FRAME, **{**PLAIN, "gray_prob": 0.2}),
+        2000,
+        seed=7,
+        device=device,
+    )
     gray = np.ptp(views[:, 5, 5], axis=1) < 2
     assert abs(gray.mean() - 0.2) < 0.04
     # tf.image.rgb_to_grayscale's weights: 100.53
@@ -256,7 +284,10 @@ def test_blur_rate_and_window(device):
 def test_views_of_one_image_differ_and_seed_determines_them(device):
     image = two_tone((200, 60, 90), (40, 150, 220), size=64)
     cfg = AugmentConfig(size=32)
-    a, b = run_views(image, cfg, 20, seed=11, device=device), run_views(image, cfg, 20, seed=11, device=device)
+    a, b = (
+        run_views(image, cfg, 20, seed=11, device=device),
+        run_views(image, cfg, 20, seed=11, device=device),
+    )
     assert np.array_equal(a, b)
     assert not np.array_equal(a, run_views(image, cfg, 20, seed=12, device=device))
     assert np.abs(a[0] - a[1]).mean() > 0.05
@@ -265,8 +296,12 @@ def test_views_of_one_image_differ_and_seed_determines_them(device):
 def test_eval_view_is_deterministic_centre_crop(device):
     @pipeline_def(batch_size=2, num_threads=1, device_id=0 if device == "gpu" else None)
     def views():
-        images = fn.external_source(source=lambda: [COORDINATES] * 2, batch=True, layout="HWC", dtype=types.UINT8)
-        return eval_view(images.gpu() if device == "gpu" else images, 64, resize_size=64, **IDENTITY_NORM)
+        images = fn.external_source(
+            source=lambda: [COORDINATES] * 2, batch=True, layout="HWC", dtype=types.UINT8
+        )
+        return eval_view(
+            images.gpu() if device == "gpu" else images, 64, resize_size=64, **IDENTITY_NORM
+        )
 
     (out,) = views().run()
     out = out.as_cpu() if device == "gpu" else out

@@ -31,7 +31,10 @@ NO_JITTER_AMOUNTS = {op: 0.0 for op in OPS}  # each op's range collapses to its 
 FORMS = [
     "cpu",
     pytest.param(
-        "kernel", marks=pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1")
+        "kernel",
+        marks=pytest.mark.skipif(
+            os.environ.get("TRITON_INTERPRET") != "1", reason="needs TRITON_INTERPRET=1"
+        ),
     ),
     pytest.param("gpu", marks=pytest.mark.gpu),
 ]
@@ -67,10 +70,14 @@ def golden(name: str) -> dict[str, np.ndarray]:
 
 def stage_cfg(**overrides) -> AugmentConfig:
     """A colour-stage-only view: no flip, no blur, identity normalisation is not needed (the stage is run alone)."""
-    return AugmentConfig(**{"flip_prob": 0.0, "blur_prob": 0.0, "gray_prob": 0.0, "jitter_prob": 1.0, **overrides})
+    return AugmentConfig(
+        **{"flip_prob": 0.0, "blur_prob": 0.0, "gray_prob": 0.0, "jitter_prob": 1.0, **overrides}
+    )
 
 
-def uniforms_for(cfg: AugmentConfig, values: dict[str, float], order=(0, 1, 2, 3), gray=False) -> np.ndarray:
+def uniforms_for(
+    cfg: AugmentConfig, values: dict[str, float], order=(0, 1, 2, 3), gray=False
+) -> np.ndarray:
     """The uniforms that make ``cfg``'s colour stage draw ``values`` (op -> its drawn value) in ``order``
     (the ops, as applied), with the jitter's coin heads and the grayscale coin as ``gray``."""
     u = np.full(len(UNIFORMS), 0.5, np.float64)
@@ -88,7 +95,9 @@ def uniforms_for(cfg: AugmentConfig, values: dict[str, float], order=(0, 1, 2, 3
 
 
 def _constant(batch):
-    return lambda: batch  # (a source that takes an argument is given the iteration number: bind by value)
+    return lambda: (
+        batch
+    )  # (a source that takes an argument is given the iteration number: bind by value)
 
 
 def run_stage(images, uniforms, cfg: AugmentConfig, form: str) -> np.ndarray:
@@ -98,12 +107,19 @@ def run_stage(images, uniforms, cfg: AugmentConfig, form: str) -> np.ndarray:
     device = "gpu" if form == "gpu" else "cpu"
 
     @pipeline_def(
-        batch_size=len(images), num_threads=1, device_id=0 if device == "gpu" else None, enable_conditionals=True
+        batch_size=len(images),
+        num_threads=1,
+        device_id=0 if device == "gpu" else None,
+        enable_conditionals=True,
     )
     def stage():
-        x = fn.external_source(source=_constant(list(images)), batch=True, layout="HWC", dtype=types.UINT8)
+        x = fn.external_source(
+            source=_constant(list(images)), batch=True, layout="HWC", dtype=types.UINT8
+        )
         u = fn.external_source(source=_constant(list(uniforms)), batch=True, dtype=types.FLOAT)
-        view, _ = augment.colour_stage(x.gpu() if device == "gpu" else x, cfg, augment.view_plan(cfg, uniform=u))
+        view, _ = augment.colour_stage(
+            x.gpu() if device == "gpu" else x, cfg, augment.view_plan(cfg, uniform=u)
+        )
         return view
 
     previous, augment.colour_by_gpu_form = augment.colour_by_gpu_form, form == "kernel"
@@ -120,7 +136,9 @@ def run_stage(images, uniforms, cfg: AugmentConfig, form: str) -> np.ndarray:
 def assert_within_one_level(got: np.ndarray, expected: np.ndarray, share: float = 0.999):
     diff = np.abs(got.astype(np.int16) - expected.astype(np.int16))
     assert got.shape == expected.shape
-    assert (diff <= 1).mean() >= share, f"{(diff > 1).mean():.4%} of values > 1 level off, max {diff.max()}"
+    assert (diff <= 1).mean() >= share, (
+        f"{(diff > 1).mean():.4%} of values > 1 level off, max {diff.max()}"
+    )
 
 
 KINDS = ("cifar", "imagenet")
@@ -138,19 +156,24 @@ def test_single_op_is_tensorflows(op, kind, form):
     name = op.split("_")[0]
     impl = "simclrv1" if op == "brightness_v1" else "simclrv2"
     cfg = stage_cfg(
-        **{**NO_JITTER_AMOUNTS, name: AugmentConfig.__dataclass_fields__[name].default}, brightness_impl=impl
+        **{**NO_JITTER_AMOUNTS, name: AugmentConfig.__dataclass_fields__[name].default},
+        brightness_impl=impl,
     )
     uniforms = [uniforms_for(cfg, {name: v}) for v in data[f"{op}_value"]]
     got = run_stage(data["images"], uniforms, cfg, form)
     assert_within_one_level(got, data[op])
-    assert np.abs(got.astype(int) - data["images"]).max() > 10  # the op did something (no identity passes)
+    assert (
+        np.abs(got.astype(int) - data["images"]).max() > 10
+    )  # the op did something (no identity passes)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_grayscale_is_tensorflows_to_one_level(kind, form):
     data = golden(f"ops_{kind}")
     cfg = stage_cfg(jitter_prob=0.0, gray_prob=1.0)
-    got = run_stage(data["images"], [uniforms_for(cfg, {}, gray=True)] * len(data["images"]), cfg, form)
+    got = run_stage(
+        data["images"], [uniforms_for(cfg, {}, gray=True)] * len(data["images"]), cfg, form
+    )
     assert_within_one_level(got, data["grayscale"], share=1.0)
 
 
@@ -160,8 +183,12 @@ def test_jitter_with_recorded_orders_is_tensorflows(kind, form):
     got = np.empty_like(data["outputs"])
     for v1 in (False, True):
         rows = np.flatnonzero(data["impl_v1"] == v1)
-        cfg = stage_cfg(brightness_impl="simclrv1" if v1 else "simclrv2")  # s = 1: its ranges hold s = 0.5's
-        uniforms = [uniforms_for(cfg, dict(zip(OPS, data["values"][r])), data["orders"][r]) for r in rows]
+        cfg = stage_cfg(
+            brightness_impl="simclrv1" if v1 else "simclrv2"
+        )  # s = 1: its ranges hold s = 0.5's
+        uniforms = [
+            uniforms_for(cfg, dict(zip(OPS, data["values"][r])), data["orders"][r]) for r in rows
+        ]
         got[rows] = run_stage(data["images"][data["index"][rows]], uniforms, cfg, form)
     assert_within_one_level(got, data["outputs"])
 
@@ -236,8 +263,12 @@ def hsv_to_rgb(h, s, v):
 
 def _pixels(rng, count=4096):
     """Random colours, plus pure primaries, greys, black and white."""
-    extremes = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 0, 0], [255, 255, 255], [128, 128, 128]])
-    colours = np.concatenate([extremes, rng.integers(0, 256, (count - len(extremes), 3))]).astype(np.uint8)
+    extremes = np.array(
+        [[255, 0, 0], [0, 255, 0], [0, 0, 255], [0, 0, 0], [255, 255, 255], [128, 128, 128]]
+    )
+    colours = np.concatenate([extremes, rng.integers(0, 256, (count - len(extremes), 3))]).astype(
+        np.uint8
+    )
     return colours.reshape(64, 64, 3)
 
 
@@ -250,13 +281,21 @@ def test_saturation_zero_gives_the_max_channel_in_every_channel(form):
 
 def test_hue_third_of_a_turn_maps_red_to_green_and_keeps_min_and_max(form):
     image = _pixels(np.random.default_rng(1))
-    cfg = stage_cfg(**{**NO_JITTER_AMOUNTS, "hue": 0.4}, jitter_strength=1.0)  # range [-0.4, 0.4] turns
+    cfg = stage_cfg(
+        **{**NO_JITTER_AMOUNTS, "hue": 0.4}, jitter_strength=1.0
+    )  # range [-0.4, 0.4] turns
     images = [image, image]
     uniforms = [uniforms_for(cfg, {"hue": 1 / 3}), uniforms_for(cfg, {"hue": -0.27})]
     third, other = run_stage(images, uniforms, cfg, form)
-    assert list(third[0, 0]) == [0, 255, 0] and list(third[0, 1]) == [0, 0, 255] and list(third[0, 2]) == [255, 0, 0]
+    assert (
+        list(third[0, 0]) == [0, 255, 0]
+        and list(third[0, 1]) == [0, 0, 255]
+        and list(third[0, 2]) == [255, 0, 0]
+    )
     for got in (third, other):
-        assert np.array_equal(got.max(-1), image.max(-1)) and np.array_equal(got.min(-1), image.min(-1))
+        assert np.array_equal(got.max(-1), image.max(-1)) and np.array_equal(
+            got.min(-1), image.min(-1)
+        )
     # a third of a turn permutes the channels exactly: (r, g, b) -> (b, r, g)
     assert np.array_equal(third, image[..., [2, 0, 1]])
 
@@ -267,16 +306,30 @@ def test_the_jitter_clips_after_each_op(form):
     image = np.zeros((8, 8, 3), np.uint8)
     image[:4] = 200
     image[4:] = 40
-    cfg = stage_cfg(**{**NO_JITTER_AMOUNTS, "brightness": 0.8, "contrast": 0.8}, jitter_strength=1.0)
+    cfg = stage_cfg(
+        **{**NO_JITTER_AMOUNTS, "brightness": 0.8, "contrast": 0.8}, jitter_strength=1.0
+    )
     (got,) = run_stage(
-        [image], [uniforms_for(cfg, {"brightness": 1.8, "contrast": 0.2}, order=(0, 1, 2, 3))], cfg, form
+        [image],
+        [uniforms_for(cfg, {"brightness": 1.8, "contrast": 0.2}, order=(0, 1, 2, 3))],
+        cfg,
+        form,
     )
     bright, dark = min(200 * 1.8, 255.0), 40 * 1.8
     mean = (bright + dark) / 2
-    clipped_each = np.floor(np.array([(bright - mean) * 0.2 + mean, (dark - mean) * 0.2 + mean]) + 0.5)
+    clipped_each = np.floor(
+        np.array([(bright - mean) * 0.2 + mean, (dark - mean) * 0.2 + mean]) + 0.5
+    )
     unclipped_mean = (360 + 72) / 2
     clipped_once = np.floor(
-        np.clip([(360 - unclipped_mean) * 0.2 + unclipped_mean, (72 - unclipped_mean) * 0.2 + unclipped_mean], 0, 255)
+        np.clip(
+            [
+                (360 - unclipped_mean) * 0.2 + unclipped_mean,
+                (72 - unclipped_mean) * 0.2 + unclipped_mean,
+            ],
+            0,
+            255,
+        )
         + 0.5
     )
     assert np.abs(clipped_each - clipped_once).max() > 5  # the case tells them apart
@@ -306,7 +359,8 @@ def reference_stage(image: np.ndarray, u: np.ndarray, cfg: AugmentConfig) -> np.
 
 
 @pytest.mark.parametrize(
-    "overrides", [{}, {"contrast_per_channel": False}, {"brightness_impl": "simclrv1", "jitter_strength": 0.5}]
+    "overrides",
+    [{}, {"contrast_per_channel": False}, {"brightness_impl": "simclrv1", "jitter_strength": 0.5}],
 )
 def test_stage_over_every_coin_is_the_reference(overrides, form):
     """Every combination of the three coins (jitter, grayscale, flip) with random factors and orders, on
@@ -321,12 +375,16 @@ def test_stage_over_every_coin_is_the_reference(overrides, form):
             u = rng.uniform(0, 1, len(UNIFORMS)).astype(np.float32)
             u[:3] = [0.25 if tails == 0 else 0.75 for tails in coins]
             uniforms.append(u)
-            images.append(rng.integers(0, 256, (14, 23, 3), dtype=np.uint8) // np.array([1, 2, 4], np.uint8))
+            images.append(
+                rng.integers(0, 256, (14, 23, 3), dtype=np.uint8) // np.array([1, 2, 4], np.uint8)
+            )
     got = run_stage_mirrored(images, uniforms, cfg, form)
     for image, u, view in zip(images, uniforms, got):
         expected = reference_stage(image, u, cfg)
         assert view.shape == image.shape
-        assert np.abs(view - expected).max() <= 1.0  # float32 against float64 at a rounding boundary: one level
+        assert (
+            np.abs(view - expected).max() <= 1.0
+        )  # float32 against float64 at a rounding boundary: one level
         assert (np.abs(view - expected) > 0).mean() < 0.01
     assert augment.UNIFORMS[:3] == ("jitter", "gray", "flip")
 
@@ -338,12 +396,19 @@ def run_stage_mirrored(images, uniforms, cfg: AugmentConfig, form: str) -> list[
     device = "gpu" if form == "gpu" else "cpu"
 
     @pipeline_def(
-        batch_size=len(images), num_threads=1, device_id=0 if device == "gpu" else None, enable_conditionals=True
+        batch_size=len(images),
+        num_threads=1,
+        device_id=0 if device == "gpu" else None,
+        enable_conditionals=True,
     )
     def stage():
-        x = fn.external_source(source=_constant(list(images)), batch=True, layout="HWC", dtype=types.UINT8)
+        x = fn.external_source(
+            source=_constant(list(images)), batch=True, layout="HWC", dtype=types.UINT8
+        )
         u = fn.external_source(source=_constant(list(uniforms)), batch=True, dtype=types.FLOAT)
-        view, mirror = augment.colour_stage(x.gpu() if device == "gpu" else x, cfg, augment.view_plan(cfg, uniform=u))
+        view, mirror = augment.colour_stage(
+            x.gpu() if device == "gpu" else x, cfg, augment.view_plan(cfg, uniform=u)
+        )
         return augment.normalize(view, (0.0, 0.0, 0.0), (1 / 255, 1 / 255, 1 / 255), mirror=mirror)
 
     previous, augment.colour_by_gpu_form = augment.colour_by_gpu_form, form == "kernel"
@@ -388,9 +453,13 @@ def test_the_dali_batch_runs_on_dalis_stream_one_launch_per_shape(monkeypatch):
 
     events, inside = [], []
     monkeypatch.setattr(colour_gpu, "_on_gpu", lambda tensor: True)
-    monkeypatch.setattr(PythonFunction, "current_stream", staticmethod(lambda: pytypes.SimpleNamespace(ptr=0xDA11)))
     monkeypatch.setattr(
-        torch.cuda, "ExternalStream", lambda ptr, device=None: events.append(("external", ptr, device)) or "dali"
+        PythonFunction, "current_stream", staticmethod(lambda: pytypes.SimpleNamespace(ptr=0xDA11))
+    )
+    monkeypatch.setattr(
+        torch.cuda,
+        "ExternalStream",
+        lambda ptr, device=None: events.append(("external", ptr, device)) or "dali",
     )
 
     class Entered:

@@ -29,18 +29,28 @@ print("torch imported:", "torch" in sys.modules, "status:", status or 0, file=sy
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     module, function = SCRIPTS[name].split(":")
     code = RUN.format(name=name, args=list(args), module=module, function=function)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
 
 
 def test_every_command_is_covered():
-    assert set(SCRIPTS) == {"simclr-train", "simclr-evaluate", "simclr-shards", "simclr-bench", "simclr-export"}
+    assert set(SCRIPTS) == {
+        "simclr-train",
+        "simclr-evaluate",
+        "simclr-shards",
+        "simclr-bench",
+        "simclr-export",
+    }
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
 def test_help_answers_before_torch_is_imported(name):
     done = run_script(name, "--help")
     assert "torch imported: False status: 0" in done.stderr, done.stderr[-2000:]
-    assert "usage" in done.stdout.lower() or name == "simclr-bench" and "bench.py" in done.stdout, done.stdout[:500]
+    assert "usage" in done.stdout.lower() or name == "simclr-bench" and "bench.py" in done.stdout, (
+        done.stdout[:500]
+    )
 
 
 @pytest.mark.parametrize("name", ["simclr-train", "simclr-evaluate", "simclr-export"])
@@ -88,4 +98,6 @@ def test_a_bad_config_value_is_refused_before_torch(flags, named):
     done = run_script("simclr-train", "--train_shards", "x", *flags)
     assert "torch imported: False status: 2" in done.stderr, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("config error: ") and named in lines[0], done.stderr
+    assert len(lines) == 2 and lines[0].startswith("config error: ") and named in lines[0], (
+        done.stderr
+    )

@@ -23,8 +23,23 @@ from conftest import ROOT, build_wheel, make_shards, tiny
 from simclr_dali.model.global_bn import GlobalBatchNorm, GlobalBatchNormAct, convert_to_global_bn
 from simclr_dali.trainer.config import TrainConfig
 
-PROJECT_MODULES = ["evaluate", "train", "bench", "pipeline", "model", "trainer", "evaluation", "common"]
-CONSOLE_SCRIPTS = ["simclr-train", "simclr-evaluate", "simclr-shards", "simclr-bench", "simclr-export"]
+PROJECT_MODULES = [
+    "evaluate",
+    "train",
+    "bench",
+    "pipeline",
+    "model",
+    "trainer",
+    "evaluation",
+    "common",
+]
+CONSOLE_SCRIPTS = [
+    "simclr-train",
+    "simclr-evaluate",
+    "simclr-shards",
+    "simclr-bench",
+    "simclr-export",
+]
 
 
 def test_installed_project_shadows_no_other_distribution(tmp_path):
@@ -38,19 +53,30 @@ def test_installed_project_shadows_no_other_distribution(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     found = json.loads(
         subprocess.run(
-            [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
+            [sys.executable, "-c", probe],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     )
     assert found["evaluate"] and "site-packages" in found["evaluate"], found
     import_from = subprocess.run(
-        [sys.executable, "-c", "import evaluate; print(evaluate.__file__, hasattr(evaluate, 'load'))"],
+        [
+            sys.executable,
+            "-c",
+            "import evaluate; print(evaluate.__file__, hasattr(evaluate, 'load'))",
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
-    assert import_from[0] == found["evaluate"] and import_from[1] == "True"  # Hugging Face's, with its evaluate.load
+    assert (
+        import_from[0] == found["evaluate"] and import_from[1] == "True"
+    )  # Hugging Face's, with its evaluate.load
     assert all(origin is None or "site-packages" in origin for origin in found.values()), (
         found
     )  # none is the checkout's
@@ -69,7 +95,9 @@ def test_installed_project_shadows_no_other_distribution(tmp_path):
         check=True,
     ).stdout.split()
     assert installed[0] == "simclr_dali" and Path(installed[1]) == ROOT / "__init__.py", installed
-    assert "function main" in " ".join(installed[2:])  # simclr_dali.bench is bench/, whose main dispatches
+    assert "function main" in " ".join(
+        installed[2:]
+    )  # simclr_dali.bench is bench/, whose main dispatches
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +112,10 @@ def test_wheel_holds_one_namespace_with_the_layout_and_the_console_scripts(wheel
         info = next(n for n in names if n.endswith(".dist-info/entry_points.txt")).rsplit("/", 1)[0]
         entry_points = archive.read(f"{info}/entry_points.txt").decode()
         top_level = archive.read(f"{info}/top_level.txt").decode().split()
-    assert top_level == ["simclr_dali"] and {n.split("/")[0] for n in names} == {"simclr_dali", info}
+    assert top_level == ["simclr_dali"] and {n.split("/")[0] for n in names} == {
+        "simclr_dali",
+        info,
+    }
     for module in (
         "__init__",
         "train",
@@ -95,11 +126,23 @@ def test_wheel_holds_one_namespace_with_the_layout_and_the_console_scripts(wheel
         "bench/__init__",
     ):
         assert f"simclr_dali/{module}.py" in names, module
-    for package in ("pipeline", "pipeline/shards", "model", "trainer", "evaluation", "common", "bench"):
+    for package in (
+        "pipeline",
+        "pipeline/shards",
+        "model",
+        "trainer",
+        "evaluation",
+        "common",
+        "bench",
+    ):
         assert f"simclr_dali/{package}/__init__.py" in names, package
-    assert "simclr_dali/bench.py" not in names  # the checkout's shim over bench/: it would be shadowed
+    assert (
+        "simclr_dali/bench.py" not in names
+    )  # the checkout's shim over bench/: it would be shadowed
     assert f"{info}/licenses/LICENSE" in names
-    assert all(f"{script} = simclr_dali." in entry_points for script in CONSOLE_SCRIPTS), entry_points
+    assert all(f"{script} = simclr_dali." in entry_points for script in CONSOLE_SCRIPTS), (
+        entry_points
+    )
 
 
 @pytest.mark.slow
@@ -108,7 +151,9 @@ def test_console_scripts_run_from_another_directory_in_a_fresh_venv(wheel, tmp_p
     site-packages, whose editable finder stays inactive there), then from a directory outside the checkout:
     every command's --help, and shards -> 1 training step -> export with the installed copy."""
     fresh = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(fresh)], check=True, timeout=120
+    )
     python = fresh / "bin" / "python"
     site = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -118,24 +163,42 @@ def test_console_scripts_run_from_another_directory_in_a_fresh_venv(wheel, tmp_p
     ).stdout.strip()
     Path(site, "simclr_test_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
     subprocess.run(
-        [python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            str(wheel),
+        ],
         check=True,
         capture_output=True,
         timeout=300,
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {
+        "OMP_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+    }
 
     def run(*command: str) -> str:
-        result = subprocess.run(command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            command, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, (command, result.stdout[-2000:], result.stderr[-3000:])
         return result.stdout
 
     origin = run(str(python), "-c", "import simclr_dali.train as t; print(t.__file__)").strip()
     assert Path(origin).is_relative_to(fresh), origin  # the installed copy, not the checkout
     for script in CONSOLE_SCRIPTS:
-        assert "usage" in run(str(fresh / "bin" / script), "--help").lower() or script == "simclr-bench", script
+        assert (
+            "usage" in run(str(fresh / "bin" / script), "--help").lower()
+            or script == "simclr-bench"
+        ), script
     bin_ = fresh / "bin"
     run(
         str(bin_ / "simclr-shards"),
@@ -177,7 +240,11 @@ def test_console_scripts_run_from_another_directory_in_a_fresh_venv(wheel, tmp_p
 
 def test_train_help_lists_every_field_with_its_documentation():
     result = subprocess.run(
-        [sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "train.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())  # help wraps lines
@@ -221,7 +288,8 @@ def test_global_bn_keeps_timm_norm_act_layers_whole(name):
     assert not [
         m
         for m in converted.modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not isinstance(m, GlobalBatchNorm)
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        and not isinstance(m, GlobalBatchNorm)
     ]
     for mode in ("train", "eval"):
         assert torch.equal(getattr(converted, mode)()(x), reference[mode]), mode
@@ -233,7 +301,13 @@ def test_norm_act_model_two_processes_match_one_process(tmp_path):
     process on the whole batch (tests/distributed_steps.py with another backbone)."""
     script = ROOT / "tests" / "distributed_steps.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SIMCLR_TEST_BACKBONE": "mobilenetv3_small_050"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=ROOT, check=True, env=env, timeout=300)
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one.pt")],
+        cwd=ROOT,
+        check=True,
+        env=env,
+        timeout=300,
+    )
     subprocess.run(
         [
             sys.executable,
@@ -317,7 +391,9 @@ def test_multinode_recipe_starts_two_machines_on_localhost(tmp_path):
     outputs = [machine.communicate(timeout=600)[0] for machine in machines]
     assert [m.returncode for m in machines] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert "2 process(es)" in outputs[0], outputs[0][-3000:]
-    state = json.loads(next(Path(tmp_path / "run" / "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    state = json.loads(
+        next(Path(tmp_path / "run" / "checkpoints").glob("step_*/trainer_state.json")).read_text()
+    )
     assert state["step"] == 2 and [s["shard_id"] for s in state["loaders"]] == [0, 1]
 
 
@@ -332,7 +408,9 @@ def test_pretrained_flag_starts_from_timms_weights(monkeypatch):
     monkeypatch.setattr(
         timm,
         "create_model",
-        lambda name, **kwargs: calls.append(kwargs) or create(name, **{**kwargs, "pretrained": False}),
+        lambda name, **kwargs: (
+            calls.append(kwargs) or create(name, **{**kwargs, "pretrained": False})
+        ),
     )
     cfg = TrainConfig(
         train_shards="x",

@@ -58,7 +58,9 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     (root / "train").mkdir()
     (root / "val").mkdir()
-    return write_synthetic(root / "train", 25, seed=0), write_synthetic(root / "val", 11, seed=1, drop=1)
+    return write_synthetic(root / "train", 25, seed=0), write_synthetic(
+        root / "val", 11, seed=1, drop=1
+    )
 
 
 @pytest.fixture(scope="module")
@@ -101,12 +103,17 @@ def test_knn_on_separable_features_is_perfect_and_chunked():
     ]  # 7 chunks, the last partial
     assert scores.shape == (53, 5)
     assert topk_accuracy(scores, test_labels) == {"top1": 100.0, "top5": 100.0}
-    assert torch.allclose(scores, knn_predict(train, train_labels, test, 5, ks=[20], temperature=0.1, chunk=1000)[20])
+    assert torch.allclose(
+        scores, knn_predict(train, train_labels, test, 5, ks=[20], temperature=0.1, chunk=1000)[20]
+    )
 
 
 def test_several_k_in_one_pass_equal_separate_passes():
     generator = torch.Generator().manual_seed(1)
-    train, test = torch.randn(400, 12, generator=generator), torch.randn(90, 12, generator=generator)
+    train, test = (
+        torch.randn(400, 12, generator=generator),
+        torch.randn(90, 12, generator=generator),
+    )
     labels = torch.randint(0, 7, (400,), generator=generator)
     together = knn_predict(train, labels, test, 7, ks=[1, 10, 20, 200, 1000], chunk=32)
     for k in (1, 10, 20, 200, 1000):
@@ -119,9 +126,13 @@ def test_knn_never_materialises_the_full_similarity_matrix(monkeypatch):
     shapes = []
     original = torch.Tensor.topk
     monkeypatch.setattr(
-        torch.Tensor, "topk", lambda self, *a, **k: shapes.append(tuple(self.shape)) or original(self, *a, **k)
+        torch.Tensor,
+        "topk",
+        lambda self, *a, **k: shapes.append(tuple(self.shape)) or original(self, *a, **k),
     )
-    knn_predict(torch.randn(300, 8), torch.randint(0, 3, (300,)), torch.randn(100, 8), 3, ks=[10], chunk=32)
+    knn_predict(
+        torch.randn(300, 8), torch.randint(0, 3, (300,)), torch.randn(100, 8), 3, ks=[10], chunk=32
+    )
     assert shapes and max(s[0] for s in shapes) <= 32  # (chunk, N) blocks, never (100, 300)
 
 
@@ -133,7 +144,9 @@ def test_linear_on_random_labels_is_chance_and_learns_real_ones():
     held_out = evaluate_classifier(classifier, features[2000:], labels[2000:])
     assert abs(held_out["top1"] - 10.0) < 4.0, held_out  # chance is 10%; sd ~0.95% at 1000 samples
     assert abs(held_out["top5"] - 50.0) < 7.0, held_out
-    learnable = features[:, 0].gt(0).long() + 2 * features[:, 1].gt(0).long()  # linearly separable, 4 classes
+    learnable = (
+        features[:, 0].gt(0).long() + 2 * features[:, 1].gt(0).long()
+    )  # linearly separable, 4 classes
     classifier = train_linear_on_features(features[:2000], learnable[:2000], 4, epochs=20)
     assert evaluate_classifier(classifier, features[2000:], learnable[2000:])["top1"] > 95.0
 
@@ -141,14 +154,21 @@ def test_linear_on_random_labels_is_chance_and_learns_real_ones():
 def test_subset_is_class_balanced_seeded_and_saved(tmp_path):
     rng = np.random.default_rng(0)
     labels = {
-        f"k{i:05d}": int(label) for i, label in enumerate(rng.choice(10, 5000, p=[0.19] + [0.09] * 9))
+        f"k{i:05d}": int(label)
+        for i, label in enumerate(rng.choice(10, 5000, p=[0.19] + [0.09] * 9))
     }  # imbalanced
     subset = select_subset(labels, 0.01, seed=3, num_classes=10)
     assert subset.per_class == 5 and all(len(keys) == 5 for keys in subset.keys_per_class.values())
-    assert all(labels[key] == label for label, keys in subset.keys_per_class.items() for key in keys)
+    assert all(
+        labels[key] == label for label, keys in subset.keys_per_class.items() for key in keys
+    )
     assert len(set(subset.keys)) == 50
-    assert select_subset(labels, 0.01, seed=3, num_classes=10).keys_per_class == subset.keys_per_class
-    assert select_subset(labels, 0.01, seed=4, num_classes=10).keys_per_class != subset.keys_per_class
+    assert (
+        select_subset(labels, 0.01, seed=3, num_classes=10).keys_per_class == subset.keys_per_class
+    )
+    assert (
+        select_subset(labels, 0.01, seed=4, num_classes=10).keys_per_class != subset.keys_per_class
+    )
     subset.save(tmp_path / "s.json")
     assert LabelSubset.load(tmp_path / "s.json").keys_per_class == subset.keys_per_class
     assert select_subset(labels, 0.1, seed=3, num_classes=10).per_class == 50
@@ -156,12 +176,16 @@ def test_subset_is_class_balanced_seeded_and_saved(tmp_path):
 
 def test_subset_from_shards_identical_across_runs_and_read_back(data, tmp_path):
     first, how = subset_for(data[0], 0.1, seed=0, subset_file=str(tmp_path / "a.json"))
-    assert how == "selected" and first.per_class == 3 and len(first.keys_per_class) == 4  # 2.5 rounds up
+    assert (
+        how == "selected" and first.per_class == 3 and len(first.keys_per_class) == 4
+    )  # 2.5 rounds up
     second, _ = subset_for(data[0], 0.1, seed=0, subset_file=str(tmp_path / "b.json"))
     assert (tmp_path / "a.json").read_text() == (tmp_path / "b.json").read_text()
     other, _ = subset_for(data[0], 0.1, seed=1)
     assert other.keys_per_class != first.keys_per_class
-    again, how = subset_for(data[0], 0.5, seed=7, subset_file=str(tmp_path / "a.json"))  # the file wins
+    again, how = subset_for(
+        data[0], 0.5, seed=7, subset_file=str(tmp_path / "a.json")
+    )  # the file wins
     assert how == "loaded" and again.keys_per_class == first.keys_per_class
 
 
@@ -170,16 +194,28 @@ def test_too_small_label_fraction_names_the_class():
     with pytest.raises(SubsetError, match=r"0\.26 samples per class: less than 1 \(class \d"):
         select_subset(labels, 0.025, seed=0, num_classes=4)
     with pytest.raises(SubsetError, match="class 3 \\('ring'\\) has 0 training samples"):
-        select_subset({k: v for k, v in labels.items() if v != 3}, 0.5, seed=0, num_classes=4, class_names=CLASSES)
+        select_subset(
+            {k: v for k, v in labels.items() if v != 3},
+            0.5,
+            seed=0,
+            num_classes=4,
+            class_names=CLASSES,
+        )
 
 
 def test_labelled_loader_reads_exactly_the_subset(data):
     subset, _ = subset_for(data[0], 0.2, seed=0)  # 5 per class, 20 in all
-    loader = DaliLoader(data[0], 64, AugmentedView(classifier_augment(32)), train=True, keys=subset.keys, seed=0)
-    assert loader.num_samples == 20 and loader.batch_size == 20 and len(loader) == 1  # the batch shrinks to the subset
+    loader = DaliLoader(
+        data[0], 64, AugmentedView(classifier_augment(32)), train=True, keys=subset.keys, seed=0
+    )
+    assert (
+        loader.num_samples == 20 and loader.batch_size == 20 and len(loader) == 1
+    )  # the batch shrinks to the subset
     for _ in range(2):  # every epoch: the subset's samples, once each, re-augmented
         ((images, labels),) = list(loader)
-        assert images.shape == (20, 3, 32, 32) and sorted(labels.tolist()) == sorted([0, 1, 2, 3] * 5)
+        assert images.shape == (20, 3, 32, 32) and sorted(labels.tolist()) == sorted(
+            [0, 1, 2, 3] * 5
+        )
     with pytest.raises(ShardError, match="requested keys are not in"):
         DaliLoader(data[0], 4, AugmentedView(classifier_augment(32)), train=True, keys=["nope"])
 
@@ -190,18 +226,39 @@ def test_labelled_loader_reads_exactly_the_subset(data):
 def test_knn_and_fast_linear_report(data, exported, tmp_path, capsys):
     report_path = tmp_path / "r.json"
     status, output = run_main(
-        ["--checkpoint", exported, "--protocol", "all", "--epochs", 5, "--json", report_path, *shard_args(data)], capsys
+        [
+            "--checkpoint",
+            exported,
+            "--protocol",
+            "all",
+            "--epochs",
+            5,
+            "--json",
+            report_path,
+            *shard_args(data),
+        ],
+        capsys,
     )
     assert status == 0, output
     report = json.loads(report_path.read_text())
     metrics = report["results"][0]["metrics"]
     assert set(metrics) == {"knn200_top1", "knn200_top5", "linear_top1", "linear_top5"}
     assert all(0 <= v <= 100 for v in metrics.values())
-    assert report["protocols"] == ["knn", "linear"] and report["settings"]["linear"]["mode"] == "fast"
+    assert (
+        report["protocols"] == ["knn", "linear"] and report["settings"]["linear"]["mode"] == "fast"
+    )
     assert report["checkpoint"]["sha256"] == hashlib.sha256(exported.read_bytes()).hexdigest()
-    assert report["data"]["num_train"] == 100 and report["data"]["num_val"] == 43 and report["data"]["num_classes"] == 4
+    assert (
+        report["data"]["num_train"] == 100
+        and report["data"]["num_val"] == 43
+        and report["data"]["num_classes"] == 4
+    )
     assert len(report["data"]["train_shards"]) == 3
-    assert {"torch", "timm", "dali"} <= set(report["versions"]) and report["seed"] == 0 and report["seconds"] > 0
+    assert (
+        {"torch", "timm", "dali"} <= set(report["versions"])
+        and report["seed"] == 0
+        and report["seconds"] > 0
+    )
 
 
 def test_augmented_linear_and_finetune_report(data, exported, tmp_path, capsys):
@@ -301,16 +358,24 @@ def test_two_processes_match_one_process(data, exported, tmp_path):
         timeout=300,
     )
     assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
-    one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
+    one, two = (
+        json.loads((tmp_path / "one.json").read_text()),
+        json.loads((tmp_path / "two.json").read_text()),
+    )
     assert one["processes"] == 1 and two["processes"] == 2
     assert (
         two["data"]["num_val"] == one["data"]["num_val"] == 43
         and two["data"]["num_train"] == one["data"]["num_train"] == 100
     )
-    quick = lambda report: {k: v for k, v in report["results"][0]["metrics"].items() if not k.startswith("finetune")}
+    quick = lambda report: {
+        k: v for k, v in report["results"][0]["metrics"].items() if not k.startswith("finetune")
+    }
     assert quick(two) == quick(one) and len(quick(one)) == 4
     assert 0 <= two["results"][0]["metrics"]["finetune_top1"] <= 100
-    assert two["settings"]["finetune"]["global_batch"] == 16 and two["settings"]["finetune"]["num_samples"] == 20
+    assert (
+        two["settings"]["finetune"]["global_batch"] == 16
+        and two["settings"]["finetune"]["num_samples"] == 20
+    )
 
 
 # --------------------------------------------------------------------------- bad input
@@ -318,10 +383,15 @@ def test_two_processes_match_one_process(data, exported, tmp_path):
 
 def test_checkpoint_of_another_architecture_is_named(data, exported, capsys):
     status, output = run_main(
-        ["--model", "resnet50", "--weights", exported, "--protocol", "knn", *shard_args(data)], capsys
+        ["--model", "resnet50", "--weights", exported, "--protocol", "knn", *shard_args(data)],
+        capsys,
     )
     assert status == 2 and "Traceback" not in output
-    assert str(exported) in output and "does not fit a resnet50" in output and "layer1.0.conv1.weight" in output, output
+    assert (
+        str(exported) in output
+        and "does not fit a resnet50" in output
+        and "layer1.0.conv1.weight" in output
+    ), output
 
 
 def test_shards_without_labels_are_named(data, exported, tmp_path, capsys):
@@ -332,11 +402,30 @@ def test_shards_without_labels_are_named(data, exported, tmp_path, capsys):
             writer.write({"__key__": f"u{i:03d}", "jpg": encode_jpeg(image)})
     write_index(tar)
     status, output = run_main(
-        ["--checkpoint", exported, "--train_shards", data[0], "--val_shards", tar.parent, "--protocol", "knn"], capsys
+        [
+            "--checkpoint",
+            exported,
+            "--train_shards",
+            data[0],
+            "--val_shards",
+            tar.parent,
+            "--protocol",
+            "knn",
+        ],
+        capsys,
     )
     assert status == 2 and str(tar) in output and "no label" in output, output
     status, output = run_main(
-        ["--checkpoint", exported, "--train_shards", tar.parent, "--val_shards", data[1], "--protocol", "finetune"],
+        [
+            "--checkpoint",
+            exported,
+            "--train_shards",
+            tar.parent,
+            "--val_shards",
+            data[1],
+            "--protocol",
+            "finetune",
+        ],
         capsys,
     )
     assert status == 2 and str(tar) in output, output
@@ -344,14 +433,24 @@ def test_shards_without_labels_are_named(data, exported, tmp_path, capsys):
 
 def test_too_few_samples_per_class_is_named(data, exported, capsys):
     status, output = run_main(
-        ["--checkpoint", exported, "--protocol", "finetune", "--label_fraction", 0.01, *shard_args(data)], capsys
+        [
+            "--checkpoint",
+            exported,
+            "--protocol",
+            "finetune",
+            "--label_fraction",
+            0.01,
+            *shard_args(data),
+        ],
+        capsys,
     )
     assert status == 2 and "less than 1 (class" in output and "'disc'" in output, output
 
 
 def test_missing_backbone_file(data, tmp_path, capsys):
     status, output = run_main(
-        ["--checkpoint", tmp_path / "nothing.safetensors", "--protocol", "knn", *shard_args(data)], capsys
+        ["--checkpoint", tmp_path / "nothing.safetensors", "--protocol", "knn", *shard_args(data)],
+        capsys,
     )
     assert status == 2 and "nothing.safetensors" in output
 
@@ -364,11 +463,28 @@ def test_flags_config_file_and_print_config_agree(tmp_path):
     configuration, flags after the file override it, booleans are written `true`, --k takes a comma list."""
     from simclr_dali.evaluation.config import UsageError, parse_args
 
-    flags = ["--train_shards", "t", "--val_shards", "v", "--protocol", "all", "--k", "10,20,200", "--augment", "true"]
+    flags = [
+        "--train_shards",
+        "t",
+        "--val_shards",
+        "v",
+        "--protocol",
+        "all",
+        "--k",
+        "10,20,200",
+        "--augment",
+        "true",
+    ]
     from_flags = parse_args(flags)
-    assert from_flags.k == [10, 20, 200] and from_flags.augment is True and from_flags.protocols() == ["knn", "linear"]
+    assert (
+        from_flags.k == [10, 20, 200]
+        and from_flags.augment is True
+        and from_flags.protocols() == ["knn", "linear"]
+    )
     config = tmp_path / "eval.yaml"
-    config.write_text("train_shards: t\nval_shards: v\nprotocol: all\nk: [10, 20, 200]\naugment: true\nseed: 3\n")
+    config.write_text(
+        "train_shards: t\nval_shards: v\nprotocol: all\nk: [10, 20, 200]\naugment: true\nseed: 3\n"
+    )
     assert parse_args(["--config", str(config), "--seed", "0"]) == from_flags
     assert parse_args(["--config", str(config)]).seed == 3
     for bad, named in [
@@ -386,7 +502,11 @@ def test_flags_config_file_and_print_config_agree(tmp_path):
     "script, shards, missing",
     [
         ("evaluate.py", ["--train_shards", "t", "--val_shards", "v"], ["--train_shards", "t"]),
-        ("train.py", ["--config", "configs/demo.yaml"], ["--config", "configs/demo.yaml", "--batch_size", "x"]),
+        (
+            "train.py",
+            ["--config", "configs/demo.yaml"],
+            ["--config", "configs/demo.yaml", "--batch_size", "x"],
+        ),
     ],
 )
 def test_help_and_print_config_answer_without_torch(script, shards, missing):
@@ -399,6 +519,12 @@ def test_help_and_print_config_answer_without_torch(script, shards, missing):
     )
     for flags, status in (["--help"], 0), ([*shards, "--print_config"], 0), (missing, 2):
         done = subprocess.run(
-            [sys.executable, "-c", probe, *flags], cwd=ROOT, capture_output=True, text=True, timeout=120
+            [sys.executable, "-c", probe, *flags],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
-        assert done.stdout.strip().splitlines()[-1] == f"False {status}", done.stdout[-2000:] + done.stderr[-2000:]
+        assert done.stdout.strip().splitlines()[-1] == f"False {status}", (
+            done.stdout[-2000:] + done.stderr[-2000:]
+        )

@@ -72,7 +72,9 @@ save_file({k: v.contiguous() for k, v in result.items()}, out)
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return make_shards(tmp_path_factory.mktemp("export") / "shards", 32, num_classes=4, per_shard=16)[0]
+    return make_shards(
+        tmp_path_factory.mktemp("export") / "shards", 32, num_classes=4, per_shard=16
+    )[0]
 
 
 def flag(name: str, value) -> str:
@@ -109,7 +111,14 @@ def load_in_fresh_process(export: Path, x: torch.Tensor, work: Path) -> dict[str
     save_file({"x": x}, str(work / "inputs.safetensors"))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [sys.executable, "-c", LOAD, str(export), str(work / "inputs.safetensors"), str(work / "outputs.safetensors")],
+        [
+            sys.executable,
+            "-c",
+            LOAD,
+            str(export),
+            str(work / "inputs.safetensors"),
+            str(work / "outputs.safetensors"),
+        ],
         cwd=work,
         env=env,
         check=True,
@@ -120,21 +129,31 @@ def load_in_fresh_process(export: Path, x: torch.Tensor, work: Path) -> dict[str
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
 @pytest.mark.slow
-def test_every_presets_export_loads_in_a_fresh_process_with_the_checkpoints_features(preset, shards, tmp_path):
+def test_every_presets_export_loads_in_a_fresh_process_with_the_checkpoints_features(
+    preset, shards, tmp_path
+):
     run = tmp_path / "run"
     assert train_preset(preset, shards, run, max_steps=1) == 0
     assert main([str(run), "--output_dir", str(tmp_path / "export")]) == 0
     export = tmp_path / "export"
     meta = json.loads((export / "backbone.json").read_text())
-    assert meta["step"] == 1 and (export / "head.safetensors").is_file() and (export / "head.json").is_file()
-    assert (export / "backbone").is_dir() == (not meta["cifar_stem"])  # timm's local-dir form where timm has the stem
+    assert (
+        meta["step"] == 1
+        and (export / "head.safetensors").is_file()
+        and (export / "head.json").is_file()
+    )
+    assert (export / "backbone").is_dir() == (
+        not meta["cifar_stem"]
+    )  # timm's local-dir form where timm has the stem
     size = meta["image_size"]
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     expected = checkpoint_outputs(run / "checkpoints" / "step_00000001", x)
     loaded = load_in_fresh_process(export, x, tmp_path)
     assert torch.equal(loaded["h"], expected["h"]) and torch.equal(loaded["z"], expected["z"])
     if not meta["cifar_stem"]:
-        assert torch.equal(loaded["h_local_dir"], expected["h"]) and torch.equal(loaded["h_overlay"], expected["h"])
+        assert torch.equal(loaded["h_local_dir"], expected["h"]) and torch.equal(
+            loaded["h_overlay"], expected["h"]
+        )
     else:  # the CIFAR stem is not timm's: timm alone builds another first convolution
         assert set(loaded) == {"h", "z"}
 
@@ -145,7 +164,9 @@ def test_export_takes_any_checkpoint_and_falls_back_past_a_damaged_one(shards, t
     (the final one damaged: the one before it); errors name the path."""
     run = tmp_path / "run"
     preset = ROOT / "configs" / "demo.yaml"
-    assert train_preset(preset, shards, run, max_steps=3, checkpoint_every=1, keep_checkpoints=3) == 0
+    assert (
+        train_preset(preset, shards, run, max_steps=3, checkpoint_every=1, keep_checkpoints=3) == 0
+    )
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     first = run / "checkpoints" / "step_00000001"
     out = export_checkpoint(first)
@@ -157,10 +178,16 @@ def test_export_takes_any_checkpoint_and_falls_back_past_a_damaged_one(shards, t
     try:
         with torch.no_grad():
             h = backbone(x)
-            assert torch.equal(h, expected["h"]) and torch.equal(head(h), expected["z"]) and meta["step"] == 1
+            assert (
+                torch.equal(h, expected["h"])
+                and torch.equal(head(h), expected["z"])
+                and meta["step"] == 1
+            )
     finally:
         torch.set_num_threads(threads)
-    assert not torch.equal(expected["h"], checkpoint_outputs(run / "checkpoints" / "step_00000003", x)["h"])
+    assert not torch.equal(
+        expected["h"], checkpoint_outputs(run / "checkpoints" / "step_00000003", x)["h"]
+    )
 
     weights = run / "checkpoints" / "step_00000003" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-7])  # truncated: fails its manifest's size

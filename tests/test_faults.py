@@ -49,7 +49,9 @@ def write_config(path: Path, shards, **overrides) -> Path:
 
 def run_train(out: Path, shards, *flags, **overrides) -> int:
     """train.main in this process: TINY + ``overrides`` (a YAML config), output in ``out``, then ``flags``."""
-    config = write_config(out.parent / f"{out.name}.yaml", shards, **{"output_dir": str(out), **overrides})
+    config = write_config(
+        out.parent / f"{out.name}.yaml", shards, **{"output_dir": str(out), **overrides}
+    )
     return train.main(["--config", str(config), *map(str, flags)])
 
 
@@ -68,7 +70,9 @@ def torchrun(spec: dict, config: Path, *flags, timeout=420) -> subprocess.Comple
         *map(str, flags),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def reports(directory: Path) -> list[dict]:
@@ -106,7 +110,11 @@ def rewrite_json(checkpoint: Path, name: str, change) -> None:
 
 def one_error_line(captured) -> str:
     """The only line on stderr (progress-bar redraws aside), which must not be a traceback."""
-    lines = [line for line in re.split(r"[\r\n]", captured.err) if line.strip() and not line.startswith("train:")]
+    lines = [
+        line
+        for line in re.split(r"[\r\n]", captured.err)
+        if line.strip() and not line.startswith("train:")
+    ]
     assert len(lines) == 1 and "Traceback" not in captured.err + captured.out, captured.err
     return lines[0]
 
@@ -156,22 +164,44 @@ def test_two_runs_in_one_directory_never_touch_each_other(shards, tmp_path, caps
     # a fresh start into that directory is refused, naming the ways out; nothing of the first run changes
     assert run_train(out, shards, max_steps=2, checkpoint_every=1, keep_checkpoints=1) == 2
     message = one_error_line(capsys.readouterr())
-    assert "--resume auto" in message and "--overwrite" in message and first in message and str(out) in message
-    assert names(out) == ["step_00000001", "step_00000002", "step_00000003"] and run_id(out) == first
+    assert (
+        "--resume auto" in message
+        and "--overwrite" in message
+        and first in message
+        and str(out) in message
+    )
+    assert (
+        names(out) == ["step_00000001", "step_00000002", "step_00000003"] and run_id(out) == first
+    )
     # another run's checkpoint with a newer step in the same directory: never resumed, never rotated away
     other = tmp_path / "other"
     assert run_train(other, shards, max_steps=5) == 0
     shutil.copytree(other / "checkpoints" / "step_00000005", out / "checkpoints" / "step_00000005")
-    assert run_train(out, shards, "--resume", "auto", max_steps=4, checkpoint_every=1, keep_checkpoints=1) == 0
+    assert (
+        run_train(
+            out, shards, "--resume", "auto", max_steps=4, checkpoint_every=1, keep_checkpoints=1
+        )
+        == 0
+    )
     assert f"resumed from {out / 'checkpoints' / 'step_00000003'}" in capsys.readouterr().out
-    assert names(out) == ["step_00000004", "step_00000005"]  # the first run's older ones rotated, the other run's kept
-    owners = [json.loads((out / "checkpoints" / n / "manifest.json").read_text())["run_id"] for n in names(out)]
+    assert names(out) == [
+        "step_00000004",
+        "step_00000005",
+    ]  # the first run's older ones rotated, the other run's kept
+    owners = [
+        json.loads((out / "checkpoints" / n / "manifest.json").read_text())["run_id"]
+        for n in names(out)
+    ]
     assert owners == [first, run_id(other)]
     # --overwrite: a new run, the previous run's checkpoints gone
     assert run_train(out, shards, "--overwrite", "true", max_steps=1) == 0
     assert run_id(out) != first and names(out) == ["step_00000001"]
-    assert json.loads((out / "checkpoints" / "step_00000001" / "manifest.json").read_text())["run_id"] == run_id(out)
-    assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 1  # the resolved config of this start
+    assert json.loads((out / "checkpoints" / "step_00000001" / "manifest.json").read_text())[
+        "run_id"
+    ] == run_id(out)
+    assert (
+        yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 1
+    )  # the resolved config of this start
 
 
 @pytest.mark.slow
@@ -179,7 +209,9 @@ def test_ranks_that_list_different_newest_checkpoints_load_rank_0s_choice(shards
     """Rank 1 sees a stale directory listing without the newest checkpoint; both ranks still load
     the one rank 0 chose."""
     out = tmp_path / "ranks"
-    config = write_config(tmp_path / "ranks.yaml", shards, output_dir=str(out), max_steps=2, checkpoint_every=1)
+    config = write_config(
+        tmp_path / "ranks.yaml", shards, output_dir=str(out), max_steps=2, checkpoint_every=1
+    )
     done = torchrun({}, config)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     done = torchrun(
@@ -231,12 +263,20 @@ def test_every_file_and_the_directory_are_fsynced_before_the_rename(shards, tmp_
 
 
 @pytest.mark.slow
-def test_a_crash_between_write_and_rename_leaves_no_visible_partial(shards, tmp_path, reference, capsys):
+def test_a_crash_between_write_and_rename_leaves_no_visible_partial(
+    shards, tmp_path, reference, capsys
+):
     out = tmp_path / "crash"
     config = write_config(tmp_path / "crash.yaml", shards, output_dir=str(out), checkpoint_every=1)
     env = {**os.environ, "TQDM_DISABLE": "1"}
     done = subprocess.run(
-        [sys.executable, str(WORKER), json.dumps({"crash_before_rename": 2}), "--config", str(config)],
+        [
+            sys.executable,
+            str(WORKER),
+            json.dumps({"crash_before_rename": 2}),
+            "--config",
+            str(config),
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -260,7 +300,9 @@ def test_a_crash_between_write_and_rename_leaves_no_visible_partial(shards, tmp_
     assert_identical(weights(out), reference)
 
 
-def test_stale_temporaries_are_cleaned_and_an_interrupted_replacement_restored(two_steps, tmp_path, capsys):
+def test_stale_temporaries_are_cleaned_and_an_interrupted_replacement_restored(
+    two_steps, tmp_path, capsys
+):
     out = copy_run(two_steps, tmp_path)
     root = out / "checkpoints"
     (root / f".tmp-{run_id(out)}-step_00000003-4242").mkdir()
@@ -271,8 +313,15 @@ def test_stale_temporaries_are_cleaned_and_an_interrupted_replacement_restored(t
     (root / "step_00000002").rename(root / ".replaced-step_00000002-x" / "step_00000002")
     assert run_train(out, shards_of(out), "--resume", "auto", max_steps=3) == 0
     printed = capsys.readouterr().out
-    assert "removed 2 temporary checkpoint(s)" in printed and f"resumed from {root / 'step_00000002'}" in printed
-    assert sorted(p.name for p in root.iterdir()) == ["step_00000001", "step_00000002", "step_00000003"]
+    assert (
+        "removed 2 temporary checkpoint(s)" in printed
+        and f"resumed from {root / 'step_00000002'}" in printed
+    )
+    assert sorted(p.name for p in root.iterdir()) == [
+        "step_00000001",
+        "step_00000002",
+        "step_00000003",
+    ]
 
 
 def shards_of(out: Path) -> str:
@@ -297,10 +346,14 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_previous_one(shards, tmp_path, mo
         and "No space left on device" in message
         and "previous checkpoints are intact" in message
     )
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]  # no temporary left either
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "step_00000001"
+    ]  # no temporary left either
 
 
-def test_an_unwritable_output_directory_is_named_before_training(shards, tmp_path, capsys, no_heavy_work):
+def test_an_unwritable_output_directory_is_named_before_training(
+    shards, tmp_path, capsys, no_heavy_work
+):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
     assert run_train(tmp_path / "x", shards, output_dir=str(blocker / "run")) == 2
@@ -336,7 +389,9 @@ def test_a_crafted_pickle_is_never_executed(two_steps, tmp_path, capsys, data_fo
         "pytorch_model.bin",
         "model.pt",
     ):
-        (newest / name).write_bytes(payload)  # every name Accelerate's save_state/load_state would unpickle
+        (newest / name).write_bytes(
+            payload
+        )  # every name Accelerate's save_state/load_state would unpickle
     assert run_train(out, shards_of(out), "--resume", "auto", max_steps=3) == 0
     assert f"resumed from {newest}" in capsys.readouterr().out and not marker.exists()
     # a checkpoint in the old Accelerate layout (pickles, no manifest) is refused by path, not loaded
@@ -354,11 +409,15 @@ def test_a_crafted_pickle_is_never_executed(two_steps, tmp_path, capsys, data_fo
     # evaluate.py: a pickled weights file is refused by torch.load(weights_only=True)
     evil = tmp_path / "weights.pt"
     evil.write_bytes(payload)
-    status = evaluate.main(["--model", "resnet18", "--weights", str(evil), "--protocol", "knn", *data_for_evaluate])
+    status = evaluate.main(
+        ["--model", "resnet18", "--weights", str(evil), "--protocol", "knn", *data_for_evaluate]
+    )
     assert status == 2 and str(evil) in capsys.readouterr().err and not marker.exists()
 
 
-def test_non_finite_parameters_after_a_finite_loss_step_are_not_checkpointed(shards, tmp_path, monkeypatch, capsys):
+def test_non_finite_parameters_after_a_finite_loss_step_are_not_checkpointed(
+    shards, tmp_path, monkeypatch, capsys
+):
     real_step, losses = train.train_step, []
 
     def poisoned_step(model, *args, **kwargs):
@@ -375,7 +434,9 @@ def test_non_finite_parameters_after_a_finite_loss_step_are_not_checkpointed(sha
     assert run_train(out, shards, checkpoint_every=1, keep_checkpoints=1, log_every=100) == 3
     assert all(torch.isfinite(torch.tensor(losses)))
     assert "non-finite loss or parameters at step 3" in capsys.readouterr().err
-    assert names(out) == ["step_00000002"]  # keep_checkpoints=1 and the only good checkpoint survives
+    assert names(out) == [
+        "step_00000002"
+    ]  # keep_checkpoints=1 and the only good checkpoint survives
     saved = load_file(str(out / "checkpoints" / "step_00000002" / "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in saved.values() if t.is_floating_point())
 
@@ -384,9 +445,20 @@ def test_non_finite_parameters_after_a_finite_loss_step_are_not_checkpointed(sha
     "flags,accepted,named",
     [
         (["--epochs", 6], True, "epochs: 3.0 -> 6.0"),
-        (["--log_every", 2, "--checkpoint_every", 2, "--keep_checkpoints", 1], True, "log_every: 1 -> 2"),
         (
-            ["--eval_every_epochs", 1, "--eval_train_shards", "SHARDS", "--eval_val_shards", "SHARDS"],
+            ["--log_every", 2, "--checkpoint_every", 2, "--keep_checkpoints", 1],
+            True,
+            "log_every: 1 -> 2",
+        ),
+        (
+            [
+                "--eval_every_epochs",
+                1,
+                "--eval_train_shards",
+                "SHARDS",
+                "--eval_val_shards",
+                "SHARDS",
+            ],
             True,
             "eval_every_epochs: None -> 1.0",
         ),
@@ -398,16 +470,24 @@ def test_non_finite_parameters_after_a_finite_loss_step_are_not_checkpointed(sha
         (["--temperature", 0.5], False, "temperature: 0.2 -> 0.5"),
         (["--seed", 1], False, "seed: 0 -> 1"),
         (["--image_size", 48], False, "augment.size: 32 -> 48"),
-        (["--augment.crop_sampler", "uniform_area"], False, "augment.crop_sampler: 'tf' -> 'uniform_area'"),
+        (
+            ["--augment.crop_sampler", "uniform_area"],
+            False,
+            "augment.crop_sampler: 'tf' -> 'uniform_area'",
+        ),
         (["--epochs", 2], True, "epochs: 3.0 -> 2.0"),
     ],
 )
-def test_resume_with_a_changed_field(two_steps, tmp_path, capsys, monkeypatch, flags, accepted, named):
+def test_resume_with_a_changed_field(
+    two_steps, tmp_path, capsys, monkeypatch, flags, accepted, named
+):
     out = copy_run(two_steps, tmp_path)
     flags = [shards_of(out) if f == "SHARDS" else f for f in flags]
     if not accepted:
         monkeypatch.setattr(
-            train, "build_train_loader", lambda *a, **k: pytest.fail("refused only after building the data loader")
+            train,
+            "build_train_loader",
+            lambda *a, **k: pytest.fail("refused only after building the data loader"),
         )
     status = train.main(
         [
@@ -424,12 +504,23 @@ def test_resume_with_a_changed_field(two_steps, tmp_path, capsys, monkeypatch, f
     )
     captured = capsys.readouterr()
     if accepted:
-        applied = [line for line in captured.out.splitlines() if line.startswith("resume applies the changed ")]
-        assert status == 0 and len(applied) == 1 and named in applied[0], captured.out + captured.err
+        applied = [
+            line
+            for line in captured.out.splitlines()
+            if line.startswith("resume applies the changed ")
+        ]
+        assert status == 0 and len(applied) == 1 and named in applied[0], (
+            captured.out + captured.err
+        )
         assert names(out)[-1] == "step_00000003"
     else:
         message = one_error_line(captured)
-        assert status == 2 and named in message and "cannot resume" in message and "--overwrite" in message
+        assert (
+            status == 2
+            and named in message
+            and "cannot resume" in message
+            and "--overwrite" in message
+        )
         assert names(out) == ["step_00000001", "step_00000002"]
 
 
@@ -458,19 +549,27 @@ def as_flat_format(config: dict) -> dict:
     preset's jitter and blur as null, ``min_crop_area`` for the crop's range, the view's other fields absent."""
     sections = {name: config.pop(name) for name in ("augment", "loader")}
     flat = {old: sections[section][name] for old, (section, name) in FLAT_FORMAT.items()}
-    flat.update(jitter_strength=None, blur_prob=None, min_crop_area=sections["augment"]["crop_area"][0])
+    flat.update(
+        jitter_strength=None, blur_prob=None, min_crop_area=sections["augment"]["crop_area"][0]
+    )
     config.update(flat)
     return config
 
 
-def test_a_checkpoint_of_the_flat_config_format_resumes_exactly(two_steps, shards, tmp_path, reference, capsys):
+def test_a_checkpoint_of_the_flat_config_format_resumes_exactly(
+    two_steps, shards, tmp_path, reference, capsys
+):
     """Checkpoints and config.yaml written before the config tree (flat view fields) resume under today's nested
     config: nothing counts as changed, the run continues bit-identical to an uninterrupted one."""
     out = copy_run(two_steps, tmp_path)
     for checkpoint in list_checkpoints(out):
-        rewrite_json(checkpoint, "trainer_state.json", lambda state: as_flat_format(state["config"]))
+        rewrite_json(
+            checkpoint, "trainer_state.json", lambda state: as_flat_format(state["config"])
+        )
         saved = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
-        assert saved["image_size"] == 32 and saved["augment"] == "cifar" and saved["data_threads"] == 1
+        assert (
+            saved["image_size"] == 32 and saved["augment"] == "cifar" and saved["data_threads"] == 1
+        )
         assert "crop_area" not in saved and "loader" not in saved
     run_config = yaml.safe_load((out / "config.yaml").read_text())
     (out / "config.yaml").write_text(yaml.safe_dump(as_flat_format(run_config)))
@@ -493,7 +592,9 @@ def test_a_checkpoint_of_the_flat_config_format_resumes_exactly(two_steps, shard
     changed = "".join(line for line in output.splitlines() if "changed" in line)
     assert "augment" not in changed and "loader" not in changed, output
     assert_identical(weights(out), reference)
-    assert yaml.safe_load((out / "config.yaml").read_text())["augment"]["size"] == 32  # today's format again
+    assert (
+        yaml.safe_load((out / "config.yaml").read_text())["augment"]["size"] == 32
+    )  # today's format again
 
 
 def test_extended_epochs_rebuild_the_schedule_from_the_config(two_steps, tmp_path):
@@ -517,15 +618,21 @@ def test_extended_epochs_rebuild_the_schedule_from_the_config(two_steps, tmp_pat
         )
         == 0
     )
-    logged = [line for line in (out / "train.log").read_text().splitlines() if " step 6: " in line][-1]
+    logged = [line for line in (out / "train.log").read_text().splitlines() if " step 6: " in line][
+        -1
+    ]
     lr = float(logged.split("lr ")[1].split(",")[0])
 
     def scheduled(epochs: int) -> float:
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.5 * 16 / 256)
-        build_scheduler(optimizer, total_steps=epochs * STEPS_PER_EPOCH, warmup_steps=STEPS_PER_EPOCH).step_update(6)
+        build_scheduler(
+            optimizer, total_steps=epochs * STEPS_PER_EPOCH, warmup_steps=STEPS_PER_EPOCH
+        ).step_update(6)
         return optimizer.param_groups[0]["lr"]
 
-    assert lr == pytest.approx(scheduled(6), rel=1e-3) and scheduled(6) != pytest.approx(scheduled(3), rel=1e-2)
+    assert lr == pytest.approx(scheduled(6), rel=1e-3) and scheduled(6) != pytest.approx(
+        scheduled(3), rel=1e-2
+    )
 
 
 @pytest.mark.parametrize("allow", [False, True])
@@ -568,17 +675,26 @@ def test_resume_with_another_world_size(two_steps, tmp_path, capsys, allow):
         )
 
 
-def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(shards, tmp_path, reference, capsys):
+def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(
+    shards, tmp_path, reference, capsys
+):
     out = tmp_path / "truncated"
     assert run_train(out, shards, max_steps=3, checkpoint_every=1) == 0
     damaged = out / "checkpoints" / "step_00000003" / "model.safetensors"
-    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # what a node crash can leave
+    damaged.write_bytes(
+        damaged.read_bytes()[: damaged.stat().st_size // 2]
+    )  # what a node crash can leave
     capsys.readouterr()
     assert run_train(out, shards, "--resume", "auto", checkpoint_every=1) == 0
     printed = capsys.readouterr().out
-    assert "step_00000003 fails verification" in printed and "falling back to the previous one" in printed
+    assert (
+        "step_00000003 fails verification" in printed
+        and "falling back to the previous one" in printed
+    )
     assert f"resumed from {out / 'checkpoints' / 'step_00000002'}" in printed
-    assert (out / "checkpoints" / "step_00000003.unusable").is_dir()  # kept for inspection, never picked again
+    assert (
+        out / "checkpoints" / "step_00000003.unusable"
+    ).is_dir()  # kept for inspection, never picked again
     assert_identical(weights(out), reference)
 
 
@@ -595,7 +711,9 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(shards, tmp_pa
         ("rng.json", "malformed"),
     ],
 )
-def test_every_state_file_is_verified_and_a_bad_one_named(two_steps, tmp_path, capsys, monkeypatch, name, damage):
+def test_every_state_file_is_verified_and_a_bad_one_named(
+    two_steps, tmp_path, capsys, monkeypatch, name, damage
+):
     out = copy_run(two_steps, tmp_path)
     newest = out / "checkpoints" / "step_00000002"
     path = newest / name
@@ -608,7 +726,11 @@ def test_every_state_file_is_verified_and_a_bad_one_named(two_steps, tmp_path, c
     elif damage == "delete":
         path.unlink()
     else:  # verifies against its manifest, but the RNG state inside cannot be restored (Accelerate would log and go on)
-        rewrite_json(newest, name, lambda rng: rng["ranks"][0].update(torch_cpu=rng["ranks"][0]["torch_cpu"][:40]))
+        rewrite_json(
+            newest,
+            name,
+            lambda rng: rng["ranks"][0].update(torch_cpu=rng["ranks"][0]["torch_cpu"][:40]),
+        )
     if damage != "malformed":
         monkeypatch.setattr(
             train,
@@ -625,7 +747,9 @@ def test_every_state_file_is_verified_and_a_bad_one_named(two_steps, tmp_path, c
 # --------------------------------------------------------------------------- preemption
 
 
-def boundary_steps(last: int, log_every: int, checkpoint_every: int, eval_every: int) -> dict[str, list[int]]:
+def boundary_steps(
+    last: int, log_every: int, checkpoint_every: int, eval_every: int
+) -> dict[str, list[int]]:
     steps = range(2, last)
     kinds = {
         "log": [s for s in steps if s % log_every == 0 and s % checkpoint_every and s % eval_every],
@@ -653,38 +777,56 @@ def test_sigterm_under_torchrun_at_seeded_steps_resumes_bit_identical(shards, tm
         shuffle_buffer=64,
     )
     reference = tmp_path / "reference"
-    done = torchrun({}, write_config(tmp_path / "reference.yaml", shards, output_dir=str(reference), **settings))
+    done = torchrun(
+        {}, write_config(tmp_path / "reference.yaml", shards, output_dir=str(reference), **settings)
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     kinds, rng = boundary_steps(12, 2, 3, 5), random.Random(15)
     while True:  # one seeded step of each kind, far enough apart that each segment takes a step before its signal
-        plan = sorted((rng.choice(kinds[kind]), kind) for kind in ("between", "log", "checkpoint", "eval"))
+        plan = sorted(
+            (rng.choice(kinds[kind]), kind) for kind in ("between", "log", "checkpoint", "eval")
+        )
         if all(later - earlier >= 2 for (earlier, _), (later, _) in zip(plan, plan[1:])):
             break
     out = tmp_path / "preempted"
     config = write_config(tmp_path / "preempted.yaml", shards, output_dir=str(out), **settings)
     for segment, (signal_step, kind) in enumerate(plan):
-        start = json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())["step"] if segment else 0
-        via_launcher = segment == len(plan) - 1  # the scheduler's way: torchrun's agent forwards it to every worker
+        start = (
+            json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())["step"]
+            if segment
+            else 0
+        )
+        via_launcher = (
+            segment == len(plan) - 1
+        )  # the scheduler's way: torchrun's agent forwards it to every worker
         fault = {
             "sigterm_launcher_after_step" if via_launcher else "sigterm_after_step": {
                 str(segment % 2): signal_step - start
             }
         }
         report = tmp_path / f"report{segment}"
-        done = torchrun({"report": str(report), **fault}, config, *(["--resume", "auto"] if segment else []))
+        done = torchrun(
+            {"report": str(report), **fault}, config, *(["--resume", "auto"] if segment else [])
+        )
         output = done.stdout[-3000:] + done.stderr[-3000:]
         rank0, rank1 = reports(report)
         assert rank0["status"] == rank1["status"] == 75, output
         assert rank0["steps"] == rank1["steps"], output  # both ranks stopped after the same step
         stopped = start + rank0["steps"]
-        if (
-            not via_launcher
-        ):  # on an eval boundary the evaluation is skipped; elsewhere the step whose batch was fetched completes
-            assert stopped == (signal_step if kind == "eval" else signal_step + 1), (kind, signal_step, output)
+        # on an eval boundary the evaluation is skipped; elsewhere the step whose batch was fetched completes
+        if not via_launcher:
+            assert stopped == (signal_step if kind == "eval" else signal_step + 1), (
+                kind,
+                signal_step,
+                output,
+            )
         newest = list_checkpoints(out)[-1]
         state = json.loads((newest / "trainer_state.json").read_text())
-        assert state["step"] == stopped and [s["shard_id"] for s in state["loaders"]] == [0, 1], (kind, output)
+        assert state["step"] == stopped and [s["shard_id"] for s in state["loaders"]] == [0, 1], (
+            kind,
+            output,
+        )
     done = torchrun({"report": str(tmp_path / "final")}, config, "--resume", "auto")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert_identical(weights(out), weights(reference))
@@ -700,7 +842,12 @@ def test_sigterm_while_an_evaluation_is_due(shards, tmp_path, reference, monkeyp
     """The signal arrives as step 5 (an evaluation step) is fetched: step 5 is checkpointed, the evaluation is not run
     (it could outlast the launcher's grace period) and the resumed run evaluates first. A signal during an evaluation
     stops it at once: the checkpoint of its step is already written."""
-    evaluating = dict(eval_every_epochs=1.25, eval_train_shards=str(shards), eval_val_shards=str(shards), eval_knn_k=5)
+    evaluating = dict(
+        eval_every_epochs=1.25,
+        eval_train_shards=str(shards),
+        eval_val_shards=str(shards),
+        eval_knn_k=5,
+    )
     real_step, steps = train.train_step, []
 
     def signalled_step(*args, **kwargs):
@@ -719,7 +866,11 @@ def test_sigterm_while_an_evaluation_is_due(shards, tmp_path, reference, monkeyp
     monkeypatch.setattr(train, "train_step", real_step)
     assert run_train(out, shards, "--resume", "auto", **evaluating) == 0
     assert "eval @ epoch 1.25" in capsys.readouterr().out
-    assert [h["step"] for h in json.loads((out / "train_summary.json").read_text())["history"]] == [0, 5, 6]
+    assert [h["step"] for h in json.loads((out / "train_summary.json").read_text())["history"]] == [
+        0,
+        5,
+        6,
+    ]
     assert_identical(weights(out), reference)
 
     import simclr_dali.evaluation.monitor as monitor_module
@@ -757,7 +908,9 @@ def test_a_corrupt_jpeg_mid_epoch_stops_every_rank_with_a_checkpoint(shards, tmp
     tar, sample = samples[35 + 3 * 8 + 2]  # rank 1 reads samples 35..69: its 4th batch of 8
     offset, size, member = sample["jpg"]
     original = tar.read_bytes()
-    with open(tar, "r+b") as handle:  # same length, so the index stays valid: only the decoder can tell
+    with open(
+        tar, "r+b"
+    ) as handle:  # same length, so the index stays valid: only the decoder can tell
         handle.seek(offset)
         handle.write((b"\xff\xd8\xff\xdb" + bytes(range(256)) * (size // 256 + 1))[:size])
     out = tmp_path / "bad"
@@ -775,11 +928,15 @@ def test_a_corrupt_jpeg_mid_epoch_stops_every_rank_with_a_checkpoint(shards, tmp
     rank0, rank1 = reports(tmp_path / "report")
     assert rank0["status"] == rank1["status"] == 2, output[-3000:]
     key = member.split(".")[0]
-    assert "bad data on rank 1: an image failed to decode" in output and f"shard {tar} key {key}" in output, output[
-        -3000:
-    ]
+    assert (
+        "bad data on rank 1: an image failed to decode" in output
+        and f"shard {tar} key {key}" in output
+    ), output[-3000:]
     state = json.loads((list_checkpoints(out)[-1] / "trainer_state.json").read_text())
-    assert 1 <= state["step"] == rank0["steps"] == rank1["steps"] < 4 and "restarts" in state["data_position"]
+    assert (
+        1 <= state["step"] == rank0["steps"] == rank1["steps"] < 4
+        and "restarts" in state["data_position"]
+    )
     tar.write_bytes(original)
     done = torchrun({"report": str(tmp_path / "report2")}, config, "--resume", "auto", timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -796,7 +953,10 @@ def test_a_corrupt_jpeg_mid_epoch_stops_every_rank_with_a_checkpoint(shards, tmp
         (["--epochs", "nan"], "epochs"),
         (["--timm_kwargs", '{"bogus": 1}'], "bogus"),
         (["--timm_kwargs", '{"num_classes": 10}'], "num_classes"),
-        (["--timm_kwargs", '{"pretrained_cfg_overlay": {"file": "/etc/passwd"}}'], "pretrained_cfg_overlay"),
+        (
+            ["--timm_kwargs", '{"pretrained_cfg_overlay": {"file": "/etc/passwd"}}'],
+            "pretrained_cfg_overlay",
+        ),
         (["--backbone", "notamodel"], "backbone 'notamodel' is not a timm model"),
         (["--backbone", "vit_tiny_patch16_224"], "cifar_stem"),
         (["--resume", "/nonexistent"], "resume=/nonexistent"),
@@ -806,7 +966,9 @@ def test_a_corrupt_jpeg_mid_epoch_stops_every_rank_with_a_checkpoint(shards, tmp
         (["--config", "BROKEN_YAML"], "broken.yaml"),
     ],
 )
-def test_bad_train_input_is_named_in_one_line(shards, tmp_path, capsys, no_heavy_work, flags, named):
+def test_bad_train_input_is_named_in_one_line(
+    shards, tmp_path, capsys, no_heavy_work, flags, named
+):
     broken = tmp_path / "broken.yaml"
     broken.write_text("train_shards: x\nepochs: [3,\n")
     flags = [str(broken) if f == "BROKEN_YAML" else f for f in flags]
@@ -814,13 +976,27 @@ def test_bad_train_input_is_named_in_one_line(shards, tmp_path, capsys, no_heavy
     assert named in one_error_line(capsys.readouterr())
 
 
-def test_resuming_a_checkpoint_of_another_architecture_is_named(two_steps, tmp_path, capsys, no_heavy_work):
+def test_resuming_a_checkpoint_of_another_architecture_is_named(
+    two_steps, tmp_path, capsys, no_heavy_work
+):
     newest = two_steps / "checkpoints" / "step_00000002"
     assert (
-        run_train(tmp_path / "run", shards_of(two_steps), "--resume", newest, backbone="resnet34", timm_kwargs={}) == 2
+        run_train(
+            tmp_path / "run",
+            shards_of(two_steps),
+            "--resume",
+            newest,
+            backbone="resnet34",
+            timm_kwargs={},
+        )
+        == 2
     )
     message = one_error_line(capsys.readouterr())
-    assert str(newest) in message and "backbone: 'resnet18' -> 'resnet34'" in message and "timm_kwargs" in message
+    assert (
+        str(newest) in message
+        and "backbone: 'resnet18' -> 'resnet34'" in message
+        and "timm_kwargs" in message
+    )
 
 
 @pytest.fixture(scope="module")
@@ -840,7 +1016,9 @@ def data_for_evaluate(shards) -> list[str]:
         ("--json BLOCKED/report.json", "--json's directory"),
     ],
 )
-def test_bad_evaluate_input_is_named_in_one_line(two_steps, data_for_evaluate, tmp_path, capsys, case, named):
+def test_bad_evaluate_input_is_named_in_one_line(
+    two_steps, data_for_evaluate, tmp_path, capsys, case, named
+):
     run = tmp_path / "exported"
     run.mkdir()
     shutil.copy(two_steps / "backbone.safetensors", run / "backbone.safetensors")
@@ -879,24 +1057,62 @@ def test_every_file_written_has_the_mode_open_gives_under_the_umask(tmp_path, um
         assert file_mode == 0o666 & ~umask
         shards, _ = make_shards(root / "shards", 40, num_classes=4, per_shard=20)
         out = root / "run"
-        standard_stem = {"cifar_stem": False, "timm_kwargs": {"channels": [8, 16, 32, 64]}}  # backbone/ too
-        evaluating = dict(eval_every_epochs=1.0, eval_train_shards=str(shards), eval_val_shards=str(shards))
+        standard_stem = {
+            "cifar_stem": False,
+            "timm_kwargs": {"channels": [8, 16, 32, 64]},
+        }  # backbone/ too
+        evaluating = dict(
+            eval_every_epochs=1.0, eval_train_shards=str(shards), eval_val_shards=str(shards)
+        )
         evaluating.update(eval_knn_k=5, eval_json=str(out / "curve.json"))
-        assert run_train(out, shards, max_steps=2, checkpoint_every=1, **standard_stem, **evaluating) == 0
-        flags = ["--checkpoint", str(out), "--train_shards", str(shards), "--val_shards", str(shards)]
-        flags += ["--k", "5", "--json", str(root / "eval.json"), "--features_cache", str(root / "features")]
+        assert (
+            run_train(out, shards, max_steps=2, checkpoint_every=1, **standard_stem, **evaluating)
+            == 0
+        )
+        flags = [
+            "--checkpoint",
+            str(out),
+            "--train_shards",
+            str(shards),
+            "--val_shards",
+            str(shards),
+        ]
+        flags += [
+            "--k",
+            "5",
+            "--json",
+            str(root / "eval.json"),
+            "--features_cache",
+            str(root / "features"),
+        ]
         assert evaluate.main(flags) == 0
     finally:
         os.umask(previous)
     capsys.readouterr()
-    kinds = {".tar", ".idx", "classes.json", "shardset.json", "run.json", "config.yaml", "manifest.json"}
-    kinds |= {"backbone.safetensors", "backbone.json", "model.safetensors", "eval.json", "curve.json"}
+    kinds = {
+        ".tar",
+        ".idx",
+        "classes.json",
+        "shardset.json",
+        "run.json",
+        "config.yaml",
+        "manifest.json",
+    }
+    kinds |= {
+        "backbone.safetensors",
+        "backbone.json",
+        "model.safetensors",
+        "eval.json",
+        "curve.json",
+    }
     seen, wrong = set(), []
     for path in [root, *root.rglob("*")]:
         mode = path.stat().st_mode & 0o777
         if mode != (dir_mode if path.is_dir() else file_mode):
             wrong.append(f"{path.relative_to(root)} {mode:o}")
         seen |= {path.suffix, path.name}
-    assert not wrong, f"umask {umask:03o}: expected files {file_mode:o}, directories {dir_mode:o}: {wrong}"
+    assert not wrong, (
+        f"umask {umask:03o}: expected files {file_mode:o}, directories {dir_mode:o}: {wrong}"
+    )
     assert kinds <= seen, kinds - seen
     assert (out / "backbone").is_dir() and any((root / "features").iterdir())

@@ -57,12 +57,16 @@ def _run_batches(pipe, count: int) -> list[np.ndarray]:
     return [np.concatenate(parts)[:count] for parts in zip(*outputs)]
 
 
-def our_windows(height: int, width: int, cfg: AugmentConfig, count: int = DRAWS, seed: int = 0) -> np.ndarray:
+def our_windows(
+    height: int, width: int, cfg: AugmentConfig, count: int = DRAWS, seed: int = 0
+) -> np.ndarray:
     """(y, x, h, w) int64 windows of the product's ``crop_window`` for images of height x width."""
 
     @pipeline_def(batch_size=BATCH, num_threads=1, device_id=None, seed=seed)
     def windows():
-        shape = fn.external_source(source=lambda: [np.array([height, width, 3], np.int64)] * BATCH, batch=True)
+        shape = fn.external_source(
+            source=lambda: [np.array([height, width, 3], np.int64)] * BATCH, batch=True
+        )
         start, end = crop_window(shape, cfg)
         return start, end
 
@@ -76,7 +80,9 @@ def uniform_area_sizes(height: int, width: int, count: int = DRAWS, seed: int = 
 
     @pipeline_def(batch_size=BATCH, num_threads=1, device_id=None, seed=seed)
     def windows():
-        shape = fn.external_source(source=lambda: [np.array([height, width, 3], np.int64)] * BATCH, batch=True)
+        shape = fn.external_source(
+            source=lambda: [np.array([height, width, 3], np.int64)] * BATCH, batch=True
+        )
         _, size = fn.random_crop_generator(
             shape, random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=100
         )
@@ -98,14 +104,19 @@ def test_crop_sampler_matches_tensorflow(windows_and_shape):
     tf_area, tf_aspect = area_aspect(tf_sizes(height, width), height, width)
     assert ks_statistic(ours_area, tf_area) < KS_THRESHOLD
     assert ks_statistic(ours_aspect, tf_aspect) < KS_THRESHOLD
-    assert abs(ours_area.mean() - tf_area.mean()) < 0.006  # ~3 standard errors of the difference of two means
+    assert (
+        abs(ours_area.mean() - tf_area.mean()) < 0.006
+    )  # ~3 standard errors of the difference of two means
 
 
 @pytest.mark.parametrize("height,width", [(224, 224), (32, 32)])
 def test_threshold_passes_two_tensorflow_runs_and_fails_the_uniform_area_sampler(height, width):
     tf1_area, tf1_aspect = area_aspect(tf_sizes(height, width, seed=1), height, width)
     tf2_area, tf2_aspect = area_aspect(tf_sizes(height, width, seed=2), height, width)
-    assert ks_statistic(tf2_area, tf1_area) < KS_THRESHOLD and ks_statistic(tf2_aspect, tf1_aspect) < KS_THRESHOLD
+    assert (
+        ks_statistic(tf2_area, tf1_area) < KS_THRESHOLD
+        and ks_statistic(tf2_aspect, tf1_aspect) < KS_THRESHOLD
+    )
     uniform_area, _ = area_aspect(uniform_area_sizes(height, width), height, width)
     assert ks_statistic(uniform_area, tf1_area) > 3 * KS_THRESHOLD
 
@@ -127,8 +138,15 @@ def test_crop_corners_follow_tensorflow(windows_and_shape):
     y, x, h, w = windows.T
     tf_y, tf_x = GOLDEN[f"crop_{height}x{width}_seed1_offsets"].astype(np.int64).T
     tf_h, tf_w = tf_sizes(height, width)[: len(tf_y)].T
-    for corner, side, full in ((y, h, height), (x, w, width), (tf_y, tf_h, height), (tf_x, tf_w, width)):
-        assert (corner >= 0).all() and ((corner + side < full) | ((side == full) & (corner == 0))).all()
+    for corner, side, full in (
+        (y, h, height),
+        (x, w, width),
+        (tf_y, tf_h, height),
+        (tf_x, tf_w, width),
+    ):
+        assert (corner >= 0).all() and (
+            (corner + side < full) | ((side == full) & (corner == 0))
+        ).all()
     # relative position of the corner in its free range: uniform, for ours as for TensorFlow's
     free = (h < height - 1) & (w < width - 1)
     relative = (y[free] + 0.5) / (height - h[free])
@@ -145,7 +163,9 @@ def test_crop_falls_back_to_the_whole_image():
     assert (windows == [0, 0, 60, 60]).all()
 
 
-COORDINATES = np.stack([*np.meshgrid(np.arange(224), np.arange(224)), np.full((224, 224), 128)], -1).astype(np.uint8)
+COORDINATES = np.stack(
+    [*np.meshgrid(np.arange(224), np.arange(224)), np.full((224, 224), 128)], -1
+).astype(np.uint8)
 
 
 def measure_windows(views: np.ndarray, size: int) -> np.ndarray:
@@ -155,7 +175,9 @@ def measure_windows(views: np.ndarray, size: int) -> np.ndarray:
     left, right = views[:, size // 2, 1, 0], views[:, size // 2, size - 2, 0]
     top, bottom = views[:, 1, size // 2, 1], views[:, size - 2, size // 2, 1]
     width, height = (right - left) * size / (size - 3), (bottom - top) * size / (size - 3)
-    return np.stack([left - 1.5 * width / size + 0.5, top - 1.5 * height / size + 0.5, width, height], 1)
+    return np.stack(
+        [left - 1.5 * width / size + 0.5, top - 1.5 * height / size + 0.5, width, height], 1
+    )
 
 
 def test_resized_crop_shows_the_window():
@@ -164,15 +186,21 @@ def test_resized_crop_shows_the_window():
 
     @pipeline_def(batch_size=200, num_threads=1, device_id=None, seed=3)
     def views():
-        images = fn.external_source(source=lambda: [COORDINATES] * 200, batch=True, layout="HWC", dtype=types.UINT8)
+        images = fn.external_source(
+            source=lambda: [COORDINATES] * 200, batch=True, layout="HWC", dtype=types.UINT8
+        )
         start, end = crop_window(images.shape(), cfg)
         return resized_crop(images, start, end, cfg), start, end
 
     view, start, end = _run_batches(views(), 200)
     measured = measure_windows(view.astype(np.float64), 64)
-    expected = np.stack([start[:, 1], start[:, 0], end[:, 1] - start[:, 1], end[:, 0] - start[:, 0]], 1)
+    expected = np.stack(
+        [start[:, 1], start[:, 0], end[:, 1] - start[:, 1], end[:, 0] - start[:, 0]], 1
+    )
     error = np.abs(measured - expected)
-    assert error.max() < 1.5 and error.mean() < 0.5  # uint8 views: the measured edges are rounded to a level
+    assert (
+        error.max() < 1.5 and error.mean() < 0.5
+    )  # uint8 views: the measured edges are rounded to a level
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
@@ -181,19 +209,32 @@ def test_view_crops_follow_tensorflow(device):
     measured from the pixels of 2000 views of COORDINATES against TensorFlow's 224 px draws, with the alpha = 0.001
     KS bound for 2,000 + 20,000 draws (0.046)."""
     cfg = AugmentConfig(size=64, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0, flip_prob=0.0)
-    cfg = AugmentConfig(**{**cfg.__dict__, "mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)})
+    cfg = AugmentConfig(
+        **{**cfg.__dict__, "mean": (0.0, 0.0, 0.0), "std": (1 / 255, 1 / 255, 1 / 255)}
+    )
 
     @pipeline_def(
-        batch_size=500, num_threads=1, device_id=0 if device == "gpu" else None, seed=6, enable_conditionals=True
+        batch_size=500,
+        num_threads=1,
+        device_id=0 if device == "gpu" else None,
+        seed=6,
+        enable_conditionals=True,
     )
     def views():
-        images = fn.external_source(source=lambda: [COORDINATES] * 500, batch=True, layout="HWC", dtype=types.UINT8)
+        images = fn.external_source(
+            source=lambda: [COORDINATES] * 500, batch=True, layout="HWC", dtype=types.UINT8
+        )
         return simclr_view(images.gpu() if device == "gpu" else images, cfg)
 
     pipe = views()
     view = np.concatenate(
         [
-            np.stack([np.asarray(v) for v in (pipe.run()[0].as_cpu() if device == "gpu" else pipe.run()[0])])
+            np.stack(
+                [
+                    np.asarray(v)
+                    for v in (pipe.run()[0].as_cpu() if device == "gpu" else pipe.run()[0])
+                ]
+            )
             for _ in range(4)
         ]
     )
@@ -242,15 +283,21 @@ def test_roi_decode_crops_follow_the_sampler(sampler, device):
 BLUR_CASES = ["cifar", "imagenet", "imagenet224"]
 
 
-def _blur_outputs(images: np.ndarray, sigmas: np.ndarray, kernel_size: int, padding: str, device: str) -> np.ndarray:
+def _blur_outputs(
+    images: np.ndarray, sigmas: np.ndarray, kernel_size: int, padding: str, device: str
+) -> np.ndarray:
     """The product's blur (``gaussian_blur``, the view plan's taps: ``blur_kernels``) on ``images`` with TensorFlow's
     recorded sigmas, for the view size whose window is the official ``kernel_size`` (side // 10, made odd)."""
     cfg = AugmentConfig(size=10 * kernel_size, blur_padding=padding)
-    assert cfg.blur_window == 2 * (kernel_size // 2) + 1  # the official window: radius int(kernel_size / 2)
+    assert (
+        cfg.blur_window == 2 * (kernel_size // 2) + 1
+    )  # the official window: radius int(kernel_size / 2)
 
     @pipeline_def(batch_size=len(images), num_threads=1, device_id=0 if device == "gpu" else None)
     def blur():
-        x = fn.external_source(source=lambda: list(images), batch=True, layout="HWC", dtype=types.UINT8)
+        x = fn.external_source(
+            source=lambda: list(images), batch=True, layout="HWC", dtype=types.UINT8
+        )
         sigma = fn.external_source(source=lambda: [np.float32(s) for s in sigmas], batch=True)
         out = gaussian_blur(x.gpu() if device == "gpu" else x, *blur_kernels(sigma, cfg), padding)
         return out
@@ -276,7 +323,10 @@ def test_blur_matches_tensorflow_within_one_level(case, device):
 def test_reflect_padding_is_not_the_official_blur():
     """The option ``blur_padding='reflect'`` differs from TensorFlow at the borders (zero padding darkens them)."""
     images = GOLDEN["images_imagenet"]
-    sigmas, kernel_size = GOLDEN["blur_imagenet224_sigma"], int(GOLDEN["blur_imagenet224_kernel_size"])
+    sigmas, kernel_size = (
+        GOLDEN["blur_imagenet224_sigma"],
+        int(GOLDEN["blur_imagenet224_kernel_size"]),
+    )
     expected = GOLDEN["blur_imagenet224_output"].astype(np.float64)
     got = _blur_outputs(images[: len(expected)], sigmas, kernel_size, "reflect", "cpu")
     border = np.abs(got - expected)[:, [0, -1]].max()
@@ -290,7 +340,9 @@ def test_roi_decoded_two_views_resume_exactly(small_shards):
     from simclr_dali.pipeline.loader import DaliLoader, TwoViews
 
     directory, _ = small_shards
-    make = lambda: DaliLoader(directory, 8, TwoViews(AugmentConfig.cifar(roi_decode=True)), train=True, seed=2)
+    make = lambda: DaliLoader(
+        directory, 8, TwoViews(AugmentConfig.cifar(roi_decode=True)), train=True, seed=2
+    )
     reference = [(v1, v2) for v1, v2 in make()]
     assert all(v1.shape == (8, 3, 32, 32) and not torch.equal(v1, v2) for v1, v2 in reference)
     loader, resumed = make(), []
@@ -302,4 +354,6 @@ def test_roi_decoded_two_views_resume_exactly(small_shards):
     restored = make()
     restored.load_state_dict(state)
     resumed += [v1 for v1, _ in restored]
-    assert len(resumed) == len(reference) and all(torch.equal(a, b) for a, (b, _) in zip(resumed, reference))
+    assert len(resumed) == len(reference) and all(
+        torch.equal(a, b) for a, (b, _) in zip(resumed, reference)
+    )

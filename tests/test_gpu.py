@@ -20,7 +20,13 @@ pytestmark = pytest.mark.gpu
 def test_global_bn_on_cuda_matches_one_process_with_batchnormact_layers(tmp_path):
     script = ROOT / "tests" / "global_bn_cuda.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], cwd=ROOT, env=env, check=True, timeout=300)
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one")],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=300,
+    )
     result = subprocess.run(
         [
             sys.executable,
@@ -42,7 +48,9 @@ def test_global_bn_on_cuda_matches_one_process_with_batchnormact_layers(tmp_path
     one = torch.load(tmp_path / "one.rank0.pt")
     ranks = [torch.load(tmp_path / f"two.rank{r}.pt") for r in (0, 1)]
     assert one["norm_act_layers"] > 0
-    torch.testing.assert_close(torch.cat([r["features"] for r in ranks]), one["features"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        torch.cat([r["features"] for r in ranks]), one["features"], rtol=1e-4, atol=1e-5
+    )
     for name, grad in one["grads"].items():
         torch.testing.assert_close(
             ranks[0]["grads"][name], grad, rtol=1e-3, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
@@ -50,7 +58,11 @@ def test_global_bn_on_cuda_matches_one_process_with_batchnormact_layers(tmp_path
     for name, stat in one["running"].items():
         if stat.is_floating_point():
             torch.testing.assert_close(
-                ranks[0]["running"][name], stat, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+                ranks[0]["running"][name],
+                stat,
+                rtol=1e-4,
+                atol=1e-6,
+                msg=lambda m, n=name: f"{n}: {m}",
             )
 
 
@@ -74,8 +86,12 @@ def test_bf16_autocast_runs_the_model_in_bf16_and_the_loss_in_fp32():
     torch.manual_seed(0)
     model = build_model(cfg, "cuda", 1).cuda()
     seen = []
-    model.backbone.conv1.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
-    views = torch.randn(2 * cfg.batch_size, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+    model.backbone.conv1.register_forward_hook(
+        lambda module, inputs, output: seen.append(output.dtype)
+    )
+    views = torch.randn(2 * cfg.batch_size, 3, 32, 32, device="cuda").contiguous(
+        memory_format=torch.channels_last
+    )
 
     def loss_of(autocast: bool):
         model.zero_grad(set_to_none=True)
@@ -133,4 +149,8 @@ def test_train_py_bf16_with_the_dali_gpu_loader(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "on cuda, data on gpu" in result.stdout
     summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
-    assert summary["steps"] == 8 and summary["mean_images_per_s"] > 0 and 0 <= summary["data_wait_fraction"] <= 1
+    assert (
+        summary["steps"] == 8
+        and summary["mean_images_per_s"] > 0
+        and 0 <= summary["data_wait_fraction"] <= 1
+    )

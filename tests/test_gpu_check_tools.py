@@ -29,7 +29,10 @@ def test_the_stage_table_fits_the_device_time_and_an_oversized_cap_is_refused(mo
         assert g["sum_caps_s"] <= g["budget_s"], group
     assert gpu_main.main(["--plan"]) == 0 and "total (of 900 s)" in capsys.readouterr().out
     # one stage 60 s over: its group no longer fits, and the dry run refuses to start
-    bigger = tuple(dataclasses.replace(s, cap_s=s.cap_s + 60) if s.name == "loss" else s for s in gpu_stages.STAGES)
+    bigger = tuple(
+        dataclasses.replace(s, cap_s=s.cap_s + 60) if s.name == "loss" else s
+        for s in gpu_stages.STAGES
+    )
     with pytest.raises(gpu_plan.PlanError, match="group 'torch'"):
         gpu_plan.check_plan(bigger)
     monkeypatch.setattr(gpu_stages, "STAGES", bigger)
@@ -41,9 +44,15 @@ def test_the_stage_table_fits_the_device_time_and_an_oversized_cap_is_refused(mo
 
 
 def test_the_kernel_check_compiles_at_most_twelve_triton_specialisations():
-    assert len(product_check.kernel_specialisations()) <= product_check.KERNEL_SPECIALISATIONS_MAX == 12
+    assert (
+        len(product_check.kernel_specialisations())
+        <= product_check.KERNEL_SPECIALISATIONS_MAX
+        == 12
+    )
     dtypes = {case[0] for case in product_check.KERNEL_CASES}
-    assert {"bfloat16", "float32"} <= dtypes and any(case[3] >= 131072 for case in product_check.KERNEL_CASES)
+    assert {"bfloat16", "float32"} <= dtypes and any(
+        case[3] >= 131072 for case in product_check.KERNEL_CASES
+    )
 
 
 def test_the_data_path_comes_first():
@@ -61,8 +70,16 @@ def test_the_data_path_comes_first():
         order.index(s.name) for s in gpu_stages.STAGES if s.group == "torch"
     )
     assert gpu_main.parse([], gpu_stages.STAGES).group == "data"
-    selected = gpu_main.select(gpu_main.parse([], gpu_stages.STAGES), gpu_stages.STAGES, gpu_stages.ALWAYS)
-    assert [s.name for s in selected][:5] == ["pieces", "environment", "data", "dali_graphs", "pipeline"]
+    selected = gpu_main.select(
+        gpu_main.parse([], gpu_stages.STAGES), gpu_stages.STAGES, gpu_stages.ALWAYS
+    )
+    assert [s.name for s in selected][:5] == [
+        "pieces",
+        "environment",
+        "data",
+        "dali_graphs",
+        "pipeline",
+    ]
     assert set(gpu_stages.RUNS_WITH) == {"torch", "triton", "numba"} <= set(gpu_stages.PACKAGES)
 
 
@@ -74,7 +91,9 @@ def test_the_pipeline_sweep_passes_every_thread_count():
     else:
         assert [c[c.index("--cores") + 1] for c in commands] == ["4", "8", "16"]
     assert all(c[:2] == ["--device", "cuda"] for c in commands)
-    assert product_check.default_threads() and max(product_check.default_threads()) <= len(os.sched_getaffinity(0))
+    assert product_check.default_threads() and max(product_check.default_threads()) <= len(
+        os.sched_getaffinity(0)
+    )
 
 
 STAGING_MARKERS = (
@@ -94,14 +113,22 @@ def test_the_wheel_holds_no_gpu_check_staging(tmp_path):
 
     with zipfile.ZipFile(build_wheel(tmp_path)) as archive:
         names = archive.namelist()
-        texts = {n: archive.read(n).decode(errors="replace") for n in names if n.endswith((".py", ".sh"))}
+        texts = {
+            n: archive.read(n).decode(errors="replace") for n in names if n.endswith((".py", ".sh"))
+        }
     assert "simclr_dali/bench/gpu_check.py" in names
-    assert not [n for n in names if "/tools/" in n or n.rsplit("/", 1)[-1] in ("gpu_stages.py", "gpu_rows.py")]
+    assert not [
+        n
+        for n in names
+        if "/tools/" in n or n.rsplit("/", 1)[-1] in ("gpu_stages.py", "gpu_rows.py")
+    ]
     assert not [n for n in names if n.endswith(".sh")]
     carrying = {n: [m for m in STAGING_MARKERS if m in t] for n, t in texts.items()}
     assert {n: m for n, m in carrying.items() if m} == {}
     # the markers do find the staging code (a marker list that matched nothing would pass the test above)
-    staging = "".join((ROOT / "tools" / "gpu_check" / f).read_text() for f in ("plan.py", "check.py", "stages.py"))
+    staging = "".join(
+        (ROOT / "tools" / "gpu_check" / f).read_text() for f in ("plan.py", "check.py", "stages.py")
+    )
     assert all(m in staging for m in STAGING_MARKERS)
 
 
@@ -114,7 +141,9 @@ def test_the_users_gpu_check_refuses_a_machine_without_cuda():
         text=True,
         timeout=300,
     )
-    assert result.returncode == 2 and "no CUDA device" in result.stderr and "--small" in result.stderr
+    assert (
+        result.returncode == 2 and "no CUDA device" in result.stderr and "--small" in result.stderr
+    )
 
 
 @pytest.mark.slow
@@ -123,7 +152,18 @@ def test_the_users_gpu_check_runs_its_three_parts_small_on_the_cpu(tmp_path):
     against float64 under the Triton interpreter, the synthetic-feed throughput; one JSON."""
     out = tmp_path / "gpu_check.json"
     result = subprocess.run(
-        [sys.executable, "bench.py", "gpu-check", "--small", "--seconds", "0.5", "--threads", "1", "--json", str(out)],
+        [
+            sys.executable,
+            "bench.py",
+            "gpu-check",
+            "--small",
+            "--seconds",
+            "0.5",
+            "--threads",
+            "1",
+            "--json",
+            str(out),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -135,7 +175,9 @@ def test_the_users_gpu_check_runs_its_three_parts_small_on_the_cpu(tmp_path):
     assert report["parts"]["data"]["numba_plugin"].startswith("ok")
     (run,) = report["parts"]["data"]["runs"]
     assert set(run["results"]) == {"imagenet224", "cifar32"}
-    assert len(report["parts"]["kernels"]) == len(product_check.KERNEL_CASES) and report["kernels_ok"]
+    assert (
+        len(report["parts"]["kernels"]) == len(product_check.KERNEL_CASES) and report["kernels_ok"]
+    )
     assert report["parts"]["throughput"]["results"]["synthetic"]["images_per_s"] > 0
 
 
@@ -162,9 +204,15 @@ def test_a_check_killed_mid_stage_keeps_the_rows_that_landed(tmp_path):
         while time.time() < deadline and not rows:
             time.sleep(0.5)
             report = _read_report(out / "gpu_check.json") or {}
-            rows = [r for r in report.get("stages", {}).get("loss", {}).get("rows", []) if r.get("event") == "row"]
+            rows = [
+                r
+                for r in report.get("stages", {}).get("loss", {}).get("rows", [])
+                if r.get("event") == "row"
+            ]
         assert rows, "no loss row landed in gpu_check.json"
-        assert process.poll() is None, "the check finished before it could be killed: not a mid-stage kill"
+        assert process.poll() is None, (
+            "the check finished before it could be killed: not a mid-stage kill"
+        )
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
@@ -196,7 +244,12 @@ def test_a_pytest_killed_at_its_cap_is_reported_failed_with_what_finished(tmp_pa
     stage = gpu_stages.run_pytest(check, "tests_probe", 12, [str(tests)])
     summary = stage["summary"]
     assert stage["status"] == "timeout" and stage["timed_out"]
-    assert (summary["collected"], summary["passed"], summary["failed"], summary["skipped"]) == (5, 1, 1, 1)
+    assert (summary["collected"], summary["passed"], summary["failed"], summary["skipped"]) == (
+        5,
+        1,
+        1,
+        1,
+    )
     assert [t.split("::")[1] for t in summary["running_when_stopped"]] == ["test_hangs"]
     assert [t.split("::")[1] for t in summary["not_run"]] == ["test_never_reached"]
     assert "killed at its 12 s cap" in stage["note"] and "1 of 5 not run" in stage["note"]
@@ -210,7 +263,9 @@ def test_a_pytest_that_dies_mid_test_is_failed_not_clean(tmp_path):
     tests.write_text("import os\ndef test_passes():\n    pass\ndef test_dies():\n    os._exit(3)\n")
     stage = gpu_stages.run_pytest(_check(tmp_path), "tests_probe", 60, [str(tests)])
     assert stage["status"] == "failed" and not stage["timed_out"]
-    assert stage["summary"]["passed"] == 1 and stage["summary"]["running_when_stopped"][0].endswith("test_dies")
+    assert stage["summary"]["passed"] == 1 and stage["summary"]["running_when_stopped"][0].endswith(
+        "test_dies"
+    )
 
 
 def test_the_pieces_install_in_any_order_and_say_what_is_missing(tmp_path):
@@ -231,10 +286,20 @@ def test_the_pieces_install_in_any_order_and_say_what_is_missing(tmp_path):
     halves = [packed[: len(packed) // 2], packed[len(packed) // 2 :]]
     pieces, staging = tmp_path / "pieces", tmp_path / "stage"
     parts = [
-        {"piece": f"p{i:03d}", "file": f"bundle.part{i}", "bytes": len(h), "sha256": hashlib.sha256(h).hexdigest()}
+        {
+            "piece": f"p{i:03d}",
+            "file": f"bundle.part{i}",
+            "bytes": len(h),
+            "sha256": hashlib.sha256(h).hexdigest(),
+        }
         for i, h in enumerate(halves)
     ]
-    manifest = {"set": "bundle", "kind": "parts", "sha256": hashlib.sha256(packed).hexdigest(), "parts": parts}
+    manifest = {
+        "set": "bundle",
+        "kind": "parts",
+        "sha256": hashlib.sha256(packed).hexdigest(),
+        "parts": parts,
+    }
     for i, half in enumerate(halves):
         folder = pieces / f"p{i:03d}"
         folder.mkdir(parents=True)
@@ -250,7 +315,11 @@ def test_the_pieces_install_in_any_order_and_say_what_is_missing(tmp_path):
     assert both["missing"] == [] and both["staged"] == ["p000", "p001"]
     assert (staging / "site" / "probe" / "data.bin").read_bytes() == data
     again = gpu_stages.install_pieces(pieces, staging)
-    assert again["missing"] == [] and again["actions"] == [] and not list((staging / "parts").iterdir())
+    assert (
+        again["missing"] == []
+        and again["actions"] == []
+        and not list((staging / "parts").iterdir())
+    )
 
 
 BLOCK_DALI = """import sys
@@ -273,11 +342,22 @@ def test_the_torch_group_needs_no_dali(tmp_path):
         "simclr_dali.trainer.build, simclr_dali.trainer.optim\n"
         "try:\n    import nvidia.dali\nexcept ImportError:\n    print('blocked')"
     )
-    probe = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    probe = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert probe.returncode == 0 and probe.stdout.strip() == "blocked", probe.stderr[-2000:]
     selection = ["-m", "gpu", "-k", gpu_stages.TORCH_TESTS, *gpu_stages.TORCH_TEST_FILES]
     collect = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only", *selection],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--collect-only",
+            *selection,
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -306,7 +386,16 @@ def test_gpu_check_dry_run_runs_every_stage_and_says_what_needs_cuda(tmp_path):
     ]
     stages += ["profile", "cifar10"]
     result = subprocess.run(
-        [sys.executable, "-m", "tools.gpu_check", "--dry-run", "--only", *stages, "--out", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "tools.gpu_check",
+            "--dry-run",
+            "--only",
+            *stages,
+            "--out",
+            str(out),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -316,7 +405,11 @@ def test_gpu_check_dry_run_runs_every_stage_and_says_what_needs_cuda(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["status"] == "complete" and report["dry_run"]
     statuses = {name: stage["status"] for name, stage in report["stages"].items()}
-    assert statuses == {"pieces": "passed", "environment": "passed", **dict.fromkeys(stages, "passed")} | {
+    assert statuses == {
+        "pieces": "passed",
+        "environment": "passed",
+        **dict.fromkeys(stages, "passed"),
+    } | {
         "tests_torch": "skipped",
         "tests_dali": "skipped",
     }
@@ -324,13 +417,22 @@ def test_gpu_check_dry_run_runs_every_stage_and_says_what_needs_cuda(tmp_path):
         tests = report["stages"][name]
         assert tests["note"].startswith("no CUDA device") and tests["summary"]["failed"] == 0
     dali_tests = report["stages"]["tests_dali"]["summary"]
-    assert dali_tests["skipped"] >= 10 and any("test_augment" in t["test"] for t in dali_tests["skipped_tests"])
+    assert dali_tests["skipped"] >= 10 and any(
+        "test_augment" in t["test"] for t in dali_tests["skipped_tests"]
+    )
     graphs = [r for r in report["stages"]["dali_graphs"]["rows"] if r["event"] == "row"]
     assert graphs[0]["case"] == "nvidia.dali.plugin.numba" and all(r["ok"] for r in graphs)
     assert [r["case"] for r in graphs[1:]] == ["imagenet224", "cifar32"]
-    assert set(report["stages"]["environment"]["summary"]["runs_with"]) == {"torch", "triton", "numba"}
+    assert set(report["stages"]["environment"]["summary"]["runs_with"]) == {
+        "torch",
+        "triton",
+        "numba",
+    }
     pipeline_rows = report["stages"]["pipeline"]["summary"]["rows"]
-    assert {(r["preset"], r["dali_threads"]) for r in pipeline_rows} >= {("imagenet224", 1), ("cifar32", 2)}
+    assert {(r["preset"], r["dali_threads"]) for r in pipeline_rows} >= {
+        ("imagenet224", 1),
+        ("cifar32", 2),
+    }
     kernels = [r for r in report["stages"]["kernels"]["rows"] if r["event"] == "row"]
     assert len(kernels) == len(product_check.KERNEL_CASES) and all(r["ok"] for r in kernels)
     loss = {(r["method"], r["status"]) for r in report["stages"]["loss"]["rows"]}
@@ -340,13 +442,24 @@ def test_gpu_check_dry_run_runs_every_stage_and_says_what_needs_cuda(tmp_path):
     assert all(r["synthetic_images_per_s"] > 0 for r in resnet)
     assert report["stages"]["train_dali"]["rows"][0]["dali_images_per_s"] > 0
     assert len(report["stages"]["cifar10"]["summary"]["knn_top1_by_epoch"]) >= 2
-    assert report["stages"]["profile"]["summary"]["verdict"].split(":")[0] in ("input-bound", "compute-bound")
+    assert report["stages"]["profile"]["summary"]["verdict"].split(":")[0] in (
+        "input-bound",
+        "compute-bound",
+    )
     assert report["files"]["ok"] and report["files"]["count"] <= 8
-    for name in ("gpu_check.jsonl", "gpu_check.log", "pipeline.json", "profile.json", "cifar10.json"):
+    for name in (
+        "gpu_check.jsonl",
+        "gpu_check.log",
+        "pipeline.json",
+        "profile.json",
+        "cifar10.json",
+    ):
         assert (out / name).stat().st_size > 0, name
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "imagenet-sample").is_dir(), reason="needs ../shared/data/imagenet-sample")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "imagenet-sample").is_dir(), reason="needs ../shared/data/imagenet-sample"
+)
 def test_imagenet_sized_jpegs_are_generated_from_a_small_subset(tmp_path):
     """The data stage's generator: the sample's sizes and classes, distinct JPEGs, from a few carried images."""
     from PIL import Image

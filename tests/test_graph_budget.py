@@ -17,14 +17,22 @@ import pytest
 import torch
 
 from simclr_dali.pipeline.augment import AugmentConfig
-from simclr_dali.pipeline.loader import _DALI_DTYPES, AugmentedView, TwoViews, _pipeline, classifier_augment
+from simclr_dali.pipeline.loader import (
+    _DALI_DTYPES,
+    AugmentedView,
+    TwoViews,
+    _pipeline,
+    classifier_augment,
+)
 from simclr_dali.trainer.config import load_config
 from simclr_dali.trainer.data import augment_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
 GPU_GRAPH_CPU_OPS = 12  # every CPU operator of a GPU graph, the reader included
-CPU_GRAPH_BOOKKEEPING_PER_VIEW = 12  # CPU operators of a CPU graph that do not touch pixels, per view
+CPU_GRAPH_BOOKKEEPING_PER_VIEW = (
+    12  # CPU operators of a CPU graph that do not touch pixels, per view
+)
 DECODERS = {"Image", "ImageSlice", "ImageRandomCrop"}
 
 
@@ -89,11 +97,15 @@ def test_gpu_graphs_spend_a_dozen_cpu_operators_and_never_copy_pixels_back(prese
     for name, view in _views(preset).items():
         ops = _operators(view, "gpu")
         cpu = [op for op in ops if op._op.device == "cpu"]
-        assert len(cpu) <= GPU_GRAPH_CPU_OPS, f"{preset} {name}: {len(cpu)} CPU operators: {_census(cpu)}"
+        assert len(cpu) <= GPU_GRAPH_CPU_OPS, (
+            f"{preset} {name}: {len(cpu)} CPU operators: {_census(cpu)}"
+        )
         pixels = _pixel_ops(ops)
         back = [op for op in cpu if id(op) in pixels]
         assert not back, f"{preset} {name}: CPU operators read decoded pixels: {_census(back)}"
-        assert any(_name(op) in DECODERS and op._op.device == "mixed" for op in ops), name  # decoded on the GPU
+        assert any(_name(op) in DECODERS and op._op.device == "mixed" for op in ops), (
+            name
+        )  # decoded on the GPU
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -103,7 +115,9 @@ def test_cpu_graphs_keep_their_bookkeeping_to_a_dozen_operators_a_view(preset):
         pixels = _pixel_ops(ops)
         bookkeeping = [op for op in ops if id(op) not in pixels]
         budget = CPU_GRAPH_BOOKKEEPING_PER_VIEW * len(view.outputs)
-        assert len(bookkeeping) <= budget, f"{preset} {name}: {len(bookkeeping)}: {_census(bookkeeping)}"
+        assert len(bookkeeping) <= budget, (
+            f"{preset} {name}: {len(bookkeeping)}: {_census(bookkeeping)}"
+        )
         assert all(op._op.device == "cpu" for op in ops)
 
 

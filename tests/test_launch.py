@@ -25,7 +25,14 @@ from conftest import tiny
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "docker" / "slurm.sbatch"
 HOSTS = ["gpu-a01", "gpu-a02"]
-TRAIN_ARGS = ["--config", "configs/imagenet.yaml", "--train_shards", "/shards/train", "--output_dir", "/ckpt/run"]
+TRAIN_ARGS = [
+    "--config",
+    "configs/imagenet.yaml",
+    "--train_shards",
+    "/shards/train",
+    "--output_dir",
+    "/ckpt/run",
+]
 
 STUBS = {
     # scontrol show hostnames NODELIST -> one host per line; scontrol requeue JOBID -> logged
@@ -96,12 +103,16 @@ def render_sbatch(
     for name in unset:
         del env[name]
     log = Path(env["STUB_LOG"])
-    done = subprocess.run(["bash", str(SBATCH), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["bash", str(SBATCH), *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     calls = [json.loads(line) for line in log.read_text().splitlines()]
     assert not [call for call in calls if "scontrol" in call], "requeued without a signal"
     sruns = [call["srun"] for call in calls if "srun" in call]
-    launches = sorted((call for call in calls if "argv" in call), key=lambda call: int(call["node"]))
+    launches = sorted(
+        (call for call in calls if "argv" in call), key=lambda call: int(call["node"])
+    )
     for node, call in enumerate(launches):
         assert call["node"] == str(node)
     return sruns, [call["argv"] for call in launches], done.stdout
@@ -116,7 +127,9 @@ def resolve_launch(argv: list[str], monkeypatch):
 
     assert argv[0] == "launch"
     monkeypatch.chdir(ROOT)  # config paths are relative to the checkout, as in the sbatch script
-    monkeypatch.setattr(accelerate_launch, "is_port_in_use", lambda port: False)  # rank 0 checks this machine's port
+    monkeypatch.setattr(
+        accelerate_launch, "is_port_in_use", lambda port: False
+    )  # rank 0 checks this machine's port
     args = launch_command_parser().parse_args(argv[1:])
     args, _, _ = _validate_launch_command(args)
     launch_args = argparse.Namespace(**vars(args))
@@ -124,7 +137,12 @@ def resolve_launch(argv: list[str], monkeypatch):
     torchrun = accelerate_launch._filter_args(
         args,
         distrib_run.get_args_parser(),
-        ["--training_script", args.training_script, "--training_script_args", args.training_script_args],
+        [
+            "--training_script",
+            args.training_script,
+            "--training_script_args",
+            args.training_script_args,
+        ],
     )
     return launch_args, torchrun
 
@@ -183,13 +201,18 @@ def test_sbatch_container_mode(tmp_path):
     "slurm, processes",
     [
         ({"SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_NODE": "8"}, 8),  # the GPUs this node has
-        ({"SLURM_GPUS_ON_NODE": None, "SLURM_GPUS_PER_NODE": "a100:2"}, 4),  # else the typed request
+        (
+            {"SLURM_GPUS_ON_NODE": None, "SLURM_GPUS_PER_NODE": "a100:2"},
+            4,
+        ),  # else the typed request
         ({"SLURM_GPUS_ON_NODE": None, "SLURM_GPUS_PER_NODE": "2"}, 4),
     ],
 )
 def test_sbatch_takes_the_gpus_per_node_from_slurm(tmp_path, slurm, processes):
     env = {key: value for key, value in slurm.items() if value is not None}
-    sruns, launches, stdout = render_sbatch(tmp_path, env, unset=[k for k, v in slurm.items() if v is None])
+    sruns, launches, stdout = render_sbatch(
+        tmp_path, env, unset=[k for k, v in slurm.items() if v is None]
+    )
     gpus = processes // 2
     assert f"2 nodes x {gpus} GPUs = {processes} processes" in stdout
     for argv in launches:
@@ -200,13 +223,16 @@ def test_sbatch_without_a_gpu_count_is_refused(tmp_path):
     env = sbatch_env(tmp_path, STUBS)
     for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE"):
         del env[name]
-    done = subprocess.run(["bash", str(SBATCH), *TRAIN_ARGS], cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        ["bash", str(SBATCH), *TRAIN_ARGS], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     assert done.returncode == 2 and "--gpus-per-node" in done.stderr
     assert not Path(env["STUB_LOG"]).exists(), "nothing was started"
 
 
 @pytest.mark.parametrize(
-    "slurm, cpus", [({"SLURM_CPUS_PER_TASK": "32"}, "32"), ({}, "64"), ({"CPUS_PER_TASK": "16"}, "16")]
+    "slurm, cpus",
+    [({"SLURM_CPUS_PER_TASK": "32"}, "32"), ({}, "64"), ({"CPUS_PER_TASK": "16"}, "16")],
 )
 def test_sbatch_asks_srun_for_slurms_cpus_per_task(tmp_path, slurm, cpus):
     """--cpus-per-task of sbatch (else every CPU of the node) again on srun, which does not inherit it everywhere."""
@@ -220,14 +246,24 @@ def test_sbatch_asks_srun_for_slurms_cpus_per_task(tmp_path, slurm, cpus):
     [
         (TRAIN_ARGS, True),
         (["--config", "configs/imagenet.yaml", "--output_dir=/ckpt/run"], True),
-        (["--config", "configs/imagenet.yaml"], False),  # the config's runs/imagenet: inside the container
+        (
+            ["--config", "configs/imagenet.yaml"],
+            False,
+        ),  # the config's runs/imagenet: inside the container
         (["--output_dir", "/lustre/ckpt/run"], False),  # a host path the container does not mount
-        (["--output_dir", "/ckpt/run", "--output_dir", "runs/x"], False),  # the last one wins, as in train.py
+        (
+            ["--output_dir", "/ckpt/run", "--output_dir", "runs/x"],
+            False,
+        ),  # the last one wins, as in train.py
     ],
 )
 def test_container_mode_refuses_an_output_dir_outside_the_mount(tmp_path, args, accepted):
-    env = sbatch_env(tmp_path, STUBS, {"SIMCLR_IMAGE": "/shared/simclr.sqsh", "CKPT_DIR": "/lustre/ckpt"})
-    done = subprocess.run(["bash", str(SBATCH), *args], cwd=ROOT, env=env, capture_output=True, text=True)
+    env = sbatch_env(
+        tmp_path, STUBS, {"SIMCLR_IMAGE": "/shared/simclr.sqsh", "CKPT_DIR": "/lustre/ckpt"}
+    )
+    done = subprocess.run(
+        ["bash", str(SBATCH), *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
     if accepted:
         assert done.returncode == 0, done.stderr
     else:
@@ -260,12 +296,23 @@ def test_accelerate_configs(monkeypatch):
         "configs/imagenet.yaml",
     ]
     args, torchrun = resolve_launch(argv, monkeypatch)
-    assert (args.num_machines, args.num_processes, args.machine_rank, args.main_process_ip) == (2, 16, 1, "gpu-a01")
+    assert (args.num_machines, args.num_processes, args.machine_rank, args.main_process_ip) == (
+        2,
+        16,
+        1,
+        "gpu-a01",
+    )
     assert args.main_process_port == multi["main_process_port"]
-    assert (int(torchrun.nnodes), int(torchrun.nproc_per_node), int(torchrun.node_rank)) == (2, 8, 1)
+    assert (int(torchrun.nnodes), int(torchrun.nproc_per_node), int(torchrun.node_rank)) == (
+        2,
+        8,
+        1,
+    )
 
     # the single-node config: 8 processes on this machine, no rendezvous host needed
-    args, torchrun = resolve_launch(["launch", "--config_file", "configs/accelerate/1x8.yaml", "train.py"], monkeypatch)
+    args, torchrun = resolve_launch(
+        ["launch", "--config_file", "configs/accelerate/1x8.yaml", "train.py"], monkeypatch
+    )
     assert args.multi_gpu and args.num_processes == 8 and args.num_machines == 1
     assert int(torchrun.nproc_per_node) == 8
 
@@ -289,9 +336,16 @@ def test_sbatch_signals_the_workers_and_requeues_before_the_time_limit(tmp_path)
     it has stopped (the workers checkpoint and exit 75) the script requeues the job."""
     text = SBATCH.read_text()
     assert "#SBATCH --signal=B:USR1@300" in text and "#SBATCH --requeue" in text
-    env = sbatch_env(tmp_path, {**STUBS, "srun": WAITING_SRUN}, {"STUB_READY": str(tmp_path / "ready")})
+    env = sbatch_env(
+        tmp_path, {**STUBS, "srun": WAITING_SRUN}, {"STUB_READY": str(tmp_path / "ready")}
+    )
     script = subprocess.Popen(
-        ["bash", str(SBATCH), *TRAIN_ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ["bash", str(SBATCH), *TRAIN_ARGS],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 30
     while not (tmp_path / "ready").exists():
@@ -304,7 +358,9 @@ def test_sbatch_signals_the_workers_and_requeues_before_the_time_limit(tmp_path)
     assert {"srun_got": "USR1"} in calls, "the signal did not reach the job step"
     assert {"scontrol": ["requeue", "4242"]} in calls and "requeueing job 4242" in stdout
     step_env = next(call["step_env"] for call in calls if "step_env" in call)
-    assert int(step_env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= 120  # torchrun's agent waits for the checkpoint, not 30 s
+    assert (
+        int(step_env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]) >= 120
+    )  # torchrun's agent waits for the checkpoint, not 30 s
     # ... and forwards SIGUSR1 to its workers: torchrun's --signals_to_handle, read from the environment (the
     # TORCHELASTIC_ variable is the launcher's output, overwritten from that flag)
     assert "SIGUSR1" in step_env["PET_SIGNALS_TO_HANDLE"].split(",")
@@ -318,7 +374,12 @@ def test_sbatch_forwards_sigterm_without_requeueing(tmp_path):
         {"STUB_READY": str(tmp_path / "ready")},
     )
     script = subprocess.Popen(
-        ["bash", str(SBATCH), *TRAIN_ARGS], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        ["bash", str(SBATCH), *TRAIN_ARGS],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 30
     while not (tmp_path / "ready").exists():
@@ -408,15 +469,32 @@ def launch_command(how: str, tmp_path: Path, spec: dict, config: Path) -> tuple[
     }
     env.pop("PET_SIGNALS_TO_HANDLE", None)
     if how == "accelerate":
-        env.update(SIGNALS_TO_HANDLE, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120")  # a loaded machine: more than 30 s
-        return ["accelerate", "launch", "--config_file", str(accelerate_config), str(WORKER), *worker_args], env
+        env.update(
+            SIGNALS_TO_HANDLE, TORCH_ELASTIC_SHUTDOWN_TIMEOUT="120"
+        )  # a loaded machine: more than 30 s
+        return [
+            "accelerate",
+            "launch",
+            "--config_file",
+            str(accelerate_config),
+            str(WORKER),
+            *worker_args,
+        ], env
     home = tmp_path / "home"  # SIMCLR_HOME: its train.py is the fault worker
     home.mkdir()
     (home / "train.py").symlink_to(WORKER)
     env["SIMCLR_HOME"] = str(home)
     if how == "entrypoint":
         entrypoint = ROOT / "docker" / "entrypoint.sh"
-        return ["bash", str(entrypoint), "train", "--config_file", str(accelerate_config), "--", *worker_args], env
+        return [
+            "bash",
+            str(entrypoint),
+            "train",
+            "--config_file",
+            str(accelerate_config),
+            "--",
+            *worker_args,
+        ], env
     assert how == "sbatch"
     slurm = sbatch_env(tmp_path, {"scontrol": STUBS["scontrol"], "srun": LOCAL_SRUN})
     env.update(
@@ -434,28 +512,45 @@ def launch_command(how: str, tmp_path: Path, spec: dict, config: Path) -> tuple[
 
 @pytest.mark.parametrize(
     "how, sig",
-    [("accelerate", "SIGUSR1"), ("accelerate", "SIGTERM"), ("entrypoint", "SIGUSR1"), ("sbatch", "SIGUSR1")],
+    [
+        ("accelerate", "SIGUSR1"),
+        ("accelerate", "SIGTERM"),
+        ("entrypoint", "SIGUSR1"),
+        ("sbatch", "SIGUSR1"),
+    ],
 )
 @pytest.mark.slow
-def test_a_signal_to_the_launcher_checkpoints_every_worker_and_exits_75(how, sig, launch_shards, tmp_path):
+def test_a_signal_to_the_launcher_checkpoints_every_worker_and_exits_75(
+    how, sig, launch_shards, tmp_path
+):
     """SIGUSR1 (SLURM's time-limit warning) or SIGTERM (scancel, docker stop) sent to the launcher only, as srun
     and tini deliver it: torchrun's agent (under `accelerate launch`) forwards it to both workers, each stops
     after the same step with a checkpoint of it and exits 75. A signal the agent does not handle kills it and
     leaves the workers training: they then end at max_steps with status 0 and the test fails."""
     out, report, ready = tmp_path / "run", tmp_path / "report", tmp_path / "ready"
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**TINY_RUN, "train_shards": str(launch_shards), "output_dir": str(out)}))
-    command, env = launch_command(how, tmp_path, {"report": str(report), "ready_after_step": [str(ready), 2]}, config)
-    launcher = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    config.write_text(
+        yaml.safe_dump({**TINY_RUN, "train_shards": str(launch_shards), "output_dir": str(out)})
+    )
+    command, env = launch_command(
+        how, tmp_path, {"report": str(report), "ready_after_step": [str(ready), 2]}, config
+    )
+    launcher = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         deadline = time.monotonic() + 300
         while not ready.exists():
-            assert time.monotonic() < deadline and launcher.poll() is None, launcher.communicate()[0][-4000:]
+            assert time.monotonic() < deadline and launcher.poll() is None, launcher.communicate()[
+                0
+            ][-4000:]
             time.sleep(0.1)
         launcher.send_signal(getattr(signal, sig))
         output = launcher.communicate(timeout=300)[0]
     finally:
-        for pid_file in report.glob("rank*.pid"):  # workers run in sessions of their own: end strays by id
+        for pid_file in report.glob(
+            "rank*.pid"
+        ):  # workers run in sessions of their own: end strays by id
             with contextlib.suppress(ProcessLookupError, ValueError):
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
         if launcher.poll() is None:

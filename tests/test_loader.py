@@ -13,7 +13,13 @@ import webdataset as wds
 from conftest import make_shards, random_images
 
 from simclr_dali.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, AugmentConfig
-from simclr_dali.pipeline.loader import AugmentedView, DaliLoader, EvalView, TwoViews, classifier_augment
+from simclr_dali.pipeline.loader import (
+    AugmentedView,
+    DaliLoader,
+    EvalView,
+    TwoViews,
+    classifier_augment,
+)
 from simclr_dali.pipeline.shards.pixel_sources import encode_jpeg
 from simclr_dali.pipeline.shards.shardset import ShardError, write_index
 from simclr_dali.pipeline.shards.writer import Sample, write_shards
@@ -46,11 +52,20 @@ def test_eval_labels_decode_multi_digit(small_shards):
 def write_identity_shards(directory, count: int = 97, per_shard: int = 25):
     """Solid-colour images whose colour encodes the sample id (survives crop, flip, resize, JPEG), label = id."""
     ids = np.arange(count)
-    colours = np.stack([20 + 20 * (ids % 10), 20 + 20 * (ids // 10), np.full(count, 128)], 1).astype(np.uint8)
+    colours = np.stack(
+        [20 + 20 * (ids % 10), 20 + 20 * (ids // 10), np.full(count, 128)], 1
+    ).astype(np.uint8)
     images = np.broadcast_to(colours[:, None, None, :], (count, 24, 24, 3)).copy()
-    samples = (Sample(f"{i:08d}", encode_jpeg(image, 100), int(i), "ids") for i, image in enumerate(images))
+    samples = (
+        Sample(f"{i:08d}", encode_jpeg(image, 100), int(i), "ids") for i, image in enumerate(images)
+    )
     write_shards(
-        samples, str(directory / "id-%06d.tar"), [str(i) for i in ids], count, max_count=per_shard, progress=False
+        samples,
+        str(directory / "id-%06d.tar"),
+        [str(i) for i in ids],
+        count,
+        max_count=per_shard,
+        progress=False,
     )
     return directory, count
 
@@ -73,8 +88,12 @@ def test_eval_every_sample_exactly_once_across_ranks(identity_shards, world):
     for epoch in range(2):
         seen = collections.Counter()
         for rank in range(world):
-            loader = DaliLoader(directory, 8, EvalView(24, 24), train=False, shard_id=rank, num_shards=world)
-            for _ in range(epoch + 1):  # the second pass checks that a loader's next epoch is whole again
+            loader = DaliLoader(
+                directory, 8, EvalView(24, 24), train=False, shard_id=rank, num_shards=world
+            )
+            for _ in range(
+                epoch + 1
+            ):  # the second pass checks that a loader's next epoch is whole again
                 seen_this = [label for _, labels in loader for label in labels.tolist()]
             seen.update(seen_this)
         assert seen == collections.Counter(range(count))
@@ -110,7 +129,9 @@ def test_pretrain_epochs_see_each_sample_at_most_once_with_equal_steps(identity_
         for rank in range(world)
     ]
     assert all(loader.pipelines == pipelines for loader in loaders)
-    assert len({len(loader) for loader in loaders}) == 1  # DDP: every rank takes the same number of steps
+    assert (
+        len({len(loader) for loader in loaders}) == 1
+    )  # DDP: every rank takes the same number of steps
     steps = len(loaders[0])
     assert steps == expected_steps(count, world, batch, pipelines)
     epochs_seen = []
@@ -124,9 +145,13 @@ def test_pretrain_epochs_see_each_sample_at_most_once_with_equal_steps(identity_
                 assert ids == decode_ids(view2)  # the two views are of the same images
                 seen.update(ids)
         assert max(seen.values()) == 1 and set(seen) <= set(range(count))
-        assert sum(seen.values()) == world * steps * batch  # only the remainder beyond full batches is dropped
+        assert (
+            sum(seen.values()) == world * steps * batch
+        )  # only the remainder beyond full batches is dropped
         epochs_seen.append(set(seen))
-    assert len({frozenset(s) for s in epochs_seen}) > 1 or len(epochs_seen[0]) == count  # reshuffled between epochs
+    assert (
+        len({frozenset(s) for s in epochs_seen}) > 1 or len(epochs_seen[0]) == count
+    )  # reshuffled between epochs
 
 
 @pytest.mark.parametrize("pipelines", PIPELINES)
@@ -168,7 +193,9 @@ def test_one_pipeline_per_run_keeps_epochs_exact(tmp_path, per_shard, world, pip
             order += ids
         assert max(seen.values()) == 1 and set(seen) <= set(range(count))
         orders.append(order)
-    assert all(loader._iterator is iterator for loader, iterator in zip(loaders, iterators))  # never rebuilt
+    assert all(
+        loader._iterator is iterator for loader, iterator in zip(loaders, iterators)
+    )  # never rebuilt
     assert len({tuple(order) for order in orders}) == 3  # a new order every epoch
 
 
@@ -176,7 +203,9 @@ def test_one_pipeline_per_run_keeps_epochs_exact(tmp_path, per_shard, world, pip
 def test_resume_in_a_later_epoch(small_shards, pipelines):
     """A state saved in epoch 2 (the persistent reader has crossed an epoch boundary) resumes exactly."""
     directory, _ = small_shards
-    make = lambda: DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=4, pipelines=pipelines)
+    make = lambda: DaliLoader(
+        directory, 8, TwoViews(CIFAR), train=True, seed=4, pipelines=pipelines
+    )
     loader = make()
     reference = [v1 for _ in range(3) for v1, _ in loader]
     loader = make()
@@ -202,13 +231,20 @@ def test_an_epoch_start_state_starts_a_whole_epoch(identity_shards, pipelines):
     loader = DaliLoader(directory, 8, TwoViews(plain), train=True, seed=3, pipelines=pipelines)
     loader.load_state_dict({"shard_id": 0, "num_shards": 1, "epoch": 2, "dali_checkpoint": None})
     ids = [i for view1, _ in loader for i in decode_ids(view1)]
-    assert len(ids) == len(set(ids)) == expected_steps(count, 1, 8, pipelines) * 8 and loader.epoch == 3
+    assert (
+        len(ids) == len(set(ids)) == expected_steps(count, 1, 8, pipelines) * 8
+        and loader.epoch == 3
+    )
 
 
-@pytest.mark.parametrize("buffer", [1, 2, 3])  # split between two pipelines: never below one sample each
+@pytest.mark.parametrize(
+    "buffer", [1, 2, 3]
+)  # split between two pipelines: never below one sample each
 def test_small_shuffle_buffers_split_between_pipelines(small_shards, buffer):
     directory, _ = small_shards
-    loader = DaliLoader(directory, 8, TwoViews(CIFAR), train=True, shuffle_buffer=buffer, pipelines=2)
+    loader = DaliLoader(
+        directory, 8, TwoViews(CIFAR), train=True, shuffle_buffer=buffer, pipelines=2
+    )
     assert loader.pipelines == 2 and sum(1 for _ in loader) == len(loader)
     with pytest.raises(ValueError, match="shuffle_buffer must be >= 1"):
         DaliLoader(directory, 8, TwoViews(CIFAR), train=True, shuffle_buffer=0)
@@ -241,10 +277,15 @@ def test_upper_case_member_extensions_are_read(tmp_path):
     images = random_images(6, 24)
     tar = write_raw(
         tmp_path / "upper",
-        [{"__key__": f"n0000_{i}", "JPEG": encode_jpeg(image, 95), "cls": b"3"} for i, image in enumerate(images)],
+        [
+            {"__key__": f"n0000_{i}", "JPEG": encode_jpeg(image, 95), "cls": b"3"}
+            for i, image in enumerate(images)
+        ],
     )
     batches = list(DaliLoader(tar.parent, 3, EvalView(24, 24), train=False))
-    assert sum(len(labels) for _, labels in batches) == 6 and all(labels.tolist() == [3, 3, 3] for _, labels in batches)
+    assert sum(len(labels) for _, labels in batches) == 6 and all(
+        labels.tolist() == [3, 3, 3] for _, labels in batches
+    )
 
 
 @pytest.mark.parametrize("pipelines", PIPELINES)
@@ -252,16 +293,25 @@ def test_labelled_view_decodes_only_its_crop(identity_shards, pipelines):
     """The single-view classifier loader decodes the region of its random crop (ROI decode): the right image,
     its label, the view's size and normalisation (with two pipelines: each image with its own label)."""
     directory, count = identity_shards
-    loader = DaliLoader(directory, 8, AugmentedView(classifier_augment(16)), train=True, seed=1, pipelines=pipelines)
+    loader = DaliLoader(
+        directory, 8, AugmentedView(classifier_augment(16)), train=True, seed=1, pipelines=pipelines
+    )
     assert loader.pipelines == pipelines
     for images, labels in loader:
-        assert images.shape == (8, 3, 16, 16) and images.is_contiguous(memory_format=torch.channels_last)
-        assert decode_ids(images) == labels.tolist()  # solid colours: any crop of an image is that image's colour
+        assert images.shape == (8, 3, 16, 16) and images.is_contiguous(
+            memory_format=torch.channels_last
+        )
+        assert (
+            decode_ids(images) == labels.tolist()
+        )  # solid colours: any crop of an image is that image's colour
 
 
 def test_same_seed_same_views_other_seed_differs(small_shards):
     directory, _ = small_shards
-    first = [next(iter(DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=s)))[0] for s in (3, 3, 4)]
+    first = [
+        next(iter(DaliLoader(directory, 8, TwoViews(CIFAR), train=True, seed=s)))[0]
+        for s in (3, 3, 4)
+    ]
     assert torch.equal(first[0], first[1])
     assert not torch.equal(first[0], first[2])
 
@@ -305,7 +355,9 @@ def write_raw(directory, samples):
 
 def test_corrupt_jpeg_named(tmp_path):
     images = random_images(12, 32)
-    samples = [{"__key__": f"k{i:03d}", "jpg": encode_jpeg(im), "cls": b"1"} for i, im in enumerate(images)]
+    samples = [
+        {"__key__": f"k{i:03d}", "jpg": encode_jpeg(im), "cls": b"1"} for i, im in enumerate(images)
+    ]
     samples[7]["jpg"] = samples[7]["jpg"][: len(samples[7]["jpg"]) // 2]
     tar = write_raw(tmp_path, samples)
     with pytest.raises(ShardError) as error:
@@ -324,7 +376,11 @@ def test_missing_label_named(tmp_path):
     with pytest.raises(ShardError) as error:
         for _ in DaliLoader(tmp_path, 4, EvalView(32), train=False):
             pass
-    assert str(tar) in str(error.value) and "key k005" in str(error.value) and "cls" in str(error.value)
+    assert (
+        str(tar) in str(error.value)
+        and "key k005" in str(error.value)
+        and "cls" in str(error.value)
+    )
 
 
 def test_bad_label_text_named(tmp_path):
@@ -373,7 +429,11 @@ def test_batch_larger_than_data_is_an_error(tmp_path):
 def test_gpu_decoder_buffers_are_sized_to_the_data():
     """nvJPEG's paddings are per DALI thread: DALI's defaults (8 MiB host, 16 MiB device) where they hold the
     largest image decoded (CIFAR's 32 px), one decoded image otherwise; never ImageNet's 211 MB for every set."""
-    from simclr_dali.pipeline.augment import _decoder_args, gpu_decoder_sized_for, gpu_decoder_sizing
+    from simclr_dali.pipeline.augment import (
+        _decoder_args,
+        gpu_decoder_sized_for,
+        gpu_decoder_sizing,
+    )
 
     assert gpu_decoder_sizing(None) == {} and gpu_decoder_sizing((32, 32)) == {}
     assert gpu_decoder_sizing((1600, 1200)) == {}  # 5.5 MB decoded
@@ -395,9 +455,19 @@ def test_largest_image_is_read_from_the_headers_of_the_largest_files(tmp_path):
     directory, _ = make_shards(tmp_path / "cifar", 30, size=32, per_shard=16)
     tars = sorted(directory.glob("*.tar"))
     assert largest_image([read_index(tar) for tar in tars]) == (32, 32)
-    samples = [Sample(f"s{i}", encode_jpeg(image), 0, f"s{i}") for i, image in enumerate(random_images(3, 64))]
+    samples = [
+        Sample(f"s{i}", encode_jpeg(image), 0, f"s{i}")
+        for i, image in enumerate(random_images(3, 64))
+    ]
     samples.append(Sample("wide", encode_jpeg(random_images(1, 96)[0][:48]), 0, "wide"))  # 96 x 48
-    write_shards(samples, str(tmp_path / "mixed-%06d.tar"), ["c0"], total=len(samples), max_count=10, progress=False)
+    write_shards(
+        samples,
+        str(tmp_path / "mixed-%06d.tar"),
+        ["c0"],
+        total=len(samples),
+        max_count=10,
+        progress=False,
+    )
     mixed = sorted(tmp_path.glob("mixed-*.tar"))
     assert largest_image([read_index(tar) for tar in mixed], candidates=10) == (96, 48)
 

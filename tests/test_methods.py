@@ -31,8 +31,21 @@ from simclr_dali.trainer.step import train_step
 
 def test_two_layer_head_is_the_first_papers_and_keeps_its_module_names():
     head = ProjectionHead(64, 32, 16)
-    assert [type(m).__name__ for m in head] == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
-    assert set(head.state_dict()) >= {"0.weight", "1.weight", "1.bias", "3.weight", "4.weight", "4.running_mean"}
+    assert [type(m).__name__ for m in head] == [
+        "Linear",
+        "BatchNorm1d",
+        "ReLU",
+        "Linear",
+        "BatchNorm1d",
+    ]
+    assert set(head.state_dict()) >= {
+        "0.weight",
+        "1.weight",
+        "1.bias",
+        "3.weight",
+        "4.weight",
+        "4.running_mean",
+    }
     assert not any(m.bias is not None for m in head if isinstance(m, nn.Linear))
     assert not head[4].bias.requires_grad and torch.all(head[4].bias == 0)
 
@@ -43,7 +56,10 @@ def test_head_of_any_depth_is_the_official_projection_head(layers):
     head = ProjectionHead(64, 32, 16, layers)
     linears = [m for m in head if isinstance(m, nn.Linear)]
     norms = [m for m in head if isinstance(m, nn.BatchNorm1d)]
-    assert len(linears) == len(norms) == layers and sum(isinstance(m, nn.ReLU) for m in head) == layers - 1
+    assert (
+        len(linears) == len(norms) == layers
+        and sum(isinstance(m, nn.ReLU) for m in head) == layers - 1
+    )
     assert [m.out_features for m in linears] == [32] * (layers - 1) + [16]
     assert all(n.bias.requires_grad for n in norms[:-1]) and not norms[-1].bias.requires_grad
     x = torch.randn(8, 64)
@@ -73,21 +89,38 @@ def test_selective_kernel_resnets_run_as_backbones(name):
 
 def test_new_flags_are_in_help_and_checked():
     help_text = subprocess.run(
-        [sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "train.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
     for flag in ("--loss", "supcon", "--proj_layers", "--online_probe", "--online_probe_lr"):
         assert flag in help_text, flag
     help_text = subprocess.run(
-        [sys.executable, "evaluate.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "evaluate.py", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     ).stdout
-    for flag in ("--ft_proj_selector", "--distill_shards", "--distill_epochs", "--distill_temperature", "distill"):
+    for flag in (
+        "--ft_proj_selector",
+        "--distill_shards",
+        "--distill_epochs",
+        "--distill_temperature",
+        "distill",
+    ):
         assert flag in help_text, flag
     from simclr_dali.trainer.config import ConfigError
 
     for bad in ({"proj_layers": 0}, {"online_probe_lr": 0.0}, {"online_probe_lr": math.inf}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             dataclasses.replace(TrainConfig(train_shards="x"), **bad).validate()
-    assert parse_args(["--train_shards", "x", "--loss", "supcon", "--proj_layers", "3"]).loss == "supcon"
+    assert (
+        parse_args(["--train_shards", "x", "--loss", "supcon", "--proj_layers", "3"]).loss
+        == "supcon"
+    )
 
 
 def test_resume_refuses_a_changed_loss_or_head_depth_but_not_the_probe():
@@ -98,12 +131,22 @@ def test_resume_refuses_a_changed_loss_or_head_depth_but_not_the_probe():
         ({"online_probe": False}, False),
         ({"online_probe_lr": 0.5}, False),
     ]:
-        applied, refusals = resume_changes(saved, dataclasses.replace(TrainConfig(train_shards="x"), **change))
+        applied, refusals = resume_changes(
+            saved, dataclasses.replace(TrainConfig(train_shards="x"), **change)
+        )
         name = next(iter(change))
-        assert any(line.startswith(name) for line in (refusals if refused else applied)), (change, applied, refusals)
+        assert any(line.startswith(name) for line in (refusals if refused else applied)), (
+            change,
+            applied,
+            refusals,
+        )
         assert not any(line.startswith(name) for line in (applied if refused else refusals))
     # a checkpoint written before these fields existed counts as their defaults: nothing to refuse
-    older = {k: v for k, v in saved.items() if k not in ("loss", "proj_layers", "online_probe", "online_probe_lr")}
+    older = {
+        k: v
+        for k, v in saved.items()
+        if k not in ("loss", "proj_layers", "online_probe", "online_probe_lr")
+    }
     assert resume_changes(older, TrainConfig(train_shards="x")) == ([], [])
 
 
@@ -119,7 +162,9 @@ def _step_grads(cfg: TrainConfig, view1, view2, labels):
     model.eval()  # BN without batch statistics: the micro-batched gradient is then the plain one
     grads = {}
     optimizer.optimizer.register_step_pre_hook(
-        lambda *_: grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        lambda *_: grads.update(
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        )
     )
     out = train_step(model, optimizer, view1, view2, cfg, accelerator, labels)
     return out.loss.item(), grads
@@ -143,7 +188,9 @@ def test_supcon_step_with_and_without_gradient_caching(micro_batch):
     expected = supcon_reference(z[:16].double(), z[16:].double(), labels, cfg.temperature).item()
     assert plain_loss == pytest.approx(expected, rel=1e-5)
     if micro_batch:
-        loss, grads = _step_grads(dataclasses.replace(cfg, micro_batch=micro_batch), view1, view2, labels)
+        loss, grads = _step_grads(
+            dataclasses.replace(cfg, micro_batch=micro_batch), view1, view2, labels
+        )
         assert loss == pytest.approx(plain_loss, rel=1e-6)
         for name, grad in plain.items():
             error = (grads[name] - grad).norm() / grad.norm().clamp_min(1e-30)
@@ -163,7 +210,10 @@ def unlabelled_shards(directory, count: int):
     from simclr_dali.pipeline.shards.writer import Sample, write_shards
 
     directory.mkdir(parents=True, exist_ok=True)
-    samples = (Sample(f"{i:08d}", encode_jpeg(image), None, f"u{i}") for i, image in enumerate(random_images(count)))
+    samples = (
+        Sample(f"{i:08d}", encode_jpeg(image), None, f"u{i}")
+        for i, image in enumerate(random_images(count))
+    )
     write_shards(samples, str(directory / "u-%06d.tar"), None, total=count, progress=False)
     return directory
 
@@ -178,7 +228,11 @@ def test_online_probe_learns_separable_features_without_host_reads(monkeypatch):
     reads = []
     for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
         original = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a))
+        monkeypatch.setattr(
+            torch.Tensor,
+            name,
+            lambda self, *a, _o=original, _n=name: reads.append(_n) or _o(self, *a),
+        )
     for _ in range(30):
         labels = torch.randint(0, 4, (32,))
         h = torch.cat([centres[labels], centres[labels]]) + torch.randn(64, 16)
@@ -199,20 +253,26 @@ def test_probe_is_on_for_labelled_shards_and_off_otherwise(tmp_path):
     assert not probe_enabled(dataclasses.replace(cfg, online_probe=False))[0]
     off, why = probe_enabled(dataclasses.replace(cfg, micro_batch=4))
     assert not off and "micro-batches" in why
-    off, why = probe_enabled(dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, kind="torchvision")))
+    off, why = probe_enabled(
+        dataclasses.replace(cfg, loader=dataclasses.replace(cfg.loader, kind="torchvision"))
+    )
     assert not off and "torchvision" in why
     unlabelled = unlabelled_shards(tmp_path / "unlabelled", 8)
     cfg = TrainConfig(train_shards=str(unlabelled))
     on, why = probe_enabled(cfg)
     assert not on and str(unlabelled) in why and "no labels" in why and not wants_labels(cfg)
-    assert wants_labels(dataclasses.replace(cfg, loss="supcon"))  # SupCon asks, and the loader will refuse
+    assert wants_labels(
+        dataclasses.replace(cfg, loss="supcon")
+    )  # SupCon asks, and the loader will refuse
 
 
 # --------------------------------------------------------------------------- train.py and evaluate.py end to end
 
 
 def _run(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 TINY_TRAIN = [
@@ -264,7 +324,9 @@ def test_supcon_on_unlabelled_shards_is_a_clear_error(tmp_path):
         "train.py", *TINY_TRAIN, "--train_shards", str(tmp_path), "--output_dir", str(tmp_path / "run"),
         "--loss", "supcon",
     )  # fmt: skip
-    assert result.returncode == 2 and "u-000000.tar" in result.stderr and "label" in result.stderr, result.stderr
+    assert (
+        result.returncode == 2 and "u-000000.tar" in result.stderr and "label" in result.stderr
+    ), result.stderr
     result = _run(
         "train.py", *TINY_TRAIN, "--train_shards", str(tmp_path), "--output_dir", str(tmp_path / "run2"),
     )  # fmt: skip
@@ -314,4 +376,6 @@ def test_labelled_two_views_yield_the_pairs_labels(small_shards):
         assert batch_labels.dtype == torch.int64 and not torch.equal(view1, view2)
         seen.update(batch_labels.tolist())
     held = Counter(labels.tolist())
-    assert sum(seen.values()) == 16 * loader.steps_per_epoch and all(seen[k] <= held[k] for k in seen)
+    assert sum(seen.values()) == 16 * loader.steps_per_epoch and all(
+        seen[k] <= held[k] for k in seen
+    )

@@ -20,7 +20,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from conftest import ROOT
-from microbatch_steps import GLOBAL_BATCH, TINY, bn_buffers, ghost_bn_reference, global_views, recorded_step
+from microbatch_steps import (
+    GLOBAL_BATCH,
+    TINY,
+    bn_buffers,
+    ghost_bn_reference,
+    global_views,
+    recorded_step,
+)
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from simclr_dali.trainer import gradcache
@@ -49,7 +56,10 @@ def relative_errors(got: dict, expected: dict) -> dict:
     assert got.keys() == expected.keys()
     errors = {}
     for name, value in expected.items():
-        difference, norm = (got[name].double() - value.double()).norm().item(), value.double().norm().item()
+        difference, norm = (
+            (got[name].double() - value.double()).norm().item(),
+            value.double().norm().item(),
+        )
         errors[name] = difference / norm if norm > 0 else (0.0 if difference == 0 else math.inf)
     return errors
 
@@ -57,7 +67,9 @@ def relative_errors(got: dict, expected: dict) -> dict:
 def assert_close(got: dict, expected: dict, tolerance: float, what: str):
     errors = relative_errors(got, expected)
     worst = max(errors, key=errors.get)
-    assert errors[worst] <= tolerance, f"{what}: {worst} differs by {errors[worst]:.2e} (relative), > {tolerance:g}"
+    assert errors[worst] <= tolerance, (
+        f"{what}: {worst} differs by {errors[worst]:.2e} (relative), > {tolerance:g}"
+    )
 
 
 class Recorder(torch.nn.Module):
@@ -104,7 +116,9 @@ def test_gradients_equal_the_plain_step_without_batch_statistics(make_accelerato
     accelerator = make_accelerator()
     view1, view2 = global_views()
     plain = recorded_step(TINY, accelerator, view1, view2, bn_eval=True)
-    micro = recorded_step(dataclasses.replace(TINY, micro_batch=micro_batch), accelerator, view1, view2, bn_eval=True)
+    micro = recorded_step(
+        dataclasses.replace(TINY, micro_batch=micro_batch), accelerator, view1, view2, bn_eval=True
+    )
     assert_close(micro["grads"], plain["grads"], 1e-5, f"micro_batch {micro_batch} vs plain")
     assert micro["loss"] == pytest.approx(plain["loss"], rel=1e-6)
 
@@ -113,13 +127,17 @@ def test_micro_batch_at_least_the_batch_is_the_plain_step(make_accelerator):
     accelerator = make_accelerator()
     view1, view2 = global_views()
     plain = recorded_step(TINY, accelerator, view1, view2)
-    whole = recorded_step(dataclasses.replace(TINY, micro_batch=GLOBAL_BATCH), accelerator, view1, view2)
+    whole = recorded_step(
+        dataclasses.replace(TINY, micro_batch=GLOBAL_BATCH), accelerator, view1, view2
+    )
     assert all(torch.equal(whole["grads"][k], plain["grads"][k]) for k in plain["grads"])
     assert all(torch.equal(whole["buffers"][k], plain["buffers"][k]) for k in plain["buffers"])
 
 
 @pytest.mark.parametrize("micro_batch, momentum", [(2, 0.1), (4, None), (8, 0.3)])
-def test_ghost_bn_gradients_and_running_statistics_match_the_direct_reference(make_accelerator, micro_batch, momentum):
+def test_ghost_bn_gradients_and_running_statistics_match_the_direct_reference(
+    make_accelerator, micro_batch, momentum
+):
     """BN in train mode (float64): the gradients are those of the micro-batch-BN objective computed directly
     (each micro-batch normalised alone, the paper's loss over all rows), and the running statistics got ONE
     update with the mean of the micro-batches' statistics (not k updates, not the no-grad pass's too)."""
@@ -129,7 +147,9 @@ def test_ghost_bn_gradients_and_running_statistics_match_the_direct_reference(ma
     got = recorded_step(cfg, accelerator, view1, view2, dtype=torch.float64, momentum=momentum)
     expected = ghost_bn_reference(TINY, view1, view2, micro_batch, world=1, momentum=momentum)
     # 1e-6: the step computes the loss in float32 (z.float()); the rest of the step is float64
-    assert_close(got["grads"], expected["grads"], 1e-6, "micro-batched step vs micro-batch-BN objective")
+    assert_close(
+        got["grads"], expected["grads"], 1e-6, "micro-batched step vs micro-batch-BN objective"
+    )
     assert_close(got["buffers"], expected["buffers"], 1e-12, "running statistics")
     assert all(int(v) == 1 for k, v in got["buffers"].items() if k.endswith("num_batches_tracked"))
 
@@ -141,8 +161,13 @@ def test_running_statistics_decay_per_step_as_a_plain_step(make_accelerator):
     view1, view2 = global_views(batch=4)
     tiled1, tiled2 = view1.repeat(4, 1, 1, 1), view2.repeat(4, 1, 1, 1)
     states = []
-    for cfg, v1, v2 in [(TINY, view1, view2), (dataclasses.replace(TINY, micro_batch=4), tiled1, tiled2)]:
-        model, optimizer = prepared(dataclasses.replace(cfg, lr=0.0), accelerator)  # weights stay: only BN moves
+    for cfg, v1, v2 in [
+        (TINY, view1, view2),
+        (dataclasses.replace(TINY, micro_batch=4), tiled1, tiled2),
+    ]:
+        model, optimizer = prepared(
+            dataclasses.replace(cfg, lr=0.0), accelerator
+        )  # weights stay: only BN moves
         model = model.double()
         for _ in range(2):
             train_step(model, optimizer, v1.double(), v2.double(), cfg, accelerator)
@@ -174,7 +199,9 @@ def test_a_failing_pass_leaves_running_statistics_and_momentum_unchanged(make_ac
 
 
 @pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_grad_pass_replays_the_no_grad_pass_bitwise_with_drop_path_and_dropout(make_accelerator, precision):
+def test_grad_pass_replays_the_no_grad_pass_bitwise_with_drop_path_and_dropout(
+    make_accelerator, precision
+):
     """Stochastic depth and dropout on, channels-last, float32 or bf16 autocast: every micro-batch's
     projections in the grad pass are bitwise those of its no-grad pass (and the draws do differ between
     two plain forwards, so the equality is the replay's doing)."""
@@ -186,11 +213,15 @@ def test_grad_pass_replays_the_no_grad_pass_bitwise_with_drop_path_and_dropout(m
     k = GLOBAL_BATCH // 4
     assert [grad for grad, _ in model.calls] == [False] * k + [True] * k
     for j in range(k):
-        assert torch.equal(model.calls[j][1], model.calls[k + j][1]), f"micro-batch {j}: other random draws"
+        assert torch.equal(model.calls[j][1], model.calls[k + j][1]), (
+            f"micro-batch {j}: other random draws"
+        )
     assert model.calls[0][1].dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
     with torch.no_grad(), accelerator.autocast():
         x = torch.cat([view1[:4], view2[:4]])
-        assert not torch.equal(model(x)[1], model(x)[1]), "dropout is not active: this test would prove nothing"
+        assert not torch.equal(model(x)[1], model(x)[1]), (
+            "dropout is not active: this test would prove nothing"
+        )
 
 
 def test_the_random_stream_continues_as_after_one_forward(make_accelerator):
@@ -216,7 +247,9 @@ def test_bf16_autocast_channels_last_step_is_close_to_the_plain_step(make_accele
     cfg = dataclasses.replace(TINY, precision="bf16")
     view1, view2 = global_views()
     plain = recorded_step(cfg, accelerator, view1, view2, bn_eval=True)
-    micro = recorded_step(dataclasses.replace(cfg, micro_batch=4), accelerator, view1, view2, bn_eval=True)
+    micro = recorded_step(
+        dataclasses.replace(cfg, micro_batch=4), accelerator, view1, view2, bn_eval=True
+    )
     assert all(g.dtype == torch.float32 for g in micro["grads"].values())
     assert_close(micro["grads"], plain["grads"], 3e-2, "bf16 micro-batched vs plain")
     assert micro["loss"] == pytest.approx(plain["loss"], rel=1e-2)
@@ -231,7 +264,9 @@ def test_profiler_shows_the_two_passes_once_per_micro_batch(make_accelerator):
     counts = {}
     for event in profiler.events():
         counts[event.name] = counts.get(event.name, 0) + 1
-    assert counts.get("forward (no grad)") == 4 and counts.get("forward + backward (micro-batch)") == 4
+    assert (
+        counts.get("forward (no grad)") == 4 and counts.get("forward + backward (micro-batch)") == 4
+    )
     assert counts.get("loss") == 1 and counts.get("optimizer") == 1
     assert "forward" not in counts and "backward" not in counts
 
@@ -265,15 +300,24 @@ def two_processes(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_processes_micro_batched_gradients_equal_the_plain_step(two_processes, make_accelerator):
+def test_two_processes_micro_batched_gradients_equal_the_plain_step(
+    two_processes, make_accelerator
+):
     """2 ranks x 8 images, micro-batches of 2 (and of 3: 3+3+2), BN in eval mode, float32: the gradients after
     DDP's averaging equal the 2-process plain step's and the 1-process plain step's on the global batch."""
     assert two_processes["world"] == 2
     accelerator = make_accelerator()
     one_process = recorded_step(TINY, accelerator, *global_views(), bn_eval=True)
     for key in ("eval_micro", "eval_micro_uneven"):
-        assert_close(two_processes[key]["grads"], two_processes["eval_plain"]["grads"], 1e-5, f"{key} vs 2 plain")
-        assert_close(two_processes[key]["grads"], one_process["grads"], 1e-5, f"{key} vs 1-process plain")
+        assert_close(
+            two_processes[key]["grads"],
+            two_processes["eval_plain"]["grads"],
+            1e-5,
+            f"{key} vs 2 plain",
+        )
+        assert_close(
+            two_processes[key]["grads"], one_process["grads"], 1e-5, f"{key} vs 1-process plain"
+        )
 
 
 @pytest.mark.parametrize("key, momentum", [("ghost_micro", 0.1), ("ghost_micro_cumulative", None)])
@@ -282,7 +326,9 @@ def test_two_processes_global_ghost_bn_matches_the_direct_reference(two_processe
     """Global BN over each micro-batch across ranks (float64): gradients and running statistics are the
     micro-batch-BN objective's, micro-batch j's BN batch being both ranks' j-th micro-batches."""
     expected = ghost_bn_reference(TINY, *global_views(), micro_batch=2, world=2, momentum=momentum)
-    assert_close(two_processes[key]["grads"], expected["grads"], 1e-6, "2-process micro-batched vs reference")
+    assert_close(
+        two_processes[key]["grads"], expected["grads"], 1e-6, "2-process micro-batched vs reference"
+    )
     assert_close(two_processes[key]["buffers"], expected["buffers"], 1e-12, "running statistics")
 
 
@@ -320,7 +366,13 @@ def test_auto_without_cuda_is_a_clear_error(make_accelerator):
         train_step(model, optimizer, *global_views(), cfg, accelerator)
 
 
-def memory_model(base: int, per_image: int, limit: int | None = None, curve: float = 0.0, calls: list | None = None):
+def memory_model(
+    base: int,
+    per_image: int,
+    limit: int | None = None,
+    curve: float = 0.0,
+    calls: list | None = None,
+):
     """A GPU's answer to a probe: base + per_image x m (+ curve x m^2), out of memory past ``limit`` bytes."""
 
     def peak(m: int):
@@ -340,19 +392,36 @@ def test_auto_search_finds_the_largest_fitting_micro_batch():
         for per_image in (3 * mib, 55 * mib, 300 * mib):
             for num_images in (1, 7, 64, 512, 4096):
                 for budget in (base + 10 * per_image, base + 333 * per_image + 1, 79 * 2**30):
-                    for curve, limit in ((0.0, None), (0.02 * per_image, None), (0.0, base + 100 * per_image)):
+                    for curve, limit in (
+                        (0.0, None),
+                        (0.02 * per_image, None),
+                        (0.0, base + 100 * per_image),
+                    ):
                         calls = []
                         peak = memory_model(base, per_image, limit, curve, calls)
-                        fits = lambda m, peak=peak, budget=budget: peak(m) is not None and peak(m) <= budget
+                        fits = lambda m, peak=peak, budget=budget: (
+                            peak(m) is not None and peak(m) <= budget
+                        )
                         if not fits(1):
                             continue
                         calls.clear()
                         best = gradcache.fit_micro_batch(peak, num_images, budget)
                         probes = list(calls)
-                        largest = max(m for m in range(1, num_images + 1) if fits(m)) if num_images < 600 else None
+                        largest = (
+                            max(m for m in range(1, num_images + 1) if fits(m))
+                            if num_images < 600
+                            else None
+                        )
                         assert fits(best), (base, per_image, num_images, budget, curve, limit, best)
                         if largest is not None:
-                            assert best >= 0.98 * largest - 1, (per_image, num_images, budget, curve, limit, largest)
+                            assert best >= 0.98 * largest - 1, (
+                                per_image,
+                                num_images,
+                                budget,
+                                curve,
+                                limit,
+                                largest,
+                            )
                         if curve == 0 and limit is None:
                             exact = min(num_images, (budget - base) // per_image)
                             assert best == exact and len(probes) <= 4, (best, exact, probes)
@@ -498,7 +567,9 @@ def test_no_host_sync_in_the_plain_and_micro_batched_step(make_accelerator, micr
         if isinstance(module, _BatchNorm):
             module.momentum = momentum
     view1, view2 = global_views()
-    train_step(model, optimizer, view1, view2, cfg, accelerator)  # the first step creates the optimiser state
+    train_step(
+        model, optimizer, view1, view2, cfg, accelerator
+    )  # the first step creates the optimiser state
     with counting_host_reads() as calls:
         train_step(model, optimizer, view1, view2, cfg, accelerator)
     assert not calls, f"{len(calls)} host reads in the step, e.g. {calls[:5]}"
@@ -520,7 +591,9 @@ def test_no_host_sync_in_the_step_on_cuda(micro_batch):
     model, optimizer = prepare_for_training(accelerator, model, optimizer)
     view1, view2 = (view.cuda() for view in global_views())
     try:
-        train_step(model, optimizer, view1, view2, cfg, accelerator)  # warm-up: optimiser state, kernels compiled
+        train_step(
+            model, optimizer, view1, view2, cfg, accelerator
+        )  # warm-up: optimiser state, kernels compiled
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -563,8 +636,12 @@ def test_auto_budget_counts_what_dali_holds_and_frees_nothing(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * gib, 80 * gib))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * gib)
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 15 * gib)  # 12 GiB cached: not counted
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: pytest.fail("empty_cache frees DALI's cached blocks"))
+    monkeypatch.setattr(
+        torch.cuda, "memory_reserved", lambda device=None: 15 * gib
+    )  # 12 GiB cached: not counted
+    monkeypatch.setattr(
+        torch.cuda, "empty_cache", lambda: pytest.fail("empty_cache frees DALI's cached blocks")
+    )
     budget = gradcache.micro_batch_budget(torch.device("cuda", 0), optimizer_state=1 * gib)
     assert budget == 3 * gib + int(gradcache.AUTO_MEMORY_FRACTION * 20 * gib) - 1 * gib
     assert "sync" in calls  # the free memory is read after the device's queued work
@@ -572,7 +649,9 @@ def test_auto_budget_counts_what_dali_holds_and_frees_nothing(monkeypatch):
     # the measurement loop: peak = allocated + 0.1 GiB per image; 20 GiB free, 0.9 of it -> 180 images fit
     sizes = []
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: None)
-    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * gib + sizes[-1] * gib // 10)
+    monkeypatch.setattr(
+        torch.cuda, "max_memory_allocated", lambda device=None: 3 * gib + sizes[-1] * gib // 10
+    )
     monkeypatch.setattr(torch.random, "fork_rng", lambda *a, **k: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     accelerator = types.SimpleNamespace(

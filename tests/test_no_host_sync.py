@@ -25,7 +25,14 @@ sys.path.insert(0, str(ROOT / "tests"))
 def test_two_process_step_has_no_host_sync(tmp_path, kind):
     out = tmp_path / f"{kind}.txt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
     result = subprocess.run(
         [*command, str(ROOT / "tests" / "no_sync_steps.py"), str(out), kind],
         cwd=ROOT,
@@ -45,7 +52,13 @@ def test_the_mode_catches_each_kind_of_sync():
     x = torch.arange(6.0)
     with NoHostSync() as guard:
         y = (x * 2).sum()  # fine
-        for sync in (lambda: y.item(), lambda: float(y), lambda: x.nonzero(), lambda: x[x > 2], lambda: bool(y)):
+        for sync in (
+            lambda: y.item(),
+            lambda: float(y),
+            lambda: x.nonzero(),
+            lambda: x[x > 2],
+            lambda: bool(y),
+        ):
             with pytest.raises(AssertionError, match="host sync"):
                 sync()
     assert guard.ops >= 2

@@ -63,7 +63,10 @@ def test_reference_matches_an_independent_formula_for_every_norm(dtype):
             loss, *want = independent_loss_and_grads(z1, z2, 0.1, grad_loss=3.0)
             assert reference.item() == pytest.approx(loss, rel=tol, abs=tol), (name, seed)
             for got, expected, z in zip(grads, want, (z1, z2)):
-                assert row_relative_errors(got, expected, gradient_scales(z, 0.1, 3.0)).max().item() <= tol, (
+                assert (
+                    row_relative_errors(got, expected, gradient_scales(z, 0.1, 3.0)).max().item()
+                    <= tol
+                ), (
                     name,
                     seed,
                 )
@@ -75,7 +78,9 @@ def test_chunked_exact_for_every_norm(dtype, tol):
     norms 1e-30..1e30, all-zero batches (log(2N - 1)), identical views: loss and every row's gradient within
     ``tol`` of the float64 reference (float32 measured: worst 6.6e-7 over 30 seeds; before the fix one zero
     row among 6 gave 98% error)."""
-    worst = check_against_reference(nt_xent, nt_xent_reference, dtype, seeds=range(3), tol=tol, backend="chunked")
+    worst = check_against_reference(
+        nt_xent, nt_xent_reference, dtype, seeds=range(3), tol=tol, backend="chunked"
+    )
     print(f"chunked {dtype}: worst relative error {worst:.1e}")
 
 
@@ -88,7 +93,9 @@ def test_one_zero_row_and_a_collapsed_batch():
         torch.randn(4, 8, generator=gen, dtype=torch.float64),
     )
     z1[0] = 0.0
-    assert nt_xent(z1.float(), z2.float(), 0.1).item() == pytest.approx(nt_xent_reference(z1, z2, 0.1).item(), rel=1e-6)
+    assert nt_xent(z1.float(), z2.float(), 0.1).item() == pytest.approx(
+        nt_xent_reference(z1, z2, 0.1).item(), rel=1e-6
+    )
     zeros = torch.zeros(16, 128)
     assert nt_xent(zeros, zeros, 0.1).item() == pytest.approx(math.log(31), rel=1e-6)
 
@@ -108,7 +115,9 @@ def relative_error(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("n,d,temperature", [(1, 4, 0.1), (5, 3, 0.5), (37, 16, 0.1), (64, 128, 0.05), (100, 32, 0.2)])
+@pytest.mark.parametrize(
+    "n,d,temperature", [(1, 4, 0.1), (5, 3, 0.5), (37, 16, 0.1), (64, 128, 0.05), (100, 32, 0.2)]
+)
 @pytest.mark.parametrize("chunk_bytes", [None, 200])
 def test_chunked_matches_float64_reference(n, d, temperature, chunk_bytes, monkeypatch):
     if chunk_bytes:  # force many row chunks
@@ -298,7 +307,10 @@ def test_two_processes_match_single_process_global_batch():
     manager = mp.get_context("spawn").Manager()
     out = manager.dict()
     mp.start_processes(
-        _rank_worker, args=(world, _free_port(), z1_all, z2_all, temperature, out), nprocs=world, start_method="spawn"
+        _rank_worker,
+        args=(world, _free_port(), z1_all, z2_all, temperature, out),
+        nprocs=world,
+        start_method="spawn",
     )
 
     torch.manual_seed(0)
@@ -320,7 +332,9 @@ def nt_xent_reference_ranked(z1, z2, temperature, world, n):
     here only keeps positive pairs aligned when gathering.)"""
     import torch.nn.functional as F
 
-    rows = torch.cat([torch.cat([z1[r * n : (r + 1) * n], z2[r * n : (r + 1) * n]]) for r in range(world)])
+    rows = torch.cat(
+        [torch.cat([z1[r * n : (r + 1) * n], z2[r * n : (r + 1) * n]]) for r in range(world)]
+    )
     rows = F.normalize(rows, dim=1)
     logits = rows @ rows.T / temperature
     logits = logits.masked_fill(torch.eye(len(rows), dtype=torch.bool), float("-inf"))
@@ -346,14 +360,20 @@ def test_loss_bench_counts_each_paths_real_work():
     assert work("fused_tf32", 8192, 128, "float32")["matmul_unit"] == "tf32 tensor cores"
     assert work("fused", 8192, 128, "float32")["matmul_unit"] == "fp32 FMA"
     estimate = floor("fused", 8192, 128, "bfloat16")
-    assert estimate["floor_ms"] == max(estimate["matmul_ms"], estimate["exp_ms"], estimate["bytes_ms"]) > 0
+    assert (
+        estimate["floor_ms"]
+        == max(estimate["matmul_ms"], estimate["exp_ms"], estimate["bytes_ms"])
+        > 0
+    )
 
 
 def test_loss_bench_measures_time_memory_and_error():
     """One configuration as `bench.py loss` runs it on the CPU: in a child process (it retunes glibc malloc)."""
     from simclr_dali.bench.loss import _measure_subprocess
 
-    config = dict(method="chunked", two_n=64, d=16, dtype="float32", device="cpu", repeats=1, check_max=64)
+    config = dict(
+        method="chunked", two_n=64, d=16, dtype="float32", device="cpu", repeats=1, check_max=64
+    )
     result = _measure_subprocess(config, timeout_s=120)
     assert "reason" not in result, result
     assert result["time_ms"] > 0 and result["peak_extra_bytes"] >= 0

@@ -46,7 +46,9 @@ def _check_group(group: str, interpret: bool = True):
     # A fresh process: TRITON_INTERPRET is read when triton.jit decorates, i.e. at first import.
     proc = _run_group(group, interpret)
     print(proc.stdout)
-    assert proc.returncode == 0, f"{group} failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"{group} failed (rc {proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    )
     return proc.stdout
 
 
@@ -101,7 +103,15 @@ def test_launch_grid_fills_an_h100(dtype_name, precision, rows, world, d):
     dtype = getattr(torch, dtype_name)
     plan = launch_grid(rows, world * rows, d, dtype, H100_SMS, float32_matmul_precision=precision)
     assert (
-        launch_grid(rows, world * rows, d, dtype, H100_SMS, float32_matmul_precision=precision, tiles=CUDA_TILES)
+        launch_grid(
+            rows,
+            world * rows,
+            d,
+            dtype,
+            H100_SMS,
+            float32_matmul_precision=precision,
+            tiles=CUDA_TILES,
+        )
         == plan
     )  # the CUDA table is the default, whatever the machine
     for name, launch in (("negatives", plan.negatives), ("grad", plan.grad)):
@@ -128,15 +138,28 @@ def test_launch_grid_splits_are_balanced(dtype_name, precision, rows, world, d):
 
     from simclr_dali.model.ntxent_triton import launch_grid
 
-    plan = launch_grid(rows, world * rows, d, getattr(torch, dtype_name), H100_SMS, float32_matmul_precision=precision)
+    plan = launch_grid(
+        rows,
+        world * rows,
+        d,
+        getattr(torch, dtype_name),
+        H100_SMS,
+        float32_matmul_precision=precision,
+    )
     for name, launch in (("negatives", plan.negatives), ("grad", plan.grad)):
         column_tiles = triton.cdiv(world * rows, launch.block_n)
         widths = [
-            min(launch.split_columns, world * rows - start) for start in range(0, world * rows, launch.split_columns)
+            min(launch.split_columns, world * rows - start)
+            for start in range(0, world * rows, launch.split_columns)
         ]
         assert len(widths) == launch.column_splits, (name, launch)
-        assert launch.split_columns // launch.block_n == triton.cdiv(column_tiles, launch.column_splits), (name, launch)
-        assert launch.programs >= 2 * H100_SMS or launch.column_splits == column_tiles, (name, launch)
+        assert launch.split_columns // launch.block_n == triton.cdiv(
+            column_tiles, launch.column_splits
+        ), (name, launch)
+        assert launch.programs >= 2 * H100_SMS or launch.column_splits == column_tiles, (
+            name,
+            launch,
+        )
 
 
 def test_launch_grid_balanced_at_8192():
@@ -185,7 +208,11 @@ def test_launch_grid_ends_in_whole_waves(dtype_name, sms):
                 least = max(1, min(triton.cdiv(slots, blocks), column_tiles))
                 fewest = _balanced_split(column_tiles, least)
                 baseline = _with_split(launch, fewest, column_tiles, blocks)
-                assert _wave_time(launch, columns, slots) <= _wave_time(baseline, columns, slots), (rows, world, launch)
+                assert _wave_time(launch, columns, slots) <= _wave_time(baseline, columns, slots), (
+                    rows,
+                    world,
+                    launch,
+                )
                 assert launch.programs >= slots or launch.column_splits == column_tiles
     assert CUDA_TILES  # (the default table: what launch_grid used)
 
@@ -199,7 +226,9 @@ def _with_split(launch, tiles_per_split: int, column_tiles: int, blocks: int):
     splits = triton.cdiv(column_tiles, tiles_per_split)
     grid = (*launch.grid[:-1], splits)
     assert blocks * splits == dataclasses.replace(launch, grid=grid).programs
-    return dataclasses.replace(launch, grid=grid, column_splits=splits, split_columns=tiles_per_split * launch.block_n)
+    return dataclasses.replace(
+        launch, grid=grid, column_splits=splits, split_columns=tiles_per_split * launch.block_n
+    )
 
 
 def test_launch_grid_splits_only_when_needed():
@@ -214,7 +243,9 @@ def test_launch_grid_splits_only_when_needed():
     assert small.negatives.column_splits > 1 and small.grad.column_splits > 1
     assert small.negatives.programs < 4 * 2 * H100_SMS  # not split further than needed
     forced = launch_grid(100, 100, 8, torch.float32, H100_SMS, column_splits=3)
-    assert forced.negatives.column_splits == forced.grad.column_splits == 2  # 2 column tiles of 64: at most 2 splits
+    assert (
+        forced.negatives.column_splits == forced.grad.column_splits == 2
+    )  # 2 column tiles of 64: at most 2 splits
 
 
 # --------------------------------------------------------------------------- the checks (child process)
@@ -230,7 +261,11 @@ TOL = {"float64": 1e-10, "float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
 #   rounds). Loss: 2e-3 (measured ~3e-4).
 # - float16 (with a loss scale of 2^16, as GradScaler does: the unscaled gradient, ~1e-9, underflows float16):
 #   2e-3, four times float16's 2^-11 rounding (measured ~7e-4).
-SATURATED_TOL = {"float32": (1e-5, 1e-5), "bfloat16": (2e-3, 1e-2), "float16": (2e-3, 2e-3)}  # (loss, grads)
+SATURATED_TOL = {
+    "float32": (1e-5, 1e-5),
+    "bfloat16": (2e-3, 1e-2),
+    "float16": (2e-3, 2e-3),
+}  # (loss, grads)
 LOSS_SCALE = {"float16": 2.0**16}
 
 
@@ -242,7 +277,9 @@ def _rel(a, b) -> float:
     return err / scale if scale > 1e-9 else err
 
 
-def _loss_case(torch, n: int, d: int, tau: float, dtype, device: str, seed: int, precision: str = "ieee"):
+def _loss_case(
+    torch, n: int, d: int, tau: float, dtype, device: str, seed: int, precision: str = "ieee"
+):
     from simclr_dali.model.ntxent import nt_xent, nt_xent_reference
 
     gen = torch.Generator().manual_seed(seed)
@@ -256,10 +293,19 @@ def _loss_case(torch, n: int, d: int, tau: float, dtype, device: str, seed: int,
     r1, r2 = z1.double().requires_grad_(), z2.double().requires_grad_()
     ref = nt_xent_reference(r1, r2, tau)
     ref.backward()
-    assert torch.isfinite(loss).item() and torch.isfinite(a1.grad).all().item() and torch.isfinite(a2.grad).all().item()
+    assert (
+        torch.isfinite(loss).item()
+        and torch.isfinite(a1.grad).all().item()
+        and torch.isfinite(a2.grad).all().item()
+    )
     assert a1.grad.dtype == dtype
     grads = [g.cpu().double() / loss_scale for g in (a1.grad, a2.grad)]
-    return ref.item(), _rel(loss.detach().cpu(), ref.detach()), _rel(grads[0], r1.grad), _rel(grads[1], r2.grad)
+    return (
+        ref.item(),
+        _rel(loss.detach().cpu(), ref.detach()),
+        _rel(grads[0], r1.grad),
+        _rel(grads[1], r2.grad),
+    )
 
 
 def _loss_group(
@@ -291,7 +337,9 @@ def near_duplicate_views(torch, n: int, d: int, dtype, seed: int, noise: float =
     return tuple(view.to(dtype).double() for view in views)
 
 
-def _saturated_group(device: str = "cpu", sizes=((256, 128),), dtypes=("float32", "bfloat16", "float16")) -> None:
+def _saturated_group(
+    device: str = "cpu", sizes=((256, 128),), dtypes=("float32", "bfloat16", "float16")
+) -> None:
     import torch
 
     from simclr_dali.model.ntxent import nt_xent, nt_xent_reference
@@ -310,12 +358,21 @@ def _saturated_group(device: str = "cpu", sizes=((256, 128),), dtypes=("float32"
                 loss = nt_xent(a1, a2, tau, backend="triton")
                 (loss * loss_scale).backward()
                 errs = [_rel(loss.detach().cpu(), ref.detach())]
-                errs += [_rel(g.cpu().double() / loss_scale, r.grad) for g, r in ((a1.grad, r1), (a2.grad, r2))]
+                errs += [
+                    _rel(g.cpu().double() / loss_scale, r.grad)
+                    for g, r in ((a1.grad, r1), (a2.grad, r2))
+                ]
                 print(
                     f"saturated {dtype_name:8s} N={n:5d} d={d} tau={tau:<4} loss {ref.item():.3e}  rel err loss "
                     f"{errs[0]:.2e} dz1 {errs[1]:.2e} dz2 {errs[2]:.2e} (tolerance {tol_loss:.0e} / {tol_grad:.0e})"
                 )
-                assert errs[0] < tol_loss and max(errs[1:]) < tol_grad, (dtype_name, n, d, tau, errs)
+                assert errs[0] < tol_loss and max(errs[1:]) < tol_grad, (
+                    dtype_name,
+                    n,
+                    d,
+                    tau,
+                    errs,
+                )
 
 
 def _dense(torch, rows, columns, row_offset: int, inv_temp: float, positives):
@@ -342,7 +399,12 @@ def _kernels_group() -> None:
 
     worst = {"float32": 0.0, "bfloat16": 0.0, "float16": 0.0}
     # (m, M, row_offset, d, tau): rows are columns[row_offset:row_offset + m], M > m (another rank's rows).
-    cases = [(20, 70, 30, 24, 0.1), (10, 37, 27, 96, 0.05), (34, 68, 0, 40, 0.5), (6, 18, 6, 2048, 0.1)]
+    cases = [
+        (20, 70, 30, 24, 0.1),
+        (10, 37, 27, 96, 0.05),
+        (34, 68, 0, 40, 0.5),
+        (6, 18, 6, 2048, 0.1),
+    ]
     for i, (m, big_m, off, d, tau) in enumerate(cases):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             gen = torch.Generator().manual_seed(100 + i)
@@ -354,7 +416,9 @@ def _kernels_group() -> None:
                 local = torch.arange(m)
                 # the loss's positives, then another assignment (the argument is honoured, not assumed)
                 positives = off + ((local + m // 2) % m if kind == "pairs" else (local + 1) % m)
-                negatives, scale_rows, scale_columns, grad = _dense(torch, rows, columns, off, inv_temp, positives)
+                negatives, scale_rows, scale_columns, grad = _dense(
+                    torch, rows, columns, off, inv_temp, positives
+                )
                 # partial sums (splits, ...), added here in split order as the epilogue kernels do
                 got_neg = ntxent_triton.row_negatives(
                     rows, columns, positives, off, inv_temp, column_splits=splits
@@ -369,7 +433,11 @@ def _kernels_group() -> None:
                     inv_temp,
                     column_splits=splits,
                 ).sum(0)
-                assert got_neg.dtype == torch.float32 and got_grad.dtype == torch.float32 and got_grad.shape == (m, d)
+                assert (
+                    got_neg.dtype == torch.float32
+                    and got_grad.dtype == torch.float32
+                    and got_grad.shape == (m, d)
+                )
                 assert torch.isfinite(got_neg).all() and torch.isfinite(got_grad).all()
                 e_neg, e_grad = _rel(got_neg, negatives), _rel(got_grad, grad)
                 name = str(dtype).removeprefix("torch.")
@@ -399,7 +467,9 @@ def _cuda_checks() -> None:
     _loss_group("float16", CUDA_CASES, device="cuda")
     _loss_group("float64", CUDA_CASES[:3], device="cuda")
     tf32 = _loss_group("float32", CUDA_CASES, device="cuda", precision="tf32", tol=5e-2)
-    print(f"TF32 products (float32_matmul_precision='tf32'): max relative error {tf32:.2e} vs float64")
+    print(
+        f"TF32 products (float32_matmul_precision='tf32'): max relative error {tf32:.2e} vs float64"
+    )
     _saturated_group(device="cuda", sizes=((256, 128), (4096, 128)))
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for rows, columns in ((1024, 1024), (1024, 8192), (8192, 8192)):
@@ -413,7 +483,10 @@ def _cuda_checks() -> None:
     # Deterministic: the column splits' partial sums are merged in a fixed order (no atomics).
     for dtype in (torch.float32, torch.bfloat16):
         gen = torch.Generator(device="cuda").manual_seed(7)
-        z1, z2 = (torch.randn(1024, 128, device="cuda", generator=gen, dtype=dtype).requires_grad_() for _ in range(2))
+        z1, z2 = (
+            torch.randn(1024, 128, device="cuda", generator=gen, dtype=dtype).requires_grad_()
+            for _ in range(2)
+        )
         runs = []
         for _ in range(2):
             z1.grad = z2.grad = None
@@ -454,11 +527,15 @@ def _epilogue_group() -> None:
     ]:
         gen = torch.Generator().manual_seed(n * d)
         z1 = torch.randn(n, d, generator=gen, dtype=torch.float64)
-        z2 = z1 + 1e-3 * torch.randn(n, d, generator=gen, dtype=torch.float64)  # near-duplicates: r ~ tiny
+        z2 = z1 + 1e-3 * torch.randn(
+            n, d, generator=gen, dtype=torch.float64
+        )  # near-duplicates: r ~ tiny
         if dtype in (torch.float32, torch.float64):
             z1[0] = 0.0  # a clamped norm (its gradient, g / 1e-12, would overflow 16 bits)
         z1, z2 = z1.to(dtype), z2.to(dtype)
-        rows, operands, norms = ntxent_triton.normalize(z1, z2.t().contiguous().t(), dtype)  # a strided z2
+        rows, operands, norms = ntxent_triton.normalize(
+            z1, z2.t().contiguous().t(), dtype
+        )  # a strided z2
         want_rows, _, want_norms = _chunked.normalize(z1, z2, dtype)
         assert operands.dtype == dtype and rows.dtype == torch.promote_types(dtype, torch.float32)
         assert torch.equal(operands, rows.to(dtype))  # rounded to nearest, as PyTorch does
@@ -472,7 +549,9 @@ def _epilogue_group() -> None:
         grad_partials = torch.randn(3, 2 * n, d, generator=gen, dtype=torch.float64).to(acc)
         grad_scale = torch.tensor(0.37, dtype=acc)
         got = ntxent_triton.input_grad(grad_partials, rows, stats[1], norms, grad_scale, dtype)
-        want = _chunked.input_grad(grad_partials, rows, want_stats[1], want_norms, grad_scale, dtype)
+        want = _chunked.input_grad(
+            grad_partials, rows, want_stats[1], want_norms, grad_scale, dtype
+        )
         assert got.dtype == dtype
         # row by row: the clamped row's gradient (g / eps) would hide every other row's error
         row_errors = (got.double() - want.double()).norm(dim=1) / want.double().norm(dim=1)
@@ -480,7 +559,10 @@ def _epilogue_group() -> None:
         # float32: a few ulps through log1p and the projection; float64: 1e-12; 16-bit outputs may round one
         # float32 ulp apart to the other side (a 16-bit ulp, 2^-8 or 2^-11, on an element)
         tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3}.get(dtype, 5e-3)
-        print(f"epilogue {str(dtype):14s} N={n:2d} d={d:4d}: " + " ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+        print(
+            f"epilogue {str(dtype):14s} N={n:2d} d={d:4d}: "
+            + " ".join(f"{k} {v:.1e}" for k, v in errors.items())
+        )
         assert max(errors.values()) < tol, errors
 
 
@@ -491,7 +573,9 @@ def _properties_group() -> None:
     from simclr_dali.model.ntxent import nt_xent, nt_xent_reference
 
     for dtype, tol in ((torch.float32, 1e-6), (torch.float64, 1e-12)):
-        worst = check_against_reference(nt_xent, nt_xent_reference, dtype, seeds=(0, 1), tol=tol, backend="triton")
+        worst = check_against_reference(
+            nt_xent, nt_xent_reference, dtype, seeds=(0, 1), tol=tol, backend="triton"
+        )
         print(f"triton {dtype}: worst relative error {worst:.1e} (tolerance {tol:.0e})")
     check_non_finite_propagates(nt_xent, backend="triton")
 
@@ -511,7 +595,14 @@ FP32_CASES = [
 ]
 FP64_CASES = [(1, 8, 0.1), (7, 33, 0.05), (20, 40, 0.3)]  # statistics in float64 too
 FP16_CASES = [(7, 33, 0.05), (21, 40, 0.1)]  # float16 weights scaled by 2^14 for the second product
-BF16_CASES = [(1, 8, 0.1), (5, 20, 0.05), (7, 33, 0.5), (35, 96, 0.05), (33, 40, 0.1), (2, 2048, 0.05)]
+BF16_CASES = [
+    (1, 8, 0.1),
+    (5, 20, 0.05),
+    (7, 33, 0.5),
+    (35, 96, 0.05),
+    (33, 40, 0.1),
+    (2, 2048, 0.05),
+]
 CUDA_CASES = [
     (1, 8, 0.1),
     (7, 33, 0.05),
@@ -551,6 +642,8 @@ def main(group: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] != "cuda":
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported (via model.ntxent_triton)
+        os.environ.setdefault(
+            "TRITON_INTERPRET", "1"
+        )  # before triton is imported (via model.ntxent_triton)
     sys.path.insert(0, str(ROOT))
     main(sys.argv[1])

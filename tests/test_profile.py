@@ -29,7 +29,13 @@ from conftest import ROOT, make_shards, tiny
 from torch.autograd.profiler import record_function
 
 from simclr_dali.bench.profile import verdict
-from simclr_dali.bench.step_marks import StageRecorder, gpu_utilisation, read_trace, stage_table, union_length
+from simclr_dali.bench.step_marks import (
+    StageRecorder,
+    gpu_utilisation,
+    read_trace,
+    stage_table,
+    union_length,
+)
 from simclr_dali.trainer.config import TrainConfig, config_from_dict
 from simclr_dali.trainer.meters import HostClock, StepTimer
 
@@ -90,7 +96,9 @@ def run_steps(device, timer, steps: int, data_s: float, compute_s: float) -> Non
         (0.030, 0.010, 0.040 + 9 * 0.032, 0.030 + 9 * 0.022),
     ],
 )
-def test_step_timer_measures_an_asynchronous_device_on_its_own_clock(data_s, compute_s, steps_total, wait_total):
+def test_step_timer_measures_an_asynchronous_device_on_its_own_clock(
+    data_s, compute_s, steps_total, wait_total
+):
     device = FakeAsyncDevice()
     timer = StepTimer(images_per_step=64, clock=device)
     run_steps(device, timer, 3, data_s, compute_s)
@@ -107,7 +115,9 @@ def test_step_timer_measures_an_asynchronous_device_on_its_own_clock(data_s, com
     run_steps(naive, naive_timer, 3, data_s, compute_s)
     naive_timer.window()
     run_steps(naive, naive_timer, 10, data_s, compute_s)
-    wrong = naive_timer.window()  # host clocks: launch time for compute, host waits the device never saw
+    wrong = (
+        naive_timer.window()
+    )  # host clocks: launch time for compute, host waits the device never saw
     assert (
         wrong["images_per_s"] > 1.2 * stats["images_per_s"]
         or wrong["data_wait_fraction"] > stats["data_wait_fraction"] + 0.2
@@ -122,8 +132,12 @@ def test_step_timer_summary_and_history_cover_every_step():
     run_steps(device, timer, 6, 0.001, 0.010)
     summary = timer.summary()
     assert summary["steps_timed"] == 10 and len(timer.history) == 10
-    assert sum(step for _, step in timer.history) == pytest.approx(10 * 8 / summary["mean_images_per_s"])
-    assert timer.window()["images_per_s"] > 0  # the six steps after the first window, read by summary()
+    assert sum(step for _, step in timer.history) == pytest.approx(
+        10 * 8 / summary["mean_images_per_s"]
+    )
+    assert (
+        timer.window()["images_per_s"] > 0
+    )  # the six steps after the first window, read by summary()
 
 
 def test_step_timer_host_clock_on_the_cpu():
@@ -174,7 +188,9 @@ def test_stage_table_attributes_and_leaves_the_rest_unattributed():
         "forward + backward (micro-batch)",
     ]  # canonical first
     rows = {row["name"]: row for row in table["stages"]}
-    assert rows["data wait"]["mean_ms"] == pytest.approx(200) and rows["data wait"]["p90_ms"] == pytest.approx(280)
+    assert rows["data wait"]["mean_ms"] == pytest.approx(200) and rows["data wait"][
+        "p90_ms"
+    ] == pytest.approx(280)
     assert (
         rows["forward + backward (micro-batch)"]["mean_ms"] == pytest.approx(400)
         and rows["forward + backward (micro-batch)"]["ranges_per_step"] == 2
@@ -182,14 +198,18 @@ def test_stage_table_attributes_and_leaves_the_rest_unattributed():
     assert table["step"]["mean_ms"] == pytest.approx(950)
     assert table["unattributed"]["mean_ms"] == pytest.approx(50)  # (0.9 - 0.8 and 1.0 - 1.0) / 2
     assert table["attributed_share"] == pytest.approx(1.8 / 1.9)
-    assert sum(row["share"] for row in table["stages"]) + table["unattributed"]["share"] == pytest.approx(1.0)
+    assert sum(row["share"] for row in table["stages"]) + table["unattributed"][
+        "share"
+    ] == pytest.approx(1.0)
     assert table["allreduce"]["in_flight"]["mean_ms"] == pytest.approx((120 + 100) / 2)
     # exposed: in flight after the last launch (0.65 -> 0.72, 1.8 -> 1.9), within the stage that launched it
     assert table["allreduce"]["exposed"]["mean_ms"] == pytest.approx((70 + 100) / 2)
     late = stage_table(steps[:1], [0.9], [[(0.6, 0.7), (0.74, 0.78)]])[
         "allreduce"
     ]  # a bucket still running after the stage
-    assert late["exposed"]["mean_ms"] == pytest.approx(10) and late["in_flight"]["mean_ms"] == pytest.approx(140)
+    assert late["exposed"]["mean_ms"] == pytest.approx(10) and late["in_flight"][
+        "mean_ms"
+    ] == pytest.approx(140)
     with pytest.raises(ValueError, match="2 steps of stage marks but 1 clocked"):
         stage_table(steps, [0.9])
 
@@ -211,8 +231,20 @@ def test_gpu_utilisation_is_busy_kernel_time_over_the_window():
             "dur": 9000,
         },  # device-side copy: ignored
         {"ph": "X", "cat": "kernel", "name": "a", "ts": 1100, "dur": 400},
-        {"ph": "X", "cat": "kernel", "name": "b", "ts": 1300, "dur": 400},  # overlaps a (two streams): 1100..1700
-        {"ph": "X", "cat": "kernel", "name": "c", "ts": 2900, "dur": 300},  # half outside the window
+        {
+            "ph": "X",
+            "cat": "kernel",
+            "name": "b",
+            "ts": 1300,
+            "dur": 400,
+        },  # overlaps a (two streams): 1100..1700
+        {
+            "ph": "X",
+            "cat": "kernel",
+            "name": "c",
+            "ts": 2900,
+            "dur": 300,
+        },  # half outside the window
         {"ph": "X", "cat": "kernel", "name": "d", "ts": 100, "dur": 300},  # before the window
         {"ph": "X", "cat": "gpu_memcpy", "name": "copy", "ts": 2000, "dur": 100},
     ]
@@ -249,7 +281,9 @@ def test_stage_recorder_takes_the_top_level_ranges_of_the_training_thread():
 
 def test_verdict():
     assert verdict(256, 1.0, 0.5, 300.0)["bound"] == "input-bound"  # half the step waiting
-    assert verdict(256, 1.0, 0.0, 100.0)["bound"] == "input-bound"  # the pipeline cannot deliver 256 img/s
+    assert (
+        verdict(256, 1.0, 0.0, 100.0)["bound"] == "input-bound"
+    )  # the pipeline cannot deliver 256 img/s
     line = verdict(256, 1.0, 0.01, 5000.0)
     assert line["bound"] == "compute-bound" and line["line"].startswith(
         "compute-bound: the step consumes 259 img/s, the pipeline delivers 5000 img/s"
@@ -271,7 +305,9 @@ def shards(tmp_path_factory):
 
 
 def tiny_config(shards, **overrides) -> TrainConfig:
-    return config_from_dict({"train_shards": str(shards), **TINY, **overrides})  # TINY: the flat spelling
+    return config_from_dict(
+        {"train_shards": str(shards), **TINY, **overrides}
+    )  # TINY: the flat spelling
 
 
 class SlowLoader:
@@ -292,7 +328,15 @@ class SlowLoader:
 def profile(cfg, tmp_path, **factories):
     from simclr_dali.bench.profile import run
 
-    return run(cfg, warmup_steps=1, profile_steps=4, pipeline_seconds=1.0, trace_dir=tmp_path, quiet=True, **factories)
+    return run(
+        cfg,
+        warmup_steps=1,
+        profile_steps=4,
+        pipeline_seconds=1.0,
+        trace_dir=tmp_path,
+        quiet=True,
+        **factories,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -313,10 +357,22 @@ def delay_s(baseline) -> float:
 
 def test_profile_stages_cover_the_independently_clocked_step(baseline):
     table = baseline["table"]
-    assert [row["name"] for row in table["stages"]] == ["data wait", "forward", "loss", "backward", "optimizer"]
+    assert [row["name"] for row in table["stages"]] == [
+        "data wait",
+        "forward",
+        "loss",
+        "backward",
+        "optimizer",
+    ]
     assert table["attributed_share"] >= 0.9
-    assert table["unattributed"]["mean_ms"] >= -0.5  # the stages lie inside the step: nothing counted twice
-    assert baseline["steps"] == 4 and baseline["images_per_s"] > 0 and baseline["table"]["allreduce"] is None
+    assert (
+        table["unattributed"]["mean_ms"] >= -0.5
+    )  # the stages lie inside the step: nothing counted twice
+    assert (
+        baseline["steps"] == 4
+        and baseline["images_per_s"] > 0
+        and baseline["table"]["allreduce"] is None
+    )
     events = read_trace(baseline["trace"])
     names = {e.get("name") for e in events}
     assert {"data wait", "forward", "loss", "backward", "optimizer"} <= names
@@ -329,10 +385,14 @@ def test_slow_loader_is_input_bound_with_the_delay_in_data_wait(shards, tmp_path
     from simclr_dali.trainer.data import build_train_loader
 
     result = profile(
-        tiny_config(shards), tmp_path, loader_factory=lambda *a: SlowLoader(build_train_loader(*a), delay_s)
+        tiny_config(shards),
+        tmp_path,
+        loader_factory=lambda *a: SlowLoader(build_train_loader(*a), delay_s),
     )
     rows = {row["name"]: row for row in result["table"]["stages"]}
-    assert delay_s * 1000 <= rows["data wait"]["mean_ms"] < delay_s * 1500 + 50  # the delay, and little else
+    assert (
+        delay_s * 1000 <= rows["data wait"]["mean_ms"] < delay_s * 1500 + 50
+    )  # the delay, and little else
     assert result["verdict"]["bound"] == "input-bound", result["verdict"]["line"]
     assert result["verdict"]["line"].startswith("input-bound: the pipeline delivers")
     assert result["pipeline_alone"]["images_per_s"] <= 32 / delay_s
@@ -442,7 +502,9 @@ def test_two_ranks_profile_each_rank_and_the_allreduce(shards, tmp_path):
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert (
-        "rank 0 (cpu" in result.stdout and "rank 1 (cpu" in result.stdout and "all-reduce in flight" in result.stdout
+        "rank 0 (cpu" in result.stdout
+        and "rank 1 (cpu" in result.stdout
+        and "all-reduce in flight" in result.stdout
     ), result.stdout
     saved = json.loads(out.read_text())
     assert saved["world_size"] == 2 and [r["rank"] for r in saved["per_rank"]] == [0, 1]
@@ -486,7 +548,11 @@ def test_cuda_events_measure_device_time_not_launch_time():
 @pytest.mark.gpu
 def test_profile_on_cuda_reads_gpu_utilisation(shards, tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "train_shards": str(shards), "precision": "bf16", "data_device": "gpu"}))
+    config.write_text(
+        yaml.safe_dump(
+            {**TINY, "train_shards": str(shards), "precision": "bf16", "data_device": "gpu"}
+        )
+    )
     command = [
         sys.executable,
         "bench.py",
@@ -512,6 +578,8 @@ def test_profile_on_cuda_reads_gpu_utilisation(shards, tmp_path):
     rank = saved["per_rank"][0]
     assert saved["clock"].startswith("CUDA events") and rank["device"].startswith("cuda")
     utilisation = rank["gpu_utilisation"]
-    assert utilisation and utilisation["kernels"] > 0 and 0 < utilisation["kernel_busy_fraction"] <= 1
+    assert (
+        utilisation and utilisation["kernels"] > 0 and 0 < utilisation["kernel_busy_fraction"] <= 1
+    )
     assert rank["table"]["attributed_share"] >= 0.9 and rank["memory"]["peak_allocated_gib"] > 0
     assert np.isfinite(rank["images_per_s"]) and "GPU utilisation" in result.stdout

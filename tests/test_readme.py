@@ -52,8 +52,23 @@ EXTERNAL_COMMANDS = {
 }  # fmt: skip
 # Files of other projects that the README cites by name.
 EXTERNAL_FILES = {"eval_knn.py"}  # DINO's kNN evaluation
-OUTPUT_PREFIXES = ("runs/", "data/", "/", "~", "$", "OUTPUT_DIR", "EXPORT", "RUN/", "DIR/", "OUT/", "http", "file:")
-PROJECT_COMMAND = re.compile(r"(^|/)(train|evaluate|bench)\.py$|^simclr-(train|evaluate|shards|bench|export)$")
+OUTPUT_PREFIXES = (
+    "runs/",
+    "data/",
+    "/",
+    "~",
+    "$",
+    "OUTPUT_DIR",
+    "EXPORT",
+    "RUN/",
+    "DIR/",
+    "OUT/",
+    "http",
+    "file:",
+)
+PROJECT_COMMAND = re.compile(
+    r"(^|/)(train|evaluate|bench)\.py$|^simclr-(train|evaluate|shards|bench|export)$"
+)
 IMAGE_COMMANDS = {"train", "evaluate", "shards", "bench", "demo"}
 SHELL_SEPARATORS = re.compile(r"\s(?:&&|\|\||;|\|)\s")
 # Docs pages and make targets that other branches of issues 28-32 add, which the README links or names already:
@@ -86,7 +101,9 @@ def flag_key(flag: str) -> str:
 
 def repository_files(root: Path) -> list[str]:
     listed = subprocess.run(
-        ["git", "-C", str(root), "ls-files", "-co", "--exclude-standard"], capture_output=True, text=True
+        ["git", "-C", str(root), "ls-files", "-co", "--exclude-standard"],
+        capture_output=True,
+        text=True,
     ).stdout.split()
     return [name for name in listed if (root / name).exists()] or [
         str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and ".git" not in p.parts
@@ -110,7 +127,11 @@ def known_names(root: Path) -> Known:
     known.variables = set(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)\s*(?:\?|:|\+)?=", makefile, re.M))
     known.variables |= set(re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", makefile))
     known.build_args = set(
-        re.findall(r"^\s*ARG\s+([A-Za-z_][A-Za-z0-9_]*)", (root / "docker" / "Dockerfile").read_text(), re.M)
+        re.findall(
+            r"^\s*ARG\s+([A-Za-z_][A-Za-z0-9_]*)",
+            (root / "docker" / "Dockerfile").read_text(),
+            re.M,
+        )
     )
     flags = {"--config", "--print_config", "--help", "-h"}
     for name in known.files:
@@ -127,7 +148,11 @@ def known_names(root: Path) -> Known:
                 and re.fullmatch(r"--[A-Za-z][\w-]*", node.value)
             ):
                 flags.add(node.value)
-            if isinstance(node, ast.ClassDef) and node.name.endswith("Config") and _is_dataclass(node):
+            if (
+                isinstance(node, ast.ClassDef)
+                and node.name.endswith("Config")
+                and _is_dataclass(node)
+            ):
                 flags |= {
                     f"--{item.target.id}"
                     for item in node.body
@@ -139,7 +164,9 @@ def known_names(root: Path) -> Known:
     known.project_flags = {flag_key(f) for f in flags}
     from accelerate.commands.launch import launch_command_parser
 
-    known.accelerate_flags = {flag_key(s) for action in launch_command_parser()._actions for s in action.option_strings}
+    known.accelerate_flags = {
+        flag_key(s) for action in launch_command_parser()._actions for s in action.option_strings
+    }
     return known
 
 
@@ -176,7 +203,9 @@ def segments(readme: str) -> list[Segment]:
             while line.endswith("\\") and number + 1 < len(lines):
                 number += 1
                 line = line[:-1] + " " + lines[number].strip()
-            code, hash_, comment = line.partition(" #") if not line.lstrip().startswith("#") else ("", "#", line)
+            code, hash_, comment = (
+                line.partition(" #") if not line.lstrip().startswith("#") else ("", "#", line)
+            )
             found.append(Segment(start + 1, code, layout=section == "Layout"))
             if hash_:
                 found.append(Segment(start + 1, comment))
@@ -195,7 +224,9 @@ def check(readme: str, known: Known, page: str = "README.md") -> list[str]:
     problems, layout_dir = _check_links(readme, known, page), ""
     for segment in segments(readme):
         where = f"{page}:{segment.line}"
-        if segment.layout and not segment.text.startswith(" "):  # an unindented Layout line starts a new entry
+        if segment.layout and not segment.text.startswith(
+            " "
+        ):  # an unindented Layout line starts a new entry
             layout_dir = ""
         for command in SHELL_SEPARATORS.split(f" {segment.text} "):
             found, layout_dir = _check_command(command.split(), known, segment.layout, layout_dir)
@@ -203,7 +234,9 @@ def check(readme: str, known: Known, page: str = "README.md") -> list[str]:
     return problems
 
 
-def _check_command(tokens: list[str], known: Known, layout: bool, layout_dir: str) -> tuple[list[str], str]:
+def _check_command(
+    tokens: list[str], known: Known, layout: bool, layout_dir: str
+) -> tuple[list[str], str]:
     """Problems in one shell command (or inline span); ``layout_dir``: the Layout folder the line continues."""
     problems, owner, before_dashes, previous = [], None, False, ""
     for index, raw in enumerate(tokens):
@@ -241,7 +274,9 @@ def _check_command(tokens: list[str], known: Known, layout: bool, layout_dir: st
             elif owner is None and key not in known.project_flags | known.accelerate_flags | {
                 flag_key(f) for f in EXTERNAL_FLAGS
             }:
-                problems.append(f"`{token}` is a flag of neither the project, accelerate nor a tool it names")
+                problems.append(
+                    f"`{token}` is a flag of neither the project, accelerate nor a tool it names"
+                )
         if previous == "--build-arg" or token.startswith("--build-arg="):
             name = token.removeprefix("--build-arg=").split("=", 1)[0]
             if name not in known.build_args:
@@ -314,7 +349,9 @@ def _check_make(tokens: list[str], known: Known) -> list[str]:
             continue
         elif "=" in token:
             if token.split("=", 1)[0] not in known.variables:
-                problems.append(f"`make {token}`: the Makefile has no variable {token.split('=', 1)[0]}")
+                problems.append(
+                    f"`make {token}`: the Makefile has no variable {token.split('=', 1)[0]}"
+                )
         elif re.fullmatch(r"[a-z][\w.-]*", token) and raw == token:
             if token not in known.targets and token not in PENDING_TARGETS:
                 problems.append(f"`make {token}`: the Makefile has no target {token}")
@@ -324,10 +361,16 @@ def _check_make(tokens: list[str], known: Known) -> list[str]:
 
 
 def _check_path(token: str, known: Known, layout_dir: str | None) -> list[str]:
-    token = token.removeprefix("./").split("=", 1)[-1] if "=" in token and "/" in token.split("=", 1)[-1] else token
+    token = (
+        token.removeprefix("./").split("=", 1)[-1]
+        if "=" in token and "/" in token.split("=", 1)[-1]
+        else token
+    )
     token = token.removeprefix("./")
     if token.startswith("../"):
-        return [f"`{token}` is outside the repository (a user's clone has no {token.split('/')[1]}/ beside it)"]
+        return [
+            f"`{token}` is outside the repository (a user's clone has no {token.split('/')[1]}/ beside it)"
+        ]
     if re.fullmatch(r"simclr_dali(\.\w+)+", token):
         return _check_module(token, known)
     if not token or token.startswith(OUTPUT_PREFIXES) or re.search(r"[{}%<>$]|NNN|\.\.\.", token):
@@ -335,8 +378,14 @@ def _check_path(token: str, known: Known, layout_dir: str | None) -> list[str]:
     first = token.split("/")[0]
     if "/" in token and first in known.top_level or token in known.top_level:
         if re.search(r"[*?\[]", token):
-            return [] if list(known.root.glob(token.rstrip("/"))) else [f"`{token}` matches no file in the repository"]
-        return [] if (known.root / token).exists() else [f"`{token}` does not exist in the repository"]
+            return (
+                []
+                if list(known.root.glob(token.rstrip("/")))
+                else [f"`{token}` matches no file in the repository"]
+            )
+        return (
+            [] if (known.root / token).exists() else [f"`{token}` does not exist in the repository"]
+        )
     if "/" not in token and re.fullmatch(r"[\w.-]+\.(py|sh|sbatch|toml)", token):
         if layout_dir is not None:
             where = f"{layout_dir}{token}" if layout_dir else token
@@ -345,7 +394,9 @@ def _check_path(token: str, known: Known, layout_dir: str | None) -> list[str]:
                 if (known.root / where).is_file()
                 else [f"`{token}` (Layout, {layout_dir or 'top level'}): no {where}"]
             )
-        if token not in EXTERNAL_FILES and not any(Path(name).name == token for name in known.files):
+        if token not in EXTERNAL_FILES and not any(
+            Path(name).name == token for name in known.files
+        ):
             return [f"`{token}` is no file of the repository"]
     return []
 
@@ -354,7 +405,10 @@ def _check_module(dotted: str, known: Known) -> list[str]:
     parts = dotted.split(".")[1:]
     for cut in (len(parts), len(parts) - 1):
         base = known.root.joinpath(*parts[:cut]) if cut else known.root
-        module = next((p for p in (base.with_suffix(".py"), base / "__init__.py") if cut and p.is_file()), None)
+        module = next(
+            (p for p in (base.with_suffix(".py"), base / "__init__.py") if cut and p.is_file()),
+            None,
+        )
         if cut == 0:
             module = known.root / "__init__.py"
         if module is None:

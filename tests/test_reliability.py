@@ -47,13 +47,17 @@ TINY = tiny(max_steps=2)
 
 def run_train(out: Path, shards, *flags, **overrides) -> int:
     config = out.parent / f"{out.name}.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "train_shards": str(shards), "output_dir": str(out), **overrides}))
+    config.write_text(
+        yaml.safe_dump({**TINY, "train_shards": str(shards), "output_dir": str(out), **overrides})
+    )
     return train.main(["--config", str(config), *map(str, flags)])
 
 
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory) -> Path:
-    directory, _ = make_shards(tmp_path_factory.mktemp("reliability"), 70, num_classes=12, per_shard=30)
+    directory, _ = make_shards(
+        tmp_path_factory.mktemp("reliability"), 70, num_classes=12, per_shard=30
+    )
     return directory
 
 
@@ -120,7 +124,9 @@ def test_a_wrong_index_is_refused_before_dali_reads_it(shard_set, tmp_path, kind
 
 
 @pytest.mark.parametrize("kind", INDEX_FAULTS)
-def test_train_and_evaluate_exit_2_naming_the_shard_of_a_wrong_index(shard_set, tmp_path, capsys, kind):
+def test_train_and_evaluate_exit_2_naming_the_shard_of_a_wrong_index(
+    shard_set, tmp_path, capsys, kind
+):
     shards = copy_set(shard_set, tmp_path)
     tar = _damage(shards, kind)
     assert run_train(tmp_path / "run", shards) == 2
@@ -129,11 +135,20 @@ def test_train_and_evaluate_exit_2_naming_the_shard_of_a_wrong_index(shard_set, 
     status = evaluate.main(
         [
             *("--model", "resnet18", "--random_init", "true", "--protocol", "knn"),
-            *("--train_shards", str(shards), "--val_shards", str(shards), "--local_batch_size", "16"),
+            *(
+                "--train_shards",
+                str(shards),
+                "--val_shards",
+                str(shards),
+                "--local_batch_size",
+                "16",
+            ),
         ]
     )
     err = capsys.readouterr().err
-    assert status == 2 and str(tar) in err and "simclr-shards index" in err and "Traceback" not in err
+    assert (
+        status == 2 and str(tar) in err and "simclr-shards index" in err and "Traceback" not in err
+    )
 
 
 def test_every_index_the_writer_makes_passes_the_check(shard_set):
@@ -182,12 +197,23 @@ def damage_file(path: Path, kind: str) -> None:
 
 
 def evaluate_args(shards: Path) -> list[str]:
-    return ["--protocol", "knn", "--train_shards", str(shards), "--val_shards", str(shards), "--local_batch_size", "16"]
+    return [
+        "--protocol",
+        "knn",
+        "--train_shards",
+        str(shards),
+        "--val_shards",
+        str(shards),
+        "--local_batch_size",
+        "16",
+    ]
 
 
 @pytest.mark.parametrize("kind", ["flipped byte", "truncated", "missing"])
 @pytest.mark.parametrize("reader", ["resume", "evaluate", "export"])
-def test_a_damaged_checkpoint_is_refused_by_every_reader(two_steps, shard_set, tmp_path, capsys, reader, kind):
+def test_a_damaged_checkpoint_is_refused_by_every_reader(
+    two_steps, shard_set, tmp_path, capsys, reader, kind
+):
     step = copy_run(two_steps, tmp_path) / "checkpoints" / "step_00000002"
     damage_file(step / "model.safetensors", kind)
     if reader == "resume":
@@ -201,8 +227,12 @@ def test_a_damaged_checkpoint_is_refused_by_every_reader(two_steps, shard_set, t
     assert not (tmp_path / "exported").exists()
 
 
-@pytest.mark.parametrize("name", ["backbone.safetensors", "backbone.json", "head.safetensors", "head.json"])
-def test_a_damaged_export_is_refused_by_load_exported_and_evaluate(two_steps, shard_set, tmp_path, capsys, name):
+@pytest.mark.parametrize(
+    "name", ["backbone.safetensors", "backbone.json", "head.safetensors", "head.json"]
+)
+def test_a_damaged_export_is_refused_by_load_exported_and_evaluate(
+    two_steps, shard_set, tmp_path, capsys, name
+):
     backbone, head, meta = export.load_exported(two_steps)  # the intact export loads
     assert head is not None and meta["model_name"] == "resnet18"
     out = copy_run(two_steps, tmp_path)
@@ -215,9 +245,17 @@ def test_a_damaged_export_is_refused_by_load_exported_and_evaluate(two_steps, sh
 
 def test_an_exported_checkpoint_carries_a_manifest_that_load_exported_checks(two_steps, tmp_path):
     target = tmp_path / "exported"
-    assert export.main([str(two_steps / "checkpoints" / "step_00000001"), "--output_dir", str(target)]) == 0
+    assert (
+        export.main([str(two_steps / "checkpoints" / "step_00000001"), "--output_dir", str(target)])
+        == 0
+    )
     listed = json.loads((target / "export-manifest.json").read_text())["files"]
-    assert {"backbone.safetensors", "backbone.json", "head.safetensors", "head.json"} <= listed.keys()
+    assert {
+        "backbone.safetensors",
+        "backbone.json",
+        "head.safetensors",
+        "head.json",
+    } <= listed.keys()
     export.load_exported(target)
     damage_file(target / "head.safetensors", "truncated")
     with pytest.raises(export.ExportError, match="head.safetensors has"):
@@ -238,7 +276,9 @@ def files_of(directory: Path, ignore=("train.log", "run.lock")) -> dict[str, tup
 def start_training(out: Path, shards: Path, *flags, **overrides) -> subprocess.Popen:
     """train.py in a child process, returned once it printed its "run ... started" line (it holds the lock)."""
     config = out.parent / f"{out.name}-child.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "train_shards": str(shards), "output_dir": str(out), **overrides}))
+    config.write_text(
+        yaml.safe_dump({**TINY, "train_shards": str(shards), "output_dir": str(out), **overrides})
+    )
     child = subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), "--config", str(config), *map(str, flags)],
         stdout=subprocess.PIPE,
@@ -267,7 +307,9 @@ def test_a_second_process_on_a_run_is_refused_and_a_killed_holder_leaves_no_lock
         ):
             assert run_train(out, shard_set, *flags, max_steps=3) == 2
             err = capsys.readouterr().err
-            assert f"process {first.pid} on host {socket.gethostname()}" in err and str(out) in err, err
+            assert (
+                f"process {first.pid} on host {socket.gethostname()}" in err and str(out) in err
+            ), err
         assert files_of(out) == before  # nothing read-and-rewritten, nothing deleted
     finally:
         first.kill()  # SIGKILL: no clean-up runs, the kernel drops the lock
@@ -284,12 +326,16 @@ class KilledMidway(BaseException):
 
 
 @pytest.mark.slow
-def test_a_kill_during_rotation_leaves_no_incomplete_checkpoint(shard_set, tmp_path, monkeypatch, capsys):
+def test_a_kill_during_rotation_leaves_no_incomplete_checkpoint(
+    shard_set, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "run"
     real_rmtree = shutil.rmtree
 
     def killed_midway(path, *args, **kwargs):
-        if Path(path).parent.name == "checkpoints":  # deleting a rotated checkpoint: half of it, then death
+        if (
+            Path(path).parent.name == "checkpoints"
+        ):  # deleting a rotated checkpoint: half of it, then death
             for name in ("manifest.json", "model.safetensors"):
                 (Path(path) / name).unlink()
             raise KilledMidway(path)
@@ -301,10 +347,20 @@ def test_a_kill_during_rotation_leaves_no_incomplete_checkpoint(shard_set, tmp_p
     monkeypatch.undo()
     root = out / "checkpoints"
     finals = sorted(p for p in root.iterdir() if p.name.startswith("step_"))
-    assert [p.name for p in finals] == ["step_00000002", "step_00000003"]  # step 1 was being rotated away
+    assert [p.name for p in finals] == [
+        "step_00000002",
+        "step_00000003",
+    ]  # step 1 was being rotated away
     assert all((p / "manifest.json").is_file() for p in finals)  # complete under every final name
-    (root / "step_00000042").mkdir()  # what an older version's interrupted rotation left: an empty step_N
-    assert run_train(out, shard_set, "--resume", "auto", max_steps=3, checkpoint_every=1, keep_checkpoints=2) == 0
+    (
+        root / "step_00000042"
+    ).mkdir()  # what an older version's interrupted rotation left: an empty step_N
+    assert (
+        run_train(
+            out, shard_set, "--resume", "auto", max_steps=3, checkpoint_every=1, keep_checkpoints=2
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "removed 2 temporary checkpoint(s)" in printed and "step_00000042" in printed
     assert sorted(p.name for p in root.iterdir()) == ["step_00000002", "step_00000003"]
@@ -318,7 +374,9 @@ def small_filesystem(tmp_path):
     """A real 64 MiB tmpfs (needs root, as in the project's container; skipped elsewhere)."""
     mount_point = tmp_path / "fs"
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)], capture_output=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)], capture_output=True
+    )
     if result.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
     yield mount_point
@@ -352,11 +410,17 @@ def test_a_full_disk_at_the_export_exits_1_and_resume_finishes_it(
     monkeypatch.setattr(train, "export_backbone", export_on_a_full_disk)
     assert run_train(out, shard_set, max_steps=2) == 1
     err = capsys.readouterr().err
-    assert f"cannot write the export in {out}" in err and "No space left on device" in err and "Traceback" not in err
+    assert (
+        f"cannot write the export in {out}" in err
+        and "No space left on device" in err
+        and "Traceback" not in err
+    )
     assert f"cannot write the export in {out}" in (out / "train.log").read_text()
     monkeypatch.undo()
     (small_filesystem / "filler").unlink()
-    assert run_train(out, shard_set, "--resume", "auto", max_steps=2) == 0  # the checkpoint was intact
+    assert (
+        run_train(out, shard_set, "--resume", "auto", max_steps=2) == 0
+    )  # the checkpoint was intact
     export.load_exported(out)
 
 
@@ -375,22 +439,39 @@ def test_a_full_disk_at_a_checkpoint_exits_1_and_resume_finishes(
     monkeypatch.setattr(checkpoint_module.Checkpointer, "save", save_on_a_full_disk)
     assert run_train(out, shard_set, max_steps=3, checkpoint_every=1) == 1
     err = capsys.readouterr().err
-    assert f"cannot write checkpoint {out / 'checkpoints' / 'step_00000002'}" in err and "No space left" in err
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"]  # intact, no temporaries
+    assert (
+        f"cannot write checkpoint {out / 'checkpoints' / 'step_00000002'}" in err
+        and "No space left" in err
+    )
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [
+        "step_00000001"
+    ]  # intact, no temporaries
     monkeypatch.undo()
     (small_filesystem / "filler").unlink()
     assert run_train(out, shard_set, "--resume", "auto", max_steps=3, checkpoint_every=1) == 0
     assert "resumed from" in capsys.readouterr().out
 
 
-def test_a_full_disk_at_the_evaluation_report_exits_1_naming_it(shard_set, small_filesystem, capsys):
+def test_a_full_disk_at_the_evaluation_report_exits_1_naming_it(
+    shard_set, small_filesystem, capsys
+):
     report = small_filesystem / "report.json"
     fill(small_filesystem)
     status = evaluate.main(
-        ["--model", "resnet18", "--random_init", "true", "--json", str(report), *evaluate_args(shard_set)]
+        [
+            "--model",
+            "resnet18",
+            "--random_init",
+            "true",
+            "--json",
+            str(report),
+            *evaluate_args(shard_set),
+        ]
     )
     err = capsys.readouterr().err
-    assert status == 1 and f"cannot write the --json report {report}" in err and "Traceback" not in err
+    assert (
+        status == 1 and f"cannot write the --json report {report}" in err and "Traceback" not in err
+    )
     assert not report.exists()
 
 
@@ -422,11 +503,17 @@ def test_a_full_disk_under_the_tracker_exits_1_naming_its_directory_and_resume_f
     assert "No space left on device" in err and "Traceback" not in err, err[-3000:]
     assert f"cannot write the tracker's files in {board}" in (out / "train.log").read_text()
     failed_at = int(re.search(r"while logging step (\d+)", err).group(1))
-    assert 2 <= failed_at < 30 and (out / "checkpoints" / f"step_{failed_at - 1:08d}" / "manifest.json").is_file()
+    assert (
+        2 <= failed_at < 30
+        and (out / "checkpoints" / f"step_{failed_at - 1:08d}" / "manifest.json").is_file()
+    )
     monkeypatch.undo()
     (small_filesystem / "filler").unlink()
     assert run_train(out, shard_set, "--resume", "auto", **flags) == 0  # the checkpoint was intact
-    assert f"resumed from {out / 'checkpoints' / f'step_{failed_at - 1:08d}'} " in capsys.readouterr().out
+    assert (
+        f"resumed from {out / 'checkpoints' / f'step_{failed_at - 1:08d}'} "
+        in capsys.readouterr().out
+    )
 
 
 # --------------------------------------------------------------------------- 4. children die with their parent
@@ -480,7 +567,10 @@ def kill_parent_and_find_survivors(parent: subprocess.Popen, workers: int) -> li
 @pytest.mark.parametrize("start_method", ["spawn", "fork"])
 def test_sigkill_of_a_pool_parent_leaves_no_worker(start_method):
     parent = subprocess.Popen(
-        [sys.executable, "-c", POOL_PARENT, start_method], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        [sys.executable, "-c", POOL_PARENT, start_method],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     assert parent.stdout.readline().strip() == "ready"
     assert kill_parent_and_find_survivors(parent, 2) == []
@@ -506,7 +596,11 @@ def test_pools_start_from_a_process_whose_address_space_exceeds_memory(shard_set
     """A fork must commit the parent's whole private mapping: from a process holding more reserved memory than the
     machine has, forked pools failed with ENOMEM (CI, after in-process training runs). Ours spawn."""
     done = subprocess.run(
-        [sys.executable, "-c", BIG_PARENT, str(shard_set)], capture_output=True, text=True, cwd=ROOT, timeout=300
+        [sys.executable, "-c", BIG_PARENT, str(shard_set)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     if done.stdout.strip() == "skip":
         pytest.skip("this kernel's overcommit policy refuses the reservation itself")
@@ -520,7 +614,11 @@ def test_a_finished_run_shuts_its_dali_pipelines_down(tmp_path, shard_set):
 
     before = {id(ref()) for ref in Pipeline._pipes if ref() is not None}
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "train_shards": str(shard_set), "output_dir": str(tmp_path / "run")}))
+    config.write_text(
+        yaml.safe_dump(
+            {**TINY, "train_shards": str(shard_set), "output_dir": str(tmp_path / "run")}
+        )
+    )
     assert train.main(["--config", str(config), "--max_steps", "2"]) == 0
     left = [ref() for ref in Pipeline._pipes if ref() is not None and id(ref()) not in before]
     assert left == []
@@ -537,7 +635,9 @@ time.sleep(120)
 
 
 def test_sigkill_of_a_torch_loader_parent_leaves_no_worker(shard_set):
-    parent = subprocess.Popen([sys.executable, "-c", LOADER_PARENT, str(shard_set)], stdout=subprocess.PIPE, text=True)
+    parent = subprocess.Popen(
+        [sys.executable, "-c", LOADER_PARENT, str(shard_set)], stdout=subprocess.PIPE, text=True
+    )
     assert parent.stdout.readline().strip() == "ready"
     assert kill_parent_and_find_survivors(parent, 2) == []
 
@@ -545,13 +645,24 @@ def test_sigkill_of_a_torch_loader_parent_leaves_no_worker(shard_set):
 @pytest.mark.slow
 def test_sigkill_of_simclr_shards_write_leaves_no_worker(tmp_path):
     rng = np.random.default_rng(0)
-    for i in range(240):  # noise JPEGs: slow enough to re-encode that the write is still running when killed
+    for i in range(
+        240
+    ):  # noise JPEGs: slow enough to re-encode that the write is still running when killed
         folder = tmp_path / "images" / f"class{i % 2}"
         folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)).save(folder / f"{i}.jpg", quality=95)
+        Image.fromarray(rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)).save(
+            folder / f"{i}.jpg", quality=95
+        )
     parent = subprocess.Popen(
         [
-            *(sys.executable, "-m", "simclr_dali.pipeline.shards", "write", "folder", str(tmp_path / "images")),
+            *(
+                sys.executable,
+                "-m",
+                "simclr_dali.pipeline.shards",
+                "write",
+                "folder",
+                str(tmp_path / "images"),
+            ),
             *(str(tmp_path / "out" / "s-%06d.tar"), "--max_side", "100", "--workers", "2"),
         ],
         stdout=subprocess.PIPE,
@@ -580,7 +691,10 @@ def shard_with_a_bomb(source: Path, target: Path) -> tuple[Path, str]:
     tar = sorted(source.glob("*.tar"))[0]
     target.mkdir()
     out = target / tar.name
-    with tarfile.open(tar) as archive, tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as rewritten:
+    with (
+        tarfile.open(tar) as archive,
+        tarfile.open(out, "w", format=tarfile.USTAR_FORMAT) as rewritten,
+    ):
         images = [m for m in archive.getmembers() if m.name.endswith(".jpg")]
         bomb = images[4].name
         for member in archive.getmembers():
@@ -597,7 +711,9 @@ def test_a_decompression_bomb_is_refused_by_train_naming_shard_and_key(shard_set
     tar, key = shard_with_a_bomb(shard_set, tmp_path / "bombed")
     assert run_train(tmp_path / "run", tar.parent) == 2
     err = capsys.readouterr().err
-    assert f"shard {tar} key {key}: a 20000 x 20000 image" in err and "pixel cap of 178,956,970" in err
+    assert (
+        f"shard {tar} key {key}: a 20000 x 20000 image" in err and "pixel cap of 178,956,970" in err
+    )
     problems = verify_shard(tar)[1]  # the writer's check refuses it too: the same cap
     assert any(key in problem and "DecompressionBomb" in problem for problem in problems), problems
 
@@ -607,7 +723,9 @@ def test_the_pixel_cap_is_configurable_and_named(shard_set, tmp_path, capsys):
         run_train(tmp_path / "run", shard_set, loader={"max_image_pixels": 1000}) == 2
     )  # the set's images are 32 x 32
     assert "over the pixel cap of 1,000 (max_image_pixels" in capsys.readouterr().err
-    assert MAX_IMAGE_PIXELS == 2 * PIL.Image.MAX_IMAGE_PIXELS  # PIL's bomb error, which write and verify get
+    assert (
+        MAX_IMAGE_PIXELS == 2 * PIL.Image.MAX_IMAGE_PIXELS
+    )  # PIL's bomb error, which write and verify get
 
 
 # --------------------------------------------------------------------------- 1 and 7 in a bucket (SeaweedFS)
@@ -632,10 +750,14 @@ def bucket_with_a_fault(s3_env, shard_set: Path, tmp_path: Path, kind: str) -> t
 
 
 @pytest.mark.parametrize("kind", BUCKET_FAULTS)
-def test_a_wrong_index_or_a_bomb_in_a_bucket_is_refused_before_dali_reads_it(s3_env, shard_set, tmp_path, kind):
+def test_a_wrong_index_or_a_bomb_in_a_bucket_is_refused_before_dali_reads_it(
+    s3_env, shard_set, tmp_path, kind
+):
     url, shard, expected = bucket_with_a_fault(s3_env, shard_set, tmp_path, kind)
     with pytest.raises(ShardError) as caught:
-        for _ in DaliLoader(url, 8, TwoViews(), train=True, shuffle_buffer=8):  # one epoch: reads every shard
+        for _ in DaliLoader(
+            url, 8, TwoViews(), train=True, shuffle_buffer=8
+        ):  # one epoch: reads every shard
             pass
     assert f"shard {shard}" in str(caught.value) and expected in str(caught.value), caught.value
     if kind != "bomb":  # the fix it names, for the bucket: simclr-shards index s3://.../part.tar
@@ -672,7 +794,13 @@ def test_a_subset_of_a_bucket_is_checked_against_its_whole_shards(s3_env, shard_
 
 @pytest.mark.parametrize(
     "key,ext",
-    [("../evil", "jpg"), ("/etc/evil", "jpg"), ("a/../../evil", "jpg"), ("ok", "jpg/../../evil"), ("ok", "/x")],
+    [
+        ("../evil", "jpg"),
+        ("/etc/evil", "jpg"),
+        ("a/../../evil", "jpg"),
+        ("ok", "jpg/../../evil"),
+        ("ok", "/x"),
+    ],
 )
 def test_write_refuses_member_names_outside_the_folder(tmp_path, key, ext):
     with pytest.raises(ShardError, match="refused|not a valid key"):
@@ -681,11 +809,16 @@ def test_write_refuses_member_names_outside_the_folder(tmp_path, key, ext):
     assert not list(tmp_path.glob("*.tar"))
 
 
-@pytest.mark.parametrize("name,why", [("../evil.jpg", "a '..' part"), ("/abs/evil.jpg", "an absolute path")])
+@pytest.mark.parametrize(
+    "name,why", [("../evil.jpg", "a '..' part"), ("/abs/evil.jpg", "an absolute path")]
+)
 def test_verify_names_member_names_outside_the_folder(shard_set, tmp_path, name, why):
     source = sorted(shard_set.glob("*.tar"))[0]
     tar = tmp_path / "hostile.tar"
-    with tarfile.open(source) as archive, tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as rewritten:
+    with (
+        tarfile.open(source) as archive,
+        tarfile.open(tar, "w", format=tarfile.USTAR_FORMAT) as rewritten,
+    ):
         members = archive.getmembers()
         for member in members:
             rewritten.addfile(member, io.BytesIO(archive.extractfile(member).read()))

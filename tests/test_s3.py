@@ -23,7 +23,9 @@ CIFAR = AugmentConfig.cifar()
 @pytest.fixture(scope="session")
 def id_shards(tmp_path_factory):
     """96 samples whose labels are their ids (96 classes), 10 per shard: 10 shards."""
-    directory, labels = make_shards(tmp_path_factory.mktemp("ids"), 96, num_classes=96, per_shard=10)
+    directory, labels = make_shards(
+        tmp_path_factory.mktemp("ids"), 96, num_classes=96, per_shard=10
+    )
     return directory
 
 
@@ -86,7 +88,14 @@ def test_two_gloo_ranks_from_s3_see_disjoint_parts_and_the_local_keys(s3_env, id
     from conftest import ROOT
 
     url, out = uploaded(s3_env, id_shards, "ids"), tmp_path / "keys.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
     command += [str(ROOT / "tests" / "s3_rank_keys.py"), str(id_shards), url, str(out)]
     env = {**os.environ, **s3_env.env(), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -95,20 +104,26 @@ def test_two_gloo_ranks_from_s3_see_disjoint_parts_and_the_local_keys(s3_env, id
     for epoch in range(2):
         local = [ids for rank in ranks for ids in rank["local"][epoch]]
         parts = [rank["s3"][epoch] for rank in ranks]
-        assert len(parts[0]) == len(parts[1]) == 48 and not set(parts[0]) & set(parts[1])  # disjoint, equal steps
+        assert len(parts[0]) == len(parts[1]) == 48 and not set(parts[0]) & set(
+            parts[1]
+        )  # disjoint, equal steps
         assert sorted(parts[0] + parts[1]) == sorted(local) == list(range(96))
     assert ranks[0]["s3"][0] != ranks[0]["s3"][1]  # reshuffled every epoch
 
 
 def test_evaluation_from_s3_reads_the_local_order(s3_env, id_shards):
     url = uploaded(s3_env, id_shards, "ids")
-    make = lambda where, rank: DaliLoader(where, 7, EvalView(16, 16), train=False, shard_id=rank, num_shards=2)
+    make = lambda where, rank: DaliLoader(
+        where, 7, EvalView(16, 16), train=False, shard_id=rank, num_shards=2
+    )
     for rank in range(2):
         local, streamed = make(id_shards, rank), make(url, rank)
         assert epoch_ids(local, 1) == epoch_ids(streamed, 1) and len(streamed) == len(local)
 
 
-@pytest.mark.parametrize("stop", [1, 5, 12])  # after the first batch, mid-epoch, the epoch's last batch (12)
+@pytest.mark.parametrize(
+    "stop", [1, 5, 12]
+)  # after the first batch, mid-epoch, the epoch's last batch (12)
 def test_resume_from_s3_sees_every_sample_of_the_epoch_once(s3_env, id_shards, stop):
     url = uploaded(s3_env, id_shards, "ids")
     reference = epoch_ids(train_loader(url), 2)
@@ -164,7 +179,9 @@ def test_wrong_credentials_named_without_the_secret(s3_env, id_shards, monkeypat
     with pytest.raises(ObjectStoreError) as error:
         train_loader(url)
     message = str(error.value)
-    assert "simclr-test" in message and "credentials" in message and "AWS_SECRET_ACCESS_KEY" in message
+    assert (
+        "simclr-test" in message and "credentials" in message and "AWS_SECRET_ACCESS_KEY" in message
+    )
     assert "wrong-secret-0123456789" not in message and s3_env.access_key not in message
 
 
@@ -172,7 +189,10 @@ def test_wrong_credentials_named_without_the_secret(s3_env, id_shards, monkeypat
     "location, expected",
     [
         ("s3://no-such-bucket-xyz/ids/", r"bucket 'no-such-bucket-xyz' does not exist"),
-        ("s3://simclr-test/no-such-prefix/", r"no \*\.tar shards under s3://simclr-test/no-such-prefix/"),
+        (
+            "s3://simclr-test/no-such-prefix/",
+            r"no \*\.tar shards under s3://simclr-test/no-such-prefix/",
+        ),
         ("s3://Bad_Bucket/x/", r"not an object location"),
     ],
 )
@@ -185,21 +205,28 @@ def test_missing_bucket_or_prefix_named(s3_env, id_shards, location, expected):
 def test_missing_index_named(s3_env, id_shards):
     url = uploaded(s3_env, id_shards, "noidx")
     boto(s3_env).delete_object(Bucket="simclr-test", Key="noidx/part-000003.idx")
-    with pytest.raises(ObjectStoreError, match=r"s3://simclr-test/noidx/part-000003.tar has no index .*simclr-shards"):
+    with pytest.raises(
+        ObjectStoreError,
+        match=r"s3://simclr-test/noidx/part-000003.tar has no index .*simclr-shards",
+    ):
         train_loader(url)
 
 
 def test_object_deleted_mid_epoch_named(s3_env, id_shards):
     url = uploaded(s3_env, id_shards, "deleted")
     one_shard = max(p.stat().st_size for p in id_shards.glob("*.tar"))
-    loader = train_loader(url, in_flight=1, cache_bytes=2 * one_shard)  # one shard ahead per pipeline
+    loader = train_loader(
+        url, in_flight=1, cache_bytes=2 * one_shard
+    )  # one shard ahead per pipeline
     batches = iter(loader)
     next(batches)
     client = boto(s3_env)
     for i in range(10):
         client.delete_object(Bucket="simclr-test", Key=f"deleted/part-{i:06d}.tar")
     _uploaded.discard(url)
-    with pytest.raises(ObjectStoreError, match=r"reading s3://simclr-test/deleted/part-\d{6}\.tar: no such object"):
+    with pytest.raises(
+        ObjectStoreError, match=r"reading s3://simclr-test/deleted/part-\d{6}\.tar: no such object"
+    ):
         for _ in batches:
             pass
 
@@ -220,11 +247,15 @@ def test_server_restarted_mid_epoch_is_retried(s3_env, id_shards):
 
 def test_server_that_does_not_come_back_is_a_clear_error(s3_env, id_shards, monkeypatch):
     url = uploaded(s3_env, id_shards, "ids")
-    monkeypatch.setattr(s3, "RETRY_SECONDS", 2.0)  # before the loader: its fetch threads start at once
+    monkeypatch.setattr(
+        s3, "RETRY_SECONDS", 2.0
+    )  # before the loader: its fetch threads start at once
     loader = train_loader(url, in_flight=1)
     s3_env.stop()
     try:
-        with pytest.raises(ObjectStoreError, match=r"did not answer .* within 2 s of retries; check that it is up"):
+        with pytest.raises(
+            ObjectStoreError, match=r"did not answer .* within 2 s of retries; check that it is up"
+        ):
             epoch_ids(loader, 1)
     finally:
         s3_env.start()
@@ -252,13 +283,18 @@ def test_prefetcher_bound_holds_for_any_plan():
     for _ in range(30):
         sizes = rng.integers(1, 100, rng.integers(1, 30)).tolist()
         bound = int(rng.integers(max(sizes), 3 * max(sizes) + 1))
-        data = {ObjectPath(f"s3://b-x/k{i}.tar"): bytes([i % 256]) * size for i, size in enumerate(sizes)}
+        data = {
+            ObjectPath(f"s3://b-x/k{i}.tar"): bytes([i % 256]) * size
+            for i, size in enumerate(sizes)
+        }
 
         def fetch(url, data=data):
             time.sleep(rng.random() * 0.001)
             return data[url]
 
-        prefetcher = remote.ShardPrefetcher(list((u, len(d)) for u, d in data.items()), bound, 3, fetch)
+        prefetcher = remote.ShardPrefetcher(
+            list((u, len(d)) for u, d in data.items()), bound, 3, fetch
+        )
         for i, payload in enumerate(data.values()):
             assert prefetcher.take(i) == payload
             prefetcher.release(i)
@@ -270,4 +306,6 @@ def test_buffer_shuffle_is_a_permutation():
     for n, buffer in [(0, 4), (1, 1), (10, 1), (10, 3), (100, 1000)]:
         order = remote.buffer_shuffle(n, buffer, np.random.default_rng(n))
         assert sorted(order.tolist()) == list(range(n))
-    assert remote.buffer_shuffle(50, 1, np.random.default_rng(0)).tolist() == list(range(50))  # no buffer, no shuffle
+    assert remote.buffer_shuffle(50, 1, np.random.default_rng(0)).tolist() == list(
+        range(50)
+    )  # no buffer, no shuffle

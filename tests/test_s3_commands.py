@@ -25,7 +25,16 @@ def written(s3_env, tmp_path, monkeypatch):
     """A synthetic labelled set written straight to a bucket by ``simclr-shards write``."""
     monkeypatch.setenv("SIMCLR_SHARDS_STAGING", str(tmp_path / "staging"))
     url = f"s3://simclr-cmd/{tmp_path.name}/"
-    args = ["write", "synthetic", url + "train-%06d.tar", "--num_classes", "4", "--per_class", "20", "--quiet"]
+    args = [
+        "write",
+        "synthetic",
+        url + "train-%06d.tar",
+        "--num_classes",
+        "4",
+        "--per_class",
+        "20",
+        "--quiet",
+    ]
     assert shards_main([*args, "--max_count", "10"]) == 0
     return url
 
@@ -34,19 +43,34 @@ def test_write_puts_every_shard_index_and_record_in_the_bucket(written, s3_env, 
     bucket, prefix = s3.split_url(written)
     names = sorted(key[len(prefix) :] for key in s3.list_objects(bucket, prefix))
     assert names == sorted(
-        [f"train-{i:06d}.{ext}" for i in range(8) for ext in ("tar", "idx")] + ["classes.json", "shardset.json"]
+        [f"train-{i:06d}.{ext}" for i in range(8) for ext in ("tar", "idx")]
+        + ["classes.json", "shardset.json"]
     )
     assert shards_main(["write", "synthetic", written + "train-%06d.tar", "--num_classes", "4", "--per_class", "20",
                         "--quiet", "--max_count", "10"]) == 0  # fmt: skip
-    assert "uploaded 0 of 18 file(s)" in capsys.readouterr().out  # a rerun finds everything there: nothing sent
+    assert (
+        "uploaded 0 of 18 file(s)" in capsys.readouterr().out
+    )  # a rerun finds everything there: nothing sent
     assert shards_main(["verify", written, "--quiet"]) == 0
     assert "verified 80 samples in 8 shard(s): 0 problem(s)" in capsys.readouterr().out
 
 
-WRITE = ["write", "synthetic", "--num_classes", "4", "--per_class", "20", "--quiet", "--max_count", "10"]
+WRITE = [
+    "write",
+    "synthetic",
+    "--num_classes",
+    "4",
+    "--per_class",
+    "20",
+    "--quiet",
+    "--max_count",
+    "10",
+]
 
 
-def test_write_ships_shard_by_shard_and_resumes_an_interrupted_write(s3_env, tmp_path, monkeypatch, capsys):
+def test_write_ships_shard_by_shard_and_resumes_an_interrupted_write(
+    s3_env, tmp_path, monkeypatch, capsys
+):
     """Local space: staging never holds more than the shard being shipped (bounded, not the set); a write that
     dies after 3 shards went up resumes after them, sending nothing twice, and the set verifies."""
     from simclr_dali.pipeline.shards import s3_cli
@@ -95,7 +119,9 @@ def test_index_rebuilds_a_missing_index_in_the_bucket(written, s3_env, capsys):
 def test_verify_names_a_damaged_shard_by_its_url(written, s3_env, capsys):
     bucket, prefix = s3.split_url(written)
     client = boto(s3_env)
-    data = bytearray(client.get_object(Bucket=bucket, Key=prefix + "train-000001.tar")["Body"].read())
+    data = bytearray(
+        client.get_object(Bucket=bucket, Key=prefix + "train-000001.tar")["Body"].read()
+    )
     data[1024:1400] = b"\0" * 376  # inside the first sample's image
     client.put_object(Bucket=bucket, Key=prefix + "train-000001.tar", Body=bytes(data))
     assert shards_main(["verify", written, "--quiet"]) == 1
@@ -105,7 +131,11 @@ def test_verify_names_a_damaged_shard_by_its_url(written, s3_env, capsys):
 
 def train_command(tmp_path, url, **overrides) -> list[str]:
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "train_shards": url, "output_dir": str(tmp_path / "run"), **overrides}))
+    config.write_text(
+        yaml.safe_dump(
+            {**TINY, "train_shards": url, "output_dir": str(tmp_path / "run"), **overrides}
+        )
+    )
     return [sys.executable, "train.py", "--config", str(config)]
 
 
@@ -121,7 +151,9 @@ def test_training_from_a_bucket_writes_no_credential(written, s3_env, tmp_path):
     assert "eval @ epoch 1.00: knn_top1" in log and "linear_top1" in log, log[-2000:]
     secrets = [s3_env.secret_key, s3_env.access_key]
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
-    assert any(p.name.endswith(".safetensors") for p in files) and any(p.suffix == ".json" for p in files)
+    assert any(p.name.endswith(".safetensors") for p in files) and any(
+        p.suffix == ".json" for p in files
+    )
     for text in [result.stdout, result.stderr] + [p.read_bytes().decode("latin-1") for p in files]:
         assert not any(secret in text for secret in secrets)
 
@@ -137,8 +169,12 @@ def take_away(how: str, server, url: str) -> None:
         client.delete_object(Bucket=bucket, Key=key)
 
 
-@pytest.mark.parametrize("how, cause", [("server stopped", "did not answer"), ("shards deleted", "no such object")])
-def test_a_store_that_goes_away_mid_run_ends_with_a_checkpoint(written, s3_env, tmp_path, how, cause):
+@pytest.mark.parametrize(
+    "how, cause", [("server stopped", "did not answer"), ("shards deleted", "no such object")]
+)
+def test_a_store_that_goes_away_mid_run_ends_with_a_checkpoint(
+    written, s3_env, tmp_path, how, cause
+):
     env = {**os.environ, **s3_env.env(), "SIMCLR_S3_RETRY_SECONDS": "3", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         train_command(tmp_path, written, max_steps=200, checkpoint_every=2),
@@ -150,7 +186,9 @@ def test_a_store_that_goes_away_mid_run_ends_with_a_checkpoint(written, s3_env, 
     )
     log, deadline = tmp_path / "run" / "train.log", time.monotonic() + 300
     try:
-        while time.monotonic() < deadline and process.poll() is None:  # two steps done: take the store away
+        while (
+            time.monotonic() < deadline and process.poll() is None
+        ):  # two steps done: take the store away
             if log.exists() and " step 3:" in log.read_text():
                 break
             time.sleep(0.2)
@@ -165,6 +203,8 @@ def test_a_store_that_goes_away_mid_run_ends_with_a_checkpoint(written, s3_env, 
     assert process.returncode == 2, output[-3000:]
     assert "object store failure on rank 0" in output and cause in output, output[-3000:]
     assert written.split("/")[2] in output and "--resume auto" in output
-    assert "bad data" not in output and "rewrite" not in output  # named as an outage, not as a damaged sample
+    assert (
+        "bad data" not in output and "rewrite" not in output
+    )  # named as an outage, not as a damaged sample
     assert list((tmp_path / "run" / "checkpoints").glob("step_*")), output[-3000:]
     assert s3_env.secret_key not in output

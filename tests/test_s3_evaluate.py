@@ -21,8 +21,21 @@ def buckets(s3_env, data):  # noqa: F811
 
 def metrics(capsys, tmp_path, name, train, val, exported):  # noqa: F811
     report = tmp_path / f"{name}.json"
-    args = ["--checkpoint", exported, "--protocol", "knn,linear", "--epochs", 5, "--seed", 3, "--json", report]
-    status, output = run_main([*args, "--train_shards", train, "--val_shards", val, "--local_batch_size", 16], capsys)
+    args = [
+        "--checkpoint",
+        exported,
+        "--protocol",
+        "knn,linear",
+        "--epochs",
+        5,
+        "--seed",
+        3,
+        "--json",
+        report,
+    ]
+    status, output = run_main(
+        [*args, "--train_shards", train, "--val_shards", val, "--local_batch_size", 16], capsys
+    )
     assert status == 0, output
     return json.loads(report.read_text())
 
@@ -39,10 +52,15 @@ def test_evaluate_from_s3_gives_the_local_numbers(buckets, data, exported, tmp_p
 def test_labels_classes_and_subsets_read_from_s3_as_from_local(buckets, data, s3_env):  # noqa: F811
     train_url = buckets[0]
     assert (
-        location.read_labels(train_url) == location.read_labels(data[0]) and len(location.read_labels(train_url)) == 100
+        location.read_labels(train_url) == location.read_labels(data[0])
+        and len(location.read_labels(train_url)) == 100
     )
     assert location.read_source_paths(train_url) == location.read_source_paths(data[0])
-    assert location.read_classes(train_url) == location.read_classes(data[0]) == ["disc", "square", "triangle", "ring"]
+    assert (
+        location.read_classes(train_url)
+        == location.read_classes(data[0])
+        == ["disc", "square", "triangle", "ring"]
+    )
     assert location.labelled(train_url) and location.count_classes(*buckets) == 4
     here, _ = subset_for(str(data[0]), 0.1, seed=7)
     there, _ = subset_for(train_url, 0.1, seed=7)

@@ -28,9 +28,20 @@ import simclr_dali.pipeline.shards.source_writer as source_writer
 import simclr_dali.pipeline.shards.writer as shardwriter
 from simclr_dali.evaluation.subset import SubsetError, subset_for
 from simclr_dali.pipeline.augment import AugmentConfig
-from simclr_dali.pipeline.loader import AugmentedView, DaliLoader, EvalView, TwoViews, classifier_augment
+from simclr_dali.pipeline.loader import (
+    AugmentedView,
+    DaliLoader,
+    EvalView,
+    TwoViews,
+    classifier_augment,
+)
 from simclr_dali.pipeline.shards.cli import main
-from simclr_dali.pipeline.shards.image_policy import ImagePolicy, jpeg_frame_type, prepare_chunk, prepare_file
+from simclr_dali.pipeline.shards.image_policy import (
+    ImagePolicy,
+    jpeg_frame_type,
+    prepare_chunk,
+    prepare_file,
+)
 from simclr_dali.pipeline.shards.shardset import (
     ShardError,
     check_key,
@@ -91,7 +102,9 @@ def test_key_escaping_rule_is_reversible_injective_and_safe():
         assert check_key(key) == key
         assert key_path(key) == path
         assert not any(ch in key for ch in ". \t\n\"'\\") and key.isascii()
-        assert sample_key(f"{key}.jpg") == key and sample_key(f"{key}.json") == key  # WebDataset's cut at the first dot
+        assert (
+            sample_key(f"{key}.jpg") == key and sample_key(f"{key}.json") == key
+        )  # WebDataset's cut at the first dot
     assert path_key("n01440764/n01440764_10026.JPEG") == "n01440764/n01440764_10026%2EJPEG"
     assert path_key("my photos/é.png") == "my%20photos/%C3%A9%2Epng"
     assert path_key("percent%41.jpg") != path_key("percentA.jpg")  # '%' itself is escaped
@@ -113,14 +126,22 @@ def test_strange_names_round_trip_through_tar_index_dali_and_webdataset(tmp_path
     for path, image in zip(visible, images):
         save(Image.fromarray(image), root / (path if "." in path else path + ".jpg"), format="JPEG")
     save(Image.fromarray(images[0]), root / ".hidden-looking" / "x.jpg", format="JPEG")
-    report = write_source(images_source(root), str(tmp_path / "out" / "k-%06d.tar"), max_count=7, progress=False)
+    report = write_source(
+        images_source(root), str(tmp_path / "out" / "k-%06d.tar"), max_count=7, progress=False
+    )
     assert report.written == len(visible) and not report.skipped
     paths = read_source_paths(shard_paths(tmp_path / "out"))  # through the DALI indexes
     assert all(path_key(path) == key for key, path in paths.items())
-    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and ".hidden" not in str(p)}
+    on_disk = {
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and ".hidden" not in str(p)
+    }
     assert set(paths.values()) == on_disk
     assert {s["__key__"] for s in stored_samples(tmp_path / "out")} == set(paths)
-    loader = DaliLoader(tmp_path / "out", 4, TwoViews(AugmentConfig.cifar(16)), train=False, num_threads=1)
+    loader = DaliLoader(
+        tmp_path / "out", 4, TwoViews(AugmentConfig.cifar(16)), train=False, num_threads=1
+    )
     assert sum(view1.shape[0] for view1, _ in loader) == len(visible)
 
 
@@ -131,7 +152,9 @@ def nested_unlabelled_tree(root, count=13):
     images = random_images(count, 24, seed=5)
     paths = []
     for i, image in enumerate(images):
-        relative = ["top", "2024 trip/day 1", "2024 trip/day 2/ëxtra", "deep/a/b/c"][i % 4] + f"/IMG {i:03d}.v1.jpg"
+        relative = ["top", "2024 trip/day 1", "2024 trip/day 2/ëxtra", "deep/a/b/c"][
+            i % 4
+        ] + f"/IMG {i:03d}.v1.jpg"
         save(Image.fromarray(image), root / relative, format="JPEG", quality=92)
         paths.append(relative)
     return paths
@@ -162,14 +185,25 @@ def test_unlabelled_nested_folder_round_trip(tmp_path, capsys):
     assert set(stored) == set(paths)
     for path, sample in stored.items():
         assert sample["__key__"] == path_key(path)
-        assert sample["jpg"] == (tmp_path / "photos" / path).read_bytes()  # baseline JPEGs: byte-identical
-    assert not (out / "classes.json").exists() and json.loads((out / "shardset.json").read_text())["labelled"] is False
+        assert (
+            sample["jpg"] == (tmp_path / "photos" / path).read_bytes()
+        )  # baseline JPEGs: byte-identical
+    assert (
+        not (out / "classes.json").exists()
+        and json.loads((out / "shardset.json").read_text())["labelled"] is False
+    )
     capsys.readouterr()
-    assert main(["verify", str(out), "--workers", "1", "--quiet"]) == 0  # labels not required: the set says unlabelled
+    assert (
+        main(["verify", str(out), "--workers", "1", "--quiet"]) == 0
+    )  # labels not required: the set says unlabelled
     assert "unlabelled" in capsys.readouterr().out
-    views = DaliLoader(out, 4, TwoViews(AugmentConfig.cifar(24)), train=True, num_threads=1)  # pretraining reads it
+    views = DaliLoader(
+        out, 4, TwoViews(AugmentConfig.cifar(24)), train=True, num_threads=1
+    )  # pretraining reads it
     assert len(views) == len(paths) // 4
-    with pytest.raises(ShardError, match="needs labelled shards"):  # what the in-training probe and evaluate.py build
+    with pytest.raises(
+        ShardError, match="needs labelled shards"
+    ):  # what the in-training probe and evaluate.py build
         DaliLoader(out, 4, EvalView(24), train=False, num_threads=1)
 
 
@@ -179,7 +213,9 @@ def png_16bit_rgb(path, pixels16: np.ndarray):
     rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in pixels16)
 
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(
@@ -194,7 +230,12 @@ def png_16bit_rgb(path, pixels16: np.ndarray):
 def smooth_images(count: int, size: int, seed: int) -> np.ndarray:
     """Random colour fields without pixel noise (bilinear from 4x4): 4:2:0 JPEG keeps them within a few levels."""
     coarse = np.random.default_rng(seed).integers(0, 256, (count, 4, 4, 3), dtype=np.uint8)
-    return np.stack([np.asarray(Image.fromarray(c).resize((size, size), Image.Resampling.BILINEAR)) for c in coarse])
+    return np.stack(
+        [
+            np.asarray(Image.fromarray(c).resize((size, size), Image.Resampling.BILINEAR))
+            for c in coarse
+        ]
+    )
 
 
 def format_zoo(root) -> dict[str, tuple[np.ndarray, bool]]:
@@ -205,7 +246,9 @@ def format_zoo(root) -> dict[str, tuple[np.ndarray, bool]]:
     def add(name, image, expected=None, identical=False, **options):
         path = save(image, root / name, **options)
         zoo[name] = (
-            expected if expected is not None else np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB")),
+            expected
+            if expected is not None
+            else np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB")),
             identical,
         )
 
@@ -227,7 +270,11 @@ def format_zoo(root) -> dict[str, tuple[np.ndarray, bool]]:
     rgba.putalpha(Image.fromarray(base[8][..., 0]))
     add("png/rgba.png", rgba, expected=np.asarray(rgb[7]))  # alpha dropped, as convert("RGB") does
     add("png/gray.png", rgb[9].convert("L"))
-    add("png/palette transparency.png", rgb[10].convert("P", palette=Image.Palette.ADAPTIVE), transparency=0)
+    add(
+        "png/palette transparency.png",
+        rgb[10].convert("P", palette=Image.Palette.ADAPTIVE),
+        transparency=0,
+    )
     gray16 = (np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16)
     add(
         "png/gray16.png",
@@ -237,8 +284,13 @@ def format_zoo(root) -> dict[str, tuple[np.ndarray, bool]]:
     rgb16 = base[12].astype(np.uint16) * 257 + 128
     png_16bit_rgb(root / "png/rgb16.png", rgb16)
     zoo["png/rgb16.png"] = (base[12], False)
-    frames = [rgb[13].quantize(64, dither=Image.Dither.NONE), rgb[14].quantize(64, dither=Image.Dither.NONE)]
-    save(frames[0], root / "other/animated.gif", save_all=True, append_images=frames[1:], duration=50)
+    frames = [
+        rgb[13].quantize(64, dither=Image.Dither.NONE),
+        rgb[14].quantize(64, dither=Image.Dither.NONE),
+    ]
+    save(
+        frames[0], root / "other/animated.gif", save_all=True, append_images=frames[1:], duration=50
+    )
     zoo["other/animated.gif"] = (np.asarray(frames[0].convert("RGB")), False)  # the first frame
     add("other/image.tiff", rgb[15], format="TIFF")
     add("other/image.bmp", rgb[16], format="BMP")
@@ -278,14 +330,26 @@ def test_every_format_round_trips_to_baseline_jpeg_with_its_source_path(tmp_path
         assert sample["__key__"] == path_key(name) and int(sample["cls"]) == index
         data = sample["jpg"]
         image = Image.open(io.BytesIO(data))
-        assert image.format == "JPEG" and jpeg_frame_type(data) == "baseline" and image.mode in ("RGB", "L"), name
-        assert (data == (tmp_path / "zoo" / name).read_bytes()) == identical, name  # copied exactly when it can be
+        assert (
+            image.format == "JPEG"
+            and jpeg_frame_type(data) == "baseline"
+            and image.mode in ("RGB", "L")
+        ), name
+        assert (data == (tmp_path / "zoo" / name).read_bytes()) == identical, (
+            name
+        )  # copied exactly when it can be
         decoded_by_pil[index] = np.asarray(image.convert("RGB")).astype(np.float32)
         error = np.abs(decoded_by_pil[index] - expected).mean()
         assert error < 4.0, f"{name}: mean error {error:.1f} levels against the source"
     # DALI's CPU decoder, through the project's loader (identity geometry: 32 px resized to 32, cropped to 32)
     seen = set()
-    loader = DaliLoader(out, 5, EvalView(32, 32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)), train=False, num_threads=1)
+    loader = DaliLoader(
+        out,
+        5,
+        EvalView(32, 32, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
+        train=False,
+        num_threads=1,
+    )
     for images, labels in loader:
         for image, label in zip(images, labels.tolist()):
             by_dali = image.permute(1, 2, 0).numpy() * 255
@@ -294,7 +358,9 @@ def test_every_format_round_trips_to_baseline_jpeg_with_its_source_path(tmp_path
     assert seen == set(range(len(names)))
     record = json.loads((out / "shardset.json").read_text())
     assert (
-        record["copied"] == 3 and record["changes"]["EXIF-rotated"] == 1 and record["changes"]["progressive JPEG"] == 1
+        record["copied"] == 3
+        and record["changes"]["EXIF-rotated"] == 1
+        and record["changes"]["progressive JPEG"] == 1
     )
     assert record["changes"]["CMYK JPEG"] == 1 and record["changes"]["GIF"] == 1
     capsys.readouterr()
@@ -329,16 +395,39 @@ def test_corrupt_files_are_named_then_skipped(tmp_path):
 
 def test_size_limits_at_write_time_are_applied_and_stated(tmp_path, capsys):
     root = tmp_path / "big"
-    save(Image.fromarray(random_images(1, 64, seed=1)[0]).resize((96, 64)), root / "wide.jpg", format="JPEG")
+    save(
+        Image.fromarray(random_images(1, 64, seed=1)[0]).resize((96, 64)),
+        root / "wide.jpg",
+        format="JPEG",
+    )
     save(Image.fromarray(random_images(1, 16, seed=2)[0]), root / "small.jpg", format="JPEG")
     save(Image.fromarray(random_images(1, 64, seed=3)[0]).resize((40, 80)), root / "tall.png")
     out = tmp_path / "out"
     assert (
-        main(["write", "images", str(root), str(out / "r-%06d.tar"), "--max_side", "48", "--quiet", "--workers", "1"])
+        main(
+            [
+                "write",
+                "images",
+                str(root),
+                str(out / "r-%06d.tar"),
+                "--max_side",
+                "48",
+                "--quiet",
+                "--workers",
+                "1",
+            ]
+        )
         == 0
     )
-    sizes = {json.loads(s["json"])["path"]: Image.open(io.BytesIO(s["jpg"])).size for s in stored_samples(out)}
-    assert sizes == {"wide.jpg": (48, 32), "small.jpg": (16, 16), "tall.png": (24, 48)}  # never enlarged
+    sizes = {
+        json.loads(s["json"])["path"]: Image.open(io.BytesIO(s["jpg"])).size
+        for s in stored_samples(out)
+    }
+    assert sizes == {
+        "wide.jpg": (48, 32),
+        "small.jpg": (16, 16),
+        "tall.png": (24, 48),
+    }  # never enlarged
     capsys.readouterr()
     assert main(["verify", str(out), "--workers", "1", "--quiet"]) == 0
     assert "pre-resize at write time: max side 48 px (2 images resized)" in capsys.readouterr().out
@@ -351,7 +440,9 @@ def test_size_limits_at_write_time_are_applied_and_stated(tmp_path, capsys):
 def test_list_file_variants(tmp_path):
     images = random_images(4, 16, seed=3)
     for i, image in enumerate(images):
-        save(Image.fromarray(image), tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", format="JPEG")
+        save(
+            Image.fromarray(image), tmp_path / "val" / f"ILSVRC2012_val_{i:08d}.JPEG", format="JPEG"
+        )
     (tmp_path / "train_classes.json").write_text(json.dumps({"classes": ["n01", "n02", "n03"]}))
     tsv = tmp_path / "val.tsv"
     tsv.write_text(
@@ -380,7 +471,9 @@ def test_list_file_variants(tmp_path):
     wrong_class = tmp_path / "wrong.tsv"
     wrong_class.write_text("ILSVRC2012_val_00000000.JPEG\tn09\n")
     with pytest.raises(ShardError, match="class 'n09' is not in"):
-        list_source(wrong_class, root=tmp_path / "val", classes_file=tmp_path / "train_classes.json")
+        list_source(
+            wrong_class, root=tmp_path / "val", classes_file=tmp_path / "train_classes.json"
+        )
     missing = tmp_path / "missing.csv"
     missing.write_text("val/ILSVRC2012_val_00000000.JPEG,0\nval/gone.JPEG,1\n")
     with pytest.raises(ShardError, match="gone.JPEG: listed file does not exist"):
@@ -430,7 +523,9 @@ def assert_no_partial_shard(directory):
     for tar in directory.glob("*.tar"):
         count, problems, _ = verify_shard(tar, require_labels=True)
         assert not problems and count == read_index(tar).num_samples, problems
-    assert all(idx.with_suffix(".tar").exists() for idx in directory.glob("*.idx"))  # no index without its shard
+    assert all(
+        idx.with_suffix(".tar").exists() for idx in directory.glob("*.idx")
+    )  # no index without its shard
 
 
 class Fault(Exception):
@@ -473,7 +568,10 @@ FAULTS = {
     # os.replace calls: classes.json, record, then per shard its index, the shard, the record: 6 and 7 are shard 2's
     "renaming an index into place": (lambda mp, _: inject(mp, shardwriter.os, "replace", 6), Fault),
     "renaming a shard into place": (lambda mp, _: inject(mp, shardwriter.os, "replace", 7), Fault),
-    "updating the set's record": (lambda mp, _: inject(mp, source_writer, "write_set_record", 4), Fault),
+    "updating the set's record": (
+        lambda mp, _: inject(mp, source_writer, "write_set_record", 4),
+        Fault,
+    ),
     "interrupt while adding a sample": (
         lambda mp, _: inject(mp, shardwriter.ShardWriter, "add", 11, KeyboardInterrupt),
         KeyboardInterrupt,
@@ -486,9 +584,13 @@ FAULTS = {
 
 
 @pytest.mark.parametrize("fault", FAULTS)
-def test_failed_write_leaves_no_partial_shard_and_resumes_to_identical_set(tmp_path, monkeypatch, fault):
+def test_failed_write_leaves_no_partial_shard_and_resumes_to_identical_set(
+    tmp_path, monkeypatch, fault
+):
     root = labelled_tree(tmp_path / "tree")
-    write_source(folder_source(root), str(tmp_path / "reference" / "t-%06d.tar"), max_count=4, progress=False)
+    write_source(
+        folder_source(root), str(tmp_path / "reference" / "t-%06d.tar"), max_count=4, progress=False
+    )
     reference = shard_bytes(tmp_path / "reference")
     out = tmp_path / "out"
     make_fault, expected = FAULTS[fault]
@@ -498,8 +600,12 @@ def test_failed_write_leaves_no_partial_shard_and_resumes_to_identical_set(tmp_p
     assert_no_partial_shard(out)
     finished = json.loads((out / "shardset.json").read_text())["shards"]
     assert len(finished) >= 1 and not json.loads((out / "shardset.json").read_text())["complete"]
-    assert not (out / "classes.json").exists()  # only a finished labelled set has one (benchmarks' caches rely on it)
-    assert any("did not finish" in line for line in describe_set(shard_paths(out)))  # what `verify` prints
+    assert not (
+        out / "classes.json"
+    ).exists()  # only a finished labelled set has one (benchmarks' caches rely on it)
+    assert any(
+        "did not finish" in line for line in describe_set(shard_paths(out))
+    )  # what `verify` prints
     undo()
     for stale in (
         ".t-000009.idx.k3j4.tmp",
@@ -512,7 +618,9 @@ def test_failed_write_leaves_no_partial_shard_and_resumes_to_identical_set(tmp_p
     assert report.resumed_from == len(finished) and report.written == 31
     assert shard_bytes(out) == reference and not list(out.glob("*.tmp"))
     assert json.loads((out / "shardset.json").read_text())["complete"]
-    assert (out / "classes.json").read_text() == (tmp_path / "reference" / "classes.json").read_text()
+    assert (out / "classes.json").read_text() == (
+        tmp_path / "reference" / "classes.json"
+    ).read_text()
 
 
 def test_killed_write_resumes_where_it_stopped(tmp_path):
@@ -566,7 +674,17 @@ def test_finished_other_and_foreign_writes(tmp_path, capsys):
     (until --overwrite); shards without a record are not overwritten silently."""
     root = labelled_tree(tmp_path / "tree", count=9)
     out = tmp_path / "out"
-    command = ["write", "folder", root, out / "t-%06d.tar", "--quiet", "--workers", "1", "--max_count", "4"]
+    command = [
+        "write",
+        "folder",
+        root,
+        out / "t-%06d.tar",
+        "--quiet",
+        "--workers",
+        "1",
+        "--max_count",
+        "4",
+    ]
     assert run_cli(command, capsys)[0] == 0
     before = shard_bytes(out)
     assert (
@@ -575,20 +693,32 @@ def test_finished_other_and_foreign_writes(tmp_path, capsys):
         and shard_bytes(out) == before
     )
     status, lines = run_cli(command + ["--quality", "80"], capsys)
-    assert status == 2 and len(lines) == 1 and "quality: 95 -> 80" in lines[0] and "--overwrite" in lines[0], lines
+    assert (
+        status == 2
+        and len(lines) == 1
+        and "quality: 95 -> 80" in lines[0]
+        and "--overwrite" in lines[0]
+    ), lines
     save(Image.fromarray(random_images(1, 16)[0]), root / "class 2" / "new.jpg", format="JPEG")
     status, lines = run_cli(command, capsys)
-    assert status == 2 and "inputs: folder" in lines[0] and "with 10 -> folder" in lines[0] and "with 11" in lines[0], (
-        lines
-    )
+    assert (
+        status == 2
+        and "inputs: folder" in lines[0]
+        and "with 10 -> folder" in lines[0]
+        and "with 11" in lines[0]
+    ), lines
     assert shard_bytes(out) == before
     assert run_cli(command + ["--quality", "80", "--overwrite"], capsys)[0] == 0
     record = json.loads((out / "shardset.json").read_text())
-    assert record["settings"]["quality"] == 80 and record["num_samples"] == 11 and record["complete"]
+    assert (
+        record["settings"]["quality"] == 80 and record["num_samples"] == 11 and record["complete"]
+    )
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "t-000000.tar").write_bytes((out / "t-000000.tar").read_bytes())
-    status, lines = run_cli(["write", "folder", root, foreign / "t-%06d.tar", "--quiet", "--workers", "1"], capsys)
+    status, lines = run_cli(
+        ["write", "folder", root, foreign / "t-%06d.tar", "--quiet", "--workers", "1"], capsys
+    )
     assert status == 2 and "no shardset.json" in lines[0] and "--overwrite" in lines[0], lines
 
 
@@ -615,7 +745,9 @@ def test_bounded_window_holds_at_most_window_inputs(tmp_path, monkeypatch):
         return add(self, *args, **kwargs)
 
     monkeypatch.setattr(shardwriter.ShardWriter, "add", writing)
-    report = write_source(source, str(tmp_path / "out" / "w-%06d.tar"), workers=2, window=8, progress=False)
+    report = write_source(
+        source, str(tmp_path / "out" / "w-%06d.tar"), workers=2, window=8, progress=False
+    )
     assert report.written == 150 and counts["written"] == 150
     assert 2 <= counts["peak"] <= 8, counts
     # the same bound for the ordered map alone, and its order
@@ -644,26 +776,50 @@ def imagenet_like(tmp_path_factory):
     images = random_images(24, 16, seed=21)
     for i, image in enumerate(images):
         wnid = f"n0{1440764 + i % 3}"
-        save(Image.fromarray(image), root / "train" / wnid / f"{wnid}_{1000 + i}.JPEG", format="JPEG")
-    write_source(folder_source(root / "train"), str(root / "shards" / "train-%06d.tar"), max_count=10, progress=False)
+        save(
+            Image.fromarray(image), root / "train" / wnid / f"{wnid}_{1000 + i}.JPEG", format="JPEG"
+        )
+    write_source(
+        folder_source(root / "train"),
+        str(root / "shards" / "train-%06d.tar"),
+        max_count=10,
+        progress=False,
+    )
     return root
 
 
 def test_official_subset_list_selects_exactly_the_named_files(imagenet_like, tmp_path):
-    chosen = ["n01440764_1000.JPEG", "n01440765_1004.JPEG", "n01440766_1023.JPEG", "n01440764_1012.JPEG"]
+    chosen = [
+        "n01440764_1000.JPEG",
+        "n01440765_1004.JPEG",
+        "n01440766_1023.JPEG",
+        "n01440764_1012.JPEG",
+    ]
     listing = tmp_path / "1percent.txt"
-    listing.write_text("\n".join(chosen + ["", "n01440764_1000.JPEG"]) + "\n")  # a blank and a repeated line
+    listing.write_text(
+        "\n".join(chosen + ["", "n01440764_1000.JPEG"]) + "\n"
+    )  # a blank and a repeated line
     subset, how = subset_for(imagenet_like / "shards", 0.01, 0, subset_list=str(listing))
     assert how == "listed" and subset.list_file == str(listing)
     assert sorted(key_path(key).rsplit("/", 1)[-1] for key in subset.keys) == sorted(chosen)
     assert {label: len(keys) for label, keys in subset.keys_per_class.items()} == {0: 2, 1: 1, 2: 1}
     assert subset.num_samples == 4 and abs(subset.label_fraction - 4 / 24) < 1e-12
     # the same through --subset_file with a .txt name, and the loader reads exactly those samples
-    assert subset_for(imagenet_like / "shards", 0.01, 0, subset_file=str(listing))[0].keys == subset.keys
-    loader = DaliLoader(
-        imagenet_like / "shards", 8, AugmentedView(classifier_augment(16)), train=True, keys=subset.keys, num_threads=1
+    assert (
+        subset_for(imagenet_like / "shards", 0.01, 0, subset_file=str(listing))[0].keys
+        == subset.keys
     )
-    assert loader.num_samples == 4 and sorted(label for _, labels in loader for label in labels.tolist()) == [
+    loader = DaliLoader(
+        imagenet_like / "shards",
+        8,
+        AugmentedView(classifier_augment(16)),
+        train=True,
+        keys=subset.keys,
+        num_threads=1,
+    )
+    assert loader.num_samples == 4 and sorted(
+        label for _, labels in loader for label in labels.tolist()
+    ) == [
         0,
         0,
         1,
@@ -674,7 +830,9 @@ def test_official_subset_list_selects_exactly_the_named_files(imagenet_like, tmp
 def test_evaluate_takes_subset_list_flag():
     from simclr_dali import evaluate
 
-    args = evaluate.parse_args(["--train_shards", "t", "--val_shards", "v", "--subset_list", "1percent.txt"])
+    args = evaluate.parse_args(
+        ["--train_shards", "t", "--val_shards", "v", "--subset_list", "1percent.txt"]
+    )
     assert args.subset_list == "1percent.txt" and args.subset_file is None
 
 
@@ -683,11 +841,21 @@ def test_subset_list_errors_name_what_is_wrong(imagenet_like, tmp_path):
         subset_for(imagenet_like / "shards", 0.01, 0, subset_list=str(tmp_path / "nope.txt"))
     listing = tmp_path / "list.txt"
     listing.write_text("n01440764_1000.JPEG\nn09999999_1.JPEG\nn01440764_1003.JPEG\n")
-    with pytest.raises(SubsetError, match=r"1 of its 3 files are not in the training shards.*n09999999_1\.JPEG"):
+    with pytest.raises(
+        SubsetError, match=r"1 of its 3 files are not in the training shards.*n09999999_1\.JPEG"
+    ):
         subset_for(imagenet_like / "shards", 0.01, 0, subset_list=str(listing))
     with pytest.raises(SubsetError, match="not both"):
-        subset_for(imagenet_like / "shards", 0.01, 0, subset_list=str(listing), subset_file=str(tmp_path / "s.json"))
-    listing.write_text("n01440765/n01440765_1001.JPEG\n")  # a path selects by the whole relative path
+        subset_for(
+            imagenet_like / "shards",
+            0.01,
+            0,
+            subset_list=str(listing),
+            subset_file=str(tmp_path / "s.json"),
+        )
+    listing.write_text(
+        "n01440765/n01440765_1001.JPEG\n"
+    )  # a path selects by the whole relative path
     assert len(subset_for(imagenet_like / "shards", 0.01, 0, subset_list=str(listing))[0].keys) == 1
 
 
@@ -695,13 +863,18 @@ def test_subset_list_needs_stored_source_paths(small_shards, tmp_path):
     directory, _ = small_shards
     (tmp_path / "old").mkdir()
     tar = tmp_path / "old" / "old-000000.tar"
-    with wds.TarWriter(str(tar)) as writer:  # the format before source paths were stored: image + label only
+    with wds.TarWriter(
+        str(tar)
+    ) as writer:  # the format before source paths were stored: image + label only
         for i, image in enumerate(random_images(4, 16)):
-            writer.write({"__key__": f"{i:08d}", "jpg": pixel_sources.encode_jpeg(image), "cls": b"1"})
+            writer.write(
+                {"__key__": f"{i:08d}", "jpg": pixel_sources.encode_jpeg(image), "cls": b"1"}
+            )
     shardset.write_index(tar)
     (tmp_path / "list.txt").write_text("x.JPEG\n")
     with pytest.raises(
-        ShardError, match=r"old-000000.tar: sample key 00000000 has no source path \(\.json\); .* rewrite them"
+        ShardError,
+        match=r"old-000000.tar: sample key 00000000 has no source path \(\.json\); .* rewrite them",
     ):
         subset_for(tar.parent, 0.01, 0, subset_list=str(tmp_path / "list.txt"))
 
@@ -743,7 +916,9 @@ def make_bad_input(kind, tmp_path):
         np.savez(tmp_path / "empty.npz")
         return ["write", "arrays", tmp_path / "empty.npz", out], "empty.npz holds no arrays"
     if kind == "arrays: an npz with no images":
-        np.savez(tmp_path / "zero.npz", images=np.zeros((0, 8, 8, 3), np.uint8), labels=np.zeros(0, int))
+        np.savez(
+            tmp_path / "zero.npz", images=np.zeros((0, 8, 8, 3), np.uint8), labels=np.zeros(0, int)
+        )
         return ["write", "arrays", tmp_path / "zero.npz", out], "zero.npz: holds no images"
     if kind == "arrays: a .npy":
         np.save(tmp_path / "one.npy", np.zeros((2, 8, 8, 3), np.uint8))
@@ -798,7 +973,9 @@ BAD_INPUTS = [
 def test_shard_cli_bad_input_is_one_line_with_status_2(kind, tmp_path, capsys):
     argv, named = make_bad_input(kind, tmp_path)
     status, lines = run_cli(argv, capsys)
-    assert status == 2 and len(lines) == 1 and named in lines[0] and "Traceback" not in lines[0], lines
+    assert status == 2 and len(lines) == 1 and named in lines[0] and "Traceback" not in lines[0], (
+        lines
+    )
     assert not list((tmp_path / "out").glob("*.tar")) if (tmp_path / "out").exists() else True
     assert not (tmp_path / "photos" / "shards").exists()  # refused before anything was created
 
@@ -809,16 +986,22 @@ def test_unwritable_output_directory_is_named_before_any_work(tmp_path, capsys):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        status, lines = run_cli(["write", "images", tmp_path / "does-not-matter", locked / "s-%06d.tar"], capsys)
+        status, lines = run_cli(
+            ["write", "images", tmp_path / "does-not-matter", locked / "s-%06d.tar"], capsys
+        )
     finally:
         locked.chmod(0o700)
-    assert status == 2 and len(lines) == 1 and str(locked) in lines[0] and "not writable" in lines[0]
+    assert (
+        status == 2 and len(lines) == 1 and str(locked) in lines[0] and "not writable" in lines[0]
+    )
 
 
 def test_output_patterns():
     assert output_pattern("d/train-%06d.tar") == "d/train-%06d.tar"
     assert output_pattern("d/train-{000000..999999}.tar") == "d/train-%06d.tar"
-    assert output_pattern("d/100%-{0000..9999}.tar") == "d/100%%-%04d.tar"  # in brace notation '%' is literal
+    assert (
+        output_pattern("d/100%-{0000..9999}.tar") == "d/100%%-%04d.tar"
+    )  # in brace notation '%' is literal
     assert output_pattern("d/100%%-%04d.tar") == "d/100%%-%04d.tar"
     for bad in (
         "d/t-%d-%d.tar",
@@ -836,7 +1019,9 @@ def test_output_patterns():
 # --------------------------------------------------------------------------- real data
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "imagenet-sample").is_dir(), reason="needs ../shared/data/imagenet-sample")
+@pytest.mark.skipif(
+    not (SHARED_DATA / "imagenet-sample").is_dir(), reason="needs ../shared/data/imagenet-sample"
+)
 def test_real_imagenet_jpegs_copied_or_turned_upright(tmp_path):
     """Real ImageNet JPEGs: baseline ones are stored byte-identical, the EXIF-rotated ones re-encoded upright."""
     files = sorted((SHARED_DATA / "imagenet-sample").glob("*.JPEG"))
@@ -845,7 +1030,9 @@ def test_real_imagenet_jpegs_copied_or_turned_upright(tmp_path):
     for f in chosen:
         (tmp_path / "src").mkdir(exist_ok=True)
         (tmp_path / "src" / f.name).write_bytes(f.read_bytes())
-    write_source(images_source(tmp_path / "src"), str(tmp_path / "out" / "i-%06d.tar"), progress=False)
+    write_source(
+        images_source(tmp_path / "src"), str(tmp_path / "out" / "i-%06d.tar"), progress=False
+    )
     for sample in stored_samples(tmp_path / "out"):
         source = tmp_path / "src" / json.loads(sample["json"])["path"]
         if source.name in {f.name for f in rotated}:
@@ -853,7 +1040,8 @@ def test_real_imagenet_jpegs_copied_or_turned_upright(tmp_path):
             stored = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
             assert (
                 stored.size == upright.size
-                and np.abs(np.asarray(stored, np.float32) - np.asarray(upright, np.float32)).mean() < 3
+                and np.abs(np.asarray(stored, np.float32) - np.asarray(upright, np.float32)).mean()
+                < 3
             )
         else:
             assert sample["jpg"] == source.read_bytes()

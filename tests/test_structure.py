@@ -13,8 +13,21 @@ import pytest
 from conftest import ROOT
 
 PACKAGE = "simclr_dali"
-NOT_PRODUCT = {"tests", "tools", "docker", "configs", "docs", "requirements", "runs", "data", "build"}
-ENTRY_POINTS = {"train", "evaluate"}  # simclr-train, simclr-evaluate: nothing of ours may import them
+NOT_PRODUCT = {
+    "tests",
+    "tools",
+    "docker",
+    "configs",
+    "docs",
+    "requirements",
+    "runs",
+    "data",
+    "build",
+}
+ENTRY_POINTS = {
+    "train",
+    "evaluate",
+}  # simclr-train, simclr-evaluate: nothing of ours may import them
 
 # What each layer may import besides itself (common at the bottom). evaluation never imports trainer: the trainer
 # probes with evaluation's code, so the arrow only goes trainer -> evaluation.
@@ -40,9 +53,15 @@ def product_modules(root: Path = ROOT) -> dict[str, Path]:
     modules = {}
     for path in root.rglob("*.py"):
         rel = path.relative_to(root)
-        if rel.parts[0] in NOT_PRODUCT or rel.parts[0].startswith(".") or rel.parts[0].endswith(".egg-info"):
+        if (
+            rel.parts[0] in NOT_PRODUCT
+            or rel.parts[0].startswith(".")
+            or rel.parts[0].endswith(".egg-info")
+        ):
             continue
-        if rel == Path("bench.py"):  # the checkout's shim over bench/, not installed (pyproject py-modules)
+        if rel == Path(
+            "bench.py"
+        ):  # the checkout's shim over bench/, not installed (pyproject py-modules)
             continue
         parts = list(rel.with_suffix("").parts)
         if parts[-1] == "__init__":
@@ -131,7 +150,9 @@ def test_the_graph_is_read_from_the_source(graph):
     assert "simclr_dali.model.global_bn" in graph["simclr_dali.trainer.build"]
     assert "simclr_dali.pipeline.shards.shardset" in graph["simclr_dali.pipeline.loader"]
     assert "simclr_dali.bench" in graph["simclr_dali.bench.__main__"]  # from . import main
-    assert not any(m.startswith(f"{PACKAGE}.tests") or m.startswith(f"{PACKAGE}.tools") for m in graph)
+    assert not any(
+        m.startswith(f"{PACKAGE}.tests") or m.startswith(f"{PACKAGE}.tools") for m in graph
+    )
 
 
 def test_the_cycle_finder_finds_cycles():
@@ -156,19 +177,36 @@ def test_every_import_follows_the_layers(graph):
     for module, targets in graph.items():
         for target in targets:
             here, there = layer(module), layer(target)
-            if here != there and there not in ALLOWED[here] and (here, there) not in KNOWN_VIOLATIONS:
+            if (
+                here != there
+                and there not in ALLOWED[here]
+                and (here, there) not in KNOWN_VIOLATIONS
+            ):
                 violations[(here, there)].append(f"{module} -> {target}")
     assert not violations, dict(violations)
-    assert set(ALLOWED) >= {layer(m) for m in graph}, "a new top-level package needs its row in ALLOWED"
+    assert set(ALLOWED) >= {layer(m) for m in graph}, (
+        "a new top-level package needs its row in ALLOWED"
+    )
 
 
 def test_nothing_imports_the_entry_points(graph):
-    importers = [m for m, targets in graph.items() for t in targets if t in {f"{PACKAGE}.{e}" for e in ENTRY_POINTS}]
+    importers = [
+        m
+        for m, targets in graph.items()
+        for t in targets
+        if t in {f"{PACKAGE}.{e}" for e in ENTRY_POINTS}
+    ]
     assert importers == []
 
 
 def test_model_imports_nothing_of_ours_but_common(graph):
-    outside = {t for m, ts in graph.items() if layer(m) == "model" for t in ts if layer(t) not in ("model", "common")}
+    outside = {
+        t
+        for m, ts in graph.items()
+        if layer(m) == "model"
+        for t in ts
+        if layer(t) not in ("model", "common")
+    }
     assert outside == set()
 
 
@@ -186,7 +224,12 @@ def test_the_type_check_counts_unresolved_imports_apart():
         "simclr_dali/model/simclr.py:7: error: Incompatible return value type  [return-value]",
     ]
     errors = [m.groupdict() for m in map(ERROR.match, lines) if m]
-    assert [e["code"] for e in errors] == ["import-not-found", "attr-defined", "attr-defined", "return-value"]
+    assert [e["code"] for e in errors] == [
+        "import-not-found",
+        "attr-defined",
+        "attr-defined",
+        "return-value",
+    ]
     assert [e["line"] for e in unresolved(errors)] == ["3", "9"]
 
 

@@ -22,12 +22,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def official_supcon(features: torch.Tensor, labels: torch.Tensor, temperature: float, base_temperature: float):
+def official_supcon(
+    features: torch.Tensor, labels: torch.Tensor, temperature: float, base_temperature: float
+):
     """SupConLoss.forward (contrast_mode 'all') of HobbitLong/SupContrast, restated: features (bsz, n_views, d)
     already L2-normalised, labels (bsz,)."""
     bsz, views = features.shape[:2]
     same = (labels[:, None] == labels[None, :]).to(features.dtype).repeat(views, views)
-    contrast = torch.cat(torch.unbind(features, dim=1), dim=0)  # view-major: all first views, then the second
+    contrast = torch.cat(
+        torch.unbind(features, dim=1), dim=0
+    )  # view-major: all first views, then the second
     logits = contrast @ contrast.T / temperature
     logits = logits - logits.max(1, keepdim=True).values.detach()
     not_self = 1.0 - torch.eye(bsz * views, dtype=features.dtype)
@@ -41,7 +45,9 @@ def label_cases(n: int, seed: int) -> list[tuple[str, torch.Tensor, list[int]]]:
     """(name, labels (n,), rows to zero in [z1; z2]): the classes a batch can have."""
     g = torch.Generator().manual_seed(seed)
     one_sample = torch.randint(0, 3, (n,), generator=g)
-    one_sample[: n // 3] = torch.arange(10, 10 + n // 3)  # a third of the samples alone in their class
+    one_sample[: n // 3] = torch.arange(
+        10, 10 + n // 3
+    )  # a third of the samples alone in their class
     return [
         ("few classes", torch.randint(0, 4, (n,), generator=g), []),
         ("all distinct", torch.randperm(n, generator=g) * 7 - 5, []),
@@ -54,7 +60,9 @@ def label_cases(n: int, seed: int) -> list[tuple[str, torch.Tensor, list[int]]]:
 
 def batch(n: int, d: int, zero_rows: list[int], dtype, seed: int):
     g = torch.Generator().manual_seed(seed)
-    z = torch.randn(2 * n, d, generator=g, dtype=torch.float64) * torch.rand(2 * n, 1, generator=g, dtype=torch.float64)
+    z = torch.randn(2 * n, d, generator=g, dtype=torch.float64) * torch.rand(
+        2 * n, 1, generator=g, dtype=torch.float64
+    )
     z[zero_rows] = 0.0
     return z[:n].to(dtype), z[n:].to(dtype)
 
@@ -98,7 +106,14 @@ def check_backend(backend: str, seeds=range(3)) -> float:
                     errors = relative(loss, want_loss), relative(grad, want_grad)
                     assert max(errors) <= tol, (backend, name, n, dtype, seed, errors)
                     peer_errors = relative(loss, peer_loss), relative(grad, peer_grad)
-                    assert max(peer_errors) <= max(tol, 1e-7), (backend, name, n, dtype, seed, peer_errors)
+                    assert max(peer_errors) <= max(tol, 1e-7), (
+                        backend,
+                        name,
+                        n,
+                        dtype,
+                        seed,
+                        peer_errors,
+                    )
                     if dtype == torch.float32:
                         worst = max(worst, *errors)
     return worst
@@ -114,7 +129,9 @@ def test_reference_is_the_official_formulation_and_ntxent_for_distinct_labels():
         z1, z2 = batch(9, 4, zero_rows, torch.float64, 1)
         features = torch.stack([F.normalize(z1, dim=1), F.normalize(z2, dim=1)], dim=1)
         official = official_supcon(features, labels, 0.1, 0.1)
-        assert supcon_reference(z1, z2, labels, 0.1).item() == pytest.approx(official.item(), rel=1e-8), name
+        assert supcon_reference(z1, z2, labels, 0.1).item() == pytest.approx(
+            official.item(), rel=1e-8
+        ), name
         if name == "all distinct":
             assert official.item() == pytest.approx(nt_xent_reference(z1, z2, 0.1).item(), rel=1e-8)
 
@@ -139,7 +156,12 @@ def test_triton_backend_matches_the_official_supcon():
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.run(
-        [sys.executable, __file__, "triton"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+        [sys.executable, __file__, "triton"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]

@@ -34,7 +34,9 @@ def write_config(path, shards, **overrides):
 
 
 def flags(**values):
-    return [f"--{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in values.items()]
+    return [
+        f"--{k}={json.dumps(v) if isinstance(v, (dict, list)) else v}" for k, v in values.items()
+    ]
 
 
 def run_train(tmp_path, shards, name, **overrides):
@@ -50,8 +52,14 @@ def test_tiny_run_trains_exports_and_evaluates(tmp_path, shards, capsys):
     state = load_file(str(out / "backbone.safetensors"))
     assert "conv1.weight" in state and state["conv1.weight"].shape[-1] == 3  # the CIFAR stem
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["steps"] == 5 and summary["mean_images_per_s"] > 0 and 0 <= summary["data_wait_fraction"] <= 1
-    assert (out / "checkpoints").is_dir() and len(list((out / "checkpoints").iterdir())) == 1  # the final one
+    assert (
+        summary["steps"] == 5
+        and summary["mean_images_per_s"] > 0
+        and 0 <= summary["data_wait_fraction"] <= 1
+    )
+    assert (out / "checkpoints").is_dir() and len(
+        list((out / "checkpoints").iterdir())
+    ) == 1  # the final one
     report = tmp_path / "eval.json"
     assert (
         evaluate.main(
@@ -94,8 +102,13 @@ def test_time_budget_ends_the_run_with_a_final_eval_checkpoint_and_export(tmp_pa
     )
     assert "time budget" in capsys.readouterr().out
     out = tmp_path / "budget"
-    assert json.loads((out / "train_summary.json").read_text())["steps"] == 1  # checked every log_every (= 1) steps
-    assert [h["step"] for h in json.loads(curve.read_text())["history"]] == [0, 1]  # random init, then the budget's end
+    assert (
+        json.loads((out / "train_summary.json").read_text())["steps"] == 1
+    )  # checked every log_every (= 1) steps
+    assert [h["step"] for h in json.loads(curve.read_text())["history"]] == [
+        0,
+        1,
+    ]  # random init, then the budget's end
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000001"] and (
         out / "backbone.safetensors"
     ).exists()
@@ -116,19 +129,31 @@ def test_tensorboard_meters_are_logged(tmp_path, shards):
 def test_a_resumed_run_continues_its_tracker_run_and_log(tmp_path, shards):
     """TensorBoard: the resumed run writes into the same log directory (events after the resumed step dropped);
     OUTPUT_DIR/train.log holds what both starts printed, with the meters of every logged step."""
-    assert run_train(tmp_path, shards, "tb", max_steps=2, tracker="tensorboard", checkpoint_every=1) == 0
+    assert (
+        run_train(tmp_path, shards, "tb", max_steps=2, tracker="tensorboard", checkpoint_every=1)
+        == 0
+    )
     assert run_train(tmp_path, shards, "tb", max_steps=3, tracker="tensorboard", resume="auto") == 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logdir = tmp_path / "tb" / "simclr"
-    assert len(list(logdir.glob("events.out.tfevents.*"))) == 2  # one per start, in the same directory
+    assert (
+        len(list(logdir.glob("events.out.tfevents.*"))) == 2
+    )  # one per start, in the same directory
     accumulator = EventAccumulator(str(logdir))
     accumulator.Reload()
-    assert [event.step for event in accumulator.Scalars("loss")] == [1, 2, 3]  # one curve, no step twice
+    assert [event.step for event in accumulator.Scalars("loss")] == [
+        1,
+        2,
+        3,
+    ]  # one curve, no step twice
     run_id = json.loads((tmp_path / "tb" / "run.json").read_text())["run_id"]
     log = (tmp_path / "tb" / "train.log").read_text()
     assert f"run {run_id} started" in log and f"run {run_id} resumed from" in log
-    assert all(f" step {n}: loss " in log for n in (1, 2, 3)) and "resume applies the changed max_steps: 2 -> 3" in log
+    assert (
+        all(f" step {n}: loss " in log for n in (1, 2, 3))
+        and "resume applies the changed max_steps: 2 -> 3" in log
+    )
 
 
 def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, shards, monkeypatch):
@@ -155,10 +180,14 @@ def test_export_loads_with_timm(tmp_path, shards):
         channels=[8, 16, 32, 64],
     )
     trained = load_file(str(weights))
-    assert torch.equal(model.state_dict()["layer4.1.conv2.weight"], trained["layer4.1.conv2.weight"])
+    assert torch.equal(
+        model.state_dict()["layer4.1.conv2.weight"], trained["layer4.1.conv2.weight"]
+    )
     # timm's own local-directory convention: the architecture (with its timm arguments) comes from config.json
     local = timm.create_model(f"local-dir:{tmp_path / 'plain' / 'backbone'}", pretrained=True)
-    assert local.num_classes == 0 and all(torch.equal(local.state_dict()[k], trained[k]) for k in trained)
+    assert local.num_classes == 0 and all(
+        torch.equal(local.state_dict()[k], trained[k]) for k in trained
+    )
 
 
 @pytest.mark.slow
@@ -181,7 +210,9 @@ def test_sigterm_checkpoints_and_resume_matches(tmp_path, shards):
     resuming gives exactly the parameters of an uninterrupted run."""
     total = 12  # 3 epochs of 4 steps; the signal comes as the loop starts, so the run stops after step 1 or 2
     assert run_train(tmp_path, shards, "reference", max_steps=total) == 0
-    config = write_config(tmp_path / "killed.yaml", shards, output_dir=str(tmp_path / "killed"), max_steps=total)
+    config = write_config(
+        tmp_path / "killed.yaml", shards, output_dir=str(tmp_path / "killed"), max_steps=total
+    )
     process = subprocess.Popen(
         [sys.executable, "train.py", "--config", str(config)],
         cwd=ROOT,
@@ -222,8 +253,12 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path, shards, capsys):
     output = capsys.readouterr().err
     assert "non-finite loss or parameters at step" in output
     bad_step = int(output.split("non-finite loss or parameters at step")[1].split(";")[0])
-    checkpoints = sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir() if not p.name.startswith("."))
-    assert checkpoints and all(int(name.split("_")[1]) < bad_step for name in checkpoints)  # only good ones kept
+    checkpoints = sorted(
+        p.name for p in (tmp_path / "nan" / "checkpoints").iterdir() if not p.name.startswith(".")
+    )
+    assert checkpoints and all(
+        int(name.split("_")[1]) < bad_step for name in checkpoints
+    )  # only good ones kept
     assert not (tmp_path / "nan" / "backbone.safetensors").exists()
 
 
@@ -252,7 +287,9 @@ def test_unknown_key_in_yaml_is_named(tmp_path, shards):
 
 
 def test_batch_must_divide_over_processes():
-    with pytest.raises(ConfigError, match="batch_size 30 is not divisible by the number of processes \\(4\\)"):
+    with pytest.raises(
+        ConfigError, match="batch_size 30 is not divisible by the number of processes \\(4\\)"
+    ):
         TrainConfig(train_shards="x", batch_size=30).validate(world_size=4)
 
 
@@ -262,7 +299,13 @@ def test_two_processes_match_one_process(tmp_path):
     the parameters of 1 process on the whole batch."""
     script = ROOT / "tests" / "distributed_steps.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, str(script), str(tmp_path / "one.pt")], cwd=ROOT, check=True, env=env, timeout=300)
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "one.pt")],
+        cwd=ROOT,
+        check=True,
+        env=env,
+        timeout=300,
+    )
     subprocess.run(
         [
             sys.executable,
@@ -285,13 +328,17 @@ def test_two_processes_match_one_process(tmp_path):
     for key in one:
         if one[key].is_floating_point():
             assert torch.allclose(one[key], two[key], rtol=1e-4, atol=1e-5), key
-    assert any(not torch.equal(one[k], torch.zeros_like(one[k])) for k in one if "running_mean" in k)
+    assert any(
+        not torch.equal(one[k], torch.zeros_like(one[k])) for k in one if "running_mean" in k
+    )
 
 
 @pytest.mark.slow
 def test_two_process_training_run_with_the_real_loader(tmp_path, shards):
     """torchrun + Accelerate(cpu) + DALI loaders sharded by rank + per-rank loader checkpoints + resume."""
-    config = write_config(tmp_path / "ddp.yaml", shards, output_dir=str(tmp_path / "ddp"), max_steps=2)
+    config = write_config(
+        tmp_path / "ddp.yaml", shards, output_dir=str(tmp_path / "ddp"), max_steps=2
+    )
     command = [
         sys.executable,
         "-m",
@@ -307,7 +354,9 @@ def test_two_process_training_run_with_the_real_loader(tmp_path, shards):
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "2 process(es)" in result.stdout
-    state = json.loads(next((tmp_path / "ddp" / "checkpoints").glob("step_*/trainer_state.json")).read_text())
+    state = json.loads(
+        next((tmp_path / "ddp" / "checkpoints").glob("step_*/trainer_state.json")).read_text()
+    )
     assert state["step"] == 2 and [s["shard_id"] for s in state["loaders"]] == [0, 1]
     result = subprocess.run(
         command + ["--resume", "auto", "--max_steps", "3"],
@@ -317,7 +366,9 @@ def test_two_process_training_run_with_the_real_loader(tmp_path, shards):
         text=True,
         timeout=600,
     )
-    assert result.returncode == 0 and "resumed from" in result.stdout, result.stdout[-2000:] + result.stderr[-2000:]
+    assert result.returncode == 0 and "resumed from" in result.stdout, (
+        result.stdout[-2000:] + result.stderr[-2000:]
+    )
 
 
 def test_loss_receives_16_bit_projections_under_bf16_autocast(monkeypatch):
@@ -337,25 +388,37 @@ def test_loss_receives_16_bit_projections_under_bf16_autocast(monkeypatch):
     monkeypatch.setattr(
         trainer.step,
         "nt_xent",
-        lambda z1, z2, *args, **kwargs: seen.append((z1.dtype, z2.dtype)) or loss_fn(z1, z2, *args, **kwargs),
+        lambda z1, z2, *args, **kwargs: (
+            seen.append((z1.dtype, z2.dtype)) or loss_fn(z1, z2, *args, **kwargs)
+        ),
     )
     cfg = TrainConfig(
         train_shards="x",
-        **{k: v for k, v in TINY.items() if k in ("backbone", "cifar_stem", "timm_kwargs", "proj_hidden", "proj_dim")},
+        **{
+            k: v
+            for k, v in TINY.items()
+            if k in ("backbone", "cifar_stem", "timm_kwargs", "proj_hidden", "proj_dim")
+        },
         batch_size=8,
         precision="bf16",
         temperature=0.2,
     )
-    AcceleratorState._reset_state(True)  # earlier tests in this process made an Accelerator without mixed precision
+    AcceleratorState._reset_state(
+        True
+    )  # earlier tests in this process made an Accelerator without mixed precision
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
     model = build_model(cfg, "cpu", 1)
     optimizer = build_optimizer(model, cfg)
     model, optimizer = prepare_for_training(accelerator, model, optimizer)
     before = [p.detach().clone() for p in model.parameters()]
-    views = [torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2)]
+    views = [
+        torch.randn(8, 3, 16, 16).contiguous(memory_format=torch.channels_last) for _ in range(2)
+    ]
     out = trainer.step.train_step(model, optimizer, *views, cfg, accelerator)
     assert seen == [(torch.bfloat16, torch.bfloat16)]
-    assert torch.isfinite(out.loss) and any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert torch.isfinite(out.loss) and any(
+        not torch.equal(a, b) for a, b in zip(before, model.parameters())
+    )
 
 
 def test_tracker_project_name_tags_and_init_kwargs_reach_wandb(tmp_path, shards, monkeypatch):
@@ -370,15 +433,26 @@ def test_tracker_project_name_tags_and_init_kwargs_reach_wandb(tmp_path, shards,
 
     def recording_init(*args, **kwargs):  # the real wandb.init, with what it was given recorded
         run = real_init(*args, **kwargs)
-        seen.append({"project": run.project, "name": run.name, "tags": list(run.tags), "group": run.group})
+        seen.append(
+            {"project": run.project, "name": run.name, "tags": list(run.tags), "group": run.group}
+        )
         return run
 
     monkeypatch.setattr(wandb, "init", recording_init)
-    flags = dict(max_steps=1, tracker="wandb", tracker_run_name="demo-a", tracker_tags=["cpu", "tiny"])
-    assert run_train(tmp_path, shards, "env", **flags, tracker_init_kwargs={"group": "sweep-3"}) == 0
+    flags = dict(
+        max_steps=1, tracker="wandb", tracker_run_name="demo-a", tracker_tags=["cpu", "tiny"]
+    )
+    assert (
+        run_train(tmp_path, shards, "env", **flags, tracker_init_kwargs={"group": "sweep-3"}) == 0
+    )
     assert run_train(tmp_path, shards, "field", **flags, tracker_project="from-config") == 0
     assert seen == [
-        {"project": "from-environment", "name": "demo-a", "tags": ["cpu", "tiny"], "group": "sweep-3"},
+        {
+            "project": "from-environment",
+            "name": "demo-a",
+            "tags": ["cpu", "tiny"],
+            "group": "sweep-3",
+        },
         {"project": "from-config", "name": "demo-a", "tags": ["cpu", "tiny"], "group": ""},
     ]
 
@@ -388,11 +462,19 @@ def test_progress_false_prints_the_meters_as_lines(tmp_path, shards, capsys):
     TensorBoard log directory is tracker_project's."""
     assert (
         run_train(
-            tmp_path, shards, "quiet", max_steps=2, progress=False, tracker="tensorboard", tracker_project="tb-project"
+            tmp_path,
+            shards,
+            "quiet",
+            max_steps=2,
+            progress=False,
+            tracker="tensorboard",
+            tracker_project="tb-project",
         )
         == 0
     )
     captured = capsys.readouterr()
-    assert "train:" not in captured.err and "\r" not in captured.err + captured.out, captured.err[-2000:]
+    assert "train:" not in captured.err and "\r" not in captured.err + captured.out, captured.err[
+        -2000:
+    ]
     assert all(f"step {n}: loss " in captured.out for n in (1, 2)), captured.out[-2000:]
     assert list((tmp_path / "quiet" / "tb-project").glob("events.out.tfevents.*"))

@@ -66,11 +66,15 @@ def _report(version: str, request, cache: dict) -> dict:
 def test_every_launch_compiles_for_hopper(version, request, reports):
     report = _report(version, request, reports)
     want = importlib.metadata.version("triton") if version == "pinned" else version
-    assert report["triton"] == want, report["triton_path"]  # the Triton asked for, not the venv's by accident
+    assert report["triton"] == want, report[
+        "triton_path"
+    ]  # the Triton asked for, not the venv's by accident
     print(triton_sm90._summary(report))
     rows = report["cases"]
     failed = [
-        (row["kernel"], row.get("dtype"), row.get("d"), row.get("rows"), row["error"]) for row in rows if "error" in row
+        (row["kernel"], row.get("dtype"), row.get("d"), row.get("rows"), row["error"])
+        for row in rows
+        if "error" in row
     ]
     assert not failed, failed
     # all five kernels of every production config (a launcher that stops launching would shrink the table)
@@ -82,7 +86,11 @@ def test_every_launch_compiles_for_hopper(version, request, reports):
     configs = {(c["dtype"], c["precision"], c["d"], c["rows"]) for c in NTXENT_CONFIGS}
     assert ntxent == {(*config, kernel) for config in configs for kernel in NTXENT_KERNELS}
     # the colour kernel once per view size (224 and 32 px), one program per view
-    colour = sorted((row["size"], row["kernel"], tuple(row["grid"])) for row in rows if row["source"] == "colour")
+    colour = sorted(
+        (row["size"], row["kernel"], tuple(row["grid"]))
+        for row in rows
+        if row["source"] == "colour"
+    )
     assert colour == sorted((c["size"], "colour_kernel", (c["views"],)) for c in COLOUR_CONFIGS)
 
 
@@ -92,27 +100,55 @@ def test_tensor_cores_shared_memory_and_spills(version, request, reports):
     rows = [row for row in _report(version, request, reports)["cases"] if "error" not in row]
     assert rows
     for row in rows:
-        what = (row["kernel"], row.get("dtype"), row.get("precision"), row.get("d"), row.get("rows"), row["registers"])
+        what = (
+            row["kernel"],
+            row.get("dtype"),
+            row.get("precision"),
+            row.get("d"),
+            row.get("rows"),
+            row["registers"],
+        )
         # 16-bit and TF32 products on Hopper's wgmma (never the pre-Hopper mma.sync); exact float32 on the FMA units
-        assert (row["wgmma"] > 0) == (row["HGMMA"] > 0) == row["expect_tensor_cores"], (what, row["wgmma"])
+        assert (row["wgmma"] > 0) == (row["HGMMA"] > 0) == row["expect_tensor_cores"], (
+            what,
+            row["wgmma"],
+        )
         assert row["HMMA"] == 0, what
         if row["expect_exp2"]:
             assert row["MUFU.EX2"] > 0, what  # exp2 on the SFU, not a libdevice polynomial
         assert row["shared_bytes"] <= H100["shared_per_block"], (what, row["shared_bytes"])
-        assert row["ctas_per_sm"] >= 1, (what, row["limited_by"])  # registers, warps and shared memory all fit
+        assert row["ctas_per_sm"] >= 1, (
+            what,
+            row["limited_by"],
+        )  # registers, warps and shared memory all fit
         assert row["spill_store_bytes"] <= row["max_spill_bytes"], (what, row["spill_store_bytes"])
 
 
 def test_h100_occupancy_follows_cuda_rules():
     """CUDA's occupancy rules on an H100: registers per warp in units of 256 per sub-partition, 64 warps, 228 KB."""
     occupancy = triton_sm90.h100_occupancy
-    assert occupancy(128, 32768, 8)["ctas_per_sm"] == 2  # 4 warps of 128 registers per sub-partition
-    assert occupancy(109, 74240, 8)["ctas_per_sm"] == 2  # 112 x 32 per warp: still 4 warps per sub-partition
-    assert occupancy(168, 16384, 4)["ctas_per_sm"] == 3  # 168 x 32 = 5376 per warp: 3 per sub-partition
-    assert occupancy(200, 98304, 8) == {"ctas_per_sm": 1, "occupancy": 0.125, "limited_by": ["registers"]}
+    assert (
+        occupancy(128, 32768, 8)["ctas_per_sm"] == 2
+    )  # 4 warps of 128 registers per sub-partition
+    assert (
+        occupancy(109, 74240, 8)["ctas_per_sm"] == 2
+    )  # 112 x 32 per warp: still 4 warps per sub-partition
+    assert (
+        occupancy(168, 16384, 4)["ctas_per_sm"] == 3
+    )  # 168 x 32 = 5376 per warp: 3 per sub-partition
+    assert occupancy(200, 98304, 8) == {
+        "ctas_per_sm": 1,
+        "occupancy": 0.125,
+        "limited_by": ["registers"],
+    }
     assert occupancy(32, 0, 4)["ctas_per_sm"] == 16 and occupancy(32, 0, 1)["ctas_per_sm"] == 32
-    assert occupancy(64, 113 * 1024, 4)["limited_by"] == ["shared"]  # (113 + 1) KB twice fills 228 KB
-    assert occupancy(64, 113 * 1024, 4)["ctas_per_sm"] == 2 and occupancy(64, 114 * 1024, 4)["ctas_per_sm"] == 1
+    assert occupancy(64, 113 * 1024, 4)["limited_by"] == [
+        "shared"
+    ]  # (113 + 1) KB twice fills 228 KB
+    assert (
+        occupancy(64, 113 * 1024, 4)["ctas_per_sm"] == 2
+        and occupancy(64, 114 * 1024, 4)["ctas_per_sm"] == 1
+    )
     assert occupancy(64, 227 * 1024 + 1, 4)["ctas_per_sm"] == 0  # over the per-block maximum
     assert occupancy(256, 0, 4)["ctas_per_sm"] == 0  # over 255 registers a thread
 
@@ -141,7 +177,9 @@ def test_ntxent_grids_end_in_whole_waves_at_the_compiled_occupancy():
         if kernel not in ("row_negatives_kernel", "row_grad_kernel"):
             continue
         config = case.config
-        ctas = occupancy[(kernel, config["dtype"], config["precision"], config["d"], config["rows"])]
+        ctas = occupancy[
+            (kernel, config["dtype"], config["precision"], config["d"], config["rows"])
+        ]
         slots, programs = H100["sms"] * ctas, math.prod(case.grid)
         if programs <= slots or config["rows"] < 8192:
             continue  # one wave (however full): nothing to end late; small problems: see the docstring

@@ -22,7 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = Path(__file__).with_name("mypy_baseline.json")
-ERROR = re.compile(r"^(?P<path>[^:]+):(?P<line>\d+): error: (?P<message>.*?)\s+\[(?P<code>[a-z-]+)\]$")
+ERROR = re.compile(
+    r"^(?P<path>[^:]+):(?P<line>\d+): error: (?P<message>.*?)\s+\[(?P<code>[a-z-]+)\]$"
+)
 UNRESOLVED = ("import-not-found", "import")  # mypy's codes for an import it cannot find
 
 
@@ -30,24 +32,38 @@ def run_mypy(root: Path = ROOT) -> list[dict]:
     """mypy's errors over simclr_dali (the checkout linked under that name), one dict per error."""
     with tempfile.TemporaryDirectory(prefix="typecheck-") as folder:
         (Path(folder) / "simclr_dali").symlink_to(root, target_is_directory=True)
-        command = [sys.executable, "-m", "mypy", "--config-file", str(root / "pyproject.toml"), "-p", "simclr_dali"]
+        command = [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(root / "pyproject.toml"),
+            "-p",
+            "simclr_dali",
+        ]
         command += ["--cache-dir", str(root / ".mypy_cache"), "--no-error-summary", "--no-pretty"]
         env = {**os.environ, "MYPYPATH": folder}
         result = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True)
     if result.returncode not in (0, 1):
-        raise SystemExit(f"typecheck: mypy failed (rc {result.returncode}):\n{result.stdout[-3000:]}{result.stderr}")
+        raise SystemExit(
+            f"typecheck: mypy failed (rc {result.returncode}):\n{result.stdout[-3000:]}{result.stderr}"
+        )
     return [m.groupdict() for m in map(ERROR.match, result.stdout.splitlines()) if m]
 
 
 def unresolved(errors: list[dict]) -> list[dict]:
     """Imports mypy could not follow: a missing module, or a name of ours a module does not define."""
-    ours = [e for e in errors if e["code"] == "attr-defined" and 'Module "simclr_dali' in e["message"]]
+    ours = [
+        e for e in errors if e["code"] == "attr-defined" and 'Module "simclr_dali' in e["message"]
+    ]
     return [e for e in errors if e["code"] in UNRESOLVED] + ours
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--update", action="store_true", help="write the current count as the baseline")
+    parser.add_argument(
+        "--update", action="store_true", help="write the current count as the baseline"
+    )
     args = parser.parse_args(argv)
     errors = run_mypy()
     counts = Counter(e["code"] for e in errors)
@@ -60,15 +76,23 @@ def main(argv=None) -> int:
     for e in missing:
         print(f"unresolved import: {e['path']}:{e['line']}: {e['message']}", file=sys.stderr)
     if args.update:
-        BASELINE.write_text(json.dumps({"errors": len(errors), "by_code": dict(counts.most_common())}, indent=1) + "\n")
+        BASELINE.write_text(
+            json.dumps({"errors": len(errors), "by_code": dict(counts.most_common())}, indent=1)
+            + "\n"
+        )
         print(f"wrote {BASELINE}")
     if missing:
         return 1
     if baseline is not None and len(errors) > baseline:
-        print(f"typecheck: {len(errors)} errors, over the baseline of {baseline}: fix the new ones", file=sys.stderr)
+        print(
+            f"typecheck: {len(errors)} errors, over the baseline of {baseline}: fix the new ones",
+            file=sys.stderr,
+        )
         return 1
     if baseline is not None and len(errors) < baseline:
-        print(f"typecheck: below the baseline ({baseline}): lower it with python tools/typecheck.py --update")
+        print(
+            f"typecheck: below the baseline ({baseline}): lower it with python tools/typecheck.py --update"
+        )
     return 0
 
 

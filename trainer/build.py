@@ -41,5 +41,7 @@ def prepare_for_training(accelerator, model: torch.nn.Module, optimizer: torch.o
     if accelerator.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.unwrap_model(model, keep_fp32_wrapper=False)  # restores the module's own forward, in place
+    accelerator.unwrap_model(
+        model, keep_fp32_wrapper=False
+    )  # restores the module's own forward, in place
     return model, optimizer

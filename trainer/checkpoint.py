@@ -39,7 +39,13 @@ from safetensors.torch import save as save_safetensors
 
 from ..common.errors import ExitStatus, SimclrError
 from ..common.files import fsync_directory, replace_directory, restore_replaced, write_durable
-from ..common.manifest import CHECKPOINT_MANIFEST, ManifestError, digest, read_manifest, verify_directory
+from ..common.manifest import (
+    CHECKPOINT_MANIFEST,
+    ManifestError,
+    digest,
+    read_manifest,
+    verify_directory,
+)
 from ..common.manifest import read_verified as manifest_read_verified
 
 FORMAT = "simclr-checkpoint/1"
@@ -72,7 +78,11 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     root = checkpoint_dir(output_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name) and (p / MANIFEST).exists()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and _NAME.fullmatch(p.name) and (p / MANIFEST).exists()
+    ]
     return sorted(found, key=checkpoint_step)
 
 
@@ -131,7 +141,9 @@ def rng_state() -> dict:
         },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["torch_cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+        state["torch_cuda"] = base64.b64encode(
+            torch.cuda.get_rng_state().numpy().tobytes()
+        ).decode()
     return state
 
 
@@ -139,7 +151,9 @@ def set_rng_state(state: dict, where: str) -> None:
     """Restore ``rng_state()``'s output; any missing or malformed field is a ``CheckpointError`` naming it."""
     field_name = "torch_cpu"
     try:
-        torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(state["torch_cpu"])), dtype=torch.uint8))
+        torch.set_rng_state(
+            torch.frombuffer(bytearray(base64.b64decode(state["torch_cpu"])), dtype=torch.uint8)
+        )
         field_name = "python"
         python = state["python"]
         random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
@@ -157,7 +171,9 @@ def set_rng_state(state: dict, where: str) -> None:
         if "torch_cuda" in state and torch.cuda.is_available():
             field_name = "torch_cuda"
             torch.cuda.set_rng_state(
-                torch.frombuffer(bytearray(base64.b64decode(state["torch_cuda"])), dtype=torch.uint8)
+                torch.frombuffer(
+                    bytearray(base64.b64decode(state["torch_cuda"])), dtype=torch.uint8
+                )
             )
     except (KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(
@@ -178,7 +194,9 @@ def _optimizer_files(optimizer) -> tuple[bytes, bytes]:
     return save_safetensors(tensors), json.dumps(described, default=repr).encode()
 
 
-def _load_optimizer(optimizer, tensors: dict[str, torch.Tensor], described: dict, where: Path) -> None:
+def _load_optimizer(
+    optimizer, tensors: dict[str, torch.Tensor], described: dict, where: Path
+) -> None:
     """The saved per-parameter state into ``optimizer``; its param groups (lr, momentum, ...) stay as the
     config built them: the hyper-parameters are the config's and the lr the schedule's at the step."""
     fresh = optimizer.state_dict()
@@ -237,14 +255,23 @@ class Checkpointer:
     """Writes and loads this run's checkpoints (see the module docstring); every method is a collective."""
 
     def __init__(
-        self, accelerator, control, run_id: str, output_dir: str | Path, keep: int, every_minutes: float | None
+        self,
+        accelerator,
+        control,
+        run_id: str,
+        output_dir: str | Path,
+        keep: int,
+        every_minutes: float | None,
     ):
         self.accelerator, self.control, self.run_id = accelerator, control, run_id
         self.root, self.keep, self.every_minutes = checkpoint_dir(output_dir), keep, every_minutes
         self.last_step, self.last_path, self._last_time = None, None, time.monotonic()
 
     def due_by_clock(self) -> bool:
-        return bool(self.every_minutes) and time.monotonic() - self._last_time >= 60 * self.every_minutes
+        return (
+            bool(self.every_minutes)
+            and time.monotonic() - self._last_time >= 60 * self.every_minutes
+        )
 
     def save(self, model, optimizer, state: dict, loader_state: dict) -> Saved:
         """Write a checkpoint of ``state['step']`` (JSON data) with this rank's data position ``loader_state``."""
@@ -270,7 +297,9 @@ class Checkpointer:
                 }
                 optimizer_tensors, optimizer_json = _optimizer_files(optimizer)
                 files = {
-                    "model.safetensors": save_safetensors(model_state, metadata={"format": FORMAT, "step": str(step)}),
+                    "model.safetensors": save_safetensors(
+                        model_state, metadata={"format": FORMAT, "step": str(step)}
+                    ),
                     "optimizer.safetensors": optimizer_tensors,
                     "optimizer.json": optimizer_json,
                     "rng.json": json.dumps({"ranks": [r["rng"] for r in per_rank]}).encode(),
@@ -283,7 +312,10 @@ class Checkpointer:
                     "format": FORMAT,
                     "run_id": self.run_id,
                     "step": step,
-                    "files": {name: {"bytes": len(data), "sha256": _digest(data)} for name, data in files.items()},
+                    "files": {
+                        name: {"bytes": len(data), "sha256": _digest(data)}
+                        for name, data in files.items()
+                    },
                 }
                 write_durable(staging / MANIFEST, json.dumps(manifest, indent=1).encode())
                 fsync_directory(staging)
@@ -302,12 +334,20 @@ class Checkpointer:
         if error:
             raise CheckpointWriteError(error + "; the previous checkpoints are intact")
         saved = self.control.broadcast_json(saved)
-        self.last_step, self.last_path, self._last_time = step, Path(saved["path"]), time.monotonic()
+        self.last_step, self.last_path, self._last_time = (
+            step,
+            Path(saved["path"]),
+            time.monotonic(),
+        )
         return Saved(Path(saved["path"]), saved["seconds"], saved["bytes"])
 
     def _rotate(self, newest: Path) -> None:
         """Delete this run's oldest checkpoints beyond ``keep``: never ``newest``, never another run's."""
-        mine = [p for p in list_checkpoints(self.root.parent) if p != newest and manifest_run_id(p) == self.run_id]
+        mine = [
+            p
+            for p in list_checkpoints(self.root.parent)
+            if p != newest and manifest_run_id(p) == self.run_id
+        ]
         for old in mine[: max(0, len(mine) - (self.keep - 1))]:
             remove_checkpoint(old)
 
@@ -335,7 +375,9 @@ class Checkpointer:
             if rank < len(ranks):
                 set_rng_state(ranks[rank], f"{path / 'rng.json'} (rank {rank})")
             elif not world_size_changed:
-                raise CheckpointError(f"{path / 'rng.json'} holds {len(ranks)} ranks' RNG states; rank {rank} has none")
+                raise CheckpointError(
+                    f"{path / 'rng.json'} holds {len(ranks)} ranks' RNG states; rank {rank} has none"
+                )
             scaler = getattr(self.accelerator, "scaler", None)
             if scaler is not None and state.get("grad_scaler"):
                 scaler.load_state_dict(state["grad_scaler"])
@@ -349,7 +391,12 @@ class Checkpointer:
             )
         except CheckpointError as failure:
             error = str(failure)
-        except (KeyError, TypeError, ValueError, RuntimeError) as failure:  # safetensors/torch on malformed content
+        except (
+            KeyError,
+            TypeError,
+            ValueError,
+            RuntimeError,
+        ) as failure:  # safetensors/torch on malformed content
             error = f"{path}: cannot be loaded ({type(failure).__name__}: {failure})"
         error = self.control.first_error(error)
         if error:
@@ -419,7 +466,11 @@ def clean_temporaries(output_dir: str | Path, run_id: str | None = None) -> list
     if not root.is_dir():
         return []
     prefixes = (f".tmp-{run_id}-",) if run_id else (".tmp-", ".tmp_step_", ".deleting-")
-    removed = [p for p in root.iterdir() if p.name.startswith(prefixes) or (run_id is None and _incomplete(p))]
+    removed = [
+        p
+        for p in root.iterdir()
+        if p.name.startswith(prefixes) or (run_id is None and _incomplete(p))
+    ]
     for path in removed:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return removed

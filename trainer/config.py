@@ -27,7 +27,9 @@ from ..pipeline.augment_config import PRESETS, AugmentConfig
 from ..pipeline.shards.shardset import MAX_IMAGE_PIXELS
 
 # a field's range, declared with the field: the parser refuses a value outside it, naming the field
-FinitePositiveFloat = restricted_number_type("FinitePositiveFloat", float, [(">", 0), ("<", math.inf)], join="and")
+FinitePositiveFloat = restricted_number_type(
+    "FinitePositiveFloat", float, [(">", 0), ("<", math.inf)], join="and"
+)
 FiniteNonNegativeFloat = restricted_number_type(
     "FiniteNonNegativeFloat", float, [(">=", 0), ("<", math.inf)], join="and"
 )
@@ -206,12 +208,23 @@ class TrainConfig:
         is refused before anything heavy is imported): a field's own range is its type's (``PositiveInt``, ...),
         checked here as well for configs built without the parser; the rest relates fields to each other.
         Raises ``ConfigError`` naming the field."""
-        for name, problem in [*typed_field_problems(self), *typed_field_problems(self.loader, "loader.")]:
+        for name, problem in [
+            *typed_field_problems(self),
+            *typed_field_problems(self.loader, "loader."),
+        ]:
             raise ConfigError(f"{name} {problem}")
         if self.warmup_epochs >= self.epochs:
-            raise ConfigError(f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})")
-        if self.micro_batch != "auto" and self.micro_batch is not None and not self.micro_batch >= 0:
-            raise ConfigError(f"micro_batch must be >= 0 (0 = off), null or auto, got {self.micro_batch}")
+            raise ConfigError(
+                f"warmup_epochs ({self.warmup_epochs}) must be smaller than epochs ({self.epochs})"
+            )
+        if (
+            self.micro_batch != "auto"
+            and self.micro_batch is not None
+            and not self.micro_batch >= 0
+        ):
+            raise ConfigError(
+                f"micro_batch must be >= 0 (0 = off), null or auto, got {self.micro_batch}"
+            )
         if self.eval_every_epochs and not (self.eval_train_shards and self.eval_val_shards):
             raise ConfigError("eval_every_epochs needs eval_train_shards and eval_val_shards")
         if self.resume is not None and not self.resume:
@@ -219,9 +232,13 @@ class TrainConfig:
                 "resume must be auto, a checkpoint directory, or null (a fresh start); got an empty string"
             )
         if not self.loader.hw_decoder_load <= 1.0:
-            raise ConfigError(f"loader.hw_decoder_load must be in [0, 1], got {self.loader.hw_decoder_load}")
+            raise ConfigError(
+                f"loader.hw_decoder_load must be in [0, 1], got {self.loader.hw_decoder_load}"
+            )
         if self.loss == "supcon" and self.loader.kind != "dali":
-            raise ConfigError("loss supcon reads labels through the DALI loader: use --loader.kind dali")
+            raise ConfigError(
+                "loss supcon reads labels through the DALI loader: use --loader.kind dali"
+            )
         try:
             check_timm_kwargs(self.timm_kwargs, "timm_kwargs")
         except ValueError as error:
@@ -234,7 +251,9 @@ class TrainConfig:
             raise ConfigError("train_shards is required (a shard directory, brace pattern or glob)")
         self.check()
         check_shard_locations(self)
-        from ..model.ntxent import MIN_TEMPERATURE  # here: the parser (and --help) stays free of torch
+        from ..model.ntxent import (
+            MIN_TEMPERATURE,
+        )  # here: the parser (and --help) stays free of torch
 
         if self.temperature < MIN_TEMPERATURE:
             raise ConfigError(
@@ -291,7 +310,10 @@ def typed_field_problems(config, prefix: str = "") -> typing.Iterator[tuple[str,
             try:
                 ranged[0](value)
             except (ValueError, TypeError) as error:
-                yield prefix + name, f"must be {str(error).split('restriction ', 1)[-1]}, got {value}"
+                yield (
+                    prefix + name,
+                    f"must be {str(error).split('restriction ', 1)[-1]}, got {value}",
+                )
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
@@ -398,7 +420,9 @@ def _section_from(name: str, section: dict, base=None):
     cls = SECTIONS[name]
     known = {f.name for f in dataclasses.fields(cls)}
     if unknown := sorted(set(section) - known):
-        raise ConfigError(f"unknown {name} key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        raise ConfigError(
+            f"unknown {name} key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
     values = dataclasses.asdict(base) if base is not None else {}
     if name == "augment" and "preset" in section:
         values.pop("jitter_strength", None), values.pop("blur_prob", None)
@@ -411,7 +435,9 @@ def _section_from(name: str, section: dict, base=None):
 def config_from_dict(values: dict) -> TrainConfig:
     """A TrainConfig from a mapping of any version (a checkpoint's config, a run's config.yaml): migrated, keys
     it does not know (fields removed since) left out, the ones it lacks at their defaults."""
-    plain = json.loads(json.dumps(migrate(values)))  # the parser's ranged ints and floats as plain ones (DALI)
+    plain = json.loads(
+        json.dumps(migrate(values))
+    )  # the parser's ranged ints and floats as plain ones (DALI)
     values = {k: v for k, v in plain.items() if k in FIELDS}
     for name in SECTIONS.keys() & values.keys():
         values[name] = _section_from(name, values[name])
@@ -430,7 +456,9 @@ def _flat(values: dict, prefix: str = "") -> dict:
 
 
 def _comparable(value):
-    return yaml.safe_load(yaml.safe_dump(value, sort_keys=False))  # tuples -> lists, as in the checkpoint's JSON
+    return yaml.safe_load(
+        yaml.safe_dump(value, sort_keys=False)
+    )  # tuples -> lists, as in the checkpoint's JSON
 
 
 def resume_changes(saved: dict, config: TrainConfig) -> tuple[list[str], list[str]]:
@@ -441,7 +469,11 @@ def resume_changes(saved: dict, config: TrainConfig) -> tuple[list[str], list[st
     new_values = _flat(_comparable(config.to_dict()))
     applied, refused = [], []
     for name, new in new_values.items():
-        if name in ("resume", "overwrite", "allow_world_size_change"):  # how to start, not what to run
+        if name in (
+            "resume",
+            "overwrite",
+            "allow_world_size_change",
+        ):  # how to start, not what to run
             continue
         if old_values.get(name) != new:
             safe = name in SAFE_ON_RESUME or name.split(".")[0] in SAFE_ON_RESUME
@@ -461,7 +493,9 @@ def flat_aliases(argv: list[str]) -> list[str]:
         arg, position = argv[position], position + 1
         name, sep, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if name not in ALIASED or not sep and position >= len(argv):
-            out.append(arg)  # not an alias, or a flag without its value: the parser names the problem
+            out.append(
+                arg
+            )  # not an alias, or a flag without its value: the parser names the problem
             continue
         if not sep:
             value, position = argv[position], position + 1
@@ -473,7 +507,9 @@ def _alias(name: str, value: str) -> list[str]:
     if name == "config":
         return ["--config", _migrated_file(value)]
     if name == "augment":
-        return ["--augment", value] if value.lstrip().startswith("{") else ["--augment.preset", value]
+        return (
+            ["--augment", value] if value.lstrip().startswith("{") else ["--augment.preset", value]
+        )
     if name == "min_crop_area":
         return ["--augment.crop_area", f"[{value}, 1.0]"]
     return [f"--{MOVED[name]}", value]
@@ -499,7 +535,9 @@ def parse_args(argv: list[str] | None = None, description: str = "") -> TrainCon
 
     argv = underscore_flags(sys.argv[1:] if argv is None else argv)
     files = config_files(argv)
-    preset_fields = {f"augment.{name}": None for name in PRESETS["imagenet"]}  # null: the chosen preset's
+    preset_fields = {
+        f"augment.{name}": None for name in PRESETS["imagenet"]
+    }  # null: the chosen preset's
     values = parse_dataclass(
         TrainConfig, flat_aliases(argv), "train.py", description, ConfigError, files, preset_fields
     )

@@ -20,7 +20,9 @@ class RankConsensus:
         self.world_size, self.rank = world_size, rank
         self.group = None
         if world_size > 1 and dist.get_backend() != "gloo":
-            self.group = dist.new_group(backend="gloo")  # collective: every rank creates it, in the same order
+            self.group = dist.new_group(
+                backend="gloo"
+            )  # collective: every rank creates it, in the same order
 
     @property
     def is_main(self) -> bool:
@@ -61,7 +63,9 @@ class RankConsensus:
         dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self.group)
         longest = max(int(s) for s in sizes)
         padded = torch.zeros(longest, dtype=torch.uint8)
-        padded[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else padded[:0]
+        padded[: len(data)] = (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else padded[:0]
+        )
         buffers = [torch.empty(longest, dtype=torch.uint8) for _ in range(self.world_size)]
         dist.all_gather(buffers, padded, group=self.group)
         return [json.loads(bytes(b[: int(s)].tolist()).decode()) for b, s in zip(buffers, sizes)]
@@ -72,4 +76,8 @@ class RankConsensus:
         if not failed:
             return None
         errors = self.all_gather_json(error)
-        return next(f"{e}" if self.world_size == 1 else f"rank {r}: {e}" for r, e in enumerate(errors) if e is not None)
+        return next(
+            f"{e}" if self.world_size == 1 else f"rank {r}: {e}"
+            for r, e in enumerate(errors)
+            if e is not None
+        )

@@ -25,7 +25,9 @@ def data_device(cfg: TrainConfig, device: torch.device) -> str:
 
 
 def _threads(cfg: TrainConfig, where: str = "cpu") -> int:
-    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # set by accelerate launch / torchrun
+    local_processes = int(
+        os.environ.get("LOCAL_WORLD_SIZE", 1)
+    )  # set by accelerate launch / torchrun
     return cfg.loader.threads or default_num_threads(local_processes, where)
 
 
@@ -49,7 +51,9 @@ def build_train_loader(
             num_workers=_threads(cfg),
         )
     where = data_device(cfg, device)
-    from .online_probe import wants_labels  # issue 31: SupCon and the online probe read the labels too
+    from .online_probe import (
+        wants_labels,
+    )  # issue 31: SupCon and the online probe read the labels too
 
     return DaliLoader(
         cfg.train_shards,

@@ -89,7 +89,10 @@ class ExportError(SimclrError, ValueError):
 
 
 def export_backbone(
-    backbone: torch.nn.Module, output_dir: str | Path, meta: dict, head: torch.nn.Module | None = None
+    backbone: torch.nn.Module,
+    output_dir: str | Path,
+    meta: dict,
+    head: torch.nn.Module | None = None,
 ) -> Path:
     """Write the exports above for ``backbone`` (a timm model with ``num_classes=0``) and, if given, the
     projection ``head``, then ``export-manifest.json`` (every file's size and SHA-256, verified by every reader);
@@ -97,7 +100,9 @@ def export_backbone(
     A failed write (a full disk) is a ``ResultWriteError`` naming the export directory."""
     output_dir = Path(output_dir)
     try:
-        (output_dir / EXPORT_MANIFEST).unlink(missing_ok=True)  # never a manifest of the previous export's files
+        (output_dir / EXPORT_MANIFEST).unlink(
+            missing_ok=True
+        )  # never a manifest of the previous export's files
         weights = _write_export(backbone, output_dir, meta, head)
         _write_export_manifest(output_dir)
     except OSError as error:
@@ -112,13 +117,18 @@ def _write_export_manifest(output_dir: Path) -> None:
     """The export's manifest, written last: what ``evaluation.backbone.verify_source`` checks every file against."""
     present = [name for name in EXPORT_FILES if (output_dir / name).is_file()]
     files = {name: file_entry((output_dir / name).read_bytes()) for name in present}
-    atomic_write_text(output_dir / EXPORT_MANIFEST, json.dumps({"format": EXPORT_FORMAT, "files": files}, indent=1))
+    atomic_write_text(
+        output_dir / EXPORT_MANIFEST,
+        json.dumps({"format": EXPORT_FORMAT, "files": files}, indent=1),
+    )
 
 
 def _write_export(backbone, output_dir: Path, meta: dict, head) -> Path:
     weights = output_dir / "backbone.safetensors"
     # bytes written by atomic_write_bytes: safetensors' save_file would make the file 0600
-    atomic_write_bytes(weights, save(_plain_state(backbone), metadata={k: json.dumps(v) for k, v in meta.items()}))
+    atomic_write_bytes(
+        weights, save(_plain_state(backbone), metadata={k: json.dumps(v) for k, v in meta.items()})
+    )
     atomic_write_text(output_dir / "backbone.json", json.dumps(meta, indent=1) + "\n")
     if not meta.get("cifar_stem"):
         _export_local_dir(backbone, output_dir / "backbone", meta)
@@ -131,7 +141,8 @@ def _write_export(backbone, output_dir: Path, meta: dict, head) -> Path:
             "num_layers": len(linear),  # issue 31: SimCLRv2's 3-layer head
         }
         atomic_write_bytes(
-            output_dir / HEAD_FILE, save(_plain_state(head), metadata={k: json.dumps(v) for k, v in widths.items()})
+            output_dir / HEAD_FILE,
+            save(_plain_state(head), metadata={k: json.dumps(v) for k, v in widths.items()}),
         )
         atomic_write_text(output_dir / HEAD_META, json.dumps(widths, indent=1) + "\n")
     return weights
@@ -155,14 +166,21 @@ def _export_local_dir(backbone: torch.nn.Module, target: Path, meta: dict) -> No
         "input_size": [3, size, size],
         "test_input_size": [3, size, size],
     }
-    restore_replaced(target.parent)  # a crash inside an earlier replacement: its old copy back first
+    restore_replaced(
+        target.parent
+    )  # a crash inside an earlier replacement: its old copy back first
     staging = create_temporary_directory(target.parent, prefix=".backbone-")
     try:
         save_for_hf(
-            backbone, staging, model_args={**meta.get("timm_kwargs", {}), "num_classes": 0}, safe_serialization=True
+            backbone,
+            staging,
+            model_args={**meta.get("timm_kwargs", {}), "num_classes": 0},
+            safe_serialization=True,
         )
         for file in staging.iterdir():
-            give_open_mode(file)  # timm writes model.safetensors through safetensors' save_file: 0600
+            give_open_mode(
+                file
+            )  # timm writes model.safetensors through safetensors' save_file: 0600
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
         fsync_directory(staging)
@@ -211,7 +229,9 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path | None = No
     if not isinstance(config, dict) or not isinstance(config.get("backbone"), str):
         raise ExportError(f"{path / STATE_FILE} holds no config with a backbone name")
     try:
-        timm_kwargs = check_timm_kwargs(config.get("timm_kwargs") or {}, f"{path / STATE_FILE}: timm_kwargs")
+        timm_kwargs = check_timm_kwargs(
+            config.get("timm_kwargs") or {}, f"{path / STATE_FILE}: timm_kwargs"
+        )
     except ValueError as error:
         raise ExportError(str(error)) from None
     model = SimCLR(
@@ -262,7 +282,11 @@ def load_exported(path: str | Path) -> tuple[torch.nn.Module, torch.nn.Module | 
         backbone, _ = load_backbone(checkpoint=str(path))
     except BackboneError as error:
         raise ExportError(str(error)) from None
-    meta = json.loads((path / "backbone.json").read_text()) if (path / "backbone.json").is_file() else {}
+    meta = (
+        json.loads((path / "backbone.json").read_text())
+        if (path / "backbone.json").is_file()
+        else {}
+    )
     head = None
     if (path / HEAD_META).is_file():
         try:

@@ -15,17 +15,24 @@ class ExportUsageError(SimclrError, ValueError):
 
 
 class _Parser(ArgumentParser):
-    def error(self, message: str):  # one line and status 2 (ExportUsageError), not argparse's usage block
+    def error(
+        self, message: str
+    ):  # one line and status 2 (ExportUsageError), not argparse's usage block
         raise ExportUsageError(message)
 
 
 def build_parser(description: str = "") -> ArgumentParser:
-    parser = _Parser(prog="simclr-export", description=description, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument(
-        "checkpoint", help="a checkpoint directory (RUN/checkpoints/step_N) or a train.py output directory"
+    parser = _Parser(
+        prog="simclr-export", description=description, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument(
-        "--output_dir", default=None, help="where the export goes (default: RUN/exports/step_N beside the checkpoints)"
+        "checkpoint",
+        help="a checkpoint directory (RUN/checkpoints/step_N) or a train.py output directory",
+    )
+    parser.add_argument(
+        "--output_dir",
+        default=None,
+        help="where the export goes (default: RUN/exports/step_N beside the checkpoints)",
     )
     return parser
 

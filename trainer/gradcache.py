@@ -34,7 +34,9 @@ def micro_batch_sizes(num_images: int, micro_batch: int) -> list[int]:
     """Sizes of the k = ceil(num_images / micro_batch) near-equal micro-batches (each <= micro_batch, sizes
     differ by at most 1; the larger ones first, as ``torch.tensor_split``)."""
     if num_images < 1 or micro_batch < 1:
-        raise ValueError(f"need num_images >= 1 and micro_batch >= 1, got {num_images} and {micro_batch}")
+        raise ValueError(
+            f"need num_images >= 1 and micro_batch >= 1, got {num_images} and {micro_batch}"
+        )
     k = math.ceil(num_images / micro_batch)
     return [num_images // k + (i < num_images % k) for i in range(k)]
 
@@ -63,7 +65,11 @@ def _set_rng_state(device: torch.device, state: tuple[torch.Tensor, torch.Tensor
 
 
 def _tracking_batch_norms(model: nn.Module) -> list[_BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.training and m.track_running_stats]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, _BatchNorm) and m.training and m.track_running_stats
+    ]
 
 
 @contextlib.contextmanager
@@ -72,7 +78,10 @@ def frozen_running_stats(model: nn.Module) -> Iterator[None]:
     statistics (and ``num_batches_tracked``) are left as they were on exit (restored in place). Momentum 1
     meanwhile: with ``momentum=None`` BN would read ``num_batches_tracked`` to the host at every call."""
     layers = _tracking_batch_norms(model)
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in layers]
+    saved = [
+        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in layers
+    ]
     momenta = [m.momentum for m in layers]
     for m in layers:
         m.momentum = 1.0
@@ -100,9 +109,15 @@ def running_stats_once(model: nn.Module) -> Iterator[Callable[[], None]]:
     every layer at every call; momentum 1 is also one constant for torch.compile. Meant for layers called
     once per forward (every timm backbone, the projection head)."""
     layers = _tracking_batch_norms(model)
-    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum) for m in layers]
+    saved = [
+        (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
+        for m in layers
+    ]
     means, variances = [m.running_mean for m in layers], [m.running_var for m in layers]
-    mean_sums, var_sums = [torch.zeros_like(t) for t in means], [torch.zeros_like(t) for t in variances]
+    mean_sums, var_sums = (
+        [torch.zeros_like(t) for t in means],
+        [torch.zeros_like(t) for t in variances],
+    )
     with torch.no_grad():
         for m in layers:
             m.num_batches_tracked.zero_()
@@ -125,7 +140,9 @@ def running_stats_once(model: nn.Module) -> Iterator[Callable[[], None]]:
         completed = True
     finally:
         with torch.no_grad():
-            for m, (mean, var, count, momentum), mean_sum, var_sum in zip(layers, saved, mean_sums, var_sums):
+            for m, (mean, var, count, momentum), mean_sum, var_sum in zip(
+                layers, saved, mean_sums, var_sums
+            ):
                 m.momentum = momentum
                 if completed:
                     batches = m.num_batches_tracked
@@ -135,7 +152,10 @@ def running_stats_once(model: nn.Module) -> Iterator[Callable[[], None]]:
                     else:  # the cumulative average's 1 / (updates + 1), on the device
                         factor = (count + 1).to(mean.dtype).reciprocal()
                     divisor = batches.clamp_min(1).to(mean_sum.dtype)
-                    batch_mean, batch_var = (mean_sum / divisor).to(mean.dtype), (var_sum / divisor).to(var.dtype)
+                    batch_mean, batch_var = (
+                        (mean_sum / divisor).to(mean.dtype),
+                        (var_sum / divisor).to(var.dtype),
+                    )
                     m.running_mean.copy_(torch.where(seen, mean.lerp(batch_mean, factor), mean))
                     m.running_var.copy_(torch.where(seen, var.lerp(batch_var, factor), var))
                     m.num_batches_tracked.copy_(count + seen.to(count.dtype))
@@ -184,7 +204,9 @@ def cached_forward_backward(
                 first_halves.append(first)
                 second_halves.append(second)
     with record_function("loss"):
-        cached = torch.cat(first_halves + second_halves).requires_grad_()  # (2N, d), the model's output dtype
+        cached = torch.cat(
+            first_halves + second_halves
+        ).requires_grad_()  # (2N, d), the model's output dtype
         del first_halves, second_halves
         with torch.enable_grad():
             loss, z1, z2 = loss_fn(cached)
@@ -204,7 +226,9 @@ def cached_forward_backward(
                     del z
                     record_batch_statistics()  # after the backward: BN's saves the running statistics it zeroes
     finally:
-        _set_rng_state(device, after_pass1)  # the random stream continues as after one forward of the batch
+        _set_rng_state(
+            device, after_pass1
+        )  # the random stream continues as after one forward of the batch
     return loss.detach(), z1.detach(), z2.detach()
 
 
@@ -261,7 +285,9 @@ def fit_micro_batch(
                 line = int(m1 + (budget_bytes - p1) * (m2 - m1) / (p2 - p1))
         if too_big is None:
             guess = line if line is not None and line > best else num_images
-        elif line is not None and line <= best:  # the measured line crosses the budget here: converged
+        elif (
+            line is not None and line <= best
+        ):  # the measured line crosses the budget here: converged
             break
         else:
             guess = line if line is not None and line < too_big else (best + too_big) // 2
@@ -314,7 +340,9 @@ def micro_batch_budget(device: torch.device, optimizer_state: int) -> int:
     return torch.cuda.memory_allocated(device) + int(AUTO_MEMORY_FRACTION * free) - optimizer_state
 
 
-def measure_micro_batch(model: nn.Module, view1: torch.Tensor, view2: torch.Tensor, optimizer, accelerator) -> int:
+def measure_micro_batch(
+    model: nn.Module, view1: torch.Tensor, view2: torch.Tensor, optimizer, accelerator
+) -> int:
     """micro_batch auto on CUDA: the largest micro-batch whose forward + backward peak fits
     ``micro_batch_budget``, after room for the optimiser state not yet allocated (two parameter-sized buffers
     per parameter before the first optimiser step). The measurements run the unwrapped model with every layer

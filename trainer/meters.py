@@ -77,7 +77,11 @@ class StepTimer:
     ``(wait_s, step_s)`` in ``history`` (profiling runs)."""
 
     def __init__(
-        self, images_per_step: int, device: torch.device | str | None = None, clock=None, keep_steps: bool = False
+        self,
+        images_per_step: int,
+        device: torch.device | str | None = None,
+        clock=None,
+        keep_steps: bool = False,
     ):
         self.images_per_step = images_per_step
         self.clock = clock if clock is not None else device_clock(device)
@@ -120,7 +124,9 @@ class StepTimer:
         """Meters over the steps since the last call, then reset the window."""
         self._read()
         stats = {
-            "images_per_s": self.window_steps * self.images_per_step / self.window_time if self.window_time else 0.0,
+            "images_per_s": self.window_steps * self.images_per_step / self.window_time
+            if self.window_time
+            else 0.0,
             "data_wait_fraction": self.window_wait / self.window_time if self.window_time else 0.0,
         }
         self.window_wait = self.window_time = 0.0
@@ -131,7 +137,9 @@ class StepTimer:
         self._read()
         summary = {
             "steps_timed": self.total_steps,
-            "mean_images_per_s": self.total_steps * self.images_per_step / self.total_time if self.total_time else 0.0,
+            "mean_images_per_s": self.total_steps * self.images_per_step / self.total_time
+            if self.total_time
+            else 0.0,
             "data_wait_fraction": self.total_wait / self.total_time if self.total_time else 0.0,
         }
         if self.keep_steps and self.history:
@@ -177,7 +185,11 @@ class Meters:
             disable=not (accelerator.is_main_process and cfg.progress),
         )
         self.progress_bar = cfg.progress
-        self.start_wait, self.end_wait, self.end_step = self.timer.start_wait, self.timer.end_wait, self.timer.end_step
+        self.start_wait, self.end_wait, self.end_step = (
+            self.timer.start_wait,
+            self.timer.end_wait,
+            self.timer.end_step,
+        )
         self.online_probe, self.online_probe_top1 = None, None  # trainer/online_probe.py
 
     def attach_probe(self, probe):
@@ -199,17 +211,26 @@ class Meters:
         }
         if self.accelerator.device.type == "cuda":
             meters["gpu_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        if self.online_probe is not None and (top1 := self.online_probe.read(self.accelerator)) is not None:
+        if (
+            self.online_probe is not None
+            and (top1 := self.online_probe.read(self.accelerator)) is not None
+        ):
             meters["online_probe_top1"] = self.online_probe_top1 = top1
         log_to_trackers(self.accelerator, meters, step)
         line = f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in meters.items())
-        (self.log.file_only if self.progress_bar else self.log.info)(line)  # no bar: the meters as lines
+        (self.log.file_only if self.progress_bar else self.log.info)(
+            line
+        )  # no bar: the meters as lines
         self.progress.set_postfix(
             loss=f"{meters['loss']:.4f}",
             img_s=f"{meters['images_per_s']:.0f}",
             wait=f"{meters['data_wait_fraction']:.0%}",
             lr=f"{meters['lr']:.3g}",
-            **({"probe": f"{meters['online_probe_top1']:.1f}%"} if "online_probe_top1" in meters else {}),
+            **(
+                {"probe": f"{meters['online_probe_top1']:.1f}%"}
+                if "online_probe_top1" in meters
+                else {}
+            ),
         )
 
     def advance(self, step: int) -> None:
@@ -220,5 +241,9 @@ class Meters:
         self.progress.close()  # before any message, so that it starts on a line of its own
 
     def summary(self) -> dict:
-        extra = {} if self.online_probe_top1 is None else {"online_probe_top1": round(self.online_probe_top1, 2)}
+        extra = (
+            {}
+            if self.online_probe_top1 is None
+            else {"online_probe_top1": round(self.online_probe_top1, 2)}
+        )
         return {**self.timer.summary(), **extra}

@@ -20,8 +20,22 @@ class EvalMonitor:
     """Decides when an evaluation is due and runs it; ``evaluate`` raises ``Preempted`` on every rank when a
     preemption signal reached any rank before or during it."""
 
-    def __init__(self, cfg: TrainConfig, backbone: torch.nn.Module, loaders, accelerator, log, preemption, consensus):
-        self.cfg, self.backbone, self.loaders, self.accelerator = cfg, backbone, loaders, accelerator
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        backbone: torch.nn.Module,
+        loaders,
+        accelerator,
+        log,
+        preemption,
+        consensus,
+    ):
+        self.cfg, self.backbone, self.loaders, self.accelerator = (
+            cfg,
+            backbone,
+            loaders,
+            accelerator,
+        )
         self.log, self.preemption, self.consensus = log, preemption, consensus
 
     def due(self, step: int, plan: StepPlan) -> bool:
@@ -37,7 +51,9 @@ class EvalMonitor:
         """Evaluate at ``state.step``; its result goes to the history, the log, the tracker and eval_json."""
         from ..evaluation import monitor
 
-        if self.consensus.agree(preempted=self.preemption.requested).preempted:  # skipped on every rank
+        if self.consensus.agree(
+            preempted=self.preemption.requested
+        ).preempted:  # skipped on every rank
             raise Preempted(self.preemption.signal_name)
         with self.preemption.interruptible():
             result = monitor.frozen_metrics(
@@ -50,12 +66,20 @@ class EvalMonitor:
             )
         epoch = plan.epoch(state.step)
         state.history.append(
-            {"step": state.step, "epoch": epoch, "train_seconds": round(state.train_seconds, 2), **result}
+            {
+                "step": state.step,
+                "epoch": epoch,
+                "train_seconds": round(state.train_seconds, 2),
+                **result,
+            }
         )
-        self.log.info(f"eval @ epoch {epoch:.2f}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items()))
+        self.log.info(
+            f"eval @ epoch {epoch:.2f}: " + ", ".join(f"{k} {v:.2f}" for k, v in result.items())
+        )
         log_to_trackers(self.accelerator, result, state.step)
         if self.cfg.eval_json and self.accelerator.is_main_process:
             atomic_write_text(
                 self.cfg.eval_json,
-                json.dumps({"config": self.cfg.to_dict(), "history": state.history}, indent=1) + "\n",
+                json.dumps({"config": self.cfg.to_dict(), "history": state.history}, indent=1)
+                + "\n",
             )

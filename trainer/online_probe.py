@@ -36,7 +36,10 @@ def probe_enabled(cfg: TrainConfig) -> tuple[bool, str]:
     if not cfg.online_probe:
         return False, "online probe off (--online_probe false)"
     if cfg.micro_batch:
-        return False, "online probe off: micro-batches (gradient caching) do not keep the backbone features"
+        return (
+            False,
+            "online probe off: micro-batches (gradient caching) do not keep the backbone features",
+        )
     if cfg.loader.kind != "dali":
         return False, "online probe off: the torchvision baseline loader yields no labels"
     if not shards_are_labelled(cfg.train_shards):
@@ -80,7 +83,9 @@ class OnlineProbe:
         return 100.0 * correct / seen if seen else None
 
 
-def build_online_probe(cfg: TrainConfig, model: nn.Module, device: torch.device, log) -> OnlineProbe | None:
+def build_online_probe(
+    cfg: TrainConfig, model: nn.Module, device: torch.device, log
+) -> OnlineProbe | None:
     """The run's online probe, or None with the reason logged once."""
     on, why_not = probe_enabled(cfg)
     if not on:
@@ -88,7 +93,9 @@ def build_online_probe(cfg: TrainConfig, model: nn.Module, device: torch.device,
         return None
     num_classes = class_count(cfg.train_shards)
     if num_classes is None:
-        log.info(f"online probe off: the s3:// shards {cfg.train_shards} have no classes.json to count classes from")
+        log.info(
+            f"online probe off: the s3:// shards {cfg.train_shards} have no classes.json to count classes from"
+        )
         return None
     log.info(
         f"online probe: linear {model.feature_dim} -> {num_classes} classes on detached features, SGD lr "

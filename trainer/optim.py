@@ -18,7 +18,9 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     )
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> CosineLRScheduler:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int
+) -> CosineLRScheduler:
     """Linear warm-up from 0, then cosine decay to 0, per step (timm's scheduler)."""
     return CosineLRScheduler(
         optimizer,

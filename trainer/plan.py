@@ -14,7 +14,9 @@ class StepPlan:
     steps_per_epoch: int
     total_steps: int  # the schedule's length (warm-up + cosine spans it)
     warmup_steps: int
-    last_step: int  # where this run stops: total_steps, max_steps, or the step the time budget ran out at
+    last_step: (
+        int  # where this run stops: total_steps, max_steps, or the step the time budget ran out at
+    )
     eval_interval: int
 
     @classmethod

@@ -42,7 +42,9 @@ class Preemption:
         return self.signal_name is not None
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C: stop now, without a checkpoint
+        if (
+            self.requested and signum == signal.SIGINT
+        ):  # a second Ctrl-C: stop now, without a checkpoint
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         if not self.requested:

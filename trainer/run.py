@@ -56,7 +56,9 @@ class RunLog:
         self.is_main, self.path, self.file = is_main, Path(output_dir) / "train.log", None
 
     def _write(self, text: str) -> None:
-        if self.file is None and self.path.parent.is_dir():  # False: writing failed once, not tried again
+        if (
+            self.file is None and self.path.parent.is_dir()
+        ):  # False: writing failed once, not tried again
             try:
                 self.file = open(self.path, "a", buffering=1)
             except OSError:  # an unwritable output_dir is reported by the start-up checks
@@ -109,7 +111,11 @@ def check_model_config(cfg: TrainConfig) -> None:
         close = timm.list_models(f"*{cfg.backbone}*")[:5]
         raise RunError(
             f"backbone {cfg.backbone!r} is not a timm model"
-            + (f" (did you mean {', '.join(close)}?)" if close else " (timm.list_models() lists them)")
+            + (
+                f" (did you mean {', '.join(close)}?)"
+                if close
+                else " (timm.list_models() lists them)"
+            )
         )
     try:
         with torch.device("meta"):
@@ -127,7 +133,9 @@ def check_model_config(cfg: TrainConfig) -> None:
             f"backbone {cfg.backbone!r} with cifar_stem={cfg.cifar_stem}, timm_kwargs={cfg.timm_kwargs}: "
             f"{type(error).__name__}: {error}"
         ) from None
-    except Exception:  # a model whose constructor needs real tensors: the real build names any problem
+    except (
+        Exception
+    ):  # a model whose constructor needs real tensors: the real build names any problem
         pass
 
 
@@ -202,9 +210,8 @@ def acquire_run_lock(output_dir: Path) -> None:
     except OSError:
         os.close(fd)
         raise
-    record = (
-        f"process {os.getpid()} on host {socket.gethostname()} since {datetime.now().isoformat(timespec='seconds')}"
-    )
+    since = datetime.now().isoformat(timespec="seconds")
+    record = f"process {os.getpid()} on host {socket.gethostname()} since {since}"
     os.ftruncate(fd, 0)
     os.pwrite(fd, (record + "\n").encode(), 0)
     _held_locks[output_dir] = fd
@@ -219,7 +226,11 @@ def release_run_lock(output_dir: str | Path) -> None:
 
 def _refuse_other_run(output_dir: Path, what: str) -> RunError:
     found = list_checkpoints(output_dir)
-    held = f" ({len(found)} checkpoints, the newest step {checkpoint_step(found[-1])})" if found else ""
+    held = (
+        f" ({len(found)} checkpoints, the newest step {checkpoint_step(found[-1])})"
+        if found
+        else ""
+    )
     return RunError(
         f"output_dir {output_dir} holds {what}{held}: pass --resume auto to continue it, --overwrite to delete its "
         "checkpoints and start a new run there, or choose a new --output_dir"
@@ -236,9 +247,15 @@ def _decide(cfg: TrainConfig, world_size: int, say) -> dict:
             check_writable(Path(cfg.eval_json).parent or Path("."), "eval_json's directory")
     except OSError as error:
         raise RunError(str(error)) from None
-    acquire_run_lock(output_dir)  # before anything is read or changed: a concurrent resume is refused here
+    acquire_run_lock(
+        output_dir
+    )  # before anything is read or changed: a concurrent resume is refused here
     existing = _read_run_file(output_dir)
-    foreign = [p for p in list_checkpoints(output_dir) if existing is None or manifest_run_id(p) != existing["run_id"]]
+    foreign = [
+        p
+        for p in list_checkpoints(output_dir)
+        if existing is None or manifest_run_id(p) != existing["run_id"]
+    ]
     explicit = Path(cfg.resume) if cfg.resume and cfg.resume != "auto" else None
     if explicit is not None:  # found before building anything
         if not explicit.is_dir():
@@ -257,10 +274,14 @@ def _decide(cfg: TrainConfig, world_size: int, say) -> dict:
     elif cfg.resume == "auto" and existing:
         run_id = existing["run_id"]
     elif (existing or foreign) and not cfg.overwrite:
-        raise _refuse_other_run(output_dir, f"run {existing['run_id']}" if existing else "checkpoints of another run")
+        raise _refuse_other_run(
+            output_dir, f"run {existing['run_id']}" if existing else "checkpoints of another run"
+        )
     else:
         run_id = uuid.uuid4().hex
-    replace_previous = bool(cfg.overwrite and (existing or foreign) and (existing or {}).get("run_id") != run_id)
+    replace_previous = bool(
+        cfg.overwrite and (existing or foreign) and (existing or {}).get("run_id") != run_id
+    )
     if explicit is not None:
         resume_from = explicit
     elif cfg.resume == "auto":
@@ -283,7 +304,9 @@ def _decide(cfg: TrainConfig, world_size: int, say) -> dict:
     }
     if resume_from is not None:
         manifest = (
-            explicit_manifest if resume_from == explicit else json.loads((resume_from / "manifest.json").read_text())
+            explicit_manifest
+            if resume_from == explicit
+            else json.loads((resume_from / "manifest.json").read_text())
         )  # verified
         saved = read_verified_json(resume_from, STATE_FILE, manifest)
         decision.update(saved=saved, **_compatibility(saved, cfg, world_size, resume_from))
@@ -301,9 +324,13 @@ def _commit(run: Run, cfg: TrainConfig, world_size: int, say) -> None:
         clean_temporaries(output_dir, None)
         (output_dir / RUN_FILE).unlink(missing_ok=True)
         say(f"--overwrite: deleted the previous run's checkpoints in {output_dir}")
-    stale = clean_temporaries(output_dir, None)  # the directory is this run's: any temporary is a crash's leftover
+    stale = clean_temporaries(
+        output_dir, None
+    )  # the directory is this run's: any temporary is a crash's leftover
     if stale:
-        say(f"removed {len(stale)} temporary checkpoint(s) a crash left: {', '.join(p.name for p in stale)}")
+        say(
+            f"removed {len(stale)} temporary checkpoint(s) a crash left: {', '.join(p.name for p in stale)}"
+        )
     if run.new:
         _claim(output_dir, run.run_id, cfg, world_size)
     atomic_write_text(output_dir / "config.yaml", cfg.to_yaml())
@@ -396,11 +423,17 @@ def tracker_init_kwargs(cfg: TrainConfig, run: Run, step: int) -> dict:
     ``tracker_init_kwargs`` from the config (the last override the others)."""
     if cfg.tracker == "wandb":
         kwargs = {"id": run.run_id, "resume": "allow", "dir": str(run.output_dir)}
-        named = {"name": cfg.tracker_run_name, "tags": cfg.tracker_tags or None, "entity": cfg.tracker_entity}
+        named = {
+            "name": cfg.tracker_run_name,
+            "tags": cfg.tracker_tags or None,
+            "entity": cfg.tracker_entity,
+        }
         kwargs.update({key: value for key, value in named.items() if value is not None})
         return {"wandb": {**kwargs, **cfg.tracker_init_kwargs}}
     if cfg.tracker == "tensorboard":
-        kwargs = {"purge_step": step + 1} if step else {}  # events logged after the checkpoint was written
+        kwargs = (
+            {"purge_step": step + 1} if step else {}
+        )  # events logged after the checkpoint was written
         kwargs.update(cfg.tracker_init_kwargs)
         return {"tensorboard": kwargs} if kwargs else {}
     return {}

@@ -73,8 +73,12 @@ class TrainingCheckpointer:
             "config": self.cfg.to_dict(),
             **extra,
         }
-        saved = self.checkpointer.save(parts.model, parts.optimizer, data, loader_state or parts.loader.state_dict())
-        parts.log.info(f"checkpoint {saved.path} written in {saved.seconds:.2f} s ({saved.bytes / 2**20:.1f} MiB)")
+        saved = self.checkpointer.save(
+            parts.model, parts.optimizer, data, loader_state or parts.loader.state_dict()
+        )
+        parts.log.info(
+            f"checkpoint {saved.path} written in {saved.seconds:.2f} s ({saved.bytes / 2**20:.1f} MiB)"
+        )
 
 
 @dataclass
@@ -132,12 +136,17 @@ class Session:
                 close()
 
     def out_of_time(self) -> bool:
-        return bool(self.cfg.max_train_minutes) and self.clock.elapsed() >= 60 * self.cfg.max_train_minutes
+        return (
+            bool(self.cfg.max_train_minutes)
+            and self.clock.elapsed() >= 60 * self.cfg.max_train_minutes
+        )
 
     def end_early(self, step: int) -> None:
         """The time budget makes ``step`` the last one."""
         if self.plan.end_at(step):
-            self.log.info(f"time budget of {self.cfg.max_train_minutes:g} training minutes reached at step {step}")
+            self.log.info(
+                f"time budget of {self.cfg.max_train_minutes:g} training minutes reached at step {step}"
+            )
 
     def after_step(self, out) -> int:
         """Count the step just taken: schedule, meters, the non-finite watch, the clock; returns its number."""
@@ -162,11 +171,14 @@ def stopped(stop: Exception, session: Session) -> int:
     try:
         if isinstance(stop, BadData) and state.step > (checkpointer.checkpointer.last_step or 0):
             restart = epoch_start_state(
-                getattr(session.loader, "epoch", 0), session.consensus.rank, session.consensus.world_size
+                getattr(session.loader, "epoch", 0),
+                session.consensus.rank,
+                session.consensus.world_size,
             )
             cause = "the object store failed" if stop.store else "bad data"
             checkpointer.save(
-                restart, data_position=f"the epoch restarts from its beginning (the run stopped: {cause})"
+                restart,
+                data_position=f"the epoch restarts from its beginning (the run stopped: {cause})",
             )
     except NonFinite as bad:
         log.error(f"error: {bad}; nothing checkpointed")

@@ -37,7 +37,9 @@ def contrastive_loss(
     in float32 and runs outside autocast."""
     z1, z2 = z.chunk(2)
     if cfg.loss == "supcon" and labels is None:
-        raise ValueError("loss supcon needs the pairs' labels: build the loader with LabelledTwoViews")
+        raise ValueError(
+            "loss supcon needs the pairs' labels: build the loader with LabelledTwoViews"
+        )
     loss = nt_xent(
         z1,
         z2,
@@ -73,7 +75,12 @@ def train_step(
     micro_batch = resolve_micro_batch(cfg.micro_batch, model, view1, view2, optimizer, accelerator)
     if micro_batch:
         loss, z1, z2 = cached_forward_backward(
-            model, view1, view2, micro_batch, lambda z: contrastive_loss(z, cfg, labels), accelerator
+            model,
+            view1,
+            view2,
+            micro_batch,
+            lambda z: contrastive_loss(z, cfg, labels),
+            accelerator,
         )
     else:
         with record_function("forward"), accelerator.autocast():

@@ -51,7 +51,10 @@ def _quiet_tensorboard_writer_failures() -> None:
         return
 
     def hook(args) -> None:
-        if isinstance(args.exc_value, OSError) and type(args.thread).__name__ == "_AsyncWriterThread":
+        if (
+            isinstance(args.exc_value, OSError)
+            and type(args.thread).__name__ == "_AsyncWriterThread"
+        ):
             return
         previous(args)
 
@@ -68,7 +71,9 @@ def start_trackers(accelerator, cfg, run, step: int) -> None:
         _quiet_tensorboard_writer_failures()
     try:
         accelerator.init_trackers(
-            tracker_project(cfg), config=cfg.tracker_config(), init_kwargs=tracker_init_kwargs(cfg, run, step)
+            tracker_project(cfg),
+            config=cfg.tracker_config(),
+            init_kwargs=tracker_init_kwargs(cfg, run, step),
         )
     except OSError as error:
         raise _write_failure(accelerator, error, "starting them") from None
@@ -90,4 +95,8 @@ def end_trackers(accelerator) -> None:
     try:
         accelerator.end_training()
     except OSError as error:
-        print(f"warning: {_write_failure(accelerator, error, 'closing them')}", file=sys.stderr, flush=True)
+        print(
+            f"warning: {_write_failure(accelerator, error, 'closing them')}",
+            file=sys.stderr,
+            flush=True,
+        )

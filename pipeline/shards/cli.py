@@ -28,7 +28,14 @@ from .image_policy import SUBSAMPLING_CHOICES, ImagePolicy
 from .pixel_sources import arrays_source, cifar_source, synthetic_source
 from .s3 import is_s3
 from .s3_cli import index_remote, verify_remote, write_remote
-from .shardset import ShardError, brace_notation, index_shards, is_labelled, output_pattern, shard_paths
+from .shardset import (
+    ShardError,
+    brace_notation,
+    index_shards,
+    is_labelled,
+    output_pattern,
+    shard_paths,
+)
 from .source_writer import check_outside, writable_directory, write_source
 from .sources import folder_source, images_source, list_source
 from .verify import describe_set, verify_shards
@@ -79,22 +86,36 @@ MAX_COUNT_HELP = (
 
 def build_parser() -> ArgumentParser:
     parser = OneLineErrorParser(
-        prog="simclr-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="simclr-shards",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = parser.add_subparsers(dest="command", required=True)
     write = commands.add_parser(
-        "write", help="write WebDataset shards (+ DALI indexes, classes.json, shardset.json) from images"
+        "write",
+        help="write WebDataset shards (+ DALI indexes, classes.json, shardset.json) from images",
     )
     add_write_sources(write.add_subparsers(dest="source", required=True))
-    index = commands.add_parser("index", help="write DALI index files (NAME.idx beside each NAME.tar)")
-    index.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns")
+    index = commands.add_parser(
+        "index", help="write DALI index files (NAME.idx beside each NAME.tar)"
+    )
+    index.add_argument(
+        "shards", nargs="+", help="shard files, directories, globs or brace patterns"
+    )
     index.add_argument("--quiet", action="store_true")
     verify = commands.add_parser(
-        "verify", help="check every sample (decodes, label where the set is labelled), say how the set was written"
+        "verify",
+        help="check every sample (decodes, label where the set is labelled), say how the set was written",
     )
-    verify.add_argument("shards", nargs="+", help="shard files, directories, globs or brace patterns")
-    verify.add_argument("--no_labels", action="store_true", help="do not require .cls labels even in a labelled set")
-    verify.add_argument("--workers", type=at_least(1), default=None, help="processes (default: all cores)")
+    verify.add_argument(
+        "shards", nargs="+", help="shard files, directories, globs or brace patterns"
+    )
+    verify.add_argument(
+        "--no_labels", action="store_true", help="do not require .cls labels even in a labelled set"
+    )
+    verify.add_argument(
+        "--workers", type=at_least(1), default=None, help="processes (default: all cores)"
+    )
     verify.add_argument("--quiet", action="store_true")
     return parser
 
@@ -109,24 +130,35 @@ def add_write_sources(sources) -> None:
     """``write images|folder|list|cifar|arrays|synthetic``: each source's own arguments after the shared ones."""
     common, pixels, seeded = write_options(), pixel_options(), seed_options()
     images = sources.add_parser(
-        "images", parents=[common, seeded], help="every image under ROOT, recursively, without labels"
+        "images",
+        parents=[common, seeded],
+        help="every image under ROOT, recursively, without labels",
     )
     images.add_argument(
-        "root", type=Path, help="folder whose images (at any depth) are written; hidden files are left out"
+        "root",
+        type=Path,
+        help="folder whose images (at any depth) are written; hidden files are left out",
     )
     images.add_argument("out", help=OUT_HELP)
     folder = sources.add_parser(
-        "folder", parents=[common, seeded], help="from ROOT/CLASS/... (labels: sorted class-folder names)"
+        "folder",
+        parents=[common, seeded],
+        help="from ROOT/CLASS/... (labels: sorted class-folder names)",
     )
     folder.add_argument("root", type=Path, help="folder of class folders: ROOT/CLASS/.../image")
     folder.add_argument("out", help=OUT_HELP)
     listed = sources.add_parser(
-        "list", parents=[common, seeded], help="from a CSV/TSV of path[,label] rows (e.g. ImageNet's validation set)"
+        "list",
+        parents=[common, seeded],
+        help="from a CSV/TSV of path[,label] rows (e.g. ImageNet's validation set)",
     )
     listed.add_argument("list_file", type=Path, metavar="FILE.csv|FILE.tsv")
     listed.add_argument("out", help=OUT_HELP)
     listed.add_argument(
-        "--root", type=Path, default=None, help="folder the listed paths are relative to (default: the list's folder)"
+        "--root",
+        type=Path,
+        default=None,
+        help="folder the listed paths are relative to (default: the list's folder)",
     )
     listed.add_argument(
         "--classes",
@@ -140,8 +172,12 @@ def add_write_sources(sources) -> None:
 
 def add_pixel_sources(sources, parents: list[ArgumentParser]) -> None:
     """``write cifar|arrays|synthetic``: the sources of raw pixels."""
-    cifar = sources.add_parser("cifar", parents=parents, help="from the official CIFAR-10/100 python tarball")
-    cifar.add_argument("tarball", type=Path, help="cifar-10-python.tar.gz or cifar-100-python.tar.gz")
+    cifar = sources.add_parser(
+        "cifar", parents=parents, help="from the official CIFAR-10/100 python tarball"
+    )
+    cifar.add_argument(
+        "tarball", type=Path, help="cifar-10-python.tar.gz or cifar-100-python.tar.gz"
+    )
     cifar.add_argument("out", help=OUT_HELP)
     cifar.add_argument("--split", choices=["train", "test"], required=True)
     arrays = sources.add_parser(
@@ -151,8 +187,12 @@ def add_pixel_sources(sources, parents: list[ArgumentParser]) -> None:
     )
     arrays.add_argument("npz", type=Path, help=".npz file with `images` (and `labels`)")
     arrays.add_argument("out", help=OUT_HELP)
-    arrays.add_argument("--classes", default=None, help="comma-separated class names (default: 0..K-1)")
-    synthetic = sources.add_parser("synthetic", parents=parents, help="procedurally generated shapes (the demo's data)")
+    arrays.add_argument(
+        "--classes", default=None, help="comma-separated class names (default: 0..K-1)"
+    )
+    synthetic = sources.add_parser(
+        "synthetic", parents=parents, help="procedurally generated shapes (the demo's data)"
+    )
     synthetic.add_argument("out", help=OUT_HELP)
     synthetic.add_argument("--num_classes", type=at_least(1), default=10)
     synthetic.add_argument("--per_class", type=at_least(1), default=200)
@@ -163,12 +203,20 @@ def add_pixel_sources(sources, parents: list[ArgumentParser]) -> None:
 def write_options() -> ArgumentParser:
     """The options every ``write`` source takes: shard size, image encoding, workers, error handling."""
     common = ArgumentParser(add_help=False)
-    common.add_argument("--max_count", type=at_least(1), default=DEFAULT_MAX_COUNT, help=MAX_COUNT_HELP)
     common.add_argument(
-        "--max_bytes", type=positive_float, default=DEFAULT_MAX_BYTES, help="bytes per shard (default 1e9)"
+        "--max_count", type=at_least(1), default=DEFAULT_MAX_COUNT, help=MAX_COUNT_HELP
     )
     common.add_argument(
-        "--quality", type=at_least(1, 100), default=95, help="JPEG quality of re-encoded images (default 95)"
+        "--max_bytes",
+        type=positive_float,
+        default=DEFAULT_MAX_BYTES,
+        help="bytes per shard (default 1e9)",
+    )
+    common.add_argument(
+        "--quality",
+        type=at_least(1, 100),
+        default=95,
+        help="JPEG quality of re-encoded images (default 95)",
     )
     common.add_argument(
         "--subsampling",
@@ -180,10 +228,16 @@ def write_options() -> ArgumentParser:
     size = common.add_mutually_exclusive_group()
     for flag, side in (("--max_side", "longer"), ("--shorter_side", "shorter")):
         size.add_argument(
-            flag, type=at_least(1), default=None, help=f"shrink images whose {side} side exceeds N px (at write time)"
+            flag,
+            type=at_least(1),
+            default=None,
+            help=f"shrink images whose {side} side exceeds N px (at write time)",
         )
     common.add_argument(
-        "--workers", type=at_least(1), default=None, help="processes reading and encoding images (default: all cores)"
+        "--workers",
+        type=at_least(1),
+        default=None,
+        help="processes reading and encoding images (default: all cores)",
     )
     common.add_argument(
         "--window",
@@ -224,7 +278,9 @@ def pixel_options() -> ArgumentParser:
 def seed_options() -> ArgumentParser:
     """The option of the file sources (images, folder, list): the seed of their order shuffle."""
     seeded = ArgumentParser(add_help=False)
-    seeded.add_argument("--seed", type=int, default=0, help="seed of the sample order shuffle (default 0)")
+    seeded.add_argument(
+        "--seed", type=int, default=0, help="seed of the sample order shuffle (default 0)"
+    )
     return seeded
 
 
@@ -252,7 +308,9 @@ def write(args) -> int:
     source = make_source(args)
     pixel_format = getattr(args, "pixel_format", "jpeg")
     try:
-        policy = ImagePolicy(args.quality, args.subsampling, args.max_side, args.shorter_side, pixel_format)
+        policy = ImagePolicy(
+            args.quality, args.subsampling, args.max_side, args.shorter_side, pixel_format
+        )
     except ValueError as error:
         raise ShardError(str(error)) from None
     # `duplicates` pair kept (shape only): keyword arguments shaped like evaluate.py's linear-probe call
@@ -277,13 +335,17 @@ def write(args) -> int:
         )
         return 0
     kept = f" ({report.resumed_from} kept from an interrupted write)" if report.resumed_from else ""
-    print(f"wrote {report.written} samples to {len(report.shards)} shard(s){kept}: {brace_notation(report.shards)}")
+    print(
+        f"wrote {report.written} samples to {len(report.shards)} shard(s){kept}: {brace_notation(report.shards)}"
+    )
     changes = ", ".join(f"{reason} {count}" for reason, count in report.changes.items())
     print(
         f"images: {report.copied} stored byte-identical, {report.written - report.copied} encoded ({changes or 'none'})"
     )
     if report.skipped:
-        print(f"skipped {len(report.skipped)} bad input(s) (all listed in {Path(pattern).parent / 'shardset.json'}):")
+        print(
+            f"skipped {len(report.skipped)} bad input(s) (all listed in {Path(pattern).parent / 'shardset.json'}):"
+        )
         for source_name, reason in report.skipped[:SHOWN_SKIPS]:
             print(f"  {source_name}: {reason}")
         if len(report.skipped) > SHOWN_SKIPS:

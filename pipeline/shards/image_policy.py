@@ -59,7 +59,9 @@ class ImagePolicy:
         if not 1 <= self.quality <= 100:
             raise ValueError(f"--quality must be in [1, 100], got {self.quality}")
         if self.subsampling not in SUBSAMPLING_CHOICES:
-            raise ValueError(f"--subsampling must be one of {', '.join(SUBSAMPLING_CHOICES)}, got {self.subsampling!r}")
+            raise ValueError(
+                f"--subsampling must be one of {', '.join(SUBSAMPLING_CHOICES)}, got {self.subsampling!r}"
+            )
         if self.max_side is not None and self.shorter_side is not None:
             raise ValueError("give --max_side or --shorter_side, not both")
         for name in ("max_side", "shorter_side"):
@@ -87,7 +89,9 @@ class Prepared:
     data: bytes
     ext: str  # 'jpg' or 'png'
     size: tuple[int, int]  # stored (width, height)
-    changes: list[str] = field(default_factory=list)  # why it was re-encoded; empty: stored byte-identical
+    changes: list[str] = field(
+        default_factory=list
+    )  # why it was re-encoded; empty: stored byte-identical
 
 
 def jpeg_frame_type(data: bytes) -> str | None:
@@ -107,26 +111,43 @@ def to_rgb_or_gray(image: Image.Image) -> Image.Image:
         return image.convert("L")
     if mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I (how PIL holds 16-bit PNG/TIFF samples)
         values = np.asarray(image).astype(np.float64)
-        return Image.fromarray(np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L")
+        return Image.fromarray(
+            np.clip(np.rint(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8), "L"
+        )
     if mode == "F":
-        return Image.fromarray(np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8), "L")
+        return Image.fromarray(
+            np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8), "L"
+        )
     if mode in ("LA", "La"):
         return image.convert("L")
     if mode in ("P", "PA"):
-        return image.convert("RGBA").convert("RGB")  # via RGBA: PIL warns on palette transparency otherwise
+        return image.convert("RGBA").convert(
+            "RGB"
+        )  # via RGBA: PIL warns on palette transparency otherwise
     return image.convert("RGB")  # RGBA, RGBa, RGBX, CMYK, YCbCr, LAB, HSV
 
 
-def encode(image: Image.Image, policy: ImagePolicy, pixel_format: str = "jpeg", source_subsampling: int = 0) -> bytes:
+def encode(
+    image: Image.Image, policy: ImagePolicy, pixel_format: str = "jpeg", source_subsampling: int = 0
+) -> bytes:
     """Baseline JPEG (or PNG); ``source_subsampling``: PIL's code of the source JPEG's chroma subsampling, which
     ``policy.subsampling`` 'auto' keeps (0, 4:4:4, for sources that are not JPEGs)."""
     buffer = io.BytesIO()
     if pixel_format == "png":
         image.save(buffer, format="PNG")
     else:
-        subsampling = source_subsampling if policy.subsampling == "auto" else JPEG_SUBSAMPLING[policy.subsampling]
+        subsampling = (
+            source_subsampling
+            if policy.subsampling == "auto"
+            else JPEG_SUBSAMPLING[policy.subsampling]
+        )
         image.save(
-            buffer, format="JPEG", quality=policy.quality, subsampling=subsampling, progressive=False, optimize=False
+            buffer,
+            format="JPEG",
+            quality=policy.quality,
+            subsampling=subsampling,
+            progressive=False,
+            optimize=False,
         )
     return buffer.getvalue()
 
@@ -174,7 +195,9 @@ def prepare_file(data: bytes, policy: ImagePolicy) -> Prepared:
             changes.append(f"{image.mode} JPEG")
     try:
         orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # a damaged EXIF block: the pixels may still be fine, and no rotation is known
+    except (
+        Exception
+    ):  # a damaged EXIF block: the pixels may still be fine, and no rotation is known
         orientation = 1
     if orientation not in (1, None):
         changes.append("EXIF-rotated")
@@ -187,14 +210,20 @@ def prepare_file(data: bytes, policy: ImagePolicy) -> Prepared:
         check_decodes(image)
         return Prepared(data, "jpg", (width, height))
     # PIL's code of a JPEG's subsampling (-1 for CMYK or unusual layouts: then full-resolution colour)
-    source_subsampling = max(0, JpegImagePlugin.get_sampling(image)) if image.format == "JPEG" else 0
+    source_subsampling = (
+        max(0, JpegImagePlugin.get_sampling(image)) if image.format == "JPEG" else 0
+    )
     try:
-        if target and image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale where still >= the target
+        if (
+            target and image.format == "JPEG"
+        ):  # decode at 1/2, 1/4 or 1/8 scale where still >= the target
             raw_target = target[::-1] if orientation in (5, 6, 7, 8) else target
             image.draft(image.mode if image.mode in ("RGB", "L") else None, raw_target)
         image.seek(0)  # the first frame of an animation
         image.load()
-        image = to_rgb_or_gray(ImageOps.exif_transpose(image) if orientation not in (1, None) else image)
+        image = to_rgb_or_gray(
+            ImageOps.exif_transpose(image) if orientation not in (1, None) else image
+        )
         if target:
             image = image.resize(target, Image.Resampling.LANCZOS)
     except ImageProblem:
@@ -206,7 +235,9 @@ def prepare_file(data: bytes, policy: ImagePolicy) -> Prepared:
 
 def prepare_pixels(pixels: np.ndarray, policy: ImagePolicy) -> Prepared:
     """Raw uint8 pixels (H, W), (H, W, 1) or (H, W, 3) -> JPEG or PNG per ``policy.pixel_format``."""
-    image = Image.fromarray(pixels.squeeze(-1) if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels)
+    image = Image.fromarray(
+        pixels.squeeze(-1) if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels
+    )
     changes = ["pixels"]
     target = policy.target_size(*image.size)
     if target:

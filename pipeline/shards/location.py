@@ -9,7 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .s3 import ObjectPath, is_s3, opened_remote, remote_classes, remote_is_labelled, remote_shards
-from .shardset import is_labelled, opened_local, parse_label, parse_source_path, read_members, shard_paths
+from .shardset import (
+    is_labelled,
+    opened_local,
+    parse_label,
+    parse_source_path,
+    read_members,
+    shard_paths,
+)
 from .shardset import read_classes as read_local_classes
 
 

@@ -53,7 +53,9 @@ def _load_cifar_member(archive: tarfile.TarFile, member: str, tarball: Path) -> 
     except Exception as error:  # any unpickling failure is bad input here
         raise ShardError(f"{tarball}: member {member} is not CIFAR data ({error})") from None
     if not isinstance(data, dict):
-        raise ShardError(f"{tarball}: member {member} is not CIFAR data (a {type(data).__name__}, not a dict)")
+        raise ShardError(
+            f"{tarball}: member {member} is not CIFAR data (a {type(data).__name__}, not a dict)"
+        )
     return data
 
 
@@ -74,15 +76,21 @@ def cifar_source(tarball: Path, split: str) -> Source:
         with archive:
             blob = {name.rsplit("/", 1)[-1]: name for name in archive.getnames()}
             if "batches.meta" in blob:  # CIFAR-10
-                classes = _load_cifar_member(archive, blob["batches.meta"], tarball).get("label_names")
-                parts = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+                classes = _load_cifar_member(archive, blob["batches.meta"], tarball).get(
+                    "label_names"
+                )
+                parts = (
+                    [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+                )
                 label_key = "labels"
             elif "meta" in blob:  # CIFAR-100
                 classes = _load_cifar_member(archive, blob["meta"], tarball).get("fine_label_names")
                 parts = ["train" if split == "train" else "test"]
                 label_key = "fine_labels"
             else:
-                raise ShardError(f"{tarball} is not a CIFAR python tarball (no batches.meta or meta member)")
+                raise ShardError(
+                    f"{tarball} is not a CIFAR python tarball (no batches.meta or meta member)"
+                )
             if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
                 raise ShardError(f"{tarball}: its meta member holds no list of class names")
             images, labels, paths = [], [], []
@@ -97,11 +105,16 @@ def cifar_source(tarball: Path, split: str) -> Source:
                     or data.ndim != 2
                     or data.shape[1] != 3072
                 ):
-                    raise ShardError(f"{tarball}: member {part} holds no uint8 (N, 3072) 'data' array")
+                    raise ShardError(
+                        f"{tarball}: member {part} holds no uint8 (N, 3072) 'data' array"
+                    )
                 if (
                     not isinstance(batch_labels, list)
                     or len(batch_labels) != len(data)
-                    or not all(isinstance(v, (int, np.integer)) and 0 <= v < len(classes) for v in batch_labels)
+                    or not all(
+                        isinstance(v, (int, np.integer)) and 0 <= v < len(classes)
+                        for v in batch_labels
+                    )
                 ):
                     raise ShardError(
                         f"{tarball}: member {part} holds no list of {len(data)} labels in [0, {len(classes)})"
@@ -125,11 +138,21 @@ def cifar_source(tarball: Path, split: str) -> Source:
 
 
 def _pixels_source(
-    kind: str, location: str, images: np.ndarray, labels: np.ndarray | None, classes: list[str] | None
+    kind: str,
+    location: str,
+    images: np.ndarray,
+    labels: np.ndarray | None,
+    classes: list[str] | None,
 ) -> Source:
     """uint8 images (N, H, W[, 1|3]) with labels (N,) (or None), source paths ``00000012``."""
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
-        raise ShardError(f"{location}: images must be uint8 (N, H, W[, 3]); got {images.dtype} {images.shape}")
+    if (
+        images.dtype != np.uint8
+        or images.ndim not in (3, 4)
+        or (images.ndim == 4 and images.shape[-1] not in (1, 3))
+    ):
+        raise ShardError(
+            f"{location}: images must be uint8 (N, H, W[, 3]); got {images.dtype} {images.shape}"
+        )
     if len(images) == 0:
         raise ShardError(f"{location}: holds no images (an empty 'images' array)")
     if labels is not None:
@@ -145,7 +168,9 @@ def _pixels_source(
                 f"for {len(images)} images"
             )
         if classes is not None and labels.max() >= len(classes):
-            raise ShardError(f"{location}: label {int(labels.max())} but only {len(classes)} class names")
+            raise ShardError(
+                f"{location}: label {int(labels.max())} but only {len(classes)} class names"
+            )
         classes = classes or [str(i) for i in range(int(labels.max()) + 1)]
     images = np.ascontiguousarray(images)
     return Source(
@@ -166,7 +191,9 @@ def arrays_source(npz: Path, classes: list[str] | None = None) -> Source:
     if not npz.is_file():
         raise ShardError(f"array file {npz} does not exist")
     try:
-        data = np.load(npz, allow_pickle=False)  # no pickle: an .npz with object arrays cannot run code
+        data = np.load(
+            npz, allow_pickle=False
+        )  # no pickle: an .npz with object arrays cannot run code
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise ShardError(f"{npz} is not a readable .npz file ({error})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
@@ -178,7 +205,9 @@ def arrays_source(npz: Path, classes: list[str] | None = None) -> Source:
         if not data.files:
             raise ShardError(f"{npz} holds no arrays: expected 'images' (and 'labels')")
         if "images" not in data.files:
-            raise ShardError(f"{npz} must hold an array named 'images' (and optionally 'labels'); it has {data.files}")
+            raise ShardError(
+                f"{npz} must hold an array named 'images' (and optionally 'labels'); it has {data.files}"
+            )
         try:
             images = data["images"]
             labels = data["labels"] if "labels" in data.files else None
@@ -187,7 +216,9 @@ def arrays_source(npz: Path, classes: list[str] | None = None) -> Source:
     return _pixels_source("arrays", str(npz.resolve()), images, labels, classes)
 
 
-def synthetic_source(num_classes: int = 10, per_class: int = 200, size: int = 32, seed: int = 0) -> Source:
+def synthetic_source(
+    num_classes: int = 10, per_class: int = 200, size: int = 32, seed: int = 0
+) -> Source:
     images, labels = synthetic_images(num_classes, per_class, size, seed)
     source = _pixels_source(
         "synthetic",
@@ -214,17 +245,36 @@ def array_samples(
 ) -> Iterator[Sample]:
     """Encoded samples from uint8 arrays for ``pipeline.shards.writer.write_shards``: images (N, H, W, 3) or (N, H, W),
     labels (N,) non-negative ints; keys ``00000012``."""
-    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
-        raise ShardError(f"{source}: images must be uint8 (N, H, W[, 3]); got {images.dtype} {images.shape}")
+    if (
+        images.dtype != np.uint8
+        or images.ndim not in (3, 4)
+        or (images.ndim == 4 and images.shape[-1] not in (1, 3))
+    ):
+        raise ShardError(
+            f"{source}: images must be uint8 (N, H, W[, 3]); got {images.dtype} {images.shape}"
+        )
     if len(labels) != len(images) or (np.asarray(labels) < 0).any():
         raise ShardError(
             f"{source}: need one non-negative label per image; got {len(labels)} labels for {len(images)} images"
         )
     for index, (image, label) in enumerate(zip(images, labels)):
-        yield Sample(f"{index:08d}", encode_jpeg(image.squeeze(), quality), int(label), f"{source}[{index}]")
+        yield Sample(
+            f"{index:08d}", encode_jpeg(image.squeeze(), quality), int(label), f"{source}[{index}]"
+        )
 
 
-SHAPES = ("disc", "square", "triangle", "ring", "plus", "diamond", "cross", "half-disc", "bar", "two-dots")
+SHAPES = (
+    "disc",
+    "square",
+    "triangle",
+    "ring",
+    "plus",
+    "diamond",
+    "cross",
+    "half-disc",
+    "bar",
+    "two-dots",
+)
 
 
 def synthetic_images(
@@ -257,9 +307,12 @@ def synthetic_images(
             "cross": (abs(abs(x) - abs(y)) < 0.3 * r) & (np.maximum(abs(x), abs(y)) < 0.8 * r),
             "half-disc": (radius < r) & (y > 0),
             "bar": (abs(x) < r) & (abs(y) < 0.3 * r),
-            "two-dots": (np.hypot(x - 0.55 * r, y) < 0.4 * r) | (np.hypot(x + 0.55 * r, y) < 0.4 * r),
+            "two-dots": (np.hypot(x - 0.55 * r, y) < 0.4 * r)
+            | (np.hypot(x + 0.55 * r, y) < 0.4 * r),
         }[SHAPES[label]]
         foreground = rng.uniform(0.0, 1.0, 3) + rng.normal(0, 0.04, (size, size, 3))
         background = rng.uniform(0.0, 1.0, 3) + rng.normal(0, 0.04, (size, size, 3))
-        images[index] = np.clip(np.where(mask[..., None], foreground, background) * 255, 0, 255).astype(np.uint8)
+        images[index] = np.clip(
+            np.where(mask[..., None], foreground, background) * 255, 0, 255
+        ).astype(np.uint8)
     return images, labels

@@ -25,10 +25,18 @@ from typing import TypeVar
 from .shardset import CLASSES_FILE, SET_FILE, ShardError, ShardIndex, parse_index
 
 SCHEME = "s3://"
-RETRY_SECONDS = float(os.environ.get("SIMCLR_S3_RETRY_SECONDS", "120"))  # transient faults, all attempts together
+RETRY_SECONDS = float(
+    os.environ.get("SIMCLR_S3_RETRY_SECONDS", "120")
+)  # transient faults, all attempts together
 FIRST_BACKOFF = 0.2  # seconds; doubled per attempt up to MAX_BACKOFF
 MAX_BACKOFF = 5.0
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "InvalidToken",
+    "ExpiredToken",
+}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 T = TypeVar("T")
 
@@ -86,7 +94,9 @@ def client():
     import boto3
     from botocore.config import Config
 
-    config = Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    config = Config(
+        retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=10, read_timeout=60
+    )
     return boto3.session.Session().client("s3", config=config)
 
 
@@ -108,7 +118,12 @@ def _is_transient(error: Exception) -> bool:
     if isinstance(error, ClientError):
         status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         code = error.response.get("Error", {}).get("Code", "")
-        return status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout", "InternalError"}
+        return status >= 500 or code in {
+            "SlowDown",
+            "Throttling",
+            "RequestTimeout",
+            "InternalError",
+        }
     return False
 
 
@@ -129,14 +144,18 @@ def explain(error: Exception, bucket: str, key: str, action: str) -> ObjectStore
                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket's permissions"
             )
         if code == "NoSuchBucket":
-            return ObjectStoreError(f"{action} {where}: bucket {bucket!r} does not exist (check the name and endpoint)")
+            return ObjectStoreError(
+                f"{action} {where}: bucket {bucket!r} does not exist (check the name and endpoint)"
+            )
         if code in _MISSING_CODES:
             return ObjectStoreError(f"{action} {where}: no such object")
         return ObjectStoreError(f"{action} {where}: {code or 'error'}: {_scrub(str(error))}")
     return unavailable(error, bucket, key, action, RETRY_SECONDS)
 
 
-def unavailable(error: Exception, bucket: str, key: str, action: str, seconds: float) -> ObjectStoreError:
+def unavailable(
+    error: Exception, bucket: str, key: str, action: str, seconds: float
+) -> ObjectStoreError:
     """The store kept failing transiently (no answer, 5xx, throttling) for ``seconds`` of retries."""
     from botocore.exceptions import ClientError
 
@@ -148,7 +167,9 @@ def unavailable(error: Exception, bucket: str, key: str, action: str, seconds: f
     )
 
 
-def retrying(call: Callable[[], T], bucket: str, key: str, action: str, seconds: float | None = None) -> T:
+def retrying(
+    call: Callable[[], T], bucket: str, key: str, action: str, seconds: float | None = None
+) -> T:
     """``call()``, retried on transient faults with exponential backoff for at most ``seconds`` (default
     ``RETRY_SECONDS``); any other fault, or the last transient one, raised as an ``ObjectStoreError``."""
     from botocore.exceptions import BotoCoreError, ClientError
@@ -176,7 +197,9 @@ def list_objects(bucket: str, prefix: str) -> dict[str, int]:
     found: dict[str, int] = {}
 
     def pages():
-        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for page in (
+            client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        ):
             for item in page.get("Contents", []):
                 found[item["Key"]] = item["Size"]
         return found
@@ -192,7 +215,11 @@ def remote_shards(spec: str) -> list[ObjectPath]:
     for item in [s for s in str(spec).split(",") if s]:
         bucket, prefix = split_url(item)
         objects = list_objects(bucket, prefix)
-        tars = sorted(k for k in objects if k.endswith(".tar") and (k == prefix or "/" not in k[len(prefix) :]))
+        tars = sorted(
+            k
+            for k in objects
+            if k.endswith(".tar") and (k == prefix or "/" not in k[len(prefix) :])
+        )
         if not tars:
             raise ObjectStoreError(
                 f"no *.tar shards under s3://{bucket}/{prefix} ({len(objects)} other object(s)); "
@@ -211,7 +238,12 @@ def remote_shards(spec: str) -> list[ObjectPath]:
 
 
 def object_size(path: ObjectPath) -> int:
-    head = retrying(lambda: client().head_object(Bucket=path.bucket, Key=path.key), path.bucket, path.key, "reading")
+    head = retrying(
+        lambda: client().head_object(Bucket=path.bucket, Key=path.key),
+        path.bucket,
+        path.key,
+        "reading",
+    )
     return int(head["ContentLength"])
 
 
@@ -249,7 +281,9 @@ def remote_is_labelled(spec: str) -> bool:
     folder = first.key.rsplit("/", 1)[0] + "/" if "/" in first.key else ""
     beside = list_objects(first.bucket, folder)
     if folder + SET_FILE in beside:
-        record = json.loads(get_bytes(ObjectPath(f"s3://{first.bucket}/{folder}{SET_FILE}")).decode())
+        record = json.loads(
+            get_bytes(ObjectPath(f"s3://{first.bucket}/{folder}{SET_FILE}")).decode()
+        )
         return bool(record.get("labelled"))
     return folder + CLASSES_FILE in beside
 
@@ -259,7 +293,9 @@ def remote_classes(first: ObjectPath) -> list[str] | None:
     folder = first.key.rsplit("/", 1)[0] + "/" if "/" in first.key else ""
     if folder + CLASSES_FILE not in list_objects(first.bucket, folder):
         return None
-    return json.loads(get_bytes(ObjectPath(f"s3://{first.bucket}/{folder}{CLASSES_FILE}")).decode())["classes"]
+    return json.loads(
+        get_bytes(ObjectPath(f"s3://{first.bucket}/{folder}{CLASSES_FILE}")).decode()
+    )["classes"]
 
 
 def remote_class_count(spec: str) -> int | None:
@@ -268,12 +304,18 @@ def remote_class_count(spec: str) -> int | None:
     return None if names is None else len(names)
 
 
-def opened_remote(shards: list[ObjectPath]) -> Iterator[tuple[ObjectPath, ShardIndex, Callable[[int, int], bytes]]]:
+def opened_remote(
+    shards: list[ObjectPath],
+) -> Iterator[tuple[ObjectPath, ShardIndex, Callable[[int, int], bytes]]]:
     """``shardset.opened_local`` for shards in a bucket: (tar, its index, read(offset, size)), each shard fetched
     whole in one GET as the training stream fetches it (retried, faults named), one shard in memory at a time."""
     for tar in shards:
         data = get_bytes(tar)
-        yield tar, read_remote_index(tar, len(data)), lambda offset, size, data=data: data[offset : offset + size]
+        yield (
+            tar,
+            read_remote_index(tar, len(data)),
+            lambda offset, size, data=data: data[offset : offset + size],
+        )
 
 
 # --------------------------------------------------------------------------- writing
@@ -309,7 +351,10 @@ def upload_set(local: Path, url: str) -> int:
     bucket, prefix = split_url(url)
     if prefix and not prefix.endswith("/"):
         prefix += "/"
-    files = sorted((p for p in Path(local).iterdir() if p.is_file()), key=lambda p: (p.suffix == ".tar", p.name))
+    files = sorted(
+        (p for p in Path(local).iterdir() if p.is_file()),
+        key=lambda p: (p.suffix == ".tar", p.name),
+    )
     for path in files:
         upload_file(path, ObjectPath(f"s3://{bucket}/{prefix}{path.name}"))
     return len(files)

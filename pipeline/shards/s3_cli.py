@@ -19,7 +19,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .s3 import ObjectPath, ensure_bucket, get_bytes, list_objects, remote_shards, split_url, upload_file
+from .s3 import (
+    ObjectPath,
+    ensure_bucket,
+    get_bytes,
+    list_objects,
+    remote_shards,
+    split_url,
+    upload_file,
+)
 from .shardset import ShardError, brace_notation, write_index
 from .verify import verify_shard
 
@@ -61,26 +69,32 @@ def verify_remote(spec: str, no_labels: bool) -> int:
     """``verify`` over a remote set, one shard on local disk at a time; exit 1 on problems."""
     shards = remote_shards(spec)
     bucket, prefix = split_url(str(spec).split(",")[0])
-    require_labels = not no_labels and (prefix.rstrip("/") + "/classes.json").lstrip("/") in list_objects(
-        bucket, prefix
-    )
+    require_labels = not no_labels and (prefix.rstrip("/") + "/classes.json").lstrip(
+        "/"
+    ) in list_objects(bucket, prefix)
     total, problems, first_seen = 0, [], {}
     with tempfile.TemporaryDirectory(prefix="simclr-verify-") as directory:
         for tar in shards:
             local = _fetch(tar, Path(directory))
-            (Path(directory) / local.with_suffix(".idx").name).write_bytes(get_bytes(tar.with_suffix(".idx")))
+            (Path(directory) / local.with_suffix(".idx").name).write_bytes(
+                get_bytes(tar.with_suffix(".idx"))
+            )
             count, found, keys = verify_shard(local, require_labels)
             total += count
             problems += [problem.replace(str(local), tar) for problem in found]
             for key in keys:
                 if first_seen.setdefault(key, tar) != tar:
-                    problems.append(f"shard {tar} key {key}: the key occurs in shard {first_seen[key]} too")
+                    problems.append(
+                        f"shard {tar} key {key}: the key occurs in shard {first_seen[key]} too"
+                    )
             local.unlink()
             local.with_suffix(".idx").unlink()
     for problem in problems:
         print(problem)
     required = "" if require_labels else " (labels not required)"
-    print(f"verified {total} samples in {len(shards)} shard(s){required}: {len(problems)} problem(s)")
+    print(
+        f"verified {total} samples in {len(shards)} shard(s){required}: {len(problems)} problem(s)"
+    )
     return 1 if problems else 0
 
 
@@ -136,7 +150,9 @@ def write_remote(args, write_local) -> int:
     status = write_local(args)
     if status:
         return status
-    files = sorted((p for p in staging.iterdir() if p.is_file()), key=lambda p: (p.suffix == ".tar", p.name))
+    files = sorted(
+        (p for p in staging.iterdir() if p.is_file()), key=lambda p: (p.suffix == ".tar", p.name)
+    )
     for path in files:
         shipper.send(path)
     shutil.rmtree(staging)

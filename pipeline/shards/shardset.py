@@ -38,7 +38,9 @@ SET_FORMAT = 1
 # The most pixels an image may have: PIL's DecompressionBombError threshold (2 x Image.MAX_IMAGE_PIXELS), which
 # ``write`` and ``verify`` apply when they open an image; the loader applies the same cap before DALI decodes.
 MAX_IMAGE_PIXELS = 178_956_970
-HEADER_READ = 4096  # bytes of an image read to find its size; more only when its header is longer (EXIF)
+HEADER_READ = (
+    4096  # bytes of an image read to find its size; more only when its header is longer (EXIF)
+)
 
 
 class ShardError(SimclrError, ValueError):
@@ -111,9 +113,13 @@ def output_pattern(out: str) -> str:
     braces = list(re.finditer(r"\{(\d+)\.\.(\d+)\}", out))
     if braces:
         if len(braces) > 1:
-            raise ShardError(f"output pattern {out!r} has {len(braces)} brace ranges: give exactly one shard number")
+            raise ShardError(
+                f"output pattern {out!r} has {len(braces)} brace ranges: give exactly one shard number"
+            )
         if _PRINTF_NUMBER.search(out):
-            raise ShardError(f"output pattern {out!r} mixes a brace range and a % conversion: give one shard number")
+            raise ShardError(
+                f"output pattern {out!r} mixes a brace range and a % conversion: give one shard number"
+            )
         match = braces[0]  # in brace notation a '%' is a literal character
         out = (
             out[: match.start()].replace("%", "%%")
@@ -133,7 +139,9 @@ def output_pattern(out: str) -> str:
             "e.g. train-%06d.tar or train-{000000..999999}.tar"
         )
     if Path(out % 0).parent != Path(out % 1).parent:
-        raise ShardError(f"output pattern {out!r} puts its shard number in a directory name: number the file name")
+        raise ShardError(
+            f"output pattern {out!r} puts its shard number in a directory name: number the file name"
+        )
     if not (out % 0).endswith(".tar"):
         raise ShardError(f"output pattern {out!r} must end in .tar")
     return out
@@ -151,7 +159,10 @@ def path_key(path: str) -> str:
     as ``%XX`` (so no dot, space or non-ASCII byte reaches a tar member name or DALI's index)."""
     parts = normalized_path(path).split("/")
     return "/".join(
-        "".join(chr(b) if b in _KEY_SAFE else f"%{b:02X}" for b in part.encode("utf-8", "surrogateescape"))
+        "".join(
+            chr(b) if b in _KEY_SAFE else f"%{b:02X}"
+            for b in part.encode("utf-8", "surrogateescape")
+        )
         for part in parts
     )
 
@@ -232,7 +243,9 @@ def build_index(tar: Path) -> list[list[tuple[str, int, int, str]]]:
                     last_key = key
                 samples[-1].append((ext, member.offset_data, member.size, name))
     except tarfile.ReadError as error:
-        raise ShardError(f"shard {tar} is not a readable tar ({error}); it may be truncated or corrupt") from None
+        raise ShardError(
+            f"shard {tar} is not a readable tar ({error}); it may be truncated or corrupt"
+        ) from None
     if not samples:
         raise ShardError(f"shard {tar} holds no samples")
     # tarfile stops quietly at a truncated header or member, so check the end ourselves: the data of
@@ -250,7 +263,11 @@ def build_index(tar: Path) -> list[list[tuple[str, int, int, str]]]:
 def index_text(tar: Path) -> str:
     """DALI's index of ``tar`` (v1.2: a header, then ``ext offset size name`` per component of each sample)."""
     return ShardIndex(
-        tar, [{ext: (offset, size, name) for ext, offset, size, name in sample} for sample in build_index(tar)]
+        tar,
+        [
+            {ext: (offset, size, name) for ext, offset, size, name in sample}
+            for sample in build_index(tar)
+        ],
     ).text()
 
 
@@ -280,7 +297,9 @@ class ShardIndex:
         """The index file's contents (DALI v1.2)."""
         lines = [f"{INDEX_VERSION} {self.num_samples}"]
         lines += [
-            " ".join(f"{ext} {offset} {size} {name}" for ext, (offset, size, name) in sample.items())
+            " ".join(
+                f"{ext} {offset} {size} {name}" for ext, (offset, size, name) in sample.items()
+            )
             for sample in self.samples
         ]
         return "\n".join(lines) + "\n"
@@ -290,7 +309,9 @@ def read_index(tar: Path) -> ShardIndex:
     """Parse and sanity-check ``tar``'s index (exists, well formed, consistent with the tar's size)."""
     idx = index_path(tar)
     if not idx.exists():
-        raise ShardError(f"shard {tar} has no index {idx}; create it with: simclr-shards index {tar}")
+        raise ShardError(
+            f"shard {tar} has no index {idx}; create it with: simclr-shards index {tar}"
+        )
     return parse_index(idx.read_text(), tar, idx, tar.stat().st_size)
 
 
@@ -300,7 +321,9 @@ def parse_index(text: str, tar, idx, size: int) -> ShardIndex:
     lines = text.splitlines()
     header = lines[0].split() if lines else []
     if len(header) != 2 or header[0] != INDEX_VERSION or not header[1].isdigit():
-        raise ShardError(f"index {idx} has a bad header {lines[:1]}; rebuild it with: simclr-shards index {tar}")
+        raise ShardError(
+            f"index {idx} has a bad header {lines[:1]}; rebuild it with: simclr-shards index {tar}"
+        )
     count = int(header[1])
     if count == 0 or len(lines) - 1 != count:
         raise ShardError(f"index {idx} says {count} samples but lists {len(lines) - 1}; rebuild it")
@@ -310,16 +333,23 @@ def parse_index(text: str, tar, idx, size: int) -> ShardIndex:
         if len(fields) % 4:
             raise ShardError(f"index {idx} has a malformed line {line!r}; rebuild it")
         samples.append(
-            {fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3]) for i in range(0, len(fields), 4)}
+            {
+                fields[i]: (int(fields[i + 1]), int(fields[i + 2]), fields[i + 3])
+                for i in range(0, len(fields), 4)
+            }
         )
     end = max(offset + length for sample in samples for offset, length, _ in sample.values())
     if end > size:
-        raise ShardError(f"shard {tar} is truncated: its index reaches byte {end} but the file has {size} bytes")
+        raise ShardError(
+            f"shard {tar} is truncated: its index reaches byte {end} but the file has {size} bytes"
+        )
     return ShardIndex(tar, samples)
 
 
 TAR_BLOCK = 512
-INDEX_SAMPLED_MEMBERS = 16  # members whose tar headers are compared with the index, besides the end marker
+INDEX_SAMPLED_MEMBERS = (
+    16  # members whose tar headers are compared with the index, besides the end marker
+)
 
 
 def _header_member(header: bytes) -> tuple[str, int] | None:
@@ -367,7 +397,9 @@ def check_index_matches(
     would decode garbage, or abort the process in nvImageCodec. (``simclr-shards verify`` compares every
     member.) The tar is read from ``handle`` when given (a shard fetched from object storage), else opened."""
     tar, idx = index.tar, index_path(index.tar)
-    rebuild = f"the tar changed after its index was built; rebuild it with: simclr-shards index {tar}"
+    rebuild = (
+        f"the tar changed after its index was built; rebuild it with: simclr-shards index {tar}"
+    )
     with _shard_bytes(index, handle) as handle:
         for offset, size, name in _members_to_check(index, sampled):
             found = None
@@ -402,7 +434,11 @@ def _same_member_name(in_header: str, in_index: str) -> bool:
     )
 
 
-_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15: the markers that give the size
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {
+    0xC4,
+    0xC8,
+    0xCC,
+}  # SOF0..SOF15: the markers that give the size
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -417,7 +453,9 @@ def jpeg_frame(data: bytes) -> tuple[int, int] | str | None:
         marker = data[position + 1]
         if marker == 0xFF:  # fill byte
             position += 1
-        elif marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # standalone markers: no length field
+        elif (
+            marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7
+        ):  # standalone markers: no length field
             position += 2
         elif marker in _JPEG_FRAMES:
             return marker, position
@@ -507,7 +545,9 @@ def read_checked_index(tar: Path) -> ShardIndex:
     return check_index_matches(read_index(tar))
 
 
-def check_shard(index: ShardIndex, max_pixels: int = MAX_IMAGE_PIXELS, handle: BinaryIO | None = None) -> ShardIndex:
+def check_shard(
+    index: ShardIndex, max_pixels: int = MAX_IMAGE_PIXELS, handle: BinaryIO | None = None
+) -> ShardIndex:
     """Everything the loader checks of a shard before DALI sees any of it: its index matches the tar
     (``check_index_matches``) and no image is over the pixel cap (``check_pixel_cap``). One gate for both
     kinds of shard: a local tar is opened here (at loader start); a shard in object storage is checked on its
@@ -532,10 +572,14 @@ def read_set_record(directory: Path) -> dict | None:
     try:
         record = json.loads(path.read_text())
         if not isinstance(record, dict) or record.get("format") != SET_FORMAT:
-            raise ValueError(f"unknown format {record.get('format') if isinstance(record, dict) else record!r}")
+            raise ValueError(
+                f"unknown format {record.get('format') if isinstance(record, dict) else record!r}"
+            )
         return record
     except (OSError, ValueError) as error:
-        raise ShardError(f"{path} is not a shard-set record written by pipeline.shards.cli ({error})") from None
+        raise ShardError(
+            f"{path} is not a shard-set record written by pipeline.shards.cli ({error})"
+        ) from None
 
 
 def is_labelled(shards: list[Path]) -> bool:
@@ -560,7 +604,9 @@ def opened_local(shards) -> Iterator[tuple[Path, ShardIndex, Callable[[int, int]
             yield tar, index, read
 
 
-def read_members(opened, ext: str, what: str, decode: Callable[[str, Path, str], object]) -> dict[str, object]:
+def read_members(
+    opened, ext: str, what: str, decode: Callable[[str, Path, str], object]
+) -> dict[str, object]:
     """key -> decode(text, tar, key) of member ``ext`` of every sample of the ``opened`` shards ((tar, index,
     read) triples: ``opened_local``, or ``s3.opened_remote`` for a bucket), read through the indexes.
     ``ShardError`` names a sample without it and a key that occurs twice."""
@@ -569,16 +615,22 @@ def read_members(opened, ext: str, what: str, decode: Callable[[str, Path, str],
         for sample in index.samples:
             key = sample_key(next(iter(sample.values()))[2])
             if ext not in sample:
-                raise ShardError(f"shard {tar}: sample key {key} has no {what} (.{ext}); {MISSING_MEMBER_HINT[ext]}")
+                raise ShardError(
+                    f"shard {tar}: sample key {key} has no {what} (.{ext}); {MISSING_MEMBER_HINT[ext]}"
+                )
             offset, size, _ = sample[ext]
             value = decode(read(offset, size).decode("utf-8", errors="replace"), tar, key)
             if key in values:
-                raise ShardError(f"shard {tar}: key {key} occurs twice in the shard set; samples are looked up by key")
+                raise ShardError(
+                    f"shard {tar}: key {key} occurs twice in the shard set; samples are looked up by key"
+                )
             values[key] = value
     return values
 
 
-def _read_member(shards, ext: str, what: str, decode: Callable[[str, Path, str], object]) -> dict[str, object]:
+def _read_member(
+    shards, ext: str, what: str, decode: Callable[[str, Path, str], object]
+) -> dict[str, object]:
     """``read_members`` of local shards (a few bytes per sample, no image read)."""
     return read_members(opened_local(shards), ext, what, decode)
 
@@ -602,7 +654,9 @@ def parse_source_path(text: str, tar: Path, key: str) -> str:
     try:
         return str(json.loads(text)["path"])
     except (ValueError, KeyError, TypeError):
-        raise ShardError(f"shard {tar} key {key}: its .json member holds no source path ({text[:80]!r})") from None
+        raise ShardError(
+            f"shard {tar} key {key}: its .json member holds no source path ({text[:80]!r})"
+        ) from None
 
 
 def read_labels(shards) -> dict[str, int]:

@@ -85,7 +85,9 @@ def writable_directory(directory: Path) -> Path:
 def _shard_name(pattern_name: str) -> re.Pattern:
     """A regex for the file names a printf shard pattern (``train-%06d.tar``) produces."""
     before, _, after = re.split(r"(%0?\d*d)", pattern_name.replace("%%", "\0"), maxsplit=1)
-    return re.compile(re.escape(before.replace("\0", "%")) + r"\d+" + re.escape(after.replace("\0", "%")))
+    return re.compile(
+        re.escape(before.replace("\0", "%")) + r"\d+" + re.escape(after.replace("\0", "%"))
+    )
 
 
 def _pattern_files(pattern: str) -> list[Path]:
@@ -95,7 +97,11 @@ def _pattern_files(pattern: str) -> list[Path]:
     if not directory.is_dir():
         return []
     names = {
-        p.name.removesuffix(".tmp") if p.suffix == ".tmp" else p.stem + ".tar" if p.suffix == ".idx" else p.name
+        p.name.removesuffix(".tmp")
+        if p.suffix == ".tmp"
+        else p.stem + ".tar"
+        if p.suffix == ".idx"
+        else p.name
         for p in directory.iterdir()
     }
     return sorted(directory / name for name in names if regex.fullmatch(name))
@@ -106,7 +112,9 @@ def _remove_stale_temporaries(directory: Path, pattern: str) -> None:
     shard = _shard_name(Path(pattern).name)
     for path in directory.glob(".*.tmp"):
         target, has_index, _ = path.name[1:].partition(".idx.")
-        if path.name[1:].startswith(SET_FILE + ".") or (has_index and shard.fullmatch(target + ".tar")):
+        if path.name[1:].startswith(SET_FILE + ".") or (
+            has_index and shard.fullmatch(target + ".tar")
+        ):
             path.unlink(missing_ok=True)
 
 
@@ -133,7 +141,11 @@ def _differences(record: dict, new: dict) -> list[str]:
     if old.get("order_seed") != now["order_seed"]:
         details.append(f"seed: {old.get('order_seed')!r} -> {now['order_seed']!r}")
     elif any(old.get(key) != now[key] for key in ("kind", "inputs", "fingerprint")):
-        same_count = " (as many, but other files, labels or pixels)" if old.get("inputs") == now["inputs"] else ""
+        same_count = (
+            " (as many, but other files, labels or pixels)"
+            if old.get("inputs") == now["inputs"]
+            else ""
+        )
         details.append(
             f"inputs: {old.get('kind')} {old.get('location')} with {old.get('inputs')} -> "
             f"{now['kind']} {now['location']} with {now['inputs']}{same_count}"
@@ -217,9 +229,15 @@ def write_source(
     directory = writable_directory(Path(pattern).parent)
     if source.problems and on_error == "stop":
         path, reason = source.problems[0]
-        more = f" ({len(source.problems) - 1} more such problem(s))" if len(source.problems) > 1 else ""
+        more = (
+            f" ({len(source.problems) - 1} more such problem(s))"
+            if len(source.problems) > 1
+            else ""
+        )
         raise ShardError(f"{path}: {reason}{more} (pass --on_error skip to leave such inputs out)")
-    record = _new_record(source, pattern, {**asdict(policy), "max_count": max_count, "max_bytes": max_bytes})
+    record = _new_record(
+        source, pattern, {**asdict(policy), "max_count": max_count, "max_bytes": max_bytes}
+    )
     try:
         existing = read_set_record(directory)
     except ShardError:
@@ -233,7 +251,9 @@ def write_source(
     record["shards"] = list(kept)
     record["pre_read_problems"] = source.problems
     record.update(summarize_shards(kept))
-    write_classes(directory, None)  # written when the set is complete: a classes.json means a finished labelled set
+    write_classes(
+        directory, None
+    )  # written when the set is complete: a classes.json means a finished labelled set
     write_set_record(directory, record)
     writer = ShardWriter(
         pattern,
@@ -243,7 +263,16 @@ def write_source(
         index=index,
         on_shard=lambda shard: _record_shard(directory, record, shard, shipper),
     )
-    _stream(source, writer, policy, record["inputs_done"], on_error, workers, window or 32 * workers, progress)
+    _stream(
+        source,
+        writer,
+        policy,
+        record["inputs_done"],
+        on_error,
+        workers,
+        window or 32 * workers,
+        progress,
+    )
     if not record["shards"]:
         raise ShardError(f"no samples were written to {out}: every input was skipped")
     _complete(directory, record, source, writer.trailing_skips)
@@ -295,13 +324,19 @@ def _stream(
     payloads = (source.payload(position) for position in range(start, len(source)))
     results = ordered_map(prepare_chunk, payloads, workers, window, policy)
     name = Path(writer.pattern).name
-    bar = tqdm(total=len(source), initial=start, desc=f"writing {name}", unit="img", disable=not progress)
+    bar = tqdm(
+        total=len(source), initial=start, desc=f"writing {name}", unit="img", disable=not progress
+    )
     try:
         with writer:
             for position, result in zip(range(start, len(source)), results):
                 path = source.paths[position]
                 if isinstance(result, str):
-                    where = source.payload(position) if not source.pixels else f"{source.location}: {path}"
+                    where = (
+                        source.payload(position)
+                        if not source.pixels
+                        else f"{source.location}: {path}"
+                    )
                     if on_error == "stop":
                         raise ShardError(
                             f"{where}: {result} (pass --on_error skip to leave such inputs out; "
@@ -310,14 +345,20 @@ def _stream(
                     writer.skip(str(where), result)
                 else:
                     label = source.labels[position] if source.labels is not None else None
-                    writer.add(path_key(path), sample_members(result.data, result.ext, label, path), result.changes)
+                    writer.add(
+                        path_key(path),
+                        sample_members(result.data, result.ext, label, path),
+                        result.changes,
+                    )
                 bar.update()
     finally:
         results.close()
         bar.close()
 
 
-def _complete(directory: Path, record: dict, source: Source, trailing_skips: list[tuple[str, str]]) -> None:
+def _complete(
+    directory: Path, record: dict, source: Source, trailing_skips: list[tuple[str, str]]
+) -> None:
     """Mark the record complete (every input written or skipped) and write ``classes.json`` beside it."""
     record["trailing_skipped"] = trailing_skips
     record.update(summarize_shards(record["shards"]))
@@ -328,7 +369,9 @@ def _complete(directory: Path, record: dict, source: Source, trailing_skips: lis
     write_set_record(directory, record)
 
 
-def _report(directory: Path, record: dict, resumed: int, finished_before: bool = False) -> WriteReport:
+def _report(
+    directory: Path, record: dict, resumed: int, finished_before: bool = False
+) -> WriteReport:
     return WriteReport(
         written=record["num_samples"],
         skipped=[tuple(s) for s in record.get("skipped", [])],

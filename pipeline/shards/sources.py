@@ -81,7 +81,9 @@ def _shuffled(items: list, seed: int) -> list:
     return [items[i] for i in np.random.default_rng(seed).permutation(len(items))]
 
 
-def _walk_images(root: Path, top: Path, progress: bool = True) -> tuple[list[str], list[tuple[str, str]]]:
+def _walk_images(
+    root: Path, top: Path, progress: bool = True
+) -> tuple[list[str], list[tuple[str, str]]]:
     """Image files under ``top`` (sorted, hidden files and folders left out) as paths relative to ``root``,
     and other files as problems."""
     images, problems = [], []
@@ -114,9 +116,20 @@ def images_source(root: Path, seed: int = 0, progress: bool = False) -> Source:
         raise ShardError(f"image folder {root} does not exist or is not a directory")
     paths, problems = _walk_images(root, root, progress)
     if not paths:
-        raise ShardError(f"image folder {root} holds no image files ({', '.join(sorted(IMAGE_FILE_SUFFIXES))})")
+        raise ShardError(
+            f"image folder {root} holds no image files ({', '.join(sorted(IMAGE_FILE_SUFFIXES))})"
+        )
     paths = _shuffled(paths, seed)
-    return Source("images", str(root.resolve()), paths, None, None, _file_payload(root, paths), problems, seed=seed)
+    return Source(
+        "images",
+        str(root.resolve()),
+        paths,
+        None,
+        None,
+        _file_payload(root, paths),
+        problems,
+        seed=seed,
+    )
 
 
 def folder_source(root: Path, seed: int = 0, progress: bool = False) -> Source:
@@ -162,7 +175,9 @@ def read_class_names(path: Path) -> list[str]:
     try:
         text = path.read_text()
     except OSError as error:
-        raise ShardError(f"class-name file {path} cannot be read ({error.strerror or error})") from None
+        raise ShardError(
+            f"class-name file {path} cannot be read ({error.strerror or error})"
+        ) from None
     if path.suffix == ".json":
         try:
             names = json.loads(text)["classes"]
@@ -177,7 +192,9 @@ def read_class_names(path: Path) -> list[str]:
     return [str(n) for n in names]
 
 
-def list_source(list_file: Path, root: Path | None = None, classes_file: Path | None = None, seed: int = 0) -> Source:
+def list_source(
+    list_file: Path, root: Path | None = None, classes_file: Path | None = None, seed: int = 0
+) -> Source:
     """Rows ``path[,label]`` of a CSV (``.csv``) or TSV (``.tsv``; other names: tab if the first row has one);
     blank lines and ``#`` comments skipped, an optional header ``path[,label]``. Paths are relative to ``root``
     (default: the list's folder). Labels are integers, or class names (indexed by ``classes_file`` when given,
@@ -194,13 +211,17 @@ def list_source(list_file: Path, root: Path | None = None, classes_file: Path | 
     for number, cells in rows:
         path = _listed_path(list_file, root, number, cells[0])
         if path in seen:
-            raise ShardError(f"list file {list_file} lines {seen[path]} and {number} both list {path}")
+            raise ShardError(
+                f"list file {list_file} lines {seen[path]} and {number} both list {path}"
+            )
         seen[path] = number
         items.append((path, cells[1] if labelled else "", number))
     classes, labels = _list_labels(list_file, items, classes_file) if labelled else (None, None)
     exists = [(root / path).is_file() for path, _, _ in items]
     problems = [
-        (str(root / path), "listed file does not exist") for (path, _, _), found in zip(items, exists) if not found
+        (str(root / path), "listed file does not exist")
+        for (path, _, _), found in zip(items, exists)
+        if not found
     ]
     order = _shuffled([i for i, found in enumerate(exists) if found], seed)
     paths = [items[i][0] for i in order]
@@ -256,7 +277,9 @@ def _listed_path(list_file: Path, root: Path, number: int, path: str) -> str:
     if os.path.isabs(path):
         relative = os.path.relpath(path, root)
         if relative.startswith(".."):
-            raise ShardError(f"list file {list_file} line {number}: {path} is outside --root {root}")
+            raise ShardError(
+                f"list file {list_file} line {number}: {path} is outside --root {root}"
+            )
         path = relative
     try:
         return normalized_path(Path(path).as_posix())
@@ -285,5 +308,7 @@ def _list_labels(
     lookup = {name: index for index, name in enumerate(classes)}
     unknown = next(((number, label) for _, label, number in items if label not in lookup), None)
     if unknown:
-        raise ShardError(f"list file {list_file} line {unknown[0]}: class {unknown[1]!r} is not in {classes_file}")
+        raise ShardError(
+            f"list file {list_file} line {unknown[0]}: class {unknown[1]!r} is not in {classes_file}"
+        )
     return classes, [lookup[label] for _, label, _ in items]

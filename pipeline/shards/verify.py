@@ -41,7 +41,10 @@ def check_image(data: bytes) -> tuple[bool, str]:
             image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
             image.load()
     except UnidentifiedImageError:
-        return False, "not a decodable image (unknown format, or truncated before the image header ends)"
+        return (
+            False,
+            "not a decodable image (unknown format, or truncated before the image header ends)",
+        )
     except Exception as error:  # PIL raises OSError/SyntaxError/ValueError... for bad data
         text = str(error)
         if "truncated" in text.lower():
@@ -69,7 +72,9 @@ def verify_shard(tar: Path, require_labels: bool = True) -> tuple[int, list[str]
         if [[c[1:3] for c in s] for s in actual] != [
             sorted(((o, n) for o, n, _ in s.values())) for s in indexed.samples
         ]:
-            problems.append(f"shard {tar}: index {index_path(tar)} does not match the tar; rebuild it with `index`")
+            problems.append(
+                f"shard {tar}: index {index_path(tar)} does not match the tar; rebuild it with `index`"
+            )
     except ShardError as error:
         problems.append(str(error))
     keys = []
@@ -97,20 +102,27 @@ def verify_shard(tar: Path, require_labels: bool = True) -> tuple[int, list[str]
                 handle.seek(parts["cls"][0])
                 text = handle.read(parts["cls"][1]).decode("ascii", "replace").strip()
                 if not text.isdigit():
-                    problems.append(f"shard {tar} key {key}: label {text!r} is not a non-negative integer")
+                    problems.append(
+                        f"shard {tar} key {key}: label {text!r} is not a non-negative integer"
+                    )
             elif require_labels:
                 problems.append(f"shard {tar} key {key}: no label (.cls) component")
             if "json" in parts:
                 handle.seek(parts["json"][0])
                 try:
-                    parse_source_path(handle.read(parts["json"][1]).decode("utf-8", "replace"), tar, key)
+                    parse_source_path(
+                        handle.read(parts["json"][1]).decode("utf-8", "replace"), tar, key
+                    )
                 except ShardError as error:
                     problems.append(str(error))
     return len(actual), problems, keys
 
 
 def verify_shards(
-    shards: list[Path], require_labels: bool = True, progress: bool = True, workers: int | None = None
+    shards: list[Path],
+    require_labels: bool = True,
+    progress: bool = True,
+    workers: int | None = None,
 ) -> tuple[int, list[str]]:
     """(samples, problems) over ``shards``, checked in ``workers`` processes; a key in two shards is a problem."""
     if workers is not None and workers < 1:
@@ -119,13 +131,19 @@ def verify_shards(
     with process_pool(min(workers or os.cpu_count(), max(1, len(shards)))) as pool:
         results = pool.map(verify_shard, shards, [require_labels] * len(shards))
         for tar, (count, found, keys) in tqdm(
-            zip(shards, results), total=len(shards), desc="verifying", unit="shard", disable=not progress
+            zip(shards, results),
+            total=len(shards),
+            desc="verifying",
+            unit="shard",
+            disable=not progress,
         ):
             total += count
             problems += found
             for key in keys:
                 if first_seen.setdefault(key, tar) != tar:
-                    problems.append(f"shard {tar} key {key}: the key occurs in shard {first_seen[key]} too")
+                    problems.append(
+                        f"shard {tar} key {key}: the key occurs in shard {first_seen[key]} too"
+                    )
     return total, problems
 
 
@@ -144,14 +162,22 @@ def describe_set(shards: list[Path]) -> list[str]:
             )
         ]
     source, settings = record.get("source", {}), record.get("settings", {})
-    labelled = f"labelled ({record.get('num_classes')} classes)" if record["labelled"] else "unlabelled"
+    labelled = (
+        f"labelled ({record.get('num_classes')} classes)" if record["labelled"] else "unlabelled"
+    )
     lines = [
         f"set: {record.get('num_samples', 0)} samples from {source.get('kind')} {source.get('location', '')}".rstrip()
         + f", {labelled}"
     ]
     if "quality" in settings:
-        encoding = "PNG" if settings.get("pixel_format") == "png" and source.get("kind") in PIXEL_SOURCES else "JPEG"
-        changes = ", ".join(f"{reason} {count}" for reason, count in record.get("changes", {}).items())
+        encoding = (
+            "PNG"
+            if settings.get("pixel_format") == "png" and source.get("kind") in PIXEL_SOURCES
+            else "JPEG"
+        )
+        changes = ", ".join(
+            f"{reason} {count}" for reason, count in record.get("changes", {}).items()
+        )
         lines.append(
             f"images: {record.get('copied', 0)} stored byte-identical, {record.get('re_encoded', 0)} encoded "
             f"({changes or 'none'}) as {encoding} quality {settings['quality']}, "
@@ -168,7 +194,9 @@ def describe_set(shards: list[Path]) -> list[str]:
             f"pre-resize at write time: {limit} ({record.get('changes', {}).get('resized', 0)} images resized)"
         )
     if record.get("skipped"):
-        lines.append(f"skipped at write time: {len(record['skipped'])} input(s), listed in {directory / SET_FILE}")
+        lines.append(
+            f"skipped at write time: {len(record['skipped'])} input(s), listed in {directory / SET_FILE}"
+        )
     if not record.get("complete"):
         lines.append(
             f"problem: the write of this set did not finish ({record.get('inputs_done', 0)} of "
@@ -176,7 +204,9 @@ def describe_set(shards: list[Path]) -> list[str]:
         )
     missing = [r["name"] for r in record.get("shards", []) if not (directory / r["name"]).exists()]
     if missing:
-        lines.append(f"problem: {len(missing)} shard(s) listed in {SET_FILE} are missing, e.g. {missing[:3]}")
+        lines.append(
+            f"problem: {len(missing)} shard(s) listed in {SET_FILE} are missing, e.g. {missing[:3]}"
+        )
     return lines
 
 

@@ -64,8 +64,15 @@ class ShardWriter:
         on_shard: Callable[[ShardRecord], None] | None = None,
     ):
         if max_count < 1 or max_bytes <= 0:
-            raise ValueError(f"max_count must be >= 1 and max_bytes > 0, got {max_count}, {max_bytes}")
-        self.pattern, self.number, self.max_count, self.max_bytes = pattern, first, max_count, max_bytes
+            raise ValueError(
+                f"max_count must be >= 1 and max_bytes > 0, got {max_count}, {max_bytes}"
+            )
+        self.pattern, self.number, self.max_count, self.max_bytes = (
+            pattern,
+            first,
+            max_count,
+            max_bytes,
+        )
         self.index, self.on_shard = index, on_shard
         self.records: list[ShardRecord] = []
         self._tar: tarfile.TarFile | None = None
@@ -90,24 +97,36 @@ class ShardWriter:
         name = self.pattern % self.number
         self._file = open(self._tmp, "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
-        self._open = ShardRecord(Path(name).name, 0, len(self._pending_skips), 0, list(self._pending_skips))
+        self._open = ShardRecord(
+            Path(name).name, 0, len(self._pending_skips), 0, list(self._pending_skips)
+        )
         self._pending_skips = []
 
     def add(self, key: str, members: dict[str, bytes], changes: Iterable[str] = ()) -> None:
         """One sample: ``members`` maps extension -> bytes (image first); ``changes``: why its image was re-encoded."""
         check_key(key)
         size = sum(512 + -(-len(data) // 512) * 512 for data in members.values())
-        if self._open and (self._open.samples >= self.max_count or self._file.tell() + size > self.max_bytes):
+        if self._open and (
+            self._open.samples >= self.max_count or self._file.tell() + size > self.max_bytes
+        ):
             self._finish()
         if not self._open:
             self._start()
         for ext in members:
-            unsafe = unsafe_member_name(f"{key}.{ext}") or ("a '/' in its extension" if "/" in ext else None)
+            unsafe = unsafe_member_name(f"{key}.{ext}") or (
+                "a '/' in its extension" if "/" in ext else None
+            )
             if unsafe:
-                raise ShardError(f"sample key {key}: member name {key}.{ext!r} has {unsafe}; refused")
+                raise ShardError(
+                    f"sample key {key}: member name {key}.{ext!r} has {unsafe}; refused"
+                )
         for ext, data in members.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o444  # a fixed mtime: the same inputs give the same bytes
+            info.size, info.mtime, info.mode = (
+                len(data),
+                0,
+                0o444,
+            )  # a fixed mtime: the same inputs give the same bytes
             self._tar.addfile(info, io.BytesIO(data))
         changes = list(changes)
         self._open.samples += 1
@@ -134,9 +153,13 @@ class ShardWriter:
         self._tar = self._file = None
         tmp, final = self._tmp, Path(self.pattern % self.number)
         if self.index:
-            atomic_write_text(index_path(final), index_text(tmp))  # the index first: a final-named shard always has one
+            atomic_write_text(
+                index_path(final), index_text(tmp)
+            )  # the index first: a final-named shard always has one
         else:
-            index_path(final).unlink(missing_ok=True)  # an index of an earlier shard of this name would be stale
+            index_path(final).unlink(
+                missing_ok=True
+            )  # an index of an earlier shard of this name would be stale
         os.replace(tmp, final)
         fsync_directory(final.parent)
         record, self._open = self._open, None
@@ -178,7 +201,9 @@ def remove_shard(path: Path) -> None:
 
 
 def write_set_record(directory: Path, record: dict) -> None:
-    atomic_write_text(Path(directory) / SET_FILE, json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_text(
+        Path(directory) / SET_FILE, json.dumps(record, indent=1, ensure_ascii=False) + "\n"
+    )
 
 
 def write_classes(directory: Path, classes: list[str] | None) -> None:
@@ -187,7 +212,9 @@ def write_classes(directory: Path, classes: list[str] | None) -> None:
     if classes is None:
         path.unlink(missing_ok=True)
     else:
-        atomic_write_text(path, json.dumps({"classes": list(classes)}, indent=1, ensure_ascii=False) + "\n")
+        atomic_write_text(
+            path, json.dumps({"classes": list(classes)}, indent=1, ensure_ascii=False) + "\n"
+        )
 
 
 def summarize_shards(records: list[dict]) -> dict:
@@ -259,14 +286,20 @@ def write_shards(
     labelled = classes is not None
     with ShardWriter(pattern, max_count=max_count, max_bytes=max_bytes, index=index) as writer:
         for sample in tqdm(
-            samples, total=total, desc=f"writing {Path(pattern).name}", unit="img", disable=not progress
+            samples,
+            total=total,
+            desc=f"writing {Path(pattern).name}",
+            unit="img",
+            disable=not progress,
         ):
             if (sample.label is not None) != labelled:
                 raise ShardError(
                     f"{sample.source}: {'no label' if labelled else 'a label'} "
                     f"in {'a labelled' if labelled else 'an unlabelled'} set"
                 )
-            writer.add(sample.key, sample_members(sample.image, sample.ext, sample.label, sample.source))
+            writer.add(
+                sample.key, sample_members(sample.image, sample.ext, sample.label, sample.source)
+            )
     records = writer.records
     if not records:
         raise ShardError(f"no samples were written to {out}")
@@ -286,4 +319,6 @@ def write_shards(
             "shards": shard_records,
         },
     )
-    return WriteReport(written=sum(r.samples for r in records), shards=[directory / r.name for r in records])
+    return WriteReport(
+        written=sum(r.samples for r in records), shards=[directory / r.name for r in records]
+    )

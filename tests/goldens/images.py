@@ -29,7 +29,10 @@ def _imagenet_paths() -> list[Path]:
 
 def _central_crop(image: Image.Image, side: int) -> np.ndarray:
     scale = (side * 1.25) / min(image.size)
-    image = image.resize((max(side, round(image.width * scale)), max(side, round(image.height * scale))), Image.BICUBIC)
+    image = image.resize(
+        (max(side, round(image.width * scale)), max(side, round(image.height * scale))),
+        Image.BICUBIC,
+    )
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return np.asarray(image.crop((left, top, left + side, top + side)), np.uint8)
 
@@ -39,5 +42,7 @@ def golden_images() -> dict[str, np.ndarray]:
     if not DATA.is_dir():
         raise FileNotFoundError(f"{DATA} is missing: the goldens are made from ../shared/data")
     cifar = np.stack([np.asarray(Image.open(p).convert("RGB"), np.uint8) for p in _cifar_paths()])
-    imagenet = np.stack([_central_crop(Image.open(p).convert("RGB"), IMAGENET_SIDE) for p in _imagenet_paths()])
+    imagenet = np.stack(
+        [_central_crop(Image.open(p).convert("RGB"), IMAGENET_SIDE) for p in _imagenet_paths()]
+    )
     return {"cifar": cifar, "imagenet": imagenet}

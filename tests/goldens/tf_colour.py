@@ -24,7 +24,9 @@ import tensorflow as tf
 from images import GOLDENS, golden_images
 
 SEED = 23
-SINGLE_OP_SIDE = 40  # the ImageNet crops' central square the single ops run on (the jitter sees all 64x64)
+SINGLE_OP_SIDE = (
+    40  # the ImageNet crops' central square the single ops run on (the jitter sees all 64x64)
+)
 OPS = ("brightness", "contrast", "saturation", "hue")
 
 
@@ -32,8 +34,14 @@ def ranges(strength: float) -> dict[str, tuple[float, float]]:
     """The official draws' ranges (``color_jitter``: 0.8 s, 0.8 s, 0.8 s, 0.2 s)."""
     b, c, s, h = 0.8 * strength, 0.8 * strength, 0.8 * strength, 0.2 * strength
     return {
-        "brightness_v2": (max(1.0 - b, 0.0), 1.0 + b),  # random_brightness, impl='simclrv2': x * factor
-        "brightness_v1": (-b, b),  # impl='simclrv1': tf.image.random_brightness(max_delta=b), additive
+        "brightness_v2": (
+            max(1.0 - b, 0.0),
+            1.0 + b,
+        ),  # random_brightness, impl='simclrv2': x * factor
+        "brightness_v1": (
+            -b,
+            b,
+        ),  # impl='simclrv1': tf.image.random_brightness(max_delta=b), additive
         "contrast": (1.0 - c, 1.0 + c),
         "saturation": (1.0 - s, 1.0 + s),
         "hue": (-h, h),
@@ -79,9 +87,14 @@ def single_ops(images: np.ndarray, rng: np.random.Generator) -> dict[str, np.nda
         impl = "simclrv1" if name == "brightness_v1" else "simclrv2"
         out[f"{name}_value"] = values
         out[name] = np.stack(
-            [levels(apply_op(op, as_float(image), float(v), impl)) for image, v in zip(images, values)]
+            [
+                levels(apply_op(op, as_float(image), float(v), impl))
+                for image, v in zip(images, values)
+            ]
         )
-    out["grayscale"] = np.stack([levels(tf.tile(tf.image.rgb_to_grayscale(as_float(x)), [1, 1, 3])) for x in images])
+    out["grayscale"] = np.stack(
+        [levels(tf.tile(tf.image.rgb_to_grayscale(as_float(x)), [1, 1, 3])) for x in images]
+    )
     return out
 
 
@@ -122,7 +135,9 @@ def main():
         centre = images[:, margin : images.shape[1] - margin, margin : images.shape[2] - margin]
         for name, make, inputs in (("ops", single_ops, centre), ("jitter", jitter, images)):
             path = GOLDENS / f"tf_colour_{name}_{kind}.npz"
-            np.savez_compressed(path, tf_version=np.array(tf.__version__), **make(np.ascontiguousarray(inputs), rng))
+            np.savez_compressed(
+                path, tf_version=np.array(tf.__version__), **make(np.ascontiguousarray(inputs), rng)
+            )
             print(f"{path.name}: {path.stat().st_size / 1e3:.0f} kB")
 
 

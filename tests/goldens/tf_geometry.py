@@ -32,7 +32,9 @@ from images import GOLDENS, golden_images  # noqa: E402
 
 CROP_DRAWS = 20_000
 CROP_SEEDS = {(224, 224): (1, 2), (32, 32): (1, 2), (375, 500): (1,)}
-CROP_OFFSETS = 2000  # corners kept (the sizes decide the area and aspect; a few corners show where crops sit)
+CROP_OFFSETS = (
+    2000  # corners kept (the sizes decide the area and aspect; a few corners show where crops sit)
+)
 
 
 def official_crop_box(image_shape, seed):
@@ -82,7 +84,9 @@ def official_gaussian_blur(image, kernel_size, sigma, padding="SAME"):
 def blur_golden(images: np.ndarray, kernel_size: int, sigmas: np.ndarray) -> np.ndarray:
     out = []
     for image, sigma in zip(images, sigmas):
-        x = tf.image.convert_image_dtype(tf.constant(image), tf.float32)  # uint8 -> [0, 1], as preprocess_image
+        x = tf.image.convert_image_dtype(
+            tf.constant(image), tf.float32
+        )  # uint8 -> [0, 1], as preprocess_image
         blurred = tf.clip_by_value(official_gaussian_blur(x, kernel_size, float(sigma)), 0.0, 1.0)
         out.append(blurred.numpy() * 255.0)
     return np.stack(out)
@@ -100,7 +104,11 @@ def main():
     rng = np.random.default_rng(23)
     cifar, imagenet = images["cifar"][::2], images["imagenet"]  # one CIFAR-10 image per class
     arrays["images_cifar"], arrays["images_imagenet"] = cifar, imagenet
-    cases = {"cifar": ("cifar", 32 // 10), "imagenet": ("imagenet", 64 // 10), "imagenet224": ("imagenet", 224 // 10)}
+    cases = {
+        "cifar": ("cifar", 32 // 10),
+        "imagenet": ("imagenet", 64 // 10),
+        "imagenet224": ("imagenet", 224 // 10),
+    }
     for name, (source, kernel_size) in cases.items():
         batch = arrays[f"images_{source}"][: 5 if name == "imagenet224" else None]
         sigmas = rng.uniform(0.1, 2.0, len(batch)).astype(np.float32)

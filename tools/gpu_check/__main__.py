@@ -29,14 +29,28 @@ from .plan import GROUP_BUDGET_S, PlanError, check_plan, plan_table
 def parse(argv, stages):
     parser = ArgumentParser(prog="python -m tools.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="output folder (default runs/gpu_check[_dry])")
-    parser.add_argument("--dry_run", action="store_true", help="on the CPU at tiny sizes; skips what needs CUDA")
-    parser.add_argument("--group", default="data", choices=sorted(GROUP_BUDGET_S), help="which stages to run")
     parser.add_argument(
-        "--only", nargs="+", default=None, choices=[s.name for s in stages], help="run only these stages (any group)"
+        "--dry_run", action="store_true", help="on the CPU at tiny sizes; skips what needs CUDA"
     )
-    parser.add_argument("--budget_s", type=float, default=None, help="time for the stages (default: the group's)")
-    parser.add_argument("--stage_only", action="store_true", help="install the carried pieces, report, run nothing")
-    parser.add_argument("--plan", action="store_true", help="print the checked device-time plan; run nothing")
+    parser.add_argument(
+        "--group", default="data", choices=sorted(GROUP_BUDGET_S), help="which stages to run"
+    )
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        default=None,
+        choices=[s.name for s in stages],
+        help="run only these stages (any group)",
+    )
+    parser.add_argument(
+        "--budget_s", type=float, default=None, help="time for the stages (default: the group's)"
+    )
+    parser.add_argument(
+        "--stage_only", action="store_true", help="install the carried pieces, report, run nothing"
+    )
+    parser.add_argument(
+        "--plan", action="store_true", help="print the checked device-time plan; run nothing"
+    )
     return parser.parse_args(argv)
 
 
@@ -65,8 +79,12 @@ def main(argv=None) -> int:
     if args.plan:
         print(plan_table(plan))
         return 0
-    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars would bury the summary in the device tool's output tail
-    if args.dry_run:  # CPU devices even where a GPU is present (read at CUDA's initialisation, not yet happened)
+    os.environ.setdefault(
+        "TQDM_DISABLE", "1"
+    )  # progress bars would bury the summary in the device tool's output tail
+    if (
+        args.dry_run
+    ):  # CPU devices even where a GPU is present (read at CUDA's initialisation, not yet happened)
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     selected = select(args, stages, stage_table.ALWAYS)
     # the dry run's CPU is slower than its caps say nothing about the device: its budget is its own caps' sum

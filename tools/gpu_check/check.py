@@ -25,10 +25,15 @@ from .plan import GROUP_BUDGET_S
 from .rows import ROWS_ENV, STAGE_ENV, read_rows
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout
-MAX_FILES, MAX_FILE_BYTES = 8, 16 * 2**20  # what a device call brings back from $OUT: files, bytes per file
+MAX_FILES, MAX_FILE_BYTES = (
+    8,
+    16 * 2**20,
+)  # what a device call brings back from $OUT: files, bytes per file
 STAGING = Path("/tmp/stage")  # where the carried pieces are kept and unpacked on the GPU machine
 SITE = STAGING / "site"  # the staged wheels' install target (PYTHONPATH)
-PIECES = ROOT / ".gpu" / "simclr"  # carried piece folders (tools/gpu_check/stage.sh writes them; git-ignored)
+PIECES = (
+    ROOT / ".gpu" / "simclr"
+)  # carried piece folders (tools/gpu_check/stage.sh writes them; git-ignored)
 
 # --------------------------------------------------------------------------- the check's state
 
@@ -57,7 +62,9 @@ class Check:
 
     def save(self) -> None:
         self.report["elapsed_s"] = round(time.time() - self.report["started_unix"], 1)
-        atomic_write_text(self.out / "gpu_check.json", json.dumps(self.report, indent=1, default=str) + "\n")
+        atomic_write_text(
+            self.out / "gpu_check.json", json.dumps(self.report, indent=1, default=str) + "\n"
+        )
         self.last_save = time.time()
 
     def merge_rows(self) -> list[dict]:
@@ -73,9 +80,16 @@ class Check:
         return self.report["stages"].get(name, {}).get("rows", [])
 
     def env(self, stage: str) -> dict:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", ROWS_ENV: str(self.rows_path)}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "TQDM_DISABLE": "1",
+            ROWS_ENV: str(self.rows_path),
+        }
         env[STAGE_ENV] = stage
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), str(SITE), env.get("PYTHONPATH", "")) if p)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), str(SITE), env.get("PYTHONPATH", "")) if p
+        )
         return env
 
     def run(self, name: str, command: list[str], timeout: float, env: dict | None = None) -> dict:
@@ -89,7 +103,12 @@ class Check:
             offset = log.tell()
             start = time.time()
             process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                cwd=ROOT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
             timed_out = False
             while True:
@@ -104,7 +123,9 @@ class Check:
                         returncode, timed_out = process.returncode, True
                         break
             seconds = time.time() - start
-            log.write(f"===== {name}: rc {returncode}{' (timed out)' if timed_out else ''} after {seconds:.1f} s\n")
+            log.write(
+                f"===== {name}: rc {returncode}{' (timed out)' if timed_out else ''} after {seconds:.1f} s\n"
+            )
         with open(self.log, "rb") as log:
             log.seek(offset)
             tail = log.read()[-1500:].decode(errors="replace")
@@ -154,10 +175,18 @@ def trim_log(path: Path, limit: int = MAX_FILE_BYTES - 2**20) -> None:
 def start_check(args, group: str, dry_budget: float = 0.0) -> Check:
     out = Path(args.out or ROOT / "runs" / ("gpu_check_dry" if args.dry_run else "gpu_check"))
     out.mkdir(parents=True, exist_ok=True)
-    for path in out.iterdir():  # nothing left over from an earlier run (this folder comes back whole)
+    for (
+        path
+    ) in out.iterdir():  # nothing left over from an earlier run (this folder comes back whole)
         if path.is_file():
             path.unlink()
-    budget = args.budget_s if args.budget_s is not None else dry_budget if args.dry_run else GROUP_BUDGET_S[group]
+    budget = (
+        args.budget_s
+        if args.budget_s is not None
+        else dry_budget
+        if args.dry_run
+        else GROUP_BUDGET_S[group]
+    )
     start = time.time()
     check = Check(
         out=out,
@@ -188,7 +217,10 @@ def missing_needs(check: Check, needs: tuple[str, ...]) -> list[str]:
             missing.append("CUDA")
         elif need == "dali" and not check.dali:
             missing.append("DALI (not importable: its bundle is not staged; see the pieces stage)")
-        elif need not in ("cuda", "dali") and check.report["stages"].get(need, {}).get("status") != "passed":
+        elif (
+            need not in ("cuda", "dali")
+            and check.report["stages"].get(need, {}).get("status") != "passed"
+        ):
             missing.append(f"the {need} stage")
     return missing
 
@@ -202,7 +234,10 @@ def run_stage(check: Check, stage) -> dict:
     if missing:
         return {"status": "skipped", "note": "needs " + " and ".join(missing)}
     if left < min(cap, stage.min_s):
-        return {"status": "skipped", "note": f"out of time: {left:.0f} s of the {check.report['budget_s']:.0f} s left"}
+        return {
+            "status": "skipped",
+            "note": f"out of time: {left:.0f} s of the {check.report['budget_s']:.0f} s left",
+        }
     cap = min(cap, left)
     entry = check.report["stages"].setdefault(stage.name, {})
     entry.update(status="running", cap_s=round(cap, 1))

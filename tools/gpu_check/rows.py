@@ -47,7 +47,9 @@ def read_rows(path: str | os.PathLike, offset: int = 0) -> tuple[list[dict], int
 
 def emit(row: dict) -> None:
     """Append ``row`` (tagged with this process's stage) to the check's rows file, if this runs under the check."""
-    append_row(os.environ.get(ROWS_ENV), {"stage": os.environ.get(STAGE_ENV, "?"), "event": "row", **row})
+    append_row(
+        os.environ.get(ROWS_ENV), {"stage": os.environ.get(STAGE_ENV, "?"), "event": "row", **row}
+    )
 
 
 # --------------------------------------------------------------------------- pytest plugin (-p bench.gpu_rows)
@@ -67,7 +69,11 @@ def pytest_runtest_logreport(report) -> None:
         message = ""
         if report.outcome != "passed":
             longrepr = report.longrepr
-            message = longrepr[2] if isinstance(longrepr, tuple) else str(getattr(longrepr, "reprcrash", longrepr))
+            message = (
+                longrepr[2]
+                if isinstance(longrepr, tuple)
+                else str(getattr(longrepr, "reprcrash", longrepr))
+            )
         emit(
             {
                 "event": "result",

@@ -58,7 +58,11 @@ PACKAGES = (
     "pillow",
     "pytest",
 )
-RUNS_WITH = ("torch", "triton", "numba")  # the device's own versions, recorded and used as they are (no install)
+RUNS_WITH = (
+    "torch",
+    "triton",
+    "numba",
+)  # the device's own versions, recorded and used as they are (no install)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,9 +83,13 @@ def _python(*args: str) -> list[str]:
 
 def _worker(check: Check, name: str, cap: float, spec: dict, env: dict | None = None) -> dict:
     """Run worker ``name`` in a child process; its rows land in the rows file as it goes."""
-    result = check.run(name, _python("-m", "tools.gpu_check.stages", "worker", name, json.dumps(spec)), cap, env)
+    result = check.run(
+        name, _python("-m", "tools.gpu_check.stages", "worker", name, json.dumps(spec)), cap, env
+    )
     rows = [r for r in check.stage_rows(name) if r.get("event") == "row"]
-    status = "timeout" if result["timed_out"] else "passed" if result["returncode"] == 0 else "failed"
+    status = (
+        "timeout" if result["timed_out"] else "passed" if result["returncode"] == 0 else "failed"
+    )
     failed = [r for r in rows if r.get("ok") is False]
     if status == "passed" and failed:
         status = "failed"
@@ -92,7 +100,9 @@ def _worker(check: Check, name: str, cap: float, spec: dict, env: dict | None = 
 
 
 def _subprocess_result(result: dict, summary: dict | None = None) -> dict:
-    status = "timeout" if result["timed_out"] else "passed" if result["returncode"] == 0 else "failed"
+    status = (
+        "timeout" if result["timed_out"] else "passed" if result["returncode"] == 0 else "failed"
+    )
     return {"status": status, **result, "summary": summary or {}}
 
 
@@ -157,7 +167,16 @@ def install_pieces(pieces: Path, staging: Path) -> dict:
             if not marker.exists():
                 wheels = sorted(str(p) for p in here.glob("*.whl"))
                 subprocess.run(
-                    [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
+                    [
+                        sys.executable,
+                        "-m",
+                        "pip",
+                        "install",
+                        "-q",
+                        "--no-index",
+                        "--no-deps",
+                        "--no-compile",
+                    ]
                     + ["--no-cache-dir", "--upgrade", "--target", str(site), *wheels],
                     check=True,
                     timeout=120,
@@ -170,7 +189,9 @@ def install_pieces(pieces: Path, staging: Path) -> dict:
             unpacked = (done / f"{manifest['set']}-{manifest['sha256'][:16]}").exists()
             if not unpacked and not (target.exists() and target.stat().st_size == part["bytes"]):
                 if _sha256(source) != part["sha256"]:
-                    raise RuntimeError(f"{source}: checksum mismatch (pack again with bench/gpu_stage.sh)")
+                    raise RuntimeError(
+                        f"{source}: checksum mismatch (pack again with bench/gpu_stage.sh)"
+                    )
                 shutil.copyfile(source, target.with_suffix(".copy"))
                 os.replace(target.with_suffix(".copy"), target)
                 actions.append(f"copied {part['file']}")
@@ -190,26 +211,41 @@ def install_pieces(pieces: Path, staging: Path) -> dict:
         marker.touch()
         for f in files:
             f.unlink()
-        actions.append(f"unpacked {manifest['set']} ({len(files)} parts) in {time.time() - start:.0f} s")
+        actions.append(
+            f"unpacked {manifest['set']} ({len(files)} parts) in {time.time() - start:.0f} s"
+        )
     staged, missing = [], []
     for name, manifest in known.items():
         if manifest["kind"] == "wheels":
-            (staged if (done / f"{manifest['piece']}-{manifest['sha256'][:16]}").exists() else missing).append(
-                manifest["piece"]
-            )
+            (
+                staged
+                if (done / f"{manifest['piece']}-{manifest['sha256'][:16]}").exists()
+                else missing
+            ).append(manifest["piece"])
             continue
         if (done / f"{name}-{manifest['sha256'][:16]}").exists():
             staged += [p["piece"] for p in manifest["parts"]]
         else:
             for p in manifest["parts"]:
                 (staged if (parts_dir / p["file"]).exists() else missing).append(p["piece"])
-    return {"sets": sorted(known), "staged": sorted(staged), "missing": sorted(missing), "actions": actions}
+    return {
+        "sets": sorted(known),
+        "staged": sorted(staged),
+        "missing": sorted(missing),
+        "actions": actions,
+    }
 
 
 def stage_pieces(check: Check, cap: float) -> dict:
     if check.dry_run:
-        found = sorted(p.parent.name for p in PIECES.glob("*/MANIFEST.json")) if PIECES.is_dir() else []
-        return {"status": "passed", "summary": {"carried": found}, "note": "dry run: pieces listed, not installed"}
+        found = (
+            sorted(p.parent.name for p in PIECES.glob("*/MANIFEST.json")) if PIECES.is_dir() else []
+        )
+        return {
+            "status": "passed",
+            "summary": {"carried": found},
+            "note": "dry run: pieces listed, not installed",
+        }
     summary = install_pieces(PIECES, STAGING)
     if str(SITE) not in sys.path:
         sys.path.insert(0, str(SITE))  # this process checks DALI's import next (environment)
@@ -218,7 +254,9 @@ def stage_pieces(check: Check, cap: float) -> dict:
     if not summary["sets"]:
         note = "no pieces carried or staged: run make gpu-stage here and carry .gpu/simclr/pNNN (bench/GPU_CHECK.md)"
     elif summary["missing"]:
-        note = "missing on this machine: " + ", ".join(summary["missing"]) + " (carry them; any order)"
+        note = (
+            "missing on this machine: " + ", ".join(summary["missing"]) + " (carry them; any order)"
+        )
     else:
         note = "all staged: " + ", ".join(summary["staged"])
     return {"status": "passed", "summary": summary, "note": note}
@@ -243,10 +281,12 @@ def stage_environment(check: Check, cap: float) -> dict:
         "python": sys.version.split()[0],
         "cuda_available": check.cuda,
         "features": {
-            "pipeline.colour_gpu": importlib.util.find_spec("simclr_dali.pipeline.colour_gpu") is not None,
+            "pipeline.colour_gpu": importlib.util.find_spec("simclr_dali.pipeline.colour_gpu")
+            is not None,
             "decode choice (TrainConfig)": _literal_field(lambda v: "roi" in v.lower()),
             "colour choice (TrainConfig)": _literal_field(
-                lambda v: any(k in v.lower() for k in ("gpu", "triton", "kernel")), ("colour", "color")
+                lambda v: any(k in v.lower() for k in ("gpu", "triton", "kernel")),
+                ("colour", "color"),
             ),
         },
     }
@@ -285,11 +325,15 @@ def _literal_field(matches, name_has: tuple[str, ...] = ()) -> dict | None:
         from simclr_dali.trainer.config import TrainConfig
 
         hints = typing.get_type_hints(TrainConfig)
-    except Exception:  # jsonargparse not staged yet, or the config does not import: no choice to measure
+    except (
+        Exception
+    ):  # jsonargparse not staged yet, or the config does not import: no choice to measure
         return None
     for f in dataclasses.fields(TrainConfig):
         choices = [a for a in typing.get_args(hints.get(f.name)) if isinstance(a, str)]
-        if typing.get_origin(hints.get(f.name)) is typing.Literal and any(matches(c) for c in choices):
+        if typing.get_origin(hints.get(f.name)) is typing.Literal and any(
+            matches(c) for c in choices
+        ):
             if not name_has or any(k in f.name for k in name_has):
                 return {"field": f.name, "choices": choices, "default": f.default}
     return None
@@ -310,7 +354,9 @@ def stage_kernels(check: Check, cap: float) -> dict:
     stage = _worker(check, "kernels", cap, {"dry_run": check.dry_run}, env)
     stage["summary"] = {"predicted_specialisations": len(kernel_specialisations())}
     if check.dry_run:
-        stage["note"] = f"dry run: Triton interpreter at 2N={DRY_KERNEL_SIZE[0]}, d={DRY_KERNEL_SIZE[1]}"
+        stage["note"] = (
+            f"dry run: Triton interpreter at 2N={DRY_KERNEL_SIZE[0]}, d={DRY_KERNEL_SIZE[1]}"
+        )
     return stage
 
 
@@ -322,7 +368,11 @@ TRAIN_VARIANTS = (("plain", None), ("micro-batches of 64", 64))  # (label, micro
 def _train_args(dry_run: bool, shards: str, json_path: Path, feeds: list[str]) -> list[str]:
     args = ["--preset", "imagenet", "--shards", shards, "--json", str(json_path), "--feeds", *feeds]
     if dry_run:
-        tiny = {"backbone": "resnet18", "image_size": 32, "timm_kwargs": {"channels": [8, 16, 32, 64]}}
+        tiny = {
+            "backbone": "resnet18",
+            "image_size": 32,
+            "timm_kwargs": {"channels": [8, 16, 32, 64]},
+        }
         return args + [
             "--batch_size",
             "8",
@@ -350,8 +400,14 @@ def _train_row(payload: dict, label: str, overrides: dict | None = None) -> dict
         "precision": payload.get("precision"),
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         **({"overrides": overrides} if overrides else {}),
-        **{f"{feed}_images_per_s": round(r["images_per_s"], 1) for feed, r in payload.get("results", {}).items()},
-        **{f"{feed}_data_wait": round(r["data_wait_fraction"], 4) for feed, r in payload.get("results", {}).items()},
+        **{
+            f"{feed}_images_per_s": round(r["images_per_s"], 1)
+            for feed, r in payload.get("results", {}).items()
+        },
+        **{
+            f"{feed}_data_wait": round(r["data_wait_fraction"], 4)
+            for feed, r in payload.get("results", {}).items()
+        },
     }
     if "pipeline_efficiency" in payload:
         row["pipeline_efficiency"] = round(payload["pipeline_efficiency"], 3)
@@ -366,7 +422,9 @@ def _emit_or_error(label: str, measure) -> None:
     try:
         emit(measure())
     except Exception as error:
-        emit({"variant": label, "ok": False, "error": f"{type(error).__name__}: {str(error)[:1500]}"})
+        emit(
+            {"variant": label, "ok": False, "error": f"{type(error).__name__}: {str(error)[:1500]}"}
+        )
         import torch
 
         if torch.cuda.is_available():
@@ -377,7 +435,9 @@ def worker_resnet50(spec: dict) -> None:
     from simclr_dali.bench.train import main as train_main
 
     for label, micro_batch in TRAIN_VARIANTS:
-        args = _train_args(spec["dry_run"], spec["shards"], Path(spec["work"]) / "resnet50.json", ["synthetic"])
+        args = _train_args(
+            spec["dry_run"], spec["shards"], Path(spec["work"]) / "resnet50.json", ["synthetic"]
+        )
         if micro_batch:
             args += ["--micro_batch", str(2 if spec["dry_run"] else micro_batch)]
         _emit_or_error(label, lambda a=args, lb=label: _train_row(train_main(a), lb))
@@ -385,7 +445,11 @@ def worker_resnet50(spec: dict) -> None:
 
 def stage_resnet50(check: Check, cap: float) -> dict:
     # the synthetic feed never reads its shards; the config only needs the field set
-    spec = {"dry_run": check.dry_run, "work": str(check.work), "shards": str(check.work / "no-shards")}
+    spec = {
+        "dry_run": check.dry_run,
+        "work": str(check.work),
+        "shards": str(check.work / "no-shards"),
+    }
     stage = _worker(check, "resnet50", cap, spec)
     if check.dry_run:
         stage["note"] = "dry run: a narrow ResNet-18 at 32 px, batch 8, on the CPU"
@@ -418,7 +482,10 @@ def worker_loss(spec: dict) -> None:
             timeout_s=60 if dry else 600,
             check_max=8192,
         )
-        emit({k: v for k, v in record.items() if k != "times_ms"} | {"ok": record["status"] != "error"})
+        emit(
+            {k: v for k, v in record.items() if k != "times_ms"}
+            | {"ok": record["status"] != "error"}
+        )
 
 
 def stage_loss(check: Check, cap: float) -> dict:
@@ -431,7 +498,9 @@ def stage_loss(check: Check, cap: float) -> dict:
 def stage_loss_compiled(check: Check, cap: float) -> dict:
     """One cold torch.compile of the reference (minutes on a CPU: 2N=256 there), capped."""
     rows = [[256, "compiled"]] if check.dry_run else [[8192, "compiled"]]
-    return _worker(check, "loss_compiled", cap, {"dry_run": False, "rows": rows, "cpu": check.dry_run})
+    return _worker(
+        check, "loss_compiled", cap, {"dry_run": False, "rows": rows, "cpu": check.dry_run}
+    )
 
 
 def worker_loss_compiled(spec: dict) -> None:
@@ -439,8 +508,13 @@ def worker_loss_compiled(spec: dict) -> None:
 
     device = "cpu" if spec.get("cpu") else "cuda"
     for two_n, method in spec["rows"]:
-        (record,) = run([two_n], ["bfloat16"], [method], device, repeats=3, timeout_s=600, check_max=8192)
-        emit({k: v for k, v in record.items() if k != "times_ms"} | {"ok": record["status"] != "error"})
+        (record,) = run(
+            [two_n], ["bfloat16"], [method], device, repeats=3, timeout_s=600, check_max=8192
+        )
+        emit(
+            {k: v for k, v in record.items() if k != "times_ms"}
+            | {"ok": record["status"] != "error"}
+        )
 
 
 # --------------------------------------------------------------------------- pytest, one row per test
@@ -454,7 +528,9 @@ def summarise_tests(rows: list[dict], result: dict, cap: float) -> dict:
     started = [r["test"] for r in rows if r.get("event") == "start"]
     outcome, messages = {}, {}
     for r in rows:
-        if r.get("event") == "result" and order[r["outcome"]] >= order.get(outcome.get(r["test"]), -1):
+        if r.get("event") == "result" and order[r["outcome"]] >= order.get(
+            outcome.get(r["test"]), -1
+        ):
             outcome[r["test"]], messages[r["test"]] = r["outcome"], r.get("message", "")
     running = [t for t in started if t not in outcome]
     by = {k: [t for t, o in outcome.items() if o == k] for k in order}
@@ -482,14 +558,19 @@ def summarise_tests(rows: list[dict], result: dict, cap: float) -> dict:
     elif result["returncode"] != 0:
         status, note = "failed", f"pytest rc {result['returncode']} ({counts}): see output_tail"
     elif not summary["passed"] and summary["skipped"]:
-        status, note = "skipped", f"no CUDA device: all {summary['skipped']} GPU-marked tests skipped"
+        status, note = (
+            "skipped",
+            f"no CUDA device: all {summary['skipped']} GPU-marked tests skipped",
+        )
     else:
         status, note = "passed", counts
     return {"status": status, "note": note, **result, "summary": summary}
 
 
 def run_pytest(check: Check, name: str, cap: float, selection: list[str]) -> dict:
-    command = _python("-m", "pytest", "-p", "tools.gpu_check.rows", "-p", "no:cacheprovider", "-q", *selection)
+    command = _python(
+        "-m", "pytest", "-p", "tools.gpu_check.rows", "-p", "no:cacheprovider", "-q", *selection
+    )
     result = check.run(name, command, cap)
     return summarise_tests(check.stage_rows(name), result, cap)
 
@@ -497,17 +578,26 @@ def run_pytest(check: Check, name: str, cap: float, selection: list[str]) -> dic
 # The GPU tests of the torch group (no DALI needed); the data group runs every other GPU test but the Triton group
 # (the kernels stage checks the production configurations; tests_all runs the whole group's 100+ specialisations).
 TORCH_TESTS = "test_bf16_autocast or test_cuda_events_measure or test_auto_probe_on_cuda or test_global_bn_on_cuda"
-TORCH_TEST_FILES = ("tests/test_gpu.py", "tests/test_microbatch.py", "tests/test_profile.py")  # import without DALI
+TORCH_TEST_FILES = (
+    "tests/test_gpu.py",
+    "tests/test_microbatch.py",
+    "tests/test_profile.py",
+)  # import without DALI
 TRITON_GROUP = "tests/test_ntxent_triton.py::test_compiled_kernels_cuda"
 
 
 def stage_tests_torch(check: Check, cap: float) -> dict:
-    return run_pytest(check, "tests_torch", cap, ["-m", "gpu", "-k", TORCH_TESTS, *TORCH_TEST_FILES])
+    return run_pytest(
+        check, "tests_torch", cap, ["-m", "gpu", "-k", TORCH_TESTS, *TORCH_TEST_FILES]
+    )
 
 
 def stage_tests_dali(check: Check, cap: float) -> dict:
     return run_pytest(
-        check, "tests_dali", cap, ["-m", "gpu", "-k", f"not ({TORCH_TESTS})", f"--deselect={TRITON_GROUP}", "tests"]
+        check,
+        "tests_dali",
+        cap,
+        ["-m", "gpu", "-k", f"not ({TORCH_TESTS})", f"--deselect={TRITON_GROUP}", "tests"],
     )
 
 
@@ -517,7 +607,9 @@ def stage_tests_all(check: Check, cap: float) -> dict:
 
 # --------------------------------------------------------------------------- data, generated on the device
 
-IMAGENET_LIKE = 1000  # generated ImageNet-sized JPEGs (x5 in the shards: 5,000 samples, as the sample's x5)
+IMAGENET_LIKE = (
+    1000  # generated ImageNet-sized JPEGs (x5 in the shards: 5,000 samples, as the sample's x5)
+)
 CIFAR_LIKE = 10000  # generated 32 px JPEGs, when the CIFAR-10 piece is not staged
 
 
@@ -552,7 +644,9 @@ def _generate_chunk(args) -> list[tuple[str, int]]:
     return written
 
 
-def generate_imagenet_like(subset_dir: Path, out: Path, count: int, workers: int, quality: int = 90) -> dict:
+def generate_imagenet_like(
+    subset_dir: Path, out: Path, count: int, workers: int, quality: int = 90
+) -> dict:
     """``count`` JPEGs with the ImageNet sample's sizes and classes (subset_dir/sizes.json: [wnid, w, h, bytes]
     per sample image), each a random crop of one of the carried subset images, resized, flipped, re-encoded."""
     import multiprocessing
@@ -563,9 +657,13 @@ def generate_imagenet_like(subset_dir: Path, out: Path, count: int, workers: int
     subset = [str(p) for p in sorted(subset_dir.glob("*.JPEG"))]
     out.mkdir(parents=True, exist_ok=True)
     step = max(1, count // (4 * workers))
-    chunks = [(subset, sizes, s, min(count, s + step), str(out), quality) for s in range(0, count, step)]
+    chunks = [
+        (subset, sizes, s, min(count, s + step), str(out), quality) for s in range(0, count, step)
+    ]
     # spawned, not forked: a fork must commit the caller's whole address space (ENOMEM in a long test session)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
         written = [w for chunk in pool.map(_generate_chunk, chunks) for w in chunk]
     pixels = sum(sizes[i % len(sizes)][1] * sizes[i % len(sizes)][2] for i in range(count))
     sample_pixels = sum(w * h for _, w, h, _ in meta)
@@ -585,12 +683,18 @@ def _cifar_like_shards(subset_dir: Path, out: Path, count: int) -> Path:
     from simclr_dali.bench.common import write_ten_class_shards
 
     rng = np.random.default_rng(0)
-    sources = [np.asarray(Image.open(p).convert("RGB").resize((128, 96))) for p in sorted(subset_dir.glob("*.JPEG"))]
+    sources = [
+        np.asarray(Image.open(p).convert("RGB").resize((128, 96)))
+        for p in sorted(subset_dir.glob("*.JPEG"))
+    ]
     images = np.empty((count, 32, 32, 3), np.uint8)
     for i in range(count):
         source = sources[i % len(sources)]
         side = int(rng.integers(32, 96))
-        y, x = rng.integers(0, source.shape[0] - side + 1), rng.integers(0, source.shape[1] - side + 1)
+        y, x = (
+            rng.integers(0, source.shape[0] - side + 1),
+            rng.integers(0, source.shape[1] - side + 1),
+        )
         tile = Image.fromarray(source[y : y + side, x : x + side]).resize((32, 32), Image.BILINEAR)
         images[i] = np.asarray(tile)
     write_ten_class_shards(images, out, max_count=10_000)
@@ -603,8 +707,12 @@ def stage_data(check: Check, cap: float) -> dict:
     data = check.work / "data"
     if check.dry_run:
         check.shards["imagenet"], _ = synthetic_shards(data / "imagenet", 64, 96, "generated")
-        check.shards["cifar_train"], _ = synthetic_shards(data / "cifar" / "train", 96, 32, "generated")
-        check.shards["cifar_test"], _ = synthetic_shards(data / "cifar" / "test", 48, 32, "generated")
+        check.shards["cifar_train"], _ = synthetic_shards(
+            data / "cifar" / "train", 96, 32, "generated"
+        )
+        check.shards["cifar_test"], _ = synthetic_shards(
+            data / "cifar" / "test", 48, 32, "generated"
+        )
         return {
             "status": "passed",
             "summary": {k: str(v) for k, v in check.shards.items()},
@@ -612,19 +720,33 @@ def stage_data(check: Check, cap: float) -> dict:
         }
     subset = STAGING / "data" / "imagenet-subset"
     if not (subset / "sizes.json").exists():
-        return {"status": "failed", "note": f"no ImageNet subset at {subset}: its bundle part is missing (pieces)"}
+        return {
+            "status": "failed",
+            "note": f"no ImageNet subset at {subset}: its bundle part is missing (pieces)",
+        }
     workers = min(16, len(os.sched_getaffinity(0)))
-    summary = {"imagenet_like": generate_imagenet_like(subset, data / "imagenet-like", IMAGENET_LIKE, workers)}
-    check.shards["imagenet"], _ = imagenet_shards(5, source=data / "imagenet-like", out=data / "imagenet-like-x5")
+    summary = {
+        "imagenet_like": generate_imagenet_like(
+            subset, data / "imagenet-like", IMAGENET_LIKE, workers
+        )
+    }
+    check.shards["imagenet"], _ = imagenet_shards(
+        5, source=data / "imagenet-like", out=data / "imagenet-like-x5"
+    )
     cifar = STAGING / "data" / "cifar10-shards.tar.gz"
     if cifar.exists():
         with tarfile.open(cifar) as bundle:
             bundle.extractall(data, filter="data")
-        check.shards["cifar_train"], check.shards["cifar_test"] = data / "cifar10" / "train", data / "cifar10" / "test"
+        check.shards["cifar_train"], check.shards["cifar_test"] = (
+            data / "cifar10" / "train",
+            data / "cifar10" / "test",
+        )
         summary["cifar"] = "CIFAR-10 shards (staged piece)"
     else:
         check.shards["cifar_train"] = _cifar_like_shards(subset, data / "cifar-like", CIFAR_LIKE)
-        summary["cifar"] = f"{CIFAR_LIKE} generated 32 px JPEGs (the CIFAR-10 piece is not staged: no cifar10 stage)"
+        summary["cifar"] = (
+            f"{CIFAR_LIKE} generated 32 px JPEGs (the CIFAR-10 piece is not staged: no cifar10 stage)"
+        )
     emit_path = check.rows_path
     append_row(emit_path, {"stage": "data", "event": "row", **summary})
     return {"status": "passed", "summary": summary | {k: str(v) for k, v in check.shards.items()}}
@@ -641,11 +763,18 @@ def _train_dali_variants() -> list[tuple[str, dict]]:
         ("decode", _literal_field(lambda v: "roi" in v.lower())),
         (
             "colour",
-            _literal_field(lambda v: any(k in v.lower() for k in ("gpu", "triton", "kernel")), ("colour", "color")),
+            _literal_field(
+                lambda v: any(k in v.lower() for k in ("gpu", "triton", "kernel")),
+                ("colour", "color"),
+            ),
         ),
     ):
         if found:
-            variants += [(f"{label}: {c}", {found["field"]: c}) for c in found["choices"] if c != found["default"]]
+            variants += [
+                (f"{label}: {c}", {found["field"]: c})
+                for c in found["choices"]
+                if c != found["default"]
+            ]
     return variants
 
 
@@ -664,11 +793,17 @@ def worker_train_dali(spec: dict) -> None:
             if "--overrides" in args:
                 del args[args.index("--overrides") : args.index("--overrides") + 2]
             args += ["--overrides", json.dumps(base | overrides)]
-        _emit_or_error(label, lambda a=args, lb=label, o=overrides: _train_row(train_main(a), lb, o))
+        _emit_or_error(
+            label, lambda a=args, lb=label, o=overrides: _train_row(train_main(a), lb, o)
+        )
 
 
 def stage_train_dali(check: Check, cap: float) -> dict:
-    spec = {"dry_run": check.dry_run, "work": str(check.work), "shards": str(check.shards["imagenet"])}
+    spec = {
+        "dry_run": check.dry_run,
+        "work": str(check.work),
+        "shards": str(check.shards["imagenet"]),
+    }
     stage = _worker(check, "train_dali", cap, spec)
     stage["summary"] = {"variants": [label for label, _ in _train_dali_variants()]}
     return stage
@@ -681,7 +816,9 @@ def _pipeline_rows(saved: dict) -> list[dict]:
         for run in r.get("runs", []):
             tv = run["torchvision"]["images_per_s"]
             # bench.py pipeline --threads A B ...: one DALI result per thread count (dali_by_threads); else one
-            by_threads = run.get("dali_by_threads") or {run.get("dali_threads", r.get("dali_threads")): run["dali"]}
+            by_threads = run.get("dali_by_threads") or {
+                run.get("dali_threads", r.get("dali_threads")): run["dali"]
+            }
             for threads, dali in by_threads.items():
                 rows.append(
                     {
@@ -699,14 +836,21 @@ def stage_pipeline(check: Check, cap: float) -> dict:
     """``bench.py pipeline --device cuda`` over a DALI threads sweep, the GPU graphs of both presets against
     torchvision; the rows of every thread count in one pipeline.json."""
     base = ["--device", "cpu" if check.dry_run else "cuda", "--runs", "1"]
-    base += ["--imagenet_shards", str(check.shards["imagenet"]), "--cifar_shards", str(check.shards["cifar_train"])]
+    base += [
+        "--imagenet_shards",
+        str(check.shards["imagenet"]),
+        "--cifar_shards",
+        str(check.shards["cifar_train"]),
+    ]
     base += ["--seconds", "0.5", "--batch_size", "16"] if check.dry_run else ["--seconds", "2"]
     commands = pipeline_commands(base, [1, 2] if check.dry_run else default_threads())
     results, rows, start = [], [], time.time()
     for k, argv in enumerate(commands):
         json_path = check.work / f"pipeline_{k}.json"
         left = cap - (time.time() - start)
-        result = check.run("pipeline", _python("bench.py", "pipeline", *argv, "--json", str(json_path)), left)
+        result = check.run(
+            "pipeline", _python("bench.py", "pipeline", *argv, "--json", str(json_path)), left
+        )
         saved = _read_json(json_path) or {}
         results.append({"argv": argv, **saved})
         rows += _pipeline_rows(saved)
@@ -747,7 +891,14 @@ def worker_dali_graphs(spec: dict) -> None:
                 }
             )
         except Exception as error:  # recorded; the next preset still builds
-            emit({"case": name, "device": device, "ok": False, "error": f"{type(error).__name__}: {str(error)[:1500]}"})
+            emit(
+                {
+                    "case": name,
+                    "device": device,
+                    "ok": False,
+                    "error": f"{type(error).__name__}: {str(error)[:1500]}",
+                }
+            )
 
 
 def stage_dali_graphs(check: Check, cap: float) -> dict:
@@ -758,14 +909,46 @@ def stage_dali_graphs(check: Check, cap: float) -> dict:
 def stage_profile(check: Check, cap: float) -> dict:
     trace_dir, out = check.work / "trace", check.out / "profile.json"
     command = _python("bench.py", "profile", "--config", "configs/imagenet.yaml")
-    command += ["--train_shards", str(check.shards["imagenet"]), "--trace_dir", str(trace_dir), "--json", str(out)]
+    command += [
+        "--train_shards",
+        str(check.shards["imagenet"]),
+        "--trace_dir",
+        str(trace_dir),
+        "--json",
+        str(out),
+    ]
     command += ["--output_dir", str(check.work / "profile_run")]
     if check.dry_run:
-        command += ["--backbone", "resnet18", "--timm_kwargs", '{"channels": [8, 16, 32, 64]}', "--image_size", "32"]
-        command += ["--batch_size", "8", "--precision", "no", "--data_threads", "2", "--warmup_steps", "1"]
+        command += [
+            "--backbone",
+            "resnet18",
+            "--timm_kwargs",
+            '{"channels": [8, 16, 32, 64]}',
+            "--image_size",
+            "32",
+        ]
+        command += [
+            "--batch_size",
+            "8",
+            "--precision",
+            "no",
+            "--data_threads",
+            "2",
+            "--warmup_steps",
+            "1",
+        ]
         command += ["--profile_steps", "2", "--pipeline_seconds", "0.5"]
     else:
-        command += ["--batch_size", "256", "--warmup_steps", "5", "--profile_steps", "5", "--pipeline_seconds", "3"]
+        command += [
+            "--batch_size",
+            "256",
+            "--warmup_steps",
+            "5",
+            "--profile_steps",
+            "5",
+            "--pipeline_seconds",
+            "3",
+        ]
     result = check.run("profile", command, cap)
     saved = _read_json(out) or {}
     summary = {}
@@ -790,16 +973,26 @@ def stage_profile(check: Check, cap: float) -> dict:
     if check.dry_run:
         note = "dry run on the CPU: host clock, no GPU utilisation"
     elif stage["status"] == "passed" and not (summary.get("gpu_utilisation") or {}).get("kernels"):
-        stage["status"], note = "failed", "no GPU utilisation read from the trace (no kernels in it?)"
+        stage["status"], note = (
+            "failed",
+            "no GPU utilisation read from the trace (no kernels in it?)",
+        )
     return stage | ({"note": note} if note else {})
 
 
 def stage_cifar10(check: Check, cap: float) -> dict:
     if "cifar_test" not in check.shards:
-        return {"status": "skipped", "note": "the CIFAR-10 piece is not staged (make gpu-stage WITH_CIFAR=1)"}
+        return {
+            "status": "skipped",
+            "note": "the CIFAR-10 piece is not staged (make gpu-stage WITH_CIFAR=1)",
+        }
     out, run_dir = check.out / "cifar10.json", check.work / "cifar10_run"
     command = _python(
-        "train.py", "--config", "configs/cifar10.yaml", "--train_shards", str(check.shards["cifar_train"])
+        "train.py",
+        "--config",
+        "configs/cifar10.yaml",
+        "--train_shards",
+        str(check.shards["cifar_train"]),
     )
     command += [
         "--eval_train_shards",
@@ -807,22 +1000,56 @@ def stage_cifar10(check: Check, cap: float) -> dict:
         "--eval_val_shards",
         str(check.shards["cifar_test"]),
     ]
-    command += ["--eval_every_epochs", "1", "--eval_json", str(out), "--output_dir", str(run_dir), "--tracker", "none"]
+    command += [
+        "--eval_every_epochs",
+        "1",
+        "--eval_json",
+        str(out),
+        "--output_dir",
+        str(run_dir),
+        "--tracker",
+        "none",
+    ]
     command += ["--checkpoint_every", "null"]
     if check.dry_run:
-        command += ["--timm_kwargs", '{"channels": [8, 16, 32, 64]}', "--proj_hidden", "32", "--batch_size", "16"]
-        command += ["--epochs", "1", "--warmup_epochs", "0.5", "--precision", "no", "--eval_knn_k", "5"]
+        command += [
+            "--timm_kwargs",
+            '{"channels": [8, 16, 32, 64]}',
+            "--proj_hidden",
+            "32",
+            "--batch_size",
+            "16",
+        ]
+        command += [
+            "--epochs",
+            "1",
+            "--warmup_epochs",
+            "0.5",
+            "--precision",
+            "no",
+            "--eval_knn_k",
+            "5",
+        ]
         command += ["--data_threads", "2", "--log_every", "2"]
     else:  # a 30-epoch schedule cut by the time left (half trains, half evaluates): the first epochs of a real run
         minutes = min(2.0, max(0.25, cap / 2 / 60))
-        command += ["--epochs", "30", "--warmup_epochs", "2", "--max_train_minutes", f"{minutes:.2f}"]
+        command += [
+            "--epochs",
+            "30",
+            "--warmup_epochs",
+            "2",
+            "--max_train_minutes",
+            f"{minutes:.2f}",
+        ]
     result = check.run("cifar10", command, cap)
     saved, trained = _read_json(out) or {}, _read_json(run_dir / "train_summary.json") or {}
     history = saved.get("history", [])
     summary = {
         "knn_top1_by_epoch": [(round(h["epoch"], 2), round(h["knn_top1"], 2)) for h in history],
         **{
-            k: trained[k] for k in ("steps", "train_seconds", "mean_images_per_s", "data_wait_fraction") if k in trained
+            k: trained[k]
+            for k in ("steps", "train_seconds", "mean_images_per_s", "data_wait_fraction")
+            if k in trained
         },
     }
     stage = _subprocess_result(result, summary)
@@ -838,26 +1065,138 @@ def stage_cifar10(check: Check, cap: float) -> dict:
 
 ALWAYS = ("pieces", "environment")
 STAGES = (
-    Stage("pieces", "*", 30, 10, stage_pieces, shows="the carried pieces installed; which are missing"),
-    Stage("environment", "*", 10, 20, stage_environment, shows="versions (torch, Triton, numba: run as found), GPU"),
-    # group data, first: the call that brings the bundle's last part; the data path before anything else
-    Stage("data", "data", 20, 30, stage_data, ("dali",), "ImageNet-sized JPEGs generated from the subset"),
-    Stage("dali_graphs", "data", 20, 60, stage_dali_graphs, ("data", "dali"), "numba plugin; GPU graph per preset"),
-    Stage("pipeline", "data", 50, 240, stage_pipeline, ("data", "dali"), "DALI vs torchvision, DALI threads sweep"),
-    Stage("tests_dali", "data", 30, 90, stage_tests_dali, ("dali",), "DALI GPU augmentation statistics, train.py"),
     Stage(
-        "train_dali", "data", 35, 180, stage_train_dali, ("data", "dali"), "DALI feed vs synthetic; issue 23 choices"
+        "pieces", "*", 30, 10, stage_pieces, shows="the carried pieces installed; which are missing"
     ),
-    Stage("profile", "data", 30, 180, stage_profile, ("data", "dali"), "stage table, GPU utilisation, trace"),
+    Stage(
+        "environment",
+        "*",
+        10,
+        20,
+        stage_environment,
+        shows="versions (torch, Triton, numba: run as found), GPU",
+    ),
+    # group data, first: the call that brings the bundle's last part; the data path before anything else
+    Stage(
+        "data",
+        "data",
+        20,
+        30,
+        stage_data,
+        ("dali",),
+        "ImageNet-sized JPEGs generated from the subset",
+    ),
+    Stage(
+        "dali_graphs",
+        "data",
+        20,
+        60,
+        stage_dali_graphs,
+        ("data", "dali"),
+        "numba plugin; GPU graph per preset",
+    ),
+    Stage(
+        "pipeline",
+        "data",
+        50,
+        240,
+        stage_pipeline,
+        ("data", "dali"),
+        "DALI vs torchvision, DALI threads sweep",
+    ),
+    Stage(
+        "tests_dali",
+        "data",
+        30,
+        90,
+        stage_tests_dali,
+        ("dali",),
+        "DALI GPU augmentation statistics, train.py",
+    ),
+    Stage(
+        "train_dali",
+        "data",
+        35,
+        180,
+        stage_train_dali,
+        ("data", "dali"),
+        "DALI feed vs synthetic; issue 23 choices",
+    ),
+    Stage(
+        "profile",
+        "data",
+        30,
+        180,
+        stage_profile,
+        ("data", "dali"),
+        "stage table, GPU utilisation, trace",
+    ),
     # group torch, second: no DALI needed
-    Stage("kernels", "torch", 45, 120, stage_kernels, ("cuda",), "Triton vs float64, production configs"),
-    Stage("tests_torch", "torch", 55, 90, stage_tests_torch, (), "bf16 autocast, global BN, step timer, probe"),
-    Stage("resnet50", "torch", 55, 180, stage_resnet50, ("cuda",), "ResNet-50 images/s, batch 256, micro-batches"),
-    Stage("loss", "torch", 35, 120, stage_loss, ("cuda",), "fused/chunked/reference ms at 2N 8,192 and 131,072"),
+    Stage(
+        "kernels",
+        "torch",
+        45,
+        120,
+        stage_kernels,
+        ("cuda",),
+        "Triton vs float64, production configs",
+    ),
+    Stage(
+        "tests_torch",
+        "torch",
+        55,
+        90,
+        stage_tests_torch,
+        (),
+        "bf16 autocast, global BN, step timer, probe",
+    ),
+    Stage(
+        "resnet50",
+        "torch",
+        55,
+        180,
+        stage_resnet50,
+        ("cuda",),
+        "ResNet-50 images/s, batch 256, micro-batches",
+    ),
+    Stage(
+        "loss",
+        "torch",
+        35,
+        120,
+        stage_loss,
+        ("cuda",),
+        "fused/chunked/reference ms at 2N 8,192 and 131,072",
+    ),
     # group extra: a later session, or the time a plan leaves over
-    Stage("loss_compiled", "extra", 60, 90, stage_loss_compiled, ("cuda",), "one cold torch.compile, capped"),
-    Stage("tests_all", "extra", 230, 120, stage_tests_all, (), "every GPU test (the Triton group's 100+ compiles)"),
-    Stage("cifar10", "extra", 150, 300, stage_cifar10, ("data", "dali"), "CIFAR-10 kNN by epoch (its piece)", 60),
+    Stage(
+        "loss_compiled",
+        "extra",
+        60,
+        90,
+        stage_loss_compiled,
+        ("cuda",),
+        "one cold torch.compile, capped",
+    ),
+    Stage(
+        "tests_all",
+        "extra",
+        230,
+        120,
+        stage_tests_all,
+        (),
+        "every GPU test (the Triton group's 100+ compiles)",
+    ),
+    Stage(
+        "cifar10",
+        "extra",
+        150,
+        300,
+        stage_cifar10,
+        ("data", "dali"),
+        "CIFAR-10 kNN by epoch (its piece)",
+        60,
+    ),
 )
 WORKERS = {
     "dali_graphs": worker_dali_graphs,
@@ -871,7 +1210,10 @@ WORKERS = {
 
 def main(argv: list[str]) -> int:
     if len(argv) != 3 or argv[0] != "worker" or argv[1] not in WORKERS:
-        print(f"usage: python -m tools.gpu_check.stages worker {{{','.join(WORKERS)}}} SPEC_JSON", file=sys.stderr)
+        print(
+            f"usage: python -m tools.gpu_check.stages worker {{{','.join(WORKERS)}}} SPEC_JSON",
+            file=sys.stderr,
+        )
         return 2
     WORKERS[argv[1]](json.loads(argv[2]))
     return 0
