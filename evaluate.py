@@ -31,6 +31,7 @@ YAML, --print_config prints them; booleans are written --augment true. Flags are
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 # ruff: noqa: E402 (the imports below come after the early parse on purpose)
 # `duplicates` pair kept (shape only): the same prologue as train.py's (script -> module, then the early parse).
@@ -95,7 +96,7 @@ __all__ = ["EvalConfig", "UsageError", "main", "parse_args"]
 
 def choose_subset(args, accelerator, num_classes: int | None) -> tuple[LabelSubset, str]:
     """The main process reads the labels and selects (or loads) the subset; the others receive it."""
-    payload = [None]
+    payload: list[Any] = [None]
     if accelerator.is_main_process:
         try:
             subset, how = subset_for(

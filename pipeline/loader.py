@@ -452,10 +452,9 @@ class DaliLoader:
             # remote shards not yet checked, by their whole index (a subset's filtered copy would fail the check)
             self._unchecked: dict[str, ShardIndex] = dict(zip(self.shards, self.indexes))
         else:
-            self.shards = shard_paths(shards)
-            self.indexes = [
-                check_shard(read_index(tar), self.max_image_pixels) for tar in self.shards
-            ]
+            paths = shard_paths(shards)
+            self.shards = paths
+            self.indexes = [check_shard(read_index(tar), self.max_image_pixels) for tar in paths]
 
     def check_fetched(self, tar: str, data: bytes) -> None:
         """``check_shard`` on a remote shard's fetched bytes, the first time this process fetches it (as the local

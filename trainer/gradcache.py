@@ -14,6 +14,7 @@ import contextlib
 import math
 import weakref
 from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -113,7 +114,9 @@ def running_stats_once(model: nn.Module) -> Iterator[Callable[[], None]]:
         (m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone(), m.momentum)
         for m in layers
     ]
-    means, variances = [m.running_mean for m in layers], [m.running_var for m in layers]
+    # _tracking_batch_norms keeps only layers that track running statistics: neither is None
+    means = [cast(torch.Tensor, m.running_mean) for m in layers]
+    variances = [cast(torch.Tensor, m.running_var) for m in layers]
     mean_sums, var_sums = (
         [torch.zeros_like(t) for t in means],
         [torch.zeros_like(t) for t in variances],

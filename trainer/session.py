@@ -112,8 +112,8 @@ class Session:
     def attach_checkpointer(self, checkpointer: Checkpointer) -> None:
         self.checkpointer = TrainingCheckpointer(self.cfg, checkpointer, self)
 
-    def next_batch(self) -> tuple[Any, str | None]:
-        """(the two views, None), or (None, the message) when this rank cannot decode its batch; a new epoch
+    def next_batch(self) -> tuple[Any, dict | None]:
+        """(the two views, None), or (None, ``batch_error``) when this rank cannot get its batch; a new epoch
         begins where the last one ended."""
         self.meters.start_wait()
         views, error = None, None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from .export import ResultWriteError
@@ -47,7 +48,7 @@ def _quiet_tensorboard_writer_failures() -> None:
     (TensorBoard raises it again in the foreground, where ``log_to_trackers`` reports it in one line); every
     other thread exception goes to the hook that was there. Installed once."""
     previous = threading.excepthook
-    if getattr(previous, "reports_tensorboard_in_the_foreground", False):
+    if previous is _TENSORBOARD_HOOKS.get("installed"):
         return
 
     def hook(args) -> None:
@@ -58,8 +59,13 @@ def _quiet_tensorboard_writer_failures() -> None:
             return
         previous(args)
 
-    hook.reports_tensorboard_in_the_foreground = True
+    _TENSORBOARD_HOOKS["installed"] = hook
     threading.excepthook = hook
+
+
+_TENSORBOARD_HOOKS: dict[
+    str, Callable
+] = {}  # the hook installed, so that a second run adds no second one
 
 
 def start_trackers(accelerator, cfg, run, step: int) -> None:

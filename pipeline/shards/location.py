@@ -48,7 +48,8 @@ def read_source_paths(spec) -> dict[str, str]:
 def read_classes(spec) -> list[str] | None:
     """Class names from the ``classes.json`` beside the set's first shard, if present."""
     shards = set_shards(spec)
-    return remote_classes(shards[0]) if is_s3(shards) else read_local_classes(shards)
+    first = shards[0]
+    return remote_classes(first) if isinstance(first, ObjectPath) else read_local_classes([first])
 
 
 def labelled(spec) -> bool:

@@ -314,8 +314,13 @@ def opened_remote(
         yield (
             tar,
             read_remote_index(tar, len(data)),
-            lambda offset, size, data=data: data[offset : offset + size],
+            _reader_of(data),
         )
+
+
+def _reader_of(data: bytes) -> Callable[[int, int], bytes]:
+    """``read(offset, size)`` over a fetched shard's bytes."""
+    return lambda offset, size: data[offset : offset + size]
 
 
 # --------------------------------------------------------------------------- writing

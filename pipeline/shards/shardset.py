@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import braceexpand
 from tqdm import tqdm
@@ -604,13 +604,16 @@ def opened_local(shards) -> Iterator[tuple[Path, ShardIndex, Callable[[int, int]
             yield tar, index, read
 
 
+Value = TypeVar("Value")
+
+
 def read_members(
-    opened, ext: str, what: str, decode: Callable[[str, Path, str], object]
-) -> dict[str, object]:
+    opened, ext: str, what: str, decode: Callable[[str, Path, str], Value]
+) -> dict[str, Value]:
     """key -> decode(text, tar, key) of member ``ext`` of every sample of the ``opened`` shards ((tar, index,
     read) triples: ``opened_local``, or ``s3.opened_remote`` for a bucket), read through the indexes.
     ``ShardError`` names a sample without it and a key that occurs twice."""
-    values: dict[str, object] = {}
+    values: dict[str, Value] = {}
     for tar, index, read in opened:
         for sample in index.samples:
             key = sample_key(next(iter(sample.values()))[2])
