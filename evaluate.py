@@ -281,15 +281,14 @@ def build_loaders(
     }
     num_classes = count_classes(data["train"].shards, data["val"].shards)
     augmented = AugmentedView(classifier_augment(size, (args.min_crop_area, 1.0)))
-    if "linear" in protocols and args.augment:
-        data["train_augmented"] = DaliLoader(
-            args.train_shards,
-            args.local_batch_size,
-            augmented,
-            train=True,
-            seed=args.seed,
-            **common,
+
+    def training(view, shards=args.train_shards, **extra) -> DaliLoader:  # shuffled, augmented
+        return DaliLoader(
+            shards, args.local_batch_size, view, train=True, seed=args.seed, **common, **extra
         )
+
+    if "linear" in protocols and args.augment:
+        data["train_augmented"] = training(augmented)
     subset, subset_how = None, None
     if "finetune" in protocols:
         subset, subset_how = choose_subset(args, accelerator, num_classes)
@@ -302,23 +301,10 @@ def build_loaders(
                 f"(seed {subset.seed}); "
                 f"--label_fraction {args.label_fraction:g} is not used"
             )
-        data["train_subset"] = DaliLoader(
-            args.train_shards,
-            args.local_batch_size,
-            augmented,
-            train=True,
-            seed=args.seed,
-            keys=subset.keys,
-            **common,
-        )
+        data["train_subset"] = training(augmented, keys=subset.keys)
     if "distill" in protocols:  # issue 31: unlabelled images, the fine-tuning augmentation
-        data["distill"] = DaliLoader(
-            args.distill_shards or args.train_shards,
-            args.local_batch_size,
-            UnlabelledView(augmented.augment),
-            train=True,
-            seed=args.seed,
-            **common,
+        data["distill"] = training(
+            UnlabelledView(augmented.augment), args.distill_shards or args.train_shards
         )
     return data, num_classes, subset, subset_how
 

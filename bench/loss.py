@@ -410,7 +410,6 @@ def run(
                             reason=f"{method} would need ~{_gib(need)}, {_gib(free)} free",
                         )
                     else:
-                        # `duplicates` pair kept (shape only): keywords like colour_gpu's kernel launch
                         cfg = dict(
                             method=method,
                             two_n=two_n,
@@ -568,12 +567,8 @@ def _parser(cuda: bool) -> ArgumentParser:
         help="projection widths (default 128 256 on CUDA, 128 on the CPU)",
     )
     parser.add_argument("--temperature", type=float, default=0.1)
-    parser.add_argument(
-        "--check_max",
-        type=int,
-        default=8192,
-        help="largest 2N whose errors against float64 are measured",
-    )
+    check_help = "largest 2N whose errors against float64 are measured"
+    parser.add_argument("--check_max", type=int, default=8192, help=check_help)
     parser.add_argument(
         "--timeout", type=float, default=1800.0, help="seconds per CPU configuration"
     )

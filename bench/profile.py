@@ -385,12 +385,8 @@ def parse(argv):
         description=__doc__.splitlines()[0],
         epilog="Every other flag is train.py's (python train.py --help).",
     )
-    parser.add_argument(
-        "--warmup_steps",
-        type=int,
-        default=5,
-        help="untimed steps first (DALI and the allocator warm up)",
-    )
+    warmup_help = "untimed steps first (DALI and the allocator warm up)"
+    parser.add_argument("--warmup_steps", type=int, default=5, help=warmup_help)
     parser.add_argument(
         "--profile_steps", type=int, default=10, help="steps in the trace and the table"
     )

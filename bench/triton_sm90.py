@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT = ROOT / "bench" / "results" / "triton_sm90.json"
@@ -251,17 +252,14 @@ def colour_cases(configs=None) -> list[CompileCase]:
             uniforms = torch.empty(config["views"], len(augment.UNIFORMS), dtype=torch.float32)
             # a torch copy of the table: aligned as the CUDA copy the DALI operator makes (_params_on)
             colour_gpu.colour_batch(images, uniforms, torch.from_numpy(colour_params(cfg)).clone())
-            for grid, args, kwargs in captured:
-                cases.append(
-                    case_from_launch(
-                        kernel,
-                        args,
-                        kwargs,
-                        config=dict(config),
-                        grid=grid,
-                        max_spill_bytes=COLOUR_MAX_SPILL_BYTES,
-                    )
-                )
+            limits: dict[str, Any] = {
+                "config": dict(config),
+                "max_spill_bytes": COLOUR_MAX_SPILL_BYTES,
+            }
+            cases += [
+                case_from_launch(kernel, *launch[1:], grid=launch[0], **limits)
+                for launch in captured
+            ]
     finally:
         colour_gpu._colour_kernel, colour_gpu._INTERPRET = kernel, interpret
     return cases

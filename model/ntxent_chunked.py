@@ -61,16 +61,9 @@ def normalize(z1, z2, operand_dtype):
     return rows, rows, norms
 
 
-def row_negatives(
-    rows,
-    columns,
-    positives,
-    row_offset: int,
-    inv_temp: float,
-    float32_matmul_precision="ieee",
-    column_splits=None,
-) -> torch.Tensor:
-    """(1, m): per row k, sum over columns j other than row_offset + k and positives[k] of exp((s_kj - 1)/tau)."""
+def row_negatives(rows, columns, positives, row_offset: int, inv_temp: float, *_triton_options):
+    """(1, m): per row k, sum over columns j other than row_offset + k and positives[k] of exp((s_kj - 1)/tau).
+    ``_triton_options`` (the matmul precision, the column splits) are the Triton backend's: ignored here."""
     dtype = accumulation_dtype(rows)
     rows, columns = rows.to(dtype), columns.to(dtype)
     out = torch.empty(rows.shape[0], dtype=dtype, device=rows.device)
@@ -100,18 +93,11 @@ def positive_stats(partials, rows, norms, inv_temp: float):
 
 
 def row_grad(
-    rows,
-    columns,
-    scale_rows,
-    scale_columns,
-    positives,
-    row_offset: int,
-    inv_temp: float,
-    float32_matmul_precision="ieee",
-    column_splits=None,
-) -> torch.Tensor:
+    rows, columns, scale_rows, scale_columns, positives, row_offset, inv_temp, *_triton_options
+):
     """(1, m, d): per row k, sum_j E_kj (scale_rows[k] + scale_columns[j]) columns_j over columns j other
-    than row_offset + k and positives[k], i.e. sum_j (p_kj + p_jk) z_j over k's negatives."""
+    than row_offset + k and positives[k], i.e. sum_j (p_kj + p_jk) z_j over k's negatives (options: as
+    ``row_negatives``)."""
     grad = torch.empty(rows.shape, dtype=accumulation_dtype(rows), device=rows.device)
     rows, columns = rows.to(grad.dtype), columns.to(grad.dtype)
     chunk = max(1, min(rows.shape[0], chunk_rows(columns.shape[0])))

@@ -593,7 +593,6 @@ def _interpreter_tiles(d: int, dtype: torch.dtype, precision: str) -> dict:
     with few rows. The interpreter's time goes per operation, not per element: larger problems run
     faster with larger tiles, which a test may set."""
     k = INTERPRETER_BLOCK_K if d <= 128 else 256
-    # `duplicates` pair kept (shape only): keyword arguments shaped like a DaliLoader call in tests/test_loader.py
     tiles = dict(
         block_m=INTERPRETER_BLOCK,
         block_n=INTERPRETER_BLOCK,

@@ -113,20 +113,10 @@ def test_pretrain_epochs_see_each_sample_at_most_once_with_equal_steps(identity_
     directory, count = identity_shards
     plain = AugmentConfig(size=16, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
     world, batch = 2, 8
-    # `duplicates` pair kept (shape only): keyword arguments shaped like ntxent_triton._interpreter_tiles' dict
+    options = {"seed": 5, "shuffle_buffer": 64, "pipelines": pipelines, "num_shards": world}
+    view = TwoViews(plain)
     loaders = [
-        DaliLoader(
-            directory,
-            batch,
-            TwoViews(plain),
-            train=True,
-            shard_id=rank,
-            num_shards=world,
-            seed=5,
-            shuffle_buffer=64,
-            pipelines=pipelines,
-        )
-        for rank in range(world)
+        DaliLoader(directory, batch, view, train=True, shard_id=r, **options) for r in range(world)
     ]
     assert all(loader.pipelines == pipelines for loader in loaders)
     assert (
@@ -164,20 +154,10 @@ def test_one_pipeline_per_run_keeps_epochs_exact(tmp_path, per_shard, world, pip
     is missing, and every epoch has a new order."""
     directory, count = write_identity_shards(tmp_path, per_shard=per_shard)
     plain = AugmentConfig(size=16, jitter_prob=0.0, gray_prob=0.0, blur_prob=0.0)
-    batch = 8
+    batch, view = 8, TwoViews(plain)
+    options = {"seed": 7, "shuffle_buffer": 32, "pipelines": pipelines, "num_shards": world}
     loaders = [
-        DaliLoader(
-            directory,
-            batch,
-            TwoViews(plain),
-            train=True,
-            shard_id=rank,
-            num_shards=world,
-            seed=7,
-            shuffle_buffer=32,
-            pipelines=pipelines,
-        )
-        for rank in range(world)
+        DaliLoader(directory, batch, view, train=True, shard_id=r, **options) for r in range(world)
     ]
     assert all(loader.pipelines == pipelines for loader in loaders)
     iterators = [loader._iterator for loader in loaders]

@@ -129,31 +129,32 @@ OUT_HELP = (
 def add_write_sources(sources) -> None:
     """``write images|folder|list|cifar|arrays|synthetic``: each source's own arguments after the shared ones."""
     common, pixels, seeded = write_options(), pixel_options(), seed_options()
-    images = sources.add_parser(
+
+    def source(name: str, summary: str, what: str, **what_options) -> ArgumentParser:
+        """A file source: ``what`` (its input) and ``out``, after the shared options."""
+        parser = sources.add_parser(name, parents=[common, seeded], help=summary)
+        parser.add_argument(what, type=Path, **what_options)
+        parser.add_argument("out", help=OUT_HELP)
+        return parser
+
+    source(
         "images",
-        parents=[common, seeded],
-        help="every image under ROOT, recursively, without labels",
-    )
-    images.add_argument(
+        "every image under ROOT, recursively, without labels",
         "root",
-        type=Path,
         help="folder whose images (at any depth) are written; hidden files are left out",
     )
-    images.add_argument("out", help=OUT_HELP)
-    folder = sources.add_parser(
+    source(
         "folder",
-        parents=[common, seeded],
-        help="from ROOT/CLASS/... (labels: sorted class-folder names)",
+        "from ROOT/CLASS/... (labels: sorted class-folder names)",
+        "root",
+        help="folder of class folders: ROOT/CLASS/.../image",
     )
-    folder.add_argument("root", type=Path, help="folder of class folders: ROOT/CLASS/.../image")
-    folder.add_argument("out", help=OUT_HELP)
-    listed = sources.add_parser(
+    listed = source(
         "list",
-        parents=[common, seeded],
-        help="from a CSV/TSV of path[,label] rows (e.g. ImageNet's validation set)",
+        "from a CSV/TSV of path[,label] rows (e.g. ImageNet's validation set)",
+        "list_file",
+        metavar="FILE.csv|FILE.tsv",
     )
-    listed.add_argument("list_file", type=Path, metavar="FILE.csv|FILE.tsv")
-    listed.add_argument("out", help=OUT_HELP)
     listed.add_argument(
         "--root",
         type=Path,

@@ -47,6 +47,18 @@ class _CifarUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"it refers to {module}.{name}, which CIFAR data never holds")
 
 
+def check_image_array(images: np.ndarray, where: str) -> None:
+    """uint8 images (N, H, W) or (N, H, W, 1|3), or a ``ShardError`` naming ``where``."""
+    if (
+        images.dtype != np.uint8
+        or images.ndim not in (3, 4)
+        or (images.ndim == 4 and images.shape[-1] not in (1, 3))
+    ):
+        raise ShardError(
+            f"{where}: images must be uint8 (N, H, W[, 3]); got {images.dtype} {images.shape}"
+        )
+
+
 def _load_cifar_member(archive: tarfile.TarFile, member: str, tarball: Path) -> dict:
     try:
         data = _CifarUnpickler(archive.extractfile(member), encoding="latin1").load()
@@ -145,14 +157,7 @@ def _pixels_source(
     classes: list[str] | None,
 ) -> Source:
     """uint8 images (N, H, W[, 1|3]) with labels (N,) (or None), source paths ``00000012``."""
-    if (
-        images.dtype != np.uint8
-        or images.ndim not in (3, 4)
-        or (images.ndim == 4 and images.shape[-1] not in (1, 3))
-    ):
-        raise ShardError(
-            f"{location}: images must be uint8 (N, H, W[, 3]); got {images.dtype} {images.shape}"
-        )
+    check_image_array(images, location)
     if len(images) == 0:
         raise ShardError(f"{location}: holds no images (an empty 'images' array)")
     if labels is not None:
@@ -245,14 +250,7 @@ def array_samples(
 ) -> Iterator[Sample]:
     """Encoded samples from uint8 arrays for ``pipeline.shards.writer.write_shards``: images (N, H, W, 3) or (N, H, W),
     labels (N,) non-negative ints; keys ``00000012``."""
-    if (
-        images.dtype != np.uint8
-        or images.ndim not in (3, 4)
-        or (images.ndim == 4 and images.shape[-1] not in (1, 3))
-    ):
-        raise ShardError(
-            f"{source}: images must be uint8 (N, H, W[, 3]); got {images.dtype} {images.shape}"
-        )
+    check_image_array(images, source)
     if len(labels) != len(images) or (np.asarray(labels) < 0).any():
         raise ShardError(
             f"{source}: need one non-negative label per image; got {len(labels)} labels for {len(images)} images"
