@@ -229,10 +229,10 @@ def finish(t: Session) -> int:
     if accelerator.is_main_process:
         backbone = accelerator.unwrap_model(t.model).backbone
         meta = {
-            "model_name": cfg.backbone,
+            "model_name": cfg.model.backbone,
             "num_features": feature_dim(backbone),
-            "cifar_stem": cfg.cifar_stem,
-            "timm_kwargs": cfg.timm_kwargs,
+            "cifar_stem": cfg.model.cifar_stem,
+            "timm_kwargs": cfg.model.timm_kwargs,
             "image_size": cfg.augment.size,
         }
         export_backbone(backbone, cfg.output_dir, meta, head=accelerator.unwrap_model(t.model).head)

@@ -192,8 +192,8 @@ def measure_configuration(
     return {
         "batch_size": batch_size,
         "micro_batch": micro_batch or 0,
-        "model": cfg.backbone,
-        "widths": cfg.timm_kwargs.get("channels"),
+        "model": cfg.model.backbone,
+        "widths": cfg.model.timm_kwargs.get("channels"),
         "image_size": cfg.augment.size,
         "precision": cfg.precision,
         "ms_per_image": 1e3 / timing["images_per_s"],
@@ -399,7 +399,7 @@ def main(argv=None, result_name: str = "train") -> dict:
         )
     payload = {
         "preset": args.preset,
-        "model": cfg.backbone,
+        "model": cfg.model.backbone,
         "image_size": cfg.augment.size,
         "batch_size": cfg.batch_size,
         "micro_batch": cfg.micro_batch,

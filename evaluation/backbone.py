@@ -25,6 +25,7 @@ from ..common.manifest import (
     verify_file,
 )
 from ..common.timm_args import check_timm_kwargs
+from ..model.settings import model_settings
 from ..model.simclr import create_backbone
 from ..pipeline.augment_config import view_size
 
@@ -172,15 +173,16 @@ def _meta_for(path: Path) -> dict:
         return _checked_meta(_read_json(path / "backbone.json"), path / "backbone.json")
     if (path / "trainer_state.json").exists():
         config = _read_json(path / "trainer_state.json").get("config")
-        if not isinstance(config, dict) or not isinstance(config.get("backbone"), str):
+        model = model_settings(config) if isinstance(config, dict) else {}
+        if not isinstance(config, dict) or not isinstance(model.get("backbone"), str):
             raise BackboneError(
                 f"{path / 'trainer_state.json'} holds no config with a backbone name"
             )
         return _checked_meta(
             {
-                "model_name": config["backbone"],
-                "cifar_stem": config.get("cifar_stem", False),
-                "timm_kwargs": config.get("timm_kwargs") or {},
+                "model_name": model["backbone"],
+                "cifar_stem": model.get("cifar_stem", False),
+                "timm_kwargs": model.get("timm_kwargs") or {},
                 "image_size": view_size(config),
             },
             path / "trainer_state.json",

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from ..model.settings import model_settings
 from ..model.simclr import ProjectionHead
 from .backbone import BackboneError
 
@@ -57,11 +58,12 @@ def head_from_export(path: Path) -> ProjectionHead:
 
 def _head_from_checkpoint(path: Path, feature_width: int) -> ProjectionHead:
     config = json.loads((path / "trainer_state.json").read_text()).get("config") or {}
+    model = model_settings(config)
     head = ProjectionHead(
         feature_width,
-        config.get("proj_hidden") or feature_width,
-        config.get("proj_dim", 128),
-        config.get("proj_layers", 2),
+        model.get("proj_hidden") or feature_width,
+        model.get("proj_dim", 128),
+        model.get("proj_layers", 2),
     )
     state = load_file(str(path / "model.safetensors"))
     try:

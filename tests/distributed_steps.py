@@ -14,7 +14,7 @@ from accelerate import Accelerator
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simclr_dali.trainer.build import build_model, prepare_for_training  # noqa: E402
-from simclr_dali.trainer.config import TrainConfig  # noqa: E402
+from simclr_dali.trainer.config import ModelConfig, TrainConfig  # noqa: E402
 from simclr_dali.trainer.optim import build_optimizer, build_scheduler  # noqa: E402
 from simclr_dali.trainer.step import train_step  # noqa: E402
 
@@ -31,9 +31,7 @@ model_fields = (
 SIZE = 32 if BACKBONE else 16
 cfg = TrainConfig(
     train_shards="unused",
-    **model_fields,
-    proj_hidden=32,
-    proj_dim=16,
+    model=ModelConfig(**model_fields, proj_hidden=32, proj_dim=16),
     batch_size=GLOBAL_BATCH,
     lr=0.5,
     temperature=0.2,

@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from simclr_dali.model.ntxent import nt_xent_reference  # noqa: E402
 from simclr_dali.trainer.build import build_model, prepare_for_training  # noqa: E402
-from simclr_dali.trainer.config import TrainConfig  # noqa: E402
+from simclr_dali.trainer.config import ModelConfig, TrainConfig  # noqa: E402
 from simclr_dali.trainer.optim import build_optimizer  # noqa: E402
 from simclr_dali.trainer.step import train_step  # noqa: E402
 
@@ -28,11 +28,13 @@ GLOBAL_BATCH, IMAGE_SIZE = 16, 16
 # zero_init_last=False: the residual branches get gradients at initialisation (timm zeroes their last BN's scale)
 TINY = TrainConfig(
     train_shards="unused",
-    backbone="resnet18",
-    cifar_stem=True,
-    timm_kwargs={"channels": [8, 16, 32, 64], "zero_init_last": False},
-    proj_hidden=32,
-    proj_dim=16,
+    model=ModelConfig(
+        backbone="resnet18",
+        cifar_stem=True,
+        timm_kwargs={"channels": [8, 16, 32, 64], "zero_init_last": False},
+        proj_hidden=32,
+        proj_dim=16,
+    ),
     batch_size=GLOBAL_BATCH,
     lr=0.5,
     temperature=0.2,

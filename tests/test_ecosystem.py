@@ -21,7 +21,7 @@ import yaml
 from conftest import ROOT, build_wheel, make_shards, tiny
 
 from simclr_dali.model.global_bn import GlobalBatchNorm, GlobalBatchNormAct, convert_to_global_bn
-from simclr_dali.trainer.config import TrainConfig
+from simclr_dali.trainer.config import ModelConfig, TrainConfig
 
 PROJECT_MODULES = [
     "evaluate",
@@ -414,11 +414,13 @@ def test_pretrained_flag_starts_from_timms_weights(monkeypatch):
     )
     cfg = TrainConfig(
         train_shards="x",
-        backbone="resnet18",
-        pretrained=True,
-        proj_hidden=16,
-        proj_dim=8,
-        timm_kwargs={"channels": [8, 16, 32, 64]},
+        model=ModelConfig(
+            backbone="resnet18",
+            pretrained=True,
+            proj_hidden=16,
+            proj_dim=8,
+            timm_kwargs={"channels": [8, 16, 32, 64]},
+        ),
     )
     build_model(cfg, "cpu", 1)
     assert calls and calls[0]["pretrained"] is True and calls[0]["num_classes"] == 0

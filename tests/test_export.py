@@ -88,7 +88,7 @@ def train_preset(preset: Path, shards: Path, out: Path, **overrides) -> int:
 
 def checkpoint_outputs(checkpoint: Path, x: torch.Tensor) -> dict[str, torch.Tensor]:
     """(h, z) of the model a checkpoint holds, rebuilt here from its own files, on one thread."""
-    config = json.loads((checkpoint / "trainer_state.json").read_text())["config"]
+    config = json.loads((checkpoint / "trainer_state.json").read_text())["config"]["model"]
     model = SimCLR(
         config["backbone"],
         config["proj_hidden"],

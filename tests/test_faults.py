@@ -5,6 +5,7 @@ an uninterrupted run's bit for bit, and that bad input is named in one line with
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -26,6 +27,7 @@ from safetensors.torch import load_file
 
 import simclr_dali.trainer.checkpoint as checkpoint_module
 from simclr_dali import evaluate, train
+from simclr_dali.model.settings import MODEL_FIELDS
 from simclr_dali.pipeline.loader import DaliLoader, TwoViews
 from simclr_dali.pipeline.shards.shardset import read_index
 from simclr_dali.trainer.checkpoint import FILES, list_checkpoints
@@ -553,7 +555,27 @@ def as_flat_format(config: dict) -> dict:
         jitter_strength=None, blur_prob=None, min_crop_area=sections["augment"]["crop_area"][0]
     )
     config.update(flat)
+    config.update(config.pop("model"))  # the model's settings were top-level fields too
     return config
+
+
+def test_the_model_section_and_the_readers_of_saved_configs_agree():
+    """``model.settings.MODEL_FIELDS`` (what evaluation and export read from a saved config, without importing
+    the trainer) is ``ModelConfig``'s fields, and both spellings of a saved config give the same settings."""
+    from simclr_dali.model.settings import model_settings
+    from simclr_dali.trainer.config import ModelConfig, config_from_dict
+
+    assert tuple(f.name for f in dataclasses.fields(ModelConfig)) == MODEL_FIELDS
+    flat = {"backbone": "resnet18", "proj_dim": 16, "cifar_stem": True, "train_shards": "x"}
+    nested = config_from_dict(flat).to_dict()
+    assert "backbone" not in nested and nested["model"]["backbone"] == "resnet18"
+    for config in (flat, nested):
+        settings = model_settings(config)
+        assert (settings["backbone"], settings["proj_dim"], settings["cifar_stem"]) == (
+            "resnet18",
+            16,
+            True,
+        )
 
 
 def test_a_checkpoint_of_the_flat_config_format_resumes_exactly(
@@ -571,9 +593,11 @@ def test_a_checkpoint_of_the_flat_config_format_resumes_exactly(
             saved["image_size"] == 32 and saved["augment"] == "cifar" and saved["data_threads"] == 1
         )
         assert "crop_area" not in saved and "loader" not in saved
+        assert saved["backbone"] == "resnet18" and saved["proj_dim"] == 16 and "model" not in saved
     run_config = yaml.safe_load((out / "config.yaml").read_text())
     (out / "config.yaml").write_text(yaml.safe_dump(as_flat_format(run_config)))
-    nested = {k: v for k, v in TINY.items() if k not in ("image_size", "augment", "data_threads")}
+    flat_keys = ("image_size", "augment", "data_threads", *MODEL_FIELDS)
+    nested = {k: v for k, v in TINY.items() if k not in flat_keys}
     config = tmp_path / "nested.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -581,6 +605,7 @@ def test_a_checkpoint_of_the_flat_config_format_resumes_exactly(
                 **nested,
                 "augment": {"preset": "cifar", "size": 32},
                 "loader": {"threads": 1},
+                "model": {k: TINY[k] for k in MODEL_FIELDS if k in TINY},
                 "train_shards": str(shards),
             }
         )
@@ -589,8 +614,8 @@ def test_a_checkpoint_of_the_flat_config_format_resumes_exactly(
     assert train.main(["--config", str(config), "--output_dir", str(out), "--resume", "auto"]) == 0
     output = capsys.readouterr().out
     assert "resumed from" in output and "step_00000002" in output, output
-    changed = "".join(line for line in output.splitlines() if "changed" in line)
-    assert "augment" not in changed and "loader" not in changed, output
+    changed = " ".join(line for line in output.splitlines() if line.startswith("resume applies"))
+    assert not re.search(r"\b(augment|loader|model)\.", changed), output
     assert_identical(weights(out), reference)
     assert (
         yaml.safe_load((out / "config.yaml").read_text())["augment"]["size"] == 32

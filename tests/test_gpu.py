@@ -70,15 +70,17 @@ def test_bf16_autocast_runs_the_model_in_bf16_and_the_loss_in_fp32():
     from simclr_dali.model.ntxent import nt_xent
     from simclr_dali.pipeline.augment_config import AugmentConfig
     from simclr_dali.trainer.build import build_model
-    from simclr_dali.trainer.config import TrainConfig
+    from simclr_dali.trainer.config import ModelConfig, TrainConfig
 
     cfg = TrainConfig(
         train_shards="unused",
-        backbone="resnet18",
-        cifar_stem=True,
-        timm_kwargs={"channels": [16, 32, 64, 128]},
-        proj_hidden=64,
-        proj_dim=32,
+        model=ModelConfig(
+            backbone="resnet18",
+            cifar_stem=True,
+            timm_kwargs={"channels": [16, 32, 64, 128]},
+            proj_hidden=64,
+            proj_dim=32,
+        ),
         augment=AugmentConfig(size=32),
         batch_size=64,
         temperature=0.2,

@@ -21,7 +21,7 @@ from torch import nn
 
 from simclr_dali.model.simclr import ProjectionHead, SimCLR
 from simclr_dali.trainer.build import build_model, prepare_for_training
-from simclr_dali.trainer.config import TrainConfig, parse_args, resume_changes
+from simclr_dali.trainer.config import TrainConfig, config_from_dict, parse_args, resume_changes
 from simclr_dali.trainer.online_probe import OnlineProbe, probe_enabled, wants_labels
 from simclr_dali.trainer.optim import build_optimizer
 from simclr_dali.trainer.step import train_step
@@ -95,7 +95,7 @@ def test_new_flags_are_in_help_and_checked():
         text=True,
         timeout=120,
     ).stdout
-    for flag in ("--loss", "supcon", "--proj_layers", "--online_probe", "--online_probe_lr"):
+    for flag in ("--loss", "supcon", "--model.proj_layers", "--online_probe", "--online_probe_lr"):
         assert flag in help_text, flag
     help_text = subprocess.run(
         [sys.executable, "evaluate.py", "--help"],
@@ -114,25 +114,34 @@ def test_new_flags_are_in_help_and_checked():
         assert flag in help_text, flag
     from simclr_dali.trainer.config import ConfigError
 
-    for bad in ({"proj_layers": 0}, {"online_probe_lr": 0.0}, {"online_probe_lr": math.inf}):
+    for bad in ({"model.proj_layers": 0}, {"online_probe_lr": 0.0}, {"online_probe_lr": math.inf}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
-            dataclasses.replace(TrainConfig(train_shards="x"), **bad).validate()
+            config_from_dict({"train_shards": "x", **unflatten(bad)}).validate()
     assert (
         parse_args(["--train_shards", "x", "--loss", "supcon", "--proj_layers", "3"]).loss
         == "supcon"
     )
 
 
+def unflatten(values: dict) -> dict:
+    """{"model.proj_layers": 3} -> {"model": {"proj_layers": 3}}: a dotted field as a config mapping."""
+    out: dict = {}
+    for name, value in values.items():
+        section, _, field = name.rpartition(".")
+        (out.setdefault(section, {}) if section else out)[field] = value
+    return out
+
+
 def test_resume_refuses_a_changed_loss_or_head_depth_but_not_the_probe():
     saved = TrainConfig(train_shards="x").to_dict()
     for change, refused in [
         ({"loss": "supcon"}, True),
-        ({"proj_layers": 3}, True),
+        ({"model.proj_layers": 3}, True),
         ({"online_probe": False}, False),
         ({"online_probe_lr": 0.5}, False),
     ]:
         applied, refusals = resume_changes(
-            saved, dataclasses.replace(TrainConfig(train_shards="x"), **change)
+            saved, config_from_dict({"train_shards": "x", **unflatten(change)})
         )
         name = next(iter(change))
         assert any(line.startswith(name) for line in (refusals if refused else applied)), (
@@ -142,11 +151,8 @@ def test_resume_refuses_a_changed_loss_or_head_depth_but_not_the_probe():
         )
         assert not any(line.startswith(name) for line in (applied if refused else refusals))
     # a checkpoint written before these fields existed counts as their defaults: nothing to refuse
-    older = {
-        k: v
-        for k, v in saved.items()
-        if k not in ("loss", "proj_layers", "online_probe", "online_probe_lr")
-    }
+    older = {k: v for k, v in saved.items() if k not in ("loss", "online_probe", "online_probe_lr")}
+    older["model"] = {k: v for k, v in saved["model"].items() if k != "proj_layers"}
     assert resume_changes(older, TrainConfig(train_shards="x")) == ([], [])
 
 

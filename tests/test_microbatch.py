@@ -36,7 +36,7 @@ from simclr_dali.trainer.config import ConfigError, TrainConfig, parse_args
 from simclr_dali.trainer.optim import build_optimizer
 from simclr_dali.trainer.step import train_step
 
-DROPOUT = {**TINY.timm_kwargs, "drop_path_rate": 0.3, "drop_rate": 0.3}
+DROPOUT = {**TINY.model.timm_kwargs, "drop_path_rate": 0.3, "drop_rate": 0.3}
 
 
 @pytest.fixture
@@ -206,7 +206,12 @@ def test_grad_pass_replays_the_no_grad_pass_bitwise_with_drop_path_and_dropout(
     projections in the grad pass are bitwise those of its no-grad pass (and the draws do differ between
     two plain forwards, so the equality is the replay's doing)."""
     accelerator = make_accelerator(precision)
-    cfg = dataclasses.replace(TINY, micro_batch=4, precision=precision, timm_kwargs=DROPOUT)
+    cfg = dataclasses.replace(
+        TINY,
+        micro_batch=4,
+        precision=precision,
+        model=dataclasses.replace(TINY.model, timm_kwargs=DROPOUT),
+    )
     model, optimizer = prepared(cfg, accelerator, wrap=Recorder)
     view1, view2 = global_views()
     train_step(model, optimizer, view1, view2, cfg, accelerator)
@@ -227,7 +232,9 @@ def test_grad_pass_replays_the_no_grad_pass_bitwise_with_drop_path_and_dropout(
 def test_the_random_stream_continues_as_after_one_forward(make_accelerator):
     """After a micro-batched step the global RNG is where the no-grad pass left it (the replay is forked)."""
     accelerator = make_accelerator()
-    cfg = dataclasses.replace(TINY, micro_batch=4, timm_kwargs=DROPOUT)
+    cfg = dataclasses.replace(
+        TINY, micro_batch=4, model=dataclasses.replace(TINY.model, timm_kwargs=DROPOUT)
+    )
     model, optimizer = prepared(cfg, accelerator, wrap=Recorder)
     view1, view2 = global_views()
     torch.manual_seed(5)

@@ -16,7 +16,8 @@ from conftest import ROOT, make_shards, tiny
 from safetensors.torch import load_file
 
 from simclr_dali import evaluate, train
-from simclr_dali.trainer.config import ConfigError, TrainConfig, load_config
+from simclr_dali.model.settings import MODEL_FIELDS
+from simclr_dali.trainer.config import ConfigError, ModelConfig, TrainConfig, load_config
 
 TINY = tiny()
 
@@ -392,13 +393,10 @@ def test_loss_receives_16_bit_projections_under_bf16_autocast(monkeypatch):
             seen.append((z1.dtype, z2.dtype)) or loss_fn(z1, z2, *args, **kwargs)
         ),
     )
+    model = {k: v for k, v in TINY.items() if k in MODEL_FIELDS}
     cfg = TrainConfig(
         train_shards="x",
-        **{
-            k: v
-            for k, v in TINY.items()
-            if k in ("backbone", "cifar_stem", "timm_kwargs", "proj_hidden", "proj_dim")
-        },
+        model=ModelConfig(**model),
         batch_size=8,
         precision="bf16",
         temperature=0.2,

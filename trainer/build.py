@@ -13,13 +13,13 @@ from .config import TrainConfig
 def build_model(cfg: TrainConfig, device_type: str, world_size: int) -> SimCLR:
     """SimCLR with global BN across processes (when asked and world > 1), channels-last if asked."""
     model = SimCLR(
-        cfg.backbone,
-        cfg.proj_hidden,
-        cfg.proj_dim,
-        pretrained=cfg.pretrained,
-        cifar_stem=cfg.cifar_stem,
-        proj_layers=cfg.proj_layers,
-        **cfg.timm_kwargs,
+        cfg.model.backbone,
+        cfg.model.proj_hidden,
+        cfg.model.proj_dim,
+        pretrained=cfg.model.pretrained,
+        cifar_stem=cfg.model.cifar_stem,
+        proj_layers=cfg.model.proj_layers,
+        **cfg.model.timm_kwargs,
     )
     if world_size > 1 and cfg.sync_bn:
         model = convert_to_global_bn(model, device_type)

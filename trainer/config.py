@@ -23,6 +23,7 @@ from jsonargparse.typing import PositiveInt, restricted_number_type
 from ..common.cli import config_files, parse_dataclass, underscore_flags
 from ..common.errors import SimclrError
 from ..common.timm_args import check_timm_kwargs
+from ..model.settings import MODEL_FIELDS
 from ..pipeline.augment_config import PRESETS, AugmentConfig
 from ..pipeline.shards.shardset import MAX_IMAGE_PIXELS
 
@@ -67,20 +68,9 @@ class LoaderConfig:
 
 
 @dataclass
-class TrainConfig:
-    """SimCLR pretraining; the defaults are the paper's ImageNet recipe (Chen et al. 2020)."""
+class ModelConfig:
+    """The encoder f (a timm backbone) and the projection head g (model/simclr.py)."""
 
-    # --- data
-    train_shards: str = ""
-    """Training shards: a directory, brace pattern, glob or comma list of WebDataset tars (required)."""
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    """The SimCLR view (pipeline/augment_config.py): its preset, size, crop, colour jitter and blur, each a flag
-    of its own (``--augment.size 32``, ``--augment.preset cifar``; the flat ``--image_size``, ``--augment cifar``,
-    ``--jitter_strength``, ... of earlier versions are aliases)."""
-    loader: LoaderConfig = field(default_factory=LoaderConfig)
-    """How the training images are read (``--loader.threads 4``; the flat ``--data_threads``, ``--prefetch``,
-    ... of earlier versions are aliases)."""
-    # --- model
     backbone: str = "resnet50"
     """Any timm model name (the encoder f; its classifier is removed)."""
     pretrained: bool = False
@@ -95,6 +85,26 @@ class TrainConfig:
     """Output width of the projection head (the loss's d)."""
     proj_layers: PositiveInt = 2
     """Linear layers of the projection head: 2 as the first paper, 3 as SimCLRv2 (each but the last with BN + ReLU)."""
+
+
+@dataclass
+class TrainConfig:
+    """SimCLR pretraining; the defaults are the paper's ImageNet recipe (Chen et al. 2020)."""
+
+    # --- data
+    train_shards: str = ""
+    """Training shards: a directory, brace pattern, glob or comma list of WebDataset tars (required)."""
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    """The SimCLR view (pipeline/augment_config.py): its preset, size, crop, colour jitter and blur, each a flag
+    of its own (``--augment.size 32``, ``--augment.preset cifar``; the flat ``--image_size``, ``--augment cifar``,
+    ``--jitter_strength``, ... of earlier versions are aliases)."""
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    """How the training images are read (``--loader.threads 4``; the flat ``--data_threads``, ``--prefetch``,
+    ... of earlier versions are aliases)."""
+    # --- model
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The encoder and projection head (``--model.backbone resnet18``; the flat ``--backbone``, ``--proj_dim``,
+    ... of earlier versions are aliases)."""
     # --- optimisation (the paper's defaults)
     batch_size: PositiveInt = 4096
     """Global batch: images per step over all processes together (each process gets batch_size / processes)."""
@@ -211,6 +221,7 @@ class TrainConfig:
         for name, problem in [
             *typed_field_problems(self),
             *typed_field_problems(self.loader, "loader."),
+            *typed_field_problems(self.model, "model."),
         ]:
             raise ConfigError(f"{name} {problem}")
         if self.warmup_epochs >= self.epochs:
@@ -240,7 +251,7 @@ class TrainConfig:
                 "loss supcon reads labels through the DALI loader: use --loader.kind dali"
             )
         try:
-            check_timm_kwargs(self.timm_kwargs, "timm_kwargs")
+            check_timm_kwargs(self.model.timm_kwargs, "model.timm_kwargs")
         except ValueError as error:
             raise ConfigError(str(error)) from None
 
@@ -394,8 +405,9 @@ MOVED = {
     "prefetch": "loader.prefetch",
     "data_device": "loader.device",
     "data_loader": "loader.kind",
+    **{name: f"model.{name}" for name in MODEL_FIELDS},
 }
-SECTIONS = {"augment": AugmentConfig, "loader": LoaderConfig}
+SECTIONS = {"augment": AugmentConfig, "loader": LoaderConfig, "model": ModelConfig}
 
 
 def migrate(values: dict) -> dict:

@@ -44,6 +44,7 @@ from ..common.manifest import EXPORT_MANIFEST, file_entry
 from ..common.timm_args import check_timm_kwargs
 from ..evaluation.backbone import BackboneError, load_backbone
 from ..evaluation.head_layers import head_from_export
+from ..model.settings import model_settings
 from ..model.simclr import SimCLR
 from ..pipeline.augment_config import view_size
 from .checkpoint import (
@@ -226,20 +227,21 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path | None = No
         state = load_safetensors(read_verified(path, "model.safetensors", manifest))
     except CheckpointError as error:
         raise ExportError(str(error)) from None
-    if not isinstance(config, dict) or not isinstance(config.get("backbone"), str):
+    settings = model_settings(config) if isinstance(config, dict) else {}
+    if not isinstance(config, dict) or not isinstance(settings.get("backbone"), str):
         raise ExportError(f"{path / STATE_FILE} holds no config with a backbone name")
     try:
         timm_kwargs = check_timm_kwargs(
-            config.get("timm_kwargs") or {}, f"{path / STATE_FILE}: timm_kwargs"
+            settings.get("timm_kwargs") or {}, f"{path / STATE_FILE}: timm_kwargs"
         )
     except ValueError as error:
         raise ExportError(str(error)) from None
     model = SimCLR(
-        backbone=config["backbone"],
-        proj_hidden=config.get("proj_hidden"),
-        proj_dim=config.get("proj_dim", 128),
-        proj_layers=config.get("proj_layers", 2),
-        cifar_stem=bool(config.get("cifar_stem", False)),
+        backbone=settings["backbone"],
+        proj_hidden=settings.get("proj_hidden"),
+        proj_dim=settings.get("proj_dim", 128),
+        proj_layers=settings.get("proj_layers", 2),
+        cifar_stem=bool(settings.get("cifar_stem", False)),
         **timm_kwargs,
     )
     try:
@@ -249,9 +251,9 @@ def export_checkpoint(checkpoint: str | Path, output_dir: str | Path | None = No
             f"{path / 'model.safetensors'} does not fit the model its config describes: {error}"
         ) from None
     meta = {
-        "model_name": config["backbone"],
+        "model_name": settings["backbone"],
         "num_features": model.feature_dim,
-        "cifar_stem": bool(config.get("cifar_stem", False)),
+        "cifar_stem": bool(settings.get("cifar_stem", False)),
         "timm_kwargs": timm_kwargs,
         "image_size": view_size(config),
         "step": manifest.get("step"),

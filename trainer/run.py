@@ -107,10 +107,10 @@ def check_model_config(cfg: TrainConfig) -> None:
 
     from ..model.simclr import SimCLR
 
-    if not timm.is_model(cfg.backbone):
-        close = timm.list_models(f"*{cfg.backbone}*")[:5]
+    if not timm.is_model(cfg.model.backbone):
+        close = timm.list_models(f"*{cfg.model.backbone}*")[:5]
         raise RunError(
-            f"backbone {cfg.backbone!r} is not a timm model"
+            f"backbone {cfg.model.backbone!r} is not a timm model"
             + (
                 f" (did you mean {', '.join(close)}?)"
                 if close
@@ -120,17 +120,18 @@ def check_model_config(cfg: TrainConfig) -> None:
     try:
         with torch.device("meta"):
             SimCLR(
-                cfg.backbone,
-                cfg.proj_hidden,
-                cfg.proj_dim,
+                cfg.model.backbone,
+                cfg.model.proj_hidden,
+                cfg.model.proj_dim,
                 pretrained=False,
-                cifar_stem=cfg.cifar_stem,
-                proj_layers=cfg.proj_layers,
-                **cfg.timm_kwargs,
+                cifar_stem=cfg.model.cifar_stem,
+                proj_layers=cfg.model.proj_layers,
+                **cfg.model.timm_kwargs,
             )
     except (TypeError, ValueError, KeyError, AssertionError) as error:
         raise RunError(
-            f"backbone {cfg.backbone!r} with cifar_stem={cfg.cifar_stem}, timm_kwargs={cfg.timm_kwargs}: "
+            f"backbone {cfg.model.backbone!r} with cifar_stem={cfg.model.cifar_stem}, "
+            f"timm_kwargs={cfg.model.timm_kwargs}: "
             f"{type(error).__name__}: {error}"
         ) from None
     except (
