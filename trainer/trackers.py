@@ -63,9 +63,8 @@ def _quiet_tensorboard_writer_failures() -> None:
     threading.excepthook = hook
 
 
-_TENSORBOARD_HOOKS: dict[
-    str, Callable
-] = {}  # the hook installed, so that a second run adds no second one
+# the hook installed, so that a second run in this process adds no second one
+_TENSORBOARD_HOOKS: dict[str, Callable] = {}
 
 
 def start_trackers(accelerator, cfg, run, step: int) -> None:
